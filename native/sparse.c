@@ -1,0 +1,275 @@
+// Sparse-file primitives Node's fs module lacks: fallocate hole punching /
+// range zeroing and lseek(SEEK_DATA/SEEK_HOLE).
+//
+// Every call is asynchronous (napi_create_async_work): fallocate on a large
+// range, or lseek on a fragmented file, can take milliseconds, and the event
+// loop also carries every other NBD connection.
+//
+// JS signature of each export: fn(fd, offset[, length], cb) with
+// cb(err, result). Errors are Error objects whose .code is the errno name, so
+// the TypeScript side maps them like any Node fs error.
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#ifdef __linux__
+#include <linux/falloc.h>
+#endif
+
+#include <node_api.h>
+
+typedef enum { OP_PUNCH_HOLE, OP_ZERO_RANGE, OP_SEEK_DATA, OP_SEEK_HOLE } op_kind;
+
+static const char *const op_names[] = {"punchHole", "zeroRange", "seekData", "seekHole"};
+static const char *const op_syscalls[] = {"fallocate", "fallocate", "lseek", "lseek"};
+
+typedef struct {
+  op_kind op;
+  int fd;
+  int64_t offset;
+  int64_t length;
+  int64_t result;
+  int err; /* errno of the failed syscall, 0 on success */
+  napi_ref callback;
+  napi_async_work work;
+} request;
+
+/* Largest integer a JS number holds exactly: offsets beyond it would be
+ * silently rounded, so they are refused. */
+#define MAX_SAFE_INTEGER 9007199254740991.0
+
+/* Errno names as Node spells them (what toBlockDeviceError expects in .code).
+ * EOPNOTSUPP and ENOTSUP are the same number on Linux; the fallocate man page
+ * calls it EOPNOTSUPP. */
+static const char *errno_name(int e) {
+  switch (e) {
+#ifdef EOPNOTSUPP
+    case EOPNOTSUPP: return "EOPNOTSUPP";
+#endif
+#if defined(ENOTSUP) && (!defined(EOPNOTSUPP) || ENOTSUP != EOPNOTSUPP)
+    case ENOTSUP: return "ENOTSUP";
+#endif
+    case EPERM: return "EPERM";
+    case ENOENT: return "ENOENT";
+    case EINTR: return "EINTR";
+    case EIO: return "EIO";
+    case ENXIO: return "ENXIO";
+    case EBADF: return "EBADF";
+    case EAGAIN: return "EAGAIN";
+    case ENOMEM: return "ENOMEM";
+    case EACCES: return "EACCES";
+    case EFAULT: return "EFAULT";
+    case EBUSY: return "EBUSY";
+    case ENODEV: return "ENODEV";
+    case EISDIR: return "EISDIR";
+    case EINVAL: return "EINVAL";
+    case ETXTBSY: return "ETXTBSY";
+    case EFBIG: return "EFBIG";
+    case ENOSPC: return "ENOSPC";
+    case ESPIPE: return "ESPIPE";
+    case EROFS: return "EROFS";
+    case ENOSYS: return "ENOSYS";
+    case EOVERFLOW: return "EOVERFLOW";
+    case ECANCELED: return "ECANCELED";
+#ifdef EDQUOT
+    case EDQUOT: return "EDQUOT";
+#endif
+    default: return "EUNKNOWN";
+  }
+}
+
+static int do_fallocate(int fd, int mode, int64_t offset, int64_t length) {
+#if defined(__linux__) && defined(FALLOC_FL_PUNCH_HOLE)
+  int r;
+  do {
+    r = fallocate(fd, mode, (off_t)offset, (off_t)length);
+  } while (r < 0 && errno == EINTR);
+  return r < 0 ? errno : 0;
+#else
+  (void)fd; (void)mode; (void)offset; (void)length;
+  return EOPNOTSUPP;
+#endif
+}
+
+static void execute(napi_env env, void *data) {
+  request *req = data;
+  switch (req->op) {
+    case OP_PUNCH_HOLE:
+#ifdef FALLOC_FL_PUNCH_HOLE
+      req->err = do_fallocate(req->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, req->offset, req->length);
+#else
+      req->err = EOPNOTSUPP;
+#endif
+      break;
+    case OP_ZERO_RANGE:
+#ifdef FALLOC_FL_ZERO_RANGE
+      req->err = do_fallocate(req->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, req->offset, req->length);
+#else
+      req->err = EOPNOTSUPP;
+#endif
+      break;
+    case OP_SEEK_DATA:
+    case OP_SEEK_HOLE: {
+#if defined(SEEK_DATA) && defined(SEEK_HOLE)
+      off_t r = lseek(req->fd, (off_t)req->offset, req->op == OP_SEEK_DATA ? SEEK_DATA : SEEK_HOLE);
+      if (r >= 0) {
+        req->result = (int64_t)r;
+        req->err = 0;
+      } else if (errno == ENXIO) {
+        /* ENXIO: offset at or past EOF, or (SEEK_DATA) nothing but hole up to
+         * EOF. Not an error for callers: there is simply no more data, and
+         * the virtual hole at EOF starts at the file size. */
+        req->err = 0;
+        if (req->op == OP_SEEK_DATA) {
+          req->result = -1;
+        } else {
+          struct stat st;
+          if (fstat(req->fd, &st) == 0)
+            req->result = (int64_t)st.st_size;
+          else
+            req->err = errno;
+        }
+      } else {
+        req->err = errno;
+      }
+#else
+      req->err = EOPNOTSUPP;
+#endif
+      break;
+    }
+  }
+}
+
+static napi_value make_error(napi_env env, const request *req, int e) {
+  char msg[256];
+  const char *name = errno_name(e);
+  snprintf(msg, sizeof msg, "%s: %s, %s", name, strerror(e), op_syscalls[req->op]);
+  napi_value code, message, error, value;
+  napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &code);
+  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &message);
+  napi_create_error(env, code, message, &error);
+  /* Mirror Node's fs errors (negative errno, syscall name) for logs. */
+  napi_create_int32(env, -e, &value);
+  napi_set_named_property(env, error, "errno", value);
+  napi_create_string_utf8(env, op_syscalls[req->op], NAPI_AUTO_LENGTH, &value);
+  napi_set_named_property(env, error, "syscall", value);
+  return error;
+}
+
+static void complete(napi_env env, napi_status status, void *data) {
+  request *req = data;
+  napi_value cb, global, argv[2];
+  int e = status == napi_cancelled ? ECANCELED : req->err;
+
+  if (e != 0) {
+    argv[0] = make_error(env, req, e);
+    napi_get_undefined(env, &argv[1]);
+  } else {
+    napi_get_null(env, &argv[0]);
+    napi_create_int64(env, req->result, &argv[1]);
+  }
+  napi_get_reference_value(env, req->callback, &cb);
+  napi_get_global(env, &global);
+  /* A throw from the callback stays pending; Node reports it as uncaught
+   * once we return, as for any other native callback. */
+  napi_call_function(env, global, cb, 2, argv, NULL);
+
+  napi_delete_reference(env, req->callback);
+  napi_delete_async_work(env, req->work);
+  free(req);
+}
+
+static int get_offset(napi_env env, napi_value v, const char *what, int64_t *out) {
+  napi_valuetype t;
+  double d;
+  napi_typeof(env, v, &t);
+  if (t != napi_number) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", what);
+    return 0;
+  }
+  napi_get_value_double(env, v, &d);
+  if (!(d >= 0 && d <= MAX_SAFE_INTEGER) || d != floor(d)) {
+    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", what);
+    return 0;
+  }
+  *out = (int64_t)d;
+  return 1;
+}
+
+/* Shared argument parsing: (fd, offset, [length,] callback). */
+static napi_value start(napi_env env, napi_callback_info info, op_kind op, size_t nargs) {
+  napi_value argv[4], resource;
+  size_t argc = 4;
+  napi_valuetype t;
+  int32_t fd;
+  int64_t offset = 0, length = 0;
+  request *req;
+
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < nargs) {
+    napi_throw_type_error(env, "ERR_MISSING_ARGS", nargs == 4 ? "expected (fd, offset, length, callback)" : "expected (fd, offset, callback)");
+    return NULL;
+  }
+  napi_typeof(env, argv[0], &t);
+  if (t != napi_number || napi_get_value_int32(env, argv[0], &fd) != napi_ok || fd < 0) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "fd must be a non-negative integer");
+    return NULL;
+  }
+  if (!get_offset(env, argv[1], "offset must be an integer in [0, 2^53)", &offset)) return NULL;
+  if (nargs == 4) {
+    if (!get_offset(env, argv[2], "length must be an integer in [0, 2^53)", &length)) return NULL;
+    if ((double)offset + (double)length > MAX_SAFE_INTEGER) {
+      napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "offset + length must not exceed 2^53");
+      return NULL;
+    }
+  }
+  napi_typeof(env, argv[nargs - 1], &t);
+  if (t != napi_function) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "callback must be a function");
+    return NULL;
+  }
+
+  req = calloc(1, sizeof *req);
+  if (!req) {
+    napi_throw_error(env, "ENOMEM", "out of memory");
+    return NULL;
+  }
+  req->op = op;
+  req->fd = fd;
+  req->offset = offset;
+  req->length = length;
+  napi_create_reference(env, argv[nargs - 1], 1, &req->callback);
+  napi_create_string_utf8(env, op_names[op], NAPI_AUTO_LENGTH, &resource);
+  if (napi_create_async_work(env, NULL, resource, execute, complete, req, &req->work) != napi_ok ||
+      napi_queue_async_work(env, req->work) != napi_ok) {
+    napi_delete_reference(env, req->callback);
+    if (req->work) napi_delete_async_work(env, req->work);
+    free(req);
+    napi_throw_error(env, NULL, "could not queue async work");
+    return NULL;
+  }
+  return NULL;
+}
+
+static napi_value punch_hole(napi_env env, napi_callback_info info) { return start(env, info, OP_PUNCH_HOLE, 4); }
+static napi_value zero_range(napi_env env, napi_callback_info info) { return start(env, info, OP_ZERO_RANGE, 4); }
+static napi_value seek_data(napi_env env, napi_callback_info info) { return start(env, info, OP_SEEK_DATA, 3); }
+static napi_value seek_hole(napi_env env, napi_callback_info info) { return start(env, info, OP_SEEK_HOLE, 3); }
+
+NAPI_MODULE_INIT() {
+  napi_property_descriptor props[] = {
+      {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"zeroRange", NULL, zero_range, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_enumerable, NULL},
+  };
+  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+  return exports;
+}

@@ -1,0 +1,78 @@
+// Loader and promise wrappers for the sparse-file addon (native/sparse.c):
+// fallocate(PUNCH_HOLE / ZERO_RANGE) and lseek(SEEK_DATA / SEEK_HOLE), which
+// Node's fs module does not offer. The calls run on the libuv threadpool.
+//
+// Errors are Error objects with .code set to the errno name ('EOPNOTSUPP',
+// 'EIO', ...), ready for toBlockDeviceError.
+
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+
+type Callback = (err: NodeJS.ErrnoException | null, result: number) => void;
+
+interface SparseAddon {
+  punchHole(fd: number, offset: number, length: number, cb: Callback): void;
+  zeroRange(fd: number, offset: number, length: number, cb: Callback): void;
+  seekData(fd: number, offset: number, cb: Callback): void;
+  seekHole(fd: number, offset: number, cb: Callback): void;
+}
+
+// Same relative path from src/blockdev/ (vitest runs the TS sources) and from
+// dist/blockdev/ (the compiled package).
+export const ADDON_PATH = fileURLToPath(new URL('../../native/build/Release/sparse.node', import.meta.url));
+
+let addon: SparseAddon | undefined;
+
+/**
+ * Load the addon (once). Throws a clear Error when it has not been built.
+ * Callers that need it should call this up front, so a missing addon fails
+ * at open time rather than on the first trim.
+ */
+export function loadSparseAddon(): SparseAddon {
+  if (addon) return addon;
+  const require = createRequire(import.meta.url);
+  try {
+    addon = require(ADDON_PATH) as SparseAddon;
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    const why = code === 'MODULE_NOT_FOUND' ? 'it has not been built' : `loading failed: ${(err as Error).message}`;
+    throw new Error(
+      `native addon ${ADDON_PATH} is unavailable (${why}); run \`npm run build:native\` ` +
+        '(npm install builds it through the prepare script; it needs a C compiler, make and python3)',
+      { cause: err },
+    );
+  }
+  return addon;
+}
+
+/** Deallocate [offset, offset+length); the file size is kept, the range reads back as zeros. */
+export function punchHole(fd: number, offset: number, length: number): Promise<void> {
+  const a = loadSparseAddon();
+  return new Promise((resolve, reject) => {
+    a.punchHole(fd, offset, length, (err) => (err ? reject(err) : resolve()));
+  });
+}
+
+/** Zero [offset, offset+length) while keeping it allocated (NBD NO_HOLE); the file size is kept. */
+export function zeroRange(fd: number, offset: number, length: number): Promise<void> {
+  const a = loadSparseAddon();
+  return new Promise((resolve, reject) => {
+    a.zeroRange(fd, offset, length, (err) => (err ? reject(err) : resolve()));
+  });
+}
+
+/** Start of the first data at or after offset, or -1 when there is none before EOF. */
+export function seekData(fd: number, offset: number): Promise<number> {
+  const a = loadSparseAddon();
+  return new Promise((resolve, reject) => {
+    a.seekData(fd, offset, (err, result) => (err ? reject(err) : resolve(result)));
+  });
+}
+
+/** Start of the first hole at or after offset; the file size when offset is at or past EOF (the implicit hole). */
+export function seekHole(fd: number, offset: number): Promise<number> {
+  const a = loadSparseAddon();
+  return new Promise((resolve, reject) => {
+    a.seekHole(fd, offset, (err, result) => (err ? reject(err) : resolve(result)));
+  });
+}

@@ -1,0 +1,116 @@
+// The block-device interface: what the NBD server (and later the mirroring
+// controller, the cache and fault injection) sees of storage. Every layer
+// above a backend wraps a BlockDevice and is itself a BlockDevice.
+//
+// Ranges are already validated by the caller (the NBD server checks bounds,
+// alignment and capabilities before it calls in), so a device may assume
+// 0 <= offset, offset + length <= size.
+
+/** Write data: one buffer, or pieces written back to back. */
+export type Payload = Buffer | readonly Buffer[];
+
+export function payloadLength(p: Payload): number {
+  if (Buffer.isBuffer(p)) return p.length;
+  let n = 0;
+  for (const b of p) n += b.length;
+  return n;
+}
+
+/** One run of equal allocation state, as base:allocation reports it. */
+export interface Extent {
+  length: number;
+  /** bit0 HOLE, bit1 ZERO (NBD_STATE_*). 0 means allocated data. */
+  flags: number;
+}
+
+export interface ZeroOptions {
+  /** Keep the range allocated (NBD_CMD_FLAG_NO_HOLE). */
+  noHole?: boolean;
+  /** Fail fast with ENOTSUP unless zeroing is cheaper than writing (NBD_CMD_FLAG_FAST_ZERO). */
+  fastZero?: boolean;
+  fua?: boolean;
+}
+
+export interface BlockDevice {
+  /** Size in bytes. */
+  readonly size: number;
+  readonly readOnly: boolean;
+  /**
+   * True when a flush through any handle makes every write acknowledged on
+   * any handle durable (one shared cache, or none): lets the server
+   * advertise CAN_MULTI_CONN honestly.
+   */
+  readonly multiConnSafe: boolean;
+  /** Can zero() honour fastZero (i.e. is zeroing cheaper than writing)? */
+  readonly fastZero: boolean;
+
+  /** Fill dest (dest.length bytes) from offset. The only copy of the payload. */
+  read(offset: number, dest: Buffer): Promise<void>;
+  /**
+   * Write data at offset; with fua, durable before the promise resolves.
+   * A payload may arrive as a list of pieces (views into the receive
+   * buffers), so it is copied at most once, into the store.
+   */
+  write(offset: number, data: Payload, fua?: boolean): Promise<void>;
+  /** Make every completed write durable. */
+  flush(): Promise<void>;
+  /** Discard a range: contents afterwards read as zero in our backends. */
+  trim(offset: number, length: number, fua?: boolean): Promise<void>;
+  /** Make a range read back as zeroes. */
+  zero(offset: number, length: number, opts?: ZeroOptions): Promise<void>;
+  /** Allocation map of [offset, offset+length): contiguous extents, each length > 0, covering at least one byte. */
+  extents(offset: number, length: number): Promise<Extent[]>;
+  /** Prefetch hint; may do nothing. */
+  cache?(offset: number, length: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+/**
+ * An error from a block device. It carries a POSIX errno name; the NBD
+ * server maps it to the wire in exactly one place (nbd/errors.ts).
+ */
+export class BlockDeviceError extends Error {
+  override readonly name = 'BlockDeviceError';
+  constructor(
+    readonly errno: Errno,
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+export type Errno =
+  | 'EPERM'
+  | 'EIO'
+  | 'ENOMEM'
+  | 'EINVAL'
+  | 'ENOSPC'
+  | 'EOVERFLOW'
+  | 'ENOTSUP'
+  | 'ESHUTDOWN'
+  | 'EDQUOT'
+  | 'EFBIG'
+  | 'EROFS';
+
+/** Wrap any thrown value (a Node fs error, say) as a BlockDeviceError. */
+export function toBlockDeviceError(err: unknown, op: string): BlockDeviceError {
+  if (err instanceof BlockDeviceError) return err;
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  const known: readonly string[] = ['EPERM', 'EIO', 'ENOMEM', 'EINVAL', 'ENOSPC', 'EOVERFLOW', 'ENOTSUP', 'EDQUOT', 'EFBIG', 'EROFS'];
+  const errno = (code && known.includes(code) ? code : code === 'EOPNOTSUPP' ? 'ENOTSUP' : 'EIO') as Errno;
+  const msg = err instanceof Error ? err.message : String(err);
+  return new BlockDeviceError(errno, `${op}: ${msg}`, { cause: err });
+}
+
+/** Merge neighbouring extents with equal flags (in place semantics, returns a new array). */
+export function mergeExtents(list: Extent[]): Extent[] {
+  const out: Extent[] = [];
+  for (const e of list) {
+    if (e.length <= 0) continue;
+    const last = out[out.length - 1];
+    if (last && last.flags === e.flags) last.length += e.length;
+    else out.push({ length: e.length, flags: e.flags });
+  }
+  return out;
+}

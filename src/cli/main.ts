@@ -1,0 +1,36 @@
+// The composition root: parse the command line, wire the layers, run.
+import { Command, CommanderError, Option } from 'commander';
+import { serveCommand } from './serve.js';
+import { UsageError } from './errors.js';
+
+export function buildProgram(): Command {
+  const program = new Command('blockmirror')
+    .description('Storage-system emulator: mirrored volumes exported over NBD')
+    .version('0.1.0')
+    .addOption(new Option('--log-level <level>', 'fatal, error, warn, info, debug, trace or silent').default('info'))
+    .showHelpAfterError(false)
+    .exitOverride()
+    .configureOutput({ outputError: () => {} });
+  serveCommand(program);
+  return program;
+}
+
+export async function main(argv: string[]): Promise<void> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv);
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      // --help and --version land here too, with exit code 0.
+      if (err.exitCode === 0) process.exit(0);
+      process.stderr.write(`blockmirror: ${err.message.replace(/^error: /, '')}\n`);
+      process.exit(2);
+    }
+    if (err instanceof UsageError) {
+      process.stderr.write(`blockmirror: ${err.message}\n`);
+      process.exit(2);
+    }
+    process.stderr.write(`blockmirror: ${err instanceof Error ? err.message : String(err)}\n`);
+    process.exit(1);
+  }
+}

@@ -1,0 +1,107 @@
+// `blockmirror serve`: one export, sparse memory unless --file.
+import fs from 'node:fs';
+import type { Command } from 'commander';
+import type { Logger } from 'pino';
+import { DEFAULT_PORT } from '../protocol/constants.js';
+import { MemoryDevice } from '../blockdev/memory.js';
+import { openFileDevice } from '../blockdev/file.js';
+import type { BlockDevice } from '../blockdev/types.js';
+import { ExportTable } from '../nbd/exports.js';
+import { NbdServer, type ListenSpec } from '../nbd/server.js';
+import { createLogger } from '../util/log.js';
+import { SizeError, formatSize, parseSize } from '../util/size.js';
+import { UsageError } from './errors.js';
+import { socketActivationFds } from './socket-activation.js';
+import { runUntilSignal } from './signals.js';
+
+interface ServeOptions {
+  size?: string;
+  file?: string;
+  name: string;
+  listen?: string;
+  socket?: string;
+  readOnly?: boolean;
+  description?: string;
+}
+
+export function serveCommand(program: Command): void {
+  program
+    .command('serve')
+    .description('export one volume over NBD (memory-backed unless --file)')
+    .option('--size <size>', 'export size, e.g. 512, 64KiB, 256MiB, 1GiB (required unless --file names an existing file)')
+    .option('--file <path>', 'back the export with a sparse file (created if missing)')
+    .option('--name <name>', 'export name (the default export "" maps to it too)', 'disk')
+    .option('--listen <host:port>', `TCP address to listen on (default 127.0.0.1:${DEFAULT_PORT} unless --socket is given)`)
+    .option('--socket <path>', 'listen on a unix socket')
+    .option('--read-only', 'refuse writes (EPERM)')
+    .option('--description <text>', 'export description shown by nbdinfo and LIST', '')
+    .action(async (opts: ServeOptions, cmd: Command) => {
+      const log = createLogger(cmd.optsWithGlobals().logLevel as string);
+      await serve(opts, log);
+    });
+}
+
+export function parseListen(text: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(text) ?? /^()()(\d+)$/.exec(text);
+  const port = m ? Number(m[3]) : NaN;
+  if (!m || !Number.isInteger(port) || port < 0 || port > 65535) {
+    throw new UsageError(`invalid --listen "${text}" (expected HOST:PORT, e.g. 127.0.0.1:10809)`);
+  }
+  return { host: m[1] ?? (m[2] || '127.0.0.1'), port };
+}
+
+async function serve(opts: ServeOptions, log: Logger): Promise<void> {
+  let size: number | undefined;
+  try {
+    if (opts.size !== undefined) size = parseSize(opts.size);
+  } catch (e) {
+    throw new UsageError(`--size: ${(e as SizeError).message}`);
+  }
+  if (size === 0) throw new UsageError('--size must be greater than 0');
+  if (opts.name.length > 4096) throw new UsageError('--name is longer than 4096 bytes');
+  if (opts.file === undefined && size === undefined) throw new UsageError('--size is required (or --file with an existing file)');
+  if (opts.file !== undefined && size === undefined && !fs.existsSync(opts.file)) {
+    throw new UsageError(`--size is required to create ${opts.file}`);
+  }
+
+  const specs: ListenSpec[] = [];
+  const activated = socketActivationFds();
+  if (activated.length > 0) for (const fd of activated) specs.push({ kind: 'fd', fd });
+  else {
+    if (opts.socket) specs.push({ kind: 'unix', path: opts.socket });
+    if (opts.listen || !opts.socket) specs.push({ kind: 'tcp', ...parseListen(opts.listen ?? `127.0.0.1:${DEFAULT_PORT}`) });
+  }
+
+  let device: BlockDevice;
+  if (opts.file !== undefined) {
+    try {
+      device = await openFileDevice(opts.file, { size, readOnly: opts.readOnly === true });
+    } catch (e) {
+      throw new UsageError(`--file ${opts.file}: ${(e as Error).message}`);
+    }
+  } else device = new MemoryDevice(size!, false);
+
+  const exports = new ExportTable();
+  exports.add({ name: opts.name, description: opts.description ?? '', device, readOnly: opts.readOnly === true });
+  exports.defaultName = opts.name;
+  const server = new NbdServer({ exports, log });
+
+  for (const spec of specs) {
+    let addr: string;
+    try {
+      addr = await server.listen(spec);
+    } catch (e) {
+      await device.close();
+      const what = spec.kind === 'tcp' ? `${spec.host}:${spec.port}` : spec.kind === 'unix' ? spec.path : `fd ${spec.fd}`;
+      throw new Error(`cannot listen on ${what}: ${(e as Error).message}`);
+    }
+    const uri =
+      spec.kind === 'unix' ? `nbd+unix:///${opts.name}?socket=${spec.path}` : spec.kind === 'tcp' ? `nbd://${addr}/${opts.name}` : `fd ${spec.fd}`;
+    log.info({ uri, size: device.size, backend: opts.file ? 'file' : 'memory', readOnly: opts.readOnly === true }, `listening: ${uri} (${formatSize(device.size)})`);
+  }
+
+  await runUntilSignal(log, async () => {
+    await server.close();
+    await device.close();
+  });
+}

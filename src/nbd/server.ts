@@ -1,0 +1,121 @@
+// The NBD server: listeners (TCP, unix socket, an inherited fd for socket
+// activation), one handshake then one Connection per client, and a graceful
+// shutdown that answers what is in flight and flushes every device.
+import net from 'node:net';
+import fs from 'node:fs';
+import type { Logger } from 'pino';
+import { ExportTable } from './exports.js';
+import { HandshakeAbort, negotiate } from './handshake.js';
+import { ConnectionClosed } from './socket-reader.js';
+import { Connection, type ConnectionStats } from './transmission.js';
+
+export type ListenSpec =
+  | { kind: 'tcp'; host: string; port: number }
+  | { kind: 'unix'; path: string }
+  | { kind: 'fd'; fd: number };
+
+export interface NbdServerOptions {
+  exports: ExportTable;
+  log: Logger;
+  /** A client that has not finished negotiating after this long is dropped. */
+  handshakeTimeoutMs?: number;
+}
+
+export class NbdServer {
+  private readonly listeners: net.Server[] = [];
+  private readonly handshaking = new Set<net.Socket>();
+  private readonly connections = new Set<Connection>();
+  private stopping = false;
+  readonly stats: ConnectionStats & { connections: number; totalConnections: number } = {
+    readOps: 0,
+    readBytes: 0,
+    writeOps: 0,
+    writeBytes: 0,
+    connections: 0,
+    totalConnections: 0,
+  };
+
+  constructor(private readonly opts: NbdServerOptions) {}
+
+  get exports(): ExportTable {
+    return this.opts.exports;
+  }
+
+  /** Start listening; resolves with a printable address (e.g. "127.0.0.1:10809"). */
+  listen(spec: ListenSpec): Promise<string> {
+    const srv = net.createServer({ allowHalfOpen: true, noDelay: true }, (s) => this.accept(s));
+    this.listeners.push(srv);
+    return new Promise((resolve, reject) => {
+      srv.once('error', reject);
+      const ready = () => {
+        srv.off('error', reject);
+        srv.on('error', (e) => this.opts.log.error({ err: e.message }, 'listener error'));
+        const a = srv.address();
+        resolve(typeof a === 'string' ? a : a ? `${a.address.includes(':') ? `[${a.address}]` : a.address}:${a.port}` : `fd ${(spec as { fd: number }).fd}`);
+      };
+      if (spec.kind === 'tcp') srv.listen({ host: spec.host, port: spec.port }, ready);
+      else if (spec.kind === 'unix') {
+        removeStaleSocket(spec.path);
+        srv.listen({ path: spec.path }, ready);
+      } else srv.listen({ fd: spec.fd }, ready);
+    });
+  }
+
+  private accept(socket: net.Socket): void {
+    const log = this.opts.log.child({ peer: socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix' });
+    if (this.stopping) {
+      socket.destroy();
+      return;
+    }
+    socket.setNoDelay(true);
+    socket.on('error', () => socket.destroy());
+    this.handshaking.add(socket);
+    const timer = setTimeout(() => {
+      log.warn('handshake timed out');
+      socket.destroy();
+    }, this.opts.handshakeTimeoutMs ?? 30_000);
+    negotiate(socket, { exports: this.opts.exports, log, shuttingDown: () => this.stopping })
+      .then((neg) => {
+        clearTimeout(timer);
+        this.handshaking.delete(socket);
+        if (!neg) return;
+        if (socket.destroyed) return;
+        const conn = new Connection(socket, neg, log.child({ export: neg.export.name }), this.stats);
+        this.connections.add(conn);
+        this.stats.connections++;
+        this.stats.totalConnections++;
+        log.debug({ export: neg.export.name, sr: neg.structuredReplies }, 'client connected');
+        void conn.done.then(() => {
+          this.connections.delete(conn);
+          this.stats.connections--;
+          log.debug('client disconnected');
+        });
+      })
+      .catch((err: unknown) => {
+        clearTimeout(timer);
+        this.handshaking.delete(socket);
+        if (err instanceof HandshakeAbort) log.info({ reason: err.message }, 'handshake refused');
+        else if (!(err instanceof ConnectionClosed)) log.debug({ err: (err as Error).message }, 'handshake failed');
+        socket.destroy();
+      });
+  }
+
+  /** Stop accepting, finish requests in flight, flush every device, close. */
+  async close(): Promise<void> {
+    this.stopping = true;
+    await Promise.all(this.listeners.map((l) => new Promise<void>((r) => l.close(() => r()))));
+    for (const s of this.handshaking) s.destroy();
+    await Promise.all([...this.connections].map((c) => c.shutdown()));
+    const devices = new Set(this.opts.exports.list().map((e) => e.device));
+    await Promise.all([...devices].map((d) => d.flush().catch((e: Error) => this.opts.log.error({ err: e.message }, 'flush at shutdown failed'))));
+  }
+}
+
+/** A unix socket path left by a previous run would make listen() fail with EADDRINUSE. */
+function removeStaleSocket(path: string): void {
+  try {
+    if (fs.statSync(path).isSocket()) fs.unlinkSync(path);
+  } catch {
+    // absent: nothing to remove
+  }
+}

@@ -1,0 +1,321 @@
+// Transmission phase of one connection: frame requests, check them at one
+// choke point, pass them to the block device, answer (possibly out of
+// order) with simple or structured replies.
+//
+// Three outcomes are kept apart:
+//   a bad request       -> an error reply, the connection goes on;
+//   a broken stream     -> (bad magic, socket error) that connection is destroyed;
+//   DISC                -> in-flight requests finish, then a clean close.
+import type { Socket } from 'node:net';
+import type { Logger } from 'pino';
+import {
+  CHUNK_HEADER_SIZE,
+  Cmd,
+  CmdFlag,
+  MAX_PAYLOAD,
+  NbdErr,
+  ReplyFlag,
+  ReplyType,
+  SIMPLE_REPLY_SIZE,
+  TransmissionFlag as TF,
+  nameOf,
+} from '../protocol/constants.js';
+import { RequestParser, type Request } from '../protocol/requests.js';
+import {
+  encodeBlockStatusChunk,
+  encodeErrorChunk,
+  encodeSimpleReply,
+  writeChunkHeader,
+  writeSimpleReply,
+} from '../protocol/server-codec.js';
+import type { BlockDevice, Extent } from '../blockdev/types.js';
+import { nbdErrorFor } from './errors.js';
+import { BASE_ALLOCATION_ID, allowedFlags, type Negotiated } from './handshake.js';
+
+/** Pause reading when this much reply data is queued or this many requests are in flight. */
+const HIGH_WATER_BYTES = 64 * 1024 * 1024;
+const MAX_IN_FLIGHT = 512;
+
+export interface ConnectionStats {
+  readOps: number;
+  readBytes: number;
+  writeOps: number;
+  writeBytes: number;
+}
+
+export class Connection {
+  private readonly parser = new RequestParser(MAX_PAYLOAD);
+  private readonly dev: BlockDevice;
+  private readonly size: number;
+  private readonly flags: number;
+  private readonly allowed: number;
+  private readonly sr: boolean;
+  private readonly base: boolean;
+  private inFlight = 0;
+  private inFlightBytes = 0;
+  private paused = false;
+  private corked = false;
+  private closed = false;
+  private draining = false; // DISC received or server shutting down: accept no more work
+  private idle: (() => void) | null = null;
+  readonly done: Promise<void>;
+  private resolveDone!: () => void;
+
+  constructor(
+    private readonly socket: Socket,
+    neg: Negotiated,
+    private readonly log: Logger,
+    private readonly stats?: ConnectionStats,
+  ) {
+    this.dev = neg.export.device;
+    this.size = this.dev.size;
+    this.flags = neg.transmissionFlags;
+    this.allowed = allowedFlags(this.flags);
+    this.sr = neg.structuredReplies;
+    this.base = neg.baseAllocation;
+    this.done = new Promise((r) => (this.resolveDone = r));
+
+    socket.on('data', this.onData);
+    socket.on('drain', this.maybeResume);
+    socket.on('error', (e) => {
+      this.log.debug({ err: e.message }, 'socket error');
+      socket.destroy();
+    });
+    socket.on('close', () => {
+      this.closed = true;
+      this.resolveDone();
+    });
+    socket.on('end', () => this.finish());
+    // Bytes that arrived with the end of the handshake are the first requests.
+    const q = neg.leftover;
+    if (q.length > 0) this.onData(q.take(q.length));
+  }
+
+  /** Stop accepting requests, answer those in flight, then close. */
+  async shutdown(): Promise<void> {
+    this.draining = true;
+    this.finish();
+    await this.done;
+  }
+
+  private readonly onData = (chunk: Buffer): void => {
+    if (this.closed) return;
+    const events = this.parser.push(chunk);
+    for (const ev of events) {
+      if (ev.kind === 'bad-magic') {
+        this.log.warn({ magic: `0x${ev.magic.toString(16)}` }, 'bad request magic: closing connection');
+        this.socket.destroy();
+        return;
+      }
+      this.handle(ev.request);
+      if (this.closed) return;
+    }
+    if (this.inFlight >= MAX_IN_FLIGHT || this.inFlightBytes + this.socket.writableLength >= HIGH_WATER_BYTES) {
+      this.paused = true;
+      this.socket.pause();
+    }
+  };
+
+  private readonly maybeResume = (): void => {
+    if (this.paused && !this.draining && this.inFlight < MAX_IN_FLIGHT / 2 && this.inFlightBytes + this.socket.writableLength < HIGH_WATER_BYTES / 2) {
+      this.paused = false;
+      this.socket.resume();
+    }
+  };
+
+  private handle(req: Request): void {
+    if (req.type === Cmd.DISC) {
+      this.draining = true;
+      this.finish();
+      return;
+    }
+    if (this.draining) {
+      this.replyError(req, NbdErr.ESHUTDOWN, 'server is shutting down');
+      return;
+    }
+    const bad = this.validate(req);
+    if (bad) {
+      this.log.debug({ cmd: nameOf('cmd', req.type), offset: req.offset, length: req.length, err: bad[1] }, 'refused request');
+      this.replyError(req, bad[0], bad[1]);
+      return;
+    }
+    const fua = (req.flags & CmdFlag.FUA) !== 0;
+    switch (req.type) {
+      case Cmd.READ:
+        return this.read(req);
+      case Cmd.WRITE:
+        if (this.stats) {
+          this.stats.writeOps++;
+          this.stats.writeBytes += req.length;
+        }
+        return this.track(req, req.length, this.dev.write(req.offset, req.payload!, fua));
+      case Cmd.FLUSH:
+        return this.track(req, 0, this.dev.flush());
+      case Cmd.TRIM:
+        return this.track(req, 0, this.dev.trim(req.offset, req.length, fua));
+      case Cmd.WRITE_ZEROES:
+        return this.track(
+          req,
+          0,
+          this.dev.zero(req.offset, req.length, {
+            fua,
+            noHole: (req.flags & CmdFlag.NO_HOLE) !== 0,
+            fastZero: (req.flags & CmdFlag.FAST_ZERO) !== 0,
+          }),
+        );
+      case Cmd.CACHE:
+        return this.track(req, 0, this.dev.cache ? this.dev.cache(req.offset, req.length) : Promise.resolve());
+      case Cmd.BLOCK_STATUS:
+        return this.blockStatus(req);
+    }
+  }
+
+  /** The choke point: [errno, message] for a request that must not reach the device. Order follows nbdkit. */
+  private validate(req: Request): [number, string] | null {
+    const { type, flags, offset, length } = req;
+    switch (type) {
+      case Cmd.READ:
+      case Cmd.WRITE:
+      case Cmd.TRIM:
+      case Cmd.WRITE_ZEROES:
+      case Cmd.CACHE:
+      case Cmd.BLOCK_STATUS:
+        if (length === 0 || offset + length > this.size) {
+          const errno = type === Cmd.WRITE || type === Cmd.WRITE_ZEROES ? NbdErr.ENOSPC : NbdErr.EINVAL;
+          return [errno, `${nameOf('cmd', type)}: offset ${offset} length ${length} is outside the export (size ${this.size})`];
+        }
+        break;
+      case Cmd.FLUSH:
+        if (offset !== 0 || length !== 0) return [NbdErr.EINVAL, 'FLUSH: offset and length must be 0'];
+        break;
+      default:
+        return [NbdErr.EINVAL, `unknown command ${type}`];
+    }
+    if (flags & ~this.allowed) return [NbdErr.EINVAL, `unsupported flags 0x${flags.toString(16)}`];
+    if (flags & (CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO) && type !== Cmd.WRITE_ZEROES) {
+      return [NbdErr.EINVAL, 'NO_HOLE and FAST_ZERO apply to WRITE_ZEROES only'];
+    }
+    if (flags & CmdFlag.DF && type !== Cmd.READ) return [NbdErr.EINVAL, 'DF applies to READ only'];
+    if (flags & CmdFlag.REQ_ONE && type !== Cmd.BLOCK_STATUS) return [NbdErr.EINVAL, 'REQ_ONE applies to BLOCK_STATUS only'];
+    if ((type === Cmd.READ || type === Cmd.WRITE) && (length > MAX_PAYLOAD || req.oversize)) {
+      return [NbdErr.EINVAL, `${nameOf('cmd', type)}: length ${length} exceeds the maximum payload ${MAX_PAYLOAD}`];
+    }
+    if (this.flags & TF.READ_ONLY && (type === Cmd.WRITE || type === Cmd.TRIM || type === Cmd.WRITE_ZEROES)) {
+      return [NbdErr.EPERM, `${nameOf('cmd', type)}: export is read-only`];
+    }
+    if (type === Cmd.BLOCK_STATUS && !(this.sr && this.base)) {
+      return [NbdErr.EINVAL, 'BLOCK_STATUS needs structured replies and base:allocation'];
+    }
+    return null;
+  }
+
+  private read(req: Request): void {
+    const { length } = req;
+    // Header and data in one buffer: the device fills it in place, and it goes out as one write.
+    const hdr = this.sr ? CHUNK_HEADER_SIZE + 8 : SIMPLE_REPLY_SIZE;
+    const buf = Buffer.allocUnsafe(hdr + length);
+    if (this.sr) {
+      writeChunkHeader(buf, 0, ReplyFlag.DONE, ReplyType.OFFSET_DATA, req.cookie, 8 + length);
+      buf.writeUInt32BE(Math.floor(req.offset / 2 ** 32), CHUNK_HEADER_SIZE);
+      buf.writeUInt32BE(req.offset >>> 0, CHUNK_HEADER_SIZE + 4);
+    } else {
+      writeSimpleReply(buf, 0, 0, req.cookie);
+    }
+    this.begin(length);
+    this.dev.read(req.offset, buf.subarray(hdr)).then(
+      () => {
+        if (this.stats) {
+          this.stats.readOps++;
+          this.stats.readBytes += length;
+        }
+        this.end(length);
+        this.send(buf);
+      },
+      (err) => {
+        this.end(length);
+        this.replyError(req, nbdErrorFor(err, req.flags), errMessage(err));
+      },
+    );
+  }
+
+  private blockStatus(req: Request): void {
+    this.begin(0);
+    this.dev.extents(req.offset, req.length).then(
+      (extents) => {
+        this.end(0);
+        let list: Extent[] = extents.length > 0 ? extents : [{ length: req.length, flags: 0 }];
+        if (req.flags & CmdFlag.REQ_ONE) list = [{ length: Math.min(list[0]!.length, req.length), flags: list[0]!.flags }];
+        this.send(encodeBlockStatusChunk(req.cookie, BASE_ALLOCATION_ID, list));
+      },
+      (err) => {
+        this.end(0);
+        this.replyError(req, nbdErrorFor(err, req.flags), errMessage(err));
+      },
+    );
+  }
+
+  /** Run a command whose success reply carries no data. */
+  private track(req: Request, bytes: number, op: Promise<void>): void {
+    this.begin(bytes);
+    op.then(
+      () => {
+        this.end(bytes);
+        this.send(encodeSimpleReply(0, req.cookie));
+      },
+      (err) => {
+        this.end(bytes);
+        this.log.debug({ cmd: nameOf('cmd', req.type), err: errMessage(err) }, 'device error');
+        this.replyError(req, nbdErrorFor(err, req.flags), errMessage(err));
+      },
+    );
+  }
+
+  private begin(bytes: number): void {
+    this.inFlight++;
+    this.inFlightBytes += bytes;
+  }
+
+  private end(bytes: number): void {
+    this.inFlight--;
+    this.inFlightBytes -= bytes;
+    if (this.inFlight === 0 && this.idle) this.idle();
+    else this.maybeResume();
+  }
+
+  private replyError(req: Request, errno: number, message: string): void {
+    // Structured replies let the client see why; the message is for humans.
+    this.send(this.sr ? encodeErrorChunk(req.cookie, errno, message) : encodeSimpleReply(errno, req.cookie));
+  }
+
+  /** Queue a reply; replies finished in one event-loop turn leave in one syscall. */
+  private send(buf: Buffer): void {
+    if (this.closed || this.socket.destroyed) return;
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      setImmediate(this.uncork);
+    }
+    this.socket.write(buf);
+  }
+
+  private readonly uncork = (): void => {
+    this.corked = false;
+    if (!this.socket.destroyed) this.socket.uncork();
+  };
+
+  /** After DISC, EOF or shutdown: wait for in-flight requests, then end the socket. */
+  private finish(): void {
+    if (this.idle) return;
+    this.socket.pause();
+    const close = () => {
+      if (this.corked) this.uncork();
+      this.socket.end();
+    };
+    if (this.inFlight === 0) close();
+    else this.idle = close;
+  }
+}
+
+function errMessage(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}

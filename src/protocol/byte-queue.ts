@@ -1,0 +1,96 @@
+// A queue of received chunks. Frames inside one chunk are handed on as
+// views; only a frame that straddles chunks is joined, once, at its exact
+// length. Payloads can also be taken as a list of views (no copy at all),
+// which is how WRITE data reaches the block device.
+
+export class ByteQueue {
+  private chunks: Buffer[] = [];
+  private head = 0; // read position inside chunks[0]
+  private total = 0;
+
+  get length(): number {
+    return this.total;
+  }
+
+  push(chunk: Buffer): void {
+    if (chunk.length === 0) return;
+    this.chunks.push(chunk);
+    this.total += chunk.length;
+  }
+
+  /** Take n bytes (n <= length) as one Buffer: a view when possible, else one exact copy. */
+  take(n: number): Buffer {
+    if (n === 0) return Buffer.alloc(0);
+    const first = this.chunks[0]!;
+    const avail = first.length - this.head;
+    if (n <= avail) {
+      const out = first.subarray(this.head, this.head + n);
+      this.advance(n);
+      return out;
+    }
+    const out = Buffer.allocUnsafe(n);
+    let filled = 0;
+    while (filled < n) {
+      const c = this.chunks[0]!;
+      const k = Math.min(c.length - this.head, n - filled);
+      c.copy(out, filled, this.head, this.head + k);
+      filled += k;
+      this.advance(k);
+    }
+    return out;
+  }
+
+  /** Take n bytes as a list of views into the received chunks: zero copies. */
+  takeVec(n: number): Buffer[] {
+    const out: Buffer[] = [];
+    let left = n;
+    while (left > 0) {
+      const c = this.chunks[0]!;
+      const k = Math.min(c.length - this.head, left);
+      out.push(c.subarray(this.head, this.head + k));
+      left -= k;
+      this.advance(k);
+    }
+    return out;
+  }
+
+  /** Drop up to n bytes; returns how many were dropped. */
+  skip(n: number): number {
+    let left = Math.min(n, this.total);
+    const dropped = left;
+    while (left > 0) {
+      const c = this.chunks[0]!;
+      const k = Math.min(c.length - this.head, left);
+      left -= k;
+      this.advance(k);
+    }
+    return dropped;
+  }
+
+  /** Read a big-endian u32 at a byte offset from the front without consuming. */
+  peekU32(at: number): number {
+    const first = this.chunks[0]!;
+    if (this.head + at + 4 <= first.length) return first.readUInt32BE(this.head + at);
+    let v = 0;
+    for (let i = 0; i < 4; i++) v = v * 256 + this.peekByte(at + i);
+    return v;
+  }
+
+  private peekByte(at: number): number {
+    let pos = this.head + at;
+    for (const c of this.chunks) {
+      if (pos < c.length) return c[pos]!;
+      pos -= c.length;
+    }
+    throw new RangeError('peek past end of queue');
+  }
+
+  private advance(k: number): void {
+    this.head += k;
+    this.total -= k;
+    if (this.head === this.chunks[0]!.length) {
+      this.chunks.shift();
+      this.head = 0;
+    }
+  }
+}

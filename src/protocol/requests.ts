@@ -1,0 +1,105 @@
+// Transmission-phase request framing (server side), pure: bytes in, events out.
+//
+// Compact request, 28 bytes, big-endian:
+//   0  u32 magic 0x25609513
+//   4  u16 command flags
+//   6  u16 type
+//   8  u64 cookie (opaque, echoed verbatim)
+//  16  u64 offset
+//  24  u32 length
+//  28  payload (WRITE only), `length` bytes
+//
+// A WRITE whose length exceeds the payload limit is not buffered: its payload
+// is drained as it arrives and the request is delivered with `oversize` set,
+// so the server can refuse it while the stream stays in sync.
+
+import { ByteQueue } from './byte-queue.js';
+import { Cmd, REQUEST_MAGIC, REQUEST_SIZE } from './constants.js';
+
+export interface Request {
+  flags: number;
+  type: number;
+  /** The cookie's 8 bytes, copied out of the receive buffer. */
+  cookie: Buffer;
+  /** Offset as a JS number; Infinity when it does not fit in 2^53 (always out of range). */
+  offset: number;
+  length: number;
+  /** WRITE payload as views into the received chunks (no copy). */
+  payload?: Buffer[];
+  /** A WRITE over the payload limit: its bytes were discarded. */
+  oversize?: boolean;
+}
+
+export type ParseEvent =
+  | { kind: 'request'; request: Request }
+  | { kind: 'bad-magic'; magic: number };
+
+const TWO32 = 2 ** 32;
+
+export class RequestParser {
+  private readonly q = new ByteQueue();
+  private pending: Request | null = null; // header seen, payload outstanding
+  private draining = 0; // oversize payload bytes still to discard
+  private broken = false;
+
+  constructor(private readonly maxPayload: number) {}
+
+  /** Bytes received but not yet framed (payload of a partial WRITE included). */
+  get buffered(): number {
+    return this.q.length;
+  }
+
+  /** Bytes the current partial WRITE still waits for (0 if none). */
+  get awaiting(): number {
+    return this.pending ? this.pending.length - this.q.length : 0;
+  }
+
+  /** Feed a chunk; returns the complete requests it finished, in order. */
+  push(chunk: Buffer): ParseEvent[] {
+    const out: ParseEvent[] = [];
+    if (this.broken) return out;
+    this.q.push(chunk);
+    for (;;) {
+      if (this.draining > 0) {
+        this.draining -= this.q.skip(this.draining);
+        if (this.draining > 0) break;
+        out.push({ kind: 'request', request: this.pending! });
+        this.pending = null;
+        continue;
+      }
+      if (this.pending) {
+        if (this.q.length < this.pending.length) break;
+        this.pending.payload = this.q.takeVec(this.pending.length);
+        out.push({ kind: 'request', request: this.pending });
+        this.pending = null;
+        continue;
+      }
+      if (this.q.length < REQUEST_SIZE) break;
+      const h = this.q.take(REQUEST_SIZE);
+      const magic = h.readUInt32BE(0);
+      if (magic !== REQUEST_MAGIC) {
+        this.broken = true;
+        out.push({ kind: 'bad-magic', magic });
+        break;
+      }
+      const hi = h.readUInt32BE(16);
+      const req: Request = {
+        flags: h.readUInt16BE(4),
+        type: h.readUInt16BE(6),
+        cookie: Buffer.from(h.subarray(8, 16)),
+        offset: hi < 0x200000 ? hi * TWO32 + h.readUInt32BE(20) : Infinity,
+        length: h.readUInt32BE(24),
+      };
+      if (req.type === Cmd.WRITE && req.length > 0) {
+        this.pending = req;
+        if (req.length > this.maxPayload) {
+          req.oversize = true;
+          this.draining = req.length;
+        }
+        continue;
+      }
+      out.push({ kind: 'request', request: req });
+    }
+    return out;
+  }
+}
