@@ -100,26 +100,45 @@ export class Connection {
 
   private readonly onData = (chunk: Buffer): void => {
     if (this.closed) return;
-    const events = this.parser.push(chunk);
-    for (const ev of events) {
+    this.parser.push(chunk);
+    this.pump();
+  };
+
+  /**
+   * Take requests one at a time while under the limits. When over them, stop
+   * reading: what is unparsed stays in the parser, and the socket's own
+   * buffer pushes back on the client through TCP.
+   */
+  private pump(): void {
+    while (!this.closed && !this.draining) {
+      if (this.overLimit()) {
+        if (!this.paused) {
+          this.paused = true;
+          this.socket.pause();
+        }
+        return;
+      }
+      const ev = this.parser.next();
+      if (!ev) return;
       if (ev.kind === 'bad-magic') {
         this.log.warn({ magic: `0x${ev.magic.toString(16)}` }, 'bad request magic: closing connection');
         this.socket.destroy();
         return;
       }
       this.handle(ev.request);
-      if (this.closed) return;
     }
-    if (this.inFlight >= MAX_IN_FLIGHT || this.inFlightBytes + this.socket.writableLength >= HIGH_WATER_BYTES) {
-      this.paused = true;
-      this.socket.pause();
-    }
-  };
+  }
+
+  private overLimit(): boolean {
+    return this.inFlight >= MAX_IN_FLIGHT || this.inFlightBytes + this.socket.writableLength >= HIGH_WATER_BYTES;
+  }
 
   private readonly maybeResume = (): void => {
-    if (this.paused && !this.draining && this.inFlight < MAX_IN_FLIGHT / 2 && this.inFlightBytes + this.socket.writableLength < HIGH_WATER_BYTES / 2) {
+    if (!this.paused || this.draining) return;
+    if (this.inFlight < MAX_IN_FLIGHT / 2 && this.inFlightBytes + this.socket.writableLength < HIGH_WATER_BYTES / 2) {
       this.paused = false;
       this.socket.resume();
+      this.pump();
     }
   };
 
@@ -191,6 +210,10 @@ export class Connection {
       default:
         return [NbdErr.EINVAL, `unknown command ${type}`];
     }
+    // Before the flag checks: a read-only export advertises no FUA, and EPERM is the real reason.
+    if (this.flags & TF.READ_ONLY && (type === Cmd.WRITE || type === Cmd.TRIM || type === Cmd.WRITE_ZEROES)) {
+      return [NbdErr.EPERM, `${nameOf('cmd', type)}: export is read-only`];
+    }
     if (flags & ~this.allowed) return [NbdErr.EINVAL, `unsupported flags 0x${flags.toString(16)}`];
     if (flags & (CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO) && type !== Cmd.WRITE_ZEROES) {
       return [NbdErr.EINVAL, 'NO_HOLE and FAST_ZERO apply to WRITE_ZEROES only'];
@@ -199,9 +222,6 @@ export class Connection {
     if (flags & CmdFlag.REQ_ONE && type !== Cmd.BLOCK_STATUS) return [NbdErr.EINVAL, 'REQ_ONE applies to BLOCK_STATUS only'];
     if ((type === Cmd.READ || type === Cmd.WRITE) && (length > MAX_PAYLOAD || req.oversize)) {
       return [NbdErr.EINVAL, `${nameOf('cmd', type)}: length ${length} exceeds the maximum payload ${MAX_PAYLOAD}`];
-    }
-    if (this.flags & TF.READ_ONLY && (type === Cmd.WRITE || type === Cmd.TRIM || type === Cmd.WRITE_ZEROES)) {
-      return [NbdErr.EPERM, `${nameOf('cmd', type)}: export is read-only`];
     }
     if (type === Cmd.BLOCK_STATUS && !(this.sr && this.base)) {
       return [NbdErr.EINVAL, 'BLOCK_STATUS needs structured replies and base:allocation'];
@@ -228,12 +248,12 @@ export class Connection {
           this.stats.readOps++;
           this.stats.readBytes += length;
         }
-        this.end(length);
         this.send(buf);
+        this.end(length);
       },
       (err) => {
-        this.end(length);
         this.replyError(req, nbdErrorFor(err, req.flags), errMessage(err));
+        this.end(length);
       },
     );
   }
@@ -242,14 +262,14 @@ export class Connection {
     this.begin(0);
     this.dev.extents(req.offset, req.length).then(
       (extents) => {
-        this.end(0);
         let list: Extent[] = extents.length > 0 ? extents : [{ length: req.length, flags: 0 }];
         if (req.flags & CmdFlag.REQ_ONE) list = [{ length: Math.min(list[0]!.length, req.length), flags: list[0]!.flags }];
         this.send(encodeBlockStatusChunk(req.cookie, BASE_ALLOCATION_ID, list));
+        this.end(0);
       },
       (err) => {
-        this.end(0);
         this.replyError(req, nbdErrorFor(err, req.flags), errMessage(err));
+        this.end(0);
       },
     );
   }
@@ -259,13 +279,13 @@ export class Connection {
     this.begin(bytes);
     op.then(
       () => {
-        this.end(bytes);
         this.send(encodeSimpleReply(0, req.cookie));
+        this.end(bytes);
       },
       (err) => {
-        this.end(bytes);
         this.log.debug({ cmd: nameOf('cmd', req.type), err: errMessage(err) }, 'device error');
         this.replyError(req, nbdErrorFor(err, req.flags), errMessage(err));
+        this.end(bytes);
       },
     );
   }

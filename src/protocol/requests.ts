@@ -54,33 +54,39 @@ export class RequestParser {
     return this.pending ? this.pending.length - this.q.length : 0;
   }
 
-  /** Feed a chunk; returns the complete requests it finished, in order. */
-  push(chunk: Buffer): ParseEvent[] {
-    const out: ParseEvent[] = [];
-    if (this.broken) return out;
-    this.q.push(chunk);
+  /** Queue received bytes; take framed requests with next(). */
+  push(chunk: Buffer): void {
+    if (!this.broken) this.q.push(chunk);
+  }
+
+  /**
+   * The next complete request, or null until more bytes arrive. Taking one at
+   * a time lets the caller stop between requests when it has too much in
+   * flight; what is not yet taken stays queued, unparsed.
+   */
+  next(): ParseEvent | null {
+    if (this.broken) return null;
     for (;;) {
       if (this.draining > 0) {
         this.draining -= this.q.skip(this.draining);
-        if (this.draining > 0) break;
-        out.push({ kind: 'request', request: this.pending! });
+        if (this.draining > 0) return null;
+        const req = this.pending!;
         this.pending = null;
-        continue;
+        return { kind: 'request', request: req };
       }
       if (this.pending) {
-        if (this.q.length < this.pending.length) break;
-        this.pending.payload = this.q.takeVec(this.pending.length);
-        out.push({ kind: 'request', request: this.pending });
+        if (this.q.length < this.pending.length) return null;
+        const req = this.pending;
         this.pending = null;
-        continue;
+        req.payload = this.q.takeVec(req.length);
+        return { kind: 'request', request: req };
       }
-      if (this.q.length < REQUEST_SIZE) break;
+      if (this.q.length < REQUEST_SIZE) return null;
       const h = this.q.take(REQUEST_SIZE);
       const magic = h.readUInt32BE(0);
       if (magic !== REQUEST_MAGIC) {
         this.broken = true;
-        out.push({ kind: 'bad-magic', magic });
-        break;
+        return { kind: 'bad-magic', magic };
       }
       const hi = h.readUInt32BE(16);
       const req: Request = {
@@ -98,8 +104,7 @@ export class RequestParser {
         }
         continue;
       }
-      out.push({ kind: 'request', request: req });
+      return { kind: 'request', request: req };
     }
-    return out;
   }
 }
