@@ -357,7 +357,7 @@ export class ReplyParser {
           chunk.copy(this.scratch, this.have, pos, pos + n);
           this.have += n;
           pos += n;
-          if (this.have === this.headerSize && this.headerSize !== 20) {
+          if (this.have === this.headerSize) {
             this.have = 0;
             this.header(this.scratch, 0);
           }
