@@ -1,6 +1,9 @@
 // The composition root: parse the command line, wire the layers, run.
 import { Command, CommanderError, Option } from 'commander';
 import { serveCommand } from './serve.js';
+import { registerUpCommand } from './up.js';
+import { registerStatusCommand } from './status.js';
+import { registerPairCommand } from './pair.js';
 import { UsageError } from './errors.js';
 
 export function buildProgram(): Command {
@@ -12,6 +15,9 @@ export function buildProgram(): Command {
     .exitOverride()
     .configureOutput({ outputError: () => {} });
   serveCommand(program);
+  registerUpCommand(program);
+  registerStatusCommand(program);
+  registerPairCommand(program);
   return program;
 }
 
@@ -21,8 +27,9 @@ export async function main(argv: string[]): Promise<void> {
     await program.parseAsync(argv);
   } catch (err) {
     if (err instanceof CommanderError) {
-      // --help and --version land here too, with exit code 0.
+      // --help and --version land here too, with exit code 0; a bare command group prints its help.
       if (err.exitCode === 0) process.exit(0);
+      if (err.code === 'commander.help') process.exit(2);
       process.stderr.write(`blockmirror: ${err.message.replace(/^error: /, '')}\n`);
       process.exit(2);
     }

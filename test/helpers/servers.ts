@@ -126,3 +126,22 @@ export function run(cmd: string, args: string[], opts: { input?: string | Buffer
 
 /** python3 with Debian's python3-libnbd: the system interpreter, not a pyenv shim. */
 export const PYTHON = '/usr/bin/python3';
+
+export interface RunningCluster {
+  configPath: string;
+  dir: string;
+  proc: ChildProcess;
+  stderr(): string;
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+/**
+ * Start `blockmirror up -c FILE` for a YAML text and wait until every listed
+ * TCP port accepts (NBD and admin ports of the storage systems it runs).
+ */
+export async function startUp(configPath: string, ports: number[], extraArgs: string[] = []): Promise<RunningCluster> {
+  const proc = spawn(process.execPath, [CLI, 'up', '-c', configPath, '--log-level', 'warn', ...extraArgs], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const { stderr, exited } = track(proc);
+  for (const port of ports) await waitFor(canConnect({ host: '127.0.0.1', port }), 'blockmirror up', proc, stderr, 20_000);
+  return { configPath, dir: path.dirname(configPath), proc, stderr, stop: stopper(proc, exited) };
+}

@@ -1,0 +1,55 @@
+// `blockmirror up -c FILE [--only IDS]`: start the storage systems of a YAML
+// file, each with its NBD exports and its admin API, until SIGTERM/SIGINT.
+import type { Command } from 'commander';
+import type { Logger } from 'pino';
+import { startAdminServer, type AdminServer } from '../admin/server.js';
+import { ConfigError, loadConfig } from '../cluster/config.js';
+import { ClusterError, selectIds, startStorageSystems } from '../cluster/cluster.js';
+import type { StorageSystem } from '../controller/storage-system.js';
+import { createLogger } from '../util/log.js';
+import { UsageError } from './errors.js';
+import { runUntilSignal } from './signals.js';
+
+export function registerUpCommand(program: Command): void {
+  program
+    .command('up')
+    .description('start the storage systems of a YAML config (all, or those of --only)')
+    .requiredOption('-c, --config <file>', 'cluster YAML (see config/)')
+    .option('--only <ids>', 'comma-separated storage system ids to run in this process, e.g. 1,3')
+    .action(async (opts: { config: string; only?: string }, cmd: Command) => {
+      const log = createLogger(cmd.optsWithGlobals().logLevel as string);
+      await up(opts, log);
+    });
+}
+
+export function parseOnly(text: string): number[] {
+  const ids = text.split(',').map((s) => s.trim());
+  if (ids.some((s) => !/^\d+$/.test(s))) throw new UsageError(`--only: expected comma-separated storage system ids, e.g. 1,3 (got "${text}")`);
+  return ids.map(Number);
+}
+
+async function up(opts: { config: string; only?: string }, log: Logger): Promise<void> {
+  let systems: StorageSystem[] = [];
+  const admins: AdminServer[] = [];
+  try {
+    const config = loadConfig(opts.config);
+    const ids = selectIds(config, opts.only ? parseOnly(opts.only) : undefined);
+    systems = await startStorageSystems(config, ids, log);
+    for (const ss of systems) {
+      const a = config.storageSystems.find((s) => s.id === ss.spec.id)!.admin;
+      admins.push(await startAdminServer(ss, { host: a.host, port: a.port, log: log.child({ ss: ss.spec.id }) }));
+    }
+  } catch (e) {
+    await Promise.all(admins.map((a) => a.close().catch(() => {})));
+    await Promise.all(systems.map((s) => s.close().catch(() => {})));
+    if (e instanceof ConfigError || e instanceof ClusterError) throw new UsageError(e.message);
+    throw e;
+  }
+  for (let i = 0; i < systems.length; i++) {
+    log.info({ ss: systems[i]!.spec.id, nbd: systems[i]!.nbdAddr, admin: admins[i]!.address }, `storage system ${systems[i]!.spec.id} up`);
+  }
+  await runUntilSignal(log, async () => {
+    await Promise.all(admins.map((a) => a.close()));
+    await Promise.all(systems.map((s) => s.close()));
+  });
+}

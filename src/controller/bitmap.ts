@@ -1,0 +1,124 @@
+// ClusterBitmap: one bit per cluster of a mirror. A set bit means Invalid:
+// the master holds data for that cluster which this mirror lacks (or, while
+// the pair is split, the two sides may differ there).
+//
+//   bit   meaning                                   read of the mirror
+//   0     Valid: mirror == master for the cluster   from the mirror
+//   1     Invalid                                   from the master
+//
+// The bitmap is pure state; persistence (write-intent) is BitmapStore's job.
+
+export class ClusterBitmap {
+  readonly bits: Uint8Array;
+  private count = 0;
+
+  constructor(
+    readonly clusters: number,
+    bits?: Uint8Array,
+  ) {
+    this.bits = new Uint8Array(Math.ceil(clusters / 8));
+    if (bits) {
+      this.bits.set(bits.subarray(0, this.bits.length));
+      // Bits past the last cluster carry no meaning: keep them clear so counts stay exact.
+      const tail = clusters % 8;
+      if (tail) this.bits[this.bits.length - 1]! &= (1 << tail) - 1;
+      this.count = popcount(this.bits);
+    }
+  }
+
+  /** Number of Invalid clusters. */
+  get invalidCount(): number {
+    return this.count;
+  }
+
+  isInvalid(c: number): boolean {
+    return (this.bits[c >>> 3]! & (1 << (c & 7))) !== 0;
+  }
+
+  /** Mark Invalid; true if the bit changed. */
+  setInvalid(c: number): boolean {
+    const i = c >>> 3;
+    const m = 1 << (c & 7);
+    const b = this.bits[i]!;
+    if (b & m) return false;
+    this.bits[i] = b | m;
+    this.count++;
+    return true;
+  }
+
+  /** Mark Valid; true if the bit changed. */
+  setValid(c: number): boolean {
+    const i = c >>> 3;
+    const m = 1 << (c & 7);
+    const b = this.bits[i]!;
+    if (!(b & m)) return false;
+    this.bits[i] = b & ~m;
+    this.count--;
+    return true;
+  }
+
+  setRangeInvalid(first: number, last: number): void {
+    for (let c = first; c <= last; c++) this.setInvalid(c);
+  }
+
+  setAllInvalid(): void {
+    this.setRangeInvalid(0, this.clusters - 1);
+  }
+
+  /** Is any cluster in [first, last] Invalid? (the Check Invalid module) */
+  anyInvalid(first: number, last: number): boolean {
+    if (this.count === 0) return false;
+    for (let c = first; c <= last; c++) {
+      // Skip whole clear bytes: most reads of a mostly valid mirror test a few bytes.
+      if ((c & 7) === 0 && c + 7 <= last && this.bits[c >>> 3] === 0) {
+        c += 7;
+        continue;
+      }
+      if (this.isInvalid(c)) return true;
+    }
+    return false;
+  }
+
+  /** First Invalid cluster at or after `from`, wrapping around; -1 if none. */
+  nextInvalid(from: number): number {
+    if (this.count === 0) return -1;
+    const start = from >= this.clusters ? 0 : from;
+    const found = this.scan(start, this.clusters);
+    return found >= 0 ? found : this.scan(0, start);
+  }
+
+  private scan(from: number, to: number): number {
+    let c = from;
+    while (c < to) {
+      if ((c & 7) === 0 && this.bits[c >>> 3] === 0) {
+        c += 8;
+        continue;
+      }
+      if (this.isInvalid(c)) return c;
+      c++;
+    }
+    return -1;
+  }
+
+  /** OR another bitmap's Invalid bits into this one. */
+  merge(other: ClusterBitmap): void {
+    for (let c = other.nextInvalid(0), n = 0; c >= 0 && n < other.invalidCount; c = other.nextInvalid(c + 1), n++) this.setInvalid(c);
+  }
+}
+
+function popcount(bytes: Uint8Array): number {
+  let n = 0;
+  for (const b of bytes) {
+    let v = b;
+    while (v) {
+      v &= v - 1;
+      n++;
+    }
+  }
+  return n;
+}
+
+/** Clusters [first, last] touched by a byte range (a partly covered cluster counts whole). */
+export function clusterRange(offset: number, length: number, clusterSize: number): [number, number] {
+  return [Math.floor(offset / clusterSize), Math.floor((offset + Math.max(length, 1) - 1) / clusterSize)];
+}

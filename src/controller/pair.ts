@@ -1,0 +1,476 @@
+// A pair: one master volume and N mirrors in this storage system, with the
+// Data Write module (sync or async), the Data Read module with Check Invalid,
+// the bitmap table and the pair state machine.
+//
+// State machine (names as storage admins know them):
+//
+//   from \ event   all Valid   Invalid appears   split        resync       mirror error
+//   COPY           PAIR        COPY              refused      COPY         PSUE
+//   PAIR           PAIR        COPY              PSUS         PAIR         PSUE
+//   PSUS           -           PSUS (tracked)    PSUS         COPY         PSUS
+//   PSUE           -           PSUE (tracked)    PSUS         COPY         PSUE
+//
+// Per cluster the pair keeps `gen` (bumped when a write starts and when it
+// ends) and `inflight` (writes in progress). The sync daemon and the cleaner
+// may mark a cluster Valid / clear its on-disk bit only if its gen did not
+// move and no write is in flight: a write that hits a cluster during a copy
+// can never be lost.
+import type { Logger } from 'pino';
+import { BlockDeviceError, payloadLength, type BlockDevice, type Extent, type Payload, type ZeroOptions } from '../blockdev/types.js';
+import { ClusterBitmap, clusterRange } from './bitmap.js';
+import type { BitmapStore } from './bitmap-store.js';
+import type { MirrorStatus, PairMode, PairState, PairStatus, VolRef } from './status.js';
+
+export interface MirrorLink {
+  ref: VolRef;
+  device: BlockDevice;
+  bitmap: ClusterBitmap;
+  copiedBytes: number;
+  /** Where the sync daemon resumes its scan. */
+  cursor: number;
+}
+
+export interface PairOptions {
+  name: string;
+  mode: PairMode;
+  clusterSize: number;
+  master: { ref: VolRef; device: BlockDevice };
+  mirrors: { ref: VolRef; device: BlockDevice }[];
+  store: BitmapStore;
+  /**
+   * Persisted bits per mirror from the last run, or null for a new pair.
+   * A new pair starts with every cluster Invalid unless `identical`.
+   */
+  loaded: Uint8Array[] | null;
+  identical: boolean;
+  /** Persisted user state (PSUS survives a restart). */
+  initialState?: 'PSUS';
+  syncRate?: number;
+  log: Logger;
+  /** Called when clusters become Invalid (wakes the sync daemon). */
+  onInvalid?: () => void;
+  /** Called after a state change (persisted by the storage system). */
+  onStateChange?: (state: PairState) => void;
+  /** How long after the last write the cleaner clears on-disk bits. */
+  cleanDelayMs?: number;
+}
+
+export class Pair {
+  readonly name: string;
+  readonly mode: PairMode;
+  readonly clusterSize: number;
+  readonly clusters: number;
+  readonly size: number;
+  readonly master: { ref: VolRef; device: BlockDevice };
+  readonly mirrors: MirrorLink[];
+  readonly syncRate: number | undefined;
+  readonly store: BitmapStore;
+  private readonly gen: Uint32Array;
+  private readonly inflight: Uint32Array;
+  private readonly all: number[];
+  private userState: 'PSUS' | 'PSUE' | null = null;
+  error: string | undefined;
+  private writesInFlight = 0;
+  private gate: Promise<void> | null = null;
+  private drained: (() => void) | null = null;
+  private cleanTimer: NodeJS.Timeout | null = null;
+  private cleaning: Promise<void> | null = null;
+  private closed = false;
+  private readonly log: Logger;
+  private readonly opts: PairOptions;
+
+  constructor(opts: PairOptions) {
+    this.opts = opts;
+    this.name = opts.name;
+    this.mode = opts.mode;
+    this.clusterSize = opts.clusterSize;
+    this.size = opts.master.device.size;
+    this.clusters = Math.ceil(this.size / this.clusterSize);
+    this.master = opts.master;
+    this.syncRate = opts.syncRate;
+    this.store = opts.store;
+    this.log = opts.log;
+    this.gen = new Uint32Array(this.clusters);
+    this.inflight = new Uint32Array(this.clusters);
+    this.all = opts.mirrors.map((_, i) => i);
+    this.mirrors = opts.mirrors.map((m, i) => {
+      const bitmap = new ClusterBitmap(this.clusters, opts.loaded?.[i]);
+      return { ref: m.ref, device: m.device, bitmap, copiedBytes: 0, cursor: 0 };
+    });
+    if (opts.loaded === null && !opts.identical) {
+      // A new pair whose mirror may hold anything: copy it all. Persist the
+      // bits first, so an interrupted initial copy resumes rather than lies.
+      for (const m of this.mirrors) m.bitmap.setAllInvalid();
+      void this.store.mark(this.all, 0, this.clusters - 1).catch((e: Error) => this.suspend(`bitmap: ${e.message}`));
+    }
+    if (opts.initialState) this.userState = opts.initialState;
+  }
+
+  get state(): PairState {
+    if (this.userState) return this.userState;
+    return this.mirrors.some((m) => m.bitmap.invalidCount > 0) ? 'COPY' : 'PAIR';
+  }
+
+  /** Is the pair mirroring (not split, not suspended)? */
+  get replicating(): boolean {
+    return this.userState === null;
+  }
+
+  /** Host-facing device of the master volume. */
+  masterDevice(): BlockDevice {
+    return new MasterVolume(this);
+  }
+
+  /** Host-facing device of mirror i (read-only unless the pair is split). */
+  mirrorDevice(i: number): BlockDevice {
+    return new MirrorVolume(this, i);
+  }
+
+  // ---- Data Write module ----
+
+  /** Run a modifying operation on the master (write, trim, zero) under the pair's rules. */
+  async hostWrite(offset: number, length: number, fua: boolean, apply: (dev: BlockDevice) => Promise<void>): Promise<void> {
+    if (this.gate) await this.gate;
+    const [first, last] = clusterRange(offset, length, this.clusterSize);
+    this.begin(first, last);
+    try {
+      if (this.mode === 'async' || !this.replicating) {
+        // Async: mirrors' clusters Invalid (in memory and on disk) before the master changes.
+        let woke = false;
+        for (const m of this.mirrors) for (let c = first; c <= last; c++) woke = m.bitmap.setInvalid(c) || woke;
+        await this.store.mark(this.all, first, last);
+        // FUA reaches the master only: the mirrors' share is covered by the persisted bitmap.
+        await apply(this.master.device);
+        if (woke && this.replicating) this.opts.onInvalid?.();
+        return;
+      }
+      // Sync: write-intent bits on disk first, so a crash mid-write resyncs just these clusters.
+      await this.store.mark(this.all, first, last);
+      const results = await Promise.allSettled([apply(this.master.device), ...this.mirrors.map((m) => apply(m.device))]);
+      if (results[0]!.status === 'rejected') throw results[0]!.reason;
+      results.slice(1).forEach((r, i) => {
+        if (r.status === 'rejected') {
+          const m = this.mirrors[i]!;
+          m.bitmap.setRangeInvalid(first, last);
+          this.suspend(`mirror ss${m.ref.ss}/vol${m.ref.vol}: ${(r.reason as Error).message}`);
+        }
+      });
+    } finally {
+      this.end(first, last);
+    }
+  }
+
+  /** FLUSH/FUA scope: the master always; every mirror of a sync pair. */
+  async flush(): Promise<void> {
+    const targets = this.mode === 'sync' && this.replicating ? [this.master.device, ...this.mirrors.map((m) => m.device)] : [this.master.device];
+    await Promise.all(targets.map((d) => d.flush()));
+  }
+
+  private begin(first: number, last: number): void {
+    this.writesInFlight++;
+    for (let c = first; c <= last; c++) {
+      this.inflight[c]!++;
+      this.gen[c]!++;
+    }
+  }
+
+  private end(first: number, last: number): void {
+    for (let c = first; c <= last; c++) {
+      this.inflight[c]!--;
+      this.gen[c]!++;
+    }
+    if (--this.writesInFlight === 0 && this.drained) this.drained();
+    this.scheduleClean();
+  }
+
+  // ---- Data Read module ----
+
+  /** Read for mirror i: Valid clusters from the mirror, otherwise the whole range from the master. */
+  async mirrorRead(i: number, offset: number, dest: Buffer): Promise<void> {
+    const m = this.mirrors[i]!;
+    if (this.userState === 'PSUS') return m.device.read(offset, dest);
+    const [first, last] = clusterRange(offset, dest.length, this.clusterSize);
+    // One source for the whole range: never a mix of stale and new data.
+    if (m.bitmap.anyInvalid(first, last)) return this.master.device.read(offset, dest);
+    return m.device.read(offset, dest);
+  }
+
+  async mirrorExtents(i: number, offset: number, length: number): Promise<Extent[]> {
+    const m = this.mirrors[i]!;
+    if (this.userState !== 'PSUS') {
+      const [first, last] = clusterRange(offset, length, this.clusterSize);
+      if (m.bitmap.anyInvalid(first, last)) return this.master.device.extents(offset, length);
+    }
+    return m.device.extents(offset, length);
+  }
+
+  /** A host write to a split mirror: tracked so that resync recopies it from the master. */
+  async mirrorWrite(i: number, offset: number, length: number, apply: (dev: BlockDevice) => Promise<void>): Promise<void> {
+    if (this.gate) await this.gate;
+    const m = this.mirrors[i]!;
+    if (this.userState !== 'PSUS') {
+      throw new BlockDeviceError('EPERM', `vol${m.ref.vol} is a mirror of ${this.name}: read-only unless the pair is split`);
+    }
+    const [first, last] = clusterRange(offset, length, this.clusterSize);
+    // Counted like a master write, so a resync waits for it and the daemon never marks these clusters Valid under it.
+    this.begin(first, last);
+    try {
+      m.bitmap.setRangeInvalid(first, last);
+      await this.store.mark([i], first, last);
+      await apply(m.device);
+    } finally {
+      this.end(first, last);
+    }
+  }
+
+  // ---- sync daemon support ----
+
+  /** Snapshot for a copy: the gen of a cluster, or -1 if a write is in flight there. */
+  copyToken(c: number): number {
+    return this.inflight[c]! > 0 ? -1 : this.gen[c]!;
+  }
+
+  /** After a copy: mark Valid only if no write hit the cluster meanwhile. */
+  completeCopy(i: number, c: number, token: number): boolean {
+    if (token < 0 || this.inflight[c]! > 0 || this.gen[c] !== token || !this.replicating) return false;
+    const m = this.mirrors[i]!;
+    if (!m.bitmap.setValid(c)) return false;
+    m.copiedBytes += Math.min(this.clusterSize, this.size - c * this.clusterSize);
+    this.scheduleClean();
+    return true;
+  }
+
+  // ---- cleaner: clears on-disk bits once every copy is durable ----
+
+  private scheduleClean(): void {
+    if (this.cleanTimer || this.closed) return;
+    this.cleanTimer = setTimeout(() => {
+      this.cleanTimer = null;
+      void this.clean();
+    }, this.opts.cleanDelayMs ?? 1000);
+    this.cleanTimer.unref();
+  }
+
+  /** Clear on-disk bits whose clusters are Valid, idle, and durable on every copy. */
+  clean(): Promise<void> {
+    if (this.cleaning) return this.cleaning;
+    this.cleaning = this.doClean().finally(() => {
+      this.cleaning = null;
+    });
+    return this.cleaning;
+  }
+
+  private async doClean(): Promise<void> {
+    const candidates: { m: number; c: number; token: number }[] = [];
+    this.mirrors.forEach((link, m) => {
+      const img = this.store.image(m);
+      for (let byte = 0; byte < img.length; byte++) {
+        if (img[byte] === 0) continue;
+        for (let bit = 0; bit < 8; bit++) {
+          const c = byte * 8 + bit;
+          if (c >= this.clusters || !(img[byte]! & (1 << bit))) continue;
+          if (link.bitmap.isInvalid(c)) continue;
+          const token = this.copyToken(c);
+          if (token >= 0) candidates.push({ m, c, token });
+        }
+      }
+    });
+    if (candidates.length === 0) return;
+    try {
+      // Durable on every copy first: a cleared bit must never hide data only one side holds.
+      await Promise.all([this.master.device.flush(), ...this.mirrors.map((m) => m.device.flush())]);
+    } catch (e) {
+      this.log.warn({ pair: this.name, err: (e as Error).message }, 'flush before clearing bitmap failed; bits kept');
+      return;
+    }
+    const byMirror = new Map<number, number[]>();
+    for (const { m, c, token } of candidates) {
+      if (this.mirrors[m]!.bitmap.isInvalid(c) || this.copyToken(c) !== token) continue;
+      let list = byMirror.get(m);
+      if (!list) byMirror.set(m, (list = []));
+      list.push(c);
+    }
+    for (const [m, list] of byMirror) await this.store.clear(m, list);
+  }
+
+  // ---- pair commands ----
+
+  /** Hold new writes and wait for those in flight: a clean point for a state change. */
+  private async quiesce<T>(fn: () => T | Promise<T>): Promise<T> {
+    while (this.gate) await this.gate;
+    let open!: () => void;
+    this.gate = new Promise((r) => (open = r));
+    try {
+      if (this.writesInFlight > 0) await new Promise<void>((r) => (this.drained = r));
+      this.drained = null;
+      return await fn();
+    } finally {
+      this.gate = null;
+      open();
+    }
+  }
+
+  split(): Promise<void> {
+    return this.quiesce(async () => {
+      if (this.state === 'COPY') throw new PairStateError(`${this.name} is in COPY: the mirror is not a consistent copy yet`);
+      if (this.userState === 'PSUS') return;
+      // The point-in-time image: everything acknowledged so far is on the mirror.
+      await Promise.all(this.mirrors.map((m) => m.device.flush()));
+      this.userState = 'PSUS';
+      this.log.info({ pair: this.name }, 'pair split (PSUS)');
+      this.opts.onStateChange?.('PSUS');
+    });
+  }
+
+  resync(): Promise<void> {
+    return this.quiesce(() => {
+      if (this.userState === null) return;
+      this.userState = null;
+      this.error = undefined;
+      this.log.info({ pair: this.name, invalid: this.mirrors.map((m) => m.bitmap.invalidCount) }, 'pair resync (COPY)');
+      this.opts.onStateChange?.(this.state);
+      this.opts.onInvalid?.();
+    });
+  }
+
+  /** Suspend by error (PSUE): keep acknowledging, track writes in the bitmap. */
+  suspend(reason: string): void {
+    if (this.userState === 'PSUS' || this.userState === 'PSUE') return;
+    this.userState = 'PSUE';
+    this.error = reason;
+    this.log.error({ pair: this.name, reason }, 'pair suspended (PSUE)');
+    this.opts.onStateChange?.('PSUE');
+  }
+
+  status(): PairStatus {
+    const mirrors: MirrorStatus[] = this.mirrors.map((m) => ({
+      ss: m.ref.ss,
+      vol: m.ref.vol,
+      invalidClusters: m.bitmap.invalidCount,
+      syncProgress: this.clusters === 0 ? 1 : 1 - m.bitmap.invalidCount / this.clusters,
+      copiedBytes: m.copiedBytes,
+    }));
+    return {
+      name: this.name,
+      mode: this.mode,
+      state: this.state,
+      master: this.master.ref,
+      clusterSize: this.clusterSize,
+      clusters: this.clusters,
+      ...(this.syncRate !== undefined ? { syncRate: this.syncRate } : {}),
+      ...(this.error ? { error: this.error } : {}),
+      mirrors,
+    };
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    if (this.cleanTimer) clearTimeout(this.cleanTimer);
+    this.cleanTimer = null;
+    await this.clean();
+    await this.store.close();
+  }
+}
+
+export class PairStateError extends Error {
+  override readonly name = 'PairStateError';
+}
+
+/** The master volume as hosts see it: writes go through the pair's write module. */
+class MasterVolume implements BlockDevice {
+  readonly size: number;
+  readonly readOnly = false;
+  readonly multiConnSafe: boolean;
+  readonly fastZero: boolean;
+
+  constructor(private readonly pair: Pair) {
+    const dev = pair.master.device;
+    this.size = dev.size;
+    this.multiConnSafe = dev.multiConnSafe && pair.mirrors.every((m) => m.device.multiConnSafe);
+    this.fastZero = dev.fastZero && pair.mirrors.every((m) => m.device.fastZero);
+  }
+
+  read(offset: number, dest: Buffer): Promise<void> {
+    return this.pair.master.device.read(offset, dest);
+  }
+
+  write(offset: number, data: Payload, fua = false): Promise<void> {
+    const length = payloadLength(data);
+    return this.pair.hostWrite(offset, length, fua, (d) => d.write(offset, data, fua));
+  }
+
+  flush(): Promise<void> {
+    return this.pair.flush();
+  }
+
+  trim(offset: number, length: number, fua = false): Promise<void> {
+    return this.pair.hostWrite(offset, length, fua, (d) => d.trim(offset, length, fua));
+  }
+
+  zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+    return this.pair.hostWrite(offset, length, opts.fua === true, (d) => d.zero(offset, length, opts));
+  }
+
+  extents(offset: number, length: number): Promise<Extent[]> {
+    return this.pair.master.device.extents(offset, length);
+  }
+
+  cache(offset: number, length: number): Promise<void> {
+    return this.pair.master.device.cache?.(offset, length) ?? Promise.resolve();
+  }
+
+  async close(): Promise<void> {}
+}
+
+/** A mirror volume as hosts see it: reads check the bitmap; writes only while split. */
+class MirrorVolume implements BlockDevice {
+  readonly size: number;
+  readonly multiConnSafe: boolean;
+  readonly fastZero: boolean;
+
+  constructor(
+    private readonly pair: Pair,
+    private readonly i: number,
+  ) {
+    const dev = pair.mirrors[i]!.device;
+    this.size = dev.size;
+    this.multiConnSafe = dev.multiConnSafe && pair.master.device.multiConnSafe;
+    this.fastZero = dev.fastZero;
+  }
+
+  /** Read-only to hosts unless the pair is split (new connections see the change). */
+  get readOnly(): boolean {
+    return this.pair.state !== 'PSUS';
+  }
+
+  private get dev(): BlockDevice {
+    return this.pair.mirrors[this.i]!.device;
+  }
+
+  read(offset: number, dest: Buffer): Promise<void> {
+    return this.pair.mirrorRead(this.i, offset, dest);
+  }
+
+  write(offset: number, data: Payload, fua = false): Promise<void> {
+    const length = payloadLength(data);
+    return this.pair.mirrorWrite(this.i, offset, length, (d) => d.write(offset, data, fua));
+  }
+
+  flush(): Promise<void> {
+    return this.dev.flush();
+  }
+
+  trim(offset: number, length: number, fua = false): Promise<void> {
+    return this.pair.mirrorWrite(this.i, offset, length, (d) => d.trim(offset, length, fua));
+  }
+
+  zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+    return this.pair.mirrorWrite(this.i, offset, length, (d) => d.zero(offset, length, opts));
+  }
+
+  extents(offset: number, length: number): Promise<Extent[]> {
+    return this.pair.mirrorExtents(this.i, offset, length);
+  }
+
+  async close(): Promise<void> {}
+}

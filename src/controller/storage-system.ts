@@ -1,0 +1,249 @@
+// A storage system: its volumes (memory or files in dataDir), its cache
+// memory, the pairs whose volumes it holds, the sync daemon, and the NBD
+// exports "vol<ID>" through which hosts reach the I/O processor.
+//
+// Stack of one volume, top to bottom:
+//   CountingDevice (host I/O counters)
+//     -> MasterVolume | MirrorVolume (pair write/read modules)   [paired volumes]
+//       -> CachedDevice (cache memory, if configured)
+//         -> FileDevice | MemoryDevice (the volume itself)
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import { MemoryDevice } from '../blockdev/memory.js';
+import { openFileDevice } from '../blockdev/file.js';
+import type { BlockDevice } from '../blockdev/types.js';
+import { ExportTable } from '../nbd/exports.js';
+import { NbdServer } from '../nbd/server.js';
+import { CacheMemory } from './cache.js';
+import { FileBitmapStore, MemoryBitmapStore, type BitmapStore } from './bitmap-store.js';
+import { Pair, PairStateError } from './pair.js';
+import { SyncDaemon } from './sync-daemon.js';
+import { CountingDevice } from './volume-stats.js';
+import { PairCommandError, type AdminTarget, type PairState, type PairStatus, type SSReport, type VolRef, type VolumeRole } from './status.js';
+
+export interface StorageSystemSpec {
+  id: number;
+  nbd: { host: string; port: number };
+  nbdSocket?: string;
+  /** Shown in status; the admin server itself is started by the cluster layer. */
+  admin?: string;
+  /** Absolute; omitted -> volumes in memory. */
+  dataDir?: string;
+  cache?: { size: number };
+  volumes: { id: number; size: number }[];
+  clusterSize: number;
+  /** Pairs whose master and mirrors are all in this storage system. */
+  pairs: { name: string; mode: 'sync' | 'async'; master: VolRef; mirrors: VolRef[]; syncRate?: number }[];
+}
+
+interface Volume {
+  id: number;
+  size: number;
+  /** The volume's own storage, below any cache. */
+  backing: BlockDevice;
+  /** What the controller reads and writes (the cache when there is one). */
+  device: BlockDevice;
+  /** Was the backing file created by this start (so it holds only zeroes)? */
+  fresh: boolean;
+  role: VolumeRole;
+  pair?: string;
+  host?: CountingDevice;
+}
+
+export class StorageSystem implements AdminTarget {
+  readonly nbd: NbdServer;
+  readonly daemon: SyncDaemon;
+  readonly pairs = new Map<string, Pair>();
+  private readonly volumes = new Map<number, Volume>();
+  private cache: CacheMemory | undefined;
+  private nbdAddress = '';
+
+  private constructor(
+    readonly spec: StorageSystemSpec,
+    private readonly log: Logger,
+  ) {
+    this.nbd = new NbdServer({ exports: new ExportTable(), log });
+    this.daemon = new SyncDaemon({ log });
+  }
+
+  /** Open volumes, build pairs and exports, and start serving. */
+  static async start(spec: StorageSystemSpec, log: Logger): Promise<StorageSystem> {
+    const ss = new StorageSystem(spec, log.child({ ss: spec.id }));
+    try {
+      await ss.open();
+      await ss.listen();
+    } catch (e) {
+      await ss.close().catch(() => {});
+      throw e;
+    }
+    return ss;
+  }
+
+  private async open(): Promise<void> {
+    const { spec } = this;
+    if (spec.dataDir) fs.mkdirSync(path.join(spec.dataDir, 'pairs'), { recursive: true });
+    if (spec.cache) this.cache = new CacheMemory({ size: spec.cache.size, log: this.log });
+
+    for (const v of spec.volumes) {
+      let backing: BlockDevice;
+      let fresh = true;
+      if (spec.dataDir) {
+        const file = path.join(spec.dataDir, `vol${v.id}.img`);
+        fresh = !fs.existsSync(file);
+        backing = await openFileDevice(file, { size: v.size });
+      } else backing = new MemoryDevice(v.size);
+      const device = this.cache ? this.cache.wrap(backing, `vol${v.id}`) : backing;
+      this.volumes.set(v.id, { id: v.id, size: v.size, backing, device, fresh, role: 'simplex' });
+    }
+
+    for (const p of spec.pairs) await this.openPair(p);
+
+    for (const v of this.volumes.values()) {
+      let dev: BlockDevice = v.device;
+      const pair = v.pair ? this.pairs.get(v.pair) : undefined;
+      if (pair && v.role === 'master') dev = pair.masterDevice();
+      if (pair && v.role === 'mirror') dev = pair.mirrorDevice(pair.mirrors.findIndex((m) => m.ref.vol === v.id));
+      v.host = new CountingDevice(dev);
+      const description = v.pair ? `${v.role} of ${v.pair}` : 'simplex volume';
+      this.nbd.exports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id}: ${description}`, device: v.host, readOnly: false });
+    }
+  }
+
+  private async openPair(p: StorageSystemSpec['pairs'][number]): Promise<void> {
+    const { spec } = this;
+    const vol = (ref: VolRef): Volume => {
+      const v = this.volumes.get(ref.vol);
+      if (ref.ss !== spec.id || !v) throw new Error(`pair ${p.name}: ss${ref.ss}/vol${ref.vol} is not a volume of storage system ${spec.id}`);
+      return v;
+    };
+    const master = vol(p.master);
+    const mirrors = p.mirrors.map(vol);
+    master.role = 'master';
+    master.pair = p.name;
+    for (const m of mirrors) {
+      m.role = 'mirror';
+      m.pair = p.name;
+    }
+    const clusters = Math.ceil(master.size / spec.clusterSize);
+    let store: BitmapStore;
+    let loaded: Uint8Array[] | null = null;
+    let initialState: 'PSUS' | undefined;
+    const statePath = spec.dataDir ? path.join(spec.dataDir, 'pairs', `${p.name}.state.json`) : undefined;
+    if (spec.dataDir) {
+      const opened = await FileBitmapStore.open(path.join(spec.dataDir, 'pairs', `${p.name}.bitmap`), {
+        clusterSize: spec.clusterSize,
+        clusters,
+        mirrors: mirrors.length,
+      });
+      store = opened.store;
+      loaded = opened.loaded;
+      if (statePath && fs.existsSync(statePath)) {
+        const saved = JSON.parse(fs.readFileSync(statePath, 'utf8')) as { state?: string };
+        if (saved.state === 'PSUS') initialState = 'PSUS';
+      }
+    } else store = new MemoryBitmapStore(clusters, mirrors.length);
+
+    // Known identical: every volume of the pair was created empty by this start.
+    const identical = master.fresh && mirrors.every((m) => m.fresh);
+    const pair = new Pair({
+      name: p.name,
+      mode: p.mode,
+      clusterSize: spec.clusterSize,
+      master: { ref: p.master, device: master.device },
+      mirrors: mirrors.map((m, i) => ({ ref: p.mirrors[i]!, device: m.device })),
+      store,
+      loaded,
+      identical,
+      initialState,
+      syncRate: p.syncRate,
+      log: this.log,
+      onInvalid: () => this.daemon.wake(),
+      onStateChange: (state) => statePath && saveState(statePath, state),
+    });
+    this.pairs.set(p.name, pair);
+    this.daemon.add(pair);
+    this.log.info({ pair: p.name, mode: p.mode, state: pair.state, invalid: pair.mirrors.map((m) => m.bitmap.invalidCount) }, 'pair ready');
+  }
+
+  private async listen(): Promise<void> {
+    const { spec } = this;
+    this.nbdAddress = await this.nbd.listen({ kind: 'tcp', ...spec.nbd });
+    if (spec.nbdSocket) await this.nbd.listen({ kind: 'unix', path: spec.nbdSocket });
+    this.log.info({ nbd: this.nbdAddress, socket: spec.nbdSocket, volumes: [...this.volumes.keys()].map((v) => `vol${v}`) }, `storage system ${spec.id} serving NBD on ${this.nbdAddress}`);
+  }
+
+  /** The NBD address actually bound (port 0 in the config picks a free port). */
+  get nbdAddr(): string {
+    return this.nbdAddress;
+  }
+
+  report(): SSReport {
+    const c = this.cache?.stats;
+    return {
+      storageSystems: [
+        {
+          id: this.spec.id,
+          nbd: this.nbdAddress,
+          ...(this.spec.nbdSocket ? { nbdSocket: this.spec.nbdSocket } : {}),
+          admin: this.spec.admin ?? '',
+          ...(c && this.spec.cache ? { cache: { size: this.spec.cache.size, dirtyBytes: c.dirtyBytes, usedBytes: c.usedBytes, hits: c.hits, misses: c.misses } } : {}),
+          volumes: [...this.volumes.values()].map((v) => ({
+            id: v.id,
+            export: `vol${v.id}`,
+            size: v.size,
+            role: v.role,
+            ...(v.pair ? { pair: v.pair } : {}),
+            ...v.host!.counters,
+          })),
+        },
+      ],
+      pairs: [...this.pairs.values()].map((p) => p.status()),
+    };
+  }
+
+  private pair(name: string): Pair {
+    const p = this.pairs.get(name);
+    if (!p) throw new PairCommandError(404, `no pair named ${name} in storage system ${this.spec.id}`);
+    return p;
+  }
+
+  async split(name: string): Promise<PairStatus> {
+    const p = this.pair(name);
+    try {
+      await p.split();
+    } catch (e) {
+      if (e instanceof PairStateError) throw new PairCommandError(409, e.message);
+      throw e;
+    }
+    return p.status();
+  }
+
+  async resync(name: string): Promise<PairStatus> {
+    const p = this.pair(name);
+    await p.resync();
+    return p.status();
+  }
+
+  /** Graceful stop: finish NBD requests, stop the daemon, destage the cache, persist bitmaps. */
+  async close(): Promise<void> {
+    await this.nbd.close();
+    await this.daemon.stop();
+    for (const p of this.pairs.values()) await p.close();
+    await this.cache?.close();
+    for (const v of this.volumes.values()) await v.device.close();
+  }
+}
+
+/** Atomic replace with fsync: a crash leaves the old state or the new, never a torn file. */
+function saveState(file: string, state: PairState): void {
+  const tmp = `${file}.tmp`;
+  const fd = fs.openSync(tmp, 'w');
+  try {
+    fs.writeSync(fd, JSON.stringify({ state: state === 'PSUS' ? 'PSUS' : 'ACTIVE' }) + '\n');
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  fs.renameSync(tmp, file);
+}
