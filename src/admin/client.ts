@@ -1,0 +1,130 @@
+// Client side of the admin HTTP API (src/admin/server.ts), on Node's global fetch.
+// Two failures are kept apart, because the CLI reports them differently:
+//   AdminUnreachableError  no HTTP answer at all (refused, unknown host, timeout)
+//   AdminReplyError        an HTTP answer that is an error (404, 409, 500) or not
+//                          the JSON we expect
+import type { PairStatus, SSReport } from '../controller/status.js';
+
+/** Where an admin API listens, and optionally which storage system it is (for messages). */
+export interface AdminEndpoint {
+  host: string;
+  port: number;
+  /** Storage-system id: messages then say "storage system 1 (127.0.0.1:9001)". */
+  ss?: number;
+}
+
+export type PairCommand = 'split' | 'resync';
+
+export class AdminClientError extends Error {
+  override readonly name: string = 'AdminClientError';
+}
+
+export class AdminUnreachableError extends AdminClientError {
+  override readonly name = 'AdminUnreachableError';
+  constructor(
+    message: string,
+    /** errno-style code: ECONNREFUSED, ENOTFOUND, ETIMEDOUT, ... */
+    readonly code: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+export class AdminReplyError extends AdminClientError {
+  override readonly name = 'AdminReplyError';
+  constructor(
+    message: string,
+    /** HTTP status of the reply. */
+    readonly status: number,
+    /** The server's `error` text, when it sent one. */
+    readonly serverMessage?: string,
+  ) {
+    super(message);
+  }
+}
+
+/** GET /api/status. */
+export async function getStatus(addr: AdminEndpoint | string, timeoutMs: number): Promise<SSReport> {
+  const ep = toEndpoint(addr);
+  const body = await request(ep, 'GET', '/api/status', timeoutMs, '');
+  if (!isObject(body) || !Array.isArray(body.storageSystems) || !Array.isArray(body.pairs)) {
+    throw new AdminReplyError(`${describe(ep)} sent a status report without storageSystems and pairs`, 200);
+  }
+  return body as unknown as SSReport;
+}
+
+/** POST /api/pairs/NAME/split or /resync; resolves with the pair's status after the command. */
+export async function pairCommand(addr: AdminEndpoint | string, name: string, command: PairCommand, timeoutMs: number): Promise<PairStatus> {
+  const ep = toEndpoint(addr);
+  const op = `${command} ${name}: `;
+  const body = await request(ep, 'POST', `/api/pairs/${encodeURIComponent(name)}/${command}`, timeoutMs, op);
+  if (!isObject(body) || !isObject(body.pair) || typeof body.pair.state !== 'string') {
+    throw new AdminReplyError(`${op}${describe(ep)} sent a reply without the pair's status`, 200);
+  }
+  return body.pair as unknown as PairStatus;
+}
+
+/** "storage system 1 (127.0.0.1:9001)" or "admin API at 127.0.0.1:9001". */
+export function describe(ep: AdminEndpoint): string {
+  const hp = hostPort(ep);
+  return ep.ss === undefined ? `admin API at ${hp}` : `storage system ${ep.ss} (${hp})`;
+}
+
+async function request(ep: AdminEndpoint, method: 'GET' | 'POST', path: string, timeoutMs: number, op: string): Promise<unknown> {
+  const url = `http://${hostPort(ep)}${path}`;
+  // One signal for the whole exchange: a server that accepts and then never
+  // finishes the body times out the same as one that never answers.
+  const signal = AbortSignal.timeout(timeoutMs);
+  let text: string;
+  let res: Response;
+  try {
+    res = await fetch(url, { method, signal, headers: { accept: 'application/json' } });
+    text = await res.text();
+  } catch (e) {
+    const [code, why] = networkCause(e, timeoutMs);
+    throw new AdminUnreachableError(`${op}${describe(ep)} is not reachable: ${why}`, code, { cause: e });
+  }
+  let body: unknown;
+  try {
+    body = text === '' ? undefined : JSON.parse(text);
+  } catch {
+    body = undefined;
+  }
+  if (!res.ok) {
+    const serverMessage = isObject(body) && typeof body.error === 'string' ? body.error : undefined;
+    const what = serverMessage ?? (text.trim().split('\n')[0]?.slice(0, 200) || res.statusText);
+    throw new AdminReplyError(`${op}${describe(ep)} replied ${res.status}: ${what}`, res.status, serverMessage);
+  }
+  if (body === undefined) throw new AdminReplyError(`${op}${describe(ep)} sent a reply that is not JSON`, res.status);
+  return body;
+}
+
+/** [code, short reason] of a fetch that got no HTTP answer. */
+function networkCause(e: unknown, timeoutMs: number): [string, string] {
+  const err = e as Error & { cause?: unknown };
+  if (err?.name === 'TimeoutError' || err?.name === 'AbortError') return ['ETIMEDOUT', `no answer within ${timeoutMs} ms`];
+  // fetch wraps the socket error: TypeError('fetch failed', { cause }). With
+  // several addresses to try (localhost: ::1 and 127.0.0.1) the cause is an
+  // AggregateError that carries the code but no syscall.
+  const cause = (err?.cause ?? err) as NodeJS.ErrnoException & { errors?: NodeJS.ErrnoException[] };
+  const code = cause?.code ?? 'EIO';
+  const syscall = cause?.syscall ?? cause?.errors?.[0]?.syscall;
+  if (cause?.code !== undefined && syscall !== undefined) return [code, `${syscall} ${cause.code}`];
+  return [code, (cause?.message || err?.message || String(e)).replace(/\s*\n\s*/g, ' ')];
+}
+
+function toEndpoint(addr: AdminEndpoint | string): AdminEndpoint {
+  if (typeof addr !== 'string') return addr;
+  const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d+)$/.exec(addr);
+  if (!m) throw new TypeError(`invalid admin address "${addr}" (expected HOST:PORT)`);
+  return { host: m[1] ?? m[2]!, port: Number(m[3]) };
+}
+
+function hostPort(ep: AdminEndpoint): string {
+  return ep.host.includes(':') ? `[${ep.host}]:${ep.port}` : `${ep.host}:${ep.port}`;
+}
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}

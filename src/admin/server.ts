@@ -1,0 +1,158 @@
+// The admin HTTP API of one storage system: status and pair commands over JSON.
+// Routes (docs/admin-api.md has the request and reply shapes):
+//
+//   GET  /api/status              SSReport
+//   GET  /api/pairs/:name         PairStatus                   404 unknown pair
+//   POST /api/pairs/:name/split   { pair: PairStatus }         404 unknown pair, 409 refused
+//   POST /api/pairs/:name/resync  { pair: PairStatus }         404 unknown pair, 409 refused
+//   GET  /healthz                 { ok: true }
+//
+// Every error reply, whoever raised it (router, body parser, target), is
+// `{ "error": "<one line>" }` with a 4xx or 5xx status: the client and the CLI
+// print that line as is.
+import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import type { Logger } from 'pino';
+import { PairCommandError, type AdminTarget, type PairStatus } from '../controller/status.js';
+
+export interface AdminServerOptions {
+  host: string;
+  port: number;
+  log: Logger;
+}
+
+export interface AdminServer {
+  /** "host:port" actually bound (the port is real when 0 was asked for). */
+  address: string;
+  close(): Promise<void>;
+}
+
+/** Methods fastify can route; a known path asked with any other one gets 405. */
+const METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'] as const;
+type Method = (typeof METHODS)[number];
+
+interface NameParams {
+  name: string;
+}
+
+export async function startAdminServer(target: AdminTarget, opts: AdminServerOptions): Promise<AdminServer> {
+  const log = opts.log;
+  const app = buildApp(target, log);
+  try {
+    await app.listen({ host: opts.host, port: opts.port });
+  } catch (e) {
+    await app.close().catch(() => {});
+    throw new Error(`admin API: cannot listen on ${formatHostPort(opts.host, opts.port)}: ${(e as Error).message}`, { cause: e });
+  }
+  const bound = app.server.address();
+  const address = bound !== null && typeof bound === 'object' ? formatHostPort(bound.address, bound.port) : String(bound);
+  log.info({ admin: address }, `admin API listening on http://${address}/`);
+  return {
+    address,
+    close: async () => {
+      await app.close();
+    },
+  };
+}
+
+/** The fastify instance without a listener; tests may `inject()` into it. */
+export function buildApp(target: AdminTarget, log: Logger): FastifyInstance {
+  const app = Fastify({
+    // Our own logger does the request lines, at debug: an admin poll every
+    // second must not fill the log at info.
+    logger: false,
+    // Nothing here takes a body bigger than a few bytes.
+    bodyLimit: 64 * 1024,
+    // Idle keep-alive connections (fetch keeps them) must not hold close() up.
+    forceCloseConnections: 'idle',
+    return503OnClosing: true,
+    routerOptions: { ignoreTrailingSlash: true, maxParamLength: 512 },
+    // Only FST_ERR_BAD_URL (a path that does not percent-decode) comes here today.
+    frameworkErrors: (error, _req, reply) => {
+      void (reply as unknown as FastifyReply).code(error.statusCode ?? 400).send({ error: errorLine(error) });
+    },
+  });
+
+  app.addHook('onResponse', (req, reply, done) => {
+    log.debug({ method: req.method, url: req.url, status: reply.statusCode, ms: Math.round(reply.elapsedTime * 10) / 10 }, 'admin request');
+    done();
+  });
+
+  // The routes take no body, but a client may send `{}` or an empty body with
+  // a JSON content type; anything else that claims to be JSON must parse.
+  app.removeContentTypeParser('application/json');
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, (_req, body, done) => {
+    const text = (body as string).trim();
+    if (text === '') return done(null, undefined);
+    try {
+      done(null, JSON.parse(text));
+    } catch (e) {
+      done(httpError(400, `malformed JSON body: ${(e as Error).message}`), undefined);
+    }
+  });
+
+  app.setErrorHandler((err: FastifyError | Error, req: FastifyRequest, reply: FastifyReply) => {
+    if (err instanceof PairCommandError) return reply.code(err.status).send({ error: err.message });
+    const status = (err as FastifyError).statusCode;
+    if (status !== undefined && status >= 400 && status < 500) return reply.code(status).send({ error: errorLine(err) });
+    log.error({ err, method: req.method, url: req.url }, `admin API: ${req.method} ${req.url} failed: ${err.message}`);
+    return reply.code(status !== undefined && status >= 500 && status < 600 ? status : 500).send({ error: errorLine(err) });
+  });
+
+  app.setNotFoundHandler((req, reply) => reply.code(404).send({ error: `no route ${req.method} ${pathOf(req.url)}` }));
+
+  route(app, 'GET', '/healthz', async () => ({ ok: true }));
+
+  route(app, 'GET', '/api/status', async () => target.report());
+
+  route(app, 'GET', '/api/pairs/:name', async (req) => findPair(target, (req.params as NameParams).name));
+
+  route(app, 'POST', '/api/pairs/:name/split', async (req): Promise<{ pair: PairStatus }> => ({
+    pair: await target.split((req.params as NameParams).name),
+  }));
+
+  route(app, 'POST', '/api/pairs/:name/resync', async (req): Promise<{ pair: PairStatus }> => ({
+    pair: await target.resync((req.params as NameParams).name),
+  }));
+
+  return app;
+}
+
+/** Registers `method url` and a 405 with Allow for every other method on the same path. */
+function route(app: FastifyInstance, method: Method, url: string, handler: (req: FastifyRequest) => Promise<unknown>): void {
+  app.route({ method, url, handler: async (req) => handler(req) });
+  const allowed: Method[] = method === 'GET' ? ['GET', 'HEAD'] : [method];
+  const others = METHODS.filter((m) => !allowed.includes(m));
+  app.route({
+    method: others,
+    url,
+    handler: async (req, reply) =>
+      reply
+        .code(405)
+        .header('allow', allowed.join(', '))
+        .send({ error: `method ${req.method} not allowed on ${pathOf(req.url)} (use ${method})` }),
+  });
+}
+
+function findPair(target: AdminTarget, name: string): PairStatus {
+  const pair = target.report().pairs.find((p) => p.name === name);
+  if (pair === undefined) throw new PairCommandError(404, `no pair named "${name}"`);
+  return pair;
+}
+
+function httpError(statusCode: number, message: string): FastifyError {
+  return Object.assign(new Error(message), { statusCode, code: 'BM_ADMIN_BAD_REQUEST', name: 'AdminRequestError' }) as FastifyError;
+}
+
+/** The error text on one line (fastify's own messages and JSON.parse's are single-line already). */
+function errorLine(err: Error): string {
+  return (err.message || err.name || 'error').replace(/\s*\n\s*/g, ' ');
+}
+
+function pathOf(url: string): string {
+  const q = url.indexOf('?');
+  return q < 0 ? url : url.slice(0, q);
+}
+
+function formatHostPort(host: string, port: number): string {
+  return host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
+}

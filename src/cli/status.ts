@@ -1,0 +1,221 @@
+// `blockmirror status -c FILE [--json]`: ask every storage system's admin API,
+// merge the answers into one cluster view, print it.
+import type { Command } from 'commander';
+import { getStatus, type AdminEndpoint } from '../admin/client.js';
+import { ConfigError, loadConfig, type ClusterConfig, type StorageSystemConfig } from '../cluster/config.js';
+import type { PairStatus, SSReport, StorageSystemStatus } from '../controller/status.js';
+import { UsageError } from './errors.js';
+
+export const DEFAULT_STATUS_TIMEOUT_MS = 3000;
+
+export type ReachableSS = StorageSystemStatus & { reachable: true };
+export interface UnreachableSS {
+  id: number;
+  reachable: false;
+  /** One line, e.g. "storage system 2 (127.0.0.1:9002) is not reachable: connect ECONNREFUSED". */
+  error: string;
+}
+
+/** `blockmirror status --json`. */
+export interface ClusterStatus {
+  storageSystems: (ReachableSS | UnreachableSS)[];
+  pairs: PairStatus[];
+}
+
+interface StatusOptions {
+  config: string;
+  json?: boolean;
+  timeout: string;
+}
+
+export function registerStatusCommand(program: Command): void {
+  program
+    .command('status')
+    .description('show every storage system, volume and pair of a cluster (asks each admin API)')
+    .requiredOption('-c, --config <file>', 'cluster configuration (YAML)')
+    .option('--json', 'print the merged status as JSON on stdout')
+    .option('--timeout <ms>', 'how long to wait for each storage system', String(DEFAULT_STATUS_TIMEOUT_MS))
+    .action(async (opts: StatusOptions) => {
+      const config = loadConfigOrUsage(opts.config);
+      const status = await collectStatus(config, parseTimeout(opts.timeout));
+      process.stdout.write(opts.json ? `${JSON.stringify(status, null, 2)}\n` : renderStatus(status));
+      // Still printed what is known; the exit code says something was missing.
+      if (status.storageSystems.some((s) => !s.reachable)) process.exitCode = 1;
+    });
+}
+
+/** loadConfig, with every failure turned into a one-line usage error (exit 2). */
+export function loadConfigOrUsage(path: string): ClusterConfig {
+  try {
+    return loadConfig(path);
+  } catch (e) {
+    if (e instanceof ConfigError) throw new UsageError(e.message);
+    throw new UsageError(`${path}: ${(e as Error).message}`);
+  }
+}
+
+/** Where to reach a storage system's admin API; throws when the file leaves the port to the kernel. */
+export function adminEndpoint(ss: StorageSystemConfig): AdminEndpoint {
+  if (ss.admin.port === 0) {
+    throw new Error(`storage system ${ss.id}: admin port is 0 in the configuration (any free port), so its address is not known`);
+  }
+  return { ss: ss.id, host: ss.admin.host, port: ss.admin.port };
+}
+
+export function parseTimeout(text: string): number {
+  const ms = Number(text);
+  if (!Number.isInteger(ms) || ms <= 0) throw new UsageError(`invalid --timeout "${text}" (expected milliseconds, e.g. 3000)`);
+  return ms;
+}
+
+/** Asks every storage system in parallel and merges the reports; never throws for an unreachable one. */
+export async function collectStatus(config: ClusterConfig, timeoutMs: number): Promise<ClusterStatus> {
+  const answers = await Promise.all(
+    config.storageSystems.map(async (ss) => {
+      try {
+        return { id: ss.id, report: await getStatus(adminEndpoint(ss), timeoutMs) };
+      } catch (e) {
+        return { id: ss.id, error: (e as Error).message };
+      }
+    }),
+  );
+  return mergeReports(config, answers);
+}
+
+/**
+ * One entry per configured storage system, in configuration order. A pair is
+ * reported once, by the storage system holding its master (the one that runs
+ * the pair); when that one is unreachable, by whichever mirror side answered.
+ */
+export function mergeReports(config: ClusterConfig, answers: { id: number; report?: SSReport; error?: string }[]): ClusterStatus {
+  const storageSystems: ClusterStatus['storageSystems'] = [];
+  const byId = new Map<number, SSReport>();
+  for (const a of answers) {
+    if (a.report === undefined) {
+      storageSystems.push({ id: a.id, reachable: false, error: a.error ?? 'no answer' });
+      continue;
+    }
+    byId.set(a.id, a.report);
+    // A report describes its own storage system; take that one, or all if it says more.
+    const own = a.report.storageSystems.filter((s) => s.id === a.id);
+    for (const s of own.length > 0 ? own : a.report.storageSystems) storageSystems.push({ ...s, reachable: true });
+  }
+
+  const masterOf = new Map(config.pairs.map((p) => [p.name, p.master.ss]));
+  const pairs = new Map<string, PairStatus>();
+  const fromMaster = new Set<string>();
+  for (const [ssId, report] of byId) {
+    for (const p of report.pairs) {
+      const isMaster = (masterOf.get(p.name) ?? p.master.ss) === ssId;
+      if (isMaster && !fromMaster.has(p.name)) {
+        pairs.set(p.name, p);
+        fromMaster.add(p.name);
+      } else if (!pairs.has(p.name)) pairs.set(p.name, p);
+    }
+  }
+  // Configuration order first, then anything the systems know that the file does not.
+  const order = [...config.pairs.map((p) => p.name), ...[...pairs.keys()].filter((n) => !masterOf.has(n))];
+  return { storageSystems, pairs: order.filter((n) => pairs.has(n)).map((n) => pairs.get(n)!) };
+}
+
+// ---------------------------------------------------------------------------
+// The human-readable form.
+
+export function renderStatus(status: ClusterStatus): string {
+  const out: string[] = [];
+
+  out.push('STORAGE SYSTEMS');
+  out.push(
+    ...table(
+      ['SS', 'NBD', 'ADMIN', 'CACHE'],
+      status.storageSystems.map((s) =>
+        s.reachable
+          ? [String(s.id), s.nbdSocket ? `${s.nbd} ${s.nbdSocket}` : s.nbd, s.admin, cacheText(s.cache)]
+          : [String(s.id), 'UNREACHABLE', '', ''],
+      ),
+      'llll',
+    ),
+  );
+  for (const s of status.storageSystems) if (!s.reachable) out.push(`  ${s.error}`);
+
+  const volumes = status.storageSystems.flatMap((s) => (s.reachable ? s.volumes.map((v) => ({ ss: s.id, v })) : []));
+  out.push('', 'VOLUMES');
+  if (volumes.length === 0) out.push('  (none known)');
+  else {
+    out.push(
+      ...table(
+        ['SS', 'VOL', 'EXPORT', 'SIZE', 'ROLE', 'PAIR', 'READ', 'WRITTEN', 'READS', 'WRITES'],
+        volumes.map(({ ss, v }) => [
+          String(ss),
+          String(v.id),
+          v.export,
+          humanBytes(v.size),
+          v.role,
+          v.pair ?? '-',
+          humanBytes(v.readBytes),
+          humanBytes(v.writeBytes),
+          String(v.readOps),
+          String(v.writeOps),
+        ]),
+        'rrlrllrrrr',
+      ),
+    );
+  }
+
+  out.push('', 'PAIRS');
+  if (status.pairs.length === 0) out.push('  (none known)');
+  else {
+    const rows: string[][] = [];
+    for (const p of status.pairs) {
+      const first = [p.name, p.mode, p.state, volRef(p.master)];
+      if (p.mirrors.length === 0) rows.push([...first, '-', '', '', '']);
+      p.mirrors.forEach((m, i) => {
+        const lead = i === 0 ? first : ['', '', '', ''];
+        rows.push([...lead, volRef(m), String(m.invalidClusters), percent(m.syncProgress), humanBytes(m.copiedBytes)]);
+      });
+    }
+    out.push(...table(['PAIR', 'MODE', 'STATE', 'MASTER', 'MIRROR', 'INVALID', 'SYNCED', 'COPIED'], rows, 'lllllrrr'));
+    for (const p of status.pairs) if (p.error) out.push(`  ${p.name}: ${p.state}: ${p.error}`);
+  }
+  return `${out.join('\n')}\n`;
+}
+
+function cacheText(cache: StorageSystemStatus['cache']): string {
+  if (cache === undefined) return 'none';
+  const lookups = cache.hits + cache.misses;
+  const hitRate = lookups === 0 ? '-' : percent(cache.hits / lookups);
+  return `${humanBytes(cache.size)} (used ${humanBytes(cache.usedBytes)}, dirty ${humanBytes(cache.dirtyBytes)}, hits ${hitRate})`;
+}
+
+function volRef(r: { ss: number; vol: number }): string {
+  return `${r.ss}:${r.vol}`;
+}
+
+/** Rounded down to 0.1 %, so that "100.0%" only ever means in sync. */
+export function percent(fraction: number): string {
+  return `${(Math.floor(fraction * 1000) / 10).toFixed(1)}%`;
+}
+
+/** 512B, 64KiB, 1.5GiB: binary units, one decimal when not exact. */
+export function humanBytes(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+  let v = bytes;
+  let i = 0;
+  // 1023.96 would print as "1024.0"; go up a unit before rounding can get there.
+  while (v >= 1023.95 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return Number.isInteger(v) ? `${v}${units[i]}` : `${v.toFixed(1)}${units[i]}`;
+}
+
+/** Two-space indented columns; align is one letter per column, l or r. */
+function table(headers: string[], rows: string[][], align: string): string[] {
+  const widths = headers.map((h, c) => Math.max(h.length, ...rows.map((r) => (r[c] ?? '').length)));
+  const line = (cells: string[]) =>
+    `  ${cells
+      .map((cell, c) => (align[c] === 'r' ? cell.padStart(widths[c]!) : cell.padEnd(widths[c]!)))
+      .join('  ')
+      .trimEnd()}`;
+  return [line(headers), ...rows.map(line)];
+}
