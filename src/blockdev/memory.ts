@@ -1,21 +1,34 @@
-// Sparse in-memory block device. Storage is a map of 4 KiB pages: a page
-// exists only once something non-trimmed was written into it, so untouched
-// regions cost nothing, read as zeroes and report as holes.
+// Sparse in-memory block device. Data lives in 4 KiB pages that exist only
+// once something was written into them, so untouched regions cost nothing,
+// read as zeroes and report as holes.
+//
+// Pages are slots in 1 MiB slabs, and the page table maps a page index to a
+// slot number: no JS object per page. That keeps the garbage collector's
+// work independent of how much is stored, and first-touch writes cheap.
+// Pages written in order get consecutive slots, so sequential I/O copies
+// whole runs of pages at once.
+//
+//   slot = slab * PAGES_PER_SLAB + index in slab      (freed slots are reused)
 //
 // 4 KiB pages keep memory proportional to what was written even for random
-// 4k writes across a large export (64 KiB pages would cost 16x for those).
-import { BlockDeviceError, type BlockDevice, type Extent, type ZeroOptions } from './types.js';
+// 4k writes across a large export.
+import { BlockDeviceError, type BlockDevice, type Extent, type Payload, type ZeroOptions } from './types.js';
 import { State } from '../protocol/constants.js';
 
 const PAGE_SHIFT = 12;
 const PAGE = 1 << PAGE_SHIFT;
+const SLAB_SHIFT = 8; // 256 pages = 1 MiB per slab
+const PAGES_PER_SLAB = 1 << SLAB_SHIFT;
 const MAX_EXTENTS = 1 << 16;
 const HOLE = State.HOLE | State.ZERO;
 
 export class MemoryDevice implements BlockDevice {
   readonly multiConnSafe = true; // one store shared by every connection, no cache
   readonly fastZero = true;
-  private readonly pages = new Map<number, Buffer>();
+  private readonly table = new Map<number, number>();
+  private readonly slabs: Buffer[] = [];
+  private readonly freeSlots: number[] = [];
+  private nextSlot = 0;
 
   constructor(
     readonly size: number,
@@ -24,14 +37,14 @@ export class MemoryDevice implements BlockDevice {
 
   /** Bytes of page storage in use (for tests and stats). */
   get allocatedBytes(): number {
-    return this.pages.size * PAGE;
+    return this.table.size * PAGE;
   }
 
   async read(offset: number, dest: Buffer): Promise<void> {
     this.readSync(offset, dest);
   }
 
-  /** Synchronous read: the memory device never waits, and the server's hot path may use this directly. */
+  /** Synchronous read: the memory device never waits. */
   readSync(offset: number, dest: Buffer): void {
     let done = 0;
     const n = dest.length;
@@ -39,19 +52,42 @@ export class MemoryDevice implements BlockDevice {
       const pos = offset + done;
       const pi = Math.floor(pos / PAGE);
       const inPage = pos - pi * PAGE;
-      const k = Math.min(PAGE - inPage, n - done);
-      const page = this.pages.get(pi);
-      if (page) page.copy(dest, done, inPage, inPage + k);
-      else dest.fill(0, done, done + k);
+      const slot = this.table.get(pi);
+      if (slot === undefined) {
+        // A run of missing pages reads as zeroes in one fill.
+        let end = (pi + 1) * PAGE;
+        while (end < offset + n && !this.table.has(end / PAGE)) end += PAGE;
+        const k = Math.min(end - pos, n - done);
+        dest.fill(0, done, done + k);
+        done += k;
+        continue;
+      }
+      const k = Math.min(this.runBytes(pi, slot, offset + n) - inPage, n - done);
+      const slab = this.slabs[slot >>> SLAB_SHIFT]!;
+      const at = ((slot & (PAGES_PER_SLAB - 1)) << PAGE_SHIFT) + inPage;
+      slab.copy(dest, done, at, at + k);
       done += k;
     }
   }
 
-  async write(offset: number, data: Buffer | readonly Buffer[]): Promise<void> {
+  /** Bytes from the start of page pi that sit contiguously in one slab (up to byte `limit` of the device). */
+  private runBytes(pi: number, slot: number, limit: number): number {
+    let len = PAGE;
+    let p = pi + 1;
+    let s = slot + 1;
+    while (p * PAGE < limit && (s & (PAGES_PER_SLAB - 1)) !== 0 && this.table.get(p) === s) {
+      len += PAGE;
+      p++;
+      s++;
+    }
+    return len;
+  }
+
+  async write(offset: number, data: Payload): Promise<void> {
     this.writeSync(offset, data);
   }
 
-  writeSync(offset: number, data: Buffer | readonly Buffer[]): void {
+  writeSync(offset: number, data: Payload): void {
     if (this.readOnly) throw new BlockDeviceError('EPERM', 'write: read-only device');
     if (Buffer.isBuffer(data)) {
       this.writePiece(offset, data);
@@ -71,16 +107,30 @@ export class MemoryDevice implements BlockDevice {
       const pos = offset + done;
       const pi = Math.floor(pos / PAGE);
       const inPage = pos - pi * PAGE;
-      const k = Math.min(PAGE - inPage, n - done);
-      let page = this.pages.get(pi);
-      if (!page) {
-        // A whole-page write needs no zero fill; a partial one does.
-        page = k === PAGE ? Buffer.allocUnsafeSlow(PAGE) : Buffer.alloc(PAGE);
-        this.pages.set(pi, page);
-      }
-      data.copy(page, inPage, done, done + k);
+      let slot = this.table.get(pi);
+      // A whole-page write needs no zero fill; a partial one into a new page does.
+      if (slot === undefined) slot = this.allocate(pi, inPage !== 0 || n - done < PAGE);
+      const k = Math.min(this.runBytes(pi, slot, offset + n) - inPage, n - done);
+      const slab = this.slabs[slot >>> SLAB_SHIFT]!;
+      data.copy(slab, ((slot & (PAGES_PER_SLAB - 1)) << PAGE_SHIFT) + inPage, done, done + k);
       done += k;
     }
+  }
+
+  private allocate(pi: number, zeroFill: boolean): number {
+    let slot = this.freeSlots.pop();
+    if (slot === undefined) {
+      slot = this.nextSlot++;
+      if ((slot & (PAGES_PER_SLAB - 1)) === 0) this.slabs.push(Buffer.allocUnsafeSlow(PAGES_PER_SLAB * PAGE));
+    }
+    if (zeroFill) this.slotBytes(slot).fill(0);
+    this.table.set(pi, slot);
+    return slot;
+  }
+
+  private slotBytes(slot: number): Buffer {
+    const at = (slot & (PAGES_PER_SLAB - 1)) << PAGE_SHIFT;
+    return this.slabs[slot >>> SLAB_SHIFT]!.subarray(at, at + PAGE);
   }
 
   async flush(): Promise<void> {}
@@ -101,10 +151,12 @@ export class MemoryDevice implements BlockDevice {
       const pi = Math.floor(pos / PAGE);
       const inPage = pos - pi * PAGE;
       const k = Math.min(PAGE - inPage, end - pos);
-      const page = this.pages.get(pi);
-      if (k === PAGE && !keepAllocated) this.pages.delete(pi);
-      else if (page) page.fill(0, inPage, inPage + k);
-      else if (keepAllocated) this.pages.set(pi, Buffer.alloc(PAGE));
+      const slot = this.table.get(pi);
+      if (slot !== undefined && k === PAGE && !keepAllocated) {
+        this.table.delete(pi);
+        this.freeSlots.push(slot);
+      } else if (slot !== undefined) this.slotBytes(slot).fill(0, inPage, inPage + k);
+      else if (keepAllocated) this.allocate(pi, true);
       pos += k;
     }
   }
@@ -116,7 +168,7 @@ export class MemoryDevice implements BlockDevice {
     while (pos < end && out.length < MAX_EXTENTS) {
       const pi = Math.floor(pos / PAGE);
       const k = Math.min((pi + 1) * PAGE, end) - pos;
-      const flags = this.pages.has(pi) ? 0 : HOLE;
+      const flags = this.table.has(pi) ? 0 : HOLE;
       const last = out[out.length - 1];
       if (last && last.flags === flags) last.length += k;
       else out.push({ length: k, flags });
@@ -126,6 +178,8 @@ export class MemoryDevice implements BlockDevice {
   }
 
   async close(): Promise<void> {
-    this.pages.clear();
+    this.table.clear();
+    this.slabs.length = 0;
+    this.freeSlots.length = 0;
   }
 }

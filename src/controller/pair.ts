@@ -49,6 +49,8 @@ export interface PairOptions {
   log: Logger;
   /** Called when clusters become Invalid (wakes the sync daemon). */
   onInvalid?: () => void;
+  /** Called on every host write (the sync daemon yields to host I/O). */
+  onHostWrite?: () => void;
   /** Called after a state change (persisted by the storage system). */
   onStateChange?: (state: PairState) => void;
   /** How long after the last write the cleaner clears on-disk bits. */
@@ -132,6 +134,7 @@ export class Pair {
   async hostWrite(offset: number, length: number, fua: boolean, apply: (dev: BlockDevice) => Promise<void>): Promise<void> {
     if (this.gate) await this.gate;
     const [first, last] = clusterRange(offset, length, this.clusterSize);
+    this.opts.onHostWrite?.();
     this.begin(first, last);
     try {
       if (this.mode === 'async' || !this.replicating) {

@@ -83,7 +83,7 @@ export class StorageSystem implements AdminTarget {
   private async open(): Promise<void> {
     const { spec } = this;
     if (spec.dataDir) fs.mkdirSync(path.join(spec.dataDir, 'pairs'), { recursive: true });
-    if (spec.cache) this.cache = new CacheMemory({ size: spec.cache.size, log: this.log });
+    if (spec.cache) this.cache = new CacheMemory({ size: spec.cache.size, blockSize: 4096, log: this.log });
 
     for (const v of spec.volumes) {
       let backing: BlockDevice;
@@ -159,6 +159,7 @@ export class StorageSystem implements AdminTarget {
       syncRate: p.syncRate,
       log: this.log,
       onInvalid: () => this.daemon.wake(),
+      onHostWrite: () => this.daemon.noteHostIo(),
       onStateChange: (state) => statePath && saveState(statePath, state),
     });
     this.pairs.set(p.name, pair);

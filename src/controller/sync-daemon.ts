@@ -16,6 +16,12 @@ export interface SyncDaemonOptions {
   maxRun?: number;
   /** Copies in flight at once across all pairs. */
   parallel?: number;
+  /**
+   * While hosts are writing (a write within this many ms), copy one run at a
+   * time with a pause between runs, so foreground I/O keeps priority (as md's
+   * speed_limit_min/max do for a resync).
+   */
+  foregroundWindowMs?: number;
 }
 
 interface Job {
@@ -40,10 +46,22 @@ export class SyncDaemon {
   private readonly busy = new Map<string, Set<number>>();
   private retryTimer: NodeJS.Timeout | null = null;
   private rr = 0;
+  private lastHostIo = -Infinity;
+  private readonly fgWindow: number;
 
   constructor(private readonly opts: SyncDaemonOptions) {
     this.maxRun = opts.maxRun ?? 4 * 1024 * 1024;
     this.parallel = opts.parallel ?? 4;
+    this.fgWindow = opts.foregroundWindowMs ?? 50;
+  }
+
+  /** A host wrote to a pair: the daemon steps back for a while. */
+  noteHostIo(): void {
+    this.lastHostIo = performance.now();
+  }
+
+  private get foregroundBusy(): boolean {
+    return performance.now() - this.lastHostIo < this.fgWindow;
   }
 
   add(pair: Pair): void {
@@ -97,13 +115,17 @@ export class SyncDaemon {
 
   private fill(): void {
     if (this.stopped || this.paused) return;
-    while (this.running < this.parallel) {
+    const busy = this.foregroundBusy;
+    const limit = busy ? 1 : this.parallel;
+    while (this.running < limit) {
       const job = this.nextJob(false);
       if (!job) break;
       this.running++;
       void this.copy(job).finally(() => {
         this.running--;
-        this.fill();
+        // Under host load, leave the event loop to host requests between runs.
+        if (this.foregroundBusy) this.retryLater(1);
+        else this.fill();
       });
     }
     if (this.running === 0) {

@@ -30,6 +30,7 @@ import {
 } from '../protocol/server-codec.js';
 import type { BlockDevice, Extent } from '../blockdev/types.js';
 import { nbdErrorFor } from './errors.js';
+import { replyBuffers } from './buffer-pool.js';
 import { BASE_ALLOCATION_ID, allowedFlags, type Negotiated } from './handshake.js';
 
 /** Pause reading when this much reply data is queued or this many requests are in flight. */
@@ -233,7 +234,7 @@ export class Connection {
     const { length } = req;
     // Header and data in one buffer: the device fills it in place, and it goes out as one write.
     const hdr = this.sr ? CHUNK_HEADER_SIZE + 8 : SIMPLE_REPLY_SIZE;
-    const buf = Buffer.allocUnsafe(hdr + length);
+    const buf = replyBuffers.get(hdr + length);
     if (this.sr) {
       writeChunkHeader(buf, 0, ReplyFlag.DONE, ReplyType.OFFSET_DATA, req.cookie, 8 + length);
       buf.writeUInt32BE(Math.floor(req.offset / 2 ** 32), CHUNK_HEADER_SIZE);
@@ -248,10 +249,11 @@ export class Connection {
           this.stats.readOps++;
           this.stats.readBytes += length;
         }
-        this.send(buf);
+        this.send(buf, true);
         this.end(length);
       },
       (err) => {
+        replyBuffers.put(buf);
         this.replyError(req, nbdErrorFor(err, req.flags), errMessage(err));
         this.end(length);
       },
@@ -307,15 +309,23 @@ export class Connection {
     this.send(this.sr ? encodeErrorChunk(req.cookie, errno, message) : encodeSimpleReply(errno, req.cookie));
   }
 
-  /** Queue a reply; replies finished in one event-loop turn leave in one syscall. */
-  private send(buf: Buffer): void {
-    if (this.closed || this.socket.destroyed) return;
+  /**
+   * Queue a reply. Replies finished in the same tick (all the requests of one
+   * received chunk, for a memory device) leave in one writev. A pooled READ
+   * buffer goes back to the pool once the kernel has it.
+   */
+  private send(buf: Buffer, pooled = false): void {
+    if (this.closed || this.socket.destroyed) {
+      if (pooled) replyBuffers.put(buf);
+      return;
+    }
     if (!this.corked) {
       this.corked = true;
       this.socket.cork();
-      setImmediate(this.uncork);
+      process.nextTick(this.uncork);
     }
-    this.socket.write(buf);
+    if (pooled) this.socket.write(buf, () => replyBuffers.put(buf));
+    else this.socket.write(buf);
   }
 
   private readonly uncork = (): void => {
