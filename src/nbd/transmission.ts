@@ -30,7 +30,7 @@ import {
 } from '../protocol/server-codec.js';
 import type { BlockDevice, Extent } from '../blockdev/types.js';
 import { nbdErrorFor } from './errors.js';
-import { replyBuffers } from './buffer-pool.js';
+import { ioBuffers as replyBuffers } from '../util/buffer-pool.js';
 import { BASE_ALLOCATION_ID, allowedFlags, type Negotiated } from './handshake.js';
 
 /** Pause reading when this much reply data is queued or this many requests are in flight. */

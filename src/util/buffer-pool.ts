@@ -1,4 +1,4 @@
-// Reply buffers for READ, reused once the socket has handed them to the
+// I/O buffers (READ replies, sync-daemon copies), reused once the socket has handed them to the
 // kernel. A fresh 1 MiB ArrayBuffer per read costs an mmap, page faults and
 // external-memory pressure on the garbage collector; a recycled one costs a
 // pop() from a free list.
@@ -45,5 +45,5 @@ function classOf(n: number): number {
   return c > MAX_SHIFT ? -1 : c;
 }
 
-/** One pool per process: every connection shares it. */
-export const replyBuffers = new BufferPool();
+/** One pool per process: NBD replies and sync-daemon copies share it. */
+export const ioBuffers = new BufferPool();
