@@ -2,9 +2,7 @@
 // file, each with its NBD exports and its admin API, until SIGTERM/SIGINT.
 import type { Command } from 'commander';
 import type { Logger } from 'pino';
-import { startAdminServer, type AdminServer } from '../admin/server.js';
-import { ConfigError, loadConfig } from '../cluster/config.js';
-import { ClusterError, selectIds, startStorageSystems } from '../cluster/cluster.js';
+import type { AdminServer } from '../admin/server.js';
 import type { StorageSystem } from '../controller/storage-system.js';
 import { createLogger } from '../util/log.js';
 import { UsageError } from './errors.js';
@@ -29,6 +27,12 @@ export function parseOnly(text: string): number[] {
 }
 
 async function up(opts: { config: string; only?: string }, log: Logger): Promise<void> {
+  // Loaded here, not at the top: `serve` and `--help` need none of the controller, fastify or the YAML stack.
+  const [{ startAdminServer }, { ConfigError, loadConfig }, { ClusterError, selectIds, startStorageSystems }] = await Promise.all([
+    import('../admin/server.js'),
+    import('../cluster/config.js'),
+    import('../cluster/cluster.js'),
+  ]);
   let systems: StorageSystem[] = [];
   const admins: AdminServer[] = [];
   try {
