@@ -120,6 +120,8 @@ export function run(cmd: string, args: string[], opts: { input?: string | Buffer
     const t = setTimeout(() => p.kill('SIGKILL'), opts.timeoutMs ?? 60_000);
     p.once('error', (e) => { clearTimeout(t); reject(e); });
     p.once('close', (code) => { clearTimeout(t); resolve({ code, stdout, stderr }); });
+    // A command that exits before reading its stdin (most do) makes this write fail with EPIPE: harmless.
+    p.stdin.on('error', () => {});
     p.stdin.end(opts.input ?? '');
   });
 }
