@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #ifdef __linux__
@@ -263,12 +264,52 @@ static napi_value zero_range(napi_env env, napi_callback_info info) { return sta
 static napi_value seek_data(napi_env env, napi_callback_info info) { return start(env, info, OP_SEEK_DATA, 3); }
 static napi_value seek_hole(napi_env env, napi_callback_info info) { return start(env, info, OP_SEEK_HOLE, 3); }
 
+// Synchronous I/O that never waits for a disk: preadv2/pwritev2 with
+// RWF_NOWAIT succeed only when the page cache can serve them at once, and
+// fail with EAGAIN otherwise (then the caller goes to the thread pool). A
+// page-cache hit done on the event loop costs a syscall; the same hit sent
+// through libuv's pool costs two thread hand-offs.
+//
+// JS: preadNoWait(fd, buffer, position) / pwriteNoWait(fd, buffer, position)
+// -> bytes transferred, or -1 when the call would block or is not supported.
+static napi_value nowait_io(napi_env env, napi_callback_info info, int write) {
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int32_t fd;
+  void *data;
+  size_t len;
+  int64_t pos;
+  napi_value out;
+  if (argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      napi_get_buffer_info(env, argv[1], &data, &len) != napi_ok ||
+      napi_get_value_int64(env, argv[2], &pos) != napi_ok) {
+    napi_throw_type_error(env, NULL, "expected (fd, buffer, position)");
+    return NULL;
+  }
+  ssize_t n = -1;
+#if defined(__linux__) && defined(RWF_NOWAIT)
+  struct iovec iov = {data, len};
+  do {
+    n = write ? pwritev2(fd, &iov, 1, pos, RWF_NOWAIT) : preadv2(fd, &iov, 1, pos, RWF_NOWAIT);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) n = -1; /* EAGAIN, EOPNOTSUPP, anything: let the caller take the slow path, which reports real errors */
+#endif
+  napi_create_int64(env, (int64_t)n, &out);
+  return out;
+}
+
+static napi_value pread_nowait(napi_env env, napi_callback_info info) { return nowait_io(env, info, 0); }
+static napi_value pwrite_nowait(napi_env env, napi_callback_info info) { return nowait_io(env, info, 1); }
+
 NAPI_MODULE_INIT() {
   napi_property_descriptor props[] = {
       {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_enumerable, NULL},
       {"zeroRange", NULL, zero_range, NULL, NULL, NULL, napi_enumerable, NULL},
       {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_enumerable, NULL},
       {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"preadNoWait", NULL, pread_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pwriteNoWait", NULL, pwrite_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -11,7 +11,7 @@
 import fs from 'node:fs';
 import { promisify } from 'node:util';
 import { BlockDeviceError, payloadLength, toBlockDeviceError, type BlockDevice, type Extent, type Payload, type ZeroOptions } from './types.js';
-import { loadSparseAddon, punchHole, seekData, seekHole, zeroRange } from './native.js';
+import { loadSparseAddon, preadNoWait, punchHole, seekData, seekHole, zeroRange } from './native.js';
 
 const fdatasync = promisify(fs.fdatasync);
 const closeFd = promisify(fs.close);
@@ -21,6 +21,10 @@ const DATA = 0;
 /** Upper bound on extents per answer: bounds both the reply size and the number of lseek calls. */
 export const MAX_EXTENTS = 65536;
 const ZERO_CHUNK = 1 << 20;
+/** Largest read tried synchronously from the page cache (a bigger copy would hold the event loop too long). */
+const NOWAIT_MAX = 1024 * 1024;
+/** Largest write done synchronously into the page cache. */
+const SYNC_WRITE_MAX = 64 * 1024;
 
 let zeroChunk: Buffer | undefined;
 
@@ -109,9 +113,14 @@ export class FileDevice implements BlockDevice {
     if (this.closed) return Promise.reject(closedError());
     const total = dest.length;
     if (total === 0) return Promise.resolve();
+    // Page-cache hits are served right here, without two thread hand-offs
+    // through libuv's pool; anything that would wait for the disk goes there.
+    let first = total <= NOWAIT_MAX ? preadNoWait(this.fd, dest, offset) : -1;
+    if (first === total) return Promise.resolve();
+    if (first < 0) first = 0;
     this.inFlight++;
     return new Promise<void>((resolve, reject) => {
-      let done = 0;
+      let done = first;
       const onRead = (err: NodeJS.ErrnoException | null, n: number): void => {
         if (err) return this.settle(reject, toBlockDeviceError(err, 'pread'));
         if (n === 0) {
@@ -124,13 +133,33 @@ export class FileDevice implements BlockDevice {
         if (done < total) fs.read(this.fd, dest, done, total - done, offset + done, onRead);
         else this.settle(resolve);
       };
-      fs.read(this.fd, dest, 0, total, offset, onRead);
+      fs.read(this.fd, dest, done, total - done, offset + done, onRead);
     });
   }
 
   write(offset: number, data: Payload, fua = false): Promise<void> {
     const refused = this.refuseWrite('write');
     if (refused) return refused;
+    if (!fua && payloadLength(data) <= SYNC_WRITE_MAX) {
+      // A small buffered write only copies into the page cache: doing it here
+      // costs one syscall, where the pool costs two thread hand-offs.
+      try {
+        const pieces = Buffer.isBuffer(data) ? [data] : (data as Buffer[]);
+        const total = payloadLength(data);
+        let n = fs.writevSync(this.fd, pieces, offset);
+        if (n < total) {
+          // Short write (rare): finish the rest on the pool.
+          const rest = Buffer.concat(pieces).subarray(n);
+          this.inFlight++;
+          return new Promise<void>((resolve, reject) =>
+            this.writeAll(offset + n, rest, 0, rest.length, (err) => (err ? this.settle(reject, err) : this.settle(resolve))),
+          );
+        }
+        return Promise.resolve();
+      } catch (err) {
+        return Promise.reject(toBlockDeviceError(err, 'pwritev'));
+      }
+    }
     this.inFlight++;
     return new Promise<void>((resolve, reject) => {
       const done = (err: BlockDeviceError | null): void => {

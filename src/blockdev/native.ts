@@ -15,6 +15,8 @@ interface SparseAddon {
   zeroRange(fd: number, offset: number, length: number, cb: Callback): void;
   seekData(fd: number, offset: number, cb: Callback): void;
   seekHole(fd: number, offset: number, cb: Callback): void;
+  preadNoWait(fd: number, buffer: Buffer, position: number): number;
+  pwriteNoWait(fd: number, buffer: Buffer, position: number): number;
 }
 
 // Same relative path from src/blockdev/ (vitest runs the TS sources) and from
@@ -75,4 +77,13 @@ export function seekHole(fd: number, offset: number): Promise<number> {
   return new Promise((resolve, reject) => {
     a.seekHole(fd, offset, (err, result) => (err ? reject(err) : resolve(result)));
   });
+}
+
+/**
+ * Read from the page cache without waiting for a disk (preadv2 RWF_NOWAIT),
+ * synchronously. Bytes read, or -1 when that would block: then use the
+ * thread pool.
+ */
+export function preadNoWait(fd: number, buffer: Buffer, position: number): number {
+  return loadSparseAddon().preadNoWait(fd, buffer, position);
 }
