@@ -12,6 +12,11 @@ export function runUntilSignal(log: Logger, shutdown: () => Promise<void>): Prom
       }
       stopping = true;
       log.info({ signal: sig }, 'shutting down: finishing requests in flight');
+      // A client that never lets its requests finish must not keep us from exiting.
+      setTimeout(() => {
+        log.error('shutdown did not finish within 30 s: exiting');
+        process.exit(1);
+      }, 30_000).unref();
       shutdown().then(
         () => {
           log.info('stopped');

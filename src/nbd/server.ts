@@ -103,9 +103,11 @@ export class NbdServer {
   /** Stop accepting, finish requests in flight, flush every device, close. */
   async close(): Promise<void> {
     this.stopping = true;
-    await Promise.all(this.listeners.map((l) => new Promise<void>((r) => l.close(() => r()))));
+    // A listener's close callback waits for its connections: stop accepting first, end them, then wait.
+    const closed = Promise.all(this.listeners.map((l) => new Promise<void>((r) => l.close(() => r()))));
     for (const s of this.handshaking) s.destroy();
     await Promise.all([...this.connections].map((c) => c.shutdown()));
+    await closed;
     const devices = new Set(this.opts.exports.list().map((e) => e.device));
     await Promise.all([...devices].map((d) => d.flush().catch((e: Error) => this.opts.log.error({ err: e.message }, 'flush at shutdown failed'))));
   }

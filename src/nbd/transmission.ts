@@ -31,6 +31,7 @@ import {
 import type { BlockDevice, Extent } from '../blockdev/types.js';
 import { nbdErrorFor } from './errors.js';
 import { ioBuffers as replyBuffers } from '../util/buffer-pool.js';
+import { adopt } from './read-into.js';
 import { BASE_ALLOCATION_ID, allowedFlags, type Negotiated } from './handshake.js';
 
 /** Pause reading when this much reply data is queued or this many requests are in flight. */
@@ -44,8 +45,13 @@ export interface ConnectionStats {
   writeBytes: number;
 }
 
+/** Reads that do not go into a payload buffer land here: small, so that only the first bytes of a large payload are copied out of it. */
+const SCRATCH = 128 * 1024;
+
 export class Connection {
-  private readonly parser = new RequestParser(MAX_PAYLOAD);
+  private readonly parser: RequestParser;
+  private readonly socket: Socket;
+  private scratch: Buffer | null = null;
   private readonly dev: BlockDevice;
   private readonly size: number;
   private readonly flags: number;
@@ -63,7 +69,7 @@ export class Connection {
   private resolveDone!: () => void;
 
   constructor(
-    private readonly socket: Socket,
+    accepted: Socket,
     neg: Negotiated,
     private readonly log: Logger,
     private readonly stats?: ConnectionStats,
@@ -76,7 +82,16 @@ export class Connection {
     this.base = neg.baseAllocation;
     this.done = new Promise((r) => (this.resolveDone = r));
 
-    socket.on('data', this.onData);
+    // Reads straight into payload buffers when the socket can be adopted (read-into.ts), else 'data' events.
+    this.scratch = Buffer.allocUnsafe(SCRATCH);
+    this.parser = new RequestParser(MAX_PAYLOAD, true, (n) => replyBuffers.get(n));
+    const adopted = adopt(accepted, { buffer: this.readTarget, callback: this.onRead });
+    if (!adopted) {
+      this.scratch = null;
+      this.parser = new RequestParser(MAX_PAYLOAD, false);
+      accepted.on('data', this.onData);
+    }
+    const socket = (this.socket = adopted ?? accepted);
     socket.on('drain', this.maybeResume);
     socket.on('error', (e) => {
       this.log.debug({ err: e.message }, 'socket error');
@@ -103,6 +118,20 @@ export class Connection {
     if (this.closed) return;
     this.parser.push(chunk);
     this.pump();
+  };
+
+  /** Where the next read lands: the rest of a large WRITE payload, or the scratch buffer. */
+  private readonly readTarget = (): Buffer => this.parser.directTarget() ?? this.scratch!;
+
+  /** n bytes were read into `buf`; false stops reading (backpressure) until maybeResume(). */
+  private readonly onRead = (n: number, buf: Buffer): boolean => {
+    if (this.closed) return false;
+    if (buf.buffer === this.scratch!.buffer) {
+      // The scratch buffer is reused by the next read: keep a copy of these bytes.
+      this.parser.push(Buffer.from(buf.subarray(0, n)));
+    } else this.parser.directFilled(n);
+    this.pump();
+    return !this.paused && !this.draining;
   };
 
   /**
@@ -168,7 +197,7 @@ export class Connection {
           this.stats.writeOps++;
           this.stats.writeBytes += req.length;
         }
-        return this.track(req, req.length, this.dev.write(req.offset, req.payload!, fua));
+        return this.track(req, req.length, this.dev.write(req.offset, req.payload!, fua), req.ownedPayload);
       case Cmd.FLUSH:
         return this.track(req, 0, this.dev.flush());
       case Cmd.TRIM:
@@ -277,14 +306,16 @@ export class Connection {
   }
 
   /** Run a command whose success reply carries no data. */
-  private track(req: Request, bytes: number, op: Promise<void>): void {
+  private track(req: Request, bytes: number, op: Promise<void>, release?: Buffer): void {
     this.begin(bytes);
     op.then(
       () => {
+        if (release) replyBuffers.put(release);
         this.send(encodeSimpleReply(0, req.cookie));
         this.end(bytes);
       },
       (err) => {
+        if (release) replyBuffers.put(release);
         this.log.debug({ cmd: nameOf('cmd', req.type), err: errMessage(err) }, 'device error');
         this.replyError(req, nbdErrorFor(err, req.flags), errMessage(err));
         this.end(bytes);
@@ -339,7 +370,8 @@ export class Connection {
     this.socket.pause();
     const close = () => {
       if (this.corked) this.uncork();
-      this.socket.end();
+      // Ending our side is not enough: a paused reader never sees EOF, so close outright once the replies are out.
+      this.socket.end(() => this.socket.destroy());
     };
     if (this.inFlight === 0) close();
     else this.idle = close;

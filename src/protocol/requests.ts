@@ -28,6 +28,8 @@ export interface Request {
   payload?: Buffer[];
   /** A WRITE over the payload limit: its bytes were discarded. */
   oversize?: boolean;
+  /** The payload was filled in place, in a buffer from the parser's allocator: give it back when done. */
+  ownedPayload?: Buffer;
 }
 
 export type ParseEvent =
@@ -36,13 +38,41 @@ export type ParseEvent =
 
 const TWO32 = 2 ** 32;
 
+/** A WRITE missing at least this much is filled in place (see directTarget). */
+const DIRECT_MIN = 64 * 1024;
+
 export class RequestParser {
   private readonly q = new ByteQueue();
   private pending: Request | null = null; // header seen, payload outstanding
   private draining = 0; // oversize payload bytes still to discard
   private broken = false;
+  /** The pending WRITE's payload buffer while it is filled in place, and how much of it is. */
+  private direct: Buffer | null = null;
+  private filled = 0;
 
-  constructor(private readonly maxPayload: number) {}
+  /**
+   * @param maxPayload larger WRITEs are drained, not buffered
+   * @param inPlace offer directTarget() for large payloads (the caller reads into it)
+   */
+  constructor(
+    private readonly maxPayload: number,
+    private readonly inPlace = false,
+    private readonly alloc: (n: number) => Buffer = Buffer.allocUnsafe,
+  ) {}
+
+  /**
+   * The unfilled tail of a large pending WRITE payload, or null: the caller
+   * may read received bytes straight into it and report them with
+   * directFilled(), so they are never copied in user space.
+   */
+  directTarget(): Buffer | null {
+    return this.direct ? this.direct.subarray(this.filled) : null;
+  }
+
+  /** n bytes were read into directTarget(). */
+  directFilled(n: number): void {
+    this.filled += n;
+  }
 
   /** Bytes received but not yet framed (payload of a partial WRITE included). */
   get buffered(): number {
@@ -54,9 +84,17 @@ export class RequestParser {
     return this.pending ? this.pending.length - this.q.length : 0;
   }
 
-  /** Queue received bytes; take framed requests with next(). */
+  /** Queue received bytes (the parser keeps references: the caller must not reuse the chunk); take framed requests with next(). */
   push(chunk: Buffer): void {
-    if (!this.broken) this.q.push(chunk);
+    if (this.broken) return;
+    if (this.direct) {
+      // Bytes of a payload being filled in place go there first.
+      const k = Math.min(chunk.length, this.direct.length - this.filled);
+      chunk.copy(this.direct, this.filled, 0, k);
+      this.filled += k;
+      chunk = chunk.subarray(k);
+    }
+    this.q.push(chunk);
   }
 
   /**
@@ -74,8 +112,25 @@ export class RequestParser {
         this.pending = null;
         return { kind: 'request', request: req };
       }
+      if (this.pending && this.direct) {
+        if (this.filled < this.direct.length) return null;
+        const req = this.pending;
+        req.payload = [this.direct];
+        req.ownedPayload = this.direct;
+        this.pending = null;
+        this.direct = null;
+        return { kind: 'request', request: req };
+      }
       if (this.pending) {
-        if (this.q.length < this.pending.length) return null;
+        if (this.q.length < this.pending.length) {
+          if (this.inPlace && this.pending.length - this.q.length >= DIRECT_MIN) {
+            // Move what has arrived into the payload buffer; the rest will be read into it directly.
+            this.direct = this.alloc(this.pending.length);
+            this.filled = this.q.length;
+            if (this.filled > 0) this.q.take(this.filled).copy(this.direct, 0);
+          }
+          return null;
+        }
         const req = this.pending;
         this.pending = null;
         req.payload = this.q.takeVec(req.length);
