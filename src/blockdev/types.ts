@@ -102,15 +102,3 @@ export function toBlockDeviceError(err: unknown, op: string): BlockDeviceError {
   const msg = err instanceof Error ? err.message : String(err);
   return new BlockDeviceError(errno, `${op}: ${msg}`, { cause: err });
 }
-
-/** Merge neighbouring extents with equal flags (in place semantics, returns a new array). */
-export function mergeExtents(list: Extent[]): Extent[] {
-  const out: Extent[] = [];
-  for (const e of list) {
-    if (e.length <= 0) continue;
-    const last = out[out.length - 1];
-    if (last && last.flags === e.flags) last.length += e.length;
-    else out.push({ length: e.length, flags: e.flags });
-  }
-  return out;
-}

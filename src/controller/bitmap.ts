@@ -99,11 +99,6 @@ export class ClusterBitmap {
     }
     return -1;
   }
-
-  /** OR another bitmap's Invalid bits into this one. */
-  merge(other: ClusterBitmap): void {
-    for (let c = other.nextInvalid(0), n = 0; c >= 0 && n < other.invalidCount; c = other.nextInvalid(c + 1), n++) this.setInvalid(c);
-  }
 }
 
 function popcount(bytes: Uint8Array): number {

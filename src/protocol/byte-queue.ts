@@ -67,24 +67,6 @@ export class ByteQueue {
     return dropped;
   }
 
-  /** Read a big-endian u32 at a byte offset from the front without consuming. */
-  peekU32(at: number): number {
-    const first = this.chunks[0]!;
-    if (this.head + at + 4 <= first.length) return first.readUInt32BE(this.head + at);
-    let v = 0;
-    for (let i = 0; i < 4; i++) v = v * 256 + this.peekByte(at + i);
-    return v;
-  }
-
-  private peekByte(at: number): number {
-    let pos = this.head + at;
-    for (const c of this.chunks) {
-      if (pos < c.length) return c[pos]!;
-      pos -= c.length;
-    }
-    throw new RangeError('peek past end of queue');
-  }
-
   private advance(k: number): void {
     this.head += k;
     this.total -= k;

@@ -74,16 +74,6 @@ export class RequestParser {
     this.filled += n;
   }
 
-  /** Bytes received but not yet framed (payload of a partial WRITE included). */
-  get buffered(): number {
-    return this.q.length;
-  }
-
-  /** Bytes the current partial WRITE still waits for (0 if none). */
-  get awaiting(): number {
-    return this.pending ? this.pending.length - this.q.length : 0;
-  }
-
   /** Queue received bytes (the parser keeps references: the caller must not reuse the chunk); take framed requests with next(). */
   push(chunk: Buffer): void {
     if (this.broken) return;
