@@ -83,7 +83,7 @@ export class StorageSystem implements AdminTarget {
   private async open(): Promise<void> {
     const { spec } = this;
     if (spec.dataDir) fs.mkdirSync(path.join(spec.dataDir, 'pairs'), { recursive: true });
-    if (spec.cache) this.cache = new CacheMemory({ size: spec.cache.size, blockSize: 4096, log: this.log });
+    if (spec.cache) this.cache = new CacheMemory({ size: spec.cache.size, log: this.log });
 
     for (const v of spec.volumes) {
       let backing: BlockDevice;
