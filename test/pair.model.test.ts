@@ -14,7 +14,7 @@ import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { pino } from 'pino';
 import { MemoryDevice } from '../src/blockdev/memory.js';
-import type { BlockDevice } from '../src/blockdev/types.js';
+import { BlockDeviceError, type BlockDevice } from '../src/blockdev/types.js';
 import { FileBitmapStore } from '../src/controller/bitmap-store.js';
 import { Pair } from '../src/controller/pair.js';
 import { SyncDaemon } from '../src/controller/sync-daemon.js';
@@ -194,6 +194,31 @@ describe('pair controller against a reference model', () => {
     await rig.run({ kind: 'write', off: 0, len: CLUSTER, val: 1 });
     await rig.run({ kind: 'writeDuringCopy', off: 0, len: CLUSTER, val: 2 });
     await expect(rig.run({ kind: 'read', vol: 1, off: 0, len: CLUSTER })).rejects.toThrow(/I1/);
+  });
+
+  it('recopies from the master when a sync write fails on the master but reached a mirror', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bm-pair-'));
+    const master = new MemoryDevice(SIZE);
+    const failing = Object.create(master) as MemoryDevice;
+    failing.write = async () => {
+      throw new BlockDeviceError('EIO', 'write: injected media error');
+    };
+    const mirror = new MemoryDevice(SIZE);
+    const { store, loaded } = await FileBitmapStore.open(path.join(dir, 'p.bitmap'), { clusterSize: CLUSTER, clusters: CLUSTERS, mirrors: 1 });
+    const pair = new Pair({
+      name: 'p', mode: 'sync', clusterSize: CLUSTER,
+      master: { ref: { ss: 1, vol: 1 }, device: failing },
+      mirrors: [{ ref: { ss: 1, vol: 2 }, device: mirror }],
+      store, loaded, identical: true, log, cleanDelayMs: 3_600_000,
+    });
+    await expect(pair.masterDevice().write(CLUSTER, Buffer.alloc(100, 5))).rejects.toMatchObject({ errno: 'EIO' });
+    // The mirror took the write the master refused: that cluster must not be trusted on the mirror.
+    expect(pair.mirrors[0]!.bitmap.isInvalid(1)).toBe(true);
+    const got = Buffer.alloc(100, 0xee);
+    await pair.mirrorDevice(0).read(CLUSTER, got);
+    expect(got.equals(Buffer.alloc(100, 0))).toBe(true); // the master's data, not the refused write
+    await pair.close();
+    fs.rmSync(dir, { recursive: true, force: true });
   });
 
   it('starts a new pair in COPY with every cluster Invalid unless the mirror is known identical', async () => {

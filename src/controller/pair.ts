@@ -150,7 +150,12 @@ export class Pair {
       // Sync: write-intent bits on disk first, so a crash mid-write resyncs just these clusters.
       await this.store.mark(this.all, first, last);
       const results = await Promise.allSettled([apply(this.master.device), ...this.mirrors.map((m) => apply(m.device))]);
-      if (results[0]!.status === 'rejected') throw results[0]!.reason;
+      if (results[0]!.status === 'rejected') {
+        // The mirrors may now hold what the master refused: recopy these clusters from the master.
+        for (const m of this.mirrors) m.bitmap.setRangeInvalid(first, last);
+        this.opts.onInvalid?.();
+        throw results[0]!.reason;
+      }
       results.slice(1).forEach((r, i) => {
         if (r.status === 'rejected') {
           const m = this.mirrors[i]!;
