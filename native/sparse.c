@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -302,6 +303,35 @@ static napi_value nowait_io(napi_env env, napi_callback_info info, int write) {
 static napi_value pread_nowait(napi_env env, napi_callback_info info) { return nowait_io(env, info, 0); }
 static napi_value pwrite_nowait(napi_env env, napi_callback_info info) { return nowait_io(env, info, 1); }
 
+// pidfdGetfd(pid, fd): a duplicate of another process's fd (pidfd_open +
+// pidfd_getfd, Linux 5.6+), or -errno. Socket activation through a wrapper
+// (`npx blockmirror`, which spawns us without passing fd 3 on) uses it to
+// take the listening sockets from the ancestor that LISTEN_PID names.
+static napi_value pidfd_getfd_js(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int32_t pid, fd;
+  napi_value out;
+  if (argc < 2 || napi_get_value_int32(env, argv[0], &pid) != napi_ok || napi_get_value_int32(env, argv[1], &fd) != napi_ok) {
+    napi_throw_type_error(env, NULL, "expected (pid, fd)");
+    return NULL;
+  }
+  long r = -ENOSYS;
+#if defined(__linux__) && defined(SYS_pidfd_open) && defined(SYS_pidfd_getfd)
+  long pidfd = syscall(SYS_pidfd_open, pid, 0);
+  if (pidfd < 0) {
+    r = -errno;
+  } else {
+    r = syscall(SYS_pidfd_getfd, (int)pidfd, fd, 0);
+    if (r < 0) r = -errno;
+    close((int)pidfd);
+  }
+#endif
+  napi_create_int64(env, (int64_t)r, &out);
+  return out;
+}
+
 NAPI_MODULE_INIT() {
   napi_property_descriptor props[] = {
       {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -310,6 +340,7 @@ NAPI_MODULE_INIT() {
       {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_enumerable, NULL},
       {"preadNoWait", NULL, pread_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pwriteNoWait", NULL, pwrite_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pidfdGetfd", NULL, pidfd_getfd_js, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { connect } from '../src/nbd/client.js';
-import { run, startServe, tmpDir } from './helpers/servers.js';
+import { CLI, run, startServe, tmpDir } from './helpers/servers.js';
 
 describe('blockmirror serve lifecycle', () => {
   it('exits 0 on SIGTERM after clients connected and left', async () => {
@@ -32,5 +32,18 @@ describe('blockmirror serve lifecycle', () => {
     });
     expect(results.filter((r) => r.status === 'fulfilled').length).toBeGreaterThan(0);
     await c.close();
+  });
+
+  it('takes its sockets from the activating ancestor when a wrapper spawned it without fd 3 (as npx does)', async () => {
+    // A Node parent that runs the CLI with stdio 'inherit' passes fds 0-2 only, exactly like `npx blockmirror`,
+    // and forwards SIGTERM to it as npm does (libnbd stops the captive server with SIGTERM).
+    const wrapper = [
+      `const c = require('child_process').spawn(process.execPath, ${JSON.stringify([CLI, 'serve', '--size', '3MiB', '--log-level', 'warn'])}, { stdio: 'inherit' });`,
+      `process.on('SIGTERM', () => c.kill('SIGTERM'));`,
+      `c.on('exit', (code) => process.exit(code ?? 1));`,
+    ].join('\n');
+    const r = await run('nbdinfo', ['--size', '--', '[', process.execPath, '-e', wrapper, ']'], { timeoutMs: 30_000 });
+    expect(r.stderr).toBe('');
+    expect(r.stdout.trim()).toBe(String(3 * 1024 * 1024));
   });
 });

@@ -17,6 +17,7 @@ interface SparseAddon {
   seekHole(fd: number, offset: number, cb: Callback): void;
   preadNoWait(fd: number, buffer: Buffer, position: number): number;
   pwriteNoWait(fd: number, buffer: Buffer, position: number): number;
+  pidfdGetfd(pid: number, fd: number): number;
 }
 
 // Same relative path from src/blockdev/ (vitest runs the TS sources) and from
@@ -86,4 +87,9 @@ export function seekHole(fd: number, offset: number): Promise<number> {
  */
 export function preadNoWait(fd: number, buffer: Buffer, position: number): number {
   return loadSparseAddon().preadNoWait(fd, buffer, position);
+}
+
+/** A duplicate, in this process, of fd `fd` of process `pid` (pidfd_getfd); -errno on failure. */
+export function pidfdGetfd(pid: number, fd: number): number {
+  return loadSparseAddon().pidfdGetfd(pid, fd);
 }

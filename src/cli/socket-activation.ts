@@ -1,8 +1,10 @@
 // systemd socket activation (sd_listen_fds): listening sockets start at fd 3.
 // libnbd's captive form `nbdinfo [ CMD ]` uses it. LISTEN_PID names the
-// process the fds are for; we also accept an ancestor's pid, so wrappers such
-// as `npx blockmirror` (which exec us from a child) still work.
+// process the fds are for. A wrapper such as `npx blockmirror` runs us as its
+// child and does not pass fd 3 on; then LISTEN_PID is an ancestor, and we
+// take duplicates of its fds with pidfd_getfd (same user, Linux 5.6+).
 import fs from 'node:fs';
+import { pidfdGetfd } from '../blockdev/native.js';
 
 const SD_LISTEN_FDS_START = 3;
 
@@ -10,16 +12,23 @@ export function socketActivationFds(env: NodeJS.ProcessEnv = process.env): numbe
   const pid = Number(env.LISTEN_PID);
   const n = Number(env.LISTEN_FDS);
   if (!Number.isInteger(pid) || !Number.isInteger(n) || n < 1) return [];
-  if (!isSelfOrAncestor(pid)) return [];
+  const relation = pid === process.pid ? 'self' : isAncestor(pid) ? 'ancestor' : null;
+  if (!relation) return [];
   // Not for our children.
   delete env.LISTEN_PID;
   delete env.LISTEN_FDS;
   delete env.LISTEN_FDNAMES;
-  return Array.from({ length: n }, (_, i) => SD_LISTEN_FDS_START + i);
+  const fds = Array.from({ length: n }, (_, i) => SD_LISTEN_FDS_START + i);
+  if (relation === 'self') return fds;
+  return fds.map((fd) => {
+    const dup = pidfdGetfd(pid, fd);
+    if (dup < 0) throw new Error(`socket activation: cannot take fd ${fd} from process ${pid} (LISTEN_PID): errno ${-dup}`);
+    return dup;
+  });
 }
 
-function isSelfOrAncestor(pid: number): boolean {
-  let p = process.pid;
+function isAncestor(pid: number): boolean {
+  let p = parentOf(process.pid);
   for (let depth = 0; depth < 8 && p > 1; depth++) {
     if (p === pid) return true;
     p = parentOf(p);
