@@ -376,12 +376,15 @@ async function main() {
   log('\n' + renderConsole(result));
   const rawDir = path.join(HERE, 'out');
   fs.mkdirSync(rawDir, { recursive: true });
-  fs.writeFileSync(path.join(rawDir, 'last-run.json'), JSON.stringify(result, null, 2));
+  // A quick partial run must not clobber the raw data behind the recorded results.
+  const raw = path.join(rawDir, opts.out ? 'last-run.json' : 'last-partial-run.json');
+  fs.writeFileSync(raw, JSON.stringify(result, null, 2));
+  const rawRel = path.relative(process.cwd(), raw) || raw;
   if (opts.out) {
     fs.writeFileSync(opts.out, renderResults(result, readNotes(opts.out)));
-    log(`\nwrote ${path.relative(process.cwd(), opts.out) || opts.out} (raw samples: bench/out/last-run.json)`);
+    log(`\nwrote ${path.relative(process.cwd(), opts.out) || opts.out} (raw samples: ${rawRel})`);
   } else {
-    log('\npartial or profiled run: results file left alone (raw samples: bench/out/last-run.json)');
+    log(`\npartial or profiled run: results file left alone (raw samples: ${rawRel})`);
   }
   if (opts.cpuProf) log(`profiles in ${opts.cpuProf}; summarise with: node bench/lib/cpuprofile.js FILE`);
 }
