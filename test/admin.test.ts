@@ -215,7 +215,7 @@ describe('admin server', () => {
   });
 
   it('answers an unknown route with 404 and an error naming it', async () => {
-    for (const path of ['/', '/api', '/api/pairs', '/api/pairs/pair1/delete', '/api/statuses?x=1']) {
+    for (const path of ['/api', '/api/pairs', '/api/pairs/pair1/delete', '/api/statuses?x=1']) {
       const r = await call('GET', path);
       expect(r.status, path).toBe(404);
       expect(r.body.error, path).toMatch(/^no route GET \//);
@@ -394,13 +394,14 @@ describe('cluster status merge', () => {
     return {
       source: 'test.yaml',
       clusterSize: 65536,
+      peerTimeout: 5000,
       storageSystems: ports.map((port, i) => ({
         id: i + 1,
         nbd: { host: '127.0.0.1', port: 10809 + i },
         admin: { host: '127.0.0.1', port },
         volumes: [{ id: 0, size: 64 * 2 ** 20 }],
       })),
-      pairs: [{ name: 'pair1', mode: 'sync', master: { ss: 1, vol: 0 }, mirrors: [{ ss: 2, vol: 0 }] }],
+      pairs: [{ name: 'pair1', mode: 'sync', master: { ss: 1, vol: 0 }, mirrors: [{ ss: 2, vol: 0 }], fence: 'never', autoResync: true }],
     };
   }
 

@@ -107,7 +107,7 @@ describe('unknown keys', () => {
   });
 
   it('refuses unknown keys in a storage system, a volume, a cache and a volume reference', () => {
-    refuse((c) => (c.storageSystems[1].port = 1), 'storageSystems[1].port', 'unknown key (expected one of: id, nbd, nbdSocket, admin, dataDir, cache, volumes)');
+    refuse((c) => (c.storageSystems[1].port = 1), 'storageSystems[1].port', 'unknown key (expected one of: id, nbd, nbdSocket, admin, peer, dataDir, cache, volumes)');
     refuse((c) => (c.storageSystems[0].volumes[2].name = 'x'), 'storageSystems[0].volumes[2].name', 'unknown key');
     refuse((c) => (c.storageSystems[0].cache = { size: '1MiB', policy: 'lru' }), 'storageSystems[0].cache.policy', 'unknown key');
     refuse((c) => (c.pairs[0].master.volume = 8), 'pairs[0].master.volume', 'unknown key');
@@ -406,10 +406,42 @@ describe('loading files', () => {
     expect(cfg).toEqual({
       source: 'config.yaml',
       clusterSize: 64 * 1024,
+      peerTimeout: 5000,
       storageSystems: [{ id: 1, nbd: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 }, volumes: [{ id: 1, size: MiB }] }],
       pairs: [],
     });
     expect(accept().pairs[0]).not.toHaveProperty('syncRate');
+    expect(accept().pairs[0]).toMatchObject({ fence: 'never', autoResync: true });
+  });
+
+  it('reads the keys of pairs across storage systems: peer, peerTimeout, fence, autoResync', () => {
+    const cfg = accept((c) => {
+      const d = c as unknown as Record<string, unknown> & { storageSystems: Record<string, unknown>[]; pairs: Record<string, unknown>[] };
+      d.peerTimeout = '1.5s';
+      d.storageSystems[0]!.peer = '127.0.0.1:7001';
+      d.storageSystems[1]!.peer = '127.0.0.1:7002';
+      d.pairs[0] = { name: 'p', mode: 'sync', master: { ss: 1, vol: 8 }, mirrors: [{ ss: 2, vol: 1 }], fence: 'data', autoResync: false };
+    });
+    expect(cfg.peerTimeout).toBe(1500);
+    expect(cfg.storageSystems[1]!.peer).toEqual({ host: '127.0.0.1', port: 7002 });
+    expect(cfg.pairs[0]).toMatchObject({ fence: 'data', autoResync: false });
+    expect(parse('peerTimeout: 250\nstorageSystems:\n  - { id: 1, nbd: "127.0.0.1:0", admin: "127.0.0.1:0", volumes: [] }\n').peerTimeout).toBe(250);
+  });
+
+  it('refuses bad values of the keys of pairs across storage systems', () => {
+    const bad = (edit: (d: Record<string, unknown> & { storageSystems: Record<string, unknown>[]; pairs: Record<string, unknown>[] }) => void, at: string, message: string) =>
+      refuse((c) => edit(c as unknown as Parameters<typeof edit>[0]), at, message);
+    bad((d) => (d.peerTimeout = 'soon'), 'peerTimeout', 'expected a duration such as 5s or 500ms, got "soon"');
+    bad((d) => (d.peerTimeout = 10), 'peerTimeout', 'peerTimeout must be from 100ms to 600s, got 10');
+    bad((d) => (d.pairs[0]!.fence = 'status'), 'pairs[0].fence', 'expected never or data, got "status"');
+    bad((d) => (d.pairs[0]!.autoResync = 'yes'), 'pairs[0].autoResync', 'expected true or false, got "yes"');
+    bad((d) => (d.storageSystems[0]!.peer = '127.0.0.1:0'), 'storageSystems[0].peer', 'the peer port cannot be 0');
+    bad((d) => ((d.storageSystems[0]!.peer = '127.0.0.1:9001')), 'storageSystems[0].peer', 'port 9001 on 127.0.0.1 is already used by storageSystems[0].admin');
+    bad(
+      (d) => (d.pairs[0] = { name: 'p', mode: 'sync', master: { ss: 1, vol: 8 }, mirrors: [{ ss: 2, vol: 1 }] }),
+      'storageSystems[0].peer',
+      'missing required key: pair "p" spans storage systems 1 and 2',
+    );
   });
 
   it('names the file in the message of a broken file it loads', () => {

@@ -135,3 +135,28 @@ export function renderConsole(r) {
   }
   return lines.join('\n');
 }
+
+/**
+ * Rewrite one generated section of a results file, between `<!-- NAME:begin -->` and
+ * `<!-- NAME:end -->`, appending it (after the notes marker, which `npm run bench` keeps)
+ * when it is not there yet. The other benchmarks own their sections of bench/RESULTS.md.
+ */
+export function replaceSection(file, name, text) {
+  const begin = `<!-- ${name}:begin -->`;
+  const end = `<!-- ${name}:end -->`;
+  let doc = '';
+  try {
+    doc = fs.readFileSync(file, 'utf8');
+  } catch {
+    doc = `# blockmirror benchmarks\n\n${DEFAULT_NOTES}`;
+  }
+  const block = `${begin}\n${text.trimEnd()}\n${end}`;
+  const a = doc.indexOf(begin);
+  const b = doc.indexOf(end);
+  if (a >= 0 && b > a) doc = doc.slice(0, a) + block + doc.slice(b + end.length);
+  else {
+    if (!doc.includes(NOTES_MARKER)) doc = `${doc.trimEnd()}\n\n${DEFAULT_NOTES}`;
+    doc = `${doc.trimEnd()}\n\n${block}\n`;
+  }
+  fs.writeFileSync(file, doc);
+}

@@ -13,7 +13,7 @@ export interface AdminEndpoint {
   ss?: number;
 }
 
-export type PairCommand = 'split' | 'resync';
+export type PairCommand = 'split' | 'resync' | 'verify' | 'swap' | 'takeover';
 
 export class AdminClientError extends Error {
   override readonly name: string = 'AdminClientError';

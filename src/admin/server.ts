@@ -5,7 +5,12 @@
 //   GET  /api/pairs/:name         PairStatus                   404 unknown pair
 //   POST /api/pairs/:name/split   { pair: PairStatus }         404 unknown pair, 409 refused
 //   POST /api/pairs/:name/resync  { pair: PairStatus }         404 unknown pair, 409 refused
+//   POST /api/pairs/:name/verify  { pair: PairStatus }         starts a verify; progress in pair.verify
+//   POST /api/pairs/:name/swap    { pair: PairStatus }         planned role swap (on the master's SS)
+//   POST /api/pairs/:name/takeover { pair: PairStatus }        promote the mirror (on the mirror's SS)
 //   GET  /healthz                 { ok: true }
+//   GET  /metrics                 Prometheus text format       (metrics.ts)
+//   GET  /, /api/cluster, /api/events, /api/pairs/:name/bitmap  the dashboard (dashboard.ts)
 //
 // Every error reply, whoever raised it (router, body parser, target), is
 // `{ "error": "<one line>" }` with a 4xx or 5xx status: the client and the CLI
@@ -13,11 +18,15 @@
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import { PairCommandError, type AdminTarget, type PairStatus } from '../controller/status.js';
+import { registerDashboard, type AdminPeer } from './dashboard.js';
+import { registerMetrics } from './metrics.js';
 
 export interface AdminServerOptions {
   host: string;
   port: number;
   log: Logger;
+  /** Every storage system of the cluster (this one included), for the dashboard's cluster view. */
+  peers?: AdminPeer[];
 }
 
 export interface AdminServer {
@@ -36,7 +45,7 @@ interface NameParams {
 
 export async function startAdminServer(target: AdminTarget, opts: AdminServerOptions): Promise<AdminServer> {
   const log = opts.log;
-  const app = buildApp(target, log);
+  const app = buildApp(target, log, { peers: opts.peers });
   try {
     await app.listen({ host: opts.host, port: opts.port });
   } catch (e) {
@@ -55,7 +64,7 @@ export async function startAdminServer(target: AdminTarget, opts: AdminServerOpt
 }
 
 /** The fastify instance without a listener; tests may `inject()` into it. */
-export function buildApp(target: AdminTarget, log: Logger): FastifyInstance {
+export function buildApp(target: AdminTarget, log: Logger, opts: { peers?: AdminPeer[] } = {}): FastifyInstance {
   const app = Fastify({
     // Our own logger does the request lines, at debug: an admin poll every
     // second must not fill the log at info.
@@ -98,6 +107,14 @@ export function buildApp(target: AdminTarget, log: Logger): FastifyInstance {
     return reply.code(status !== undefined && status >= 500 && status < 600 ? status : 500).send({ error: errorLine(err) });
   });
 
+  // A page of another site must not drive this API through an admin's browser
+  // (CSRF): browsers send Origin on cross-origin requests; the CLI sends none.
+  app.addHook('onRequest', (req, reply, done) => {
+    const origin = req.headers.origin;
+    if (origin === undefined || originHost(origin) === req.headers.host) return done();
+    void reply.code(403).send({ error: `cross-origin request from ${origin} refused` });
+  });
+
   app.setNotFoundHandler((req, reply) => reply.code(404).send({ error: `no route ${req.method} ${pathOf(req.url)}` }));
 
   route(app, 'GET', '/healthz', async () => ({ ok: true }));
@@ -114,12 +131,31 @@ export function buildApp(target: AdminTarget, log: Logger): FastifyInstance {
     pair: await target.resync((req.params as NameParams).name),
   }));
 
+  // verify starts in the background (its progress is in the pair's status); swap and takeover
+  // answer once the roles have changed. A target without them answers 409.
+  for (const command of ['verify', 'swap', 'takeover'] as const) {
+    route(app, 'POST', `/api/pairs/:name/${command}`, async (req): Promise<{ pair: PairStatus }> => {
+      const name = (req.params as NameParams).name;
+      const run = target[command]?.bind(target);
+      if (!run) {
+        findPair(target, name);
+        throw new PairCommandError(409, `${command} ${name}: not supported by this storage system`);
+      }
+      return { pair: await run(name) };
+    });
+  }
+
+  registerMetrics(app, target, route);
+  registerDashboard(app, target, { peers: opts.peers ?? [], route, log });
+
   return app;
 }
 
+export type RouteAdder = typeof route;
+
 /** Registers `method url` and a 405 with Allow for every other method on the same path. */
-function route(app: FastifyInstance, method: Method, url: string, handler: (req: FastifyRequest) => Promise<unknown>): void {
-  app.route({ method, url, handler: async (req) => handler(req) });
+function route(app: FastifyInstance, method: Method, url: string, handler: (req: FastifyRequest, reply: FastifyReply) => Promise<unknown>): void {
+  app.route({ method, url, handler: async (req, reply) => handler(req, reply) });
   const allowed: Method[] = method === 'GET' ? ['GET', 'HEAD'] : [method];
   const others = METHODS.filter((m) => !allowed.includes(m));
   app.route({
@@ -146,6 +182,15 @@ function httpError(statusCode: number, message: string): FastifyError {
 /** The error text on one line (fastify's own messages and JSON.parse's are single-line already). */
 function errorLine(err: Error): string {
   return (err.message || err.name || 'error').replace(/\s*\n\s*/g, ' ');
+}
+
+/** "host:port" of an Origin header, as a Host header would say it; undefined if it is not a URL ("null"). */
+function originHost(origin: string): string | undefined {
+  try {
+    return new URL(origin).host;
+  } catch {
+    return undefined;
+  }
 }
 
 function pathOf(url: string): string {

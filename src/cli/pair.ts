@@ -1,12 +1,21 @@
-// `blockmirror pair split|resync NAME -c FILE`: send a pair command to the
-// storage system that holds the pair's master (it runs the pair) and print the
-// state the pair is in afterwards, e.g. "pair1: PSUS".
+// `blockmirror pair split|resync|verify|swap|takeover NAME -c FILE`: send a pair
+// command to the storage system that can run it and print the pair's state
+// afterwards, e.g. "pair1: PSUS".
+//
+// Which storage system: the pair's current master for split, resync, verify and
+// swap; its mirror for takeover. After a swap or a takeover the master is no
+// longer the one in the file, so the copies' storage systems are asked first
+// and the one reporting the master role in the newest epoch wins.
 import type { Command } from 'commander';
-import { pairCommand, type PairCommand } from '../admin/client.js';
+import { AdminReplyError, getStatus, pairCommand, type AdminEndpoint, type PairCommand } from '../admin/client.js';
+import type { ClusterConfig } from '../cluster/config.js';
+import type { PairStatus } from '../controller/status.js';
 import { UsageError } from './errors.js';
-import { adminEndpoint, loadConfigOrUsage, parseTimeout } from './status.js';
+import { adminEndpoint, loadConfigOrUsage, pairRank, parseTimeout } from './status.js';
 
 export const DEFAULT_PAIR_TIMEOUT_MS = 10_000;
+/** A swap waits for the mirror to catch up, with writes held. */
+const SWAP_TIMEOUT_MS = 70_000;
 
 interface PairOptions {
   config: string;
@@ -16,18 +25,21 @@ interface PairOptions {
 const COMMANDS: { command: PairCommand; description: string }[] = [
   { command: 'split', description: 'stop mirroring: the mirrors keep a point-in-time image and become writable; changes are tracked (PAIR -> PSUS)' },
   { command: 'resync', description: 'copy what changed since the split back to the mirrors and resume mirroring (PSUS/PSUE -> COPY -> PAIR)' },
+  { command: 'verify', description: 'compare master and mirrors cluster by cluster by checksum; mark differences Invalid and report them' },
+  { command: 'swap', description: 'planned role swap of a pair across storage systems: the mirror becomes master once it has every write' },
+  { command: 'takeover', description: "promote the mirror when the master's storage system is gone; the old master becomes a mirror when it returns" },
 ];
 
 export function registerPairCommand(program: Command): void {
   const pair = program
     .command('pair')
-    .description('split or resync a mirrored pair (through its master storage system)')
+    .description('split, resync, verify, swap or take over a mirrored pair')
     // Without this, a missing or mistyped subcommand ends in commander's help text and exit code 1.
     .argument('[command]')
     .allowExcessArguments()
-    .usage('split|resync <name> -c <file>')
+    .usage('split|resync|verify|swap|takeover <name> -c <file>')
     .action((sub: string | undefined) => {
-      const expected = COMMANDS.map((c) => c.command).join(' or ');
+      const expected = COMMANDS.map((c) => c.command).join(', ');
       throw new UsageError(sub === undefined ? `pair: missing command (${expected})` : `pair: unknown command "${sub}" (expected ${expected})`);
     });
   for (const { command, description } of COMMANDS) {
@@ -36,24 +48,88 @@ export function registerPairCommand(program: Command): void {
       .description(description)
       .allowExcessArguments(false)
       .requiredOption('-c, --config <file>', 'cluster configuration (YAML)')
-      .option('--timeout <ms>', 'how long to wait for the storage system', String(DEFAULT_PAIR_TIMEOUT_MS))
+      .option('--timeout <ms>', 'how long to wait for the storage system', String(command === 'swap' ? SWAP_TIMEOUT_MS : DEFAULT_PAIR_TIMEOUT_MS))
       .action(async (name: string, opts: PairOptions) => {
-        const status = await runPairCommand(opts.config, name, command, parseTimeout(opts.timeout));
-        process.stdout.write(`${status.name}: ${status.state}\n`);
+        const timeoutMs = parseTimeout(opts.timeout);
+        const config = loadConfigOrUsage(opts.config);
+        const target = await pickTarget(config, opts.config, name, command, timeoutMs);
+        let status = await pairCommand(target, name, command, timeoutMs);
+        if (command === 'verify') status = await followVerify(target, name, status, timeoutMs);
+        process.stdout.write(`${status.name}: ${status.state}${command === 'verify' ? verifyLine(status) : ''}\n`);
+        if (command === 'verify' && (status.verify?.error || (status.verify?.differences ?? 0) > 0)) process.exitCode = 1;
       });
   }
 }
 
-async function runPairCommand(configPath: string, name: string, command: PairCommand, timeoutMs: number) {
-  const config = loadConfigOrUsage(configPath);
+async function pickTarget(config: ClusterConfig, path: string, name: string, command: PairCommand, timeoutMs: number): Promise<AdminEndpoint> {
   const pair = config.pairs.find((p) => p.name === name);
   if (pair === undefined) {
     const known = config.pairs.map((p) => p.name);
-    throw new UsageError(`unknown pair "${name}" (${configPath} has ${known.length === 0 ? 'no pairs' : known.join(', ')})`);
+    throw new UsageError(`unknown pair "${name}" (${path} has ${known.length === 0 ? 'no pairs' : known.join(', ')})`);
   }
-  const master = config.storageSystems.find((s) => s.id === pair.master.ss);
-  // loadConfig checks this; a second look costs nothing and keeps the message clear.
-  if (master === undefined) throw new UsageError(`pair ${name}: master storage system ${pair.master.ss} is not in ${configPath}`);
-  // AdminReplyError (404, 409) and AdminUnreachableError are one line each and end in exit code 1.
-  return pairCommand(adminEndpoint(master), name, command, timeoutMs);
+  const ids = [...new Set([pair.master.ss, ...pair.mirrors.map((m) => m.ss)])];
+  const endpoint = (id: number) => {
+    const ss = config.storageSystems.find((s) => s.id === id);
+    // loadConfig checks this; a second look costs nothing and keeps the message clear.
+    if (ss === undefined) throw new UsageError(`pair ${name}: storage system ${id} is not in ${path}`);
+    return adminEndpoint(ss);
+  };
+  // A pair inside one storage system: that one runs every command.
+  if (ids.length === 1) return endpoint(ids[0]!);
+
+  const views = await Promise.all(
+    ids.map(async (id) => {
+      try {
+        const report = await getStatus(endpoint(id), Math.min(timeoutMs, 3000));
+        return { id, p: report.pairs.find((p) => p.name === name) };
+      } catch {
+        return { id, p: undefined };
+      }
+    }),
+  );
+  const answered = views.filter((v): v is { id: number; p: PairStatus } => v.p !== undefined);
+  if (command === 'takeover') {
+    const mirror = answered.find((v) => v.p.role === 'mirror');
+    if (!mirror) throw new AdminReplyError(`takeover ${name}: no storage system holding a mirror of ${name} answered`, 409);
+    return endpoint(mirror.id);
+  }
+  const best = answered.sort((a, b) => pairRank(b.p, b.id === pair.master.ss) - pairRank(a.p, a.id === pair.master.ss))[0];
+  if (!best || best.p.role === 'mirror') {
+    // No master answered: send it to the configured master, whose error says why.
+    return endpoint(best?.p.master.ss ?? pair.master.ss);
+  }
+  return endpoint(best.id);
+}
+
+/** Poll until the verify ends; a progress bar on a terminal. */
+async function followVerify(target: AdminEndpoint, name: string, first: PairStatus, timeoutMs: number): Promise<PairStatus> {
+  let status = first;
+  const tty = process.stderr.isTTY === true;
+  let bar: { update(n: number): void; stop(): void; start(total: number, n: number): void } | undefined;
+  if (tty) {
+    const { SingleBar, Presets } = await import('cli-progress');
+    bar = new SingleBar({ format: `verify ${name} [{bar}] {percentage}% | {value}/{total} clusters | ETA {eta_formatted}`, stream: process.stderr, hideCursor: true }, Presets.shades_classic);
+    bar.start(status.verify?.total ?? 0, status.verify?.checked ?? 0);
+  }
+  try {
+    while (status.verify?.running) {
+      await new Promise((r) => setTimeout(r, 200));
+      const report = await getStatus(target, timeoutMs);
+      status = report.pairs.find((p) => p.name === name) ?? status;
+      bar?.update(status.verify?.checked ?? 0);
+    }
+  } finally {
+    bar?.stop();
+  }
+  return status;
+}
+
+function verifyLine(p: PairStatus): string {
+  const v = p.verify;
+  if (!v) return '';
+  if (v.error) return `; verify failed: ${v.error}`;
+  if (v.differences === 0) return `; verified ${v.checked} clusters: the mirrors match the master`;
+  const shown = v.differing.slice(0, 20).join(', ');
+  const more = v.differences > 20 ? ', ...' : '';
+  return `; verified ${v.checked} clusters: ${v.differences} differ and are marked Invalid (clusters ${shown}${more})`;
 }

@@ -102,20 +102,28 @@ export function mergeReports(config: ClusterConfig, answers: { id: number; repor
   }
 
   const masterOf = new Map(config.pairs.map((p) => [p.name, p.master.ss]));
-  const pairs = new Map<string, PairStatus>();
-  const fromMaster = new Set<string>();
+  const pairs = new Map<string, { p: PairStatus; rank: number }>();
   for (const [ssId, report] of byId) {
     for (const p of report.pairs) {
-      const isMaster = (masterOf.get(p.name) ?? p.master.ss) === ssId;
-      if (isMaster && !fromMaster.has(p.name)) {
-        pairs.set(p.name, p);
-        fromMaster.add(p.name);
-      } else if (!pairs.has(p.name)) pairs.set(p.name, p);
+      const rank = pairRank(p, ssId === (masterOf.get(p.name) ?? p.master.ss));
+      const prior = pairs.get(p.name);
+      if (!prior || rank > prior.rank) pairs.set(p.name, { p, rank });
     }
   }
   // Configuration order first, then anything the systems know that the file does not.
   const order = [...config.pairs.map((p) => p.name), ...[...pairs.keys()].filter((n) => !masterOf.has(n))];
-  return { storageSystems, pairs: order.filter((n) => pairs.has(n)).map((n) => pairs.get(n)!) };
+  return { storageSystems, pairs: order.filter((n) => pairs.has(n)).map((n) => pairs.get(n)!.p) };
+}
+
+/**
+ * Which report of a pair to show: the master's, in its newest epoch (after a swap or a
+ * takeover the master is no longer the configured one); then a mirror that still hears
+ * its master; then any.
+ */
+export function pairRank(p: PairStatus, configuredMaster: boolean): number {
+  if (p.role === 'master') return 1_000_000 + (p.epoch ?? 0);
+  if (p.role === undefined && configuredMaster) return 1_000_000;
+  return p.stale ? 0 : 1;
 }
 
 // ---------------------------------------------------------------------------
@@ -176,6 +184,9 @@ export function renderStatus(status: ClusterStatus): string {
     }
     out.push(...table(['PAIR', 'MODE', 'STATE', 'MASTER', 'MIRROR', 'INVALID', 'SYNCED', 'COPIED'], rows, 'lllllrrr'));
     for (const p of status.pairs) if (p.error) out.push(`  ${p.name}: ${p.state}: ${p.error}`);
+    for (const p of status.pairs) {
+      if (p.role === 'mirror') out.push(`  ${p.name}: the master's storage system ${p.master.ss} did not answer; shown as its mirror sees it${p.stale ? ' (its data may be stale)' : ''}`);
+    }
   }
   return `${out.join('\n')}\n`;
 }

@@ -39,9 +39,11 @@ async function up(opts: { config: string; only?: string }, log: Logger): Promise
     const config = loadConfig(opts.config);
     const ids = selectIds(config, opts.only ? parseOnly(opts.only) : undefined);
     systems = await startStorageSystems(config, ids, log);
+    // Each dashboard shows the whole cluster: it asks every storage system of the file.
+    const peers = config.storageSystems.map((s) => ({ id: s.id, host: s.admin.host, port: s.admin.port }));
     for (const ss of systems) {
       const a = config.storageSystems.find((s) => s.id === ss.spec.id)!.admin;
-      admins.push(await startAdminServer(ss, { host: a.host, port: a.port, log: log.child({ ss: ss.spec.id }) }));
+      admins.push(await startAdminServer(ss, { host: a.host, port: a.port, log: log.child({ ss: ss.spec.id }), peers }));
     }
   } catch (e) {
     await Promise.all(admins.map((a) => a.close().catch(() => {})));

@@ -2,25 +2,35 @@
 // this process runs (`--only`), and the spec each storage system gets.
 import type { Logger } from 'pino';
 import { StorageSystem, type StorageSystemSpec } from '../controller/storage-system.js';
-import type { ClusterConfig } from './config.js';
+import type { ClusterConfig, PairConfig } from './config.js';
 
 export class ClusterError extends Error {
   override readonly name = 'ClusterError';
 }
 
-/** The spec of storage system `id`: its volumes and the pairs it masters. */
+/**
+ * The spec of storage system `id`: its volumes, the pairs it runs alone (master and every
+ * mirror inside it), and the pairs it shares with other storage systems, with where to
+ * reach those (their control channel and NBD addresses).
+ */
 export function specFor(config: ClusterConfig, id: number): StorageSystemSpec {
   const ss = config.storageSystems.find((s) => s.id === id);
   if (!ss) throw new ClusterError(`${config.source}: no storage system with id ${id}`);
-  const pairs = config.pairs.filter((p) => p.master.ss === id);
-  for (const p of config.pairs) {
-    const remote = p.mirrors.find((m) => m.ss !== p.master.ss);
-    if (remote && (p.master.ss === id || remote.ss === id)) {
-      throw new ClusterError(
-        `${config.source}: pair ${p.name}: mirror ss${remote.ss}/vol${remote.vol} is in another storage system than its master (ss${p.master.ss}); remote mirrors are not supported yet`,
-      );
+  const spans = (p: PairConfig) => p.mirrors.some((m) => m.ss !== p.master.ss);
+  const involves = (p: PairConfig) => p.master.ss === id || p.mirrors.some((m) => m.ss === id);
+  const local = config.pairs.filter((p) => p.master.ss === id && !spans(p));
+  const remote = config.pairs.filter((p) => spans(p) && involves(p));
+  for (const p of remote) {
+    const here = [p.master, ...p.mirrors].filter((r) => r.ss === id);
+    if (here.length > 1 && p.master.ss !== id) {
+      throw new ClusterError(`${config.source}: pair ${p.name}: storage system ${id} holds ${here.length} mirrors of a master in storage system ${p.master.ss}; a storage system may hold one mirror of a remote master`);
     }
   }
+  const peerIds = new Set(remote.flatMap((p) => [p.master, ...p.mirrors].map((r) => r.ss)).filter((x) => x !== id));
+  const peers = config.storageSystems
+    .filter((s) => peerIds.has(s.id))
+    // loadConfig requires `peer` on every storage system of a pair across storage systems.
+    .map((s) => ({ id: s.id, peer: s.peer!, nbd: s.nbd }));
   return {
     id: ss.id,
     nbd: ss.nbd,
@@ -30,7 +40,19 @@ export function specFor(config: ClusterConfig, id: number): StorageSystemSpec {
     ...(ss.cache ? { cache: ss.cache } : {}),
     volumes: ss.volumes,
     clusterSize: config.clusterSize,
-    pairs: pairs.map((p) => ({ name: p.name, mode: p.mode, master: p.master, mirrors: p.mirrors, ...(p.syncRate !== undefined ? { syncRate: p.syncRate } : {}) })),
+    pairs: local.map((p) => ({ name: p.name, mode: p.mode, master: p.master, mirrors: p.mirrors, fence: p.fence, ...(p.syncRate !== undefined ? { syncRate: p.syncRate } : {}) })),
+    remotePairs: remote.map((p) => ({
+      name: p.name,
+      mode: p.mode,
+      master: p.master,
+      mirrors: p.mirrors,
+      fence: p.fence,
+      autoResync: p.autoResync,
+      ...(p.syncRate !== undefined ? { syncRate: p.syncRate } : {}),
+    })),
+    ...(ss.peer ? { peer: ss.peer } : {}),
+    peers,
+    peerTimeout: config.peerTimeout,
   };
 }
 

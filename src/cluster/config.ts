@@ -32,6 +32,11 @@ export interface StorageSystemConfig {
   /** Absolute. */
   nbdSocket?: string;
   admin: HostPort;
+  /**
+   * The replication control channel (docs/replication.md): where the other storage systems
+   * reach this one. Required when a pair spans this storage system and another.
+   */
+  peer?: HostPort;
   /** Absolute, resolved against the YAML file's directory; absent means volumes live in memory. */
   dataDir?: string;
   cache?: { size: number };
@@ -45,14 +50,39 @@ export interface PairConfig {
   mirrors: VolRef[];
   /** Sync daemon limit in bytes per second. */
   syncRate?: number;
+  /** What a sync pair does when a mirror cannot be written: never (suspend, keep writing) or data (refuse writes). */
+  fence: FenceLevel;
+  /** Resync by itself when an unreachable mirror's storage system is back (default true). */
+  autoResync: boolean;
 }
+
+export type FenceLevel = 'never' | 'data';
 
 export interface ClusterConfig {
   /** The file name used in messages, as given to loadConfig/parseConfig. */
   source: string;
   clusterSize: number;
+  /** How long a silent peer storage system is given before it counts as gone, in ms. */
+  peerTimeout: number;
   storageSystems: StorageSystemConfig[];
   pairs: PairConfig[];
+  /** The cluster file system (docs/cfs.md); absent when the YAML has no `cfs:` section. */
+  cfs?: CfsConfig;
+}
+
+export interface CfsConfig {
+  /** Where the CFS server listens for its clients. */
+  listen: HostPort;
+  /** Absolute. Absent only when every storage system of its pairs is in memory: metadata then lives in memory too. */
+  dataDir?: string;
+  /** Allocation unit of file data on the master volumes. */
+  blockSize: number;
+  /** The pairs that hold files, in configuration order (default: all pairs). */
+  pairs: string[];
+  /** The storage system whose `up` process runs the CFS server (default: the lowest id). */
+  ss: number;
+  /** Whether the master is one of the copies opens are spread over (default true). */
+  readFromMaster: boolean;
 }
 
 export interface ConfigProblem {
@@ -77,6 +107,9 @@ export class ConfigError extends Error {
 }
 
 export const DEFAULT_CLUSTER_SIZE = 64 * 1024;
+export const DEFAULT_PEER_TIMEOUT_MS = 5000;
+const MIN_PEER_TIMEOUT_MS = 100;
+const MAX_PEER_TIMEOUT_MS = 10 * 60 * 1000;
 const MIN_CLUSTER_SIZE = 4 * 1024;
 const MAX_CLUSTER_SIZE = 64 * 1024 * 1024;
 const SECTOR = 512;
@@ -123,7 +156,9 @@ export function parseConfig(text: string, source: string, baseDir: string): Clus
   let config: ClusterConfig | undefined;
   if (parsed.success) {
     config = build(parsed.data, source, baseDir, problems);
+    if (parsed.data.cfs !== undefined) config.cfs = buildCfs(parsed.data.cfs, config, baseDir);
     crossCheck(config, problems);
+    checkCfs(config, problems);
   } else {
     problems.push(...withoutEchoes(parsed.error.issues.flatMap((issue) => fromIssue(issue, data))));
   }
@@ -232,6 +267,21 @@ const hostPort = leaf((v): HostPort => {
   return { host, port };
 });
 
+/** Milliseconds: 5000, "5s", "500ms". */
+const peerTimeout = leaf((v) => {
+  const m = typeof v === 'number' ? [String(v), String(v), 'ms'] : typeof v === 'string' ? /^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$/.exec(v) : null;
+  if (!m) fail(`expected a duration such as 5s or 500ms, got ${show(v)}`);
+  const ms = Number(m[1]) * (m[2] === 's' ? 1000 : 1);
+  if (!Number.isFinite(ms) || ms < MIN_PEER_TIMEOUT_MS || ms > MAX_PEER_TIMEOUT_MS) {
+    fail(`peerTimeout must be from ${MIN_PEER_TIMEOUT_MS}ms to ${MAX_PEER_TIMEOUT_MS / 1000}s, got ${show(v)}`);
+  }
+  return Math.round(ms);
+});
+
+const fence = leaf((v): FenceLevel => (v === 'never' || v === 'data' ? v : fail(`expected never or data, got ${show(v)}`)));
+
+const bool = leaf((v) => (typeof v === 'boolean' ? v : fail(`expected true or false, got ${show(v)}`)));
+
 const filePath = leaf((v) => (typeof v === 'string' && v.length > 0 ? v : fail(`expected a path, got ${show(v)}`)));
 
 const mode = leaf((v): PairMode => (v === 'sync' || v === 'async' ? v : fail(`expected sync or async, got ${show(v)}`)));
@@ -251,6 +301,7 @@ const StorageSystemSchema = mapping({
   nbd: hostPort,
   nbdSocket: filePath.optional(),
   admin: hostPort,
+  peer: hostPort.optional(),
   dataDir: filePath.optional(),
   cache: CacheSchema.optional(),
   volumes: list(VolumeSchema),
@@ -261,11 +312,31 @@ const PairSchema = mapping({
   master: VolRefSchema,
   mirrors: list(VolRefSchema).min(1, { error: 'a pair needs at least one mirror' }),
   syncRate: syncRate.optional(),
+  fence: fence.optional(),
+  autoResync: bool.optional(),
+});
+// The `cfs:` section (docs/cfs.md). Cross-checks are in checkCfs().
+const DEFAULT_CFS_BLOCK_SIZE = 64 * 1024;
+const cfsBlockSize = size((n, v) =>
+  n >= MIN_CLUSTER_SIZE && n <= MAX_CLUSTER_SIZE && (n & (n - 1)) === 0
+    ? undefined
+    : `blockSize must be a power of two from ${formatSize(MIN_CLUSTER_SIZE)} to ${formatSize(MAX_CLUSTER_SIZE)}, got ${JSON.stringify(v)}`,
+);
+const cfsFlag = leaf((v) => (typeof v === 'boolean' ? v : fail(`expected true or false, got ${show(v)}`)));
+const CfsSchema = mapping({
+  listen: hostPort,
+  dataDir: filePath.optional(),
+  blockSize: cfsBlockSize.optional(),
+  pairs: list(pairName).min(1, { error: 'list at least one pair, or leave pairs out for all of them' }).optional(),
+  ss: id.optional(),
+  readFromMaster: cfsFlag.optional(),
 });
 const ClusterSchema = mapping({
   clusterSize: clusterSize.optional(),
+  peerTimeout: peerTimeout.optional(),
   storageSystems: list(StorageSystemSchema).min(1, { error: 'at least one storage system is required' }),
   pairs: list(PairSchema).optional(),
+  cfs: CfsSchema.optional(),
 });
 
 /** Which keys a mapping takes, by its path with indexes dropped: for "did you mean". */
@@ -277,6 +348,7 @@ const KEYS_AT = new Map<string, readonly string[]>([
   ['pairs[]', Object.keys(PairSchema.shape)],
   ['pairs[].master', Object.keys(VolRefSchema.shape)],
   ['pairs[].mirrors[]', Object.keys(VolRefSchema.shape)],
+  ['cfs', Object.keys(CfsSchema.shape)],
 ]);
 
 function fromIssue(issue: z.core.$ZodIssue, data: unknown): RawProblem[] {
@@ -313,16 +385,23 @@ function build(p: Parsed, source: string, baseDir: string, problems: RawProblem[
         problems.push({ path: ['storageSystems', i, 'nbdSocket'], message: `socket path ${out.nbdSocket} is ${bytes} bytes, but unix sockets allow at most ${MAX_SOCKET_PATH}` });
       }
     }
+    if (ss.peer !== undefined) {
+      out.peer = ss.peer;
+      if (ss.peer.port === 0) problems.push({ path: ['storageSystems', i, 'peer'], message: 'the peer port cannot be 0: the other storage systems must know where to reach this one' });
+    }
     if (ss.dataDir !== undefined) out.dataDir = path.resolve(baseDir, ss.dataDir);
     if (ss.cache !== undefined) out.cache = { size: ss.cache.size };
     return out;
   });
-  const pairs = (p.pairs ?? []).map((pr): PairConfig => {
-    const out: PairConfig = { name: pr.name, mode: pr.mode, master: pr.master, mirrors: pr.mirrors };
+  const pairs = (p.pairs ?? []).map((pr, j): PairConfig => {
+    if (pr.fence === 'data' && pr.mode === 'async') {
+      problems.push({ path: ['pairs', j, 'fence'], message: 'fence: data applies to sync pairs (an async pair never waits for its mirrors)' });
+    }
+    const out: PairConfig = { name: pr.name, mode: pr.mode, master: pr.master, mirrors: pr.mirrors, fence: pr.fence ?? 'never', autoResync: pr.autoResync ?? true };
     if (pr.syncRate !== undefined) out.syncRate = pr.syncRate;
     return out;
   });
-  return { source, clusterSize: p.clusterSize ?? DEFAULT_CLUSTER_SIZE, storageSystems, pairs };
+  return { source, clusterSize: p.clusterSize ?? DEFAULT_CLUSTER_SIZE, peerTimeout: p.peerTimeout ?? DEFAULT_PEER_TIMEOUT_MS, storageSystems, pairs };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -348,6 +427,7 @@ function crossCheck(cfg: ClusterConfig, problems: RawProblem[]): void {
 
   // Volume -> where it was first used, to refuse a volume in two pairs or twice in one.
   const used = new Map<string, { pair: number; at: string }>();
+  const needsPeer = new Set<number>();
   const names = new Map<string, number>();
   cfg.pairs.forEach((pair, i) => {
     const other = names.get(pair.name);
@@ -378,6 +458,15 @@ function crossCheck(cfg: ClusterConfig, problems: RawProblem[]): void {
         continue;
       }
       used.set(key, { pair: i, at: formatPath(at) });
+      if (ref.ss !== pair.master.ss && ssById.has(pair.master.ss)) {
+        for (const end of [pair.master.ss, ref.ss]) {
+          const s = ssById.get(end);
+          if (s && s.ss.peer === undefined && !needsPeer.has(end)) {
+            needsPeer.add(end);
+            report(['storageSystems', s.index, 'peer'], `missing required key: pair "${pair.name}" spans storage systems ${pair.master.ss} and ${ref.ss}, which reach each other at their peer address (e.g. peer: 127.0.0.1:7001)`);
+          }
+        }
+      }
       if (at[2] === 'master') masterSize = vol.size;
       else if (masterSize !== undefined && vol.size !== masterSize) {
         report(at, `volume ${ref.vol} of storage system ${ref.ss} is ${formatSize(vol.size)} but its master is ${formatSize(masterSize)} (a mirror must be the same size)`);
@@ -386,14 +475,72 @@ function crossCheck(cfg: ClusterConfig, problems: RawProblem[]): void {
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// The `cfs:` section: defaults, then the checks against the rest of the file.
+
+function buildCfs(c: NonNullable<Parsed['cfs']>, cfg: ClusterConfig, baseDir: string): CfsConfig {
+  const out: CfsConfig = {
+    listen: c.listen,
+    blockSize: c.blockSize ?? DEFAULT_CFS_BLOCK_SIZE,
+    pairs: c.pairs ?? cfg.pairs.map((p) => p.name),
+    ss: c.ss ?? Math.min(...cfg.storageSystems.map((s) => s.id)),
+    readFromMaster: c.readFromMaster ?? true,
+  };
+  if (c.dataDir !== undefined) out.dataDir = path.resolve(baseDir, c.dataDir);
+  return out;
+}
+
+function checkCfs(cfg: ClusterConfig, problems: RawProblem[]): void {
+  const cfs = cfg.cfs;
+  if (cfs === undefined) return;
+  const report = (at: Segment[], message: string) => problems.push({ path: at, message });
+  const known = cfg.pairs.map((p) => p.name);
+  if (cfs.pairs.length === 0) report(['cfs'], 'the file system needs at least one pair to keep files on, and pairs: has none');
+  const seen = new Map<string, number>();
+  cfs.pairs.forEach((name, i) => {
+    const first = seen.get(name);
+    if (first !== undefined) return report(['cfs', 'pairs', i], `pair "${name}" is listed twice (also cfs.pairs[${first}])`);
+    seen.set(name, i);
+    const pair = cfg.pairs.find((p) => p.name === name);
+    if (!pair) return report(['cfs', 'pairs', i], `pair "${name}" does not exist (${known.length === 0 ? 'pairs: is empty' : `pairs: ${known.join(', ')}`})`);
+    const master = cfg.storageSystems.find((s) => s.id === pair.master.ss)?.volumes.find((v) => v.id === pair.master.vol);
+    if (master && master.size < cfs.blockSize) {
+      report(['cfs', 'pairs', i], `the master of pair "${name}" (${formatSize(master.size)}) is smaller than one block (cfs.blockSize ${formatSize(cfs.blockSize)})`);
+    }
+  });
+  if (!cfg.storageSystems.some((s) => s.id === cfs.ss)) report(['cfs', 'ss'], `storage system ${cfs.ss} does not exist`);
+
+  // Metadata must be as durable as the data it describes.
+  const onDisk = cfg.storageSystems.findIndex((s) => s.dataDir !== undefined && cfg.pairs.some((p) => cfs.pairs.includes(p.name) && [p.master, ...p.mirrors].some((r) => r.ss === s.id)));
+  if (cfs.dataDir === undefined && onDisk >= 0) {
+    report(['cfs', 'dataDir'], `${MISSING}: the volumes of the file system's pairs are on disk (storageSystems[${onDisk}].dataDir), so its metadata must be too`);
+  }
+  const sameDir = cfg.storageSystems.findIndex((s) => s.dataDir !== undefined && s.dataDir === cfs.dataDir);
+  if (sameDir >= 0) report(['cfs', 'dataDir'], `data directory ${cfs.dataDir} is already used by storageSystems[${sameDir}].dataDir`);
+
+  if (cfs.listen.port !== 0) {
+    for (const [i, ss] of cfg.storageSystems.entries()) {
+      for (const [key, hp] of Object.entries(ss) as [string, unknown][]) {
+        if (!isHostPort(hp) || hp.port !== cfs.listen.port || !hostsOverlap(canonicalHost(hp.host), canonicalHost(cfs.listen.host))) continue;
+        report(['cfs', 'listen'], `port ${hp.port} on ${cfs.listen.host} is already used by storageSystems[${i}].${key} (${formatHostPort(hp)})`);
+      }
+    }
+  }
+}
+
+function isHostPort(v: unknown): v is HostPort {
+  return isPlainObject(v) && typeof v.host === 'string' && typeof v.port === 'number' && Object.keys(v).length === 2;
+}
+
 /** Two listeners clash on one port when their hosts overlap; a wildcard host overlaps every host. */
 function checkEndpoints(cfg: ClusterConfig, report: (at: Segment[], message: string) => void): void {
   const tcp: { at: Segment[]; hp: HostPort; canon: string }[] = [];
   const sockets = new Map<string, string>();
   const dataDirs = new Map<string, string>();
   cfg.storageSystems.forEach((ss, i) => {
-    for (const key of ['nbd', 'admin'] as const) {
+    for (const key of ['nbd', 'admin', 'peer'] as const) {
       const hp = ss[key];
+      if (hp === undefined) continue;
       const at: Segment[] = ['storageSystems', i, key];
       // Port 0 asks the kernel for a free port: it never clashes.
       const clash = hp.port === 0 ? undefined : tcp.find((t) => t.hp.port === hp.port && hostsOverlap(t.canon, canonicalHost(hp.host)));

@@ -10,6 +10,8 @@
 
 export class ClusterBitmap {
   readonly bits: Uint8Array;
+  /** The same bytes as 32-bit words (the whole ones), for counting 32 clusters at a time. */
+  private readonly words: Uint32Array;
   private count = 0;
 
   constructor(
@@ -17,6 +19,7 @@ export class ClusterBitmap {
     bits?: Uint8Array,
   ) {
     this.bits = new Uint8Array(Math.ceil(clusters / 8));
+    this.words = new Uint32Array(this.bits.buffer, 0, this.bits.length >>> 2);
     if (bits) {
       this.bits.set(bits.subarray(0, this.bits.length));
       // Bits past the last cluster carry no meaning: keep them clear so counts stay exact.
@@ -87,6 +90,37 @@ export class ClusterBitmap {
     return found >= 0 ? found : this.scan(0, start);
   }
 
+  /**
+   * Invalid clusters per bucket: the clusters are cut into `buckets` runs of
+   * near-equal length (bucket i holds clusters [floor(i*C/n), floor((i+1)*C/n))),
+   * and each run's Invalid bits are counted. A dashboard draws a volume of
+   * millions of clusters in a few thousand pixels this way.
+   */
+  invalidPerBucket(buckets: number): Uint32Array {
+    const n = Math.max(1, Math.min(buckets, this.clusters));
+    const out = new Uint32Array(n);
+    if (this.count === 0) return out;
+    let start = 0;
+    for (let i = 0; i < n; i++) {
+      const end = Math.floor(((i + 1) * this.clusters) / n);
+      out[i] = this.countInvalid(start, end);
+      start = end;
+    }
+    return out;
+  }
+
+  /** Invalid clusters in [from, to): bit by bit up to a byte edge, bytes up to a word edge, then whole words. */
+  private countInvalid(from: number, to: number): number {
+    let n = 0;
+    let c = from;
+    for (; c < to && (c & 7) !== 0; c++) if (this.isInvalid(c)) n++;
+    for (; c + 8 <= to && (c & 31) !== 0; c += 8) n += popcount32(this.bits[c >>> 3]!);
+    for (; c + 32 <= to; c += 32) n += popcount32(this.words[c >>> 5]!);
+    for (; c + 8 <= to; c += 8) n += popcount32(this.bits[c >>> 3]!);
+    for (; c < to; c++) if (this.isInvalid(c)) n++;
+    return n;
+  }
+
   private scan(from: number, to: number): number {
     let c = from;
     while (c < to) {
@@ -99,6 +133,12 @@ export class ClusterBitmap {
     }
     return -1;
   }
+}
+
+function popcount32(v: number): number {
+  v -= (v >>> 1) & 0x55555555;
+  v = (v & 0x33333333) + ((v >>> 2) & 0x33333333);
+  return Math.imul((v + (v >>> 4)) & 0x0f0f0f0f, 0x01010101) >>> 24;
 }
 
 function popcount(bytes: Uint8Array): number {

@@ -15,15 +15,53 @@
 // may mark a cluster Valid / clear its on-disk bit only if its gen did not
 // move and no write is in flight: a write that hits a cluster during a copy
 // can never be lost.
+import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { BlockDeviceError, payloadLength, type BlockDevice, type Extent, type Payload, type ZeroOptions } from '../blockdev/types.js';
 import { ClusterBitmap, clusterRange } from './bitmap.js';
 import type { BitmapStore } from './bitmap-store.js';
 import type { MirrorStatus, PairMode, PairState, PairStatus, VolRef } from './status.js';
 
+/**
+ * What the pair sees of a mirror in another storage system, besides its data
+ * device: the control channel that keeps the mirror's copy of the bitmap
+ * (docs/replication.md).
+ */
+export interface RemotePort {
+  /** A session is up: the mirror's storage system holds our bitmap and takes our writes. */
+  readonly connected: boolean;
+  /**
+   * Tell the mirror's storage system these clusters are Invalid. Resolves once it
+   * knows, or once the link is declared down (never later than the peer timeout).
+   */
+  invalidate(first: number, last: number): Promise<void>;
+  /**
+   * Resolves once the mirror's storage system has acknowledged the invalidation of every cluster
+   * of [first, last] that is still in flight (at once when none is), or the link is down.
+   */
+  barrier(first: number, last: number): Promise<void>;
+  /** A cluster was copied: the mirror may serve it from its own data again. Ordered after earlier invalidations. */
+  valid(c: number): void;
+  /** Checksums of `count` clusters from `first` on the mirror (verify). */
+  hashes(first: number, count: number): Promise<string[]>;
+}
+
+export type FenceLevel = 'never' | 'data';
+
+export interface VerifyProgress {
+  running: boolean;
+  checked: number;
+  total: number;
+  differences: number;
+  /** The first differing clusters (at most 100). */
+  differing: number[];
+  error?: string;
+}
+
 export interface MirrorLink {
   ref: VolRef;
   device: BlockDevice;
+  remote?: RemotePort;
   bitmap: ClusterBitmap;
   copiedBytes: number;
   /** Where the sync daemon resumes its scan. */
@@ -35,8 +73,14 @@ export interface PairOptions {
   mode: PairMode;
   clusterSize: number;
   master: { ref: VolRef; device: BlockDevice };
-  mirrors: { ref: VolRef; device: BlockDevice }[];
+  mirrors: { ref: VolRef; device: BlockDevice; remote?: RemotePort }[];
   store: BitmapStore;
+  /** Sync pairs: what a mirror write failure does (default never: suspend and go on). */
+  fence?: FenceLevel;
+  /** Inside resync's quiet point, before mirroring restarts: remote mirrors hand over what they changed. */
+  beforeResync?: () => Promise<void>;
+  /** Inside split's quiet point, after the mirrors are flushed: remote mirrors learn they are writable. */
+  afterSplit?: () => Promise<void>;
   /**
    * Persisted bits per mirror from the last run, or null for a new pair.
    * A new pair starts with every cluster Invalid unless `identical`.
@@ -66,7 +110,9 @@ export class Pair {
   readonly master: { ref: VolRef; device: BlockDevice };
   readonly mirrors: MirrorLink[];
   readonly syncRate: number | undefined;
+  readonly fence: FenceLevel;
   readonly store: BitmapStore;
+  verifyProgress: VerifyProgress | undefined;
   private readonly gen: Uint32Array;
   private readonly inflight: Uint32Array;
   private readonly all: number[];
@@ -78,6 +124,8 @@ export class Pair {
   private cleanTimer: NodeJS.Timeout | null = null;
   private cleaning: Promise<void> | null = null;
   private closed = false;
+  /** This copy stopped being the master (swap, or a takeover elsewhere): host writes are refused. */
+  private retired = false;
   private readonly log: Logger;
   private readonly opts: PairOptions;
 
@@ -90,6 +138,7 @@ export class Pair {
     this.clusters = Math.ceil(this.size / this.clusterSize);
     this.master = opts.master;
     this.syncRate = opts.syncRate;
+    this.fence = opts.fence ?? 'never';
     this.store = opts.store;
     this.log = opts.log;
     this.gen = new Uint32Array(this.clusters);
@@ -97,7 +146,7 @@ export class Pair {
     this.all = opts.mirrors.map((_, i) => i);
     this.mirrors = opts.mirrors.map((m, i) => {
       const bitmap = new ClusterBitmap(this.clusters, opts.loaded?.[i]);
-      return { ref: m.ref, device: m.device, bitmap, copiedBytes: 0, cursor: 0 };
+      return { ref: m.ref, device: m.device, ...(m.remote ? { remote: m.remote } : {}), bitmap, copiedBytes: 0, cursor: 0 };
     });
     if (opts.loaded === null && !opts.identical) {
       // A new pair whose mirror may hold anything: copy it all. Persist the
@@ -133,6 +182,10 @@ export class Pair {
   /** Run a modifying operation on the master (write, trim, zero) under the pair's rules. */
   async hostWrite(offset: number, length: number, fua: boolean, apply: (dev: BlockDevice) => Promise<void>): Promise<void> {
     if (this.gate) await this.gate;
+    if (this.retired) throw new BlockDeviceError('EPERM', `${this.name}: this volume is no longer the master of the pair`);
+    if (this.mode === 'sync' && this.fence === 'data' && this.userState === 'PSUE') {
+      throw new BlockDeviceError('EIO', `${this.name} is suspended (${this.error ?? 'mirror unreachable'}) and its fence level is data: writes are refused`);
+    }
     const [first, last] = clusterRange(offset, length, this.clusterSize);
     this.opts.onHostWrite?.();
     this.begin(first, last);
@@ -140,10 +193,18 @@ export class Pair {
       if (this.mode === 'async' || !this.replicating) {
         // Async: mirrors' clusters Invalid (in memory and on disk) before the master changes.
         let woke = false;
-        for (const m of this.mirrors) for (let c = first; c <= last; c++) woke = m.bitmap.setInvalid(c) || woke;
+        const told: Promise<void>[] = [];
+        for (const m of this.mirrors) {
+          let newly = false;
+          for (let c = first; c <= last; c++) newly = m.bitmap.setInvalid(c) || newly;
+          woke ||= newly;
+          // A remote mirror's storage system must know before the ack, or a read there could be stale.
+          // Bits already set were sent before: wait only if their message is not acknowledged yet.
+          if (m.remote?.connected) told.push(newly ? m.remote.invalidate(first, last) : m.remote.barrier(first, last));
+        }
         await this.store.mark(this.all, first, last);
         // FUA reaches the master only: the mirrors' share is covered by the persisted bitmap.
-        await apply(this.master.device);
+        await Promise.all([apply(this.master.device), ...told]);
         if (woke && this.replicating) this.opts.onInvalid?.();
         return;
       }
@@ -156,13 +217,21 @@ export class Pair {
         this.opts.onInvalid?.();
         throw results[0]!.reason;
       }
+      let failed: Error | undefined;
+      const told: Promise<void>[] = [];
       results.slice(1).forEach((r, i) => {
         if (r.status === 'rejected') {
           const m = this.mirrors[i]!;
           m.bitmap.setRangeInvalid(first, last);
+          if (m.remote?.connected) told.push(m.remote.invalidate(first, last));
+          failed ??= r.reason as Error;
           this.suspend(`mirror ss${m.ref.ss}/vol${m.ref.vol}: ${(r.reason as Error).message}`);
         }
       });
+      await Promise.all(told);
+      if (failed && this.fence === 'data') {
+        throw new BlockDeviceError('EIO', `${this.name}: a mirror could not be written and the fence level is data: ${failed.message}`);
+      }
     } finally {
       this.end(first, last);
     }
@@ -243,6 +312,7 @@ export class Pair {
     if (token < 0 || this.inflight[c]! > 0 || this.gen[c] !== token || !this.replicating) return false;
     const m = this.mirrors[i]!;
     if (!m.bitmap.setValid(c)) return false;
+    m.remote?.valid(c);
     m.copiedBytes += Math.min(this.clusterSize, this.size - c * this.clusterSize);
     this.scheduleClean();
     return true;
@@ -284,6 +354,8 @@ export class Pair {
       }
     });
     if (candidates.length === 0) return;
+    // A remote mirror without a session cannot be flushed: keep the bits until it is back.
+    if (this.mirrors.some((m) => m.remote && !m.remote.connected)) return;
     try {
       // Durable on every copy first: a cleared bit must never hide data only one side holds.
       await Promise.all([this.master.device.flush(), ...this.mirrors.map((m) => m.device.flush())]);
@@ -304,7 +376,7 @@ export class Pair {
   // ---- pair commands ----
 
   /** Hold new writes and wait for those in flight: a clean point for a state change. */
-  private async quiesce<T>(fn: () => T | Promise<T>): Promise<T> {
+  async quiesce<T>(fn: () => T | Promise<T>): Promise<T> {
     while (this.gate) await this.gate;
     let open!: () => void;
     this.gate = new Promise((r) => (open = r));
@@ -325,14 +397,16 @@ export class Pair {
       // The point-in-time image: everything acknowledged so far is on the mirror.
       await Promise.all(this.mirrors.map((m) => m.device.flush()));
       this.userState = 'PSUS';
+      await this.opts.afterSplit?.();
       this.log.info({ pair: this.name }, 'pair split (PSUS)');
       this.opts.onStateChange?.('PSUS');
     });
   }
 
   resync(): Promise<void> {
-    return this.quiesce(() => {
+    return this.quiesce(async () => {
       if (this.userState === null) return;
+      await this.opts.beforeResync?.();
       this.userState = null;
       this.error = undefined;
       this.log.info({ pair: this.name, invalid: this.mirrors.map((m) => m.bitmap.invalidCount) }, 'pair resync (COPY)');
@@ -357,6 +431,7 @@ export class Pair {
       invalidClusters: m.bitmap.invalidCount,
       syncProgress: this.clusters === 0 ? 1 : 1 - m.bitmap.invalidCount / this.clusters,
       copiedBytes: m.copiedBytes,
+      ...(m.remote ? { connected: m.remote.connected } : {}),
     }));
     return {
       name: this.name,
@@ -367,21 +442,104 @@ export class Pair {
       clusters: this.clusters,
       ...(this.syncRate !== undefined ? { syncRate: this.syncRate } : {}),
       ...(this.error ? { error: this.error } : {}),
+      fence: this.fence,
+      role: 'master',
+      ...(this.verifyProgress ? { verify: { ...this.verifyProgress, differing: this.verifyProgress.differing.slice() } } : {}),
       mirrors,
     };
   }
 
-  async close(): Promise<void> {
+  /** Mark clusters Invalid on mirror i from outside a write (verify, a resync's handover): memory, disk, and the mirror's SS. */
+  async invalidate(i: number, clusters: Iterable<number>): Promise<number> {
+    const m = this.mirrors[i]!;
+    let n = 0;
+    const runs: [number, number][] = [];
+    for (const c of clusters) {
+      if (!m.bitmap.setInvalid(c)) continue;
+      n++;
+      const run = runs[runs.length - 1];
+      if (run && run[1] === c - 1) run[1] = c;
+      else runs.push([c, c]);
+    }
+    for (const [a, b] of runs) await this.store.mark([i], a, b);
+    if (m.remote?.connected) await Promise.all(runs.map(([a, b]) => m.remote!.invalidate(a, b)));
+    if (n > 0 && this.replicating) this.opts.onInvalid?.();
+    return n;
+  }
+
+  /**
+   * Compare every mirror with the master cluster by cluster, by checksum (only
+   * checksums cross the network for a remote mirror). Differences are marked
+   * Invalid, so the sync daemon repairs them from the master; nothing else is
+   * changed. Clusters already Invalid are skipped: they are known to differ.
+   */
+  async verify(onProgress?: (p: VerifyProgress) => void): Promise<VerifyProgress> {
+    if (this.verifyProgress?.running) throw new PairStateError(`${this.name}: a verify is already running`);
+    const p: VerifyProgress = { running: true, checked: 0, total: this.clusters * this.mirrors.length, differences: 0, differing: [] };
+    this.verifyProgress = p;
+    const batch = Math.max(1, Math.floor((4 * 1024 * 1024) / this.clusterSize));
+    try {
+      for (let i = 0; i < this.mirrors.length; i++) {
+        const m = this.mirrors[i]!;
+        for (let first = 0; first < this.clusters; first += batch) {
+          if (this.closed) throw new Error('the storage system is closing');
+          const count = Math.min(batch, this.clusters - first);
+          const offset = first * this.clusterSize;
+          const length = Math.min(count * this.clusterSize, this.size - offset);
+          const buf = Buffer.allocUnsafe(length);
+          await this.master.device.read(offset, buf);
+          const ours = hashClusters(buf, this.clusterSize);
+          let theirs: string[];
+          if (m.remote) theirs = await m.remote.hashes(first, count);
+          else {
+            await m.device.read(offset, buf);
+            theirs = hashClusters(buf, this.clusterSize);
+          }
+          const differ: number[] = [];
+          for (let k = 0; k < count; k++) if (ours[k] !== theirs[k] && !m.bitmap.isInvalid(first + k)) differ.push(first + k);
+          if (differ.length > 0) {
+            await this.invalidate(i, differ);
+            p.differences += differ.length;
+            for (const c of differ) if (p.differing.length < 100) p.differing.push(c);
+          }
+          p.checked += count;
+          onProgress?.(p);
+        }
+      }
+      if (p.differences > 0) this.log.warn({ pair: this.name, differences: p.differences, first: p.differing.slice(0, 10) }, 'verify found differences; marked Invalid');
+      else this.log.info({ pair: this.name }, 'verify: mirrors match the master');
+    } catch (e) {
+      p.error = (e as Error).message;
+      throw e;
+    } finally {
+      p.running = false;
+    }
+    return p;
+  }
+
+  /** Refuse host writes from now on (called inside quiesce, before a role change). */
+  retire(): void {
+    this.retired = true;
+  }
+
+  async close(opts: { keepStore?: boolean } = {}): Promise<void> {
     this.closed = true;
     if (this.cleanTimer) clearTimeout(this.cleanTimer);
     this.cleanTimer = null;
     await this.clean();
-    await this.store.close();
+    if (!opts.keepStore) await this.store.close();
   }
 }
 
 export class PairStateError extends Error {
   override readonly name = 'PairStateError';
+}
+
+/** SHA-1 of each cluster of `buf` (the last one may be short), hex: what verify compares. */
+export function hashClusters(buf: Buffer, clusterSize: number): string[] {
+  const out: string[] = [];
+  for (let o = 0; o < buf.length; o += clusterSize) out.push(createHash('sha1').update(buf.subarray(o, Math.min(buf.length, o + clusterSize))).digest('hex'));
+  return out;
 }
 
 /** The master volume as hosts see it: writes go through the pair's write module. */

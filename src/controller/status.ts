@@ -1,5 +1,6 @@
 // What a storage system reports about itself: the shape of the admin API's
 // GET /api/status and of `blockmirror status --json`.
+import type { LatencyHistogram } from './volume-stats.js';
 
 export type PairState = 'COPY' | 'PAIR' | 'PSUS' | 'PSUE';
 export type PairMode = 'sync' | 'async';
@@ -31,6 +32,8 @@ export interface StorageSystemStatus {
   nbdSocket?: string;
   admin: string;
   cache?: { size: number; dirtyBytes: number; usedBytes: number; hits: number; misses: number };
+  /** Replication links to the storage systems this one shares pairs with. */
+  peers?: PeerStatus[];
   volumes: VolumeStatus[];
 }
 
@@ -40,6 +43,20 @@ export interface MirrorStatus extends VolRef {
   syncProgress: number;
   /** Bytes the sync daemon has copied to this mirror since start. */
   copiedBytes: number;
+  /** A mirror in another storage system: is the replication session up? */
+  connected?: boolean;
+}
+
+export interface VerifyStatus {
+  running: boolean;
+  /** Clusters compared so far, over all mirrors. */
+  checked: number;
+  total: number;
+  /** Clusters found different and marked Invalid. */
+  differences: number;
+  /** The first differing clusters (at most 100). */
+  differing: number[];
+  error?: string;
 }
 
 export interface PairStatus {
@@ -52,7 +69,27 @@ export interface PairStatus {
   syncRate?: number;
   /** Why the pair is in PSUE, if it is. */
   error?: string;
+  /** Sync pairs: what happens when a mirror cannot be written (never: suspend; data: refuse writes). */
+  fence?: 'never' | 'data';
+  /**
+   * This storage system's part in the pair. A pair spanning storage systems is
+   * reported by each of them: the master's report is the authoritative one.
+   */
+  role?: 'master' | 'mirror';
+  /** Pairs spanning storage systems: the generation, bumped by swap and takeover. */
+  epoch?: number;
+  /** Reported by a mirror's storage system: it cannot hear its master, so its data may be stale. */
+  stale?: boolean;
+  /** The last or running verify. */
+  verify?: VerifyStatus;
   mirrors: MirrorStatus[];
+}
+
+export interface PeerStatus {
+  ss: number;
+  connected: boolean;
+  /** Why the link is down, when it is. */
+  error?: string;
 }
 
 /** GET /api/status of one storage system. */
@@ -61,12 +98,38 @@ export interface SSReport {
   pairs: PairStatus[];
 }
 
+/** GET /api/pairs/NAME/bitmap: each mirror's Invalid clusters, counted per bucket of clusters. */
+export interface PairBitmap {
+  name: string;
+  clusters: number;
+  /** Buckets per mirror: as many as asked for, or `clusters` if fewer. Bucket i holds clusters [floor(i*clusters/buckets), floor((i+1)*clusters/buckets)). */
+  buckets: number;
+  mirrors: (VolRef & { invalidClusters: number; invalid: number[] })[];
+}
+
+/** What /metrics needs beyond report(). */
+export interface TargetMetrics {
+  /** Host I/O latency of each volume (see CountingDevice). */
+  volumes: { id: number; latency: { read: LatencyHistogram; write: LatencyHistogram } }[];
+  nbd: { connections: number; totalConnections: number };
+}
+
 /** What the admin API needs from a storage system. */
 export interface AdminTarget {
   report(): SSReport;
   /** Throws PairCommandError for an unknown pair (404) or a refused transition (409). */
   split(pair: string): Promise<PairStatus>;
   resync(pair: string): Promise<PairStatus>;
+  /** Starts a verify and returns at once; its progress is in the pair's status. */
+  verify?(pair: string): Promise<PairStatus>;
+  /** Planned role swap, run on the master's storage system. */
+  swap?(pair: string): Promise<PairStatus>;
+  /** Unplanned: the mirror's storage system promotes its copy. */
+  takeover?(pair: string): Promise<PairStatus>;
+  /** For the dashboard's heatmaps; throws PairCommandError (404) for an unknown pair. Without it, the bitmap route answers 404. */
+  bitmap?(pair: string, buckets: number): PairBitmap;
+  /** Without it, /metrics has no latency histograms and no NBD connection counts. */
+  metrics?(): TargetMetrics;
 }
 
 export class PairCommandError extends Error {

@@ -12,15 +12,17 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import { MemoryDevice } from '../blockdev/memory.js';
 import { openFileDevice } from '../blockdev/file.js';
-import type { BlockDevice } from '../blockdev/types.js';
+import type { BlockDevice, Extent, Payload, ZeroOptions } from '../blockdev/types.js';
 import { ExportTable } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
 import { CacheMemory } from './cache.js';
 import { FileBitmapStore, MemoryBitmapStore, type BitmapStore } from './bitmap-store.js';
 import { Pair, PairStateError } from './pair.js';
+import { PeerLink, PeerServer } from './peer-link.js';
+import { RemotePair, atomicWrite, type RemotePairSpec } from './remote-pair.js';
 import { SyncDaemon } from './sync-daemon.js';
 import { CountingDevice } from './volume-stats.js';
-import { PairCommandError, type AdminTarget, type PairState, type PairStatus, type SSReport, type VolRef, type VolumeRole } from './status.js';
+import { PairCommandError, type AdminTarget, type PairBitmap, type PairState, type PairStatus, type SSReport, type TargetMetrics, type VolRef, type VolumeRole } from './status.js';
 
 export interface StorageSystemSpec {
   id: number;
@@ -34,7 +36,15 @@ export interface StorageSystemSpec {
   volumes: { id: number; size: number }[];
   clusterSize: number;
   /** Pairs whose master and mirrors are all in this storage system. */
-  pairs: { name: string; mode: 'sync' | 'async'; master: VolRef; mirrors: VolRef[]; syncRate?: number }[];
+  pairs: { name: string; mode: 'sync' | 'async'; master: VolRef; mirrors: VolRef[]; syncRate?: number; fence?: 'never' | 'data' }[];
+  /** Pairs that span this storage system and others (docs/replication.md). */
+  remotePairs?: RemotePairSpec[];
+  /** This storage system's control-channel address, when it has remote pairs. */
+  peer?: { host: string; port: number };
+  /** The storage systems it shares pairs with: where their control channel and NBD listen. */
+  peers?: { id: number; peer: { host: string; port: number }; nbd: { host: string; port: number } }[];
+  /** ms; default 5000. */
+  peerTimeout?: number;
 }
 
 interface Volume {
@@ -55,6 +65,9 @@ export class StorageSystem implements AdminTarget {
   readonly nbd: NbdServer;
   readonly daemon: SyncDaemon;
   readonly pairs = new Map<string, Pair>();
+  readonly remotePairs = new Map<string, RemotePair>();
+  private readonly links = new Map<number, PeerLink>();
+  private peerServer: PeerServer | null = null;
   private readonly volumes = new Map<number, Volume>();
   private cache: CacheMemory | undefined;
   private nbdAddress = '';
@@ -98,12 +111,16 @@ export class StorageSystem implements AdminTarget {
     }
 
     for (const p of spec.pairs) await this.openPair(p);
+    await this.openRemotePairs();
 
     for (const v of this.volumes.values()) {
       let dev: BlockDevice = v.device;
       const pair = v.pair ? this.pairs.get(v.pair) : undefined;
+      const remote = v.pair ? this.remotePairs.get(v.pair) : undefined;
       if (pair && v.role === 'master') dev = pair.masterDevice();
       if (pair && v.role === 'mirror') dev = pair.mirrorDevice(pair.mirrors.findIndex((m) => m.ref.vol === v.id));
+      // The role of a volume in a pair across storage systems can change (swap, takeover): ask each time.
+      if (remote) dev = new RoleDevice(() => remote.hostDevice(v.id));
       v.host = new CountingDevice(dev);
       const description = v.pair ? `${v.role} of ${v.pair}` : 'simplex volume';
       this.nbd.exports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id}: ${description}`, device: v.host, readOnly: false });
@@ -157,6 +174,7 @@ export class StorageSystem implements AdminTarget {
       identical,
       initialState,
       syncRate: p.syncRate,
+      ...(p.fence ? { fence: p.fence } : {}),
       log: this.log,
       onInvalid: () => this.daemon.wake(),
       onHostWrite: () => this.daemon.noteHostIo(),
@@ -167,11 +185,68 @@ export class StorageSystem implements AdminTarget {
     this.log.info({ pair: p.name, mode: p.mode, state: pair.state, invalid: pair.mirrors.map((m) => m.bitmap.invalidCount) }, 'pair ready');
   }
 
+  private async openRemotePairs(): Promise<void> {
+    const { spec } = this;
+    const remote = spec.remotePairs ?? [];
+    if (remote.length === 0) return;
+    const timeoutMs = spec.peerTimeout ?? 5000;
+    const nbd = new Map<number, { host: string; port: number }>([[spec.id, spec.nbd]]);
+    for (const peer of spec.peers ?? []) {
+      nbd.set(peer.id, peer.nbd);
+      const link = new PeerLink({ self: spec.id, peer: peer.id, address: peer.peer, timeoutMs, log: this.log });
+      this.links.set(peer.id, link);
+      for (const op of ['attach', 'swap', 'snapshot', 'bits', 'state', 'resync', 'hashes']) {
+        link.onRequest(op, (msg) => {
+          const rp = this.remotePairs.get(String(msg.pair));
+          if (!rp || !rp.copies.some((c) => c.ss === peer.id)) throw new Error(`storage system ${spec.id} has no pair ${String(msg.pair)} shared with storage system ${peer.id}`);
+          return rp.handle(peer.id, msg);
+        });
+      }
+    }
+    for (const p of remote) {
+      for (const ref of [p.master, ...p.mirrors]) {
+        if (ref.ss !== spec.id) continue;
+        const v = this.volumes.get(ref.vol);
+        if (!v) throw new Error(`pair ${p.name}: ss${ref.ss}/vol${ref.vol} is not a volume of storage system ${spec.id}`);
+        v.pair = p.name;
+        v.role = ref === p.master ? 'master' : 'mirror';
+      }
+      const dir = spec.dataDir ? path.join(spec.dataDir, 'pairs') : undefined;
+      const clusters = (size: number) => Math.ceil(size / spec.clusterSize);
+      const mine = [p.master, ...p.mirrors].filter((r) => r.ss === spec.id);
+      const size = this.volumes.get(mine[0]!.vol)!.size;
+      const rp = new RemotePair(p, {
+        self: spec.id,
+        clusterSize: spec.clusterSize,
+        peerTimeout: timeoutMs,
+        volumes: new Map(mine.map((r) => [r.vol, { device: this.volumes.get(r.vol)!.device, fresh: this.volumes.get(r.vol)!.fresh }])),
+        links: this.links,
+        nbd,
+        exports: this.nbd.exports,
+        daemon: this.daemon,
+        openStore: async (slots) => {
+          if (!dir) return { store: new MemoryBitmapStore(clusters(size), slots), loaded: null };
+          return FileBitmapStore.open(path.join(dir, `${p.name}.bitmap`), { clusterSize: spec.clusterSize, clusters: clusters(size), mirrors: slots });
+        },
+        ...(dir ? { generationFile: path.join(dir, `${p.name}.generation.json`), statePath: path.join(dir, `${p.name}.state.json`) } : {}),
+        log: this.log,
+      });
+      this.remotePairs.set(p.name, rp);
+      await rp.open();
+    }
+    if (spec.peer) {
+      this.peerServer = new PeerServer(spec.id, this.links, this.log);
+      await this.peerServer.listen(spec.peer);
+    }
+  }
+
   private async listen(): Promise<void> {
     const { spec } = this;
     this.nbdAddress = await this.nbd.listen({ kind: 'tcp', ...spec.nbd });
     if (spec.nbdSocket) await this.nbd.listen({ kind: 'unix', path: spec.nbdSocket });
     this.log.info({ nbd: this.nbdAddress, socket: spec.nbdSocket, volumes: [...this.volumes.keys()].map((v) => `vol${v}`) }, `storage system ${spec.id} serving NBD on ${this.nbdAddress}`);
+    // Sessions start once our own NBD listener is up: the peers' data connections come to it.
+    for (const link of this.links.values()) link.start();
   }
 
   /** The NBD address actually bound (port 0 in the config picks a free port). */
@@ -189,6 +264,9 @@ export class StorageSystem implements AdminTarget {
           ...(this.spec.nbdSocket ? { nbdSocket: this.spec.nbdSocket } : {}),
           admin: this.spec.admin ?? '',
           ...(c && this.spec.cache ? { cache: { size: this.spec.cache.size, dirtyBytes: c.dirtyBytes, usedBytes: c.usedBytes, hits: c.hits, misses: c.misses } } : {}),
+          ...(this.links.size > 0
+            ? { peers: [...this.links.values()].map((l) => ({ ss: l.peer, connected: l.up, ...(l.up || !l.lastError ? {} : { error: l.lastError }) })) }
+            : {}),
           volumes: [...this.volumes.values()].map((v) => ({
             id: v.id,
             export: `vol${v.id}`,
@@ -199,17 +277,61 @@ export class StorageSystem implements AdminTarget {
           })),
         },
       ],
-      pairs: [...this.pairs.values()].map((p) => p.status()),
+      pairs: [...this.pairs.values()].map((p) => p.status()).concat([...this.remotePairs.values()].map((p) => p.status())),
     };
   }
 
   private pair(name: string): Pair {
-    const p = this.pairs.get(name);
-    if (!p) throw new PairCommandError(404, `no pair named ${name} in storage system ${this.spec.id}`);
+    const p = this.pairs.get(name) ?? this.remotePairs.get(name)?.pair;
+    if (!p) {
+      if (this.remotePairs.has(name)) throw new PairCommandError(409, `storage system ${this.spec.id} holds a mirror of ${name}; ask the master's storage system`);
+      throw new PairCommandError(404, `no pair named ${name} in storage system ${this.spec.id}`);
+    }
     return p;
   }
 
+  private remotePair(name: string): RemotePair | undefined {
+    return this.remotePairs.get(name);
+  }
+
+  async verify(name: string): Promise<PairStatus> {
+    const rp = this.remotePair(name);
+    if (rp) {
+      rp.verify();
+      return rp.status();
+    }
+    const p = this.pair(name);
+    if (p.verifyProgress?.running) throw new PairCommandError(409, `${name}: a verify is already running`);
+    void p.verify().catch((e: Error) => this.log.error({ pair: name, err: e.message }, 'verify failed'));
+    return p.status();
+  }
+
+  async swap(name: string): Promise<PairStatus> {
+    const rp = this.remotePair(name);
+    if (!rp) {
+      this.pair(name);
+      throw new PairCommandError(409, `swap ${name}: master and mirror are in the same storage system; swap is for pairs across storage systems`);
+    }
+    await rp.swap();
+    return rp.status();
+  }
+
+  async takeover(name: string): Promise<PairStatus> {
+    const rp = this.remotePair(name);
+    if (!rp) {
+      this.pair(name);
+      throw new PairCommandError(409, `takeover ${name}: master and mirror are in the same storage system; takeover is for pairs across storage systems`);
+    }
+    await rp.takeover();
+    return rp.status();
+  }
+
   async split(name: string): Promise<PairStatus> {
+    const rp = this.remotePair(name);
+    if (rp) {
+      await rp.split();
+      return rp.status();
+    }
     const p = this.pair(name);
     try {
       await p.split();
@@ -221,16 +343,37 @@ export class StorageSystem implements AdminTarget {
   }
 
   async resync(name: string): Promise<PairStatus> {
+    const rp = this.remotePair(name);
+    if (rp) {
+      await rp.resync();
+      return rp.status();
+    }
     const p = this.pair(name);
     await p.resync();
     return p.status();
   }
 
+  bitmap(name: string, buckets: number): PairBitmap {
+    const p = this.pair(name);
+    const mirrors = p.mirrors.map((m) => ({ ...m.ref, invalidClusters: m.bitmap.invalidCount, invalid: Array.from(m.bitmap.invalidPerBucket(buckets)) }));
+    return { name, clusters: p.clusters, buckets: mirrors[0]?.invalid.length ?? 0, mirrors };
+  }
+
+  metrics(): TargetMetrics {
+    return {
+      volumes: [...this.volumes.values()].map((v) => ({ id: v.id, latency: v.host!.latency })),
+      nbd: { connections: this.nbd.stats.connections, totalConnections: this.nbd.stats.totalConnections },
+    };
+  }
+
   /** Graceful stop: finish NBD requests, stop the daemon, destage the cache, persist bitmaps. */
   async close(): Promise<void> {
     await this.nbd.close();
+    await this.peerServer?.close();
+    for (const l of this.links.values()) l.close();
     await this.daemon.stop();
     for (const p of this.pairs.values()) await p.close();
+    for (const p of this.remotePairs.values()) await p.close();
     await this.cache?.close();
     for (const v of this.volumes.values()) await v.device.close();
   }
@@ -238,13 +381,41 @@ export class StorageSystem implements AdminTarget {
 
 /** Atomic replace with fsync: a crash leaves the old state or the new, never a torn file. */
 function saveState(file: string, state: PairState): void {
-  const tmp = `${file}.tmp`;
-  const fd = fs.openSync(tmp, 'w');
-  try {
-    fs.writeSync(fd, JSON.stringify({ state: state === 'PSUS' ? 'PSUS' : 'ACTIVE' }) + '\n');
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
+  atomicWrite(file, JSON.stringify({ state: state === 'PSUS' ? 'PSUS' : 'ACTIVE' }));
+}
+
+/** A volume whose behaviour follows its current role in a pair across storage systems. */
+class RoleDevice implements BlockDevice {
+  constructor(private readonly current: () => BlockDevice) {}
+  get size(): number {
+    return this.current().size;
   }
-  fs.renameSync(tmp, file);
+  get readOnly(): boolean {
+    return this.current().readOnly;
+  }
+  get multiConnSafe(): boolean {
+    return this.current().multiConnSafe;
+  }
+  get fastZero(): boolean {
+    return this.current().fastZero;
+  }
+  read(offset: number, dest: Buffer): Promise<void> {
+    return this.current().read(offset, dest);
+  }
+  write(offset: number, data: Payload, fua?: boolean): Promise<void> {
+    return this.current().write(offset, data, fua);
+  }
+  flush(): Promise<void> {
+    return this.current().flush();
+  }
+  trim(offset: number, length: number, fua?: boolean): Promise<void> {
+    return this.current().trim(offset, length, fua);
+  }
+  zero(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
+    return this.current().zero(offset, length, opts);
+  }
+  extents(offset: number, length: number): Promise<Extent[]> {
+    return this.current().extents(offset, length);
+  }
+  async close(): Promise<void> {}
 }

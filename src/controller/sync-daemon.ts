@@ -78,6 +78,15 @@ export class SyncDaemon {
     this.wake();
   }
 
+  /** Forget a pair (its role changed); copies of it already running finish on their own. */
+  remove(pair: Pair): void {
+    const i = this.pairs.indexOf(pair);
+    if (i >= 0) this.pairs.splice(i, 1);
+    this.budget.delete(pair);
+    for (const key of [...this.busy.keys()]) if (key.startsWith(`${pair.name}/`)) this.busy.delete(key);
+    this.rr = 0;
+  }
+
   /** Something became Invalid: look for work (coalesced to once per tick). */
   wake(): void {
     if (this.wakeScheduled || this.stopped) return;
@@ -166,6 +175,8 @@ export class SyncDaemon {
       for (let mi = 0; mi < pair.mirrors.length; mi++) {
         const link = pair.mirrors[mi]!;
         if (link.bitmap.invalidCount === 0) continue;
+        // A remote mirror without a session waits for its storage system to come back.
+        if (link.remote && !link.remote.connected) continue;
         const busy = this.busySet(pair, mi);
         const allowance = ignoreRate ? Infinity : this.allowance(pair);
         if (allowance <= 0) {

@@ -9,8 +9,39 @@ export interface IoCounters {
   writeOps: number;
 }
 
+/**
+ * Upper bounds of the latency buckets, in seconds: 1-2.5-5 steps from 10 µs
+ * to 10 s, the le values of a Prometheus histogram. A last bucket holds what
+ * is slower than 10 s.
+ */
+export const LATENCY_BOUNDS: readonly number[] = [
+  0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+];
+const BOUNDS_MS = LATENCY_BOUNDS.map((s) => s * 1000);
+
+/**
+ * Fixed-bucket latency counts, cheap enough for every request: a few
+ * comparisons and two additions. Readers (the /metrics endpoint) add the
+ * counts up into cumulative buckets themselves.
+ */
+export class LatencyHistogram {
+  /** counts[i]: requests that took at most LATENCY_BOUNDS[i] (and more than the bound before); the last: more than 10 s. */
+  readonly counts = new Float64Array(LATENCY_BOUNDS.length + 1);
+  /** Total time, seconds. */
+  sum = 0;
+
+  observe(ms: number): void {
+    let i = 0;
+    while (i < BOUNDS_MS.length && ms > BOUNDS_MS[i]!) i++;
+    this.counts[i]!++;
+    this.sum += ms / 1000;
+  }
+}
+
 export class CountingDevice implements BlockDevice {
   readonly counters: IoCounters = { readBytes: 0, writeBytes: 0, readOps: 0, writeOps: 0 };
+  /** Time from a request reaching the volume to its completion: the controller's service time, NBD framing excluded. */
+  readonly latency = { read: new LatencyHistogram(), write: new LatencyHistogram() };
 
   constructor(private readonly inner: BlockDevice) {}
 
@@ -28,13 +59,17 @@ export class CountingDevice implements BlockDevice {
   }
 
   async read(offset: number, dest: Buffer): Promise<void> {
+    const t0 = performance.now();
     await this.inner.read(offset, dest);
+    this.latency.read.observe(performance.now() - t0);
     this.counters.readOps++;
     this.counters.readBytes += dest.length;
   }
 
   async write(offset: number, data: Payload, fua?: boolean): Promise<void> {
+    const t0 = performance.now();
     await this.inner.write(offset, data, fua);
+    this.latency.write.observe(performance.now() - t0);
     this.counters.writeOps++;
     this.counters.writeBytes += payloadLength(data);
   }

@@ -722,7 +722,7 @@ class InFlight {
 class RequestWriter {
   private corked = false;
   private blocked = false;
-  private queue: Array<[Buffer, Uint8Array | undefined] | undefined> = [];
+  private queue: Array<[Buffer, WritePayload | undefined] | undefined> = [];
   private head = 0;
 
   constructor(private readonly t: NbdTransport) {}
@@ -732,7 +732,7 @@ class RequestWriter {
     return this.queue.length - this.head;
   }
 
-  send(header: Buffer, payload?: Uint8Array): void {
+  send(header: Buffer, payload?: WritePayload): void {
     if (this.blocked) this.queue.push([header, payload]);
     else this.write(header, payload);
   }
@@ -755,14 +755,15 @@ class RequestWriter {
     this.head = 0;
   }
 
-  private write(header: Buffer, payload: Uint8Array | undefined): void {
+  private write(header: Buffer, payload: WritePayload | undefined): void {
     if (!this.corked) {
       this.corked = true;
       this.t.cork();
       process.nextTick(this.uncork);
     }
     let ok = this.t.write(header);
-    if (payload) ok = this.t.write(payload);
+    if (payload instanceof Uint8Array) ok = this.t.write(payload);
+    else if (payload) for (const piece of payload) ok = this.t.write(piece);
     if (!ok) this.blocked = true;
   }
 
@@ -842,6 +843,9 @@ class RequestPolicy {
 
 // ---------------------------------------------------------------------------
 // The client
+
+/** A WRITE's data: one buffer, or pieces sent back to back. */
+export type WritePayload = Uint8Array | readonly Uint8Array[];
 
 export interface ReadOptions {
   /** DF: ask for the data in one chunk (needs SEND_DF). */
@@ -987,11 +991,13 @@ export class NbdClient {
   }
 
   /** Write `data` at `offset`. The buffer is sent as is: do not modify it until the promise settles. */
-  pwrite(data: Uint8Array, offset: number, opts: WriteOptions = {}): Promise<void> {
+  /** `data` may be a list of pieces (sent as one payload, without joining them first). */
+  pwrite(data: WritePayload, offset: number, opts: WriteOptions = {}): Promise<void> {
     const flags = opts.fua ? CmdFlag.FUA : 0;
-    const refusal = this.policy.check('pwrite', Cmd.WRITE, flags, offset, data.length);
+    const length = data instanceof Uint8Array ? data.length : data.reduce((n, b) => n + b.length, 0);
+    const refusal = this.policy.check('pwrite', Cmd.WRITE, flags, offset, length);
     if (refusal) return Promise.reject(refusal);
-    return this.submit('pwrite', Cmd.WRITE, flags, offset, data.length, undefined, data, noResult);
+    return this.submit('pwrite', Cmd.WRITE, flags, offset, length, undefined, data, noResult);
   }
 
   flush(): Promise<void> {
@@ -1073,7 +1079,7 @@ export class NbdClient {
     offset: number,
     length: number,
     buf: Buffer | undefined,
-    payload: Uint8Array | undefined,
+    payload: WritePayload | undefined,
     finish: (c: Command) => T,
   ): Promise<T> {
     if (this.ended) return Promise.reject(new NbdConnectionError('ENOTCONN', `${op}: connection to ${this.peer} is closed`, { cause: this.death }));

@@ -8,6 +8,8 @@ export interface Export {
   device: BlockDevice;
   /** Hosts may not write (a paired mirror, or --read-only). */
   readOnly: boolean;
+  /** Reachable by name but left out of LIST (a storage system's replication exports). */
+  hidden?: boolean;
 }
 
 export class ExportTable {
@@ -29,7 +31,8 @@ export class ExportTable {
     return this.byName.get(name);
   }
 
+  /** What LIST shows: every export but the hidden ones. */
   list(): Export[] {
-    return [...this.byName.values()];
+    return [...this.byName.values()].filter((e) => !e.hidden);
   }
 }

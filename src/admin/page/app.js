@@ -1,0 +1,306 @@
+// The dashboard page: renders each DashboardFrame of /api/events (see
+// src/admin/dashboard.ts), and sends pair commands to this storage system's
+// admin API. Plain browser JavaScript, no build step.
+//
+// Tables are redrawn on every frame; pair cards are kept and updated in place,
+// so a button is never replaced under the pointer.
+
+const COLS = 64; // heatmap cells per row
+const CELL_W = 8;
+const CELL_H = 6;
+const RATE_WINDOW_MS = 2000; // I/O rates: over the last 2 s
+const ETA_WINDOW_MS = 10_000; // sync ETA: from how fast Invalid clusters fell, over at most the last 10 s
+
+const COLOR = { valid: [46, 160, 67], some: [210, 153, 34], invalid: [248, 81, 73] };
+
+const CONFIRM = {
+  split: (p) => `Split ${p}?\n\nThe mirrors stop following the master and keep a point-in-time copy. Writes on either side are tracked for a later resync.`,
+  resync: (p) => `Resync ${p}?\n\nClusters changed on either side since the split are copied from the master; changes made on the mirrors are lost.`,
+  verify: (p) => `Verify ${p}?\n\nCompares the master with each mirror; this reads the whole volume.`,
+};
+
+const $ = (id) => document.getElementById(id);
+/** Samples kept per volume and per mirror, for rates and ETAs. */
+const history = new Map();
+const cards = new Map();
+
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === 'class') e.className = v;
+    else if (k.startsWith('on')) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v);
+  }
+  for (const c of children) e.append(c);
+  return e;
+}
+
+function bytes(n) {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return `${i === 0 ? n : n.toFixed(n < 10 ? 1 : 0)} ${units[i]}`;
+}
+
+function duration(s) {
+  if (s < 60) return `${Math.ceil(s)} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+  return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
+}
+
+/** Keep samples younger than windowMs under key; returns [oldest, newest]. */
+function sample(key, time, value, windowMs) {
+  const list = history.get(key) ?? [];
+  list.push({ time, value });
+  while (list.length > 2 && list[1].time <= time - windowMs) list.shift();
+  history.set(key, list);
+  return [list[0], list[list.length - 1]];
+}
+
+function render(frame) {
+  $('self').textContent = `· storage system ${frame.self}`;
+  $('updated').textContent = `updated ${new Date(frame.time).toLocaleTimeString()}`;
+  renderSystems(frame);
+  renderVolumes(frame);
+  renderPairs(frame);
+}
+
+function renderSystems(frame) {
+  const rows = frame.storageSystems.map((s) => {
+    if (!s.reachable) {
+      return el('tr', { class: 'down', 'data-ss': s.id }, el('td', {}, `SS ${s.id}`), el('td', {}, 'unreachable'), el('td', { colspan: 5 }, s.error));
+    }
+    const c = s.cache;
+    const lookups = c ? c.hits + c.misses : 0;
+    return el(
+      'tr',
+      { 'data-ss': s.id },
+      el('td', {}, s.id === frame.self ? `SS ${s.id} (this)` : `SS ${s.id}`),
+      // Replication links to the storage systems it shares pairs with, when it has any.
+      el('td', {}, ['up', ...(s.peers ?? []).map((l) => `link to SS ${l.ss} ${l.connected ? 'up' : 'down'}`)].join('; ')),
+      el('td', {}, s.nbd),
+      el('td', {}, s.id === frame.self ? s.admin : el('a', { href: `http://${s.admin}/` }, s.admin)),
+      el('td', {}, c ? `${bytes(c.usedBytes)} / ${bytes(c.size)}` : 'no cache'),
+      el('td', {}, c ? bytes(c.dirtyBytes) : ''),
+      el('td', {}, lookups ? `${((100 * c.hits) / lookups).toFixed(1)} %` : ''),
+    );
+  });
+  $('systems').tBodies[0].replaceChildren(...rows);
+}
+
+function renderVolumes(frame) {
+  const rows = [];
+  for (const s of frame.storageSystems) {
+    if (!s.reachable) continue;
+    for (const v of s.volumes) {
+      const [a, b] = sample(`vol ${s.id}/${v.id}`, frame.time, v, RATE_WINDOW_MS);
+      const dt = (b.time - a.time) / 1000;
+      const rate = (f) => (dt > 0 ? (b.value[f] - a.value[f]) / dt : 0);
+      rows.push(
+        el(
+          'tr',
+          {},
+          el('td', {}, `SS ${s.id}`),
+          el('td', {}, v.export),
+          el('td', {}, bytes(v.size)),
+          el('td', {}, v.role),
+          el('td', {}, v.pair ?? ''),
+          el('td', {}, `${bytes(rate('readBytes'))}/s`),
+          el('td', {}, `${bytes(rate('writeBytes'))}/s`),
+          el('td', {}, rate('readOps').toFixed(0)),
+          el('td', {}, rate('writeOps').toFixed(0)),
+        ),
+      );
+    }
+  }
+  $('volumes').tBodies[0].replaceChildren(...rows);
+}
+
+function renderPairs(frame) {
+  const seen = new Set();
+  for (const p of frame.pairs) {
+    seen.add(p.name);
+    let card = cards.get(p.name);
+    if (!card) {
+      card = newCard(p.name);
+      cards.set(p.name, card);
+      $('pairs').append(card.root);
+    }
+    updateCard(card, p, frame);
+  }
+  for (const [name, card] of cards) {
+    if (!seen.has(name)) {
+      card.root.remove();
+      cards.delete(name);
+    }
+  }
+}
+
+function newCard(name) {
+  const buttons = el('span', { class: 'commands' });
+  for (const cmd of ['split', 'resync', 'verify']) {
+    buttons.append(el('button', { type: 'button', 'data-command': cmd, onclick: () => command(name, cmd) }, cmd));
+  }
+  const root = el('article', { class: 'pair', 'data-pair': name });
+  const title = el('h3', {}, name, ' ');
+  const state = el('span', { class: 'state' });
+  title.append(state);
+  const facts = el('p', { class: 'facts' });
+  const error = el('p', { class: 'error' });
+  const elsewhere = el('a', { class: 'elsewhere' });
+  const mirrors = el('div', { class: 'mirrors' });
+  root.append(title, facts, buttons, elsewhere, error, mirrors);
+  return { root, state, facts, buttons, elsewhere, error, mirrors, mirrorViews: new Map() };
+}
+
+function updateCard(card, p, frame) {
+  card.state.textContent = p.state;
+  card.state.className = `state ${p.state}`;
+  // fence, epoch, stale and verify come with pairs that support them; older storage systems leave them out.
+  const facts = [
+    p.mode,
+    `fence ${p.fence ?? '—'}`,
+    `master ss${p.master.ss}/vol${p.master.vol}`,
+    p.epoch !== undefined ? `epoch ${p.epoch}` : '',
+    `${p.clusters} clusters of ${bytes(p.clusterSize)}`,
+    p.syncRate ? `sync rate ${bytes(p.syncRate)}/s` : 'sync rate unlimited',
+    verifyText(p.verify),
+  ];
+  card.facts.textContent = facts.filter(Boolean).join(' · ');
+  card.error.textContent = [p.stale ? 'stale: this copy cannot hear its master' : '', p.error ?? ''].filter(Boolean).join(' · ');
+  // Commands go to the storage system that runs the pair; from here, only when that is this one.
+  const local = p.ss === frame.self;
+  card.buttons.hidden = !local;
+  card.elsewhere.hidden = local;
+  if (!local) {
+    const ss = frame.storageSystems.find((s) => s.id === p.ss);
+    card.elsewhere.textContent = `commands: on the dashboard of SS ${p.ss}`;
+    if (ss) card.elsewhere.href = `http://${ss.admin}/`;
+  }
+  const bitmap = frame.bitmaps[p.name];
+  const keep = new Set();
+  for (const m of p.mirrors) {
+    const key = `${m.ss}/${m.vol}`;
+    keep.add(key);
+    let view = card.mirrorViews.get(key);
+    if (!view) {
+      view = newMirrorView(p.name, m);
+      card.mirrorViews.set(key, view);
+      card.mirrors.append(view.root);
+    }
+    updateMirror(view, p, m, bitmap?.mirrors.find((b) => b.ss === m.ss && b.vol === m.vol), bitmap, frame.time);
+  }
+  for (const [key, view] of card.mirrorViews) {
+    if (!keep.has(key)) {
+      view.root.remove();
+      card.mirrorViews.delete(key);
+    }
+  }
+}
+
+function verifyText(v) {
+  if (!v) return '';
+  if (v.error) return `verify failed: ${v.error}`;
+  if (v.running) return `verifying: ${v.total ? ((100 * v.checked) / v.total).toFixed(0) : 0} %`;
+  return `last verify: ${v.differences} differing clusters`;
+}
+
+function newMirrorView(pair, m) {
+  const label = el('p', { class: 'mirror-label' });
+  const canvas = el('canvas', { class: 'heatmap', 'data-pair': pair, 'data-mirror': `${m.ss}/${m.vol}` });
+  const root = el('div', { class: 'mirror' }, label, canvas);
+  return { root, label, canvas };
+}
+
+/** Clusters per second the sync daemon clears, over the samples since Invalid clusters last went up. */
+function syncRate(key, time, invalid) {
+  sample(key, time, invalid, ETA_WINDOW_MS);
+  const list = history.get(key);
+  let i = list.length - 1;
+  while (i > 0 && list[i - 1].value >= list[i].value) i--;
+  const first = list[i];
+  const last = list[list.length - 1];
+  return last.time > first.time ? (first.value - last.value) / ((last.time - first.time) / 1000) : 0;
+}
+
+function updateMirror(view, p, m, counts, bitmap, time) {
+  const falling = syncRate(`mirror ${p.name}/${m.ss}/${m.vol}`, time, m.invalidClusters);
+  let eta;
+  if (m.invalidClusters === 0) eta = 'in sync';
+  else if (p.state === 'PSUS' || p.state === 'PSUE') eta = 'copy waits for a resync';
+  else if (falling > 0) eta = `ETA ${duration(m.invalidClusters / falling)}`;
+  else eta = 'ETA —';
+  view.label.textContent =
+    `mirror ss${m.ss}/vol${m.vol}${m.connected === false ? ' [not connected]' : ''}: ` +
+    `${(100 * m.syncProgress).toFixed(1)} % in sync, ${m.invalidClusters} invalid clusters (${bytes(m.invalidClusters * p.clusterSize)}), ` +
+    `${eta}, ${bytes(m.copiedBytes)} copied`;
+  if (counts) drawHeatmap(view.canvas, counts.invalid, bitmap.clusters);
+}
+
+/** One cell per bucket; a bucket's colour says how much of it is Invalid. */
+function drawHeatmap(canvas, invalid, clusters) {
+  const n = invalid.length;
+  const rows = Math.ceil(n / COLS);
+  const width = Math.min(n, COLS) * CELL_W;
+  const height = rows * CELL_H;
+  if (canvas.width !== width) canvas.width = width;
+  if (canvas.height !== height) canvas.height = height;
+  const ctx = canvas.getContext('2d');
+  for (let i = 0; i < n; i++) {
+    const size = Math.floor(((i + 1) * clusters) / n) - Math.floor((i * clusters) / n);
+    const f = size > 0 ? invalid[i] / size : 0;
+    ctx.fillStyle = color(f);
+    ctx.fillRect((i % COLS) * CELL_W, Math.floor(i / COLS) * CELL_H, CELL_W - 1, CELL_H - 1);
+  }
+}
+
+/** Green when valid; any Invalid cluster turns a cell amber, shading to red as the whole bucket is Invalid. */
+function color(f) {
+  if (f === 0) return `rgb(${COLOR.valid})`;
+  const mix = COLOR.some.map((s, i) => Math.round(s + (COLOR.invalid[i] - s) * f));
+  return `rgb(${mix})`;
+}
+
+async function command(pair, cmd) {
+  if (!window.confirm(CONFIRM[cmd](pair))) return;
+  const message = $('message');
+  message.className = '';
+  message.textContent = `${cmd} ${pair}…`;
+  try {
+    const res = await fetch(`/api/pairs/${encodeURIComponent(pair)}/${cmd}`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: '{}',
+    });
+    const body = await res.json().catch(() => ({}));
+    if (!res.ok) {
+      message.className = 'error';
+      message.textContent = `${cmd} ${pair}: ${body.error ?? `HTTP ${res.status}`}`;
+    } else {
+      message.textContent = `${cmd} ${pair}: ${body.pair?.state ?? JSON.stringify(body).slice(0, 200)}`;
+    }
+  } catch (e) {
+    message.className = 'error';
+    message.textContent = `${cmd} ${pair}: ${e.message}`;
+  }
+}
+
+function connect() {
+  const live = $('live');
+  const source = new EventSource('/api/events');
+  source.onopen = () => {
+    live.textContent = 'live';
+    live.className = 'badge live';
+  };
+  source.onmessage = (e) => render(JSON.parse(e.data));
+  // EventSource reconnects by itself (the server asks for 1 s); say so meanwhile.
+  source.onerror = () => {
+    live.textContent = 'disconnected, retrying…';
+    live.className = 'badge down';
+  };
+}
+
+connect();
