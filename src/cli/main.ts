@@ -4,6 +4,7 @@ import { serveCommand } from './serve.js';
 import { registerUpCommand } from './up.js';
 import { registerStatusCommand } from './status.js';
 import { registerPairCommand } from './pair.js';
+import { registerCfsCommand } from './cfs.js';
 import { UsageError } from './errors.js';
 
 export function buildProgram(): Command {
@@ -18,6 +19,7 @@ export function buildProgram(): Command {
   registerUpCommand(program);
   registerStatusCommand(program);
   registerPairCommand(program);
+  registerCfsCommand(program);
   return program;
 }
 

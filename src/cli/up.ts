@@ -14,7 +14,8 @@ export function registerUpCommand(program: Command): void {
     .description('start the storage systems of a YAML config (all, or those of --only)')
     .requiredOption('-c, --config <file>', 'cluster YAML (see config/)')
     .option('--only <ids>', 'comma-separated storage system ids to run in this process, e.g. 1,3')
-    .action(async (opts: { config: string; only?: string }, cmd: Command) => {
+    .option('--no-cfs', 'do not run the CFS server here even if the YAML has cfs: (run it with `cfs serve`)')
+    .action(async (opts: { config: string; only?: string; cfs?: boolean }, cmd: Command) => {
       const log = createLogger(cmd.optsWithGlobals().logLevel as string);
       await up(opts, log);
     });
@@ -26,7 +27,7 @@ export function parseOnly(text: string): number[] {
   return ids.map(Number);
 }
 
-async function up(opts: { config: string; only?: string }, log: Logger): Promise<void> {
+async function up(opts: { config: string; only?: string; cfs?: boolean }, log: Logger): Promise<void> {
   // Loaded here, not at the top: `serve` and `--help` need none of the controller, fastify or the YAML stack.
   const [{ startAdminServer }, { ConfigError, loadConfig }, { ClusterError, selectIds, startStorageSystems }] = await Promise.all([
     import('../admin/server.js'),
@@ -35,6 +36,7 @@ async function up(opts: { config: string; only?: string }, log: Logger): Promise
   ]);
   let systems: StorageSystem[] = [];
   const admins: AdminServer[] = [];
+  let cfsServer: { close(): Promise<void> } | undefined;
   try {
     const config = loadConfig(opts.config);
     const ids = selectIds(config, opts.only ? parseOnly(opts.only) : undefined);
@@ -45,7 +47,13 @@ async function up(opts: { config: string; only?: string }, log: Logger): Promise
       const a = config.storageSystems.find((s) => s.id === ss.spec.id)!.admin;
       admins.push(await startAdminServer(ss, { host: a.host, port: a.port, log: log.child({ ss: ss.spec.id }), peers }));
     }
+    // The CFS server (docs/cfs.md) runs in the process of the storage system cfs.ss names.
+    if (config.cfs && opts.cfs !== false && ids.includes(config.cfs.ss)) {
+      const { CfsServer } = await import('../cfs/server.js');
+      cfsServer = await CfsServer.start(config, log);
+    }
   } catch (e) {
+    await cfsServer?.close().catch(() => {});
     await Promise.all(admins.map((a) => a.close().catch(() => {})));
     await Promise.all(systems.map((s) => s.close().catch(() => {})));
     if (e instanceof ConfigError || e instanceof ClusterError) throw new UsageError(e.message);
@@ -55,6 +63,7 @@ async function up(opts: { config: string; only?: string }, log: Logger): Promise
     log.info({ ss: systems[i]!.spec.id, nbd: systems[i]!.nbdAddr, admin: admins[i]!.address }, `storage system ${systems[i]!.spec.id} up`);
   }
   await runUntilSignal(log, async () => {
+    await cfsServer?.close();
     await Promise.all(admins.map((a) => a.close()));
     await Promise.all(systems.map((s) => s.close()));
   });

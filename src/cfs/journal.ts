@@ -1,0 +1,250 @@
+// The metadata store: a snapshot plus a journal of the records applied since, in cfs.dataDir.
+//
+//   snapshot.json   the whole namespace as of record `seq`; replaced atomically
+//                   (write snapshot.json.tmp, fsync, rename, fsync the directory)
+//   journal         frames appended since, each   u32le length | u32le crc32 | JSON record
+//
+// Durability: append() numbers a record and queues it; one writer loop writes whatever is queued in
+// one write() and fdatasync()s it (group commit), so concurrent requests share an fsync. sync(seq)
+// resolves once record `seq` is on disk; the server answers a request only after that.
+//
+// Recovery: load the snapshot, then replay the journal's frames with seq above the snapshot's. The
+// first frame that is short or fails its CRC is a torn tail from a crash mid-append: the journal is
+// truncated there. (A frame is only acknowledged after its fsync, so nothing acknowledged is lost.)
+//
+// Compaction: once the journal passes COMPACT_BYTES the loop writes a new snapshot of the current
+// state (which includes every record appended so far, written or not) and empties the journal.
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import type { JournalRecord, NamespaceSnapshot, RecordBody } from './namespace.js';
+
+const SNAPSHOT = 'snapshot.json';
+const JOURNAL = 'journal';
+const COMPACT_BYTES = 8 * 1024 * 1024;
+const FRAME_HEADER = 8;
+
+export interface StoredState {
+  snapshot?: NamespaceSnapshot;
+  records: JournalRecord[];
+  /** Bytes cut from a torn journal tail; 0 for a clean one. */
+  tornBytes: number;
+}
+
+export interface MetadataStore {
+  /** Number the record and queue it for the disk; returns its seq. */
+  append(body: RecordBody): JournalRecord;
+  /** Resolves once every record up to `seq` (default: the last appended) is durable. */
+  sync(seq?: number): Promise<void>;
+  close(): Promise<void>;
+  readonly where: string;
+}
+
+/** Metadata of a file system whose volumes are in memory: it lives exactly as long as they do. */
+export class MemoryStore implements MetadataStore {
+  private seq = 0;
+  readonly where = 'memory';
+  append(body: RecordBody): JournalRecord {
+    return { ...body, seq: ++this.seq } as JournalRecord;
+  }
+  async sync(): Promise<void> {}
+  async close(): Promise<void> {}
+}
+
+export class JournalStore implements MetadataStore {
+  private seq: number;
+  private durable: number;
+  private queue: { seq: number; frame: Buffer }[] = [];
+  private waiters: { seq: number; resolve: () => void; reject: (e: Error) => void }[] = [];
+  private writing = false;
+  private broken: Error | undefined;
+  private journalBytes: number;
+  private closed = false;
+  private idle: Promise<void> = Promise.resolve();
+  private markIdle: () => void = () => {};
+
+  private constructor(
+    private readonly dir: string,
+    private readonly fh: fs.FileHandle,
+    lastSeq: number,
+    journalBytes: number,
+    private readonly snapshotOf: () => NamespaceSnapshot,
+  ) {
+    this.seq = lastSeq;
+    this.durable = lastSeq;
+    this.journalBytes = journalBytes;
+  }
+
+  get where(): string {
+    return this.dir;
+  }
+
+  /** Read what is stored (cutting a torn tail). Call open() afterwards to append. */
+  static async load(dir: string): Promise<StoredState> {
+    await fs.mkdir(dir, { recursive: true });
+    await fs.rm(path.join(dir, `${SNAPSHOT}.tmp`), { force: true });
+    let snapshot: (NamespaceSnapshot & { seq: number }) | undefined;
+    try {
+      snapshot = JSON.parse(await fs.readFile(path.join(dir, SNAPSHOT), 'utf8')) as NamespaceSnapshot & { seq: number };
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw new Error(`${path.join(dir, SNAPSHOT)}: ${(e as Error).message}`);
+    }
+    const after = snapshot?.seq ?? 0;
+    let buf: Buffer;
+    try {
+      buf = await fs.readFile(path.join(dir, JOURNAL));
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+      buf = Buffer.alloc(0);
+    }
+    const records: JournalRecord[] = [];
+    let at = 0;
+    let last = after;
+    while (at + FRAME_HEADER <= buf.length) {
+      const len = buf.readUInt32LE(at);
+      const crc = buf.readUInt32LE(at + 4);
+      if (at + FRAME_HEADER + len > buf.length) break;
+      const payload = buf.subarray(at + FRAME_HEADER, at + FRAME_HEADER + len);
+      if (crc32(payload) !== crc) break;
+      let rec: JournalRecord;
+      try {
+        rec = JSON.parse(payload.toString('utf8')) as JournalRecord;
+      } catch {
+        break;
+      }
+      at += FRAME_HEADER + len;
+      if (rec.seq <= after) continue; // already in the snapshot (a crash between snapshot and truncation)
+      if (rec.seq !== last + 1) throw new Error(`${path.join(dir, JOURNAL)}: record ${rec.seq} follows ${last}`);
+      records.push(rec);
+      last = rec.seq;
+    }
+    const torn = buf.length - at;
+    if (torn > 0) {
+      const fh = await fs.open(path.join(dir, JOURNAL), 'r+');
+      try {
+        await fh.truncate(at);
+        await fh.datasync();
+      } finally {
+        await fh.close();
+      }
+    }
+    return { ...(snapshot ? { snapshot } : {}), records, tornBytes: torn };
+  }
+
+  /** Open for appending after load(); `snapshotOf` gives the state to compact into. */
+  static async open(dir: string, state: StoredState, snapshotOf: () => NamespaceSnapshot): Promise<JournalStore> {
+    const file = path.join(dir, JOURNAL);
+    const fh = await fs.open(file, 'a');
+    await fsyncDir(dir); // the journal's directory entry, if it was just created
+    const last = state.records.length ? state.records[state.records.length - 1]!.seq : ((state.snapshot as { seq?: number } | undefined)?.seq ?? 0);
+    const { size } = await fh.stat();
+    const store = new JournalStore(dir, fh, last, size, snapshotOf);
+    // Replay is bounded by compacting at start-up whatever the journal holds.
+    if (state.records.length > 0) await store.compact();
+    return store;
+  }
+
+  append(body: RecordBody): JournalRecord {
+    if (this.broken) throw this.broken;
+    const rec = { ...body, seq: ++this.seq } as JournalRecord;
+    const payload = Buffer.from(JSON.stringify(rec));
+    const frame = Buffer.allocUnsafe(FRAME_HEADER + payload.length);
+    frame.writeUInt32LE(payload.length, 0);
+    frame.writeUInt32LE(crc32(payload), 4);
+    payload.copy(frame, FRAME_HEADER);
+    this.queue.push({ seq: rec.seq, frame });
+    if (!this.writing) void this.writeLoop();
+    return rec;
+  }
+
+  sync(seq = this.seq): Promise<void> {
+    if (this.broken) return Promise.reject(this.broken);
+    if (seq <= this.durable) return Promise.resolve();
+    return new Promise((resolve, reject) => this.waiters.push({ seq, resolve, reject }));
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.sync().catch(() => {});
+    this.closed = true;
+    await this.idle;
+    await this.fh.close();
+  }
+
+  private async writeLoop(): Promise<void> {
+    this.writing = true;
+    this.idle = new Promise((r) => (this.markIdle = r));
+    try {
+      while (this.queue.length > 0 && !this.broken) {
+        const batch = this.queue;
+        this.queue = [];
+        const bytes = Buffer.concat(batch.map((b) => b.frame));
+        await this.fh.write(bytes);
+        await this.fh.datasync();
+        this.journalBytes += bytes.length;
+        this.settle(batch[batch.length - 1]!.seq);
+        if (this.journalBytes >= COMPACT_BYTES) await this.compact();
+      }
+    } catch (e) {
+      this.broken = new Error(`metadata journal in ${this.dir} failed: ${(e as Error).message}; no further changes are accepted`);
+      for (const w of this.waiters.splice(0)) w.reject(this.broken);
+    } finally {
+      this.writing = false;
+      this.markIdle();
+    }
+  }
+
+  /** Snapshot the current state (every record appended so far) and empty the journal. */
+  private async compact(): Promise<void> {
+    const seq = this.seq;
+    const text = JSON.stringify({ ...this.snapshotOf(), seq });
+    const tmp = path.join(this.dir, `${SNAPSHOT}.tmp`);
+    const fh = await fs.open(tmp, 'w');
+    try {
+      await fh.writeFile(text);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await fs.rename(tmp, path.join(this.dir, SNAPSHOT));
+    await fsyncDir(this.dir);
+    // Everything up to `seq` is in the snapshot: queued frames of it need not be written.
+    this.queue = this.queue.filter((q) => q.seq > seq);
+    this.settle(seq);
+    await this.fh.truncate(0);
+    await this.fh.datasync();
+    this.journalBytes = 0;
+  }
+
+  private settle(seq: number): void {
+    this.durable = Math.max(this.durable, seq);
+    const still: typeof this.waiters = [];
+    for (const w of this.waiters) (w.seq <= this.durable ? w.resolve() : still.push(w));
+    this.waiters = still;
+  }
+}
+
+async function fsyncDir(dir: string): Promise<void> {
+  const fh = await fs.open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+const CRC_TABLE = (() => {
+  const t = new Uint32Array(256);
+  for (let n = 0; n < 256; n++) {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    t[n] = c >>> 0;
+  }
+  return t;
+})();
+
+/** CRC-32 (IEEE), as zlib computes it. */
+export function crc32(data: Uint8Array): number {
+  let c = 0xffffffff;
+  for (let i = 0; i < data.length; i++) c = CRC_TABLE[(c ^ data[i]!) & 0xff]! ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}

@@ -1,0 +1,23 @@
+// The read worker of datapath.ts: NBD reads straight into the main thread's shared chunk buffers,
+// over this thread's own connections (one per export), so the main thread's event loop stays free
+// for FUSE requests.
+import { parentPort, workerData } from 'node:worker_threads';
+import { DataPath, isCopyFailure, type DataPathOptions, type WorkerReply, type WorkerRequest } from './datapath.js';
+
+const port = parentPort!;
+const addresses = new Map<number, { host: string; port: number }>();
+const data = new DataPath((ss) => addresses.get(ss)!, { ...(workerData as DataPathOptions), connections: 1 });
+
+port.on('message', (r: WorkerRequest) => {
+  if (r.op === 'drop') return data.drop({ ss: r.ss, vol: r.vol });
+  addresses.set(r.ss, { host: r.host!, port: r.port! });
+  const dest = Buffer.from(r.sab!, r.byteOffset!, r.length!);
+  data.pread({ ss: r.ss, vol: r.vol }, dest, r.offset!).then(
+    () => port.postMessage({ id: r.id } satisfies WorkerReply),
+    (e: Error) =>
+      port.postMessage({
+        id: r.id,
+        error: { message: e.message, copyFailure: isCopyFailure(e), code: (e as { code?: string }).code ?? 'EIO' },
+      } satisfies WorkerReply),
+  );
+});
