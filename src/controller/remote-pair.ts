@@ -557,6 +557,8 @@ interface Batch {
 }
 
 const RESOLVED = Promise.resolve();
+/** How long "valid" operations may wait for an invalidation to travel with. */
+const VALID_DELAY_MS = 20;
 
 class Port implements RemotePort {
   connected = false;
@@ -568,6 +570,8 @@ class Port implements RemotePort {
   private readonly pending = new Map<number, Promise<void>>();
   /** The last batch sent: drain() waits for it. */
   private lastSent: Promise<void> = RESOLVED;
+  /** Pending "valid" operations leave by this timer when no invalidation takes them first. */
+  private lazy: NodeJS.Timeout | null = null;
 
   constructor(
     private readonly owner: RemotePair,
@@ -590,10 +594,19 @@ class Port implements RemotePort {
     return b.promise;
   }
 
+  /**
+   * Nobody waits for a "valid": until it arrives the mirror reads that cluster from the master,
+   * which is only slower. So these ride with the next invalidation, or leave after VALID_DELAY_MS.
+   */
   valid(c: number): void {
     if (!this.connected) return;
     this.queue.push(['v', c]);
-    this.batch();
+    if (this.current || this.lazy) return;
+    this.lazy = setTimeout(() => {
+      this.lazy = null;
+      if (this.queue.length > 0) this.batch();
+    }, VALID_DELAY_MS);
+    this.lazy.unref();
   }
 
   /** Only clusters whose invalidation is still unacknowledged make a writer wait. */
@@ -609,12 +622,15 @@ class Port implements RemotePort {
 
   /** Everything queued or sent so far is acknowledged (or the link is down). */
   drain(): Promise<void> {
+    if (this.queue.length > 0) this.batch();
     const cur = this.current;
     return cur ? cur.promise.then(() => this.lastSent) : this.lastSent;
   }
 
   private batch(): Batch {
     if (this.current) return this.current;
+    if (this.lazy) clearTimeout(this.lazy);
+    this.lazy = null;
     let resolve!: () => void;
     const promise = new Promise<void>((r) => (resolve = r));
     const b: Batch = { promise, resolve, clusters: [] };
@@ -657,6 +673,8 @@ class Port implements RemotePort {
     this.queue = [];
     this.current?.resolve();
     this.current = null;
+    if (this.lazy) clearTimeout(this.lazy);
+    this.lazy = null;
     this.pending.clear();
     this.device.disconnect();
     return was;
