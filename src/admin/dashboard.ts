@@ -191,10 +191,19 @@ function merge(self: number, answers: Answer[]): ClusterView {
     for (const s of own.length > 0 ? own : a.report.storageSystems) storageSystems.push({ ...s, reachable: true });
     for (const p of a.report.pairs) {
       const known = pairs.get(p.name);
-      if (!known || (p.master.ss === a.id && known.master.ss !== known.ss)) pairs.set(p.name, { ...p, ss: a.id });
+      if (!known || rank(p, a.id) > rank(known, known.ss)) pairs.set(p.name, { ...p, ss: a.id });
     }
   }
   return { self, storageSystems, pairs: [...pairs.values()] };
+}
+
+/**
+ * Whose report of a pair to show: its master's, in the newest epoch (after a swap or a takeover
+ * two storage systems may both have called themselves master); then a mirror that hears its master.
+ */
+function rank(p: PairStatus, from: number): number {
+  if (p.role === 'master' || (p.role === undefined && p.master.ss === from)) return 1_000_000 + (p.epoch ?? 0);
+  return p.stale ? 0 : 1;
 }
 
 function hostPort(p: { host: string; port: number }): string {

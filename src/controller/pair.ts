@@ -20,7 +20,7 @@ import type { Logger } from 'pino';
 import { BlockDeviceError, payloadLength, type BlockDevice, type Extent, type Payload, type ZeroOptions } from '../blockdev/types.js';
 import { ClusterBitmap, clusterRange } from './bitmap.js';
 import type { BitmapStore } from './bitmap-store.js';
-import type { MirrorStatus, PairMode, PairState, PairStatus, VolRef } from './status.js';
+import type { MirrorStatus, PairMode, PairState, PairStatus, VerifyStatus, VolRef } from './status.js';
 
 /**
  * What the pair sees of a mirror in another storage system, besides its data
@@ -48,15 +48,8 @@ export interface RemotePort {
 
 export type FenceLevel = 'never' | 'data';
 
-export interface VerifyProgress {
-  running: boolean;
-  checked: number;
-  total: number;
-  differences: number;
-  /** The first differing clusters (at most 100). */
-  differing: number[];
-  error?: string;
-}
+/** Progress and result of a verify: the `verify` field of the pair's status. */
+export type VerifyProgress = VerifyStatus;
 
 export interface MirrorLink {
   ref: VolRef;
