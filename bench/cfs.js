@@ -18,6 +18,7 @@ import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { loadAvg, machineInfo, codeInfo } from './lib/machine.js';
+import { waitPairs } from './lib/admin.js';
 import { freePort, installCleanup, onExit, run, startServer } from './lib/proc.js';
 import { median, min, max } from './lib/stats.js';
 
@@ -46,16 +47,6 @@ cfs:
   listen: 127.0.0.1:${p.cfs}
   pairs: [cfs]
 `;
-}
-
-async function waitPairs(admin, ms = 120_000) {
-  const deadline = Date.now() + ms;
-  while (Date.now() < deadline) {
-    const s = await (await fetch(`http://127.0.0.1:${admin}/api/status`)).json();
-    if (s.pairs.every((p) => p.state === 'PAIR')) return;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  throw new Error('the pairs did not reach PAIR');
 }
 
 /** Seconds a command takes, end to end; throws with its stderr if it fails. */

@@ -13,6 +13,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { fioArgs, runFio } from './lib/fio.js';
 import { loadAvg, machineInfo } from './lib/machine.js';
+import { waitPairs } from './lib/admin.js';
 import { freePort, installCleanup, startServer } from './lib/proc.js';
 import { replaceSection } from './lib/report.js';
 import { median } from './lib/stats.js';
@@ -49,16 +50,6 @@ pairs:
   - { name: apair, mode: async, master: { ss: 1, vol: 8 }, mirrors: [ { ss: 2, vol: 8 } ] }
   - { name: spair, mode: sync, master: { ss: 1, vol: 5 }, mirrors: [ { ss: 2, vol: 5 } ] }
 `;
-}
-
-async function waitPairs(admin, ms = 180_000) {
-  const deadline = Date.now() + ms;
-  while (Date.now() < deadline) {
-    const s = await (await fetch(`http://127.0.0.1:${admin}/api/status`)).json();
-    if (s.pairs.every((p) => p.state === 'PAIR')) return;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  throw new Error('the pairs did not reach PAIR');
 }
 
 function fmt(v, unit) {

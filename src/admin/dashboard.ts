@@ -17,7 +17,7 @@ import { PassThrough } from 'node:stream';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import { getStatus } from './client.js';
-import { PairCommandError, type AdminTarget, type PairBitmap, type PairStatus, type SSReport, type StorageSystemStatus } from '../controller/status.js';
+import { PairCommandError, reportRank, type AdminTarget, type PairBitmap, type PairStatus, type SSReport, type StorageSystemStatus } from '../controller/status.js';
 import type { RouteAdder } from './server.js';
 
 /** Another storage system of the cluster, as the YAML gives its admin API. */
@@ -191,19 +191,10 @@ function merge(self: number, answers: Answer[]): ClusterView {
     for (const s of own.length > 0 ? own : a.report.storageSystems) storageSystems.push({ ...s, reachable: true });
     for (const p of a.report.pairs) {
       const known = pairs.get(p.name);
-      if (!known || rank(p, a.id) > rank(known, known.ss)) pairs.set(p.name, { ...p, ss: a.id });
+      if (!known || reportRank(p, p.master.ss === a.id) > reportRank(known, known.master.ss === known.ss)) pairs.set(p.name, { ...p, ss: a.id });
     }
   }
   return { self, storageSystems, pairs: [...pairs.values()] };
-}
-
-/**
- * Whose report of a pair to show: its master's, in the newest epoch (after a swap or a takeover
- * two storage systems may both have called themselves master); then a mirror that hears its master.
- */
-function rank(p: PairStatus, from: number): number {
-  if (p.role === 'master' || (p.role === undefined && p.master.ss === from)) return 1_000_000 + (p.epoch ?? 0);
-  return p.stale ? 0 : 1;
 }
 
 function hostPort(p: { host: string; port: number }): string {

@@ -9,9 +9,9 @@
 import type { Command } from 'commander';
 import { AdminReplyError, getStatus, pairCommand, type AdminEndpoint, type PairCommand } from '../admin/client.js';
 import type { ClusterConfig } from '../cluster/config.js';
-import type { PairStatus } from '../controller/status.js';
+import { reportRank, type PairStatus } from '../controller/status.js';
 import { UsageError } from './errors.js';
-import { adminEndpoint, loadConfigOrUsage, pairRank, parseTimeout } from './status.js';
+import { adminEndpoint, loadConfigOrUsage, parseTimeout } from './status.js';
 
 export const DEFAULT_PAIR_TIMEOUT_MS = 10_000;
 /** A swap waits for the mirror to catch up, with writes held. */
@@ -93,7 +93,7 @@ async function pickTarget(config: ClusterConfig, path: string, name: string, com
     if (!mirror) throw new AdminReplyError(`takeover ${name}: no storage system holding a mirror of ${name} answered`, 409);
     return endpoint(mirror.id);
   }
-  const best = answered.sort((a, b) => pairRank(b.p, b.id === pair.master.ss) - pairRank(a.p, a.id === pair.master.ss))[0];
+  const best = answered.sort((a, b) => reportRank(b.p, b.id === pair.master.ss) - reportRank(a.p, a.id === pair.master.ss))[0];
   if (!best || best.p.role === 'mirror') {
     // No master answered: send it to the configured master, whose error says why.
     return endpoint(best?.p.master.ss ?? pair.master.ss);

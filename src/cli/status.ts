@@ -3,7 +3,7 @@
 import type { Command } from 'commander';
 import { getStatus, type AdminEndpoint } from '../admin/client.js';
 import { ConfigError, loadConfig, type ClusterConfig, type StorageSystemConfig } from '../cluster/config.js';
-import type { PairStatus, SSReport, StorageSystemStatus } from '../controller/status.js';
+import { reportRank, type PairStatus, type SSReport, type StorageSystemStatus } from '../controller/status.js';
 import { UsageError } from './errors.js';
 
 export const DEFAULT_STATUS_TIMEOUT_MS = 3000;
@@ -105,7 +105,7 @@ export function mergeReports(config: ClusterConfig, answers: { id: number; repor
   const pairs = new Map<string, { p: PairStatus; rank: number }>();
   for (const [ssId, report] of byId) {
     for (const p of report.pairs) {
-      const rank = pairRank(p, ssId === (masterOf.get(p.name) ?? p.master.ss));
+      const rank = reportRank(p, ssId === (masterOf.get(p.name) ?? p.master.ss));
       const prior = pairs.get(p.name);
       if (!prior || rank > prior.rank) pairs.set(p.name, { p, rank });
     }
@@ -115,16 +115,6 @@ export function mergeReports(config: ClusterConfig, answers: { id: number; repor
   return { storageSystems, pairs: order.filter((n) => pairs.has(n)).map((n) => pairs.get(n)!.p) };
 }
 
-/**
- * Which report of a pair to show: the master's, in its newest epoch (after a swap or a
- * takeover the master is no longer the configured one); then a mirror that still hears
- * its master; then any.
- */
-export function pairRank(p: PairStatus, configuredMaster: boolean): number {
-  if (p.role === 'master') return 1_000_000 + (p.epoch ?? 0);
-  if (p.role === undefined && configuredMaster) return 1_000_000;
-  return p.stale ? 0 : 1;
-}
 
 // ---------------------------------------------------------------------------
 // The human-readable form.

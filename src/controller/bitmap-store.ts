@@ -37,6 +37,16 @@ export interface BitmapStore {
   close(): Promise<void>;
 }
 
+/** Persist the bits of `clusters` (ascending) in slot m, one mark per contiguous run. */
+export async function markRuns(store: BitmapStore, m: number, clusters: readonly number[]): Promise<void> {
+  for (let k = 0; k < clusters.length; ) {
+    let j = k;
+    while (j + 1 < clusters.length && clusters[j + 1] === clusters[j]! + 1) j++;
+    await store.mark([m], clusters[k]!, clusters[j]!);
+    k = j + 1;
+  }
+}
+
 /** For storage systems without a dataDir: volumes die with the process, and so may the bitmap. */
 export class MemoryBitmapStore implements BitmapStore {
   private readonly images: Uint8Array[];

@@ -48,6 +48,17 @@ export interface RemotePort {
 
 export type FenceLevel = 'never' | 'data';
 
+/** A pair as a storage system is told about it (from the YAML's pairs). */
+export interface PairSpec {
+  name: string;
+  mode: PairMode;
+  master: VolRef;
+  mirrors: VolRef[];
+  /** Sync daemon limit, bytes per second. */
+  syncRate?: number;
+  fence?: FenceLevel;
+}
+
 /** Progress and result of a verify: the `verify` field of the pair's status. */
 export type VerifyProgress = VerifyStatus;
 
@@ -186,18 +197,19 @@ export class Pair {
       if (this.mode === 'async' || !this.replicating) {
         // Async: mirrors' clusters Invalid (in memory and on disk) before the master changes.
         let woke = false;
-        const told: Promise<void>[] = [];
+        let told: Promise<void>[] | undefined;
         for (const m of this.mirrors) {
           let newly = false;
           for (let c = first; c <= last; c++) newly = m.bitmap.setInvalid(c) || newly;
           woke ||= newly;
           // A remote mirror's storage system must know before the ack, or a read there could be stale.
           // Bits already set were sent before: wait only if their message is not acknowledged yet.
-          if (m.remote?.connected) told.push(newly ? m.remote.invalidate(first, last) : m.remote.barrier(first, last));
+          if (m.remote?.connected) (told ??= []).push(newly ? m.remote.invalidate(first, last) : m.remote.barrier(first, last));
         }
         await this.store.mark(this.all, first, last);
         // FUA reaches the master only: the mirrors' share is covered by the persisted bitmap.
-        await Promise.all([apply(this.master.device), ...told]);
+        if (told) await Promise.all([apply(this.master.device), ...told]);
+        else await apply(this.master.device);
         if (woke && this.replicating) this.opts.onInvalid?.();
         return;
       }
@@ -210,18 +222,19 @@ export class Pair {
         this.opts.onInvalid?.();
         throw results[0]!.reason;
       }
+      // The common case, every mirror written, costs one pass over the results and nothing else.
       let failed: Error | undefined;
-      const told: Promise<void>[] = [];
-      results.slice(1).forEach((r, i) => {
-        if (r.status === 'rejected') {
-          const m = this.mirrors[i]!;
-          m.bitmap.setRangeInvalid(first, last);
-          if (m.remote?.connected) told.push(m.remote.invalidate(first, last));
-          failed ??= r.reason as Error;
-          this.suspend(`mirror ss${m.ref.ss}/vol${m.ref.vol}: ${(r.reason as Error).message}`);
-        }
-      });
-      await Promise.all(told);
+      let told: Promise<void>[] | undefined;
+      for (let i = 1; i < results.length; i++) {
+        const r = results[i]!;
+        if (r.status === 'fulfilled') continue;
+        const m = this.mirrors[i - 1]!;
+        m.bitmap.setRangeInvalid(first, last);
+        if (m.remote?.connected) (told ??= []).push(m.remote.invalidate(first, last));
+        failed ??= r.reason as Error;
+        this.suspend(`mirror ss${m.ref.ss}/vol${m.ref.vol}: ${(r.reason as Error).message}`);
+      }
+      if (told) await Promise.all(told);
       if (failed && this.fence === 'data') {
         throw new BlockDeviceError('EIO', `${this.name}: a mirror could not be written and the fence level is data: ${failed.message}`);
       }

@@ -22,19 +22,15 @@ import { BlockDeviceError, payloadLength, toBlockDeviceError, type BlockDevice, 
 import { connect, type NbdClient } from '../nbd/client.js';
 import type { ExportTable } from '../nbd/exports.js';
 import { ClusterBitmap, clusterRange } from './bitmap.js';
-import type { BitmapStore } from './bitmap-store.js';
-import { Pair, PairStateError, hashClusters, type FenceLevel, type RemotePort } from './pair.js';
+import { atomicWrite, readPairState, savePairState } from './pair-files.js';
+import { markRuns, type BitmapStore } from './bitmap-store.js';
+import { Pair, PairStateError, hashClusters, type FenceLevel, type PairSpec, type RemotePort } from './pair.js';
 import type { PeerLink, PeerMessage } from './peer-link.js';
 import type { SyncDaemon } from './sync-daemon.js';
-import { PairCommandError, type PairMode, type PairState, type PairStatus, type VolRef } from './status.js';
+import { PairCommandError, type PairState, type PairStatus, type VolRef } from './status.js';
 
-export interface RemotePairSpec {
-  name: string;
-  mode: PairMode;
-  /** As configured; the current master may differ after a swap or takeover. */
-  master: VolRef;
-  mirrors: VolRef[];
-  syncRate?: number;
+/** `master` is as configured: the current master may differ after a swap or a takeover. */
+export interface RemotePairSpec extends PairSpec {
   fence: FenceLevel;
   autoResync: boolean;
 }
@@ -193,13 +189,13 @@ export class RemotePair {
       store: this.store,
       loaded: initial,
       identical: true,
-      initialState: this.readUserState(),
+      initialState: readPairState(this.ctx.statePath),
       ...(this.spec.syncRate !== undefined ? { syncRate: this.spec.syncRate } : {}),
       fence: this.spec.fence,
       log: this.ctx.log,
       onInvalid: () => this.ctx.daemon.wake(),
       onHostWrite: () => this.ctx.daemon.noteHostIo(),
-      onStateChange: (state) => this.saveUserState(state),
+      onStateChange: (state) => savePairState(this.ctx.statePath, state),
       beforeResync: () => this.collectMirrorChanges(),
       afterSplit: () => this.tellMirrors('state', { state: 'PSUS' }),
     });
@@ -236,7 +232,7 @@ export class RemotePair {
     }
     this.gen = { epoch: gen.epoch, master: gen.master };
     this.saveGeneration();
-    this.saveUserState('PAIR');
+    savePairState(this.ctx.statePath, 'PAIR');
     this.ctx.log.warn({ pair: this.name, epoch: gen.epoch, master: gen.master }, `pair ${this.name}: this copy is now a mirror of storage system ${gen.master}`);
     this.becomeMirrorNow();
   }
@@ -251,7 +247,7 @@ export class RemotePair {
     await markRuns(this.store, 0, setBits(loaded, this.clusters));
     this.gen = { epoch, master: this.ctx.self };
     this.saveGeneration();
-    this.saveUserState('PAIR');
+    savePairState(this.ctx.statePath, 'PAIR');
     this.ctx.log.warn({ pair: this.name, epoch }, `pair ${this.name}: this copy is now the master`);
     await this.becomeMasterNow([loaded], suspendReason);
     if (!suspendReason) for (const ss of this.peerIds()) if (this.ctx.links.get(ss)!.up) void this.onLinkUp(ss);
@@ -408,11 +404,11 @@ export class RemotePair {
     await pair.resync();
   }
 
-  verify(): void {
+  /** The pair to verify, when this side masters it and reaches every mirror. */
+  pairToVerify(): Pair {
     const pair = this.masterPair('verify');
-    if (pair.verifyProgress?.running) throw new PairCommandError(409, `${this.name}: a verify is already running`);
     if ([...this.ports.values()].some((p) => !p.connected)) throw new PairCommandError(409, `${this.name}: a mirror is unreachable; verify needs every copy`);
-    void pair.verify().catch((e: Error) => this.ctx.log.error({ pair: this.name, err: e.message }, 'verify failed'));
+    return pair;
   }
 
   /** Planned swap, on the master: copy the last writes, hand the role over, become the mirror. */
@@ -510,38 +506,6 @@ export class RemotePair {
     if (this.ctx.generationFile) atomicWrite(this.ctx.generationFile, JSON.stringify(this.gen));
   }
 
-  private readUserState(): 'PSUS' | undefined {
-    const f = this.ctx.statePath;
-    if (!f || !fs.existsSync(f)) return undefined;
-    return (JSON.parse(fs.readFileSync(f, 'utf8')) as { state?: string }).state === 'PSUS' ? 'PSUS' : undefined;
-  }
-
-  private saveUserState(state: PairState): void {
-    if (this.ctx.statePath) atomicWrite(this.ctx.statePath, JSON.stringify({ state: state === 'PSUS' ? 'PSUS' : 'ACTIVE' }));
-  }
-}
-
-/** Persist the bits of `clusters` (ascending) in slot m, one mark per contiguous run. */
-async function markRuns(store: BitmapStore, m: number, clusters: number[]): Promise<void> {
-  for (let k = 0; k < clusters.length; ) {
-    let j = k;
-    while (j + 1 < clusters.length && clusters[j + 1] === clusters[j]! + 1) j++;
-    await store.mark([m], clusters[k]!, clusters[j]!);
-    k = j + 1;
-  }
-}
-
-/** Atomic replace with fsync: a crash leaves the old record or the new one. */
-export function atomicWrite(file: string, text: string): void {
-  const tmp = `${file}.tmp`;
-  const fd = fs.openSync(tmp, 'w');
-  try {
-    fs.writeSync(fd, text + '\n');
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-  fs.renameSync(tmp, file);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -578,7 +542,7 @@ class Port implements RemotePort {
     readonly index: number,
     readonly ref: VolRef,
     readonly link: PeerLink,
-    private readonly ctx: RemotePairContext,
+    ctx: RemotePairContext,
   ) {
     this.device = new RemoteMirrorDevice(ref, ctx, owner.volumeSize, (why) => link.drop(why));
   }
@@ -695,8 +659,7 @@ class RemoteMirrorDevice implements BlockDevice {
   readonly readOnly = false;
   readonly multiConnSafe = true;
   readonly fastZero = false;
-  private clients: NbdClient[] = [];
-  private next = 0;
+  private client: NbdClient | null = null;
 
   constructor(
     private readonly ref: VolRef,
@@ -708,14 +671,14 @@ class RemoteMirrorDevice implements BlockDevice {
   async open(token: string): Promise<void> {
     this.disconnect();
     const addr = this.ctx.nbd.get(this.ref.ss)!;
-    const opts = { host: addr.host, port: addr.port, exportName: replicationExport(this.ref.vol, token), timeoutMs: this.ctx.peerTimeout };
-    this.clients = await Promise.all(Array.from({ length: REPLICATION_CONNECTIONS }, () => connect(opts)));
+    // One connection: the requests pipeline on it, and more connections measured slower (bench/RESULTS.md).
+    this.client = await connect({ host: addr.host, port: addr.port, exportName: replicationExport(this.ref.vol, token), timeoutMs: this.ctx.peerTimeout });
   }
 
   disconnect(): void {
-    const cs = this.clients;
-    this.clients = [];
-    for (const c of cs) void c.close().catch(() => {});
+    const c = this.client;
+    this.client = null;
+    if (c) void c.close().catch(() => {});
   }
 
   /** The pair does not own the remote volume: closing it only ends our connection. */
@@ -724,7 +687,7 @@ class RemoteMirrorDevice implements BlockDevice {
   }
 
   private async run<T>(op: (c: NbdClient) => Promise<T>): Promise<T> {
-    const c = this.clients.length > 0 ? this.clients[this.next++ % this.clients.length] : undefined;
+    const c = this.client;
     if (!c) throw new BlockDeviceError('EIO', `mirror ss${this.ref.ss}/vol${this.ref.vol}: no replication session`);
     try {
       return await op(c);
@@ -745,10 +708,8 @@ class RemoteMirrorDevice implements BlockDevice {
     return this.run((c) => c.pwrite(data, offset, { fua }));
   }
 
-  /** Every connection's writes: the server flushes the device, which covers them all, but ask on each to be plain. */
-  async flush(): Promise<void> {
-    const n = Math.max(1, this.clients.length);
-    await Promise.all(Array.from({ length: n }, () => this.run((c) => c.flush())));
+  flush(): Promise<void> {
+    return this.run((c) => c.flush());
   }
 
   trim(offset: number, length: number, fua = false): Promise<void> {
@@ -763,9 +724,6 @@ class RemoteMirrorDevice implements BlockDevice {
     return [{ length, flags: 0 }];
   }
 }
-
-/** Data connections per remote mirror (env BM_REPLICATION_CONNECTIONS for experiments). */
-const REPLICATION_CONNECTIONS = Math.max(1, Number(process.env.BM_REPLICATION_CONNECTIONS ?? 1));
 
 export function replicationExport(vol: number, token: string): string {
   return `.replication/vol${vol}/${token}`;

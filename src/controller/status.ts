@@ -85,6 +85,18 @@ export interface PairStatus {
   mirrors: MirrorStatus[];
 }
 
+/**
+ * Which of several reports of one pair to believe (a pair across storage systems is reported
+ * by each of them): its master's in the newest epoch, since after a swap or a takeover two
+ * storage systems may both have called themselves master; then a mirror that hears its master;
+ * then any. `fromMaster`: the report comes from the storage system named as the pair's master,
+ * which decides for reports without a role.
+ */
+export function reportRank(p: PairStatus, fromMaster: boolean): number {
+  if (p.role === 'master' || (p.role === undefined && fromMaster)) return 1_000_000 + (p.epoch ?? 0);
+  return p.stale ? 0 : 1;
+}
+
 export interface PeerStatus {
   ss: number;
   connected: boolean;

@@ -17,12 +17,13 @@ import { ExportTable } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
 import { CacheMemory } from './cache.js';
 import { FileBitmapStore, MemoryBitmapStore, type BitmapStore } from './bitmap-store.js';
-import { Pair, PairStateError } from './pair.js';
+import { Pair, PairStateError, type PairSpec } from './pair.js';
 import { PeerLink, PeerServer } from './peer-link.js';
-import { RemotePair, atomicWrite, type RemotePairSpec } from './remote-pair.js';
+import { readPairState, savePairState } from './pair-files.js';
+import { RemotePair, type RemotePairSpec } from './remote-pair.js';
 import { SyncDaemon } from './sync-daemon.js';
 import { CountingDevice } from './volume-stats.js';
-import { PairCommandError, type AdminTarget, type PairBitmap, type PairState, type PairStatus, type SSReport, type TargetMetrics, type VolRef, type VolumeRole } from './status.js';
+import { PairCommandError, type AdminTarget, type PairBitmap, type PairStatus, type SSReport, type TargetMetrics, type VolRef, type VolumeRole } from './status.js';
 
 export interface StorageSystemSpec {
   id: number;
@@ -36,7 +37,7 @@ export interface StorageSystemSpec {
   volumes: { id: number; size: number }[];
   clusterSize: number;
   /** Pairs whose master and mirrors are all in this storage system. */
-  pairs: { name: string; mode: 'sync' | 'async'; master: VolRef; mirrors: VolRef[]; syncRate?: number; fence?: 'never' | 'data' }[];
+  pairs: PairSpec[];
   /** Pairs that span this storage system and others (docs/replication.md). */
   remotePairs?: RemotePairSpec[];
   /** This storage system's control-channel address, when it has remote pairs. */
@@ -127,7 +128,7 @@ export class StorageSystem implements AdminTarget {
     }
   }
 
-  private async openPair(p: StorageSystemSpec['pairs'][number]): Promise<void> {
+  private async openPair(p: PairSpec): Promise<void> {
     const { spec } = this;
     const vol = (ref: VolRef): Volume => {
       const v = this.volumes.get(ref.vol);
@@ -145,7 +146,6 @@ export class StorageSystem implements AdminTarget {
     const clusters = Math.ceil(master.size / spec.clusterSize);
     let store: BitmapStore;
     let loaded: Uint8Array[] | null = null;
-    let initialState: 'PSUS' | undefined;
     const statePath = spec.dataDir ? path.join(spec.dataDir, 'pairs', `${p.name}.state.json`) : undefined;
     if (spec.dataDir) {
       const opened = await FileBitmapStore.open(path.join(spec.dataDir, 'pairs', `${p.name}.bitmap`), {
@@ -155,10 +155,6 @@ export class StorageSystem implements AdminTarget {
       });
       store = opened.store;
       loaded = opened.loaded;
-      if (statePath && fs.existsSync(statePath)) {
-        const saved = JSON.parse(fs.readFileSync(statePath, 'utf8')) as { state?: string };
-        if (saved.state === 'PSUS') initialState = 'PSUS';
-      }
     } else store = new MemoryBitmapStore(clusters, mirrors.length);
 
     // Known identical: every volume of the pair was created empty by this start.
@@ -172,13 +168,13 @@ export class StorageSystem implements AdminTarget {
       store,
       loaded,
       identical,
-      initialState,
+      initialState: readPairState(statePath),
       syncRate: p.syncRate,
       ...(p.fence ? { fence: p.fence } : {}),
       log: this.log,
       onInvalid: () => this.daemon.wake(),
       onHostWrite: () => this.daemon.noteHostIo(),
-      onStateChange: (state) => statePath && saveState(statePath, state),
+      onStateChange: (state) => savePairState(statePath, state),
     });
     this.pairs.set(p.name, pair);
     this.daemon.add(pair);
@@ -290,24 +286,17 @@ export class StorageSystem implements AdminTarget {
     return p;
   }
 
-  private remotePair(name: string): RemotePair | undefined {
-    return this.remotePairs.get(name);
-  }
-
+  /** Starts a verify in the background; its progress is in the pair's status. */
   async verify(name: string): Promise<PairStatus> {
-    const rp = this.remotePair(name);
-    if (rp) {
-      rp.verify();
-      return rp.status();
-    }
-    const p = this.pair(name);
+    const rp = this.remotePairs.get(name);
+    const p = rp ? rp.pairToVerify() : this.pair(name);
     if (p.verifyProgress?.running) throw new PairCommandError(409, `${name}: a verify is already running`);
     void p.verify().catch((e: Error) => this.log.error({ pair: name, err: e.message }, 'verify failed'));
-    return p.status();
+    return (rp ?? p).status();
   }
 
   async swap(name: string): Promise<PairStatus> {
-    const rp = this.remotePair(name);
+    const rp = this.remotePairs.get(name);
     if (!rp) {
       this.pair(name);
       throw new PairCommandError(409, `swap ${name}: master and mirror are in the same storage system; swap is for pairs across storage systems`);
@@ -317,7 +306,7 @@ export class StorageSystem implements AdminTarget {
   }
 
   async takeover(name: string): Promise<PairStatus> {
-    const rp = this.remotePair(name);
+    const rp = this.remotePairs.get(name);
     if (!rp) {
       this.pair(name);
       throw new PairCommandError(409, `takeover ${name}: master and mirror are in the same storage system; takeover is for pairs across storage systems`);
@@ -327,7 +316,7 @@ export class StorageSystem implements AdminTarget {
   }
 
   async split(name: string): Promise<PairStatus> {
-    const rp = this.remotePair(name);
+    const rp = this.remotePairs.get(name);
     if (rp) {
       await rp.split();
       return rp.status();
@@ -343,7 +332,7 @@ export class StorageSystem implements AdminTarget {
   }
 
   async resync(name: string): Promise<PairStatus> {
-    const rp = this.remotePair(name);
+    const rp = this.remotePairs.get(name);
     if (rp) {
       await rp.resync();
       return rp.status();
@@ -377,11 +366,6 @@ export class StorageSystem implements AdminTarget {
     await this.cache?.close();
     for (const v of this.volumes.values()) await v.device.close();
   }
-}
-
-/** Atomic replace with fsync: a crash leaves the old state or the new, never a torn file. */
-function saveState(file: string, state: PairState): void {
-  atomicWrite(file, JSON.stringify({ state: state === 'PSUS' ? 'PSUS' : 'ACTIVE' }));
 }
 
 /** A volume whose behaviour follows its current role in a pair across storage systems. */
