@@ -49,7 +49,7 @@ class FakeTarget implements AdminTarget {
 
   async split(name: string): Promise<PairStatus> {
     this.check(name);
-    if (this.state !== 'PAIR') throw new PairCommandError(409, `cannot split ${name}: it is ${this.state}, not PAIR`);
+    if (this.state !== 'PAIR') throw new PairCommandError('refused', `cannot split ${name}: it is ${this.state}, not PAIR`);
     this.splits++;
     this.state = 'PSUS';
     await new Promise((r) => setTimeout(r, 5)); // a split drains in-flight writes before it answers
@@ -58,13 +58,13 @@ class FakeTarget implements AdminTarget {
 
   async resync(name: string): Promise<PairStatus> {
     this.check(name);
-    if (this.state !== 'PSUS' && this.state !== 'PSUE') throw new PairCommandError(409, `cannot resync ${name}: it is ${this.state}`);
+    if (this.state !== 'PSUS' && this.state !== 'PSUE') throw new PairCommandError('refused', `cannot resync ${name}: it is ${this.state}`);
     this.state = 'COPY';
     return this.pair();
   }
 
   private check(name: string): void {
-    if (name !== 'pair1') throw new PairCommandError(404, `no pair named "${name}"`);
+    if (name !== 'pair1') throw new PairCommandError('no-such-pair', `no pair named "${name}"`);
   }
 }
 

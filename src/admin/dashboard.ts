@@ -101,7 +101,7 @@ export function registerDashboard(app: FastifyInstance, target: AdminTarget, opt
   route(app, 'GET', '/api/pairs/:name/bitmap', async (req) => {
     const name = (req.params as NameParams).name;
     const buckets = parseBuckets((req.query as Record<string, unknown>).buckets);
-    if (!target.bitmap) throw new PairCommandError(404, `storage system has no bitmap for pair ${name}`);
+    if (!target.bitmap) throw new PairCommandError('no-such-pair', `storage system has no bitmap for pair ${name}`);
     return target.bitmap(name, buckets);
   });
 

@@ -17,7 +17,7 @@
 // print that line as is.
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
-import { PairCommandError, type AdminTarget, type PairStatus } from '../controller/status.js';
+import { PairCommandError, type AdminTarget, type PairCommandErrorKind, type PairStatus } from '../controller/status.js';
 import { registerDashboard, type AdminPeer } from './dashboard.js';
 import { registerMetrics } from './metrics.js';
 
@@ -38,6 +38,9 @@ export interface AdminServer {
 /** Methods fastify can route; a known path asked with any other one gets 405. */
 const METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'] as const;
 type Method = (typeof METHODS)[number];
+
+/** The one place a controller refusal becomes an HTTP status. */
+const HTTP_STATUS: Record<PairCommandErrorKind, number> = { 'no-such-pair': 404, refused: 409, unavailable: 503 };
 
 interface NameParams {
   name: string;
@@ -100,7 +103,7 @@ export function buildApp(target: AdminTarget, log: Logger, opts: { peers?: Admin
   });
 
   app.setErrorHandler((err: FastifyError | Error, req: FastifyRequest, reply: FastifyReply) => {
-    if (err instanceof PairCommandError) return reply.code(err.status).send({ error: err.message });
+    if (err instanceof PairCommandError) return reply.code(HTTP_STATUS[err.kind]).send({ error: err.message });
     const status = (err as FastifyError).statusCode;
     if (status !== undefined && status >= 400 && status < 500) return reply.code(status).send({ error: errorLine(err) });
     log.error({ err, method: req.method, url: req.url }, `admin API: ${req.method} ${req.url} failed: ${err.message}`);
@@ -139,7 +142,7 @@ export function buildApp(target: AdminTarget, log: Logger, opts: { peers?: Admin
       const run = target[command]?.bind(target);
       if (!run) {
         findPair(target, name);
-        throw new PairCommandError(409, `${command} ${name}: not supported by this storage system`);
+        throw new PairCommandError('refused', `${command} ${name}: not supported by this storage system`);
       }
       return { pair: await run(name) };
     });
@@ -171,7 +174,7 @@ function route(app: FastifyInstance, method: Method, url: string, handler: (req:
 
 function findPair(target: AdminTarget, name: string): PairStatus {
   const pair = target.report().pairs.find((p) => p.name === name);
-  if (pair === undefined) throw new PairCommandError(404, `no pair named "${name}"`);
+  if (pair === undefined) throw new PairCommandError('no-such-pair', `no pair named "${name}"`);
   return pair;
 }
 

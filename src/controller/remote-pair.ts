@@ -325,7 +325,7 @@ export class RemotePair {
   /** Inside resync's quiet point: each remote mirror hands over the clusters it changed itself. */
   private async collectMirrorChanges(): Promise<void> {
     for (const port of this.ports.values()) {
-      if (!port.connected) throw new PairCommandError(409, `${this.name}: mirror ss${port.ref.ss}/vol${port.ref.vol} is unreachable; resync when its storage system is back`);
+      if (!port.connected) throw new PairCommandError('refused', `${this.name}: mirror ss${port.ref.ss}/vol${port.ref.vol} is unreachable; resync when its storage system is back`);
       const reply = await port.link.request('resync', { pair: this.name });
       const pair = this.pair!;
       await pair.invalidate(port.index, setBits(fromB64(reply.dirty, this.clusters), this.clusters));
@@ -382,7 +382,7 @@ export class RemotePair {
 
   private masterPair(command: string): Pair {
     if (this.role !== 'master' || !this.pair) {
-      throw new PairCommandError(409, `${command} ${this.name}: storage system ${this.ctx.self} holds a mirror; the master is in storage system ${this.gen.master}`);
+      throw new PairCommandError('refused', `${command} ${this.name}: storage system ${this.ctx.self} holds a mirror; the master is in storage system ${this.gen.master}`);
     }
     return this.pair;
   }
@@ -392,7 +392,7 @@ export class RemotePair {
     try {
       await pair.split();
     } catch (e) {
-      if (e instanceof PairStateError) throw new PairCommandError(409, e.message);
+      if (e instanceof PairStateError) throw new PairCommandError('refused', e.message);
       throw e;
     }
   }
@@ -407,7 +407,7 @@ export class RemotePair {
   /** The pair to verify, when this side masters it and reaches every mirror. */
   pairToVerify(): Pair {
     const pair = this.masterPair('verify');
-    if ([...this.ports.values()].some((p) => !p.connected)) throw new PairCommandError(409, `${this.name}: a mirror is unreachable; verify needs every copy`);
+    if ([...this.ports.values()].some((p) => !p.connected)) throw new PairCommandError('refused', `${this.name}: a mirror is unreachable; verify needs every copy`);
     return pair;
   }
 
@@ -415,16 +415,16 @@ export class RemotePair {
   swap(): Promise<void> {
     return this.serial(async () => {
       const pair = this.masterPair('swap');
-      if (this.copies.length !== 2 || this.ports.size !== 1) throw new PairCommandError(409, `swap ${this.name}: only a pair of two copies in different storage systems can swap roles`);
+      if (this.copies.length !== 2 || this.ports.size !== 1) throw new PairCommandError('refused', `swap ${this.name}: only a pair of two copies in different storage systems can swap roles`);
       const port = [...this.ports.values()][0]!;
-      if (!port.connected) throw new PairCommandError(409, `swap ${this.name}: the mirror's storage system ${port.ref.ss} is unreachable (use takeover there)`);
-      if (pair.state === 'PSUS' || pair.state === 'PSUE') throw new PairCommandError(409, `swap ${this.name}: the pair is ${pair.state}; resync it first`);
+      if (!port.connected) throw new PairCommandError('refused', `swap ${this.name}: the mirror's storage system ${port.ref.ss} is unreachable (use takeover there)`);
+      if (pair.state === 'PSUS' || pair.state === 'PSUE') throw new PairCommandError('refused', `swap ${this.name}: the pair is ${pair.state}; resync it first`);
       const epoch = this.gen.epoch + 1;
       await pair.quiesce(async () => {
         // Writes are held: wait for the daemon to copy what is left, then make it durable there.
         const deadline = performance.now() + 60_000;
         while (pair.mirrors[port.index]!.bitmap.invalidCount > 0) {
-          if (!port.connected || performance.now() > deadline) throw new PairCommandError(409, `swap ${this.name}: the mirror did not catch up`);
+          if (!port.connected || performance.now() > deadline) throw new PairCommandError('refused', `swap ${this.name}: the mirror did not catch up`);
           this.ctx.daemon.wake();
           await new Promise((r) => setTimeout(r, 10));
         }
@@ -442,10 +442,10 @@ export class RemotePair {
   /** Unplanned, on a mirror whose master is gone: promote this copy in a new epoch. */
   takeover(): Promise<void> {
     return this.serial(async () => {
-      if (this.role === 'master') throw new PairCommandError(409, `takeover ${this.name}: storage system ${this.ctx.self} is already the master`);
-      if (this.copies.length !== 2) throw new PairCommandError(409, `takeover ${this.name}: only a pair of two copies can be taken over`);
+      if (this.role === 'master') throw new PairCommandError('refused', `takeover ${this.name}: storage system ${this.ctx.self} is already the master`);
+      if (this.copies.length !== 2) throw new PairCommandError('refused', `takeover ${this.name}: only a pair of two copies can be taken over`);
       const link = this.ctx.links.get(this.gen.master)!;
-      if (link.up) throw new PairCommandError(409, `takeover ${this.name}: the master's storage system ${this.gen.master} is reachable; use swap`);
+      if (link.up) throw new PairCommandError('refused', `takeover ${this.name}: the master's storage system ${this.gen.master} is reachable; use swap`);
       const old = this.gen.master;
       await this.promote(this.gen.epoch + 1, `takeover: storage system ${old} unreachable`);
       this.peerLost = true;

@@ -144,12 +144,19 @@ export interface AdminTarget {
   metrics?(): TargetMetrics;
 }
 
+/**
+ * A pair command the controller refused. `kind` says why; only the admin layer turns it into
+ * an HTTP status (no-such-pair -> 404, refused -> 409, unavailable -> 503).
+ */
+export type PairCommandErrorKind = 'no-such-pair' | 'refused' | 'unavailable';
+
 export class PairCommandError extends Error {
   override readonly name = 'PairCommandError';
   constructor(
-    readonly status: 404 | 409,
+    readonly kind: PairCommandErrorKind,
     message: string,
+    options?: { cause?: unknown },
   ) {
-    super(message);
+    super(message, options);
   }
 }

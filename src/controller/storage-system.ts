@@ -280,8 +280,8 @@ export class StorageSystem implements AdminTarget {
   private pair(name: string): Pair {
     const p = this.pairs.get(name) ?? this.remotePairs.get(name)?.pair;
     if (!p) {
-      if (this.remotePairs.has(name)) throw new PairCommandError(409, `storage system ${this.spec.id} holds a mirror of ${name}; ask the master's storage system`);
-      throw new PairCommandError(404, `no pair named ${name} in storage system ${this.spec.id}`);
+      if (this.remotePairs.has(name)) throw new PairCommandError('refused', `storage system ${this.spec.id} holds a mirror of ${name}; ask the master's storage system`);
+      throw new PairCommandError('no-such-pair', `no pair named ${name} in storage system ${this.spec.id}`);
     }
     return p;
   }
@@ -290,7 +290,7 @@ export class StorageSystem implements AdminTarget {
   async verify(name: string): Promise<PairStatus> {
     const rp = this.remotePairs.get(name);
     const p = rp ? rp.pairToVerify() : this.pair(name);
-    if (p.verifyProgress?.running) throw new PairCommandError(409, `${name}: a verify is already running`);
+    if (p.verifyProgress?.running) throw new PairCommandError('refused', `${name}: a verify is already running`);
     void p.verify().catch((e: Error) => this.log.error({ pair: name, err: e.message }, 'verify failed'));
     return (rp ?? p).status();
   }
@@ -299,7 +299,7 @@ export class StorageSystem implements AdminTarget {
     const rp = this.remotePairs.get(name);
     if (!rp) {
       this.pair(name);
-      throw new PairCommandError(409, `swap ${name}: master and mirror are in the same storage system; swap is for pairs across storage systems`);
+      throw new PairCommandError('refused', `swap ${name}: master and mirror are in the same storage system; swap is for pairs across storage systems`);
     }
     await rp.swap();
     return rp.status();
@@ -309,7 +309,7 @@ export class StorageSystem implements AdminTarget {
     const rp = this.remotePairs.get(name);
     if (!rp) {
       this.pair(name);
-      throw new PairCommandError(409, `takeover ${name}: master and mirror are in the same storage system; takeover is for pairs across storage systems`);
+      throw new PairCommandError('refused', `takeover ${name}: master and mirror are in the same storage system; takeover is for pairs across storage systems`);
     }
     await rp.takeover();
     return rp.status();
@@ -325,7 +325,7 @@ export class StorageSystem implements AdminTarget {
     try {
       await p.split();
     } catch (e) {
-      if (e instanceof PairStateError) throw new PairCommandError(409, e.message);
+      if (e instanceof PairStateError) throw new PairCommandError('refused', e.message);
       throw e;
     }
     return p.status();
