@@ -395,6 +395,7 @@ describe('cluster status merge', () => {
       source: 'test.yaml',
       clusterSize: 65536,
       peerTimeout: 5000,
+      faults: [],
       storageSystems: ports.map((port, i) => ({
         id: i + 1,
         nbd: { host: '127.0.0.1', port: 10809 + i },

@@ -3,6 +3,7 @@
 //   AdminUnreachableError  no HTTP answer at all (refused, unknown host, timeout)
 //   AdminReplyError        an HTTP answer that is an error (404, 409, 500) or not
 //                          the JSON we expect
+import type { FaultStatus } from '../controller/fault-table.js';
 import type { PairStatus, SSReport } from '../controller/status.js';
 
 /** Where an admin API listens, and optionally which storage system it is (for messages). */
@@ -71,7 +72,32 @@ export function describe(ep: AdminEndpoint): string {
   return ep.ss === undefined ? `admin API at ${hp}` : `storage system ${ep.ss} (${hp})`;
 }
 
-async function request(ep: AdminEndpoint, method: 'GET' | 'POST', path: string, timeoutMs: number, op: string): Promise<unknown> {
+/** PUT /api/faults/TARGET/KIND: set a fault; resolves with the storage system's faults after it. */
+export async function setFault(addr: AdminEndpoint | string, target: string, kind: string, options: Record<string, unknown>, timeoutMs: number): Promise<FaultStatus[]> {
+  const ep = toEndpoint(addr);
+  const body = await request(ep, 'PUT', `/api/faults/${encodeURIComponent(target)}/${encodeURIComponent(kind)}`, timeoutMs, `fault set ${target} ${kind}: `, options);
+  return faultsOf(ep, body);
+}
+
+/** DELETE /api/faults/TARGET: clear a target's faults (every kind, or one). */
+export async function clearFault(addr: AdminEndpoint | string, target: string, kind: string | undefined, timeoutMs: number): Promise<FaultStatus[]> {
+  const ep = toEndpoint(addr);
+  const q = kind ? `?kind=${encodeURIComponent(kind)}` : '';
+  return faultsOf(ep, await request(ep, 'DELETE', `/api/faults/${encodeURIComponent(target)}${q}`, timeoutMs, `fault clear ${target}: `));
+}
+
+/** GET /api/faults. */
+export async function listFaults(addr: AdminEndpoint | string, timeoutMs: number): Promise<FaultStatus[]> {
+  const ep = toEndpoint(addr);
+  return faultsOf(ep, await request(ep, 'GET', '/api/faults', timeoutMs, 'fault list: '));
+}
+
+function faultsOf(ep: AdminEndpoint, body: unknown): FaultStatus[] {
+  if (!isObject(body) || !Array.isArray(body.faults)) throw new AdminReplyError(`${describe(ep)} sent a reply without the list of faults`, 200);
+  return body.faults as FaultStatus[];
+}
+
+async function request(ep: AdminEndpoint, method: 'GET' | 'POST' | 'PUT' | 'DELETE', path: string, timeoutMs: number, op: string, json?: unknown): Promise<unknown> {
   const url = `http://${hostPort(ep)}${path}`;
   // One signal for the whole exchange: a server that accepts and then never
   // finishes the body times out the same as one that never answers.
@@ -79,7 +105,9 @@ async function request(ep: AdminEndpoint, method: 'GET' | 'POST', path: string, 
   let text: string;
   let res: Response;
   try {
-    res = await fetch(url, { method, signal, headers: { accept: 'application/json' } });
+    const headers: Record<string, string> = { accept: 'application/json' };
+    if (json !== undefined) headers['content-type'] = 'application/json';
+    res = await fetch(url, { method, signal, headers, ...(json !== undefined ? { body: JSON.stringify(json) } : {}) });
     text = await res.text();
   } catch (e) {
     const [code, why] = networkCause(e, timeoutMs);

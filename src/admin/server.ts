@@ -8,6 +8,9 @@
 //   POST /api/pairs/:name/verify  { pair: PairStatus }         starts a verify; progress in pair.verify
 //   POST /api/pairs/:name/swap    { pair: PairStatus }         planned role swap (on the master's SS)
 //   POST /api/pairs/:name/takeover { pair: PairStatus }        promote the mirror (on the mirror's SS)
+//   GET  /api/faults              { faults: FaultStatus[] }
+//   PUT  /api/faults/:target/:kind { faults }  body: fault options (docs/faults.md)   400 bad options, 404 no such target
+//   DELETE /api/faults/:target    { faults }  ?kind= to clear one kind
 //   GET  /healthz                 { ok: true }
 //   GET  /metrics                 Prometheus text format       (metrics.ts)
 //   GET  /, /api/cluster, /api/events, /api/pairs/:name/bitmap  the dashboard (dashboard.ts)
@@ -17,6 +20,7 @@
 // print that line as is.
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
+import { FaultRequestSchema } from '../controller/fault-table.js';
 import { PairCommandError, type AdminTarget, type PairCommandErrorKind, type PairStatus } from '../controller/status.js';
 import { registerDashboard, type AdminPeer } from './dashboard.js';
 import { registerMetrics } from './metrics.js';
@@ -40,7 +44,7 @@ const METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'] as 
 type Method = (typeof METHODS)[number];
 
 /** The one place a controller refusal becomes an HTTP status. */
-const HTTP_STATUS: Record<PairCommandErrorKind, number> = { 'no-such-pair': 404, refused: 409, unavailable: 503 };
+const HTTP_STATUS: Record<PairCommandErrorKind, number> = { 'no-such-pair': 404, 'not-found': 404, refused: 409, unavailable: 503 };
 
 interface NameParams {
   name: string;
@@ -147,6 +151,24 @@ export function buildApp(target: AdminTarget, log: Logger, opts: { peers?: Admin
       return { pair: await run(name) };
     });
   }
+
+  // Fault injection (docs/faults.md). The body of a PUT is the fault's options; range in bytes.
+  route(app, 'GET', '/api/faults', async () => ({ faults: target.faults?.() ?? [] }));
+  route(app, 'PUT', '/api/faults/:target/:kind', async (req) => {
+    const { target: t, kind } = req.params as { target: string; kind: string };
+    if (!target.setFault) throw new PairCommandError('refused', 'this storage system takes no faults');
+    const body = req.body === undefined ? {} : req.body;
+    if (typeof body !== 'object' || body === null || Array.isArray(body)) throw httpError(400, 'the body must be a JSON object of fault options');
+    const parsed = FaultRequestSchema.safeParse({ ...body, target: t, kind });
+    if (!parsed.success) throw httpError(400, `fault ${kind} on ${t}: ${parsed.error.issues.map((i) => `${i.path.join('.') || 'body'}: ${i.message}`).join('; ')}`);
+    return { faults: target.setFault(parsed.data) };
+  });
+  route(app, 'DELETE', '/api/faults/:target', async (req) => {
+    const t = (req.params as { target: string }).target;
+    const kind = (req.query as { kind?: string }).kind;
+    if (!target.clearFault) throw new PairCommandError('refused', 'this storage system takes no faults');
+    return { faults: target.clearFault(t, kind) };
+  });
 
   registerMetrics(app, target, route);
   registerDashboard(app, target, { peers: opts.peers ?? [], route, log });

@@ -10,7 +10,12 @@
 import type { BlockDevice, Extent, Payload, ZeroOptions } from './types.js';
 
 export class FilterDevice implements BlockDevice {
-  constructor(protected next: BlockDevice) {}
+  constructor(private readonly below: BlockDevice) {}
+
+  /** The layer below. A layer that switches what lies below it (a role change) overrides this getter. */
+  protected get next(): BlockDevice {
+    return this.below;
+  }
 
   get size(): number {
     return this.next.size;

@@ -5,6 +5,7 @@ import { registerUpCommand } from './up.js';
 import { registerStatusCommand } from './status.js';
 import { registerPairCommand } from './pair.js';
 import { registerCfsCommand } from './cfs.js';
+import { registerFaultCommand } from './fault.js';
 import { UsageError } from './errors.js';
 
 export function buildProgram(): Command {
@@ -20,6 +21,7 @@ export function buildProgram(): Command {
   registerStatusCommand(program);
   registerPairCommand(program);
   registerCfsCommand(program);
+  registerFaultCommand(program);
   return program;
 }
 

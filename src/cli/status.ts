@@ -178,6 +178,12 @@ export function renderStatus(status: ClusterStatus): string {
       if (p.role === 'mirror') out.push(`  ${p.name}: the master's storage system ${p.master.ss} did not answer; shown as its mirror sees it${p.stale ? ' (its data may be stale)' : ''}`);
     }
   }
+
+  // Faults injected on purpose (docs/faults.md): an operator must never mistake one for a real failure.
+  const faults = status.storageSystems.flatMap((s) => (s.reachable ? (s.faults ?? []) : []));
+  const shown = new Set<string>();
+  const lines = faults.filter((f) => !shown.has(`${f.target} ${f.kind}`) && shown.add(`${f.target} ${f.kind}`)).map((f) => `  ${f.target}: ${f.description}`);
+  if (lines.length > 0) out.push('', 'INJECTED FAULTS', ...lines);
   return `${out.join('\n')}\n`;
 }
 

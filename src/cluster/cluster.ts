@@ -3,6 +3,7 @@
 import type { Logger } from 'pino';
 import { StorageSystem, type StorageSystemSpec } from '../controller/storage-system.js';
 import type { ClusterConfig, PairConfig } from './config.js';
+import { parseFaultTarget } from '../controller/fault-table.js';
 
 export class ClusterError extends Error {
   override readonly name = 'ClusterError';
@@ -53,6 +54,10 @@ export function specFor(config: ClusterConfig, id: number): StorageSystemSpec {
     ...(ss.peer ? { peer: ss.peer } : {}),
     peers,
     peerTimeout: config.peerTimeout,
+    faults: config.faults.filter((f) => {
+      const t = parseFaultTarget(f.target);
+      return t.type === 'volume' ? t.ss === id : t.a === id || t.b === id;
+    }),
   };
 }
 

@@ -12,6 +12,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { LineCounter, isMap, isPair, isScalar, isSeq, parseDocument, type Node } from 'yaml';
 import * as z from 'zod';
+import { FaultRequestSchema, FaultSpecError, parseByteRange, parseFaultTarget, resolveFault, type FaultRequest } from '../controller/fault-table.js';
 import type { PairMode, VolRef } from '../controller/status.js';
 import { formatSize, parseSize } from '../util/size.js';
 
@@ -68,6 +69,8 @@ export interface ClusterConfig {
   pairs: PairConfig[];
   /** The cluster file system (docs/cfs.md); absent when the YAML has no `cfs:` section. */
   cfs?: CfsConfig;
+  /** Faults injected from the start (docs/faults.md), checked by fault-table.ts's rules. */
+  faults: FaultRequest[];
 }
 
 export interface CfsConfig {
@@ -331,12 +334,26 @@ const CfsSchema = mapping({
   ss: id.optional(),
   readFromMaster: cfsFlag.optional(),
 });
+// `faults:` (docs/faults.md): the same fields as `blockmirror fault set`, range as START:LEN.
+const faultText = leaf((v) => (typeof v === 'string' && v.length > 0 ? v : fail(`expected a string, got ${show(v)}`)));
+const faultNumber = leaf((v) => (typeof v === 'number' && Number.isFinite(v) && v >= 0 ? v : fail(`expected a number, got ${show(v)}`)));
+const FaultSchema = mapping({
+  target: faultText,
+  kind: faultText,
+  op: z.union([faultText, list(faultText)]).optional(),
+  range: faultText.optional(),
+  probability: faultNumber.optional(),
+  ms: faultNumber.optional(),
+  jitter: faultNumber.optional(),
+  mode: faultText.optional(),
+});
 const ClusterSchema = mapping({
   clusterSize: clusterSize.optional(),
   peerTimeout: peerTimeout.optional(),
   storageSystems: list(StorageSystemSchema).min(1, { error: 'at least one storage system is required' }),
   pairs: list(PairSchema).optional(),
   cfs: CfsSchema.optional(),
+  faults: list(FaultSchema).optional(),
 });
 
 /** Which keys a mapping takes, by its path with indexes dropped: for "did you mean". */
@@ -349,6 +366,7 @@ const KEYS_AT = new Map<string, readonly string[]>([
   ['pairs[].master', Object.keys(VolRefSchema.shape)],
   ['pairs[].mirrors[]', Object.keys(VolRefSchema.shape)],
   ['cfs', Object.keys(CfsSchema.shape)],
+  ['faults[]', Object.keys(FaultSchema.shape)],
 ]);
 
 function fromIssue(issue: z.core.$ZodIssue, data: unknown): RawProblem[] {
@@ -401,7 +419,20 @@ function build(p: Parsed, source: string, baseDir: string, problems: RawProblem[
     if (pr.syncRate !== undefined) out.syncRate = pr.syncRate;
     return out;
   });
-  return { source, clusterSize: p.clusterSize ?? DEFAULT_CLUSTER_SIZE, peerTimeout: p.peerTimeout ?? DEFAULT_PEER_TIMEOUT_MS, storageSystems, pairs };
+  const faults: FaultRequest[] = [];
+  (p.faults ?? []).forEach((f, k) => {
+    try {
+      const req = { ...f, ...(f.range !== undefined ? { range: parseByteRange(f.range) } : {}) } as FaultRequest;
+      const checked = FaultRequestSchema.safeParse(req);
+      if (!checked.success) throw new FaultSpecError(checked.error.issues.map((i) => `${i.path.join('.') || 'fault'}: ${i.message}`).join('; '));
+      resolveFault(checked.data);
+      faults.push(checked.data);
+    } catch (e) {
+      if (!(e instanceof FaultSpecError)) throw e;
+      problems.push({ path: ['faults', k], message: e.message });
+    }
+  });
+  return { source, clusterSize: p.clusterSize ?? DEFAULT_CLUSTER_SIZE, peerTimeout: p.peerTimeout ?? DEFAULT_PEER_TIMEOUT_MS, storageSystems, pairs, faults };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -472,6 +503,22 @@ function crossCheck(cfg: ClusterConfig, problems: RawProblem[]): void {
         report(at, `volume ${ref.vol} of storage system ${ref.ss} is ${formatSize(vol.size)} but its master is ${formatSize(masterSize)} (a mirror must be the same size)`);
       }
     }
+  });
+
+  // A fault names a volume that exists, or a link that exists: two storage systems sharing a pair.
+  cfg.faults.forEach((f, k) => {
+    const t = parseFaultTarget(f.target);
+    if (t.type === 'volume') {
+      const s = ssById.get(t.ss);
+      if (!s) report(['faults', k, 'target'], `no storage system ${t.ss} (fault target ${f.target})`);
+      else if (!s.ss.volumes.some((v) => v.id === t.vol)) report(['faults', k, 'target'], `storage system ${t.ss} has no volume ${t.vol} (fault target ${f.target})`);
+      return;
+    }
+    const linked = cfg.pairs.some((p) => {
+      const ends = new Set([p.master, ...p.mirrors].map((r) => r.ss));
+      return ends.has(t.a) && ends.has(t.b);
+    });
+    if (!linked) report(['faults', k, 'target'], `storage systems ${t.a} and ${t.b} share no pair, so there is no link ${f.target} to fault`);
   });
 }
 

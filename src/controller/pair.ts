@@ -17,6 +17,7 @@
 // can never be lost.
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
+import { FilterDevice } from '../blockdev/filter.js';
 import { BlockDeviceError, payloadLength, type BlockDevice, type Extent, type Payload, type ZeroOptions } from '../blockdev/types.js';
 import { ClusterBitmap, clusterRange } from './bitmap.js';
 import type { BitmapStore } from './bitmap-store.js';
@@ -548,101 +549,92 @@ export function hashClusters(buf: Buffer, clusterSize: number): string[] {
   return out;
 }
 
-/** The master volume as hosts see it: writes go through the pair's write module. */
-class MasterVolume implements BlockDevice {
-  readonly size: number;
-  readonly readOnly = false;
-  readonly multiConnSafe: boolean;
-  readonly fastZero: boolean;
+/**
+ * The master volume as hosts see it: writes go through the pair's write module; reads,
+ * extents and hints go to the master's own volume (FilterDevice's pass-through).
+ */
+class MasterVolume extends FilterDevice {
+  private readonly safe: boolean;
+  private readonly fast: boolean;
 
   constructor(private readonly pair: Pair) {
-    const dev = pair.master.device;
-    this.size = dev.size;
-    this.multiConnSafe = dev.multiConnSafe && pair.mirrors.every((m) => m.device.multiConnSafe);
-    this.fastZero = dev.fastZero && pair.mirrors.every((m) => m.device.fastZero);
+    super(pair.master.device);
+    this.safe = pair.master.device.multiConnSafe && pair.mirrors.every((m) => m.device.multiConnSafe);
+    this.fast = pair.master.device.fastZero && pair.mirrors.every((m) => m.device.fastZero);
   }
 
-  read(offset: number, dest: Buffer): Promise<void> {
-    return this.pair.master.device.read(offset, dest);
+  override get multiConnSafe(): boolean {
+    return this.safe;
   }
 
-  write(offset: number, data: Payload, fua = false): Promise<void> {
-    const length = payloadLength(data);
-    return this.pair.hostWrite(offset, length, fua, (d) => d.write(offset, data, fua));
+  override get fastZero(): boolean {
+    return this.fast;
   }
 
-  flush(): Promise<void> {
+  override get readOnly(): boolean {
+    return false;
+  }
+
+  override write(offset: number, data: Payload, fua = false): Promise<void> {
+    return this.pair.hostWrite(offset, payloadLength(data), fua, (d) => d.write(offset, data, fua));
+  }
+
+  override flush(): Promise<void> {
     return this.pair.flush();
   }
 
-  trim(offset: number, length: number, fua = false): Promise<void> {
+  override trim(offset: number, length: number, fua = false): Promise<void> {
     return this.pair.hostWrite(offset, length, fua, (d) => d.trim(offset, length, fua));
   }
 
-  zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+  override zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
     return this.pair.hostWrite(offset, length, opts.fua === true, (d) => d.zero(offset, length, opts));
   }
-
-  extents(offset: number, length: number): Promise<Extent[]> {
-    return this.pair.master.device.extents(offset, length);
-  }
-
-  cache(offset: number, length: number): Promise<void> {
-    return this.pair.master.device.cache?.(offset, length) ?? Promise.resolve();
-  }
-
-  async close(): Promise<void> {}
 }
 
 /** A mirror volume as hosts see it: reads check the bitmap; writes only while split. */
-class MirrorVolume implements BlockDevice {
-  readonly size: number;
-  readonly multiConnSafe: boolean;
-  readonly fastZero: boolean;
+class MirrorVolume extends FilterDevice {
+  private readonly safe: boolean;
 
   constructor(
     private readonly pair: Pair,
     private readonly i: number,
   ) {
-    const dev = pair.mirrors[i]!.device;
-    this.size = dev.size;
-    this.multiConnSafe = dev.multiConnSafe && pair.master.device.multiConnSafe;
-    this.fastZero = dev.fastZero;
+    super(pair.mirrors[i]!.device);
+    this.safe = pair.mirrors[i]!.device.multiConnSafe && pair.master.device.multiConnSafe;
+  }
+
+  override get multiConnSafe(): boolean {
+    return this.safe;
   }
 
   /** Read-only to hosts unless the pair is split (new connections see the change). */
-  get readOnly(): boolean {
+  override get readOnly(): boolean {
     return this.pair.state !== 'PSUS';
   }
 
-  private get dev(): BlockDevice {
-    return this.pair.mirrors[this.i]!.device;
-  }
-
-  read(offset: number, dest: Buffer): Promise<void> {
+  override read(offset: number, dest: Buffer): Promise<void> {
     return this.pair.mirrorRead(this.i, offset, dest);
   }
 
-  write(offset: number, data: Payload, fua = false): Promise<void> {
-    const length = payloadLength(data);
-    return this.pair.mirrorWrite(this.i, offset, length, (d) => d.write(offset, data, fua));
+  override write(offset: number, data: Payload, fua = false): Promise<void> {
+    return this.pair.mirrorWrite(this.i, offset, payloadLength(data), (d) => d.write(offset, data, fua));
   }
 
-  flush(): Promise<void> {
-    return this.dev.flush();
-  }
-
-  trim(offset: number, length: number, fua = false): Promise<void> {
+  override trim(offset: number, length: number, fua = false): Promise<void> {
     return this.pair.mirrorWrite(this.i, offset, length, (d) => d.trim(offset, length, fua));
   }
 
-  zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+  override zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
     return this.pair.mirrorWrite(this.i, offset, length, (d) => d.zero(offset, length, opts));
   }
 
-  extents(offset: number, length: number): Promise<Extent[]> {
+  override extents(offset: number, length: number): Promise<Extent[]> {
     return this.pair.mirrorExtents(this.i, offset, length);
   }
 
-  async close(): Promise<void> {}
+  /** A prefetch hint for this copy: only what it would read itself (Valid clusters); never a reason to skip the master. */
+  override cache(): Promise<void> {
+    return Promise.resolve();
+  }
 }

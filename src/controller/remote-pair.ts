@@ -27,7 +27,10 @@ import { markRuns, type BitmapStore } from './bitmap-store.js';
 import { Pair, PairStateError, hashClusters, type FenceLevel, type PairSpec, type RemotePort } from './pair.js';
 import type { PeerLink, PeerMessage } from './peer-link.js';
 import type { SyncDaemon } from './sync-daemon.js';
-import { PairCommandError, type PairState, type PairStatus, type VolRef } from './status.js';
+import { PairCommandError, type PairBitmap, type PairState, type PairStatus, type VolRef } from './status.js';
+import type { PairController } from './pair-controller.js';
+import { bitmapOf } from './pair-bitmap.js';
+import { FilterDevice } from '../blockdev/filter.js';
 
 /** `master` is as configured: the current master may differ after a swap or a takeover. */
 export interface RemotePairSpec extends PairSpec {
@@ -78,7 +81,7 @@ function setBits(bits: Uint8Array, clusters: number): number[] {
   return out.filter((c) => c < clusters);
 }
 
-export class RemotePair {
+export class RemotePair implements PairController {
   readonly name: string;
   readonly spec: RemotePairSpec;
   readonly clusters: number;
@@ -472,8 +475,35 @@ export class RemotePair {
     };
   }
 
-  /** The host-facing device of this storage system's volume in the pair, whatever the role is now. */
+  get volumes(): number[] {
+    return this.copies.filter((c) => c.ss === this.ctx.self).map((c) => c.vol);
+  }
+
+  roleOf(vol: number): 'master' | 'mirror' {
+    return this.pair?.master.ref.ss === this.ctx.self && this.pair.master.ref.vol === vol ? 'master' : 'mirror';
+  }
+
+  bitmap(buckets: number): PairBitmap {
+    if (!this.pair) throw new PairCommandError('refused', `storage system ${this.ctx.self} holds a mirror of ${this.name}; ask the master's storage system`);
+    return bitmapOf(this.pair, buckets);
+  }
+
+  async verify(): Promise<void> {
+    const p = this.pairToVerify();
+    if (p.verifyProgress?.running) throw new PairCommandError('refused', `${this.name}: a verify is already running`);
+    void p.verify().catch((e: Error) => this.ctx.log.error({ pair: this.name, err: e.message }, 'verify failed'));
+  }
+
+  private readonly followers = new Map<number, BlockDevice>();
+
+  /** The host-facing device of this storage system's volume in the pair: one per volume, following the role. */
   hostDevice(vol: number): BlockDevice {
+    let d = this.followers.get(vol);
+    if (!d) this.followers.set(vol, (d = new RoleFollower(() => this.currentHostDevice(vol))));
+    return d;
+  }
+
+  private currentHostDevice(vol: number): BlockDevice {
     if (this.pair) {
       if (this.pair.master.ref.vol === vol && this.pair.master.ref.ss === this.ctx.self) return this.pair.masterDevice();
       const i = this.pair.mirrors.findIndex((m) => m.ref.ss === this.ctx.self && m.ref.vol === vol);
@@ -972,4 +1002,14 @@ class ReplicationTarget implements BlockDevice {
     return this.dev.extents(offset, length);
   }
   async close(): Promise<void> {}
+}
+
+/** A volume whose behaviour follows its current role in the pair. */
+class RoleFollower extends FilterDevice {
+  constructor(private readonly current: () => BlockDevice) {
+    super(current());
+  }
+  protected override get next(): BlockDevice {
+    return this.current();
+  }
 }

@@ -1,5 +1,6 @@
 // What a storage system reports about itself: the shape of the admin API's
 // GET /api/status and of `blockmirror status --json`.
+import type { FaultRequest, FaultStatus } from './fault-table.js';
 import type { LatencyHistogram } from './volume-stats.js';
 
 export type PairState = 'COPY' | 'PAIR' | 'PSUS' | 'PSUE';
@@ -34,6 +35,8 @@ export interface StorageSystemStatus {
   cache?: { size: number; dirtyBytes: number; usedBytes: number; hits: number; misses: number };
   /** Replication links to the storage systems this one shares pairs with. */
   peers?: PeerStatus[];
+  /** Faults injected now (fault-table.ts), if any. */
+  faults?: FaultStatus[];
   volumes: VolumeStatus[];
 }
 
@@ -142,13 +145,17 @@ export interface AdminTarget {
   bitmap?(pair: string, buckets: number): PairBitmap;
   /** Without it, /metrics has no latency histograms and no NBD connection counts. */
   metrics?(): TargetMetrics;
+  /** Fault injection (fault-table.ts); without them the fault routes answer 409. */
+  faults?(): FaultStatus[];
+  setFault?(req: FaultRequest): FaultStatus[];
+  clearFault?(target: string, kind?: string): FaultStatus[];
 }
 
 /**
  * A pair command the controller refused. `kind` says why; only the admin layer turns it into
- * an HTTP status (no-such-pair -> 404, refused -> 409, unavailable -> 503).
+ * an HTTP status (no-such-pair and not-found -> 404, refused -> 409, unavailable -> 503).
  */
-export type PairCommandErrorKind = 'no-such-pair' | 'refused' | 'unavailable';
+export type PairCommandErrorKind = 'no-such-pair' | 'not-found' | 'refused' | 'unavailable';
 
 export class PairCommandError extends Error {
   override readonly name = 'PairCommandError';

@@ -2,28 +2,37 @@
 // memory, the pairs whose volumes it holds, the sync daemon, and the NBD
 // exports "vol<ID>" through which hosts reach the I/O processor.
 //
-// Stack of one volume, top to bottom:
-//   CountingDevice (host I/O counters)
-//     -> MasterVolume | MirrorVolume (pair write/read modules)   [paired volumes]
-//       -> CachedDevice (cache memory, if configured)
-//         -> FileDevice | MemoryDevice (the volume itself)
+// The stack of each volume is composed in volume-stack.ts. The pairs, whatever their kind,
+// are PairControllers in one table (pair-controller.ts); faults are injected per volume and
+// per link through the fault table (fault-table.ts).
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
-import { MemoryDevice } from '../blockdev/memory.js';
-import { openFileDevice } from '../blockdev/file.js';
-import type { BlockDevice, Extent, Payload, ZeroOptions } from '../blockdev/types.js';
+import { describeFault, type VolumeFault } from '../blockdev/fault.js';
 import { ExportTable } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
+import { FileBitmapStore, MemoryBitmapStore } from './bitmap-store.js';
 import { CacheMemory } from './cache.js';
-import { FileBitmapStore, MemoryBitmapStore, type BitmapStore } from './bitmap-store.js';
-import { Pair, PairStateError, type PairSpec } from './pair.js';
+import {
+  FaultSpecError,
+  formatFaultTarget,
+  linkFaultStatus,
+  parseFaultTarget,
+  resolveFault,
+  volumeFaultStatus,
+  type FaultRequest,
+  type FaultStatus,
+  type FaultTarget,
+  type LinkFault,
+} from './fault-table.js';
+import { LocalPair } from './local-pair.js';
+import type { PairSpec } from './pair.js';
+import type { PairController } from './pair-controller.js';
 import { PeerLink, PeerServer } from './peer-link.js';
-import { readPairState, savePairState } from './pair-files.js';
 import { RemotePair, type RemotePairSpec } from './remote-pair.js';
+import { PairCommandError, type AdminTarget, type PairBitmap, type PairStatus, type TargetMetrics, type SSReport } from './status.js';
 import { SyncDaemon } from './sync-daemon.js';
-import { CountingDevice } from './volume-stats.js';
-import { PairCommandError, type AdminTarget, type PairBitmap, type PairStatus, type SSReport, type TargetMetrics, type VolRef, type VolumeRole } from './status.js';
+import { buildHostStack, closeVolumeStack, openVolumeStack, type VolumeStack } from './volume-stack.js';
 
 export interface StorageSystemSpec {
   id: number;
@@ -46,30 +55,20 @@ export interface StorageSystemSpec {
   peers?: { id: number; peer: { host: string; port: number }; nbd: { host: string; port: number } }[];
   /** ms; default 5000. */
   peerTimeout?: number;
-}
-
-interface Volume {
-  id: number;
-  size: number;
-  /** The volume's own storage, below any cache. */
-  backing: BlockDevice;
-  /** What the controller reads and writes (the cache when there is one). */
-  device: BlockDevice;
-  /** Was the backing file created by this start (so it holds only zeroes)? */
-  fresh: boolean;
-  role: VolumeRole;
-  pair?: string;
-  host?: CountingDevice;
+  /** Faults to inject from the start (the YAML's `faults:` that concern this storage system). */
+  faults?: FaultRequest[];
 }
 
 export class StorageSystem implements AdminTarget {
   readonly nbd: NbdServer;
   readonly daemon: SyncDaemon;
-  readonly pairs = new Map<string, Pair>();
-  readonly remotePairs = new Map<string, RemotePair>();
+  /** Every pair whose volumes this storage system holds, whatever its kind. */
+  readonly pairs = new Map<string, PairController>();
   private readonly links = new Map<number, PeerLink>();
   private peerServer: PeerServer | null = null;
-  private readonly volumes = new Map<number, Volume>();
+  private readonly volumes = new Map<number, VolumeStack>();
+  /** Volume id -> the pair holding it. */
+  private readonly pairOf = new Map<number, PairController>();
   private cache: CacheMemory | undefined;
   private nbdAddress = '';
 
@@ -96,126 +95,67 @@ export class StorageSystem implements AdminTarget {
 
   private async open(): Promise<void> {
     const { spec } = this;
-    if (spec.dataDir) fs.mkdirSync(path.join(spec.dataDir, 'pairs'), { recursive: true });
+    const dir = spec.dataDir ? path.join(spec.dataDir, 'pairs') : undefined;
+    if (dir) fs.mkdirSync(dir, { recursive: true });
     if (spec.cache) this.cache = new CacheMemory({ size: spec.cache.size, log: this.log });
 
-    for (const v of spec.volumes) {
-      let backing: BlockDevice;
-      let fresh = true;
-      if (spec.dataDir) {
-        const file = path.join(spec.dataDir, `vol${v.id}.img`);
-        fresh = !fs.existsSync(file);
-        backing = await openFileDevice(file, { size: v.size });
-      } else backing = new MemoryDevice(v.size);
-      const device = this.cache ? this.cache.wrap(backing, `vol${v.id}`) : backing;
-      this.volumes.set(v.id, { id: v.id, size: v.size, backing, device, fresh, role: 'simplex' });
-    }
+    // The volume stacks (volume-stack.ts): bottom halves first, as the pairs write through them.
+    for (const v of spec.volumes) this.volumes.set(v.id, await openVolumeStack(spec.id, v, { ...(spec.dataDir ? { dataDir: spec.dataDir } : {}), ...(this.cache ? { cache: this.cache } : {}) }));
+    const views = new Map([...this.volumes.values()].map((v) => [v.id, { device: v.device, fresh: v.createdEmpty }]));
 
-    for (const p of spec.pairs) await this.openPair(p);
-    await this.openRemotePairs();
+    for (const p of spec.pairs) this.addPair(new LocalPair(p, { self: spec.id, clusterSize: spec.clusterSize, volumes: views, daemon: this.daemon, dir, log: this.log }));
+    for (const p of this.openLinks()) this.addPair(p);
+    for (const p of this.pairs.values()) await p.open();
+    if (spec.peer && this.links.size > 0) {
+      this.peerServer = new PeerServer(spec.id, this.links, this.log);
+      await this.peerServer.listen(spec.peer);
+    }
 
     for (const v of this.volumes.values()) {
-      let dev: BlockDevice = v.device;
-      const pair = v.pair ? this.pairs.get(v.pair) : undefined;
-      const remote = v.pair ? this.remotePairs.get(v.pair) : undefined;
-      if (pair && v.role === 'master') dev = pair.masterDevice();
-      if (pair && v.role === 'mirror') dev = pair.mirrorDevice(pair.mirrors.findIndex((m) => m.ref.vol === v.id));
-      // The role of a volume in a pair across storage systems can change (swap, takeover): ask each time.
-      if (remote) dev = new RoleDevice(() => remote.hostDevice(v.id));
-      v.host = new CountingDevice(dev);
-      const description = v.pair ? `${v.role} of ${v.pair}` : 'simplex volume';
-      this.nbd.exports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id}: ${description}`, device: v.host, readOnly: false });
+      const pair = this.pairOf.get(v.id);
+      const host = buildHostStack(v, pair?.hostDevice(v.id));
+      const description = pair ? `${pair.roleOf(v.id)} of ${pair.name}` : 'simplex volume';
+      this.nbd.exports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id}: ${description}`, device: host, readOnly: false });
     }
+    for (const f of spec.faults ?? []) this.setFault(f);
   }
 
-  private async openPair(p: PairSpec): Promise<void> {
-    const { spec } = this;
-    const vol = (ref: VolRef): Volume => {
-      const v = this.volumes.get(ref.vol);
-      if (ref.ss !== spec.id || !v) throw new Error(`pair ${p.name}: ss${ref.ss}/vol${ref.vol} is not a volume of storage system ${spec.id}`);
-      return v;
-    };
-    const master = vol(p.master);
-    const mirrors = p.mirrors.map(vol);
-    master.role = 'master';
-    master.pair = p.name;
-    for (const m of mirrors) {
-      m.role = 'mirror';
-      m.pair = p.name;
-    }
-    const clusters = Math.ceil(master.size / spec.clusterSize);
-    let store: BitmapStore;
-    let loaded: Uint8Array[] | null = null;
-    const statePath = spec.dataDir ? path.join(spec.dataDir, 'pairs', `${p.name}.state.json`) : undefined;
-    if (spec.dataDir) {
-      const opened = await FileBitmapStore.open(path.join(spec.dataDir, 'pairs', `${p.name}.bitmap`), {
-        clusterSize: spec.clusterSize,
-        clusters,
-        mirrors: mirrors.length,
-      });
-      store = opened.store;
-      loaded = opened.loaded;
-    } else store = new MemoryBitmapStore(clusters, mirrors.length);
-
-    // Known identical: every volume of the pair was created empty by this start.
-    const identical = master.fresh && mirrors.every((m) => m.fresh);
-    const pair = new Pair({
-      name: p.name,
-      mode: p.mode,
-      clusterSize: spec.clusterSize,
-      master: { ref: p.master, device: master.device },
-      mirrors: mirrors.map((m, i) => ({ ref: p.mirrors[i]!, device: m.device })),
-      store,
-      loaded,
-      identical,
-      initialState: readPairState(statePath),
-      syncRate: p.syncRate,
-      ...(p.fence ? { fence: p.fence } : {}),
-      log: this.log,
-      onInvalid: () => this.daemon.wake(),
-      onHostWrite: () => this.daemon.noteHostIo(),
-      onStateChange: (state) => savePairState(statePath, state),
-    });
-    this.pairs.set(p.name, pair);
-    this.daemon.add(pair);
-    this.log.info({ pair: p.name, mode: p.mode, state: pair.state, invalid: pair.mirrors.map((m) => m.bitmap.invalidCount) }, 'pair ready');
+  private addPair(p: PairController): void {
+    this.pairs.set(p.name, p);
+    for (const vol of p.volumes) this.pairOf.set(vol, p);
   }
 
-  private async openRemotePairs(): Promise<void> {
+  /** The control channels to the storage systems we share pairs with, and our parts of those pairs. */
+  private openLinks(): PairController[] {
     const { spec } = this;
     const remote = spec.remotePairs ?? [];
-    if (remote.length === 0) return;
+    if (remote.length === 0) return [];
     const timeoutMs = spec.peerTimeout ?? 5000;
     const nbd = new Map<number, { host: string; port: number }>([[spec.id, spec.nbd]]);
+    const remotes = new Map<string, RemotePair>();
     for (const peer of spec.peers ?? []) {
       nbd.set(peer.id, peer.nbd);
       const link = new PeerLink({ self: spec.id, peer: peer.id, address: peer.peer, timeoutMs, log: this.log });
       this.links.set(peer.id, link);
       for (const op of ['attach', 'swap', 'snapshot', 'bits', 'state', 'resync', 'hashes']) {
         link.onRequest(op, (msg) => {
-          const rp = this.remotePairs.get(String(msg.pair));
+          const rp = remotes.get(String(msg.pair));
           if (!rp || !rp.copies.some((c) => c.ss === peer.id)) throw new Error(`storage system ${spec.id} has no pair ${String(msg.pair)} shared with storage system ${peer.id}`);
           return rp.handle(peer.id, msg);
         });
       }
     }
+    const dir = spec.dataDir ? path.join(spec.dataDir, 'pairs') : undefined;
+    const clusters = (size: number) => Math.ceil(size / spec.clusterSize);
     for (const p of remote) {
-      for (const ref of [p.master, ...p.mirrors]) {
-        if (ref.ss !== spec.id) continue;
-        const v = this.volumes.get(ref.vol);
-        if (!v) throw new Error(`pair ${p.name}: ss${ref.ss}/vol${ref.vol} is not a volume of storage system ${spec.id}`);
-        v.pair = p.name;
-        v.role = ref === p.master ? 'master' : 'mirror';
-      }
-      const dir = spec.dataDir ? path.join(spec.dataDir, 'pairs') : undefined;
-      const clusters = (size: number) => Math.ceil(size / spec.clusterSize);
       const mine = [p.master, ...p.mirrors].filter((r) => r.ss === spec.id);
+      for (const ref of mine) if (!this.volumes.has(ref.vol)) throw new Error(`pair ${p.name}: ss${ref.ss}/vol${ref.vol} is not a volume of storage system ${spec.id}`);
       const size = this.volumes.get(mine[0]!.vol)!.size;
       const rp = new RemotePair(p, {
         self: spec.id,
         clusterSize: spec.clusterSize,
         peerTimeout: timeoutMs,
-        volumes: new Map(mine.map((r) => [r.vol, { device: this.volumes.get(r.vol)!.device, fresh: this.volumes.get(r.vol)!.fresh }])),
+        volumes: new Map(mine.map((r) => [r.vol, { device: this.volumes.get(r.vol)!.device, fresh: this.volumes.get(r.vol)!.createdEmpty }])),
         links: this.links,
         nbd,
         exports: this.nbd.exports,
@@ -227,13 +167,9 @@ export class StorageSystem implements AdminTarget {
         ...(dir ? { generationFile: path.join(dir, `${p.name}.generation.json`), statePath: path.join(dir, `${p.name}.state.json`) } : {}),
         log: this.log,
       });
-      this.remotePairs.set(p.name, rp);
-      await rp.open();
+      remotes.set(p.name, rp);
     }
-    if (spec.peer) {
-      this.peerServer = new PeerServer(spec.id, this.links, this.log);
-      await this.peerServer.listen(spec.peer);
-    }
+    return [...remotes.values()];
   }
 
   private async listen(): Promise<void> {
@@ -252,6 +188,7 @@ export class StorageSystem implements AdminTarget {
 
   report(): SSReport {
     const c = this.cache?.stats;
+    const faults = this.faults();
     return {
       storageSystems: [
         {
@@ -263,89 +200,63 @@ export class StorageSystem implements AdminTarget {
           ...(this.links.size > 0
             ? { peers: [...this.links.values()].map((l) => ({ ss: l.peer, connected: l.up, ...(l.up || !l.lastError ? {} : { error: l.lastError }) })) }
             : {}),
-          volumes: [...this.volumes.values()].map((v) => ({
-            id: v.id,
-            export: `vol${v.id}`,
-            size: v.size,
-            role: v.role,
-            ...(v.pair ? { pair: v.pair } : {}),
-            ...v.host!.counters,
-          })),
+          ...(faults.length > 0 ? { faults } : {}),
+          volumes: [...this.volumes.values()].map((v) => {
+            const pair = this.pairOf.get(v.id);
+            return {
+              id: v.id,
+              export: `vol${v.id}`,
+              size: v.size,
+              role: pair ? pair.roleOf(v.id) : ('simplex' as const),
+              ...(pair ? { pair: pair.name } : {}),
+              ...v.host!.counters,
+            };
+          }),
         },
       ],
-      pairs: [...this.pairs.values()].map((p) => p.status()).concat([...this.remotePairs.values()].map((p) => p.status())),
+      pairs: [...this.pairs.values()].map((p) => p.status()),
     };
   }
 
-  private pair(name: string): Pair {
-    const p = this.pairs.get(name) ?? this.remotePairs.get(name)?.pair;
-    if (!p) {
-      if (this.remotePairs.has(name)) throw new PairCommandError('refused', `storage system ${this.spec.id} holds a mirror of ${name}; ask the master's storage system`);
-      throw new PairCommandError('no-such-pair', `no pair named ${name} in storage system ${this.spec.id}`);
-    }
+  private pair(name: string): PairController {
+    const p = this.pairs.get(name);
+    if (!p) throw new PairCommandError('no-such-pair', `no pair named ${name} in storage system ${this.spec.id}`);
     return p;
   }
 
   /** Starts a verify in the background; its progress is in the pair's status. */
   async verify(name: string): Promise<PairStatus> {
-    const rp = this.remotePairs.get(name);
-    const p = rp ? rp.pairToVerify() : this.pair(name);
-    if (p.verifyProgress?.running) throw new PairCommandError('refused', `${name}: a verify is already running`);
-    void p.verify().catch((e: Error) => this.log.error({ pair: name, err: e.message }, 'verify failed'));
-    return (rp ?? p).status();
+    const p = this.pair(name);
+    await p.verify();
+    return p.status();
   }
 
   async swap(name: string): Promise<PairStatus> {
-    const rp = this.remotePairs.get(name);
-    if (!rp) {
-      this.pair(name);
-      throw new PairCommandError('refused', `swap ${name}: master and mirror are in the same storage system; swap is for pairs across storage systems`);
-    }
-    await rp.swap();
-    return rp.status();
+    const p = this.pair(name);
+    await p.swap();
+    return p.status();
   }
 
   async takeover(name: string): Promise<PairStatus> {
-    const rp = this.remotePairs.get(name);
-    if (!rp) {
-      this.pair(name);
-      throw new PairCommandError('refused', `takeover ${name}: master and mirror are in the same storage system; takeover is for pairs across storage systems`);
-    }
-    await rp.takeover();
-    return rp.status();
+    const p = this.pair(name);
+    await p.takeover();
+    return p.status();
   }
 
   async split(name: string): Promise<PairStatus> {
-    const rp = this.remotePairs.get(name);
-    if (rp) {
-      await rp.split();
-      return rp.status();
-    }
     const p = this.pair(name);
-    try {
-      await p.split();
-    } catch (e) {
-      if (e instanceof PairStateError) throw new PairCommandError('refused', e.message);
-      throw e;
-    }
+    await p.split();
     return p.status();
   }
 
   async resync(name: string): Promise<PairStatus> {
-    const rp = this.remotePairs.get(name);
-    if (rp) {
-      await rp.resync();
-      return rp.status();
-    }
     const p = this.pair(name);
     await p.resync();
     return p.status();
   }
 
   bitmap(name: string, buckets: number): PairBitmap {
-    const p = this.pair(name);
-    const mirrors = p.mirrors.map((m) => ({ ...m.ref, invalidClusters: m.bitmap.invalidCount, invalid: Array.from(m.bitmap.invalidPerBucket(buckets)) }));
-    return { name, clusters: p.clusters, buckets: mirrors[0]?.invalid.length ?? 0, mirrors };
+    return this.pair(name).bitmap(buckets);
   }
 
   metrics(): TargetMetrics {
@@ -355,51 +266,87 @@ export class StorageSystem implements AdminTarget {
     };
   }
 
+  // ---- fault injection (fault-table.ts) ----
+
+  /** Set a fault on one of our volumes, or on our end of a link; refused with a clear line otherwise. */
+  setFault(req: FaultRequest): FaultStatus[] {
+    let resolved;
+    try {
+      resolved = resolveFault(req);
+    } catch (e) {
+      if (e instanceof FaultSpecError) throw new PairCommandError('refused', e.message, { cause: e });
+      throw e;
+    }
+    const { target } = resolved;
+    if ('volume' in resolved) {
+      const v = target.type === 'volume' && target.ss === this.spec.id ? this.volumes.get(target.vol) : undefined;
+      if (!v) throw new PairCommandError('not-found', `storage system ${this.spec.id} has no volume ${req.target} (its volumes: ${[...this.volumes.keys()].map((id) => `${this.spec.id}:${id}`).join(', ')})`);
+      v.faults.set(resolved.volume);
+      this.log.warn({ target: req.target, fault: describeFault(resolved.volume) }, `fault injected on ${req.target}`);
+    } else {
+      const link = this.linkFor(resolved.target);
+      this.applyLinkFault(link, resolved.link);
+      this.linkFaults.set(link.peer, resolved.link);
+      this.log.warn({ target: req.target, fault: resolved.link.kind }, `fault injected on ${req.target}`);
+    }
+    return this.faults();
+  }
+
+  /** Clear the faults of a target (every kind, or one). */
+  clearFault(targetText: string, kind?: string): FaultStatus[] {
+    let target: FaultTarget;
+    try {
+      target = parseFaultTarget(targetText);
+    } catch (e) {
+      if (e instanceof FaultSpecError) throw new PairCommandError('refused', e.message, { cause: e });
+      throw e;
+    }
+    if (target.type === 'volume') {
+      const v = target.ss === this.spec.id ? this.volumes.get(target.vol) : undefined;
+      if (!v) throw new PairCommandError('not-found', `storage system ${this.spec.id} has no volume ${targetText}`);
+      v.faults.clear(kind as VolumeFault['kind'] | undefined);
+    } else {
+      const link = this.linkFor(target);
+      this.applyLinkFault(link, null);
+      this.linkFaults.delete(link.peer);
+    }
+    this.log.warn({ target: targetText }, `faults cleared on ${targetText}`);
+    return this.faults();
+  }
+
+  faults(): FaultStatus[] {
+    const out: FaultStatus[] = [];
+    for (const v of this.volumes.values()) for (const f of v.faults.list()) out.push(volumeFaultStatus(`${this.spec.id}:${v.id}`, f));
+    for (const [peer, f] of this.linkFaults) out.push(linkFaultStatus(formatFaultTarget({ type: 'link', a: Math.min(peer, this.spec.id), b: Math.max(peer, this.spec.id) }), f));
+    return out;
+  }
+
+  private readonly linkFaults = new Map<number, LinkFault>();
+
+  private linkFor(t: FaultTarget): PeerLink {
+    const peer = t.type === 'link' ? (t.a === this.spec.id ? t.b : t.b === this.spec.id ? t.a : undefined) : undefined;
+    const link = peer === undefined ? undefined : this.links.get(peer);
+    if (!link) {
+      const ends = t.type === 'link' ? `${t.a}-${t.b}` : '';
+      throw new PairCommandError('not-found', `storage system ${this.spec.id} has no link ${ends}: it links to ${this.links.size > 0 ? [...this.links.keys()].join(', ') : 'no other storage system'}`);
+    }
+    return link;
+  }
+
+  private applyLinkFault(_link: PeerLink, _fault: LinkFault | null): void {
+    throw new PairCommandError('refused', 'link faults need the typed peer channel, which is not merged yet');
+  }
+
   /** Graceful stop: finish NBD requests, stop the daemon, destage the cache, persist bitmaps. */
   async close(): Promise<void> {
     await this.nbd.close();
     await this.peerServer?.close();
     for (const l of this.links.values()) l.close();
     await this.daemon.stop();
+    // An offline fault would hold the destage forever: a stopping storage system lets go of its faults.
+    for (const v of this.volumes.values()) v.faults.clear();
     for (const p of this.pairs.values()) await p.close();
-    for (const p of this.remotePairs.values()) await p.close();
     await this.cache?.close();
-    for (const v of this.volumes.values()) await v.device.close();
+    for (const v of this.volumes.values()) await closeVolumeStack(v);
   }
-}
-
-/** A volume whose behaviour follows its current role in a pair across storage systems. */
-class RoleDevice implements BlockDevice {
-  constructor(private readonly current: () => BlockDevice) {}
-  get size(): number {
-    return this.current().size;
-  }
-  get readOnly(): boolean {
-    return this.current().readOnly;
-  }
-  get multiConnSafe(): boolean {
-    return this.current().multiConnSafe;
-  }
-  get fastZero(): boolean {
-    return this.current().fastZero;
-  }
-  read(offset: number, dest: Buffer): Promise<void> {
-    return this.current().read(offset, dest);
-  }
-  write(offset: number, data: Payload, fua?: boolean): Promise<void> {
-    return this.current().write(offset, data, fua);
-  }
-  flush(): Promise<void> {
-    return this.current().flush();
-  }
-  trim(offset: number, length: number, fua?: boolean): Promise<void> {
-    return this.current().trim(offset, length, fua);
-  }
-  zero(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
-    return this.current().zero(offset, length, opts);
-  }
-  extents(offset: number, length: number): Promise<Extent[]> {
-    return this.current().extents(offset, length);
-  }
-  async close(): Promise<void> {}
 }

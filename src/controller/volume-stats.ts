@@ -1,6 +1,7 @@
 // Host I/O counters of one volume: a thin BlockDevice wrapper at the top of
 // the stack, so they count what hosts asked for, not what mirroring did.
-import { payloadLength, type BlockDevice, type Extent, type Payload, type ZeroOptions } from '../blockdev/types.js';
+import { FilterDevice } from '../blockdev/filter.js';
+import { payloadLength, type Payload } from '../blockdev/types.js';
 
 export interface IoCounters {
   readBytes: number;
@@ -38,58 +39,24 @@ export class LatencyHistogram {
   }
 }
 
-export class CountingDevice implements BlockDevice {
+export class CountingDevice extends FilterDevice {
   readonly counters: IoCounters = { readBytes: 0, writeBytes: 0, readOps: 0, writeOps: 0 };
   /** Time from a request reaching the volume to its completion: the controller's service time, NBD framing excluded. */
   readonly latency = { read: new LatencyHistogram(), write: new LatencyHistogram() };
 
-  constructor(private readonly inner: BlockDevice) {}
-
-  get size(): number {
-    return this.inner.size;
-  }
-  get readOnly(): boolean {
-    return this.inner.readOnly;
-  }
-  get multiConnSafe(): boolean {
-    return this.inner.multiConnSafe;
-  }
-  get fastZero(): boolean {
-    return this.inner.fastZero;
-  }
-
-  async read(offset: number, dest: Buffer): Promise<void> {
+  override async read(offset: number, dest: Buffer): Promise<void> {
     const t0 = performance.now();
-    await this.inner.read(offset, dest);
+    await this.next.read(offset, dest);
     this.latency.read.observe(performance.now() - t0);
     this.counters.readOps++;
     this.counters.readBytes += dest.length;
   }
 
-  async write(offset: number, data: Payload, fua?: boolean): Promise<void> {
+  override async write(offset: number, data: Payload, fua?: boolean): Promise<void> {
     const t0 = performance.now();
-    await this.inner.write(offset, data, fua);
+    await this.next.write(offset, data, fua);
     this.latency.write.observe(performance.now() - t0);
     this.counters.writeOps++;
     this.counters.writeBytes += payloadLength(data);
-  }
-
-  flush(): Promise<void> {
-    return this.inner.flush();
-  }
-  trim(offset: number, length: number, fua?: boolean): Promise<void> {
-    return this.inner.trim(offset, length, fua);
-  }
-  zero(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
-    return this.inner.zero(offset, length, opts);
-  }
-  extents(offset: number, length: number): Promise<Extent[]> {
-    return this.inner.extents(offset, length);
-  }
-  cache(offset: number, length: number): Promise<void> {
-    return this.inner.cache?.(offset, length) ?? Promise.resolve();
-  }
-  close(): Promise<void> {
-    return this.inner.close();
   }
 }

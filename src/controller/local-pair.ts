@@ -1,0 +1,127 @@
+// A pair whose master and mirrors are all in this storage system, as a PairController: the
+// Pair (write and read modules, bitmap, states) plus what a storage system needs around it —
+// its bitmap file and state record, its host devices, and the commands.
+import path from 'node:path';
+import type { Logger } from 'pino';
+import type { BlockDevice } from '../blockdev/types.js';
+import { FileBitmapStore, MemoryBitmapStore, type BitmapStore } from './bitmap-store.js';
+import { bitmapOf } from './pair-bitmap.js';
+import { Pair, PairStateError, type PairSpec } from './pair.js';
+import type { PairController } from './pair-controller.js';
+import { readPairState, savePairState } from './pair-files.js';
+import { PairCommandError, type PairBitmap, type PairStatus } from './status.js';
+import type { SyncDaemon } from './sync-daemon.js';
+
+/** What the storage system lends a local pair: its volumes (below any pair logic) and its daemon. */
+export interface LocalPairContext {
+  self: number;
+  clusterSize: number;
+  /** Volume id -> the controller's view of it (cache, faults) and whether this start created it. */
+  volumes: Map<number, { device: BlockDevice; fresh: boolean }>;
+  daemon: SyncDaemon;
+  /** dataDir/pairs, or undefined for a storage system in memory. */
+  dir: string | undefined;
+  log: Logger;
+}
+
+export class LocalPair implements PairController {
+  readonly name: string;
+  readonly volumes: readonly number[];
+  private pair!: Pair;
+  private readonly hosts = new Map<number, BlockDevice>();
+
+  constructor(
+    private readonly spec: PairSpec,
+    private readonly ctx: LocalPairContext,
+  ) {
+    this.name = spec.name;
+    this.volumes = [spec.master.vol, ...spec.mirrors.map((m) => m.vol)];
+    for (const ref of [spec.master, ...spec.mirrors]) {
+      if (ref.ss !== ctx.self || !ctx.volumes.has(ref.vol)) throw new Error(`pair ${spec.name}: ss${ref.ss}/vol${ref.vol} is not a volume of storage system ${ctx.self}`);
+    }
+  }
+
+  async open(): Promise<void> {
+    const { spec, ctx } = this;
+    const master = ctx.volumes.get(spec.master.vol)!;
+    const mirrors = spec.mirrors.map((m) => ctx.volumes.get(m.vol)!);
+    const clusters = Math.ceil(master.device.size / ctx.clusterSize);
+    let store: BitmapStore;
+    let loaded: Uint8Array[] | null = null;
+    if (ctx.dir) {
+      const opened = await FileBitmapStore.open(path.join(ctx.dir, `${spec.name}.bitmap`), { clusterSize: ctx.clusterSize, clusters, mirrors: mirrors.length });
+      store = opened.store;
+      loaded = opened.loaded;
+    } else store = new MemoryBitmapStore(clusters, mirrors.length);
+    const statePath = ctx.dir ? path.join(ctx.dir, `${spec.name}.state.json`) : undefined;
+    this.pair = new Pair({
+      name: spec.name,
+      mode: spec.mode,
+      clusterSize: ctx.clusterSize,
+      master: { ref: spec.master, device: master.device },
+      mirrors: mirrors.map((m, i) => ({ ref: spec.mirrors[i]!, device: m.device })),
+      store,
+      loaded,
+      // Known identical: every volume of the pair was created empty by this start.
+      identical: master.fresh && mirrors.every((m) => m.fresh),
+      initialState: readPairState(statePath),
+      syncRate: spec.syncRate,
+      ...(spec.fence ? { fence: spec.fence } : {}),
+      log: ctx.log,
+      onInvalid: () => ctx.daemon.wake(),
+      onHostWrite: () => ctx.daemon.noteHostIo(),
+      onStateChange: (state) => savePairState(statePath, state),
+    });
+    ctx.daemon.add(this.pair);
+    this.hosts.set(spec.master.vol, this.pair.masterDevice());
+    spec.mirrors.forEach((m, i) => this.hosts.set(m.vol, this.pair.mirrorDevice(i)));
+    ctx.log.info({ pair: spec.name, mode: spec.mode, state: this.pair.state, invalid: this.pair.mirrors.map((m) => m.bitmap.invalidCount) }, 'pair ready');
+  }
+
+  hostDevice(vol: number): BlockDevice {
+    return this.hosts.get(vol)!;
+  }
+
+  roleOf(vol: number): 'master' | 'mirror' {
+    return vol === this.spec.master.vol ? 'master' : 'mirror';
+  }
+
+  status(): PairStatus {
+    return this.pair.status();
+  }
+
+  bitmap(buckets: number): PairBitmap {
+    return bitmapOf(this.pair, buckets);
+  }
+
+  async split(): Promise<void> {
+    try {
+      await this.pair.split();
+    } catch (e) {
+      if (e instanceof PairStateError) throw new PairCommandError('refused', e.message, { cause: e });
+      throw e;
+    }
+  }
+
+  resync(): Promise<void> {
+    return this.pair.resync();
+  }
+
+  async verify(): Promise<void> {
+    if (this.pair.verifyProgress?.running) throw new PairCommandError('refused', `${this.name}: a verify is already running`);
+    void this.pair.verify().catch((e: Error) => this.ctx.log.error({ pair: this.name, err: e.message }, 'verify failed'));
+  }
+
+  async swap(): Promise<void> {
+    throw new PairCommandError('refused', `swap ${this.name}: master and mirror are in the same storage system; swap is for pairs across storage systems`);
+  }
+
+  async takeover(): Promise<void> {
+    throw new PairCommandError('refused', `takeover ${this.name}: master and mirror are in the same storage system; takeover is for pairs across storage systems`);
+  }
+
+  async close(): Promise<void> {
+    this.ctx.daemon.remove(this.pair);
+    await this.pair.close();
+  }
+}

@@ -1,0 +1,74 @@
+// The stack of one volume, composed here and nowhere else. Top to bottom:
+//
+//   layer            file                       what it does
+//   CountingDevice   controller/volume-stats    host I/O counters and latency (what hosts asked)
+//   pair layer       controller/pair, remote/   master: Data Write module (sync or async);
+//                                               mirror: Check Invalid -> mirror or master
+//                                               (absent for a simplex volume)
+//   FaultDevice      blockdev/fault             injected errors, delays, offline, corruption
+//   CachedDevice     controller/cache           the storage system's cache memory (if configured)
+//   backend          blockdev/file | memory     the volume itself
+//
+// Front ends (NBD, iSCSI) see the top; the pair layer, the sync daemon and the verify see
+// the "controller view" (FaultDevice and below), so an injected fault hits mirroring exactly
+// as a failing disk would, and the cache never hides a fault from the controller.
+import fs from 'node:fs';
+import path from 'node:path';
+import { FaultDevice, FaultSet } from '../blockdev/fault.js';
+import { openFileDevice } from '../blockdev/file.js';
+import { MemoryDevice } from '../blockdev/memory.js';
+import type { BlockDevice } from '../blockdev/types.js';
+import type { CacheMemory } from './cache.js';
+import { CountingDevice } from './volume-stats.js';
+
+export interface VolumeSpec {
+  id: number;
+  size: number;
+}
+
+/** One volume of a storage system: its layers, bottom half first. */
+export interface VolumeStack {
+  id: number;
+  size: number;
+  /** The volume's own storage, below the cache. */
+  backing: BlockDevice;
+  /** Its faults, changed at run time (fault table). */
+  faults: FaultSet;
+  /** What the controller reads and writes: faults, cache, backend. */
+  device: BlockDevice;
+  /** The layer under the faults (the cache, or the backend), which owns the volume's storage. */
+  owner: BlockDevice;
+  /** The backing file was created by this start (so it holds only zeroes). */
+  createdEmpty: boolean;
+  /** What hosts reach, once host() has built the top half. */
+  host?: CountingDevice;
+}
+
+/** The bottom half: backend, cache memory, fault layer. `dataDir` absent means memory. */
+export async function openVolumeStack(ssId: number, v: VolumeSpec, opts: { dataDir?: string; cache?: CacheMemory }): Promise<VolumeStack> {
+  let backing: BlockDevice;
+  let createdEmpty = true;
+  if (opts.dataDir) {
+    const file = path.join(opts.dataDir, `vol${v.id}.img`);
+    createdEmpty = !fs.existsSync(file);
+    backing = await openFileDevice(file, { size: v.size });
+  } else backing = new MemoryDevice(v.size);
+  const cached = opts.cache ? opts.cache.wrap(backing, `vol${v.id}`) : backing;
+  const faults = new FaultSet();
+  const device = new FaultDevice(cached, faults, `ss${ssId}/vol${v.id}`);
+  return { id: v.id, size: v.size, backing, faults, device, owner: cached, createdEmpty };
+}
+
+/**
+ * The top half: the pair layer the volume's pair hands out (or none for a simplex volume),
+ * then the host counters. Returns what the front ends export.
+ */
+export function buildHostStack(v: VolumeStack, pairLayer: BlockDevice | undefined): CountingDevice {
+  v.host = new CountingDevice(pairLayer ?? v.device);
+  return v.host;
+}
+
+/** Close a volume: the cache destages and closes the backend; without one, the backend closes. */
+export function closeVolumeStack(v: VolumeStack): Promise<void> {
+  return v.owner.close();
+}
