@@ -409,6 +409,7 @@ describe('loading files', () => {
       peerTimeout: 5000,
       storageSystems: [{ id: 1, nbd: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 }, volumes: [{ id: 1, size: MiB }] }],
       pairs: [],
+      faults: [],
     });
     expect(accept().pairs[0]).not.toHaveProperty('syncRate');
     expect(accept().pairs[0]).toMatchObject({ fence: 'never', autoResync: true });
