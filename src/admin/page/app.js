@@ -64,6 +64,7 @@ function render(frame) {
   $('self').textContent = `· storage system ${frame.self}`;
   $('updated').textContent = `updated ${new Date(frame.time).toLocaleTimeString()}`;
   renderSystems(frame);
+  renderFaults(frame);
   renderVolumes(frame);
   renderPairs(frame);
 }
@@ -89,6 +90,23 @@ function renderSystems(frame) {
     );
   });
   $('systems').tBodies[0].replaceChildren(...rows);
+}
+
+/** Faults injected on purpose (docs/faults.md): shown apart, so nobody takes them for real failures. */
+function renderFaults(frame) {
+  const seen = new Set();
+  const items = [];
+  for (const s of frame.storageSystems) {
+    if (!s.reachable) continue;
+    for (const f of s.faults ?? []) {
+      const key = `${f.target} ${f.kind}`;
+      if (seen.has(key)) continue;
+      seen.add(key);
+      items.push(el('li', {}, el('code', {}, f.target), ` ${f.description}`));
+    }
+  }
+  $('faults').hidden = items.length === 0;
+  $('fault-list').replaceChildren(...items);
 }
 
 function renderVolumes(frame) {
