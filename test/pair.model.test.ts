@@ -13,6 +13,7 @@ import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { pino } from 'pino';
+import { FaultDevice, FaultSet } from '../src/blockdev/fault.js';
 import { MemoryDevice } from '../src/blockdev/memory.js';
 import { BlockDeviceError, type BlockDevice } from '../src/blockdev/types.js';
 import { FileBitmapStore } from '../src/controller/bitmap-store.js';
@@ -199,10 +200,9 @@ describe('pair controller against a reference model', () => {
   it('recopies from the master when a sync write fails on the master but reached a mirror', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bm-pair-'));
     const master = new MemoryDevice(SIZE);
-    const failing = Object.create(master) as MemoryDevice;
-    failing.write = async () => {
-      throw new BlockDeviceError('EIO', 'write: injected media error');
-    };
+    const faults = new FaultSet();
+    faults.set({ kind: 'error', ops: ['write'] });
+    const failing = new FaultDevice(master, faults, 'ss1/vol1');
     const mirror = new MemoryDevice(SIZE);
     const { store, loaded } = await FileBitmapStore.open(path.join(dir, 'p.bitmap'), { clusterSize: CLUSTER, clusters: CLUSTERS, mirrors: 1 });
     const pair = new Pair({
