@@ -402,7 +402,7 @@ describe('cluster status merge', () => {
         admin: { host: '127.0.0.1', port },
         volumes: [{ id: 0, size: 64 * 2 ** 20 }],
       })),
-      pairs: [{ name: 'pair1', mode: 'sync', master: { ss: 1, vol: 0 }, mirrors: [{ ss: 2, vol: 0 }], fence: 'never', autoResync: true }],
+      pairs: [{ name: 'pair1', mode: 'sync', master: { ss: 1, vol: 0 }, mirrors: [{ ss: 2, vol: 0 }], fence: 'never', autoResync: true, autoFailover: true }],
     };
   }
 

@@ -6,6 +6,7 @@ import { registerStatusCommand } from './status.js';
 import { registerPairCommand } from './pair.js';
 import { registerCfsCommand } from './cfs.js';
 import { registerFaultCommand } from './fault.js';
+import { registerGatewayCommand } from './gateway.js';
 import { UsageError } from './errors.js';
 
 export function buildProgram(): Command {
@@ -22,6 +23,7 @@ export function buildProgram(): Command {
   registerPairCommand(program);
   registerCfsCommand(program);
   registerFaultCommand(program);
+  registerGatewayCommand(program);
   return program;
 }
 

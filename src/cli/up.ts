@@ -37,10 +37,18 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
   let systems: StorageSystem[] = [];
   const admins: AdminServer[] = [];
   let cfsServer: { close(): Promise<void> } | undefined;
+  let agent: { close(): Promise<void> } | undefined;
   try {
     const config = loadConfig(opts.config);
     const ids = selectIds(config, opts.only ? parseOnly(opts.only) : undefined);
-    systems = await startStorageSystems(config, ids, log);
+    if (config.etcd) {
+      // With etcd (docs/cluster.md): masters are fenced until registered, and fail over by themselves.
+      const { ClusterAgent } = await import('../cluster/etcd/agent.js');
+      const a = await ClusterAgent.connect(config, log);
+      agent = a;
+      systems = await startStorageSystems(config, ids, log, a.hooks);
+      await a.attach(systems);
+    } else systems = await startStorageSystems(config, ids, log);
     // Each dashboard shows the whole cluster: it asks every storage system of the file.
     const peers = config.storageSystems.map((s) => ({ id: s.id, host: s.admin.host, port: s.admin.port }));
     for (const ss of systems) {
@@ -53,16 +61,18 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
       cfsServer = await CfsServer.start(config, log);
     }
   } catch (e) {
+    await agent?.close().catch(() => {});
     await cfsServer?.close().catch(() => {});
     await Promise.all(admins.map((a) => a.close().catch(() => {})));
     await Promise.all(systems.map((s) => s.close().catch(() => {})));
-    if (e instanceof ConfigError || e instanceof ClusterError) throw new UsageError(e.message);
+    if (e instanceof ConfigError || e instanceof ClusterError || (e as Error).name === 'EtcdUnreachableError') throw new UsageError((e as Error).message);
     throw e;
   }
   for (let i = 0; i < systems.length; i++) {
     log.info({ ss: systems[i]!.spec.id, nbd: systems[i]!.nbdAddr, admin: admins[i]!.address }, `storage system ${systems[i]!.spec.id} up`);
   }
   await runUntilSignal(log, async () => {
+    await agent?.close();
     await cfsServer?.close();
     await Promise.all(admins.map((a) => a.close()));
     await Promise.all(systems.map((s) => s.close()));

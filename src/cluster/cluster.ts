@@ -1,7 +1,7 @@
 // The cluster of storage systems described by one YAML file: which of them
 // this process runs (`--only`), and the spec each storage system gets.
 import type { Logger } from 'pino';
-import { StorageSystem, type StorageSystemSpec } from '../controller/storage-system.js';
+import { StorageSystem, type ClusterHooks, type StorageSystemSpec } from '../controller/storage-system.js';
 import type { ClusterConfig, PairConfig } from './config.js';
 import { parseFaultTarget } from '../controller/fault-table.js';
 
@@ -70,11 +70,11 @@ export function selectIds(config: ClusterConfig, only?: number[]): number[] {
 }
 
 /** Start the selected storage systems; if one fails, stop those already started. */
-export async function startStorageSystems(config: ClusterConfig, ids: number[], log: Logger): Promise<StorageSystem[]> {
+export async function startStorageSystems(config: ClusterConfig, ids: number[], log: Logger, opts: ClusterHooks = {}): Promise<StorageSystem[]> {
   const specs = ids.map((id) => specFor(config, id)); // validate all before starting any
   const started: StorageSystem[] = [];
   try {
-    for (const spec of specs) started.push(await StorageSystem.start(spec, log));
+    for (const spec of specs) started.push(await StorageSystem.start(spec, log, opts));
   } catch (e) {
     await Promise.all(started.map((s) => s.close().catch(() => {})));
     throw e;

@@ -55,6 +55,20 @@ export interface PairConfig {
   fence: FenceLevel;
   /** Resync by itself when an unreachable mirror's storage system is back (default true). */
   autoResync: boolean;
+  /**
+   * With etcd: promote a mirror by itself when the master's storage system loses its lease.
+   * true (default): sync pairs only; allowDataLoss: async pairs too; false: never.
+   */
+  autoFailover: boolean | 'allowDataLoss';
+}
+
+/** The cluster metadata store (docs/cluster.md). Absent: the YAML alone says everything. */
+export interface EtcdConfig {
+  endpoints: string[];
+  /** Key prefix of every table, e.g. /blockmirror. */
+  prefix: string;
+  /** Lease of each storage system's registration, ms (default 2000). */
+  leaseTtl: number;
 }
 
 export type FenceLevel = 'never' | 'data';
@@ -71,6 +85,7 @@ export interface ClusterConfig {
   cfs?: CfsConfig;
   /** Faults injected from the start (docs/faults.md), checked by fault-table.ts's rules. */
   faults: FaultRequest[];
+  etcd?: EtcdConfig;
 }
 
 export interface CfsConfig {
@@ -317,6 +332,7 @@ const PairSchema = mapping({
   syncRate: syncRate.optional(),
   fence: fence.optional(),
   autoResync: bool.optional(),
+  autoFailover: leaf((v) => (typeof v === 'boolean' || v === 'allowDataLoss' ? v : fail(`expected true, false or allowDataLoss, got ${show(v)}`))).optional(),
 });
 // The `cfs:` section (docs/cfs.md). Cross-checks are in checkCfs().
 const DEFAULT_CFS_BLOCK_SIZE = 64 * 1024;
@@ -347,6 +363,24 @@ const FaultSchema = mapping({
   jitter: faultNumber.optional(),
   mode: faultText.optional(),
 });
+const etcdEndpoint = leaf((v) => {
+  if (typeof v !== 'string' || !/^(https?:\/\/)?[A-Za-z0-9.[\]:-]+:\d{1,5}$/.test(v)) fail(`expected an etcd endpoint HOST:PORT or http://HOST:PORT, got ${show(v)}`);
+  return v;
+});
+const etcdPrefix = leaf((v) => (typeof v === 'string' && /^\/[A-Za-z0-9._/-]*[A-Za-z0-9._-]$/.test(v) ? v : fail(`expected a key prefix such as /blockmirror, got ${show(v)}`)));
+/** etcd's lease granularity is a second; a shorter TTL is rounded up by etcd itself. */
+const leaseTtl = leaf((v) => {
+  const m = typeof v === 'number' ? [String(v), String(v), 'ms'] : typeof v === 'string' ? /^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$/.exec(v) : null;
+  if (!m) fail(`expected a duration such as 2s or 1500ms, got ${show(v)}`);
+  const ms = Number(m[1]) * (m[2] === 's' ? 1000 : 1);
+  if (!Number.isFinite(ms) || ms < 1000 || ms > 60_000) fail(`leaseTtl must be from 1s to 60s, got ${show(v)}`);
+  return Math.round(ms);
+});
+const EtcdSchema = mapping({
+  endpoints: list(etcdEndpoint).min(1, { error: 'list at least one etcd endpoint' }),
+  prefix: etcdPrefix.optional(),
+  leaseTtl: leaseTtl.optional(),
+});
 const ClusterSchema = mapping({
   clusterSize: clusterSize.optional(),
   peerTimeout: peerTimeout.optional(),
@@ -354,6 +388,7 @@ const ClusterSchema = mapping({
   pairs: list(PairSchema).optional(),
   cfs: CfsSchema.optional(),
   faults: list(FaultSchema).optional(),
+  etcd: EtcdSchema.optional(),
 });
 
 /** Which keys a mapping takes, by its path with indexes dropped: for "did you mean". */
@@ -367,6 +402,7 @@ const KEYS_AT = new Map<string, readonly string[]>([
   ['pairs[].mirrors[]', Object.keys(VolRefSchema.shape)],
   ['cfs', Object.keys(CfsSchema.shape)],
   ['faults[]', Object.keys(FaultSchema.shape)],
+  ['etcd', Object.keys(EtcdSchema.shape)],
 ]);
 
 function fromIssue(issue: z.core.$ZodIssue, data: unknown): RawProblem[] {
@@ -415,7 +451,15 @@ function build(p: Parsed, source: string, baseDir: string, problems: RawProblem[
     if (pr.fence === 'data' && pr.mode === 'async') {
       problems.push({ path: ['pairs', j, 'fence'], message: 'fence: data applies to sync pairs (an async pair never waits for its mirrors)' });
     }
-    const out: PairConfig = { name: pr.name, mode: pr.mode, master: pr.master, mirrors: pr.mirrors, fence: pr.fence ?? 'never', autoResync: pr.autoResync ?? true };
+    const out: PairConfig = {
+      name: pr.name,
+      mode: pr.mode,
+      master: pr.master,
+      mirrors: pr.mirrors,
+      fence: pr.fence ?? 'never',
+      autoResync: pr.autoResync ?? true,
+      autoFailover: pr.autoFailover ?? true,
+    };
     if (pr.syncRate !== undefined) out.syncRate = pr.syncRate;
     return out;
   });
@@ -432,7 +476,9 @@ function build(p: Parsed, source: string, baseDir: string, problems: RawProblem[
       problems.push({ path: ['faults', k], message: e.message });
     }
   });
-  return { source, clusterSize: p.clusterSize ?? DEFAULT_CLUSTER_SIZE, peerTimeout: p.peerTimeout ?? DEFAULT_PEER_TIMEOUT_MS, storageSystems, pairs, faults };
+  const out: ClusterConfig = { source, clusterSize: p.clusterSize ?? DEFAULT_CLUSTER_SIZE, peerTimeout: p.peerTimeout ?? DEFAULT_PEER_TIMEOUT_MS, storageSystems, pairs, faults };
+  if (p.etcd) out.etcd = { endpoints: p.etcd.endpoints, prefix: p.etcd.prefix ?? '/blockmirror', leaseTtl: p.etcd.leaseTtl ?? 2000 };
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,6 +14,12 @@
 import type { BlockDevice } from '../blockdev/types.js';
 import type { PairBitmap, PairStatus, VolumeRole } from './status.js';
 
+export interface TakeoverOptions {
+  force?: boolean;
+  /** The epoch to take over in (default: the current one + 1). */
+  epoch?: number;
+}
+
 export interface PairController {
   readonly name: string;
   /** This storage system's volumes of the pair. */
@@ -36,7 +42,12 @@ export interface PairController {
   /** Starts a verify and returns once it runs; its progress is in status().verify. */
   verify(): Promise<void>;
   swap(): Promise<void>;
-  takeover(): Promise<void>;
+  /**
+   * Promote this storage system's mirror in a new epoch. By hand it is refused while the
+   * master is reachable; `force` (the cluster layer, after etcd moved the logical volume's
+   * master to us in `epoch`) skips that check: the old master has fenced itself.
+   */
+  takeover(opts?: TakeoverOptions): Promise<void>;
   /** Graceful stop: finish, persist, end sessions. Does not close the volumes. */
   close(): Promise<void>;
 }

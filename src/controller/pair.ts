@@ -102,6 +102,12 @@ export interface PairOptions {
   onHostWrite?: () => void;
   /** Called after a state change (persisted by the storage system). */
   onStateChange?: (state: PairState) => void;
+  /**
+   * Called when the pair suspends (PSUE). Until it resolves, no write is acknowledged: with
+   * etcd, it records the mirrors as outdated first, so a mirror that misses writes is never
+   * promoted by a failover (DRBD's resource-level fencing). A rejection is retried.
+   */
+  onSuspend?: (reason: string) => Promise<void>;
   /** How long after the last write the cleaner clears on-disk bits. */
   cleanDelayMs?: number;
 }
@@ -125,6 +131,8 @@ export class Pair {
   error: string | undefined;
   private writesInFlight = 0;
   private gate: Promise<void> | null = null;
+  /** onSuspend still running: writes wait for it before they are acknowledged. */
+  private suspending: Promise<void> | null = null;
   private drained: (() => void) | null = null;
   private cleanTimer: NodeJS.Timeout | null = null;
   private cleaning: Promise<void> | null = null;
@@ -187,6 +195,7 @@ export class Pair {
   /** Run a modifying operation on the master (write, trim, zero) under the pair's rules. */
   async hostWrite(offset: number, length: number, fua: boolean, apply: (dev: BlockDevice) => Promise<void>): Promise<void> {
     if (this.gate) await this.gate;
+    if (this.suspending) await this.suspending;
     if (this.retired) throw new BlockDeviceError('EPERM', `${this.name}: this volume is no longer the master of the pair`);
     if (this.mode === 'sync' && this.fence === 'data' && this.userState === 'PSUE') {
       throw new BlockDeviceError('EIO', `${this.name} is suspended (${this.error ?? 'mirror unreachable'}) and its fence level is data: writes are refused`);
@@ -236,6 +245,8 @@ export class Pair {
         this.suspend(`mirror ss${m.ref.ss}/vol${m.ref.vol}: ${(r.reason as Error).message}`);
       }
       if (told) await Promise.all(told);
+      // The mirrors are known outdated (onSuspend) before this write is acknowledged without them.
+      if (failed && this.suspending) await this.suspending;
       if (failed && this.fence === 'data') {
         throw new BlockDeviceError('EIO', `${this.name}: a mirror could not be written and the fence level is data: ${failed.message}`);
       }
@@ -429,6 +440,20 @@ export class Pair {
     this.error = reason;
     this.log.error({ pair: this.name, reason }, 'pair suspended (PSUE)');
     this.opts.onStateChange?.('PSUE');
+    const hook = this.opts.onSuspend;
+    if (hook) {
+      const attempt = (): Promise<void> =>
+        hook(reason).catch(async (e: Error) => {
+          if (this.closed) return;
+          this.log.warn({ pair: this.name, err: e.message }, 'recording the suspension failed; writes wait, retrying');
+          await new Promise((r) => setTimeout(r, 200));
+          return attempt();
+        });
+      const run = attempt().finally(() => {
+        if (this.suspending === run) this.suspending = null;
+      });
+      this.suspending = run;
+    }
   }
 
   status(): PairStatus {

@@ -28,7 +28,7 @@ import { Pair, PairStateError, hashClusters, type FenceLevel, type PairSpec, typ
 import type { PeerLink, PeerMessage } from './peer-link.js';
 import type { SyncDaemon } from './sync-daemon.js';
 import { PairCommandError, type PairBitmap, type PairState, type PairStatus, type VolRef } from './status.js';
-import type { PairController } from './pair-controller.js';
+import type { PairController, TakeoverOptions } from './pair-controller.js';
 import { bitmapOf } from './pair-bitmap.js';
 import { FilterDevice } from '../blockdev/filter.js';
 
@@ -61,6 +61,8 @@ export interface RemotePairContext {
   /** One slot per mirror in master role (slot 0 only for the mirror role). */
   openStore(slots: number): Promise<{ store: BitmapStore; loaded: Uint8Array[] | null }>;
   generationFile?: string;
+  /** The cluster layer (etcd): record the mirrors outdated before writes go on without them. */
+  onSuspend?: (pair: string, mirrors: VolRef[], reason: string) => Promise<void>;
   statePath?: string;
   log: Logger;
 }
@@ -199,6 +201,7 @@ export class RemotePair implements PairController {
       onInvalid: () => this.ctx.daemon.wake(),
       onHostWrite: () => this.ctx.daemon.noteHostIo(),
       onStateChange: (state) => savePairState(this.ctx.statePath, state),
+      ...(this.ctx.onSuspend ? { onSuspend: (reason: string) => this.ctx.onSuspend!(this.name, mirrors, reason) } : {}),
       beforeResync: () => this.collectMirrorChanges(),
       afterSplit: () => this.tellMirrors('state', { state: 'PSUS' }),
     });
@@ -443,15 +446,20 @@ export class RemotePair implements PairController {
   }
 
   /** Unplanned, on a mirror whose master is gone: promote this copy in a new epoch. */
-  takeover(): Promise<void> {
+  takeover(opts: TakeoverOptions = {}): Promise<void> {
     return this.serial(async () => {
       if (this.role === 'master') throw new PairCommandError('refused', `takeover ${this.name}: storage system ${this.ctx.self} is already the master`);
       if (this.copies.length !== 2) throw new PairCommandError('refused', `takeover ${this.name}: only a pair of two copies can be taken over`);
       const link = this.ctx.links.get(this.gen.master)!;
-      if (link.up) throw new PairCommandError('refused', `takeover ${this.name}: the master's storage system ${this.gen.master} is reachable; use swap`);
+      if (link.up && !opts.force) throw new PairCommandError('refused', `takeover ${this.name}: the master's storage system ${this.gen.master} is reachable; use swap`);
+      const epoch = opts.epoch ?? this.gen.epoch + 1;
+      if (epoch <= this.gen.epoch) throw new PairCommandError('refused', `takeover ${this.name}: epoch ${epoch} is not newer than ${this.gen.epoch}`);
       const old = this.gen.master;
-      await this.promote(this.gen.epoch + 1, `takeover: storage system ${old} unreachable`);
+      await this.promote(epoch, `takeover: storage system ${old} unreachable`);
       this.peerLost = true;
+      // Still connected to the old master (cut from etcd, not from us): a new session makes the
+      // handshake tell it about the new epoch, and it becomes our mirror.
+      if (link.up) link.drop(`this copy took over ${this.name} in epoch ${epoch}`);
     });
   }
 

@@ -30,7 +30,7 @@ import type { PairSpec } from './pair.js';
 import type { PairController } from './pair-controller.js';
 import { PeerLink, PeerServer } from './peer-link.js';
 import { RemotePair, type RemotePairSpec } from './remote-pair.js';
-import { PairCommandError, type AdminTarget, type PairBitmap, type PairStatus, type TargetMetrics, type SSReport } from './status.js';
+import { PairCommandError, type AdminTarget, type PairBitmap, type PairStatus, type TargetMetrics, type SSReport, type VolRef } from './status.js';
 import { SyncDaemon } from './sync-daemon.js';
 import { buildHostStack, closeVolumeStack, openVolumeStack, type VolumeStack } from './volume-stack.js';
 
@@ -59,6 +59,16 @@ export interface StorageSystemSpec {
   faults?: FaultRequest[];
 }
 
+/** Why master volume `vol` of `pair` in `ss` must refuse host I/O now (ESHUTDOWN), or null. */
+export type HostGuard = (ss: StorageSystem, pair: PairController, vol: number) => string | null;
+
+/** What the cluster layer (etcd) hooks into a storage system. */
+export interface ClusterHooks {
+  hostGuard?: HostGuard;
+  /** A pair across storage systems suspended: record its mirrors outdated before writes go on. */
+  onSuspend?: (pair: string, mirrors: VolRef[], reason: string) => Promise<void>;
+}
+
 export class StorageSystem implements AdminTarget {
   readonly nbd: NbdServer;
   readonly daemon: SyncDaemon;
@@ -71,6 +81,9 @@ export class StorageSystem implements AdminTarget {
   private readonly pairOf = new Map<number, PairController>();
   private cache: CacheMemory | undefined;
   private nbdAddress = '';
+  /** Set by the cluster layer (etcd): why a master volume must refuse I/O now, or null. */
+  private hostGuard: ((pair: PairController, vol: number) => string | null) | null = null;
+  private onSuspend: ClusterHooks['onSuspend'];
 
   private constructor(
     readonly spec: StorageSystemSpec,
@@ -80,9 +93,11 @@ export class StorageSystem implements AdminTarget {
     this.daemon = new SyncDaemon({ log });
   }
 
-  /** Open volumes, build pairs and exports, and start serving. */
-  static async start(spec: StorageSystemSpec, log: Logger): Promise<StorageSystem> {
+  /** Open volumes, build pairs and exports, and start serving. A host guard (setHostGuard) applies from the first request. */
+  static async start(spec: StorageSystemSpec, log: Logger, opts: ClusterHooks = {}): Promise<StorageSystem> {
     const ss = new StorageSystem(spec, log.child({ ss: spec.id }));
+    if (opts.hostGuard) ss.hostGuard = (pair, vol) => opts.hostGuard!(ss, pair, vol);
+    ss.onSuspend = opts.onSuspend;
     try {
       await ss.open();
       await ss.listen();
@@ -113,7 +128,8 @@ export class StorageSystem implements AdminTarget {
 
     for (const v of this.volumes.values()) {
       const pair = this.pairOf.get(v.id);
-      const host = buildHostStack(v, pair?.hostDevice(v.id));
+      const guard = pair ? () => (this.hostGuard && pair.roleOf(v.id) === 'master' ? this.hostGuard(pair, v.id) : null) : undefined;
+      const host = buildHostStack(v, pair?.hostDevice(v.id), guard);
       const description = pair ? `${pair.roleOf(v.id)} of ${pair.name}` : 'simplex volume';
       this.nbd.exports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id}: ${description}`, device: host, readOnly: false });
     }
@@ -165,6 +181,7 @@ export class StorageSystem implements AdminTarget {
           return FileBitmapStore.open(path.join(dir, `${p.name}.bitmap`), { clusterSize: spec.clusterSize, clusters: clusters(size), mirrors: slots });
         },
         ...(dir ? { generationFile: path.join(dir, `${p.name}.generation.json`), statePath: path.join(dir, `${p.name}.state.json`) } : {}),
+        ...(this.onSuspend ? { onSuspend: this.onSuspend } : {}),
         log: this.log,
       });
       remotes.set(p.name, rp);
@@ -179,6 +196,14 @@ export class StorageSystem implements AdminTarget {
     this.log.info({ nbd: this.nbdAddress, socket: spec.nbdSocket, volumes: [...this.volumes.keys()].map((v) => `vol${v}`) }, `storage system ${spec.id} serving NBD on ${this.nbdAddress}`);
     // Sessions start once our own NBD listener is up: the peers' data connections come to it.
     for (const link of this.links.values()) link.start();
+  }
+
+  /**
+   * Fence the master volumes of this storage system's pairs: `guard` says why a master volume
+   * must refuse host I/O now (ESHUTDOWN), or null. The cluster layer sets it when etcd runs.
+   */
+  setHostGuard(guard: ((pair: PairController, vol: number) => string | null) | null): void {
+    this.hostGuard = guard;
   }
 
   /** The NBD address actually bound (port 0 in the config picks a free port). */

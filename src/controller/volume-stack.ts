@@ -2,6 +2,9 @@
 //
 //   layer            file                       what it does
 //   CountingDevice   controller/volume-stats    host I/O counters and latency (what hosts asked)
+//   GuardDevice      blockdev/guard             refuses all I/O (ESHUTDOWN) while the storage
+//                                               system cannot prove it masters the pair (etcd
+//                                               lease, epoch); paired volumes only
 //   pair layer       controller/pair, remote/   master: Data Write module (sync or async);
 //                                               mirror: Check Invalid -> mirror or master
 //                                               (absent for a simplex volume)
@@ -16,6 +19,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { FaultDevice, FaultSet } from '../blockdev/fault.js';
 import { openFileDevice } from '../blockdev/file.js';
+import { GuardDevice, type Guard } from '../blockdev/guard.js';
 import { MemoryDevice } from '../blockdev/memory.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import type { CacheMemory } from './cache.js';
@@ -63,8 +67,9 @@ export async function openVolumeStack(ssId: number, v: VolumeSpec, opts: { dataD
  * The top half: the pair layer the volume's pair hands out (or none for a simplex volume),
  * then the host counters. Returns what the front ends export.
  */
-export function buildHostStack(v: VolumeStack, pairLayer: BlockDevice | undefined): CountingDevice {
-  v.host = new CountingDevice(pairLayer ?? v.device);
+export function buildHostStack(v: VolumeStack, pairLayer: BlockDevice | undefined, guard?: Guard): CountingDevice {
+  const below = pairLayer ?? v.device;
+  v.host = new CountingDevice(guard ? new GuardDevice(below, guard) : below);
   return v.host;
 }
 

@@ -1,0 +1,92 @@
+// `blockmirror gateway -c FILE --listen HOST:PORT`: a stateless NBD front end that exports every
+// logical volume of an etcd-backed cluster by name and follows its master across failovers.
+// `blockmirror etcd dump -c FILE`: print the cluster tables as etcd holds them.
+import type { Command } from 'commander';
+import type { Logger } from 'pino';
+import { createLogger } from '../util/log.js';
+import { UsageError } from './errors.js';
+import { parseListen } from './serve.js';
+import { runUntilSignal } from './signals.js';
+import { loadConfigOrUsage } from './status.js';
+
+export function registerGatewayCommand(program: Command): void {
+  program
+    .command('gateway')
+    .description('serve every logical volume of an etcd-backed cluster over NBD, following each one\'s master')
+    .requiredOption('-c, --config <file>', 'cluster YAML with an etcd: section')
+    .option('--listen <host:port>', 'TCP address to listen on', '127.0.0.1:10810')
+    .option('--retry <ms>', 'how long a request waits for a master before it fails', '60000')
+    .addHelpText('after', '\nExample:\n  blockmirror gateway -c config/etcd.yaml --listen 127.0.0.1:10810\n  nbdinfo nbd://127.0.0.1:10810/pair1\n')
+    .action(async (opts: { config: string; listen: string; retry: string }, cmd: Command) => {
+      const log = createLogger(cmd.optsWithGlobals().logLevel as string);
+      await gateway(opts, log);
+    });
+
+  const etcd = program.command('etcd').description('look at the cluster tables in etcd');
+  etcd
+    .command('dump')
+    .description('print the storage systems, logical volumes, mirrors, pair states and failover history held in etcd')
+    .requiredOption('-c, --config <file>', 'cluster YAML with an etcd: section')
+    .option('--json', 'machine-readable output')
+    .action(async (opts: { config: string; json?: boolean }) => {
+      const config = loadConfigOrUsage(opts.config);
+      if (!config.etcd) throw new UsageError(`${opts.config} has no etcd: section; the YAML alone describes this cluster`);
+      const [{ ClusterStore, EtcdUnreachableError }, { pino }] = await Promise.all([import('../cluster/etcd/store.js'), import('pino')]);
+      let store;
+      try {
+        store = await ClusterStore.connect(config.etcd, pino({ level: 'silent' }));
+      } catch (e) {
+        if (e instanceof EtcdUnreachableError) throw new UsageError(e.message);
+        throw e;
+      }
+      try {
+        const t = await store.reload();
+        const obj = {
+          storageSystems: [...t.storageSystems.values()],
+          logicalVolumes: [...t.logicalVolumes.values()].map(({ revision: _r, ...lv }) => lv),
+          mirrors: Object.fromEntries(t.mirrors),
+          pairs: Object.fromEntries(t.pairs),
+          history: t.history,
+        };
+        process.stdout.write(opts.json ? `${JSON.stringify(obj, null, 2)}\n` : renderDump(obj));
+      } finally {
+        await store.close();
+      }
+    });
+}
+
+async function gateway(opts: { config: string; listen: string; retry: string }, log: Logger): Promise<void> {
+  const config = loadConfigOrUsage(opts.config);
+  const listen = parseListen(opts.listen);
+  const retryMs = Number(opts.retry);
+  if (!Number.isInteger(retryMs) || retryMs < 100) throw new UsageError(`--retry: expected milliseconds (at least 100), got "${opts.retry}"`);
+  const [{ Gateway }, { EtcdUnreachableError }] = await Promise.all([import('../gateway/gateway.js'), import('../cluster/etcd/store.js')]);
+  let gw;
+  try {
+    gw = await Gateway.start(config, { listen, retryMs }, log);
+  } catch (e) {
+    if (e instanceof EtcdUnreachableError) throw new UsageError(e.message);
+    throw e;
+  }
+  await runUntilSignal(log, () => gw.close());
+}
+
+interface Dump {
+  storageSystems: { id: number; nbd: string; admin: string }[];
+  logicalVolumes: { name: string; master: { ss: number; vol: number }; epoch: number; mode: string }[];
+  pairs: Record<string, { state: string }>;
+  history: { name: string; at: string; epoch: number; from: { ss: number; vol: number }; to: { ss: number; vol: number }; reason: string }[];
+}
+
+function renderDump(d: Dump): string {
+  const out: string[] = ['STORAGE SYSTEMS (registered, leased)'];
+  for (const s of d.storageSystems) out.push(`  ${s.id}  nbd ${s.nbd}  admin ${s.admin}`);
+  if (d.storageSystems.length === 0) out.push('  (none)');
+  out.push('', 'LOGICAL VOLUMES');
+  for (const lv of d.logicalVolumes) out.push(`  ${lv.name}  master ss${lv.master.ss}/vol${lv.master.vol}  epoch ${lv.epoch}  ${lv.mode}  ${d.pairs[lv.name]?.state ?? '-'}`);
+  if (d.logicalVolumes.length === 0) out.push('  (none)');
+  out.push('', 'FAILOVER HISTORY');
+  for (const h of d.history) out.push(`  ${h.at}  ${h.name}  epoch ${h.epoch}  ss${h.from.ss}/vol${h.from.vol} -> ss${h.to.ss}/vol${h.to.vol}  ${h.reason}`);
+  if (d.history.length === 0) out.push('  (none)');
+  return `${out.join('\n')}\n`;
+}

@@ -1,0 +1,188 @@
+// The symmetric cluster on a real 3-member etcd (docs/cluster.md): storage systems register
+// under leases, a gateway follows each logical volume's master, and a sync pair fails over by
+// itself when its master's storage system dies — with fio verifying every block through the
+// gateway the whole time.
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterEach, beforeAll, afterAll, describe, expect, it } from 'vitest';
+import { EtcdCluster } from './helpers/etcd.js';
+import { SSProcess, loopbackAddrs, sameBytes, twoSSYaml, writeConfig, type SSAddr } from './helpers/remote.js';
+import { CLI, freePort, run, tmpDir } from './helpers/servers.js';
+import { spawn, type ChildProcess } from 'node:child_process';
+
+let etcd: EtcdCluster;
+beforeAll(async () => {
+  etcd = await EtcdCluster.start(3);
+}, 60_000);
+afterAll(async () => {
+  await etcd?.stop();
+});
+
+const procs: SSProcess[] = [];
+const gateways: ChildProcess[] = [];
+afterEach(async () => {
+  for (const g of gateways.splice(0)) if (g.exitCode === null) g.kill('SIGKILL');
+  await Promise.all(procs.splice(0).map((p) => p.kill()));
+});
+
+let prefixN = 0;
+function clusterYaml(a: SSAddr, b: SSAddr, opts: { mode?: 'sync' | 'async'; autoFailover?: string; endpoints?: string[] } = {}): { dir: string; file: string; prefix: string } {
+  const prefix = `/bm-test-${process.pid}-${prefixN++}`;
+  const base = twoSSYaml(a, b, [{ name: 'pair1', mode: opts.mode ?? 'sync', vol: 1 }], { peerTimeout: '1s', size: '64MiB' });
+  const withFailover = opts.autoFailover ? base.replace('    mirrors: [ { ss: 2, vol: 1 } ]', `    mirrors: [ { ss: 2, vol: 1 } ]\n    autoFailover: ${opts.autoFailover}`) : base;
+  const text = `${withFailover}etcd:\n  endpoints: [ ${(opts.endpoints ?? etcd.endpoints).join(', ')} ]\n  prefix: ${prefix}\n  leaseTtl: 2s\n`;
+  return { ...writeConfig(text), prefix };
+}
+
+async function startGateway(file: string): Promise<{ port: number; proc: ChildProcess; stderr: () => string }> {
+  const port = await freePort();
+  let err = '';
+  const proc = spawn(process.execPath, [CLI, 'gateway', '-c', file, '--listen', `127.0.0.1:${port}`, '--log-level', 'info'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  proc.stderr!.setEncoding('utf8').on('data', (d: string) => (err += d));
+  gateways.push(proc);
+  for (let i = 0; i < 400; i++) {
+    const r = await run('nbdinfo', ['--size', `nbd://127.0.0.1:${port}/pair1`]).catch(() => undefined);
+    if (r?.code === 0) return { port, proc, stderr: () => err };
+    if (proc.exitCode !== null) break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`the gateway did not start: ${err}`);
+}
+
+async function dump(file: string) {
+  const r = await run(process.execPath, [CLI, 'etcd', 'dump', '-c', file, '--json']);
+  expect(r.code, r.stderr).toBe(0);
+  return JSON.parse(r.stdout) as {
+    storageSystems: { id: number }[];
+    logicalVolumes: { name: string; master: { ss: number; vol: number }; epoch: number }[];
+    pairs: Record<string, { state: string }>;
+    history: { name: string; epoch: number; from: { ss: number }; to: { ss: number }; reason: string }[];
+  };
+}
+
+async function startPair(opts: Parameters<typeof clusterYaml>[2] = {}) {
+  const [a, b] = await loopbackAddrs();
+  const cfg = clusterYaml(a, b, opts);
+  const ss1 = new SSProcess(1, cfg.file, a);
+  const ss2 = new SSProcess(2, cfg.file, b);
+  procs.push(ss1, ss2);
+  await ss1.start();
+  await ss2.start();
+  await ss1.waitPair('pair1', (p) => p.state === 'PAIR', 'PAIR');
+  return { a, b, cfg, ss1, ss2 };
+}
+
+describe('a cluster on etcd', () => {
+  it('registers each storage system, seeds the tables from the YAML and prints them with etcd dump', async () => {
+    const { cfg } = await startPair();
+    let d = await dump(cfg.file);
+    for (let i = 0; i < 100 && d.pairs.pair1?.state !== 'PAIR'; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      d = await dump(cfg.file);
+    }
+    expect(d.storageSystems.map((s) => s.id).sort()).toEqual([1, 2]);
+    expect(d.logicalVolumes).toEqual([{ name: 'pair1', master: { ss: 1, vol: 1 }, epoch: 1, mode: 'sync', size: 64 * 1024 * 1024 }]);
+    expect(d.pairs.pair1!.state).toBe('PAIR');
+    expect(d.history).toEqual([]);
+    const human = await run(process.execPath, [CLI, 'etcd', 'dump', '-c', cfg.file]);
+    expect(human.stdout).toContain('pair1  master ss1/vol1  epoch 1  sync  PAIR');
+  });
+
+  it('keeps fio --verify=crc32c through a gateway free of errors while the master storage system is killed and its sync mirror takes over by itself', async () => {
+    const { cfg, ss1, ss2 } = await startPair();
+    const gw = await startGateway(cfg.file);
+    const fioDir = tmpDir('bm-fio-');
+    const fio = run(
+      'fio',
+      [
+        '--name=failover', '--ioengine=nbd', `--uri=nbd://127.0.0.1:${gw.port}/pair1`, '--rw=randwrite', '--bs=4k', '--iodepth=8',
+        '--size=32M', '--io_size=160M', '--verify=crc32c', '--verify_fatal=1', '--do_verify=1', '--output-format=json', `--directory=${fioDir}`,
+      ],
+      { timeoutMs: 180_000 },
+    );
+    let fioDone = false;
+    void fio.then(() => (fioDone = true));
+    // Kill the master once fio is well under way: wait for its writes to reach the master.
+    for (let i = 0; i < 400; i++) {
+      const st = (await ss1.status()) as unknown as { storageSystems: { volumes: { id: number; writeBytes: number }[] }[] } | undefined;
+      if ((st?.storageSystems[0]?.volumes.find((x) => x.id === 1)?.writeBytes ?? 0) > 4 * 1024 * 1024) break;
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    const killedAt = performance.now();
+    await ss1.kill();
+    // The kill lands in the middle of the workload, not after it.
+    expect(fioDone).toBe(false);
+    const promoted = await ss2.waitPair('pair1', (p) => p.role === 'master', 'the master role', 30_000);
+    const failoverMs = performance.now() - killedAt;
+    expect(promoted.epoch).toBe(2);
+    const r = await fio;
+    const job = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))) as { jobs: { error: number; write: { io_bytes: number } }[] };
+    expect(r.code, r.stderr + r.stdout.slice(0, 2000)).toBe(0);
+    expect(job.jobs[0]!.error).toBe(0);
+    expect(r.stderr).not.toMatch(/verify|error/i);
+    console.log(`failover: master killed -> mirror promoted in ${Math.round(failoverMs)} ms; fio wrote ${job.jobs[0]!.write.io_bytes} bytes and verified them`);
+    const d = await dump(cfg.file);
+    expect(d.logicalVolumes[0]).toMatchObject({ master: { ss: 2, vol: 1 }, epoch: 2 });
+    expect(d.history).toEqual([expect.objectContaining({ name: 'pair1', epoch: 2, from: { ss: 1, vol: 1 }, to: { ss: 2, vol: 1 }, reason: 'storage system 1 lost its etcd lease' })]);
+
+    // The old master comes back as a mirror of the new one, is resynced, and ends identical.
+    await ss1.start();
+    await ss2.waitPair('pair1', (p) => p.role === 'master' && p.state === 'PAIR' && p.mirrors.every((m) => m.invalidClusters === 0 && m.connected === true), 'PAIR with ss1 as its mirror', 30_000);
+    await ss1.kill('SIGTERM');
+    await ss2.kill('SIGTERM');
+    expect(await sameBytes(ss1.volumeFile(cfg.dir, 1), ss2.volumeFile(cfg.dir, 1))).toBe(true);
+  }, 240_000);
+
+  it('goes on without a pause when one etcd member of three is killed', async () => {
+    const { cfg, ss1 } = await startPair();
+    const gw = await startGateway(cfg.file);
+    const uri = `nbd://127.0.0.1:${gw.port}/pair1`;
+    expect((await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x31 0 1M', uri])).code).toBe(0);
+    await etcd.kill(2);
+    try {
+      const w = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x32 1M 1M', '-c', 'read -P 0x31 0 1M', '-c', 'read -P 0x32 1M 1M', uri]);
+      expect(w.stdout + w.stderr).not.toMatch(/fail|error/i);
+      expect(w.code).toBe(0);
+      const p = await ss1.pair('pair1');
+      expect(p?.role).toBe('master');
+      expect((await dump(cfg.file)).logicalVolumes[0]!.epoch).toBe(1);
+    } finally {
+      // Bring the member back for the tests after this one.
+      await etcd.restart(2);
+    }
+  });
+
+  it('leaves an async pair down without autoFailover: allowDataLoss, and says why', async () => {
+    const { cfg, ss1, ss2 } = await startPair({ mode: 'async' });
+    await ss1.kill();
+    for (let i = 0; i < 200 && !ss2.stderr.includes('lost its lease'); i++) await new Promise((r) => setTimeout(r, 50));
+    expect(ss2.stderr).toContain('pair1: the master\'s storage system 1 lost its lease; it is an async pair, whose mirror may lack acknowledged writes: set autoFailover: allowDataLoss to fail over anyway');
+    expect((await ss2.pair('pair1'))?.role).toBe('mirror');
+    expect((await dump(cfg.file)).logicalVolumes[0]!.master.ss).toBe(1);
+  });
+
+  it('refuses to start with one clear line when etcd is not reachable', async () => {
+    const [a, b] = await loopbackAddrs();
+    const dead = await freePort();
+    const cfg = clusterYaml(a, b, { endpoints: [`127.0.0.1:${dead}`] });
+    const r = await run(process.execPath, [CLI, 'up', '-c', cfg.file, '--only', '1'], { timeoutMs: 30_000 });
+    expect(r.code).toBe(2);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toMatch(new RegExp(`^blockmirror: etcd at 127\\.0\\.0\\.1:${dead} is not reachable \\(.*\\); start etcd, or remove etcd: from the YAML to run from the YAML alone\\n$`));
+  });
+
+  it('ignores corrupt keys in etcd with a log line, and goes on serving', async () => {
+    const { cfg, ss1, ss2 } = await startPair();
+    const put = (key: string, value: string) => run('etcdctl', ['--endpoints', etcd.endpoints.join(','), 'put', `${cfg.prefix}/${key}`, value]);
+    expect((await put('lv/ghost', '{not json')).code).toBe(0);
+    expect((await put('ss/9', '{"id": "nine"}')).code).toBe(0);
+    expect((await put('weird/x', '1')).code).toBe(0);
+    for (let i = 0; i < 100 && !ss2.stderr.includes('weird/x'); i++) await new Promise((r) => setTimeout(r, 50));
+    expect(ss2.stderr).toContain(`etcd: ignoring key ${cfg.prefix}/lv/ghost: the value is not JSON`);
+    expect(ss2.stderr).toContain(`etcd: ignoring key ${cfg.prefix}/weird/x: unknown table`);
+    expect(ss1.proc?.exitCode).toBe(null);
+    const w = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x41 0 64k', ss1.uri(1)]);
+    expect(w.code, w.stderr).toBe(0);
+    expect(fs.existsSync(path.join(cfg.dir, 'ss1'))).toBe(true);
+  });
+});
