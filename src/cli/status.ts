@@ -20,6 +20,24 @@ export interface UnreachableSS {
 export interface ClusterStatus {
   storageSystems: (ReachableSS | UnreachableSS)[];
   pairs: PairStatus[];
+  /** With etcd (docs/cluster.md): the logical volumes' masters and the failover history, or why they could not be read. */
+  etcd?: { logicalVolumes: { name: string; master: { ss: number; vol: number }; epoch: number }[]; history: { name: string; at: string; epoch: number; from: { ss: number; vol: number }; to: { ss: number; vol: number }; reason: string }[] } | { error: string };
+}
+
+/** The etcd tables a status shows; never throws (an unreachable etcd is reported in the status). */
+async function etcdView(config: ClusterConfig, timeoutMs: number): Promise<ClusterStatus['etcd']> {
+  const [{ ClusterStore }, { pino }] = await Promise.all([import('../cluster/etcd/store.js'), import('pino')]);
+  try {
+    const store = await ClusterStore.connect(config.etcd!, pino({ level: 'silent' }), timeoutMs);
+    try {
+      const t = store.tables;
+      return { logicalVolumes: [...t.logicalVolumes.values()].map((lv) => ({ name: lv.name, master: lv.master, epoch: lv.epoch })), history: t.history };
+    } finally {
+      await store.close();
+    }
+  } catch (e) {
+    return { error: (e as Error).message };
+  }
 }
 
 interface StatusOptions {
@@ -37,7 +55,9 @@ export function registerStatusCommand(program: Command): void {
     .option('--timeout <ms>', 'how long to wait for each storage system', String(DEFAULT_STATUS_TIMEOUT_MS))
     .action(async (opts: StatusOptions) => {
       const config = loadConfigOrUsage(opts.config);
-      const status = await collectStatus(config, parseTimeout(opts.timeout));
+      const timeoutMs = parseTimeout(opts.timeout);
+      const status = await collectStatus(config, timeoutMs);
+      if (config.etcd) status.etcd = await etcdView(config, timeoutMs);
       process.stdout.write(opts.json ? `${JSON.stringify(status, null, 2)}\n` : renderStatus(status));
       // Still printed what is known; the exit code says something was missing.
       if (status.storageSystems.some((s) => !s.reachable)) process.exitCode = 1;
@@ -176,6 +196,15 @@ export function renderStatus(status: ClusterStatus): string {
     for (const p of status.pairs) if (p.error) out.push(`  ${p.name}: ${p.state}: ${p.error}`);
     for (const p of status.pairs) {
       if (p.role === 'mirror') out.push(`  ${p.name}: the master's storage system ${p.master.ss} did not answer; shown as its mirror sees it${p.stale ? ' (its data may be stale)' : ''}`);
+    }
+  }
+
+  if (status.etcd) {
+    out.push('', 'LOGICAL VOLUMES (etcd)');
+    if ('error' in status.etcd) out.push(`  ${status.etcd.error}`);
+    else {
+      for (const lv of status.etcd.logicalVolumes) out.push(`  ${lv.name}: master ss${lv.master.ss}/vol${lv.master.vol}, epoch ${lv.epoch}`);
+      for (const h of status.etcd.history) out.push(`  ${h.at} ${h.name} failed over to ss${h.to.ss}/vol${h.to.vol} in epoch ${h.epoch}: ${h.reason}`);
     }
   }
 
