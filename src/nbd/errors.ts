@@ -28,14 +28,3 @@ export function nbdErrorFor(err: unknown, cmdFlags: number): number {
       return NbdErr.EIO;
   }
 }
-
-/** A request refused before it reached the device (validation). */
-export class RequestError extends Error {
-  override readonly name = 'RequestError';
-  constructor(
-    readonly nbdErrno: number,
-    message: string,
-  ) {
-    super(message);
-  }
-}

@@ -7,7 +7,7 @@ import type { Logger } from 'pino';
 import { ExportTable } from './exports.js';
 import { HandshakeAbort, negotiate } from './handshake.js';
 import { ConnectionClosed } from './socket-reader.js';
-import { Connection, type ConnectionStats } from './transmission.js';
+import { Connection } from './transmission.js';
 
 export type ListenSpec =
   | { kind: 'tcp'; host: string; port: number }
@@ -26,11 +26,8 @@ export class NbdServer {
   private readonly handshaking = new Set<net.Socket>();
   private readonly connections = new Set<Connection>();
   private stopping = false;
-  readonly stats: ConnectionStats & { connections: number; totalConnections: number } = {
-    readOps: 0,
-    readBytes: 0,
-    writeOps: 0,
-    writeBytes: 0,
+  /** Connections now and since start (the volumes count their own I/O: CountingDevice). */
+  readonly stats = {
     connections: 0,
     totalConnections: 0,
   };
@@ -80,7 +77,7 @@ export class NbdServer {
         this.handshaking.delete(socket);
         if (!neg) return;
         if (socket.destroyed) return;
-        const conn = new Connection(socket, neg, log.child({ export: neg.export.name }), this.stats);
+        const conn = new Connection(socket, neg, log.child({ export: neg.export.name }));
         this.connections.add(conn);
         this.stats.connections++;
         this.stats.totalConnections++;

@@ -38,12 +38,6 @@ import { BASE_ALLOCATION_ID, allowedFlags, type Negotiated } from './handshake.j
 const HIGH_WATER_BYTES = 64 * 1024 * 1024;
 const MAX_IN_FLIGHT = 512;
 
-export interface ConnectionStats {
-  readOps: number;
-  readBytes: number;
-  writeOps: number;
-  writeBytes: number;
-}
 
 /** Reads that do not go into a payload buffer land here: small, so that only the first bytes of a large payload are copied out of it. */
 const SCRATCH = 128 * 1024;
@@ -72,7 +66,6 @@ export class Connection {
     accepted: Socket,
     neg: Negotiated,
     private readonly log: Logger,
-    private readonly stats?: ConnectionStats,
   ) {
     this.dev = neg.export.device;
     this.size = this.dev.size;
@@ -193,10 +186,6 @@ export class Connection {
       case Cmd.READ:
         return this.read(req);
       case Cmd.WRITE:
-        if (this.stats) {
-          this.stats.writeOps++;
-          this.stats.writeBytes += req.length;
-        }
         return this.track(req, req.length, this.dev.write(req.offset, req.payload!, fua), req.ownedPayload);
       case Cmd.FLUSH:
         return this.track(req, 0, this.dev.flush());
@@ -274,10 +263,6 @@ export class Connection {
     this.begin(length);
     this.dev.read(req.offset, buf.subarray(hdr)).then(
       () => {
-        if (this.stats) {
-          this.stats.readOps++;
-          this.stats.readBytes += length;
-        }
         this.send(buf, true);
         this.end(length);
       },

@@ -161,9 +161,3 @@ const names = {
 export function nameOf(kind: keyof typeof names, value: number): string {
   return names[kind].get(value) ?? `${kind}#${value}`;
 }
-
-/** Names of the set bits of a flags word, e.g. flagNames(CmdFlag, 3) === 'FUA|NO_HOLE'. */
-export function flagNames(table: Record<string, number>, value: number): string {
-  const out = Object.entries(table).filter(([, bit]) => (value & bit) !== 0).map(([k]) => k);
-  return out.length ? out.join('|') : '0';
-}
