@@ -7,22 +7,38 @@
 //   * bits are cleared lazily, and only by the pair's cleaner after every copy
 //     was flushed, so a cleared bit never hides data that only one side holds.
 //
-// File layout (little-endian), one file per pair:
-//   0   8  magic "BMBITMP1"
-//   8   4  clusterSize
-//   12  4  clusters
-//   16  4  mirror count
-//   20  ..  zero padding to 4096
-//   4096 + m * stride   mirror m's bitset (1 = may differ), stride = bitset size rounded up to 4096
+// File layout (format 2, little-endian), one file per pair, in 4 KiB pages:
+//   page 0              header (util/format.ts): magic "BMBITMP2", version 2, clusterSize u32,
+//                       clusters u64, mirrors u32, page size u32, CRC32C; zero padding
+//   page 1 + m*P + k    page k of mirror m's bitset (1 = may differ), P pages per mirror:
+//                         0     4088  bits of clusters [k*32704, (k+1)*32704)
+//                         4088  4     the page's own number (a misdirected write shows)
+//                         4092  4     CRC32C of the 4092 bytes before it
+//
+// Each page carries its checksum, so marking still costs one pwrite per dirty page and one
+// fdatasync per group commit. A page that fails its checksum at start (a write torn by a crash)
+// is not trusted: every cluster it covers is marked "may differ", and resynced. A bad header is
+// refused with a FormatError. A format-1 file ("BMBITMP1", no checksums) is migrated in place.
 //
 // Marking is group-committed: writers that mark while a commit runs share the
 // next one (one pwrite per dirty 4 KiB page, one fdatasync).
 import fs from 'node:fs';
 import { promisify } from 'node:util';
+import * as BL from 'buffer-layout';
+import { FileFormat, FormatError, crc } from '../util/format.js';
 
-const MAGIC = Buffer.from('BMBITMP1');
+interface BitmapHeader {
+  clusterSize: number;
+  clusters: number;
+  mirrors: number;
+  pageSize: number;
+}
+const HEADER_FORMAT = new FileFormat<BitmapHeader>('bitmap file', 'BMBITMP2', 2, [BL.u32('clusterSize'), BL.nu64('clusters'), BL.u32('mirrors'), BL.u32('pageSize')]);
+const V1_MAGIC = Buffer.from('BMBITMP1');
 const HEADER = 4096;
 const PAGE = 4096;
+/** Bytes of bits in one page: the rest holds the page number and the checksum. */
+const BITS = PAGE - 8;
 const pwrite = promisify(fs.write);
 const fdatasync = promisify(fs.fdatasync);
 const RESOLVED = Promise.resolve();
@@ -68,7 +84,8 @@ export class MemoryBitmapStore implements BitmapStore {
 
 export class FileBitmapStore implements BitmapStore {
   private readonly images: Uint8Array[];
-  private readonly stride: number;
+  /** Pages of the file each mirror's bitset takes. */
+  private readonly pagesPerMirror: number;
   private dirty = new Set<number>(); // file page indexes
   private running: Promise<void> | null = null;
   private next: Promise<void> | null = null;
@@ -81,7 +98,7 @@ export class FileBitmapStore implements BitmapStore {
     images: Uint8Array[],
   ) {
     this.images = images;
-    this.stride = Math.ceil(Math.ceil(clusters / 8) / PAGE) * PAGE;
+    this.pagesPerMirror = Math.max(1, Math.ceil(Math.ceil(clusters / 8) / BITS));
   }
 
   /**
@@ -92,44 +109,66 @@ export class FileBitmapStore implements BitmapStore {
   static async open(
     path: string,
     geometry: { clusterSize: number; clusters: number; mirrors: number },
+    log?: { warn(obj: object, msg: string): void },
   ): Promise<{ store: FileBitmapStore; loaded: Uint8Array[] | null }> {
     const { clusterSize, clusters, mirrors } = geometry;
     const bytes = Math.ceil(clusters / 8);
-    const stride = Math.ceil(bytes / PAGE) * PAGE;
     const exists = fs.existsSync(path);
+    if (exists) migrateV1(path);
     const fd = fs.openSync(path, exists ? 'r+' : 'w+');
     try {
       if (exists) {
-        const h = Buffer.alloc(20);
-        fs.readSync(fd, h, 0, 20, 0);
-        if (!h.subarray(0, 8).equals(MAGIC)) throw new Error(`${path} is not a blockmirror bitmap`);
-        const [cs, n, m] = [h.readUInt32LE(8), h.readUInt32LE(12), h.readUInt32LE(16)];
-        if (cs !== clusterSize || n !== clusters || m !== mirrors) {
-          throw new Error(
-            `${path} was made for clusterSize ${cs}, ${n} clusters, ${m} mirrors; the config now says ${clusterSize}, ${clusters}, ${mirrors} (move the file away to start a full copy)`,
+        const h = Buffer.alloc(HEADER_FORMAT.size);
+        const n = fs.readSync(fd, h, 0, h.length, 0);
+        const head = HEADER_FORMAT.decode(path, h.subarray(0, n));
+        if (head.clusterSize !== clusterSize || head.clusters !== clusters || head.mirrors !== mirrors || head.pageSize !== PAGE) {
+          throw new FormatError(
+            path,
+            `was made for clusterSize ${head.clusterSize}, ${head.clusters} clusters, ${head.mirrors} mirrors; the config now says ${clusterSize}, ${clusters}, ${mirrors} (move the file away to start a full copy)`,
           );
         }
-        const images = Array.from({ length: mirrors }, (_, i) => {
-          const img = new Uint8Array(bytes);
-          fs.readSync(fd, img, 0, bytes, HEADER + i * stride);
-          return img;
-        });
-        return { store: new FileBitmapStore(fd, clusters, mirrors, images), loaded: images.map((i) => i.slice()) };
+        const store = new FileBitmapStore(fd, clusters, mirrors, Array.from({ length: mirrors }, () => new Uint8Array(bytes)));
+        const bad = store.load();
+        if (bad.length > 0) {
+          log?.warn({ file: path, pages: bad }, `${path}: ${bad.length} bitmap page(s) failed their checksum (a write torn by a crash?); their clusters will be resynced`);
+          for (const p of bad) store.dirty.add(p);
+        }
+        return { store, loaded: store.images.map((i) => i.slice()) };
       }
-      const h = Buffer.alloc(HEADER);
-      MAGIC.copy(h, 0);
-      h.writeUInt32LE(clusterSize, 8);
-      h.writeUInt32LE(clusters, 12);
-      h.writeUInt32LE(mirrors, 16);
-      fs.writeSync(fd, h, 0, HEADER, 0);
-      fs.ftruncateSync(fd, HEADER + mirrors * stride);
+      const page0 = Buffer.alloc(HEADER);
+      HEADER_FORMAT.encode({ clusterSize, clusters, mirrors, pageSize: PAGE }).copy(page0);
+      fs.writeSync(fd, page0, 0, HEADER, 0);
+      const store = new FileBitmapStore(fd, clusters, mirrors, Array.from({ length: mirrors }, () => new Uint8Array(bytes)));
+      // Every page written once, with its checksum: an all-zero page would not pass it.
+      for (let p = 1; p <= mirrors * store.pagesPerMirror; p++) fs.writeSync(fd, store.pageBytes(p), 0, PAGE, p * PAGE);
       fs.fdatasyncSync(fd);
-      const images = Array.from({ length: mirrors }, () => new Uint8Array(bytes));
-      return { store: new FileBitmapStore(fd, clusters, mirrors, images), loaded: null };
+      return { store, loaded: null };
     } catch (e) {
       fs.closeSync(fd);
       throw e;
     }
+  }
+
+  /** Read every page into the images; a page that fails its checksum reads as all "may differ". Returns those pages. */
+  private load(): number[] {
+    const bad: number[] = [];
+    const buf = Buffer.alloc(PAGE);
+    for (let p = 1; p <= this.mirrors * this.pagesPerMirror; p++) {
+      const n = fs.readSync(this.fd, buf, 0, PAGE, p * PAGE);
+      const { m, off } = this.locate(p);
+      const img = this.images[m]!;
+      const end = Math.min(img.length, off + BITS);
+      const ok = n === PAGE && buf.readUInt32LE(BITS) === p && buf.readUInt32LE(BITS + 4) === crc(buf.subarray(0, BITS + 4));
+      if (ok) img.set(buf.subarray(0, end - off), off);
+      else {
+        img.fill(0xff, off, end);
+        bad.push(p);
+      }
+    }
+    // Bits past the last cluster stay clear, whatever a bad page said.
+    const tail = this.clusters & 7;
+    if (tail) for (const img of this.images) if (img.length > 0) img[img.length - 1]! &= (1 << tail) - 1;
+    return bad;
   }
 
   image(m: number): Uint8Array {
@@ -174,7 +213,13 @@ export class FileBitmapStore implements BitmapStore {
   }
 
   private pageOf(m: number, byteIndex: number): number {
-    return (HEADER + m * this.stride + byteIndex) >>> 12;
+    return 1 + m * this.pagesPerMirror + Math.floor(byteIndex / BITS);
+  }
+
+  /** Which mirror's bitset a file page holds, and at which byte of it. */
+  private locate(p: number): { m: number; off: number } {
+    const m = Math.floor((p - 1) / this.pagesPerMirror);
+    return { m, off: ((p - 1) % this.pagesPerMirror) * BITS };
   }
 
   // A bit set by a writer whose commit is still running must not be reported
@@ -225,15 +270,60 @@ export class FileBitmapStore implements BitmapStore {
     }
   }
 
-  /** Current contents of one file page, taken from the in-memory images. */
+  /** Current contents of one file page, taken from the in-memory images, with its number and checksum. */
   private pageBytes(p: number): Buffer {
     const buf = Buffer.alloc(PAGE);
-    const pos = p * PAGE - HEADER;
-    const m = Math.floor(pos / this.stride);
-    const off = pos - m * this.stride;
+    const { m, off } = this.locate(p);
     const img = this.images[m]!;
-    const end = Math.min(img.length, off + PAGE);
-    if (off < img.length) buf.set(img.subarray(off, end), 0);
+    if (off < img.length) buf.set(img.subarray(off, Math.min(img.length, off + BITS)), 0);
+    buf.writeUInt32LE(p, BITS);
+    buf.writeUInt32LE(crc(buf.subarray(0, BITS + 4)), BITS + 4);
     return buf;
   }
+}
+
+/**
+ * Format 1 ("BMBITMP1": a bare header, bitsets at 4096 + m * stride, no checksums) becomes
+ * format 2 in place: read the bits, write a new file beside it, rename over it.
+ */
+function migrateV1(path: string): void {
+  const fd = fs.openSync(path, 'r');
+  let images: Uint8Array[];
+  let geometry: { clusterSize: number; clusters: number; mirrors: number };
+  try {
+    const h = Buffer.alloc(20);
+    if (fs.readSync(fd, h, 0, 20, 0) < 20 || !h.subarray(0, 8).equals(V1_MAGIC)) return;
+    geometry = { clusterSize: h.readUInt32LE(8), clusters: h.readUInt32LE(12), mirrors: h.readUInt32LE(16) };
+    const bytes = Math.ceil(geometry.clusters / 8);
+    const stride = Math.ceil(bytes / PAGE) * PAGE;
+    images = Array.from({ length: geometry.mirrors }, (_, i) => {
+      const img = new Uint8Array(bytes);
+      fs.readSync(fd, img, 0, bytes, HEADER + i * stride);
+      return img;
+    });
+  } finally {
+    fs.closeSync(fd);
+  }
+  const tmp = `${path}.v2`;
+  const out = fs.openSync(tmp, 'w');
+  try {
+    const page0 = Buffer.alloc(HEADER);
+    HEADER_FORMAT.encode({ ...geometry, pageSize: PAGE }).copy(page0);
+    fs.writeSync(out, page0, 0, HEADER, 0);
+    const perMirror = Math.max(1, Math.ceil(Math.ceil(geometry.clusters / 8) / BITS));
+    for (let m = 0; m < geometry.mirrors; m++) {
+      for (let k = 0; k < perMirror; k++) {
+        const p = 1 + m * perMirror + k;
+        const buf = Buffer.alloc(PAGE);
+        buf.set(images[m]!.subarray(k * BITS, Math.min(images[m]!.length, (k + 1) * BITS)), 0);
+        buf.writeUInt32LE(p, BITS);
+        buf.writeUInt32LE(crc(buf.subarray(0, BITS + 4)), BITS + 4);
+        fs.writeSync(out, buf, 0, PAGE, p * PAGE);
+      }
+    }
+    fs.fdatasyncSync(out);
+  } finally {
+    fs.closeSync(out);
+  }
+  fs.renameSync(tmp, path);
 }

@@ -49,7 +49,7 @@ export class LocalPair implements PairController {
     let store: BitmapStore;
     let loaded: Uint8Array[] | null = null;
     if (ctx.dir) {
-      const opened = await FileBitmapStore.open(path.join(ctx.dir, `${spec.name}.bitmap`), { clusterSize: ctx.clusterSize, clusters, mirrors: mirrors.length });
+      const opened = await FileBitmapStore.open(path.join(ctx.dir, `${spec.name}.bitmap`), { clusterSize: ctx.clusterSize, clusters, mirrors: mirrors.length }, ctx.log);
       store = opened.store;
       loaded = opened.loaded;
     } else store = new MemoryBitmapStore(clusters, mirrors.length);

@@ -178,7 +178,7 @@ export class StorageSystem implements AdminTarget {
         daemon: this.daemon,
         openStore: async (slots) => {
           if (!dir) return { store: new MemoryBitmapStore(clusters(size), slots), loaded: null };
-          return FileBitmapStore.open(path.join(dir, `${p.name}.bitmap`), { clusterSize: spec.clusterSize, clusters: clusters(size), mirrors: slots });
+          return FileBitmapStore.open(path.join(dir, `${p.name}.bitmap`), { clusterSize: spec.clusterSize, clusters: clusters(size), mirrors: slots }, this.log);
         },
         ...(dir ? { generationFile: path.join(dir, `${p.name}.generation.json`), statePath: path.join(dir, `${p.name}.state.json`) } : {}),
         ...(this.onSuspend ? { onSuspend: this.onSuspend } : {}),
