@@ -126,3 +126,95 @@ describe('bitmap files', () => {
     expect(fs.readFileSync(bitmap, 'utf8')).toBe('hello, I am a text file and not a bitmap\n');
   });
 });
+
+describe('pair records', () => {
+  it('read the records of older versions, and refuse a damaged, invalid or future one with what to do', async () => {
+    const { readGeneration, readPairState, saveGeneration } = await import('../src/controller/pair-files.js');
+    const dir = tmpDir('bm-rec-');
+    const gen = path.join(dir, 'p.generation.json');
+    fs.writeFileSync(gen, '{"epoch":3,"master":2}\n');
+    expect(readGeneration(gen)).toEqual({ epoch: 3, master: 2 });
+    saveGeneration(gen, { epoch: 4, master: 1, initialCopy: true });
+    expect(JSON.parse(fs.readFileSync(gen, 'utf8'))).toEqual({ version: 1, epoch: 4, master: 1, initialCopy: true });
+    expect(readGeneration(gen)).toEqual({ epoch: 4, master: 1, initialCopy: true });
+    fs.writeFileSync(gen, '{"epoch":3,"mas');
+    expect(() => readGeneration(gen)).toThrow(`${gen}: the generation record is not JSON (damaged?); move it away only if you know the pair's state, then restart`);
+    fs.writeFileSync(gen, '{"epoch":0,"master":2}');
+    expect(() => readGeneration(gen)).toThrow(/is not a valid generation record \(epoch: Too small/);
+    fs.writeFileSync(gen, '{"version":9,"epoch":1,"master":2}');
+    expect(() => readGeneration(gen)).toThrow(`${gen}: is a generation record of format version 9, newer than this blockmirror reads (1); run a newer blockmirror`);
+    const state = path.join(dir, 'p.state.json');
+    fs.writeFileSync(state, '{"state":"PSUS"}');
+    expect(readPairState(state)).toBe('PSUS');
+    fs.writeFileSync(state, '{"state":"SPLIT"}');
+    expect(() => readPairState(state)).toThrow(/is not a valid pair state record/);
+    expect(readPairState(path.join(dir, 'absent.json'))).toBeUndefined();
+  });
+});
+
+describe('CFS metadata files', () => {
+  async function stored(dir: string) {
+    const { JournalStore } = await import('../src/cfs/journal.js');
+    const { Namespace } = await import('../src/cfs/namespace.js');
+    const ns = new Namespace(65536);
+    const store = await JournalStore.open(dir, await JournalStore.load(dir), () => ns.snapshot());
+    const body = { t: 'mkdir' as const, parent: 1, name: 'd', ino: 2, mtime: 1 };
+    ns.apply(body);
+    store.append(body);
+    await store.sync();
+    await store.close();
+    // Reopening compacts the record into the snapshot.
+    const again = await JournalStore.open(dir, await JournalStore.load(dir), () => ns.snapshot());
+    await again.close();
+    return { JournalStore, Namespace };
+  }
+
+  it('refuse a damaged snapshot, a foreign journal and a journal from a newer blockmirror', async () => {
+    const dir = tmpDir('bm-cfsfmt-');
+    const { JournalStore, Namespace } = await stored(dir);
+    const state = await JournalStore.load(dir);
+    expect(Namespace.fromSnapshot(state.snapshot!, 65536).resolve('/d')).toMatchObject({ ino: 2 });
+    const snap = path.join(dir, 'snapshot');
+    const good = fs.readFileSync(snap);
+    const bad = Buffer.from(good);
+    bad[bad.length - 3] ^= 0x20;
+    fs.writeFileSync(snap, bad);
+    await expect(JournalStore.load(dir)).rejects.toThrow(`${snap}: the CFS snapshot's body (${good.length - 32} of ${good.length - 32} bytes) fails its checksum: the file is damaged; restore it from a backup`);
+    fs.writeFileSync(snap, good);
+    const journal = path.join(dir, 'journal');
+    const j = fs.readFileSync(journal);
+    j.writeUInt16LE(7, 8);
+    fs.writeFileSync(journal, j);
+    await expect(JournalStore.load(dir)).rejects.toThrow(`${journal}: is a CFS journal of format version 7, newer than this blockmirror reads (1); run a newer blockmirror`);
+    fs.writeFileSync(journal, 'BMBITMP2 is a bitmap, not a journal');
+    await expect(JournalStore.load(dir)).rejects.toThrow(/is not a blockmirror CFS journal/);
+  });
+
+  it('reads a first-format snapshot.json and journal, and rewrites them in the current format', async () => {
+    const dir = tmpDir('bm-cfsold-');
+    const { Namespace } = await import('../src/cfs/namespace.js');
+    const { JournalStore } = await import('../src/cfs/journal.js');
+    const ns = new Namespace(65536);
+    ns.apply({ t: 'mkdir', parent: 1, name: 'old', ino: 2, mtime: 1 });
+    fs.writeFileSync(path.join(dir, 'snapshot.json'), JSON.stringify({ ...ns.snapshot(), seq: 1 }));
+    // One first-format frame: u32 length, u32 CRC-32 (zlib), JSON.
+    const rec = Buffer.from(JSON.stringify({ t: 'mkdir', parent: 1, name: 'newer', ino: 3, mtime: 2, seq: 2 }));
+    const { crc32 } = await import('node:zlib');
+    const frame = Buffer.alloc(8);
+    frame.writeUInt32LE(rec.length, 0);
+    frame.writeUInt32LE(crc32(rec) >>> 0, 4);
+    fs.writeFileSync(path.join(dir, 'journal'), Buffer.concat([frame, rec]));
+    const state = await JournalStore.load(dir);
+    expect(state.legacy).toBe(true);
+    const loaded = Namespace.fromSnapshot(state.snapshot!, 65536);
+    for (const r of state.records) loaded.apply(r);
+    expect(loaded.resolve('/newer')).toMatchObject({ ino: 3 });
+    const store = await JournalStore.open(dir, state, () => loaded.snapshot());
+    await store.close();
+    expect(fs.existsSync(path.join(dir, 'snapshot.json'))).toBe(false);
+    expect(fs.readFileSync(path.join(dir, 'snapshot')).subarray(0, 8).toString()).toBe('BMCFSSNP');
+    expect(fs.readFileSync(path.join(dir, 'journal')).subarray(0, 8).toString()).toBe('BMCFSJNL');
+    const after = await JournalStore.load(dir);
+    expect(Namespace.fromSnapshot(after.snapshot!, 65536).resolve('/old')).toMatchObject({ ino: 2 });
+  });
+});

@@ -1,8 +1,15 @@
 // The metadata store: a snapshot plus a journal of the records applied since, in cfs.dataDir.
 //
-//   snapshot.json   the whole namespace as of record `seq`; replaced atomically
-//                   (write snapshot.json.tmp, fsync, rename, fsync the directory)
-//   journal         frames appended since, each   u32le length | u32le crc32 | JSON record
+//   snapshot        the whole namespace as of record `seq`; replaced atomically
+//                   (write snapshot.tmp, fsync, rename, fsync the directory)
+//                     header (util/format.ts): "BMCFSSNP" v1, seq u64, body bytes u32,
+//                     body CRC32C u32, header CRC32C; then the body: the namespace as JSON
+//   journal         header: "BMCFSJNL" v1, header CRC32C; then the frames appended since,
+//                   each   u32le length | u32le CRC32C of the record | JSON record
+//
+// A snapshot or journal header that is damaged, foreign or from a newer blockmirror stops the
+// server at start with one line (FormatError). Files of the first format (snapshot.json, a
+// journal without a header, CRC-32 frames) are read once and rewritten in this one.
 //
 // Durability: append() numbers a record and queues it; one writer loop writes whatever is queued in
 // one write() and fdatasync()s it (group commit), so concurrent requests share an fsync. sync(seq)
@@ -16,18 +23,35 @@
 // state (which includes every record appended so far, written or not) and empties the journal.
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import * as BL from 'buffer-layout';
+import { FileFormat, FormatError, crc } from '../util/format.js';
 import type { JournalRecord, NamespaceSnapshot, RecordBody } from './namespace.js';
 
-const SNAPSHOT = 'snapshot.json';
+const SNAPSHOT = 'snapshot';
+const LEGACY_SNAPSHOT = 'snapshot.json';
 const JOURNAL = 'journal';
 const COMPACT_BYTES = 8 * 1024 * 1024;
-const FRAME_HEADER = 8;
+
+interface SnapshotHeader {
+  seq: number;
+  bodyBytes: number;
+  bodyCrc: number;
+}
+const SNAPSHOT_FORMAT = new FileFormat<SnapshotHeader>('CFS snapshot', 'BMCFSSNP', 1, [BL.nu64('seq'), BL.u32('bodyBytes'), BL.u32('bodyCrc')]);
+const JOURNAL_FORMAT = new FileFormat<Record<string, never>>('CFS journal', 'BMCFSJNL', 1, []);
+/** Bytes of the journal's header: a journal holding no record is this long. */
+export const JOURNAL_HEADER = JOURNAL_FORMAT.size;
+/** Each record: its length and checksum, then the record. */
+const FRAME = BL.struct<{ length: number; crc: number }>([BL.u32('length'), BL.u32('crc')]);
+const FRAME_HEADER = FRAME.span;
 
 export interface StoredState {
   snapshot?: NamespaceSnapshot;
   records: JournalRecord[];
   /** Bytes cut from a torn journal tail; 0 for a clean one. */
   tornBytes: number;
+  /** Read from files of the first format: open() rewrites them in this one. */
+  legacy?: boolean;
 }
 
 export interface MetadataStore {
@@ -82,44 +106,47 @@ export class JournalStore implements MetadataStore {
   static async load(dir: string): Promise<StoredState> {
     await fs.mkdir(dir, { recursive: true });
     await fs.rm(path.join(dir, `${SNAPSHOT}.tmp`), { force: true });
-    let snapshot: (NamespaceSnapshot & { seq: number }) | undefined;
-    try {
-      snapshot = JSON.parse(await fs.readFile(path.join(dir, SNAPSHOT), 'utf8')) as NamespaceSnapshot & { seq: number };
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw new Error(`${path.join(dir, SNAPSHOT)}: ${(e as Error).message}`);
-    }
-    const after = snapshot?.seq ?? 0;
+    const found = (await readSnapshot(path.join(dir, SNAPSHOT))) ?? (await readLegacySnapshot(path.join(dir, LEGACY_SNAPSHOT)));
+    const { legacy: legacySnapshot, ...snapshot } = found ?? { legacy: false };
+    const after = found ? found.seq : 0;
+    const file = path.join(dir, JOURNAL);
     let buf: Buffer;
     try {
-      buf = await fs.readFile(path.join(dir, JOURNAL));
+      buf = await fs.readFile(file);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
       buf = Buffer.alloc(0);
     }
-    const records: JournalRecord[] = [];
+    // A journal of the first format has no header and CRC-32 frames; an empty one is new.
+    const legacy = buf.length > 0 && !JOURNAL_FORMAT.matches(buf);
     let at = 0;
+    if (buf.length > 0 && !legacy) {
+      JOURNAL_FORMAT.decode(file, buf.subarray(0, JOURNAL_FORMAT.size));
+      at = JOURNAL_FORMAT.size;
+    }
+    const check = legacy ? legacyCrc32 : crc;
+    const records: JournalRecord[] = [];
     let last = after;
     while (at + FRAME_HEADER <= buf.length) {
-      const len = buf.readUInt32LE(at);
-      const crc = buf.readUInt32LE(at + 4);
-      if (at + FRAME_HEADER + len > buf.length) break;
-      const payload = buf.subarray(at + FRAME_HEADER, at + FRAME_HEADER + len);
-      if (crc32(payload) !== crc) break;
+      const frame = FRAME.decode(buf, at);
+      if (at + FRAME_HEADER + frame.length > buf.length) break;
+      const payload = buf.subarray(at + FRAME_HEADER, at + FRAME_HEADER + frame.length);
+      if (check(payload) !== frame.crc) break;
       let rec: JournalRecord;
       try {
         rec = JSON.parse(payload.toString('utf8')) as JournalRecord;
       } catch {
         break;
       }
-      at += FRAME_HEADER + len;
+      at += FRAME_HEADER + frame.length;
       if (rec.seq <= after) continue; // already in the snapshot (a crash between snapshot and truncation)
-      if (rec.seq !== last + 1) throw new Error(`${path.join(dir, JOURNAL)}: record ${rec.seq} follows ${last}`);
+      if (rec.seq !== last + 1) throw new FormatError(file, `record ${rec.seq} follows ${last}: the journal does not belong to this snapshot; move both away only if you accept losing the CFS metadata`);
       records.push(rec);
       last = rec.seq;
     }
     const torn = buf.length - at;
     if (torn > 0) {
-      const fh = await fs.open(path.join(dir, JOURNAL), 'r+');
+      const fh = await fs.open(file, 'r+');
       try {
         await fh.truncate(at);
         await fh.datasync();
@@ -127,7 +154,7 @@ export class JournalStore implements MetadataStore {
         await fh.close();
       }
     }
-    return { ...(snapshot ? { snapshot } : {}), records, tornBytes: torn };
+    return { ...(found ? { snapshot: snapshot as NamespaceSnapshot & { seq: number } } : {}), records, tornBytes: torn, ...(legacy || legacySnapshot ? { legacy: true } : {}) };
   }
 
   /** Open for appending after load(); `snapshotOf` gives the state to compact into. */
@@ -136,10 +163,17 @@ export class JournalStore implements MetadataStore {
     const fh = await fs.open(file, 'a');
     await fsyncDir(dir); // the journal's directory entry, if it was just created
     const last = state.records.length ? state.records[state.records.length - 1]!.seq : ((state.snapshot as { seq?: number } | undefined)?.seq ?? 0);
-    const { size } = await fh.stat();
+    let { size } = await fh.stat();
+    if (size === 0) {
+      await fh.write(JOURNAL_FORMAT.encode({}));
+      await fh.datasync();
+      size = JOURNAL_FORMAT.size;
+    }
     const store = new JournalStore(dir, fh, last, size, snapshotOf);
-    // Replay is bounded by compacting at start-up whatever the journal holds.
-    if (state.records.length > 0) await store.compact();
+    // Replay is bounded by compacting at start-up whatever the journal holds; files of the first
+    // format are rewritten in this one the same way.
+    if (state.records.length > 0 || state.legacy) await store.compact();
+    await fs.rm(path.join(dir, LEGACY_SNAPSHOT), { force: true });
     return store;
   }
 
@@ -148,8 +182,7 @@ export class JournalStore implements MetadataStore {
     const rec = { ...body, seq: ++this.seq } as JournalRecord;
     const payload = Buffer.from(JSON.stringify(rec));
     const frame = Buffer.allocUnsafe(FRAME_HEADER + payload.length);
-    frame.writeUInt32LE(payload.length, 0);
-    frame.writeUInt32LE(crc32(payload), 4);
+    FRAME.encode({ length: payload.length, crc: crc(payload) }, frame, 0);
     payload.copy(frame, FRAME_HEADER);
     this.queue.push({ seq: rec.seq, frame });
     if (!this.writing) void this.writeLoop();
@@ -196,11 +229,11 @@ export class JournalStore implements MetadataStore {
   /** Snapshot the current state (every record appended so far) and empty the journal. */
   private async compact(): Promise<void> {
     const seq = this.seq;
-    const text = JSON.stringify({ ...this.snapshotOf(), seq });
+    const body = Buffer.from(JSON.stringify({ ...this.snapshotOf(), seq }));
     const tmp = path.join(this.dir, `${SNAPSHOT}.tmp`);
     const fh = await fs.open(tmp, 'w');
     try {
-      await fh.writeFile(text);
+      await fh.writeFile(Buffer.concat([SNAPSHOT_FORMAT.encode({ seq, bodyBytes: body.length, bodyCrc: crc(body) }), body]));
       await fh.sync();
     } finally {
       await fh.close();
@@ -211,8 +244,9 @@ export class JournalStore implements MetadataStore {
     this.queue = this.queue.filter((q) => q.seq > seq);
     this.settle(seq);
     await this.fh.truncate(0);
+    await this.fh.write(JOURNAL_FORMAT.encode({}));
     await this.fh.datasync();
-    this.journalBytes = 0;
+    this.journalBytes = JOURNAL_FORMAT.size;
   }
 
   private settle(seq: number): void {
@@ -242,8 +276,42 @@ const CRC_TABLE = (() => {
   return t;
 })();
 
-/** CRC-32 (IEEE), as zlib computes it. */
-export function crc32(data: Uint8Array): number {
+async function readSnapshot(file: string): Promise<(NamespaceSnapshot & { seq: number; legacy?: boolean }) | undefined> {
+  let buf: Buffer;
+  try {
+    buf = await fs.readFile(file);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw new FormatError(file, `cannot read the CFS snapshot: ${(e as Error).message}`, { cause: e });
+  }
+  const head = SNAPSHOT_FORMAT.decode(file, buf);
+  const body = buf.subarray(SNAPSHOT_FORMAT.size);
+  if (body.length !== head.bodyBytes || crc(body) !== head.bodyCrc) {
+    throw new FormatError(file, `the CFS snapshot's body (${body.length} of ${head.bodyBytes} bytes) fails its checksum: the file is damaged; restore it from a backup`);
+  }
+  const snap = JSON.parse(body.toString('utf8')) as NamespaceSnapshot & { seq: number };
+  if (snap.seq !== head.seq) throw new FormatError(file, `the CFS snapshot's header says record ${head.seq} but its body says ${snap.seq}: the file is damaged`);
+  return snap;
+}
+
+/** snapshot.json of the first format: plain JSON. */
+async function readLegacySnapshot(file: string): Promise<(NamespaceSnapshot & { seq: number; legacy: boolean }) | undefined> {
+  let text: string;
+  try {
+    text = await fs.readFile(file, 'utf8');
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw new FormatError(file, `cannot read the CFS snapshot: ${(e as Error).message}`, { cause: e });
+  }
+  try {
+    return { ...(JSON.parse(text) as NamespaceSnapshot & { seq: number }), legacy: true };
+  } catch {
+    throw new FormatError(file, 'the CFS snapshot (first format) is not JSON: the file is damaged; restore it from a backup');
+  }
+}
+
+/** CRC-32 (IEEE), as zlib computes it: the frames of a first-format journal. */
+function legacyCrc32(data: Uint8Array): number {
   let c = 0xffffffff;
   for (let i = 0; i < data.length; i++) c = CRC_TABLE[(c ^ data[i]!) & 0xff]! ^ (c >>> 8);
   return (c ^ 0xffffffff) >>> 0;

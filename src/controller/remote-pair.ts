@@ -22,7 +22,7 @@ import { BlockDeviceError, payloadLength, toBlockDeviceError, type BlockDevice, 
 import { connect, type NbdClient } from '../nbd/client.js';
 import type { ExportTable } from '../nbd/exports.js';
 import { ClusterBitmap, clusterRange } from './bitmap.js';
-import { atomicWrite, readPairState, savePairState } from './pair-files.js';
+import { readGeneration, readPairState, saveGeneration, savePairState, type Generation } from './pair-files.js';
 import { markRuns, type BitmapStore } from './bitmap-store.js';
 import { Pair, PairStateError, hashClusters, type FenceLevel, type PairSpec, type RemotePort } from './pair.js';
 import type { PeerLink, PeerMessage } from './peer-link.js';
@@ -38,14 +38,7 @@ export interface RemotePairSpec extends PairSpec {
   autoResync: boolean;
 }
 
-/** The persisted generation record of a pair on one storage system. */
-export interface Generation {
-  epoch: number;
-  /** Storage system whose copy is the master in this epoch. */
-  master: number;
-  /** A new pair whose mirror may hold anything: the first session copies everything. */
-  initialCopy?: boolean;
-}
+export type { Generation } from './pair-files.js';
 
 export interface RemotePairContext {
   self: number;
@@ -534,14 +527,11 @@ export class RemotePair implements PairController {
   // ---- persistence ----
 
   private readGeneration(): Generation | undefined {
-    const f = this.ctx.generationFile;
-    if (!f || !fs.existsSync(f)) return undefined;
-    const g = JSON.parse(fs.readFileSync(f, 'utf8')) as Generation;
-    return Number.isInteger(g.epoch) && Number.isInteger(g.master) ? g : undefined;
+    return readGeneration(this.ctx.generationFile);
   }
 
   private saveGeneration(): void {
-    if (this.ctx.generationFile) atomicWrite(this.ctx.generationFile, JSON.stringify(this.gen));
+    saveGeneration(this.ctx.generationFile, this.gen);
   }
 
 }
