@@ -117,8 +117,9 @@ export class JournalStore implements MetadataStore {
       if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
       buf = Buffer.alloc(0);
     }
-    // A journal of the first format has no header and CRC-32 frames; an empty one is new.
-    const legacy = buf.length > 0 && !JOURNAL_FORMAT.matches(buf);
+    // A journal of the first format has no header, and starts with a whole CRC-32 frame; an
+    // empty one is new; anything else must carry our header (decode refuses it otherwise).
+    const legacy = buf.length > 0 && !JOURNAL_FORMAT.matches(buf) && startsWithLegacyFrame(buf);
     let at = 0;
     if (buf.length > 0 && !legacy) {
       JOURNAL_FORMAT.decode(file, buf.subarray(0, JOURNAL_FORMAT.size));
@@ -308,6 +309,12 @@ async function readLegacySnapshot(file: string): Promise<(NamespaceSnapshot & { 
   } catch {
     throw new FormatError(file, 'the CFS snapshot (first format) is not JSON: the file is damaged; restore it from a backup');
   }
+}
+
+function startsWithLegacyFrame(buf: Buffer): boolean {
+  if (buf.length < FRAME_HEADER) return false;
+  const { length, crc: stored } = FRAME.decode(buf, 0);
+  return FRAME_HEADER + length <= buf.length && legacyCrc32(buf.subarray(FRAME_HEADER, FRAME_HEADER + length)) === stored;
 }
 
 /** CRC-32 (IEEE), as zlib computes it: the frames of a first-format journal. */
