@@ -17,7 +17,7 @@ export interface LocalPairContext {
   self: number;
   clusterSize: number;
   /** Volume id -> the controller's view of it (cache, faults) and whether this start created it. */
-  volumes: Map<number, { device: BlockDevice; fresh: boolean }>;
+  volumes: Map<number, { device: BlockDevice; createdEmpty: boolean }>;
   daemon: SyncDaemon;
   /** dataDir/pairs, or undefined for a storage system in memory. */
   dir: string | undefined;
@@ -63,7 +63,7 @@ export class LocalPair implements PairController {
       store,
       loaded,
       // Known identical: every volume of the pair was created empty by this start.
-      identical: master.fresh && mirrors.every((m) => m.fresh),
+      identical: master.createdEmpty && mirrors.every((m) => m.createdEmpty),
       initialState: readPairState(statePath),
       syncRate: spec.syncRate,
       ...(spec.fence ? { fence: spec.fence } : {}),

@@ -28,8 +28,9 @@ import {
 import { LocalPair } from './local-pair.js';
 import type { PairSpec } from './pair.js';
 import type { PairController } from './pair-controller.js';
-import { PeerLink, PeerServer } from './peer-link.js';
-import { RemotePair, type RemotePairSpec } from './remote-pair.js';
+import { PeerLink, PeerServer } from './peer/link.js';
+import { OPS, type Op, type RequestOf } from './peer/messages.js';
+import { RemotePair, type RemotePairSpec } from './remote/remote-pair.js';
 import { PairCommandError, type AdminTarget, type PairBitmap, type PairStatus, type TargetMetrics, type SSReport, type VolRef } from './status.js';
 import { SyncDaemon } from './sync-daemon.js';
 import { buildHostStack, closeVolumeStack, openVolumeStack, type VolumeStack } from './volume-stack.js';
@@ -116,7 +117,7 @@ export class StorageSystem implements AdminTarget {
 
     // The volume stacks (volume-stack.ts): bottom halves first, as the pairs write through them.
     for (const v of spec.volumes) this.volumes.set(v.id, await openVolumeStack(spec.id, v, { ...(spec.dataDir ? { dataDir: spec.dataDir } : {}), ...(this.cache ? { cache: this.cache } : {}) }));
-    const views = new Map([...this.volumes.values()].map((v) => [v.id, { device: v.device, fresh: v.createdEmpty }]));
+    const views = new Map([...this.volumes.values()].map((v) => [v.id, { device: v.device, createdEmpty: v.createdEmpty }]));
 
     for (const p of spec.pairs) this.addPair(new LocalPair(p, { self: spec.id, clusterSize: spec.clusterSize, volumes: views, daemon: this.daemon, dir, log: this.log }));
     for (const p of this.openLinks()) this.addPair(p);
@@ -153,13 +154,13 @@ export class StorageSystem implements AdminTarget {
       nbd.set(peer.id, peer.nbd);
       const link = new PeerLink({ self: spec.id, peer: peer.id, address: peer.peer, timeoutMs, log: this.log });
       this.links.set(peer.id, link);
-      for (const op of ['attach', 'swap', 'snapshot', 'bits', 'state', 'resync', 'hashes']) {
-        link.onRequest(op, (msg) => {
-          const rp = remotes.get(String(msg.pair));
-          if (!rp || !rp.copies.some((c) => c.ss === peer.id)) throw new Error(`storage system ${spec.id} has no pair ${String(msg.pair)} shared with storage system ${peer.id}`);
-          return rp.handle(peer.id, msg);
+      const route = <K extends Op>(op: K) =>
+        link.onRequest(op, (body: RequestOf<K>) => {
+          const rp = remotes.get(body.pair);
+          if (!rp || !rp.copies.some((c) => c.ss === peer.id)) throw new Error(`storage system ${spec.id} has no pair ${body.pair} shared with storage system ${peer.id}`);
+          return rp.handle(peer.id, op, body);
         });
-      }
+      for (const op of OPS) route(op);
     }
     const dir = spec.dataDir ? path.join(spec.dataDir, 'pairs') : undefined;
     const clusters = (size: number) => Math.ceil(size / spec.clusterSize);
@@ -171,7 +172,7 @@ export class StorageSystem implements AdminTarget {
         self: spec.id,
         clusterSize: spec.clusterSize,
         peerTimeout: timeoutMs,
-        volumes: new Map(mine.map((r) => [r.vol, { device: this.volumes.get(r.vol)!.device, fresh: this.volumes.get(r.vol)!.createdEmpty }])),
+        volumes: new Map(mine.map((r) => [r.vol, { device: this.volumes.get(r.vol)!.device, createdEmpty: this.volumes.get(r.vol)!.createdEmpty }])),
         links: this.links,
         nbd,
         exports: this.nbd.exports,
@@ -358,8 +359,8 @@ export class StorageSystem implements AdminTarget {
     return link;
   }
 
-  private applyLinkFault(_link: PeerLink, _fault: LinkFault | null): void {
-    throw new PairCommandError('refused', 'link faults need the typed peer channel, which is not merged yet');
+  private applyLinkFault(link: PeerLink, fault: LinkFault | null): void {
+    link.setFault(fault);
   }
 
   /** Graceful stop: finish NBD requests, stop the daemon, destage the cache, persist bitmaps. */

@@ -18,6 +18,23 @@ export class ByteQueue {
     this.total += chunk.length;
   }
 
+  /** The big-endian u32 at the front (length >= 4), without taking it. */
+  peekUInt32BE(): number {
+    const first = this.chunks[0]!;
+    if (first.length - this.head >= 4) return first.readUInt32BE(this.head);
+    let v = 0;
+    let ci = 0;
+    let at = this.head;
+    for (let k = 0; k < 4; k++) {
+      while (at >= this.chunks[ci]!.length) {
+        ci++;
+        at = 0;
+      }
+      v = v * 256 + this.chunks[ci]![at++]!;
+    }
+    return v;
+  }
+
   /** Take n bytes (n <= length) as one Buffer: a view when possible, else one exact copy. */
   take(n: number): Buffer {
     if (n === 0) return Buffer.alloc(0);

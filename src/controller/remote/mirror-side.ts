@@ -1,0 +1,267 @@
+// Mirror side of a pair across storage systems: this storage system holds a mirror of a master
+// elsewhere. It keeps:
+//   - the replica: the master's bitmap for this copy, as last told over the control channel,
+//     trusted only while a session is up and the master was heard within half the peer timeout;
+//   - the replication export that takes the master's writes, open only to this session's token;
+//   - a sync client that reads Invalid clusters from the master (Kodama's Data Read module);
+//   - the host-facing device: Check Invalid against the replica, fall back to the master.
+import { randomBytes } from 'node:crypto';
+import { FilterDevice } from '../../blockdev/filter.js';
+import { BlockDeviceError, payloadLength, toBlockDeviceError, type BlockDevice, type Extent, type Payload, type ZeroOptions } from '../../blockdev/types.js';
+import { connect, type NbdClient } from '../../nbd/client.js';
+import { ClusterBitmap, clusterRange } from '../bitmap.js';
+import type { BitmapStore } from '../bitmap-store.js';
+import { hashClusters } from '../pair.js';
+import type { PeerLink } from '../peer/link.js';
+import type { Op, RequestOf, ResponseOf } from '../peer/messages.js';
+import type { PairState, VolRef } from '../status.js';
+import { b64, fromB64, setBits } from './bits.js';
+import type { RemotePairContext } from './context.js';
+import { linkFaultGate, replicationExport } from './replication-sender.js';
+
+export class MirrorSide {
+  /** The master's bitmap for this copy, as last told; meaningful only while `trustsReplica`. */
+  replica: ClusterBitmap;
+  state: PairState = 'COPY';
+  readonly hostDevice: BlockDevice;
+  private token: string | null = null;
+  private exportName: string | null = null;
+  private session = -1;
+  private fallback: Promise<NbdClient> | null = null;
+  /** Created empty by this start and never written since. */
+  blank: boolean;
+  private closed = false;
+
+  constructor(
+    readonly pairName: string,
+    readonly clusters: number,
+    readonly master: VolRef,
+    readonly mine: VolRef,
+    readonly device: BlockDevice,
+    createdEmpty: boolean,
+    readonly store: BitmapStore,
+    private readonly ctx: RemotePairContext,
+  ) {
+    this.replica = new ClusterBitmap(clusters);
+    this.replica.setAllInvalid();
+    this.blank = createdEmpty && setBits(store.image(0), clusters).length === 0;
+    this.hostDevice = new MirrorHostDevice(this);
+  }
+
+  get link(): PeerLink {
+    return this.ctx.links.get(this.master.ss)!;
+  }
+
+  get clusterSize(): number {
+    return this.ctx.clusterSize;
+  }
+
+  /** The replica can be trusted: a session with the master is up and its lease is live. */
+  get trustsReplica(): boolean {
+    return this.token !== null && this.session === this.link.session && this.link.heardRecently;
+  }
+
+  attach(): ResponseOf<'attach'> {
+    if (this.exportName) this.ctx.exports.remove(this.exportName);
+    this.token = randomBytes(16).toString('hex');
+    this.session = -1;
+    this.exportName = replicationExport(this.mine.vol, this.token);
+    this.ctx.exports.add({ name: this.exportName, description: `replication into ${this.pairName}`, device: new ReplicationTarget(this, this.token), readOnly: false, hidden: true });
+    return { token: this.token, blank: this.blank, dirty: b64(this.store.image(0)) };
+  }
+
+  linkDown(ss: number): void {
+    if (ss !== this.master.ss) return;
+    this.session = -1;
+    this.closeFallback();
+  }
+
+  isCurrent(token: string): boolean {
+    return !this.closed && token === this.token;
+  }
+
+  /** A request of the master's, already checked against its op's schema. */
+  async handle<K extends Op>(op: K, body: RequestOf<K>): Promise<ResponseOf<K>> {
+    return (await this.handleAny(op, body as RequestOf<Op>)) as ResponseOf<K>;
+  }
+
+  private async handleAny(op: Op, body: RequestOf<Op>): Promise<object> {
+    switch (op) {
+      case 'snapshot': {
+        const m = body as RequestOf<'snapshot'>;
+        this.replica = new ClusterBitmap(this.clusters, fromB64(m.bits, this.clusters));
+        this.state = m.state;
+        if (m.clearDirty) {
+          const dirty = setBits(this.store.image(0), this.clusters);
+          if (dirty.length > 0) await this.store.clear(0, dirty);
+        }
+        this.session = this.link.session;
+        return {};
+      }
+      case 'bits': {
+        for (const o of (body as RequestOf<'bits'>).ops) {
+          if (o[0] === 'i') this.replica.setRangeInvalid(o[1], Math.min(o[2], this.clusters - 1));
+          else if (o[1] < this.clusters) this.replica.setValid(o[1]);
+        }
+        return {};
+      }
+      case 'state':
+        this.state = (body as RequestOf<'state'>).state;
+        return {};
+      case 'resync':
+        // From here on host writes are refused; what was written is handed over.
+        this.state = 'COPY';
+        return { dirty: b64(this.store.image(0)) };
+      case 'hashes': {
+        const { first, count } = body as RequestOf<'hashes'>;
+        const offset = first * this.ctx.clusterSize;
+        const length = Math.min(count * this.ctx.clusterSize, this.device.size - offset);
+        if (!(length > 0)) throw new Error(`hashes: bad range ${first}+${count}`);
+        const buf = Buffer.allocUnsafe(length);
+        await this.device.read(offset, buf);
+        return { hashes: hashClusters(buf, this.ctx.clusterSize) };
+      }
+      default:
+        throw new Error(`${this.pairName}: a mirror does not take ${op}`);
+    }
+  }
+
+  /** Read from the master through the sync client (Invalid clusters while the pair is connected). */
+  async readFromMaster(offset: number, dest: Buffer): Promise<void> {
+    const what = `read from the master ss${this.master.ss}/vol${this.master.vol}`;
+    if (this.link.fault) await linkFaultGate(this.link, what);
+    if (!this.fallback) {
+      const addr = this.ctx.nbd.get(this.master.ss)!;
+      this.fallback = connect({ host: addr.host, port: addr.port, exportName: `vol${this.master.vol}`, timeoutMs: this.ctx.peerTimeout });
+      this.fallback.catch(() => (this.fallback = null));
+    }
+    try {
+      const c = await this.fallback;
+      await c.pread(dest, offset);
+    } catch (e) {
+      this.closeFallback();
+      throw toBlockDeviceError(e, what);
+    }
+  }
+
+  private closeFallback(): void {
+    const f = this.fallback;
+    this.fallback = null;
+    if (f) void f.then((c) => c.close()).catch(() => {});
+  }
+
+  close(): void {
+    this.closed = true;
+    if (this.exportName) this.ctx.exports.remove(this.exportName);
+    this.exportName = null;
+    this.token = null;
+    this.closeFallback();
+  }
+
+  get closedNow(): boolean {
+    return this.closed;
+  }
+}
+
+/** The mirror volume as hosts see it: Check Invalid against the replica, fall back to the master. */
+class MirrorHostDevice extends FilterDevice {
+  constructor(private readonly side: MirrorSide) {
+    super(side.device);
+  }
+
+  override get readOnly(): boolean {
+    return this.side.state !== 'PSUS';
+  }
+
+  private check(): void {
+    if (this.side.closedNow) throw new BlockDeviceError('EPERM', 'the volume changed role; reconnect');
+  }
+
+  override async read(offset: number, dest: Buffer): Promise<void> {
+    this.check();
+    const s = this.side;
+    if (s.state !== 'PSUS' && s.trustsReplica) {
+      const [first, last] = clusterRange(offset, dest.length, s.clusterSize);
+      if (s.replica.anyInvalid(first, last)) return s.readFromMaster(offset, dest);
+    }
+    // Split (a point-in-time image), or no master to ask: this copy's own data (status says stale).
+    return s.device.read(offset, dest);
+  }
+
+  private async modify(offset: number, length: number, apply: () => Promise<void>): Promise<void> {
+    this.check();
+    const s = this.side;
+    if (s.state !== 'PSUS') throw new BlockDeviceError('EPERM', `vol${s.mine.vol} is a mirror: read-only unless the pair is split`);
+    const [first, last] = clusterRange(offset, length, s.clusterSize);
+    s.blank = false;
+    await s.store.mark([0], first, last);
+    await apply();
+  }
+
+  override write(offset: number, data: Payload, fua = false): Promise<void> {
+    return this.modify(offset, payloadLength(data), () => this.side.device.write(offset, data, fua));
+  }
+
+  override trim(offset: number, length: number, fua = false): Promise<void> {
+    return this.modify(offset, length, () => this.side.device.trim(offset, length, fua));
+  }
+
+  override zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+    return this.modify(offset, length, () => this.side.device.zero(offset, length, opts));
+  }
+
+  override extents(offset: number, length: number): Promise<Extent[]> {
+    return this.side.device.extents(offset, length);
+  }
+
+  /** A prefetch hint never makes a mirror serve its own Invalid clusters: ignore it. */
+  override async cache(): Promise<void> {}
+}
+
+/** The replication export: the master's session writes here, and only while its token is current. */
+class ReplicationTarget extends FilterDevice {
+  constructor(
+    private readonly side: MirrorSide,
+    private readonly token: string,
+  ) {
+    super(side.device);
+  }
+
+  override get readOnly(): boolean {
+    return false;
+  }
+  override get size(): number {
+    return this.side.device.size;
+  }
+  override get multiConnSafe(): boolean {
+    return true;
+  }
+  override get fastZero(): boolean {
+    return this.side.device.fastZero;
+  }
+
+  protected override get next(): BlockDevice {
+    if (!this.side.isCurrent(this.token)) throw new BlockDeviceError('EPERM', 'this replication session has ended');
+    this.side.blank = false;
+    return this.side.device;
+  }
+
+  override async read(offset: number, dest: Buffer): Promise<void> {
+    return this.next.read(offset, dest);
+  }
+  override async write(offset: number, data: Payload, fua = false): Promise<void> {
+    return this.next.write(offset, data, fua);
+  }
+  override async flush(): Promise<void> {
+    return this.next.flush();
+  }
+  override async trim(offset: number, length: number, fua = false): Promise<void> {
+    return this.next.trim(offset, length, fua);
+  }
+  override async zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+    return this.next.zero(offset, length, opts);
+  }
+  override async extents(offset: number, length: number): Promise<Extent[]> {
+    return this.next.extents(offset, length);
+  }
+}
