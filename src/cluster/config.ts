@@ -10,11 +10,13 @@
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { LineCounter, isMap, isPair, isScalar, isSeq, parseDocument, type Node } from 'yaml';
+import { LineCounter, parseDocument } from 'yaml';
 import * as z from 'zod';
-import { FaultRequestSchema, FaultSpecError, parseByteRange, parseFaultTarget, resolveFault, type FaultRequest } from '../controller/fault-table.js';
+import { FaultRequestSchema, FaultSpecError, parseByteRange, resolveFault, type FaultRequest } from '../controller/fault-table.js';
 import type { PairMode, VolRef } from '../controller/status.js';
 import { formatSize, parseSize } from '../util/size.js';
+import { closest, formatPath, formatProblems, isPlainObject, locate, show, valueAt } from './config-problems.js';
+import { buildCfs, checkCfs, crossCheck } from './config-checks.js';
 
 export interface HostPort {
   host: string;
@@ -126,15 +128,15 @@ export class ConfigError extends Error {
 
 export const DEFAULT_CLUSTER_SIZE = 64 * 1024;
 export const DEFAULT_PEER_TIMEOUT_MS = 5000;
-const MIN_PEER_TIMEOUT_MS = 100;
-const MAX_PEER_TIMEOUT_MS = 10 * 60 * 1000;
-const MIN_CLUSTER_SIZE = 4 * 1024;
-const MAX_CLUSTER_SIZE = 64 * 1024 * 1024;
-const SECTOR = 512;
+export const MIN_PEER_TIMEOUT_MS = 100;
+export const MAX_PEER_TIMEOUT_MS = 10 * 60 * 1000;
+export const MIN_CLUSTER_SIZE = 4 * 1024;
+export const MAX_CLUSTER_SIZE = 64 * 1024 * 1024;
+export const SECTOR = 512;
 /** sun_path is 108 bytes on Linux, including the terminating NUL. */
-const MAX_SOCKET_PATH = 107;
+export const MAX_SOCKET_PATH = 107;
 /** Past this many, the message says "and N more": the first few are what the reader acts on. */
-const MAX_REPORTED = 10;
+export const MAX_REPORTED = 10;
 
 export function loadConfig(file: string): ClusterConfig {
   let text: string;
@@ -190,19 +192,19 @@ export function parseConfig(text: string, source: string, baseDir: string): Clus
 // Pass 2: shape. Leaf values are parsed by plain functions that throw a message; zod carries the
 // structure, the strictness and the key paths.
 
-type Segment = string | number;
-interface RawProblem {
+export type Segment = string | number;
+export interface RawProblem {
   path: Segment[];
   message: string;
   /** For an unknown key: the known key it is probably a typo of. */
   meant?: Segment[];
 }
 
-const MISSING = 'missing required key';
+export const MISSING = 'missing required key';
 
-class LeafError extends Error {}
+export class LeafError extends Error {}
 
-function leaf<T>(parse: (input: unknown) => T) {
+export function leaf<T>(parse: (input: unknown) => T) {
   return z.unknown().transform((input, ctx) => {
     if (input === undefined) {
       ctx.issues.push({ code: 'custom', message: MISSING, input });
@@ -218,21 +220,21 @@ function leaf<T>(parse: (input: unknown) => T) {
   });
 }
 
-function fail(message: string): never {
+export function fail(message: string): never {
   throw new LeafError(message);
 }
 
-function mapping<S extends z.ZodRawShape>(shape: S) {
+export function mapping<S extends z.ZodRawShape>(shape: S) {
   return z.strictObject(shape, { error: (iss) => (iss.input === undefined ? MISSING : `expected a mapping, got ${show(iss.input)}`) });
 }
 
-function list<T extends z.ZodType>(item: T) {
+export function list<T extends z.ZodType>(item: T) {
   return z.array(item, { error: (iss) => (iss.input === undefined ? MISSING : `expected a list, got ${show(iss.input)}`) });
 }
 
-const id = leaf((v) => (Number.isSafeInteger(v) && (v as number) > 0 ? (v as number) : fail(`expected a positive integer, got ${show(v)}`)));
+export const id = leaf((v) => (Number.isSafeInteger(v) && (v as number) > 0 ? (v as number) : fail(`expected a positive integer, got ${show(v)}`)));
 
-function readSize(v: unknown, expected: string): number {
+export function readSize(v: unknown, expected: string): number {
   if (typeof v !== 'number' && typeof v !== 'string') fail(`expected ${expected}, got ${show(v)}`);
   try {
     return parseSize(v);
@@ -241,7 +243,7 @@ function readSize(v: unknown, expected: string): number {
   }
 }
 
-function size(check: (bytes: number, input: string | number) => string | undefined) {
+export function size(check: (bytes: number, input: string | number) => string | undefined) {
   return leaf((v) => {
     const bytes = readSize(v, 'a size such as 512, 64KiB, 1GiB');
     const problem = check(bytes, v as string | number);
@@ -249,27 +251,27 @@ function size(check: (bytes: number, input: string | number) => string | undefin
   });
 }
 
-const volumeSize = size((n, v) => {
+export const volumeSize = size((n, v) => {
   if (n === 0) return 'a volume size must be greater than 0';
   if (n % SECTOR !== 0) return `volume size ${JSON.stringify(v)} is not a multiple of ${SECTOR} bytes`;
   return undefined;
 });
 
-const clusterSize = size((n, v) =>
+export const clusterSize = size((n, v) =>
   n >= MIN_CLUSTER_SIZE && n <= MAX_CLUSTER_SIZE && (n & (n - 1)) === 0
     ? undefined
     : `clusterSize must be a power of two from ${formatSize(MIN_CLUSTER_SIZE)} to ${formatSize(MAX_CLUSTER_SIZE)}, got ${JSON.stringify(v)}`,
 );
 
-const cacheSize = size((n) => (n > 0 ? undefined : 'a cache size must be greater than 0 (leave out cache for none)'));
+export const cacheSize = size((n) => (n > 0 ? undefined : 'a cache size must be greater than 0 (leave out cache for none)'));
 
 /** Bytes per second; "100MiB/s" reads as well as "100MiB". */
-const syncRate = leaf((v) => {
+export const syncRate = leaf((v) => {
   const bytes = readSize(typeof v === 'string' ? v.replace(/\/s\s*$/, '') : v, 'a rate in bytes per second such as 100MiB');
   return bytes > 0 ? bytes : fail('syncRate must be greater than 0 (leave it out for no limit)');
 });
 
-const hostPort = leaf((v): HostPort => {
+export const hostPort = leaf((v): HostPort => {
   const expected = '(expected HOST:PORT or [IPv6]:PORT, e.g. 127.0.0.1:10809)';
   if (typeof v !== 'string') fail(`expected an address HOST:PORT, got ${show(v)} ${expected}`);
   const m = /^(?:\[([^\]]*)\]|([^:[\]]+)):(\d{1,5})$/.exec(v);
@@ -286,7 +288,7 @@ const hostPort = leaf((v): HostPort => {
 });
 
 /** Milliseconds: 5000, "5s", "500ms". */
-const peerTimeout = leaf((v) => {
+export const peerTimeout = leaf((v) => {
   const m = typeof v === 'number' ? [String(v), String(v), 'ms'] : typeof v === 'string' ? /^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$/.exec(v) : null;
   if (!m) fail(`expected a duration such as 5s or 500ms, got ${show(v)}`);
   const ms = Number(m[1]) * (m[2] === 's' ? 1000 : 1);
@@ -296,25 +298,25 @@ const peerTimeout = leaf((v) => {
   return Math.round(ms);
 });
 
-const fence = leaf((v): FenceLevel => (v === 'never' || v === 'data' ? v : fail(`expected never or data, got ${show(v)}`)));
+export const fence = leaf((v): FenceLevel => (v === 'never' || v === 'data' ? v : fail(`expected never or data, got ${show(v)}`)));
 
-const bool = leaf((v) => (typeof v === 'boolean' ? v : fail(`expected true or false, got ${show(v)}`)));
+export const bool = leaf((v) => (typeof v === 'boolean' ? v : fail(`expected true or false, got ${show(v)}`)));
 
-const filePath = leaf((v) => (typeof v === 'string' && v.length > 0 ? v : fail(`expected a path, got ${show(v)}`)));
+export const filePath = leaf((v) => (typeof v === 'string' && v.length > 0 ? v : fail(`expected a path, got ${show(v)}`)));
 
-const mode = leaf((v): PairMode => (v === 'sync' || v === 'async' ? v : fail(`expected sync or async, got ${show(v)}`)));
+export const mode = leaf((v): PairMode => (v === 'sync' || v === 'async' ? v : fail(`expected sync or async, got ${show(v)}`)));
 
 // Pair names appear in admin API URLs (/api/pairs/NAME/split), so keep them URL-safe.
-const pairName = leaf((v) =>
+export const pairName = leaf((v) =>
   typeof v === 'string' && /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(v)
     ? v
     : fail(`expected a pair name (letters, digits, ".", "_" and "-", at most 64), got ${show(v)}`),
 );
 
-const VolRefSchema = mapping({ ss: id, vol: id });
-const VolumeSchema = mapping({ id, size: volumeSize });
-const CacheSchema = mapping({ size: cacheSize });
-const StorageSystemSchema = mapping({
+export const VolRefSchema = mapping({ ss: id, vol: id });
+export const VolumeSchema = mapping({ id, size: volumeSize });
+export const CacheSchema = mapping({ size: cacheSize });
+export const StorageSystemSchema = mapping({
   id,
   nbd: hostPort,
   nbdSocket: filePath.optional(),
@@ -324,7 +326,7 @@ const StorageSystemSchema = mapping({
   cache: CacheSchema.optional(),
   volumes: list(VolumeSchema),
 });
-const PairSchema = mapping({
+export const PairSchema = mapping({
   name: pairName,
   mode,
   master: VolRefSchema,
@@ -335,14 +337,14 @@ const PairSchema = mapping({
   autoFailover: leaf((v) => (typeof v === 'boolean' || v === 'allowDataLoss' ? v : fail(`expected true, false or allowDataLoss, got ${show(v)}`))).optional(),
 });
 // The `cfs:` section (docs/cfs.md). Cross-checks are in checkCfs().
-const DEFAULT_CFS_BLOCK_SIZE = 64 * 1024;
-const cfsBlockSize = size((n, v) =>
+export const DEFAULT_CFS_BLOCK_SIZE = 64 * 1024;
+export const cfsBlockSize = size((n, v) =>
   n >= MIN_CLUSTER_SIZE && n <= MAX_CLUSTER_SIZE && (n & (n - 1)) === 0
     ? undefined
     : `blockSize must be a power of two from ${formatSize(MIN_CLUSTER_SIZE)} to ${formatSize(MAX_CLUSTER_SIZE)}, got ${JSON.stringify(v)}`,
 );
-const cfsFlag = leaf((v) => (typeof v === 'boolean' ? v : fail(`expected true or false, got ${show(v)}`)));
-const CfsSchema = mapping({
+export const cfsFlag = leaf((v) => (typeof v === 'boolean' ? v : fail(`expected true or false, got ${show(v)}`)));
+export const CfsSchema = mapping({
   listen: hostPort,
   dataDir: filePath.optional(),
   blockSize: cfsBlockSize.optional(),
@@ -351,9 +353,9 @@ const CfsSchema = mapping({
   readFromMaster: cfsFlag.optional(),
 });
 // `faults:` (docs/faults.md): the same fields as `blockmirror fault set`, range as START:LEN.
-const faultText = leaf((v) => (typeof v === 'string' && v.length > 0 ? v : fail(`expected a string, got ${show(v)}`)));
-const faultNumber = leaf((v) => (typeof v === 'number' && Number.isFinite(v) && v >= 0 ? v : fail(`expected a number, got ${show(v)}`)));
-const FaultSchema = mapping({
+export const faultText = leaf((v) => (typeof v === 'string' && v.length > 0 ? v : fail(`expected a string, got ${show(v)}`)));
+export const faultNumber = leaf((v) => (typeof v === 'number' && Number.isFinite(v) && v >= 0 ? v : fail(`expected a number, got ${show(v)}`)));
+export const FaultSchema = mapping({
   target: faultText,
   kind: faultText,
   op: z.union([faultText, list(faultText)]).optional(),
@@ -363,25 +365,25 @@ const FaultSchema = mapping({
   jitter: faultNumber.optional(),
   mode: faultText.optional(),
 });
-const etcdEndpoint = leaf((v) => {
+export const etcdEndpoint = leaf((v) => {
   if (typeof v !== 'string' || !/^(https?:\/\/)?[A-Za-z0-9.[\]:-]+:\d{1,5}$/.test(v)) fail(`expected an etcd endpoint HOST:PORT or http://HOST:PORT, got ${show(v)}`);
   return v;
 });
-const etcdPrefix = leaf((v) => (typeof v === 'string' && /^\/[A-Za-z0-9._/-]*[A-Za-z0-9._-]$/.test(v) ? v : fail(`expected a key prefix such as /blockmirror, got ${show(v)}`)));
+export const etcdPrefix = leaf((v) => (typeof v === 'string' && /^\/[A-Za-z0-9._/-]*[A-Za-z0-9._-]$/.test(v) ? v : fail(`expected a key prefix such as /blockmirror, got ${show(v)}`)));
 /** etcd's lease granularity is a second; a shorter TTL is rounded up by etcd itself. */
-const leaseTtl = leaf((v) => {
+export const leaseTtl = leaf((v) => {
   const m = typeof v === 'number' ? [String(v), String(v), 'ms'] : typeof v === 'string' ? /^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$/.exec(v) : null;
   if (!m) fail(`expected a duration such as 2s or 1500ms, got ${show(v)}`);
   const ms = Number(m[1]) * (m[2] === 's' ? 1000 : 1);
   if (!Number.isFinite(ms) || ms < 1000 || ms > 60_000) fail(`leaseTtl must be from 1s to 60s, got ${show(v)}`);
   return Math.round(ms);
 });
-const EtcdSchema = mapping({
+export const EtcdSchema = mapping({
   endpoints: list(etcdEndpoint).min(1, { error: 'list at least one etcd endpoint' }),
   prefix: etcdPrefix.optional(),
   leaseTtl: leaseTtl.optional(),
 });
-const ClusterSchema = mapping({
+export const ClusterSchema = mapping({
   clusterSize: clusterSize.optional(),
   peerTimeout: peerTimeout.optional(),
   storageSystems: list(StorageSystemSchema).min(1, { error: 'at least one storage system is required' }),
@@ -392,7 +394,7 @@ const ClusterSchema = mapping({
 });
 
 /** Which keys a mapping takes, by its path with indexes dropped: for "did you mean". */
-const KEYS_AT = new Map<string, readonly string[]>([
+export const KEYS_AT = new Map<string, readonly string[]>([
   ['', Object.keys(ClusterSchema.shape)],
   ['storageSystems[]', Object.keys(StorageSystemSchema.shape)],
   ['storageSystems[].volumes[]', Object.keys(VolumeSchema.shape)],
@@ -405,7 +407,7 @@ const KEYS_AT = new Map<string, readonly string[]>([
   ['etcd', Object.keys(EtcdSchema.shape)],
 ]);
 
-function fromIssue(issue: z.core.$ZodIssue, data: unknown): RawProblem[] {
+export function fromIssue(issue: z.core.$ZodIssue, data: unknown): RawProblem[] {
   const at = issue.path.filter((s): s is Segment => typeof s !== 'symbol');
   if (issue.code !== 'unrecognized_keys') return [{ path: at, message: issue.message }];
   const known = KEYS_AT.get(at.map((s) => (typeof s === 'number' ? '[]' : `.${s}`)).join('').replace(/^\./, '')) ?? [];
@@ -419,7 +421,7 @@ function fromIssue(issue: z.core.$ZodIssue, data: unknown): RawProblem[] {
 }
 
 /** A typo of a required key is one mistake, not two: drop the "missing" that echoes "did you mean". */
-function withoutEchoes(problems: RawProblem[]): RawProblem[] {
+export function withoutEchoes(problems: RawProblem[]): RawProblem[] {
   const meant = new Set(problems.flatMap((p) => (p.meant ? [formatPath(p.meant)] : [])));
   return problems.filter((p) => !(p.message === MISSING && meant.has(formatPath(p.path))));
 }
@@ -427,9 +429,9 @@ function withoutEchoes(problems: RawProblem[]): RawProblem[] {
 // ---------------------------------------------------------------------------------------------
 // Pass 2b: defaults and absolute paths.
 
-type Parsed = z.output<typeof ClusterSchema>;
+export type Parsed = z.output<typeof ClusterSchema>;
 
-function build(p: Parsed, source: string, baseDir: string, problems: RawProblem[]): ClusterConfig {
+export function build(p: Parsed, source: string, baseDir: string, problems: RawProblem[]): ClusterConfig {
   const storageSystems = p.storageSystems.map((ss, i): StorageSystemConfig => {
     const out: StorageSystemConfig = { id: ss.id, nbd: ss.nbd, admin: ss.admin, volumes: ss.volumes };
     if (ss.nbdSocket !== undefined) {
@@ -481,288 +483,3 @@ function build(p: Parsed, source: string, baseDir: string, problems: RawProblem[
   return out;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Pass 3: the checks that need the whole file.
-
-function crossCheck(cfg: ClusterConfig, problems: RawProblem[]): void {
-  const report = (at: Segment[], message: string) => problems.push({ path: at, message });
-
-  const ssById = new Map<number, { ss: StorageSystemConfig; index: number }>();
-  cfg.storageSystems.forEach((ss, i) => {
-    const first = ssById.get(ss.id);
-    if (first) report(['storageSystems', i, 'id'], `duplicate storage system id ${ss.id} (also storageSystems[${first.index}].id)`);
-    else ssById.set(ss.id, { ss, index: i });
-    const seen = new Map<number, number>();
-    ss.volumes.forEach((vol, j) => {
-      const k = seen.get(vol.id);
-      if (k !== undefined) report(['storageSystems', i, 'volumes', j, 'id'], `duplicate volume id ${vol.id} in storage system ${ss.id} (also volumes[${k}])`);
-      else seen.set(vol.id, j);
-    });
-  });
-
-  checkEndpoints(cfg, report);
-
-  // Volume -> where it was first used, to refuse a volume in two pairs or twice in one.
-  const used = new Map<string, { pair: number; at: string }>();
-  const needsPeer = new Set<number>();
-  const names = new Map<string, number>();
-  cfg.pairs.forEach((pair, i) => {
-    const other = names.get(pair.name);
-    if (other !== undefined) report(['pairs', i, 'name'], `duplicate pair name "${pair.name}" (also pairs[${other}].name)`);
-    else names.set(pair.name, i);
-
-    const refs: { ref: VolRef; at: Segment[] }[] = [
-      { ref: pair.master, at: ['pairs', i, 'master'] },
-      ...pair.mirrors.map((ref, j) => ({ ref, at: ['pairs', i, 'mirrors', j] })),
-    ];
-    let masterSize: number | undefined;
-    for (const { ref, at } of refs) {
-      const owner = ssById.get(ref.ss)?.ss;
-      const vol = owner?.volumes.find((v) => v.id === ref.vol);
-      if (!owner) {
-        report(at, `storage system ${ref.ss} does not exist`);
-        continue;
-      }
-      if (!vol) {
-        report(at, `volume ${ref.vol} does not exist in storage system ${ref.ss}`);
-        continue;
-      }
-      const key = `${ref.ss}/${ref.vol}`;
-      const prior = used.get(key);
-      if (prior) {
-        const where = prior.pair === i ? 'in this pair' : `in pair "${cfg.pairs[prior.pair]!.name}"`;
-        report(at, `volume ${ref.vol} of storage system ${ref.ss} is already used ${where} (${prior.at})`);
-        continue;
-      }
-      used.set(key, { pair: i, at: formatPath(at) });
-      if (ref.ss !== pair.master.ss && ssById.has(pair.master.ss)) {
-        for (const end of [pair.master.ss, ref.ss]) {
-          const s = ssById.get(end);
-          if (s && s.ss.peer === undefined && !needsPeer.has(end)) {
-            needsPeer.add(end);
-            report(['storageSystems', s.index, 'peer'], `missing required key: pair "${pair.name}" spans storage systems ${pair.master.ss} and ${ref.ss}, which reach each other at their peer address (e.g. peer: 127.0.0.1:7001)`);
-          }
-        }
-      }
-      if (at[2] === 'master') masterSize = vol.size;
-      else if (masterSize !== undefined && vol.size !== masterSize) {
-        report(at, `volume ${ref.vol} of storage system ${ref.ss} is ${formatSize(vol.size)} but its master is ${formatSize(masterSize)} (a mirror must be the same size)`);
-      }
-    }
-  });
-
-  // A fault names a volume that exists, or a link that exists: two storage systems sharing a pair.
-  cfg.faults.forEach((f, k) => {
-    const t = parseFaultTarget(f.target);
-    if (t.type === 'volume') {
-      const s = ssById.get(t.ss);
-      if (!s) report(['faults', k, 'target'], `no storage system ${t.ss} (fault target ${f.target})`);
-      else if (!s.ss.volumes.some((v) => v.id === t.vol)) report(['faults', k, 'target'], `storage system ${t.ss} has no volume ${t.vol} (fault target ${f.target})`);
-      return;
-    }
-    const linked = cfg.pairs.some((p) => {
-      const ends = new Set([p.master, ...p.mirrors].map((r) => r.ss));
-      return ends.has(t.a) && ends.has(t.b);
-    });
-    if (!linked) report(['faults', k, 'target'], `storage systems ${t.a} and ${t.b} share no pair, so there is no link ${f.target} to fault`);
-  });
-}
-
-// ---------------------------------------------------------------------------------------------
-// The `cfs:` section: defaults, then the checks against the rest of the file.
-
-function buildCfs(c: NonNullable<Parsed['cfs']>, cfg: ClusterConfig, baseDir: string): CfsConfig {
-  const out: CfsConfig = {
-    listen: c.listen,
-    blockSize: c.blockSize ?? DEFAULT_CFS_BLOCK_SIZE,
-    pairs: c.pairs ?? cfg.pairs.map((p) => p.name),
-    ss: c.ss ?? Math.min(...cfg.storageSystems.map((s) => s.id)),
-    readFromMaster: c.readFromMaster ?? true,
-  };
-  if (c.dataDir !== undefined) out.dataDir = path.resolve(baseDir, c.dataDir);
-  return out;
-}
-
-function checkCfs(cfg: ClusterConfig, problems: RawProblem[]): void {
-  const cfs = cfg.cfs;
-  if (cfs === undefined) return;
-  const report = (at: Segment[], message: string) => problems.push({ path: at, message });
-  const known = cfg.pairs.map((p) => p.name);
-  if (cfs.pairs.length === 0) report(['cfs'], 'the file system needs at least one pair to keep files on, and pairs: has none');
-  const seen = new Map<string, number>();
-  cfs.pairs.forEach((name, i) => {
-    const first = seen.get(name);
-    if (first !== undefined) return report(['cfs', 'pairs', i], `pair "${name}" is listed twice (also cfs.pairs[${first}])`);
-    seen.set(name, i);
-    const pair = cfg.pairs.find((p) => p.name === name);
-    if (!pair) return report(['cfs', 'pairs', i], `pair "${name}" does not exist (${known.length === 0 ? 'pairs: is empty' : `pairs: ${known.join(', ')}`})`);
-    const master = cfg.storageSystems.find((s) => s.id === pair.master.ss)?.volumes.find((v) => v.id === pair.master.vol);
-    if (master && master.size < cfs.blockSize) {
-      report(['cfs', 'pairs', i], `the master of pair "${name}" (${formatSize(master.size)}) is smaller than one block (cfs.blockSize ${formatSize(cfs.blockSize)})`);
-    }
-  });
-  if (!cfg.storageSystems.some((s) => s.id === cfs.ss)) report(['cfs', 'ss'], `storage system ${cfs.ss} does not exist`);
-
-  // Metadata must be as durable as the data it describes.
-  const onDisk = cfg.storageSystems.findIndex((s) => s.dataDir !== undefined && cfg.pairs.some((p) => cfs.pairs.includes(p.name) && [p.master, ...p.mirrors].some((r) => r.ss === s.id)));
-  if (cfs.dataDir === undefined && onDisk >= 0) {
-    report(['cfs', 'dataDir'], `${MISSING}: the volumes of the file system's pairs are on disk (storageSystems[${onDisk}].dataDir), so its metadata must be too`);
-  }
-  const sameDir = cfg.storageSystems.findIndex((s) => s.dataDir !== undefined && s.dataDir === cfs.dataDir);
-  if (sameDir >= 0) report(['cfs', 'dataDir'], `data directory ${cfs.dataDir} is already used by storageSystems[${sameDir}].dataDir`);
-
-  if (cfs.listen.port !== 0) {
-    for (const [i, ss] of cfg.storageSystems.entries()) {
-      for (const [key, hp] of Object.entries(ss) as [string, unknown][]) {
-        if (!isHostPort(hp) || hp.port !== cfs.listen.port || !hostsOverlap(canonicalHost(hp.host), canonicalHost(cfs.listen.host))) continue;
-        report(['cfs', 'listen'], `port ${hp.port} on ${cfs.listen.host} is already used by storageSystems[${i}].${key} (${formatHostPort(hp)})`);
-      }
-    }
-  }
-}
-
-function isHostPort(v: unknown): v is HostPort {
-  return isPlainObject(v) && typeof v.host === 'string' && typeof v.port === 'number' && Object.keys(v).length === 2;
-}
-
-/** Two listeners clash on one port when their hosts overlap; a wildcard host overlaps every host. */
-function checkEndpoints(cfg: ClusterConfig, report: (at: Segment[], message: string) => void): void {
-  const tcp: { at: Segment[]; hp: HostPort; canon: string }[] = [];
-  const sockets = new Map<string, string>();
-  const dataDirs = new Map<string, string>();
-  cfg.storageSystems.forEach((ss, i) => {
-    for (const key of ['nbd', 'admin', 'peer'] as const) {
-      const hp = ss[key];
-      if (hp === undefined) continue;
-      const at: Segment[] = ['storageSystems', i, key];
-      // Port 0 asks the kernel for a free port: it never clashes.
-      const clash = hp.port === 0 ? undefined : tcp.find((t) => t.hp.port === hp.port && hostsOverlap(t.canon, canonicalHost(hp.host)));
-      if (clash) report(at, `port ${hp.port} on ${hp.host} is already used by ${formatPath(clash.at)} (${formatHostPort(clash.hp)})`);
-      else tcp.push({ at, hp, canon: canonicalHost(hp.host) });
-    }
-    if (ss.nbdSocket !== undefined) {
-      const first = sockets.get(ss.nbdSocket);
-      if (first) report(['storageSystems', i, 'nbdSocket'], `socket ${ss.nbdSocket} is already used by ${first}`);
-      else sockets.set(ss.nbdSocket, `storageSystems[${i}].nbdSocket`);
-    }
-    if (ss.dataDir !== undefined) {
-      const first = dataDirs.get(ss.dataDir);
-      if (first) report(['storageSystems', i, 'dataDir'], `data directory ${ss.dataDir} is already used by ${first}`);
-      else dataDirs.set(ss.dataDir, `storageSystems[${i}].dataDir`);
-    }
-  });
-}
-
-const WILDCARD_HOSTS = new Set(['0.0.0.0', '::']);
-const LOOPBACK_HOSTS = new Set(['127.0.0.1', '::1']);
-
-function canonicalHost(host: string): string {
-  const h = host.toLowerCase();
-  // The URL parser canonicalises IPv6 spellings: 0:0::0 -> ::, 0:0:0:0:0:0:0:1 -> ::1.
-  return net.isIPv6(h) ? new URL(`http://[${h}]/`).hostname.slice(1, -1) : h;
-}
-
-function hostsOverlap(a: string, b: string): boolean {
-  if (a === b || WILDCARD_HOSTS.has(a) || WILDCARD_HOSTS.has(b)) return true;
-  return (a === 'localhost' && LOOPBACK_HOSTS.has(b)) || (b === 'localhost' && LOOPBACK_HOSTS.has(a));
-}
-
-// ---------------------------------------------------------------------------------------------
-// Messages.
-
-function formatProblems(source: string, problems: ConfigProblem[]): string {
-  const shown = problems.slice(0, MAX_REPORTED).map((p) => (p.path === '' ? p.message : `${p.path}: ${p.message}`));
-  if (problems.length > MAX_REPORTED) shown.push(`and ${problems.length - MAX_REPORTED} more problems`);
-  // Only a problem without a key path (a syntax error) gets line:col in the text: a key path already
-  // says where, and stays true when lines move. The file:line:col: form is what editors make clickable.
-  const first = problems[0];
-  const where = first?.path === '' && first.line !== undefined ? `${source}:${first.line}:${first.col}` : source;
-  return `${where}: ${shown.join('; ')}`;
-}
-
-function formatHostPort(hp: HostPort): string {
-  return hp.host.includes(':') ? `[${hp.host}]:${hp.port}` : `${hp.host}:${hp.port}`;
-}
-
-function formatPath(at: Segment[]): string {
-  let out = '';
-  for (const s of at) {
-    if (typeof s === 'number') out += `[${s}]`;
-    else if (/^[A-Za-z_][A-Za-z0-9_]*$/.test(s)) out += out === '' ? s : `.${s}`;
-    else out += `[${JSON.stringify(s)}]`;
-  }
-  return out;
-}
-
-/** Attaches line:col and sorts into file order, so the first problem is the first one a reader meets. */
-function locate(raw: RawProblem[], root: Node | null, lc: LineCounter): ConfigProblem[] {
-  const located = raw.map((p, order) => {
-    const offset = offsetOf(root, p.path);
-    const pos = offset === undefined ? undefined : lc.linePos(offset);
-    return { problem: { path: formatPath(p.path), message: p.message, ...(pos ? { line: pos.line, col: pos.col } : {}) }, offset: offset ?? Infinity, order };
-  });
-  located.sort((a, b) => a.offset - b.offset || a.order - b.order);
-  return located.map((l) => l.problem);
-}
-
-/** The offset of the key (for a mapping entry) or item at `at`, or of its nearest existing parent. */
-function offsetOf(root: Node | null, at: Segment[]): number | undefined {
-  let node: unknown = root;
-  let offset = (root as Node | null)?.range?.[0];
-  for (const s of at) {
-    if (isMap(node)) {
-      const pair = node.items.find((it) => isPair(it) && isScalar(it.key) && String(it.key.value) === String(s));
-      if (!pair) break;
-      offset = (pair.key as Node).range?.[0] ?? offset;
-      node = pair.value;
-    } else if (isSeq(node) && typeof s === 'number') {
-      const item = node.items[s];
-      if (!item) break;
-      offset = (item as Node).range?.[0] ?? offset;
-      node = item;
-    } else break;
-  }
-  return offset;
-}
-
-function valueAt(data: unknown, at: Segment[]): unknown {
-  let v = data;
-  for (const s of at) v = v !== null && typeof v === 'object' ? (v as Record<string, unknown>)[s] : undefined;
-  return v;
-}
-
-function isPlainObject(v: unknown): v is Record<string, unknown> {
-  return typeof v === 'object' && v !== null && !Array.isArray(v) && !ArrayBuffer.isView(v);
-}
-
-function show(v: unknown): string {
-  if (v === undefined) return 'nothing';
-  if (v === null) return 'an empty value';
-  if (Array.isArray(v)) return 'a list';
-  if (isPlainObject(v)) return 'a mapping';
-  if (typeof v === 'string') return JSON.stringify(v);
-  return String(v);
-}
-
-/** The known key within edit distance 2 of a mistyped one, for "did you mean". */
-function closest(key: string, known: readonly string[]): string | undefined {
-  let best: string | undefined;
-  let bestDistance = 3;
-  for (const k of known) {
-    const d = editDistance(key.toLowerCase(), k.toLowerCase());
-    if (d < bestDistance) [best, bestDistance] = [k, d];
-  }
-  return best;
-}
-
-function editDistance(a: string, b: string): number {
-  let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
-  for (let i = 1; i <= a.length; i++) {
-    const row = [i];
-    for (let j = 1; j <= b.length; j++) {
-      row[j] = Math.min(prev[j]! + 1, row[j - 1]! + 1, prev[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
-    }
-    prev = row;
-  }
-  return prev[b.length]!;
-}

@@ -1,0 +1,475 @@
+// One volume seen through the cache memory (memory.ts has the design: states, rules, choices).
+import {
+  BlockDeviceError,
+  payloadLength,
+  toBlockDeviceError,
+  type BlockDevice,
+  type Extent,
+  type Payload,
+  type ZeroOptions,
+} from '../../blockdev/types.js';
+import { CacheMemory } from './memory.js';
+import { Barrier, CacheBlock, MAX_RUN_BYTES, ctz, shutdown, unitMask } from './blocks.js';
+
+export function callWrite(dev: BlockDevice, offset: number, data: Payload): Promise<void> {
+  try {
+    return dev.write(offset, data);
+  } catch (e) {
+    return Promise.reject(e);
+  }
+}
+
+/**
+ * One volume seen through the cache memory. Not a cache of its own: every
+ * connection shares the CacheMemory, so a flush through any of them covers
+ * writes from all.
+ */
+export class CachedDevice implements BlockDevice {
+  readonly size: number;
+  readonly readOnly: boolean;
+  readonly multiConnSafe: boolean;
+  readonly fastZero: boolean;
+
+  /** @internal This volume's cache blocks by index. */
+  readonly blocks = new Map<number, CacheBlock>();
+  /** @internal Trims/zeros in progress (rule 4); almost always empty. */
+  readonly barriers: Barrier[] = [];
+
+  private readonly B: number;
+  private inFlight = 0;
+  private idle: (() => void)[] = [];
+  private closed = false;
+  private closing: Promise<void> | undefined;
+
+  constructor(
+    private readonly mem: CacheMemory,
+    readonly backing: BlockDevice,
+    readonly name: string,
+  ) {
+    this.size = backing.size;
+    this.readOnly = backing.readOnly;
+    this.multiConnSafe = backing.multiConnSafe;
+    this.fastZero = backing.fastZero;
+    this.B = mem.blockSize;
+  }
+
+  async read(offset: number, dest: Buffer): Promise<void> {
+    this.enter('read');
+    try {
+      await this.readCached(offset, dest);
+    } finally {
+      this.leave();
+    }
+  }
+
+  private async readCached(offset: number, dest: Buffer): Promise<void> {
+    const cache = this.mem;
+    const B = this.B;
+    const shift = cache.unitShift;
+    const stats = cache.stats;
+    const end = offset + dest.length;
+    // Everything cached is copied now, before any await: a dirty unit may be
+    // destaged and evicted while our backing read is in flight, and that read,
+    // racing the destage, could return what the backing held before it.
+    let gapStart = -1;
+    let gapEnd = -1;
+    let gaps: number[] | null = null;
+    let fills: CacheBlock[] | null = null;
+    let epochs: number[] | null = null;
+    let idx = Math.floor(offset / B);
+    let pos = offset;
+    while (pos < end) {
+      const bStart = idx * B;
+      const a = pos - bStart;
+      const b = Math.min(end - bStart, B);
+      const uLo = a >>> shift;
+      const uHi = ((b - 1) >>> shift) + 1;
+      const need = unitMask(uLo, uHi);
+      let blk = this.blocks.get(idx);
+      if (blk !== undefined && (blk.valid & need) === need) {
+        blk.data.copy(dest, pos - offset, a, b);
+        stats.hits++;
+        cache.touch(blk);
+      } else {
+        stats.misses++;
+        // Read-allocate, unless writers are waiting for space.
+        if (blk === undefined && !cache.hasWaiters) blk = cache.tryAllocate(this, idx);
+        const v = blk !== undefined ? blk.valid & need : 0;
+        if (blk !== undefined) {
+          blk.pins++;
+          (fills ??= []).push(blk);
+          (epochs ??= []).push(blk.epoch);
+        }
+        for (let u = uLo; u < uHi; ) {
+          const bit = (v >>> u) & 1;
+          let u2 = u + 1;
+          while (u2 < uHi && ((v >>> u2) & 1) === bit) u2++;
+          const s = Math.max(a, u << shift);
+          const e = Math.min(b, u2 << shift);
+          if (bit === 1) blk!.data.copy(dest, bStart + s - offset, s, e);
+          else if (bStart + s === gapEnd) gapEnd = bStart + e;
+          else {
+            if (gapStart >= 0) (gaps ??= []).push(gapStart, gapEnd);
+            gapStart = bStart + s;
+            gapEnd = bStart + e;
+          }
+          u = u2;
+        }
+      }
+      pos = bStart + b;
+      idx++;
+    }
+    if (gapStart < 0) return;
+
+    let err: unknown;
+    try {
+      if (gaps === null) await this.backing.read(gapStart, dest.subarray(gapStart - offset, gapEnd - offset));
+      else {
+        gaps.push(gapStart, gapEnd);
+        const reads: Promise<void>[] = [];
+        for (let i = 0; i < gaps.length; i += 2) {
+          reads.push(this.backing.read(gaps[i]!, dest.subarray(gaps[i]! - offset, gaps[i + 1]! - offset)));
+        }
+        // Settle all before returning: dest must not be written after we answer.
+        for (const r of await Promise.allSettled(reads)) if (r.status === 'rejected') err ??= r.reason;
+      }
+    } catch (e) {
+      err = e;
+    }
+    if (fills === null) {
+      if (err) throw toBlockDeviceError(err, 'read');
+      return;
+    }
+    for (let i = 0; i < fills.length; i++) {
+      const blk = fills[i]!;
+      cache.unpin(blk);
+      if (err || this.blocks.get(blk.index) !== blk || blk.epoch !== epochs![i]) continue;
+      // Fill only whole units that are still not cached (rule 3).
+      const a = Math.max(offset, blk.start) - blk.start;
+      const b = Math.min(end, blk.start + blk.len) - blk.start;
+      const m = fullUnits(a, b, blk.len, shift) & ~blk.valid;
+      copyUnits(dest, blk.start - offset, blk.data, m, shift, blk.len);
+      blk.valid |= m;
+    }
+    if (err) throw toBlockDeviceError(err, 'read');
+  }
+
+  async write(offset: number, data: Payload, fua = false): Promise<void> {
+    this.enter('write');
+    let pinned: CacheBlock | null = null;
+    try {
+      if (this.readOnly) throw new BlockDeviceError('EPERM', `write: ${this.name} is read-only`);
+      const cache = this.mem;
+    const B = this.B;
+      const shift = cache.unitShift;
+      const end = offset + payloadLength(data);
+      const single = Buffer.isBuffer(data) ? data : null;
+      const pieces = single === null ? (data as readonly Buffer[]) : null;
+      let pi = 0; // piece index and offset within it, when data comes in pieces
+      let po = 0;
+      let pos = offset;
+      while (pos < end) {
+        const idx = Math.floor(pos / B);
+        const bStart = idx * B;
+        const blen = Math.min(B, this.size - bStart);
+        const a = pos - bStart;
+        const b = Math.min(end - bStart, blen);
+        const blk = this.blocks.get(idx) ?? cache.tryAllocate(this, idx);
+        if (blk === undefined) {
+          // Every block is dirty or busy: wait for the destager (writes slow to backing speed).
+          await cache.waitForSpace();
+          continue;
+        }
+        const fill = partialUnits(a, b, blen, shift) & ~blk.valid;
+        if (fill !== 0) {
+          // Stay pinned until we have copied, or the filled block could be evicted under us.
+          if (pinned !== blk) {
+            if (pinned) cache.unpin(pinned);
+            blk.pins++;
+            pinned = blk;
+          }
+          await this.fillUnits(blk, fill);
+          continue;
+        }
+        const n = b - a;
+        if (single !== null) single.copy(blk.data, a, pos - offset, pos - offset + n);
+        else {
+          let done = 0;
+          while (done < n) {
+            const p = pieces![pi]!;
+            const k = Math.min(p.length - po, n - done);
+            p.copy(blk.data, a + done, po, po + k);
+            done += k;
+            po += k;
+            if (po === p.length) {
+              pi++;
+              po = 0;
+            }
+          }
+        }
+        const m = unitMask(a >>> shift, ((b - 1) >>> shift) + 1);
+        blk.valid |= m;
+        cache.markDirty(blk, m);
+        if (pinned !== null) {
+          cache.unpin(pinned);
+          pinned = null;
+        }
+        pos = bStart + b;
+      }
+      if (fua) {
+        await this.syncRange(offset, end);
+        await this.backing.flush();
+      }
+    } finally {
+      if (pinned !== null) this.mem.unpin(pinned);
+      this.leave();
+    }
+  }
+
+  /** Read units m of blk (not cached) from the backing, for a write that covers them only in part. */
+  private async fillUnits(blk: CacheBlock, m: number): Promise<void> {
+    const shift = this.mem.unitShift;
+    const epoch = blk.epoch;
+    const reads: Promise<void>[] = [];
+    const bufs: Buffer[] = [];
+    const runs: number[] = [];
+    for (let r = m; r !== 0; ) {
+      const u0 = ctz(r);
+      const u1 = u0 + ctz(~(r >>> u0));
+      r &= ~unitMask(u0, u1);
+      const s = u0 << shift;
+      const e = Math.min(u1 << shift, blk.len);
+      const buf = Buffer.allocUnsafe(e - s);
+      bufs.push(buf);
+      runs.push(u0, u1);
+      reads.push(this.backing.read(blk.start + s, buf));
+    }
+    try {
+      await Promise.all(reads);
+    } catch (e) {
+      throw toBlockDeviceError(e, 'write: reading the rest of a cache unit');
+    }
+    if (this.blocks.get(blk.index) !== blk || blk.epoch !== epoch) return; // trimmed meanwhile: the caller retries
+    for (let i = 0; i < bufs.length; i++) {
+      const u0 = runs[2 * i]!;
+      const run = unitMask(u0, runs[2 * i + 1]!) & ~blk.valid; // a write may have filled some meanwhile
+      copyUnits(bufs[i]!, -(u0 << shift), blk.data, run, shift, blk.len);
+      blk.valid |= run;
+    }
+  }
+
+  async flush(): Promise<void> {
+    this.enter('flush');
+    try {
+      await this.syncAll();
+      await this.backing.flush();
+    } finally {
+      this.leave();
+    }
+  }
+
+  trim(offset: number, length: number, fua = false): Promise<void> {
+    return this.invalidate('trim', offset, length, () => this.backing.trim(offset, length, fua));
+  }
+
+  zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+    if (opts.fastZero && !this.backing.fastZero) {
+      return Promise.reject(new BlockDeviceError('ENOTSUP', `zero: fast zeroing is not supported on ${this.name}`));
+    }
+    return this.invalidate('zero', offset, length, () => this.backing.zero(offset, length, opts));
+  }
+
+  /** Trim and zero: the backing op under a barrier, then the cache (rule 4). */
+  private async invalidate(op: string, offset: number, length: number, backingOp: () => Promise<void>): Promise<void> {
+    this.enter(op);
+    try {
+      if (this.readOnly) throw new BlockDeviceError('EPERM', `${op}: ${this.name} is read-only`);
+      if (length === 0) return await backingOp();
+      const end = offset + length;
+      let release!: () => void;
+      const barrier: Barrier = { start: offset, end, done: new Promise<void>((r) => (release = r)) };
+      this.barriers.push(barrier);
+      try {
+        // Destages issued before the barrier must land before the backing op, or they would undo it.
+        for (;;) {
+          const busy = this.blocksIn(offset, end).find((b) => b.destaging !== null);
+          if (!busy) break;
+          await busy.destaging;
+        }
+        let err: unknown;
+        try {
+          await backingOp();
+        } catch (e) {
+          // ENOTSUP: the backing did nothing (fast zero refused), so neither do we.
+          if (e instanceof BlockDeviceError && e.errno === 'ENOTSUP') throw e;
+          err = e;
+        }
+        // Even after a failure the range is in an unknown state on the backing; drop
+        // our copy of it rather than keep claiming clean data that may be gone.
+        this.applyInvalidate(offset, end);
+        if (err) throw toBlockDeviceError(err, op);
+      } finally {
+        this.barriers.splice(this.barriers.indexOf(barrier), 1);
+        release();
+        this.mem.queuePump();
+      }
+    } finally {
+      this.leave();
+    }
+  }
+
+  /** The backing range [start, end) now reads as zeroes: make the cache agree. */
+  private applyInvalidate(start: number, end: number): void {
+    const cache = this.mem;
+    const shift = cache.unitShift;
+    for (const b of this.blocksIn(start, end)) {
+      const a = Math.max(start, b.start) - b.start;
+      const e = Math.min(end, b.start + b.len) - b.start;
+      if (a === 0 && e === b.len) {
+        cache.dropBlock(b);
+        continue;
+      }
+      const full = fullUnits(a, e, b.len, shift);
+      // Cached units only partly covered keep their other bytes: zero the covered ones,
+      // which is what the backing now holds there; a dirty unit stays dirty.
+      if ((unitMask(a >>> shift, ((e - 1) >>> shift) + 1) & ~full & b.valid) !== 0) b.data.fill(0, a, e);
+      b.valid &= ~full;
+      cache.clearDirty(b, full);
+      b.epoch++;
+    }
+  }
+
+  async extents(offset: number, length: number): Promise<Extent[]> {
+    this.enter('extents');
+    try {
+      // Dirty data is not allocated on the backing yet: write it first, then ask.
+      await this.syncRange(offset, offset + length);
+      return await this.backing.extents(offset, length);
+    } finally {
+      this.leave();
+    }
+  }
+
+  /** Prefetch: read the range through the cache (at most half of the cache's worth). */
+  async cache(offset: number, length: number): Promise<void> {
+    const limit = Math.min(length, Math.floor(this.mem.size / 2));
+    if (limit <= 0) return;
+    const chunk = Math.min(limit, MAX_RUN_BYTES);
+    const scratch = Buffer.allocUnsafe(chunk);
+    for (let done = 0; done < limit; done += chunk) {
+      const n = Math.min(chunk, limit - done);
+      await this.read(offset + done, n === chunk ? scratch : scratch.subarray(0, n));
+    }
+  }
+
+  /** Destage this volume's dirty blocks, close the backing device. */
+  close(): Promise<void> {
+    return (this.closing ??= this.doClose());
+  }
+
+  private async doClose(): Promise<void> {
+    this.closed = true;
+    await this.whenIdle();
+    let err: unknown;
+    try {
+      await this.syncAll();
+    } catch (e) {
+      err = e;
+    }
+    for (const b of [...this.blocks.values()]) this.mem.dropBlock(b);
+    this.mem.forget(this);
+    await this.backing.close();
+    if (err) throw err;
+  }
+
+  // ---- helpers --------------------------------------------------------------
+
+  /** @internal Destage every dirty block of this volume. */
+  syncAll(): Promise<void> {
+    return this.syncRange(0, this.size);
+  }
+
+  private async syncRange(start: number, end: number): Promise<void> {
+    const targets = this.blocksIn(start, end).filter((b) => b.dirty !== 0 || b.destaging !== null);
+    if (targets.length === 0) return;
+    const err = await this.mem.syncBlocks(this, targets);
+    if (err) throw err;
+  }
+
+  /** @internal Cached blocks overlapping [start, end), in index order. */
+  blocksIn(start: number, end: number): CacheBlock[] {
+    const out: CacheBlock[] = [];
+    if (end <= start || this.blocks.size === 0) return out;
+    const first = Math.floor(start / this.B);
+    const last = Math.floor((end - 1) / this.B);
+    if (last - first + 1 <= this.blocks.size) {
+      for (let i = first; i <= last; i++) {
+        const b = this.blocks.get(i);
+        if (b) out.push(b);
+      }
+      return out;
+    }
+    for (const b of this.blocks.values()) if (b.index >= first && b.index <= last) out.push(b);
+    return out.sort((x, y) => x.index - y.index);
+  }
+
+  /** @internal The barrier overlapping [start, end), if any. */
+  barrierOver(start: number, end: number): Promise<void> | undefined {
+    for (const b of this.barriers) if (b.start < end && start < b.end) return b.done;
+    return undefined;
+  }
+
+  /** @internal Resolves when no request of this volume is in flight. */
+  whenIdle(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idle.push(resolve));
+  }
+
+  private enter(op: string): void {
+    if (this.closed) throw new BlockDeviceError('ESHUTDOWN', `${op}: ${this.name} is closed`);
+    if (this.mem.isClosing) throw shutdown(op);
+    this.inFlight++;
+  }
+
+  private leave(): void {
+    if (--this.inFlight === 0 && this.idle.length > 0) {
+      const w = this.idle;
+      this.idle = [];
+      for (const r of w) r();
+    }
+  }
+}
+
+/** Units touched by [a, b) only in part (they need their other bytes from somewhere). */
+export function partialUnits(a: number, b: number, blen: number, shift: number): number {
+  const size = 1 << shift;
+  let m = 0;
+  if ((a & (size - 1)) !== 0) m |= 1 << (a >>> shift);
+  // The last unit of the volume may be short: reaching the volume's end covers it.
+  if ((b & (size - 1)) !== 0 && b !== blen) m |= 1 << ((b - 1) >>> shift);
+  return m;
+}
+
+/** Units wholly inside [a, b) of a block of blen bytes. */
+export function fullUnits(a: number, b: number, blen: number, shift: number): number {
+  const size = 1 << shift;
+  const lo = (a + size - 1) >>> shift;
+  const hi = b === blen ? (b + size - 1) >>> shift : b >>> shift;
+  return unitMask(lo, hi);
+}
+
+/**
+ * Copy units m from src into dst (a cache block's buffer), where byte x of
+ * the block is byte x + srcOff of src.
+ */
+export function copyUnits(src: Buffer, srcOff: number, dst: Buffer, m: number, shift: number, blen: number): void {
+  while (m !== 0) {
+    const u0 = ctz(m);
+    const u1 = u0 + ctz(~(m >>> u0));
+    m &= ~unitMask(u0, u1);
+    const s = u0 << shift;
+    const e = Math.min(u1 << shift, blen);
+    src.copy(dst, s, s + srcOff, e + srcOff);
+  }
+}
+
