@@ -157,3 +157,34 @@ function popcount(bytes: Uint8Array): number {
 export function clusterRange(offset: number, length: number, clusterSize: number): [number, number] {
   return [Math.floor(offset / clusterSize), Math.floor((offset + Math.max(length, 1) - 1) / clusterSize)];
 }
+
+/**
+ * Extents of a copy, with every byte of a cluster that may be stale (`stale(c)`) reported as
+ * allocated data (flags 0): a copy never calls a cluster a hole or zeroes when its own bytes there
+ * may not be the master's, so sparse-aware copy tools (nbdcopy, qemu-img) read it instead of
+ * skipping it. Runs of equal flags are merged again.
+ */
+export function maskStale(extents: readonly { length: number; flags: number }[], offset: number, clusterSize: number, stale: (c: number) => boolean): { length: number; flags: number }[] {
+  const out: { length: number; flags: number }[] = [];
+  const push = (length: number, flags: number) => {
+    const last = out[out.length - 1];
+    if (last && last.flags === flags) last.length += length;
+    else out.push({ length, flags });
+  };
+  let at = offset;
+  for (const e of extents) {
+    const end = at + e.length;
+    if (e.flags === 0) {
+      push(e.length, 0);
+      at = end;
+      continue;
+    }
+    while (at < end) {
+      const c = Math.floor(at / clusterSize);
+      const next = Math.min(end, (c + 1) * clusterSize);
+      push(next - at, stale(c) ? 0 : e.flags);
+      at = next;
+    }
+  }
+  return out;
+}

@@ -9,7 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { FilterDevice } from '../../blockdev/filter.js';
 import { BlockDeviceError, payloadLength, toBlockDeviceError, type BlockDevice, type Extent, type Payload, type ZeroOptions } from '../../blockdev/types.js';
 import { connect, type NbdClient } from '../../nbd/client.js';
-import { ClusterBitmap, clusterRange } from '../bitmap.js';
+import { ClusterBitmap, clusterRange, maskStale } from '../bitmap.js';
 import type { BitmapStore } from '../bitmap-store.js';
 import { hashClusters } from '../pair.js';
 import type { PeerLink } from '../peer/link.js';
@@ -210,8 +210,18 @@ class MirrorHostDevice extends FilterDevice {
     return this.modify(offset, length, () => this.side.device.zero(offset, length, opts));
   }
 
-  override extents(offset: number, length: number): Promise<Extent[]> {
-    return this.side.device.extents(offset, length);
+  /**
+   * Never a hole where this copy may be stale: while the pair mirrors, an Invalid cluster (or any
+   * cluster, when the replica cannot be trusted) is reported as data, so sparse-aware copies read
+   * it (through the master) instead of skipping it. Split, the copy describes itself.
+   */
+  override async extents(offset: number, length: number): Promise<Extent[]> {
+    this.check();
+    const s = this.side;
+    const own = await s.device.extents(offset, length);
+    if (s.state === 'PSUS') return own;
+    const trusted = s.trustsReplica;
+    return maskStale(own, offset, s.clusterSize, (c) => !trusted || s.replica.isInvalid(c));
   }
 
   /** A prefetch hint never makes a mirror serve its own Invalid clusters: ignore it. */
