@@ -451,7 +451,7 @@ describe('cluster status merge', () => {
     const r = reportOf(1, 'PSUS');
     const text = renderStatus({
       storageSystems: [{ ...r.storageSystems[0]!, reachable: true }, { id: 2, reachable: false, error: 'storage system 2 (127.0.0.1:9) is not reachable: connect ECONNREFUSED' }],
-      pairs: r.pairs,
+      pairs: r.pairs.map((p) => ({ ...p, ss: 1 })),
     });
     expect(text).toMatch(/^  1\s+127\.0\.0\.1:10809\s+127\.0\.0\.1:9001\s+none$/m);
     expect(text).toMatch(/^  2\s+UNREACHABLE$/m);

@@ -17,7 +17,7 @@ import { PassThrough } from 'node:stream';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import { getStatus } from './client.js';
-import { PairCommandError, reportRank, type AdminTarget, type PairBitmap, type PairStatus, type SSReport, type StorageSystemStatus } from '../controller/status.js';
+import { PairCommandError, mergeReports, type AdminTarget, type PairBitmap, type PairRow, type SSReport, type SSView } from '../controller/status.js';
 import type { RouteAdder } from './server.js';
 
 /** Another storage system of the cluster, as the YAML gives its admin API. */
@@ -28,14 +28,6 @@ export interface AdminPeer {
   port: number;
 }
 
-export type SSView =
-  | (StorageSystemStatus & { reachable: true })
-  | { id: number; admin: string; reachable: false; error: string };
-
-export interface PairView extends PairStatus {
-  /** The storage system whose report this is: the one that runs the pair, and takes its commands. */
-  ss: number;
-}
 
 /** GET /api/cluster. */
 export interface ClusterView {
@@ -44,7 +36,7 @@ export interface ClusterView {
   /** This one and every peer, in YAML order; an unreachable one says why. */
   storageSystems: SSView[];
   /** Each pair once, from the storage system running it (its master's) when that one answers. */
-  pairs: PairView[];
+  pairs: PairRow[];
 }
 
 /** One event of GET /api/events. */
@@ -180,21 +172,7 @@ async function askPeer(p: AdminPeer): Promise<Answer> {
 
 /** Storage systems in the order asked; a pair from the storage system of its master if that one answered, else from any. */
 function merge(self: number, answers: Answer[]): ClusterView {
-  const storageSystems: SSView[] = [];
-  const pairs = new Map<string, PairView>();
-  for (const a of answers) {
-    if (!a.report) {
-      storageSystems.push({ id: a.id, admin: a.admin, reachable: false, error: a.error ?? 'no answer' });
-      continue;
-    }
-    const own = a.report.storageSystems.filter((s) => s.id === a.id);
-    for (const s of own.length > 0 ? own : a.report.storageSystems) storageSystems.push({ ...s, reachable: true });
-    for (const p of a.report.pairs) {
-      const known = pairs.get(p.name);
-      if (!known || reportRank(p, p.master.ss === a.id) > reportRank(known, known.master.ss === known.ss)) pairs.set(p.name, { ...p, ss: a.id });
-    }
-  }
-  return { self, storageSystems, pairs: [...pairs.values()] };
+  return { self, ...mergeReports(answers) };
 }
 
 function hostPort(p: { host: string; port: number }): string {

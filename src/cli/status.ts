@@ -3,23 +3,15 @@
 import type { Command } from 'commander';
 import { getStatus, type AdminEndpoint } from '../admin/client.js';
 import { ConfigError, loadConfig, type ClusterConfig, type StorageSystemConfig } from '../cluster/config.js';
-import { reportRank, type PairStatus, type SSReport, type StorageSystemStatus } from '../controller/status.js';
+import { mergeReports as mergeClusterReports, type PairRow, type ReportAnswer, type SSView, type StorageSystemStatus } from '../controller/status.js';
 import { UsageError } from './errors.js';
 
 export const DEFAULT_STATUS_TIMEOUT_MS = 3000;
 
-export type ReachableSS = StorageSystemStatus & { reachable: true };
-export interface UnreachableSS {
-  id: number;
-  reachable: false;
-  /** One line, e.g. "storage system 2 (127.0.0.1:9002) is not reachable: connect ECONNREFUSED". */
-  error: string;
-}
-
-/** `blockmirror status --json`. */
+/** `blockmirror status --json`: the merged view (controller/status.ts), plus etcd's tables. */
 export interface ClusterStatus {
-  storageSystems: (ReachableSS | UnreachableSS)[];
-  pairs: PairStatus[];
+  storageSystems: SSView[];
+  pairs: PairRow[];
   /** With etcd (docs/cluster.md): the logical volumes' masters and the failover history, or why they could not be read. */
   etcd?: { logicalVolumes: { name: string; master: { ss: number; vol: number }; epoch: number }[]; history: { name: string; at: string; epoch: number; from: { ss: number; vol: number }; to: { ss: number; vol: number }; reason: string }[] } | { error: string };
 }
@@ -107,32 +99,8 @@ export async function collectStatus(config: ClusterConfig, timeoutMs: number): P
  * reported once, by the storage system holding its master (the one that runs
  * the pair); when that one is unreachable, by whichever mirror side answered.
  */
-export function mergeReports(config: ClusterConfig, answers: { id: number; report?: SSReport; error?: string }[]): ClusterStatus {
-  const storageSystems: ClusterStatus['storageSystems'] = [];
-  const byId = new Map<number, SSReport>();
-  for (const a of answers) {
-    if (a.report === undefined) {
-      storageSystems.push({ id: a.id, reachable: false, error: a.error ?? 'no answer' });
-      continue;
-    }
-    byId.set(a.id, a.report);
-    // A report describes its own storage system; take that one, or all if it says more.
-    const own = a.report.storageSystems.filter((s) => s.id === a.id);
-    for (const s of own.length > 0 ? own : a.report.storageSystems) storageSystems.push({ ...s, reachable: true });
-  }
-
-  const masterOf = new Map(config.pairs.map((p) => [p.name, p.master.ss]));
-  const pairs = new Map<string, { p: PairStatus; rank: number }>();
-  for (const [ssId, report] of byId) {
-    for (const p of report.pairs) {
-      const rank = reportRank(p, ssId === (masterOf.get(p.name) ?? p.master.ss));
-      const prior = pairs.get(p.name);
-      if (!prior || rank > prior.rank) pairs.set(p.name, { p, rank });
-    }
-  }
-  // Configuration order first, then anything the systems know that the file does not.
-  const order = [...config.pairs.map((p) => p.name), ...[...pairs.keys()].filter((n) => !masterOf.has(n))];
-  return { storageSystems, pairs: order.filter((n) => pairs.has(n)).map((n) => pairs.get(n)!.p) };
+export function mergeReports(config: ClusterConfig, answers: ReportAnswer[]): ClusterStatus {
+  return mergeClusterReports(answers, { pairOrder: config.pairs.map((p) => p.name), masterOf: new Map(config.pairs.map((p) => [p.name, p.master.ss])) });
 }
 
 

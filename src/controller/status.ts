@@ -100,6 +100,49 @@ export function reportRank(p: PairStatus, fromMaster: boolean): number {
   return p.stale ? 0 : 1;
 }
 
+/** A storage system in a merged cluster view: its own report, or why it did not answer. */
+export type SSView = (StorageSystemStatus & { reachable: true }) | { id: number; admin?: string; reachable: false; error: string };
+
+/** A pair in a merged cluster view: the row, and the storage system whose report it is. */
+export interface PairRow extends PairStatus {
+  ss: number;
+}
+
+/** What one storage system answered when asked for its status. */
+export interface ReportAnswer {
+  id: number;
+  admin?: string;
+  report?: SSReport;
+  error?: string;
+}
+
+/**
+ * The cluster as `status`, the dashboard and the admin API's /api/cluster show it: every storage
+ * system once, in the order asked; every pair once, from the report `reportRank` believes most.
+ * `masterOf` names the configured master of each pair (default: the master the report names).
+ */
+export function mergeReports(answers: ReportAnswer[], opts: { pairOrder?: readonly string[]; masterOf?: ReadonlyMap<string, number> } = {}): { storageSystems: SSView[]; pairs: PairRow[] } {
+  const storageSystems: SSView[] = [];
+  const pairs = new Map<string, { row: PairRow; rank: number }>();
+  for (const a of answers) {
+    if (a.report === undefined) {
+      storageSystems.push({ id: a.id, ...(a.admin !== undefined ? { admin: a.admin } : {}), reachable: false, error: a.error ?? 'no answer' });
+      continue;
+    }
+    // A report describes its own storage system; take that one, or all if it says more.
+    const own = a.report.storageSystems.filter((s) => s.id === a.id);
+    for (const s of own.length > 0 ? own : a.report.storageSystems) storageSystems.push({ ...s, reachable: true });
+    for (const p of a.report.pairs) {
+      const rank = reportRank(p, a.id === (opts.masterOf?.get(p.name) ?? p.master.ss));
+      const prior = pairs.get(p.name);
+      if (!prior || rank > prior.rank) pairs.set(p.name, { row: { ...p, ss: a.id }, rank });
+    }
+  }
+  // The order given first (the YAML's), then whatever else the storage systems know.
+  const order = [...(opts.pairOrder ?? []), ...[...pairs.keys()].filter((n) => !opts.pairOrder?.includes(n))];
+  return { storageSystems, pairs: order.filter((n) => pairs.has(n)).map((n) => pairs.get(n)!.row) };
+}
+
 export interface PeerStatus {
   ss: number;
   connected: boolean;
