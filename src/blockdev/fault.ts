@@ -140,16 +140,39 @@ export class FaultDevice extends FilterDevice {
     if (set.hit('error', op, offset, length)) throw new BlockDeviceError('EIO', `${this.label}: ${op} at ${offset}: injected I/O error`);
   }
 
-  override async read(offset: number, dest: Buffer): Promise<void> {
-    if (!this.faults.active) return this.next.read(offset, dest);
+  // Without a fault set, each call goes straight to the layer below: no async wrapper, no await.
+  override read(offset: number, dest: Buffer): Promise<void> {
+    return this.faults.active ? this.faultyRead(offset, dest) : this.next.read(offset, dest);
+  }
+
+  override write(offset: number, data: Payload, fua?: boolean): Promise<void> {
+    return this.faults.active ? this.faultyWrite(offset, data, fua) : this.next.write(offset, data, fua);
+  }
+
+  override flush(): Promise<void> {
+    return this.faults.active ? this.before('flush', 0, 0).then(() => this.next.flush()) : this.next.flush();
+  }
+
+  override trim(offset: number, length: number, fua?: boolean): Promise<void> {
+    return this.faults.active ? this.before('write', offset, length).then(() => this.next.trim(offset, length, fua)) : this.next.trim(offset, length, fua);
+  }
+
+  override zero(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
+    return this.faults.active ? this.before('write', offset, length).then(() => this.next.zero(offset, length, opts)) : this.next.zero(offset, length, opts);
+  }
+
+  override extents(offset: number, length: number): Promise<Extent[]> {
+    return this.faults.active ? this.faultyExtents(offset, length) : this.next.extents(offset, length);
+  }
+
+  private async faultyRead(offset: number, dest: Buffer): Promise<void> {
     await this.before('read', offset, dest.length);
     await this.next.read(offset, dest);
     const corrupt = this.faults.hit('corrupt', 'read', offset, dest.length);
     if (corrupt) flipBits(dest, offset, corrupt.range ?? { start: 0, length: this.size });
   }
 
-  override async write(offset: number, data: Payload, fua?: boolean): Promise<void> {
-    if (!this.faults.active) return this.next.write(offset, data, fua);
+  private async faultyWrite(offset: number, data: Payload, fua?: boolean): Promise<void> {
     const length = payloadLength(data);
     await this.before('write', offset, length);
     if (this.faults.hit('torn', 'write', offset, length)) {
@@ -163,27 +186,10 @@ export class FaultDevice extends FilterDevice {
     return this.next.write(offset, data, fua);
   }
 
-  override async flush(): Promise<void> {
-    if (this.faults.active) await this.before('flush', 0, 0);
-    return this.next.flush();
-  }
-
-  override async trim(offset: number, length: number, fua?: boolean): Promise<void> {
-    if (this.faults.active) await this.before('write', offset, length);
-    return this.next.trim(offset, length, fua);
-  }
-
-  override async zero(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
-    if (this.faults.active) await this.before('write', offset, length);
-    return this.next.zero(offset, length, opts);
-  }
-
-  override async extents(offset: number, length: number): Promise<Extent[]> {
-    if (this.faults.active) {
-      const offline = this.faults.hit('offline', 'read', offset, length);
-      if (offline?.mode === 'fail') throw new BlockDeviceError('EIO', `${this.label}: block status: injected fault: the volume is offline`);
-      if (offline) await this.faults.whenOnline();
-    }
+  private async faultyExtents(offset: number, length: number): Promise<Extent[]> {
+    const offline = this.faults.hit('offline', 'read', offset, length);
+    if (offline?.mode === 'fail') throw new BlockDeviceError('EIO', `${this.label}: block status: injected fault: the volume is offline`);
+    if (offline) await this.faults.whenOnline();
     return this.next.extents(offset, length);
   }
 }

@@ -94,7 +94,7 @@ export class StorageSystem implements AdminTarget {
     this.daemon = new SyncDaemon({ log });
   }
 
-  /** Open volumes, build pairs and exports, and start serving. A host guard (setHostGuard) applies from the first request. */
+  /** Open volumes, build pairs and exports, and start serving. A host guard (the cluster layer's fencing) applies from the first request. */
   static async start(spec: StorageSystemSpec, log: Logger, opts: ClusterHooks = {}): Promise<StorageSystem> {
     const ss = new StorageSystem(spec, log.child({ ss: spec.id }));
     if (opts.hostGuard) ss.hostGuard = (pair, vol) => opts.hostGuard!(ss, pair, vol);
@@ -129,7 +129,9 @@ export class StorageSystem implements AdminTarget {
 
     for (const v of this.volumes.values()) {
       const pair = this.pairOf.get(v.id);
-      const guard = pair ? () => (this.hostGuard && pair.roleOf(v.id) === 'master' ? this.hostGuard(pair, v.id) : null) : undefined;
+      // A guard layer only where the cluster layer fences (etcd): none on the YAML-only path.
+      const hostGuard = this.hostGuard;
+      const guard = pair && hostGuard ? () => (pair.roleOf(v.id) === 'master' ? hostGuard(pair, v.id) : null) : undefined;
       const host = buildHostStack(v, pair?.hostDevice(v.id), guard);
       const description = pair ? `${pair.roleOf(v.id)} of ${pair.name}` : 'simplex volume';
       this.nbd.exports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id}: ${description}`, device: host, readOnly: false });
@@ -197,14 +199,6 @@ export class StorageSystem implements AdminTarget {
     this.log.info({ nbd: this.nbdAddress, socket: spec.nbdSocket, volumes: [...this.volumes.keys()].map((v) => `vol${v}`) }, `storage system ${spec.id} serving NBD on ${this.nbdAddress}`);
     // Sessions start once our own NBD listener is up: the peers' data connections come to it.
     for (const link of this.links.values()) link.start();
-  }
-
-  /**
-   * Fence the master volumes of this storage system's pairs: `guard` says why a master volume
-   * must refuse host I/O now (ESHUTDOWN), or null. The cluster layer sets it when etcd runs.
-   */
-  setHostGuard(guard: ((pair: PairController, vol: number) => string | null) | null): void {
-    this.hostGuard = guard;
   }
 
   /** The NBD address actually bound (port 0 in the config picks a free port). */
