@@ -6,6 +6,7 @@ import { DEFAULT_PORT } from '../protocol/constants.js';
 import { MemoryDevice } from '../blockdev/memory.js';
 import { openFileDevice } from '../blockdev/file.js';
 import type { BlockDevice } from '../blockdev/types.js';
+import { AtomicDevice } from '../blockdev/atomic.js';
 import { ExportTable } from '../nbd/exports.js';
 import { NbdServer, type ListenSpec } from '../nbd/server.js';
 import { createLogger } from '../util/log.js';
@@ -82,7 +83,8 @@ async function serve(opts: ServeOptions, log: Logger): Promise<void> {
   } else device = new MemoryDevice(size!, false);
 
   const exports = new ExportTable();
-  exports.add({ name: opts.name, description: opts.description ?? '', device, readOnly: opts.readOnly === true });
+  const host = new AtomicDevice(device);
+  exports.add({ name: opts.name, description: opts.description ?? '', device: host, readOnly: opts.readOnly === true });
   exports.defaultName = opts.name;
   const server = new NbdServer({ exports, log });
 

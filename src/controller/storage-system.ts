@@ -13,6 +13,7 @@ import type { Logger } from 'pino';
 import { MemoryDevice } from '../blockdev/memory.js';
 import { openFileDevice } from '../blockdev/file.js';
 import type { BlockDevice, Extent, Payload, ZeroOptions } from '../blockdev/types.js';
+import { AtomicDevice } from '../blockdev/atomic.js';
 import { ExportTable } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
 import { CacheMemory } from './cache.js';
@@ -60,6 +61,8 @@ interface Volume {
   role: VolumeRole;
   pair?: string;
   host?: CountingDevice;
+  /** The host device every front end (NBD, iSCSI) calls: COMPARE AND WRITE is atomic against all writes. */
+  atomic?: AtomicDevice;
 }
 
 export class StorageSystem implements AdminTarget {
@@ -123,8 +126,9 @@ export class StorageSystem implements AdminTarget {
       // The role of a volume in a pair across storage systems can change (swap, takeover): ask each time.
       if (remote) dev = new RoleDevice(() => remote.hostDevice(v.id));
       v.host = new CountingDevice(dev);
+      v.atomic = new AtomicDevice(v.host);
       const description = v.pair ? `${v.role} of ${v.pair}` : 'simplex volume';
-      this.nbd.exports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id}: ${description}`, device: v.host, readOnly: false });
+      this.nbd.exports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id}: ${description}`, device: v.atomic, readOnly: false });
     }
   }
 
