@@ -73,7 +73,7 @@ function standard(): Buffer {
   b[2] = 0x06; // SPC-4
   b[3] = 0x12; // HISUP, response data format 2
   b[4] = 96 - 5;
-  b[5] = 0x10 | 0x08; // TPGS = implicit ALUA, 3PC off; PROTECT off
+  b[5] = 0x10; // TPGS = implicit ALUA; no 3PC, no PROTECT
   b[7] = 0x02; // CMDQUE
   b.write(VENDOR, 8, 'ascii');
   b.write(PRODUCT.padEnd(16), 16, 'ascii');

@@ -104,9 +104,11 @@ export async function write(dev: BlockDevice, cdb: Buffer, data: Buffer, forceFu
   const r = decodeRange(cdb);
   const { offset, length } = checkRange(dev, r, Limits.maxTransferBlocks, lengthByteOf(cdb[0]!));
   if (dev.readOnly || swp) throw writeProtected();
-  if (length === 0) return;
+  // An initiator that sent less than the CDB asks for (iSCSI underflow) gets the whole blocks it sent written.
+  const n = Math.min(length, data.length - (data.length % BLOCK_SIZE));
+  if (n === 0) return;
   const fua = forceFua || (cdb[0]! >> 5 !== 0 && (cdb[1]! & 0x08) !== 0) || cdb[0] === ScsiOp.WRITE_AND_VERIFY_10 || cdb[0] === ScsiOp.WRITE_AND_VERIFY_16;
-  await dev.write(offset, data.subarray(0, length), fua);
+  await dev.write(offset, data.subarray(0, n), fua);
 }
 
 export async function verify(dev: BlockDevice, cdb: Buffer, data: Buffer | undefined): Promise<void> {

@@ -1,0 +1,68 @@
+// Builds and starts an iSCSI server for a set of volumes: used by `blockmirror serve --iscsi` and
+// by StorageSystem (one target per storage system, each volume a LUN, or a target per volume).
+import path from 'node:path';
+import type { Logger } from 'pino';
+import type { BlockDevice } from '../blockdev/types.js';
+import type { AtomicDevice } from '../blockdev/atomic.js';
+import type { ChapSecrets } from './chap.js';
+import { LogicalUnit } from './scsi/lu.js';
+import type { AluaStateValue } from './scsi/types.js';
+import { IscsiServer } from './server.js';
+import type { TargetSpec } from './target.js';
+
+export interface IscsiVolume {
+  /** LUN within its target. */
+  lun: number;
+  /** Unit serial number (e.g. "ss1-vol3"). */
+  serial: string;
+  device: BlockDevice;
+  atomic?: AtomicDevice;
+  alua?: () => AluaStateValue;
+  /** A target of its own instead of the default one. */
+  target?: string;
+}
+
+export interface IscsiWiring {
+  listen: { host: string; port: number };
+  /** Default target name, for volumes that name none. */
+  target: string;
+  volumes: IscsiVolume[];
+  chap?: ChapSecrets;
+  allow?: string[];
+  /** Addresses SendTargets reports; default: the listen address. */
+  portals?: string[];
+  /** Directory for persistent-reservation state (one JSON per LUN); none keeps it in memory. */
+  dataDir?: string;
+  log: Logger;
+}
+
+export async function startIscsi(w: IscsiWiring): Promise<{ server: IscsiServer; address: string; targets: TargetSpec[] }> {
+  const targets = new Map<string, TargetSpec>();
+  for (const v of w.volumes) {
+    const name = (v.target ?? w.target).toLowerCase();
+    let t = targets.get(name);
+    if (!t) {
+      const luns = new Map<number, LogicalUnit>();
+      t = { name, luns, chap: w.chap, allow: w.allow };
+      targets.set(name, t);
+    }
+    const luns = t.luns;
+    if (luns.has(v.lun)) throw new Error(`iSCSI target ${name}: LUN ${v.lun} used twice`);
+    luns.set(
+      v.lun,
+      new LogicalUnit({
+        lun: v.lun,
+        device: v.device,
+        atomic: v.atomic,
+        serial: v.serial,
+        targetName: name,
+        alua: v.alua,
+        prFile: w.dataDir ? path.join(w.dataDir, `${v.serial}.pr.json`) : undefined,
+        luns: () => [...luns.keys()].sort((a, b) => a - b),
+      }),
+    );
+  }
+  const server = new IscsiServer({ log: w.log, targets: [...targets.values()], portals: w.portals });
+  const address = await server.listen(w.listen.host, w.listen.port);
+  return { server, address, targets: [...targets.values()] };
+}
