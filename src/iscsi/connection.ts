@@ -64,6 +64,8 @@ interface Task {
   aborted: boolean;
   running: boolean;
   digestError: boolean;
+  /** Expected DataSN of the next Data-Out in the current sequence (unsolicited, or per R2T). */
+  expDataSN: Map<number, number>;
 }
 
 export interface ConnectionCounters {
@@ -390,7 +392,13 @@ export class IscsiConnection {
         if (t) {
           t.aborted = true;
           if (!t.running) this.tasks.delete(t.itt);
-        } else if (!(((bhs.refCmdSN - this.expCmdSN) | 0) < 0)) response = TmfResponse.NO_TASK;
+        } else {
+          // Not seen yet but inside the window and before this TMF: "function complete" (RFC 7143 11.5.1);
+          // already answered: the task does not exist.
+          const pending = ((bhs.refCmdSN - this.expCmdSN) | 0) >= 0 && ((bhs.refCmdSN - bhs.cmdSN) | 0) < 0;
+          if (pending) this.waiting.delete(bhs.refCmdSN);
+          else response = TmfResponse.NO_TASK;
+        }
         break;
       }
       case TmfFunction.ABORT_TASK_SET:
@@ -428,7 +436,7 @@ export class IscsiConnection {
     this.counters.commands++;
     const task: Task = {
       itt: bhs.itt, cmdSN: bhs.cmdSN, lunId: lunOf(bhs.lun), cdb: Buffer.from(bhs.cdb), edtl: bhs.expectedDataTransferLength, read: bhs.read, write: bhs.write,
-      received: 0, nextR2T: 0, outstanding: new Map(), r2tSN: 0, unsolicitedDone: bhs.final, dataSN: 0, aborted: false, running: false, digestError: false,
+      received: 0, nextR2T: 0, outstanding: new Map(), r2tSN: 0, unsolicitedDone: bhs.final, dataSN: 0, aborted: false, running: false, digestError: false, expDataSN: new Map(),
     };
     this.tasks.set(task.itt, task);
     if (task.write && task.edtl > 0) {
@@ -455,6 +463,13 @@ export class IscsiConnection {
       return;
     }
     if (bhs.bufferOffset + data.length > task.edtl) return this.reject(encodeBhs({ ...bhs }), RejectReason.PROTOCOL_ERROR);
+    const want = task.expDataSN.get(bhs.ttt) ?? 0;
+    task.expDataSN.set(bhs.ttt, want + 1);
+    if (bhs.dataSN !== want) {
+      // ERL 0 cannot ask for the missing PDU again: reject it, and fail the task when its data is in.
+      this.reject(encodeBhs({ ...bhs }), RejectReason.PROTOCOL_ERROR);
+      task.digestError = true;
+    }
     if (task.buf) data.copy(task.buf, bhs.bufferOffset);
     task.received += data.length;
     if (bhs.ttt === RESERVED_TAG) {
@@ -504,7 +519,7 @@ export class IscsiConnection {
   private async execute(lu: LogicalUnit, task: Task): Promise<ScsiResult> {
     const want = dataOutLength(task.cdb);
     const dataOut = task.buf ? (task.buf.length > want ? task.buf.subarray(0, want) : task.buf) : undefined;
-    const r = await lu.execute({ cdb: task.cdb, dataOut, nexus: { initiatorPort: this.initiatorPort, relativeTargetPort: 1 } });
+    const r = await lu.execute({ cdb: task.cdb, dataOut, edtl: task.write ? task.edtl : 0, nexus: { initiatorPort: this.initiatorPort, relativeTargetPort: 1 } });
     if (task.write) this.counters.writeBytes += Math.min(task.edtl, want);
     return r;
   }
@@ -545,13 +560,14 @@ export class IscsiConnection {
         residual = task.edtl - produced;
       }
     } else if (task.write) {
+      // Overflow: the command wanted more than ExpectedDataTransferLength allowed; underflow: less.
       const want = dataOutLength(task.cdb);
-      if (task.edtl > want) {
+      if (want > task.edtl) {
         over = true;
-        residual = task.edtl - want;
-      } else if (task.edtl < want) {
-        under = true;
         residual = want - task.edtl;
+      } else if (want < task.edtl) {
+        under = true;
+        residual = task.edtl - want;
       }
     } else if (task.edtl > 0) {
       under = true;

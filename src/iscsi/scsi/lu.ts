@@ -19,6 +19,27 @@ const WRITE_CLASS = new Set<number>([
   ScsiOp.MODE_SELECT_10, ScsiOp.START_STOP_UNIT, ScsiOp.RESERVE_6, ScsiOp.RELEASE_6,
 ]);
 
+/** The CDB's ALLOCATION LENGTH: data-in beyond it is cut here, not reported as an iSCSI residual. */
+function allocationLength(cdb: Buffer): number | undefined {
+  switch (cdb[0]) {
+    case ScsiOp.INQUIRY:
+      return cdb.readUInt16BE(3);
+    case ScsiOp.REQUEST_SENSE:
+    case ScsiOp.MODE_SENSE_6:
+      return cdb[4];
+    case ScsiOp.MODE_SENSE_10:
+    case ScsiOp.PERSISTENT_RESERVE_IN:
+      return cdb.readUInt16BE(7);
+    case ScsiOp.REPORT_LUNS:
+    case ScsiOp.MAINTENANCE_IN:
+      return cdb.readUInt32BE(6);
+    case ScsiOp.SERVICE_ACTION_IN_16:
+      return cdb.readUInt32BE(10);
+    default:
+      return undefined;
+  }
+}
+
 /** CDB length by group code (SAM-5 table): 0 -> 6, 1-2 -> 10, 4 -> 16, 5 -> 12. */
 export function cdbLength(op: number): number {
   return [6, 10, 10, 16, 16, 12, 16, 16][op >> 5]!;
@@ -52,7 +73,8 @@ export class LogicalUnit {
   async execute(req: ScsiRequest): Promise<ScsiResult> {
     try {
       const dataIn = await this.dispatch(req);
-      return { status: Status.GOOD, dataIn };
+      const alloc = allocationLength(req.cdb);
+      return { status: Status.GOOD, dataIn: dataIn && alloc !== undefined && dataIn.length > alloc ? dataIn.subarray(0, alloc) : dataIn };
     } catch (e) {
       if (e instanceof StatusError) return { status: e.status };
       const writing = WRITE_CLASS.has(req.cdb[0]!);
@@ -118,6 +140,7 @@ export class LogicalUnit {
         return undefined;
       case ScsiOp.WRITE_SAME_10:
       case ScsiOp.WRITE_SAME_16:
+        if (req.edtl !== undefined && req.edtl !== rw.dataOutLength(cdb)) throw invalidField(0);
         await rw.writeSame(dev, cdb, dataOut, forceFua, swp);
         return undefined;
       case ScsiOp.UNMAP:
@@ -129,6 +152,7 @@ export class LogicalUnit {
         return undefined;
       case ScsiOp.COMPARE_AND_WRITE:
         if (!this.opts.atomic) throw invalidOpcode();
+        if (req.edtl !== undefined && req.edtl !== rw.dataOutLength(cdb)) throw invalidField(13);
         await rw.compareAndWrite(this.opts.atomic, cdb, dataOut ?? Buffer.alloc(0), forceFua, swp);
         return undefined;
       case ScsiOp.MODE_SENSE_6:

@@ -203,7 +203,7 @@ export function readCapacity16(dev: BlockDevice, lbpme: boolean): Buffer {
   const b = Buffer.alloc(32);
   b.writeBigUInt64BE(capacityBlocks(dev) - 1n, 0);
   b.writeUInt32BE(BLOCK_SIZE, 8);
-  b[13] = 3; // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT: 4 KiB physical
+  // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT 0: allocation is reported per 512-byte block.
   b[14] = lbpme ? 0x80 | 0x40 : 0; // LBPME, LBPRZ
   return b;
 }

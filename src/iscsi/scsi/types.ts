@@ -15,6 +15,8 @@ export interface ScsiRequest {
   cdb: Buffer;
   /** Data-Out as received (ExpectedDataTransferLength bytes), for commands that carry data. */
   dataOut?: Buffer;
+  /** ExpectedDataTransferLength of a command with Data-Out (exact-size checks, e.g. COMPARE AND WRITE). */
+  edtl?: number;
   nexus: Nexus;
 }
 
