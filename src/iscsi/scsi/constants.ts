@@ -70,6 +70,7 @@ export const ScsiOp = {
   WRITE_10: 0x2a,
   WRITE_AND_VERIFY_10: 0x2e,
   VERIFY_10: 0x2f,
+  PRE_FETCH_10: 0x34,
   SYNCHRONIZE_CACHE_10: 0x35,
   WRITE_SAME_10: 0x41,
   UNMAP: 0x42,
@@ -82,6 +83,7 @@ export const ScsiOp = {
   WRITE_16: 0x8a,
   WRITE_AND_VERIFY_16: 0x8e,
   VERIFY_16: 0x8f,
+  PRE_FETCH_16: 0x90,
   SYNCHRONIZE_CACHE_16: 0x91,
   WRITE_SAME_16: 0x93,
   SERVICE_ACTION_IN_16: 0x9e,
@@ -89,6 +91,7 @@ export const ScsiOp = {
   MAINTENANCE_IN: 0xa3,
   READ_12: 0xa8,
   WRITE_12: 0xaa,
+  WRITE_AND_VERIFY_12: 0xae,
   VERIFY_12: 0xaf,
 } as const;
 

@@ -11,10 +11,10 @@ import * as rw from './rw.js';
 import { AluaState, type LogicalUnitOptions, type ScsiRequest, type ScsiResult } from './types.js';
 
 const READ_CLASS = new Set<number>([
-  ScsiOp.READ_6, ScsiOp.READ_10, ScsiOp.READ_12, ScsiOp.READ_16, ScsiOp.VERIFY_10, ScsiOp.VERIFY_12, ScsiOp.VERIFY_16, ScsiOp.MODE_SENSE_6, ScsiOp.MODE_SENSE_10,
+  ScsiOp.READ_6, ScsiOp.READ_10, ScsiOp.READ_12, ScsiOp.READ_16, ScsiOp.PRE_FETCH_10, ScsiOp.PRE_FETCH_16, ScsiOp.VERIFY_10, ScsiOp.VERIFY_12, ScsiOp.VERIFY_16, ScsiOp.MODE_SENSE_6, ScsiOp.MODE_SENSE_10,
 ]);
 const WRITE_CLASS = new Set<number>([
-  ScsiOp.WRITE_6, ScsiOp.WRITE_10, ScsiOp.WRITE_12, ScsiOp.WRITE_16, ScsiOp.WRITE_AND_VERIFY_10, ScsiOp.WRITE_AND_VERIFY_16, ScsiOp.WRITE_SAME_10,
+  ScsiOp.WRITE_6, ScsiOp.WRITE_10, ScsiOp.WRITE_12, ScsiOp.WRITE_16, ScsiOp.WRITE_AND_VERIFY_10, ScsiOp.WRITE_AND_VERIFY_12, ScsiOp.WRITE_AND_VERIFY_16, ScsiOp.WRITE_SAME_10,
   ScsiOp.WRITE_SAME_16, ScsiOp.UNMAP, ScsiOp.COMPARE_AND_WRITE, ScsiOp.SYNCHRONIZE_CACHE_10, ScsiOp.SYNCHRONIZE_CACHE_16, ScsiOp.MODE_SELECT_6,
   ScsiOp.MODE_SELECT_10, ScsiOp.START_STOP_UNIT, ScsiOp.RESERVE_6, ScsiOp.RELEASE_6,
 ]);
@@ -125,8 +125,9 @@ export class LogicalUnit {
       case ScsiOp.WRITE_12:
       case ScsiOp.WRITE_16:
       case ScsiOp.WRITE_AND_VERIFY_10:
+      case ScsiOp.WRITE_AND_VERIFY_12:
       case ScsiOp.WRITE_AND_VERIFY_16: {
-        if ((op === ScsiOp.WRITE_AND_VERIFY_10 || op === ScsiOp.WRITE_AND_VERIFY_16) && ((cdb[1]! >> 1) & 3) > 1) throw invalidField(1, 1);
+        if ((op === ScsiOp.WRITE_AND_VERIFY_10 || op === ScsiOp.WRITE_AND_VERIFY_12 || op === ScsiOp.WRITE_AND_VERIFY_16) && ((cdb[1]! >> 1) & 3) > 1) throw invalidField(1, 1);
         const data = dataOut ?? Buffer.alloc(0);
         await rw.write(dev, cdb, data, forceFua, swp);
         this.counters.writeOps++;
@@ -149,6 +150,10 @@ export class LogicalUnit {
       case ScsiOp.SYNCHRONIZE_CACHE_10:
       case ScsiOp.SYNCHRONIZE_CACHE_16:
         await rw.synchronizeCache(dev, cdb);
+        return undefined;
+      case ScsiOp.PRE_FETCH_10:
+      case ScsiOp.PRE_FETCH_16:
+        await rw.preFetch(dev, cdb);
         return undefined;
       case ScsiOp.COMPARE_AND_WRITE:
         if (!this.opts.atomic) throw invalidOpcode();

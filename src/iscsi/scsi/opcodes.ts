@@ -51,6 +51,9 @@ export const SUPPORTED: readonly Supported[] = [
   { op: ScsiOp.READ_12, usage: [0xf8, ...RW12.slice(1)] },
   { op: ScsiOp.WRITE_12, usage: [0xf8, ...RW12.slice(1)] },
   { op: ScsiOp.VERIFY_12, usage: [0xf6, ...RW12.slice(1)] },
+  { op: ScsiOp.WRITE_AND_VERIFY_12, usage: [0xf2, ...RW12.slice(1)] },
+  { op: ScsiOp.PRE_FETCH_10, usage: [0x02, 0xff, 0xff, 0xff, 0xff, 0x1f, 0xff, 0xff, 0x07] },
+  { op: ScsiOp.PRE_FETCH_16, usage: [0x02, ...RW16.slice(1)] },
 ];
 
 function timeouts(): Buffer {

@@ -73,6 +73,7 @@ export function dataOutLength(cdb: Buffer): number {
     case ScsiOp.WRITE_12:
     case ScsiOp.WRITE_16:
     case ScsiOp.WRITE_AND_VERIFY_10:
+    case ScsiOp.WRITE_AND_VERIFY_12:
     case ScsiOp.WRITE_AND_VERIFY_16:
       return decodeRange(cdb).blocks * BLOCK_SIZE;
     case ScsiOp.VERIFY_10:
@@ -107,7 +108,7 @@ export async function write(dev: BlockDevice, cdb: Buffer, data: Buffer, forceFu
   // An initiator that sent less than the CDB asks for (iSCSI underflow) gets the whole blocks it sent written.
   const n = Math.min(length, data.length - (data.length % BLOCK_SIZE));
   if (n === 0) return;
-  const fua = forceFua || (cdb[0]! >> 5 !== 0 && (cdb[1]! & 0x08) !== 0) || cdb[0] === ScsiOp.WRITE_AND_VERIFY_10 || cdb[0] === ScsiOp.WRITE_AND_VERIFY_16;
+  const fua = forceFua || (cdb[0]! >> 5 !== 0 && (cdb[1]! & 0x08) !== 0) || cdb[0] === ScsiOp.WRITE_AND_VERIFY_10 || cdb[0] === ScsiOp.WRITE_AND_VERIFY_12 || cdb[0] === ScsiOp.WRITE_AND_VERIFY_16;
   await dev.write(offset, data.subarray(0, n), fua);
 }
 
@@ -171,6 +172,14 @@ export async function unmap(dev: BlockDevice, cdb: Buffer, data: Buffer | undefi
     if (blocks) ranges.push([Number(lba) * BLOCK_SIZE, blocks * BLOCK_SIZE]);
   }
   for (const [offset, length] of ranges) await dev.trim(offset, length);
+}
+
+/** PRE-FETCH 10/16: a hint to the volume stack's cache layer. */
+export async function preFetch(dev: BlockDevice, cdb: Buffer): Promise<void> {
+  const r = cdb[0] === ScsiOp.PRE_FETCH_16 ? { lba: cdb.readBigUInt64BE(2), blocks: cdb.readUInt32BE(10), flags: 0 } : { lba: BigInt(cdb.readUInt32BE(2)), blocks: cdb.readUInt16BE(7), flags: 0 };
+  if (r.lba + BigInt(r.blocks) > capacityBlocks(dev)) throw lbaOutOfRange();
+  const length = r.blocks ? r.blocks * BLOCK_SIZE : dev.size - Number(r.lba) * BLOCK_SIZE;
+  if (length > 0) await dev.cache?.(Number(r.lba) * BLOCK_SIZE, Math.min(length, 64 << 20));
 }
 
 export async function synchronizeCache(dev: BlockDevice, cdb: Buffer): Promise<void> {
