@@ -52,6 +52,18 @@ export class AtomicDevice extends FilterDevice {
     }
   }
 
+  /** Read a range, let `change` compute the new contents, and write them, all under one lock (ORWRITE). */
+  async readModifyWrite(offset: number, length: number, change: (current: Buffer) => Buffer, fua?: boolean): Promise<void> {
+    const release = await this.locks.acquire(offset, length);
+    try {
+      const cur = Buffer.allocUnsafe(length);
+      await this.next.read(offset, cur);
+      await this.next.write(offset, change(cur), fua);
+    } finally {
+      release();
+    }
+  }
+
   /** Read [offset, offset+expected.length); if it equals `expected`, write `data` there, all under one lock. */
   async compareAndWrite(offset: number, expected: Buffer, data: Buffer, fua?: boolean): Promise<void> {
     const release = await this.locks.acquire(offset, Math.max(expected.length, data.length));

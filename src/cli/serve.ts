@@ -9,6 +9,7 @@ import type { BlockDevice } from '../blockdev/types.js';
 import { AtomicDevice } from '../blockdev/atomic.js';
 import { FilterDevice } from '../blockdev/filter.js';
 import { startIscsi } from '../iscsi/wiring.js';
+import { readChapFile } from '../iscsi/chap-file.js';
 import { DEFAULT_ISCSI_PORT } from '../protocol/iscsi/constants.js';
 import { ExportTable } from '../nbd/exports.js';
 import { NbdServer, type ListenSpec } from '../nbd/server.js';
@@ -28,6 +29,8 @@ interface ServeOptions {
   description?: string;
   iscsi?: string;
   iscsiTarget: string;
+  iscsiChapFile?: string;
+  iscsiAllow?: string[];
 }
 
 export function serveCommand(program: Command): void {
@@ -43,6 +46,8 @@ export function serveCommand(program: Command): void {
     .option('--description <text>', 'export description shown by nbdinfo and LIST', '')
     .option('--iscsi <host:port>', 'also serve the same device as LUN 0 of an iSCSI target (port 3260 by default)')
     .option('--iscsi-target <iqn>', 'iSCSI target name', 'iqn.2026-12.org.blockmirror:serve')
+    .option('--iscsi-chap-file <path>', 'require CHAP: the file holds "USER:SECRET", and a second line "USER:SECRET" for mutual CHAP')
+    .option('--iscsi-allow <entry...>', 'initiators allowed to log in: IQN patterns (* wildcard) and CIDRs')
     .action(async (opts: ServeOptions, cmd: Command) => {
       const log = createLogger(cmd.optsWithGlobals().logLevel as string);
       await serve(opts, log);
@@ -113,6 +118,8 @@ async function serve(opts: ServeOptions, log: Logger): Promise<void> {
     ? await startIscsi({
         listen: parseListen(opts.iscsi.includes(':') ? opts.iscsi : `${opts.iscsi}:${DEFAULT_ISCSI_PORT}`),
         target: opts.iscsiTarget,
+        chap: opts.iscsiChapFile !== undefined ? readChapFile(opts.iscsiChapFile) : undefined,
+        allow: opts.iscsiAllow,
         volumes: [{ lun: 0, serial: opts.name, device: opts.readOnly ? new ReadOnlyView(host) : host, atomic: opts.readOnly ? undefined : host }],
         log,
       }).catch(async (e: Error) => {

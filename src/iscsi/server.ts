@@ -50,7 +50,11 @@ export class IscsiServer {
       targets: () => [...this.targets.values()],
       portals: () => this.opts.portals ?? this.listening,
       admit: (c, r) => this.admit(c, r),
-      closed: (c) => this.connections.delete(c),
+      closed: (c) => {
+        this.connections.delete(c);
+        const s = c.session;
+        if (s?.target) for (const lu of s.target.luns.values()) lu.nexusLost(c.initiatorPort);
+      },
       reset: (t, lun, cold) => this.reset(t, lun, cold),
       nopIntervalMs: opts.nopIntervalMs ?? 10_000,
       nopTimeoutMs: opts.nopTimeoutMs ?? 30_000,
@@ -107,6 +111,7 @@ export class IscsiServer {
   }
 
   private reset(t: TargetSpec, lun: number | undefined, cold: boolean): void {
+    for (const [id, lu] of t.luns) if (lun === undefined || id === lun) lu.reset();
     for (const c of this.connections) {
       if (c.session?.target !== t) continue;
       c.abortTasks(lun);

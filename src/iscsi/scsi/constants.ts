@@ -81,6 +81,7 @@ export const ScsiOp = {
   READ_16: 0x88,
   COMPARE_AND_WRITE: 0x89,
   WRITE_16: 0x8a,
+  ORWRITE_16: 0x8b,
   WRITE_AND_VERIFY_16: 0x8e,
   VERIFY_16: 0x8f,
   PRE_FETCH_16: 0x90,

@@ -15,7 +15,7 @@ const READ_CLASS = new Set<number>([
 ]);
 const WRITE_CLASS = new Set<number>([
   ScsiOp.WRITE_6, ScsiOp.WRITE_10, ScsiOp.WRITE_12, ScsiOp.WRITE_16, ScsiOp.WRITE_AND_VERIFY_10, ScsiOp.WRITE_AND_VERIFY_12, ScsiOp.WRITE_AND_VERIFY_16, ScsiOp.WRITE_SAME_10,
-  ScsiOp.WRITE_SAME_16, ScsiOp.UNMAP, ScsiOp.COMPARE_AND_WRITE, ScsiOp.SYNCHRONIZE_CACHE_10, ScsiOp.SYNCHRONIZE_CACHE_16, ScsiOp.MODE_SELECT_6,
+  ScsiOp.WRITE_SAME_16, ScsiOp.UNMAP, ScsiOp.COMPARE_AND_WRITE, ScsiOp.ORWRITE_16, ScsiOp.SYNCHRONIZE_CACHE_10, ScsiOp.SYNCHRONIZE_CACHE_16, ScsiOp.MODE_SELECT_6,
   ScsiOp.MODE_SELECT_10, ScsiOp.START_STOP_UNIT, ScsiOp.RESERVE_6, ScsiOp.RELEASE_6,
 ]);
 
@@ -40,6 +40,9 @@ function allocationLength(cdb: Buffer): number | undefined {
   }
 }
 
+/** What another initiator may still do while one holds RESERVE(6) (SPC-2 5.5.1). */
+const LEGACY_ALLOWED = new Set<number>([ScsiOp.INQUIRY, ScsiOp.REQUEST_SENSE, ScsiOp.REPORT_LUNS, ScsiOp.RELEASE_6, ScsiOp.PERSISTENT_RESERVE_IN, ScsiOp.MAINTENANCE_IN]);
+
 /** CDB length by group code (SAM-5 table): 0 -> 6, 1-2 -> 10, 4 -> 16, 5 -> 12. */
 export function cdbLength(op: number): number {
   return [6, 10, 10, 16, 16, 12, 16, 16][op >> 5]!;
@@ -56,6 +59,8 @@ export class LogicalUnit {
   readonly mode: ModeState = { writeCache: true, softwareWriteProtect: false };
   readonly pr: PersistentReservations;
   readonly counters: LuCounters = { readOps: 0, readBytes: 0, writeOps: 0, writeBytes: 0 };
+  /** RESERVE(6) holder (SPC-2 reservations), released by RELEASE(6), LUN reset or loss of its nexus. */
+  private legacyHolder?: string;
 
   constructor(readonly opts: LogicalUnitOptions) {
     this.pr = new PersistentReservations(opts.prFile);
@@ -86,6 +91,7 @@ export class LogicalUnit {
     const { cdb, dataOut, nexus } = req;
     const op = cdb[0]!;
     const dev = this.opts.device;
+    if (this.legacyHolder !== undefined && this.legacyHolder !== nexus.initiatorPort && !LEGACY_ALLOWED.has(op)) throw new StatusError(Status.RESERVATION_CONFLICT);
     if (READ_CLASS.has(op)) this.pr.check(nexus.initiatorPort, 'read');
     else if (WRITE_CLASS.has(op)) this.pr.check(nexus.initiatorPort, 'write');
     const forceFua = !this.mode.writeCache;
@@ -160,6 +166,11 @@ export class LogicalUnit {
         if (req.edtl !== undefined && req.edtl !== rw.dataOutLength(cdb)) throw invalidField(13);
         await rw.compareAndWrite(this.opts.atomic, cdb, dataOut ?? Buffer.alloc(0), forceFua, swp);
         return undefined;
+      case ScsiOp.ORWRITE_16:
+        if (!this.opts.atomic) throw invalidOpcode();
+        await rw.orWrite(this.opts.atomic, cdb, dataOut ?? Buffer.alloc(0), forceFua, swp);
+        this.counters.writeOps++;
+        return undefined;
       case ScsiOp.MODE_SENSE_6:
       case ScsiOp.MODE_SENSE_10:
         return modeSense(cdb, dev, this.mode);
@@ -174,6 +185,14 @@ export class LogicalUnit {
         return undefined;
       case ScsiOp.PREVENT_ALLOW_MEDIUM_REMOVAL:
         return undefined;
+      case ScsiOp.RESERVE_6:
+        if (cdb[1]! & 0x01 || cdb[1]! & 0x02) throw invalidField(1); // third-party and extent reservations are obsolete
+        if (this.pr.registrations.size > 0 || this.pr.reservation) throw new StatusError(Status.RESERVATION_CONFLICT);
+        this.legacyHolder = nexus.initiatorPort;
+        return undefined;
+      case ScsiOp.RELEASE_6:
+        if (this.legacyHolder === nexus.initiatorPort) this.legacyHolder = undefined;
+        return undefined;
       case ScsiOp.PERSISTENT_RESERVE_IN:
         return this.pr.in(cdb);
       case ScsiOp.PERSISTENT_RESERVE_OUT:
@@ -181,13 +200,23 @@ export class LogicalUnit {
         return undefined;
       case ScsiOp.MAINTENANCE_IN: {
         const sa = cdb[1]! & 0x1f;
-        if (sa === ServiceAction.REPORT_SUPPORTED_OPCODES) return reportSupportedOpcodes(cdb, (s) => s.op !== ScsiOp.COMPARE_AND_WRITE || !!this.opts.atomic);
+        if (sa === ServiceAction.REPORT_SUPPORTED_OPCODES) return reportSupportedOpcodes(cdb, (s) => (s.op !== ScsiOp.COMPARE_AND_WRITE && s.op !== ScsiOp.ORWRITE_16) || !!this.opts.atomic);
         if (sa === ServiceAction.REPORT_TARGET_PORT_GROUPS) return this.reportTargetPortGroups(cdb, nexus.relativeTargetPort);
         throw invalidField(1);
       }
       default:
         throw invalidOpcode();
     }
+  }
+
+  /** LUN reset: SPC-2 reservations end (persistent ones stay, as SPC-4 says). */
+  reset(): void {
+    this.legacyHolder = undefined;
+  }
+
+  /** The I_T nexus is gone (logout, dropped connection): its RESERVE(6) ends with it. */
+  nexusLost(initiatorPort: string): void {
+    if (this.legacyHolder === initiatorPort) this.legacyHolder = undefined;
   }
 
   private reportLuns(cdb: Buffer): Buffer {

@@ -75,6 +75,7 @@ export function dataOutLength(cdb: Buffer): number {
     case ScsiOp.WRITE_AND_VERIFY_10:
     case ScsiOp.WRITE_AND_VERIFY_12:
     case ScsiOp.WRITE_AND_VERIFY_16:
+    case ScsiOp.ORWRITE_16:
       return decodeRange(cdb).blocks * BLOCK_SIZE;
     case ScsiOp.VERIFY_10:
     case ScsiOp.VERIFY_12:
@@ -197,6 +198,20 @@ export async function compareAndWrite(atomic: AtomicDevice, cdb: Buffer, data: B
   if (blocks === 0) return;
   const fua = forceFua || (cdb[1]! & 0x08) !== 0;
   await atomic.compareAndWrite(offset, data.subarray(0, length), data.subarray(length, 2 * length), fua);
+}
+
+/** ORWRITE(16) (SBC-3 5.8): each block becomes its old contents OR the data, atomically. */
+export async function orWrite(atomic: AtomicDevice, cdb: Buffer, data: Buffer, forceFua: boolean, swp: boolean): Promise<void> {
+  if (cdb[1]! & 0xe0) throw invalidField(1, 5);
+  const r = decodeRange(cdb);
+  const { offset, length } = checkRange(atomic, r, Limits.maxTransferBlocks, 10);
+  if (atomic.readOnly || swp) throw writeProtected();
+  if (length === 0) return;
+  const bits = data.subarray(0, length);
+  await atomic.readModifyWrite(offset, length, (cur) => {
+    for (let i = 0; i < cur.length; i++) cur[i] = cur[i]! | (bits[i] ?? 0);
+    return cur;
+  }, forceFua || (cdb[1]! & 0x08) !== 0);
 }
 
 export function readCapacity10(dev: BlockDevice, cdb: Buffer): Buffer {
