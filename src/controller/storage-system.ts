@@ -14,6 +14,8 @@ import { MemoryDevice } from '../blockdev/memory.js';
 import { openFileDevice } from '../blockdev/file.js';
 import type { BlockDevice, Extent, Payload, ZeroOptions } from '../blockdev/types.js';
 import { AtomicDevice } from '../blockdev/atomic.js';
+import { startSystemIscsi, type SystemIscsiSpec } from '../iscsi/wiring.js';
+import type { IscsiServer } from '../iscsi/server.js';
 import { ExportTable } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
 import { CacheMemory } from './cache.js';
@@ -35,7 +37,7 @@ export interface StorageSystemSpec {
   /** Absolute; omitted -> volumes in memory. */
   dataDir?: string;
   cache?: { size: number };
-  volumes: { id: number; size: number }[];
+  volumes: { id: number; size: number; iscsiTarget?: string }[];
   clusterSize: number;
   /** Pairs whose master and mirrors are all in this storage system. */
   pairs: PairSpec[];
@@ -47,6 +49,8 @@ export interface StorageSystemSpec {
   peers?: { id: number; peer: { host: string; port: number }; nbd: { host: string; port: number } }[];
   /** ms; default 5000. */
   peerTimeout?: number;
+  /** The iSCSI target of this storage system (docs/iscsi.md). */
+  iscsi?: SystemIscsiSpec;
 }
 
 interface Volume {
@@ -67,6 +71,7 @@ interface Volume {
 
 export class StorageSystem implements AdminTarget {
   readonly nbd: NbdServer;
+  iscsi?: IscsiServer;
   readonly daemon: SyncDaemon;
   readonly pairs = new Map<string, Pair>();
   readonly remotePairs = new Map<string, RemotePair>();
@@ -244,6 +249,8 @@ export class StorageSystem implements AdminTarget {
     const { spec } = this;
     this.nbdAddress = await this.nbd.listen({ kind: 'tcp', ...spec.nbd });
     if (spec.nbdSocket) await this.nbd.listen({ kind: 'unix', path: spec.nbdSocket });
+    const vols = spec.volumes.map((v) => ({ id: v.id, device: this.volumes.get(v.id)!.atomic!, target: v.iscsiTarget }));
+    if (spec.iscsi) this.iscsi = (await startSystemIscsi(spec.id, spec.iscsi, vols, spec.dataDir, this.log)).server;
     this.log.info({ nbd: this.nbdAddress, socket: spec.nbdSocket, volumes: [...this.volumes.keys()].map((v) => `vol${v}`) }, `storage system ${spec.id} serving NBD on ${this.nbdAddress}`);
     // Sessions start once our own NBD listener is up: the peers' data connections come to it.
     for (const link of this.links.values()) link.start();
@@ -361,6 +368,7 @@ export class StorageSystem implements AdminTarget {
 
   /** Graceful stop: finish NBD requests, stop the daemon, destage the cache, persist bitmaps. */
   async close(): Promise<void> {
+    await this.iscsi?.close();
     await this.nbd.close();
     await this.peerServer?.close();
     for (const l of this.links.values()) l.close();

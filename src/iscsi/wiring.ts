@@ -6,7 +6,8 @@ import type { BlockDevice } from '../blockdev/types.js';
 import type { AtomicDevice } from '../blockdev/atomic.js';
 import type { ChapSecrets } from './chap.js';
 import { LogicalUnit } from './scsi/lu.js';
-import type { AluaStateValue } from './scsi/types.js';
+import { AluaState, type AluaStateValue } from './scsi/types.js';
+import { readChapFile } from './chap-file.js';
 import { IscsiServer } from './server.js';
 import type { TargetSpec } from './target.js';
 
@@ -65,4 +66,44 @@ export async function startIscsi(w: IscsiWiring): Promise<{ server: IscsiServer;
   const server = new IscsiServer({ log: w.log, targets: [...targets.values()], portals: w.portals });
   const address = await server.listen(w.listen.host, w.listen.port);
   return { server, address, targets: [...targets.values()] };
+}
+
+/** The iSCSI part of a storage system's spec (the cluster layer fills it from the YAML). */
+export interface SystemIscsiSpec {
+  listen: { host: string; port: number };
+  target: string;
+  chapFile?: string;
+  allow?: string[];
+}
+
+/**
+ * Start the iSCSI target of a storage system: every volume a LUN (numbered by volume id) of the
+ * system's target, or LUN 0 of the target its YAML names. ALUA follows the device: a volume that
+ * refuses host writes (a mirror) is standby, one that takes them (master, simplex) active/optimized.
+ */
+export async function startSystemIscsi(
+  ssId: number,
+  spec: SystemIscsiSpec,
+  volumes: Array<{ id: number; device: AtomicDevice; target?: string }>,
+  dataDir: string | undefined,
+  log: Logger,
+): Promise<{ server: IscsiServer; address: string }> {
+  const r = await startIscsi({
+    listen: spec.listen,
+    target: spec.target,
+    chap: spec.chapFile ? readChapFile(spec.chapFile) : undefined,
+    allow: spec.allow,
+    dataDir,
+    log,
+    volumes: volumes.map((v) => ({
+      lun: v.target ? 0 : v.id,
+      serial: `ss${ssId}-vol${v.id}`,
+      device: v.device,
+      atomic: v.device,
+      target: v.target,
+      alua: () => (v.device.readOnly ? AluaState.STANDBY : AluaState.ACTIVE_OPTIMIZED),
+    })),
+  });
+  log.info({ address: r.address, targets: r.targets.map((t) => t.name) }, `iSCSI: listening on ${r.address}`);
+  return { server: r.server, address: r.address };
 }
