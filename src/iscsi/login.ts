@@ -90,7 +90,12 @@ export class LoginPhase {
     if (!this.initiatorName) this.declare(keys);
     const text: TextPairs = [];
 
-    if (req.csg === Stage.SECURITY) text.push(...this.security(keys));
+    if (req.csg === Stage.SECURITY) {
+      text.push(...this.security(keys));
+      // Operational keys sent in the security stage (by an initiator going straight to full
+      // feature phase) are answered here, as LIO and tgt do; otherwise they would go unnegotiated.
+      text.push(...negotiate(pairs, this.params, this.discovery));
+    }
     else if (this.stage === Stage.SECURITY) {
       // Skipping the security stage is allowed only when the target needs no authentication.
       if (this.target?.chap) throw new LoginError(LoginStatus.AUTH_FAILED, 'the target requires CHAP; the initiator skipped authentication');
