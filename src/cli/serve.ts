@@ -6,6 +6,11 @@ import { DEFAULT_PORT } from '../protocol/constants.js';
 import { MemoryDevice } from '../blockdev/memory.js';
 import { openFileDevice } from '../blockdev/file.js';
 import type { BlockDevice } from '../blockdev/types.js';
+import { AtomicDevice } from '../blockdev/atomic.js';
+import { FilterDevice } from '../blockdev/filter.js';
+import { startIscsi } from '../iscsi/wiring.js';
+import { readChapFile } from '../iscsi/chap-file.js';
+import { DEFAULT_ISCSI_PORT } from '../protocol/iscsi/constants.js';
 import { ExportTable } from '../nbd/exports.js';
 import { NbdServer, type ListenSpec } from '../nbd/server.js';
 import { createLogger } from '../util/log.js';
@@ -22,6 +27,10 @@ interface ServeOptions {
   socket?: string;
   readOnly?: boolean;
   description?: string;
+  iscsi?: string;
+  iscsiTarget: string;
+  iscsiChapFile?: string;
+  iscsiAllow?: string[];
 }
 
 export function serveCommand(program: Command): void {
@@ -35,6 +44,10 @@ export function serveCommand(program: Command): void {
     .option('--socket <path>', 'listen on a unix socket')
     .option('--read-only', 'refuse writes (EPERM)')
     .option('--description <text>', 'export description shown by nbdinfo and LIST', '')
+    .option('--iscsi <host:port>', 'also serve the same device as LUN 0 of an iSCSI target (port 3260 by default)')
+    .option('--iscsi-target <iqn>', 'iSCSI target name', 'iqn.2026-12.org.blockmirror:serve')
+    .option('--iscsi-chap-file <path>', 'require CHAP: the file holds "USER:SECRET", and a second line "USER:SECRET" for mutual CHAP')
+    .option('--iscsi-allow <entry...>', 'initiators allowed to log in: IQN patterns (* wildcard) and CIDRs')
     .action(async (opts: ServeOptions, cmd: Command) => {
       const log = createLogger(cmd.optsWithGlobals().logLevel as string);
       await serve(opts, log);
@@ -82,7 +95,8 @@ async function serve(opts: ServeOptions, log: Logger): Promise<void> {
   } else device = new MemoryDevice(size!, false);
 
   const exports = new ExportTable();
-  exports.add({ name: opts.name, description: opts.description ?? '', device, readOnly: opts.readOnly === true });
+  const host = new AtomicDevice(device);
+  exports.add({ name: opts.name, description: opts.description ?? '', device: host, readOnly: opts.readOnly === true });
   exports.defaultName = opts.name;
   const server = new NbdServer({ exports, log });
 
@@ -100,8 +114,31 @@ async function serve(opts: ServeOptions, log: Logger): Promise<void> {
     log.info({ uri, size: device.size, backend: opts.file ? 'file' : 'memory', readOnly: opts.readOnly === true }, `listening: ${uri} (${formatSize(device.size)})`);
   }
 
+  const iscsi = opts.iscsi
+    ? await startIscsi({
+        listen: parseListen(opts.iscsi.includes(':') ? opts.iscsi : `${opts.iscsi}:${DEFAULT_ISCSI_PORT}`),
+        target: opts.iscsiTarget,
+        chap: opts.iscsiChapFile !== undefined ? readChapFile(opts.iscsiChapFile) : undefined,
+        allow: opts.iscsiAllow,
+        volumes: [{ lun: 0, serial: opts.name, device: opts.readOnly ? new ReadOnlyView(host) : host, atomic: opts.readOnly ? undefined : host }],
+        log,
+      }).catch(async (e: Error) => {
+        await device.close();
+        throw new Error(`cannot serve iSCSI on ${opts.iscsi}: ${e.message}`);
+      })
+    : undefined;
+  if (iscsi) log.info({ uri: `iscsi://${iscsi.address}/${opts.iscsiTarget}/0` }, `listening: iscsi://${iscsi.address}/${opts.iscsiTarget}/0`);
+
   await runUntilSignal(log, async () => {
+    await iscsi?.server.close();
     await server.close();
     await device.close();
   });
+}
+
+/** --read-only for iSCSI: the LU reports write protection from the device it is given. */
+class ReadOnlyView extends FilterDevice {
+  override get readOnly(): boolean {
+    return true;
+  }
 }

@@ -39,6 +39,7 @@ export function specFor(config: ClusterConfig, id: number): StorageSystemSpec {
     admin: `${ss.admin.host}:${ss.admin.port}`,
     ...(ss.dataDir ? { dataDir: ss.dataDir } : {}),
     ...(ss.cache ? { cache: ss.cache } : {}),
+    ...(ss.iscsi ? { iscsi: ss.iscsi } : {}),
     volumes: ss.volumes,
     clusterSize: config.clusterSize,
     pairs: local.map((p) => ({ name: p.name, mode: p.mode, master: p.master, mirrors: p.mirrors, fence: p.fence, ...(p.syncRate !== undefined ? { syncRate: p.syncRate } : {}) })),

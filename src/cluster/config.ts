@@ -24,9 +24,22 @@ export interface HostPort {
   port: number;
 }
 
+/** iSCSI per storage system (docs/iscsi.md): one target per storage system, each volume a LUN. */
+export interface IscsiConfig {
+  listen: HostPort;
+  /** Default iqn.2026-12.org.blockmirror:ssN. */
+  target: string;
+  /** Absolute; USER:SECRET, optionally a second line for mutual CHAP. */
+  chapFile?: string;
+  /** IQN patterns and CIDRs. */
+  allow?: string[];
+}
+
 export interface VolumeConfig {
   id: number;
   size: number;
+  /** A target of its own for this volume (LUN 0) instead of the storage system's target. */
+  iscsiTarget?: string;
 }
 
 export interface StorageSystemConfig {
@@ -44,6 +57,7 @@ export interface StorageSystemConfig {
   dataDir?: string;
   cache?: { size: number };
   volumes: VolumeConfig[];
+  iscsi?: IscsiConfig;
 }
 
 export interface PairConfig {
@@ -314,7 +328,25 @@ export const pairName = leaf((v) =>
 );
 
 export const VolRefSchema = mapping({ ss: id, vol: id });
-export const VolumeSchema = mapping({ id, size: volumeSize });
+// iSCSI names (RFC 3720 3.2.6): iqn.YYYY-MM.reversed.domain[:anything] or eui.16HEX.
+export const iscsiName = leaf((v) =>
+  typeof v === 'string' && /^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[a-z0-9.:_-]+)?|eui\.[0-9a-f]{16})$/i.test(v) && v.length <= 223
+    ? v.toLowerCase()
+    : fail(`expected an iSCSI name like iqn.2026-12.org.example:disk1, got ${show(v)}`),
+);
+// "HOST:PORT", or "HOST" alone for the iSCSI port 3260.
+export const iscsiAddress = leaf((v): HostPort => {
+  if (typeof v !== 'string') fail(`expected an address HOST:PORT (port 3260 if omitted), got ${show(v)}`);
+  const m = /^(?:\[([^\]]*)\]|([A-Za-z0-9.-]+))(?::(\d{1,5}))?$/.exec(v);
+  if (!m || (m[1] !== undefined && !net.isIPv6(m[1]))) fail(`invalid iSCSI address ${JSON.stringify(v)} (expected HOST:PORT, e.g. 127.0.0.1:3260)`);
+  const port = m![3] === undefined ? 3260 : Number(m![3]);
+  if (port > 65535) fail(`invalid port ${port} in ${JSON.stringify(v)}`);
+  return { host: m![1] ?? m![2]!, port };
+});
+export const allowEntry = leaf((v) =>
+  typeof v === 'string' && v.length > 0 && v.length <= 255 ? v : fail(`expected an IQN pattern or a CIDR, got ${show(v)}`),
+);
+export const VolumeSchema = mapping({ id, size: volumeSize, iscsiTarget: iscsiName.optional() });
 export const CacheSchema = mapping({ size: cacheSize });
 export const StorageSystemSchema = mapping({
   id,
@@ -325,6 +357,10 @@ export const StorageSystemSchema = mapping({
   dataDir: filePath.optional(),
   cache: CacheSchema.optional(),
   volumes: list(VolumeSchema),
+  iscsi: iscsiAddress.optional(),
+  iscsiTarget: iscsiName.optional(),
+  iscsiChapFile: filePath.optional(),
+  iscsiAllow: list(allowEntry).optional(),
 });
 export const PairSchema = mapping({
   name: pairName,
@@ -446,6 +482,13 @@ export function build(p: Parsed, source: string, baseDir: string, problems: RawP
       if (ss.peer.port === 0) problems.push({ path: ['storageSystems', i, 'peer'], message: 'the peer port cannot be 0: the other storage systems must know where to reach this one' });
     }
     if (ss.dataDir !== undefined) out.dataDir = path.resolve(baseDir, ss.dataDir);
+    if (ss.iscsi !== undefined) {
+      out.iscsi = { listen: ss.iscsi, target: ss.iscsiTarget ?? `iqn.2026-12.org.blockmirror:ss${ss.id}` };
+      if (ss.iscsiChapFile !== undefined) out.iscsi.chapFile = path.resolve(baseDir, ss.iscsiChapFile);
+      if (ss.iscsiAllow !== undefined) out.iscsi.allow = ss.iscsiAllow;
+    } else if (ss.iscsiTarget !== undefined || ss.iscsiChapFile !== undefined || ss.iscsiAllow !== undefined) {
+      problems.push({ path: ['storageSystems', i, 'iscsi'], message: 'iscsiTarget, iscsiChapFile and iscsiAllow need iscsi: HOST:PORT on the same storage system' });
+    }
     if (ss.cache !== undefined) out.cache = { size: ss.cache.size };
     return out;
   });

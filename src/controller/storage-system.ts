@@ -9,6 +9,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { describeFault, type VolumeFault } from '../blockdev/fault.js';
+import { startSystemIscsi, type SystemIscsiSpec } from '../iscsi/wiring.js';
+import type { IscsiServer } from '../iscsi/server.js';
 import { ExportTable } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
 import { FileBitmapStore, MemoryBitmapStore } from './bitmap-store.js';
@@ -44,7 +46,7 @@ export interface StorageSystemSpec {
   /** Absolute; omitted -> volumes in memory. */
   dataDir?: string;
   cache?: { size: number };
-  volumes: { id: number; size: number }[];
+  volumes: { id: number; size: number; iscsiTarget?: string }[];
   clusterSize: number;
   /** Pairs whose master and mirrors are all in this storage system. */
   pairs: PairSpec[];
@@ -56,6 +58,8 @@ export interface StorageSystemSpec {
   peers?: { id: number; peer: { host: string; port: number }; nbd: { host: string; port: number } }[];
   /** ms; default 5000. */
   peerTimeout?: number;
+  /** The iSCSI target of this storage system (docs/iscsi.md). */
+  iscsi?: SystemIscsiSpec;
   /** Faults to inject from the start (the YAML's `faults:` that concern this storage system). */
   faults?: FaultRequest[];
 }
@@ -72,6 +76,7 @@ export interface ClusterHooks {
 
 export class StorageSystem implements AdminTarget {
   readonly nbd: NbdServer;
+  iscsi?: IscsiServer;
   readonly daemon: SyncDaemon;
   /** Every pair whose volumes this storage system holds, whatever its kind. */
   readonly pairs = new Map<string, PairController>();
@@ -196,6 +201,9 @@ export class StorageSystem implements AdminTarget {
     const { spec } = this;
     this.nbdAddress = await this.nbd.listen({ kind: 'tcp', ...spec.nbd });
     if (spec.nbdSocket) await this.nbd.listen({ kind: 'unix', path: spec.nbdSocket });
+    // iSCSI serves the same host devices as NBD: one controller path, and COMPARE AND WRITE atomic across both.
+    const vols = spec.volumes.map((v) => ({ id: v.id, device: this.volumes.get(v.id)!.atomic!, ...(v.iscsiTarget ? { target: v.iscsiTarget } : {}) }));
+    if (spec.iscsi) this.iscsi = (await startSystemIscsi(spec.id, spec.iscsi, vols, spec.dataDir, this.log)).server;
     this.log.info({ nbd: this.nbdAddress, socket: spec.nbdSocket, volumes: [...this.volumes.keys()].map((v) => `vol${v}`) }, `storage system ${spec.id} serving NBD on ${this.nbdAddress}`);
     // Sessions start once our own NBD listener is up: the peers' data connections come to it.
     for (const link of this.links.values()) link.start();
@@ -359,6 +367,7 @@ export class StorageSystem implements AdminTarget {
 
   /** Graceful stop: finish NBD requests, stop the daemon, destage the cache, persist bitmaps. */
   async close(): Promise<void> {
+    await this.iscsi?.close();
     await this.nbd.close();
     await this.peerServer?.close();
     for (const l of this.links.values()) l.close();

@@ -1,6 +1,8 @@
 // The stack of one volume, composed here and nowhere else. Top to bottom:
 //
 //   layer            file                       what it does
+//   AtomicDevice     blockdev/atomic            range locks: COMPARE AND WRITE atomic against every
+//                                               write, from NBD and iSCSI alike
 //   CountingDevice   controller/volume-stats    host I/O counters and latency (what hosts asked)
 //   GuardDevice      blockdev/guard             refuses all I/O (ESHUTDOWN) while the storage
 //                                               system cannot prove it masters the pair (etcd
@@ -19,6 +21,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { FaultDevice, FaultSet } from '../blockdev/fault.js';
 import { openFileDevice } from '../blockdev/file.js';
+import { AtomicDevice } from '../blockdev/atomic.js';
 import { GuardDevice, type Guard } from '../blockdev/guard.js';
 import { MemoryDevice } from '../blockdev/memory.js';
 import type { BlockDevice } from '../blockdev/types.js';
@@ -44,8 +47,10 @@ export interface VolumeStack {
   owner: BlockDevice;
   /** The backing file was created by this start (so it holds only zeroes). */
   createdEmpty: boolean;
-  /** What hosts reach, once host() has built the top half. */
+  /** The host I/O counters, once buildHostStack has built the top half. */
   host?: CountingDevice;
+  /** What every front end (NBD, iSCSI) reaches: the top of the stack. */
+  atomic?: AtomicDevice;
 }
 
 /** The bottom half: backend, cache memory, fault layer. `dataDir` absent means memory. */
@@ -67,10 +72,11 @@ export async function openVolumeStack(ssId: number, v: VolumeSpec, opts: { dataD
  * The top half: the pair layer the volume's pair hands out (or none for a simplex volume),
  * then the host counters. Returns what the front ends export.
  */
-export function buildHostStack(v: VolumeStack, pairLayer: BlockDevice | undefined, guard?: Guard): CountingDevice {
+export function buildHostStack(v: VolumeStack, pairLayer: BlockDevice | undefined, guard?: Guard): AtomicDevice {
   const below = pairLayer ?? v.device;
   v.host = new CountingDevice(guard ? new GuardDevice(below, guard) : below);
-  return v.host;
+  v.atomic = new AtomicDevice(v.host);
+  return v.atomic;
 }
 
 /** Close a volume: the cache destages and closes the backend; without one, the backend closes. */

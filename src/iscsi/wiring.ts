@@ -1,0 +1,109 @@
+// Builds and starts an iSCSI server for a set of volumes: used by `blockmirror serve --iscsi` and
+// by StorageSystem (one target per storage system, each volume a LUN, or a target per volume).
+import path from 'node:path';
+import type { Logger } from 'pino';
+import type { BlockDevice } from '../blockdev/types.js';
+import type { AtomicDevice } from '../blockdev/atomic.js';
+import type { ChapSecrets } from './chap.js';
+import { LogicalUnit } from './scsi/lu.js';
+import { AluaState, type AluaStateValue } from './scsi/types.js';
+import { readChapFile } from './chap-file.js';
+import { IscsiServer } from './server.js';
+import type { TargetSpec } from './target.js';
+
+export interface IscsiVolume {
+  /** LUN within its target. */
+  lun: number;
+  /** Unit serial number (e.g. "ss1-vol3"). */
+  serial: string;
+  device: BlockDevice;
+  atomic?: AtomicDevice;
+  alua?: () => AluaStateValue;
+  /** A target of its own instead of the default one. */
+  target?: string;
+}
+
+export interface IscsiWiring {
+  listen: { host: string; port: number };
+  /** Default target name, for volumes that name none. */
+  target: string;
+  volumes: IscsiVolume[];
+  chap?: ChapSecrets;
+  allow?: string[];
+  /** Addresses SendTargets reports; default: the listen address. */
+  portals?: string[];
+  /** Directory for persistent-reservation state (one JSON per LUN); none keeps it in memory. */
+  dataDir?: string;
+  log: Logger;
+}
+
+export async function startIscsi(w: IscsiWiring): Promise<{ server: IscsiServer; address: string; targets: TargetSpec[] }> {
+  const targets = new Map<string, TargetSpec>();
+  for (const v of w.volumes) {
+    const name = (v.target ?? w.target).toLowerCase();
+    let t = targets.get(name);
+    if (!t) {
+      const luns = new Map<number, LogicalUnit>();
+      t = { name, luns, chap: w.chap, allow: w.allow };
+      targets.set(name, t);
+    }
+    const luns = t.luns;
+    if (luns.has(v.lun)) throw new Error(`iSCSI target ${name}: LUN ${v.lun} used twice`);
+    luns.set(
+      v.lun,
+      new LogicalUnit({
+        lun: v.lun,
+        device: v.device,
+        atomic: v.atomic,
+        serial: v.serial,
+        targetName: name,
+        alua: v.alua,
+        prFile: w.dataDir ? path.join(w.dataDir, `${v.serial}.pr.json`) : undefined,
+        luns: () => [...luns.keys()].sort((a, b) => a - b),
+      }),
+    );
+  }
+  const server = new IscsiServer({ log: w.log, targets: [...targets.values()], portals: w.portals });
+  const address = await server.listen(w.listen.host, w.listen.port);
+  return { server, address, targets: [...targets.values()] };
+}
+
+/** The iSCSI part of a storage system's spec (the cluster layer fills it from the YAML). */
+export interface SystemIscsiSpec {
+  listen: { host: string; port: number };
+  target: string;
+  chapFile?: string;
+  allow?: string[];
+}
+
+/**
+ * Start the iSCSI target of a storage system: every volume a LUN (numbered by volume id) of the
+ * system's target, or LUN 0 of the target its YAML names. ALUA follows the device: a volume that
+ * refuses host writes (a mirror) is standby, one that takes them (master, simplex) active/optimized.
+ */
+export async function startSystemIscsi(
+  ssId: number,
+  spec: SystemIscsiSpec,
+  volumes: Array<{ id: number; device: AtomicDevice; target?: string }>,
+  dataDir: string | undefined,
+  log: Logger,
+): Promise<{ server: IscsiServer; address: string }> {
+  const r = await startIscsi({
+    listen: spec.listen,
+    target: spec.target,
+    chap: spec.chapFile ? readChapFile(spec.chapFile) : undefined,
+    allow: spec.allow,
+    dataDir,
+    log,
+    volumes: volumes.map((v) => ({
+      lun: v.target ? 0 : v.id,
+      serial: `ss${ssId}-vol${v.id}`,
+      device: v.device,
+      atomic: v.device,
+      target: v.target,
+      alua: () => (v.device.readOnly ? AluaState.STANDBY : AluaState.ACTIVE_OPTIMIZED),
+    })),
+  });
+  log.info({ address: r.address, targets: r.targets.map((t) => t.name) }, `iSCSI: listening on ${r.address}`);
+  return { server: r.server, address: r.address };
+}

@@ -1,0 +1,155 @@
+// Cuts a byte stream into PDUs. A state table in the libnbd manner: each state wants a number of
+// bytes; once the queue holds them, the state decodes and moves on.
+//
+//   state   wants                                   then
+//   BHS     48                                      AHS (or HDIGEST, DATA)
+//   AHS     TotalAHSLength                          HDIGEST if header digests, else DATA
+//   HDIGEST 4                                       check, DATA
+//   DATA    DataSegmentLength + padding             DDIGEST if data digests (and data), else emit
+//   DDIGEST 4                                       check, emit
+//
+// A data segment longer than the negotiated MaxRecvDataSegmentLength is not buffered: it is read and
+// thrown away as it arrives (bounded memory), and the frame is emitted with `oversize` so the
+// connection can answer with a Reject and stay in sync.
+import { ByteQueue } from '../byte-queue.js';
+import { BHS_LENGTH, DIGEST_LENGTH } from './constants.js';
+import { digest, pad4 } from './digest.js';
+
+export interface Frame {
+  /** The raw 48-byte header (decode with decodeBhs). */
+  bhs: Buffer;
+  ahs: Buffer;
+  /** The data segment without padding (empty when oversize). */
+  data: Buffer;
+  /** DataSegmentLength as the header said. */
+  dataLength: number;
+  headerDigestOk: boolean;
+  dataDigestOk: boolean;
+  oversize: boolean;
+}
+
+export interface FramerLimits {
+  headerDigest: boolean;
+  dataDigest: boolean;
+  /** Our MaxRecvDataSegmentLength: the most we accept in one data segment. */
+  maxRecvDataSegmentLength: number;
+}
+
+const EMPTY = Buffer.alloc(0);
+
+export class PduFramer {
+  private readonly q = new ByteQueue();
+  private cur: Partial<Frame> & { state: 'BHS' | 'AHS' | 'HDIGEST' | 'DATA' | 'DDIGEST'; skipLeft: number } = { state: 'BHS', skipLeft: 0 };
+
+  constructor(public limits: FramerLimits) {}
+
+  /** Bytes queued but not yet framed (for backpressure). */
+  get buffered(): number {
+    return this.q.length;
+  }
+
+  push(chunk: Buffer): void {
+    this.q.push(chunk);
+  }
+
+  /** The next complete frame, or undefined when more bytes are needed. */
+  next(): Frame | undefined {
+    const c = this.cur;
+    const L = this.limits;
+    for (;;) {
+      switch (c.state) {
+        case 'BHS': {
+          if (this.q.length < BHS_LENGTH) return undefined;
+          c.bhs = Buffer.from(this.q.take(BHS_LENGTH)); // own copy: the header outlives the chunk
+          c.dataLength = c.bhs.readUIntBE(5, 3);
+          c.oversize = c.dataLength > L.maxRecvDataSegmentLength;
+          c.state = 'AHS';
+          break;
+        }
+        case 'AHS': {
+          const n = c.bhs![4]! * 4;
+          if (this.q.length < n) return undefined;
+          c.ahs = n ? Buffer.from(this.q.take(n)) : EMPTY;
+          c.state = L.headerDigest ? 'HDIGEST' : 'DATA';
+          c.headerDigestOk = true;
+          c.skipLeft = c.dataLength! + pad4(c.dataLength!);
+          break;
+        }
+        case 'HDIGEST': {
+          if (this.q.length < DIGEST_LENGTH) return undefined;
+          const got = this.q.take(DIGEST_LENGTH).readUInt32LE(0);
+          c.headerDigestOk = got === digest([c.bhs!, c.ahs!]);
+          c.state = 'DATA';
+          break;
+        }
+        case 'DATA': {
+          const total = c.dataLength! + pad4(c.dataLength!);
+          if (c.oversize) {
+            c.skipLeft -= this.q.skip(c.skipLeft);
+            if (c.skipLeft > 0) return undefined;
+            c.data = EMPTY;
+          } else {
+            if (this.q.length < total) return undefined;
+            const withPad = total ? Buffer.from(this.q.take(total)) : EMPTY;
+            c.data = withPad.subarray(0, c.dataLength);
+            c.skipLeft = 0;
+            (c as { padded?: Buffer }).padded = withPad;
+          }
+          c.dataDigestOk = true;
+          if (L.dataDigest && c.dataLength! > 0) c.state = 'DDIGEST';
+          else return this.emit();
+          break;
+        }
+        case 'DDIGEST': {
+          if (this.q.length < DIGEST_LENGTH) return undefined;
+          const got = this.q.take(DIGEST_LENGTH).readUInt32LE(0);
+          const padded = (c as { padded?: Buffer }).padded;
+          c.dataDigestOk = c.oversize ? false : got === digest(padded!);
+          return this.emit();
+        }
+      }
+    }
+  }
+
+  private emit(): Frame {
+    const c = this.cur;
+    const f: Frame = {
+      bhs: c.bhs!,
+      ahs: c.ahs!,
+      data: c.data!,
+      dataLength: c.dataLength!,
+      headerDigestOk: c.headerDigestOk!,
+      dataDigestOk: c.dataDigestOk!,
+      oversize: c.oversize!,
+    };
+    this.cur = { state: 'BHS', skipLeft: 0 };
+    return f;
+  }
+}
+
+/** Serialise a PDU: header, AHS, header digest, data, padding, data digest, as a list to cork. */
+export function framePdu(bhs: Buffer, data: Buffer | undefined, opts: { headerDigest: boolean; dataDigest: boolean; ahs?: Buffer }): Buffer[] {
+  const ahs = opts.ahs ?? EMPTY;
+  const len = data?.length ?? 0;
+  bhs[4] = ahs.length / 4;
+  bhs.writeUIntBE(len, 5, 3);
+  const out: Buffer[] = [bhs];
+  if (ahs.length) out.push(ahs);
+  if (opts.headerDigest) out.push(u32le(digest(ahs.length ? [bhs, ahs] : bhs)));
+  if (len) {
+    out.push(data!);
+    const p = pad4(len);
+    const padding = p ? PADS[p]! : undefined;
+    if (padding) out.push(padding);
+    if (opts.dataDigest) out.push(u32le(digest(padding ? [data!, padding] : data!)));
+  }
+  return out;
+}
+
+const PADS = [EMPTY, Buffer.alloc(1), Buffer.alloc(2), Buffer.alloc(3)];
+
+function u32le(n: number): Buffer {
+  const b = Buffer.allocUnsafe(4);
+  b.writeUInt32LE(n >>> 0, 0);
+  return b;
+}

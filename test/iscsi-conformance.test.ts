@@ -1,0 +1,50 @@
+// libiscsi's iscsi-test-cu, the whole suite, against our target and against tgt in the same run.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import fs from 'node:fs';
+import path from 'node:path';
+import { requireTools } from './helpers/clients.js';
+import { parseCu, startIscsiServe, startTgtd, type CuSummary, type IscsiServe, type Tgtd } from './helpers/iscsi.js';
+import { run, tmpDir } from './helpers/servers.js';
+
+const SIZE = 256 << 20;
+
+describe('iscsi-test-cu -t ALL --dataloss', () => {
+  let ours: IscsiServe;
+  let tgt: Tgtd;
+  let dir: string;
+
+  beforeAll(async () => {
+    requireTools('iscsi-test-cu', 'tgtd', 'tgtadm');
+    dir = tmpDir('bm-iscsi-cu-');
+    const file = path.join(dir, 'tgt.img');
+    fs.writeFileSync(file, '');
+    fs.truncateSync(file, SIZE);
+    ours = await startIscsiServe(['--size', '256MiB']);
+    tgt = await startTgtd(file);
+  }, 60_000);
+
+  afterAll(async () => {
+    await ours?.stop();
+    await tgt?.stop();
+    if (dir) fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  async function suite(url: string): Promise<CuSummary> {
+    // iscsi-test-cu writes CUnit files into its working directory.
+    const r = await run('nice', ['-n', '10', 'iscsi-test-cu', '-d', '-t', 'ALL', url], { timeoutMs: 280_000, cwd: dir });
+    return parseCu(r.stdout + r.stderr);
+  }
+
+  it('passes every test on our target and skips fewer as "not implemented" than tgt', async () => {
+    const mine = await suite(ours.lunUrl);
+    const theirs = await suite(tgt.lunUrl);
+    const report = { ours: { run: mine.run, passed: mine.passed, failed: mine.failures, notImplemented: mine.notImplemented.length }, tgt: { run: theirs.run, passed: theirs.passed, failed: theirs.failures, notImplemented: theirs.notImplemented.length } };
+    console.log(JSON.stringify(report, null, 1));
+    expect(mine.run).toBeGreaterThanOrEqual(200);
+    expect(mine.failures).toEqual([]);
+    expect(mine.failed).toBe(0);
+    expect(mine.passed).toBe(mine.run);
+    expect(theirs.run).toBeGreaterThanOrEqual(200); // tgt really ran, so the comparison means something
+    expect(mine.notImplemented.length).toBeLessThan(theirs.notImplemented.length);
+  }, 600_000);
+});
