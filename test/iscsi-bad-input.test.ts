@@ -10,70 +10,8 @@ import { framePdu, PduFramer, type Frame } from '../src/protocol/iscsi/framer.js
 import { encodeText, parseText } from '../src/protocol/iscsi/text.js';
 import { requireTools } from './helpers/clients.js';
 import { startIscsiServe, type IscsiServe } from './helpers/iscsi.js';
+import { RawInitiator } from './helpers/iscsi-raw.js';
 import { run } from './helpers/servers.js';
-
-/** A bare-bones initiator: one connection, PDUs in and out, for feeding a target what no real initiator sends. */
-class RawInitiator {
-  readonly framer: PduFramer;
-  private frames: Frame[] = [];
-  private waiters: Array<() => void> = [];
-  closed = false;
-  cmdSN = 1;
-  digests = false;
-
-  constructor(readonly sock: net.Socket) {
-    this.framer = new PduFramer({ headerDigest: false, dataDigest: false, maxRecvDataSegmentLength: 1 << 20 });
-    sock.on('data', (d) => {
-      this.framer.push(d);
-      for (let f = this.framer.next(); f; f = this.framer.next()) this.frames.push(f);
-      this.wake();
-    });
-    sock.on('close', () => ((this.closed = true), this.wake()));
-    sock.on('error', () => undefined);
-  }
-
-  static connect(port: number): Promise<RawInitiator> {
-    return new Promise((resolve, reject) => {
-      const s = net.connect({ host: '127.0.0.1', port }, () => resolve(new RawInitiator(s)));
-      s.once('error', reject);
-    });
-  }
-
-  private wake(): void {
-    for (const w of this.waiters.splice(0)) w();
-  }
-
-  send(bhs: Buffer, data?: Buffer): void {
-    for (const b of framePdu(bhs, data, { headerDigest: this.digests, dataDigest: this.digests })) this.sock.write(b);
-  }
-
-  /** The next PDU, or undefined when the target closed the connection. */
-  async next(): Promise<Frame | undefined> {
-    for (;;) {
-      const f = this.frames.shift();
-      if (f) return f;
-      if (this.closed) return undefined;
-      await new Promise<void>((r) => this.waiters.push(r));
-    }
-  }
-
-  async login(target: string, keys: Array<[string, string]> = []): Promise<Frame> {
-    const text = encodeText([['InitiatorName', 'iqn.2026-12.test:raw'], ['TargetName', target], ['SessionType', 'Normal'], ['AuthMethod', 'None'], ...keys]);
-    this.send(encodeBhs({ opcode: Op.LOGIN_REQ, immediate: true, transit: true, csg: 0, nsg: 3, isid: 0x800000000001 + Math.floor(Math.random() * 1000), itt: 1, cmdSN: this.cmdSN }), text);
-    const f = await this.next();
-    if (!f) throw new Error('target closed the connection during login');
-    return f;
-  }
-
-  async ping(itt: number): Promise<Frame | undefined> {
-    this.send(encodeBhs({ opcode: Op.NOP_OUT, immediate: true, final: true, itt, ttt: 0xffffffff, cmdSN: this.cmdSN }));
-    return this.next();
-  }
-
-  close(): void {
-    this.sock.destroy();
-  }
-}
 
 describe('bad input to the iSCSI target', () => {
   let s: IscsiServe;

@@ -24,6 +24,7 @@ import type { LogicalUnit } from './scsi/lu.js';
 import type { ScsiResult } from './scsi/types.js';
 import type { TargetSpec } from './target.js';
 import { AllowList } from './target.js';
+import { anyReportLuns, lunField, lunOf } from './luns.js';
 
 export interface ConnectionHooks {
   log: Logger;
@@ -333,7 +334,8 @@ export class IscsiConnection {
   }
 
   private onLogout(bhs: Bhs<typeof Op.LOGOUT_REQ>): void {
-    const ok = bhs.reason <= 2 && (bhs.reason !== 2 || false);
+    // Closing the session or this connection; removing a connection for recovery needs ERL 2.
+    const ok = bhs.reason === 0 || bhs.reason === 1;
     this.send({ opcode: Op.LOGOUT_RESP, final: true, response: ok ? LogoutResponse.OK : LogoutResponse.RECOVERY_UNSUPPORTED, itt: bhs.itt, time2Wait: 0, time2Retain: 0 }, undefined, true);
     if (ok) {
       this.phase = 'closed';
@@ -433,6 +435,8 @@ export class IscsiConnection {
   private onScsiCommand(bhs: Bhs<typeof Op.SCSI_CMD>, data: Buffer): void {
     const p = this.params!;
     if (this.tasks.has(bhs.itt)) return this.reject(encodeBhs({ ...bhs }), RejectReason.TASK_IN_PROGRESS);
+    // Immediate commands sit outside the CmdSN window: bound them by the queue depth too.
+    if (bhs.immediate && this.tasks.size >= this.hooks.queueDepth) return this.reject(encodeBhs({ ...bhs }), RejectReason.IMMEDIATE_COMMAND_REJECT);
     this.counters.commands++;
     const task: Task = {
       itt: bhs.itt, cmdSN: bhs.cmdSN, lunId: lunOf(bhs.lun), cdb: Buffer.from(bhs.cdb), edtl: bhs.expectedDataTransferLength, read: bhs.read, write: bhs.write,
@@ -611,26 +615,4 @@ export class IscsiConnection {
       true,
     );
   }
-}
-
-/** LUN field (SAM-5 single level): peripheral addressing below 256, flat space above. */
-export function lunOf(lun: bigint): number {
-  const top = Number(lun >> 48n);
-  return (top >> 14) === 1 ? top & 0x3fff : (top >> 8) === 0 ? top & 0xff : -1;
-}
-
-function lunField(id: number): bigint {
-  return id < 256 ? BigInt(id) << 48n : BigInt(0x4000 | id) << 48n;
-}
-
-function anyReportLuns(t: TargetSpec, cdb: Buffer): ScsiResult {
-  const luns = [...t.luns.keys()].sort((a, b) => a - b);
-  const b = Buffer.alloc(8 + luns.length * 8);
-  b.writeUInt32BE(luns.length * 8, 0);
-  luns.forEach((l, i) => {
-    if (l < 256) b[9 + i * 8] = l;
-    else b.writeUInt16BE(0x4000 | l, 8 + i * 8);
-  });
-  if (cdb.readUInt32BE(6) < 16) return { status: Status.CHECK_CONDITION, sense: fixedSense({ key: SenseKey.ILLEGAL_REQUEST, asc: Asc.INVALID_FIELD_IN_CDB }) };
-  return { status: Status.GOOD, dataIn: b };
 }
