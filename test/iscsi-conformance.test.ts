@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { requireTools } from './helpers/clients.js';
 import { parseCu, startIscsiServe, startTgtd, type CuSummary, type IscsiServe, type Tgtd } from './helpers/iscsi.js';
-import { run, tmpDir } from './helpers/servers.js';
+import { freePort, run, tmpDir } from './helpers/servers.js';
 
 const SIZE = 256 << 20;
 
@@ -47,4 +47,31 @@ describe('iscsi-test-cu -t ALL --dataloss', () => {
     expect(theirs.run).toBeGreaterThanOrEqual(200); // tgt really ran, so the comparison means something
     expect(mine.notImplemented.length).toBeLessThan(theirs.notImplemented.length);
   }, 600_000);
+});
+
+describe('iscsi-test-cu multipath tests through two portals of one target', () => {
+  let mp: IscsiServe;
+  let second: number;
+  let dir: string;
+  beforeAll(async () => {
+    requireTools('iscsi-test-cu');
+    dir = tmpDir('bm-iscsi-mp-');
+    second = await freePort();
+    mp = await startIscsiServe(['--size', '64MiB', '--iscsi-portal', `127.0.0.1:${second}`]);
+  });
+  afterAll(async () => {
+    await mp?.stop();
+    if (dir) fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  // MultipathIO.Reset is left out: it needs unit attentions after a LUN reset, which we do not raise yet (docs/iscsi.md).
+  for (const t of ['Simple', 'CompareAndWrite', 'CompareAndWriteAsync']) {
+    it(`passes MultipathIO.${t} with one path per portal`, async () => {
+      const other = mp.lunUrl.replace(`:${mp.iscsiPort}/`, `:${second}/`);
+      const r = await run('iscsi-test-cu', ['-d', '-t', `ALL.MultipathIO.${t}`, mp.lunUrl, other], { timeoutMs: 120_000, cwd: dir });
+      const sum = parseCu(r.stdout + r.stderr);
+      expect(r.stdout + r.stderr).toContain('found matching LU device identifier for all (2) paths');
+      expect(sum).toMatchObject({ run: 1, passed: 1, failed: 0, skips: [] });
+    }, 150_000);
+  }
 });

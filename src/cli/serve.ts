@@ -31,6 +31,7 @@ interface ServeOptions {
   iscsiTarget: string;
   iscsiChapFile?: string;
   iscsiAllow?: string[];
+  iscsiPortal?: string[];
 }
 
 export function serveCommand(program: Command): void {
@@ -47,6 +48,7 @@ export function serveCommand(program: Command): void {
     .option('--iscsi <host:port>', 'also serve the same device as LUN 0 of an iSCSI target (port 3260 by default)')
     .option('--iscsi-target <iqn>', 'iSCSI target name', 'iqn.2026-12.org.blockmirror:serve')
     .option('--iscsi-chap-file <path>', 'require CHAP: the file holds "USER:SECRET", and a second line "USER:SECRET" for mutual CHAP')
+    .option('--iscsi-portal <host:port...>', 'more iSCSI listen addresses for the same target (multipath)')
     .option('--iscsi-allow <entry...>', 'initiators allowed to log in: IQN patterns (* wildcard) and CIDRs')
     .action(async (opts: ServeOptions, cmd: Command) => {
       const log = createLogger(cmd.optsWithGlobals().logLevel as string);
@@ -127,6 +129,10 @@ async function serve(opts: ServeOptions, log: Logger): Promise<void> {
         throw new Error(`cannot serve iSCSI on ${opts.iscsi}: ${e.message}`);
       })
     : undefined;
+  for (const p of opts.iscsiPortal ?? []) {
+    const { host: h, port } = parseListen(p);
+    await iscsi?.server.listen(h, port);
+  }
   if (iscsi) log.info({ uri: `iscsi://${iscsi.address}/${opts.iscsiTarget}/0` }, `listening: iscsi://${iscsi.address}/${opts.iscsiTarget}/0`);
 
   await runUntilSignal(log, async () => {
