@@ -5,20 +5,22 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import fs from 'node:fs';
 import path from 'node:path';
 import { requireTools } from './helpers/clients.js';
-import { freePort, run, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
+import { RawInitiator } from './helpers/iscsi-raw.js';
+import { CLI, freePort, run, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
 
 describe('a storage system with iscsi: in its YAML', () => {
   let dir: string;
   let c: RunningCluster;
   let iscsi: number;
   let nbd: number;
+  let admin: number;
   const target = 'iqn.2026-12.org.blockmirror:ss1';
 
   beforeAll(async () => {
     requireTools('iscsi-ls', 'qemu-io', 'iscsi-inq');
     dir = tmpDir('bm-iscsi-ss-');
     [iscsi, nbd] = [await freePort(), await freePort()];
-    const admin = await freePort();
+    admin = await freePort();
     fs.writeFileSync(
       path.join(dir, 'cluster.yaml'),
       `storageSystems:
@@ -62,5 +64,34 @@ pairs:
     expect(n.stdout + n.stderr).not.toMatch(/verification failed/);
     const bad = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x11 0 4k', `iscsi://127.0.0.1:${iscsi}/${target}/2`]);
     expect(bad.stdout + bad.stderr).toMatch(/write failed|Permission denied|read-only|protect/i);
+  });
+
+  it('lists the logged-in sessions in status, the CLI and the metrics, with their I/O, and forgets them at logout', async () => {
+    const ini = await RawInitiator.connect(iscsi);
+    try {
+      await ini.login(target);
+      // READ(10) of one block of LUN 1.
+      const read = await ini.scsi(1, Buffer.from([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]), { readLength: 512 });
+      expect(read.status).toBe(0);
+      const st = (await (await fetch(`http://127.0.0.1:${admin}/api/status`)).json()) as { storageSystems: { iscsi?: { address: string; sessions: { initiator: string; target: string; luns: number[]; commands: number; readBytes: number }[] } }[] };
+      const t = st.storageSystems[0]!.iscsi!;
+      expect(t.address).toBe(`127.0.0.1:${iscsi}`);
+      expect(t.sessions).toEqual([expect.objectContaining({ initiator: 'iqn.2026-12.test:raw', target, luns: [1, 2] })]);
+      expect(t.sessions[0]!.commands).toBeGreaterThanOrEqual(1);
+      expect(t.sessions[0]!.readBytes).toBe(512);
+      const cli = await run(process.execPath, [CLI, 'status', '-c', path.join(dir, 'cluster.yaml')]);
+      expect(cli.stdout).toMatch(/ISCSI SESSIONS\n.*INITIATOR.*\n\s+1\s+iqn\.2026-12\.test:raw\s+127\.0\.0\.1\s+iqn\.2026-12\.org\.blockmirror:ss1\s+1\s+1,2\s+\d+\s+512B/);
+      const metrics = await (await fetch(`http://127.0.0.1:${admin}/metrics`)).text();
+      expect(metrics).toContain('blockmirror_frontend_sessions{ss="1",protocol="iscsi"} 1');
+      expect(JSON.stringify(st)).not.toMatch(/secret/i);
+    } finally {
+      ini.sock.destroy();
+    }
+    for (let i = 0; i < 100; i++) {
+      const st = (await (await fetch(`http://127.0.0.1:${admin}/api/status`)).json()) as { storageSystems: { iscsi?: { sessions: unknown[] } }[] };
+      if (st.storageSystems[0]!.iscsi!.sessions.length === 0) return;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    throw new Error('the session was still listed after the initiator went away');
   });
 });

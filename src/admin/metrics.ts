@@ -25,6 +25,7 @@
 //   blockmirror_cache_misses_total             counter    ss
 //   blockmirror_nbd_connections                gauge      ss
 //   blockmirror_nbd_connections_total          counter    ss
+//   blockmirror_frontend_sessions              gauge      ss, protocol (nbd, iscsi)
 import type { FastifyInstance } from 'fastify';
 import { Counter, Gauge, Registry, type Metric } from 'prom-client';
 import type { AdminTarget, PairState, SSReport, TargetMetrics } from '../controller/status.js';
@@ -106,6 +107,14 @@ export function registerMetrics(app: FastifyInstance, target: AdminTarget, route
 
   gauge('blockmirror_nbd_connections', 'NBD connections open now (handshake done).', () => nbd().map(([l, n]) => [l, n.connections]));
   counter('blockmirror_nbd_connections_total', 'NBD connections accepted since start.', () => nbd().map(([l, n]) => [l, n.totalConnections]));
+  // Host sessions of every front end, by protocol: NBD connections and iSCSI sessions.
+  gauge('blockmirror_frontend_sessions', 'Host sessions open now, by protocol (nbd: connections; iscsi: logged-in sessions).', () => {
+    const m = snap.metrics;
+    if (!m) return [];
+    const rows: Row<number>[] = [[{ ss: self(), protocol: 'nbd' }, m.nbd.connections]];
+    if (m.iscsi) rows.push([{ ss: self(), protocol: 'iscsi' }, m.iscsi.sessions]);
+    return rows;
+  });
 
   route(app, 'GET', '/metrics', async (_req, reply) => {
     snap = { report: target.report(), metrics: target.metrics?.() };
@@ -118,6 +127,7 @@ export function registerMetrics(app: FastifyInstance, target: AdminTarget, route
 function labelNamesOf(name: string): string[] {
   if (name.startsWith('blockmirror_volume_')) return ['ss', 'vol'];
   if (name === 'blockmirror_pair_state') return ['ss', 'pair', 'state'];
+  if (name === 'blockmirror_frontend_sessions') return ['ss', 'protocol'];
   if (name.startsWith('blockmirror_pair_')) return ['ss', 'pair'];
   if (name.startsWith('blockmirror_mirror_') || name.startsWith('blockmirror_sync_')) return ['ss', 'pair', 'mirror'];
   return ['ss'];

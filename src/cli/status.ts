@@ -167,6 +167,21 @@ export function renderStatus(status: ClusterStatus): string {
     }
   }
 
+  const sessions = status.storageSystems.flatMap((s) => (s.reachable && s.iscsi ? s.iscsi.sessions.map((x) => ({ ss: s.id, x })) : []));
+  if (status.storageSystems.some((s) => s.reachable && s.iscsi)) {
+    out.push('', 'ISCSI SESSIONS');
+    if (sessions.length === 0) out.push('  (none logged in)');
+    else {
+      out.push(
+        ...table(
+          ['SS', 'INITIATOR', 'ADDRESS', 'TARGET', 'CONNS', 'LUNS', 'COMMANDS', 'READ', 'WRITTEN'],
+          sessions.map(({ ss, x }) => [String(ss), x.initiator, x.address, x.target, String(x.connections), x.luns.join(',') || '-', String(x.commands), humanBytes(x.readBytes), humanBytes(x.writeBytes)]),
+          'lllllrrrr',
+        ),
+      );
+    }
+  }
+
   if (status.etcd) {
     out.push('', 'LOGICAL VOLUMES (etcd)');
     if ('error' in status.etcd) out.push(`  ${status.etcd.error}`);

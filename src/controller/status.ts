@@ -37,6 +37,8 @@ export interface StorageSystemStatus {
   peers?: PeerStatus[];
   /** Faults injected now (fault-table.ts), if any. */
   faults?: FaultStatus[];
+  /** The iSCSI target of this storage system (docs/iscsi.md), with the sessions logged in now. */
+  iscsi?: { address: string; sessions: IscsiSessionStatus[] };
   volumes: VolumeStatus[];
 }
 
@@ -143,6 +145,19 @@ export function mergeReports(answers: ReportAnswer[], opts: { pairOrder?: readon
   return { storageSystems, pairs: order.filter((n) => pairs.has(n)).map((n) => pairs.get(n)!.row) };
 }
 
+/** One iSCSI session logged in to a storage system's target (secrets never appear here). */
+export interface IscsiSessionStatus {
+  initiator: string;
+  /** The initiator's IP address. */
+  address: string;
+  target: string;
+  connections: number;
+  luns: number[];
+  commands: number;
+  readBytes: number;
+  writeBytes: number;
+}
+
 export interface PeerStatus {
   ss: number;
   connected: boolean;
@@ -170,6 +185,8 @@ export interface TargetMetrics {
   /** Host I/O latency of each volume (see CountingDevice). */
   volumes: { id: number; latency: { read: LatencyHistogram; write: LatencyHistogram } }[];
   nbd: { connections: number; totalConnections: number };
+  /** iSCSI sessions logged in now (normal sessions; discovery ones are left out). */
+  iscsi?: { sessions: number };
 }
 
 /** What the admin API needs from a storage system. */

@@ -33,7 +33,7 @@ import type { PairController } from './pair-controller.js';
 import { PeerLink, PeerServer } from './peer/link.js';
 import { OPS, type Op, type RequestOf } from './peer/messages.js';
 import { RemotePair, type RemotePairSpec } from './remote/remote-pair.js';
-import { PairCommandError, type AdminTarget, type PairBitmap, type PairStatus, type TargetMetrics, type SSReport, type VolRef } from './status.js';
+import { PairCommandError, type AdminTarget, type IscsiSessionStatus, type PairBitmap, type PairStatus, type TargetMetrics, type SSReport, type VolRef } from './status.js';
 import { SyncDaemon } from './sync-daemon.js';
 import { buildHostStack, closeVolumeStack, openVolumeStack, type VolumeStack } from './volume-stack.js';
 
@@ -77,6 +77,7 @@ export interface ClusterHooks {
 export class StorageSystem implements AdminTarget {
   readonly nbd: NbdServer;
   iscsi?: IscsiServer;
+  private iscsiAddress = '';
   readonly daemon: SyncDaemon;
   /** Every pair whose volumes this storage system holds, whatever its kind. */
   readonly pairs = new Map<string, PairController>();
@@ -203,7 +204,11 @@ export class StorageSystem implements AdminTarget {
     if (spec.nbdSocket) await this.nbd.listen({ kind: 'unix', path: spec.nbdSocket });
     // iSCSI serves the same host devices as NBD: one controller path, and COMPARE AND WRITE atomic across both.
     const vols = spec.volumes.map((v) => ({ id: v.id, device: this.volumes.get(v.id)!.atomic!, ...(v.iscsiTarget ? { target: v.iscsiTarget } : {}) }));
-    if (spec.iscsi) this.iscsi = (await startSystemIscsi(spec.id, spec.iscsi, vols, spec.dataDir, this.log)).server;
+    if (spec.iscsi) {
+      const started = await startSystemIscsi(spec.id, spec.iscsi, vols, spec.dataDir, this.log);
+      this.iscsi = started.server;
+      this.iscsiAddress = started.address;
+    }
     this.log.info({ nbd: this.nbdAddress, socket: spec.nbdSocket, volumes: [...this.volumes.keys()].map((v) => `vol${v}`) }, `storage system ${spec.id} serving NBD on ${this.nbdAddress}`);
     // Sessions start once our own NBD listener is up: the peers' data connections come to it.
     for (const link of this.links.values()) link.start();
@@ -229,6 +234,7 @@ export class StorageSystem implements AdminTarget {
             ? { peers: [...this.links.values()].map((l) => ({ ss: l.peer, connected: l.up, ...(l.up || !l.lastError ? {} : { error: l.lastError }) })) }
             : {}),
           ...(faults.length > 0 ? { faults } : {}),
+          ...(this.iscsi ? { iscsi: { address: this.iscsiAddress, sessions: this.iscsiSessions() } } : {}),
           volumes: [...this.volumes.values()].map((v) => {
             const pair = this.pairOf.get(v.id);
             return {
@@ -291,7 +297,14 @@ export class StorageSystem implements AdminTarget {
     return {
       volumes: [...this.volumes.values()].map((v) => ({ id: v.id, latency: v.host!.latency })),
       nbd: { connections: this.nbd.stats.connections, totalConnections: this.nbd.stats.totalConnections },
+      ...(this.iscsi ? { iscsi: { sessions: this.iscsiSessions().length } } : {}),
     };
+  }
+
+  private iscsiSessions(): IscsiSessionStatus[] {
+    return (this.iscsi?.sessions() ?? [])
+      .filter((s) => !s.discovery)
+      .map((s) => ({ initiator: s.initiator, address: s.address, target: s.target, connections: s.connections, luns: s.luns, commands: s.commands, readBytes: s.readBytes, writeBytes: s.writeBytes }));
   }
 
   // ---- fault injection (fault-table.ts) ----

@@ -65,6 +65,7 @@ function render(frame) {
   $('updated').textContent = `updated ${new Date(frame.time).toLocaleTimeString()}`;
   renderSystems(frame);
   renderFaults(frame);
+  renderIscsi(frame);
   renderVolumes(frame);
   renderPairs(frame);
 }
@@ -90,6 +91,21 @@ function renderSystems(frame) {
     );
   });
   $('systems').tBodies[0].replaceChildren(...rows);
+}
+
+/** iSCSI sessions of the storage systems that run a target (docs/iscsi.md). */
+function renderIscsi(frame) {
+  const rows = [];
+  let any = false;
+  for (const s of frame.storageSystems) {
+    if (!s.reachable || !s.iscsi) continue;
+    any = true;
+    for (const x of s.iscsi.sessions) {
+      rows.push(el('tr', {}, el('td', {}, `SS ${s.id}`), el('td', {}, x.initiator), el('td', {}, x.address), el('td', {}, x.target), el('td', {}, x.luns.join(', ')), el('td', {}, String(x.commands)), el('td', {}, bytes(x.readBytes)), el('td', {}, bytes(x.writeBytes))));
+    }
+  }
+  $('iscsi').hidden = !any;
+  $('iscsi-sessions').tBodies[0].replaceChildren(...rows);
 }
 
 /** Faults injected on purpose (docs/faults.md): shown apart, so nobody takes them for real failures. */
