@@ -119,7 +119,7 @@ describe('cfs: section', () => {
 
   it('refuses a listen port already taken by a storage system', () => {
     refuse((c) => (c.cfs.listen = '127.0.0.1:9001'), 'cfs.listen', 'port 9001 on 127.0.0.1 is already used by storageSystems[1].admin (127.0.0.1:9001)');
-    refuse((c) => (c.cfs.listen = '0.0.0.0:10810'), 'cfs.listen', 'already used by storageSystems[0].nbd');
+    refuse((c) => ((c.security = { insecure: true }), (c.cfs.listen = '0.0.0.0:10810')), 'cfs.listen', 'already used by storageSystems[0].nbd');
     expect(accept((c) => (c.cfs.listen = '127.0.0.2:9001')).cfs!.listen).toEqual({ host: '127.0.0.2', port: 9001 });
     expect(accept((c) => (c.cfs.listen = '127.0.0.1:0')).cfs!.listen.port).toBe(0);
   });

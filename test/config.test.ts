@@ -107,7 +107,7 @@ describe('unknown keys', () => {
   });
 
   it('refuses unknown keys in a storage system, a volume, a cache and a volume reference', () => {
-    refuse((c) => (c.storageSystems[1].port = 1), 'storageSystems[1].port', 'unknown key (expected one of: id, nbd, nbdSocket, admin, peer, dataDir, cache, volumes, iscsi, iscsiTarget, iscsiChapFile, iscsiAllow)');
+    refuse((c) => (c.storageSystems[1].port = 1), 'storageSystems[1].port', 'unknown key (expected one of: id, nbd, nbdSocket, admin, peer, dataDir, cache, volumes, iscsi, iscsiTarget, iscsiChapFile, iscsiAllow, tls, allow)');
     refuse((c) => (c.storageSystems[0].volumes[2].name = 'x'), 'storageSystems[0].volumes[2].name', 'unknown key');
     refuse((c) => (c.storageSystems[0].cache = { size: '1MiB', policy: 'lru' }), 'storageSystems[0].cache.policy', 'unknown key');
     refuse((c) => (c.pairs[0].master.volume = 8), 'pairs[0].master.volume', 'unknown key');
@@ -218,9 +218,11 @@ describe('addresses', () => {
   });
 
   it('treats 0.0.0.0 and :: as overlapping every host', () => {
-    refuse((c) => (c.storageSystems[1].nbd = '0.0.0.0:10809'), 'storageSystems[1].nbd', 'port 10809 on 0.0.0.0 is already used by storageSystems[0].nbd');
-    refuse((c) => (c.storageSystems[1].nbd = '[::]:10809'), 'storageSystems[1].nbd', 'port 10809 on :: is already used by storageSystems[0].nbd');
+    // security.insecure: the wildcard listeners would otherwise also be refused for having no TLS.
+    refuse((c) => ((c.security = { insecure: true }), (c.storageSystems[1].nbd = '0.0.0.0:10809')), 'storageSystems[1].nbd', 'port 10809 on 0.0.0.0 is already used by storageSystems[0].nbd');
+    refuse((c) => ((c.security = { insecure: true }), (c.storageSystems[1].nbd = '[::]:10809')), 'storageSystems[1].nbd', 'port 10809 on :: is already used by storageSystems[0].nbd');
     refuse((c) => {
+      c.security = { insecure: true };
       c.storageSystems[0].nbd = '[0:0::0]:10809';
       c.storageSystems[1].nbd = '10.0.0.1:10809';
     }, 'storageSystems[1].nbd', 'already used by storageSystems[0].nbd ([0:0::0]:10809)');
@@ -410,6 +412,7 @@ describe('loading files', () => {
       storageSystems: [{ id: 1, nbd: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 }, volumes: [{ id: 1, size: MiB }] }],
       pairs: [],
       faults: [],
+      security: { insecure: false, adminHosts: [], adminReadOpen: false },
     });
     expect(accept().pairs[0]).not.toHaveProperty('syncRate');
     expect(accept().pairs[0]).toMatchObject({ fence: 'never', autoResync: true });

@@ -4,6 +4,7 @@ import type { Logger } from 'pino';
 import { StorageSystem, type ClusterHooks, type StorageSystemSpec } from '../controller/storage-system.js';
 import type { ClusterConfig, PairConfig } from './config.js';
 import { parseFaultTarget } from '../controller/fault-table.js';
+import { credentialsFor } from './credentials.js';
 
 export class ClusterError extends Error {
   override readonly name = 'ClusterError';
@@ -32,7 +33,11 @@ export function specFor(config: ClusterConfig, id: number): StorageSystemSpec {
     .filter((s) => peerIds.has(s.id))
     // loadConfig requires `peer` on every storage system of a pair across storage systems.
     .map((s) => ({ id: s.id, peer: s.peer!, nbd: s.nbd }));
+  const creds = credentialsFor(config, id);
   return {
+    ...(creds.nbd ? { tls: creds.nbd } : {}),
+    ...(ss.allow ? { allow: ss.allow } : {}),
+    ...(creds.warnings.length ? { warnings: creds.warnings } : {}),
     id: ss.id,
     nbd: ss.nbd,
     ...(ss.nbdSocket ? { nbdSocket: ss.nbdSocket } : {}),

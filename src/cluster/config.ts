@@ -17,6 +17,8 @@ import type { PairMode, VolRef } from '../controller/status.js';
 import { formatSize, parseSize } from '../util/size.js';
 import { closest, formatPath, formatProblems, isPlainObject, locate, show, valueAt } from './config-problems.js';
 import { buildCfs, checkCfs, crossCheck } from './config-checks.js';
+import { buildSecurity, checkSecurity } from './config-security.js';
+import { allowEntryProblem } from '../util/allow-list.js';
 
 export interface HostPort {
   host: string;
@@ -40,6 +42,34 @@ export interface VolumeConfig {
   size: number;
   /** A target of its own for this volume (LUN 0) instead of the storage system's target. */
   iscsiTarget?: string;
+  /** Who may attach its NBD export (util/allow-list.ts); default: the storage system's `allow`. */
+  allow?: string[];
+}
+
+/** NBD STARTTLS and this storage system's credential (docs/SECURITY.md). Paths are absolute. */
+export interface TlsConfig {
+  mode: 'off' | 'allow' | 'require';
+  cert?: string;
+  key?: string;
+  pskFile?: string;
+  /** NBD clients must show a certificate signed by security.ca, or a PSK. */
+  verifyClients: boolean;
+}
+
+/** The `security:` section (docs/SECURITY.md). */
+export interface SecurityConfig {
+  /** Allow listeners on non-loopback addresses without TLS (or CHAP, for iSCSI). */
+  insecure: boolean;
+  /** The cluster CA: peers' certificates (mutual TLS on the peer channel) and NBD client certificates. Absolute. */
+  ca?: string;
+  /** Absolute. Default: DATADIR/admin.token, or a per-user runtime directory for in-memory storage systems. */
+  adminTokenFile?: string;
+  /** Host header values the admin API answers besides its own address and localhost (DNS rebinding). */
+  adminHosts: string[];
+  /** GET requests need no token. */
+  adminReadOpen: boolean;
+  /** What our own NBD clients (gateways, the CFS) present to a storage system that verifies clients. Absolute. */
+  client?: { cert: string; key: string };
 }
 
 export interface StorageSystemConfig {
@@ -58,6 +88,9 @@ export interface StorageSystemConfig {
   cache?: { size: number };
   volumes: VolumeConfig[];
   iscsi?: IscsiConfig;
+  tls?: TlsConfig;
+  /** Who may attach its NBD exports (util/allow-list.ts). */
+  allow?: string[];
 }
 
 export interface PairConfig {
@@ -102,6 +135,7 @@ export interface ClusterConfig {
   /** Faults injected from the start (docs/faults.md), checked by fault-table.ts's rules. */
   faults: FaultRequest[];
   etcd?: EtcdConfig;
+  security: SecurityConfig;
 }
 
 export interface CfsConfig {
@@ -191,8 +225,10 @@ export function parseConfig(text: string, source: string, baseDir: string): Clus
   if (parsed.success) {
     config = build(parsed.data, source, baseDir, problems);
     if (parsed.data.cfs !== undefined) config.cfs = buildCfs(parsed.data.cfs, config, baseDir);
+    config.security = buildSecurity(parsed.data, config, baseDir);
     crossCheck(config, problems);
     checkCfs(config, problems);
+    checkSecurity(config, problems);
   } else {
     problems.push(...withoutEchoes(parsed.error.issues.flatMap((issue) => fromIssue(issue, data))));
   }
@@ -346,7 +382,23 @@ export const iscsiAddress = leaf((v): HostPort => {
 export const allowEntry = leaf((v) =>
   typeof v === 'string' && v.length > 0 && v.length <= 255 ? v : fail(`expected an IQN pattern or a CIDR, got ${show(v)}`),
 );
-export const VolumeSchema = mapping({ id, size: volumeSize, iscsiTarget: iscsiName.optional() });
+export const nbdAllowEntry = leaf((v) => {
+  if (typeof v !== 'string') fail(`expected an address, a subnet such as 10.0.0.0/8 or a TLS identity, got ${show(v)}`);
+  const problem = allowEntryProblem(v);
+  return problem === undefined ? v : fail(problem);
+});
+export const VolumeSchema = mapping({ id, size: volumeSize, iscsiTarget: iscsiName.optional(), allow: list(nbdAllowEntry).optional() });
+export const tlsMode = leaf((v) => (v === 'off' || v === 'allow' || v === 'require' ? v : fail(`expected off, allow or require, got ${show(v)}`)));
+export const TlsSchema = mapping({ mode: tlsMode, cert: filePath.optional(), key: filePath.optional(), pskFile: filePath.optional(), verifyClients: bool.optional() });
+export const adminHost = leaf((v) => (typeof v === 'string' && /^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9a-fA-F:]+\](:\d{1,5})?$/.test(v) ? v.toLowerCase() : fail(`expected a host name such as array.example.com, got ${show(v)}`)));
+export const SecuritySchema = mapping({
+  insecure: bool.optional(),
+  ca: filePath.optional(),
+  adminTokenFile: filePath.optional(),
+  adminHosts: list(adminHost).optional(),
+  adminReadOpen: bool.optional(),
+  client: mapping({ cert: filePath, key: filePath }).optional(),
+});
 export const CacheSchema = mapping({ size: cacheSize });
 export const StorageSystemSchema = mapping({
   id,
@@ -361,6 +413,8 @@ export const StorageSystemSchema = mapping({
   iscsiTarget: iscsiName.optional(),
   iscsiChapFile: filePath.optional(),
   iscsiAllow: list(allowEntry).optional(),
+  tls: TlsSchema.optional(),
+  allow: list(nbdAllowEntry).optional(),
 });
 export const PairSchema = mapping({
   name: pairName,
@@ -427,6 +481,7 @@ export const ClusterSchema = mapping({
   cfs: CfsSchema.optional(),
   faults: list(FaultSchema).optional(),
   etcd: EtcdSchema.optional(),
+  security: SecuritySchema.optional(),
 });
 
 /** Which keys a mapping takes, by its path with indexes dropped: for "did you mean". */
@@ -441,6 +496,8 @@ export const KEYS_AT = new Map<string, readonly string[]>([
   ['cfs', Object.keys(CfsSchema.shape)],
   ['faults[]', Object.keys(FaultSchema.shape)],
   ['etcd', Object.keys(EtcdSchema.shape)],
+  ['security', Object.keys(SecuritySchema.shape)],
+  ['storageSystems[].tls', Object.keys(TlsSchema.shape)],
 ]);
 
 export function fromIssue(issue: z.core.$ZodIssue, data: unknown): RawProblem[] {
@@ -490,6 +547,11 @@ export function build(p: Parsed, source: string, baseDir: string, problems: RawP
       problems.push({ path: ['storageSystems', i, 'iscsi'], message: 'iscsiTarget, iscsiChapFile and iscsiAllow need iscsi: HOST:PORT on the same storage system' });
     }
     if (ss.cache !== undefined) out.cache = { size: ss.cache.size };
+    if (ss.allow !== undefined) out.allow = ss.allow;
+    if (ss.tls !== undefined) {
+      out.tls = { mode: ss.tls.mode, verifyClients: ss.tls.verifyClients ?? false };
+      for (const k of ['cert', 'key', 'pskFile'] as const) if (ss.tls[k] !== undefined) out.tls[k] = path.resolve(baseDir, ss.tls[k]);
+    }
     return out;
   });
   const pairs = (p.pairs ?? []).map((pr, j): PairConfig => {
@@ -521,7 +583,7 @@ export function build(p: Parsed, source: string, baseDir: string, problems: RawP
       problems.push({ path: ['faults', k], message: e.message });
     }
   });
-  const out: ClusterConfig = { source, clusterSize: p.clusterSize ?? DEFAULT_CLUSTER_SIZE, peerTimeout: p.peerTimeout ?? DEFAULT_PEER_TIMEOUT_MS, storageSystems, pairs, faults };
+  const out: ClusterConfig = { source, clusterSize: p.clusterSize ?? DEFAULT_CLUSTER_SIZE, peerTimeout: p.peerTimeout ?? DEFAULT_PEER_TIMEOUT_MS, storageSystems, pairs, faults, security: { insecure: false, adminHosts: [], adminReadOpen: false } };
   if (p.etcd) out.etcd = { endpoints: p.etcd.endpoints, prefix: p.etcd.prefix ?? '/blockmirror', leaseTtl: p.etcd.leaseTtl ?? 2000 };
   return out;
 }

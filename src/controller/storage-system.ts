@@ -13,6 +13,8 @@ import { startSystemIscsi, type SystemIscsiSpec } from '../iscsi/wiring.js';
 import type { IscsiServer } from '../iscsi/server.js';
 import { ExportTable } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
+import type { ServerTls } from '../nbd/tls.js';
+import { AllowList } from '../util/allow-list.js';
 import { FileBitmapStore, MemoryBitmapStore } from './bitmap-store.js';
 import { CacheMemory } from './cache.js';
 import {
@@ -46,7 +48,13 @@ export interface StorageSystemSpec {
   /** Absolute; omitted -> volumes in memory. */
   dataDir?: string;
   cache?: { size: number };
-  volumes: { id: number; size: number; iscsiTarget?: string }[];
+  volumes: { id: number; size: number; iscsiTarget?: string; allow?: string[] }[];
+  /** NBD STARTTLS on the host-facing listener (credentials already read). */
+  tls?: ServerTls;
+  /** Who may attach the NBD exports, unless a volume has its own list. */
+  allow?: string[];
+  /** Said once at start (loose key-file permissions and the like). */
+  warnings?: string[];
   clusterSize: number;
   /** Pairs whose master and mirrors are all in this storage system. */
   pairs: PairSpec[];
@@ -96,13 +104,14 @@ export class StorageSystem implements AdminTarget {
     readonly spec: StorageSystemSpec,
     private readonly log: Logger,
   ) {
-    this.nbd = new NbdServer({ exports: new ExportTable(), log });
+    this.nbd = new NbdServer({ exports: new ExportTable(), log, ...(spec.tls ? { tls: spec.tls } : {}) });
     this.daemon = new SyncDaemon({ log });
   }
 
   /** Open volumes, build pairs and exports, and start serving. A host guard (the cluster layer's fencing) applies from the first request. */
   static async start(spec: StorageSystemSpec, log: Logger, opts: ClusterHooks = {}): Promise<StorageSystem> {
     const ss = new StorageSystem(spec, log.child({ ss: spec.id }));
+    for (const w of spec.warnings ?? []) ss.log.warn(w);
     if (opts.hostGuard) ss.hostGuard = (pair, vol) => opts.hostGuard!(ss, pair, vol);
     ss.onSuspend = opts.onSuspend;
     try {
@@ -140,7 +149,8 @@ export class StorageSystem implements AdminTarget {
       const guard = pair && hostGuard ? () => (pair.roleOf(v.id) === 'master' ? hostGuard(pair, v.id) : null) : undefined;
       const host = buildHostStack(v, pair?.hostDevice(v.id), guard);
       const description = pair ? `${pair.roleOf(v.id)} of ${pair.name}` : 'simplex volume';
-      this.nbd.exports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id}: ${description}`, device: host, readOnly: false });
+      const allow = spec.volumes.find((x) => x.id === v.id)?.allow ?? spec.allow;
+      this.nbd.exports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id}: ${description}`, device: host, readOnly: false, ...(allow?.length ? { allow: new AllowList(allow) } : {}) });
     }
     for (const f of spec.faults ?? []) this.setFault(f);
   }

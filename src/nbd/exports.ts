@@ -1,6 +1,7 @@
 // What a server exports: named block devices. The storage system later fills
 // this table with its volumes ("vol8", ...); `serve` puts a single one in it.
 import type { BlockDevice } from '../blockdev/types.js';
+import type { AllowList } from '../util/allow-list.js';
 
 export interface Export {
   name: string;
@@ -10,6 +11,8 @@ export interface Export {
   readOnly: boolean;
   /** Reachable by name but left out of LIST (a storage system's replication exports). */
   hidden?: boolean;
+  /** Who may use it (address and TLS identity); absent: everyone who reaches the server. */
+  allow?: AllowList;
 }
 
 export class ExportTable {

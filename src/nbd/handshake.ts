@@ -5,6 +5,11 @@
 //   greeting ──► client flags ──► option loop ──► GO / EXPORT_NAME ──► transmission
 //                    │                │
 //                    └─ unknown bits  └─ bad magic, ABORT, unknown EXPORT_NAME ──► close
+//
+// STARTTLS (tls.ts) swaps the socket under the option loop and forgets what was negotiated in the
+// clear. With `tls: require`, every option but STARTTLS and ABORT before it gets ERR_TLS_REQD.
+// An export's allow list (util/allow-list.ts) is checked against the client's address and TLS
+// identity: a refused client gets ERR_POLICY, and LIST leaves the export out.
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
 import {
@@ -40,6 +45,7 @@ import {
 import type { ByteQueue } from '../protocol/byte-queue.js';
 import type { Export, ExportTable } from './exports.js';
 import { SocketReader } from './socket-reader.js';
+import type { TlsServer } from './tls.js';
 
 /** Context id we hand out for base:allocation (the only context we serve). */
 export const BASE_ALLOCATION_ID = 1;
@@ -52,6 +58,10 @@ export interface Negotiated {
   baseAllocation: boolean;
   /** Bytes received after the handshake: the start of the transmission stream. */
   leftover: ByteQueue;
+  /** The socket transmission runs on: the accepted one, or the TLS socket STARTTLS made. */
+  socket: Socket;
+  /** The client's TLS identity (PSK identity or certificate CN), '' without one. */
+  identity: string;
 }
 
 export class HandshakeAbort extends Error {
@@ -63,6 +73,10 @@ export interface HandshakeOptions {
   log: Logger;
   /** When true, options other than ABORT get ERR_SHUTDOWN. */
   shuttingDown: () => boolean;
+  /** STARTTLS: absent means TLS is off (STARTTLS gets ERR_POLICY). */
+  tls?: TlsServer;
+  /** A client was refused an export by its allow list (the server logs it). */
+  refused?: (exportName: string, identity: string) => void;
 }
 
 /** Transmission flags of an export for a connection; INFO and GO must agree, so this is the one source. */
@@ -88,11 +102,16 @@ export function allowedFlags(flags: number): number {
   return a;
 }
 
-export async function negotiate(socket: Socket, opts: HandshakeOptions): Promise<Negotiated | null> {
-  const reader = new SocketReader(socket);
+export async function negotiate(accepted: Socket, opts: HandshakeOptions): Promise<Negotiated | null> {
+  let socket = accepted;
+  let reader = new SocketReader(socket);
   const send = (b: Buffer) => socket.write(b);
   const reply = (option: number, type: number, data?: Buffer) => send(encodeOptionReply(option, type, data));
   const log = opts.log;
+  const address = accepted.remoteAddress ?? '';
+  const tlsRequired = opts.tls?.policy.mode === 'require';
+  let identity = '';
+  let secure = false;
 
   send(encodeGreeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES));
   const clientFlags = (await reader.read(4)).readUInt32BE(0);
@@ -104,6 +123,13 @@ export async function negotiate(socket: Socket, opts: HandshakeOptions): Promise
   let sr = false;
   // The meta context selection: which export it was made for, and whether base:allocation is in it.
   let selection: { exportName: string; base: boolean } | null = null;
+  /** The export by name, if this client may use it: undefined when unknown, 'refused' when its allow list says no. */
+  const lookup = (name: string): Export | 'refused' | undefined => {
+    const e = opts.exports.get(name);
+    if (!e || !e.allow || e.allow.allows(identity, address)) return e;
+    opts.refused?.(e.name, identity);
+    return 'refused';
+  };
 
   for (;;) {
     const h = await reader.read(OPTION_HEADER_SIZE);
@@ -126,11 +152,17 @@ export async function negotiate(socket: Socket, opts: HandshakeOptions): Promise
       reply(option, Rep.ERR_SHUTDOWN);
       continue;
     }
+    if (tlsRequired && !secure && option !== Opt.STARTTLS && option !== Opt.ABORT) {
+      if (option === Opt.EXPORT_NAME) throw new HandshakeAbort('EXPORT_NAME before STARTTLS on a server that requires TLS');
+      reply(option, Rep.ERR_TLS_REQD, Buffer.from('this server requires TLS: connect with nbds:// (or --tls)'));
+      continue;
+    }
 
     switch (option) {
       case Opt.EXPORT_NAME: {
-        const e = opts.exports.get(data.toString('utf8'));
+        const e = lookup(data.toString('utf8'));
         if (!e) throw new HandshakeAbort(`EXPORT_NAME for unknown export ${JSON.stringify(data.toString('utf8'))}`);
+        if (e === 'refused') throw new HandshakeAbort(`EXPORT_NAME for ${JSON.stringify(data.toString('utf8'))}, which this client may not use`);
         const flags = transmissionFlags(e, sr);
         send(encodeExportNameReply(e.device.size, flags, noZeroes));
         return done(e, flags);
@@ -144,12 +176,35 @@ export async function negotiate(socket: Socket, opts: HandshakeOptions): Promise
           reply(option, Rep.ERR_INVALID);
           break;
         }
-        for (const e of opts.exports.list()) reply(option, Rep.SERVER, encodeServerEntry(e.name, e.description));
+        for (const e of opts.exports.list()) {
+          if (!e.allow || e.allow.allows(identity, address)) reply(option, Rep.SERVER, encodeServerEntry(e.name, e.description));
+        }
         reply(option, Rep.ACK);
         break;
-      case Opt.STARTTLS:
-        reply(option, length !== 0 ? Rep.ERR_INVALID : Rep.ERR_POLICY);
+      case Opt.STARTTLS: {
+        if (length !== 0 || secure) {
+          reply(option, Rep.ERR_INVALID);
+          break;
+        }
+        if (!opts.tls || opts.tls.policy.mode === 'off') {
+          reply(option, Rep.ERR_POLICY, Buffer.from('TLS is not configured on this server'));
+          break;
+        }
+        // Nothing may follow STARTTLS in the clear: bytes already queued would be a protocol violation.
+        const early = reader.detach();
+        if (early.length > 0) throw new HandshakeAbort('data after STARTTLS before the TLS handshake');
+        reply(option, Rep.ACK);
+        const up = await opts.tls.upgrade(socket);
+        socket = up.socket;
+        identity = up.identity;
+        secure = true;
+        reader = new SocketReader(socket);
+        // What was negotiated in the clear is forgotten (the NBD spec's STARTTLS rules).
+        sr = false;
+        selection = null;
+        log.debug({ identity }, 'TLS established');
         break;
+      }
       case Opt.STRUCTURED_REPLY:
         if (length !== 0) {
           reply(option, Rep.ERR_INVALID);
@@ -168,9 +223,13 @@ export async function negotiate(socket: Socket, opts: HandshakeOptions): Promise
           reply(option, Rep.ERR_INVALID);
           break;
         }
-        const e = opts.exports.get(req.name);
+        const e = lookup(req.name);
         if (!e) {
           reply(option, Rep.ERR_UNKNOWN);
+          break;
+        }
+        if (e === 'refused') {
+          reply(option, Rep.ERR_POLICY, Buffer.from(`access to export ${req.name} is not allowed for this client`));
           break;
         }
         const flags = transmissionFlags(e, sr);
@@ -201,8 +260,13 @@ export async function negotiate(socket: Socket, opts: HandshakeOptions): Promise
           reply(option, Rep.ERR_INVALID);
           break;
         }
-        if (!opts.exports.get(req.name)) {
+        const target = lookup(req.name);
+        if (!target) {
           reply(option, Rep.ERR_UNKNOWN);
+          break;
+        }
+        if (target === 'refused') {
+          reply(option, Rep.ERR_POLICY, Buffer.from(`access to export ${req.name} is not allowed for this client`));
           break;
         }
         const matches = isSet
@@ -226,6 +290,8 @@ export async function negotiate(socket: Socket, opts: HandshakeOptions): Promise
       structuredReplies: sr,
       baseAllocation: Boolean(chosen),
       leftover: reader.detach(),
+      socket,
+      identity,
     };
   }
 }

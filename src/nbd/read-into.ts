@@ -29,7 +29,8 @@ interface Internals {
 
 export function adopt(socket: net.Socket, onread: ReadInto): net.Socket | null {
   const inner = socket as unknown as Internals;
-  if (!inner._handle || socket.writableLength > 0 || socket.destroyed) return null;
+  // A TLS socket's handle is the TLS layer: its bytes must go through it.
+  if (!inner._handle || socket.writableLength > 0 || socket.destroyed || (socket as { encrypted?: boolean }).encrypted) return null;
   socket.pause();
   socket.removeAllListeners();
   const next = new net.Socket({ handle: inner._handle, onread, allowHalfOpen: true } as net.SocketConstructorOpts);

@@ -8,6 +8,7 @@ import { ExportTable } from './exports.js';
 import { HandshakeAbort, negotiate } from './handshake.js';
 import { ConnectionClosed } from './socket-reader.js';
 import { Connection } from './transmission.js';
+import { TlsRefused, TlsServer, type ServerTls } from './tls.js';
 
 export type ListenSpec =
   | { kind: 'tcp'; host: string; port: number }
@@ -19,20 +20,34 @@ export interface NbdServerOptions {
   log: Logger;
   /** A client that has not finished negotiating after this long is dropped. */
   handshakeTimeoutMs?: number;
+  /** NBD_OPT_STARTTLS: off when absent. */
+  tls?: ServerTls;
 }
+
+/** Refusals logged once per (address, export): a client retrying in a loop does not flood the log. */
+const MAX_REMEMBERED_REFUSALS = 10_000;
 
 export class NbdServer {
   private readonly listeners: net.Server[] = [];
   private readonly handshaking = new Set<net.Socket>();
   private readonly connections = new Set<Connection>();
   private stopping = false;
+  private readonly tls: TlsServer | undefined;
+  private readonly refusals = new Set<string>();
   /** Connections now and since start (the volumes count their own I/O: CountingDevice). */
   readonly stats = {
     connections: 0,
     totalConnections: 0,
   };
 
-  constructor(private readonly opts: NbdServerOptions) {}
+  constructor(private readonly opts: NbdServerOptions) {
+    this.tls = opts.tls && opts.tls.mode !== 'off' ? new TlsServer(opts.tls) : undefined;
+  }
+
+  /** off, allow or require: what STARTTLS offers here. */
+  get tlsMode(): 'off' | 'allow' | 'require' {
+    return this.tls?.policy.mode ?? 'off';
+  }
 
   get exports(): ExportTable {
     return this.opts.exports;
@@ -71,13 +86,21 @@ export class NbdServer {
       log.warn('handshake timed out');
       socket.destroy();
     }, this.opts.handshakeTimeoutMs ?? 30_000);
-    negotiate(socket, { exports: this.opts.exports, log, shuttingDown: () => this.stopping })
+    const address = socket.remoteAddress ?? 'unix';
+    const refused = (name: string, identity: string) => {
+      const key = `${address}\0${name}`;
+      if (this.refusals.has(key)) return;
+      if (this.refusals.size >= MAX_REMEMBERED_REFUSALS) this.refusals.clear();
+      this.refusals.add(key);
+      log.warn({ export: name, address, identity }, `refused ${address}${identity ? ` (${identity})` : ''} access to export ${name}: not in its allow list`);
+    };
+    negotiate(socket, { exports: this.opts.exports, log, shuttingDown: () => this.stopping, ...(this.tls ? { tls: this.tls } : {}), refused })
       .then((neg) => {
         clearTimeout(timer);
         this.handshaking.delete(socket);
         if (!neg) return;
-        if (socket.destroyed) return;
-        const conn = new Connection(socket, neg, log.child({ export: neg.export.name }));
+        if (neg.socket.destroyed) return;
+        const conn = new Connection(neg.socket, neg, log.child({ export: neg.export.name }));
         this.connections.add(conn);
         this.stats.connections++;
         this.stats.totalConnections++;
@@ -92,6 +115,7 @@ export class NbdServer {
         clearTimeout(timer);
         this.handshaking.delete(socket);
         if (err instanceof HandshakeAbort) log.info({ reason: err.message }, 'handshake refused');
+        else if (err instanceof TlsRefused) log.warn({ address, reason: err.message }, `TLS refused for ${address}: ${err.message}`);
         else if (!(err instanceof ConnectionClosed)) log.debug({ err: (err as Error).message }, 'handshake failed');
         socket.destroy();
       });

@@ -253,13 +253,13 @@ export interface FioJobResult {
 }
 
 /** Run one fio job with the nbd engine; JSON results go to a file (fio also chats on stdout). */
-export async function fio(uri: string, dir: string, args: string[], timeoutMs = 120_000): Promise<FioJobResult[]> {
+export async function fio(uri: string, dir: string, args: string[], timeoutMs = 120_000, env?: NodeJS.ProcessEnv): Promise<FioJobResult[]> {
   const out = path.join(dir, `fio-${Date.now()}-${Math.random().toString(36).slice(2)}.json`);
   // Run in `dir` and keep no verify state: fio otherwise leaves *-verify.state files in the cwd.
   const r = await run(
     'fio',
     ['--ioengine=nbd', `--uri=${uri}`, '--output-format=json', `--output=${out}`, '--verify_state_save=0', ...args],
-    { timeoutMs, cwd: dir },
+    { timeoutMs, cwd: dir, ...(env ? { env } : {}) },
   );
   const text = fs.existsSync(out) ? fs.readFileSync(out, 'utf8') : '';
   if (r.code !== 0) throw new Error(describeRun(`fio ${args.join(' ')}`, r) + `\n--- json ---\n${text.slice(-4000)}`);

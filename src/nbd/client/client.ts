@@ -20,6 +20,7 @@
 // request this long is stuck, so the others would wait just as long. Closing
 // fails every pending request at once, makes their outcome explicitly
 // unknown, and lets the caller reconnect or fail over.
+import net from 'node:net';
 import { performance } from 'node:perf_hooks';
 import {
   TransmissionFlag,
@@ -42,7 +43,7 @@ import {
   type BlockStatusExtent,
   type ReplyEvent,
 } from '../../protocol/replies.js';
-import { Inbox, NbdTransport, Negotiated, greet, handshake, negotiate, openSocket, unexpected } from './handshake.js';
+import { Inbox, NbdTransport, Negotiated, greet, handshake, negotiate, openSocket, startTls, unexpected } from './handshake.js';
 import { Command, InFlight, RequestPolicy, RequestWriter } from './requests.js';
 import { ConnectOptions, ResolvedOptions, resolveOptions } from './options.js';
 import { NbdConnectionError, NbdOptionError, NbdTimeoutError, badReply, refused, serverError } from './errors.js';
@@ -63,7 +64,12 @@ export async function connectTransport(transport: NbdTransport, options: Connect
 }
 
 export async function open(transport: NbdTransport, peer: string, o: ResolvedOptions): Promise<NbdClient> {
-  const { io, result } = await handshake(transport, peer, o, 'connect', (io) => negotiate(io, o));
+  let greeting: { fixed: boolean; noZeroes: boolean } | undefined;
+  if (o.tls) {
+    if (!(transport instanceof net.Socket)) throw refused('connect', 'EINVAL', 'TLS needs a socket transport');
+    ({ transport, greeting } = await startTls(transport, peer, o));
+  }
+  const { io, result } = await handshake(transport, peer, o, 'connect', (io) => negotiate(io, o, greeting));
   return new NbdClient(transport, io.inbox, peer, result, o);
 }
 
@@ -75,9 +81,11 @@ export interface ExportListing {
 /** LIST the server's exports, then ABORT: for tooling, like `nbdinfo --list`. */
 export async function listExports(target: string | ConnectOptions, options: ConnectOptions = {}): Promise<ExportListing[]> {
   const o = resolveOptions(target, options);
-  const { socket, peer } = openSocket(o);
+  let { socket, peer } = openSocket(o);
+  let greeting: { fixed: boolean; noZeroes: boolean } | undefined;
+  if (o.tls) ({ transport: socket, greeting } = await startTls(socket, peer, o));
   const { result } = await handshake(socket, peer, o, 'list', async (io) => {
-    const { fixed } = await greet(io);
+    const { fixed } = greeting ?? (await greet(io));
     if (!fixed) throw refused('list', 'ENOTSUP', `${peer} does not speak fixed newstyle, so it cannot LIST`);
     io.option(Opt.LIST);
     const found: ExportListing[] = [];

@@ -32,6 +32,7 @@ import {
 } from '../../protocol/replies.js';
 import { NbdConnectionError, NbdOptionError, NbdTimeoutError } from './errors.js';
 import { ResolvedOptions } from './options.js';
+import { connectTls } from '../tls.js';
 
 // ---------------------------------------------------------------------------
 // Transport
@@ -67,15 +68,26 @@ export class Inbox {
   private readonly events: Array<'end' | 'close' | Error> = [];
   private waiter: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined;
   private sink: WireSink | undefined;
+  private readonly listeners: Array<[string, (...a: never[]) => void]>;
 
   constructor(
-    t: NbdTransport,
+    private readonly t: NbdTransport,
     private readonly peer: string,
   ) {
-    t.on('data', (c) => (this.sink ? this.sink.data(c) : this.push(c)));
-    t.on('end', () => (this.sink ? this.sink.end() : this.stop('end')));
-    t.on('close', () => (this.sink ? this.sink.close() : this.stop('close')));
-    t.on('error', (e) => (this.sink ? this.sink.error(e) : this.stop(e)));
+    this.listeners = [
+      ['data', (c: Buffer) => (this.sink ? this.sink.data(c) : this.push(c))],
+      ['end', () => (this.sink ? this.sink.end() : this.stop('end'))],
+      ['close', () => (this.sink ? this.sink.close() : this.stop('close'))],
+      ['error', (e: Error) => (this.sink ? this.sink.error(e) : this.stop(e))],
+    ];
+    for (const [ev, fn] of this.listeners) (t.on as (e: string, f: (...a: never[]) => void) => unknown)(ev, fn);
+  }
+
+  /** Stop listening (STARTTLS hands the socket to TLS); what arrived and was not read is returned. */
+  release(): number {
+    const off = (this.t as unknown as { off?: (e: string, f: (...a: never[]) => void) => unknown }).off;
+    for (const [ev, fn] of this.listeners) off?.call(this.t, ev, fn);
+    return this.queued;
   }
 
   read(n: number): Promise<Buffer> {
@@ -293,8 +305,34 @@ export async function optExportName(io: HandshakeIO, exportName: string, noZeroe
   }
 }
 
-export async function negotiate(io: HandshakeIO, o: ResolvedOptions): Promise<Negotiated> {
-  const { fixed, noZeroes } = await greet(io);
+/**
+ * Greeting, then STARTTLS and the TLS handshake on the same socket. Returns the TLS socket, on
+ * which negotiation goes on without a second greeting.
+ */
+export async function startTls(socket: net.Socket, peer: string, o: ResolvedOptions): Promise<{ transport: net.Socket; greeting: { fixed: boolean; noZeroes: boolean } }> {
+  const { io, result } = await handshake(socket, peer, o, 'connect', async (io) => {
+    const g = await greet(io);
+    if (!g.fixed) throw new NbdConnectionError('ENOTSUP', `${peer} does not speak fixed newstyle, so it cannot STARTTLS`);
+    io.option(Opt.STARTTLS);
+    const r = await io.reply(Opt.STARTTLS);
+    if (isErrorReply(r.reply)) throw new NbdOptionError(Opt.STARTTLS, r.reply, r.payload.toString('utf8') || `${peer} refused TLS`);
+    if (r.reply !== Rep.ACK) throw unexpected(Opt.STARTTLS, r.reply);
+    return g;
+  });
+  if (io.inbox.release() > 0) {
+    socket.destroy();
+    throw new NbdProtocolError(`${peer} sent data after acknowledging STARTTLS`);
+  }
+  try {
+    return { transport: await connectTls(socket, o.host, o.tls!, o.handshakeTimeoutMs), greeting: result };
+  } catch (e) {
+    socket.destroy();
+    throw new NbdConnectionError('EPROTO', `connect ${peer}: ${(e as Error).message}`, { cause: e });
+  }
+}
+
+export async function negotiate(io: HandshakeIO, o: ResolvedOptions, greeting?: { fixed: boolean; noZeroes: boolean }): Promise<Negotiated> {
+  const { fixed, noZeroes } = greeting ?? (await greet(io));
   // Without fixed newstyle the server cannot answer options: EXPORT_NAME is the only way in.
   const structuredReplies = fixed && o.structuredReplies ? await optStructuredReply(io) : false;
   const metaContexts = structuredReplies && o.metaContexts.length ? await optSetMetaContext(io, o.exportName, o.metaContexts) : new Map<string, number>();

@@ -3,7 +3,11 @@ import {
   DEFAULT_PORT,
   MAX_STRING,
 } from '../../protocol/constants.js';
+import fs from 'node:fs';
+import path from 'node:path';
 import { refused } from './errors.js';
+import type { ClientTls } from '../tls.js';
+import { parsePskFile, SecretFileError } from '../../util/secrets.js';
 
 // ---------------------------------------------------------------------------
 // Options
@@ -30,6 +34,8 @@ export interface ConnectOptions {
   signal?: AbortSignal;
   /** Refuse locally what the server did not advertise (default true). */
   strict?: boolean;
+  /** STARTTLS with these credentials before anything else; refused by a server without TLS. */
+  tls?: ClientTls;
 }
 
 export interface ResolvedOptions {
@@ -43,6 +49,7 @@ export interface ResolvedOptions {
   metaContexts: string[];
   signal: AbortSignal | undefined;
   strict: boolean;
+  tls: ClientTls | undefined;
 }
 
 export interface NbdUri {
@@ -50,9 +57,15 @@ export interface NbdUri {
   port?: number;
   path?: string;
   exportName: string;
+  tls?: ClientTls;
 }
 
-/** `nbd://host[:port]/export` or `nbd+unix:///export?socket=PATH` (libnbd's URI forms, TLS excepted). */
+/**
+ * libnbd's URI forms: `nbd://host[:port]/export`, `nbd+unix:///export?socket=PATH`, and with TLS
+ * `nbds://[identity@]host[:port]/export` with `?tls-psk-file=FILE` (the identity's key from a
+ * psk file) or `?tls-certificates=DIR` (DIR/ca-cert.pem, and client-cert.pem/client-key.pem when
+ * present, as libnbd and qemu lay them out).
+ */
 export function parseNbdUri(uri: string): NbdUri {
   let u: URL;
   try {
@@ -74,11 +87,53 @@ export function parseNbdUri(uri: string): NbdUri {
       return { path, exportName };
     }
     case 'nbds:':
-    case 'nbds+unix:':
-      throw refused('connect', 'ENOTSUP', 'TLS (nbds://) is not supported by this client');
+      return {
+        host: u.hostname.replace(/^\[(.*)\]$/, '$1') || 'localhost',
+        port: u.port ? Number(u.port) : DEFAULT_PORT,
+        exportName,
+        tls: uriTls(u),
+      };
+    case 'nbds+unix:': {
+      const path = u.searchParams.get('socket');
+      if (!path) throw refused('connect', 'EINVAL', `${uri} has no ?socket=PATH`);
+      return { path, exportName, tls: uriTls(u) };
+    }
     default:
       throw refused('connect', 'EINVAL', `unsupported URI scheme ${u.protocol} in ${uri}`);
   }
+}
+
+function uriTls(u: URL): ClientTls {
+  const read = (f: string) => {
+    try {
+      return fs.readFileSync(f);
+    } catch (e) {
+      throw refused('connect', 'EINVAL', `cannot read ${f}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+    }
+  };
+  const pskFile = u.searchParams.get('tls-psk-file');
+  if (pskFile) {
+    const identity = decodeURIComponent(u.username) || process.env.USER || '';
+    let keys: Map<string, Buffer>;
+    try {
+      keys = parsePskFile(read(pskFile).toString('utf8'), pskFile);
+    } catch (e) {
+      if (e instanceof SecretFileError) throw refused('connect', 'EINVAL', e.message);
+      throw e;
+    }
+    const key = keys.get(identity);
+    if (!key) throw refused('connect', 'EINVAL', `${pskFile} has no key for identity ${JSON.stringify(identity)} (put it in the URI: nbds://IDENTITY@host/export)`);
+    return { psk: { identity, key } };
+  }
+  const dir = u.searchParams.get('tls-certificates');
+  if (dir) {
+    const f = (n: string) => path.join(dir, n);
+    return {
+      ca: read(f('ca-cert.pem')),
+      ...(fs.existsSync(f('client-cert.pem')) ? { cert: read(f('client-cert.pem')), key: read(f('client-key.pem')) } : {}),
+    };
+  }
+  return {};
 }
 
 export function resolveOptions(target: string | ConnectOptions, extra: ConnectOptions): ResolvedOptions {
@@ -98,6 +153,7 @@ export function resolveOptions(target: string | ConnectOptions, extra: ConnectOp
     metaContexts: o.metaContexts ?? [],
     signal: o.signal,
     strict: o.strict ?? true,
+    tls: o.tls,
   };
 }
 
