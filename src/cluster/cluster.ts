@@ -36,6 +36,7 @@ export function specFor(config: ClusterConfig, id: number): StorageSystemSpec {
   const creds = credentialsFor(config, id);
   return {
     ...(creds.nbd ? { tls: creds.nbd } : {}),
+    ...(creds.peer ? { peerTls: creds.peer } : {}),
     ...(ss.allow ? { allow: ss.allow } : {}),
     ...(creds.warnings.length ? { warnings: creds.warnings } : {}),
     id: ss.id,

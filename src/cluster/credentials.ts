@@ -1,16 +1,12 @@
 // Credentials named by the YAML, read once when a storage system (or a gateway, or the CFS)
 // starts. Files with loose permissions are used but reported, once, by the caller's log.
 import fs from 'node:fs';
+import type { PeerTls } from '../controller/peer/link.js';
 import type { ServerTls, ClientTls } from '../nbd/tls.js';
 import { looseWarning, parsePskFile, readSecretFile, SecretFileError } from '../util/secrets.js';
 import type { ClusterConfig } from './config.js';
 import { peerTlsConfigured } from './config-security.js';
 
-export interface PeerTls {
-  cert: Buffer;
-  key: Buffer;
-  ca: Buffer;
-}
 
 export interface Credentials {
   /** NBD STARTTLS on the host-facing listener. */

@@ -6,6 +6,7 @@
 // are PairControllers in one table (pair-controller.ts); faults are injected per volume and
 // per link through the fault table (fault-table.ts).
 import fs from 'node:fs';
+import type { Socket } from 'node:net';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { describeFault, type VolumeFault } from '../blockdev/fault.js';
@@ -32,7 +33,7 @@ import {
 import { LocalPair } from './local-pair.js';
 import type { PairSpec } from './pair.js';
 import type { PairController } from './pair-controller.js';
-import { PeerLink, PeerServer } from './peer/link.js';
+import { PeerLink, PeerServer, type PeerTls } from './peer/link.js';
 import { OPS, type Op, type RequestOf } from './peer/messages.js';
 import { RemotePair, type RemotePairSpec } from './remote/remote-pair.js';
 import { PairCommandError, type AdminTarget, type IscsiSessionStatus, type PairBitmap, type PairStatus, type TargetMetrics, type SSReport, type VolRef } from './status.js';
@@ -60,6 +61,8 @@ export interface StorageSystemSpec {
   pairs: PairSpec[];
   /** Pairs that span this storage system and others (docs/replication.md). */
   remotePairs?: RemotePairSpec[];
+  /** Mutual TLS on the peer channel (credentials already read). */
+  peerTls?: PeerTls;
   /** This storage system's control-channel address, when it has remote pairs. */
   peer?: { host: string; port: number };
   /** The storage systems it shares pairs with: where their control channel and NBD listen. */
@@ -90,6 +93,8 @@ export class StorageSystem implements AdminTarget {
   /** Every pair whose volumes this storage system holds, whatever its kind. */
   readonly pairs = new Map<string, PairController>();
   private readonly links = new Map<number, PeerLink>();
+  /** What peers reach over data connections of the peer channel (remote/context.ts). */
+  private readonly peerExports = new ExportTable();
   private peerServer: PeerServer | null = null;
   private readonly volumes = new Map<number, VolumeStack>();
   /** Volume id -> the pair holding it. */
@@ -138,7 +143,9 @@ export class StorageSystem implements AdminTarget {
     for (const p of this.openLinks()) this.addPair(p);
     for (const p of this.pairs.values()) await p.open();
     if (spec.peer && this.links.size > 0) {
-      this.peerServer = new PeerServer(spec.id, this.links, this.log);
+      // Data connections from peers get NBD on the peer exports only, as the storage system their credential names.
+      const onData = (socket: Socket, from: number) => this.nbd.serveConnection(socket, this.peerExports, `ss${from}`);
+      this.peerServer = new PeerServer(spec.id, this.links, this.log, { ...(spec.peerTls ? { tls: spec.peerTls } : {}), onData });
       await this.peerServer.listen(spec.peer);
     }
 
@@ -149,6 +156,11 @@ export class StorageSystem implements AdminTarget {
       const guard = pair && hostGuard ? () => (pair.roleOf(v.id) === 'master' ? hostGuard(pair, v.id) : null) : undefined;
       const host = buildHostStack(v, pair?.hostDevice(v.id), guard);
       const description = pair ? `${pair.roleOf(v.id)} of ${pair.name}` : 'simplex volume';
+      // The other storage systems of a pair across systems read this volume over the peer channel (a mirror's Invalid clusters).
+      if (pair instanceof RemotePair) {
+        const members = pair.copies.filter((c) => c.ss !== spec.id).map((c) => `ss${c.ss}`);
+        this.peerExports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id} for the peers of ${pair.name}`, device: host, readOnly: true, hidden: true, allow: new AllowList(members) });
+      }
       const allow = spec.volumes.find((x) => x.id === v.id)?.allow ?? spec.allow;
       this.nbd.exports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id}: ${description}`, device: host, readOnly: false, ...(allow?.length ? { allow: new AllowList(allow) } : {}) });
     }
@@ -166,11 +178,9 @@ export class StorageSystem implements AdminTarget {
     const remote = spec.remotePairs ?? [];
     if (remote.length === 0) return [];
     const timeoutMs = spec.peerTimeout ?? 5000;
-    const nbd = new Map<number, { host: string; port: number }>([[spec.id, spec.nbd]]);
     const remotes = new Map<string, RemotePair>();
     for (const peer of spec.peers ?? []) {
-      nbd.set(peer.id, peer.nbd);
-      const link = new PeerLink({ self: spec.id, peer: peer.id, address: peer.peer, timeoutMs, log: this.log });
+      const link = new PeerLink({ self: spec.id, peer: peer.id, address: peer.peer, timeoutMs, log: this.log, ...(spec.peerTls ? { tls: spec.peerTls } : {}) });
       this.links.set(peer.id, link);
       const route = <K extends Op>(op: K) =>
         link.onRequest(op, (body: RequestOf<K>) => {
@@ -192,8 +202,7 @@ export class StorageSystem implements AdminTarget {
         peerTimeout: timeoutMs,
         volumes: new Map(mine.map((r) => [r.vol, { device: this.volumes.get(r.vol)!.device, createdEmpty: this.volumes.get(r.vol)!.createdEmpty }])),
         links: this.links,
-        nbd,
-        exports: this.nbd.exports,
+        peerExports: this.peerExports,
         daemon: this.daemon,
         openStore: async (slots) => {
           if (!dir) return { store: new MemoryBitmapStore(clusters(size), slots), loaded: null };

@@ -75,6 +75,8 @@ export interface HandshakeOptions {
   shuttingDown: () => boolean;
   /** STARTTLS: absent means TLS is off (STARTTLS gets ERR_POLICY). */
   tls?: TlsServer;
+  /** Who the client already is, when the transport proved it (a peer storage system: "ss2"). */
+  identity?: string;
   /** A client was refused an export by its allow list (the server logs it). */
   refused?: (exportName: string, identity: string) => void;
 }
@@ -110,7 +112,7 @@ export async function negotiate(accepted: Socket, opts: HandshakeOptions): Promi
   const log = opts.log;
   const address = accepted.remoteAddress ?? '';
   const tlsRequired = opts.tls?.policy.mode === 'require';
-  let identity = '';
+  let identity = opts.identity ?? '';
   let secure = false;
 
   send(encodeGreeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES));

@@ -73,7 +73,15 @@ export class NbdServer {
     });
   }
 
-  private accept(socket: net.Socket): void {
+  /**
+   * Serve NBD on a connection accepted elsewhere (the peer channel's data connections), with its
+   * own export table and the identity the transport proved. Shut down with the server.
+   */
+  serveConnection(socket: net.Socket, exports: ExportTable, identity: string): void {
+    this.accept(socket, exports, identity);
+  }
+
+  private accept(socket: net.Socket, exports: ExportTable = this.opts.exports, identity?: string): void {
     const log = this.opts.log.child({ peer: socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix' });
     if (this.stopping) {
       socket.destroy();
@@ -94,7 +102,8 @@ export class NbdServer {
       this.refusals.add(key);
       log.warn({ export: name, address, identity }, `refused ${address}${identity ? ` (${identity})` : ''} access to export ${name}: not in its allow list`);
     };
-    negotiate(socket, { exports: this.opts.exports, log, shuttingDown: () => this.stopping, ...(this.tls ? { tls: this.tls } : {}), refused })
+    const tlsServer = identity === undefined ? this.tls : undefined;
+    negotiate(socket, { exports, log, shuttingDown: () => this.stopping, ...(tlsServer ? { tls: tlsServer } : {}), ...(identity !== undefined ? { identity } : {}), refused })
       .then((neg) => {
         clearTimeout(timer);
         this.handshaking.delete(socket);

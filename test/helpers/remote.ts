@@ -23,14 +23,20 @@ export interface PairSpec {
 }
 
 /** Volumes and pairs: vol N of SS1 is the master, vol N of SS2 its mirror. */
-export function twoSSYaml(a: SSAddr, b: SSAddr, pairs: PairSpec[], opts: { peerTimeout?: string; size?: string } = {}): string {
+export interface PeerCredentials {
+  ca: string;
+  /** Certificate and key of each storage system (CN=ssN). */
+  certs: Record<number, { cert: string; key: string }>;
+}
+
+export function twoSSYaml(a: SSAddr, b: SSAddr, pairs: PairSpec[], opts: { peerTimeout?: string; size?: string; tls?: PeerCredentials; insecure?: boolean } = {}): string {
   const size = opts.size ?? '16MiB';
   const vols = pairs.map((p) => `      - { id: ${p.vol}, size: ${size} }`).join('\n');
   const ss = (id: number, s: SSAddr) => `  - id: ${id}
     nbd: ${s.host}:${s.nbd}
     admin: ${s.host}:${s.admin}
     peer: ${s.host}:${s.peer}
-    dataDir: ss${id}
+    dataDir: ss${id}${opts.tls ? `\n    tls: { mode: off, cert: ${opts.tls.certs[id]!.cert}, key: ${opts.tls.certs[id]!.key} }` : ''}
     volumes:
 ${vols}`;
   const pr = pairs
@@ -41,7 +47,8 @@ ${vols}`;
     mirrors: [ { ss: 2, vol: ${p.vol} } ]${p.syncRate ? `\n    syncRate: ${p.syncRate}` : ''}${p.fence ? `\n    fence: ${p.fence}` : ''}${p.autoResync === false ? '\n    autoResync: false' : ''}`,
     )
     .join('\n');
-  return `peerTimeout: ${opts.peerTimeout ?? '1s'}\nstorageSystems:\n${ss(1, a)}\n${ss(2, b)}\npairs:\n${pr}\n`;
+  const security = opts.tls || opts.insecure ? `security:\n${opts.tls ? `  ca: ${opts.tls.ca}\n` : ''}${opts.insecure ? '  insecure: true\n' : ''}` : '';
+  return `${security}peerTimeout: ${opts.peerTimeout ?? '1s'}\nstorageSystems:\n${ss(1, a)}\n${ss(2, b)}\npairs:\n${pr}\n`;
 }
 
 export async function loopbackAddrs(): Promise<[SSAddr, SSAddr]> {

@@ -17,8 +17,14 @@
 // Faults (fault-table.ts): delay holds every received frame `ms` (+ jitter), order kept; drop is a
 // silent cut (nothing read or written, no RST, redials go nowhere) until cleared; reset destroys
 // the connection and refuses new ones until cleared.
+//
+// Security (docs/SECURITY.md): with `tls`, every connection is mutual TLS against the cluster CA,
+// and a storage system's identity is its certificate's CN (ss1, ss2, ...). A hello or data frame
+// whose `from` differs from the certificate is refused. Replication data (NBD) rides on its own
+// connections to the same port, opened with a `data` frame: never through the host-facing port.
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
+import tls from 'node:tls';
 import type { Logger } from 'pino';
 import type { LinkFault } from '../fault-table.js';
 import { FrameReader, MAX_FRAME, encodeFrame } from './framing.js';
@@ -40,6 +46,13 @@ export class PeerLinkError extends Error {
   override readonly name = 'PeerLinkError';
 }
 
+/** Mutual TLS on the peer channel: this storage system's certificate (CN=ssN) and the cluster CA. */
+export interface PeerTls {
+  cert: Buffer;
+  key: Buffer;
+  ca: Buffer;
+}
+
 export interface PeerLinkOptions {
   self: number;
   peer: number;
@@ -47,6 +60,28 @@ export interface PeerLinkOptions {
   address: PeerAddress;
   timeoutMs: number;
   log: Logger;
+  tls?: PeerTls;
+}
+
+/** ss3 -> 3; anything else -> undefined. */
+export function identityOf(cn: unknown): number | undefined {
+  const m = typeof cn === 'string' ? /^ss([1-9]\d{0,8})$/.exec(cn) : null;
+  return m ? Number(m[1]) : undefined;
+}
+
+/** Connect to a peer's control address: plain TCP, or mutual TLS checking that the far end is storage system `peer`. */
+function dialPeer(address: PeerAddress, peer: number, creds: PeerTls | undefined): net.Socket {
+  if (!creds) return net.connect({ host: address.host, port: address.port });
+  return tls.connect({
+    host: address.host,
+    port: address.port,
+    cert: creds.cert,
+    key: creds.key,
+    ca: creds.ca,
+    minVersion: 'TLSv1.3',
+    checkServerIdentity: (_host, cert) =>
+      identityOf(cert.subject?.CN) === peer ? undefined : new Error(`the certificate at ${address.host}:${address.port} names ${String(cert.subject?.CN)}, not ss${peer}`),
+  });
 }
 
 interface Pending {
@@ -183,7 +218,7 @@ export class PeerLink extends EventEmitter {
       return;
     }
     const { host, port } = this.opts.address;
-    const socket = net.connect({ host, port });
+    const socket = dialPeer(this.opts.address, this.peer, this.opts.tls);
     socket.setNoDelay(true);
     const reader = new FrameReader();
     const giveUp = setTimeout(() => socket.destroy(new Error(`no welcome within ${this.opts.timeoutMs} ms`)), this.opts.timeoutMs);
@@ -223,7 +258,32 @@ export class PeerLink extends EventEmitter {
     socket.on('data', onData);
     socket.on('error', onError);
     socket.on('close', onClose);
-    socket.once('connect', () => socket.write(encodeFrame({ t: 'hello', v: PROTOCOL_VERSION, from: this.self, to: this.peer })));
+    socket.once(this.opts.tls ? 'secureConnect' : 'connect', () => socket.write(encodeFrame({ t: 'hello', v: PROTOCOL_VERSION, from: this.self, to: this.peer })));
+  }
+
+  /**
+   * A data connection to the peer for one export (replication writes, or reads of the master):
+   * the same port and credentials as the control channel, then NBD. Resolves once the frame is
+   * sent; the peer answers with the NBD greeting, or closes the connection if it refuses.
+   */
+  openData(exportName: string): Promise<net.Socket> {
+    if (this.faultNow?.kind === 'drop' || this.faultNow?.kind === 'reset') {
+      return Promise.reject(new PeerLinkError(`storage system ${this.peer}: injected fault: ${this.faultNow.kind}`));
+    }
+    const socket = dialPeer(this.opts.address, this.peer, this.opts.tls);
+    socket.setNoDelay(true);
+    return new Promise((resolve, reject) => {
+      const giveUp = setTimeout(() => socket.destroy(new Error(`no connection within ${this.opts.timeoutMs} ms`)), this.opts.timeoutMs);
+      socket.once('error', (e) => {
+        clearTimeout(giveUp);
+        reject(new PeerLinkError(`data connection to storage system ${this.peer}: ${e.message}`, { cause: e }));
+      });
+      socket.once(this.opts.tls ? 'secureConnect' : 'connect', () => {
+        clearTimeout(giveUp);
+        socket.write(encodeFrame({ t: 'data', v: PROTOCOL_VERSION, from: this.self, to: this.peer, export: exportName }));
+        resolve(socket);
+      });
+    });
   }
 
   private scheduleDial(): void {
@@ -384,10 +444,15 @@ export class PeerLink extends EventEmitter {
   }
 }
 
+/** The peer server hands a data connection over: `from` is the authenticated storage system. */
+export type DataHandler = (socket: net.Socket, from: number, exportName: string) => void;
+
 /**
  * The accepting side: one listener per storage system. A connection must open with a hello
- * naming a configured peer and this storage system, in our protocol version; anything else is
- * logged and closed without an answer, and changes nothing.
+ * naming a configured peer and this storage system, in our protocol version, or with a data
+ * frame from a configured peer; anything else is logged and closed without an answer, and
+ * changes nothing. With TLS, the peer's certificate must be signed by the cluster CA and its CN
+ * must be the storage system the frame claims to come from.
  */
 export class PeerServer {
   private server: net.Server | null = null;
@@ -397,10 +462,20 @@ export class PeerServer {
     private readonly self: number,
     private readonly links: Map<number, PeerLink>,
     private readonly log: Logger,
+    private readonly opts: { tls?: PeerTls; onData?: DataHandler } = {},
   ) {}
 
   async listen(addr: PeerAddress): Promise<void> {
-    const server = net.createServer((socket) => this.accept(socket));
+    const creds = this.opts.tls;
+    const server = creds
+      ? tls.createServer({ cert: creds.cert, key: creds.key, ca: creds.ca, requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.3' }, (socket) => this.accept(socket))
+      : net.createServer((socket) => this.accept(socket));
+    if (creds) {
+      server.on('tlsClientError', (e: Error, socket: net.Socket) => {
+        const from = `${socket.remoteAddress}:${socket.remotePort}`;
+        this.log.warn({ from, reason: e.message }, `peer channel: refused a connection from ${from}: TLS: ${e.message}`);
+      });
+    }
     await new Promise<void>((resolve, reject) => {
       server.once('error', (e) => reject(new Error(`peer channel: cannot listen on ${addr.host}:${addr.port}: ${e.message}`)));
       server.listen({ host: addr.host, port: addr.port }, resolve);
@@ -413,6 +488,17 @@ export class PeerServer {
     socket.on('close', () => this.sockets.delete(socket));
     socket.on('error', () => {});
     const from = `${socket.remoteAddress}:${socket.remotePort}`;
+    // With TLS the CA has vouched for the certificate; its CN says which storage system this is.
+    let identity: number | undefined;
+    if (this.opts.tls) {
+      const cn = (socket as tls.TLSSocket).getPeerCertificate().subject?.CN;
+      identity = identityOf(cn);
+      if (identity === undefined) {
+        this.log.warn({ from, cn }, `peer channel: refused a connection from ${from}: its certificate (CN=${String(cn)}) names no storage system`);
+        socket.destroy();
+        return;
+      }
+    }
     // A hello is small: a stranger gets 4 KiB and 10 s to send one.
     const reader = new FrameReader(4096);
     const giveUp = setTimeout(() => refuse('no hello within 10 s'), 10_000);
@@ -433,13 +519,22 @@ export class PeerServer {
         refuse((e as Error).message);
         return;
       }
-      if (hello.t !== 'hello') return refuse(`a ${hello.t} frame before any hello`);
+      if (hello.t !== 'hello' && hello.t !== 'data') return refuse(`a ${hello.t} frame before any hello`);
       if (hello.v !== PROTOCOL_VERSION) return refuse(`protocol version ${hello.v}; this storage system speaks ${PROTOCOL_VERSION}`);
+      if (identity !== undefined && hello.from !== identity) return refuse(`its certificate says storage system ${identity}, but its ${hello.t} frame claims to come from ${hello.from}`);
+      if (texts.length > 1 || reader.buffered > 0) return refuse(`frames after the ${hello.t} before the answer`);
       const link = hello.to === this.self ? this.links.get(hello.from) : undefined;
+      if (hello.t === 'data') {
+        if (!link || !this.opts.onData) return refuse(`a data connection from storage system ${hello.from} to ${hello.to}, which shares no pair with storage system ${this.self}`);
+        if (link.fault?.kind === 'drop' || link.fault?.kind === 'reset') return refuse(`injected fault on the link to storage system ${hello.from}: ${link.fault.kind}`);
+        clearTimeout(giveUp);
+        socket.off('data', onData);
+        this.opts.onData(socket, hello.from, hello.export);
+        return;
+      }
       if (!link || link.dials) return refuse(`a hello from storage system ${hello.from} to ${hello.to}, which is not a peer that dials storage system ${this.self}`);
       clearTimeout(giveUp);
       socket.off('data', onData);
-      if (texts.length > 1) return refuse('frames after the hello before the welcome');
       link.adopt(socket, reader);
     };
     socket.on('data', onData);

@@ -7,6 +7,11 @@
 //   {t:"req", id, op, ...request(op)}  either way          {t:"res", id, ok:true, ...response(op)}
 //                                                          or {t:"res", id, ok:false, error}
 //   {t:"ping"}                         either way          nothing (any frame refreshes liveness)
+//   {t:"data", v, from, to, export}    opens a data conn.  the NBD greeting: the connection carries
+//                                                          NBD for that one export from then on
+//
+// With mutual TLS, `from` must be the identity of the certificate (CN=ssN): a message field never
+// says who is speaking on its own.
 //
 //   op        request fields                              response fields
 //   attach    pair, epoch, master, vol                    token, blank, dirty | demote, epoch, master
@@ -59,13 +64,16 @@ export type BitOp = RequestOf<'bits'>['ops'][number];
 const Hello = z.strictObject({ t: z.literal('hello'), v: z.number().int(), from: id, to: id });
 const Welcome = z.strictObject({ t: z.literal('welcome'), v: z.number().int(), from: id, to: id });
 const Ping = z.strictObject({ t: z.literal('ping') });
+const Data = z.strictObject({ t: z.literal('data'), v: z.number().int(), from: id, to: id, export: z.string().min(1).max(256) });
 const ReqFrame = z.looseObject({ t: z.literal('req'), id, op: z.enum(OPS as [Op, ...Op[]]) });
 const ResFrame = z.looseObject({ t: z.literal('res'), id, ok: z.boolean(), error: z.string().max(4096).optional() });
 
 export type Hello = z.infer<typeof Hello>;
 export type Welcome = z.infer<typeof Welcome>;
+export type DataOpen = z.infer<typeof Data>;
 export type Frame =
   | Hello
+  | DataOpen
   | Welcome
   | z.infer<typeof Ping>
   | { t: 'req'; id: number; op: Op; body: unknown }
@@ -105,6 +113,8 @@ export function parseFrame(text: string): Frame {
       return check(Welcome);
     case 'ping':
       return check(Ping);
+    case 'data':
+      return check(Data);
     case 'req': {
       const { t: _t, id: rid, op, ...body } = check(ReqFrame);
       return { t: 'req', id: rid, op, body };

@@ -21,9 +21,11 @@ export interface RemotePairContext {
   /** This storage system's volumes of the pair: id -> device (below any pair logic), and whether this start created it empty. */
   volumes: Map<number, { device: BlockDevice; createdEmpty: boolean }>;
   links: Map<number, PeerLink>;
-  /** NBD address of each storage system. */
-  nbd: Map<number, { host: string; port: number }>;
-  exports: ExportTable;
+  /**
+   * What the peers may open over their data connections (PeerLink.openData): the replication
+   * exports, each allowed only to its session's master. Never the host-facing table.
+   */
+  peerExports: ExportTable;
   daemon: SyncDaemon;
   /** One slot per mirror in master role (slot 0 only for the mirror role). */
   openStore(slots: number): Promise<{ store: BitmapStore; loaded: Uint8Array[] | null }>;

@@ -8,7 +8,8 @@
 import { randomBytes } from 'node:crypto';
 import { FilterDevice } from '../../blockdev/filter.js';
 import { BlockDeviceError, payloadLength, toBlockDeviceError, type BlockDevice, type Extent, type Payload, type ZeroOptions } from '../../blockdev/types.js';
-import { connect, type NbdClient } from '../../nbd/client.js';
+import { connectTransport, type NbdClient } from '../../nbd/client.js';
+import { AllowList } from '../../util/allow-list.js';
 import { ClusterBitmap, clusterRange, maskStale } from '../bitmap.js';
 import type { BitmapStore } from '../bitmap-store.js';
 import { hashClusters } from '../pair.js';
@@ -62,11 +63,19 @@ export class MirrorSide {
   }
 
   attach(): ResponseOf<'attach'> {
-    if (this.exportName) this.ctx.exports.remove(this.exportName);
+    if (this.exportName) this.ctx.peerExports.remove(this.exportName);
     this.token = randomBytes(16).toString('hex');
     this.session = -1;
     this.exportName = replicationExport(this.mine.vol, this.token);
-    this.ctx.exports.add({ name: this.exportName, description: `replication into ${this.pairName}`, device: new ReplicationTarget(this, this.token), readOnly: false, hidden: true });
+    // Only the master's storage system may open it, over its authenticated data connection.
+    this.ctx.peerExports.add({
+      name: this.exportName,
+      description: `replication into ${this.pairName}`,
+      device: new ReplicationTarget(this, this.token),
+      readOnly: false,
+      hidden: true,
+      allow: new AllowList([`ss${this.master.ss}`]),
+    });
     return { token: this.token, blank: this.blank, dirty: b64(this.store.image(0)) };
   }
 
@@ -131,8 +140,8 @@ export class MirrorSide {
     const what = `read from the master ss${this.master.ss}/vol${this.master.vol}`;
     if (this.link.fault) await linkFaultGate(this.link, what);
     if (!this.fallback) {
-      const addr = this.ctx.nbd.get(this.master.ss)!;
-      this.fallback = connect({ host: addr.host, port: addr.port, exportName: `vol${this.master.vol}`, timeoutMs: this.ctx.peerTimeout });
+      const exportName = `vol${this.master.vol}`;
+      this.fallback = this.link.openData(exportName).then((socket) => connectTransport(socket, { exportName, timeoutMs: this.ctx.peerTimeout }));
       this.fallback.catch(() => (this.fallback = null));
     }
     try {
@@ -152,7 +161,7 @@ export class MirrorSide {
 
   close(): void {
     this.closed = true;
-    if (this.exportName) this.ctx.exports.remove(this.exportName);
+    if (this.exportName) this.ctx.peerExports.remove(this.exportName);
     this.exportName = null;
     this.token = null;
     this.closeFallback();

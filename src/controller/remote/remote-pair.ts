@@ -345,6 +345,8 @@ export class RemotePair implements PairController {
   /** The master hands its role over (planned swap): it has copied everything and holds its writes. */
   private async onSwap(ss: number, msg: RequestOf<'swap'>): Promise<ResponseOf<'swap'>> {
     if (this.role !== 'mirror' || this.generation.master !== ss) throw new Error(`${this.name}: storage system ${this.ctx.self} is not the mirror of storage system ${ss}`);
+    // A swap names the next epoch; anything else is replayed or stale, and must not promote us.
+    if (msg.epoch !== this.generation.epoch + 1) throw new Error(`${this.name}: refused a swap to epoch ${msg.epoch}: the pair is in epoch ${this.generation.epoch}, so the next is ${this.generation.epoch + 1}`);
     await this.promote(msg.epoch);
     return {};
   }

@@ -1,9 +1,9 @@
-// A mirror volume in another storage system, as the master's pair writes it: NBD to that storage
-// system's replication export for this session. Every request is bounded by the peer timeout; a
+// A mirror volume in another storage system, as the master's pair writes it: NBD, over a data
+// connection of the peer channel, to that storage system's replication export for this session. Every request is bounded by the peer timeout; a
 // failure takes the link down, so the next session starts clean. A fault on the link applies here
 // too: `drop` holds requests until the link is declared down, `reset` fails them at once.
 import { BlockDeviceError, toBlockDeviceError, type BlockDevice, type Extent, type Payload, type ZeroOptions } from '../../blockdev/types.js';
-import { connect, type NbdClient } from '../../nbd/client.js';
+import { connectTransport, type NbdClient } from '../../nbd/client.js';
 import type { PeerLink } from '../peer/link.js';
 import type { VolRef } from '../status.js';
 import type { RemotePairContext } from './context.js';
@@ -38,9 +38,10 @@ export class ReplicationSender implements BlockDevice {
 
   async open(token: string): Promise<void> {
     this.disconnect();
-    const addr = this.ctx.nbd.get(this.ref.ss)!;
     // One connection: the requests pipeline on it, and more connections measured slower (bench/RESULTS.md).
-    this.client = await connect({ host: addr.host, port: addr.port, exportName: replicationExport(this.ref.vol, token), timeoutMs: this.ctx.peerTimeout });
+    // It is a data connection on the peer channel, authenticated like the control connection.
+    const exportName = replicationExport(this.ref.vol, token);
+    this.client = await connectTransport(await this.link.openData(exportName), { exportName, timeoutMs: this.ctx.peerTimeout });
   }
 
   disconnect(): void {
