@@ -6,8 +6,9 @@
 // the surviving side of the sync pair no acknowledged write may be missing.
 //
 // Needs root (ip netns); CI runs as root. Not skipped otherwise: it fails.
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { run } from './helpers/servers.js';
+import { makePki, type Pki } from './helpers/pki.js';
 import { SSProcess, inSync, sameBytes, twoSSYaml, writeConfig, type PairView, type SSAddr } from './helpers/remote.js';
 
 let seq = 0;
@@ -97,8 +98,17 @@ class NsSS extends SSProcess {
   }
 }
 
+// The two hosts talk mutual TLS on the peer channel, as a real two-site setup should; the host-facing
+// NBD and admin ports on the namespaces' addresses are accepted with security.insecure.
+let pki: Pki;
+beforeAll(() => {
+  pki = makePki();
+});
+afterAll(() => pki.cleanup());
+
 async function twoHosts(pairs: Parameters<typeof twoSSYaml>[2]) {
-  const { dir, file } = writeConfig(twoSSYaml(net.a, net.b, pairs, { peerTimeout: '1s' }));
+  const tls = { ca: pki.ca, certs: { 1: pki.cert('ss1'), 2: pki.cert('ss2') } };
+  const { dir, file } = writeConfig(twoSSYaml(net.a, net.b, pairs, { peerTimeout: '1s', tls, insecure: true }));
   const ss1 = new NsSS(1, file, net.a, net.ns1);
   const ss2 = new NsSS(2, file, net.b, net.ns2);
   started.push(ss1, ss2);
