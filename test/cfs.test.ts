@@ -9,6 +9,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import type { CfsClient } from '../src/cfs/client.js';
 import { pattern, startCfsCluster, type CfsCluster, type CfsClusterOptions } from './helpers/cfs.js';
 import { CLI, freePort, run, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
+import { adminFetch } from './helpers/admin.js';
 
 const MiB = 1024 * 1024;
 const BLOCK = 64 * 1024;
@@ -442,7 +443,7 @@ cfs:
     await client.writeFile('/movie', data);
     // The mirror in storage system 2 holds the data once the pair is in PAIR.
     await until('pair1 in PAIR', async () => {
-      const s = (await (await fetch(`http://127.0.0.1:${p.admin1}/api/status`)).json()) as { pairs: { name: string; state: string }[] };
+      const s = (await (await adminFetch(`http://127.0.0.1:${p.admin1}/api/status`)).json()) as { pairs: { name: string; state: string }[] };
       return s.pairs.find((x) => x.name === 'pair1')?.state === 'PAIR';
     }, 30_000);
 

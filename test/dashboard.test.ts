@@ -101,7 +101,7 @@ async function command(pair: string, cmd: string, answer: 'accept' | 'dismiss' =
 
 describe('dashboard', () => {
   it('shows the storage systems of the whole cluster, an unreachable one as such, and every pair', async () => {
-    await page.goto(`http://127.0.0.1:${ports.admin[0]}/`);
+    await page.goto(`http://127.0.0.1:${ports.admin[0]}/#token=${process.env.BLOCKMIRROR_ADMIN_TOKEN}`);
     await page.waitForSelector('#live.live');
     for (const p of ['pair1', 'pair2', 'pair3']) await page.waitForSelector(card(p));
     await expect.poll(() => page.textContent('#systems tr[data-ss="3"]')).toMatch(/unreachable.*storage system 3 .* is not reachable/);
@@ -157,7 +157,7 @@ describe('dashboard', () => {
   });
 
   it('shows the same cluster from the other storage system', async () => {
-    await page.goto(`http://127.0.0.1:${ports.admin[1]}/`);
+    await page.goto(`http://127.0.0.1:${ports.admin[1]}/#token=${process.env.BLOCKMIRROR_ADMIN_TOKEN}`);
     for (const p of ['pair1', 'pair2', 'pair3']) await page.waitForSelector(card(p));
     expect(await page.textContent('#self')).toContain('storage system 2');
     expect(await page.isVisible(`${card('pair3')} .commands`)).toBe(true);

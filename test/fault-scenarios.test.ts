@@ -7,6 +7,7 @@ import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { sameBytes } from './helpers/remote.js';
 import { CLI, freePort, run, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
+import { adminFetch } from './helpers/admin.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -65,7 +66,7 @@ interface PairRow {
 }
 
 async function pair(k: Cluster, name: string): Promise<PairRow> {
-  const s = (await (await fetch(`http://127.0.0.1:${k.admin}/api/status`)).json()) as { pairs: PairRow[] };
+  const s = (await (await adminFetch(`http://127.0.0.1:${k.admin}/api/status`)).json()) as { pairs: PairRow[] };
   return s.pairs.find((p) => p.name === name)!;
 }
 
@@ -152,7 +153,7 @@ describe('faults injected into a running storage system', () => {
 
   it('starts with the faults of the YAML, shows them in status, and a read of a corrupt range differs from what was written', async () => {
     const k = await start('faults:\n  - { target: "1:5", kind: corrupt, range: "0:4KiB" }\n');
-    const s = (await (await fetch(`http://127.0.0.1:${k.admin}/api/status`)).json()) as { storageSystems: { faults?: { target: string; description: string }[] }[] };
+    const s = (await (await adminFetch(`http://127.0.0.1:${k.admin}/api/status`)).json()) as { storageSystems: { faults?: { target: string; description: string }[] }[] };
     expect(s.storageSystems[0]!.faults).toEqual([{ target: '1:5', kind: 'corrupt', description: 'corrupt, bytes 0+4096' }]);
     expect((await qemuIo(uri(k, 5), ['write -P 0x66 0 64k'])).code).toBe(0);
     const bad = await qemuIo(uri(k, 5), ['read -P 0x66 0 4k'], true);
@@ -166,7 +167,7 @@ describe('faults injected into a running storage system', () => {
   it('answers bad fault requests with one clear line: 400 for bad options, 404 for an unknown volume, exit 2 from the CLI', async () => {
     const k = await start();
     const put = (target: string, kind: string, body: unknown) =>
-      fetch(`http://127.0.0.1:${k.admin}/api/faults/${encodeURIComponent(target)}/${kind}`, { method: 'PUT', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+      adminFetch(`http://127.0.0.1:${k.admin}/api/faults/${encodeURIComponent(target)}/${kind}`, { method: 'PUT', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
     const badOpt = await put('1:5', 'error', { probability: 7 });
     expect(badOpt.status).toBe(400);
     expect(await badOpt.json()).toEqual({ error: 'fault error on 1:5: probability: Too big: expected number to be <=1' });

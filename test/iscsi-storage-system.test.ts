@@ -7,6 +7,7 @@ import path from 'node:path';
 import { requireTools } from './helpers/clients.js';
 import { RawInitiator } from './helpers/iscsi-raw.js';
 import { CLI, freePort, run, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
+import { adminFetch } from './helpers/admin.js';
 
 describe('a storage system with iscsi: in its YAML', () => {
   let dir: string;
@@ -73,7 +74,7 @@ pairs:
       // READ(10) of one block of LUN 1.
       const read = await ini.scsi(1, Buffer.from([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]), { readLength: 512 });
       expect(read.status).toBe(0);
-      const st = (await (await fetch(`http://127.0.0.1:${admin}/api/status`)).json()) as { storageSystems: { iscsi?: { address: string; sessions: { initiator: string; target: string; luns: number[]; commands: number; readBytes: number }[] } }[] };
+      const st = (await (await adminFetch(`http://127.0.0.1:${admin}/api/status`)).json()) as { storageSystems: { iscsi?: { address: string; sessions: { initiator: string; target: string; luns: number[]; commands: number; readBytes: number }[] } }[] };
       const t = st.storageSystems[0]!.iscsi!;
       expect(t.address).toBe(`127.0.0.1:${iscsi}`);
       expect(t.sessions).toEqual([expect.objectContaining({ initiator: 'iqn.2026-12.test:raw', target, luns: [1, 2] })]);
@@ -81,14 +82,14 @@ pairs:
       expect(t.sessions[0]!.readBytes).toBe(512);
       const cli = await run(process.execPath, [CLI, 'status', '-c', path.join(dir, 'cluster.yaml')]);
       expect(cli.stdout).toMatch(/ISCSI SESSIONS\n.*INITIATOR.*\n\s+1\s+iqn\.2026-12\.test:raw\s+127\.0\.0\.1\s+iqn\.2026-12\.org\.blockmirror:ss1\s+1\s+1,2\s+\d+\s+512B/);
-      const metrics = await (await fetch(`http://127.0.0.1:${admin}/metrics`)).text();
+      const metrics = await (await adminFetch(`http://127.0.0.1:${admin}/metrics`)).text();
       expect(metrics).toContain('blockmirror_frontend_sessions{ss="1",protocol="iscsi"} 1');
       expect(JSON.stringify(st)).not.toMatch(/secret/i);
     } finally {
       ini.sock.destroy();
     }
     for (let i = 0; i < 100; i++) {
-      const st = (await (await fetch(`http://127.0.0.1:${admin}/api/status`)).json()) as { storageSystems: { iscsi?: { sessions: unknown[] } }[] };
+      const st = (await (await adminFetch(`http://127.0.0.1:${admin}/api/status`)).json()) as { storageSystems: { iscsi?: { sessions: unknown[] } }[] };
       if (st.storageSystems[0]!.iscsi!.sessions.length === 0) return;
       await new Promise((r) => setTimeout(r, 50));
     }

@@ -83,7 +83,7 @@ class NsSS extends SSProcess {
   override async status() {
     const r = await inNs(this.ns, process.execPath, [
       '-e',
-      `fetch(process.argv[1],{signal:AbortSignal.timeout(2000)}).then(r=>r.text()).then(t=>process.stdout.write(t),()=>process.exit(1))`,
+      `fetch(process.argv[1],{signal:AbortSignal.timeout(2000),headers:{authorization:'Bearer '+process.env.BLOCKMIRROR_ADMIN_TOKEN}}).then(r=>r.text()).then(t=>process.stdout.write(t),()=>process.exit(1))`,
       `http://${this.addr.host}:${this.addr.admin}/api/status`,
     ]);
     return r.code === 0 && r.stdout ? (JSON.parse(r.stdout) as Awaited<ReturnType<SSProcess['status']>>) : undefined;

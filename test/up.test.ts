@@ -6,6 +6,7 @@ import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { FileBitmapStore } from '../src/controller/bitmap-store.js';
 import { CLI, freePort, run, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
+import { adminFetch } from './helpers/admin.js';
 
 const MiB = 1024 * 1024;
 const running: RunningCluster[] = [];
@@ -72,7 +73,7 @@ async function waitForPair(c: RunningCluster, name: string, state: string, ms = 
   const deadline = Date.now() + ms;
   let last = '';
   while (Date.now() < deadline) {
-    const s = (await (await fetch(`http://127.0.0.1:${admin}/api/status`)).json()) as Awaited<ReturnType<typeof status>>;
+    const s = (await (await adminFetch(`http://127.0.0.1:${admin}/api/status`)).json()) as Awaited<ReturnType<typeof status>>;
     const p = s.pairs.find((x) => x.name === name)!;
     last = `${p.state} ${JSON.stringify(p.mirrors)}`;
     if (p.state === state) return p;

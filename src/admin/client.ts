@@ -12,6 +12,8 @@ export interface AdminEndpoint {
   port: number;
   /** Storage-system id: messages then say "storage system 1 (127.0.0.1:9001)". */
   ss?: number;
+  /** The admin token (Authorization: Bearer). */
+  token?: string;
 }
 
 export type PairCommand = 'split' | 'resync' | 'verify' | 'swap' | 'takeover';
@@ -107,6 +109,7 @@ async function request(ep: AdminEndpoint, method: 'GET' | 'POST' | 'PUT' | 'DELE
   try {
     const headers: Record<string, string> = { accept: 'application/json' };
     if (json !== undefined) headers['content-type'] = 'application/json';
+    if (ep.token) headers.authorization = `Bearer ${ep.token}`;
     res = await fetch(url, { method, signal, headers, ...(json !== undefined ? { body: JSON.stringify(json) } : {}) });
     text = await res.text();
   } catch (e) {

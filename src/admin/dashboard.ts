@@ -26,6 +26,8 @@ export interface AdminPeer {
   host: string;
   /** 0 when the YAML leaves the port to the kernel: then its address is not known. */
   port: number;
+  /** Its admin token, when this host knows it (docs/SECURITY.md). */
+  token?: string;
 }
 
 
@@ -156,7 +158,7 @@ async function gather(target: AdminTarget, peers: AdminPeer[]): Promise<{ view: 
 async function peerBitmap(peer: AdminPeer | undefined, pair: string): Promise<PairBitmap | undefined> {
   if (!peer) return undefined;
   const url = `http://${hostPort(peer)}/api/pairs/${encodeURIComponent(pair)}/bitmap?buckets=${DASHBOARD_BUCKETS}`;
-  const res = await fetch(url, { signal: AbortSignal.timeout(PEER_TIMEOUT_MS) });
+  const res = await fetch(url, { signal: AbortSignal.timeout(PEER_TIMEOUT_MS), ...(peer.token ? { headers: { authorization: `Bearer ${peer.token}` } } : {}) });
   return res.ok ? ((await res.json()) as PairBitmap) : undefined;
 }
 
@@ -164,7 +166,7 @@ async function askPeer(p: AdminPeer): Promise<Answer> {
   const admin = hostPort(p);
   if (p.port === 0) return { id: p.id, admin, error: `storage system ${p.id}: its admin port is 0 in the configuration, so its address is not known` };
   try {
-    return { id: p.id, admin, report: await getStatus({ ss: p.id, host: p.host, port: p.port }, PEER_TIMEOUT_MS) };
+    return { id: p.id, admin, report: await getStatus({ ss: p.id, host: p.host, port: p.port, ...(p.token ? { token: p.token } : {}) }, PEER_TIMEOUT_MS) };
   } catch (e) {
     return { id: p.id, admin, error: (e as Error).message };
   }

@@ -15,11 +15,19 @@
 //   GET  /metrics                 Prometheus text format       (metrics.ts)
 //   GET  /, /api/cluster, /api/events, /api/pairs/:name/bitmap  the dashboard (dashboard.ts)
 //
+// Access (docs/SECURITY.md), checked before anything else:
+//   - the Host header must be this server's: an IP address or localhost with its port, or a name
+//     in security.adminHosts; anything else is DNS rebinding and gets 421;
+//   - every request but /healthz and the dashboard's static files needs `Authorization: Bearer
+//     TOKEN` (GET too, unless adminReadOpen), else 401; the token is compared in constant time.
+//
 // Every error reply, whoever raised it (router, body parser, target), is
 // `{ "error": "<one line>" }` with a 4xx or 5xx status: the client and the CLI
 // print that line as is.
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import net from 'node:net';
 import type { Logger } from 'pino';
+import { sameSecret } from '../util/secrets.js';
 import { FaultRequestSchema } from '../controller/fault-table.js';
 import { PairCommandError, type AdminTarget, type PairCommandErrorKind, type PairStatus } from '../controller/status.js';
 import { registerDashboard, type AdminPeer } from './dashboard.js';
@@ -31,7 +39,19 @@ export interface AdminServerOptions {
   log: Logger;
   /** Every storage system of the cluster (this one included), for the dashboard's cluster view. */
   peers?: AdminPeer[];
+  auth?: AdminAuth;
 }
+
+export interface AdminAuth {
+  token: string;
+  /** GET and HEAD need no token. */
+  readOpen: boolean;
+  /** Host names (with or without a port) this API may be called by, besides addresses and localhost. */
+  hosts: string[];
+}
+
+/** Paths anyone may GET: liveness, and the dashboard's page, which holds no data and asks for the token. */
+const OPEN_PATHS = new Set(['/healthz', '/', '/assets/app.js', '/assets/style.css']);
 
 export interface AdminServer {
   /** "host:port" actually bound (the port is real when 0 was asked for). */
@@ -52,7 +72,7 @@ interface NameParams {
 
 export async function startAdminServer(target: AdminTarget, opts: AdminServerOptions): Promise<AdminServer> {
   const log = opts.log;
-  const app = buildApp(target, log, { peers: opts.peers });
+  const app = buildApp(target, log, { ...(opts.peers ? { peers: opts.peers } : {}), ...(opts.auth ? { auth: opts.auth } : {}) });
   try {
     await app.listen({ host: opts.host, port: opts.port });
   } catch (e) {
@@ -71,7 +91,7 @@ export async function startAdminServer(target: AdminTarget, opts: AdminServerOpt
 }
 
 /** The fastify instance without a listener; tests may `inject()` into it. */
-export function buildApp(target: AdminTarget, log: Logger, opts: { peers?: AdminPeer[] } = {}): FastifyInstance {
+export function buildApp(target: AdminTarget, log: Logger, opts: { peers?: AdminPeer[]; auth?: AdminAuth } = {}): FastifyInstance {
   const app = Fastify({
     // Our own logger does the request lines, at debug: an admin poll every
     // second must not fill the log at info.
@@ -113,6 +133,25 @@ export function buildApp(target: AdminTarget, log: Logger, opts: { peers?: Admin
     log.error({ err, method: req.method, url: req.url }, `admin API: ${req.method} ${req.url} failed: ${err.message}`);
     return reply.code(status !== undefined && status >= 500 && status < 600 ? status : 500).send({ error: errorLine(err) });
   });
+
+  const auth = opts.auth;
+  if (auth) {
+    const named = new Set(auth.hosts.map((h) => h.toLowerCase()));
+    app.addHook('onRequest', (req, reply, done) => {
+      const host = (req.headers.host ?? '').toLowerCase();
+      if (!hostAllowed(host, req.socket.localPort ?? 0, named)) {
+        log.warn({ host, from: req.socket.remoteAddress }, `admin API: refused a request for Host ${host || '(none)'} from ${req.socket.remoteAddress}`);
+        void reply.code(421).send({ error: `Host ${host || '(none)'} is not a name of this admin API; if it is yours, add it to security.adminHosts` });
+        return;
+      }
+      const read = req.method === 'GET' || req.method === 'HEAD';
+      if ((read && (auth.readOpen || OPEN_PATHS.has(pathOf(req.url)))) || hasToken(req, auth.token)) return done();
+      void reply
+        .code(401)
+        .header('www-authenticate', 'Bearer realm="blockmirror"')
+        .send({ error: 'this admin API needs its token: send Authorization: Bearer TOKEN (blockmirror admin token -c FILE prints it)' });
+    });
+  }
 
   // A page of another site must not drive this API through an admin's browser
   // (CSRF): browsers send Origin on cross-origin requests; the CLI sends none.
@@ -216,6 +255,26 @@ function originHost(origin: string): string | undefined {
   } catch {
     return undefined;
   }
+}
+
+function hasToken(req: FastifyRequest, token: string): boolean {
+  const h = req.headers.authorization;
+  const m = typeof h === 'string' ? /^Bearer\s+(\S+)\s*$/i.exec(h) : null;
+  return m !== null && sameSecret(m[1]!, token);
+}
+
+/**
+ * DNS rebinding points a name the attacker owns at this address: a Host header with an IP
+ * address or localhost cannot be one, so only names must be listed.
+ */
+function hostAllowed(host: string, port: number, named: Set<string>): boolean {
+  const m = /^(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::(\d{1,5}))?$/.exec(host);
+  if (!m) return false;
+  const name = m[1]!;
+  const p = m[2] === undefined ? 80 : Number(m[2]);
+  const literal = net.isIP(name.replace(/^\[|\]$/g, '')) !== 0;
+  if ((literal || name === 'localhost') && p === port) return true;
+  return named.has(host) || (m[2] === undefined ? false : named.has(name) && p === port);
 }
 
 function pathOf(url: string): string {

@@ -85,7 +85,7 @@ export function registerFaultCommand(program: Command): void {
     .action(async (opts: { config: string; timeout: string }) => {
       const config = loadConfigOrUsage(opts.config);
       const timeoutMs = parseTimeout(opts.timeout);
-      const all = await Promise.all(config.storageSystems.map((ss) => listFaults(adminEndpoint(ss), timeoutMs)));
+      const all = await Promise.all(config.storageSystems.map((ss) => listFaults(adminEndpoint(config, ss), timeoutMs)));
       const faults = dedupe(all.flat());
       if (faults.length === 0) process.stdout.write('no faults\n');
       else printFaults(faults);
@@ -142,7 +142,7 @@ function endpointsFor(ft: FaultTable, config: ClusterConfig, file: string, targe
   return ids.map((id) => {
     const ss = config.storageSystems.find((s) => s.id === id);
     if (!ss) throw new UsageError(`fault target ${targetText}: ${file} has no storage system ${id} (it has ${config.storageSystems.map((s) => s.id).join(', ')})`);
-    return adminEndpoint(ss);
+    return adminEndpoint(config, ss);
   });
 }
 

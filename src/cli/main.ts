@@ -7,6 +7,7 @@ import { registerPairCommand } from './pair.js';
 import { registerCfsCommand } from './cfs.js';
 import { registerFaultCommand } from './fault.js';
 import { registerGatewayCommand } from './gateway.js';
+import { registerAdminCommand } from './admin.js';
 import { UsageError } from './errors.js';
 
 export function buildProgram(): Command {
@@ -24,6 +25,7 @@ export function buildProgram(): Command {
   registerCfsCommand(program);
   registerFaultCommand(program);
   registerGatewayCommand(program);
+  registerAdminCommand(program);
   return program;
 }
 

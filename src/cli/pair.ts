@@ -72,7 +72,7 @@ async function pickTarget(config: ClusterConfig, path: string, name: string, com
     const ss = config.storageSystems.find((s) => s.id === id);
     // loadConfig checks this; a second look costs nothing and keeps the message clear.
     if (ss === undefined) throw new UsageError(`pair ${name}: storage system ${id} is not in ${path}`);
-    return adminEndpoint(ss);
+    return adminEndpoint(config, ss);
   };
   // A pair inside one storage system: that one runs every command.
   if (ids.length === 1) return endpoint(ids[0]!);

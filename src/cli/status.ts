@@ -2,6 +2,7 @@
 // merge the answers into one cluster view, print it.
 import type { Command } from 'commander';
 import { getStatus, type AdminEndpoint } from '../admin/client.js';
+import { clientAdminToken } from '../cluster/admin-token.js';
 import { ConfigError, loadConfig, type ClusterConfig, type StorageSystemConfig } from '../cluster/config.js';
 import { mergeReports as mergeClusterReports, type PairRow, type ReportAnswer, type SSView, type StorageSystemStatus } from '../controller/status.js';
 import { UsageError } from './errors.js';
@@ -67,11 +68,12 @@ export function loadConfigOrUsage(path: string): ClusterConfig {
 }
 
 /** Where to reach a storage system's admin API; throws when the file leaves the port to the kernel. */
-export function adminEndpoint(ss: StorageSystemConfig): AdminEndpoint {
+export function adminEndpoint(config: ClusterConfig, ss: StorageSystemConfig): AdminEndpoint {
   if (ss.admin.port === 0) {
     throw new Error(`storage system ${ss.id}: admin port is 0 in the configuration (any free port), so its address is not known`);
   }
-  return { ss: ss.id, host: ss.admin.host, port: ss.admin.port };
+  const token = clientAdminToken(config, ss.id);
+  return { ss: ss.id, host: ss.admin.host, port: ss.admin.port, ...(token ? { token } : {}) };
 }
 
 export function parseTimeout(text: string): number {
@@ -85,7 +87,7 @@ export async function collectStatus(config: ClusterConfig, timeoutMs: number): P
   const answers = await Promise.all(
     config.storageSystems.map(async (ss) => {
       try {
-        return { id: ss.id, report: await getStatus(adminEndpoint(ss), timeoutMs) };
+        return { id: ss.id, report: await getStatus(adminEndpoint(config, ss), timeoutMs) };
       } catch (e) {
         return { id: ss.id, error: (e as Error).message };
       }

@@ -29,10 +29,11 @@ export function parseOnly(text: string): number[] {
 
 async function up(opts: { config: string; only?: string; cfs?: boolean }, log: Logger): Promise<void> {
   // Loaded here, not at the top: `serve` and `--help` need none of the controller, fastify or the YAML stack.
-  const [{ startAdminServer }, { ConfigError, loadConfig }, { ClusterError, selectIds, startStorageSystems }] = await Promise.all([
+  const [{ startAdminServer }, { ConfigError, loadConfig }, { ClusterError, selectIds, startStorageSystems }, { clientAdminToken, serverAdminToken }] = await Promise.all([
     import('../admin/server.js'),
     import('../cluster/config.js'),
     import('../cluster/cluster.js'),
+    import('../cluster/admin-token.js'),
   ]);
   let systems: StorageSystem[] = [];
   const admins: AdminServer[] = [];
@@ -49,11 +50,23 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
       systems = await startStorageSystems(config, ids, log, a.hooks);
       await a.attach(systems);
     } else systems = await startStorageSystems(config, ids, log);
-    // Each dashboard shows the whole cluster: it asks every storage system of the file.
-    const peers = config.storageSystems.map((s) => ({ id: s.id, host: s.admin.host, port: s.admin.port }));
+    // Every admin API needs a token (docs/SECURITY.md); made on first start where the CLI finds it.
+    const tokens = new Map<number, string>();
+    for (const id of ids) {
+      const t = serverAdminToken(config, id);
+      tokens.set(id, t.token);
+      if (t.note) log.warn(t.note);
+    }
+    // Each dashboard shows the whole cluster: it asks every storage system of the file, with its token if known here.
+    const peers = config.storageSystems.map((s) => {
+      const token = tokens.get(s.id) ?? clientAdminToken(config, s.id);
+      return { id: s.id, host: s.admin.host, port: s.admin.port, ...(token ? { token } : {}) };
+    });
+    const sec = config.security;
     for (const ss of systems) {
       const a = config.storageSystems.find((s) => s.id === ss.spec.id)!.admin;
-      admins.push(await startAdminServer(ss, { host: a.host, port: a.port, log: log.child({ ss: ss.spec.id }), peers }));
+      const auth = { token: tokens.get(ss.spec.id)!, readOpen: sec.adminReadOpen, hosts: sec.adminHosts };
+      admins.push(await startAdminServer(ss, { host: a.host, port: a.port, log: log.child({ ss: ss.spec.id }), peers, auth }));
     }
     // The CFS server (docs/cfs.md) runs in the process of the storage system cfs.ss names.
     if (config.cfs && opts.cfs !== false && ids.includes(config.cfs.ss)) {

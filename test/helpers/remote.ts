@@ -5,6 +5,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { CLI, freePort, run, tmpDir } from './servers.js';
+import { adminFetch } from './admin.js';
 
 export interface SSAddr {
   host: string;
@@ -113,7 +114,7 @@ export class SSProcess {
   /** GET /api/status, or undefined when it does not answer. */
   async status(): Promise<StatusReport | undefined> {
     try {
-      const res = await fetch(`http://${this.addr.host}:${this.addr.admin}/api/status`, { signal: AbortSignal.timeout(2000) });
+      const res = await adminFetch(`http://${this.addr.host}:${this.addr.admin}/api/status`, { signal: AbortSignal.timeout(2000) });
       return (await res.json()) as StatusReport;
     } catch {
       return undefined;

@@ -141,8 +141,8 @@ export interface RunningCluster {
  * Start `blockmirror up -c FILE` for a YAML text and wait until every listed
  * TCP port accepts (NBD and admin ports of the storage systems it runs).
  */
-export async function startUp(configPath: string, ports: number[], extraArgs: string[] = []): Promise<RunningCluster> {
-  const proc = spawn(process.execPath, [CLI, 'up', '-c', configPath, '--log-level', 'warn', ...extraArgs], { stdio: ['ignore', 'pipe', 'pipe'] });
+export async function startUp(configPath: string, ports: number[], extraArgs: string[] = [], env?: NodeJS.ProcessEnv): Promise<RunningCluster> {
+  const proc = spawn(process.execPath, [CLI, 'up', '-c', configPath, '--log-level', 'warn', ...extraArgs], { stdio: ['ignore', 'pipe', 'pipe'], ...(env ? { env: { ...process.env, ...env } } : {}) });
   const { stderr, exited } = track(proc);
   for (const port of ports) await waitFor(canConnect({ host: '127.0.0.1', port }), 'blockmirror up', proc, stderr, 20_000);
   return { configPath, dir: path.dirname(configPath), proc, stderr, stop: stopper(proc, exited) };

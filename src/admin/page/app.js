@@ -298,6 +298,28 @@ function color(f) {
   return `rgb(${mix})`;
 }
 
+// The admin token (docs/SECURITY.md): from the address's #token= once (then removed from the
+// address bar), else asked for; kept for this tab in sessionStorage, never in a cookie.
+const TOKEN_KEY = 'blockmirror-admin-token';
+{
+  const m = /^#token=([A-Za-z0-9_\-.~]+)$/.exec(window.location.hash);
+  if (m) {
+    sessionStorage.setItem(TOKEN_KEY, m[1]);
+    window.history.replaceState(null, '', window.location.pathname + window.location.search);
+  }
+}
+
+function authHeaders() {
+  const t = sessionStorage.getItem(TOKEN_KEY);
+  return t ? { authorization: `Bearer ${t}` } : {};
+}
+
+function askToken() {
+  const t = window.prompt('Admin token of this storage system (blockmirror admin token -c FILE prints it):');
+  if (t) sessionStorage.setItem(TOKEN_KEY, t.trim());
+  return Boolean(t);
+}
+
 async function command(pair, cmd) {
   if (!window.confirm(CONFIRM[cmd](pair))) return;
   const message = $('message');
@@ -306,7 +328,7 @@ async function command(pair, cmd) {
   try {
     const res = await fetch(`/api/pairs/${encodeURIComponent(pair)}/${cmd}`, {
       method: 'POST',
-      headers: { 'content-type': 'application/json' },
+      headers: { 'content-type': 'application/json', ...authHeaders() },
       body: '{}',
     });
     const body = await res.json().catch(() => ({}));
@@ -322,19 +344,48 @@ async function command(pair, cmd) {
   }
 }
 
-function connect() {
+// The live feed is server-sent events read with fetch, not EventSource: EventSource cannot send
+// the Authorization header. Reconnects after a second, as EventSource would.
+async function connect() {
   const live = $('live');
-  const source = new EventSource('/api/events');
-  source.onopen = () => {
-    live.textContent = 'live';
-    live.className = 'badge live';
-  };
-  source.onmessage = (e) => render(JSON.parse(e.data));
-  // EventSource reconnects by itself (the server asks for 1 s); say so meanwhile.
-  source.onerror = () => {
+  for (;;) {
+    try {
+      const res = await fetch('/api/events', { headers: authHeaders() });
+      if (res.status === 401) {
+        live.textContent = 'needs the admin token';
+        live.className = 'badge down';
+        if (!askToken()) return;
+        continue;
+      }
+      if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}`);
+      live.textContent = 'live';
+      live.className = 'badge live';
+      const reader = res.body.getReader();
+      const decoder = new TextDecoder();
+      let buffered = '';
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffered += decoder.decode(value, { stream: true });
+        let end;
+        while ((end = buffered.indexOf('\n\n')) >= 0) {
+          const event = buffered.slice(0, end);
+          buffered = buffered.slice(end + 2);
+          const data = event
+            .split('\n')
+            .filter((l) => l.startsWith('data:'))
+            .map((l) => l.slice(5).trimStart())
+            .join('\n');
+          if (data) render(JSON.parse(data));
+        }
+      }
+    } catch {
+      // fall through to the retry
+    }
     live.textContent = 'disconnected, retrying…';
     live.className = 'badge down';
-  };
+    await new Promise((r) => setTimeout(r, 1000));
+  }
 }
 
-connect();
+void connect();
