@@ -126,6 +126,6 @@ describe('cfs: section', () => {
 
   it('suggests the key meant by a typo', () => {
     refuse((c) => (c.cfs.blocksize = '64KiB'), 'cfs.blocksize', 'unknown key (did you mean "blockSize"?)');
-    refuse((c) => (c.cfs.color = 'red'), 'cfs.color', 'unknown key (expected one of: listen, dataDir, blockSize, pairs, ss, readFromMaster)');
+    refuse((c) => (c.cfs.color = 'red'), 'cfs.color', 'unknown key (expected one of: listen, dataDir, blockSize, pairs, ss, readFromMaster, tokenFile)');
   });
 });

@@ -48,6 +48,8 @@ export interface CfsClientOptions {
   timeoutMs?: number;
   /** NBD connections per export (default 2). */
   connectionsPerExport?: number;
+  /** The server's token (cfs.tokenFile), when it asks for one. */
+  token?: string;
 }
 
 export interface TransferOptions {
@@ -194,7 +196,7 @@ export class CfsClient implements FileHost {
   private static async open(opts: CfsClientOptions, onLost: () => void): Promise<{ rpc: Rpc; hello: HelloReply }> {
     const rpc = await Rpc.connect(opts.server.host, opts.server.port, opts.timeoutMs ?? DEFAULT_TIMEOUT_MS, onLost);
     try {
-      const hello = await rpc.call('hello', { version: CFS_PROTOCOL_VERSION, client: opts.name ?? `${os.hostname()}:${process.pid}` });
+      const hello = await rpc.call('hello', { version: CFS_PROTOCOL_VERSION, client: opts.name ?? `${os.hostname()}:${process.pid}`, ...(opts.token ? { token: opts.token } : {}) });
       return { rpc, hello };
     } catch (e) {
       rpc.close();

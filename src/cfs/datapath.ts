@@ -8,10 +8,13 @@
 import { Worker } from 'node:worker_threads';
 import { connect, NbdConnectionError, NbdError, NbdOptionError, NbdProtocolError, NbdTimeoutError, type NbdClient } from '../nbd/client.js';
 import { CfsError, type VolumeAddress } from './protocol.js';
+import type { ClientTls } from '../nbd/tls.js';
 
 export interface NbdAddress {
   host: string;
   port: number;
+  /** STARTTLS with these credentials (a storage system with tls: require). */
+  tls?: ClientTls;
 }
 
 export interface DataPathOptions {
@@ -46,7 +49,7 @@ export class DataPath {
     const cached = lane.conns[i];
     if (cached) return cached;
     const addr = this.address(at.ss);
-    const p = connect({ host: addr.host, port: addr.port, exportName: `vol${at.vol}`, timeoutMs: this.opts.timeoutMs, handshakeTimeoutMs: Math.min(this.opts.timeoutMs, 10_000) });
+    const p = connect({ host: addr.host, port: addr.port, exportName: `vol${at.vol}`, timeoutMs: this.opts.timeoutMs, handshakeTimeoutMs: Math.min(this.opts.timeoutMs, 10_000), ...(addr.tls ? { tls: addr.tls } : {}) });
     const l = lane;
     l.conns[i] = p;
     p.then(
@@ -123,6 +126,7 @@ export interface WorkerRequest {
   vol: number;
   host?: string;
   port?: number;
+  tls?: ClientTls;
   sab?: SharedArrayBuffer;
   byteOffset?: number;
   length?: number;
@@ -160,7 +164,7 @@ class ReadWorker {
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      const req: WorkerRequest = { id, op: 'read', ss: at.ss, vol: at.vol, host: addr.host, port: addr.port, sab: dest.buffer as SharedArrayBuffer, byteOffset: dest.byteOffset, length: dest.length, offset };
+      const req: WorkerRequest = { id, op: 'read', ss: at.ss, vol: at.vol, host: addr.host, port: addr.port, ...(addr.tls ? { tls: addr.tls } : {}), sab: dest.buffer as SharedArrayBuffer, byteOffset: dest.byteOffset, length: dest.length, offset };
       this.worker.postMessage(req);
     });
   }

@@ -110,7 +110,7 @@ export interface HelloReply {
 
 /** What each op takes and answers. The id and op travel beside these. */
 export interface Ops {
-  hello: { args: { version: number; client: string }; reply: HelloReply };
+  hello: { args: { version: number; client: string; token?: string }; reply: HelloReply };
   ping: { args: Record<string, never>; reply: Record<string, never> };
   stat: { args: { path: string }; reply: StatReply };
   readdir: { args: { path: string }; reply: { entries: DirEntry[] } };
@@ -217,8 +217,12 @@ export function encodeLine(message: object): Buffer {
 }
 
 /** "/a//b/./c/" -> "/a/b/c"; refuses "..", empty names and names that cannot be stored. */
+/** PATH_MAX: a longer path is refused before it is split. */
+export const MAX_PATH = 4096;
+
 export function normalizePath(input: string): string {
   if (typeof input !== 'string' || input.length === 0) throw new CfsError('EINVAL', 'a path is required');
+  if (Buffer.byteLength(input) > MAX_PATH) throw new CfsError('ENAMETOOLONG', `path longer than ${MAX_PATH} bytes`);
   if (input.includes('\0')) throw new CfsError('EINVAL', `invalid path ${JSON.stringify(input)}`);
   const names: string[] = [];
   for (const part of input.split('/')) {

@@ -34,12 +34,26 @@ import {
   type VolumeAddress,
 } from './protocol.js';
 import { UsageTable } from './usage.js';
+import { looseWarning, readSecretFile, sameSecret } from '../util/secrets.js';
+
+export const CFS_TOKEN_ENV = 'BLOCKMIRROR_CFS_TOKEN';
+
+/** The CFS token in `file` (a warning when other users can read it). */
+export function readCfsToken(file: string, log?: Logger): string {
+  const f = readSecretFile(file, 'CFS token file');
+  if (f.loose) log?.warn(looseWarning(file, 'CFS token file'));
+  const token = f.text.trim();
+  if (token.length < 16) throw new Error(`the CFS token in ${file} is shorter than 16 characters: make one with: openssl rand -hex 32 > ${file}`);
+  return token;
+}
 
 export interface CfsServerOptions {
   /** A connection silent for this long is dropped and its opens returned (clients ping every third of it). */
   leaseMs?: number;
   /** How long a copy a client reported failing is passed over. */
   failedForMs?: number;
+  /** Clients must send it in their hello (read from cfs.tokenFile by the caller when absent). */
+  token?: string;
 }
 
 const DEFAULT_LEASE_MS = 30_000;
@@ -76,6 +90,8 @@ interface Session {
   client: string;
   handles: Map<number, Handle>;
   lastSeen: number;
+  /** Said hello with the token (always true when the server has none). */
+  authenticated: boolean;
 }
 
 export class CfsServer {
@@ -85,6 +101,7 @@ export class CfsServer {
   private nextHandle = 1;
   private nextSession = 1;
   private leaseTimer: NodeJS.Timeout | undefined;
+  private token: string | undefined;
   /** Open handles by inode: whose views a free must wait for. */
   private readonly openByIno = new Map<number, Set<Handle>>();
   /**
@@ -144,6 +161,8 @@ export class CfsServer {
     );
     const server = net.createServer();
     const self = new CfsServer(config, cfs, ns, pairs, store, usage, server, log, opts.leaseMs ?? DEFAULT_LEASE_MS);
+    const token = opts.token ?? (cfs.tokenFile ? readCfsToken(cfs.tokenFile, log) : undefined);
+    if (token !== undefined) self.token = token;
     server.on('connection', (s) => self.accept(s));
     try {
       await new Promise<void>((resolve, reject) => {
@@ -187,7 +206,7 @@ export class CfsServer {
 
   private accept(socket: net.Socket): void {
     socket.setNoDelay(true);
-    const session: Session = { id: this.nextSession++, socket, client: socket.remoteAddress ?? '?', handles: new Map(), lastSeen: Date.now() };
+    const session: Session = { id: this.nextSession++, socket, client: socket.remoteAddress ?? '?', handles: new Map(), lastSeen: Date.now(), authenticated: this.token === undefined };
     this.sessions.add(session);
     const splitter = new LineSplitter((line) => this.onLine(session, line));
     socket.on('data', (chunk: Buffer) => {
@@ -230,6 +249,13 @@ export class CfsServer {
 
   private async answer(session: Session, req: Request): Promise<void> {
     let reply: object;
+    if (!session.authenticated && !(req.op === 'hello' && this.authenticate(session, req))) {
+      // One answer, then the door closes: no operation runs for a client that has not shown the token.
+      this.log.warn({ client: session.client, op: req.op }, `cfs: refused ${session.client}: no valid token`);
+      if (!session.socket.destroyed) session.socket.end(encodeLine({ id: req.id, ok: false, code: 'EACCES', message: 'this CFS server needs its token (cfs.tokenFile, or BLOCKMIRROR_CFS_TOKEN)' }));
+      this.endSession(session, 'no valid token');
+      return;
+    }
     try {
       const handler = this.ops[req.op as OpName] as ((s: Session, r: Request) => unknown) | undefined;
       if (!handler) throw new CfsError('EINVAL', `unknown operation ${JSON.stringify(req.op)}`);
@@ -245,6 +271,12 @@ export class CfsServer {
       }
     }
     if (!session.socket.destroyed) session.socket.write(encodeLine(reply));
+  }
+
+  private authenticate(session: Session, req: Request): boolean {
+    const given = (req as { token?: unknown }).token;
+    session.authenticated = typeof given === 'string' && this.token !== undefined && sameSecret(given, this.token);
+    return session.authenticated;
   }
 
   // -------------------------------------------------------------------------------------------

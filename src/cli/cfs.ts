@@ -198,15 +198,20 @@ function serverAddress(config: ClusterConfig, given: string | undefined): HostPo
 
 async function connectClient(config: ClusterConfig, opts: Common, extra: { reconnect?: boolean; name?: string } = {}): Promise<CfsClient> {
   const { CfsClient } = await import('../cfs/client.js');
+  const { CFS_TOKEN_ENV, readCfsToken } = await import('../cfs/server.js');
+  const { clientTlsFor } = await import('../cluster/credentials.js');
   const server = serverAddress(config, opts.server);
+  const token = process.env[CFS_TOKEN_ENV] || (config.cfs?.tokenFile ? readCfsToken(config.cfs.tokenFile) : undefined);
   const byId = new Map(config.storageSystems.map((s) => [s.id, s.nbd]));
   return CfsClient.connect({
     server,
     nbd: (ss) => {
       const a = byId.get(ss);
       if (!a || a.port === 0) return undefined;
-      return { host: a.host === '0.0.0.0' || a.host === '::' ? server.host : a.host, port: a.port };
+      const tls = clientTlsFor(config, ss);
+      return { host: a.host === '0.0.0.0' || a.host === '::' ? server.host : a.host, port: a.port, ...(tls ? { tls } : {}) };
     },
+    ...(token ? { token } : {}),
     ...extra,
   });
 }

@@ -105,6 +105,7 @@ export function buildCfs(c: NonNullable<Parsed['cfs']>, cfg: ClusterConfig, base
     readFromMaster: c.readFromMaster ?? true,
   };
   if (c.dataDir !== undefined) out.dataDir = path.resolve(baseDir, c.dataDir);
+  if (c.tokenFile !== undefined) out.tokenFile = path.resolve(baseDir, c.tokenFile);
   return out;
 }
 

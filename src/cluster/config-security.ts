@@ -5,7 +5,7 @@
 //   storageSystems[].nbd                 tls.mode: require                      security.insecure
 //   storageSystems[].peer                security.ca and the SS's tls cert/key   security.insecure
 //   storageSystems[].iscsi               iscsiChapFile                          security.insecure
-//   cfs.listen                           (no client authentication yet)         security.insecure
+//   cfs.listen                           cfs.tokenFile                          security.insecure
 //   storageSystems[].admin               nothing more: every call needs the admin token
 import net from 'node:net';
 import path from 'node:path';
@@ -66,7 +66,7 @@ export function checkSecurity(config: ClusterConfig, problems: RawProblem[]): vo
       report(['storageSystems', i, 'iscsi'], `iSCSI on ${show(ss.iscsi.listen)} is reachable from other hosts without CHAP: set iscsiChapFile ${insecureHint}`);
     }
   });
-  if (config.cfs && !sec.insecure && !isLoopback(config.cfs.listen.host)) {
-    report(['cfs', 'listen'], `the CFS server on ${show(config.cfs.listen)} is reachable from other hosts and has no client authentication: listen on a loopback address ${insecureHint}`);
+  if (config.cfs && !sec.insecure && !isLoopback(config.cfs.listen.host) && config.cfs.tokenFile === undefined) {
+    report(['cfs', 'listen'], `the CFS server on ${show(config.cfs.listen)} is reachable from other hosts without client authentication: set cfs.tokenFile ${insecureHint}`);
   }
 }

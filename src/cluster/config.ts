@@ -151,6 +151,8 @@ export interface CfsConfig {
   ss: number;
   /** Whether the master is one of the copies opens are spread over (default true). */
   readFromMaster: boolean;
+  /** Absolute. Clients must present the token in this file (docs/SECURITY.md). */
+  tokenFile?: string;
 }
 
 export interface ConfigProblem {
@@ -441,6 +443,7 @@ export const CfsSchema = mapping({
   pairs: list(pairName).min(1, { error: 'list at least one pair, or leave pairs out for all of them' }).optional(),
   ss: id.optional(),
   readFromMaster: cfsFlag.optional(),
+  tokenFile: filePath.optional(),
 });
 // `faults:` (docs/faults.md): the same fields as `blockmirror fault set`, range as START:LEN.
 export const faultText = leaf((v) => (typeof v === 'string' && v.length > 0 ? v : fail(`expected a string, got ${show(v)}`)));

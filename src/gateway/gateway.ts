@@ -7,6 +7,7 @@ import { ExportTable } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
 import type { ClusterConfig } from '../cluster/config.js';
 import { ClusterStore } from '../cluster/etcd/store.js';
+import { clientTlsFor } from '../cluster/credentials.js';
 import { ConnectionPool, LogicalVolumeDevice } from './logical-volume.js';
 
 export interface GatewayOptions {
@@ -26,7 +27,12 @@ export class Gateway {
   static async start(config: ClusterConfig, opts: GatewayOptions, log: Logger): Promise<Gateway> {
     if (!config.etcd) throw new Error(`${config.source}: a gateway needs the etcd: section (it finds each volume's master there)`);
     const store = await ClusterStore.connect(config.etcd, log);
-    const pool = new ConnectionPool(Math.max(1000, config.peerTimeout));
+    // A storage system with tls: mode allow or require gets STARTTLS with the cluster's client credential.
+    const tlsFor = (addr: string) => {
+      const ss = config.storageSystems.find((s) => `${s.nbd.host.includes(':') ? `[${s.nbd.host}]` : s.nbd.host}:${s.nbd.port}` === addr);
+      return ss ? clientTlsFor(config, ss.id) : undefined;
+    };
+    const pool = new ConnectionPool(Math.max(1000, config.peerTimeout), tlsFor);
     const exports = new ExportTable();
     const add = () => {
       for (const lv of store.tables.logicalVolumes.values()) {

@@ -19,6 +19,7 @@ import type { Logger } from 'pino';
 import { BlockDeviceError, payloadLength, type BlockDevice, type Extent, type Payload, type ZeroOptions } from '../blockdev/types.js';
 import { NbdConnectionError, NbdError, NbdTimeoutError, connect, type NbdClient } from '../nbd/client.js';
 import type { ClusterStore } from '../cluster/etcd/store.js';
+import type { ClientTls } from '../nbd/tls.js';
 
 export interface Copy {
   ss: number;
@@ -29,7 +30,11 @@ export interface Copy {
 export class ConnectionPool {
   private readonly clients = new Map<string, Promise<NbdClient>>();
 
-  constructor(private readonly timeoutMs: number) {}
+  constructor(
+    private readonly timeoutMs: number,
+    /** STARTTLS credentials for the storage system at an address, if it asks for TLS. */
+    private readonly tlsFor: (addr: string) => ClientTls | undefined = () => undefined,
+  ) {}
 
   get(addr: string, exportName: string): Promise<NbdClient> {
     const key = `${addr}/${exportName}`;
@@ -37,7 +42,8 @@ export class ConnectionPool {
     if (!c) {
       const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d+)$/.exec(addr);
       if (!m) return Promise.reject(new NbdConnectionError('EINVAL', `bad NBD address ${addr}`));
-      c = connect({ host: m[1] ?? m[2]!, port: Number(m[3]), exportName, timeoutMs: this.timeoutMs });
+      const tls = this.tlsFor(addr);
+      c = connect({ host: m[1] ?? m[2]!, port: Number(m[3]), exportName, timeoutMs: this.timeoutMs, ...(tls ? { tls } : {}) });
       this.clients.set(key, c);
       c.catch(() => this.clients.delete(key));
     }

@@ -15,6 +15,9 @@ export interface CfsClusterOptions {
   onDisk?: boolean;
   /** Extra lines for the cfs: mapping (indented by 2). */
   cfsExtra?: string;
+  /** Extra lines for storage system 1 (indented by 4), and a top-level prefix (e.g. a security: section). */
+  ssExtra?: string;
+  prefix?: string;
   /** Start `up --no-cfs` and the CFS server as its own `cfs serve` process. */
   separateServer?: boolean;
   dir?: string;
@@ -102,12 +105,12 @@ export async function startCfsCluster(opts: CfsClusterOptions = {}): Promise<Cfs
   const config = path.join(dir, 'cluster.yaml');
   fs.writeFileSync(
     config,
-    `clusterSize: 64KiB
+    `${opts.prefix ?? ''}clusterSize: 64KiB
 storageSystems:
   - id: 1
     nbd: 127.0.0.1:${ports.nbd}
     admin: 127.0.0.1:${ports.admin}
-${opts.onDisk ? '    dataDir: data\n' : ''}${LAYOUTS[opts.layout ?? 'one-mirror']}cfs:
+${opts.ssExtra ?? ''}${opts.onDisk ? '    dataDir: data\n' : ''}${LAYOUTS[opts.layout ?? 'one-mirror']}cfs:
   listen: 127.0.0.1:${ports.cfs}
 ${opts.onDisk ? '  dataDir: meta\n' : ''}${opts.cfsExtra ?? ''}`,
   );
