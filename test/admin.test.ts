@@ -396,6 +396,7 @@ describe('cluster status merge', () => {
       clusterSize: 65536,
       peerTimeout: 5000,
       faults: [],
+      security: { insecure: false, adminHosts: [], adminReadOpen: false },
       storageSystems: ports.map((port, i) => ({
         id: i + 1,
         nbd: { host: '127.0.0.1', port: 10809 + i },
