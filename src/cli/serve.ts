@@ -1,5 +1,6 @@
 // `blockmirror serve`: one export, sparse memory unless --file.
 import fs from 'node:fs';
+import path from 'node:path';
 import type { Command } from 'commander';
 import type { Logger } from 'pino';
 import { DEFAULT_PORT } from '../protocol/constants.js';
@@ -18,6 +19,10 @@ import { SizeError, formatSize, parseSize } from '../util/size.js';
 import { UsageError } from './errors.js';
 import { socketActivationFds } from './socket-activation.js';
 import { runUntilSignal } from './signals.js';
+import type { ServerTls } from '../nbd/tls.js';
+import { AllowList, allowEntryProblem } from '../util/allow-list.js';
+import { parsePskFile, SecretFileError } from '../util/secrets.js';
+import { isLoopback } from '../cluster/config-security.js';
 
 interface ServeOptions {
   size?: string;
@@ -32,6 +37,12 @@ interface ServeOptions {
   iscsiChapFile?: string;
   iscsiAllow?: string[];
   iscsiPortal?: string[];
+  tls?: string;
+  tlsCertificates?: string;
+  tlsPsk?: string;
+  tlsVerifyPeer?: boolean;
+  allow?: string[];
+  insecure?: boolean;
 }
 
 export function serveCommand(program: Command): void {
@@ -50,10 +61,55 @@ export function serveCommand(program: Command): void {
     .option('--iscsi-chap-file <path>', 'require CHAP: the file holds "USER:SECRET", and a second line "USER:SECRET" for mutual CHAP')
     .option('--iscsi-portal <host:port...>', 'more iSCSI listen addresses for the same target (multipath)')
     .option('--iscsi-allow <entry...>', 'initiators allowed to log in: IQN patterns (* wildcard) and CIDRs')
+    .option('--tls <mode>', 'NBD STARTTLS: off, allow (also "on", as nbdkit says) or require', 'off')
+    .option('--tls-certificates <dir>', 'server-cert.pem and server-key.pem (and ca-cert.pem for --tls-verify-peer), as nbdkit and qemu lay them out')
+    .option('--tls-psk <file>', 'TLS-PSK keys, one IDENTITY:HEXKEY per line (psktool makes them)')
+    .option('--tls-verify-peer', 'require a client certificate signed by DIR/ca-cert.pem, or a PSK')
+    .option('--allow <entry...>', 'NBD clients allowed: addresses, subnets (10.0.0.0/8) and TLS identities (* wildcard)')
+    .option('--insecure', 'listen on a non-loopback address without --tls require')
     .action(async (opts: ServeOptions, cmd: Command) => {
       const log = createLogger(cmd.optsWithGlobals().logLevel as string);
       await serve(opts, log);
     });
+}
+
+/** The --tls options as a server policy; refuses what cannot work, and an exposed listener without TLS. */
+function serveTls(opts: ServeOptions, specs: ListenSpec[]): ServerTls | undefined {
+  const mode = opts.tls === 'on' ? 'allow' : opts.tls;
+  if (mode !== 'off' && mode !== 'allow' && mode !== 'require') throw new UsageError(`--tls: expected off, allow or require, got "${opts.tls}"`);
+  for (const e of opts.allow ?? []) {
+    const problem = allowEntryProblem(e);
+    if (problem) throw new UsageError(`--allow: ${problem}`);
+  }
+  const exposed = specs.find((s) => s.kind === 'tcp' && !isLoopback(s.host));
+  if (exposed && exposed.kind === 'tcp' && mode !== 'require' && !opts.insecure) {
+    throw new UsageError(`--listen ${exposed.host}:${exposed.port} is reachable from other hosts without TLS: add --tls require with --tls-certificates or --tls-psk, or --insecure to accept the risk`);
+  }
+  if (mode === 'off') return undefined;
+  if (!opts.tlsCertificates && !opts.tlsPsk) throw new UsageError(`--tls ${opts.tls} needs --tls-certificates DIR or --tls-psk FILE`);
+  const read = (f: string, what: string) => {
+    try {
+      return fs.readFileSync(f);
+    } catch (e) {
+      throw new UsageError(`cannot read the ${what} ${f}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+    }
+  };
+  const credentials: ServerTls['credentials'] = {};
+  if (opts.tlsCertificates) {
+    const d = opts.tlsCertificates;
+    credentials.cert = read(path.join(d, 'server-cert.pem'), 'certificate');
+    credentials.key = read(path.join(d, 'server-key.pem'), 'private key');
+    if (opts.tlsVerifyPeer) credentials.ca = read(path.join(d, 'ca-cert.pem'), 'CA certificate');
+  }
+  if (opts.tlsPsk) {
+    try {
+      credentials.psk = parsePskFile(read(opts.tlsPsk, 'psk file').toString('utf8'), opts.tlsPsk);
+    } catch (e) {
+      if (e instanceof SecretFileError) throw new UsageError(e.message);
+      throw e;
+    }
+  }
+  return { mode, credentials, verifyClients: opts.tlsVerifyPeer === true };
 }
 
 export function parseListen(text: string): { host: string; port: number } {
@@ -96,11 +152,12 @@ async function serve(opts: ServeOptions, log: Logger): Promise<void> {
     }
   } else device = new MemoryDevice(size!, false);
 
+  const tls = serveTls(opts, specs);
   const exports = new ExportTable();
   const host = new AtomicDevice(device);
-  exports.add({ name: opts.name, description: opts.description ?? '', device: host, readOnly: opts.readOnly === true });
+  exports.add({ name: opts.name, description: opts.description ?? '', device: host, readOnly: opts.readOnly === true, ...(opts.allow?.length ? { allow: new AllowList(opts.allow) } : {}) });
   exports.defaultName = opts.name;
-  const server = new NbdServer({ exports, log });
+  const server = new NbdServer({ exports, log, ...(tls ? { tls } : {}) });
 
   for (const spec of specs) {
     let addr: string;
