@@ -5,6 +5,7 @@ import type { Command } from 'commander';
 import type { Logger } from 'pino';
 import { createLogger } from '../util/log.js';
 import { UsageError } from './errors.js';
+import { addressInUse, addressInUseError } from './listen-error.js';
 import { parseListen } from './serve.js';
 import { runUntilSignal } from './signals.js';
 import { loadConfigOrUsage } from './status.js';
@@ -66,6 +67,8 @@ async function gateway(opts: { config: string; listen: string; retry: string }, 
     gw = await Gateway.start(config, { listen, retryMs }, log);
   } catch (e) {
     if (e instanceof EtcdUnreachableError) throw new UsageError(e.message);
+    const inUse = addressInUse(e);
+    if (inUse) throw addressInUseError('--listen', inUse, 'choose another --listen', e);
     throw e;
   }
   await runUntilSignal(log, () => gw.close());

@@ -50,7 +50,7 @@ export function registerStatusCommand(program: Command): void {
       const timeoutMs = parseTimeout(opts.timeout);
       const status = await collectStatus(config, timeoutMs);
       if (config.etcd) status.etcd = await etcdView(config, timeoutMs);
-      process.stdout.write(opts.json ? `${JSON.stringify(status, null, 2)}\n` : renderStatus(status));
+      process.stdout.write(opts.json ? `${JSON.stringify(status, null, 2)}\n` : renderStatus(status, opts.config));
       // Still printed what is known; the exit code says something was missing.
       if (status.storageSystems.some((s) => !s.reachable)) process.exitCode = 1;
     });
@@ -107,7 +107,8 @@ export function mergeReports(config: ClusterConfig, answers: ReportAnswer[]): Cl
 // ---------------------------------------------------------------------------
 // The human-readable form.
 
-export function renderStatus(status: ClusterStatus): string {
+/** `configFile` names the YAML in the hints (what to run next). */
+export function renderStatus(status: ClusterStatus, configFile = 'FILE'): string {
   const out: string[] = [];
 
   out.push('STORAGE SYSTEMS');
@@ -122,7 +123,9 @@ export function renderStatus(status: ClusterStatus): string {
       'llll',
     ),
   );
-  for (const s of status.storageSystems) if (!s.reachable) out.push(`  ${s.error}`);
+  for (const s of status.storageSystems) {
+    if (!s.reachable) out.push(`  ${s.error}${/ is not reachable: /.test(s.error) ? `; start it on its host (blockmirror up -c ${configFile} --only ${s.id}) or check its admin address` : ''}`);
+  }
 
   const volumes = status.storageSystems.flatMap((s) => (s.reachable ? s.volumes.map((v) => ({ ss: s.id, v })) : []));
   out.push('', 'VOLUMES');

@@ -36,6 +36,7 @@ import {
   encodeMetaContext,
   encodeOptionReply,
   encodeServerEntry,
+  encodeString,
 } from '../protocol/server-codec.js';
 import type { ByteQueue } from '../protocol/byte-queue.js';
 import type { Export, ExportTable } from './exports.js';
@@ -130,7 +131,8 @@ export async function negotiate(socket: Socket, opts: HandshakeOptions): Promise
     switch (option) {
       case Opt.EXPORT_NAME: {
         const e = opts.exports.get(data.toString('utf8'));
-        if (!e) throw new HandshakeAbort(`EXPORT_NAME for unknown export ${JSON.stringify(data.toString('utf8'))}`);
+        // EXPORT_NAME has no error reply: the protocol's only answer is to close. The log says why.
+        if (!e) throw new HandshakeAbort(`EXPORT_NAME: ${opts.exports.unknownExportMessage(data.toString('utf8'))}`);
         const flags = transmissionFlags(e, sr);
         send(encodeExportNameReply(e.device.size, flags, noZeroes));
         return done(e, flags);
@@ -170,7 +172,7 @@ export async function negotiate(socket: Socket, opts: HandshakeOptions): Promise
         }
         const e = opts.exports.get(req.name);
         if (!e) {
-          reply(option, Rep.ERR_UNKNOWN);
+          reply(option, Rep.ERR_UNKNOWN, encodeString(opts.exports.unknownExportMessage(req.name)));
           break;
         }
         const flags = transmissionFlags(e, sr);
@@ -202,7 +204,7 @@ export async function negotiate(socket: Socket, opts: HandshakeOptions): Promise
           break;
         }
         if (!opts.exports.get(req.name)) {
-          reply(option, Rep.ERR_UNKNOWN);
+          reply(option, Rep.ERR_UNKNOWN, encodeString(opts.exports.unknownExportMessage(req.name)));
           break;
         }
         const matches = isSet
