@@ -17,7 +17,6 @@ export function registerGatewayCommand(program: Command): void {
     .requiredOption('-c, --config <file>', 'cluster YAML with an etcd: section')
     .option('--listen <host:port>', 'TCP address to listen on', '127.0.0.1:10810')
     .option('--retry <ms>', 'how long a request waits for a master before it fails', '60000')
-    .addHelpText('after', '\nExample:\n  blockmirror gateway -c config/etcd.yaml --listen 127.0.0.1:10810\n  nbdinfo nbd://127.0.0.1:10810/pair1\n')
     .action(async (opts: { config: string; listen: string; retry: string }, cmd: Command) => {
       const log = createLogger(cmd.optsWithGlobals().logLevel as string);
       await gateway(opts, log);

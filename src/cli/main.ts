@@ -7,7 +7,9 @@ import { registerPairCommand } from './pair.js';
 import { registerCfsCommand } from './cfs.js';
 import { registerFaultCommand } from './fault.js';
 import { registerGatewayCommand } from './gateway.js';
+import { registerCompletionCommand } from './completion.js';
 import { UsageError } from './errors.js';
+import { addExamples } from './examples.js';
 
 export function buildProgram(): Command {
   const program = new Command('blockmirror')
@@ -24,6 +26,8 @@ export function buildProgram(): Command {
   registerCfsCommand(program);
   registerFaultCommand(program);
   registerGatewayCommand(program);
+  registerCompletionCommand(program);
+  addExamples(program);
   return program;
 }
 
