@@ -69,6 +69,8 @@ describe('scripts/setup', () => {
         '  gnutls-bin         certtool and psktool make the certificates and keys of the TLS tests\n',
     );
     expect(r.stderr).toBe('scripts/setup: missing Debian packages: gnutls-bin; run scripts/setup --test as root, or have root run: apt-get install gnutls-bin\n');
+    // The README's troubleshooting section quotes it.
+    expect(fs.readFileSync(path.join(ROOT, 'README.md'), 'utf8')).toContain(`\n  ${r.stderr}`);
     expect(r.code).toBe(1);
     expect(aptLog(dir)).toEqual([]);
   });

@@ -7,7 +7,16 @@ import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { MemoryDevice } from '../src/blockdev/memory.js';
 import { ExportTable } from '../src/nbd/exports.js';
-import { CLI, freePort, run, startServe, startUp, tmpDir } from './helpers/servers.js';
+import { CLI, ROOT, freePort, run, startServe, startUp, tmpDir } from './helpers/servers.js';
+
+// The README's troubleshooting section quotes these messages with its own file names and ports;
+// each test checks that the message it got, with those substituted, is the one quoted.
+const README = fs.readFileSync(path.join(ROOT, 'README.md'), 'utf8');
+const quotedInReadme = (message: string, from: (string | number)[], to: (string | number)[]) => {
+  let m = message;
+  from.forEach((f, i) => (m = m.split(String(f)).join(String(to[i]))));
+  expect(README).toContain(`\n  ${m}\n`);
+};
 
 const top = tmpDir('bm-user-errors-');
 afterAll(() => fs.rmSync(top, { recursive: true, force: true }));
@@ -36,6 +45,7 @@ describe('a bad YAML', () => {
       `blockmirror: ${file}:7:1: YAML syntax error: Sequence item without - indicator; correct the YAML at that line and column (config/demo.yaml is a commented example)\n`,
     );
     expect(r.code).toBe(2);
+    quotedInReadme(r.stderr.trimEnd(), [file], ['config.yaml']);
   });
 });
 
@@ -50,6 +60,7 @@ describe('a port in use', () => {
           `stop that process (ss -ltnp 'sport = :${held.port}' shows it) or change the port of storageSystems[0].nbd\n`,
       );
       expect(r.code).toBe(1);
+      quotedInReadme(r.stderr.trimEnd(), [file, held.port], ['config/demo.yaml', 10809]);
     } finally {
       await held.close();
     }
@@ -118,6 +129,9 @@ pairs:
         .filter((l) => l.includes('"pair suspended (PSUE)"'))
         .map((l) => (JSON.parse(l) as { reason: string }).reason);
       expect(suspended).toEqual([waiting]);
+      const lines = r.stdout.split('\n').filter((l) => l.includes('is not reachable') || l.includes('PSUE: waiting')).map((l) => l.trim());
+      expect(lines).toHaveLength(2);
+      for (const l of lines) quotedInReadme(l, [file, `127.0.0.1:${admin2}`, `127.0.0.1:${peer2}`], ['config/two-sites.yaml', '127.0.0.1:9002', '10.0.0.2:7001']);
     } finally {
       await up.stop();
     }
@@ -152,5 +166,9 @@ describe('an export name that does not exist', () => {
       `no export named "${'x'.repeat(63)}…"; the exports are: vol1, vol2, vol3, vol4, vol5, vol6, vol7, vol8, vol9, vol10 and 2 more (nbdinfo --list shows them all)`,
     );
     expect(new ExportTable().unknownExportMessage('a')).toBe('no export named "a"; this server lists no exports');
+    // The demo's volumes, in config order, as the README quotes them.
+    const demo = new ExportTable();
+    for (const id of [8, 7, 5, 6, 9]) demo.add({ name: `vol${id}`, description: '', device, readOnly: false });
+    quotedInReadme(`server reported: ${demo.unknownExportMessage('vol3')}`, [], []);
   });
 });
