@@ -123,6 +123,64 @@ describe('scripts/setup', () => {
     // npm start needs neither.
     expect((await run('/bin/bash', [SETUP, '--check'], { env })).code).toBe(0);
   });
+
+  describe('on a fresh clone', () => {
+    // The files scripts/setup looks at, copied as a clone has them; npm is a stub that logs.
+    function freshClone(): { root: string; stubs: string; log: () => string[] } {
+      const root = fs.mkdtempSync(path.join(top, 'clone-'));
+      for (const f of ['scripts/setup', 'package.json', 'package-lock.json', 'native/sparse.c']) {
+        fs.mkdirSync(path.dirname(path.join(root, f)), { recursive: true });
+        fs.copyFileSync(path.join(ROOT, f), path.join(root, f));
+      }
+      const stubs = fs.mkdtempSync(path.join(top, 'npm-stub-'));
+      fs.writeFileSync(path.join(stubs, 'npm'), `#!/bin/bash\necho "$* nodedir=$npm_config_nodedir" >> ${JSON.stringify(path.join(stubs, 'npm.log'))}\n`, { mode: 0o755 });
+      const f = path.join(stubs, 'npm.log');
+      return { root, stubs, log: () => (fs.existsSync(f) ? fs.readFileSync(f, 'utf8').trim().split('\n') : []) };
+    }
+    // Where scripts/setup finds the Node headers, as it looks for them.
+    const prefix = path.dirname(path.dirname(fs.realpathSync(process.execPath)));
+    const nodedir = fs.existsSync(path.join(prefix, 'include/node/node_api.h')) ? prefix : '';
+    const setupIn = (c: { root: string; stubs: string }, args: string[]) =>
+      run('/bin/bash', [path.join(c.root, 'scripts/setup'), ...args], { env: { PATH: `${c.stubs}:${process.env.PATH}`, npm_config_nodedir: '' } });
+
+    it('runs npm ci with the installed Node headers when node_modules is missing', async () => {
+      const c = freshClone();
+      const check = await setupIn(c, ['--test', '--check']);
+      expect(check.stderr).toBe('');
+      expect(check.stdout).toBe('scripts/setup: to do: npm ci (node_modules is missing)\n');
+      expect(check.code).toBe(1);
+      expect(c.log()).toEqual([]);
+      const r = await setupIn(c, ['--test']);
+      expect(r.stderr).toBe('');
+      expect(r.stdout).toMatch(/^scripts\/setup: npm ci \(node_modules is missing\)\nscripts\/setup: ready /);
+      expect(r.code).toBe(0);
+      expect(c.log()).toEqual([`ci nodedir=${nodedir}`]);
+    });
+
+    it('runs npm ci again when package-lock.json is newer than node_modules', async () => {
+      const c = freshClone();
+      fs.mkdirSync(path.join(c.root, 'node_modules'));
+      fs.writeFileSync(path.join(c.root, 'node_modules/.package-lock.json'), '{}');
+      const old = new Date(Date.now() - 3600_000);
+      fs.utimesSync(path.join(c.root, 'node_modules/.package-lock.json'), old, old);
+      const r = await setupIn(c, ['--test']);
+      expect(r.stdout).toContain('scripts/setup: npm ci (package-lock.json is newer than node_modules)\n');
+      expect(c.log()).toEqual([`ci nodedir=${nodedir}`]);
+    });
+
+    it('builds what npm start needs when the dependencies are there but nothing is built', async () => {
+      const c = freshClone();
+      fs.mkdirSync(path.join(c.root, 'node_modules'));
+      fs.writeFileSync(path.join(c.root, 'node_modules/.package-lock.json'), '{}');
+      fs.mkdirSync(path.join(c.root, 'native/build/Release'), { recursive: true });
+      fs.writeFileSync(path.join(c.root, 'native/build/Release/sparse.node'), '');
+      const r = await setupIn(c, []);
+      expect(r.stdout).toContain('scripts/setup: npm run build (dist/ is older than src/)\n');
+      expect(c.log()).toEqual([`run build nodedir=${nodedir}`]);
+      // npm test builds by itself: --test leaves dist/ alone.
+      expect((await setupIn(c, ['--test', '--check'])).code).toBe(0);
+    });
+  });
 });
 
 describe('the README and .ci/run', () => {
