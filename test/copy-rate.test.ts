@@ -11,7 +11,7 @@ import { FileBitmapStore } from '../src/controller/bitmap-store.js';
 import { CopyRateMeter, WINDOW_MS, syncEta } from '../src/controller/copy-rate.js';
 import { Pair } from '../src/controller/pair.js';
 import { SyncDaemon } from '../src/controller/sync-daemon.js';
-import type { ClusterStatus } from '../src/cli/status.js';
+import { eta, type ClusterStatus } from '../src/cli/status.js';
 import { CLI, freePort, run, startUp } from './helpers/servers.js';
 
 const KiB = 1024;
@@ -61,6 +61,12 @@ describe('CopyRateMeter', () => {
     meter.record(64 * KiB);
     clock.advance(1);
     expect(meter.rate()).toBe(256 * KiB); // 64 KiB over the 250 ms minimum span
+  });
+});
+
+describe('the ETA in status', () => {
+  it('reads as seconds, minutes or hours, and "-" when in sync or unknown', () => {
+    expect([eta(0), eta(null), eta(undefined), eta(42), eta(187), eta(7500)]).toEqual(['-', '-', '-', '42s', '3m07s', '2h05m']);
   });
 });
 
@@ -155,6 +161,9 @@ pairs:
       const m = await mirror();
       expect(m.invalidClusters).toBeGreaterThan(0);
       expect(m.etaSeconds).toBeGreaterThanOrEqual(1);
+      // The table shows it too, in its own column.
+      const text = (await run(process.execPath, [CLI, 'status', '-c', file])).stdout;
+      expect(text).toMatch(/ +COPIED +ETA\n +p +async +COPY +1:1 +1:2 +\d+ +[\d.]+% +[\d.]+[KMG]?i?B +(\d+s|\d+m\d\ds)\n/);
     } finally {
       await up.stop();
       fs.rmSync(dir, { recursive: true, force: true });

@@ -157,13 +157,13 @@ export function renderStatus(status: ClusterStatus, configFile = 'FILE'): string
     const rows: string[][] = [];
     for (const p of status.pairs) {
       const first = [p.name, p.mode, p.state, volRef(p.master)];
-      if (p.mirrors.length === 0) rows.push([...first, '-', '', '', '']);
+      if (p.mirrors.length === 0) rows.push([...first, '-', '', '', '', '']);
       p.mirrors.forEach((m, i) => {
         const lead = i === 0 ? first : ['', '', '', ''];
-        rows.push([...lead, volRef(m), String(m.invalidClusters), percent(m.syncProgress), humanBytes(m.copiedBytes)]);
+        rows.push([...lead, volRef(m), String(m.invalidClusters), percent(m.syncProgress), humanBytes(m.copiedBytes), eta(m.etaSeconds)]);
       });
     }
-    out.push(...table(['PAIR', 'MODE', 'STATE', 'MASTER', 'MIRROR', 'INVALID', 'SYNCED', 'COPIED'], rows, 'lllllrrr'));
+    out.push(...table(['PAIR', 'MODE', 'STATE', 'MASTER', 'MIRROR', 'INVALID', 'SYNCED', 'COPIED', 'ETA'], rows, 'lllllrrrr'));
     for (const p of status.pairs) if (p.error) out.push(`  ${p.name}: ${p.state}: ${p.error}`);
     for (const p of status.pairs) {
       if (p.role === 'mirror') out.push(`  ${p.name}: the master's storage system ${p.master.ss} did not answer; shown as its mirror sees it${p.stale ? ' (its data may be stale)' : ''}`);
@@ -214,6 +214,15 @@ function volRef(r: { ss: number; vol: number }): string {
 }
 
 /** Rounded down to 0.1 %, so that "100.0%" only ever means in sync. */
+/** The controller's sync ETA: 42s, 3m07s, 2h05m; "-" when in sync or unknown (suspended, not measured yet). */
+export function eta(seconds: number | null | undefined): string {
+  if (seconds === null || seconds === undefined || seconds <= 0) return '-';
+  const pad = (n: number) => String(n).padStart(2, '0');
+  if (seconds < 60) return `${seconds}s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)}m${pad(seconds % 60)}s`;
+  return `${Math.floor(seconds / 3600)}h${pad(Math.floor((seconds % 3600) / 60))}m`;
+}
+
 export function percent(fraction: number): string {
   return `${(Math.floor(fraction * 1000) / 10).toFixed(1)}%`;
 }
