@@ -7,7 +7,7 @@ import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { MemoryDevice } from '../src/blockdev/memory.js';
 import { ExportTable } from '../src/nbd/exports.js';
-import { CLI, ROOT, freePort, run, startServe, startUp, tmpDir } from './helpers/servers.js';
+import { CLI, PYTHON, ROOT, freePort, run, startServe, startUp, tmpDir } from './helpers/servers.js';
 
 // The README's troubleshooting section quotes these messages with its own file names and ports;
 // each test checks that the message it got, with those substituted, is the one quoted.
@@ -152,6 +152,22 @@ describe('an export name that does not exist', () => {
       expect(n.stderr).toContain(`nbd_opt_go: handshake: server error message: ${message}\n`);
       expect(n.stderr).toContain('nbdinfo: nbd_opt_go: server replied with error to opt_go request: No such file or directory');
       expect(n.code).toBe(1);
+    } finally {
+      await s.stop();
+    }
+  });
+
+  it('is logged by the server with the exports that exist when an old client asks with EXPORT_NAME, which has no error reply', async () => {
+    const s = await startServe(['--size', '1MiB', '--name', 'data']);
+    try {
+      // Handshake flags 0: no fixed newstyle, so libnbd can only send EXPORT_NAME; the server closes.
+      const py = `import nbd\nh = nbd.NBD()\nh.set_handshake_flags(0)\nh.set_export_name('nope')\ntry:\n  h.connect_tcp('127.0.0.1', '${s.port}')\nexcept nbd.Error as e:\n  print(e)\n`;
+      const r = await run(PYTHON, ['-c', py]);
+      expect(r.stdout).toBe('nbd_connect_tcp: recv: server disconnected unexpectedly\n');
+      const reason = 'EXPORT_NAME: no export named "nope"; the exports are: data (nbdinfo --list shows them all)';
+      await expect
+        .poll(() => s.stderr().split('\n').filter((l) => l.includes('"handshake refused"')).map((l) => (JSON.parse(l) as { reason: string }).reason))
+        .toEqual([reason]);
     } finally {
       await s.stop();
     }
