@@ -61,6 +61,15 @@ describe('scripts/setup', () => {
     expect(r.code).toBe(0);
   });
 
+  it('needs no root when nothing is missing', async () => {
+    const dir = stubDir();
+    const r = await run('/bin/bash', [SETUP, '--test'], { env: { PATH: `${dir}:${process.env.PATH}`, STUB_DIR: dir, STUB_UID: '1000', STUB_MISSING: '' } });
+    expect(r.stderr).toBe('');
+    expect(r.stdout).toMatch(/^scripts\/setup: ready \(25 Debian packages, \d+ tools, npm dependencies up to date\)\n$/);
+    expect(r.code).toBe(0);
+    expect(aptLog(dir)).toEqual([]);
+  });
+
   it('stops with one line saying what to run when a package is missing, it is not root and there is no sudo', async () => {
     const dir = stubDir();
     const r = await run('/bin/bash', [SETUP, '--test'], { env: { PATH: dir, STUB_DIR: dir, STUB_UID: '1000', STUB_MISSING: 'gnutls-bin' } });
