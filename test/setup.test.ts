@@ -57,7 +57,7 @@ describe('scripts/setup', () => {
   it('finds nothing missing on this machine for the test suite, and installs nothing to say so', async () => {
     const r = await run('bash', [SETUP, '--test', '--check']);
     expect(r.stderr).toBe('');
-    expect(r.stdout).toMatch(/^scripts\/setup: nothing missing \(25 Debian packages, \d+ tools, npm dependencies up to date\)\n$/);
+    expect(r.stdout).toMatch(/^scripts\/setup: nothing missing \(\d+ Debian packages, \d+ tools, npm dependencies up to date\)\n$/);
     expect(r.code).toBe(0);
   });
 
@@ -65,7 +65,7 @@ describe('scripts/setup', () => {
     const dir = stubDir();
     const r = await run('/bin/bash', [SETUP, '--test'], { env: { PATH: `${dir}:${process.env.PATH}`, STUB_DIR: dir, STUB_UID: '1000', STUB_MISSING: '' } });
     expect(r.stderr).toBe('');
-    expect(r.stdout).toMatch(/^scripts\/setup: ready \(25 Debian packages, \d+ tools, npm dependencies up to date\)\n$/);
+    expect(r.stdout).toMatch(/^scripts\/setup: ready \(\d+ Debian packages, \d+ tools, npm dependencies up to date\)\n$/);
     expect(r.code).toBe(0);
     expect(aptLog(dir)).toEqual([]);
   });
@@ -115,7 +115,7 @@ describe('scripts/setup', () => {
     });
     expect(aptLog(dir)).toEqual(['update', 'install -y --no-install-recommends gnutls-bin']);
     expect(r.stderr).toBe('');
-    expect(r.stdout).toMatch(/scripts\/setup: apt-get install gnutls-bin\nscripts\/setup: ready \(25 Debian packages, \d+ tools, npm dependencies up to date\)\n$/);
+    expect(r.stdout).toMatch(/scripts\/setup: apt-get install gnutls-bin\nscripts\/setup: ready \(\d+ Debian packages, \d+ tools, npm dependencies up to date\)\n$/);
     expect(r.code).toBe(0);
   });
 
