@@ -458,7 +458,7 @@ describe('cluster status merge', () => {
     expect(text).toMatch(/^  2\s+UNREACHABLE$/m);
     expect(text).toContain('  storage system 2 (127.0.0.1:9) is not reachable: connect ECONNREFUSED');
     expect(text).toMatch(/^\s+1\s+0\s+vol0\s+64MiB\s+master\s+pair1\s+4KiB\s+8KiB\s+1\s+2$/m);
-    expect(text).toMatch(/^  pair1\s+sync\s+PSUS\s+1:0\s+2:0\s+12\s+98\.8%\s+0B$/m);
+    expect(text).toMatch(/^  pair1\s+sync\s+PSUS\s+1:0\s+2:0\s+12\s+98\.8%\s+0B\s+-$/m);
   });
 
   it('never rounds an incomplete sync up to 100%', () => {

@@ -21,7 +21,6 @@ export function registerAdminCommand(program: Command): void {
     .requiredOption('-c, --config <file>', 'cluster configuration (YAML)')
     .option('--ss <id>', 'storage system (default: the first in the file)')
     .option('--url', "print the dashboard's address with the token instead")
-    .addHelpText('after', '\nExamples:\n  curl -H "Authorization: Bearer $(blockmirror admin token -c cluster.yaml)" http://127.0.0.1:9001/api/status\n  chromium "$(blockmirror admin token -c cluster.yaml --ss 2 --url)"\n')
     .action(async (opts: { config: string; ss?: string; url?: boolean }) => {
       const { clientAdminToken } = await import('../cluster/admin-token.js');
       const config = loadConfigOrUsage(opts.config);

@@ -48,7 +48,6 @@ export function registerFaultCommand(program: Command): void {
     .option('--jitter <n>', 'up to this many more milliseconds of delay')
     .option('--mode <mode>', 'offline: hang (requests wait until cleared, default) or fail (EIO at once)')
     .option('--timeout <ms>', 'how long to wait for the storage system', '10000')
-    .addHelpText('after', '\nExamples:\n  blockmirror fault set -c cluster.yaml 1:7 error --op write\n  blockmirror fault set -c cluster.yaml link:1-2 delay --ms 50 --jitter 10\n')
     .action(async (targetText: string, kind: string, opts: SetOptions) => {
       // Loaded here: the schema pulls in zod, which no other command should pay for at start.
       const ft = await import('../controller/fault-table.js');

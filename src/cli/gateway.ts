@@ -5,6 +5,7 @@ import type { Command } from 'commander';
 import type { Logger } from 'pino';
 import { createLogger } from '../util/log.js';
 import { UsageError } from './errors.js';
+import { addressInUse, addressInUseError } from './listen-error.js';
 import { parseListen } from './serve.js';
 import { runUntilSignal } from './signals.js';
 import { loadConfigOrUsage } from './status.js';
@@ -16,7 +17,6 @@ export function registerGatewayCommand(program: Command): void {
     .requiredOption('-c, --config <file>', 'cluster YAML with an etcd: section')
     .option('--listen <host:port>', 'TCP address to listen on', '127.0.0.1:10810')
     .option('--retry <ms>', 'how long a request waits for a master before it fails', '60000')
-    .addHelpText('after', '\nExample:\n  blockmirror gateway -c config/etcd.yaml --listen 127.0.0.1:10810\n  nbdinfo nbd://127.0.0.1:10810/pair1\n')
     .action(async (opts: { config: string; listen: string; retry: string }, cmd: Command) => {
       const log = createLogger(cmd.optsWithGlobals().logLevel as string);
       await gateway(opts, log);
@@ -66,6 +66,8 @@ async function gateway(opts: { config: string; listen: string; retry: string }, 
     gw = await Gateway.start(config, { listen, retryMs }, log);
   } catch (e) {
     if (e instanceof EtcdUnreachableError) throw new UsageError(e.message);
+    const inUse = addressInUse(e);
+    if (inUse) throw addressInUseError('--listen', inUse, 'choose another --listen', e);
     throw e;
   }
   await runUntilSignal(log, () => gw.close());

@@ -8,7 +8,9 @@ import { registerCfsCommand } from './cfs.js';
 import { registerFaultCommand } from './fault.js';
 import { registerGatewayCommand } from './gateway.js';
 import { registerAdminCommand } from './admin.js';
+import { registerCompletionCommand } from './completion.js';
 import { UsageError } from './errors.js';
+import { addExamples } from './examples.js';
 
 export function buildProgram(): Command {
   const program = new Command('blockmirror')
@@ -26,6 +28,8 @@ export function buildProgram(): Command {
   registerFaultCommand(program);
   registerGatewayCommand(program);
   registerAdminCommand(program);
+  registerCompletionCommand(program);
+  addExamples(program);
   return program;
 }
 

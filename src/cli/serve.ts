@@ -17,6 +17,7 @@ import { NbdServer, type ListenSpec } from '../nbd/server.js';
 import { createLogger } from '../util/log.js';
 import { SizeError, formatSize, parseSize } from '../util/size.js';
 import { UsageError } from './errors.js';
+import { addressInUse, addressInUseError } from './listen-error.js';
 import { socketActivationFds } from './socket-activation.js';
 import { runUntilSignal } from './signals.js';
 import type { ServerTls } from '../nbd/tls.js';
@@ -165,6 +166,8 @@ async function serve(opts: ServeOptions, log: Logger): Promise<void> {
       addr = await server.listen(spec);
     } catch (e) {
       await device.close();
+      const inUse = addressInUse(e);
+      if (inUse && spec.kind === 'tcp') throw addressInUseError('--listen', inUse, 'choose another --listen', e);
       const what = spec.kind === 'tcp' ? `${spec.host}:${spec.port}` : spec.kind === 'unix' ? spec.path : `fd ${spec.fd}`;
       throw new Error(`cannot listen on ${what}: ${(e as Error).message}`);
     }
@@ -183,6 +186,8 @@ async function serve(opts: ServeOptions, log: Logger): Promise<void> {
         log,
       }).catch(async (e: Error) => {
         await device.close();
+        const inUse = addressInUse(e);
+        if (inUse) throw addressInUseError('--iscsi', inUse, 'choose another --iscsi address', e);
         throw new Error(`cannot serve iSCSI on ${opts.iscsi}: ${e.message}`);
       })
     : undefined;

@@ -51,7 +51,7 @@ export function registerStatusCommand(program: Command): void {
       const timeoutMs = parseTimeout(opts.timeout);
       const status = await collectStatus(config, timeoutMs);
       if (config.etcd) status.etcd = await etcdView(config, timeoutMs);
-      process.stdout.write(opts.json ? `${JSON.stringify(status, null, 2)}\n` : renderStatus(status));
+      process.stdout.write(opts.json ? `${JSON.stringify(status, null, 2)}\n` : renderStatus(status, opts.config));
       // Still printed what is known; the exit code says something was missing.
       if (status.storageSystems.some((s) => !s.reachable)) process.exitCode = 1;
     });
@@ -109,7 +109,8 @@ export function mergeReports(config: ClusterConfig, answers: ReportAnswer[]): Cl
 // ---------------------------------------------------------------------------
 // The human-readable form.
 
-export function renderStatus(status: ClusterStatus): string {
+/** `configFile` names the YAML in the hints (what to run next). */
+export function renderStatus(status: ClusterStatus, configFile = 'FILE'): string {
   const out: string[] = [];
 
   out.push('STORAGE SYSTEMS');
@@ -124,7 +125,9 @@ export function renderStatus(status: ClusterStatus): string {
       'llll',
     ),
   );
-  for (const s of status.storageSystems) if (!s.reachable) out.push(`  ${s.error}`);
+  for (const s of status.storageSystems) {
+    if (!s.reachable) out.push(`  ${s.error}${/ is not reachable: /.test(s.error) ? `; start it on its host (blockmirror up -c ${configFile} --only ${s.id}) or check its admin address` : ''}`);
+  }
 
   const volumes = status.storageSystems.flatMap((s) => (s.reachable ? s.volumes.map((v) => ({ ss: s.id, v })) : []));
   out.push('', 'VOLUMES');
@@ -156,13 +159,13 @@ export function renderStatus(status: ClusterStatus): string {
     const rows: string[][] = [];
     for (const p of status.pairs) {
       const first = [p.name, p.mode, p.state, volRef(p.master)];
-      if (p.mirrors.length === 0) rows.push([...first, '-', '', '', '']);
+      if (p.mirrors.length === 0) rows.push([...first, '-', '', '', '', '']);
       p.mirrors.forEach((m, i) => {
         const lead = i === 0 ? first : ['', '', '', ''];
-        rows.push([...lead, volRef(m), String(m.invalidClusters), percent(m.syncProgress), humanBytes(m.copiedBytes)]);
+        rows.push([...lead, volRef(m), String(m.invalidClusters), percent(m.syncProgress), humanBytes(m.copiedBytes), eta(m.etaSeconds)]);
       });
     }
-    out.push(...table(['PAIR', 'MODE', 'STATE', 'MASTER', 'MIRROR', 'INVALID', 'SYNCED', 'COPIED'], rows, 'lllllrrr'));
+    out.push(...table(['PAIR', 'MODE', 'STATE', 'MASTER', 'MIRROR', 'INVALID', 'SYNCED', 'COPIED', 'ETA'], rows, 'lllllrrrr'));
     for (const p of status.pairs) if (p.error) out.push(`  ${p.name}: ${p.state}: ${p.error}`);
     for (const p of status.pairs) {
       if (p.role === 'mirror') out.push(`  ${p.name}: the master's storage system ${p.master.ss} did not answer; shown as its mirror sees it${p.stale ? ' (its data may be stale)' : ''}`);
@@ -213,6 +216,15 @@ function volRef(r: { ss: number; vol: number }): string {
 }
 
 /** Rounded down to 0.1 %, so that "100.0%" only ever means in sync. */
+/** The controller's sync ETA: 42s, 3m07s, 2h05m; "-" when in sync or unknown (suspended, not measured yet). */
+export function eta(seconds: number | null | undefined): string {
+  if (seconds === null || seconds === undefined || seconds <= 0) return '-';
+  const pad = (n: number) => String(n).padStart(2, '0');
+  if (seconds < 60) return `${seconds}s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)}m${pad(seconds % 60)}s`;
+  return `${Math.floor(seconds / 3600)}h${pad(Math.floor((seconds % 3600) / 60))}m`;
+}
+
 export function percent(fraction: number): string {
   return `${(Math.floor(fraction * 1000) / 10).toFixed(1)}%`;
 }

@@ -3,9 +3,11 @@
 import type { Command } from 'commander';
 import type { Logger } from 'pino';
 import type { AdminServer } from '../admin/server.js';
+import type { ClusterConfig } from '../cluster/config.js';
 import type { StorageSystem } from '../controller/storage-system.js';
 import { createLogger } from '../util/log.js';
 import { UsageError } from './errors.js';
+import { addressInUse, addressInUseError, yamlKeyOf } from './listen-error.js';
 import { runUntilSignal } from './signals.js';
 
 export function registerUpCommand(program: Command): void {
@@ -39,9 +41,12 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
   const admins: AdminServer[] = [];
   let cfsServer: { close(): Promise<void> } | undefined;
   let agent: { close(): Promise<void> } | undefined;
+  let config: ClusterConfig | undefined;
+  let ids: number[] = [];
   try {
-    const config = loadConfig(opts.config);
-    const ids = selectIds(config, opts.only ? parseOnly(opts.only) : undefined);
+    const cfg = loadConfig(opts.config);
+    config = cfg;
+    ids = selectIds(cfg, opts.only ? parseOnly(opts.only) : undefined);
     if (config.etcd) {
       // With etcd (docs/cluster.md): masters are fenced until registered, and fail over by themselves.
       const { ClusterAgent } = await import('../cluster/etcd/agent.js');
@@ -59,7 +64,7 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
     }
     // Each dashboard shows the whole cluster: it asks every storage system of the file, with its token if known here.
     const peers = config.storageSystems.map((s) => {
-      const token = tokens.get(s.id) ?? clientAdminToken(config, s.id);
+      const token = tokens.get(s.id) ?? clientAdminToken(cfg, s.id);
       return { id: s.id, host: s.admin.host, port: s.admin.port, ...(token ? { token } : {}) };
     });
     const sec = config.security;
@@ -79,6 +84,9 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
     await Promise.all(admins.map((a) => a.close().catch(() => {})));
     await Promise.all(systems.map((s) => s.close().catch(() => {})));
     if (e instanceof ConfigError || e instanceof ClusterError || (e as Error).name === 'EtcdUnreachableError') throw new UsageError((e as Error).message);
+    const inUse = addressInUse(e);
+    const key = inUse && config && yamlKeyOf(config, ids, inUse);
+    if (inUse && key) throw addressInUseError(`${opts.config}: ${key}`, inUse, `change the port of ${key}`, e);
     throw e;
   }
   for (let i = 0; i < systems.length; i++) {

@@ -207,7 +207,7 @@ export function parseConfig(text: string, source: string, baseDir: string): Clus
     const first = doc.errors[0]!;
     const { line, col } = lineCounter.linePos(first.pos[0]);
     const more = doc.errors.length > 1 ? ` (and ${doc.errors.length - 1} more YAML errors)` : '';
-    throw new ConfigError(source, [{ path: '', message: `YAML syntax error: ${first.message}${more}`, line, col }]);
+    throw new ConfigError(source, [{ path: '', message: `YAML syntax error: ${first.message}${more}; correct the YAML at that line and column (config/demo.yaml is a commented example)`, line, col }]);
   }
   let data: unknown;
   try {

@@ -19,6 +19,7 @@ import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { FilterDevice } from '../blockdev/filter.js';
 import { BlockDeviceError, payloadLength, type BlockDevice, type Extent, type Payload, type ZeroOptions } from '../blockdev/types.js';
+import { CopyRateMeter, syncEta } from './copy-rate.js';
 import { ClusterBitmap, clusterRange } from './bitmap.js';
 import type { BitmapStore } from './bitmap-store.js';
 import type { MirrorStatus, PairMode, PairState, PairStatus, VerifyStatus, VolRef } from './status.js';
@@ -69,6 +70,8 @@ export interface MirrorLink {
   remote?: RemotePort;
   bitmap: ClusterBitmap;
   copiedBytes: number;
+  /** The sync daemon's copy rate to this mirror, for the ETA. */
+  meter: CopyRateMeter;
   /** Where the sync daemon resumes its scan. */
   cursor: number;
 }
@@ -159,7 +162,7 @@ export class Pair {
     this.all = opts.mirrors.map((_, i) => i);
     this.mirrors = opts.mirrors.map((m, i) => {
       const bitmap = new ClusterBitmap(this.clusters, opts.loaded?.[i]);
-      return { ref: m.ref, device: m.device, ...(m.remote ? { remote: m.remote } : {}), bitmap, copiedBytes: 0, cursor: 0 };
+      return { ref: m.ref, device: m.device, ...(m.remote ? { remote: m.remote } : {}), bitmap, copiedBytes: 0, meter: new CopyRateMeter(), cursor: 0 };
     });
     if (opts.loaded === null && !opts.identical) {
       // A new pair whose mirror may hold anything: copy it all. Persist the
@@ -331,7 +334,9 @@ export class Pair {
     const m = this.mirrors[i]!;
     if (!m.bitmap.setValid(c)) return false;
     m.remote?.valid(c);
-    m.copiedBytes += Math.min(this.clusterSize, this.size - c * this.clusterSize);
+    const bytes = Math.min(this.clusterSize, this.size - c * this.clusterSize);
+    m.copiedBytes += bytes;
+    m.meter.record(bytes);
     this.scheduleClean();
     return true;
   }
@@ -457,18 +462,24 @@ export class Pair {
   }
 
   status(): PairStatus {
-    const mirrors: MirrorStatus[] = this.mirrors.map((m) => ({
-      ss: m.ref.ss,
-      vol: m.ref.vol,
-      invalidClusters: m.bitmap.invalidCount,
-      syncProgress: this.clusters === 0 ? 1 : 1 - m.bitmap.invalidCount / this.clusters,
-      copiedBytes: m.copiedBytes,
-      ...(m.remote ? { connected: m.remote.connected } : {}),
-    }));
+    const state = this.state;
+    const mirrors: MirrorStatus[] = this.mirrors.map((m) => {
+      const copyRate = m.meter.rate();
+      return {
+        ss: m.ref.ss,
+        vol: m.ref.vol,
+        invalidClusters: m.bitmap.invalidCount,
+        syncProgress: this.clusters === 0 ? 1 : 1 - m.bitmap.invalidCount / this.clusters,
+        copiedBytes: m.copiedBytes,
+        copyRate: Math.round(copyRate),
+        etaSeconds: syncEta(state, m.bitmap.invalidCount * this.clusterSize, copyRate),
+        ...(m.remote ? { connected: m.remote.connected } : {}),
+      };
+    });
     return {
       name: this.name,
       mode: this.mode,
-      state: this.state,
+      state,
       master: this.master.ref,
       clusterSize: this.clusterSize,
       clusters: this.clusters,

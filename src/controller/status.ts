@@ -48,6 +48,10 @@ export interface MirrorStatus extends VolRef {
   syncProgress: number;
   /** Bytes the sync daemon has copied to this mirror since start. */
   copiedBytes: number;
+  /** Bytes per second the sync daemon copied to this mirror over the last 10 s (copy-rate.ts). */
+  copyRate?: number;
+  /** Seconds until in sync at that rate: 0 in sync, null unknown (suspended, or nothing copied lately). */
+  etaSeconds?: number | null;
   /** A mirror in another storage system: is the replication session up? */
   connected?: boolean;
 }

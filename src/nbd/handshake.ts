@@ -41,6 +41,7 @@ import {
   encodeMetaContext,
   encodeOptionReply,
   encodeServerEntry,
+  encodeString,
 } from '../protocol/server-codec.js';
 import type { ByteQueue } from '../protocol/byte-queue.js';
 import type { Export, ExportTable } from './exports.js';
@@ -132,6 +133,8 @@ export async function negotiate(accepted: Socket, opts: HandshakeOptions): Promi
     opts.refused?.(e.name, identity);
     return 'refused';
   };
+  /** The reply to an unknown name lists the exports this client could use, and no others. */
+  const unknown = (name: string) => opts.exports.unknownExportMessage(name, (e) => !e.allow || e.allow.allows(identity, address));
 
   for (;;) {
     const h = await reader.read(OPTION_HEADER_SIZE);
@@ -163,7 +166,8 @@ export async function negotiate(accepted: Socket, opts: HandshakeOptions): Promi
     switch (option) {
       case Opt.EXPORT_NAME: {
         const e = lookup(data.toString('utf8'));
-        if (!e) throw new HandshakeAbort(`EXPORT_NAME for unknown export ${JSON.stringify(data.toString('utf8'))}`);
+        // EXPORT_NAME has no error reply: the protocol's only answer is to close. The log says why.
+        if (!e) throw new HandshakeAbort(`EXPORT_NAME: ${unknown(data.toString('utf8'))}`);
         if (e === 'refused') throw new HandshakeAbort(`EXPORT_NAME for ${JSON.stringify(data.toString('utf8'))}, which this client may not use`);
         const flags = transmissionFlags(e, sr);
         send(encodeExportNameReply(e.device.size, flags, noZeroes));
@@ -227,7 +231,7 @@ export async function negotiate(accepted: Socket, opts: HandshakeOptions): Promi
         }
         const e = lookup(req.name);
         if (!e) {
-          reply(option, Rep.ERR_UNKNOWN);
+          reply(option, Rep.ERR_UNKNOWN, encodeString(unknown(req.name)));
           break;
         }
         if (e === 'refused') {
@@ -264,7 +268,7 @@ export async function negotiate(accepted: Socket, opts: HandshakeOptions): Promi
         }
         const target = lookup(req.name);
         if (!target) {
-          reply(option, Rep.ERR_UNKNOWN);
+          reply(option, Rep.ERR_UNKNOWN, encodeString(unknown(req.name)));
           break;
         }
         if (target === 'refused') {

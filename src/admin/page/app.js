@@ -9,7 +9,6 @@ const COLS = 64; // heatmap cells per row
 const CELL_W = 8;
 const CELL_H = 6;
 const RATE_WINDOW_MS = 2000; // I/O rates: over the last 2 s
-const ETA_WINDOW_MS = 10_000; // sync ETA: from how fast Invalid clusters fell, over at most the last 10 s
 
 const COLOR = { valid: [46, 160, 67], some: [210, 153, 34], invalid: [248, 81, 73] };
 
@@ -20,7 +19,7 @@ const CONFIRM = {
 };
 
 const $ = (id) => document.getElementById(id);
-/** Samples kept per volume and per mirror, for rates and ETAs. */
+/** Samples kept per volume, for I/O rates. */
 const history = new Map();
 const cards = new Map();
 
@@ -225,7 +224,7 @@ function updateCard(card, p, frame) {
       card.mirrorViews.set(key, view);
       card.mirrors.append(view.root);
     }
-    updateMirror(view, p, m, bitmap?.mirrors.find((b) => b.ss === m.ss && b.vol === m.vol), bitmap, frame.time);
+    updateMirror(view, p, m, bitmap?.mirrors.find((b) => b.ss === m.ss && b.vol === m.vol), bitmap);
   }
   for (const [key, view] of card.mirrorViews) {
     if (!keep.has(key)) {
@@ -249,24 +248,16 @@ function newMirrorView(pair, m) {
   return { root, label, canvas };
 }
 
-/** Clusters per second the sync daemon clears, over the samples since Invalid clusters last went up. */
-function syncRate(key, time, invalid) {
-  sample(key, time, invalid, ETA_WINDOW_MS);
-  const list = history.get(key);
-  let i = list.length - 1;
-  while (i > 0 && list[i - 1].value >= list[i].value) i--;
-  const first = list[i];
-  const last = list[list.length - 1];
-  return last.time > first.time ? (first.value - last.value) / ((last.time - first.time) / 1000) : 0;
+/** The ETA the controller computed from the sync daemon's copy rate (src/controller/copy-rate.ts). */
+function etaText(p, m) {
+  if (m.invalidClusters === 0) return 'in sync';
+  if (p.state === 'PSUS' || p.state === 'PSUE') return 'copy waits for a resync';
+  if (typeof m.etaSeconds === 'number') return `ETA ${duration(m.etaSeconds)} at ${bytes(m.copyRate ?? 0)}/s`;
+  return 'ETA —';
 }
 
-function updateMirror(view, p, m, counts, bitmap, time) {
-  const falling = syncRate(`mirror ${p.name}/${m.ss}/${m.vol}`, time, m.invalidClusters);
-  let eta;
-  if (m.invalidClusters === 0) eta = 'in sync';
-  else if (p.state === 'PSUS' || p.state === 'PSUE') eta = 'copy waits for a resync';
-  else if (falling > 0) eta = `ETA ${duration(m.invalidClusters / falling)}`;
-  else eta = 'ETA —';
+function updateMirror(view, p, m, counts, bitmap) {
+  const eta = etaText(p, m);
   view.label.textContent =
     `mirror ss${m.ss}/vol${m.vol}${m.connected === false ? ' [not connected]' : ''}: ` +
     `${(100 * m.syncProgress).toFixed(1)} % in sync, ${m.invalidClusters} invalid clusters (${bytes(m.invalidClusters * p.clusterSize)}), ` +

@@ -133,6 +133,11 @@ export class PeerLink extends EventEmitter {
     return this.opts.timeoutMs;
   }
 
+  /** The peer's control address, for messages. */
+  get address(): PeerAddress {
+    return this.opts.address;
+  }
+
   get dials(): boolean {
     return this.self < this.peer;
   }

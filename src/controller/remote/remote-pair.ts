@@ -171,7 +171,7 @@ export class RemotePair implements PairController {
     if (suspendReason) pair.suspend(suspendReason);
     else if ([...this.ports.values()].some((p) => !p.connected) && pair.state !== 'PSUS') {
       this.starting = true;
-      pair.suspend('waiting for the mirror storage system');
+      pair.suspend(this.waitingReason());
     }
     this.pair = pair;
     this.mirror = null;
@@ -180,6 +180,16 @@ export class RemotePair implements PairController {
       if (ref.ss === this.ctx.self) this.masterHosts.set(ref.vol, pair.mirrorDevice(i));
     });
     this.ctx.daemon.add(pair);
+  }
+
+  /** Why a master starts suspended: which storage system it waits for, and what the operator does. */
+  private waitingReason(): string {
+    const ids = [...new Set([...this.ports.values()].filter((p) => !p.connected).map((p) => p.ref.ss))];
+    const where = ids.map((id) => {
+      const a = this.ctx.links.get(id)!.address;
+      return `storage system ${id} (peer ${a.host.includes(':') ? `[${a.host}]` : a.host}:${a.port})`;
+    });
+    return `waiting for ${where.join(' and ')}: start it on its host (blockmirror up --only ${ids.join(',')}); writes are tracked and copied once it connects`;
   }
 
   private becomeMirrorNow(): void {

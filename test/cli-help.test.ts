@@ -1,0 +1,94 @@
+// Every command's --help ends with an example, and `blockmirror completion bash` completes the
+// command tree: the script is sourced in a real bash and asked for COMPREPLY, as bash does on TAB.
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Command } from 'commander';
+import { afterAll, describe, expect, it } from 'vitest';
+import { buildProgram } from '../src/cli/main.js';
+import { allCommands, commandPath } from '../src/cli/examples.js';
+import { bashCompletion } from '../src/cli/completion.js';
+import { CLI, run, tmpDir } from './helpers/servers.js';
+
+const top = tmpDir('bm-cli-help-');
+afterAll(() => fs.rmSync(top, { recursive: true, force: true }));
+
+/** What `--help` prints for a command, captured in-process. */
+function helpOf(cmd: Command): string {
+  let out = '';
+  cmd.configureOutput({ writeOut: (s) => (out += s), writeErr: (s) => (out += s) });
+  cmd.outputHelp();
+  return out;
+}
+
+/** COMPREPLY, one word a line, for the command line `line` with the cursor at its end. */
+async function complete(line: string, cwd = top): Promise<string[]> {
+  const script = path.join(top, 'completion.bash');
+  if (!fs.existsSync(script)) {
+    const r = await run(process.execPath, [CLI, 'completion', 'bash']);
+    expect(r.code).toBe(0);
+    fs.writeFileSync(script, r.stdout);
+  }
+  const driver = `source ${JSON.stringify(script)}
+read -r -a COMP_WORDS <<< "$LINE"
+[[ "$LINE" == *" " ]] && COMP_WORDS+=("")
+COMP_CWORD=$((\${#COMP_WORDS[@]} - 1))
+_blockmirror
+printf '%s\\n' "\${COMPREPLY[@]}"
+`;
+  const r = await run('bash', ['--norc', '-c', driver], { env: { LINE: line }, cwd });
+  expect(r.stderr).toBe('');
+  expect(r.code).toBe(0);
+  return r.stdout.split('\n').filter((w) => w !== '');
+}
+
+describe('--help', () => {
+  it('ends with an Example section on every command of the tree', () => {
+    const commands = allCommands(buildProgram());
+    expect(commands.length).toBeGreaterThan(25);
+    for (const cmd of commands) {
+      const help = helpOf(cmd);
+      expect(help, `blockmirror ${commandPath(cmd)} --help`).toMatch(/\n\nExamples?:\n(  .+\n)+$/);
+      // The example uses the command it documents.
+      const shown = help.slice(help.lastIndexOf('Example'));
+      expect(shown, commandPath(cmd)).toContain(commandPath(cmd) === '' ? 'blockmirror ' : `blockmirror ${commandPath(cmd)}`);
+    }
+  });
+
+  it('is printed by the real CLI with the example, exit code 0', async () => {
+    const r = await run(process.execPath, [CLI, 'fault', 'clear', '--help']);
+    expect(r.stdout).toMatch(/\n\nExample:\n {2}blockmirror fault clear -c config\/demo\.yaml 1:7\n$/);
+    expect(r.code).toBe(0);
+  });
+});
+
+describe('blockmirror completion bash', () => {
+  it('completes commands, subcommands, options and option values in bash', async () => {
+    expect(await complete('blockmirror s')).toEqual(['serve', 'status']);
+    expect(await complete('blockmirror pair s')).toEqual(['split', 'swap']);
+    expect(await complete('blockmirror -c x.yaml pair split pair1 --t')).toEqual(['--timeout']);
+    expect((await complete('blockmirror cfs m')).sort()).toEqual(['mkdir', 'mount', 'mv']);
+    expect(await complete('blockmirror --log-level d')).toEqual(['debug']);
+    expect(await complete('blockmirror completion ')).toEqual(['bash', '--help']);
+    expect(await complete('blockmirror nosuch ')).toEqual(await complete('blockmirror '));
+  });
+
+  it('completes the value of -c as a file name', async () => {
+    const dir = fs.mkdtempSync(path.join(top, 'files-'));
+    fs.writeFileSync(path.join(dir, 'cluster.yaml'), '');
+    fs.writeFileSync(path.join(dir, 'cfs.yaml'), '');
+    expect((await complete('blockmirror up -c cl', dir)).sort()).toEqual(['cluster.yaml']);
+    expect((await complete('blockmirror status -c c', dir)).sort()).toEqual(['cfs.yaml', 'cluster.yaml']);
+  });
+
+  it('offers every subcommand and long option of every command, because it is generated from the tree', async () => {
+    const program = buildProgram();
+    for (const cmd of allCommands(program)) {
+      const p = commandPath(cmd);
+      const offered = await complete(`blockmirror ${p}${p === '' ? '' : ' '}`);
+      const expected = [...cmd.commands.map((c) => c.name()), ...cmd.options.flatMap((o) => (o.long ? [o.long] : [])), '--help'];
+      expect(offered, p).toEqual(expect.arrayContaining(expected));
+    }
+    // ...and the script is what the CLI prints.
+    expect((await run(process.execPath, [CLI, 'completion', 'bash'])).stdout).toBe(bashCompletion(program));
+  });
+});
