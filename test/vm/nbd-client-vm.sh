@@ -2,12 +2,16 @@
 # Attach NBD exports served on the host with the real Linux NBD client (the nbd.ko kernel module
 # driven by nbd-client) inside a throwaway VM, and put a filesystem on each.
 #
-# usage: test/vm/nbd-client-vm.sh [--timeout SECS] LABEL:PORT:EXPORT[:CONNS] ...
+# usage: test/vm/nbd-client-vm.sh [--timeout SECS] [--tls DIR] LABEL:PORT:EXPORT[:CONNS[:TLS]] ...
 #   LABEL   a word naming the target in the output, e.g. "memory" or "file"
 #   PORT    TCP port of an NBD server listening on the host's 127.0.0.1
 #   EXPORT  export name
 #   CONNS   sockets the kernel opens to the export (nbd-client -C; default 1); more than one
 #           is only safe when the server advertises CAN_MULTI_CONN
+#   TLS     "tls": nbd-client -x with DIR/ca.pem, DIR/client.pem and DIR/client-key.pem (given by
+#           --tls, checked against the server's certificate for "localhost");
+#           "tls-nocert": the same without the client certificate, and the target passes only if
+#           the server refuses it
 #
 # How it works: the VM is Debian's cloud kernel, booted by qemu (software emulation unless
 # BLOCKMIRROR_VM_ACCEL says otherwise) with a busybox initramfs that holds nbd-client, mkfs.ext4 and
@@ -30,9 +34,11 @@ prog=${0##*/}
 die() { echo "$prog: $*" >&2; exit 2; }
 
 timeout_s=600
+tls_dir=
 while [ $# -gt 0 ]; do
   case $1 in
     --timeout) timeout_s=$2; shift 2 ;;
+    --tls) tls_dir=$2; shift 2 ;;
     -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     --) shift; break ;;
     -*) die "unknown option $1" ;;
@@ -41,8 +47,11 @@ while [ $# -gt 0 ]; do
 done
 [ $# -ge 1 ] || die "usage: $prog [--timeout SECS] LABEL:PORT:EXPORT ..."
 for t in "$@"; do
-  [[ $t =~ ^[A-Za-z0-9_-]+:[0-9]+:[A-Za-z0-9._-]+(:[1-8])?$ ]] ||
-    die "bad target '$t' (want LABEL:PORT:EXPORT[:CONNS], plain words, CONNS 1-8)"
+  [[ $t =~ ^[A-Za-z0-9_-]+:[0-9]+:[A-Za-z0-9._-]+(:[1-8](:(tls|tls-nocert))?)?$ ]] ||
+    die "bad target '$t' (want LABEL:PORT:EXPORT[:CONNS[:TLS]], plain words, CONNS 1-8, TLS tls or tls-nocert)"
+  if [[ $t =~ :tls ]]; then
+    [ -n "$tls_dir" ] && [ -f "$tls_dir/ca.pem" ] || die "target '$t' needs --tls DIR with ca.pem, client.pem and client-key.pem"
+  fi
 done
 [ $# -le 8 ] || die "at most 8 targets"
 
@@ -110,15 +119,27 @@ add_binary "$(command -v nbd-client)"
 add_binary "$(command -v mkfs.ext4)"
 add_binary "$(command -v e2fsck)"
 
+if [ -n "$tls_dir" ]; then mkdir -p "$root/tls" && cp "$tls_dir"/ca.pem "$tls_dir"/client.pem "$tls_dir"/client-key.pem "$root/tls/"; fi
+
 cat > "$root/test.sh" <<'GUEST'
 # Runs in the guest (busybox sh). $1 = device index, $2 = label, $3 = port, $4 = export,
-# $5 = connections.
-n=$1 label=$2 port=$3 export=$4 conns=${5:-1} dev=/dev/nbd$1
+# $5 = connections, $6 = tls, tls-nocert or nothing.
+n=$1 label=$2 port=$3 export=$4 conns=${5:-1} tls=${6:-} dev=/dev/nbd$1
 say() { echo "VMTEST: $label: $*"; }
+case $tls in
+  tls) tlsargs="--enable-tls --cacertfile /tls/ca.pem --tlshostname localhost --certfile /tls/client.pem --keyfile /tls/client-key.pem" ;;
+  tls-nocert) tlsargs="--enable-tls --cacertfile /tls/ca.pem --tlshostname localhost" ;;
+  *) tlsargs= ;;
+esac
 attach() {
-  nbd-client 10.0.2.2 "$port" "$dev" -N "$export" -b 4096 -C "$conns" >/tmp/nbd-client.log 2>&1 ||
+  nbd-client 10.0.2.2 "$port" "$dev" -N "$export" -b 4096 -C "$conns" $tlsargs >/tmp/nbd-client.log 2>&1 ||
     { say "nbd-client FAILED: $(tr '\n' ' ' </tmp/nbd-client.log)"; return 1; }
 }
+if [ "$tls" = tls-nocert ]; then
+  if attach; then say "attached WITHOUT a client certificate"; nbd-client -d "$dev" >/dev/null 2>&1; exit 1; fi
+  say "refused without a client certificate"
+  exit 0
+fi
 attach || exit 1
 say "attached $dev, $(cat /sys/block/nbd$n/size) sectors, $conns connection(s)"
 mkfs.ext4 -q -F "$dev" >/tmp/mkfs.log 2>&1 || { say "mkfs.ext4 FAILED: $(tr '\n' ' ' </tmp/mkfs.log)"; exit 1; }
@@ -156,10 +177,10 @@ ip link set lo up; ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0; ip route add default via 10.0.2.2
 rc=0; n=0
 for t in $(sed -n 's/.*vmtargets=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' '); do
-  IFS=: read label port export conns <<EOF
+  IFS=: read label port export conns tls <<EOF
 $t
 EOF
-  if sh /test.sh "$n" "$label" "$port" "$export" "${conns:-1}"; then echo "VMTEST: $label: PASS"; else echo "VMTEST: $label: FAIL"; rc=1; fi
+  if sh /test.sh "$n" "$label" "$port" "$export" "${conns:-1}" "${tls:-}"; then echo "VMTEST: $label: PASS"; else echo "VMTEST: $label: FAIL"; rc=1; fi
   n=$((n + 1))
 done
 echo "VMTEST: exit $rc"
