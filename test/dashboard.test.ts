@@ -2,14 +2,17 @@
 // playwright-core) against a running `blockmirror up`: two storage systems in
 // one process, and a third one in the YAML that is not running.
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { chromium, type Browser, type Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { connect, type NbdClient } from '../src/nbd/client.js';
-import { ROOT, freePort, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
+import { freePort, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
 
 const MiB = 1024 * 1024;
-const SCREENSHOT = path.join(ROOT, 'docs/dashboard.png');
+// The README's picture is refreshed on purpose only (`npm run screenshot`); a plain test run
+// writes to a temporary file, so it never leaves the work tree changed.
+const SCREENSHOT = process.env.BLOCKMIRROR_SCREENSHOT ?? path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'bm-shot-')), 'dashboard.png');
 
 interface Ports {
   nbd: number[];
