@@ -9,6 +9,7 @@ import { Worker } from 'node:worker_threads';
 import { connect, NbdConnectionError, NbdError, NbdOptionError, NbdProtocolError, NbdTimeoutError, type NbdClient } from '../nbd/client.js';
 import { CfsError, type VolumeAddress } from './protocol.js';
 import type { ClientTls } from '../nbd/tls.js';
+import { currentExportName } from '../controller/current-copy.js';
 
 export interface NbdAddress {
   host: string;
@@ -49,7 +50,8 @@ export class DataPath {
     const cached = lane.conns[i];
     if (cached) return cached;
     const addr = this.address(at.ss);
-    const p = connect({ host: addr.host, port: addr.port, exportName: `vol${at.vol}`, timeoutMs: this.opts.timeoutMs, handshakeTimeoutMs: Math.min(this.opts.timeoutMs, 10_000), ...(addr.tls ? { tls: addr.tls } : {}) });
+    // The `@current` export fails instead of serving a copy that is no longer current (current-copy.ts).
+    const p = connect({ host: addr.host, port: addr.port, exportName: currentExportName(at.vol), timeoutMs: this.opts.timeoutMs, handshakeTimeoutMs: Math.min(this.opts.timeoutMs, 10_000), ...(addr.tls ? { tls: addr.tls } : {}) });
     const l = lane;
     l.conns[i] = p;
     p.then(

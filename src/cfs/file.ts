@@ -17,6 +17,7 @@
 //
 // Invariant kept by every writer: bytes past the end of a file inside its last block are zero, so
 // growing a file (truncate up, or a write past the end) never exposes old data.
+import { NbdError } from '../nbd/client.js';
 import { dataError, isCopyFailure, type DataPath } from './datapath.js';
 import { HOLE } from './namespace.js';
 import { CfsError, type CopyRef, type Extent, type FileView, type OpName, type Ops, type OpenReply, type VolRun, type VolumeAddress } from './protocol.js';
@@ -36,11 +37,21 @@ export interface FileHost {
 
 export type OpenMode = 'r' | 'r+' | 'w' | 'wx';
 
+/** How long a write keeps looking for a master that moved (a takeover by hand takes a few seconds). */
+const MASTER_MOVE_MS = 30_000;
+
+/** The master refused as a mirror (EPERM), is fenced (ESHUTDOWN), or cannot be reached: it may have moved. */
+function mayHaveMoved(e: unknown): boolean {
+  if (e instanceof NbdError && e.origin === 'server') return e.code === 'EPERM' || e.code === 'ESHUTDOWN' || e.code === 'EROFS';
+  return isCopyFailure(e);
+}
+
 export class CfsFile {
   readonly writable: boolean;
   readonly blockSize: number;
   readonly pair: string;
-  readonly master: VolumeAddress;
+  /** Where writes go: the pair's master, which a swap or a takeover moves (masterMoved below). */
+  master: VolumeAddress;
   ino: number;
   size: number;
   mtime: number;
@@ -63,6 +74,7 @@ export class CfsFile {
   private drained: (() => void) | undefined;
   private gate: Promise<void> | undefined;
   private failing: Promise<void> | undefined;
+  private moving: Promise<void> | undefined;
   private closed = false;
   private broken: CfsError | undefined;
 
@@ -268,12 +280,41 @@ export class CfsFile {
   }
 
   private async writeMaster(data: Buffer, volOffset: number): Promise<void> {
-    try {
-      await this.host.data.pwrite(this.master, data, volOffset);
-    } catch (e) {
-      if (isCopyFailure(e)) this.host.data.drop(this.master);
-      throw dataError('write', this.master, e);
+    return this.onMaster('write', (m) => this.host.data.pwrite(m, data, volOffset));
+  }
+
+  /**
+   * Run `op` on the master. When it fails in a way that says the master may have moved (the copy
+   * now refuses writes as a mirror, or its storage system is gone), ask the server where the
+   * master is now and run it there: a swap or a takeover under a running put is not the user's
+   * problem. Blocks keep their numbers on every copy, so the retry writes the same place.
+   */
+  private async onMaster(what: string, op: (m: VolumeAddress) => Promise<void>): Promise<void> {
+    const deadline = performance.now() + MASTER_MOVE_MS;
+    for (;;) {
+      const m = this.master;
+      try {
+        await op(m);
+        return;
+      } catch (e) {
+        if (isCopyFailure(e)) this.host.data.drop(m);
+        if (!mayHaveMoved(e) || performance.now() > deadline || this.generation !== this.host.generation) throw dataError(what, m, e);
+        await this.masterMoved(m);
+      }
     }
+  }
+
+  /** Ask the server where the master is (once, however many writes failed together); wait a little if it has not moved yet. */
+  private async masterMoved(failed: VolumeAddress): Promise<void> {
+    if (this.master.ss !== failed.ss || this.master.vol !== failed.vol) return;
+    this.moving ??= this.call('where', { handle: this.handle })
+      .then(async (r) => {
+        if (r.master.ss === failed.ss && r.master.vol === failed.vol) await new Promise((res) => setTimeout(res, 200));
+        this.master = r.master;
+        this.copyRef = r.copy;
+      })
+      .finally(() => (this.moving = undefined));
+    return this.moving;
   }
 
   /** Have at least `blocks` reserved blocks in the pool, asking the server for more (and then some). */
@@ -384,13 +425,7 @@ export class CfsFile {
   private async commit(): Promise<void> {
     if (!this.dirty) return;
     if (this.generation !== this.host.generation) await this.revive();
-    if (this.priv.size > 0) {
-      try {
-        await this.host.data.flush(this.master);
-      } catch (e) {
-        throw dataError('flush', this.master, e);
-      }
-    }
+    if (this.priv.size > 0) await this.onMaster('flush', (m) => this.host.data.flush(m));
     const extents: Extent[] = [];
     for (const b of [...this.priv.keys()].sort((x, y) => x - y)) {
       const vb = this.priv.get(b)!;

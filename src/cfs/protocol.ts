@@ -132,6 +132,11 @@ export interface Ops {
   refresh: { args: { handle: number }; reply: FileView };
   /** The handle's copy failed: pick another one. */
   reopen: { args: { handle: number; failed: number }; reply: { copy: CopyRef } };
+  /**
+   * A write to the master failed in a way that says it may have moved (a swap, a takeover): look
+   * at the pairs again and answer the pair's current master, and a current copy to read from.
+   */
+  where: { args: { handle: number }; reply: { master: VolumeAddress; copy: CopyRef } };
   /** Reserve `count` free blocks of the master volume for the handle; near `goal` if it can. */
   alloc: { args: { handle: number; count: number; goal?: number }; reply: { runs: VolRun[] } };
   /**

@@ -54,7 +54,22 @@ export interface CfsServerOptions {
   failedForMs?: number;
   /** Clients must send it in their hello (read from cfs.tokenFile by the caller when absent). */
   token?: string;
+  /**
+   * The pairs as the storage systems report them now (the composition root asks their admin
+   * APIs): each pair's current master and the mirrors fit for reads. Without it, the YAML's
+   * masters are taken as current and every copy as readable.
+   */
+  pairView?: () => Promise<Map<string, LivePair>>;
 }
+
+/** A pair's copies as they are now: its master (after any swap or takeover), and the mirrors whose reads are current. */
+export interface LivePair {
+  master: VolumeAddress;
+  readable: VolumeAddress[];
+}
+
+/** How often the pairs are looked at again, besides when a client says its master moved. */
+const PAIR_VIEW_MS = 500;
 
 const DEFAULT_LEASE_MS = 30_000;
 const DEFAULT_FAILED_FOR_MS = 10_000;
@@ -102,6 +117,10 @@ export class CfsServer {
   private nextSession = 1;
   private leaseTimer: NodeJS.Timeout | undefined;
   private token: string | undefined;
+  private live: Map<string, LivePair> | undefined;
+  private livePoll: Promise<void> | undefined;
+  private liveTimer: NodeJS.Timeout | undefined;
+  private pairView: (() => Promise<Map<string, LivePair>>) | undefined;
   /** Open handles by inode: whose views a free must wait for. */
   private readonly openByIno = new Map<number, Set<Handle>>();
   /**
@@ -163,6 +182,12 @@ export class CfsServer {
     const self = new CfsServer(config, cfs, ns, pairs, store, usage, server, log, opts.leaseMs ?? DEFAULT_LEASE_MS);
     const token = opts.token ?? (cfs.tokenFile ? readCfsToken(cfs.tokenFile, log) : undefined);
     if (token !== undefined) self.token = token;
+    if (opts.pairView) {
+      self.pairView = opts.pairView;
+      await self.refreshLive();
+      self.liveTimer = setInterval(() => void self.refreshLive(), PAIR_VIEW_MS);
+      self.liveTimer.unref();
+    }
     server.on('connection', (s) => self.accept(s));
     try {
       await new Promise<void>((resolve, reject) => {
@@ -195,6 +220,7 @@ export class CfsServer {
 
   async close(): Promise<void> {
     if (this.leaseTimer) clearInterval(this.leaseTimer);
+    if (this.liveTimer) clearInterval(this.liveTimer);
     const closed = new Promise<void>((r) => this.server.close(() => r()));
     for (const s of [...this.sessions]) this.endSession(s, 'server shutting down');
     await closed;
@@ -259,7 +285,8 @@ export class CfsServer {
     try {
       const handler = this.ops[req.op as OpName] as ((s: Session, r: Request) => unknown) | undefined;
       if (!handler) throw new CfsError('EINVAL', `unknown operation ${JSON.stringify(req.op)}`);
-      const result = handler(session, req) as object;
+      // Handlers run synchronously from validation to apply; only `where` waits (for a look at the pairs).
+      const result = (await handler(session, req)) as object;
       // Whatever this request saw or changed must be durable before anyone hears of it.
       await this.store.sync();
       reply = { id: req.id, ok: true, ...result };
@@ -273,6 +300,45 @@ export class CfsServer {
     if (!session.socket.destroyed) session.socket.write(encodeLine(reply));
   }
 
+  /** Look at the pairs again (one look at a time: callers share the one under way). */
+  private refreshLive(): Promise<void> {
+    if (!this.pairView) return Promise.resolve();
+    this.livePoll ??= this.pairView()
+      .then(
+        (v) => {
+          for (const [name, p] of v) {
+            const before = this.live?.get(name)?.master;
+            if (before && (before.ss !== p.master.ss || before.vol !== p.master.vol)) this.log.warn({ pair: name, master: p.master }, `cfs: the master of ${name} is now ss${p.master.ss}/vol${p.master.vol}`);
+          }
+          // A pair nobody reported this time keeps its last view rather than falling back to the YAML.
+          this.live = new Map([...(this.live ?? []), ...v]);
+        },
+        (e: Error) => this.log.debug({ err: e.message }, 'cfs: could not read the pairs; keeping the last view'),
+      )
+      .finally(() => (this.livePoll = undefined));
+    return this.livePoll;
+  }
+
+  /** The pair's current master: from the storage systems' reports, else as configured. */
+  private masterOf(pair: string): VolumeAddress {
+    return this.live?.get(pair)?.master ?? this.pairs.get(pair)!.master;
+  }
+
+  /** Whether reads from `c` return the pair's current data. */
+  private isCurrent(pair: string, c: VolumeAddress): boolean {
+    const l = this.live?.get(pair);
+    if (!l) return true;
+    const same = (a: VolumeAddress) => a.ss === c.ss && a.vol === c.vol;
+    return same(l.master) || l.readable.some(same);
+  }
+
+  /** A copy for a handle's reads: a current one, least used; the master when none other is. */
+  private pickCopy(pair: string, exclude: ReadonlySet<number> = new Set()): CopyRef {
+    const master = this.masterOf(pair);
+    const masterIndex = this.pairs.get(pair)!.copies.find((c) => c.ss === master.ss && c.vol === master.vol)?.mirror ?? 0;
+    return this.usage.pick(pair, exclude, { current: (c) => this.isCurrent(pair, c), master: masterIndex });
+  }
+
   private authenticate(session: Session, req: Request): boolean {
     const given = (req as { token?: unknown }).token;
     session.authenticated = typeof given === 'string' && this.token !== undefined && sameSecret(given, this.token);
@@ -282,7 +348,7 @@ export class CfsServer {
   // -------------------------------------------------------------------------------------------
   // Operations. Each runs synchronously from validation to apply.
 
-  private readonly ops: { [K in OpName]: (s: Session, r: Ops[K]['args']) => Ops[K]['reply'] } = {
+  private readonly ops: { [K in OpName]: (s: Session, r: Ops[K]['args']) => Ops[K]['reply'] | Promise<Ops[K]['reply']> } = {
     hello: (s, r) => {
       if (r.version !== CFS_PROTOCOL_VERSION) throw new CfsError('EPROTO', `protocol version ${r.version} is not supported (server speaks ${CFS_PROTOCOL_VERSION})`);
       if (typeof r.client === 'string') s.client = `${r.client}@${s.socket.remoteAddress ?? '?'}`;
@@ -415,7 +481,7 @@ export class CfsServer {
           file = f;
         }
       }
-      const copy = this.usage.pick(file.pair);
+      const copy = this.pickCopy(file.pair);
       const h: Handle = {
         id: this.nextHandle++,
         session: s,
@@ -431,7 +497,6 @@ export class CfsServer {
       this.handles.set(h.id, h);
       s.handles.set(h.id, h);
       this.track(h);
-      const pair = this.pairs.get(file.pair)!;
       return {
         handle: h.id,
         ino: file.ino,
@@ -440,7 +505,7 @@ export class CfsServer {
         pair: file.pair,
         blockSize: this.cfs.blockSize,
         copy,
-        master: pair.master,
+        master: this.masterOf(file.pair),
         extents: toExtents(file.map),
       };
     },
@@ -457,13 +522,23 @@ export class CfsServer {
       return view(f);
     },
 
+    where: async (s, r) => {
+      const h = this.handle(s, r.handle);
+      await this.refreshLive();
+      if (!this.isCurrent(h.pair, h.copy)) {
+        this.usage.release(h.pair, h.copy.mirror);
+        h.copy = this.pickCopy(h.pair, h.failed);
+      }
+      return { master: this.masterOf(h.pair), copy: h.copy };
+    },
+
     reopen: (s, r) => {
       const h = this.handle(s, r.handle);
       if (r.failed === h.copy.mirror) {
         this.usage.markFailed(h.pair, r.failed);
         h.failed.add(r.failed);
         this.usage.release(h.pair, h.copy.mirror);
-        h.copy = this.usage.pick(h.pair, h.failed);
+        h.copy = this.pickCopy(h.pair, h.failed);
         this.log.warn({ pair: h.pair, failed: r.failed, now: h.copy.mirror, client: s.client }, 'cfs: a client could not read a copy; moved it to another');
       }
       return { copy: h.copy };

@@ -42,14 +42,15 @@ export class UsageTable {
    * failing are passed over while any other is left; the master is the last resort, as it always
    * holds current data.
    */
-  pick(pair: string, exclude: ReadonlySet<number> = new Set()): CopyRef {
+  pick(pair: string, exclude: ReadonlySet<number> = new Set(), live: { current: (c: CopyRef) => boolean; master: number } = { current: () => true, master: 0 }): CopyRef {
     const p = this.get(pair);
     const now = this.now();
+    // Only copies whose reads are current (live.current); the master is one by definition.
     const usable = (c: Copy, allowFailed: boolean) =>
-      !exclude.has(c.mirror) && (allowFailed || c.failedUntil <= now) && (c.mirror !== 0 || this.opts.readFromMaster || p.copies.length === 1);
+      live.current(c) && !exclude.has(c.mirror) && (allowFailed || c.failedUntil <= now) && (c.mirror !== live.master || this.opts.readFromMaster || p.copies.length === 1);
     let candidates = p.copies.filter((c) => usable(c, false));
     if (candidates.length === 0) candidates = p.copies.filter((c) => usable(c, true));
-    if (candidates.length === 0) candidates = [p.copies[0]!];
+    if (candidates.length === 0) candidates = [p.copies[live.master]!];
     const least = Math.min(...candidates.map((c) => c.opens));
     // Round-robin among the tied: the first at or after the cursor.
     const tied = candidates.filter((c) => c.opens === least);

@@ -42,7 +42,8 @@ export function registerCfsCommand(program: Command): void {
     const log = createLogger(cmd.optsWithGlobals().logLevel as string);
     const config = await loadCfsConfig(opts.config);
     const { CfsServer } = await import('../cfs/server.js');
-    const server = await CfsServer.start(config, log).catch((e: Error) => {
+    const { livePairs } = await import('./status.js');
+    const server = await CfsServer.start(config, log, { pairView: () => livePairs(config, 1000) }).catch((e: Error) => {
       throw new Error(e.message);
     });
     await runUntilSignal(log, () => server.close());

@@ -97,6 +97,22 @@ export async function collectStatus(config: ClusterConfig, timeoutMs: number): P
 }
 
 /**
+ * The pairs as the CFS server needs them (cfs/server.ts LivePair): each pair's current master,
+ * and the mirrors whose reads are current (the pair in PAIR or COPY, the mirror connected). Pairs
+ * no storage system reported are left out, so the server keeps its last view of them.
+ */
+export async function livePairs(config: ClusterConfig, timeoutMs: number): Promise<Map<string, { master: { ss: number; vol: number }; readable: { ss: number; vol: number }[] }>> {
+  const st = await collectStatus(config, timeoutMs);
+  const out = new Map<string, { master: { ss: number; vol: number }; readable: { ss: number; vol: number }[] }>();
+  for (const p of st.pairs) {
+    const current = (p.state === 'PAIR' || p.state === 'COPY') && !p.stale;
+    const readable = current ? p.mirrors.filter((m) => m.connected !== false).map((m) => ({ ss: m.ss, vol: m.vol })) : [];
+    out.set(p.name, { master: { ss: p.master.ss, vol: p.master.vol }, readable });
+  }
+  return out;
+}
+
+/**
  * One entry per configured storage system, in configuration order. A pair is
  * reported once, by the storage system holding its master (the one that runs
  * the pair); when that one is unreachable, by whichever mirror side answered.

@@ -76,7 +76,8 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
     // The CFS server (docs/cfs.md) runs in the process of the storage system cfs.ss names.
     if (config.cfs && opts.cfs !== false && ids.includes(config.cfs.ss)) {
       const { CfsServer } = await import('../cfs/server.js');
-      cfsServer = await CfsServer.start(config, log);
+      const { livePairs } = await import('./status.js');
+      cfsServer = await CfsServer.start(cfg, log, { pairView: () => livePairs(cfg, 1000) });
     }
   } catch (e) {
     await agent?.close().catch(() => {});

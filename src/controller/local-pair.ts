@@ -86,6 +86,12 @@ export class LocalPair implements PairController {
     return vol === this.spec.master.vol ? 'master' : 'mirror';
   }
 
+  staleReason(vol: number): string | null {
+    if (this.roleOf(vol) === 'master') return null;
+    const state = this.pair.state;
+    return state === 'PAIR' || state === 'COPY' ? null : `vol${vol} is a mirror of ${this.spec.name}, which is ${state}: its data is as of the ${state === 'PSUS' ? 'split' : 'suspension'}`;
+  }
+
   status(): PairStatus {
     return this.pair.status();
   }

@@ -33,6 +33,12 @@ export interface PairController {
   hostDevice(vol: number): BlockDevice;
   /** The role volume `vol` has now. */
   roleOf(vol: number): Exclude<VolumeRole, 'simplex'>;
+  /**
+   * Why a read of volume `vol` may not return the pair's current data, or null when it does:
+   * the master, and a mirror in PAIR or COPY (its Invalid clusters come from the master) that
+   * trusts its bitmap. A split or suspended mirror is a point-in-time image, not current.
+   */
+  staleReason(vol: number): string | null;
   /** The pair's row, as this storage system sees it (status.ts: one shape for every consumer). */
   status(): PairStatus;
   /** Each mirror's Invalid clusters per bucket (the dashboard's heatmap). */

@@ -30,6 +30,7 @@ import {
   type FaultTarget,
   type LinkFault,
 } from './fault-table.js';
+import { CurrentCopyDevice, currentExportName } from './current-copy.js';
 import { LocalPair } from './local-pair.js';
 import type { PairSpec } from './pair.js';
 import type { PairController } from './pair-controller.js';
@@ -162,7 +163,11 @@ export class StorageSystem implements AdminTarget {
         this.peerExports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id} for the peers of ${pair.name}`, device: host, readOnly: true, hidden: true, allow: new AllowList(members) });
       }
       const allow = spec.volumes.find((x) => x.id === v.id)?.allow ?? spec.allow;
-      this.nbd.exports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id}: ${description}`, device: host, readOnly: false, ...(allow?.length ? { allow: new AllowList(allow) } : {}) });
+      const acl = allow?.length ? { allow: new AllowList(allow) } : {};
+      this.nbd.exports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id}: ${description}`, device: host, readOnly: false, ...acl });
+      // The CFS data path reads through this one: it fails rather than serve a copy that is not current.
+      const current = pair ? new CurrentCopyDevice(host, () => pair.staleReason(v.id)) : host;
+      this.nbd.exports.add({ name: currentExportName(v.id), description: `SS${spec.id} vol${v.id}, current data only`, device: current, readOnly: false, hidden: true, ...acl });
     }
     for (const f of spec.faults ?? []) this.setFault(f);
   }

@@ -80,6 +80,14 @@ export class RemotePair implements PairController {
     return this.pair?.master.ref.ss === this.ctx.self && this.pair.master.ref.vol === vol ? 'master' : 'mirror';
   }
 
+  staleReason(vol: number): string | null {
+    if (this.roleOf(vol) === 'master') return null;
+    const side = this.mirror;
+    if (!side) return `vol${vol} of ${this.name} has no replication session`;
+    if (side.state !== 'PAIR' && side.state !== 'COPY') return `vol${vol} is a mirror of ${this.name}, which is ${side.state}`;
+    return side.trustsReplica ? null : `vol${vol} is a mirror of ${this.name} that cannot hear its master`;
+  }
+
   /** The current master copy and the others. */
   private layout(): { master: VolRef; mirrors: VolRef[] } {
     const master = this.copies.find((c) => c.ss === this.generation.master) ?? this.spec.master;
