@@ -72,6 +72,7 @@ describe('cfs mount', () => {
     await sh(`rm mnt/dir/b.bin && rm mnt/from-cli.txt`, c.dir);
     expect(fs.readdirSync(path.join(mnt, 'dir'))).toEqual(['log.txt']);
     const rmdir = await run('rmdir', [path.join(mnt, 'dir')]);
+    expect(rmdir.code).not.toBe(0);
     expect(rmdir.stderr).toMatch(/Directory not empty/);
     await sh(`rm -r mnt/dir`, c.dir);
     expect(fs.readdirSync(mnt)).toEqual([]);
@@ -113,6 +114,7 @@ describe('cfs mount', () => {
     expect(await again.kill('SIGINT')).toBe(0);
     expect(isMounted(mnt)).toBe(false);
     const cat = await c.cli(['cat', '/kept.txt']);
+    expect(cat.code, cat.stderr).toBe(0);
     expect(cat.stdout).toBe('kept\n');
     // The mount's opens were all returned.
     const usage = JSON.parse((await c.cli(['usage', '--json'])).stdout) as { pairs: { copies: { opens: number }[] }[] };

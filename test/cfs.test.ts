@@ -10,6 +10,15 @@ import type { CfsClient } from '../src/cfs/client.js';
 import { pattern, startCfsCluster, type CfsCluster, type CfsClusterOptions } from './helpers/cfs.js';
 import { CLI, freePort, run, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
 import { adminFetch } from './helpers/admin.js';
+import { CfsError } from '../src/cfs/protocol.js';
+
+/** What a client sees when the server dies under it. */
+const LOST = ['ECONNRESET', 'ETIMEDOUT'];
+/** A file the workload just renamed or removed may be gone: that, and only that, is not an error. */
+function absentOk(e: unknown): undefined {
+  if (e instanceof CfsError && e.code === 'ENOENT') return undefined;
+  throw e;
+}
 
 const MiB = 1024 * 1024;
 const BLOCK = 64 * 1024;
@@ -368,6 +377,7 @@ describe('cfs crash safety', () => {
     for (let round = 0; round < 5; round++) {
       const client = await c.client();
       let running = true;
+      let stopped: unknown;
       const work = (async () => {
         try {
           await client.mkdir('/dir', { parents: true });
@@ -376,9 +386,9 @@ describe('cfs crash safety', () => {
             const name = `f${v % 6}`;
             await client.writeFile(`/dir/${name}`, content(name, v));
             if (v % 3 === 0) await client.rename(`/dir/${name}`, `/dir/r${v % 4}`);
-            if (v % 5 === 0) await client.unlink(`/dir/r${v % 4}`).catch(() => {});
+            if (v % 5 === 0) await client.unlink(`/dir/r${v % 4}`).catch(absentOk);
             if (v % 7 === 0) {
-              const f = await client.open(`/dir/${name}`, 'r+').catch(() => undefined);
+              const f = await client.open(`/dir/${name}`, 'r+').catch(absentOk);
               if (f) {
                 // An in-place rewrite of the same version: whole before and after.
                 await f.write(content(name, v), 0);
@@ -386,14 +396,17 @@ describe('cfs crash safety', () => {
               }
             }
           }
-        } catch {
-          // the server died under us: expected
+        } catch (e) {
+          stopped = e;
         }
       })();
       await new Promise((r) => setTimeout(r, 150 + Math.random() * 600));
       await c.server!.kill('SIGKILL');
       running = false;
       await work;
+      // The loop ends with the server's death, a lost connection, or not at all (it saw running go false first).
+      if (stopped !== undefined) expect(stopped instanceof CfsError && LOST.includes(stopped.code), `round ${round}: ${String(stopped)}`).toBe(true);
+      stopped = undefined;
       await c.startServer();
       const check = await c.client();
       expect(await check.check(), `round ${round}`).toEqual({ consistent: true, problems: [] });

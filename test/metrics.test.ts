@@ -308,10 +308,10 @@ describe('GET /api/events', () => {
     const server = await startAdminServer(systems[1]!, { host: '127.0.0.1', port, log });
     const { res } = await firstFrame(`http://${server.address}/api/events`);
     const ended = new Promise((r) => res.on('close', r));
-    const t0 = Date.now();
+    // A close() that waited for the stream would never resolve: the test would time out.
     await server.close();
     await ended;
-    expect(Date.now() - t0).toBeLessThan(2000);
+    expect(res.destroyed || res.complete).toBe(true);
   });
 });
 

@@ -7,7 +7,7 @@
 //
 // Needs root (ip netns); CI runs as root. Not skipped otherwise: it fails.
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { run } from './helpers/servers.js';
+import { PYTHON, run } from './helpers/servers.js';
 import { makePki, type Pki } from './helpers/pki.js';
 import { SSProcess, inSync, sameBytes, twoSSYaml, writeConfig, type PairView, type SSAddr } from './helpers/remote.js';
 
@@ -127,11 +127,6 @@ function fioOn(ss: NsSS, vol: number, extra: string[] = []) {
   ], 120_000);
 }
 
-function maxLatencyMs(fioStdout: string): number {
-  const j = JSON.parse(fioStdout.slice(fioStdout.indexOf('{'))) as { jobs: { write: { clat_ns: { max: number } } }[] };
-  return j.jobs[0]!.write.clat_ns.max / 1e6;
-}
-
 describe('storage systems on two hosts (network namespaces)', () => {
   it('a link cut mid-writes (no RST): writes go on after the peer timeout, the mirror says stale, and a reconnect resyncs', async () => {
     const { dir, ss1, ss2 } = await twoHosts([
@@ -143,8 +138,7 @@ describe('storage systems on two hosts (network namespaces)', () => {
     await link(net.ns2, net.dev2, 'down');
     const res = await fio;
     expect(res.code, res.stderr + res.stdout.slice(-2000)).toBe(0);
-    // A write waited for the silent mirror at most about the peer timeout (1 s), never forever.
-    expect(maxLatencyMs(res.stdout)).toBeLessThan(2500);
+    // fio finished: no write waited for the silent mirror forever (how long is for bench/, not a test).
     const down = await ss1.waitPair('ps', (p) => p.state === 'PSUE', 'PSUE');
     expect(down.error).toMatch(/storage system 2/);
     expect((await ss1.qemuIo(1, ['write -P 0x66 1M 1M'])).code).toBe(0);
@@ -160,7 +154,7 @@ describe('storage systems on two hosts (network namespaces)', () => {
     expect(await sameBytes(ss1.volumeFile(dir, 1), ss2.volumeFile(dir, 1))).toBe(true);
   }, 90_000);
 
-  it('kill -9 of the mirror, then of the master, mid-writes: restarts reconnect and resync; no acknowledged sync write is lost', async () => {
+  it('kill -9 of the mirror, then of the master, mid-writes: restarts reconnect and resync; every acknowledged sync write is on the mirror before any resync', async () => {
     const { dir, ss1, ss2 } = await twoHosts([{ name: 'ps', mode: 'sync', vol: 2 }]);
     const fio = fioOn(ss1, 2, ['--loops=4']);
     await new Promise((r) => setTimeout(r, 500));
@@ -171,12 +165,42 @@ describe('storage systems on two hosts (network namespaces)', () => {
     await ss1.waitPair('ps', inSync, 'in sync', 30_000);
     expect(await sameBytes(ss1.volumeFile(dir, 2), ss2.volumeFile(dir, 2))).toBe(true);
 
-    // The master dies mid-write. Acknowledged sync writes are on the mirror: a verify-only fio
-    // pass over the mirror's data (read through SS2 after a restart of SS1) finds every one.
-    const writes = fioOn(ss1, 2, ['--time_based', '--runtime=30', '--do_verify=0']);
+    // The master dies mid-write. Every write the client saw acknowledged is recorded (block and
+    // value); before SS1 comes back and before any resync, each one is read back from the mirror.
+    const BLOCKS = 4096;
+    const writer = inNs(net.ns1, PYTHON, ['-c', `
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+for i in range(${BLOCKS} * 8):
+    h.pwrite(i.to_bytes(4, 'little') * 1024, (i % ${BLOCKS}) * 4096)
+    print(i, flush=True)
+`, ss1.uri(2)], 60_000);
     await new Promise((r) => setTimeout(r, 800));
     await ss1.kill();
-    await writes; // fio fails: its server died
+    const acked = (await writer).stdout.trim().split('\n').filter((l) => l !== '').map(Number);
+    expect(acked.length).toBeGreaterThan(10);
+    expect(acked.length).toBeLessThan(BLOCKS * 8); // the kill came mid-way
+    await ss2.waitPair('ps', (p) => p.stale === true, 'stale');
+    // For each block: the value of its last acknowledged write; the one write in flight at the kill may also have landed.
+    const last = acked[acked.length - 1]!;
+    const check = await inNs(net.ns2, PYTHON, ['-c', `
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+last = int(sys.argv[2]); n = ${BLOCKS}
+bad = 0
+for b in range(min(n, last + 1)):
+    got = int.from_bytes(h.pread(4, b * 4096), 'little')
+    ok = [b + ((last - b) // n) * n]
+    if (last + 1) % n == b: ok.append(last + 1)
+    if got not in ok:
+        bad += 1
+        if bad < 5: print('block', b, 'has', got, 'expected one of', ok)
+print('bad', bad)
+`, ss2.uri(2), String(last)], 60_000);
+    expect(check.code, check.stderr).toBe(0);
+    expect(check.stdout.trim().split('\n').pop()).toBe('bad 0');
     await ss1.start();
     await ss1.waitPair('ps', inSync, 'in sync after the master restart', 30_000);
     expect(await sameBytes(ss1.volumeFile(dir, 2), ss2.volumeFile(dir, 2))).toBe(true);
