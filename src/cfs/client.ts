@@ -1,4 +1,4 @@
-// The CFS client library (Kodama fig. 8, "CFS client"): metadata requests to the CFS server over
+// The CFS client library (the "CFS client" of Kodama's drawings): metadata requests to the CFS server over
 // one connection, file data straight to and from the storage systems over NBD.
 //
 //   const cfs = await CfsClient.connect({ server: { host: '127.0.0.1', port: 7070 } });

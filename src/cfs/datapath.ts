@@ -1,4 +1,4 @@
-// The client's data path: NBD connections straight to the storage systems (Kodama fig. 8, "data
+// The client's data path: NBD connections straight to the storage systems (Kodama's drawings, "data
 // I/O request"), cached per export (vol<ID> of a storage system) and shared by every open file.
 // A connection that dies leaves the cache, so the next request reconnects or fails over.
 //

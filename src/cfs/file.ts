@@ -1,4 +1,4 @@
-// An open CFS file on the client (Kodama figs. 16-19: the client's open, read, write and close
+// An open CFS file on the client (Kodama's drawings of the client's open, read, write and close
 // modules).
 //
 // Reads go to the copy the server chose at open (block list offsets are the same on every copy),

@@ -1,4 +1,4 @@
-// The directory tree and the File Allocation Table (Kodama fig. 9), as inodes.
+// The directory tree and the File Allocation Table (a drawing of Kodama, US 7,281,032; seeds.md section 1), as inodes.
 //
 // Every change is a JournalRecord, and apply() is the only code that changes the tree: the server
 // validates a request, builds its record, applies it and journals it; start-up replays the same

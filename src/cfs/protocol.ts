@@ -52,7 +52,7 @@ export interface DirEntry {
   mtime: number;
 }
 
-/** The file allocation list of an open file (Kodama fig. 15), with the handle that holds it. */
+/** The file allocation list of an open file (`file_allocation_list` in Kodama's drawings), with the handle that holds it. */
 export interface OpenReply {
   handle: number;
   ino: number;

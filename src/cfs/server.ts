@@ -1,4 +1,4 @@
-// The CFS server (Kodama fig. 7, "CFS server"): metadata only. It owns the namespace and File
+// The CFS server (the "CFS server" of Kodama's drawings): metadata only. It owns the namespace and File
 // Allocation Table, the free space of each pair's master volume and the Usage Table of Pairs, and
 // answers clients over the line protocol of protocol.ts. File data never passes through it.
 //

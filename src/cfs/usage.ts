@@ -1,4 +1,4 @@
-// The Usage Table of Pairs (Kodama fig. 10): for every copy of every pair, how many opens it is
+// The Usage Table of Pairs (a drawing of Kodama, US 7,281,032): for every copy of every pair, how many opens it is
 // serving now and has served in all. open picks the copy with the fewest current opens; ties go
 // round-robin from a per-pair cursor, so opens that come and go one at a time still spread.
 //

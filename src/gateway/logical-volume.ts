@@ -20,6 +20,7 @@ import { BlockDeviceError, payloadLength, type BlockDevice, type Extent, type Pa
 import { NbdConnectionError, NbdError, NbdTimeoutError, connect, type NbdClient } from '../nbd/client.js';
 import type { ClusterStore } from '../cluster/etcd/store.js';
 import type { ClientTls } from '../nbd/tls.js';
+import { currentExportName } from '../controller/current-copy.js';
 
 export interface Copy {
   ss: number;
@@ -101,8 +102,11 @@ export class LogicalVolumeDevice implements BlockDevice {
     const out: { addr: string; exportName: string }[] = [];
     for (const m of rows) {
       if (lv && m.ss === lv.master.ss && m.vol === lv.master.vol) continue;
+      // Only a mirror etcd says is in PAIR, and through its `@current` export, which refuses to
+      // serve data the moment that copy stops being current (docs/never-stale.md).
+      if (m.state !== 'PAIR') continue;
       const ss = this.store.tables.storageSystems.get(m.ss);
-      if (ss) out.push({ addr: ss.nbd, exportName: `vol${m.vol}` });
+      if (ss) out.push({ addr: ss.nbd, exportName: currentExportName(m.vol) });
     }
     return out;
   }
