@@ -1,83 +1,93 @@
-import { describe, expect, it } from 'vitest';
-import { encodeBhs, decodeBhs, type Bhs } from '../src/protocol/iscsi/bhs.js';
-import { LoginStatus, Op } from '../src/protocol/iscsi/constants.js';
-import { encodeBinary, encodeText, parseBinary } from '../src/protocol/iscsi/text.js';
-import { chapResponse } from '../src/iscsi/chap.js';
-import { LoginError, LoginPhase } from '../src/iscsi/login.js';
-import { defaultParams, negotiate } from '../src/iscsi/negotiation.js';
-import type { TargetSpec } from '../src/iscsi/target.js';
+// targets/iscsi-login: the iscsiadm commands it runs for a cluster's targets (a stub iscsiadm logs
+// them), CHAP secrets passed to iscsiadm but masked in --dry-run, logout, and bad input.
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { ROOT, run, tmpDir } from './helpers/servers.js';
 
-const T = 'iqn.2026-12.test:t';
-const target = (chap?: TargetSpec['chap']): TargetSpec => ({ name: T, luns: new Map(), chap });
+const SCRIPT = path.join(ROOT, 'targets/iscsi-login');
+const dir = tmpDir('bm-iscsi-login-');
+afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
-function req(csg: number, nsg: number, transit: boolean): Bhs<typeof Op.LOGIN_REQ> {
-  return decodeBhs(encodeBhs({ opcode: Op.LOGIN_REQ, immediate: true, transit, csg, nsg, isid: 7, itt: 1 })) as Bhs<typeof Op.LOGIN_REQ>;
-}
+const stub = path.join(dir, 'iscsiadm');
+const log = path.join(dir, 'iscsiadm.log');
+// Logs each call; a second --login of the same target says "already present" (exit 15), as iscsiadm does.
+fs.writeFileSync(stub, `#!/bin/sh\necho "$*" >> ${log}\ncase "$*" in *--login*) grep -c -- "$*" ${log} | grep -q '^1$' || exit 15;; esac\nexit 0\n`, { mode: 0o755 });
+fs.writeFileSync(path.join(dir, 'chap.txt'), 'alice:alice-secret-123456\ntarget:target-secret-654321\n', { mode: 0o600 });
+const yaml = path.join(dir, 'cluster.yaml');
+fs.writeFileSync(
+  yaml,
+  `storageSystems:
+  - id: 1
+    nbd: 127.0.0.1:10809
+    admin: 127.0.0.1:9001
+    iscsi: 127.0.0.1:3260
+    iscsiChapFile: chap.txt
+    volumes: [ { id: 1, size: 1MiB }, { id: 2, size: 1MiB, iscsiTarget: "iqn.2026-12.org.example:db" } ]
+  - id: 2
+    nbd: 127.0.0.1:10819
+    admin: 127.0.0.1:9002
+    iscsi: "127.0.0.1:3261"
+    volumes: [ { id: 1, size: 1MiB } ]
+`,
+);
+const login = (args: string[]) => run(SCRIPT, args, { env: { BM_ISCSIADM: stub } });
 
-describe('operational negotiation', () => {
-  it('clamps numbers by the key function and answers booleans by AND/OR', () => {
-    const p = defaultParams();
-    const r = new Map(negotiate([['MaxBurstLength', '16776192'], ['FirstBurstLength', '1048576'], ['DefaultTime2Wait', '0'], ['ImmediateData', 'Yes'], ['InitialR2T', 'No'], ['MaxRecvDataSegmentLength', '65536'], ['MaxOutstandingR2T', '64']], p, false));
-    expect(r.get('MaxBurstLength')).toBe(String(1 << 20));
-    expect(r.get('FirstBurstLength')).toBe('262144');
-    expect(r.get('ImmediateData')).toBe('Yes');
-    expect(r.get('InitialR2T')).toBe('No');
-    expect(r.get('MaxOutstandingR2T')).toBe('8');
-    expect(r.get('MaxRecvDataSegmentLength')).toBe('262144'); // ours, declared
-    expect(p.maxXmitDataSegmentLength).toBe(65536); // theirs, obeyed
+describe('targets/iscsi-login', () => {
+  it('prints the discovery, CHAP and login commands with the secrets masked in --dry-run', async () => {
+    const r = await login(['-c', yaml, '--dry-run']);
+    expect(r.code, r.stderr).toBe(0);
+    const node1 = '-m node -T iqn.2026-12.org.blockmirror:ss1 -p 127.0.0.1:3260';
+    expect(r.stdout.split('\n').filter(Boolean)).toEqual([
+      'iscsiadm -m discovery -t sendtargets -p 127.0.0.1:3260',
+      'iscsiadm -m discovery -t sendtargets -p 127.0.0.1:3261',
+      `iscsiadm ${node1} -o update -n node.session.auth.authmethod -v CHAP`,
+      `iscsiadm ${node1} -o update -n node.session.auth.username -v alice`,
+      `iscsiadm ${node1} -o update -n node.session.auth.password -v ********`,
+      `iscsiadm ${node1} -o update -n node.session.auth.username_in -v target`,
+      `iscsiadm ${node1} -o update -n node.session.auth.password_in -v ********`,
+      `iscsiadm ${node1} --login`,
+      'iscsiadm -m node -T iqn.2026-12.org.example:db -p 127.0.0.1:3260 -o update -n node.session.auth.authmethod -v CHAP',
+      'iscsiadm -m node -T iqn.2026-12.org.example:db -p 127.0.0.1:3260 -o update -n node.session.auth.username -v alice',
+      'iscsiadm -m node -T iqn.2026-12.org.example:db -p 127.0.0.1:3260 -o update -n node.session.auth.password -v ********',
+      'iscsiadm -m node -T iqn.2026-12.org.example:db -p 127.0.0.1:3260 -o update -n node.session.auth.username_in -v target',
+      'iscsiadm -m node -T iqn.2026-12.org.example:db -p 127.0.0.1:3260 -o update -n node.session.auth.password_in -v ********',
+      'iscsiadm -m node -T iqn.2026-12.org.example:db -p 127.0.0.1:3260 --login',
+      'iscsiadm -m node -T iqn.2026-12.org.blockmirror:ss2 -p 127.0.0.1:3261 --login',
+    ]);
+    expect(fs.existsSync(log)).toBe(false); // a dry run runs nothing
   });
-  it('answers normal-session keys in a discovery session with Irrelevant, and digests with the first supported offer', () => {
-    const p = defaultParams();
-    const r = new Map(negotiate([['MaxBurstLength', '512'], ['HeaderDigest', 'CRC32C,None'], ['DataDigest', 'MD5']], p, true));
-    expect(r.get('MaxBurstLength')).toBe('Irrelevant');
-    expect(r.get('HeaderDigest')).toBe('CRC32C');
-    expect(r.get('DataDigest')).toBe('Reject');
-    expect(p.headerDigest).toBe(true);
-  });
-});
 
-describe('login with CHAP', () => {
-  const secrets = { user: 'alice', secret: 'initiator-secret', mutualUser: 'array', mutualSecret: 'target-secret-99' };
-
-  function start() {
-    const login = new LoginPhase({ findTarget: (n) => (n === T ? target(secrets) : undefined), remoteAddress: '127.0.0.1' });
-    const first = login.handle(req(0, 1, false), encodeText([['InitiatorName', 'iqn.x:i'], ['TargetName', T], ['AuthMethod', 'CHAP,None']]));
-    expect(new Map(first.text).get('AuthMethod')).toBe('CHAP');
-    const ch = new Map(login.handle(req(0, 1, false), encodeText([['CHAP_A', '7,5']])).text);
-    expect(ch.get('CHAP_A')).toBe('5');
-    return { login, id: Number(ch.get('CHAP_I')), challenge: parseBinary(ch.get('CHAP_C')!)! };
-  }
-
-  it('accepts the right response and, for mutual CHAP, proves the target secret', () => {
-    const { login, id, challenge } = start();
-    const mine = Buffer.from('0123456789abcdef');
-    const r = login.handle(req(0, 1, true), encodeText([['CHAP_N', 'alice'], ['CHAP_R', encodeBinary(chapResponse(id, secrets.secret, challenge))], ['CHAP_I', '9'], ['CHAP_C', encodeBinary(mine)]]));
-    const m = new Map(r.text);
-    expect(r.transit).toBe(true);
-    expect(m.get('CHAP_N')).toBe('array');
-    expect(parseBinary(m.get('CHAP_R')!)!.equals(chapResponse(9, secrets.mutualSecret, mine))).toBe(true);
-  });
-
-  it('refuses a wrong response, a reflected challenge and a skipped security stage with 0x0201', () => {
-    const a = start();
-    expect(() => a.login.handle(req(0, 1, true), encodeText([['CHAP_N', 'alice'], ['CHAP_R', encodeBinary(chapResponse(a.id, 'wrong', a.challenge))]]))).toThrow(LoginError);
-    const b = start();
-    const reflect = () => b.login.handle(req(0, 1, true), encodeText([['CHAP_N', 'alice'], ['CHAP_R', encodeBinary(chapResponse(b.id, secrets.secret, b.challenge))], ['CHAP_I', String(b.id)], ['CHAP_C', encodeBinary(b.challenge)]]));
-    expect(reflect).toThrow(/reflected/);
-    const c = new LoginPhase({ findTarget: () => target(secrets), remoteAddress: '127.0.0.1' });
-    let status = 0;
-    try {
-      c.handle(req(1, 3, true), encodeText([['InitiatorName', 'iqn.x:i'], ['TargetName', T]]));
-    } catch (e) {
-      status = (e as LoginError).status;
+  it('runs them, passing the real secrets to iscsiadm, and takes "already logged in" as done', async () => {
+    for (let i = 0; i < 2; i++) {
+      const r = await login(['-c', yaml, '--ss', '1']);
+      expect(r.code, r.stderr).toBe(0);
+      expect(r.stdout).toBe('iqn.2026-12.org.blockmirror:ss1 127.0.0.1:3260 logged in\niqn.2026-12.org.example:db 127.0.0.1:3260 logged in\n');
     }
-    expect(status).toBe(LoginStatus.AUTH_FAILED);
+    const calls = fs.readFileSync(log, 'utf8');
+    expect(calls).toContain('-n node.session.auth.password -v alice-secret-123456');
+    expect(calls).toContain('-n node.session.auth.password_in -v target-secret-654321');
+    expect(calls).not.toContain('3261');
   });
 
-  it('answers an unknown target with 0x0203 and a missing InitiatorName with 0x0207', () => {
-    const l = new LoginPhase({ findTarget: () => undefined, remoteAddress: '127.0.0.1' });
-    expect(() => l.handle(req(0, 1, false), encodeText([['InitiatorName', 'iqn.x:i'], ['TargetName', 'iqn.2026-12.none:x']]))).toThrow(expect.objectContaining({ status: LoginStatus.NOT_FOUND }));
-    const m = new LoginPhase({ findTarget: () => undefined, remoteAddress: '127.0.0.1' });
-    expect(() => m.handle(req(0, 1, false), encodeText([['TargetName', T]]))).toThrow(expect.objectContaining({ status: LoginStatus.MISSING_PARAMETER }));
+  it('logs out', async () => {
+    const r = await login(['-c', yaml, '--ss', '2', '--logout']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toBe('iqn.2026-12.org.blockmirror:ss2 127.0.0.1:3261 logged out\n');
+    expect(fs.readFileSync(log, 'utf8')).toContain('-m node -T iqn.2026-12.org.blockmirror:ss2 -p 127.0.0.1:3261 --logout');
+  });
+
+  it('refuses bad input with one line and exit 2, and says what to install when iscsiadm is missing', async () => {
+    const cases: [string[], string][] = [
+      [[], 'iscsi-login: -c FILE is required: the cluster YAML (see --help)\n'],
+      [['-c', yaml, '--ss', 'x'], 'iscsi-login: --ss "x": expected a storage system id (see --help)\n'],
+      [['-c', yaml, '--ss', '7'], `iscsi-login: --ss 7: ${yaml} has no storage system 7 (see --help)\n`],
+    ];
+    for (const [args, msg] of cases) {
+      const r = await login(args);
+      expect([r.code, r.stderr]).toEqual([2, msg]);
+    }
+    const missing = await run(SCRIPT, ['-c', yaml], { env: { BM_ISCSIADM: path.join(dir, 'nope') } });
+    expect([missing.code, missing.stderr]).toEqual([1, `iscsi-login: ${path.join(dir, 'nope')} is missing: install open-iscsi (apt-get install open-iscsi)\n`]);
   });
 });
