@@ -818,8 +818,9 @@ describe('parseNbdUri', () => {
     expect(parseNbdUri('nbd+unix:///vol?socket=/run/nbd.sock')).toEqual({ path: '/run/nbd.sock', exportName: 'vol' });
   });
 
-  it('refuses TLS URIs, other schemes and a unix URI without a socket', () => {
-    expect(() => parseNbdUri('nbds://host/x')).toThrow(/TLS/);
+  it('reads TLS URIs, and refuses other schemes, a unix URI without a socket and a psk file it cannot read', () => {
+    expect(parseNbdUri('nbds://host:10810/x')).toEqual({ host: 'host', port: 10810, exportName: 'x', tls: {} });
+    expect(() => parseNbdUri('nbds://bob@host/x?tls-psk-file=/nonexistent.psk')).toThrow('cannot read /nonexistent.psk: ENOENT');
     expect(() => parseNbdUri('http://host/x')).toThrow(/unsupported URI scheme/);
     expect(() => parseNbdUri('nbd+unix:///x')).toThrow(/socket=PATH/);
   });
