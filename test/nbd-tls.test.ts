@@ -167,3 +167,20 @@ describe('allow lists', () => {
     for (const key of Object.values(psk.keys)) expect(up.stderr()).not.toContain(key);
   });
 });
+
+describe('serve and gateway TLS options', () => {
+  it('refuses to listen on another network without --tls require, and TLS without a credential, with one line', async () => {
+    const { CLI } = await import('./helpers/servers.js');
+    const cases: [string[], string][] = [
+      [['serve', '--size', '1MiB', '--listen', '0.0.0.0:0'], 'blockmirror: --listen 0.0.0.0:0 is reachable from other hosts without TLS: add --tls require with --tls-certificates or --tls-psk, or --insecure to accept the risk\n'],
+      [['serve', '--size', '1MiB', '--tls', 'require'], 'blockmirror: --tls require needs --tls-certificates DIR or --tls-psk FILE\n'],
+      [['serve', '--size', '1MiB', '--tls', 'maybe'], 'blockmirror: --tls: expected off, allow or require, got "maybe"\n'],
+      [['serve', '--size', '1MiB', '--allow', '10.0.0.0/40'], 'blockmirror: --allow: "10.0.0.0/40" has a prefix longer than 32 bits\n'],
+      [['serve', '--size', '1MiB', '--tls', 'require', '--tls-psk', '/nonexistent.psk'], 'blockmirror: cannot read the psk file /nonexistent.psk: ENOENT\n'],
+    ];
+    for (const [args, msg] of cases) {
+      const r = await run(process.execPath, [CLI, ...args]);
+      expect([r.code, r.stderr], args.join(' ')).toEqual([2, msg]);
+    }
+  });
+});

@@ -8,16 +8,23 @@ import { UsageError } from './errors.js';
 import { addressInUse, addressInUseError } from './listen-error.js';
 import { parseListen } from './serve.js';
 import { runUntilSignal } from './signals.js';
+import { addTlsOptions, serverTlsOptions, type TlsCliOptions } from './tls-options.js';
 import { loadConfigOrUsage } from './status.js';
 
+interface GatewayCliOptions extends TlsCliOptions {
+  config: string;
+  listen: string;
+  retry: string;
+}
+
 export function registerGatewayCommand(program: Command): void {
-  program
+  const command = program
     .command('gateway')
     .description('serve every logical volume of an etcd-backed cluster over NBD, following each one\'s master')
     .requiredOption('-c, --config <file>', 'cluster YAML with an etcd: section')
     .option('--listen <host:port>', 'TCP address to listen on', '127.0.0.1:10810')
-    .option('--retry <ms>', 'how long a request waits for a master before it fails', '60000')
-    .action(async (opts: { config: string; listen: string; retry: string }, cmd: Command) => {
+    .option('--retry <ms>', 'how long a request waits for a master before it fails', '60000');
+  addTlsOptions(command).action(async (opts: GatewayCliOptions, cmd: Command) => {
       const log = createLogger(cmd.optsWithGlobals().logLevel as string);
       await gateway(opts, log);
     });
@@ -55,15 +62,16 @@ export function registerGatewayCommand(program: Command): void {
     });
 }
 
-async function gateway(opts: { config: string; listen: string; retry: string }, log: Logger): Promise<void> {
+async function gateway(opts: GatewayCliOptions, log: Logger): Promise<void> {
   const config = loadConfigOrUsage(opts.config);
   const listen = parseListen(opts.listen);
+  const tls = serverTlsOptions(opts, [listen]);
   const retryMs = Number(opts.retry);
   if (!Number.isInteger(retryMs) || retryMs < 100) throw new UsageError(`--retry: expected milliseconds (at least 100), got "${opts.retry}"`);
   const [{ Gateway }, { EtcdUnreachableError }] = await Promise.all([import('../gateway/gateway.js'), import('../cluster/etcd/store.js')]);
   let gw;
   try {
-    gw = await Gateway.start(config, { listen, retryMs }, log);
+    gw = await Gateway.start(config, { listen, retryMs, ...(tls ? { tls } : {}), ...(opts.allow?.length ? { allow: opts.allow } : {}) }, log);
   } catch (e) {
     if (e instanceof EtcdUnreachableError) throw new UsageError(e.message);
     const inUse = addressInUse(e);

@@ -20,12 +20,10 @@ import { UsageError } from './errors.js';
 import { addressInUse, addressInUseError } from './listen-error.js';
 import { socketActivationFds } from './socket-activation.js';
 import { runUntilSignal } from './signals.js';
-import type { ServerTls } from '../nbd/tls.js';
-import { AllowList, allowEntryProblem } from '../util/allow-list.js';
-import { parsePskFile, SecretFileError } from '../util/secrets.js';
-import { isLoopback } from '../cluster/config-security.js';
+import { AllowList } from '../util/allow-list.js';
+import { addTlsOptions, serverTlsOptions, type TlsCliOptions } from './tls-options.js';
 
-interface ServeOptions {
+interface ServeOptions extends TlsCliOptions {
   size?: string;
   file?: string;
   name: string;
@@ -38,16 +36,10 @@ interface ServeOptions {
   iscsiChapFile?: string;
   iscsiAllow?: string[];
   iscsiPortal?: string[];
-  tls?: string;
-  tlsCertificates?: string;
-  tlsPsk?: string;
-  tlsVerifyPeer?: boolean;
-  allow?: string[];
-  insecure?: boolean;
 }
 
 export function serveCommand(program: Command): void {
-  program
+  const command = program
     .command('serve')
     .description('export one volume over NBD (memory-backed unless --file)')
     .option('--size <size>', 'export size, e.g. 512, 64KiB, 256MiB, 1GiB (required unless --file names an existing file)')
@@ -61,56 +53,11 @@ export function serveCommand(program: Command): void {
     .option('--iscsi-target <iqn>', 'iSCSI target name', 'iqn.2026-12.org.blockmirror:serve')
     .option('--iscsi-chap-file <path>', 'require CHAP: the file holds "USER:SECRET", and a second line "USER:SECRET" for mutual CHAP')
     .option('--iscsi-portal <host:port...>', 'more iSCSI listen addresses for the same target (multipath)')
-    .option('--iscsi-allow <entry...>', 'initiators allowed to log in: IQN patterns (* wildcard) and CIDRs')
-    .option('--tls <mode>', 'NBD STARTTLS: off, allow (also "on", as nbdkit says) or require', 'off')
-    .option('--tls-certificates <dir>', 'server-cert.pem and server-key.pem (and ca-cert.pem for --tls-verify-peer), as nbdkit and qemu lay them out')
-    .option('--tls-psk <file>', 'TLS-PSK keys, one IDENTITY:HEXKEY per line (psktool makes them)')
-    .option('--tls-verify-peer', 'require a client certificate signed by DIR/ca-cert.pem, or a PSK')
-    .option('--allow <entry...>', 'NBD clients allowed: addresses, subnets (10.0.0.0/8) and TLS identities (* wildcard)')
-    .option('--insecure', 'listen on a non-loopback address without --tls require')
-    .action(async (opts: ServeOptions, cmd: Command) => {
+    .option('--iscsi-allow <entry...>', 'initiators allowed to log in: IQN patterns (* wildcard) and CIDRs');
+  addTlsOptions(command).action(async (opts: ServeOptions, cmd: Command) => {
       const log = createLogger(cmd.optsWithGlobals().logLevel as string);
       await serve(opts, log);
     });
-}
-
-/** The --tls options as a server policy; refuses what cannot work, and an exposed listener without TLS. */
-function serveTls(opts: ServeOptions, specs: ListenSpec[]): ServerTls | undefined {
-  const mode = opts.tls === 'on' ? 'allow' : opts.tls;
-  if (mode !== 'off' && mode !== 'allow' && mode !== 'require') throw new UsageError(`--tls: expected off, allow or require, got "${opts.tls}"`);
-  for (const e of opts.allow ?? []) {
-    const problem = allowEntryProblem(e);
-    if (problem) throw new UsageError(`--allow: ${problem}`);
-  }
-  const exposed = specs.find((s) => s.kind === 'tcp' && !isLoopback(s.host));
-  if (exposed && exposed.kind === 'tcp' && mode !== 'require' && !opts.insecure) {
-    throw new UsageError(`--listen ${exposed.host}:${exposed.port} is reachable from other hosts without TLS: add --tls require with --tls-certificates or --tls-psk, or --insecure to accept the risk`);
-  }
-  if (mode === 'off') return undefined;
-  if (!opts.tlsCertificates && !opts.tlsPsk) throw new UsageError(`--tls ${opts.tls} needs --tls-certificates DIR or --tls-psk FILE`);
-  const read = (f: string, what: string) => {
-    try {
-      return fs.readFileSync(f);
-    } catch (e) {
-      throw new UsageError(`cannot read the ${what} ${f}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
-    }
-  };
-  const credentials: ServerTls['credentials'] = {};
-  if (opts.tlsCertificates) {
-    const d = opts.tlsCertificates;
-    credentials.cert = read(path.join(d, 'server-cert.pem'), 'certificate');
-    credentials.key = read(path.join(d, 'server-key.pem'), 'private key');
-    if (opts.tlsVerifyPeer) credentials.ca = read(path.join(d, 'ca-cert.pem'), 'CA certificate');
-  }
-  if (opts.tlsPsk) {
-    try {
-      credentials.psk = parsePskFile(read(opts.tlsPsk, 'psk file').toString('utf8'), opts.tlsPsk);
-    } catch (e) {
-      if (e instanceof SecretFileError) throw new UsageError(e.message);
-      throw e;
-    }
-  }
-  return { mode, credentials, verifyClients: opts.tlsVerifyPeer === true };
 }
 
 export function parseListen(text: string): { host: string; port: number } {
@@ -153,7 +100,7 @@ async function serve(opts: ServeOptions, log: Logger): Promise<void> {
     }
   } else device = new MemoryDevice(size!, false);
 
-  const tls = serveTls(opts, specs);
+  const tls = serverTlsOptions(opts, specs.flatMap((x) => (x.kind === 'tcp' ? [{ host: x.host, port: x.port }] : [])));
   const exports = new ExportTable();
   const host = new AtomicDevice(device);
   exports.add({ name: opts.name, description: opts.description ?? '', device: host, readOnly: opts.readOnly === true, ...(opts.allow?.length ? { allow: new AllowList(opts.allow) } : {}) });

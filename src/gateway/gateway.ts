@@ -5,6 +5,8 @@
 import type { Logger } from 'pino';
 import { ExportTable } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
+import type { ServerTls } from '../nbd/tls.js';
+import { AllowList } from '../util/allow-list.js';
 import type { ClusterConfig } from '../cluster/config.js';
 import { ClusterStore } from '../cluster/etcd/store.js';
 import { clientTlsFor } from '../cluster/credentials.js';
@@ -14,6 +16,10 @@ export interface GatewayOptions {
   listen: { host: string; port: number };
   /** How long a request waits for a master before it fails with EIO. */
   retryMs?: number;
+  /** NBD STARTTLS on the gateway's own listener (docs/SECURITY.md). */
+  tls?: ServerTls;
+  /** Who may attach the logical volumes (util/allow-list.ts). */
+  allow?: string[];
 }
 
 export class Gateway {
@@ -34,6 +40,7 @@ export class Gateway {
     };
     const pool = new ConnectionPool(Math.max(1000, config.peerTimeout), tlsFor);
     const exports = new ExportTable();
+    const allow = opts.allow?.length ? { allow: new AllowList(opts.allow) } : {};
     const add = () => {
       for (const lv of store.tables.logicalVolumes.values()) {
         if (exports.get(lv.name)) continue;
@@ -42,13 +49,14 @@ export class Gateway {
           description: `logical volume ${lv.name} (${lv.mode}), through a gateway`,
           device: new LogicalVolumeDevice(lv.name, lv.size, store, pool, log, opts.retryMs),
           readOnly: false,
+          ...allow,
         });
       }
     };
     add();
     // A logical volume added at run time is served from then on.
     store.on('change', add);
-    const nbd = new NbdServer({ exports, log });
+    const nbd = new NbdServer({ exports, log, ...(opts.tls ? { tls: opts.tls } : {}) });
     let address: string;
     try {
       address = await nbd.listen({ kind: 'tcp', ...opts.listen });
