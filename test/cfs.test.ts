@@ -101,7 +101,7 @@ describe('cfs CLI', () => {
     expect(await client.check()).toEqual({ consistent: true, problems: [] });
     const space = await client.space();
     expect(space.pairs[0]).toMatchObject({ usedBlocks: 0, freeBlocks: (128 * MiB) / BLOCK });
-  });
+  }, 90_000); // a dozen CLI processes, each a Node start: slow on a loaded machine
 
   it('says what is wrong in one line and exits non-zero', async () => {
     const c = await cluster();
