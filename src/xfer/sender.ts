@@ -1,0 +1,181 @@
+// The writer's side of a connection (seed 4, flows 1, 2 and 4):
+//
+//   claim a free slot      write our requestor half (CONNECT, a fresh token), wait, read it back:
+//                          still ours, or another sender won the slot and we look again
+//   fresh pointer table    all entries FREE, under our token; then CONNECT/PENDING, which is what
+//                          a receiver waits for
+//   wait for ACCEPTED      in the requestee half, with our token
+//   per piece of input     entry i = (seq-1) mod E, reused only once the receiver acknowledged it;
+//                          the segment (header + data) is written first, then, for a batch of them,
+//                          the pointer table: data before pointers, whatever paths carry them
+//   after the last ack     free the pointer table, then our half of the process ID table
+import { crc } from '../util/format.js';
+import { AckFlag, Command, PtrFlag, Role, SEG, SEG_HEADER, Status, freeAck, freePid, freePtr, type AckTable, type PtrTable } from './layout.js';
+import { XferPeerError, XferTableFullError } from './errors.js';
+import { OwnHalf, PeerWatch, newToken, sleep, tunables, type SessionOptions, type Tunables } from './session.js';
+import { roundUp, type XferVolume } from './volume.js';
+
+export interface SendResult {
+  slot: number;
+  token: number;
+  /** Segments written, the empty last one of an empty message included. */
+  segments: number;
+  bytes: number;
+}
+
+export async function send(vol: XferVolume, from: number, to: number, input: AsyncIterable<Uint8Array>, opts: SessionOptions = {}): Promise<SendResult> {
+  const t = tunables(opts);
+  const own = await claim(vol, from, to, t);
+  const { slot, token } = own.entry;
+  t.log?.debug({ slot, token }, 'claimed connection slot');
+  const ptr: PtrTable = { ...freePtr(slot), token, writer: from };
+  try {
+    // The pointer table is ours and fresh before a receiver may accept: only then PENDING.
+    await vol.writePtr(ptr);
+    own.entry.command.status = Status.PENDING;
+    await own.write();
+    await waitAccepted(vol, own, to, t);
+    const result = await transfer(vol, own, ptr, to, input, t);
+    await cleanup(vol, own);
+    return result;
+  } catch (e) {
+    // We are alive and own these blocks, so we free them ourselves; the receiver sees our token go.
+    await cleanup(vol, own).catch((ce: Error) => t.log?.warn({ err: ce.message }, `could not free connection ${slot}; blockmirror xfer gc will`));
+    throw e;
+  }
+}
+
+async function claim(vol: XferVolume, from: number, to: number, t: Tunables): Promise<OwnHalf> {
+  const started = Date.now();
+  // Long enough for a rival that read the same free slot to have written its claim too.
+  const settleMs = Math.max(5 * t.pollMs, 50);
+  for (;;) {
+    const table = await vol.readPidTable();
+    const slot = table.findIndex(({ req, rsp }) => req.command.code === Command.NONE && rsp.command.code === Command.NONE);
+    if (slot >= 0) {
+      const own = new OwnHalf(
+        vol,
+        { slot, role: Role.REQUESTOR, requestor: from, requestee: to, token: newToken(), heartbeat: 0, command: { code: Command.CONNECT, status: Status.NONE } },
+        t.heartbeatMs,
+      );
+      await own.write();
+      await sleep(settleMs, t.signal);
+      const { req } = await vol.readPid(slot);
+      if (req.token === own.entry.token) return own;
+      continue;
+    }
+    if (Date.now() - started > t.timeoutMs)
+      throw new XferTableFullError(`all ${vol.mcb.maxConn} connections of the process ID table are in use (waited ${t.timeoutMs} ms): wait for one to end, or run blockmirror xfer gc to reclaim dead ones`);
+    await sleep(t.pollMs, t.signal);
+  }
+}
+
+async function waitAccepted(vol: XferVolume, own: OwnHalf, to: number, t: Tunables): Promise<void> {
+  const started = Date.now();
+  for (;;) {
+    const { rsp } = await vol.readPid(own.entry.slot);
+    if (rsp.token === own.entry.token && rsp.command.status === Status.ACCEPTED) return;
+    if (Date.now() - started > t.timeoutMs)
+      throw new XferPeerError(`no receiver ${to} accepted connection ${own.entry.slot} within ${t.timeoutMs} ms: start blockmirror xfer recv --as ${to} on the other host`);
+    await own.beat();
+    await sleep(t.pollMs, t.signal);
+  }
+}
+
+async function transfer(vol: XferVolume, own: OwnHalf, ptr: PtrTable, to: number, input: AsyncIterable<Uint8Array>, t: Tunables): Promise<SendResult> {
+  const { slot, token, requestor: from } = own.entry;
+  const E = vol.mcb.entries;
+  const segs = vol.segments(slot);
+  const watch = new PeerWatch(`receiver ${to}`, t.timeoutMs);
+  // Half the window per pointer-table write: the reader works on one half while we fill the other.
+  const batchMax = Math.max(1, Math.floor(E / 2));
+  let ack: AckTable = freeAck(slot);
+  let batch: Promise<void>[] = [];
+  let seq = 0;
+  let bytes = 0;
+
+  const acked = (i: number, s: number) => ack.entries[i].flag === AckFlag.READ && ack.entries[i].seq === s;
+  const isFree = (i: number) => ptr.entries[i].flag === PtrFlag.FREE || acked(i, ptr.entries[i].seq);
+  const flush = async () => {
+    if (batch.length === 0) return;
+    await Promise.all(batch);
+    batch = [];
+    await vol.writePtr(ptr);
+    await own.beat();
+  };
+  const poll = async () => {
+    const { rsp } = await vol.readPid(slot);
+    if (rsp.token !== token || rsp.command.status !== Status.ACCEPTED) throw new XferPeerError(`receiver ${to} left connection ${slot} before the last message`);
+    watch.observe(rsp.heartbeat);
+    const a = await vol.readAck(slot);
+    if (a.token === token) ack = a;
+    await own.beat();
+  };
+
+  for await (const piece of pieces(input, vol.capacity)) {
+    seq = (seq + 1) >>> 0;
+    const i = (seq - 1) % E;
+    while (!isFree(i)) {
+      await flush();
+      await poll();
+      if (!isFree(i)) await sleep(t.pollMs, t.signal);
+    }
+    const length = piece.length;
+    const data = piece.seg.subarray(SEG_HEADER, SEG_HEADER + length);
+    SEG.encode({ slot, last: piece.last ? 1 : 0, token, writer: from, seq, dataLength: length, dataCrc: crc(data) }, piece.seg);
+    Object.assign(ptr.entries[i], { flag: PtrFlag.WRITTEN, last: piece.last ? 1 : 0, dev: segs[i].dev, offset: segs[i].offset, length, seq });
+    batch.push(vol.writeSegment(segs[i], piece.seg.subarray(0, roundUp(SEG_HEADER + length))));
+    bytes += length;
+    if (batch.length >= batchMax) await flush();
+  }
+  await flush();
+  const last = (seq - 1) % E;
+  while (!acked(last, seq)) {
+    await poll();
+    if (!acked(last, seq)) await sleep(t.pollMs, t.signal);
+  }
+  return { slot, token, segments: seq, bytes };
+}
+
+async function cleanup(vol: XferVolume, own: OwnHalf): Promise<void> {
+  await vol.writePtr(freePtr(own.entry.slot));
+  Object.assign(own.entry, { ...freePid(own.entry.slot, Role.REQUESTOR), heartbeat: own.entry.heartbeat });
+  await own.write();
+}
+
+interface Piece {
+  /** A whole segment buffer: header room, then `length` bytes of data, zero padding. */
+  seg: Buffer;
+  length: number;
+  last: boolean;
+}
+
+/**
+ * Cut the input into segment-sized pieces, copied once into their segment buffers. One piece is
+ * held back until the next byte arrives, so the last one is known as last; an empty input is one
+ * empty last piece.
+ */
+export async function* pieces(input: AsyncIterable<Uint8Array>, capacity: number): AsyncGenerator<Piece> {
+  const segBytes = roundUp(SEG_HEADER + capacity);
+  let cur = Buffer.alloc(segBytes);
+  let fill = 0;
+  let held: Buffer | undefined;
+  for await (const chunk of input) {
+    const c = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+    let off = 0;
+    while (off < c.length) {
+      if (fill === capacity) {
+        if (held) yield { seg: held, length: capacity, last: false };
+        held = cur;
+        cur = Buffer.alloc(segBytes);
+        fill = 0;
+      }
+      const n = Math.min(capacity - fill, c.length - off);
+      c.copy(cur, SEG_HEADER + fill, off, off + n);
+      fill += n;
+      off += n;
+    }
+  }
+  if (held) yield { seg: held, length: capacity, last: fill === 0 };
+  if (fill > 0 || !held) yield { seg: cur, length: fill, last: true };
+}
