@@ -26,7 +26,7 @@ export class HookedPath implements XferPath {
   constructor(
     private readonly inner: XferPath,
     readonly hook: {
-      read?: (offset: number, data: Buffer) => Buffer | undefined;
+      read?: (offset: number, data: Buffer) => Buffer | undefined | Promise<Buffer | undefined>;
       write?: (offset: number, data: Buffer) => void;
     } = {},
   ) {}
@@ -38,7 +38,7 @@ export class HookedPath implements XferPath {
   }
   async read(offset: number, length: number): Promise<Buffer> {
     const b = await this.inner.read(offset, length);
-    return this.hook.read?.(offset, b) ?? b;
+    return (await this.hook.read?.(offset, b)) ?? b;
   }
   async write(offset: number, data: Buffer): Promise<void> {
     this.hook.write?.(offset, data);
