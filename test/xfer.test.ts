@@ -142,6 +142,38 @@ describe('xfer flows', () => {
     await a.close();
   });
 
+  it('lets a sender whose claim was overwritten by a rival back off without writing, and claim another slot', async () => {
+    const files = await formattedFiles(SMALL);
+    const rivalVol = await volumeOf(files);
+    const rival = { slot: 0, role: Role.REQUESTOR, requestor: 9, requestee: 8, token: 4242, heartbeat: 1, command: { code: Command.CONNECT, status: Status.NONE } };
+    let landed = false;
+    let pendingSeen = false;
+    let a: XferVolume | undefined;
+    a = await volumeOf(files, (p) =>
+      new HookedPath(p, {
+        write: (off, data) => {
+          // byte 33: the command status of a PID_EMC entry (see layout.ts)
+          if (a && off === a.mcb.pidTable && data[33] === Status.PENDING) pendingSeen = true;
+        },
+        // Right after our PENDING, a rival's claim of slot 0 lands (it read the slot as free too).
+        read: async (off, data) => {
+          if (!a || landed || !pendingSeen || off !== a.mcb.pidTable || data.length !== 2 * BLOCK) return undefined;
+          landed = true;
+          await rivalVol.writePid(rival);
+          return p.read(off, data.length);
+        },
+      }),
+    );
+    const b = await volumeOf(files);
+    const data = randomBytes(50_000);
+    const { sent, out } = await exchange(a, b, data);
+    expect(landed).toBe(true);
+    expect(sent.slot).toBe(1);
+    expect(out.equals(data)).toBe(true);
+    expect((await a.readPid(0)).req).toMatchObject({ token: 4242, requestor: 9 });
+    await Promise.all([a.close(), b.close(), rivalVol.close()]);
+  });
+
   it('tells a sender whose receiver never comes to start one, and frees its slot', async () => {
     const files = await formattedFiles(SMALL);
     const a = await volumeOf(files);

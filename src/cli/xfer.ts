@@ -96,7 +96,7 @@ export function registerXferCommand(program: Command): void {
     const from = opts.from === undefined ? undefined : id('--from', opts.from);
     const waitMs = opts.wait === undefined ? undefined : int('--wait', opts.wait, 0);
     const tuning = session(opts);
-    const out = opts.out === undefined ? process.stdout : fs.createWriteStream(opts.out);
+    const out = opts.out === undefined ? process.stdout : fs.createWriteStream(opts.out, { highWaterMark: 8 << 20 });
     if (opts.out !== undefined) await once(out as fs.WriteStream, 'open').catch((e: Error) => { throw new UsageError(`recv: cannot write ${opts.out}: ${e.message}`); });
     const log = logger(cmd);
     await withVolume(opts.dev, log, async (vol, signal) => {

@@ -32,21 +32,29 @@ export interface RecvResult {
 /** Receive one message for process `as`, handing its pieces in order to `deliver`. */
 export async function recv(vol: XferVolume, as: number, deliver: (data: Buffer) => Promise<void>, opts: RecvOptions = {}): Promise<RecvResult> {
   const t = tunables(opts);
-  const { slot, token, from } = await findConnect(vol, as, opts, t);
-  const ack: AckTable = { ...freeAck(slot), token, reader: as };
-  await vol.writeAck(ack);
-  const own = new OwnHalf(vol, { slot, role: Role.REQUESTEE, requestor: from, requestee: as, token, heartbeat: 0, command: { code: Command.CONNECT, status: Status.ACCEPTED } }, t.heartbeatMs);
-  await own.write();
-  t.log?.debug({ slot, token, from }, 'accepted connection');
-  try {
-    const result = await consume(vol, own, ack, deliver, t);
-    await waitSenderGone(vol, own, t);
-    await cleanup(vol, own);
-    return result;
-  } catch (e) {
-    await cleanup(vol, own).catch((ce: Error) => t.log?.warn({ err: ce.message }, `could not free connection ${slot}; blockmirror xfer gc will`));
-    throw e;
+  for (;;) {
+    const { slot, token, from } = await findConnect(vol, as, opts, t);
+    const ack: AckTable = { ...freeAck(slot), token, reader: as };
+    await vol.writeAck(ack);
+    const own = new OwnHalf(vol, { slot, role: Role.REQUESTEE, requestor: from, requestee: as, token, heartbeat: 0, command: { code: Command.CONNECT, status: Status.ACCEPTED } }, t.heartbeatMs);
+    await own.write();
+    t.log?.debug({ slot, token, from }, 'accepted connection');
+    try {
+      const result = await consume(vol, own, ack, deliver, t);
+      await waitSenderGone(vol, own, t);
+      await cleanup(vol, own);
+      return result;
+    } catch (e) {
+      await cleanup(vol, own).catch((ce: Error) => t.log?.warn({ err: ce.message }, `could not free connection ${slot}; blockmirror xfer gc will`));
+      if (e instanceof Abandoned) continue;
+      throw e;
+    }
   }
+}
+
+/** The sender's token went before its first piece (it lost its slot to a rival): wait for another. */
+class Abandoned extends Error {
+  override readonly name = 'Abandoned';
 }
 
 async function findConnect(vol: XferVolume, as: number, opts: RecvOptions, t: Tunables) {
@@ -104,8 +112,9 @@ async function consume(vol: XferVolume, own: OwnHalf, ack: AckTable, deliver: (d
       continue;
     }
 
+    // A quarter of the window per round, so that acknowledgements flow back while the sender writes.
     const ready: Ready[] = [];
-    for (let seq = next; ready.length < E; seq = (seq + 1) >>> 0) {
+    for (let seq = next; ready.length < Math.max(1, E >> 2); seq = (seq + 1) >>> 0) {
       const i = (seq - 1) % E;
       const entry = ptrEntries[i];
       if (entry.flag !== PtrFlag.WRITTEN || entry.seq !== seq) break;
@@ -114,7 +123,10 @@ async function consume(vol: XferVolume, own: OwnHalf, ack: AckTable, deliver: (d
     }
     if (ready.length === 0) {
       const { req } = await vol.readPid(slot);
-      if (req.token !== token || req.command.code !== Command.CONNECT) throw new XferPeerError(`sender ${from} left connection ${slot} before its last message`);
+      if (req.token !== token || req.command.code !== Command.CONNECT) {
+        if (next === 1) throw new Abandoned(`sender ${from} left connection ${slot} before its first piece`);
+        throw new XferPeerError(`sender ${from} left connection ${slot} before its last message`);
+      }
       watch.observe(req.heartbeat);
       await own.beat();
       await sleep(t.pollMs, t.signal);

@@ -10,7 +10,7 @@
 //                          the pointer table: data before pointers, whatever paths carry them
 //   after the last ack     free the pointer table, then our half of the process ID table
 import { crc } from '../util/format.js';
-import { AckFlag, Command, PtrFlag, Role, SEG, SEG_HEADER, Status, freeAck, freePid, freePtr, type AckTable, type PtrTable } from './layout.js';
+import { AckFlag, Command, PTR, PtrFlag, Role, SEG, SEG_HEADER, Status, freeAck, freePid, freePtr, type AckTable, type PtrTable } from './layout.js';
 import { XferPeerError, XferTableFullError } from './errors.js';
 import { OwnHalf, PeerWatch, newToken, sleep, tunables, type SessionOptions, type Tunables } from './session.js';
 import { roundUp, type XferVolume } from './volume.js';
@@ -25,23 +25,29 @@ export interface SendResult {
 
 export async function send(vol: XferVolume, from: number, to: number, input: AsyncIterable<Uint8Array>, opts: SessionOptions = {}): Promise<SendResult> {
   const t = tunables(opts);
-  const own = await claim(vol, from, to, t);
-  const { slot, token } = own.entry;
-  t.log?.debug({ slot, token }, 'claimed connection slot');
-  const ptr: PtrTable = { ...freePtr(slot), token, writer: from };
-  try {
-    // The pointer table is ours and fresh before a receiver may accept: only then PENDING.
-    await vol.writePtr(ptr);
-    own.entry.command.status = Status.PENDING;
-    await own.write();
-    await waitAccepted(vol, own, to, t);
-    const result = await transfer(vol, own, ptr, to, input, t);
-    await cleanup(vol, own);
-    return result;
-  } catch (e) {
-    // We are alive and own these blocks, so we free them ourselves; the receiver sees our token go.
-    await cleanup(vol, own).catch((ce: Error) => t.log?.warn({ err: ce.message }, `could not free connection ${slot}; blockmirror xfer gc will`));
-    throw e;
+  for (;;) {
+    const own = await claim(vol, from, to, t);
+    const { slot, token } = own.entry;
+    t.log?.debug({ slot, token }, 'claimed connection slot');
+    const ptr: PtrTable = { ...freePtr(slot), token, writer: from };
+    try {
+      // The pointer table is ours and fresh before a receiver may accept: only then PENDING.
+      await vol.writePtr(ptr);
+      own.entry.command.status = Status.PENDING;
+      await own.write();
+      if (!(await waitAccepted(vol, own, to, t))) {
+        // A rival's claim landed after our read-back: the slot is its now, so we write nothing more.
+        t.log?.debug({ slot }, 'lost the slot to another sender; claiming again');
+        continue;
+      }
+      const result = await transfer(vol, own, ptr, to, input, t);
+      await cleanup(vol, own);
+      return result;
+    } catch (e) {
+      // We are alive and own these blocks, so we free them ourselves; the receiver sees our token go.
+      await cleanup(vol, own).catch((ce: Error) => t.log?.warn({ err: ce.message }, `could not free connection ${slot}; blockmirror xfer gc will`));
+      throw e;
+    }
   }
 }
 
@@ -70,11 +76,13 @@ async function claim(vol: XferVolume, from: number, to: number, t: Tunables): Pr
   }
 }
 
-async function waitAccepted(vol: XferVolume, own: OwnHalf, to: number, t: Tunables): Promise<void> {
+/** True once accepted; false when another sender's claim has replaced ours. */
+async function waitAccepted(vol: XferVolume, own: OwnHalf, to: number, t: Tunables): Promise<boolean> {
   const started = Date.now();
   for (;;) {
-    const { rsp } = await vol.readPid(own.entry.slot);
-    if (rsp.token === own.entry.token && rsp.command.status === Status.ACCEPTED) return;
+    const { req, rsp } = await vol.readPid(own.entry.slot);
+    if (req.token !== own.entry.token) return false;
+    if (rsp.token === own.entry.token && rsp.command.status === Status.ACCEPTED) return true;
     if (Date.now() - started > t.timeoutMs)
       throw new XferPeerError(`no receiver ${to} accepted connection ${own.entry.slot} within ${t.timeoutMs} ms: start blockmirror xfer recv --as ${to} on the other host`);
     await own.beat();
@@ -87,23 +95,30 @@ async function transfer(vol: XferVolume, own: OwnHalf, ptr: PtrTable, to: number
   const E = vol.mcb.entries;
   const segs = vol.segments(slot);
   const watch = new PeerWatch(`receiver ${to}`, t.timeoutMs);
-  // Half the window per pointer-table write: the reader works on one half while we fill the other.
-  const batchMax = Math.max(1, Math.floor(E / 2));
+  // An eighth of the window per pointer-table write: the reader starts early and acknowledges
+  // early, so writing, reading and acknowledging overlap.
+  const batchMax = Math.max(1, Math.floor(E / 8));
   let ack: AckTable = freeAck(slot);
   let batch: Promise<void>[] = [];
   let seq = 0;
   let bytes = 0;
+  // Pointer-table writes, one after another. Each is encoded when its batch closes, so it names
+  // only segments of batches before it, and is written only once their data is: data before
+  // pointers, while the next batch's data is already on its way.
+  let pointers: Promise<void> = Promise.resolve();
 
   const acked = (i: number, s: number) => ack.entries[i].flag === AckFlag.READ && ack.entries[i].seq === s;
   const isFree = (i: number) => ptr.entries[i].flag === PtrFlag.FREE || acked(i, ptr.entries[i].seq);
-  const flush = async () => {
+  const flush = () => {
     if (batch.length === 0) return;
-    await Promise.all(batch);
+    const data = Promise.all(batch);
     batch = [];
-    await vol.writePtr(ptr);
-    await own.beat();
+    const block = PTR.encode(ptr);
+    pointers = Promise.all([pointers, data]).then(() => vol.writePtrBlock(slot, block));
+    pointers.catch(() => undefined); // awaited before every wait and at the end
   };
   const poll = async () => {
+    await pointers;
     const { rsp } = await vol.readPid(slot);
     if (rsp.token !== token || rsp.command.status !== Status.ACCEPTED) throw new XferPeerError(`receiver ${to} left connection ${slot} before the last message`);
     watch.observe(rsp.heartbeat);
@@ -116,7 +131,7 @@ async function transfer(vol: XferVolume, own: OwnHalf, ptr: PtrTable, to: number
     seq = (seq + 1) >>> 0;
     const i = (seq - 1) % E;
     while (!isFree(i)) {
-      await flush();
+      flush();
       await poll();
       if (!isFree(i)) await sleep(t.pollMs, t.signal);
     }
@@ -126,9 +141,13 @@ async function transfer(vol: XferVolume, own: OwnHalf, ptr: PtrTable, to: number
     Object.assign(ptr.entries[i], { flag: PtrFlag.WRITTEN, last: piece.last ? 1 : 0, dev: segs[i].dev, offset: segs[i].offset, length, seq });
     batch.push(vol.writeSegment(segs[i], piece.seg.subarray(0, roundUp(SEG_HEADER + length))));
     bytes += length;
-    if (batch.length >= batchMax) await flush();
+    if (batch.length >= batchMax) {
+      flush();
+      await own.beat();
+    }
   }
-  await flush();
+  flush();
+  await pointers;
   const last = (seq - 1) % E;
   while (!acked(last, seq)) {
     await poll();

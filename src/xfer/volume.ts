@@ -234,7 +234,12 @@ export class XferVolume {
   }
 
   writePtr(t: PtrTable): Promise<void> {
-    return this.master.write(this.mcb.ptrTables + t.slot * BLOCK, PTR.encode(t));
+    return this.writePtrBlock(t.slot, PTR.encode(t));
+  }
+
+  /** A pointer table encoded earlier: what it said then, whatever the table says now. */
+  writePtrBlock(slot: number, block: Buffer): Promise<void> {
+    return this.master.write(this.mcb.ptrTables + slot * BLOCK, block);
   }
 
   async readAck(slot: number): Promise<AckTable> {
