@@ -12,7 +12,7 @@ import { send, pieces } from '../src/xfer/sender.js';
 import { recv } from '../src/xfer/receiver.js';
 import { gc } from '../src/xfer/gc.js';
 import { describe as describeVolume } from '../src/xfer/inspect.js';
-import { openPath } from '../src/xfer/paths.js';
+import { PathSet, openPath } from '../src/xfer/paths.js';
 import { FAST, HookedPath, exchange, formattedFiles, volumeOf } from './helpers/xfer.js';
 
 const SMALL = { segSize: 8192, segments: 8, maxConn: 2 };
@@ -317,6 +317,28 @@ describe('xfer paths and gc', () => {
     expect(b.master.paths.map((p) => p.live)).toEqual([false, true]);
     await a.close();
     await b.close();
+  });
+
+  it('lets a failed path rejoin once it reconnects, and sends it work again', async () => {
+    const files = await formattedFiles(SMALL);
+    let down = true;
+    let served = 0;
+    const flaky = new HookedPath(await openPath(files[0]!), {
+      read: () => {
+        if (down) throw new Error('link down');
+        served++;
+        return undefined;
+      },
+      reconnect: () => !down,
+    });
+    const set = new PathSet('the master device', [flaky, await openPath(files[0]!)], undefined, 5);
+    await set.read(0, BLOCK);
+    expect(set.paths.map((p) => p.live)).toEqual([false, true]);
+    down = false;
+    await waitFor(async () => set.paths[0]!.live);
+    await Promise.all(Array.from({ length: 8 }, () => set.read(0, BLOCK)));
+    expect(served).toBeGreaterThan(0);
+    await set.close();
   });
 
   it('fails with every path named when the last path to a device fails', async () => {

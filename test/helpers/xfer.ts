@@ -28,6 +28,7 @@ export class HookedPath implements XferPath {
     readonly hook: {
       read?: (offset: number, data: Buffer) => Buffer | undefined | Promise<Buffer | undefined>;
       write?: (offset: number, data: Buffer) => void;
+      reconnect?: () => boolean;
     } = {},
   ) {}
   get name(): string {
@@ -45,7 +46,7 @@ export class HookedPath implements XferPath {
     return this.inner.write(offset, data);
   }
   reconnect(): Promise<boolean> {
-    return Promise.resolve(false);
+    return Promise.resolve(this.hook.reconnect?.() ?? false);
   }
   close(): Promise<void> {
     return this.inner.close();
