@@ -97,7 +97,6 @@ class LocalPath implements XferPath {
     const fd = await new Promise<number>((resolve, reject) =>
       fs.open(file, fs.constants.O_RDWR | fs.constants.O_DSYNC, (err, fd) => (err ? reject(new XferUsageError(`--dev ${file}: ${err.message}`)) : resolve(fd))),
     );
-    // A block device's stat size is 0: its size is where the end is.
     const size = st.isBlockDevice() ? await blockDeviceSize(file) : st.size;
     return new LocalPath(file, fd, size);
   }
@@ -124,16 +123,11 @@ class LocalPath implements XferPath {
   }
 }
 
+/** A block device's stat size is 0: sysfs has it, in 512-byte sectors. */
 async function blockDeviceSize(file: string): Promise<number> {
-  const h = await fs.promises.open(file, 'r');
-  try {
-    // lseek(SEEK_END) is not exposed; read the size from sysfs instead.
-    const dev = (await fs.promises.realpath(file)).replace(/^\/dev\//, '');
-    const sectors = Number((await fs.promises.readFile(`/sys/class/block/${dev}/size`, 'utf8')).trim());
-    return sectors * 512;
-  } finally {
-    await h.close();
-  }
+  const dev = (await fs.promises.realpath(file)).replace(/^\/dev\//, '');
+  const sectors = Number((await fs.promises.readFile(`/sys/class/block/${dev}/size`, 'utf8')).trim());
+  return sectors * 512;
 }
 
 interface Member {

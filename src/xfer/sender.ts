@@ -127,33 +127,44 @@ async function transfer(vol: XferVolume, own: OwnHalf, ptr: PtrTable, to: number
     await own.beat();
   };
 
-  for await (const piece of pieces(input, vol.capacity)) {
-    seq = (seq + 1) >>> 0;
-    const i = (seq - 1) % E;
-    while (!isFree(i)) {
-      flush();
+  try {
+    return await pump();
+  } finally {
+    // Nothing of ours may land after we return: a late pointer table would undo the cleanup.
+    await Promise.allSettled([...batch, pointers]);
+  }
+
+  async function pump(): Promise<SendResult> {
+    for await (const piece of pieces(input, vol.capacity)) {
+      seq = (seq + 1) >>> 0;
+      const i = (seq - 1) % E;
+      while (!isFree(i)) {
+        flush();
+        await poll();
+        if (!isFree(i)) await sleep(t.pollMs, t.signal);
+      }
+      const length = piece.length;
+      const data = piece.seg.subarray(SEG_HEADER, SEG_HEADER + length);
+      SEG.encode({ slot, last: piece.last ? 1 : 0, token, writer: from, seq, dataLength: length, dataCrc: crc(data) }, piece.seg);
+      Object.assign(ptr.entries[i], { flag: PtrFlag.WRITTEN, last: piece.last ? 1 : 0, dev: segs[i].dev, offset: segs[i].offset, length, seq });
+      const written = vol.writeSegment(segs[i], piece.seg.subarray(0, roundUp(SEG_HEADER + length)));
+      written.catch(() => undefined); // awaited by the flush of its batch
+      batch.push(written);
+      bytes += length;
+      if (batch.length >= batchMax) {
+        flush();
+        await own.beat();
+      }
+    }
+    flush();
+    await pointers;
+    const last = (seq - 1) % E;
+    while (!acked(last, seq)) {
       await poll();
-      if (!isFree(i)) await sleep(t.pollMs, t.signal);
+      if (!acked(last, seq)) await sleep(t.pollMs, t.signal);
     }
-    const length = piece.length;
-    const data = piece.seg.subarray(SEG_HEADER, SEG_HEADER + length);
-    SEG.encode({ slot, last: piece.last ? 1 : 0, token, writer: from, seq, dataLength: length, dataCrc: crc(data) }, piece.seg);
-    Object.assign(ptr.entries[i], { flag: PtrFlag.WRITTEN, last: piece.last ? 1 : 0, dev: segs[i].dev, offset: segs[i].offset, length, seq });
-    batch.push(vol.writeSegment(segs[i], piece.seg.subarray(0, roundUp(SEG_HEADER + length))));
-    bytes += length;
-    if (batch.length >= batchMax) {
-      flush();
-      await own.beat();
-    }
+    return { slot, token, segments: seq, bytes };
   }
-  flush();
-  await pointers;
-  const last = (seq - 1) % E;
-  while (!acked(last, seq)) {
-    await poll();
-    if (!acked(last, seq)) await sleep(t.pollMs, t.signal);
-  }
-  return { slot, token, segments: seq, bytes };
 }
 
 async function cleanup(vol: XferVolume, own: OwnHalf): Promise<void> {

@@ -179,6 +179,11 @@ export class XferVolume {
       const master = groups.get(0)![0];
       const sdt = SDT.decode(`${master.name}: secondary device table`, await master.read(mcb.secTable, BLOCK));
       if (sdt.count !== mcb.devices - 1) throw new XferFormatError(`${master.name}: secondary device table`, `lists ${sdt.count} devices, the MCB ${mcb.devices - 1}`);
+      for (const { path, sec } of secs) {
+        const listed = sdt.devices[sec.index - 1];
+        if (sec.index > sdt.count || !listed || listed.segments !== sec.segments || listed.segPool !== sec.segPool)
+          throw new XferFormatError(`${path.name}: secondary control block`, `says device ${sec.index} with ${sec.segments} segments, the master's table disagrees: damaged`);
+      }
       const sets: PathSet[] = [];
       for (let d = 0; d < mcb.devices; d++) {
         const g = groups.get(d);
