@@ -84,6 +84,7 @@ async function main() {
 | nbdcopy FILE to the export | ${nc.toFixed(1)} | 1.00x | — |
 
 Code ${code.head} (${code.subject.slice(0, 60)}). One \`blockmirror serve\` (memory) holds the volume, formatted with 64 segments, 1 connection.
+The 2-path row is one run per repetition (median of ${REPS}), after the A B B A of the other two.
 xfer is timed from starting \`recv\` and \`send\` to both exiting, Node start-up included; its bytes cross the
 export twice (written, then read), nbdcopy's once. \`node bench/xfer.js\` (BENCH_MIB, BENCH_REPS, BENCH_SEG).
 `;
