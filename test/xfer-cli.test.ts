@@ -157,6 +157,42 @@ describe('xfer between processes through blockmirror serve', () => {
     expect(sha256(out)).toBe(sha256(input));
   });
 
+  it('resumes a sender and then a receiver killed with -9 from the on-disk tables, delivering the file exactly once', async () => {
+    const s = await serve();
+    const dir = tmpDir('bm-xfer-cli-');
+    const input = randomFile(dir, 4 << 20);
+    const out = path.join(dir, 'out.bin');
+    await xfer(['format', s.uri, '--seg-size', '8KiB', '--segments', '8', '--max-conn', '1']);
+    const watch = await XferVolume.open([s.uri]);
+    cleanups.push(() => watch.close());
+    const highest = async (table: 'ptr' | 'ack') => {
+      const t = table === 'ptr' ? await watch.readPtr(0) : await watch.readAck(0);
+      return Math.max(0, ...t.entries.filter((e) => e.flag !== 0).map((e) => e.seq));
+    };
+    const until = async (table: 'ptr' | 'ack', seq: number) => {
+      while ((await highest(table)) < seq) await new Promise((r) => setTimeout(r, 5));
+    };
+    const send = ['send', '--dev', s.uri, '--from', '1', '--to', '2', '--heartbeat-ms', '100', input];
+    const recvArgs = ['recv', '--dev', s.uri, '--as', '2', '--out', out, '--heartbeat-ms', '100'];
+    const r1 = spawnXfer(recvArgs);
+    const w1 = spawnXfer(send);
+    await until('ptr', 100);
+    w1.proc.kill('SIGKILL');
+    expect((await w1.done).code).toBeNull();
+    const w2 = spawnXfer([...send, '--resume']);
+    await until('ack', 300);
+    r1.proc.kill('SIGKILL');
+    expect((await r1.done).code).toBeNull();
+    const r2 = spawnXfer([...recvArgs, '--resume']);
+    const [sent, got] = await Promise.all([w2.done, r2.done]);
+    expect([sent.code, got.code], sent.stderr + got.stderr).toEqual([0, 0]);
+    expect(got.stderr).toMatch(/received \d+ bytes in 517 segments from 1 over connection 0\n$/);
+    expect(sent.stderr).toContain('"msg":"resuming connection"');
+    expect(got.stderr).toContain('"msg":"resuming connection"');
+    expect(sha256(out)).toBe(sha256(input));
+    expect(JSON.parse((await xfer(['ls', '--dev', s.uri, '--json'])).stdout).connections[0].state).toBe('free');
+  });
+
   it('refuses a segment header corrupted on the export, delivering nothing, and the sender says the receiver left', async () => {
     const s = await serve();
     const dir = tmpDir('bm-xfer-cli-');
@@ -237,6 +273,8 @@ describe('xfer bad input', () => {
       [['send', '--dev', s.uri, '--from', '0', '--to', '2'], 2, /--from "0": a process ID is an integer from 1 to 4294967295/],
       [['send', '--dev', s.uri, '--from', '1', '--to', '2', path.join(dir, 'missing')], 2, /send: cannot read .*missing: ENOENT/],
       [['recv', '--dev', s.uri, '--as', 'two'], 2, /--as "two": a process ID/],
+      [['send', '--dev', s.uri, '--from', '1', '--to', '2', '--resume', '-'], 2, /send --resume needs the FILE again \(stdin cannot be rewound\)/],
+      [['recv', '--dev', s.uri, '--as', '2', '--resume'], 2, /recv --resume needs --out FILE/],
       [['recv', '--dev', 'http://x/y', '--as', '2'], 2, /--dev http:\/\/x\/y: unknown scheme/],
       [['ls', '--dev', path.join(dir, 'nothing')], 2, /--dev .*nothing: ENOENT/],
       [['gc', '--dev', s.uri, '--timeout', '-1'], 2, /--timeout "-1": expected an integer/],

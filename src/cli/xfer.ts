@@ -58,26 +58,28 @@ export function registerXferCommand(program: Command): void {
       .description('send FILE (or stdin, -) from process ID --from to process ID --to as one message')
       .requiredOption('--from <id>', 'our process ID (1 to 4294967295)')
       .requiredOption('--to <id>', 'the receiving process ID')
+      .option('--resume', 'take over the connection of a sender --from that died (kill -9, restart), from the on-disk tables; needs FILE')
       .addHelpText('after', '\nExample:\n  blockmirror xfer send --dev nbd://127.0.0.1:10809/disk --dev nbd://127.0.0.2:10809/disk --from 1 --to 2 backup.tar\n'),
-  ).action(async (file: string | undefined, opts: Tuning & { from: string; to: string }, cmd: Command) => {
+  ).action(async (file: string | undefined, opts: Tuning & { from: string; to: string; resume?: boolean }, cmd: Command) => {
     const from = id('--from', opts.from);
     const to = id('--to', opts.to);
     const tuning = session(opts);
-    let input: NodeJS.ReadableStream;
-    if (file === undefined || file === '-') input = process.stdin;
-    else {
+    const stdin = file === undefined || file === '-';
+    if (stdin && opts.resume) throw new UsageError('send --resume needs the FILE again (stdin cannot be rewound)');
+    if (!stdin) {
       try {
         if (!fs.statSync(file).isFile()) throw new UsageError(`send: ${file} is not a file`);
       } catch (e) {
         if (e instanceof UsageError) throw e;
         throw new UsageError(`send: cannot read ${file}: ${(e as Error).message}`);
       }
-      input = fs.createReadStream(file, { highWaterMark: 1 << 20 });
     }
+    const open = (start: number) => (stdin ? process.stdin : fs.createReadStream(file, { start, highWaterMark: 1 << 20 })) as AsyncIterable<Uint8Array>;
     const log = logger(cmd);
     await withVolume(opts.dev, log, async (vol, signal) => {
-      const { send } = await import('../xfer/sender.js');
-      const r = await send(vol, from, to, input as AsyncIterable<Uint8Array>, { ...tuning, log, signal });
+      const { send, resumeSend } = await import('../xfer/sender.js');
+      const o = { ...tuning, log, signal };
+      const r = opts.resume ? await resumeSend(vol, from, to, open, o) : await send(vol, from, to, open(0), o);
       process.stderr.write(`sent ${r.bytes} bytes in ${r.segments} segments over connection ${r.slot}\n`);
     });
   });
@@ -90,24 +92,53 @@ export function registerXferCommand(program: Command): void {
       .option('--from <id>', 'only accept a connection from this process ID')
       .option('--out <file>', 'write the message here (default stdout)')
       .option('--wait <ms>', 'give up when no sender connects within this time (default: wait forever)')
+      .option('--resume', 'take over the connection of a receiver --as that died, from the on-disk tables; cuts --out back to what was acknowledged')
       .addHelpText('after', '\nExample:\n  blockmirror xfer recv --dev nbd://127.0.0.1:10809/disk --as 2 --out backup.tar\n'),
-  ).action(async (opts: Tuning & { as: string; from?: string; out?: string; wait?: string }, cmd: Command) => {
+  ).action(async (opts: Tuning & { as: string; from?: string; out?: string; wait?: string; resume?: boolean }, cmd: Command) => {
     const as = id('--as', opts.as);
     const from = opts.from === undefined ? undefined : id('--from', opts.from);
     const waitMs = opts.wait === undefined ? undefined : int('--wait', opts.wait, 0);
     const tuning = session(opts);
-    const out = opts.out === undefined ? process.stdout : fs.createWriteStream(opts.out, { highWaterMark: 8 << 20 });
-    if (opts.out !== undefined) await once(out as fs.WriteStream, 'open').catch((e: Error) => { throw new UsageError(`recv: cannot write ${opts.out}: ${e.message}`); });
+    if (opts.resume && opts.out === undefined) throw new UsageError('recv --resume needs --out FILE (stdout cannot be cut back)');
+    // A file gets positioned writes, each complete before its piece is acknowledged: after a kill
+    // it holds at least what was acknowledged, and --resume cuts it back to exactly that.
+    let fh: fs.promises.FileHandle | undefined;
+    if (opts.out !== undefined) {
+      fh = await fs.promises.open(opts.out, opts.resume ? 'r+' : 'w').catch((e: Error) => {
+        throw new UsageError(`recv: cannot write ${opts.out}: ${e.message}`);
+      });
+    }
+    let position = 0;
+    const deliver = fh
+      ? async (data: Buffer) => {
+          let done = 0;
+          while (done < data.length) done += (await fh.write(data, done, data.length - done, position + done)).bytesWritten;
+          position += data.length;
+        }
+      : async (data: Buffer) => {
+          if (!process.stdout.write(data)) await once(process.stdout, 'drain');
+        };
+    const resume = async (acknowledged: number) => {
+      await fh!.truncate(acknowledged);
+      position = acknowledged;
+    };
     const log = logger(cmd);
-    await withVolume(opts.dev, log, async (vol, signal) => {
-      const { recv } = await import('../xfer/receiver.js');
-      const deliver = async (data: Buffer) => {
-        if (!out.write(data)) await once(out, 'drain');
-      };
-      const r = await recv(vol, as, deliver, { ...tuning, log, signal, ...(from !== undefined ? { from } : {}), ...(waitMs !== undefined ? { waitMs } : {}) });
-      if (out !== process.stdout) await new Promise<void>((resolve, reject) => (out as fs.WriteStream).end((e?: Error | null) => (e ? reject(e) : resolve())));
-      process.stderr.write(`received ${r.bytes} bytes in ${r.segments} segments from ${r.from} over connection ${r.slot}\n`);
-    });
+    try {
+      await withVolume(opts.dev, log, async (vol, signal) => {
+        const { recv } = await import('../xfer/receiver.js');
+        const r = await recv(vol, as, deliver, {
+          ...tuning,
+          log,
+          signal,
+          ...(from !== undefined ? { from } : {}),
+          ...(waitMs !== undefined ? { waitMs } : {}),
+          ...(opts.resume ? { resume } : {}),
+        });
+        process.stderr.write(`received ${r.bytes} bytes in ${r.segments} segments from ${r.from} over connection ${r.slot}\n`);
+      });
+    } finally {
+      await fh?.close();
+    }
   });
 
   xfer

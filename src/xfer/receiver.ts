@@ -12,7 +12,7 @@
 import { crc } from '../util/format.js';
 import { AckFlag, Command, PtrFlag, Role, SEG, SEG_HEADER, Status, freeAck, freePid, type AckTable, type PtrEntry } from './layout.js';
 import { XferCorruptError, XferFormatError, XferPeerError } from './errors.js';
-import { OwnHalf, PeerWatch, sleep, tunables, type SessionOptions, type Tunables } from './session.js';
+import { OwnHalf, PeerWatch, sleep, standingStill, tunables, type SessionOptions, type Tunables } from './session.js';
 import type { XferVolume } from './volume.js';
 
 export interface RecvOptions extends SessionOptions {
@@ -20,6 +20,12 @@ export interface RecvOptions extends SessionOptions {
   from?: number;
   /** Give up waiting for a sender after this long (ms); forever when unset. */
   waitMs?: number;
+  /**
+   * Take over the accepted connection of a receiver that died, from its acknowledgement table.
+   * Called first with the bytes acknowledged so far: what was delivered beyond them is delivered
+   * again, so the output must be cut back to that many bytes.
+   */
+  resume?: (acknowledgedBytes: number) => Promise<void>;
 }
 
 export interface RecvResult {
@@ -32,6 +38,7 @@ export interface RecvResult {
 /** Receive one message for process `as`, handing its pieces in order to `deliver`. */
 export async function recv(vol: XferVolume, as: number, deliver: (data: Buffer) => Promise<void>, opts: RecvOptions = {}): Promise<RecvResult> {
   const t = tunables(opts);
+  if (opts.resume) return resumeRecv(vol, as, deliver, opts.resume, opts, t);
   for (;;) {
     const { slot, token, from } = await findConnect(vol, as, opts, t);
     const ack: AckTable = { ...freeAck(slot), token, reader: as };
@@ -49,6 +56,36 @@ export async function recv(vol: XferVolume, as: number, deliver: (data: Buffer) 
       if (e instanceof Abandoned) continue;
       throw e;
     }
+  }
+}
+
+async function resumeRecv(vol: XferVolume, as: number, deliver: (data: Buffer) => Promise<void>, resume: (bytes: number) => Promise<void>, opts: RecvOptions, t: Tunables): Promise<RecvResult> {
+  const table = await vol.readPidTable();
+  const slot = table.findIndex(
+    ({ req, rsp }) =>
+      req.command.code === Command.CONNECT &&
+      rsp.requestee === as &&
+      (opts.from === undefined || req.requestor === opts.from) &&
+      rsp.token === req.token &&
+      rsp.command.status === Status.ACCEPTED,
+  );
+  if (slot < 0) throw new XferPeerError(`no accepted connection for ${as} to resume: receive again without --resume`);
+  const rsp = await standingStill(vol, slot, 'rsp', `receiver ${as}`, t);
+  const own = new OwnHalf(vol, rsp, t.heartbeatMs);
+  const ack = await vol.readAck(slot);
+  if (ack.token !== rsp.token) throw new XferPeerError(`connection ${slot}: its acknowledgement table is not the connection's; receive again without --resume`);
+  let acked = 0;
+  for (const e of ack.entries.slice(0, vol.mcb.entries)) if (e.flag === AckFlag.READ && e.seq > acked) acked = e.seq;
+  t.log?.info({ slot, acked }, 'resuming connection');
+  try {
+    await resume(acked * vol.capacity);
+    const result = await consume(vol, own, ack, deliver, t, acked + 1);
+    await waitSenderGone(vol, own, t);
+    await cleanup(vol, own);
+    return result;
+  } catch (e) {
+    await cleanup(vol, own).catch((ce: Error) => t.log?.warn({ err: ce.message }, `could not free connection ${slot}; blockmirror xfer gc will`));
+    throw e;
   }
 }
 
@@ -82,12 +119,12 @@ interface Ready {
   entry: PtrEntry;
 }
 
-async function consume(vol: XferVolume, own: OwnHalf, ack: AckTable, deliver: (data: Buffer) => Promise<void>, t: Tunables): Promise<RecvResult> {
+async function consume(vol: XferVolume, own: OwnHalf, ack: AckTable, deliver: (data: Buffer) => Promise<void>, t: Tunables, first = 1): Promise<RecvResult> {
   const { slot, token, requestor: from } = own.entry;
   const E = vol.mcb.entries;
   const segs = vol.segments(slot);
   const watch = new PeerWatch(`sender ${from}`, t.timeoutMs);
-  let next = 1;
+  let next = first;
   let bytes = 0;
   let failures = 0;
   // A read that does not check out is retried after a poll interval; only a run of them is an error.
@@ -124,7 +161,7 @@ async function consume(vol: XferVolume, own: OwnHalf, ack: AckTable, deliver: (d
     if (ready.length === 0) {
       const { req } = await vol.readPid(slot);
       if (req.token !== token || req.command.code !== Command.CONNECT) {
-        if (next === 1) throw new Abandoned(`sender ${from} left connection ${slot} before its first piece`);
+        if (next === 1 && first === 1) throw new Abandoned(`sender ${from} left connection ${slot} before its first piece`);
         throw new XferPeerError(`sender ${from} left connection ${slot} before its last message`);
       }
       watch.observe(req.heartbeat);

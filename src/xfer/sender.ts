@@ -12,13 +12,13 @@
 import { crc } from '../util/format.js';
 import { AckFlag, Command, PTR, PtrFlag, Role, SEG, SEG_HEADER, Status, freeAck, freePid, freePtr, type AckTable, type PtrTable } from './layout.js';
 import { XferPeerError, XferTableFullError } from './errors.js';
-import { OwnHalf, PeerWatch, newToken, sleep, tunables, type SessionOptions, type Tunables } from './session.js';
+import { OwnHalf, PeerWatch, newToken, sleep, standingStill, tunables, type SessionOptions, type Tunables } from './session.js';
 import { roundUp, type XferVolume } from './volume.js';
 
 export interface SendResult {
   slot: number;
   token: number;
-  /** Segments written, the empty last one of an empty message included. */
+  /** Segments written by this call (after a resume: since it), the empty last one of an empty message included. */
   segments: number;
   bytes: number;
 }
@@ -48,6 +48,41 @@ export async function send(vol: XferVolume, from: number, to: number, input: Asy
       await cleanup(vol, own).catch((ce: Error) => t.log?.warn({ err: ce.message }, `could not free connection ${slot}; blockmirror xfer gc will`));
       throw e;
     }
+  }
+}
+
+/**
+ * Pick up a connection whose sender died (kill -9, host restart) from the on-disk tables: the
+ * pointer table says which pieces were written; the next one is piece h+1, at byte h × capacity
+ * of the input (every piece but the last is full), which `open` must start at.
+ */
+export async function resumeSend(vol: XferVolume, from: number, to: number, open: (offset: number) => AsyncIterable<Uint8Array>, opts: SessionOptions = {}): Promise<SendResult> {
+  const t = tunables(opts);
+  const table = await vol.readPidTable();
+  const slot = table.findIndex(
+    ({ req, rsp }) =>
+      req.command.code === Command.CONNECT && req.command.status === Status.PENDING && req.requestor === from && req.requestee === to && rsp.token === req.token && rsp.command.status === Status.ACCEPTED,
+  );
+  if (slot < 0) throw new XferPeerError(`no accepted connection from ${from} to ${to} to resume: send again without --resume`);
+  const req = await standingStill(vol, slot, 'req', `sender ${from}`, t);
+  const own = new OwnHalf(vol, req, t.heartbeatMs);
+  const ptr = await vol.readPtr(slot);
+  if (ptr.token !== req.token) throw new XferPeerError(`connection ${slot}: its pointer table is not the connection's (token ${ptr.token}, not ${req.token}); send again without --resume`);
+  let written = 0;
+  let lastWritten = false;
+  for (const e of ptr.entries.slice(0, vol.mcb.entries))
+    if (e.flag === PtrFlag.WRITTEN && e.seq > written) {
+      written = e.seq;
+      lastWritten = e.last === 1;
+    }
+  t.log?.info({ slot, written, lastWritten }, 'resuming connection');
+  try {
+    const result = await transfer(vol, own, ptr, to, lastWritten ? nothing() : open(written * vol.capacity), t, written, lastWritten);
+    await cleanup(vol, own);
+    return result;
+  } catch (e) {
+    await cleanup(vol, own).catch((ce: Error) => t.log?.warn({ err: ce.message }, `could not free connection ${slot}; blockmirror xfer gc will`));
+    throw e;
   }
 }
 
@@ -90,7 +125,17 @@ async function waitAccepted(vol: XferVolume, own: OwnHalf, to: number, t: Tunabl
   }
 }
 
-async function transfer(vol: XferVolume, own: OwnHalf, ptr: PtrTable, to: number, input: AsyncIterable<Uint8Array>, t: Tunables): Promise<SendResult> {
+async function transfer(
+  vol: XferVolume,
+  own: OwnHalf,
+  ptr: PtrTable,
+  to: number,
+  input: AsyncIterable<Uint8Array>,
+  t: Tunables,
+  /** Pieces already written (on a resume), and whether the last of them was the last piece. */
+  written = 0,
+  lastWritten = false,
+): Promise<SendResult> {
   const { slot, token, requestor: from } = own.entry;
   const E = vol.mcb.entries;
   const segs = vol.segments(slot);
@@ -100,7 +145,7 @@ async function transfer(vol: XferVolume, own: OwnHalf, ptr: PtrTable, to: number
   const batchMax = Math.max(1, Math.floor(E / 8));
   let ack: AckTable = freeAck(slot);
   let batch: Promise<void>[] = [];
-  let seq = 0;
+  let seq = written;
   let bytes = 0;
   // Pointer-table writes, one after another. Each is encoded when its batch closes, so it names
   // only segments of batches before it, and is written only once their data is: data before
@@ -135,6 +180,7 @@ async function transfer(vol: XferVolume, own: OwnHalf, ptr: PtrTable, to: number
   }
 
   async function pump(): Promise<SendResult> {
+    if (!lastWritten)
     for await (const piece of pieces(input, vol.capacity)) {
       seq = (seq + 1) >>> 0;
       const i = (seq - 1) % E;
@@ -163,9 +209,12 @@ async function transfer(vol: XferVolume, own: OwnHalf, ptr: PtrTable, to: number
       await poll();
       if (!acked(last, seq)) await sleep(t.pollMs, t.signal);
     }
-    return { slot, token, segments: seq, bytes };
+    return { slot, token, segments: seq - written, bytes };
   }
 }
+
+/** The rest of an input whose last piece is already written. */
+async function* nothing(): AsyncGenerator<Uint8Array> {}
 
 async function cleanup(vol: XferVolume, own: OwnHalf): Promise<void> {
   await vol.writePtr(freePtr(own.entry.slot));

@@ -100,3 +100,13 @@ export class PeerWatch {
     }
   }
 }
+
+/** The half of a process that is to be taken over, once its heartbeat has stood still for a while. */
+export async function standingStill(vol: XferVolume, slot: number, half: 'req' | 'rsp', who: string, t: Tunables) {
+  const before = (await vol.readPid(slot))[half];
+  await sleep(Math.max(3 * t.heartbeatMs, 100), t.signal);
+  const after = (await vol.readPid(slot))[half];
+  if (after.heartbeat !== before.heartbeat || after.token !== before.token)
+    throw new XferPeerError(`${who} of connection ${slot} is still alive (its heartbeat moves): stop it before resuming`);
+  return after;
+}
