@@ -269,9 +269,11 @@ export const PTR = new Structure<PtrTable>(
 export interface AckEntry {
   /** AckFlag.* */
   flag: number;
+  /** The entry's last flag, echoed: a receiver resumed after a crash knows the message was whole. */
+  last: number;
   seq: number;
 }
-const AckEntryLayout = BL.struct<AckEntry>([BL.u8('flag'), BL.u8('pad'), pad16('pad2'), BL.u32('seq')]);
+const AckEntryLayout = BL.struct<AckEntry>([BL.u8('flag'), BL.u8('last'), pad16('pad'), BL.u32('seq')]);
 
 export interface AckTable {
   slot: number;
@@ -285,8 +287,8 @@ export const ACK = new Structure<AckTable>(
   'ACK_EMC',
   [BL.u16('slot'), pad16('pad'), BL.u32('token'), BL.u32('reader'), BL.seq(AckEntryLayout, MAX_ENTRIES, 'entries')],
   (t) => {
-    const bad = t.entries.findIndex((e) => e.flag !== AckFlag.FREE && e.flag !== AckFlag.READ);
-    return bad >= 0 ? `entry ${bad} has flag ${t.entries[bad].flag}` : undefined;
+    const bad = t.entries.findIndex((e) => (e.flag !== AckFlag.FREE && e.flag !== AckFlag.READ) || e.last > 1);
+    return bad >= 0 ? `entry ${bad} has flag ${t.entries[bad].flag}, last ${t.entries[bad].last}` : undefined;
   },
 );
 
@@ -300,7 +302,7 @@ export const freeAck = (slot: number): AckTable => ({
   slot,
   token: 0,
   reader: 0,
-  entries: Array.from({ length: MAX_ENTRIES }, () => ({ flag: AckFlag.FREE, seq: 0 })),
+  entries: Array.from({ length: MAX_ENTRIES }, () => ({ flag: AckFlag.FREE, last: 0, seq: 0 })),
 });
 
 // -- the segment header, checked by the reader against the pointer entry

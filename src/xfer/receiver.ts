@@ -39,8 +39,10 @@ export interface RecvResult {
 export async function recv(vol: XferVolume, as: number, deliver: (data: Buffer) => Promise<void>, opts: RecvOptions = {}): Promise<RecvResult> {
   const t = tunables(opts);
   if (opts.resume) return resumeRecv(vol, as, deliver, opts.resume, opts, t);
+  // Connections whose sender went before its first piece: never accepted again.
+  const abandoned = new Set<number>();
   for (;;) {
-    const { slot, token, from } = await findConnect(vol, as, opts, t);
+    const { slot, token, from } = await findConnect(vol, as, opts, t, abandoned);
     const ack: AckTable = { ...freeAck(slot), token, reader: as };
     await vol.writeAck(ack);
     const own = new OwnHalf(vol, { slot, role: Role.REQUESTEE, requestor: from, requestee: as, token, heartbeat: 0, command: { code: Command.CONNECT, status: Status.ACCEPTED } }, t.heartbeatMs);
@@ -53,7 +55,11 @@ export async function recv(vol: XferVolume, as: number, deliver: (data: Buffer) 
       return result;
     } catch (e) {
       await cleanup(vol, own).catch((ce: Error) => t.log?.warn({ err: ce.message }, `could not free connection ${slot}; blockmirror xfer gc will`));
-      if (e instanceof Abandoned) continue;
+      if (e instanceof Abandoned) {
+        t.log?.warn(e.message);
+        abandoned.add(token);
+        continue;
+      }
       throw e;
     }
   }
@@ -61,23 +67,35 @@ export async function recv(vol: XferVolume, as: number, deliver: (data: Buffer) 
 
 async function resumeRecv(vol: XferVolume, as: number, deliver: (data: Buffer) => Promise<void>, resume: (bytes: number) => Promise<void>, opts: RecvOptions, t: Tunables): Promise<RecvResult> {
   const table = await vol.readPidTable();
-  const slot = table.findIndex(
-    ({ req, rsp }) =>
-      req.command.code === Command.CONNECT &&
-      rsp.requestee === as &&
-      (opts.from === undefined || req.requestor === opts.from) &&
-      rsp.token === req.token &&
-      rsp.command.status === Status.ACCEPTED,
-  );
+  // Our half says ACCEPTED; the sender's may already be gone if it saw our last acknowledgement.
+  const slot = table.findIndex(({ rsp }) => rsp.command.status === Status.ACCEPTED && rsp.requestee === as && (opts.from === undefined || rsp.requestor === opts.from));
   if (slot < 0) throw new XferPeerError(`no accepted connection for ${as} to resume: receive again without --resume`);
   const rsp = await standingStill(vol, slot, 'rsp', `receiver ${as}`, t);
   const own = new OwnHalf(vol, rsp, t.heartbeatMs);
-  const ack = await vol.readAck(slot);
-  if (ack.token !== rsp.token) throw new XferPeerError(`connection ${slot}: its acknowledgement table is not the connection's; receive again without --resume`);
-  let acked = 0;
-  for (const e of ack.entries.slice(0, vol.mcb.entries)) if (e.flag === AckFlag.READ && e.seq > acked) acked = e.seq;
-  t.log?.info({ slot, acked }, 'resuming connection');
+  const done = (segments: number): RecvResult => ({ slot, from: rsp.requestor, segments, bytes: 0 });
   try {
+    const ack = await vol.readAck(slot);
+    // Killed in its cleanup, after the acknowledgement table was freed: the message was whole.
+    if (ack.token !== rsp.token) {
+      await cleanup(vol, own);
+      return done(0);
+    }
+    let acked = 0;
+    let last = false;
+    for (const e of ack.entries.slice(0, vol.mcb.entries))
+      if (e.flag === AckFlag.READ && e.seq > acked) {
+        acked = e.seq;
+        last = e.last === 1;
+      }
+    t.log?.info({ slot, acked, last }, 'resuming connection');
+    if (last) {
+      // Delivered and acknowledged whole before the kill: only the end of the flow is left.
+      await waitSenderGone(vol, own, t);
+      await cleanup(vol, own);
+      return done(acked);
+    }
+    const { req } = await vol.readPid(slot);
+    if (req.token !== rsp.token) throw new XferPeerError(`sender ${rsp.requestor} left connection ${slot} before its last message`);
     await resume(acked * vol.capacity);
     const result = await consume(vol, own, ack, deliver, t, acked + 1);
     await waitSenderGone(vol, own, t);
@@ -89,12 +107,12 @@ async function resumeRecv(vol: XferVolume, as: number, deliver: (data: Buffer) =
   }
 }
 
-/** The sender's token went before its first piece (it lost its slot to a rival): wait for another. */
+/** The sender's token went, or it went silent, before its first piece: wait for another. */
 class Abandoned extends Error {
   override readonly name = 'Abandoned';
 }
 
-async function findConnect(vol: XferVolume, as: number, opts: RecvOptions, t: Tunables) {
+async function findConnect(vol: XferVolume, as: number, opts: RecvOptions, t: Tunables, abandoned: ReadonlySet<number>) {
   const started = Date.now();
   for (;;) {
     const table = await vol.readPidTable();
@@ -104,6 +122,7 @@ async function findConnect(vol: XferVolume, as: number, opts: RecvOptions, t: Tu
         req.command.status === Status.PENDING &&
         req.requestee === as &&
         (opts.from === undefined || req.requestor === opts.from) &&
+        !abandoned.has(req.token) &&
         !(rsp.token === req.token && rsp.command.status === Status.ACCEPTED),
     );
     if (slot >= 0) return { slot, token: table[slot].req.token, from: table[slot].req.requestor };
@@ -161,10 +180,16 @@ async function consume(vol: XferVolume, own: OwnHalf, ack: AckTable, deliver: (d
     if (ready.length === 0) {
       const { req } = await vol.readPid(slot);
       if (req.token !== token || req.command.code !== Command.CONNECT) {
-        if (next === 1 && first === 1) throw new Abandoned(`sender ${from} left connection ${slot} before its first piece`);
+        if (next === 1 && first === 1) throw new Abandoned(`sender ${from} left connection ${slot} before its first piece; waiting for another`);
         throw new XferPeerError(`sender ${from} left connection ${slot} before its last message`);
       }
-      watch.observe(req.heartbeat);
+      try {
+        watch.observe(req.heartbeat);
+      } catch (e) {
+        // A claim whose sender died before writing anything: gc frees it, we wait for a live one.
+        if (next === 1 && first === 1) throw new Abandoned(`sender ${from} of connection ${slot} went silent before its first piece; waiting for another`);
+        throw e;
+      }
       await own.beat();
       await sleep(t.pollMs, t.signal);
       continue;
@@ -181,7 +206,7 @@ async function consume(vol: XferVolume, own: OwnHalf, ack: AckTable, deliver: (d
       const r = ready[k];
       const seg = (await reads[k])!;
       await deliver(seg.subarray(SEG_HEADER, SEG_HEADER + r.entry.length));
-      ack.entries[r.i] = { flag: AckFlag.READ, seq: r.seq };
+      ack.entries[r.i] = { flag: AckFlag.READ, last: r.entry.last, seq: r.seq };
       bytes += r.entry.length;
       next = (r.seq + 1) >>> 0;
       delivered++;

@@ -59,15 +59,25 @@ export async function send(vol: XferVolume, from: number, to: number, input: Asy
 export async function resumeSend(vol: XferVolume, from: number, to: number, open: (offset: number) => AsyncIterable<Uint8Array>, opts: SessionOptions = {}): Promise<SendResult> {
   const t = tunables(opts);
   const table = await vol.readPidTable();
-  const slot = table.findIndex(
-    ({ req, rsp }) =>
-      req.command.code === Command.CONNECT && req.command.status === Status.PENDING && req.requestor === from && req.requestee === to && rsp.token === req.token && rsp.command.status === Status.ACCEPTED,
-  );
-  if (slot < 0) throw new XferPeerError(`no accepted connection from ${from} to ${to} to resume: send again without --resume`);
+  // Accepted, or still waiting for its receiver: both are taken over (a claim not yet PENDING is not).
+  const slot = table.findIndex(({ req }) => req.command.code === Command.CONNECT && req.command.status === Status.PENDING && req.requestor === from && req.requestee === to);
+  if (slot < 0) throw new XferPeerError(`no connection from ${from} to ${to} to resume: send again without --resume`);
   const req = await standingStill(vol, slot, 'req', `sender ${from}`, t);
   const own = new OwnHalf(vol, req, t.heartbeatMs);
+  await own.write();
+  try {
+    if (!(await waitAccepted(vol, own, to, t))) throw new XferPeerError(`connection ${slot} was taken by another sender; send again without --resume`);
+  } catch (e) {
+    await cleanup(vol, own).catch(() => undefined);
+    throw e;
+  }
   const ptr = await vol.readPtr(slot);
-  if (ptr.token !== req.token) throw new XferPeerError(`connection ${slot}: its pointer table is not the connection's (token ${ptr.token}, not ${req.token}); send again without --resume`);
+  // PENDING is written only after the fresh pointer table, so another token there means the
+  // sender was killed in its cleanup, after the last acknowledgement: only the cleanup is left.
+  if (ptr.token !== req.token) {
+    await cleanup(vol, own);
+    return { slot, token: req.token, segments: 0, bytes: 0 };
+  }
   let written = 0;
   let lastWritten = false;
   for (const e of ptr.entries.slice(0, vol.mcb.entries))
