@@ -27,4 +27,20 @@ describe('layers', () => {
     expect(r.stdout).toContain('blockdev-imports-upward');
     expect(r.stdout).toContain('src/blockdev/bad.ts → src/controller/pair.ts');
   });
+
+  it('refuses the transfer layer leaning on its peer, the CFS, and the CFS on the transfer layer', async () => {
+    const dir = tmpDir('bm-layers-');
+    for (const f of ['xfer', 'cfs', 'cli']) fs.mkdirSync(path.join(dir, 'src', f), { recursive: true });
+    fs.copyFileSync(path.join(ROOT, '.dependency-cruiser.cjs'), path.join(dir, '.dependency-cruiser.cjs'));
+    fs.writeFileSync(path.join(dir, 'tsconfig.json'), JSON.stringify({ compilerOptions: { module: 'nodenext', moduleResolution: 'nodenext' } }));
+    fs.writeFileSync(path.join(dir, 'src/cli/main.ts'), 'export const main = 1;\n');
+    fs.writeFileSync(path.join(dir, 'src/cfs/client.ts'), "import { x } from '../xfer/volume.js';\nexport const client = x;\n");
+    fs.writeFileSync(path.join(dir, 'src/xfer/volume.ts'), "import { main } from '../cli/main.js';\nexport const x = main;\nexport const y = import('../cfs/client.js');\n");
+    const r = await run(DEPCRUISE, ['src', '--config', '.dependency-cruiser.cjs', '--output-type', 'err'], { cwd: dir, timeoutMs: 60_000 });
+    expect(r.code).not.toBe(0);
+    expect(r.stdout).toContain('xfer-imports-upward');
+    expect(r.stdout).toContain('src/xfer/volume.ts → src/cli/main.ts');
+    expect(r.stdout).toContain('cfs-imports-sibling');
+    expect(r.stdout).toContain('src/cfs/client.ts → src/xfer/volume.ts');
+  });
 });

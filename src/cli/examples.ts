@@ -33,6 +33,12 @@ const EXAMPLES: Record<string, string[]> = {
   'etcd dump': ['blockmirror etcd dump -c config/etcd.yaml --json'],
   admin: ['blockmirror admin token -c config/demo.yaml'],
   'admin token': ['curl -H "Authorization: Bearer $(blockmirror admin token -c config/demo.yaml)" http://127.0.0.1:9001/api/status', 'chromium "$(blockmirror admin token -c config/demo.yaml --url)"'],
+  xfer: ['blockmirror xfer format nbd://127.0.0.1:10809/disk --seg-size 1MiB --segments 64 --max-conn 4'],
+  'xfer format': ['blockmirror xfer format nbd://127.0.0.1:10809/disk --seg-size 1MiB --segments 64 --max-conn 4'],
+  'xfer send': ['blockmirror xfer send --dev nbd://127.0.0.1:10809/disk --dev nbd://127.0.0.2:10809/disk --from 1 --to 2 backup.tar'],
+  'xfer recv': ['blockmirror xfer recv --dev nbd://127.0.0.1:10809/disk --as 2 --out backup.tar'],
+  'xfer ls': ['blockmirror xfer ls --dev nbd://127.0.0.1:10809/disk'],
+  'xfer gc': ['blockmirror xfer gc --dev nbd://127.0.0.1:10809/disk --timeout 30000'],
   completion: ['source <(blockmirror completion bash)', 'blockmirror completion bash > /etc/bash_completion.d/blockmirror'],
 };
 

@@ -9,6 +9,7 @@ import { registerFaultCommand } from './fault.js';
 import { registerGatewayCommand } from './gateway.js';
 import { registerAdminCommand } from './admin.js';
 import { registerCompletionCommand } from './completion.js';
+import { registerXferCommand } from './xfer.js';
 import { UsageError } from './errors.js';
 import { addExamples } from './examples.js';
 
@@ -28,6 +29,7 @@ export function buildProgram(): Command {
   registerFaultCommand(program);
   registerGatewayCommand(program);
   registerAdminCommand(program);
+  registerXferCommand(program);
   registerCompletionCommand(program);
   addExamples(program);
   return program;

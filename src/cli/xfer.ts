@@ -1,0 +1,253 @@
+// `blockmirror xfer ...`: host-to-host transfer through a shared volume (docs/xfer.md). format
+// lays out the volume; send and recv move one message (a file or stdin) between two processes
+// that share nothing but the volume; ls shows the tables; gc reclaims a dead process's part.
+// Heavy modules load only when a command runs.
+import fs from 'node:fs';
+import { once } from 'node:events';
+import type { Command } from 'commander';
+import type { Logger } from 'pino';
+import { createLogger } from '../util/log.js';
+import { SizeError, formatSize, parseSize } from '../util/size.js';
+import { UsageError } from './errors.js';
+
+interface Tuning {
+  dev: string[];
+  pollMs: string;
+  timeout: string;
+  heartbeatMs: string;
+  retries: string;
+}
+
+const DEV_HELP = 'a path to the volume: nbd://HOST:PORT/NAME, a block device or a file; repeat it for more paths (and for secondary devices)';
+
+export function registerXferCommand(program: Command): void {
+  const xfer = program
+    .command('xfer')
+    .description('transfer data between hosts through a shared volume (EMC US 6,983,330): format, send, recv, ls, gc')
+    .argument('[command]')
+    .allowExcessArguments()
+    .allowUnknownOption()
+    .usage('format|send|recv|ls|gc ...')
+    .action((sub: string | undefined) => {
+      const expected = 'format, send, recv, ls or gc';
+      throw new UsageError(sub === undefined ? `xfer: missing command (${expected})` : `xfer: unknown command "${sub}" (expected ${expected})`);
+    });
+
+  xfer
+    .command('format <dev...>')
+    .description('write the master control block on the first device and SEC blocks on the others (one path per device)')
+    .option('--seg-size <size>', 'bytes per segment, a multiple of 4 KiB (e.g. 1MiB)', '1MiB')
+    .option('--segments <n>', 'segments on each device', '64')
+    .option('--max-conn <n>', 'connection slots in the process ID table; each owns an equal share of the segments', '4')
+    .allowExcessArguments(false)
+    .action(async (devs: string[], opts: { segSize: string; segments: string; maxConn: string }) => {
+      const segSize = size('--seg-size', opts.segSize);
+      const segments = int('--segments', opts.segments, 1);
+      const maxConn = int('--max-conn', opts.maxConn, 1);
+      const { formatVolume } = await import('../xfer/volume.js');
+      const mcb = await usage(formatVolume(devs, { segSize, segments, maxConn }));
+      process.stdout.write(
+        `formatted ${devs.length} device(s): ${segments * devs.length} segments of ${formatSize(segSize)}, ${maxConn} connections of ${mcb.entries} segments each\n`,
+      );
+    });
+
+  tuned(
+    xfer
+      .command('send [file]')
+      .description('send FILE (or stdin, -) from process ID --from to process ID --to as one message')
+      .requiredOption('--from <id>', 'our process ID (1 to 4294967295)')
+      .requiredOption('--to <id>', 'the receiving process ID')
+      .option('--resume', 'take over the connection of a sender --from that died (kill -9, restart), from the on-disk tables; needs FILE'),
+  ).action(async (file: string | undefined, opts: Tuning & { from: string; to: string; resume?: boolean }, cmd: Command) => {
+    const from = id('--from', opts.from);
+    const to = id('--to', opts.to);
+    const tuning = session(opts);
+    const stdin = file === undefined || file === '-';
+    if (stdin && opts.resume) throw new UsageError('send --resume needs the FILE again (stdin cannot be rewound)');
+    if (!stdin) {
+      try {
+        if (!fs.statSync(file).isFile()) throw new UsageError(`send: ${file} is not a file`);
+      } catch (e) {
+        if (e instanceof UsageError) throw e;
+        throw new UsageError(`send: cannot read ${file}: ${(e as Error).message}`);
+      }
+    }
+    const open = (start: number) => (stdin ? process.stdin : fs.createReadStream(file, { start, highWaterMark: 1 << 20 })) as AsyncIterable<Uint8Array>;
+    const log = logger(cmd);
+    await withVolume(opts.dev, log, async (vol, signal) => {
+      const { send, resumeSend } = await import('../xfer/sender.js');
+      const o = { ...tuning, log, signal };
+      const r = opts.resume ? await resumeSend(vol, from, to, open, o) : await send(vol, from, to, open(0), o);
+      process.stderr.write(`sent ${r.bytes} bytes in ${r.segments} segments over connection ${r.slot}\n`);
+    });
+  });
+
+  tuned(
+    xfer
+      .command('recv')
+      .description('receive one message for process ID --as, to --out FILE or stdout')
+      .requiredOption('--as <id>', 'our process ID')
+      .option('--from <id>', 'only accept a connection from this process ID')
+      .option('--out <file>', 'write the message here (default stdout)')
+      .option('--wait <ms>', 'give up when no sender connects within this time (default: wait forever)')
+      .option('--resume', 'take over the connection of a receiver --as that died, from the on-disk tables; cuts --out back to what was acknowledged'),
+  ).action(async (opts: Tuning & { as: string; from?: string; out?: string; wait?: string; resume?: boolean }, cmd: Command) => {
+    const as = id('--as', opts.as);
+    const from = opts.from === undefined ? undefined : id('--from', opts.from);
+    const waitMs = opts.wait === undefined ? undefined : int('--wait', opts.wait, 0);
+    const tuning = session(opts);
+    if (opts.resume && opts.out === undefined) throw new UsageError('recv --resume needs --out FILE (stdout cannot be cut back)');
+    // A file gets positioned writes, each complete before its piece is acknowledged: after a kill
+    // it holds at least what was acknowledged, and --resume cuts it back to exactly that.
+    let fh: fs.promises.FileHandle | undefined;
+    if (opts.out !== undefined) {
+      fh = await fs.promises.open(opts.out, opts.resume ? 'r+' : 'w').catch((e: Error) => {
+        throw new UsageError(`recv: cannot write ${opts.out}: ${e.message}`);
+      });
+    }
+    let position = 0;
+    const deliver = fh
+      ? async (data: Buffer) => {
+          let done = 0;
+          while (done < data.length) done += (await fh.write(data, done, data.length - done, position + done)).bytesWritten;
+          position += data.length;
+        }
+      : async (data: Buffer) => {
+          if (!process.stdout.write(data)) await once(process.stdout, 'drain');
+        };
+    const resume = async (acknowledged: number) => {
+      await fh!.truncate(acknowledged);
+      position = acknowledged;
+    };
+    const log = logger(cmd);
+    try {
+      await withVolume(opts.dev, log, async (vol, signal) => {
+        const { recv } = await import('../xfer/receiver.js');
+        const r = await recv(vol, as, deliver, {
+          ...tuning,
+          log,
+          signal,
+          ...(from !== undefined ? { from } : {}),
+          ...(waitMs !== undefined ? { waitMs } : {}),
+          ...(opts.resume ? { resume } : {}),
+        });
+        process.stderr.write(`received ${r.bytes} bytes in ${r.segments} segments from ${r.from} over connection ${r.slot}\n`);
+      });
+    } finally {
+      await fh?.close();
+    }
+  });
+
+  xfer
+    .command('ls')
+    .description('show the master control block, the devices and their paths, the connections, their pointer tables and the segments in use')
+    .option('--dev <dev>', DEV_HELP, collect, [])
+    .option('--json', 'print JSON')
+    .action(async (opts: { dev: string[]; json?: boolean }, cmd: Command) => {
+      await withVolume(opts.dev, logger(cmd), async (vol) => {
+        const { describe } = await import('../xfer/inspect.js');
+        const r = await describe(vol);
+        if (opts.json) return void process.stdout.write(JSON.stringify(r, null, 2) + '\n');
+        const lines = [
+          `volume ${r.volume}: ${r.totalSegments} segments of ${formatSize(r.segSize)}, ${r.maxConnections} connections of ${r.segmentsPerConnection} segments`,
+          ...r.devices.map((d) => `device ${d.index} (${d.index === 0 ? 'MAS_EMC' : 'SEC_EMC'}): ${d.segments} segments, paths ${d.paths.map((p) => p.name + (p.live ? '' : ' (down)')).join(', ')}`),
+          'CONN  STATE       FROM        TO          TOKEN       HEARTBEATS  IN USE',
+          ...r.connections.map((c) =>
+            [String(c.slot).padEnd(5), c.state.padEnd(11), String(c.requestor).padEnd(11), String(c.requestee).padEnd(11), String(c.token).padEnd(11), `${c.heartbeats[0]}/${c.heartbeats[1]}`.padEnd(11), String(c.segmentsInUse)].join(' '),
+          ),
+        ];
+        for (const c of r.connections)
+          for (const p of c.pointers)
+            lines.push(`  conn ${c.slot} entry ${p.entry}: seq ${p.seq}, ${p.length} bytes at device ${p.dev} offset ${p.offset}${p.last ? ', last' : ''}, ${p.acked ? 'read' : 'written'}`);
+        process.stdout.write(lines.join('\n') + '\n');
+      });
+    });
+
+  xfer
+    .command('gc')
+    .description('reclaim the connections and segments of processes whose heartbeat stood still for --timeout')
+    .option('--dev <dev>', DEV_HELP, collect, [])
+    .option('--timeout <ms>', 'how long a heartbeat must stand still', '30000')
+    .action(async (opts: { dev: string[]; timeout: string }, cmd: Command) => {
+      const timeoutMs = int('--timeout', opts.timeout, 0);
+      await withVolume(opts.dev, logger(cmd), async (vol, signal) => {
+        const { gc } = await import('../xfer/gc.js');
+        const done = await gc(vol, timeoutMs, signal);
+        if (done.length === 0) process.stdout.write('nothing to reclaim\n');
+        for (const r of done) process.stdout.write(`reclaimed connection ${r.slot}: the ${r.side} half of process ${r.id}${r.side === 'sender' ? `, ${r.segments} segments` : ''}\n`);
+      });
+    });
+}
+
+/** The options send and recv share. */
+function tuned(cmd: Command): Command {
+  return cmd
+    .option('--dev <dev>', DEV_HELP, collect, [])
+    .option('--poll-ms <ms>', 'between two polls of the other side', '10')
+    .option('--timeout <ms>', 'a peer silent this long is gone; also the wait for a free slot and for the receiver', '30000')
+    .option('--heartbeat-ms <ms>', 'between two heartbeats of our half of the process ID table', '500')
+    .option('--retries <n>', 'reads of a segment or table that does not check out before it is refused', '100')
+    .allowExcessArguments(false);
+}
+
+function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
+function session(o: Tuning) {
+  return {
+    pollMs: int('--poll-ms', o.pollMs, 1),
+    timeoutMs: int('--timeout', o.timeout, 1),
+    heartbeatMs: int('--heartbeat-ms', o.heartbeatMs, 1),
+    retries: int('--retries', o.retries, 0),
+  };
+}
+
+function logger(cmd: Command): Logger {
+  return createLogger(cmd.optsWithGlobals().logLevel as string);
+}
+
+/** Open the volume, run, close; SIGINT/SIGTERM stop the run so it frees what it holds. */
+async function withVolume(devs: string[], log: Logger, fn: (vol: import('../xfer/volume.js').XferVolume, signal: AbortSignal) => Promise<void>): Promise<void> {
+  const { XferVolume } = await import('../xfer/volume.js');
+  const vol = await usage(XferVolume.open(devs, { log }));
+  const ac = new AbortController();
+  const stop = () => ac.abort(new Error('interrupted'));
+  process.once('SIGINT', stop);
+  process.once('SIGTERM', stop);
+  try {
+    await fn(vol, ac.signal);
+  } finally {
+    process.off('SIGINT', stop);
+    process.off('SIGTERM', stop);
+    await vol.close();
+  }
+}
+
+/** The library's usage errors are the command line's. */
+async function usage<T>(p: Promise<T>): Promise<T> {
+  const { XferUsageError } = await import('../xfer/errors.js');
+  return p.catch((e: unknown) => {
+    throw e instanceof XferUsageError ? new UsageError(e.message) : e;
+  });
+}
+
+function id(name: string, text: string): number {
+  const n = Number(text);
+  if (!/^\d+$/.test(text) || !Number.isSafeInteger(n) || n < 1 || n > 0xffffffff) throw new UsageError(`${name} "${text}": a process ID is an integer from 1 to 4294967295`);
+  return n;
+}
+
+function int(name: string, text: string, min: number): number {
+  const n = Number(text);
+  if (!/^\d+$/.test(text) || !Number.isSafeInteger(n) || n < min) throw new UsageError(`${name} "${text}": expected an integer of at least ${min}`);
+  return n;
+}
+
+function size(name: string, text: string): number {
+  try {
+    return parseSize(text);
+  } catch (e) {
+    throw new UsageError(`${name}: ${(e as SizeError).message}`);
+  }
+}

@@ -1,0 +1,229 @@
+// The paths to a transfer device: an NBD export (one connection per path), a local block device
+// or a file. Several paths may lead to the same device (the same MCB or SEC block at block 0);
+// a PathSet spreads the I/O of one device over its live paths, least loaded first, and carries
+// an operation over to another path when one fails. A failed NBD path reconnects in the
+// background and rejoins.
+//
+// Cache bypass (seed 4, "easy to miss"): polling must see the other host's writes.
+//   nbd://     no host cache in between: a completed write is in the export's one store
+//   block dev  opened O_DSYNC, without O_DIRECT (Node gives no aligned buffers); reads may be
+//              served from this host's page cache, so use nbd:// paths between hosts
+//   file       for tests on one host: the page cache is shared by both processes
+import fs from 'node:fs';
+import type { Logger } from 'pino';
+import { connect, type NbdClient } from '../nbd/client.js';
+import { XferPathError, XferUsageError } from './errors.js';
+
+export interface XferPath {
+  /** As given on the command line. */
+  readonly name: string;
+  readonly size: number;
+  read(offset: number, length: number): Promise<Buffer>;
+  write(offset: number, data: Buffer): Promise<void>;
+  /** Reopen after a failure; resolves false while the path is still down. */
+  reconnect(): Promise<boolean>;
+  close(): Promise<void>;
+}
+
+export interface PathOptions {
+  /** Per-command timeout of NBD paths: a stuck path fails over instead of hanging (ms). */
+  timeoutMs?: number;
+}
+
+/** Open one --dev value: nbd://, nbds://, nbd+unix://, or a local path (block device or file). */
+export async function openPath(spec: string, opts: PathOptions = {}): Promise<XferPath> {
+  if (/^nbds?(\+unix)?:\/\//.test(spec)) return NbdPath.open(spec, opts.timeoutMs ?? 10_000);
+  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(spec)) throw new XferUsageError(`--dev ${spec}: unknown scheme (expected nbd://HOST:PORT/NAME, a block device or a file)`);
+  return LocalPath.open(spec);
+}
+
+class NbdPath implements XferPath {
+  private constructor(
+    readonly name: string,
+    private client: NbdClient,
+    private readonly timeoutMs: number,
+  ) {}
+
+  static async open(uri: string, timeoutMs: number): Promise<NbdPath> {
+    const client = await connect(uri, { timeoutMs }).catch((e: Error) => {
+      throw new XferPathError(`--dev ${uri}: ${e.message}`, { cause: e });
+    });
+    return new NbdPath(uri, client, timeoutMs);
+  }
+
+  get size(): number {
+    return this.client.size;
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.client.pread(length, offset);
+  }
+
+  write(offset: number, data: Buffer): Promise<void> {
+    return this.client.pwrite(data, offset);
+  }
+
+  async reconnect(): Promise<boolean> {
+    try {
+      const c = await connect(this.name, { timeoutMs: this.timeoutMs });
+      void this.client.close();
+      this.client = c;
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.client.isOpen) await this.client.disconnect().catch(() => this.client.close());
+  }
+}
+
+class LocalPath implements XferPath {
+  private constructor(
+    readonly name: string,
+    private readonly fd: number,
+    readonly size: number,
+  ) {}
+
+  static async open(file: string): Promise<LocalPath> {
+    let st: fs.Stats;
+    try {
+      st = await fs.promises.stat(file);
+    } catch (e) {
+      throw new XferUsageError(`--dev ${file}: ${(e as Error).message}`);
+    }
+    if (!st.isFile() && !st.isBlockDevice()) throw new XferUsageError(`--dev ${file}: neither a file nor a block device`);
+    const fd = await new Promise<number>((resolve, reject) =>
+      fs.open(file, fs.constants.O_RDWR | fs.constants.O_DSYNC, (err, fd) => (err ? reject(new XferUsageError(`--dev ${file}: ${err.message}`)) : resolve(fd))),
+    );
+    const size = st.isBlockDevice() ? await blockDeviceSize(file) : st.size;
+    return new LocalPath(file, fd, size);
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    const buf = Buffer.allocUnsafe(length);
+    return new Promise((resolve, reject) =>
+      fs.read(this.fd, buf, 0, length, offset, (err, n) => (err ? reject(err) : n !== length ? reject(new Error(`short read at ${offset}: ${n} of ${length}`)) : resolve(buf))),
+    );
+  }
+
+  write(offset: number, data: Buffer): Promise<void> {
+    return new Promise((resolve, reject) =>
+      fs.write(this.fd, data, 0, data.length, offset, (err, n) => (err ? reject(err) : n !== data.length ? reject(new Error(`short write at ${offset}`)) : resolve())),
+    );
+  }
+
+  async reconnect(): Promise<boolean> {
+    return true;
+  }
+
+  close(): Promise<void> {
+    return new Promise((resolve) => fs.close(this.fd, () => resolve()));
+  }
+}
+
+/** A block device's stat size is 0: sysfs has it, in 512-byte sectors. */
+async function blockDeviceSize(file: string): Promise<number> {
+  const dev = (await fs.promises.realpath(file)).replace(/^\/dev\//, '');
+  const sectors = Number((await fs.promises.readFile(`/sys/class/block/${dev}/size`, 'utf8')).trim());
+  return sectors * 512;
+}
+
+interface Member {
+  path: XferPath;
+  live: boolean;
+  inFlight: number;
+}
+
+/** The live paths to one device; every operation goes to the least loaded and fails over. */
+export class PathSet {
+  private readonly members: Member[];
+  private next = 0;
+  private readonly timers = new Set<NodeJS.Timeout>();
+  private closed = false;
+
+  constructor(
+    /** "device 0 (master)" etc., for messages. */
+    readonly label: string,
+    paths: XferPath[],
+    private readonly log?: Logger,
+    private readonly rejoinMs = 1000,
+  ) {
+    this.members = paths.map((path) => ({ path, live: true, inFlight: 0 }));
+  }
+
+  get size(): number {
+    return Math.min(...this.members.map((m) => m.path.size));
+  }
+
+  get paths(): { name: string; live: boolean }[] {
+    return this.members.map((m) => ({ name: m.path.name, live: m.live }));
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.run('read', (p) => p.read(offset, length));
+  }
+
+  write(offset: number, data: Buffer): Promise<void> {
+    return this.run('write', (p) => p.write(offset, data));
+  }
+
+  /** Least loaded live path, round-robin among equals. */
+  private pick(): Member | undefined {
+    let best: Member | undefined;
+    const n = this.members.length;
+    for (let i = 0; i < n; i++) {
+      const m = this.members[(this.next + i) % n];
+      if (m.live && (!best || m.inFlight < best.inFlight)) best = m;
+    }
+    this.next = (this.next + 1) % n;
+    return best;
+  }
+
+  // A failed write is repeated whole on another path: the same bytes at the same place, so a late
+  // copy landing from the dead path changes nothing. The caller awaits it before writing the
+  // pointer table, so "data before pointers" holds whichever path carries each.
+  private async run<T>(op: string, fn: (p: XferPath) => Promise<T>): Promise<T> {
+    let lastErr: unknown;
+    for (;;) {
+      const m = this.pick();
+      if (!m) throw new XferPathError(`${op} on ${this.label}: every path failed (${this.members.map((x) => x.path.name).join(', ')}): ${(lastErr as Error | undefined)?.message ?? 'none open'}`, { cause: lastErr });
+      m.inFlight++;
+      try {
+        return await fn(m.path);
+      } catch (e) {
+        lastErr = e;
+        if (m.live) this.lose(m, e as Error);
+      } finally {
+        m.inFlight--;
+      }
+    }
+  }
+
+  private lose(m: Member, err: Error): void {
+    m.live = false;
+    this.log?.warn({ path: m.path.name, err: err.message }, `path ${m.path.name} to ${this.label} failed; going on over the others`);
+    const retry = () => {
+      if (this.closed) return;
+      const t = setTimeout(() => {
+        this.timers.delete(t);
+        void m.path.reconnect().then((ok) => {
+          if (this.closed) return;
+          if (!ok) return retry();
+          m.live = true;
+          this.log?.warn({ path: m.path.name }, `path ${m.path.name} to ${this.label} rejoined`);
+        });
+      }, this.rejoinMs);
+      t.unref();
+      this.timers.add(t);
+    };
+    retry();
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    for (const t of this.timers) clearTimeout(t);
+    await Promise.all(this.members.map((m) => m.path.close().catch(() => undefined)));
+  }
+}

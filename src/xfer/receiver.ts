@@ -1,0 +1,275 @@
+// The reader's side of a connection (seed 4, flows 1, 3 and 4):
+//
+//   find a CONNECT for us       a requestor half naming us as requestee, not yet accepted
+//   fresh acknowledgement table then ACCEPTED in our requestee half, with the connection's token
+//   poll the pointer table      entries in sequence order; each segment's header is checked
+//                               against its pointer entry (slot, token, writer, seq, length, last)
+//                               and its data against the header's CRC32C
+//   deliver, then acknowledge   flag READ and the sequence number, in our own table, one write per
+//                               batch; a mismatch (torn or stale read) is read again later, never
+//                               delivered nor acknowledged, and refused after `retries` reads
+//   after the last message      wait for the sender to free its half, then free ours
+import { crc } from '../util/format.js';
+import { AckFlag, Command, PtrFlag, Role, SEG, SEG_HEADER, Status, freeAck, freePid, type AckTable, type PtrEntry } from './layout.js';
+import { XferCorruptError, XferFormatError, XferPeerError } from './errors.js';
+import { OwnHalf, PeerWatch, sleep, standingStill, tunables, type SessionOptions, type Tunables } from './session.js';
+import type { XferVolume } from './volume.js';
+
+export interface RecvOptions extends SessionOptions {
+  /** Only accept a connection from this process ID. */
+  from?: number;
+  /** Give up waiting for a sender after this long (ms); forever when unset. */
+  waitMs?: number;
+  /**
+   * Take over the accepted connection of a receiver that died, from its acknowledgement table.
+   * Called first with the bytes acknowledged so far: what was delivered beyond them is delivered
+   * again, so the output must be cut back to that many bytes.
+   */
+  resume?: (acknowledgedBytes: number) => Promise<void>;
+}
+
+export interface RecvResult {
+  slot: number;
+  from: number;
+  segments: number;
+  bytes: number;
+}
+
+/** Receive one message for process `as`, handing its pieces in order to `deliver`. */
+export async function recv(vol: XferVolume, as: number, deliver: (data: Buffer) => Promise<void>, opts: RecvOptions = {}): Promise<RecvResult> {
+  const t = tunables(opts);
+  if (opts.resume) return resumeRecv(vol, as, deliver, opts.resume, opts, t);
+  // Connections whose sender went before its first piece: never accepted again.
+  const abandoned = new Set<number>();
+  for (;;) {
+    const { slot, token, from } = await findConnect(vol, as, opts, t, abandoned);
+    const ack: AckTable = { ...freeAck(slot), token, reader: as };
+    await vol.writeAck(ack);
+    const own = new OwnHalf(vol, { slot, role: Role.REQUESTEE, requestor: from, requestee: as, token, heartbeat: 0, command: { code: Command.CONNECT, status: Status.ACCEPTED } }, t.heartbeatMs);
+    await own.write();
+    t.log?.debug({ slot, token, from }, 'accepted connection');
+    try {
+      const result = await consume(vol, own, ack, deliver, t);
+      await waitSenderGone(vol, own, t);
+      await cleanup(vol, own);
+      return result;
+    } catch (e) {
+      await cleanup(vol, own).catch((ce: Error) => t.log?.warn({ err: ce.message }, `could not free connection ${slot}; blockmirror xfer gc will`));
+      if (e instanceof Abandoned) {
+        t.log?.warn(e.message);
+        abandoned.add(token);
+        continue;
+      }
+      throw e;
+    }
+  }
+}
+
+async function resumeRecv(vol: XferVolume, as: number, deliver: (data: Buffer) => Promise<void>, resume: (bytes: number) => Promise<void>, opts: RecvOptions, t: Tunables): Promise<RecvResult> {
+  const table = await vol.readPidTable();
+  // Our half says ACCEPTED; the sender's may already be gone if it saw our last acknowledgement.
+  const slot = table.findIndex(({ rsp }) => rsp.command.status === Status.ACCEPTED && rsp.requestee === as && (opts.from === undefined || rsp.requestor === opts.from));
+  if (slot < 0) throw new XferPeerError(`no accepted connection for ${as} to resume: receive again without --resume`);
+  const rsp = await standingStill(vol, slot, 'rsp', `receiver ${as}`, t);
+  const own = new OwnHalf(vol, rsp, t.heartbeatMs);
+  const done = (segments: number): RecvResult => ({ slot, from: rsp.requestor, segments, bytes: 0 });
+  try {
+    const ack = await vol.readAck(slot);
+    // Killed in its cleanup, after the acknowledgement table was freed: the message was whole.
+    if (ack.token !== rsp.token) {
+      await cleanup(vol, own);
+      return done(0);
+    }
+    let acked = 0;
+    let last = false;
+    for (const e of ack.entries.slice(0, vol.mcb.entries))
+      if (e.flag === AckFlag.READ && e.seq > acked) {
+        acked = e.seq;
+        last = e.last === 1;
+      }
+    t.log?.info({ slot, acked, last }, 'resuming connection');
+    if (last) {
+      // Delivered and acknowledged whole before the kill: only the end of the flow is left.
+      await waitSenderGone(vol, own, t);
+      await cleanup(vol, own);
+      return done(acked);
+    }
+    const { req } = await vol.readPid(slot);
+    if (req.token !== rsp.token) throw new XferPeerError(`sender ${rsp.requestor} left connection ${slot} before its last message`);
+    await resume(acked * vol.capacity);
+    const result = await consume(vol, own, ack, deliver, t, acked + 1);
+    await waitSenderGone(vol, own, t);
+    await cleanup(vol, own);
+    return result;
+  } catch (e) {
+    await cleanup(vol, own).catch((ce: Error) => t.log?.warn({ err: ce.message }, `could not free connection ${slot}; blockmirror xfer gc will`));
+    throw e;
+  }
+}
+
+/** The sender's token went, or it went silent, before its first piece: wait for another. */
+class Abandoned extends Error {
+  override readonly name = 'Abandoned';
+}
+
+async function findConnect(vol: XferVolume, as: number, opts: RecvOptions, t: Tunables, abandoned: ReadonlySet<number>) {
+  const started = Date.now();
+  for (;;) {
+    const table = await vol.readPidTable();
+    const slot = table.findIndex(
+      ({ req, rsp }) =>
+        req.command.code === Command.CONNECT &&
+        req.command.status === Status.PENDING &&
+        req.requestee === as &&
+        (opts.from === undefined || req.requestor === opts.from) &&
+        !abandoned.has(req.token) &&
+        !(rsp.token === req.token && rsp.command.status === Status.ACCEPTED),
+    );
+    if (slot >= 0) return { slot, token: table[slot].req.token, from: table[slot].req.requestor };
+    if (opts.waitMs !== undefined && Date.now() - started > opts.waitMs)
+      throw new XferPeerError(`no sender connected to ${as} within ${opts.waitMs} ms: start blockmirror xfer send --to ${as} on the other host`);
+    await sleep(t.pollMs, t.signal);
+  }
+}
+
+interface Ready {
+  seq: number;
+  i: number;
+  entry: PtrEntry;
+}
+
+async function consume(vol: XferVolume, own: OwnHalf, ack: AckTable, deliver: (data: Buffer) => Promise<void>, t: Tunables, first = 1): Promise<RecvResult> {
+  const { slot, token, requestor: from } = own.entry;
+  const E = vol.mcb.entries;
+  const segs = vol.segments(slot);
+  const watch = new PeerWatch(`sender ${from}`, t.timeoutMs);
+  let next = first;
+  let bytes = 0;
+  let failures = 0;
+  // A read that does not check out is retried after a poll interval; only a run of them is an error.
+  const retryLater = async (problem: string) => {
+    if (++failures > t.retries) throw new XferCorruptError(`${problem}; refused after ${t.retries} reads (nothing of it was delivered or acknowledged)`);
+    t.log?.debug({ problem, failures }, 'read again later');
+    await sleep(t.pollMs, t.signal);
+  };
+
+  for (;;) {
+    let ptrEntries: PtrEntry[];
+    try {
+      const ptr = await vol.readPtr(slot);
+      if (ptr.token !== token || ptr.writer !== from) {
+        await retryLater(`pointer table of connection ${slot} belongs to token ${ptr.token} of writer ${ptr.writer}, not token ${token} of writer ${from}`);
+        continue;
+      }
+      ptrEntries = ptr.entries;
+    } catch (e) {
+      if (!(e instanceof XferFormatError)) throw e;
+      await retryLater(e.message);
+      continue;
+    }
+
+    // A quarter of the window per round, so that acknowledgements flow back while the sender writes.
+    const ready: Ready[] = [];
+    for (let seq = next; ready.length < Math.max(1, E >> 2); seq = (seq + 1) >>> 0) {
+      const i = (seq - 1) % E;
+      const entry = ptrEntries[i];
+      if (entry.flag !== PtrFlag.WRITTEN || entry.seq !== seq) break;
+      ready.push({ seq, i, entry });
+      if (entry.last) break;
+    }
+    if (ready.length === 0) {
+      const { req } = await vol.readPid(slot);
+      if (req.token !== token || req.command.code !== Command.CONNECT) {
+        if (next === 1 && first === 1) throw new Abandoned(`sender ${from} left connection ${slot} before its first piece; waiting for another`);
+        throw new XferPeerError(`sender ${from} left connection ${slot} before its last message`);
+      }
+      try {
+        watch.observe(req.heartbeat);
+      } catch (e) {
+        // A claim whose sender died before writing anything: gc frees it, we wait for a live one.
+        if (next === 1 && first === 1) throw new Abandoned(`sender ${from} of connection ${slot} went silent before its first piece; waiting for another`);
+        throw e;
+      }
+      await own.beat();
+      await sleep(t.pollMs, t.signal);
+      continue;
+    }
+
+    const bad = ready.map((r) => checkEntry(vol, slot, r, segs[r.i]));
+    const reads = ready.map((r, k) => (bad[k] ? undefined : vol.readSegment(segs[r.i], r.entry.length)));
+    reads.forEach((p) => p?.catch(() => undefined)); // awaited in order below; an early break must not leave one unhandled
+    let delivered = 0;
+    let problem: string | undefined;
+    for (let k = 0; k < ready.length; k++) {
+      problem = bad[k] ?? checkSegment(slot, token, from, ready[k], await reads[k]!);
+      if (problem) break;
+      const r = ready[k];
+      const seg = (await reads[k])!;
+      await deliver(seg.subarray(SEG_HEADER, SEG_HEADER + r.entry.length));
+      ack.entries[r.i] = { flag: AckFlag.READ, last: r.entry.last, seq: r.seq };
+      bytes += r.entry.length;
+      next = (r.seq + 1) >>> 0;
+      delivered++;
+    }
+    if (delivered > 0) {
+      failures = 0;
+      await vol.writeAck(ack);
+      await own.beat();
+      const lastOne = ready[delivered - 1];
+      if (lastOne.entry.last) return { slot, from, segments: lastOne.seq, bytes };
+    }
+    if (problem) await retryLater(problem);
+  }
+}
+
+/** A pointer entry must name the segment its index owns, with a length that fits. */
+function checkEntry(vol: XferVolume, slot: number, r: Ready, at: { dev: number; offset: number }): string | undefined {
+  const e = r.entry;
+  if (e.dev !== at.dev || e.offset !== at.offset)
+    return `pointer entry ${r.i} (seq ${r.seq}) of connection ${slot} points at device ${e.dev} offset ${e.offset}, not at its segment (device ${at.dev} offset ${at.offset})`;
+  if (e.length > vol.capacity) return `pointer entry ${r.i} (seq ${r.seq}) of connection ${slot} says ${e.length} bytes, more than a segment holds (${vol.capacity})`;
+  return undefined;
+}
+
+/** The segment's header against its pointer entry, and its data against the header. */
+function checkSegment(slot: number, token: number, from: number, r: Ready, seg: Buffer): string | undefined {
+  const what = `segment ${r.i} (seq ${r.seq}) of connection ${slot}`;
+  let h;
+  try {
+    h = SEG.decode(`${what} header`, seg);
+  } catch (e) {
+    if (e instanceof XferFormatError) return e.message;
+    throw e;
+  }
+  const want = { slot, token, writer: from, seq: r.seq, dataLength: r.entry.length, last: r.entry.last };
+  for (const [k, v] of Object.entries(want)) {
+    const got = h[k as keyof typeof want];
+    if (got !== v) return `${what}: its header says ${k} ${got}, its pointer entry ${v}`;
+  }
+  const dataCrc = crc(seg.subarray(SEG_HEADER, SEG_HEADER + r.entry.length));
+  if (dataCrc !== h.dataCrc) return `${what}: its data fails the header's checksum (torn or stale)`;
+  return undefined;
+}
+
+/** The sender frees its half once it has seen the last acknowledgement; we wait for that. */
+async function waitSenderGone(vol: XferVolume, own: OwnHalf, t: Tunables): Promise<void> {
+  const watch = new PeerWatch(`sender ${own.entry.requestor}`, t.timeoutMs);
+  for (;;) {
+    const { req } = await vol.readPid(own.entry.slot);
+    if (req.token !== own.entry.token || req.command.code === Command.NONE) return;
+    try {
+      watch.observe(req.heartbeat);
+    } catch {
+      t.log?.warn(`sender ${own.entry.requestor} did not free connection ${own.entry.slot} after the last message; freeing our half (blockmirror xfer gc frees its)`);
+      return;
+    }
+    await own.beat();
+    await sleep(t.pollMs, t.signal);
+  }
+}
+
+async function cleanup(vol: XferVolume, own: OwnHalf): Promise<void> {
+  await vol.writeAck(freeAck(own.entry.slot));
+  Object.assign(own.entry, { ...freePid(own.entry.slot, Role.REQUESTEE), heartbeat: own.entry.heartbeat });
+  await own.write();
+}

@@ -1,0 +1,291 @@
+// blockmirror xfer between real processes through a real `blockmirror serve` export: two hosts
+// that share nothing but the volume exchange a file byte for byte, over two paths with one cut
+// mid-transfer, a corrupted segment or pointer table on the export is refused, gc reclaims the
+// part of a killed sender, and bad input gets one line and a non-zero exit.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { connect } from '../src/nbd/client.js';
+import { BLOCK, PTR, PtrFlag } from '../src/xfer/layout.js';
+import { XferCorruptError } from '../src/xfer/errors.js';
+import { openPath } from '../src/xfer/paths.js';
+import { XferVolume } from '../src/xfer/volume.js';
+import { recv } from '../src/xfer/receiver.js';
+import { CLI, run, startServe, tmpDir, type CmdResult, type RunningServer } from './helpers/servers.js';
+import { FAST, HookedPath } from './helpers/xfer.js';
+
+const cleanups: (() => Promise<unknown>)[] = [];
+afterEach(async () => {
+  while (cleanups.length) await cleanups.pop()!().catch(() => undefined);
+});
+
+async function serve(size = '64MiB'): Promise<RunningServer> {
+  const s = await startServe(['--size', size]);
+  cleanups.push(() => s.stop());
+  return s;
+}
+
+const xfer = (args: string[], timeoutMs = 60_000) => run(process.execPath, [CLI, 'xfer', ...args], { timeoutMs });
+
+function spawnXfer(args: string[]): { proc: ChildProcess; done: Promise<CmdResult> } {
+  const proc = spawn(process.execPath, [CLI, 'xfer', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  proc.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+  proc.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+  const done = new Promise<CmdResult>((resolve) => proc.once('close', (code) => resolve({ code, stdout, stderr })));
+  cleanups.push(async () => {
+    if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+    await done;
+  });
+  return { proc, done };
+}
+
+const sha256 = (file: string) => createHash('sha256').update(fs.readFileSync(file)).digest('hex');
+
+function randomFile(dir: string, bytes: number): string {
+  const f = path.join(dir, 'in.bin');
+  fs.writeFileSync(f, randomBytes(bytes));
+  return f;
+}
+
+/** A TCP relay to the export: a second path that the test can cut. */
+async function relay(port: number) {
+  let relayed = 0;
+  const sockets = new Set<net.Socket>();
+  const listeners: ((n: number) => void)[] = [];
+  const server = net.createServer((client) => {
+    const upstream = net.connect(port, '127.0.0.1');
+    for (const s of [client, upstream]) {
+      sockets.add(s);
+      s.on('error', () => s.destroy());
+      s.on('close', () => sockets.delete(s));
+    }
+    client.on('data', (d) => {
+      relayed += d.length;
+      listeners.forEach((l) => l(relayed));
+    });
+    client.pipe(upstream).pipe(client);
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const cut = () => {
+    server.close();
+    for (const s of sockets) s.destroy();
+  };
+  cleanups.push(async () => cut());
+  return {
+    port: (server.address() as net.AddressInfo).port,
+    /** Resolves once the clients have pushed at least `n` bytes through. */
+    after: (n: number) => new Promise<void>((resolve) => listeners.push((total) => total >= n && resolve())),
+    relayed: () => relayed,
+    cut,
+  };
+}
+
+describe('xfer between processes through blockmirror serve', () => {
+  it('moves a 6 MiB file from one process to another byte for byte', async () => {
+    const s = await serve();
+    const dir = tmpDir('bm-xfer-cli-');
+    const input = randomFile(dir, 6 << 20);
+    const out = path.join(dir, 'out.bin');
+    const f = await xfer(['format', s.uri, '--seg-size', '256KiB', '--segments', '32', '--max-conn', '2']);
+    expect(f.stdout).toBe('formatted 1 device(s): 32 segments of 256KiB, 2 connections of 16 segments each\n');
+    const r = spawnXfer(['recv', '--dev', s.uri, '--as', '2', '--out', out]);
+    const sent = await xfer(['send', '--dev', s.uri, '--from', '1', '--to', '2', input]);
+    const got = await r.done;
+    expect(sent.stderr).toMatch(/^sent 6291456 bytes in 25 segments over connection 0\n$/);
+    expect(got.stderr).toMatch(/^received 6291456 bytes in 25 segments from 1 over connection 0\n$/);
+    expect([sent.code, got.code]).toEqual([0, 0]);
+    expect(sha256(out)).toBe(sha256(input));
+    const ls = await xfer(['ls', '--dev', s.uri, '--json']);
+    expect(JSON.parse(ls.stdout).connections.map((c: { state: string; segmentsInUse: number }) => [c.state, c.segmentsInUse])).toEqual([['free', 0], ['free', 0]]);
+  });
+
+  it('goes on over the other path when one path is cut mid-transfer, on both hosts', async () => {
+    const s = await serve();
+    const cable = await relay(s.port);
+    const paths = ['--dev', s.uri, '--dev', `nbd://127.0.0.1:${cable.port}/disk`];
+    const dir = tmpDir('bm-xfer-cli-');
+    const input = randomFile(dir, 24 << 20);
+    const out = path.join(dir, 'out.bin');
+    await xfer(['format', s.uri, '--seg-size', '256KiB', '--segments', '32', '--max-conn', '1']);
+    const r = spawnXfer(['recv', ...paths, '--as', '2', '--out', out]);
+    const w = spawnXfer(['send', ...paths, '--from', '1', '--to', '2', input]);
+    await cable.after(4 << 20);
+    cable.cut();
+    const [sent, got] = await Promise.all([w.done, r.done]);
+    expect([sent.code, got.code], sent.stderr + got.stderr).toEqual([0, 0]);
+    expect(sha256(out)).toBe(sha256(input));
+    // Both used the relayed path and both lost it.
+    expect(sent.stderr).toContain(`failed; going on over the others`);
+    expect(got.stderr).toContain(`failed; going on over the others`);
+    expect(cable.relayed()).toBeLessThan(24 << 20);
+  });
+
+  it('reclaims with gc the connection and segments of a sender and receiver killed with -9', async () => {
+    const s = await serve();
+    const dir = tmpDir('bm-xfer-cli-');
+    const input = randomFile(dir, 8 << 20);
+    await xfer(['format', s.uri, '--seg-size', '64KiB', '--segments', '8', '--max-conn', '1']);
+    // The receiver writes to a pipe nobody reads: it stalls, so the sender fills every segment.
+    const r = spawnXfer(['recv', '--dev', s.uri, '--as', '2']);
+    r.proc.stdout!.pause();
+    const w = spawnXfer(['send', '--dev', s.uri, '--from', '1', '--to', '2', input]);
+    let conn: { state: string; segmentsInUse: number } | undefined;
+    for (;;) {
+      conn = JSON.parse((await xfer(['ls', '--dev', s.uri, '--json'])).stdout).connections[0];
+      if (conn!.state === 'connected' && conn!.segmentsInUse > 0) break;
+    }
+    w.proc.kill('SIGKILL');
+    r.proc.kill('SIGKILL');
+    await Promise.all([w.done, r.done]);
+    const before = JSON.parse((await xfer(['ls', '--dev', s.uri, '--json'])).stdout).connections[0];
+    expect(before.state).toBe('connected');
+    const gc = await xfer(['gc', '--dev', s.uri, '--timeout', '300']);
+    expect(gc.code).toBe(0);
+    expect(gc.stdout).toBe(`reclaimed connection 0: the sender half of process 1, ${before.segmentsInUse} segments\nreclaimed connection 0: the receiver half of process 2\n`);
+    const after = JSON.parse((await xfer(['ls', '--dev', s.uri, '--json'])).stdout).connections[0];
+    expect([after.state, after.segmentsInUse]).toEqual(['free', 0]);
+    // The only slot is usable again.
+    const out = path.join(dir, 'out.bin');
+    const again = spawnXfer(['recv', '--dev', s.uri, '--as', '2', '--out', out]);
+    expect((await xfer(['send', '--dev', s.uri, '--from', '1', '--to', '2', input])).code).toBe(0);
+    expect((await again.done).code).toBe(0);
+    expect(sha256(out)).toBe(sha256(input));
+  });
+
+  it('resumes a sender and then a receiver killed with -9 from the on-disk tables, delivering the file exactly once', async () => {
+    const s = await serve();
+    const dir = tmpDir('bm-xfer-cli-');
+    const input = randomFile(dir, 4 << 20);
+    const out = path.join(dir, 'out.bin');
+    await xfer(['format', s.uri, '--seg-size', '8KiB', '--segments', '8', '--max-conn', '1']);
+    const watch = await XferVolume.open([s.uri]);
+    cleanups.push(() => watch.close());
+    const highest = async (table: 'ptr' | 'ack') => {
+      const t = table === 'ptr' ? await watch.readPtr(0) : await watch.readAck(0);
+      return Math.max(0, ...t.entries.filter((e) => e.flag !== 0).map((e) => e.seq));
+    };
+    const until = async (table: 'ptr' | 'ack', seq: number) => {
+      while ((await highest(table)) < seq) await new Promise((r) => setTimeout(r, 5));
+    };
+    const send = ['send', '--dev', s.uri, '--from', '1', '--to', '2', '--heartbeat-ms', '100', input];
+    const recvArgs = ['recv', '--dev', s.uri, '--as', '2', '--out', out, '--heartbeat-ms', '100'];
+    const r1 = spawnXfer(recvArgs);
+    const w1 = spawnXfer(send);
+    await until('ptr', 100);
+    w1.proc.kill('SIGKILL');
+    expect((await w1.done).code).toBeNull();
+    const w2 = spawnXfer([...send, '--resume']);
+    await until('ack', 300);
+    r1.proc.kill('SIGKILL');
+    expect((await r1.done).code).toBeNull();
+    const r2 = spawnXfer([...recvArgs, '--resume']);
+    const [sent, got] = await Promise.all([w2.done, r2.done]);
+    expect([sent.code, got.code], sent.stderr + got.stderr).toEqual([0, 0]);
+    expect(got.stderr).toMatch(/received \d+ bytes in 517 segments from 1 over connection 0\n$/);
+    expect(sent.stderr).toContain('"msg":"resuming connection"');
+    expect(got.stderr).toContain('"msg":"resuming connection"');
+    expect(sha256(out)).toBe(sha256(input));
+    expect(JSON.parse((await xfer(['ls', '--dev', s.uri, '--json'])).stdout).connections[0].state).toBe('free');
+  });
+
+  it('refuses a segment header corrupted on the export, delivering nothing, and the sender says the receiver left', async () => {
+    const s = await serve();
+    const dir = tmpDir('bm-xfer-cli-');
+    await xfer(['format', s.uri, '--seg-size', '64KiB', '--segments', '8', '--max-conn', '1']);
+    const w = spawnXfer(['send', '--dev', s.uri, '--from', '1', '--to', '2', '--timeout', '5000', randomFile(dir, 100_000)]);
+    const vandal = await connect(s.uri);
+    cleanups.push(() => vandal.disconnect());
+    let corrupted = false;
+    const path0 = await openPath(s.uri);
+    let vol: XferVolume | undefined;
+    vol = await XferVolume.fromPaths([
+      new HookedPath(path0, {
+        // The first time the receiver reads segment 0, someone else has just damaged its header.
+        read: async (off, data) => {
+          if (!vol || corrupted || off !== vol.segments(0)[0]!.offset) return undefined;
+          corrupted = true;
+          await vandal.pwrite(Buffer.alloc(16, 0xee), off + 16);
+          return path0.read(off, data.length);
+        },
+      }),
+    ]);
+    cleanups.push(() => vol!.close());
+    const got: Buffer[] = [];
+    const err = await recv(vol, 2, async (d) => void got.push(d), { ...FAST, retries: 5 }).catch((e: Error) => e);
+    expect(err).toBeInstanceOf(XferCorruptError);
+    expect((err as Error).message).toMatch(/^segment 0 \(seq 1\) of connection 0 header: fails its checksum .*; refused after 5 reads/);
+    expect(got).toEqual([]);
+    const sent = await w.done;
+    expect(sent.code).toBe(1);
+    expect(sent.stderr).toBe('blockmirror: receiver 2 left connection 0 before the last message\n');
+  });
+
+  it('refuses a pointer table corrupted on the export', async () => {
+    const s = await serve();
+    const dir = tmpDir('bm-xfer-cli-');
+    await xfer(['format', s.uri, '--seg-size', '64KiB', '--segments', '8', '--max-conn', '1']);
+    spawnXfer(['send', '--dev', s.uri, '--from', '1', '--to', '2', randomFile(dir, 1000)]);
+    const vandal = await connect(s.uri);
+    cleanups.push(() => vandal.disconnect());
+    const path0 = await openPath(s.uri);
+    let corrupted = false;
+    let vol: XferVolume | undefined;
+    vol = await XferVolume.fromPaths([
+      new HookedPath(path0, {
+        // Once the sender's pointer table shows its one segment, a bit of it flips on the export.
+        read: async (off, data) => {
+          if (!vol || corrupted || off !== vol.mcb.ptrTables || !PTR.matches(data)) return undefined;
+          const t = PTR.decode('ptr', data);
+          if (t.entries[0]!.flag !== PtrFlag.WRITTEN) return undefined;
+          corrupted = true;
+          const bad = Buffer.from(data);
+          bad[100]! ^= 4;
+          await vandal.pwrite(bad, off);
+          return path0.read(off, BLOCK);
+        },
+      }),
+    ]);
+    cleanups.push(() => vol!.close());
+    const got: Buffer[] = [];
+    await expect(recv(vol, 2, async (d) => void got.push(d), { ...FAST, retries: 5 })).rejects.toThrow(
+      /^pointer table of connection 0: fails its checksum .*torn, stale or damaged; refused after 5 reads/,
+    );
+    expect(corrupted).toBe(true);
+    expect(got).toEqual([]);
+  });
+});
+
+describe('xfer bad input', () => {
+  it('answers each mistake with one line and a non-zero exit', async () => {
+    const s = await serve('8MiB');
+    const dir = tmpDir('bm-xfer-cli-');
+    const cases: [string[], number, RegExp][] = [
+      [['format', s.uri, '--seg-size', '1000'], 2, /--seg-size 1000: a multiple of 4096 bytes/],
+      [['format', s.uri, '--segments', 'many'], 2, /--segments "many": expected an integer/],
+      [['format', s.uri, '--seg-size', '1MiB', '--segments', '64'], 2, /is 8388608 bytes; this geometry needs/],
+      [['ls', '--dev', s.uri], 1, /is not a transfer device \(it starts with zeroes, neither "MAS_EMC" nor "SEC_EMC"\): format it with blockmirror xfer format/],
+      [['send', '--from', '1', '--to', '2', '-'], 2, /give the volume with --dev/],
+      [['send', '--dev', s.uri, '--from', '0', '--to', '2'], 2, /--from "0": a process ID is an integer from 1 to 4294967295/],
+      [['send', '--dev', s.uri, '--from', '1', '--to', '2', path.join(dir, 'missing')], 2, /send: cannot read .*missing: ENOENT/],
+      [['recv', '--dev', s.uri, '--as', 'two'], 2, /--as "two": a process ID/],
+      [['send', '--dev', s.uri, '--from', '1', '--to', '2', '--resume', '-'], 2, /send --resume needs the FILE again \(stdin cannot be rewound\)/],
+      [['recv', '--dev', s.uri, '--as', '2', '--resume'], 2, /recv --resume needs --out FILE/],
+      [['recv', '--dev', 'http://x/y', '--as', '2'], 2, /--dev http:\/\/x\/y: unknown scheme/],
+      [['ls', '--dev', path.join(dir, 'nothing')], 2, /--dev .*nothing: ENOENT/],
+      [['gc', '--dev', s.uri, '--timeout', '-1'], 2, /--timeout "-1": expected an integer/],
+      [['frobnicate'], 2, /xfer: unknown command "frobnicate" \(expected format, send, recv, ls or gc\)/],
+    ];
+    for (const [args, code, message] of cases) {
+      const r = await xfer(args);
+      expect([r.code, r.stderr], args.join(' ')).toEqual([code, expect.stringMatching(message)]);
+      expect(r.stderr.trim().split('\n'), args.join(' ')).toHaveLength(1);
+    }
+    const help = await xfer(['send', '--help']);
+    expect(help.stdout).toMatch(/Example:\n {2}blockmirror xfer send --dev nbd:/);
+  });
+});

@@ -1,0 +1,386 @@
+// The transfer layer in one process, on files: layout, the send/recv flows, cleanup, gc, the
+// process ID table and segment pool limits, and torn, stale or corrupt reads refused rather
+// than delivered. The CLI and real NBD servers are in xfer-cli.test.ts.
+import { randomBytes } from 'node:crypto';
+import { Readable } from 'node:stream';
+import { describe, expect, it } from 'vitest';
+import fc from 'fast-check';
+import { BLOCK, Command, MCB, PTR, PtrFlag, Role, SEC, SEG_HEADER, Status } from '../src/xfer/layout.js';
+import { XferCorruptError, XferFormatError, XferPathError, XferPeerError, XferTableFullError, XferUsageError } from '../src/xfer/errors.js';
+import { XferVolume, formatVolume } from '../src/xfer/volume.js';
+import { send, pieces } from '../src/xfer/sender.js';
+import { recv } from '../src/xfer/receiver.js';
+import { gc } from '../src/xfer/gc.js';
+import { describe as describeVolume } from '../src/xfer/inspect.js';
+import { PathSet, openPath } from '../src/xfer/paths.js';
+import { FAST, HookedPath, exchange, formattedFiles, volumeOf } from './helpers/xfer.js';
+
+const SMALL = { segSize: 8192, segments: 8, maxConn: 2 };
+
+async function allFree(vol: XferVolume): Promise<void> {
+  const r = await describeVolume(vol);
+  expect(r.connections.map((c) => [c.state, c.segmentsInUse, c.pointers.length])).toEqual(r.connections.map(() => ['free', 0, 0]));
+}
+
+describe('xfer layout', () => {
+  it('writes MAS_EMC on the first device and SEC_EMC naming the same volume on the others', async () => {
+    const files = await formattedFiles(SMALL, 3);
+    const vol = await volumeOf(files);
+    const heads = await Promise.all(files.map(async (f) => (await openPath(f)).read(0, BLOCK)));
+    const mcb = MCB.decode('master', heads[0]!);
+    expect(mcb).toMatchObject({ segSize: 8192, segments: 8, maxConn: 2, devices: 3, entries: 12 });
+    expect(heads.slice(1).map((h) => SEC.decode('sec', h).index)).toEqual([1, 2]);
+    expect(heads.slice(1).every((h) => SEC.decode('sec', h).volume.equals(mcb.volume))).toBe(true);
+    // Slot 0 owns the 8 master segments and 4 of device 1; slot 1 the rest.
+    expect(vol.segments(0).map((s) => s.dev)).toEqual([0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]);
+    expect(vol.segments(1).map((s) => s.dev)).toEqual([1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2]);
+    await vol.close();
+  });
+
+  it('refuses a device without an MCB, a secondary of another volume, and a missing secondary', async () => {
+    const [blank] = await formattedFiles(SMALL).then(async (f) => {
+      const p = await openPath(f[0]!);
+      await p.write(0, Buffer.alloc(BLOCK));
+      await p.close();
+      return f;
+    });
+    await expect(volumeOf([blank!])).rejects.toThrow(/is not a transfer device \(it starts with zeroes, neither "MAS_EMC" nor "SEC_EMC"\): format it/);
+    const one = await formattedFiles(SMALL, 2);
+    const other = await formattedFiles(SMALL, 2);
+    await expect(volumeOf([one[0]!, other[1]!])).rejects.toThrow(/is a secondary device of another volume/);
+    await expect(volumeOf([one[0]!])).rejects.toThrow(/secondary device 1 of the volume has no path among --dev/);
+    await expect(volumeOf([one[1]!])).rejects.toThrow(XferFormatError);
+  });
+
+  it('refuses a geometry that does not fit, and two arguments that are one device', async () => {
+    const files = await formattedFiles(SMALL, 1, 1 << 20);
+    await expect(formatVolume(files, { segSize: 1 << 20, segments: 64, maxConn: 4 })).rejects.toThrow(/needs \d+ \(tables and 64 segments/);
+    await expect(formatVolume(files, { segSize: 1000, segments: 4, maxConn: 1 })).rejects.toThrow(XferUsageError);
+    await expect(formatVolume(files, { segSize: 4096, segments: 2, maxConn: 4 })).rejects.toThrow(/fewer than --max-conn/);
+    await expect(formatVolume(files, { segSize: 4096, segments: 200, maxConn: 1 })).rejects.toThrow(/at most 128/);
+    await expect(formatVolume([files[0]!, files[0]!], { segSize: 4096, segments: 4, maxConn: 1 })).rejects.toThrow(/overwritten by another argument/);
+  });
+
+  it('cuts input into segment-sized pieces and marks only the final one last', async () => {
+    const sizes = async (chunks: number[], cap: number) => {
+      const out: [number, boolean][] = [];
+      for await (const p of pieces(Readable.from(chunks.map((n) => Buffer.alloc(n, 7))), cap)) out.push([p.length, p.last]);
+      return out;
+    };
+    expect(await sizes([], 10)).toEqual([[0, true]]);
+    expect(await sizes([10], 10)).toEqual([[10, true]]);
+    expect(await sizes([3, 7, 1], 10)).toEqual([[10, false], [1, true]]);
+    expect(await sizes([25], 10)).toEqual([[10, false], [10, false], [5, true]]);
+  });
+});
+
+describe('xfer flows', () => {
+  it('delivers messages of any size exactly once, in order and intact, and leaves every segment free', async () => {
+    const files = await formattedFiles(SMALL, 2);
+    const a = await volumeOf(files);
+    const b = await volumeOf(files);
+    const cap = a.capacity;
+    const pool = 16 * a.mcb.segSize;
+    await fc.assert(
+      fc.asyncProperty(fc.oneof(fc.constantFrom(0, 1, cap - 1, cap, cap + 1, pool + 3), fc.integer({ min: 0, max: 3 * pool })), async (size) => {
+        const data = randomBytes(size);
+        const { sent, got, out } = await exchange(a, b, data);
+        expect(out.equals(data)).toBe(true);
+        expect(got.segments).toBe(Math.max(1, Math.ceil(size / cap)));
+        expect(sent.segments).toBe(got.segments);
+        await allFree(a);
+      }),
+      { numRuns: 12 },
+    );
+    await a.close();
+    await b.close();
+  });
+
+  it('runs as many concurrent connections as the table holds, each to its own receiver', async () => {
+    const files = await formattedFiles({ segSize: 8192, segments: 12, maxConn: 3 });
+    const vols = await Promise.all(Array.from({ length: 6 }, () => volumeOf(files)));
+    const msgs = [0, 1, 2].map((i) => randomBytes(20_000 + i * 9_000));
+    // Three senders claim at once; only when all three hold a slot do the receivers start.
+    const sends = msgs.map((m, i) => send(vols[2 * i]!, 10 + i, 20 + i, Readable.from([m]), FAST));
+    await waitFor(async () => (await vols[0]!.readPidTable()).every((e) => e.req.command.status === Status.PENDING));
+    const table = await vols[0]!.readPidTable();
+    expect(table.map((e) => e.req.requestor).sort()).toEqual([10, 11, 12]);
+    const outs = msgs.map(() => [] as Buffer[]);
+    const got = await Promise.all(msgs.map((_, i) => recv(vols[2 * i + 1]!, 20 + i, async (d) => void outs[i]!.push(d), FAST)));
+    await Promise.all(sends);
+    outs.forEach((o, i) => expect(Buffer.concat(o).equals(msgs[i]!)).toBe(true));
+    expect(got.map((g) => g.from)).toEqual([10, 11, 12]);
+    await allFree(vols[0]!);
+    await Promise.all(vols.map((v) => v.close()));
+  });
+
+  it('makes a sender wait for a full segment pool: it reuses a segment only after its acknowledgement', async () => {
+    const files = await formattedFiles({ segSize: 4096, segments: 2, maxConn: 1 });
+    const a = await volumeOf(files);
+    const writes: number[] = [];
+    const b = await volumeOf(files, (p) => new HookedPath(p, { write: (off) => void writes.push(off) }));
+    const data = randomBytes(40 * a.capacity + 5);
+    const { out } = await exchange(a, b, data);
+    expect(out.equals(data)).toBe(true);
+    // The receiver acknowledged at least once per two segments: the sender had to wait for it.
+    expect(writes.filter((o) => o === a.mcb.ackTables).length).toBeGreaterThanOrEqual(20);
+    await a.close();
+    await b.close();
+  });
+
+  it('answers a full process ID table with a clear error after the wait', async () => {
+    const files = await formattedFiles({ segSize: 8192, segments: 4, maxConn: 1 });
+    const a = await volumeOf(files);
+    const ac = new AbortController();
+    const first = send(a, 1, 2, Readable.from([Buffer.alloc(10)]), { ...FAST, signal: ac.signal });
+    first.catch(() => undefined);
+    await waitFor(async () => (await a.readPid(0)).req.command.code === Command.CONNECT);
+    await expect(send(a, 3, 4, Readable.from([Buffer.alloc(10)]), { ...FAST, timeoutMs: 100 })).rejects.toThrow(XferTableFullError);
+    ac.abort(new Error('test over'));
+    await expect(first).rejects.toThrow('test over');
+    await allFree(a);
+    await a.close();
+  });
+
+  it('lets a sender whose claim was overwritten by a rival back off without writing, and claim another slot', async () => {
+    const files = await formattedFiles(SMALL);
+    const rivalVol = await volumeOf(files);
+    const rival = { slot: 0, role: Role.REQUESTOR, requestor: 9, requestee: 8, token: 4242, heartbeat: 1, command: { code: Command.CONNECT, status: Status.NONE } };
+    let landed = false;
+    let pendingSeen = false;
+    let a: XferVolume | undefined;
+    a = await volumeOf(files, (p) =>
+      new HookedPath(p, {
+        write: (off, data) => {
+          // byte 33: the command status of a PID_EMC entry (see layout.ts)
+          if (a && off === a.mcb.pidTable && data[33] === Status.PENDING) pendingSeen = true;
+        },
+        // Right after our PENDING, a rival's claim of slot 0 lands (it read the slot as free too).
+        read: async (off, data) => {
+          if (!a || landed || !pendingSeen || off !== a.mcb.pidTable || data.length !== 2 * BLOCK) return undefined;
+          landed = true;
+          await rivalVol.writePid(rival);
+          return p.read(off, data.length);
+        },
+      }),
+    );
+    const b = await volumeOf(files);
+    const data = randomBytes(50_000);
+    const { sent, out } = await exchange(a, b, data);
+    expect(landed).toBe(true);
+    expect(sent.slot).toBe(1);
+    expect(out.equals(data)).toBe(true);
+    expect((await a.readPid(0)).req).toMatchObject({ token: 4242, requestor: 9 });
+    await Promise.all([a.close(), b.close(), rivalVol.close()]);
+  });
+
+  it('tells a sender whose receiver never comes to start one, and frees its slot', async () => {
+    const files = await formattedFiles(SMALL);
+    const a = await volumeOf(files);
+    await expect(send(a, 1, 2, Readable.from([Buffer.alloc(10)]), { ...FAST, timeoutMs: 100 })).rejects.toThrow(/no receiver 2 accepted connection 0 .*start blockmirror xfer recv --as 2/);
+    await allFree(a);
+    await a.close();
+  });
+});
+
+describe('xfer refuses what does not check out', () => {
+  /** A receiver volume whose reads of the first segment come back damaged `times` times. */
+  async function damagedFirstSegment(times: number, damage: (b: Buffer) => void) {
+    const files = await formattedFiles(SMALL);
+    const a = await volumeOf(files);
+    let left = times;
+    const seg0 = a.segments(0)[0]!.offset;
+    const b = await volumeOf(files, (p) =>
+      new HookedPath(p, {
+        read: (off, data) => {
+          if (off !== seg0 || left === 0) return undefined;
+          left--;
+          const copy = Buffer.from(data);
+          damage(copy);
+          return copy;
+        },
+      }),
+    );
+    return { a, b, reads: () => times - left };
+  }
+
+  it('reads a torn segment again later and delivers it intact', async () => {
+    const { a, b, reads } = await damagedFirstSegment(5, (c) => (c[SEG_HEADER + 3]! ^= 1));
+    const data = randomBytes(30_000);
+    const { out } = await exchange(a, b, data);
+    expect(reads()).toBe(5);
+    expect(out.equals(data)).toBe(true);
+    await a.close();
+    await b.close();
+  });
+
+  it.each([
+    ['a header whose checksum fails', (c: Buffer) => (c[20]! ^= 0xff), /segment 0 \(seq 1\) of connection 0 header: fails its checksum/],
+    ['data that fails the header checksum', (c: Buffer) => (c[SEG_HEADER]! ^= 0xff), /its data fails the header's checksum/],
+    ['a header of another sequence number', (c: Buffer) => c.fill(0, 0, SEG_HEADER), /header: is not a segment header/],
+  ])('refuses %s after its retries, delivering and acknowledging nothing', async (_, damage, message) => {
+    const { a, b } = await damagedFirstSegment(Infinity, damage);
+    const got: Buffer[] = [];
+    const sender = send(a, 1, 2, Readable.from([randomBytes(30_000)]), FAST);
+    sender.catch(() => undefined);
+    const err = await recv(b, 2, async (d) => void got.push(d), FAST).catch((e: Error) => e);
+    expect(err).toBeInstanceOf(XferCorruptError);
+    expect((err as Error).message).toMatch(message);
+    expect((err as Error).message).toContain('refused after 20 reads (nothing of it was delivered or acknowledged)');
+    expect(got).toEqual([]);
+    await expect(sender).rejects.toThrow(XferPeerError);
+    await allFree(a);
+    await a.close();
+    await b.close();
+  });
+
+  it('refuses a pointer table that fails its checksum, and a pointer entry aimed at another segment', async () => {
+    for (const [damage, message] of [
+      [(c: Buffer) => (c[40]! ^= 1), /pointer table of connection 0: fails its checksum/],
+      [
+        (c: Buffer) => {
+          const t = PTR.decode('t', c);
+          if (t.entries[0]!.flag === PtrFlag.WRITTEN) t.entries[0]!.offset += BLOCK;
+          PTR.encode(t, c);
+        },
+        /pointer entry 0 \(seq 1\) of connection 0 points at device 0 offset \d+, not at its segment/,
+      ],
+    ] as const) {
+      const files = await formattedFiles(SMALL);
+      const a = await volumeOf(files);
+      const b = await volumeOf(files, (p) => new HookedPath(p, { read: (off, data) => (off === a.mcb.ptrTables ? (damage(data), data) : undefined) }));
+      const got: Buffer[] = [];
+      const sender = send(a, 1, 2, Readable.from([randomBytes(10_000)]), FAST);
+      sender.catch(() => undefined);
+      await expect(recv(b, 2, async (d) => void got.push(d), FAST)).rejects.toThrow(message);
+      expect(got).toEqual([]);
+      await sender.catch(() => undefined);
+      await a.close();
+      await b.close();
+    }
+  });
+
+  it('never crashes on arbitrary bytes: every decoder throws only XferFormatError', async () => {
+    const { ACK, PID, SDT, SEG } = await import('../src/xfer/layout.js');
+    const all = [MCB, SEC, SDT, PID, PTR, ACK, SEG];
+    fc.assert(
+      fc.property(fc.uint8Array({ maxLength: BLOCK + 16 }), fc.nat(all.length - 1), fc.boolean(), (bytes, k, withMagic) => {
+        const s = all[k]!;
+        const buf = Buffer.from(bytes);
+        if (withMagic && buf.length >= 8) Buffer.from(s.magic.padEnd(8, '\0'), 'latin1').copy(buf);
+        try {
+          s.decode('fuzz', buf);
+        } catch (e) {
+          expect(e).toBeInstanceOf(XferFormatError);
+        }
+      }),
+      { numRuns: 2000 },
+    );
+  });
+
+  it('refuses a valid-checksum structure whose fields are out of range, and any single flipped bit', () => {
+    const good = PTR.encode({ slot: 0, token: 5, writer: 1, entries: Array.from({ length: 128 }, () => ({ flag: 0, last: 0, dev: 0, offset: 0, length: 0, seq: 0 })) });
+    fc.assert(
+      fc.property(fc.nat(PTR.size * 8 - 1), (bit) => {
+        const b = Buffer.from(good);
+        b[bit >> 3]! ^= 1 << (bit & 7);
+        expect(() => PTR.decode('flip', b)).toThrow(XferFormatError);
+      }),
+      { numRuns: 500 },
+    );
+    const bad = PTR.encode({ slot: 0, token: 5, writer: 1, entries: Array.from({ length: 128 }, (_, i) => ({ flag: i === 7 ? 9 : 0, last: 0, dev: 0, offset: 0, length: 0, seq: 0 })) });
+    expect(() => PTR.decode('pointer table', bad)).toThrow('pointer table: entry 7 has flag 9, last 0: damaged');
+  });
+});
+
+describe('xfer paths and gc', () => {
+  it('carries on over the other path when one fails mid-transfer, with no loss, duplication or reordering', async () => {
+    const files = await formattedFiles(SMALL);
+    let ops = 0;
+    const dies = (p: Awaited<ReturnType<typeof openPath>>) =>
+      new HookedPath(p, {
+        read: () => {
+          if (++ops > 40) throw new Error('path cut');
+          return undefined;
+        },
+        write: () => {
+          if (++ops > 40) throw new Error('path cut');
+        },
+      });
+    const open2 = async (f: string) => XferVolume.fromPaths([dies(await openPath(f)), await openPath(f)]);
+    const a = await open2(files[0]!);
+    const b = await open2(files[0]!);
+    const data = randomBytes(300_000);
+    const { out } = await exchange(a, b, data);
+    expect(out.equals(data)).toBe(true);
+    expect(a.master.paths.map((p) => p.live)).toEqual([false, true]);
+    expect(b.master.paths.map((p) => p.live)).toEqual([false, true]);
+    await a.close();
+    await b.close();
+  });
+
+  it('lets a failed path rejoin once it reconnects, and sends it work again', async () => {
+    const files = await formattedFiles(SMALL);
+    let down = true;
+    let served = 0;
+    const flaky = new HookedPath(await openPath(files[0]!), {
+      read: () => {
+        if (down) throw new Error('link down');
+        served++;
+        return undefined;
+      },
+      reconnect: () => !down,
+    });
+    const set = new PathSet('the master device', [flaky, await openPath(files[0]!)], undefined, 5);
+    await set.read(0, BLOCK);
+    expect(set.paths.map((p) => p.live)).toEqual([false, true]);
+    down = false;
+    await waitFor(async () => set.paths[0]!.live);
+    await Promise.all(Array.from({ length: 8 }, () => set.read(0, BLOCK)));
+    expect(served).toBeGreaterThan(0);
+    await set.close();
+  });
+
+  it('fails with every path named when the last path to a device fails', async () => {
+    const files = await formattedFiles(SMALL);
+    let broken = false;
+    const a = await volumeOf(files, (p) => new HookedPath(p, { read: () => { if (broken) throw new Error('cable pulled'); return undefined; } }));
+    broken = true;
+    await expect(a.readPidTable()).rejects.toThrow(XferPathError);
+    await expect(a.readPidTable()).rejects.toThrow(/read on the master device: every path failed \(hooked .*dev0.img\)/);
+    await a.close();
+  });
+
+  it('reclaims the halves of dead processes after the timeout, and leaves a live sender alone', async () => {
+    const files = await formattedFiles({ segSize: 8192, segments: 8, maxConn: 2 });
+    const a = await volumeOf(files);
+    // Slot 0: a sender that died after writing two segments and its pointer table.
+    await a.writePid({ slot: 0, role: Role.REQUESTOR, requestor: 7, requestee: 8, token: 99, heartbeat: 3, command: { code: Command.CONNECT, status: Status.PENDING } });
+    await a.writePid({ slot: 0, role: Role.REQUESTEE, requestor: 7, requestee: 8, token: 99, heartbeat: 1, command: { code: Command.CONNECT, status: Status.ACCEPTED } });
+    const t = PTR.decode('t', PTR.encode({ slot: 0, token: 99, writer: 7, entries: Array.from({ length: 128 }, () => ({ flag: 0, last: 0, dev: 0, offset: 0, length: 0, seq: 0 })) }));
+    t.entries[0] = { flag: PtrFlag.WRITTEN, last: 0, dev: 0, offset: a.segments(0)[0]!.offset, length: 100, seq: 1 };
+    t.entries[1] = { flag: PtrFlag.WRITTEN, last: 0, dev: 0, offset: a.segments(0)[1]!.offset, length: 100, seq: 2 };
+    await a.writePtr(t);
+    expect((await describeVolume(a)).connections[0]).toMatchObject({ state: 'connected', segmentsInUse: 2 });
+    // Slot 1: a live sender waiting for its receiver, beating every 20 ms.
+    const ac = new AbortController();
+    const live = send(a, 1, 2, Readable.from([Buffer.alloc(1)]), { ...FAST, signal: ac.signal });
+    live.catch(() => undefined);
+    await waitFor(async () => (await a.readPid(1)).req.command.code === Command.CONNECT);
+    const done = await gc(a, 200);
+    expect(done).toEqual([
+      { slot: 0, side: 'sender', id: 7, segments: 2 },
+      { slot: 0, side: 'receiver', id: 8, segments: 0 },
+    ]);
+    const after = await describeVolume(a);
+    expect(after.connections[0]).toMatchObject({ state: 'free', segmentsInUse: 0 });
+    expect(after.connections[1]).toMatchObject({ state: 'connecting', requestor: 1, requestee: 2 });
+    ac.abort(new Error('test over'));
+    await live.catch(() => undefined);
+    await a.close();
+  });
+});
+
+async function waitFor(check: () => Promise<boolean>): Promise<void> {
+  while (!(await check())) await new Promise((r) => setTimeout(r, 5));
+}
