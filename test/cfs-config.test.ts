@@ -64,6 +64,7 @@ describe('cfs: section', () => {
       pairs: ['pair1', 'pair2'],
       ss: 1,
       readFromMaster: true,
+      tls: false,
     });
   });
 
@@ -71,7 +72,7 @@ describe('cfs: section', () => {
     const cfs = accept((c) => {
       c.cfs = { listen: '[::1]:7070', dataDir: 'meta/cfs', blockSize: '1MiB', pairs: ['pair2'], ss: 2, readFromMaster: false };
     }).cfs;
-    expect(cfs).toEqual({ listen: { host: '::1', port: 7070 }, dataDir: '/srv/bm/meta/cfs', blockSize: 2 ** 20, pairs: ['pair2'], ss: 2, readFromMaster: false });
+    expect(cfs).toEqual({ listen: { host: '::1', port: 7070 }, dataDir: '/srv/bm/meta/cfs', blockSize: 2 ** 20, pairs: ['pair2'], ss: 2, readFromMaster: false, tls: false });
     expect(accept((c) => (c.cfs.dataDir = '/var/lib/cfs')).cfs!.dataDir).toBe('/var/lib/cfs');
   });
 
@@ -126,6 +127,6 @@ describe('cfs: section', () => {
 
   it('suggests the key meant by a typo', () => {
     refuse((c) => (c.cfs.blocksize = '64KiB'), 'cfs.blocksize', 'unknown key (did you mean "blockSize"?)');
-    refuse((c) => (c.cfs.color = 'red'), 'cfs.color', 'unknown key (expected one of: listen, dataDir, blockSize, pairs, ss, readFromMaster, tokenFile)');
+    refuse((c) => (c.cfs.color = 'red'), 'cfs.color', 'unknown key (expected one of: listen, dataDir, blockSize, pairs, ss, readFromMaster, tokenFile, tls)');
   });
 });

@@ -4,6 +4,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
+import tls from 'node:tls';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startCfsCluster, type CfsCluster } from './helpers/cfs.js';
@@ -25,7 +26,7 @@ beforeAll(async () => {
     dir,
     prefix: `security:\n  ca: ${pki.ca}\n  client: { cert: ${client.cert}, key: ${client.key} }\n`,
     ssExtra: `    tls: { mode: require, cert: ${server.cert}, key: ${server.key}, verifyClients: true }\n`,
-    cfsExtra: '  tokenFile: cfs.token\n',
+    cfsExtra: '  tokenFile: cfs.token\n  tls: true\n',
   });
 }, 60_000);
 
@@ -35,10 +36,10 @@ afterAll(async () => {
   pki?.cleanup();
 });
 
-/** One request on a raw connection: the reply line, and whether the server closed afterwards. */
+/** Requests on a raw TLS connection: the reply lines, and whether the server closed afterwards. */
 function raw(lines: object[]): Promise<{ replies: Record<string, unknown>[]; closed: boolean }> {
   return new Promise((resolve) => {
-    const s = net.connect({ host: '127.0.0.1', port: c.ports.cfs });
+    const s = tls.connect({ host: '127.0.0.1', port: c.ports.cfs, ca: fs.readFileSync(pki.ca) });
     let text = '';
     const t = setTimeout(() => {
       s.destroy();
@@ -51,11 +52,24 @@ function raw(lines: object[]): Promise<{ replies: Record<string, unknown>[]; clo
       clearTimeout(t);
       resolve({ replies: parse(), closed: true });
     });
-    s.on('connect', () => s.write(lines.map((l) => `${JSON.stringify(l)}\n`).join('')));
+    s.on('secureConnect', () => s.write(lines.map((l) => `${JSON.stringify(l)}\n`).join('')));
   });
 }
 
 describe('CFS authentication', () => {
+  it('speaks only TLS: a plaintext client gets no reply and a closed connection, and the refusal is logged', async () => {
+    const replies = await new Promise<string>((resolve) => {
+      const s = net.connect({ host: '127.0.0.1', port: c.ports.cfs });
+      let got = '';
+      s.on('data', (d) => (got += d.toString('latin1')));
+      s.on('error', () => {});
+      s.on('close', () => resolve(got));
+      s.on('connect', () => s.write(`${JSON.stringify({ id: 1, op: 'hello', version: 1, client: 'plain', token })}\n`));
+    });
+    expect(replies).not.toContain('"ok"');
+    expect(c.up.stderr()).toMatch(/cfs: TLS refused for 127\.0\.0\.1/);
+  });
+
   it('answers any operation before a valid hello with EACCES and closes the connection', async () => {
     const r = await raw([{ id: 1, op: 'stat', path: '/' }]);
     expect(r).toEqual({ closed: true, replies: [{ id: 1, ok: false, code: 'EACCES', message: 'this CFS server needs its token (cfs.tokenFile, or BLOCKMIRROR_CFS_TOKEN)' }] });

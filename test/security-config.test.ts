@@ -58,6 +58,19 @@ pairs:
   });
 });
 
+describe('the CFS on another network', () => {
+  it('needs its token and TLS there, and TLS needs the certificate of the storage system running it', () => {
+    const cfs = (extra: string) => `storageSystems:
+  - { id: 1, nbd: "127.0.0.1:0", admin: "127.0.0.1:0", volumes: [ { id: 1, size: 1MiB }, { id: 2, size: 1MiB } ] }
+pairs:
+  - { name: p, mode: sync, master: { ss: 1, vol: 1 }, mirrors: [ { ss: 1, vol: 2 } ] }
+cfs: { listen: "0.0.0.0:7070"${extra} }
+`;
+    expect(problems(cfs(', tokenFile: t'))).toContain('cfs.listen: the CFS server on 0.0.0.0:7070 is reachable from other hosts without client authentication over TLS: set cfs.tokenFile and cfs.tls or set security.insecure: true');
+    expect(problems(cfs(', tokenFile: t, tls: true'))).toContain('cfs.tls: cfs.tls serves the certificate of storage system 1 (the one running the CFS server): it needs tls.cert and tls.key, and security.ca for the clients to check it');
+  });
+});
+
 describe('tls and allow keys', () => {
   it('refuses a TLS mode without a credential, a cert without its key, and verifyClients without a CA', () => {
     expect(problems(base('    nbd: 127.0.0.1:0\n    tls: { mode: require }'))).toContain('storageSystems[0].tls.mode: TLS mode require needs a credential: cert and key, or pskFile');

@@ -11,6 +11,7 @@
 // mount), the next request connects again and files with nothing uncommitted re-open by themselves.
 import fs from 'node:fs/promises';
 import net from 'node:net';
+import tls from 'node:tls';
 import os from 'node:os';
 import type { Readable, Writable } from 'node:stream';
 import { DataPath, type NbdAddress } from './datapath.js';
@@ -50,6 +51,8 @@ export interface CfsClientOptions {
   connectionsPerExport?: number;
   /** The server's token (cfs.tokenFile), when it asks for one. */
   token?: string;
+  /** Speak TLS to the server and check its certificate against this CA (cfs.tls). */
+  tlsCa?: Buffer;
 }
 
 export interface TransferOptions {
@@ -94,12 +97,13 @@ class Rpc {
     this.pinger.unref();
   }
 
-  static connect(host: string, port: number, timeoutMs: number, onLost: () => void): Promise<Rpc> {
+  static connect(host: string, port: number, timeoutMs: number, onLost: () => void, tlsCa?: Buffer): Promise<Rpc> {
     const where = host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
     return new Promise((resolve, reject) => {
-      const socket = net.connect({ host, port });
+      // With a CA, TLS: the server's certificate must be signed by it and name `host` (docs/SECURITY.md).
+      const socket = tlsCa ? tls.connect({ host, port, ca: tlsCa, ...(net.isIP(host) ? {} : { servername: host }) }) : net.connect({ host, port });
       const timer = setTimeout(() => socket.destroy(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
-      socket.once('connect', () => {
+      socket.once(tlsCa ? 'secureConnect' : 'connect', () => {
         clearTimeout(timer);
         socket.setNoDelay(true);
         socket.removeAllListeners('error');
@@ -194,7 +198,7 @@ export class CfsClient implements FileHost {
   }
 
   private static async open(opts: CfsClientOptions, onLost: () => void): Promise<{ rpc: Rpc; hello: HelloReply }> {
-    const rpc = await Rpc.connect(opts.server.host, opts.server.port, opts.timeoutMs ?? DEFAULT_TIMEOUT_MS, onLost);
+    const rpc = await Rpc.connect(opts.server.host, opts.server.port, opts.timeoutMs ?? DEFAULT_TIMEOUT_MS, onLost, opts.tlsCa);
     try {
       const hello = await rpc.call('hello', { version: CFS_PROTOCOL_VERSION, client: opts.name ?? `${os.hostname()}:${process.pid}`, ...(opts.token ? { token: opts.token } : {}) });
       return { rpc, hello };

@@ -12,6 +12,7 @@
 // torn block, and a crash at any point leaves the old or the new version of each commit.
 import { randomUUID } from 'node:crypto';
 import net from 'node:net';
+import tls from 'node:tls';
 import type { Logger } from 'pino';
 import type { CfsConfig, ClusterConfig } from '../cluster/config.js';
 import { BlockAllocator } from './allocator.js';
@@ -60,6 +61,8 @@ export interface CfsServerOptions {
    * masters are taken as current and every copy as readable.
    */
   pairView?: () => Promise<Map<string, LivePair>>;
+  /** Serve TLS with this certificate (cfs.tls: the certificate of the storage system that runs the server). */
+  tls?: { cert: Buffer; key: Buffer };
 }
 
 /** A pair's copies as they are now: its master (after any swap or takeover), and the mirrors whose reads are current. */
@@ -178,7 +181,7 @@ export class CfsServer {
       [...pairs.values()].map((p) => ({ name: p.name, copies: p.copies })),
       { readFromMaster: cfs.readFromMaster, failedForMs: opts.failedForMs ?? DEFAULT_FAILED_FOR_MS },
     );
-    const server = net.createServer();
+    const server = opts.tls ? tls.createServer({ cert: opts.tls.cert, key: opts.tls.key, minVersion: 'TLSv1.2' }) : net.createServer();
     const self = new CfsServer(config, cfs, ns, pairs, store, usage, server, log, opts.leaseMs ?? DEFAULT_LEASE_MS);
     const token = opts.token ?? (cfs.tokenFile ? readCfsToken(cfs.tokenFile, log) : undefined);
     if (token !== undefined) self.token = token;
@@ -188,7 +191,10 @@ export class CfsServer {
       self.liveTimer = setInterval(() => void self.refreshLive(), PAIR_VIEW_MS);
       self.liveTimer.unref();
     }
-    server.on('connection', (s) => self.accept(s));
+    if (opts.tls) {
+      server.on('secureConnection', (s: net.Socket) => self.accept(s));
+      server.on('tlsClientError', (e: Error, s: net.Socket) => log.warn({ from: s.remoteAddress, reason: e.message }, `cfs: TLS refused for ${s.remoteAddress}: ${e.message}`));
+    } else server.on('connection', (s) => self.accept(s));
     try {
       await new Promise<void>((resolve, reject) => {
         server.once('error', reject);

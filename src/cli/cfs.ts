@@ -43,7 +43,9 @@ export function registerCfsCommand(program: Command): void {
     const config = await loadCfsConfig(opts.config);
     const { CfsServer } = await import('../cfs/server.js');
     const { livePairs } = await import('./status.js');
-    const server = await CfsServer.start(config, log, { pairView: () => livePairs(config, 1000) }).catch((e: Error) => {
+    const { cfsServerTls } = await import('../cluster/credentials.js');
+    const tls = cfsServerTls(config);
+    const server = await CfsServer.start(config, log, { pairView: () => livePairs(config, 1000), ...(tls ? { tls } : {}) }).catch((e: Error) => {
       throw new Error(e.message);
     });
     await runUntilSignal(log, () => server.close());
@@ -200,7 +202,8 @@ function serverAddress(config: ClusterConfig, given: string | undefined): HostPo
 async function connectClient(config: ClusterConfig, opts: Common, extra: { reconnect?: boolean; name?: string } = {}): Promise<CfsClient> {
   const { CfsClient } = await import('../cfs/client.js');
   const { CFS_TOKEN_ENV, readCfsToken } = await import('../cfs/server.js');
-  const { clientTlsFor } = await import('../cluster/credentials.js');
+  const { clientTlsFor, cfsClientCa } = await import('../cluster/credentials.js');
+  const tlsCa = cfsClientCa(config);
   const server = serverAddress(config, opts.server);
   const token = process.env[CFS_TOKEN_ENV] || (config.cfs?.tokenFile ? readCfsToken(config.cfs.tokenFile) : undefined);
   const byId = new Map(config.storageSystems.map((s) => [s.id, s.nbd]));
@@ -213,6 +216,7 @@ async function connectClient(config: ClusterConfig, opts: Common, extra: { recon
       return { host: a.host === '0.0.0.0' || a.host === '::' ? server.host : a.host, port: a.port, ...(tls ? { tls } : {}) };
     },
     ...(token ? { token } : {}),
+    ...(tlsCa ? { tlsCa } : {}),
     ...extra,
   });
 }

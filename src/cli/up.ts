@@ -77,7 +77,9 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
     if (config.cfs && opts.cfs !== false && ids.includes(config.cfs.ss)) {
       const { CfsServer } = await import('../cfs/server.js');
       const { livePairs } = await import('./status.js');
-      cfsServer = await CfsServer.start(cfg, log, { pairView: () => livePairs(cfg, 1000) });
+      const { cfsServerTls } = await import('../cluster/credentials.js');
+      const tls = cfsServerTls(cfg);
+      cfsServer = await CfsServer.start(cfg, log, { pairView: () => livePairs(cfg, 1000), ...(tls ? { tls } : {}) });
     }
   } catch (e) {
     await agent?.close().catch(() => {});

@@ -103,6 +103,7 @@ export function buildCfs(c: NonNullable<Parsed['cfs']>, cfg: ClusterConfig, base
     pairs: c.pairs ?? cfg.pairs.map((p) => p.name),
     ss: c.ss ?? Math.min(...cfg.storageSystems.map((s) => s.id)),
     readFromMaster: c.readFromMaster ?? true,
+    tls: c.tls ?? false,
   };
   if (c.dataDir !== undefined) out.dataDir = path.resolve(baseDir, c.dataDir);
   if (c.tokenFile !== undefined) out.tokenFile = path.resolve(baseDir, c.tokenFile);

@@ -5,7 +5,7 @@
 //   storageSystems[].nbd                 tls.mode: require                      security.insecure
 //   storageSystems[].peer                security.ca and the SS's tls cert/key   security.insecure
 //   storageSystems[].iscsi               iscsiChapFile                          security.insecure
-//   cfs.listen                           cfs.tokenFile                          security.insecure
+//   cfs.listen                           cfs.tokenFile and cfs.tls              security.insecure
 //   storageSystems[].admin               nothing more: every call needs the admin token
 import net from 'node:net';
 import path from 'node:path';
@@ -66,7 +66,12 @@ export function checkSecurity(config: ClusterConfig, problems: RawProblem[]): vo
       report(['storageSystems', i, 'iscsi'], `iSCSI on ${show(ss.iscsi.listen)} is reachable from other hosts without CHAP: set iscsiChapFile ${insecureHint}`);
     }
   });
-  if (config.cfs && !sec.insecure && !isLoopback(config.cfs.listen.host) && config.cfs.tokenFile === undefined) {
-    report(['cfs', 'listen'], `the CFS server on ${show(config.cfs.listen)} is reachable from other hosts without client authentication: set cfs.tokenFile ${insecureHint}`);
+  const cfs = config.cfs;
+  if (cfs?.tls) {
+    const runner = config.storageSystems.find((s) => s.id === cfs.ss);
+    if (!runner?.tls?.cert || sec.ca === undefined) report(['cfs', 'tls'], `cfs.tls serves the certificate of storage system ${cfs.ss} (the one running the CFS server): it needs tls.cert and tls.key, and security.ca for the clients to check it`);
+  }
+  if (cfs && !sec.insecure && !isLoopback(cfs.listen.host) && (cfs.tokenFile === undefined || !cfs.tls)) {
+    report(['cfs', 'listen'], `the CFS server on ${show(cfs.listen)} is reachable from other hosts without client authentication over TLS: set cfs.tokenFile and cfs.tls ${insecureHint}`);
   }
 }

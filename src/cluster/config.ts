@@ -153,6 +153,8 @@ export interface CfsConfig {
   readFromMaster: boolean;
   /** Absolute. Clients must present the token in this file (docs/SECURITY.md). */
   tokenFile?: string;
+  /** TLS with the certificate of storage system `ss` (its tls.cert/tls.key); clients check it against security.ca. */
+  tls: boolean;
 }
 
 export interface ConfigProblem {
@@ -444,6 +446,7 @@ export const CfsSchema = mapping({
   ss: id.optional(),
   readFromMaster: cfsFlag.optional(),
   tokenFile: filePath.optional(),
+  tls: cfsFlag.optional(),
 });
 // `faults:` (docs/faults.md): the same fields as `blockmirror fault set`, range as START:LEN.
 export const faultText = leaf((v) => (typeof v === 'string' && v.length > 0 ? v : fail(`expected a string, got ${show(v)}`)));

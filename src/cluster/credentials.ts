@@ -68,3 +68,16 @@ export function clientTlsFor(config: ClusterConfig, ssId: number): ClientTls | u
     ...(c ? { cert: readPublic(c.cert, 'client certificate'), key: Buffer.from(readSecretFile(c.key, 'client private key').text) } : {}),
   };
 }
+
+/** cfs.tls: the certificate and key of the storage system that runs the CFS server. */
+export function cfsServerTls(config: ClusterConfig): { cert: Buffer; key: Buffer } | undefined {
+  const cfs = config.cfs;
+  if (!cfs?.tls) return undefined;
+  const ss = config.storageSystems.find((s) => s.id === cfs.ss)!;
+  return { cert: readPublic(ss.tls!.cert!, 'certificate'), key: Buffer.from(readSecretFile(ss.tls!.key!, 'private key').text) };
+}
+
+/** cfs.tls: the CA the clients check the CFS server's certificate against. */
+export function cfsClientCa(config: ClusterConfig): Buffer | undefined {
+  return config.cfs?.tls && config.security.ca ? readPublic(config.security.ca, 'CA certificate') : undefined;
+}
