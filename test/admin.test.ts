@@ -396,7 +396,7 @@ describe('cluster status merge', () => {
       clusterSize: 65536,
       peerTimeout: 5000,
       faults: [],
-      security: { insecure: false, adminHosts: [], adminReadOpen: false },
+      security: { insecure: false, adminHosts: [], adminReadOpen: false, adminTls: false },
       storageSystems: ports.map((port, i) => ({
         id: i + 1,
         nbd: { host: '127.0.0.1', port: 10809 + i },

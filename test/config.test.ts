@@ -412,7 +412,7 @@ describe('loading files', () => {
       storageSystems: [{ id: 1, nbd: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 }, volumes: [{ id: 1, size: MiB }] }],
       pairs: [],
       faults: [],
-      security: { insecure: false, adminHosts: [], adminReadOpen: false },
+      security: { insecure: false, adminHosts: [], adminReadOpen: false, adminTls: false },
     });
     expect(accept().pairs[0]).not.toHaveProperty('syncRate');
     expect(accept().pairs[0]).toMatchObject({ fence: 'never', autoResync: true });

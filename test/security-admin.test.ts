@@ -132,3 +132,43 @@ describe('the dashboard', () => {
     await page.close();
   });
 });
+
+describe('the admin API over HTTPS (security.adminTls)', () => {
+  it('serves HTTPS only, checked against the cluster CA, and the CLI talks to it', async () => {
+    const { makePki } = await import('./helpers/pki.js');
+    const https = await import('node:https');
+    const pki = makePki();
+    const d = tmpDir('bm-admin-tls-');
+    try {
+      const [nbdPort, adminPort] = [await freePort(), await freePort()];
+      const cert = pki.cert('localhost');
+      const f = path.join(d, 'cluster.yaml');
+      fs.writeFileSync(f, `security: { ca: ${pki.ca}, adminTls: true }
+storageSystems:
+  - { id: 1, nbd: "127.0.0.1:${nbdPort}", admin: "127.0.0.1:${adminPort}", tls: { mode: off, cert: ${cert.cert}, key: ${cert.key} }, volumes: [ { id: 1, size: 1MiB } ] }
+`);
+      const u = await startUp(f, [nbdPort, adminPort]);
+      try {
+        const st = await run(process.execPath, [CLI, 'status', '-c', f, '--json']);
+        expect(st.code, st.stderr).toBe(0);
+        expect(JSON.parse(st.stdout).storageSystems[0]).toMatchObject({ id: 1, reachable: true });
+        const noToken = await new Promise<number>((resolve, reject) => {
+          https.get({ host: '127.0.0.1', port: adminPort, path: '/api/status', ca: fs.readFileSync(pki.ca) }, (r) => {
+            r.resume();
+            resolve(r.statusCode!);
+          }).on('error', reject);
+        });
+        expect(noToken).toBe(401);
+        // Plain HTTP gets no HTTP answer from a TLS port.
+        await expect(fetch(`http://127.0.0.1:${adminPort}/healthz`, { signal: AbortSignal.timeout(3000) })).rejects.toThrow();
+        const url = await run(process.execPath, [CLI, 'admin', 'token', '-c', f, '--url']);
+        expect(url.stdout).toMatch(new RegExp(`^https://127\\.0\\.0\\.1:${adminPort}/#token=`));
+      } finally {
+        await u.stop();
+      }
+    } finally {
+      pki.cleanup();
+      fs.rmSync(d, { recursive: true, force: true });
+    }
+  });
+});

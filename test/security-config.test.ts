@@ -85,7 +85,7 @@ describe('tls and allow keys', () => {
     const c = parseConfig(base('    nbd: 127.0.0.1:0\n    tls: { mode: allow, cert: pki/c.pem, key: /k.pem, pskFile: k.psk }\n    allow: [ 10.0.0.0/8, alice ]', 'security: { ca: pki/ca.pem, adminHosts: [ Array.Example.com ] }\n'), 'c.yaml', '/etc/bm');
     expect(c.storageSystems[0]!.tls).toEqual({ mode: 'allow', cert: '/etc/bm/pki/c.pem', key: '/k.pem', pskFile: '/etc/bm/k.psk', verifyClients: false });
     expect(c.storageSystems[0]!.allow).toEqual(['10.0.0.0/8', 'alice']);
-    expect(c.security).toEqual({ insecure: false, ca: '/etc/bm/pki/ca.pem', adminHosts: ['array.example.com'], adminReadOpen: false });
+    expect(c.security).toEqual({ insecure: false, ca: '/etc/bm/pki/ca.pem', adminHosts: ['array.example.com'], adminReadOpen: false, adminTls: false });
   });
 
   it('refuses allow entries that are neither addresses, subnets nor names', () => {

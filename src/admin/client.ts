@@ -3,6 +3,8 @@
 //   AdminUnreachableError  no HTTP answer at all (refused, unknown host, timeout)
 //   AdminReplyError        an HTTP answer that is an error (404, 409, 500) or not
 //                          the JSON we expect
+import https from 'node:https';
+import net from 'node:net';
 import type { FaultStatus } from '../controller/fault-table.js';
 import type { PairStatus, SSReport } from '../controller/status.js';
 
@@ -14,6 +16,8 @@ export interface AdminEndpoint {
   ss?: number;
   /** The admin token (Authorization: Bearer). */
   token?: string;
+  /** HTTPS, with the server's certificate checked against this CA (security.adminTls). */
+  ca?: Buffer;
 }
 
 export type PairCommand = 'split' | 'resync' | 'verify' | 'swap' | 'takeover';
@@ -99,19 +103,48 @@ function faultsOf(ep: AdminEndpoint, body: unknown): FaultStatus[] {
   return body.faults as FaultStatus[];
 }
 
+/** One exchange: fetch for HTTP; node:https for HTTPS, where the cluster's CA must be given (fetch takes none). */
+async function exchange(ep: AdminEndpoint, method: string, path: string, headers: Record<string, string>, body: string | undefined, signal: AbortSignal): Promise<{ ok: boolean; status: number; statusText: string; text: string }> {
+  if (!ep.ca) {
+    const res = await fetch(`http://${hostPort(ep)}${path}`, { method, signal, headers, ...(body !== undefined ? { body } : {}) });
+    return { ok: res.ok, status: res.status, statusText: res.statusText, text: await res.text() };
+  }
+  return new Promise((resolve, reject) => {
+    const req = https.request(
+      { host: ep.host, port: ep.port, path, method, headers, ca: ep.ca, signal, ...(net.isIP(ep.host) ? {} : { servername: ep.host }) },
+      (res) => {
+        let text = '';
+        res.setEncoding('utf8');
+        res.on('data', (d: string) => (text += d));
+        res.on('end', () => resolve({ ok: res.statusCode! >= 200 && res.statusCode! < 300, status: res.statusCode!, statusText: res.statusMessage ?? '', text }));
+        res.on('error', reject);
+      },
+    );
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+/** GET a JSON document (the dashboard's peer bitmaps); undefined for an error status. */
+export async function getJson(ep: AdminEndpoint, path: string, timeoutMs: number): Promise<unknown> {
+  const headers: Record<string, string> = { accept: 'application/json', ...(ep.token ? { authorization: `Bearer ${ep.token}` } : {}) };
+  const r = await exchange(ep, 'GET', path, headers, undefined, AbortSignal.timeout(timeoutMs));
+  return r.ok ? JSON.parse(r.text) : undefined;
+}
+
 async function request(ep: AdminEndpoint, method: 'GET' | 'POST' | 'PUT' | 'DELETE', path: string, timeoutMs: number, op: string, json?: unknown): Promise<unknown> {
-  const url = `http://${hostPort(ep)}${path}`;
   // One signal for the whole exchange: a server that accepts and then never
   // finishes the body times out the same as one that never answers.
   const signal = AbortSignal.timeout(timeoutMs);
   let text: string;
-  let res: Response;
+  let res: { ok: boolean; status: number; statusText: string };
   try {
     const headers: Record<string, string> = { accept: 'application/json' };
     if (json !== undefined) headers['content-type'] = 'application/json';
     if (ep.token) headers.authorization = `Bearer ${ep.token}`;
-    res = await fetch(url, { method, signal, headers, ...(json !== undefined ? { body: JSON.stringify(json) } : {}) });
-    text = await res.text();
+    const r = await exchange(ep, method, path, headers, json !== undefined ? JSON.stringify(json) : undefined, signal);
+    res = r;
+    text = r.text;
   } catch (e) {
     const [code, why] = networkCause(e, timeoutMs);
     throw new AdminUnreachableError(`${op}${describe(ep)} is not reachable: ${why}`, code, { cause: e });

@@ -16,7 +16,7 @@ import fs from 'node:fs';
 import { PassThrough } from 'node:stream';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
-import { getStatus } from './client.js';
+import { getJson, getStatus, type AdminEndpoint } from './client.js';
 import { PairCommandError, mergeReports, type AdminTarget, type PairBitmap, type PairRow, type SSReport, type SSView } from '../controller/status.js';
 import type { RouteAdder } from './server.js';
 
@@ -28,6 +28,12 @@ export interface AdminPeer {
   port: number;
   /** Its admin token, when this host knows it (docs/SECURITY.md). */
   token?: string;
+  /** HTTPS: the CA its certificate is checked against (security.adminTls). */
+  ca?: Buffer;
+}
+
+function endpointOf(p: AdminPeer): AdminEndpoint {
+  return { ss: p.id, host: p.host, port: p.port, ...(p.token ? { token: p.token } : {}), ...(p.ca ? { ca: p.ca } : {}) };
 }
 
 
@@ -157,16 +163,15 @@ async function gather(target: AdminTarget, peers: AdminPeer[]): Promise<{ view: 
 
 async function peerBitmap(peer: AdminPeer | undefined, pair: string): Promise<PairBitmap | undefined> {
   if (!peer) return undefined;
-  const url = `http://${hostPort(peer)}/api/pairs/${encodeURIComponent(pair)}/bitmap?buckets=${DASHBOARD_BUCKETS}`;
-  const res = await fetch(url, { signal: AbortSignal.timeout(PEER_TIMEOUT_MS), ...(peer.token ? { headers: { authorization: `Bearer ${peer.token}` } } : {}) });
-  return res.ok ? ((await res.json()) as PairBitmap) : undefined;
+  const path = `/api/pairs/${encodeURIComponent(pair)}/bitmap?buckets=${DASHBOARD_BUCKETS}`;
+  return (await getJson(endpointOf(peer), path, PEER_TIMEOUT_MS)) as PairBitmap | undefined;
 }
 
 async function askPeer(p: AdminPeer): Promise<Answer> {
   const admin = hostPort(p);
   if (p.port === 0) return { id: p.id, admin, error: `storage system ${p.id}: its admin port is 0 in the configuration, so its address is not known` };
   try {
-    return { id: p.id, admin, report: await getStatus({ ss: p.id, host: p.host, port: p.port, ...(p.token ? { token: p.token } : {}) }, PEER_TIMEOUT_MS) };
+    return { id: p.id, admin, report: await getStatus(endpointOf(p), PEER_TIMEOUT_MS) };
   } catch (e) {
     return { id: p.id, admin, error: (e as Error).message };
   }

@@ -40,6 +40,8 @@ export interface AdminServerOptions {
   /** Every storage system of the cluster (this one included), for the dashboard's cluster view. */
   peers?: AdminPeer[];
   auth?: AdminAuth;
+  /** Serve HTTPS with this certificate (security.adminTls). */
+  https?: { cert: Buffer; key: Buffer };
 }
 
 export interface AdminAuth {
@@ -72,7 +74,7 @@ interface NameParams {
 
 export async function startAdminServer(target: AdminTarget, opts: AdminServerOptions): Promise<AdminServer> {
   const log = opts.log;
-  const app = buildApp(target, log, { ...(opts.peers ? { peers: opts.peers } : {}), ...(opts.auth ? { auth: opts.auth } : {}) });
+  const app = buildApp(target, log, { ...(opts.peers ? { peers: opts.peers } : {}), ...(opts.auth ? { auth: opts.auth } : {}), ...(opts.https ? { https: opts.https } : {}) });
   try {
     await app.listen({ host: opts.host, port: opts.port });
   } catch (e) {
@@ -81,7 +83,7 @@ export async function startAdminServer(target: AdminTarget, opts: AdminServerOpt
   }
   const bound = app.server.address();
   const address = bound !== null && typeof bound === 'object' ? formatHostPort(bound.address, bound.port) : String(bound);
-  log.info({ admin: address }, `admin API listening on http://${address}/`);
+  log.info({ admin: address }, `admin API listening on ${opts.https ? 'https' : 'http'}://${address}/`);
   return {
     address,
     close: async () => {
@@ -91,8 +93,9 @@ export async function startAdminServer(target: AdminTarget, opts: AdminServerOpt
 }
 
 /** The fastify instance without a listener; tests may `inject()` into it. */
-export function buildApp(target: AdminTarget, log: Logger, opts: { peers?: AdminPeer[]; auth?: AdminAuth } = {}): FastifyInstance {
+export function buildApp(target: AdminTarget, log: Logger, opts: { peers?: AdminPeer[]; auth?: AdminAuth; https?: { cert: Buffer; key: Buffer } } = {}): FastifyInstance {
   const app = Fastify({
+    ...(opts.https ? { https: { cert: opts.https.cert, key: opts.https.key, minVersion: 'TLSv1.2' as const } } : {}),
     // Our own logger does the request lines, at debug: an admin poll every
     // second must not fill the log at info.
     logger: false,

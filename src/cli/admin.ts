@@ -30,6 +30,7 @@ export function registerAdminCommand(program: Command): void {
       const token = clientAdminToken(config, id);
       if (!token) throw new UsageError(`storage system ${id} has no admin token yet: start it with blockmirror up -c ${opts.config} (it makes one), or set BLOCKMIRROR_ADMIN_TOKEN`);
       const host = ss.admin.host.includes(':') ? `[${ss.admin.host}]` : ss.admin.host === '0.0.0.0' ? '127.0.0.1' : ss.admin.host;
-      process.stdout.write(opts.url ? `http://${host}:${ss.admin.port}/#token=${token}\n` : `${token}\n`);
+      const scheme = config.security.adminTls ? 'https' : 'http';
+      process.stdout.write(opts.url ? `${scheme}://${host}:${ss.admin.port}/#token=${token}\n` : `${token}\n`);
     });
 }

@@ -3,6 +3,7 @@
 import type { Command } from 'commander';
 import { getStatus, type AdminEndpoint } from '../admin/client.js';
 import { clientAdminToken } from '../cluster/admin-token.js';
+import { adminClientCa } from '../cluster/credentials.js';
 import { ConfigError, loadConfig, type ClusterConfig, type StorageSystemConfig } from '../cluster/config.js';
 import { mergeReports as mergeClusterReports, type PairRow, type ReportAnswer, type SSView, type StorageSystemStatus } from '../controller/status.js';
 import { UsageError } from './errors.js';
@@ -73,7 +74,8 @@ export function adminEndpoint(config: ClusterConfig, ss: StorageSystemConfig): A
     throw new Error(`storage system ${ss.id}: admin port is 0 in the configuration (any free port), so its address is not known`);
   }
   const token = clientAdminToken(config, ss.id);
-  return { ss: ss.id, host: ss.admin.host, port: ss.admin.port, ...(token ? { token } : {}) };
+  const ca = adminClientCa(config);
+  return { ss: ss.id, host: ss.admin.host, port: ss.admin.port, ...(token ? { token } : {}), ...(ca ? { ca } : {}) };
 }
 
 export function parseTimeout(text: string): number {

@@ -68,10 +68,14 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
       return { id: s.id, host: s.admin.host, port: s.admin.port, ...(token ? { token } : {}) };
     });
     const sec = config.security;
+    const { adminClientCa, adminServerTls } = await import('../cluster/credentials.js');
+    const ca = adminClientCa(cfg);
+    const peersTls = ca ? peers.map((p) => ({ ...p, ca })) : peers;
     for (const ss of systems) {
       const a = config.storageSystems.find((s) => s.id === ss.spec.id)!.admin;
       const auth = { token: tokens.get(ss.spec.id)!, readOpen: sec.adminReadOpen, hosts: sec.adminHosts };
-      admins.push(await startAdminServer(ss, { host: a.host, port: a.port, log: log.child({ ss: ss.spec.id }), peers, auth }));
+      const https = adminServerTls(cfg, ss.spec.id);
+      admins.push(await startAdminServer(ss, { host: a.host, port: a.port, log: log.child({ ss: ss.spec.id }), peers: peersTls, auth, ...(https ? { https } : {}) }));
     }
     // The CFS server (docs/cfs.md) runs in the process of the storage system cfs.ss names.
     if (config.cfs && opts.cfs !== false && ids.includes(config.cfs.ss)) {

@@ -6,14 +6,14 @@
 //   storageSystems[].peer                security.ca and the SS's tls cert/key   security.insecure
 //   storageSystems[].iscsi               iscsiChapFile                          security.insecure
 //   cfs.listen                           cfs.tokenFile and cfs.tls              security.insecure
-//   storageSystems[].admin               nothing more: every call needs the admin token
+//   storageSystems[].admin               nothing more: every call needs the admin token (HTTPS with security.adminTls)
 import net from 'node:net';
 import path from 'node:path';
 import type { ClusterConfig, HostPort, Parsed, RawProblem, SecurityConfig, Segment } from './config.js';
 
 export function buildSecurity(p: Parsed, config: ClusterConfig, baseDir: string): SecurityConfig {
   const s = p.security ?? {};
-  const out: SecurityConfig = { insecure: s.insecure ?? false, adminHosts: s.adminHosts ?? [], adminReadOpen: s.adminReadOpen ?? false };
+  const out: SecurityConfig = { insecure: s.insecure ?? false, adminHosts: s.adminHosts ?? [], adminReadOpen: s.adminReadOpen ?? false, adminTls: s.adminTls ?? false };
   if (s.ca !== undefined) out.ca = path.resolve(baseDir, s.ca);
   if (s.adminTokenFile !== undefined) out.adminTokenFile = path.resolve(baseDir, s.adminTokenFile);
   if (s.client !== undefined) out.client = { cert: path.resolve(baseDir, s.client.cert), key: path.resolve(baseDir, s.client.key) };
@@ -51,6 +51,9 @@ export function checkSecurity(config: ClusterConfig, problems: RawProblem[]): vo
       if (tls.verifyClients && sec.ca === undefined && tls.pskFile === undefined) {
         report(['storageSystems', i, 'tls', 'verifyClients'], 'verifyClients needs security.ca (the CA that signs client certificates) or a pskFile');
       }
+    }
+    if (sec.adminTls && (tls?.cert === undefined || sec.ca === undefined)) {
+      report(['storageSystems', i, 'tls'], `security.adminTls serves the admin API over HTTPS with each storage system's certificate: storage system ${ss.id} needs tls.cert and tls.key, and security.ca for the clients`);
     }
     if (sec.ca !== undefined && peered.has(ss.id) && (tls?.cert === undefined || tls.key === undefined)) {
       report(['storageSystems', i, 'tls'], `security.ca turns on mutual TLS between storage systems: storage system ${ss.id} needs tls.cert and tls.key (a certificate with CN=ss${ss.id} signed by that CA)`);

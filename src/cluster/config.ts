@@ -68,6 +68,8 @@ export interface SecurityConfig {
   adminHosts: string[];
   /** GET requests need no token. */
   adminReadOpen: boolean;
+  /** The admin API serves HTTPS with each storage system's tls.cert; clients check it against `ca`. */
+  adminTls: boolean;
   /** What our own NBD clients (gateways, the CFS) present to a storage system that verifies clients. Absolute. */
   client?: { cert: string; key: string };
 }
@@ -401,6 +403,7 @@ export const SecuritySchema = mapping({
   adminTokenFile: filePath.optional(),
   adminHosts: list(adminHost).optional(),
   adminReadOpen: bool.optional(),
+  adminTls: bool.optional(),
   client: mapping({ cert: filePath, key: filePath }).optional(),
 });
 export const CacheSchema = mapping({ size: cacheSize });
@@ -589,7 +592,7 @@ export function build(p: Parsed, source: string, baseDir: string, problems: RawP
       problems.push({ path: ['faults', k], message: e.message });
     }
   });
-  const out: ClusterConfig = { source, clusterSize: p.clusterSize ?? DEFAULT_CLUSTER_SIZE, peerTimeout: p.peerTimeout ?? DEFAULT_PEER_TIMEOUT_MS, storageSystems, pairs, faults, security: { insecure: false, adminHosts: [], adminReadOpen: false } };
+  const out: ClusterConfig = { source, clusterSize: p.clusterSize ?? DEFAULT_CLUSTER_SIZE, peerTimeout: p.peerTimeout ?? DEFAULT_PEER_TIMEOUT_MS, storageSystems, pairs, faults, security: { insecure: false, adminHosts: [], adminReadOpen: false, adminTls: false } };
   if (p.etcd) out.etcd = { endpoints: p.etcd.endpoints, prefix: p.etcd.prefix ?? '/blockmirror', leaseTtl: p.etcd.leaseTtl ?? 2000 };
   return out;
 }

@@ -81,3 +81,15 @@ export function cfsServerTls(config: ClusterConfig): { cert: Buffer; key: Buffer
 export function cfsClientCa(config: ClusterConfig): Buffer | undefined {
   return config.cfs?.tls && config.security.ca ? readPublic(config.security.ca, 'CA certificate') : undefined;
 }
+
+/** security.adminTls: this storage system's certificate and key for HTTPS. */
+export function adminServerTls(config: ClusterConfig, ssId: number): { cert: Buffer; key: Buffer } | undefined {
+  if (!config.security.adminTls) return undefined;
+  const ss = config.storageSystems.find((s) => s.id === ssId)!;
+  return { cert: readPublic(ss.tls!.cert!, 'certificate'), key: Buffer.from(readSecretFile(ss.tls!.key!, 'private key').text) };
+}
+
+/** security.adminTls: the CA admin clients check the servers' certificates against. */
+export function adminClientCa(config: ClusterConfig): Buffer | undefined {
+  return config.security.adminTls && config.security.ca ? readPublic(config.security.ca, 'CA certificate') : undefined;
+}
