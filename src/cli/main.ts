@@ -8,6 +8,7 @@ import { registerCfsCommand } from './cfs.js';
 import { registerFaultCommand } from './fault.js';
 import { registerGatewayCommand } from './gateway.js';
 import { registerAdminCommand } from './admin.js';
+import { registerSvolCommand } from './svol.js';
 import { UsageError } from './errors.js';
 
 export function buildProgram(): Command {
@@ -26,6 +27,7 @@ export function buildProgram(): Command {
   registerFaultCommand(program);
   registerGatewayCommand(program);
   registerAdminCommand(program);
+  registerSvolCommand(program);
   return program;
 }
 
