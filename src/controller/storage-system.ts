@@ -265,7 +265,7 @@ export class StorageSystem implements AdminTarget {
       this.iscsi = started.server;
       this.iscsiAddress = started.address;
     }
-    this.log.info({ nbd: this.nbdAddress, socket: spec.nbdSocket, volumes: [...this.volumes.keys()].map((v) => `vol${v}`) }, `storage system ${spec.id} serving NBD on ${this.nbdAddress}`);
+    this.log.info({ nbd: this.nbdAddress, socket: spec.nbdSocket, volumes: [...this.nbd.exports.list()].map((e) => e.name) }, `storage system ${spec.id} serving NBD on ${this.nbdAddress}`);
     // Sessions start once our own NBD listener is up: the peers' data connections come to it.
     for (const link of this.links.values()) link.start();
   }

@@ -139,7 +139,11 @@ export class SvolGroup {
     }
     this.save();
     this.log.info({ state: this.rec.state, generation: this.rec.generation, map: this.rec.logical.map((l) => `vol${l.id}->${l.vol}`) }, 'S-VOL group ready');
-    if (this.rec.restore) this.startRestore();
+    const r = this.rec.restore;
+    if (r) {
+      this.log.warn({ logical: this.rec.logical[r.logical]!.id, target: r.target, next: r.next }, `S-VOL group ${this.name}: resuming the restore of vol${this.rec.logical[r.logical]!.id} onto volume ${r.target} at cluster ${r.next} of ${this.clusters}`);
+      this.startRestore();
+    }
     this.wake();
   }
 
