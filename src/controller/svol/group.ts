@@ -80,6 +80,8 @@ export class SvolGroup {
   private drained: (() => void) | null = null;
   private copying: Promise<void> | null = null;
   private restoring: Promise<void> | null = null;
+  /** A remap's bitmap write, before its copy starts. */
+  private pending: Promise<void> | null = null;
   private closed = false;
   private readonly file: string | undefined;
   private readonly log: Logger;
@@ -266,7 +268,8 @@ export class SvolGroup {
   /** Serve a failed member: the P-VOL while paired; else an RO sibling of its generation, its increments first. */
   private async degradedRead(i: number, offset: number, dest: Buffer): Promise<void> {
     const l = this.rec.logical[i]!;
-    if (this.rec.state === 'paired') {
+    // A member without a split generation is (or was) paired: the P-VOL holds its data.
+    if (l.generation === undefined) {
       this.count(this.spec.pvol, 'reads');
       return this.dev(this.spec.pvol).read(offset, dest);
     }
@@ -372,7 +375,7 @@ export class SvolGroup {
     const l = this.rec.logical[i]!;
     if (this.rec.restore) throw new PairCommandError('refused', `${this.name}: a restore of vol${this.rec.logical[this.rec.restore.logical]!.id} is running; vol${l.id} waits for it`);
     const spareAt = this.rec.pool.findIndex((p) => p.state === 'spare');
-    if (this.rec.state !== 'split') {
+    if (l.generation === undefined) {
       if (spareAt < 0) throw new PairCommandError('refused', `${this.name}: no spare to replace vol${l.id}; its reads come from the P-VOL`);
       const spare = this.rec.pool.splice(spareAt, 1)[0]!;
       this.rec.pool.push({ vol: l.vol, state: 'error', error: reason });
@@ -381,7 +384,14 @@ export class SvolGroup {
       l.state = this.rec.state === 'simplex' ? 'simplex' : 'paired';
       delete l.error;
       this.bitmaps[i]!.setAllInvalid();
-      void this.store.mark([i], 0, this.clusters - 1).then(() => this.wake());
+      const marked: Promise<void> = this.store
+        .mark([i], 0, this.clusters - 1)
+        .then(() => this.wake())
+        .catch((e: Error) => this.log.error({ err: e.message }, `S-VOL group ${this.name}: bitmap: ${e.message}`))
+        .finally(() => {
+          if (this.pending === marked) this.pending = null;
+        });
+      this.pending = marked;
       this.save();
       return;
     }
@@ -630,24 +640,28 @@ export class SvolGroup {
     const i = this.index(member);
     const l = this.rec.logical[i]!;
     this.busy('restore');
-    if (this.rec.state !== 'split') throw new PairCommandError('refused', `restore ${this.name}: the group is ${this.rec.state}; paired members are copied from the P-VOL (svol init)`);
+    if (l.generation === undefined && l.state !== 'error') throw new PairCommandError('refused', `restore ${this.name}: vol${l.id} is ${l.state}; a paired member is copied from the P-VOL (svol init)`);
     this.recover(i, l.error ?? 'restore by hand', true);
   }
 
+  /** RO or RW for a logical ID; spare for a volume of the pool (a replaced member, repaired). */
   async setAttr(member: string, attr: 'RO' | 'RW' | 'spare'): Promise<void> {
     const n = Number(member.replace(/^vol/, ''));
-    const li = this.rec.logical.findIndex((l) => l.id === n);
-    if (li < 0) {
+    if (attr === 'spare') {
       const p = this.rec.pool.find((x) => x.vol === n);
-      if (!p) throw new PairCommandError('not-found', `group ${this.name} has no logical ID or pool volume ${member}`);
-      if (attr !== 'spare') throw new PairCommandError('refused', `attr ${this.name} ${member}: volume ${n} is in the pool (${p.state}); a pool volume takes a logical ID only by a recovery`);
+      if (!p) {
+        const exported = this.rec.logical.find((l) => l.vol === n);
+        if (exported) throw new PairCommandError('refused', `attr ${this.name} ${member} spare: volume ${n} serves vol${exported.id} to hosts; only a replaced volume of the pool becomes a spare again`);
+        throw new PairCommandError('not-found', `group ${this.name} has no volume ${n} in its pool (its pool: ${this.rec.pool.map((x) => `${x.vol} (${x.state})`).join(', ') || 'empty'})`);
+      }
       p.state = 'spare';
       delete p.error;
       this.save();
+      this.log.info({ vol: n }, `S-VOL group ${this.name}: volume ${n} is a spare again`);
       return;
     }
+    const li = this.index(member);
     const l = this.rec.logical[li]!;
-    if (attr === 'spare') throw new PairCommandError('refused', `attr ${this.name} ${member}: vol${l.id} is exported to hosts; only a replaced volume of the pool becomes a spare again`);
     if (l.attr === attr) return;
     return this.quiesce(async () => {
       const release = await this.logicalLocks[li]!.acquire(0, this.size);
@@ -706,7 +720,7 @@ export class SvolGroup {
 
   /** Resolves once no copy or restore runs (tests, close). */
   async idle(): Promise<void> {
-    while (this.copying || this.restoring) await Promise.all([this.copying, this.restoring]);
+    while (this.copying || this.restoring || this.pending) await Promise.all([this.copying, this.restoring, this.pending]);
   }
 
   async close(): Promise<void> {
