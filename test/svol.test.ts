@@ -5,6 +5,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { adminFetch } from './helpers/admin.js';
+import { requireTools } from './helpers/clients.js';
+import { RawInitiator } from './helpers/iscsi-raw.js';
 import { openSession, writeAt } from './helpers/raw.js';
 import { CLI, freePort, run, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
 import type { SvolGroupStatus } from '../src/controller/svol/status.js';
@@ -36,7 +38,14 @@ const GROUP = `
           - { vol: 5, attr: spare }
           - { vol: 6, attr: spare }`;
 
-function writeConfig(dir: string, nbd: number, admin: number, opts: { size?: string; incrSize?: string; group?: string } = {}): string {
+interface StartOptions {
+  size?: string;
+  incrSize?: string;
+  group?: string;
+  iscsi?: number;
+}
+
+function writeConfig(dir: string, nbd: number, admin: number, opts: StartOptions = {}): string {
   const file = path.join(dir, 'cluster.yaml');
   const size = opts.size ?? '8MiB';
   fs.writeFileSync(
@@ -47,7 +56,7 @@ storageSystems:
   - id: 1
     nbd: 127.0.0.1:${nbd}
     admin: 127.0.0.1:${admin}
-    dataDir: data
+    dataDir: data${opts.iscsi ? `\n    iscsi: 127.0.0.1:${opts.iscsi}` : ''}
     volumes:
 ${[1, 2, 3, 4, 5, 6].map((v) => `      - { id: ${v}, size: ${size} }`).join('\n')}
       - { id: 9, size: ${opts.incrSize ?? '4MiB'} }
@@ -57,12 +66,12 @@ ${opts.group ?? GROUP}
   return file;
 }
 
-async function start(opts: { size?: string; incrSize?: string; group?: string } = {}): Promise<Cluster> {
+async function start(opts: StartOptions = {}): Promise<Cluster> {
   const nbd = await freePort();
   const admin = await freePort();
   const dir = tmpDir('bm-svol-');
   const file = writeConfig(dir, nbd, admin, opts);
-  const c = await startUp(file, [nbd, admin]);
+  const c = await startUp(file, [nbd, admin, ...(opts.iscsi ? [opts.iscsi] : [])]);
   running.push(c);
   return { c, nbd, admin, file, data: path.join(dir, 'data') };
 }
@@ -195,6 +204,10 @@ describe('S-VOL groups over NBD', () => {
     const k = await start();
     const size = 8 * MiB;
     const image = await splitGroup(k, size);
+    // The dashboard's cluster view lists the group, and its page has the table for it.
+    const view = (await (await adminFetch(`http://127.0.0.1:${k.admin}/api/cluster`)).json()) as { svolGroups: (SvolGroupStatus & { ss: number })[] };
+    expect(view.svolGroups.map((g) => [g.name, g.ss, g.state, g.generation, g.members.length])).toEqual([['backup', 1, 'split', 1, 5]]);
+    expect(await (await adminFetch(`http://127.0.0.1:${k.admin}/`)).text()).toContain('id="svol-groups"');
 
     const q = await qemuIo(uri(k, 2), ['write -P 0x55 0 4k']);
     expect(q.code).not.toBe(0);
@@ -213,6 +226,38 @@ describe('S-VOL groups over NBD', () => {
     expect((await hostImage(k, 3)).equals(image)).toBe(true);
     await k.c.stop();
     for (const v of [1, 2, 3, 4]) expect(volFile(k, v).equals(image), `vol${v}.img`).toBe(true);
+  });
+
+  it('serves the logical IDs as iSCSI LUNs: an RO member is write protected (DATA PROTECT), an RW member takes writes that NBD reads back', async () => {
+    requireTools('qemu-io', 'iscsi-ls');
+    const iscsi = await freePort();
+    const k = await start({ iscsi });
+    const image = await splitGroup(k, 8 * MiB);
+    const target = 'iqn.2026-12.org.blockmirror:ss1';
+    const ls = await run('iscsi-ls', ['-s', `iscsi://127.0.0.1:${iscsi}`]);
+    expect(ls.stdout).toMatch(/Lun:40\s+Type:DIRECT_ACCESS/);
+    expect(ls.stdout).not.toMatch(/Lun:5\s/);
+
+    const ini = await RawInitiator.connect(iscsi);
+    try {
+      await ini.login(target);
+      // WRITE(10) of one block at LBA 0 of the RO member.
+      const w = await ini.scsi(40, Buffer.from([0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0]), { dataOut: Buffer.alloc(512, 0x55) });
+      expect(w.status).toBe(2);
+      expect(w.senseKey).toBe(0x07);
+      expect(w.asc).toBe(0x2700);
+    } finally {
+      ini.sock.destroy();
+    }
+    const rw = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x3c 64k 128k', '-c', 'flush', `iscsi://127.0.0.1:${iscsi}/${target}/3`]);
+    expect(rw.code, rw.stderr).toBe(0);
+    const expected = Buffer.from(image);
+    expected.fill(0x3c, 64 * KiB, 192 * KiB);
+    expect((await hostImage(k, 3)).equals(expected)).toBe(true);
+    expect(member(await query(k), 3).increments).toMatchObject({ clusters: 2 });
+    await k.c.stop();
+    expect(volFile(k, 3).equals(expected)).toBe(true);
+    for (const v of [1, 2, 4]) expect(volFile(k, v).equals(image), `vol${v}.img`).toBe(true);
   });
 
   it('rebuilds a failed RW member on a spare from an RO sibling plus its increments, and a failed RO member from a sibling, keeping their logical IDs across a restart', async () => {
