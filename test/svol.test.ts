@@ -307,6 +307,27 @@ describe('S-VOL groups over NBD', () => {
     for (const v of [1, 2, 6]) expect(volFile(k, v).equals(image), `vol${v}.img`).toBe(true);
   });
 
+  it('finds silent corruption of an RO member with svol verify and restores it from a sibling onto a spare; the host then reads the right bytes', async () => {
+    const k = await start();
+    const image = await splitGroup(k, 8 * MiB);
+    await hostWrite(k, 1, 0, 2 * MiB, 0x22); // the P-VOL moves on: those clusters are not compared
+    const clean = await cli('svol', 'verify', 'backup', '-c', k.file);
+    expect(clean.code, clean.stderr).toBe(0);
+    expect(clean.stdout).toMatch(/verify at .*: 384 clusters checked; no data errors/);
+
+    expect((await cli('fault', 'set', '-c', k.file, '1:4', 'corrupt', '--range', '4MiB:128KiB')).code).toBe(0);
+    const found = await cli('svol', 'verify', 'backup', '-c', k.file, '--wait');
+    expect(found.code).toBe(1);
+    expect(found.stdout).toContain('vol40: 2 clusters differ (first 64, 65)');
+    const g = await waitFor(k, (s) => !s.restore && member(s, 40).state === 'split', 'vol40 restored');
+    expect(member(g, 40).vol).toBe(5);
+    expect(g.members.find((m) => m.vol === 4)).toMatchObject({ state: 'error', error: expect.stringContaining('data error: 2 clusters differ') });
+    expect((await hostImage(k, 40)).equals(image)).toBe(true);
+    await k.c.stop();
+    expect(volFile(k, 5).equals(image)).toBe(true);
+    expect(volFile(k, 2).equals(image)).toBe(true);
+  });
+
   it('refuses to rebuild an RW member when no RO sibling shares its split generation', async () => {
     const k = await start({
       group: `

@@ -89,7 +89,7 @@ export async function clearFault(addr: AdminEndpoint | string, target: string, k
   return faultsOf(ep, await request(ep, 'DELETE', `/api/faults/${encodeURIComponent(target)}${q}`, timeoutMs, `fault clear ${target}: `));
 }
 
-export type SvolCommandName = 'init' | 'split' | 'resync' | 'restore' | 'attr';
+export type SvolCommandName = 'init' | 'split' | 'resync' | 'restore' | 'attr' | 'verify';
 
 /** GET /api/svol/NAME: the group's members, map, states and restore progress. */
 export async function svolQuery(addr: AdminEndpoint | string, name: string, timeoutMs: number): Promise<SvolGroupStatus> {

@@ -12,7 +12,7 @@
 //   PUT  /api/faults/:target/:kind { faults }  body: fault options (docs/faults.md)   400 bad options, 404 no such target
 //   DELETE /api/faults/:target    { faults }  ?kind= to clear one kind
 //   GET  /api/svol/:name          SvolGroupStatus              404 unknown group
-//   POST /api/svol/:name/init|split|resync|restore|attr  { group: SvolGroupStatus }
+//   POST /api/svol/:name/init|split|resync|restore|attr|verify  { group: SvolGroupStatus }
 //                                 body { member?, attr? }      404 unknown group or member, 409 refused
 //   GET  /healthz                 { ok: true }
 //   GET  /metrics                 Prometheus text format       (metrics.ts)
@@ -222,7 +222,7 @@ export function buildApp(target: AdminTarget, log: Logger, opts: { peers?: Admin
     if (!target.svolStatus) throw new PairCommandError('not-found', `no S-VOL group named ${name}`);
     return target.svolStatus(name);
   });
-  for (const command of ['init', 'split', 'resync', 'restore', 'attr'] as const) {
+  for (const command of ['init', 'split', 'resync', 'restore', 'attr', 'verify'] as const) {
     route(app, 'POST', `/api/svol/:name/${command}`, async (req) => {
       const name = (req.params as NameParams).name;
       if (!target.svolCommand) throw new PairCommandError('not-found', `no S-VOL group named ${name}`);

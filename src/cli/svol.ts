@@ -6,6 +6,7 @@
 //   svol resync  GROUP [--member ID]    copy only what changed since the split, pair again
 //   svol restore GROUP ID               run the member's recovery by hand
 //   svol attr    GROUP ID RO|RW|spare   change an attribute
+//   svol verify  GROUP [--wait]         find data errors; restore the members that have them
 //   svol query   GROUP [--json]         members, map, states, generation, access, increments
 //
 // A member is named by its logical ID (the N of its export volN), or a pool volume by its id.
@@ -32,9 +33,9 @@ export function registerSvolCommand(program: Command): void {
     .description('S-VOL groups: a P-VOL with RO, RW and spare secondary volumes (docs/svol.md)')
     .argument('[command]')
     .allowExcessArguments()
-    .usage('init|split|resync|restore|attr|query <group> ... -c <file>')
+    .usage('init|split|resync|restore|attr|verify|query <group> ... -c <file>')
     .action((sub: string | undefined) => {
-      const expected = 'init, split, resync, restore, attr, query';
+      const expected = 'init, split, resync, restore, attr, verify, query';
       throw new UsageError(sub === undefined ? `svol: missing command (${expected})` : `svol: unknown command "${sub}" (expected ${expected})`);
     });
   const common = (c: Command) =>
@@ -43,24 +44,31 @@ export function registerSvolCommand(program: Command): void {
   common(svol.command('init <group>').description('full copy from the P-VOL to every member; members paired'))
     .option('--wait', 'wait until every member holds a full copy')
     .addHelpText('after', EXAMPLE('init backup -c cluster.yaml --wait'))
-    .action((group: string, opts: Options) => send(group, 'init', opts, {}));
+    .action(async (group: string, opts: Options) => void (await send(group, 'init', opts, {})));
   common(svol.command('split <group>').description('split every member at one instant: point-in-time images; RW members log their writes'))
     .addHelpText('after', EXAMPLE('split backup -c cluster.yaml'))
-    .action((group: string, opts: Options) => send(group, 'split', opts, {}));
+    .action(async (group: string, opts: Options) => void (await send(group, 'split', opts, {})));
   common(svol.command('resync <group>').description('rejoin the P-VOL, copying only the clusters changed on either side since the split'))
     .option('--member <id>', 'resync only this member (its logical ID)')
     .option('--wait', 'wait until the copy is done')
     .addHelpText('after', EXAMPLE('resync backup --member 3 -c cluster.yaml'))
-    .action((group: string, opts: Options) => send(group, 'resync', opts, opts.member !== undefined ? { member: memberArg(opts.member) } : {}));
+    .action(async (group: string, opts: Options) => void (await send(group, 'resync', opts, opts.member !== undefined ? { member: memberArg(opts.member) } : {})));
   common(svol.command('restore <group> <member>').description('run the recovery of a member by hand: rebuild it from an RO sibling of its split generation'))
     .option('--wait', 'wait until the restore is done (a progress bar on a terminal)')
     .addHelpText('after', EXAMPLE('restore backup 2 -c cluster.yaml --wait'))
-    .action((group: string, member: string, opts: Options) => send(group, 'restore', opts, { member: memberArg(member) }));
+    .action(async (group: string, member: string, opts: Options) => void (await send(group, 'restore', opts, { member: memberArg(member) })));
   common(svol.command('attr <group> <member> <attr>').description('set the attribute of a member: RO, RW, or spare (a replaced volume back in the pool)'))
     .addHelpText('after', EXAMPLE('attr backup 2 RW -c cluster.yaml'))
-    .action((group: string, member: string, attr: string, opts: Options) => {
+    .action(async (group: string, member: string, attr: string, opts: Options) => {
       if (attr !== 'RO' && attr !== 'RW' && attr !== 'spare') throw new UsageError(`svol attr: unknown attribute "${attr}" (expected RO, RW or spare)`);
-      return send(group, 'attr', opts, { member: memberArg(member), attr });
+      await send(group, 'attr', opts, { member: memberArg(member), attr });
+    });
+  common(svol.command('verify <group>').description('compare each member with the P-VOL where neither side changed since the split; restore members with data errors from an RO sibling'))
+    .option('--wait', 'wait until the restores it started are done')
+    .addHelpText('after', EXAMPLE('verify backup -c cluster.yaml --wait'))
+    .action(async (group: string, opts: Options) => {
+      const s = await send(group, 'verify', opts, {});
+      if (s.verify?.members.some((m) => m.differing > 0)) process.exitCode = 1;
     });
   common(svol.command('query <group>').description('members, attributes, states, logical->physical map, split generation, access frequency, increments, restore progress'))
     .option('--json', 'print the status as JSON')
@@ -92,11 +100,12 @@ function endpointOf(config: ClusterConfig, file: string, group: string): AdminEn
   return adminEndpoint(config, ss);
 }
 
-async function send(group: string, command: SvolCommandName, opts: Options, body: { member?: string; attr?: string }): Promise<void> {
+async function send(group: string, command: SvolCommandName, opts: Options, body: { member?: string; attr?: string }): Promise<SvolGroupStatus> {
   const { ep, timeoutMs } = target(group, opts);
   let s = await svolCommand(ep, group, command, body, timeoutMs);
   if (opts.wait) s = await follow(ep, group, s, timeoutMs);
   process.stdout.write(formatGroup(s));
+  return s;
 }
 
 /** Poll until no copy and no restore runs; a progress bar on a terminal. */
@@ -146,5 +155,9 @@ export function formatGroup(s: SvolGroupStatus): string {
   const restore = r
     ? `restore: vol${r.logicalId} onto volume ${r.target} from volume ${r.donor} (replacing ${r.failed}): ${r.copiedClusters}/${r.totalClusters} clusters (${Math.floor((100 * r.copiedClusters) / Math.max(1, r.totalClusters))}%), ${r.reason}\n`
     : '';
-  return head + table + restore;
+  const v = s.verify;
+  const verify = v
+    ? `verify at ${v.time}: ${v.checkedClusters} clusters checked; ${v.members.every((m) => m.differing === 0) ? 'no data errors' : v.members.filter((m) => m.differing > 0).map((m) => `vol${m.logicalId}: ${m.differing} clusters differ (first ${m.first.slice(0, 5).join(', ')})`).join('; ')}\n`
+    : '';
+  return head + table + restore + verify;
 }

@@ -214,7 +214,7 @@ export interface AdminTarget {
   clearFault?(target: string, kind?: string): FaultStatus[];
   /** S-VOL groups (docs/svol.md); without them the svol routes answer 404. */
   svolStatus?(name: string): SvolGroupStatus;
-  svolCommand?(name: string, command: 'init' | 'split' | 'resync' | 'restore' | 'attr', opts?: { member?: string; attr?: 'RO' | 'RW' | 'spare' }): Promise<SvolGroupStatus>;
+  svolCommand?(name: string, command: 'init' | 'split' | 'resync' | 'restore' | 'attr' | 'verify', opts?: { member?: string; attr?: 'RO' | 'RW' | 'spare' }): Promise<SvolGroupStatus>;
 }
 
 /**

@@ -92,7 +92,7 @@ export interface ClusterHooks {
   onSuspend?: (pair: string, mirrors: VolRef[], reason: string) => Promise<void>;
 }
 
-export type SvolCommand = 'init' | 'split' | 'resync' | 'restore' | 'attr';
+export type SvolCommand = 'init' | 'split' | 'resync' | 'restore' | 'attr' | 'verify';
 
 export class StorageSystem implements AdminTarget {
   readonly nbd: NbdServer;
@@ -328,6 +328,7 @@ export class StorageSystem implements AdminTarget {
     else if (command === 'split') await g.split();
     else if (command === 'resync') await g.resync(opts.member);
     else if (command === 'restore') await g.restore(opts.member!);
+    else if (command === 'verify') await g.verify();
     else {
       if (opts.attr === undefined) throw new PairCommandError('refused', `attr ${name} ${opts.member}: give the attribute, RO, RW or spare`);
       await g.setAttr(opts.member!, opts.attr);

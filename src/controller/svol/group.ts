@@ -39,7 +39,7 @@ import { FileBitmapStore, MemoryBitmapStore, type BitmapStore } from '../bitmap-
 import { PairCommandError } from '../status.js';
 import { readGroupRecord, saveGroupRecord, type GroupRecord, type LogicalRecord } from './group-file.js';
 import { IncrementsVolume } from './increments.js';
-import type { SvolGroupStatus, SvolMemberStatus } from './status.js';
+import type { SvolGroupStatus, SvolMemberStatus, SvolVerifyStatus } from './status.js';
 
 export interface SvolGroupSpec {
   name: string;
@@ -85,6 +85,7 @@ export class SvolGroup {
   private closed = false;
   private readonly file: string | undefined;
   private readonly log: Logger;
+  private lastVerify: SvolVerifyStatus | undefined;
 
   constructor(
     readonly spec: SvolGroupSpec,
@@ -644,6 +645,71 @@ export class SvolGroup {
     this.recover(i, l.error ?? 'restore by hand', true);
   }
 
+  /**
+   * Look for data errors: where a member's bitmap says neither side changed since the split (or
+   * the copy is done), its cluster must equal the P-VOL's. A split member that differs is
+   * restored from an RO sibling of its generation (onto a spare, else in place); a paired one
+   * gets the differing clusters copied again from the P-VOL.
+   */
+  async verify(): Promise<SvolVerifyStatus> {
+    this.busy('verify');
+    const cs = this.ctx.clusterSize;
+    const run = Math.max(1, Math.floor(COPY_RUN / cs));
+    const result: SvolVerifyStatus = { time: new Date().toISOString(), checkedClusters: 0, members: [] };
+    const a = Buffer.allocUnsafe(run * cs);
+    const b = Buffer.allocUnsafe(run * cs);
+    for (let i = 0; i < this.rec.logical.length; i++) {
+      const l = this.rec.logical[i]!;
+      if (l.state !== 'split' && l.state !== 'paired') continue;
+      const differing: number[] = [];
+      for (let first = 0; first < this.clusters && !this.closed; first += run) {
+        const off = first * cs;
+        const len = Math.min(run * cs, this.size - off);
+        const releaseP = await this.pvolLock.acquire(off, len);
+        const releaseL = await this.logicalLocks[i]!.acquire(off, len);
+        try {
+          if (l.state !== 'split' && l.state !== 'paired') break;
+          await this.dev(this.spec.pvol).read(off, a.subarray(0, len));
+          this.count(l.vol, 'reads');
+          await this.dev(l.vol).read(off, b.subarray(0, len));
+          for (let c = first; c < first + Math.ceil(len / cs); c++) {
+            if (this.bitmaps[i]!.isInvalid(c)) continue;
+            const o = (c - first) * cs;
+            const e = Math.min(o + cs, len);
+            if (!a.subarray(o, e).equals(b.subarray(o, e))) differing.push(c);
+          }
+        } catch (e) {
+          this.fail(i, 'verify', e as Error);
+          break;
+        } finally {
+          releaseL();
+          releaseP();
+        }
+        result.checkedClusters += Math.ceil(len / cs);
+      }
+      result.members.push({ logicalId: l.id, vol: l.vol, differing: differing.length, first: differing.slice(0, 20) });
+      if (differing.length === 0) continue;
+      const reason = `data error: ${differing.length} clusters differ from the P-VOL where neither side changed (first ${differing.slice(0, 5).join(', ')})`;
+      this.log.error({ logical: l.id, vol: l.vol, differing: differing.length }, `S-VOL group ${this.name}: verify: vol${l.id} (volume ${l.vol}): ${reason}`);
+      if (l.state === 'paired') {
+        for (const c of differing) this.bitmaps[i]!.setInvalid(c);
+        for (const c of differing) await this.store.mark([i], c, c);
+        this.wake();
+        continue;
+      }
+      l.state = 'error';
+      l.error = reason;
+      this.save();
+      try {
+        this.recover(i, reason, true);
+      } catch (e) {
+        this.log.error({ logical: l.id, err: (e as Error).message }, `S-VOL group ${this.name}: vol${l.id} cannot be restored now`);
+      }
+    }
+    this.lastVerify = result;
+    return result;
+  }
+
   /** RO or RW for a logical ID; spare for a volume of the pool (a replaced member, repaired). */
   async setAttr(member: string, attr: 'RO' | 'RW' | 'spare'): Promise<void> {
     const n = Number(member.replace(/^vol/, ''));
@@ -714,6 +780,7 @@ export class SvolGroup {
       clusterSize: this.ctx.clusterSize,
       clusters: this.clusters,
       members,
+      ...(this.lastVerify ? { verify: this.lastVerify } : {}),
       ...(r ? { restore: { logicalId: this.rec.logical[r.logical]!.id, target: r.target, donor: r.donor, failed: r.failed, copiedClusters: r.next, totalClusters: this.clusters, reason: r.reason } } : {}),
     };
   }

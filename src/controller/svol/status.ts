@@ -32,6 +32,13 @@ export interface SvolRestoreStatus {
   reason: string;
 }
 
+/** The last `svol verify`: per member, the clusters found different from the P-VOL where neither side changed. */
+export interface SvolVerifyStatus {
+  time: string;
+  checkedClusters: number;
+  members: { logicalId: number; vol: number; differing: number; first: number[] }[];
+}
+
 export interface SvolGroupStatus {
   name: string;
   pvol: number;
@@ -44,4 +51,5 @@ export interface SvolGroupStatus {
   clusters: number;
   members: SvolMemberStatus[];
   restore?: SvolRestoreStatus;
+  verify?: SvolVerifyStatus;
 }
