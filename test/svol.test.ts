@@ -307,6 +307,46 @@ describe('S-VOL groups over NBD', () => {
     for (const v of [1, 2, 6]) expect(volFile(k, v).equals(image), `vol${v}.img`).toBe(true);
   });
 
+  it('keeps fio --verify on the RW member and a reader of an RO member free of errors while the RW member fails and is rebuilt under them', async () => {
+    requireTools('fio', 'nbdcopy');
+    const k = await start({ incrSize: '9MiB' });
+    const image = await splitGroup(k, 8 * MiB);
+    const fio = run(
+      'fio',
+      [
+        '--name=svol', '--ioengine=nbd', `--uri=${uri(k, 3)}`, '--rw=randwrite', '--bs=4k', '--iodepth=8', '--size=8M', '--io_size=32M',
+        '--verify=crc32c', '--verify_fatal=1', '--do_verify=1', '--verify_state_save=0', '--output-format=json', `--directory=${path.dirname(k.data)}`,
+      ],
+      { timeoutMs: 180_000 },
+    );
+    let fioDone = false;
+    void fio.then(() => (fioDone = true));
+    let reading = true;
+    const reads: boolean[] = [];
+    const reader = (async () => {
+      while (reading) reads.push((await hostImage(k, 40)).equals(image));
+    })();
+    await waitFor(k, (g) => (member(g, 3).increments?.clusters ?? 0) >= 32, 'fio under way');
+    expect((await cli('fault', 'set', '-c', k.file, '1:3', 'error')).code).toBe(0);
+    expect(fioDone).toBe(false);
+    const g = await waitFor(k, (s) => member(s, 3).vol === 5 && member(s, 3).state === 'split', 'vol3 rebuilt on volume 5');
+    expect(g.members.find((m) => m.vol === 3)).toMatchObject({ state: 'error' });
+    const r = await fio;
+    reading = false;
+    await reader;
+    const job = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))) as { jobs: { error: number; write: { io_bytes: number } }[] };
+    expect(r.code, r.stderr + r.stdout.slice(0, 2000)).toBe(0);
+    expect(job.jobs[0]!.error).toBe(0);
+    expect(job.jobs[0]!.write.io_bytes).toBeGreaterThanOrEqual(8 * MiB);
+    expect(reads.length).toBeGreaterThan(0);
+    expect(reads.every(Boolean)).toBe(true);
+    // What the host reads of vol3 is on its new volume, byte for byte; the RO images never moved.
+    const seen = await hostImage(k, 3);
+    await k.c.stop();
+    expect(volFile(k, 5).equals(seen)).toBe(true);
+    for (const v of [2, 4]) expect(volFile(k, v).equals(image), `vol${v}.img`).toBe(true);
+  });
+
   it('finds silent corruption of an RO member with svol verify and restores it from a sibling onto a spare; the host then reads the right bytes', async () => {
     const k = await start();
     const image = await splitGroup(k, 8 * MiB);
@@ -326,6 +366,63 @@ describe('S-VOL groups over NBD', () => {
     await k.c.stop();
     expect(volFile(k, 5).equals(image)).toBe(true);
     expect(volFile(k, 2).equals(image)).toBe(true);
+  });
+
+  it('answers bad commands with one line and a non-zero exit, and bad API requests with 400, 404 or 409', async () => {
+    const k = await start();
+    const oneLine = (r: { code: number | null; stderr: string }, code: number, text: string) => {
+      expect(r.code).toBe(code);
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
+      expect(r.stderr).toContain(text);
+    };
+    oneLine(await cli('svol'), 2, 'svol: missing command (init, split, resync, restore, attr, verify, query)');
+    oneLine(await cli('svol', 'split', 'nosuch', '-c', k.file), 2, 'unknown S-VOL group "nosuch"');
+    oneLine(await cli('svol', 'attr', 'backup', '3', 'rw', '-c', k.file), 2, 'svol attr: unknown attribute "rw" (expected RO, RW or spare)');
+    oneLine(await cli('svol', 'restore', 'backup', 'three', '-c', k.file), 2, 'invalid member "three"');
+    oneLine(await cli('svol', 'split', 'backup', '-c', k.file), 1, 'the group is not initialized; run svol init first');
+    oneLine(await cli('svol', 'resync', 'backup', '--member', '99', '-c', k.file), 1, 'the group is simplex, not split');
+    await svol(k, 'init', 'backup', '--wait');
+    await svol(k, 'split', 'backup');
+    oneLine(await cli('svol', 'restore', 'backup', '99', '-c', k.file), 1, 'group backup has no logical ID 99 (its logical IDs: 2, 3, 40)');
+    oneLine(await cli('svol', 'attr', 'backup', '3', 'spare', '-c', k.file), 1, 'volume 3 serves vol3 to hosts');
+    const help = await cli('svol', 'split', '--help');
+    expect(help.stdout).toContain('Example:\n  blockmirror svol split backup -c cluster.yaml');
+
+    const api = (p: string, init?: RequestInit) => adminFetch(`http://127.0.0.1:${k.admin}${p}`, init);
+    const post = (p: string, body: string) => api(p, { method: 'POST', headers: { 'content-type': 'application/json' }, body });
+    let res = await api('/api/svol/nosuch');
+    expect(res.status).toBe(404);
+    expect(await res.json()).toEqual({ error: 'no S-VOL group named nosuch in storage system 1 (it has backup)' });
+    res = await post('/api/svol/backup/attr', '{"member": 3, "attr": "bogus"}');
+    expect(res.status).toBe(400);
+    expect(((await res.json()) as { error: string }).error).toMatch(/^attr backup: attr: /);
+    res = await post('/api/svol/backup/restore', '{"member": "3; rm -rf /"}');
+    expect(res.status).toBe(400);
+    res = await post('/api/svol/backup/restore', '{"member": 3, "extra": 1}');
+    expect(res.status).toBe(400);
+    res = await post('/api/svol/backup/split', '{');
+    expect(res.status).toBe(400);
+    res = await post('/api/svol/backup/split', '{}');
+    expect(res.status).toBe(409);
+    expect(await res.json()).toEqual({ error: 'split backup: already split at generation 1; resync first' });
+    res = await api('/api/svol/backup/split');
+    expect(res.status).toBe(405);
+    // Nothing the bad requests did changed the group.
+    const g = await query(k);
+    expect([g.state, g.generation, g.members.map((m) => [m.logicalId, m.vol, m.attr, m.state])]).toEqual([
+      'split',
+      1,
+      [
+        [2, 2, 'RO', 'split'],
+        [3, 3, 'RW', 'split'],
+        [40, 4, 'RO', 'split'],
+        [undefined, 5, 'spare', 'spare'],
+        [undefined, 6, 'spare', 'spare'],
+      ],
+    ]);
+    await k.c.stop();
+    const zero = fill(8 * MiB, 0);
+    for (const v of [1, 2, 3, 4]) expect(volFile(k, v).equals(zero), `vol${v}.img`).toBe(true);
   });
 
   it('refuses to rebuild an RW member when no RO sibling shares its split generation', async () => {
