@@ -314,8 +314,8 @@ describe('S-VOL groups over NBD', () => {
     const fio = run(
       'fio',
       [
-        '--name=svol', '--ioengine=nbd', `--uri=${uri(k, 3)}`, '--rw=randwrite', '--bs=4k', '--iodepth=8', '--size=8M', '--io_size=32M',
-        '--verify=crc32c', '--verify_fatal=1', '--do_verify=1', '--verify_state_save=0', '--output-format=json', `--directory=${path.dirname(k.data)}`,
+        '--name=svol', '--ioengine=nbd', `--uri=${uri(k, 3)}`, '--rw=randwrite', '--bs=4k', '--iodepth=8', '--size=8M', '--io_size=64M',
+        '--rate=,16m', '--verify=crc32c', '--verify_fatal=1', '--do_verify=1', '--verify_state_save=0', '--output-format=json', `--directory=${path.dirname(k.data)}`,
       ],
       { timeoutMs: 180_000 },
     );
@@ -326,14 +326,19 @@ describe('S-VOL groups over NBD', () => {
     const reader = (async () => {
       while (reading) reads.push((await hostImage(k, 40)).equals(image));
     })();
-    await waitFor(k, (g) => (member(g, 3).increments?.clusters ?? 0) >= 32, 'fio under way');
+    await waitFor(k, (g) => (member(g, 3).increments?.clusters ?? 0) >= 8, 'fio under way');
     expect((await cli('fault', 'set', '-c', k.file, '1:3', 'error')).code).toBe(0);
+    // The fault lands in the middle of the workload (fio writes at most 16 MiB/s), not after it.
     expect(fioDone).toBe(false);
-    const g = await waitFor(k, (s) => member(s, 3).vol === 5 && member(s, 3).state === 'split', 'vol3 rebuilt on volume 5');
-    expect(g.members.find((m) => m.vol === 3)).toMatchObject({ state: 'error' });
-    const r = await fio;
-    reading = false;
-    await reader;
+    let r;
+    try {
+      const g = await waitFor(k, (s) => member(s, 3).vol === 5 && member(s, 3).state === 'split', 'vol3 rebuilt on volume 5');
+      expect(g.members.find((m) => m.vol === 3)).toMatchObject({ state: 'error' });
+      r = await fio;
+    } finally {
+      reading = false;
+      await reader;
+    }
     const job = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))) as { jobs: { error: number; write: { io_bytes: number } }[] };
     expect(r.code, r.stderr + r.stdout.slice(0, 2000)).toBe(0);
     expect(job.jobs[0]!.error).toBe(0);
