@@ -296,8 +296,10 @@ export class SvolGroupCore {
     if (l.attr === 'RO') throw new BlockDeviceError('EPERM', `vol${l.id} is an RO S-VOL of group ${this.name}: host writes are refused`);
     if (l.state === 'paired' || l.state === 'simplex') throw new BlockDeviceError('EPERM', `vol${l.id} is ${l.state === 'paired' ? 'paired with its P-VOL' : 'not initialized'} in group ${this.name}: writable once the group is split`);
     const incr = this.incr.get(i)!;
-    const [first, last] = clusterRange(offset, data.length, this.ctx.clusterSize);
-    const release = await this.logicalLocks[i]!.acquire(offset, data.length);
+    const cs = this.ctx.clusterSize;
+    const [first, last] = clusterRange(offset, data.length, cs);
+    // Whole clusters: two writes into one cluster must not both give it a new increments slot.
+    const release = await this.logicalLocks[i]!.acquire(first * cs, (last + 1 - first) * cs);
     try {
       this.bitmaps[i]!.setRangeInvalid(first, last);
       await this.store.mark([i], first, last);
