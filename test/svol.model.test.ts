@@ -102,6 +102,40 @@ interface ModelMember {
 }
 
 describe('S-VOL group model', () => {
+  it('rebuilds two members that fail at once, one after the other, each from a healthy sibling', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bm-svol-two-fail-'));
+    const rig = new Rig(dir);
+    try {
+      await rig.open();
+      await rig.pvol.write(0, Buffer.alloc(SIZE, 0x11));
+      await rig.group.init();
+      await rig.group.idle();
+      await rig.group.split();
+      const image = Buffer.alloc(SIZE, 0x11);
+      const rw = Buffer.from(image);
+      rw.fill(0x33, 5000, 9000);
+      await rig.logical.get(3)!.write(5000, Buffer.alloc(4000, 0x33));
+      rig.faults.get(2)!.set({ kind: 'error' });
+      rig.faults.get(3)!.set({ kind: 'error' });
+      const [a, b] = await Promise.all([rig.read(rig.logical.get(2)!), rig.read(rig.logical.get(3)!)]);
+      expect(a.equals(image)).toBe(true);
+      expect(b.equals(rw)).toBe(true);
+      await rig.group.idle();
+      const st = rig.group.status();
+      expect(st.members.filter((m) => m.logicalId !== undefined).map((m) => [m.logicalId, m.state])).toEqual([
+        [2, 'split'],
+        [3, 'split'],
+        [4, 'split'],
+      ]);
+      expect(new Set(st.members.filter((m) => m.logicalId === 2 || m.logicalId === 3).map((m) => m.vol))).toEqual(new Set([5, 6]));
+      expect((await rig.read(rig.logical.get(2)!)).equals(image)).toBe(true);
+      expect((await rig.read(rig.logical.get(3)!)).equals(rw)).toBe(true);
+    } finally {
+      await rig.close().catch(() => {});
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('keeps both of two concurrent writes into one cluster of an RW member through its rebuild from the increments', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bm-svol-two-'));
     const rig = new Rig(dir);

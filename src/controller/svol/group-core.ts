@@ -147,7 +147,7 @@ export class SvolGroupCore {
     if (r) {
       this.log.warn({ logical: this.rec.logical[r.logical]!.id, target: r.target, next: r.next }, `S-VOL group ${this.name}: resuming the restore of vol${this.rec.logical[r.logical]!.id} onto volume ${r.target} at cluster ${r.next} of ${this.clusters}`);
       this.startRestore();
-    }
+    } else this.recoverWaiting();
     this.wake();
   }
 
@@ -419,12 +419,26 @@ export class SvolGroupCore {
     this.startRestore();
   }
 
+  /** Members that failed while another restore ran (or before a restart): their turn now, if a recovery applies. */
+  protected recoverWaiting(): void {
+    this.rec.logical.forEach((l, i) => {
+      if (l.state !== 'error' || this.rec.restore) return;
+      try {
+        this.recover(i, l.error ?? 'failed', false);
+      } catch (e) {
+        this.log.warn({ logical: l.id, err: (e as Error).message }, `S-VOL group ${this.name}: vol${l.id} stays in error: ${(e as Error).message}`);
+      }
+    });
+  }
+
   protected startRestore(): void {
     if (this.restoring) return;
     this.restoring = this.runRestore()
       .catch((e: Error) => this.log.error({ err: e.message }, `S-VOL group ${this.name}: restore stopped: ${e.message}`))
       .finally(() => {
         this.restoring = null;
+        // One restore at a time: members that failed meanwhile go next.
+        if (!this.closed) this.recoverWaiting();
       });
   }
 
