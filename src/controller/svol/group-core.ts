@@ -535,18 +535,25 @@ export class SvolGroupCore {
           try {
             if (l.state !== 'paired' || l.vol !== vol) break;
             const piece = buf.subarray(0, len);
+            // The P-VOL failing is not the member's fault: the copy stops (and says so), the member stays.
             await this.dev(this.spec.pvol).read(off, piece);
-            await this.dev(vol).write(off, piece);
+            try {
+              await this.dev(vol).write(off, piece);
+            } catch (e) {
+              this.fail(i, 'copy', e as Error);
+              break;
+            }
             for (let k = c; k <= end; k++) if (bm.setValid(k)) done.push(k);
             this.copied[i]! += len;
-          } catch (e) {
-            for (const k of done) bm.setInvalid(k);
-            this.fail(i, 'copy', e as Error);
-            break;
           } finally {
             release();
           }
-          await this.dev(vol).flush();
+          try {
+            await this.dev(vol).flush();
+          } catch (e) {
+            this.fail(i, 'flush', e as Error);
+            break;
+          }
           await markRunsClear(this.store, i, done);
           did = true;
           c = end + 1 < this.clusters ? bm.nextInvalid(end + 1) : -1;
