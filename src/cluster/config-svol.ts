@@ -1,5 +1,6 @@
 // The `svolGroups:` key of a storage system (docs/svol.md): a P-VOL and its group of S-VOLs
-// (Tomita, US 7,146,526). Shape here; the checks against the rest of the file in checkSvol.
+// (Tomita, US 7,146,526). The shape is in config.ts (SvolGroupSchema); the checks against the
+// rest of the file are here (checkSvol).
 //
 //   svolGroups:
 //     - name: backup

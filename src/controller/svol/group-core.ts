@@ -40,6 +40,7 @@ import { PairCommandError } from '../status.js';
 import { readGroupRecord, saveGroupRecord, type GroupRecord, type LogicalRecord } from './group-file.js';
 import { IncrementsVolume } from './increments.js';
 import type { SvolVerifyStatus } from './status.js';
+import { FormatError } from '../../util/format.js';
 
 export interface SvolGroupSpec {
   name: string;
@@ -156,9 +157,9 @@ export class SvolGroupCore {
     const vols = (r: GroupRecord) => [...r.logical.map((l) => l.vol), ...r.pool.map((p) => p.vol), ...(r.restore && !r.pool.some((p) => p.vol === r.restore!.target) && !r.logical.some((l) => l.vol === r.restore!.target) ? [r.restore.target] : [])].sort((a, b) => a - b).join(',');
     const ids = (r: GroupRecord) => r.logical.map((l) => l.id).join(',');
     if (vols(saved) !== vols(cfg) || ids(saved) !== ids(cfg)) {
-      throw new PairCommandError(
-        'refused',
-        `${this.file}: S-VOL group ${this.name} was recorded with logical IDs ${ids(saved)} on volumes ${vols(saved)}, the configuration now says ${ids(cfg)} on ${vols(cfg)}; change the configuration back, or move the record away to start the group anew`,
+      throw new FormatError(
+        this.file!,
+        `S-VOL group ${this.name} was recorded with logical IDs ${ids(saved)} on volumes ${vols(saved)}, the configuration now says ${ids(cfg)} on ${vols(cfg)}; change the configuration back, or move the record away to start the group anew`,
       );
     }
   }
