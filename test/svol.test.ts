@@ -278,8 +278,8 @@ describe('S-VOL groups over NBD', () => {
     expect(g.members.find((m) => m.vol === 3)).toMatchObject({ state: 'error' });
     expect((await hostImage(k, 3)).equals(rw)).toBe(true);
 
-    // An RO member's reads fail: the host's read is served by a sibling, and the member is rebuilt on the other spare.
-    expect((await cli('fault', 'set', '-c', k.file, '1:4', 'error', '--op', 'read')).code).toBe(0);
+    // An RO member's volume goes offline: the host's read is served by a sibling, and the member is rebuilt on the other spare.
+    expect((await cli('fault', 'set', '-c', k.file, '1:4', 'offline', '--mode', 'fail')).code).toBe(0);
     const r = await qemuIo(uri(k, 40), ['read -P 0x11 0 1M'], true);
     expect(r.code, r.stderr + r.stdout).toBe(0);
     expect(r.stdout + r.stderr).not.toMatch(/error|fail|pattern/i);
