@@ -260,7 +260,7 @@ describe('S-VOL groups over NBD', () => {
     for (const v of [1, 2, 4]) expect(volFile(k, v).equals(image), `vol${v}.img`).toBe(true);
   });
 
-  it('rebuilds a failed RW member on a spare from an RO sibling plus its increments, and a failed RO member from a sibling, keeping their logical IDs across a restart', async () => {
+  it('rebuilds a failed RW member on an RO sibling plus its increments (the spare takes the sibling\'s RO role), and an offline RO member on a spare, keeping their logical IDs across a restart', async () => {
     let k = await start();
     const size = 8 * MiB;
     const image = await splitGroup(k, size);
@@ -274,7 +274,10 @@ describe('S-VOL groups over NBD', () => {
     await hostWrite(k, 3, 3 * MiB, 4 * KiB, 0x44);
     rw.fill(0x44, 3 * MiB, 3 * MiB + 4 * KiB);
     let g = await waitFor(k, (s) => member(s, 3).state === 'split' && member(s, 3).vol !== 3, 'vol3 restored');
-    expect(member(g, 3)).toMatchObject({ logicalId: 3, vol: 5, attr: 'RW', state: 'split', generation: 1 });
+    // Tomita claim 1: the least-accessed RO sibling (volume 2) takes the increments and becomes RW
+    // vol3; the spare (volume 5) is a copy of it and serves its RO logical ID vol2.
+    expect(member(g, 3)).toMatchObject({ logicalId: 3, vol: 2, attr: 'RW', state: 'split', generation: 1 });
+    expect(member(g, 2)).toMatchObject({ logicalId: 2, vol: 5, attr: 'RO', state: 'split', generation: 1 });
     expect(g.members.find((m) => m.vol === 3)).toMatchObject({ state: 'error' });
     expect((await hostImage(k, 3)).equals(rw)).toBe(true);
 
@@ -286,7 +289,8 @@ describe('S-VOL groups over NBD', () => {
     g = await waitFor(k, (s) => member(s, 40).state === 'split' && member(s, 40).vol === 6, 'vol40 restored');
     expect(g.restore).toBeUndefined();
     const text = await svol(k, 'query', 'backup');
-    expect(text).toMatch(/^vol3 +5 +RW +split +1 /m);
+    expect(text).toMatch(/^vol2 +5 +RO +split +1 /m);
+    expect(text).toMatch(/^vol3 +2 +RW +split +1 /m);
     expect(text).toMatch(/^vol40 +6 +RO +split +1 /m);
     expect(text).toMatch(/^- +3 +spare +error /m);
 
@@ -295,16 +299,16 @@ describe('S-VOL groups over NBD', () => {
     const again = await query(k);
     expect(again.generation).toBe(1);
     expect(again.members.filter((m) => m.logicalId !== undefined).map((m) => [m.logicalId, m.vol, m.attr, m.state])).toEqual([
-      [2, 2, 'RO', 'split'],
-      [3, 5, 'RW', 'split'],
+      [2, 5, 'RO', 'split'],
+      [3, 2, 'RW', 'split'],
       [40, 6, 'RO', 'split'],
     ]);
     expect(member(again, 3).increments).toMatchObject({ clusters: 3 });
     expect((await hostImage(k, 3)).equals(rw)).toBe(true);
     expect((await hostImage(k, 40)).equals(image)).toBe(true);
     await k.c.stop();
-    expect(volFile(k, 5).equals(rw)).toBe(true);
-    for (const v of [1, 2, 6]) expect(volFile(k, v).equals(image), `vol${v}.img`).toBe(true);
+    expect(volFile(k, 2).equals(rw)).toBe(true);
+    for (const v of [1, 5, 6]) expect(volFile(k, v).equals(image), `vol${v}.img`).toBe(true);
   });
 
   it('keeps fio --verify on the RW member and a reader of an RO member free of errors while the RW member fails and is rebuilt under them', async () => {
@@ -332,7 +336,7 @@ describe('S-VOL groups over NBD', () => {
     expect(fioDone).toBe(false);
     let r;
     try {
-      const g = await waitFor(k, (s) => member(s, 3).vol === 5 && member(s, 3).state === 'split', 'vol3 rebuilt on volume 5');
+      const g = await waitFor(k, (s) => member(s, 3).vol !== 3 && member(s, 3).state === 'split', 'vol3 rebuilt');
       expect(g.members.find((m) => m.vol === 3)).toMatchObject({ state: 'error' });
       r = await fio;
     } finally {
@@ -347,9 +351,12 @@ describe('S-VOL groups over NBD', () => {
     expect(reads.every(Boolean)).toBe(true);
     // What the host reads of vol3 is on its new volume, byte for byte; the RO images never moved.
     const seen = await hostImage(k, 3);
+    const map = await query(k);
     await k.c.stop();
-    expect(volFile(k, 5).equals(seen)).toBe(true);
-    for (const v of [2, 4]) expect(volFile(k, v).equals(image), `vol${v}.img`).toBe(true);
+    expect(volFile(k, member(map, 3).vol).equals(seen)).toBe(true);
+    for (const id of [2, 40]) expect(volFile(k, member(map, id).vol).equals(image), `vol${id}`).toBe(true);
+    // Every RO volume still holds the split image, and the RW one only differs where fio wrote.
+    expect(new Set([member(map, 2).vol, member(map, 3).vol, member(map, 40).vol]).size).toBe(3);
   });
 
   it('finds silent corruption of an RO member with svol verify and restores it from a sibling onto a spare; the host then reads the right bytes', async () => {

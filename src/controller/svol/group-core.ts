@@ -25,8 +25,9 @@
 //
 //   failure of      spare available                        no spare
 //   RO, split       copy donor -> spare, remap ID          reads served by the donor (error)
-//   RW, split       copy donor -> spare, apply increments,  reads from increments + donor,
-//                   remap ID                                writes to the increments (error)
+//   RW, split       copy donor -> spare, remap the donor's  reads from increments + donor,
+//                   RO ID to it; increments -> donor's     writes to the increments (error)
+//                   volume, remap the RW ID there (claim 1)
 //   any, paired     remap ID to the spare, full copy        reads from the P-VOL (error)
 //   restore by hand the same, or in place without a spare
 import fs from 'node:fs';
@@ -172,6 +173,24 @@ export class SvolGroupCore {
     if (this.file) saveGroupRecord(this.file, this.rec);
   }
 
+  /** Host reads in flight per physical volume: a volume changes role only once none is left. */
+  protected readonly readsIn = new Map<number, number>();
+
+  /** Read from a member's volume, counted in flight (unless `uncounted`: the reads of the member being rebuilt itself). */
+  protected async readVol(vol: number, offset: number, dest: Buffer, uncounted = false): Promise<void> {
+    if (uncounted) return this.dev(vol).read(offset, dest);
+    this.readsIn.set(vol, (this.readsIn.get(vol) ?? 0) + 1);
+    try {
+      await this.dev(vol).read(offset, dest);
+    } finally {
+      this.readsIn.set(vol, this.readsIn.get(vol)! - 1);
+    }
+  }
+
+  protected async readsDone(vol: number): Promise<void> {
+    while ((this.readsIn.get(vol) ?? 0) > 0) await new Promise((r) => setTimeout(r, 1));
+  }
+
   protected count(vol: number, op: 'reads' | 'writes'): void {
     let a = this.access.get(vol);
     if (!a) this.access.set(vol, (a = { reads: 0, writes: 0 }));
@@ -259,7 +278,7 @@ export class SvolGroupCore {
     const vol = l.vol;
     this.count(vol, 'reads');
     try {
-      await this.dev(vol).read(offset, dest);
+      await this.readVol(vol, offset, dest);
     } catch (e) {
       if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO' || l.state === 'simplex') throw e;
       // The host's read succeeds from a sibling (or the P-VOL); the recovery starts behind it.
@@ -276,18 +295,20 @@ export class SvolGroupCore {
       this.count(this.spec.pvol, 'reads');
       return this.dev(this.spec.pvol).read(offset, dest);
     }
-    const donor = this.rec.restore?.logical === i ? this.rec.restore.donor : this.donorFor(i)?.vol;
+    // The member being rebuilt reads its own donor: those reads never hold up its last step.
+    const mine = this.rec.restore?.logical === i;
+    const donor = mine ? this.rec.restore!.donor : this.donorFor(i)?.vol;
     if (donor === undefined) throw new BlockDeviceError('EIO', `${this.name}: vol${l.id} has failed and no RO sibling of split generation ${l.generation} can serve it`);
     this.count(donor, 'reads');
     const incr = this.incr.get(i);
-    if (l.attr !== 'RW' || !incr || incr.count === 0) return this.dev(donor).read(offset, dest);
+    if (l.attr !== 'RW' || !incr || incr.count === 0) return this.readVol(donor, offset, dest, mine);
     const cs = this.ctx.clusterSize;
     for (let at = offset; at < offset + dest.length; ) {
       const c = Math.floor(at / cs);
       const end = Math.min(offset + dest.length, (c + 1) * cs);
       const piece = dest.subarray(at - offset, end - offset);
       if (incr.has(c)) await incr.read(c, at - c * cs, piece);
-      else await this.dev(donor).read(at, piece);
+      else await this.readVol(donor, at, piece, mine);
       at = end;
     }
   }
@@ -325,7 +346,7 @@ export class SvolGroupCore {
     const at = c * this.ctx.clusterSize;
     if (l.state === 'split') {
       try {
-        return await this.dev(l.vol).read(at, buf);
+        return await this.readVol(l.vol, at, buf);
       } catch (e) {
         if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO') throw e;
         this.fail(i, 'read', e);
@@ -413,10 +434,17 @@ export class SvolGroupCore {
       this.save();
       throw new PairCommandError('refused', `${this.name}: no spare to rebuild vol${l.id} on; it is served by vol${this.rec.logical[donor.index]!.id} until you add a spare (attr GROUP VOL spare) and run svol restore`);
     }
-    this.rec.restore = { logical: i, target, donor: donor.vol, failed: l.vol, next: 0, reason };
+    // An RW member with a spare: its RO sibling becomes the RW member (with the increments), the spare its RO copy.
+    const promote = l.attr === 'RW' && target !== l.vol ? donor.index : undefined;
+    this.rec.restore = { logical: i, target, donor: donor.vol, failed: l.vol, next: 0, reason, ...(promote !== undefined ? { promote } : {}) };
     l.state = 'restoring';
     this.save();
-    this.log.warn({ logical: l.id, donor: donor.vol, target }, `S-VOL group ${this.name}: restoring vol${l.id} onto volume ${target} from RO sibling volume ${donor.vol}`);
+    this.log.warn(
+      { logical: l.id, donor: donor.vol, target },
+      promote !== undefined
+        ? `S-VOL group ${this.name}: rebuilding RW vol${l.id} on RO sibling volume ${donor.vol} (vol${this.rec.logical[promote]!.id}), whose RO role moves to spare ${target}`
+        : `S-VOL group ${this.name}: restoring vol${l.id} onto volume ${target} from RO sibling volume ${donor.vol}`,
+    );
     this.startRestore();
   }
 
@@ -472,18 +500,30 @@ export class SvolGroupCore {
       await this.dev(r.target).flush();
       const release = await this.logicalLocks[r.logical]!.acquire(0, this.size);
       try {
+        let home = r.target;
+        if (r.promote !== undefined) {
+          // The spare, now a copy of the sibling, serves the sibling's RO logical ID; once no read
+          // is left on the sibling's volume, that volume takes the increments and the RW role.
+          const sib = this.rec.logical[r.promote]!;
+          if (sib.vol === r.donor) {
+            sib.vol = r.target;
+            this.save();
+          }
+          await this.readsDone(r.donor);
+          home = r.donor;
+        }
         const incr = this.incr.get(r.logical);
         if (l.attr === 'RW' && incr) {
           const one = Buffer.allocUnsafe(cs);
           for (const c of incr.changed()) {
             const part = one.subarray(0, Math.min(cs, this.size - c * cs));
             await incr.read(c, 0, part);
-            await this.dev(r.target).write(c * cs, part);
+            await this.dev(home).write(c * cs, part);
           }
-          await this.dev(r.target).flush();
+          await this.dev(home).flush();
         }
-        if (r.failed !== r.target) this.rec.pool.push({ vol: r.failed, state: 'error', error: r.reason });
-        l.vol = r.target;
+        if (r.failed !== home) this.rec.pool.push({ vol: r.failed, state: 'error', error: r.reason });
+        l.vol = home;
         l.state = 'split';
         delete l.error;
         delete this.rec.restore;
@@ -491,7 +531,7 @@ export class SvolGroupCore {
       } finally {
         release();
       }
-      this.log.info({ logical: l.id, vol: r.target }, `S-VOL group ${this.name}: vol${l.id} restored onto volume ${r.target}`);
+      this.log.info({ logical: l.id, vol: l.vol }, `S-VOL group ${this.name}: vol${l.id} restored onto volume ${l.vol}`);
     } catch (e) {
       if (this.closed) return;
       // The target failed too: out of service; the member stays served by its sibling.

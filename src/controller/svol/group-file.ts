@@ -51,6 +51,12 @@ const Restore = z.strictObject({
   failed: z.number().int().positive(),
   /** Next cluster to copy from the donor. */
   next: z.number().int().nonnegative(),
+  /**
+   * An RW member rebuilt as Tomita claim 1 says: the donor (logical index `promote`, RO) is copied
+   * to the spare (target), which takes its RO role; the donor's volume gets the increments and
+   * becomes the RW member.
+   */
+  promote: z.number().int().nonnegative().optional(),
   reason: z.string(),
 });
 
