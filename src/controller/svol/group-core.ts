@@ -155,7 +155,9 @@ export class SvolGroupCore {
 
   /** The record on disk must describe the same volumes as the configuration: a changed group is not silently remapped. */
   protected checkAgainstConfig(saved: GroupRecord, cfg: GroupRecord): void {
-    const vols = (r: GroupRecord) => [...r.logical.map((l) => l.vol), ...r.pool.map((p) => p.vol), ...(r.restore && !r.pool.some((p) => p.vol === r.restore!.target) && !r.logical.some((l) => l.vol === r.restore!.target) ? [r.restore.target] : [])].sort((a, b) => a - b).join(',');
+    // Every volume the record holds: the map, the pool, and those a restore in progress moves between.
+    const vols = (r: GroupRecord) =>
+      [...new Set([...r.logical.map((l) => l.vol), ...r.pool.map((p) => p.vol), ...(r.restore ? [r.restore.target, r.restore.donor, r.restore.failed] : [])])].sort((a, b) => a - b).join(',');
     const ids = (r: GroupRecord) => r.logical.map((l) => l.id).join(',');
     if (vols(saved) !== vols(cfg) || ids(saved) !== ids(cfg)) {
       throw new FormatError(
