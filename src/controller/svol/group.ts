@@ -29,16 +29,22 @@ export class SvolGroup extends SvolGroupCore {
   init(): Promise<void> {
     return this.quiesce(async () => {
       this.busy('init');
+      // The members' own writers are held too (RW members of a split group).
+      const held = await Promise.all(this.logicalLocks.map((lock) => lock.acquire(0, this.size)));
       const live: number[] = [];
-      this.rec.logical.forEach((l, i) => {
-        if (l.state === 'error') return;
-        l.state = 'paired';
-        delete l.generation;
-        this.bitmaps[i]!.setAllInvalid();
-        live.push(i);
-      });
-      if (live.length) await this.store.mark(live, 0, this.clusters - 1);
-      for (const i of live) await this.incr.get(i)?.reset(this.rec.generation);
+      try {
+        this.rec.logical.forEach((l, i) => {
+          if (l.state === 'error') return;
+          l.state = 'paired';
+          delete l.generation;
+          this.bitmaps[i]!.setAllInvalid();
+          live.push(i);
+        });
+        if (live.length) await this.store.mark(live, 0, this.clusters - 1);
+        for (const i of live) await this.incr.get(i)?.reset(this.rec.generation);
+      } finally {
+        for (const r of held) r();
+      }
       this.rec.state = 'paired';
       this.save();
       this.log.info(`S-VOL group ${this.name}: init, full copy from the P-VOL to ${live.length} member(s)`);
