@@ -63,7 +63,7 @@ describe('--help', () => {
 
 describe('blockmirror completion bash', () => {
   it('completes commands, subcommands, options and option values in bash', async () => {
-    expect(await complete('blockmirror s')).toEqual(['serve', 'status']);
+    expect(await complete('blockmirror s')).toEqual(['serve', 'status', 'svol']);
     expect(await complete('blockmirror pair s')).toEqual(['split', 'swap']);
     expect(await complete('blockmirror -c x.yaml pair split pair1 --t')).toEqual(['--timeout']);
     expect((await complete('blockmirror cfs m')).sort()).toEqual(['mkdir', 'mount', 'mv']);

@@ -7,6 +7,7 @@ import https from 'node:https';
 import net from 'node:net';
 import type { FaultStatus } from '../controller/fault-table.js';
 import type { PairStatus, SSReport } from '../controller/status.js';
+import type { SvolGroupStatus } from '../controller/svol/status.js';
 
 /** Where an admin API listens, and optionally which storage system it is (for messages). */
 export interface AdminEndpoint {
@@ -90,6 +91,24 @@ export async function clearFault(addr: AdminEndpoint | string, target: string, k
   const ep = toEndpoint(addr);
   const q = kind ? `?kind=${encodeURIComponent(kind)}` : '';
   return faultsOf(ep, await request(ep, 'DELETE', `/api/faults/${encodeURIComponent(target)}${q}`, timeoutMs, `fault clear ${target}: `));
+}
+
+export type SvolCommandName = 'init' | 'split' | 'resync' | 'restore' | 'attr' | 'verify';
+
+/** GET /api/svol/NAME: the group's members, map, states and restore progress. */
+export async function svolQuery(addr: AdminEndpoint | string, name: string, timeoutMs: number): Promise<SvolGroupStatus> {
+  const ep = toEndpoint(addr);
+  const body = await request(ep, 'GET', `/api/svol/${encodeURIComponent(name)}`, timeoutMs, `svol query ${name}: `);
+  if (!isObject(body) || !Array.isArray(body.members)) throw new AdminReplyError(`svol query ${name}: ${describe(ep)} sent a reply without the group's members`, 200);
+  return body as unknown as SvolGroupStatus;
+}
+
+/** POST /api/svol/NAME/COMMAND; resolves with the group's status after the command. */
+export async function svolCommand(addr: AdminEndpoint | string, name: string, command: SvolCommandName, opts: { member?: string; attr?: string }, timeoutMs: number): Promise<SvolGroupStatus> {
+  const ep = toEndpoint(addr);
+  const body = await request(ep, 'POST', `/api/svol/${encodeURIComponent(name)}/${command}`, timeoutMs, `svol ${command} ${name}: `, opts);
+  if (!isObject(body) || !isObject(body.group) || !Array.isArray(body.group.members)) throw new AdminReplyError(`svol ${command} ${name}: ${describe(ep)} sent a reply without the group's status`, 200);
+  return body.group as unknown as SvolGroupStatus;
 }
 
 /** GET /api/faults. */

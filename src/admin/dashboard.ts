@@ -12,6 +12,7 @@
 // POST /api/pairs/NAME/<command>, which is also what the CLI sends. The page
 // sends them to this storage system only, for the pairs it runs, and links
 // to the dashboard of the storage system that runs any other pair.
+import type { SvolGroupStatus } from '../controller/svol/status.js';
 import fs from 'node:fs';
 import { PassThrough } from 'node:stream';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
@@ -45,6 +46,8 @@ export interface ClusterView {
   storageSystems: SSView[];
   /** Each pair once, from the storage system running it (its master's) when that one answers. */
   pairs: PairRow[];
+  /** The S-VOL groups of the storage systems that answered (docs/svol.md). */
+  svolGroups: (SvolGroupStatus & { ss: number })[];
 }
 
 /** One event of GET /api/events. */
@@ -179,7 +182,8 @@ async function askPeer(p: AdminPeer): Promise<Answer> {
 
 /** Storage systems in the order asked; a pair from the storage system of its master if that one answered, else from any. */
 function merge(self: number, answers: Answer[]): ClusterView {
-  return { self, ...mergeReports(answers) };
+  const svolGroups = answers.flatMap((a) => (a.report?.svolGroups ?? []).map((g) => ({ ...g, ss: a.id })));
+  return { self, ...mergeReports(answers), svolGroups };
 }
 
 function hostPort(p: { host: string; port: number }): string {

@@ -11,6 +11,9 @@
 //   GET  /api/faults              { faults: FaultStatus[] }
 //   PUT  /api/faults/:target/:kind { faults }  body: fault options (docs/faults.md)   400 bad options, 404 no such target
 //   DELETE /api/faults/:target    { faults }  ?kind= to clear one kind
+//   GET  /api/svol/:name          SvolGroupStatus              404 unknown group
+//   POST /api/svol/:name/init|split|resync|restore|attr|verify  { group: SvolGroupStatus }
+//                                 body { member?, attr? }      404 unknown group or member, 409 refused
 //   GET  /healthz                 { ok: true }
 //   GET  /metrics                 Prometheus text format       (metrics.ts)
 //   GET  /, /api/cluster, /api/events, /api/pairs/:name/bitmap  the dashboard (dashboard.ts)
@@ -26,6 +29,7 @@
 // print that line as is.
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import net from 'node:net';
+import * as z from 'zod';
 import type { Logger } from 'pino';
 import { sameSecret } from '../util/secrets.js';
 import { FaultRequestSchema } from '../controller/fault-table.js';
@@ -67,6 +71,9 @@ type Method = (typeof METHODS)[number];
 
 /** The one place a controller refusal becomes an HTTP status. */
 const HTTP_STATUS: Record<PairCommandErrorKind, number> = { 'no-such-pair': 404, 'not-found': 404, refused: 409, unavailable: 503 };
+
+/** The body of an S-VOL group command: the member by logical ID (or pool volume), the new attribute. */
+const SvolBody = z.strictObject({ member: z.union([z.number().int().positive(), z.string().regex(/^(vol)?\d+$/)]).optional(), attr: z.enum(['RO', 'RW', 'spare']).optional() });
 
 interface NameParams {
   name: string;
@@ -211,6 +218,24 @@ export function buildApp(target: AdminTarget, log: Logger, opts: { peers?: Admin
     if (!target.clearFault) throw new PairCommandError('refused', 'this storage system takes no faults');
     return { faults: target.clearFault(t, kind) };
   });
+
+  // S-VOL groups (docs/svol.md).
+  route(app, 'GET', '/api/svol/:name', async (req) => {
+    const name = (req.params as NameParams).name;
+    if (!target.svolStatus) throw new PairCommandError('not-found', `no S-VOL group named ${name}`);
+    return target.svolStatus(name);
+  });
+  for (const command of ['init', 'split', 'resync', 'restore', 'attr', 'verify'] as const) {
+    route(app, 'POST', `/api/svol/:name/${command}`, async (req) => {
+      const name = (req.params as NameParams).name;
+      if (!target.svolCommand) throw new PairCommandError('not-found', `no S-VOL group named ${name}`);
+      const body = req.body === undefined ? {} : req.body;
+      const parsed = SvolBody.safeParse(body);
+      if (!parsed.success) throw httpError(400, `${command} ${name}: ${parsed.error.issues.map((i) => `${i.path.join('.') || 'body'}: ${i.message}`).join('; ')}`);
+      const opts = { ...(parsed.data.member !== undefined ? { member: String(parsed.data.member) } : {}), ...(parsed.data.attr !== undefined ? { attr: parsed.data.attr } : {}) };
+      return { group: await target.svolCommand(name, command, opts) };
+    });
+  }
 
   registerMetrics(app, target, route);
   registerDashboard(app, target, { peers: opts.peers ?? [], route, log });

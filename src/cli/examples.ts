@@ -39,6 +39,14 @@ const EXAMPLES: Record<string, string[]> = {
   'xfer recv': ['blockmirror xfer recv --dev nbd://127.0.0.1:10809/disk --as 2 --out backup.tar'],
   'xfer ls': ['blockmirror xfer ls --dev nbd://127.0.0.1:10809/disk'],
   'xfer gc': ['blockmirror xfer gc --dev nbd://127.0.0.1:10809/disk --timeout 30000'],
+  svol: ['blockmirror svol query backup -c cluster.yaml'],
+  'svol init': ['blockmirror svol init backup -c cluster.yaml --wait'],
+  'svol split': ['blockmirror svol split backup -c cluster.yaml'],
+  'svol resync': ['blockmirror svol resync backup --member 3 -c cluster.yaml'],
+  'svol restore': ['blockmirror svol restore backup 2 -c cluster.yaml --wait'],
+  'svol attr': ['blockmirror svol attr backup 2 RW -c cluster.yaml'],
+  'svol verify': ['blockmirror svol verify backup -c cluster.yaml --wait'],
+  'svol query': ['blockmirror svol query backup -c cluster.yaml'],
   completion: ['source <(blockmirror completion bash)', 'blockmirror completion bash > /etc/bash_completion.d/blockmirror'],
 };
 

@@ -10,6 +10,7 @@ import { registerGatewayCommand } from './gateway.js';
 import { registerAdminCommand } from './admin.js';
 import { registerCompletionCommand } from './completion.js';
 import { registerXferCommand } from './xfer.js';
+import { registerSvolCommand } from './svol.js';
 import { UsageError } from './errors.js';
 import { addExamples } from './examples.js';
 
@@ -30,6 +31,7 @@ export function buildProgram(): Command {
   registerGatewayCommand(program);
   registerAdminCommand(program);
   registerXferCommand(program);
+  registerSvolCommand(program);
   registerCompletionCommand(program);
   addExamples(program);
   return program;

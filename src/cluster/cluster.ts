@@ -61,6 +61,7 @@ export function specFor(config: ClusterConfig, id: number): StorageSystemSpec {
     ...(ss.peer ? { peer: ss.peer } : {}),
     peers,
     peerTimeout: config.peerTimeout,
+    ...(ss.svolGroups?.length ? { svolGroups: ss.svolGroups } : {}),
     faults: config.faults.filter((f) => {
       const t = parseFaultTarget(f.target);
       return t.type === 'volume' ? t.ss === id : t.a === id || t.b === id;

@@ -19,6 +19,7 @@ import { closest, formatPath, formatProblems, isPlainObject, locate, show, value
 import { buildCfs, checkCfs, crossCheck } from './config-checks.js';
 import { buildSecurity, checkSecurity } from './config-security.js';
 import { allowEntryProblem } from '../util/allow-list.js';
+import { checkSvol, type SvolAttr, type SvolGroupConfig } from './config-svol.js';
 
 export interface HostPort {
   host: string;
@@ -93,6 +94,8 @@ export interface StorageSystemConfig {
   tls?: TlsConfig;
   /** Who may attach its NBD exports (util/allow-list.ts). */
   allow?: string[];
+  /** P-VOLs with their groups of S-VOLs (docs/svol.md, config-svol.ts). */
+  svolGroups?: SvolGroupConfig[];
 }
 
 export interface PairConfig {
@@ -233,6 +236,7 @@ export function parseConfig(text: string, source: string, baseDir: string): Clus
     if (parsed.data.cfs !== undefined) config.cfs = buildCfs(parsed.data.cfs, config, baseDir);
     config.security = buildSecurity(parsed.data, config, baseDir);
     crossCheck(config, problems);
+    checkSvol(config, problems);
     checkCfs(config, problems);
     checkSecurity(config, problems);
   } else {
@@ -407,6 +411,14 @@ export const SecuritySchema = mapping({
   client: mapping({ cert: filePath, key: filePath }).optional(),
 });
 export const CacheSchema = mapping({ size: cacheSize });
+// `svolGroups:` (docs/svol.md); the cross-checks are in config-svol.ts.
+export const svolAttr = leaf((v): SvolAttr => (v === 'RO' || v === 'RW' || v === 'spare' ? v : fail(`expected RO, RW or spare, got ${show(v)}`)));
+export const SvolMemberSchema = mapping({ vol: id, attr: svolAttr, logicalId: id.optional(), increments: id.optional() });
+export const SvolGroupSchema = mapping({
+  name: pairName,
+  pvol: id,
+  members: list(SvolMemberSchema).min(1, { error: 'a group needs at least one member' }),
+});
 export const StorageSystemSchema = mapping({
   id,
   nbd: hostPort,
@@ -422,6 +434,7 @@ export const StorageSystemSchema = mapping({
   iscsiAllow: list(allowEntry).optional(),
   tls: TlsSchema.optional(),
   allow: list(nbdAllowEntry).optional(),
+  svolGroups: list(SvolGroupSchema).optional(),
 });
 export const PairSchema = mapping({
   name: pairName,
@@ -507,6 +520,8 @@ export const KEYS_AT = new Map<string, readonly string[]>([
   ['etcd', Object.keys(EtcdSchema.shape)],
   ['security', Object.keys(SecuritySchema.shape)],
   ['storageSystems[].tls', Object.keys(TlsSchema.shape)],
+  ['storageSystems[].svolGroups[]', Object.keys(SvolGroupSchema.shape)],
+  ['storageSystems[].svolGroups[].members[]', Object.keys(SvolMemberSchema.shape)],
 ]);
 
 export function fromIssue(issue: z.core.$ZodIssue, data: unknown): RawProblem[] {
@@ -557,6 +572,13 @@ export function build(p: Parsed, source: string, baseDir: string, problems: RawP
     }
     if (ss.cache !== undefined) out.cache = { size: ss.cache.size };
     if (ss.allow !== undefined) out.allow = ss.allow;
+    if (ss.svolGroups !== undefined) {
+      out.svolGroups = ss.svolGroups.map((g) => ({
+        name: g.name,
+        pvol: g.pvol,
+        members: g.members.map((m) => ({ vol: m.vol, attr: m.attr, ...(m.logicalId !== undefined ? { logicalId: m.logicalId } : {}), ...(m.increments !== undefined ? { increments: m.increments } : {}) })),
+      }));
+    }
     if (ss.tls !== undefined) {
       out.tls = { mode: ss.tls.mode, verifyClients: ss.tls.verifyClients ?? false };
       for (const k of ['cert', 'key', 'pskFile'] as const) if (ss.tls[k] !== undefined) out.tls[k] = path.resolve(baseDir, ss.tls[k]);

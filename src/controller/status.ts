@@ -2,6 +2,7 @@
 // GET /api/status and of `blockmirror status --json`.
 import type { FaultRequest, FaultStatus } from './fault-table.js';
 import type { LatencyHistogram } from './volume-stats.js';
+import type { SvolGroupStatus } from './svol/status.js';
 
 export type PairState = 'COPY' | 'PAIR' | 'PSUS' | 'PSUE';
 export type PairMode = 'sync' | 'async';
@@ -173,6 +174,8 @@ export interface PeerStatus {
 export interface SSReport {
   storageSystems: StorageSystemStatus[];
   pairs: PairStatus[];
+  /** S-VOL groups (docs/svol.md), when the storage system has any. */
+  svolGroups?: SvolGroupStatus[];
 }
 
 /** GET /api/pairs/NAME/bitmap: each mirror's Invalid clusters, counted per bucket of clusters. */
@@ -213,6 +216,9 @@ export interface AdminTarget {
   faults?(): FaultStatus[];
   setFault?(req: FaultRequest): FaultStatus[];
   clearFault?(target: string, kind?: string): FaultStatus[];
+  /** S-VOL groups (docs/svol.md); without them the svol routes answer 404. */
+  svolStatus?(name: string): SvolGroupStatus;
+  svolCommand?(name: string, command: 'init' | 'split' | 'resync' | 'restore' | 'attr' | 'verify', opts?: { member?: string; attr?: 'RO' | 'RW' | 'spare' }): Promise<SvolGroupStatus>;
 }
 
 /**

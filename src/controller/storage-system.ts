@@ -39,6 +39,11 @@ import { OPS, type Op, type RequestOf } from './peer/messages.js';
 import { RemotePair, type RemotePairSpec } from './remote/remote-pair.js';
 import { PairCommandError, type AdminTarget, type IscsiSessionStatus, type PairBitmap, type PairStatus, type TargetMetrics, type SSReport, type VolRef } from './status.js';
 import { SyncDaemon } from './sync-daemon.js';
+import { SvolGroup, type SvolGroupSpec } from './svol/group.js';
+import { LogicalVolume, PvolVolume } from './svol/logical-volume.js';
+import type { SvolGroupStatus } from './svol/status.js';
+import { AtomicDevice } from '../blockdev/atomic.js';
+import { CountingDevice } from './volume-stats.js';
 import { buildHostStack, closeVolumeStack, openVolumeStack, type VolumeStack } from './volume-stack.js';
 
 export interface StorageSystemSpec {
@@ -74,6 +79,8 @@ export interface StorageSystemSpec {
   iscsi?: SystemIscsiSpec;
   /** Faults to inject from the start (the YAML's `faults:` that concern this storage system). */
   faults?: FaultRequest[];
+  /** P-VOLs with their S-VOL groups (docs/svol.md). */
+  svolGroups?: SvolGroupSpec[];
 }
 
 /** Why master volume `vol` of `pair` in `ss` must refuse host I/O now (ESHUTDOWN), or null. */
@@ -85,6 +92,8 @@ export interface ClusterHooks {
   /** A pair across storage systems suspended: record its mirrors outdated before writes go on. */
   onSuspend?: (pair: string, mirrors: VolRef[], reason: string) => Promise<void>;
 }
+
+export type SvolCommand = 'init' | 'split' | 'resync' | 'restore' | 'attr' | 'verify';
 
 export class StorageSystem implements AdminTarget {
   readonly nbd: NbdServer;
@@ -100,6 +109,10 @@ export class StorageSystem implements AdminTarget {
   private readonly volumes = new Map<number, VolumeStack>();
   /** Volume id -> the pair holding it. */
   private readonly pairOf = new Map<number, PairController>();
+  /** S-VOL groups by name (svol/group.ts). */
+  readonly svolGroups = new Map<string, SvolGroup>();
+  /** Logical ID -> what hosts reach it through (NBD and iSCSI). */
+  private readonly logicalHosts = new Map<number, AtomicDevice>();
   private cache: CacheMemory | undefined;
   private nbdAddress = '';
   /** Set by the cluster layer (etcd): why a master volume must refuse I/O now, or null. */
@@ -143,6 +156,18 @@ export class StorageSystem implements AdminTarget {
     for (const p of spec.pairs) this.addPair(new LocalPair(p, { self: spec.id, clusterSize: spec.clusterSize, volumes: views, daemon: this.daemon, dir, log: this.log }));
     for (const p of this.openLinks()) this.addPair(p);
     for (const p of this.pairs.values()) await p.open();
+    // S-VOL groups: members are reached only through their logical IDs, never as vol<physical>.
+    const hidden = new Set<number>();
+    const pvolLayer = new Map<number, PvolVolume>();
+    const svolDir = spec.dataDir ? path.join(spec.dataDir, 'svol') : undefined;
+    for (const g of spec.svolGroups ?? []) {
+      const group = new SvolGroup(g, { clusterSize: spec.clusterSize, volumes: this.volumes, dir: svolDir, log: this.log });
+      await group.open();
+      this.svolGroups.set(g.name, group);
+      for (const vol of group.volumes) if (vol !== g.pvol) hidden.add(vol);
+      pvolLayer.set(g.pvol, new PvolVolume(this.volumes.get(g.pvol)!.device, group));
+      group.logicalIds.forEach((id, i) => this.logicalHosts.set(id, new AtomicDevice(new CountingDevice(new LogicalVolume(group, i, this.volumes)))));
+    }
     if (spec.peer && this.links.size > 0) {
       // Data connections from peers get NBD on the peer exports only, as the storage system their credential names.
       const onData = (socket: Socket, from: number) => this.nbd.serveConnection(socket, this.peerExports, `ss${from}`);
@@ -155,8 +180,10 @@ export class StorageSystem implements AdminTarget {
       // A guard layer only where the cluster layer fences (etcd): none on the YAML-only path.
       const hostGuard = this.hostGuard;
       const guard = pair && hostGuard ? () => (pair.roleOf(v.id) === 'master' ? hostGuard(pair, v.id) : null) : undefined;
-      const host = buildHostStack(v, pair?.hostDevice(v.id), guard);
-      const description = pair ? `${pair.roleOf(v.id)} of ${pair.name}` : 'simplex volume';
+      const host = buildHostStack(v, pair?.hostDevice(v.id) ?? pvolLayer.get(v.id), guard);
+      if (hidden.has(v.id)) continue;
+      const pvolOf = [...this.svolGroups.values()].find((g) => g.spec.pvol === v.id);
+      const description = pair ? `${pair.roleOf(v.id)} of ${pair.name}` : pvolOf ? `P-VOL of S-VOL group ${pvolOf.name}` : 'simplex volume';
       // The other storage systems of a pair across systems read this volume over the peer channel (a mirror's Invalid clusters).
       if (pair instanceof RemotePair) {
         const members = pair.copies.filter((c) => c.ss !== spec.id).map((c) => `ss${c.ss}`);
@@ -168,6 +195,11 @@ export class StorageSystem implements AdminTarget {
       // The CFS data path reads through this one: it fails rather than serve a copy that is not current.
       const current = pair ? new CurrentCopyDevice(host, () => pair.staleReason(v.id)) : host;
       this.nbd.exports.add({ name: currentExportName(v.id), description: `SS${spec.id} vol${v.id}, current data only`, device: current, readOnly: false, hidden: true, ...acl });
+    }
+    for (const [id, host] of this.logicalHosts) {
+      const group = [...this.svolGroups.values()].find((g) => g.logicalIds.includes(id))!;
+      const allow = spec.allow;
+      this.nbd.exports.add({ name: `vol${id}`, description: `SS${spec.id} vol${id}: logical S-VOL of group ${group.name}`, device: host, readOnly: false, ...(allow?.length ? { allow: new AllowList(allow) } : {}) });
     }
     for (const f of spec.faults ?? []) this.setFault(f);
   }
@@ -227,13 +259,18 @@ export class StorageSystem implements AdminTarget {
     this.nbdAddress = await this.nbd.listen({ kind: 'tcp', ...spec.nbd });
     if (spec.nbdSocket) await this.nbd.listen({ kind: 'unix', path: spec.nbdSocket });
     // iSCSI serves the same host devices as NBD: one controller path, and COMPARE AND WRITE atomic across both.
-    const vols = spec.volumes.map((v) => ({ id: v.id, device: this.volumes.get(v.id)!.atomic!, ...(v.iscsiTarget ? { target: v.iscsiTarget } : {}) }));
+    const hidden = new Set([...this.svolGroups.values()].flatMap((g) => g.volumes.filter((v) => v !== g.spec.pvol)));
+    const vols = spec.volumes
+      .filter((v) => !hidden.has(v.id))
+      .map((v) => ({ id: v.id, device: this.volumes.get(v.id)!.atomic!, ...(v.iscsiTarget ? { target: v.iscsiTarget } : {}) }));
+    // A logical S-VOL is a LUN under its logical ID: an RO member is write protected.
+    for (const [id, device] of this.logicalHosts) vols.push({ id, device });
     if (spec.iscsi) {
       const started = await startSystemIscsi(spec.id, spec.iscsi, vols, spec.dataDir, this.log);
       this.iscsi = started.server;
       this.iscsiAddress = started.address;
     }
-    this.log.info({ nbd: this.nbdAddress, socket: spec.nbdSocket, volumes: [...this.volumes.keys()].map((v) => `vol${v}`) }, `storage system ${spec.id} serving NBD on ${this.nbdAddress}`);
+    this.log.info({ nbd: this.nbdAddress, socket: spec.nbdSocket, volumes: [...this.nbd.exports.list()].map((e) => e.name) }, `storage system ${spec.id} serving NBD on ${this.nbdAddress}`);
     // Sessions start once our own NBD listener is up: the peers' data connections come to it.
     for (const link of this.links.values()) link.start();
   }
@@ -273,7 +310,35 @@ export class StorageSystem implements AdminTarget {
         },
       ],
       pairs: [...this.pairs.values()].map((p) => p.status()),
+      ...(this.svolGroups.size > 0 ? { svolGroups: [...this.svolGroups.values()].map((g) => g.status()) } : {}),
     };
+  }
+
+  // ---- S-VOL groups (svol/group.ts) ----
+
+  private svolGroup(name: string): SvolGroup {
+    const g = this.svolGroups.get(name);
+    if (!g) throw new PairCommandError('not-found', `no S-VOL group named ${name} in storage system ${this.spec.id}${this.svolGroups.size ? ` (it has ${[...this.svolGroups.keys()].join(', ')})` : ''}`);
+    return g;
+  }
+
+  svolStatus(name: string): SvolGroupStatus {
+    return this.svolGroup(name).status();
+  }
+
+  async svolCommand(name: string, command: SvolCommand, opts: { member?: string; attr?: 'RO' | 'RW' | 'spare' } = {}): Promise<SvolGroupStatus> {
+    const g = this.svolGroup(name);
+    if ((command === 'restore' || command === 'attr') && opts.member === undefined) throw new PairCommandError('refused', `${command} ${name}: name the member (its logical ID)`);
+    if (command === 'init') await g.init();
+    else if (command === 'split') await g.split();
+    else if (command === 'resync') await g.resync(opts.member);
+    else if (command === 'restore') await g.restore(opts.member!);
+    else if (command === 'verify') await g.verify();
+    else {
+      if (opts.attr === undefined) throw new PairCommandError('refused', `attr ${name} ${opts.member}: give the attribute, RO, RW or spare`);
+      await g.setAttr(opts.member!, opts.attr);
+    }
+    return g.status();
   }
 
   private pair(name: string): PairController {
@@ -412,6 +477,7 @@ export class StorageSystem implements AdminTarget {
     // An offline fault would hold the destage forever: a stopping storage system lets go of its faults.
     for (const v of this.volumes.values()) v.faults.clear();
     for (const p of this.pairs.values()) await p.close();
+    for (const g of this.svolGroups.values()) await g.close();
     await this.cache?.close();
     for (const v of this.volumes.values()) await closeVolumeStack(v);
   }

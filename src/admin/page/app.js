@@ -67,6 +67,35 @@ function render(frame) {
   renderIscsi(frame);
   renderVolumes(frame);
   renderPairs(frame);
+  renderSvol(frame);
+}
+
+/** S-VOL groups (docs/svol.md): one row per logical member, the pool, and a restore's progress. */
+function renderSvol(frame) {
+  const groups = frame.svolGroups ?? [];
+  $('svol').hidden = groups.length === 0;
+  const rows = [];
+  for (const g of groups) {
+    const head = `${g.name} (SS ${g.ss}, P-VOL ${g.pvol}): ${g.state}, generation ${g.generation}`;
+    const restore = g.restore ? `restoring vol${g.restore.logicalId} onto ${g.restore.target}: ${Math.floor((100 * g.restore.copiedClusters) / Math.max(1, g.restore.totalClusters))} %` : '';
+    for (const m of g.members) {
+      rows.push(
+        el(
+          'tr',
+          { 'data-group': g.name },
+          el('td', {}, head),
+          el('td', {}, m.logicalId !== undefined ? `vol${m.logicalId}` : '-'),
+          el('td', {}, String(m.vol)),
+          el('td', {}, m.attr),
+          el('td', {}, m.state),
+          el('td', {}, `${m.reads} / ${m.writes}`),
+          el('td', {}, m.increments ? `${bytes(m.increments.bytes)} / ${bytes(m.increments.capacity)}` : ''),
+          el('td', {}, m.error ?? restore),
+        ),
+      );
+    }
+  }
+  $('svol-groups').tBodies[0].replaceChildren(...rows);
 }
 
 function renderSystems(frame) {

@@ -1,0 +1,631 @@
+// An S-VOL group (Tomita, US 7,146,526): a P-VOL and its secondary volumes in one storage
+// system. Hosts reach each member under its logical ID; the group keeps the logical->physical
+// map, and a recovery remaps the ID onto a rebuilt volume, so hosts keep the same volume.
+//
+// States of a logical member, and what its logical ID does:
+//
+//   state      read                                   write (RW)              write (RO)
+//   simplex    its volume (before svol init)          EPERM                   EPERM
+//   paired     its volume; P-VOL where still Invalid  EPERM                   EPERM
+//   split      its volume                             increments + volume     EPERM
+//   error      a sibling (RW: increments first)       increments              EPERM
+//   restoring  the donor (RW: increments first)       increments              EPERM
+//
+//   event \ group   simplex         paired                      split
+//   init            paired, copy    paired, full copy           paired, full copy
+//   split           refused         split (gen+1, one instant)  refused
+//   resync [m]      refused         -                           m (or all) paired, copy changed
+//
+// Per logical member a ClusterBitmap says which clusters differ from the P-VOL: while paired,
+// those not copied yet; while split, those either side changed since the split. It is
+// persisted (bitmap-store.ts), so a resync after a restart still copies only what changed.
+//
+// Recovery, by the member's attribute, always from an RO sibling of the SAME split generation
+// (siblings split at other times are not interchangeable):
+//
+//   failure of      spare available                        no spare
+//   RO, split       copy donor -> spare, remap ID          reads served by the donor (error)
+//   RW, split       copy donor -> spare, remap the donor's  reads from increments + donor,
+//                   RO ID to it; increments -> donor's     writes to the increments (error)
+//                   volume, remap the RW ID there (claim 1)
+//   any, paired     remap ID to the spare, full copy        reads from the P-VOL (error)
+//   restore by hand the same, or in place without a spare
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import { RangeLock } from '../../blockdev/range-lock.js';
+import { BlockDeviceError, type BlockDevice } from '../../blockdev/types.js';
+import { ClusterBitmap, clusterRange } from '../bitmap.js';
+import { FileBitmapStore, MemoryBitmapStore, type BitmapStore } from '../bitmap-store.js';
+import { PairCommandError } from '../status.js';
+import { readGroupRecord, saveGroupRecord, type GroupRecord, type LogicalRecord } from './group-file.js';
+import { IncrementsVolume } from './increments.js';
+import type { SvolVerifyStatus } from './status.js';
+import { FormatError } from '../../util/format.js';
+
+export interface SvolGroupSpec {
+  name: string;
+  pvol: number;
+  members: { vol: number; attr: 'RO' | 'RW' | 'spare'; logicalId?: number; increments?: number }[];
+}
+
+export interface SvolGroupContext {
+  clusterSize: number;
+  /** The controller's view of the storage system's volumes (faults, cache, backend). */
+  volumes: Map<number, { device: BlockDevice }>;
+  /** dataDir/svol, or undefined in memory. */
+  dir: string | undefined;
+  log: Logger;
+}
+
+export const COPY_RUN = 1024 * 1024;
+/** A restore records its progress this often (bytes), so a restart resumes near where it stopped. */
+const RESTORE_SAVE_EVERY = 16 * 1024 * 1024;
+
+/** The group's state, data paths, copy and recovery; the commands are in group.ts. */
+export class SvolGroupCore {
+  readonly name: string;
+  readonly size: number;
+  readonly clusters: number;
+  protected rec!: GroupRecord;
+  protected bitmaps: ClusterBitmap[] = [];
+  protected store!: BitmapStore;
+  /** Logical index -> its increments volume (RW members). */
+  protected readonly incr = new Map<number, IncrementsVolume>();
+  /** P-VOL writes against the copier: a run and a write to the same bytes never interleave. */
+  protected readonly pvolLock = new RangeLock();
+  protected readonly logicalLocks: RangeLock[] = [];
+  /** Reads and writes per physical volume (access frequency). */
+  protected readonly access = new Map<number, { reads: number; writes: number }>();
+  protected readonly copied: number[] = [];
+  protected gate: Promise<void> | null = null;
+  protected pvolWrites = 0;
+  protected drained: (() => void) | null = null;
+  protected copying: Promise<void> | null = null;
+  protected restoring: Promise<void> | null = null;
+  /** A remap's bitmap write, before its copy starts. */
+  protected pending: Promise<void> | null = null;
+  protected closed = false;
+  protected readonly file: string | undefined;
+  protected readonly log: Logger;
+  protected lastVerify: SvolVerifyStatus | undefined;
+
+  constructor(
+    readonly spec: SvolGroupSpec,
+    protected readonly ctx: SvolGroupContext,
+  ) {
+    this.name = spec.name;
+    this.size = this.dev(spec.pvol).size;
+    this.clusters = Math.ceil(this.size / ctx.clusterSize);
+    this.file = ctx.dir ? path.join(ctx.dir, `${spec.name}.group`) : undefined;
+    this.log = ctx.log.child({ svolGroup: spec.name });
+  }
+
+  /** Logical IDs, in the order of the configuration: what the storage system exports. */
+  get logicalIds(): number[] {
+    return this.rec.logical.map((l) => l.id);
+  }
+
+  /** Every volume the group holds (P-VOL, members, spares, increments volumes). */
+  get volumes(): number[] {
+    return [this.spec.pvol, ...this.spec.members.map((m) => m.vol), ...this.spec.members.flatMap((m) => (m.increments ? [m.increments] : []))];
+  }
+
+  async open(): Promise<void> {
+    const { spec, ctx } = this;
+    if (ctx.dir) fs.mkdirSync(ctx.dir, { recursive: true });
+    const fromConfig: GroupRecord = {
+      state: 'simplex',
+      generation: 0,
+      logical: spec.members
+        .filter((m) => m.attr !== 'spare')
+        .map((m) => ({ id: m.logicalId ?? m.vol, vol: m.vol, attr: m.attr as 'RO' | 'RW', ...(m.increments ? { increments: m.increments } : {}), state: 'simplex' as const })),
+      pool: spec.members.filter((m) => m.attr === 'spare').map((m) => ({ vol: m.vol, state: 'spare' as const })),
+    };
+    const saved = this.file ? readGroupRecord(this.file) : undefined;
+    if (saved) this.checkAgainstConfig(saved, fromConfig);
+    this.rec = saved ?? fromConfig;
+    const n = this.rec.logical.length;
+    let loaded: Uint8Array[] | null = null;
+    if (ctx.dir) {
+      const opened = await FileBitmapStore.open(path.join(ctx.dir, `${spec.name}.bitmap`), { clusterSize: ctx.clusterSize, clusters: this.clusters, mirrors: n }, this.log);
+      this.store = opened.store;
+      loaded = opened.loaded;
+    } else this.store = new MemoryBitmapStore(this.clusters, n);
+    this.bitmaps = this.rec.logical.map((_, i) => new ClusterBitmap(this.clusters, loaded?.[i]));
+    for (let i = 0; i < n; i++) {
+      this.logicalLocks.push(new RangeLock());
+      this.copied.push(0);
+      const l = this.rec.logical[i]!;
+      if (l.increments) {
+        const v = new IncrementsVolume(this.dev(l.increments), `vol${l.increments} (increments of logical vol${l.id} in group ${this.name})`, ctx.clusterSize, this.clusters, this.log);
+        await v.open(l.generation ?? this.rec.generation);
+        this.incr.set(i, v);
+      }
+    }
+    this.save();
+    this.log.info({ state: this.rec.state, generation: this.rec.generation, map: this.rec.logical.map((l) => `vol${l.id}->${l.vol}`) }, 'S-VOL group ready');
+    const r = this.rec.restore;
+    if (r) {
+      this.log.warn({ logical: this.rec.logical[r.logical]!.id, target: r.target, next: r.next }, `S-VOL group ${this.name}: resuming the restore of vol${this.rec.logical[r.logical]!.id} onto volume ${r.target} at cluster ${r.next} of ${this.clusters}`);
+      this.startRestore();
+    } else this.recoverWaiting();
+    this.wake();
+  }
+
+  /** The record on disk must describe the same volumes as the configuration: a changed group is not silently remapped. */
+  protected checkAgainstConfig(saved: GroupRecord, cfg: GroupRecord): void {
+    // Every volume the record holds: the map, the pool, and those a restore in progress moves between.
+    const vols = (r: GroupRecord) =>
+      [...new Set([...r.logical.map((l) => l.vol), ...r.pool.map((p) => p.vol), ...(r.restore ? [r.restore.target, r.restore.donor, r.restore.failed] : [])])].sort((a, b) => a - b).join(',');
+    const ids = (r: GroupRecord) => r.logical.map((l) => l.id).join(',');
+    if (vols(saved) !== vols(cfg) || ids(saved) !== ids(cfg)) {
+      throw new FormatError(
+        this.file!,
+        `S-VOL group ${this.name} was recorded with logical IDs ${ids(saved)} on volumes ${vols(saved)}, the configuration now says ${ids(cfg)} on ${vols(cfg)}; change the configuration back, or move the record away to start the group anew`,
+      );
+    }
+  }
+
+  protected dev(vol: number): BlockDevice {
+    return this.ctx.volumes.get(vol)!.device;
+  }
+
+  protected save(): void {
+    if (this.file) saveGroupRecord(this.file, this.rec);
+  }
+
+  /** Host reads in flight per physical volume: a volume changes role only once none is left. */
+  protected readonly readsIn = new Map<number, number>();
+
+  /** Read from a member's volume, counted in flight (unless `uncounted`: the reads of the member being rebuilt itself). */
+  protected async readVol(vol: number, offset: number, dest: Buffer, uncounted = false): Promise<void> {
+    if (uncounted) return this.dev(vol).read(offset, dest);
+    this.readsIn.set(vol, (this.readsIn.get(vol) ?? 0) + 1);
+    try {
+      await this.dev(vol).read(offset, dest);
+    } finally {
+      this.readsIn.set(vol, this.readsIn.get(vol)! - 1);
+    }
+  }
+
+  protected async readsDone(vol: number): Promise<void> {
+    while ((this.readsIn.get(vol) ?? 0) > 0) await new Promise((r) => setTimeout(r, 1));
+  }
+
+  protected count(vol: number, op: 'reads' | 'writes'): void {
+    let a = this.access.get(vol);
+    if (!a) this.access.set(vol, (a = { reads: 0, writes: 0 }));
+    a[op]++;
+  }
+
+  // ---- the P-VOL's write path ----
+
+  /** A host write to the P-VOL: mirrored to paired members, tracked for the others. */
+  async pvolWrite(offset: number, length: number, apply: (d: BlockDevice) => Promise<void>): Promise<void> {
+    while (this.gate) await this.gate;
+    this.pvolWrites++;
+    try {
+      const [first, last] = clusterRange(offset, length, this.ctx.clusterSize);
+      const release = await this.pvolLock.acquire(offset, length);
+      try {
+        const paired: number[] = [];
+        const marked: number[] = [];
+        this.rec.logical.forEach((l, i) => {
+          if (l.state === 'simplex') return;
+          // Write intent on disk for every member: a crash mid-write recopies these clusters.
+          marked.push(i);
+          if (l.state === 'paired' && !this.bitmaps[i]!.anyInvalid(first, last)) paired.push(i);
+          else this.bitmaps[i]!.setRangeInvalid(first, last);
+        });
+        if (marked.length) await this.store.mark(marked, first, last);
+        const results = await Promise.allSettled([apply(this.dev(this.spec.pvol)), ...paired.map((i) => apply(this.dev(this.rec.logical[i]!.vol)))]);
+        if (results[0]!.status === 'rejected') {
+          for (const i of paired) this.bitmaps[i]!.setRangeInvalid(first, last);
+          throw results[0].reason;
+        }
+        results.slice(1).forEach((r, k) => {
+          const i = paired[k]!;
+          if (r.status === 'fulfilled') {
+            // Both copies hold the write: the intent bits may go (lazily, as a pair's cleaner does).
+            if (!this.bitmaps[i]!.anyInvalid(first, last)) void this.store.clear(i, range(first, last)).catch(() => {});
+            return;
+          }
+          this.bitmaps[i]!.setRangeInvalid(first, last);
+          this.fail(i, 'write', r.reason as Error);
+        });
+        if (marked.some((i) => this.rec.logical[i]!.state === 'paired' && this.bitmaps[i]!.invalidCount > 0)) this.wake();
+      } finally {
+        release();
+      }
+    } finally {
+      if (--this.pvolWrites === 0 && this.drained) this.drained();
+    }
+  }
+
+  /** Hold new P-VOL writes, wait for those in flight, run fn: one instant for every member. */
+  protected async quiesce<T>(fn: () => Promise<T>): Promise<T> {
+    while (this.gate) await this.gate;
+    let open!: () => void;
+    this.gate = new Promise((r) => (open = r));
+    try {
+      if (this.pvolWrites > 0) await new Promise<void>((r) => (this.drained = r));
+      this.drained = null;
+      return await fn();
+    } finally {
+      this.gate = null;
+      open();
+    }
+  }
+
+  // ---- a logical member's I/O ----
+
+  logical(i: number): LogicalRecord {
+    return this.rec.logical[i]!;
+  }
+
+  isReadOnly(i: number): boolean {
+    const l = this.rec.logical[i]!;
+    return l.attr === 'RO' || l.state === 'paired' || l.state === 'simplex';
+  }
+
+  async logicalRead(i: number, offset: number, dest: Buffer): Promise<void> {
+    const l = this.rec.logical[i]!;
+    if (l.state === 'error' || l.state === 'restoring') return this.degradedRead(i, offset, dest);
+    const [first, last] = clusterRange(offset, dest.length, this.ctx.clusterSize);
+    if (l.state === 'paired' && this.bitmaps[i]!.anyInvalid(first, last)) {
+      this.count(this.spec.pvol, 'reads');
+      return this.dev(this.spec.pvol).read(offset, dest);
+    }
+    const vol = l.vol;
+    this.count(vol, 'reads');
+    try {
+      await this.readVol(vol, offset, dest);
+    } catch (e) {
+      if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO' || l.state === 'simplex') throw e;
+      // The host's read succeeds from a sibling (or the P-VOL); the recovery starts behind it.
+      this.fail(i, 'read', e);
+      return this.degradedRead(i, offset, dest);
+    }
+  }
+
+  /** Serve a failed member: the P-VOL while paired; else an RO sibling of its generation, its increments first. */
+  protected async degradedRead(i: number, offset: number, dest: Buffer): Promise<void> {
+    const l = this.rec.logical[i]!;
+    // A member without a split generation is (or was) paired: the P-VOL holds its data.
+    if (l.generation === undefined) {
+      this.count(this.spec.pvol, 'reads');
+      return this.dev(this.spec.pvol).read(offset, dest);
+    }
+    // The member being rebuilt reads its own donor: those reads never hold up its last step.
+    const mine = this.rec.restore?.logical === i;
+    const donor = mine ? this.rec.restore!.donor : this.donorFor(i)?.vol;
+    if (donor === undefined) throw new BlockDeviceError('EIO', `${this.name}: vol${l.id} has failed and no RO sibling of split generation ${l.generation} can serve it`);
+    this.count(donor, 'reads');
+    const incr = this.incr.get(i);
+    if (l.attr !== 'RW' || !incr || incr.count === 0) return this.readVol(donor, offset, dest, mine);
+    const cs = this.ctx.clusterSize;
+    for (let at = offset; at < offset + dest.length; ) {
+      const c = Math.floor(at / cs);
+      const end = Math.min(offset + dest.length, (c + 1) * cs);
+      const piece = dest.subarray(at - offset, end - offset);
+      if (incr.has(c)) await incr.read(c, at - c * cs, piece);
+      else await this.readVol(donor, at, piece, mine);
+      at = end;
+    }
+  }
+
+  async logicalWrite(i: number, offset: number, data: Buffer): Promise<void> {
+    const l = this.rec.logical[i]!;
+    if (l.attr === 'RO') throw new BlockDeviceError('EPERM', `vol${l.id} is an RO S-VOL of group ${this.name}: host writes are refused`);
+    if (l.state === 'paired' || l.state === 'simplex') throw new BlockDeviceError('EPERM', `vol${l.id} is ${l.state === 'paired' ? 'paired with its P-VOL' : 'not initialized'} in group ${this.name}: writable once the group is split`);
+    const incr = this.incr.get(i)!;
+    const cs = this.ctx.clusterSize;
+    const [first, last] = clusterRange(offset, data.length, cs);
+    // Whole clusters: two writes into one cluster must not both give it a new increments slot.
+    const release = await this.logicalLocks[i]!.acquire(first * cs, (last + 1 - first) * cs);
+    try {
+      this.bitmaps[i]!.setRangeInvalid(first, last);
+      await this.store.mark([i], first, last);
+      // The increments first: whatever happens to the member, its write is kept.
+      await incr.log(offset, data, this.size, (c, buf) => this.baseOf(i, c, buf));
+      this.count(l.vol, 'writes');
+      if (l.state !== 'split') return;
+      try {
+        await this.dev(l.vol).write(offset, data);
+      } catch (e) {
+        if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO') throw e;
+        this.fail(i, 'write', e);
+      }
+    } finally {
+      release();
+    }
+  }
+
+  /** What cluster c of logical i holds before a first write since the split. */
+  protected async baseOf(i: number, c: number, buf: Buffer): Promise<void> {
+    const l = this.rec.logical[i]!;
+    const at = c * this.ctx.clusterSize;
+    if (l.state === 'split') {
+      try {
+        return await this.readVol(l.vol, at, buf);
+      } catch (e) {
+        if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO') throw e;
+        this.fail(i, 'read', e);
+      }
+    }
+    return this.degradedRead(i, at, buf);
+  }
+
+  async logicalFlush(i: number): Promise<void> {
+    const l = this.rec.logical[i]!;
+    await this.incr.get(i)?.flush();
+    if (l.state === 'split' || l.state === 'paired') await this.dev(l.vol).flush();
+  }
+
+  /** Flush the members a P-VOL write reaches (paired ones). */
+  async flushPaired(): Promise<void> {
+    await Promise.all(this.rec.logical.filter((l) => l.state === 'paired').map((l) => this.dev(l.vol).flush()));
+  }
+
+  /** The healthy RO member of the same split generation that is accessed least: the donor for copies. */
+  protected donorFor(i: number): { index: number; vol: number } | undefined {
+    const me = this.rec.logical[i]!;
+    let best: { index: number; vol: number; n: number } | undefined;
+    this.rec.logical.forEach((l, j) => {
+      if (j === i || l.attr !== 'RO' || l.state !== 'split' || l.generation !== me.generation) return;
+      const a = this.access.get(l.vol);
+      const n = a ? a.reads + a.writes : 0;
+      if (!best || n < best.n) best = { index: j, vol: l.vol, n };
+    });
+    return best;
+  }
+
+  // ---- failures and recovery ----
+
+  /** A member's volume failed under host I/O: mark it, and start its recovery in the background. */
+  protected fail(i: number, op: string, err: Error): void {
+    const l = this.rec.logical[i]!;
+    if (l.state === 'error' || l.state === 'restoring') return;
+    l.state = 'error';
+    l.error = `${op}: ${err.message}`;
+    this.log.error({ logical: l.id, vol: l.vol, err: err.message }, `S-VOL group ${this.name}: vol${l.id} (volume ${l.vol}) failed on ${op}; recovering`);
+    this.save();
+    try {
+      this.recover(i, l.error, false);
+    } catch (e) {
+      this.log.error({ logical: l.id, err: (e as Error).message }, `S-VOL group ${this.name}: vol${l.id} cannot be recovered now`);
+    }
+  }
+
+  /** Pick the recovery for logical i by the group's state and the member's attribute; throws PairCommandError when none applies. */
+  protected recover(i: number, reason: string, inPlace: boolean): void {
+    const l = this.rec.logical[i]!;
+    if (this.rec.restore) throw new PairCommandError('refused', `${this.name}: a restore of vol${this.rec.logical[this.rec.restore.logical]!.id} is running; vol${l.id} waits for it`);
+    const spareAt = this.rec.pool.findIndex((p) => p.state === 'spare');
+    if (l.generation === undefined) {
+      if (spareAt < 0) throw new PairCommandError('refused', `${this.name}: no spare to replace vol${l.id}; its reads come from the P-VOL`);
+      const spare = this.rec.pool.splice(spareAt, 1)[0]!;
+      this.rec.pool.push({ vol: l.vol, state: 'error', error: reason });
+      this.log.warn({ logical: l.id, from: l.vol, to: spare.vol }, `S-VOL group ${this.name}: vol${l.id} remapped from volume ${l.vol} to spare ${spare.vol}; copying from the P-VOL`);
+      l.vol = spare.vol;
+      l.state = this.rec.state === 'simplex' ? 'simplex' : 'paired';
+      delete l.error;
+      this.bitmaps[i]!.setAllInvalid();
+      const marked: Promise<void> = this.store
+        .mark([i], 0, this.clusters - 1)
+        .then(() => this.wake())
+        .catch((e: Error) => this.log.error({ err: e.message }, `S-VOL group ${this.name}: bitmap: ${e.message}`))
+        .finally(() => {
+          if (this.pending === marked) this.pending = null;
+        });
+      this.pending = marked;
+      this.save();
+      return;
+    }
+    const donor = this.donorFor(i);
+    if (!donor) {
+      l.state = 'error';
+      l.error = `no RO sibling of split generation ${l.generation} to rebuild from (siblings split at another time are not interchangeable)`;
+      this.save();
+      throw new PairCommandError('refused', `${this.name}: vol${l.id}: ${l.error}`);
+    }
+    let target = l.vol;
+    if (spareAt >= 0) target = this.rec.pool.splice(spareAt, 1)[0]!.vol;
+    else if (!inPlace) {
+      this.save();
+      throw new PairCommandError('refused', `${this.name}: no spare to rebuild vol${l.id} on; it is served by vol${this.rec.logical[donor.index]!.id} until you add a spare (attr GROUP VOL spare) and run svol restore`);
+    }
+    // An RW member with a spare: its RO sibling becomes the RW member (with the increments), the spare its RO copy.
+    const promote = l.attr === 'RW' && target !== l.vol ? donor.index : undefined;
+    this.rec.restore = { logical: i, target, donor: donor.vol, failed: l.vol, next: 0, reason, ...(promote !== undefined ? { promote } : {}) };
+    l.state = 'restoring';
+    this.save();
+    this.log.warn(
+      { logical: l.id, donor: donor.vol, target },
+      promote !== undefined
+        ? `S-VOL group ${this.name}: rebuilding RW vol${l.id} on RO sibling volume ${donor.vol} (vol${this.rec.logical[promote]!.id}), whose RO role moves to spare ${target}`
+        : `S-VOL group ${this.name}: restoring vol${l.id} onto volume ${target} from RO sibling volume ${donor.vol}`,
+    );
+    this.startRestore();
+  }
+
+  /** Members that failed while another restore ran (or before a restart): their turn now, if a recovery applies. */
+  protected recoverWaiting(): void {
+    this.rec.logical.forEach((l, i) => {
+      if (l.state !== 'error' || this.rec.restore) return;
+      try {
+        this.recover(i, l.error ?? 'failed', false);
+      } catch (e) {
+        this.log.warn({ logical: l.id, err: (e as Error).message }, `S-VOL group ${this.name}: vol${l.id} stays in error: ${(e as Error).message}`);
+      }
+    });
+  }
+
+  protected startRestore(): void {
+    if (this.restoring) return;
+    this.restoring = this.runRestore()
+      .catch((e: Error) => this.log.error({ err: e.message }, `S-VOL group ${this.name}: restore stopped: ${e.message}`))
+      .finally(() => {
+        this.restoring = null;
+        // One restore at a time: members that failed meanwhile go next.
+        if (!this.closed) this.recoverWaiting();
+      });
+  }
+
+  /** Copy donor -> target from the recorded cluster on, apply the increments (RW), remap. */
+  protected async runRestore(): Promise<void> {
+    const r = this.rec.restore!;
+    const l = this.rec.logical[r.logical]!;
+    const cs = this.ctx.clusterSize;
+    const runClusters = Math.max(1, Math.floor(COPY_RUN / cs));
+    const buf = Buffer.allocUnsafe(runClusters * cs);
+    let sinceSave = 0;
+    try {
+      while (r.next < this.clusters) {
+        if (this.closed) return;
+        const off = r.next * cs;
+        const len = Math.min(runClusters * cs, this.size - off);
+        const piece = buf.subarray(0, len);
+        this.count(r.donor, 'reads');
+        await this.dev(r.donor).read(off, piece);
+        // The controller writes the target whatever its attribute: RO refuses hosts, not restores.
+        await this.dev(r.target).write(off, piece);
+        r.next += Math.ceil(len / cs);
+        sinceSave += len;
+        if (sinceSave >= RESTORE_SAVE_EVERY) {
+          await this.dev(r.target).flush();
+          this.save();
+          sinceSave = 0;
+        }
+      }
+      await this.dev(r.target).flush();
+      const release = await this.logicalLocks[r.logical]!.acquire(0, this.size);
+      try {
+        let home = r.target;
+        if (r.promote !== undefined) {
+          // The spare, now a copy of the sibling, serves the sibling's RO logical ID; once no read
+          // is left on the sibling's volume, that volume takes the increments and the RW role.
+          const sib = this.rec.logical[r.promote]!;
+          if (sib.vol === r.donor) {
+            sib.vol = r.target;
+            this.save();
+          }
+          await this.readsDone(r.donor);
+          home = r.donor;
+        }
+        const incr = this.incr.get(r.logical);
+        if (l.attr === 'RW' && incr) {
+          const one = Buffer.allocUnsafe(cs);
+          for (const c of incr.changed()) {
+            const part = one.subarray(0, Math.min(cs, this.size - c * cs));
+            await incr.read(c, 0, part);
+            await this.dev(home).write(c * cs, part);
+          }
+          await this.dev(home).flush();
+        }
+        if (r.failed !== home) this.rec.pool.push({ vol: r.failed, state: 'error', error: r.reason });
+        l.vol = home;
+        l.state = 'split';
+        delete l.error;
+        delete this.rec.restore;
+        this.save();
+      } finally {
+        release();
+      }
+      this.log.info({ logical: l.id, vol: l.vol }, `S-VOL group ${this.name}: vol${l.id} restored onto volume ${l.vol}`);
+    } catch (e) {
+      if (this.closed) return;
+      // The target failed too: out of service; the member stays served by its sibling.
+      if (r.target !== r.failed) this.rec.pool.push({ vol: r.target, state: 'error', error: `restore: ${(e as Error).message}` });
+      l.state = 'error';
+      l.error = `restore onto volume ${r.target} failed: ${(e as Error).message}`;
+      delete this.rec.restore;
+      this.save();
+      throw e;
+    }
+  }
+
+  // ---- the background copy P-VOL -> paired members ----
+
+  protected wake(): void {
+    if (this.copying || this.closed) return;
+    this.copying = this.copyLoop()
+      .catch((e: Error) => this.log.error({ err: e.message }, `S-VOL group ${this.name}: copy stopped: ${e.message}`))
+      .finally(() => {
+        this.copying = null;
+      });
+  }
+
+  protected async copyLoop(): Promise<void> {
+    const cs = this.ctx.clusterSize;
+    const maxRun = Math.max(1, Math.floor(COPY_RUN / cs));
+    const buf = Buffer.allocUnsafe(maxRun * cs);
+    for (;;) {
+      let did = false;
+      for (let i = 0; i < this.rec.logical.length; i++) {
+        const l = this.rec.logical[i]!;
+        const bm = this.bitmaps[i]!;
+        let c = bm.nextInvalid(0);
+        while (c >= 0 && l.state === 'paired' && !this.closed) {
+          let end = c;
+          while (end + 1 < this.clusters && end - c + 1 < maxRun && bm.isInvalid(end + 1)) end++;
+          const off = c * cs;
+          const len = Math.min((end + 1) * cs, this.size) - off;
+          const vol = l.vol;
+          const release = await this.pvolLock.acquire(off, len);
+          const done: number[] = [];
+          try {
+            if (l.state !== 'paired' || l.vol !== vol) break;
+            const piece = buf.subarray(0, len);
+            // The P-VOL failing is not the member's fault: the copy stops (and says so), the member stays.
+            await this.dev(this.spec.pvol).read(off, piece);
+            try {
+              await this.dev(vol).write(off, piece);
+            } catch (e) {
+              this.fail(i, 'copy', e as Error);
+              break;
+            }
+            for (let k = c; k <= end; k++) if (bm.setValid(k)) done.push(k);
+            this.copied[i]! += len;
+          } finally {
+            release();
+          }
+          try {
+            await this.dev(vol).flush();
+          } catch (e) {
+            this.fail(i, 'flush', e as Error);
+            break;
+          }
+          await markRunsClear(this.store, i, done);
+          did = true;
+          c = end + 1 < this.clusters ? bm.nextInvalid(end + 1) : -1;
+          if (c >= 0 && c <= end) c = -1;
+        }
+      }
+      if (!did || this.closed) return;
+    }
+  }
+
+  /** Resolves once no copy or restore runs (tests, close). */
+  async idle(): Promise<void> {
+    while (this.copying || this.restoring || this.pending) await Promise.all([this.copying, this.restoring, this.pending]);
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    await this.idle();
+    this.save();
+    await this.store.close();
+  }
+}
+
+async function markRunsClear(store: BitmapStore, m: number, clusters: number[]): Promise<void> {
+  if (clusters.length) await store.clear(m, clusters);
+}
+
+function range(first: number, last: number): number[] {
+  const out: number[] = [];
+  for (let c = first; c <= last; c++) out.push(c);
+  return out;
+}

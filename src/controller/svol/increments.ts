@@ -1,0 +1,150 @@
+// The increments volume of an RW S-VOL: a real volume of the storage system that holds every
+// cluster the member changed since its split, so the member can be rebuilt on an RO sibling of
+// the same split (Tomita claim 1). Layout on the volume:
+//
+//   offset        size               what
+//   0             4 KiB              header "BMSVINC1": clusterSize, clusters, generation, crc
+//   4 KiB         4 * clusters       changed-block map: u32 per P-VOL cluster, slot + 1 (0 = unchanged)
+//   dataStart     clusterSize * n    slots: the member's whole cluster as it is now
+//
+// A first write to a cluster copies the cluster's base (the member's, or a sibling's if the
+// member failed) into a fresh slot with the write laid over it; the map entry is written after
+// the slot, so a crash never points the map at a half-written slot. Later writes to the
+// cluster go into its slot. No slot left: ENOSPC, said once in the log.
+import * as BL from 'buffer-layout';
+import type { Logger } from 'pino';
+import { BlockDeviceError, type BlockDevice } from '../../blockdev/types.js';
+import { FileFormat, FormatError } from '../../util/format.js';
+
+const FORMAT = new FileFormat<{ clusterSize: number; clusters: number; generation: number }>('increments volume', 'BMSVINC1', 1, [
+  BL.u32('clusterSize'),
+  BL.u32('clusters'),
+  BL.u32('generation'),
+]);
+const MAP_AT = 4096;
+
+/** Bytes an increments volume needs before its first slot (config-svol.ts checks the same). */
+export function incrementsDataStart(clusters: number, clusterSize: number): number {
+  return Math.ceil((MAP_AT + 4 * clusters) / clusterSize) * clusterSize;
+}
+
+export class IncrementsVolume {
+  /** Slot + 1 per P-VOL cluster, 0 when unchanged. */
+  private map: Uint32Array;
+  private used = 0;
+  private fullSaid = false;
+  generation = 0;
+  readonly slots: number;
+  private readonly dataStart: number;
+
+  constructor(
+    readonly device: BlockDevice,
+    /** Names it in messages: "vol9 (increments of vol3 in group backup)". */
+    readonly label: string,
+    private readonly clusterSize: number,
+    private readonly clusters: number,
+    private readonly logger: Logger,
+  ) {
+    this.map = new Uint32Array(clusters);
+    this.dataStart = incrementsDataStart(clusters, clusterSize);
+    this.slots = Math.max(0, Math.floor((device.size - this.dataStart) / clusterSize));
+  }
+
+  /** Read the header and map; a volume that holds no header yet is formatted for `generation`. */
+  async open(generation: number): Promise<void> {
+    const head = Buffer.alloc(FORMAT.size);
+    await this.device.read(0, head);
+    if (!FORMAT.matches(head)) return this.reset(generation);
+    const h = FORMAT.decode(this.label, head);
+    if (h.clusterSize !== this.clusterSize || h.clusters !== this.clusters) {
+      throw new FormatError(this.label, `was made for clusterSize ${h.clusterSize} and ${h.clusters} clusters, the configuration now says ${this.clusterSize} and ${this.clusters}`);
+    }
+    this.generation = h.generation;
+    const raw = Buffer.alloc(4 * this.clusters);
+    await this.device.read(MAP_AT, raw);
+    this.used = 0;
+    for (let c = 0; c < this.clusters; c++) {
+      const v = raw.readUInt32LE(4 * c);
+      this.map[c] = v;
+      if (v > this.used) this.used = v;
+    }
+  }
+
+  /** Forget every change: a new split (or a resync) starts an empty log for `generation`. */
+  async reset(generation: number): Promise<void> {
+    await this.device.zero(MAP_AT, this.dataStart - MAP_AT);
+    await this.device.write(0, FORMAT.encode({ clusterSize: this.clusterSize, clusters: this.clusters, generation }));
+    await this.device.flush();
+    this.map = new Uint32Array(this.clusters);
+    this.used = 0;
+    this.generation = generation;
+    this.fullSaid = false;
+  }
+
+  has(c: number): boolean {
+    return this.map[c] !== 0;
+  }
+
+  /** Changed clusters. */
+  get count(): number {
+    let n = 0;
+    for (const v of this.map) if (v) n++;
+    return n;
+  }
+
+  /** Bytes of data held (whole clusters). */
+  get bytes(): number {
+    return this.used * this.clusterSize;
+  }
+
+  get capacity(): number {
+    return this.slots * this.clusterSize;
+  }
+
+  *changed(): Generator<number> {
+    for (let c = 0; c < this.clusters; c++) if (this.map[c]) yield c;
+  }
+
+  /** Read `dest.length` bytes of cluster c's slot from `within` bytes into it. */
+  read(c: number, within: number, dest: Buffer): Promise<void> {
+    return this.device.read(this.dataStart + (this.map[c]! - 1) * this.clusterSize + within, dest);
+  }
+
+  /**
+   * Log a write of `data` at `offset` (P-VOL byte address). `base(c, buf)` fills a whole cluster
+   * with what the member holds there before the write. The caller holds the range locked.
+   */
+  async log(offset: number, data: Buffer, size: number, base: (c: number, buf: Buffer) => Promise<void>): Promise<void> {
+    let at = offset;
+    while (at < offset + data.length) {
+      const c = Math.floor(at / this.clusterSize);
+      const cStart = c * this.clusterSize;
+      const cLen = Math.min(this.clusterSize, size - cStart);
+      const end = Math.min(offset + data.length, cStart + cLen);
+      const piece = data.subarray(at - offset, end - offset);
+      if (this.map[c]) {
+        await this.device.write(this.dataStart + (this.map[c]! - 1) * this.clusterSize + (at - cStart), piece);
+      } else {
+        if (this.used >= this.slots) {
+          if (!this.fullSaid) this.logger.error({ increments: this.label, slots: this.slots }, `${this.label} is full (${this.slots} clusters changed since the split): writes fail with ENOSPC until a resync or a larger increments volume`);
+          this.fullSaid = true;
+          throw new BlockDeviceError('ENOSPC', `${this.label} is full: ${this.slots} clusters changed since the split`);
+        }
+        const slot = ++this.used;
+        const buf = Buffer.alloc(cLen);
+        await base(c, buf);
+        piece.copy(buf, at - cStart);
+        await this.device.write(this.dataStart + (slot - 1) * this.clusterSize, buf);
+        const entry = Buffer.alloc(4);
+        entry.writeUInt32LE(slot);
+        await this.device.write(MAP_AT + 4 * c, entry);
+        this.map[c] = slot;
+      }
+      at = end;
+    }
+  }
+
+  flush(): Promise<void> {
+    return this.device.flush();
+  }
+}
