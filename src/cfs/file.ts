@@ -40,9 +40,12 @@ export type OpenMode = 'r' | 'r+' | 'w' | 'wx';
 /** How long a write keeps looking for a master that moved (a takeover by hand takes a few seconds). */
 const MASTER_MOVE_MS = 30_000;
 
-/** The master refused as a mirror (EPERM), is fenced (ESHUTDOWN), or cannot be reached: it may have moved. */
+/**
+ * The master refused as a mirror (EPERM: from the server, or from our client when the export it
+ * reconnected to says read-only), is fenced (ESHUTDOWN), or cannot be reached: it may have moved.
+ */
 function mayHaveMoved(e: unknown): boolean {
-  if (e instanceof NbdError && e.origin === 'server') return e.code === 'EPERM' || e.code === 'ESHUTDOWN' || e.code === 'EROFS';
+  if (e instanceof NbdError) return e.code === 'EPERM' || e.code === 'ESHUTDOWN' || e.code === 'EROFS';
   return isCopyFailure(e);
 }
 
