@@ -17,6 +17,7 @@ let port: number;
 let port2: number;
 let dir: string;
 let psk: { path: string; keys: Record<string, string> };
+let looseKey: string;
 
 beforeAll(async () => {
   pki = makePki();
@@ -27,6 +28,10 @@ beforeAll(async () => {
   const admin2 = await freePort();
   const server = pki.cert('localhost');
   psk = pki.pskFile('keys.psk', { alice: undefined, bob: undefined });
+  // Storage system 2's key is readable by everyone: it is used, with one warning.
+  looseKey = path.join(dir, 'loose-key.pem');
+  fs.copyFileSync(server.key, looseKey);
+  fs.chmodSync(looseKey, 0o644);
   fs.writeFileSync(
     path.join(dir, 'cluster.yaml'),
     `security:
@@ -43,7 +48,7 @@ storageSystems:
   - id: 2
     nbd: 127.0.0.1:${port2}
     admin: 127.0.0.1:${admin2}
-    tls: { mode: require, cert: ${server.cert}, key: ${server.key} }
+    tls: { mode: require, cert: ${server.cert}, key: ${looseKey} }
     volumes:
       - { id: 1, size: 16MiB }
 `,
@@ -165,6 +170,14 @@ describe('allow lists', () => {
     expect(lines).toHaveLength(1);
     // The keys themselves never reach the log.
     for (const key of Object.values(psk.keys)) expect(up.stderr()).not.toContain(key);
+  });
+});
+
+describe('key files', () => {
+  it('warns once about a private key other users can read, naming the file and the fix', () => {
+    const lines = up.stderr().split('\n').filter((l) => l.includes(`the private key ${looseKey} is readable by other users; chmod 600 ${looseKey}`));
+    expect(lines).toHaveLength(1);
+    expect(up.stderr()).not.toContain(fs.readFileSync(looseKey, 'utf8').split('\n')[1]!);
   });
 });
 
