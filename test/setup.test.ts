@@ -70,7 +70,7 @@ describe('scripts/setup', () => {
     const dir = stubDir();
     const r = await run('/bin/bash', [SETUP, '--test'], { env: { PATH: `${dir}:${process.env.PATH}`, STUB_DIR: dir, STUB_UID: '1000', STUB_MISSING: '' } });
     expect(r.stderr).toBe('');
-    // The npm step depends on this work tree's state (a package.json edited since npm ci): the stub takes it.
+    // The npm step depends on this work tree's state (a lock file newer than node_modules): the stub takes it.
     expect(r.stdout).toMatch(/scripts\/setup: ready \(\d+ Debian packages, \d+ tools, npm dependencies up to date\)\n$/);
     expect(r.code).toBe(0);
     expect(aptLog(dir)).toEqual([]);
