@@ -189,3 +189,58 @@ describe('a cluster on etcd', () => {
     expect(fs.existsSync(path.join(cfg.dir, 'ss1'))).toBe(true);
   });
 });
+
+describe('a gateway with TLS on both sides', () => {
+  it('serves a logical volume over STARTTLS (PSK) from storage systems that require TLS with client certificates', async () => {
+    const { makePki } = await import('./helpers/pki.js');
+    const pki = makePki();
+    try {
+      const [a, b] = await loopbackAddrs();
+      const prefix = `/bm-test-${process.pid}-tls`;
+      const client = pki.cert('gateway');
+      const base = twoSSYaml(a, b, [{ name: 'pair1', mode: 'sync', vol: 1 }], { peerTimeout: '1s', size: '16MiB', tls: { ca: pki.ca, certs: { 1: pki.cert('ss1'), 2: pki.cert('ss2') } } })
+        // The storage systems' NBD ports require TLS and a client certificate from the CA; the gateway shows security.client.
+        .replace(/tls: \{ mode: off,/g, 'tls: { mode: require, verifyClients: true,')
+        .replace(`security:\n  ca: ${pki.ca}\n`, `security:\n  ca: ${pki.ca}\n  client: { cert: ${client.cert}, key: ${client.key} }\n`);
+      const cfg = writeConfig(`${base}etcd:\n  endpoints: [ ${etcd.endpoints.join(', ')} ]\n  prefix: ${prefix}\n  leaseTtl: 2s\n`);
+      const ss1 = new SSProcess(1, cfg.file, a);
+      const ss2 = new SSProcess(2, cfg.file, b);
+      procs.push(ss1, ss2);
+      await ss1.start();
+      await ss2.start();
+      await ss1.waitPair('pair1', (p) => p.state === 'PAIR', 'PAIR');
+      // Without TLS, the storage system says no: the gateway below must be speaking TLS to it.
+      expect((await run('nbdinfo', [`nbd://127.0.0.1:${a.nbd}/vol1`])).code).not.toBe(0);
+
+      const psk = pki.pskFile('gw.psk', { alice: undefined });
+      const port = await freePort();
+      let err = '';
+      const proc = spawn(process.execPath, [CLI, 'gateway', '-c', cfg.file, '--listen', `127.0.0.1:${port}`, '--tls', 'require', '--tls-psk', psk.path, '--log-level', 'info'], { stdio: ['ignore', 'ignore', 'pipe'] });
+      proc.stderr!.setEncoding('utf8').on('data', (d: string) => (err += d));
+      gateways.push(proc);
+      const uri = `nbds://alice@127.0.0.1:${port}/pair1?tls-psk-file=${psk.path}`;
+      let ready = false;
+      for (let i = 0; i < 400 && !ready && proc.exitCode === null; i++) {
+        ready = (await run('nbdinfo', ['--size', uri])).code === 0;
+        if (!ready) await new Promise((r) => setTimeout(r, 50));
+      }
+      expect(ready, err).toBe(true);
+      expect((await run('nbdinfo', [`nbd://127.0.0.1:${port}/pair1`])).code).not.toBe(0); // plaintext refused at the gateway
+
+      const data = Buffer.alloc(4 * 1024 * 1024);
+      for (let i = 0; i < data.length; i += 4) data.writeUInt32LE(i * 2654435761 >>> 0, i);
+      const local = path.join(cfg.dir, 'in.img');
+      fs.writeFileSync(local, data);
+      const put = await run('nbdcopy', [local, uri]);
+      expect(put.code, put.stderr).toBe(0);
+      const back = path.join(cfg.dir, 'back.img');
+      const get = await run('nbdcopy', [uri, back]);
+      expect(get.code, get.stderr).toBe(0);
+      expect(fs.readFileSync(back).subarray(0, data.length).equals(data)).toBe(true);
+      await ss1.waitPair('pair1', (p) => p.state === 'PAIR' && p.mirrors.every((m) => m.invalidClusters === 0), 'in sync');
+      expect(await sameBytes(ss1.volumeFile(cfg.dir, 1), ss2.volumeFile(cfg.dir, 1))).toBe(true);
+    } finally {
+      pki.cleanup();
+    }
+  }, 90_000);
+});
