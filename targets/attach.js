@@ -12,11 +12,10 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
+import { Failure, loadCluster, usageError } from './cluster.js';
 
 const PROG = 'attach';
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const DEFAULT_STATE = '/run/blockmirror/attached.json';
 const BLOCK_SIZES = [512, 1024, 2048, 4096];
 const MAX_CONNECTIONS = 64;
@@ -44,13 +43,6 @@ the master of every pair and every volume in no pair. Needs root, nbd-client and
 Output: one line per export, e.g. "vol8 ss1 127.0.0.1:10809 -> /dev/nbd0".
 Exit status: 0 done, 1 failed, 2 usage error.`;
 
-class Failure extends Error {
-  constructor(message, code = 1) {
-    super(message);
-    this.code = code;
-  }
-}
-const usageError = (message) => new Failure(`${message} (see --help)`, 2);
 
 function parseOptions(argv) {
   let parsed;
@@ -107,18 +99,6 @@ function parseOptions(argv) {
 
 // ---------------------------------------------------------------------------------------------
 // The cluster: which exports a host sees.
-
-async function loadCluster(file) {
-  const loader = path.join(ROOT, 'dist/cluster/config.js');
-  if (!fs.existsSync(loader)) throw new Failure(`${path.relative(process.cwd(), loader) || loader} is missing: run npm install (or npm run build) in ${ROOT}`);
-  const { loadConfig } = await import(pathToFileURL(loader).href);
-  try {
-    return loadConfig(file);
-  } catch (e) {
-    if (e && e.code === 'ECONFIG') throw new Failure(e.message);
-    throw e;
-  }
-}
 
 const hostPort = (host, port) => (host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`);
 

@@ -12,12 +12,10 @@
 // Test seam (environment): BM_ISCSIADM (the iscsiadm binary).
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
-import path from 'node:path';
-import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
+import { Failure, loadCluster, usageError } from './cluster.js';
 
 const PROG = 'iscsi-login';
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const USAGE = `usage: targets/iscsi-login -c FILE [options]
 Discover (SendTargets) and log in to the iSCSI targets of a blockmirror cluster with iscsiadm.
 Needs root and open-iscsi (iscsid running).
@@ -35,13 +33,6 @@ Example:
   targets/iscsi-login -c config/demo.yaml --dry-run
 Exit status: 0 done, 1 failed, 2 usage error.`;
 
-class Failure extends Error {
-  constructor(message, code = 1) {
-    super(message);
-    this.code = code;
-  }
-}
-const usageError = (m) => new Failure(`${m} (see --help)`, 2);
 
 function options(argv) {
   let v;
@@ -67,18 +58,6 @@ function options(argv) {
   if (v.ss !== undefined && !/^[1-9]\d*$/.test(v.ss)) throw usageError(`--ss ${JSON.stringify(v.ss)}: expected a storage system id`);
   if (v.host !== undefined && !/^(?:[A-Za-z0-9.-]+|\[?[0-9A-Fa-f:.]+\]?)$/.test(v.host)) throw usageError(`--host ${JSON.stringify(v.host)}: expected a host name or address`);
   return { config: v.config, ss: v.ss === undefined ? undefined : Number(v.ss), host: v.host?.replace(/^\[(.*)\]$/, '$1'), chapFile: v['chap-file'], logout: v.logout ?? false, dryRun: v['dry-run'] ?? false };
-}
-
-async function load(file) {
-  const loader = path.join(ROOT, 'dist/cluster/config.js');
-  if (!fs.existsSync(loader)) throw new Failure(`${loader} is missing: run npm install (or npm run build) in ${ROOT}`);
-  const { loadConfig } = await import(pathToFileURL(loader).href);
-  try {
-    return loadConfig(file);
-  } catch (e) {
-    if (e && e.code === 'ECONFIG') throw new Failure(e.message);
-    throw e;
-  }
 }
 
 /** Every (portal, target, chap file) the YAML defines, in file order. */
@@ -149,7 +128,7 @@ async function main(argv) {
     process.stdout.write(`${USAGE}\n`);
     return;
   }
-  const config = await load(opts.config);
+  const config = await loadCluster(opts.config);
   const list = targets(config, opts);
   const iscsiadm = process.env.BM_ISCSIADM || 'iscsiadm';
   for (const c of commands(list, opts)) {

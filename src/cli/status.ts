@@ -3,6 +3,7 @@
 import type { Command } from 'commander';
 import { getStatus, type AdminEndpoint } from '../admin/client.js';
 import { clientAdminToken } from '../cluster/admin-token.js';
+import type { LivePair } from '../cfs/server.js';
 import { adminClientCa } from '../cluster/credentials.js';
 import { ConfigError, loadConfig, type ClusterConfig, type StorageSystemConfig } from '../cluster/config.js';
 import { mergeReports as mergeClusterReports, type PairRow, type ReportAnswer, type SSView, type StorageSystemStatus } from '../controller/status.js';
@@ -103,9 +104,9 @@ export async function collectStatus(config: ClusterConfig, timeoutMs: number): P
  * and the mirrors whose reads are current (the pair in PAIR or COPY, the mirror connected). Pairs
  * no storage system reported are left out, so the server keeps its last view of them.
  */
-export async function livePairs(config: ClusterConfig, timeoutMs: number): Promise<Map<string, { master: { ss: number; vol: number }; readable: { ss: number; vol: number }[] }>> {
+export async function livePairs(config: ClusterConfig, timeoutMs: number): Promise<Map<string, LivePair>> {
   const st = await collectStatus(config, timeoutMs);
-  const out = new Map<string, { master: { ss: number; vol: number }; readable: { ss: number; vol: number }[] }>();
+  const out = new Map<string, LivePair>();
   for (const p of st.pairs) {
     const current = (p.state === 'PAIR' || p.state === 'COPY') && !p.stale;
     const readable = current ? p.mirrors.filter((m) => m.connected !== false).map((m) => ({ ss: m.ss, vol: m.vol })) : [];
