@@ -168,5 +168,5 @@ pairs:
       await up.stop();
       fs.rmSync(dir, { recursive: true, force: true });
     }
-  }, 120_000);
+  });
 });
