@@ -128,7 +128,7 @@ function fioOn(ss: NsSS, vol: number, extra: string[] = []) {
 }
 
 describe('storage systems on two hosts (network namespaces)', () => {
-  it('a link cut mid-writes (no RST): writes go on after the peer timeout, the mirror says stale, and a reconnect resyncs', async () => {
+  it('a link cut mid-writes (no RST): writes go on after the peer timeout, the mirror says stale and refuses reads, and a reconnect resyncs', async () => {
     const { dir, ss1, ss2 } = await twoHosts([
       { name: 'ps', mode: 'sync', vol: 2 },
       { name: 'pa', mode: 'async', vol: 1 },
@@ -142,10 +142,13 @@ describe('storage systems on two hosts (network namespaces)', () => {
     const down = await ss1.waitPair('ps', (p) => p.state === 'PSUE', 'PSUE');
     expect(down.error).toMatch(/storage system 2/);
     expect((await ss1.qemuIo(1, ['write -P 0x66 1M 1M'])).code).toBe(0);
-    // The mirror cannot hear its master: it serves its own data and says it may be stale.
+    // The mirror cannot hear its master: it says it may be stale, and refuses host reads rather
+    // than serve data the master may have overwritten since (fence never goes on without it).
     const view = await ss2.waitPair('pa', (p) => p.stale === true, 'stale');
     expect(view.role).toBe('mirror');
-    expect((await ss2.qemuIo(1, ['read 0 64k'], true)).code).toBe(0);
+    const refused = await ss2.qemuIo(1, ['read 0 64k'], true);
+    expect(refused.code).not.toBe(0);
+    expect(refused.stdout + refused.stderr).toMatch(/Input\/output error/);
     await link(net.ns2, net.dev2, 'up');
     await ss1.waitPair('ps', inSync, 'in sync again', 30_000);
     await ss1.waitPair('pa', inSync, 'in sync again', 30_000);
@@ -166,7 +169,8 @@ describe('storage systems on two hosts (network namespaces)', () => {
     expect(await sameBytes(ss1.volumeFile(dir, 2), ss2.volumeFile(dir, 2))).toBe(true);
 
     // The master dies mid-write. Every write the client saw acknowledged is recorded (block and
-    // value); before SS1 comes back and before any resync, each one is read back from the mirror.
+    // value); before SS1 comes back and before any resync, each one is read back from the mirror's
+    // volume file (its host export refuses reads while it cannot hear its master).
     const BLOCKS = 4096;
     const writer = inNs(net.ns1, PYTHON, ['-c', `
 import nbd, sys
@@ -184,10 +188,15 @@ for i in range(${BLOCKS} * 8):
     await ss2.waitPair('ps', (p) => p.stale === true, 'stale');
     // For each block: the value of its last acknowledged write; the one write in flight at the kill may also have landed.
     const last = acked[acked.length - 1]!;
-    const check = await inNs(net.ns2, PYTHON, ['-c', `
-import nbd, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
+    expect((await ss2.qemuIo(2, ['read 0 4k'], true)).code).not.toBe(0);
+    const check = await run(PYTHON, ['-c', `
+import sys
+f = open(sys.argv[1], 'rb')
+class File:
+    def pread(self, n, off):
+        f.seek(off)
+        return f.read(n)
+h = File()
 last = int(sys.argv[2]); n = ${BLOCKS}
 bad = 0
 for b in range(min(n, last + 1)):
@@ -198,7 +207,7 @@ for b in range(min(n, last + 1)):
         bad += 1
         if bad < 5: print('block', b, 'has', got, 'expected one of', ok)
 print('bad', bad)
-`, ss2.uri(2), String(last)], 60_000);
+`, ss2.volumeFile(dir, 2), String(last)], { timeoutMs: 60_000 });
     expect(check.code, check.stderr).toBe(0);
     expect(check.stdout.trim().split('\n').pop()).toBe('bad 0');
     await ss1.start();

@@ -187,7 +187,7 @@ export function renderStatus(status: ClusterStatus, configFile = 'FILE'): string
     out.push(...table(['PAIR', 'MODE', 'STATE', 'MASTER', 'MIRROR', 'INVALID', 'SYNCED', 'COPIED', 'ETA'], rows, 'lllllrrrr'));
     for (const p of status.pairs) if (p.error) out.push(`  ${p.name}: ${p.state}: ${p.error}`);
     for (const p of status.pairs) {
-      if (p.role === 'mirror') out.push(`  ${p.name}: the master's storage system ${p.master.ss} did not answer; shown as its mirror sees it${p.stale ? ' (its data may be stale)' : ''}`);
+      if (p.role === 'mirror') out.push(`  ${p.name}: the master's storage system ${p.master.ss} did not answer; shown as its mirror sees it${p.stale ? ' (its data may be stale, so it refuses host reads; pair takeover there makes it the master)' : ''}`);
     }
   }
 

@@ -32,6 +32,8 @@ export class MirrorSide {
   /** Created empty by this start and never written since. */
   blank: boolean;
   private closed = false;
+  /** Host reads are being refused (readUnsure); logged once per episode. */
+  private refusing = false;
 
   constructor(
     readonly pairName: string,
@@ -60,6 +62,27 @@ export class MirrorSide {
   /** The replica can be trusted: a session with the master is up and its lease is live. */
   get trustsReplica(): boolean {
     return this.token !== null && this.session === this.link.session && this.link.heardRecently;
+  }
+
+  /**
+   * A read while the replica cannot be trusted: this copy cannot know what the master acknowledged
+   * since (a sync pair with `fence: never` goes on without it once the peer timeout passes), so
+   * every cluster counts as Invalid and the whole read comes from the master. With no master to
+   * ask, nothing is served rather than data that may be old: EIO, and one log line per episode.
+   * The ways to use this copy then are the master, or `pair takeover` here.
+   */
+  async readUnsure(offset: number, dest: Buffer): Promise<void> {
+    try {
+      await this.readFromMaster(offset, dest);
+      this.refusing = false;
+    } catch (e) {
+      const why = `vol${this.mine.vol} is a mirror of ${this.pairName} that cannot hear its master (storage system ${this.master.ss}), so its data may be behind`;
+      if (!this.refusing) {
+        this.refusing = true;
+        this.ctx.log.warn({ pair: this.pairName, vol: this.mine.vol, err: (e as Error).message }, `${why}: host reads get EIO until the master is back; read the master, or run pair takeover ${this.pairName} here`);
+      }
+      throw new BlockDeviceError('EIO', `${why}: read the master, or run pair takeover ${this.pairName} here`, { cause: e });
+    }
   }
 
   attach(): ResponseOf<'attach'> {
@@ -141,7 +164,9 @@ export class MirrorSide {
     if (this.link.fault) await linkFaultGate(this.link, what);
     if (!this.fallback) {
       const exportName = `vol${this.master.vol}`;
-      this.fallback = this.link.openData(exportName).then((socket) => connectTransport(socket, { exportName, timeoutMs: this.ctx.peerTimeout }));
+      // A busy master is not a lost one (the lease says when it is gone), so a large read gets
+      // several peer timeouts before it fails: on a loaded machine 4 MiB can take longer than one.
+      this.fallback = this.link.openData(exportName).then((socket) => connectTransport(socket, { exportName, timeoutMs: this.ctx.peerTimeout * 4 }));
       this.fallback.catch(() => (this.fallback = null));
     }
     try {
@@ -189,11 +214,12 @@ class MirrorHostDevice extends FilterDevice {
   override async read(offset: number, dest: Buffer): Promise<void> {
     this.check();
     const s = this.side;
-    if (s.state !== 'PSUS' && s.trustsReplica) {
+    if (s.state !== 'PSUS') {
+      if (!s.trustsReplica) return s.readUnsure(offset, dest);
       const [first, last] = clusterRange(offset, dest.length, s.clusterSize);
       if (s.replica.anyInvalid(first, last)) return s.readFromMaster(offset, dest);
     }
-    // Split (a point-in-time image), or no master to ask: this copy's own data (status says stale).
+    // In the pair with its Invalid clusters read from the master, or split (a point-in-time image by request).
     return s.device.read(offset, dest);
   }
 
@@ -220,9 +246,9 @@ class MirrorHostDevice extends FilterDevice {
   }
 
   /**
-   * Never a hole where this copy may be stale: while the pair mirrors, an Invalid cluster (or any
-   * cluster, when the replica cannot be trusted) is reported as data, so sparse-aware copies read
-   * it (through the master) instead of skipping it. Split, the copy describes itself.
+   * Never a hole where this copy may be stale: while the pair mirrors, an Invalid cluster is
+   * reported as data (every cluster, without a trusted replica), so sparse-aware copies read it
+   * (through the master, or EIO) instead of skipping it. Split, the copy describes itself.
    */
   override async extents(offset: number, length: number): Promise<Extent[]> {
     this.check();
