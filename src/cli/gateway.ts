@@ -8,6 +8,7 @@ import { UsageError } from './errors.js';
 import { addressInUse, addressInUseError } from './listen-error.js';
 import { parseListen } from './serve.js';
 import { runUntilSignal } from './signals.js';
+import { socketActivationFds } from './socket-activation.js';
 import { addTlsOptions, serverTlsOptions, type TlsCliOptions } from './tls-options.js';
 import { loadConfigOrUsage } from './status.js';
 
@@ -64,8 +65,12 @@ export function registerGatewayCommand(program: Command): void {
 
 async function gateway(opts: GatewayCliOptions, log: Logger): Promise<void> {
   const config = loadConfigOrUsage(opts.config);
-  const listen = parseListen(opts.listen);
-  const tls = serverTlsOptions(opts, [listen]);
+  // Under systemd socket activation (targets/blockmirror-gateway.socket) the socket unit's
+  // ListenStream= is the address and --listen is not used.
+  const activated = socketActivationFds();
+  if (activated.length > 1) throw new UsageError(`socket activation: a gateway listens on one socket, systemd passed ${activated.length} (keep one ListenStream= in the .socket unit)`);
+  const listen = activated.length === 1 ? { fd: activated[0]! } : parseListen(opts.listen);
+  const tls = serverTlsOptions(opts, 'fd' in listen ? [] : [listen]);
   const retryMs = Number(opts.retry);
   if (!Number.isInteger(retryMs) || retryMs < 100) throw new UsageError(`--retry: expected milliseconds (at least 100), got "${opts.retry}"`);
   const [{ Gateway }, { EtcdUnreachableError }] = await Promise.all([import('../gateway/gateway.js'), import('../cluster/etcd/store.js')]);
@@ -77,6 +82,15 @@ async function gateway(opts: GatewayCliOptions, log: Logger): Promise<void> {
     const inUse = addressInUse(e);
     if (inUse) throw addressInUseError('--listen', inUse, 'choose another --listen', e);
     throw e;
+  }
+  if ('fd' in listen && !gw.address.startsWith('/')) {
+    // The socket's address is known only now: the same rule as --listen, an exposed TCP listener needs TLS.
+    try {
+      serverTlsOptions(opts, [parseListen(gw.address)]);
+    } catch (e) {
+      await gw.close();
+      throw new UsageError(`the socket systemd passed, ${(e as Error).message.replace(/^--listen /, '')}`);
+    }
   }
   await runUntilSignal(log, () => gw.close());
 }
