@@ -205,7 +205,7 @@ async function connectClient(config: ClusterConfig, opts: Common, extra: { recon
   const server = serverAddress(config, opts.server);
   const token = process.env[CFS_TOKEN_ENV] || (config.cfs?.tokenFile ? readCfsToken(config.cfs.tokenFile) : undefined);
   const byId = new Map(config.storageSystems.map((s) => [s.id, s.nbd]));
-  return CfsClient.connect({
+  const connect = CfsClient.connect({
     server,
     nbd: (ss) => {
       const a = byId.get(ss);
@@ -216,6 +216,13 @@ async function connectClient(config: ClusterConfig, opts: Common, extra: { recon
     ...(token ? { token } : {}),
     ...(tlsCa ? { tlsCa } : {}),
     ...extra,
+  });
+  return connect.catch((e: Error) => {
+    if (!e.message.startsWith('cannot reach the CFS server')) throw e;
+    const next = opts.server
+      ? 'start the CFS server there, or check --server'
+      : `start it: blockmirror up -c ${opts.config} runs it with the storage systems, blockmirror cfs serve -c ${opts.config} alone (or give its address with --server)`;
+    throw new CfsCliError(`${e.message}; ${next}`, { cause: e });
   });
 }
 

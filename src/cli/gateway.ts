@@ -65,6 +65,7 @@ export function registerGatewayCommand(program: Command): void {
 
 async function gateway(opts: GatewayCliOptions, log: Logger): Promise<void> {
   const config = loadConfigOrUsage(opts.config);
+  if (!config.etcd) throw new UsageError(`${opts.config} has no etcd: section; a gateway finds each volume's master in etcd (config/etcd.yaml is an example)`);
   // Under systemd socket activation (targets/blockmirror-gateway.socket) the socket unit's
   // ListenStream= is the address and --listen is not used.
   const activated = socketActivationFds();
