@@ -114,6 +114,64 @@ describe('pair resync --wait and pair verify', () => {
   }, 60_000);
 });
 
+describe('svol --wait', () => {
+  let cluster: RunningCluster;
+  let file: string;
+  let nbd: number;
+  beforeAll(async () => {
+    nbd = await freePort();
+    const admin = await freePort();
+    file = path.join(tmpDir('bm-progress-svol-'), 'cluster.yaml');
+    fs.writeFileSync(
+      file,
+      `clusterSize: 64KiB
+storageSystems:
+  - id: 1
+    nbd: 127.0.0.1:${nbd}
+    admin: 127.0.0.1:${admin}
+    volumes:
+${[1, 2, 3, 4].map((v) => `      - { id: ${v}, size: 16MiB }`).join('\n')}
+    svolGroups:
+      - name: backup
+        pvol: 1
+        members:
+          - { vol: 2, attr: RO }
+          - { vol: 3, attr: RO }
+          - { vol: 4, attr: spare }
+`,
+    );
+    cluster = await startUp(file, [nbd, admin]);
+  });
+  afterAll(async () => {
+    await cluster?.stop();
+  }, 60_000);
+
+  it('draws the group copy to 100% on a terminal and prints the group table; piped, only the table', async () => {
+    const w = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x41 0 16M', `nbd://127.0.0.1:${nbd}/vol1`]);
+    expect(w.code, w.stderr + w.stdout).toBe(0);
+    const t = await runInPty(process.execPath, [CLI, 'svol', 'init', 'backup', '--wait', '-c', file]);
+    expect(t.code, t.stdout).toBe(0);
+    const seen = barPercentages(t.stdout, 'backup');
+    expect(seen.at(-1), t.stdout).toBe(100);
+    expect(nondecreasing(seen)).toBe(true);
+    expect(t.stdout).toMatch(/backup: paired, P-VOL 1, split generation 0\r?\n/);
+    const split = await run(process.execPath, [CLI, 'svol', 'split', 'backup', '-c', file]);
+    expect(split.code, split.stderr).toBe(0);
+    const w2 = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x42 0 4M', `nbd://127.0.0.1:${nbd}/vol1`]);
+    expect(w2.code).toBe(0);
+    const p = await run(process.execPath, [CLI, 'svol', 'resync', 'backup', '--wait', '-c', file]);
+    expect(p.code, p.stderr).toBe(0);
+    expect(p.stderr).toBe('');
+    expect(p.stdout).toMatch(/^backup: paired, P-VOL 1, split generation 1\n/);
+    expect(CONTROL_CHARS.test(p.stdout)).toBe(false);
+    // Every member holds the P-VOL's data, byte for byte.
+    for (const vol of [2, 3]) {
+      const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', `nbd://127.0.0.1:${nbd}/vol1`, `nbd://127.0.0.1:${nbd}/vol${vol}`]);
+      expect(cmp.stdout + cmp.stderr, `vol${vol}`).toContain('Images are identical');
+    }
+  }, 60_000);
+});
+
 describe('cfs put and get of a large file', () => {
   let c: CfsCluster;
   let dir: string;
