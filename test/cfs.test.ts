@@ -125,7 +125,8 @@ describe('cfs CLI', () => {
       [['put', path.join(c.dir, 'missing'), '/m'], 1, /no such local file: .*missing/],
       [['put', c.dir, '/m'], 1, /is a directory: /],
       [['put', local, '/d'], 1, /is a directory: \/d/],
-      [['put', local, '/nodir/f'], 1, /no such file: \/nodir/],
+      [['put', local, '/nodir/f'], 1, /^blockmirror: no such directory: \/nodir \(make it first: blockmirror cfs mkdir -p \/nodir -c .*cluster\.yaml\)$/m],
+      [['put', local, '/f/sub'], 1, /^blockmirror: not a directory: \/f$/m],
       [['put', '--no-clobber', local, '/f'], 1, /file exists: \/f/],
       [['mkdir', '/d'], 1, /file exists: \/d/],
       [['mkdir', '/f/sub'], 1, /not a directory: \/f/],
@@ -151,7 +152,7 @@ describe('cfs CLI', () => {
     const client = await c.client();
     expect(await client.check()).toEqual({ consistent: true, problems: [] });
     expect((await client.space()).pairs[0]!.usedBlocks).toBe(1);
-  });
+  }, 90_000); // some twenty CLI processes, six at a time: slow on a loaded machine
 });
 
 describe('cfs server: copies and the usage table', () => {

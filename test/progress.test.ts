@@ -58,7 +58,7 @@ describe('pair resync --wait and pair verify', () => {
     file = path.join(tmpDir('bm-progress-'), 'cluster.yaml');
     fs.writeFileSync(file, yaml(nbd, admin));
     cluster = await startUp(file, [nbd, admin]);
-  });
+  }, 60_000);
   afterAll(async () => {
     await cluster?.stop();
   }, 60_000);
@@ -141,7 +141,7 @@ ${[1, 2, 3, 4].map((v) => `      - { id: ${v}, size: 16MiB }`).join('\n')}
 `,
     );
     cluster = await startUp(file, [nbd, admin]);
-  });
+  }, 60_000);
   afterAll(async () => {
     await cluster?.stop();
   }, 60_000);
@@ -183,7 +183,7 @@ describe('cfs put and get of a large file', () => {
     dir = tmpDir('bm-progress-cfs-');
     big = path.join(dir, 'big.bin');
     fs.writeFileSync(big, data);
-  });
+  }, 60_000);
   afterAll(async () => {
     await c?.stop();
     fs.rmSync(dir, { recursive: true, force: true });

@@ -66,6 +66,10 @@ export function registerCfsCommand(program: Command): void {
         }
         const existing = await client.stat(dest).catch(() => undefined);
         if (existing?.type === 'dir') throw new CfsCliError(`is a directory: ${normalize(dest)} (to put into it, end the path with /)`);
+        const parent = path.posix.dirname(normalize(dest));
+        const up = existing ? undefined : await client.stat(parent).catch(() => null);
+        if (up === null) throw new CfsCliError(`no such directory: ${parent} (make it first: blockmirror cfs mkdir -p ${parent} -c ${opts.config})`);
+        if (up?.type === 'file') throw new CfsCliError(`not a directory: ${parent}`);
         const size = local === '-' ? undefined : localSize(local);
         await transfer({ op: 'put', from: local, to: normalize(dest), size, json: opts.json }, (onProgress) =>
           client.putFile(local === '-' ? process.stdin : local, dest, {
