@@ -23,7 +23,7 @@ export function registerGatewayCommand(program: Command): void {
     .command('gateway')
     .description('serve every logical volume of an etcd-backed cluster over NBD, following each one\'s master')
     .requiredOption('-c, --config <file>', 'cluster YAML with an etcd: section')
-    .option('--listen <host:port>', 'TCP address to listen on', '127.0.0.1:10810')
+    .option('--listen <host:port>', 'TCP address to listen on (under systemd socket activation, the socket systemd passes instead)', '127.0.0.1:10810')
     .option('--retry <ms>', 'how long a request waits for a master before it fails', '60000');
   addTlsOptions(command).action(async (opts: GatewayCliOptions, cmd: Command) => {
       const log = createLogger(cmd.optsWithGlobals().logLevel as string);
