@@ -136,7 +136,7 @@ describe('the systemd units in targets/', () => {
     expect(cliProblem(['cfs', 'mount', '-c', 'x'])).toBe('mount needs 1 arguments, got 0');
     expect(cliProblem(['gateway'])).toBe('gateway needs --config');
     expect(cliProblem(['cfs', 'mnt'])).toBe('"cfs mnt" is not a command');
-  });
+  }, 60_000); // three CLI starts: slow on a loaded machine
 });
 
 describe('the gateway under socket activation', () => {
