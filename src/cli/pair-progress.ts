@@ -50,12 +50,15 @@ export async function resyncAndWait(target: AdminEndpoint, name: string, timeout
     payload: { bytes: '0B', rate: '0B', eta: '-' },
     json,
   });
+  const draw = (p: PairStatus) =>
+    bar?.update(done(p), done(p) + invalid(p), { bytes: humanBytes(copied(p) - copied0), rate: humanBytes(p.mirrors.reduce((n, m) => n + (m.copyRate ?? 0), 0)), eta: eta(etaOf(p)) });
   try {
+    // Drawn before the first poll too: a copy done by then still ends the bar at 100%.
+    draw(status);
     while (!inSync(status) && (status.state === 'COPY' || status.state === 'PAIR')) {
       await new Promise((r) => setTimeout(r, POLL_MS));
       status = (await pairOf(target, name, timeoutMs)) ?? status;
-      const rate = status.mirrors.reduce((n, m) => n + (m.copyRate ?? 0), 0);
-      bar?.update(done(status), done(status) + invalid(status), { bytes: humanBytes(copied(status) - copied0), rate: humanBytes(rate), eta: eta(etaOf(status)) });
+      draw(status);
     }
   } finally {
     bar?.stop();
