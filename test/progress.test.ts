@@ -58,10 +58,10 @@ describe('pair resync --wait and pair verify', () => {
     file = path.join(tmpDir('bm-progress-'), 'cluster.yaml');
     fs.writeFileSync(file, yaml(nbd, admin));
     cluster = await startUp(file, [nbd, admin]);
-  }, 60_000);
+  });
   afterAll(async () => {
     await cluster?.stop();
-  }, 60_000);
+  });
 
   it('draws a bar on a terminal that moves with the copied clusters, reaches 100% and ends in PAIR', async () => {
     await splitAndWrite(24, 0x31);
@@ -76,7 +76,7 @@ describe('pair resync --wait and pair verify', () => {
     expect(r.stdout).toContain('384/384 clusters');
     expect(r.stdout).toMatch(/slow: PAIR; resync copied 384 clusters \(24MiB\) in [\d.]+ s: the mirrors are in sync\r?\n/);
     await copiesMatch();
-  }, 60_000);
+  });
 
   it('prints one summary line and no control character when piped', async () => {
     await splitAndWrite(16, 0x32);
@@ -86,7 +86,7 @@ describe('pair resync --wait and pair verify', () => {
     expect(r.stdout).toMatch(/^slow: PAIR; resync copied 256 clusters \(16MiB\) in [\d.]+ s: the mirrors are in sync\n$/);
     expect(CONTROL_CHARS.test(r.stdout)).toBe(false);
     await copiesMatch();
-  }, 60_000);
+  });
 
   it('prints JSON and draws no bar with --json, even on a terminal', async () => {
     await splitAndWrite(8, 0x33);
@@ -97,7 +97,7 @@ describe('pair resync --wait and pair verify', () => {
     const status = JSON.parse(r.stdout) as { name: string; state: string; mirrors: { invalidClusters: number }[] };
     expect(status).toMatchObject({ name: 'slow', state: 'PAIR', mirrors: [{ invalidClusters: 0 }] });
     await copiesMatch();
-  }, 60_000);
+  });
 
   it('draws the verify bar to 100% on a terminal, and only the result line when piped', async () => {
     const t = await pty('pair', 'verify', 'slow');
@@ -111,7 +111,7 @@ describe('pair resync --wait and pair verify', () => {
     expect(p.code, p.stderr).toBe(0);
     expect(p.stdout).toBe('slow: PAIR; verified 512 clusters: the mirrors match the master\n');
     expect(CONTROL_CHARS.test(p.stdout + p.stderr)).toBe(false);
-  }, 60_000);
+  });
 });
 
 describe('svol --wait', () => {
@@ -141,10 +141,10 @@ ${[1, 2, 3, 4].map((v) => `      - { id: ${v}, size: 16MiB }`).join('\n')}
 `,
     );
     cluster = await startUp(file, [nbd, admin]);
-  }, 60_000);
+  });
   afterAll(async () => {
     await cluster?.stop();
-  }, 60_000);
+  });
 
   it('draws the group copy to 100% on a terminal and prints the group table; piped, only the table', async () => {
     const w = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x41 0 16M', `nbd://127.0.0.1:${nbd}/vol1`]);
@@ -169,7 +169,7 @@ ${[1, 2, 3, 4].map((v) => `      - { id: ${v}, size: 16MiB }`).join('\n')}
       const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', `nbd://127.0.0.1:${nbd}/vol1`, `nbd://127.0.0.1:${nbd}/vol${vol}`]);
       expect(cmp.stdout + cmp.stderr, `vol${vol}`).toContain('Images are identical');
     }
-  }, 60_000);
+  });
 });
 
 describe('cfs put and get of a large file', () => {
@@ -183,7 +183,7 @@ describe('cfs put and get of a large file', () => {
     dir = tmpDir('bm-progress-cfs-');
     big = path.join(dir, 'big.bin');
     fs.writeFileSync(big, data);
-  }, 60_000);
+  });
   afterAll(async () => {
     await c?.stop();
     fs.rmSync(dir, { recursive: true, force: true });
@@ -200,7 +200,7 @@ describe('cfs put and get of a large file', () => {
     expect(get.code, get.stdout).toBe(0);
     expect(barPercentages(get.stdout, 'get').at(-1), get.stdout).toBe(100);
     expect(fs.readFileSync(out).equals(data)).toBe(true);
-  }, 60_000);
+  });
 
   it('prints one summary line on stderr and no control character when piped', async () => {
     const put = await c.cli(['put', big, '/piped.bin']);
@@ -217,7 +217,7 @@ describe('cfs put and get of a large file', () => {
     fs.writeFileSync(path.join(dir, 'small'), 'x');
     const small = await c.cli(['put', path.join(dir, 'small'), '/small']);
     expect([small.code, small.stdout, small.stderr]).toEqual([0, '', '']);
-  }, 60_000);
+  });
 
   it('prints what was copied as JSON with --json, with no bar on a terminal, and refuses --json with get to stdout', async () => {
     const put = await pty('put', big, '/json.bin', '--json');
@@ -227,5 +227,5 @@ describe('cfs put and get of a large file', () => {
     const get = await c.cli(['get', '/json.bin', '-', '--json']);
     expect(get.code).toBe(2);
     expect(get.stderr).toBe('blockmirror: get: --json needs a local file, not - (stdout carries the data)\n');
-  }, 60_000);
+  });
 });

@@ -136,7 +136,7 @@ describe('the systemd units in targets/', () => {
     expect(cliProblem(['cfs', 'mount', '-c', 'x'])).toBe('mount needs 1 arguments, got 0');
     expect(cliProblem(['gateway'])).toBe('gateway needs --config');
     expect(cliProblem(['cfs', 'mnt'])).toBe('"cfs mnt" is not a command');
-  }, 60_000); // three CLI starts: slow on a loaded machine
+  });
 });
 
 describe('the gateway under socket activation', () => {
@@ -155,7 +155,7 @@ describe('the gateway under socket activation', () => {
     for (const s of ss) await s.start();
     await ss[0]!.waitPair('pair1', (p) => p.state === 'PAIR', 'PAIR');
     master = ss[0]!.uri(1);
-  }, 60_000);
+  });
   afterAll(async () => {
     for (const p of activators) if (p.exitCode === null) p.kill('SIGKILL');
     await Promise.all(ss.map((s) => s.kill()));
@@ -196,7 +196,7 @@ describe('the gateway under socket activation', () => {
     expect(mirror.stdout).toContain('Images are identical');
     gw.proc.kill('SIGTERM');
     expect(await gw.exited).toBe(0);
-  }, 60_000);
+  });
 
   it('refuses a socket other hosts can reach without TLS, naming the socket and what to add', async () => {
     const port = await freePort();
@@ -206,5 +206,5 @@ describe('the gateway under socket activation', () => {
     expect(gw.stderr().split('\n').filter((l) => l.startsWith('blockmirror:'))).toEqual([
       `blockmirror: the socket systemd passed, 0.0.0.0:${port} is reachable from other hosts without TLS: add --tls require with --tls-certificates or --tls-psk, or --insecure to accept the risk`,
     ]);
-  }, 60_000);
+  });
 });
