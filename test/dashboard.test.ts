@@ -8,6 +8,8 @@ import { chromium, type Browser, type Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { connect, type NbdClient } from '../src/nbd/client.js';
 import { freePort, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
+import { adminFetch } from './helpers/admin.js';
+import type { SSReport } from '../src/controller/status.js';
 
 const MiB = 1024 * 1024;
 // The README's picture is refreshed on purpose only (`npm run screenshot`); a plain test run
@@ -127,6 +129,30 @@ describe('dashboard', () => {
     await expect.poll(() => page.textContent(`${card('pair1')} .mirror-label`), { timeout: 5000 }).toMatch(/% in sync, \d+ invalid clusters .*ETA \d/);
   });
 
+  it("draws each pair's throughput sparkline from the samples the admin API returns, with points after writes", async () => {
+    await nbd.pwrite(Buffer.alloc(2 * MiB, 0x44), 16 * MiB);
+    // The API: the master's storage system keeps one sample a second, bytes per second, oldest first.
+    const written = async () => {
+      const report = (await (await adminFetch(`http://127.0.0.1:${ports.admin[0]}/api/status`)).json()) as SSReport;
+      const t = report.pairs.find((p) => p.name === 'pair1')?.throughput;
+      return t ? { intervalMs: t.intervalMs, peak: Math.max(...t.write), lengths: [t.read.length, t.write.length, t.copy.length] } : undefined;
+    };
+    await expect.poll(async () => (await written())?.peak ?? 0, { timeout: 5000 }).toBeGreaterThan(0);
+    const t = (await written())!;
+    expect(t.intervalMs).toBe(1000);
+    expect(new Set(t.lengths).size).toBe(1);
+    // The page: the host I/O line has a point per sample, and some above the baseline.
+    const points = async () => {
+      const attr = (await page.getAttribute(`${card('pair1')} svg.sparkline polyline.spark-io`, 'points')) ?? '';
+      return attr.split(' ').filter(Boolean).map((xy) => xy.split(',').map(Number) as [number, number]);
+    };
+    await expect.poll(async () => (await points()).length, { timeout: 5000 }).toBeGreaterThan(1);
+    const height = Number(await page.getAttribute(`${card('pair1')} svg.sparkline`, 'height'));
+    await expect.poll(async () => Math.min(...(await points()).map(([, y]) => y)), { timeout: 5000 }).toBeLessThan(height / 2);
+    expect(await page.isVisible(`${card('pair1')} .throughput`)).toBe(true);
+    expect(await page.textContent(`${card('pair1')} .spark-label`)).toMatch(/^host I\/O .*\/s · copy .*\/s · peak .*\/s in the last \d+ s$/);
+  });
+
   it('splits a pair after a confirmation, and sends nothing when it is dismissed', async () => {
     expect(await command('pair2', 'split', 'dismiss')).toMatch(/^Split pair2\?/);
     await new Promise((r) => setTimeout(r, 600));
@@ -143,6 +169,8 @@ describe('dashboard', () => {
     await vol5.pwrite(Buffer.alloc(4 * MiB, 0x33), 4 * MiB);
     await vol5.close();
     await expect.poll(() => invalidPixels('pair2')).toBeGreaterThan(0);
+    // The picture shows those writes on pair2's sparkline too (sampled once a second).
+    await expect.poll(() => page.textContent(`${card('pair2')} .spark-label`), { timeout: 5000 }).not.toMatch(/peak 0 B\/s/);
     await page.screenshot({ path: SCREENSHOT, fullPage: true });
     expect(fs.statSync(SCREENSHOT).size).toBeGreaterThan(10_000);
 

@@ -188,3 +188,43 @@ describe('an export name that does not exist', () => {
     quotedInReadme(`server reported: ${demo.unknownExportMessage('vol3')}`, [], []);
   });
 });
+
+describe('a storage system or CFS server that is not running, asked by a command', () => {
+  it('names the storage system a pair command could not reach and how to start it', async () => {
+    const [nbd, admin] = await Promise.all([freePort(), freePort()]);
+    const file = yamlFile(
+      'down.yaml',
+      `storageSystems:\n  - { id: 3, nbd: "127.0.0.1:${nbd}", admin: "127.0.0.1:${admin}", volumes: [ { id: 1, size: 1MiB }, { id: 2, size: 1MiB } ] }\npairs:\n  - { name: p, mode: async, master: { ss: 3, vol: 1 }, mirrors: [ { ss: 3, vol: 2 } ] }\n`,
+    );
+    const r = await cli(['pair', 'split', 'p', '-c', file]);
+    expect(r.stderr).toBe(
+      `blockmirror: split p: storage system 3 (127.0.0.1:${admin}) is not reachable: connect ECONNREFUSED; start it on its host (blockmirror up -c ${file} --only 3) or check its admin address\n`,
+    );
+    expect(r.code).toBe(1);
+    const f = await cli(['fault', 'list', '--config', file]);
+    expect(f.stderr).toBe(
+      `blockmirror: fault list: storage system 3 (127.0.0.1:${admin}) is not reachable: connect ECONNREFUSED; start it on its host (blockmirror up -c ${file} --only 3) or check its admin address\n`,
+    );
+    quotedInReadme(r.stderr.trimEnd(), [file, `127.0.0.1:${admin}`], ['config.yaml', '127.0.0.1:9003']);
+  });
+
+  it('says how to start the CFS server, or to check --server', async () => {
+    const [nbd, admin, cfs] = await Promise.all([freePort(), freePort(), freePort()]);
+    const file = yamlFile('cfs-down.yaml', `storageSystems:\n  - { id: 1, nbd: "127.0.0.1:${nbd}", admin: "127.0.0.1:${admin}", volumes: [ { id: 1, size: 1MiB }, { id: 2, size: 1MiB } ] }\npairs:\n  - { name: p, mode: async, master: { ss: 1, vol: 1 }, mirrors: [ { ss: 1, vol: 2 } ] }\ncfs:\n  listen: 127.0.0.1:${cfs}\n`);
+    const r = await cli(['cfs', 'ls', '-c', file]);
+    expect(r.stderr).toBe(
+      `blockmirror: cannot reach the CFS server at 127.0.0.1:${cfs}: ECONNREFUSED; start it: blockmirror up -c ${file} runs it with the storage systems, blockmirror cfs serve -c ${file} alone (or give its address with --server)\n`,
+    );
+    expect(r.code).toBe(1);
+    const s = await cli(['cfs', 'ls', '-c', file, '--server', `127.0.0.1:${cfs}`]);
+    expect(s.stderr).toBe(`blockmirror: cannot reach the CFS server at 127.0.0.1:${cfs}: ECONNREFUSED; start the CFS server there, or check --server\n`);
+    quotedInReadme(r.stderr.trimEnd(), [file, `127.0.0.1:${cfs}`], ['cfs.yaml', '127.0.0.1:7070']);
+  });
+
+  it('refuses a gateway on a YAML without etcd, with an example to follow', async () => {
+    const file = yamlFile('no-etcd.yaml', 'storageSystems:\n  - { id: 1, nbd: "127.0.0.1:0", admin: "127.0.0.1:0", volumes: [ { id: 1, size: 1MiB } ] }\n');
+    const r = await cli(['gateway', '-c', file, '--listen', '127.0.0.1:0']);
+    expect(r.stderr).toBe(`blockmirror: ${file} has no etcd: section; a gateway finds each volume's master in etcd (config/etcd.yaml is an example)\n`);
+    expect(r.code).toBe(2);
+  });
+});

@@ -29,13 +29,16 @@ export class AdminClientError extends Error {
 
 export class AdminUnreachableError extends AdminClientError {
   override readonly name = 'AdminUnreachableError';
+  /** The storage system that did not answer, when the endpoint named it. */
+  readonly ss: number | undefined;
   constructor(
     message: string,
     /** errno-style code: ECONNREFUSED, ENOTFOUND, ETIMEDOUT, ... */
     readonly code: string,
-    options?: { cause?: unknown },
+    options?: { cause?: unknown; ss?: number },
   ) {
     super(message, options);
+    this.ss = options?.ss;
   }
 }
 
@@ -166,7 +169,7 @@ async function request(ep: AdminEndpoint, method: 'GET' | 'POST' | 'PUT' | 'DELE
     text = r.text;
   } catch (e) {
     const [code, why] = networkCause(e, timeoutMs);
-    throw new AdminUnreachableError(`${op}${describe(ep)} is not reachable: ${why}`, code, { cause: e });
+    throw new AdminUnreachableError(`${op}${describe(ep)} is not reachable: ${why}`, code, { cause: e, ...(ep.ss !== undefined ? { ss: ep.ss } : {}) });
   }
   let body: unknown;
   try {

@@ -9,6 +9,8 @@ import type { ClusterConfig, HostPort } from '../cluster/config.js';
 import { createLogger } from '../util/log.js';
 import { UsageError } from './errors.js';
 import { runUntilSignal } from './signals.js';
+import { humanSeconds, progressBar } from './progress.js';
+import { humanBytes } from './status.js';
 
 interface Common {
   config: string;
@@ -54,7 +56,8 @@ export function registerCfsCommand(program: Command): void {
   command('put <local> <path>', 'copy a local file (- for stdin) into the CFS; the file appears whole when the copy is done')
     .option('--pair <name>', 'the pair to put the file on (default: the one with the most free space)')
     .option('--no-clobber', 'refuse to replace an existing file')
-    .action(async (local: string, target: string, opts: Common & { pair?: string; clobber: boolean }) => {
+    .option('--json', 'print what was copied as JSON (no progress bar)')
+    .action(async (local: string, target: string, opts: Common & { pair?: string; clobber: boolean; json?: boolean }) => {
       await withClient(opts, async (client) => {
         let dest = target;
         if (dest.endsWith('/')) {
@@ -63,35 +66,34 @@ export function registerCfsCommand(program: Command): void {
         }
         const existing = await client.stat(dest).catch(() => undefined);
         if (existing?.type === 'dir') throw new CfsCliError(`is a directory: ${normalize(dest)} (to put into it, end the path with /)`);
+        const parent = path.posix.dirname(normalize(dest));
+        const up = existing ? undefined : await client.stat(parent).catch(() => null);
+        if (up === null) throw new CfsCliError(`no such directory: ${parent} (make it first: blockmirror cfs mkdir -p ${parent} -c ${opts.config})`);
+        if (up?.type === 'file') throw new CfsCliError(`not a directory: ${parent}`);
         const size = local === '-' ? undefined : localSize(local);
-        const progress = await progressBar('put', size);
-        try {
-          await client.putFile(local === '-' ? process.stdin : local, dest, {
+        await transfer({ op: 'put', from: local, to: normalize(dest), size, json: opts.json }, (onProgress) =>
+          client.putFile(local === '-' ? process.stdin : local, dest, {
             ...(opts.pair ? { pair: opts.pair } : {}),
             exclusive: !opts.clobber,
-            onProgress: progress?.update,
-          });
-        } finally {
-          progress?.stop();
-        }
+            onProgress,
+          }),
+        );
       });
     });
 
-  command('get <path> <local>', 'copy a CFS file to a local file (- for stdout, or into a local directory)').action(async (source: string, local: string, opts: Common) => {
-    await withClient(opts, async (client) => {
-      const st = await client.stat(source);
-      if (st.type === 'dir') throw new CfsCliError(`is a directory: ${normalize(source)}`);
-      if (local === '-') return void (await client.getFile(source, process.stdout));
-      let dest = local;
-      if (fs.existsSync(dest) && fs.statSync(dest).isDirectory()) dest = path.join(dest, path.posix.basename(normalize(source)));
-      const progress = await progressBar('get', st.size);
-      try {
-        await client.getFile(source, dest, { onProgress: progress?.update });
-      } finally {
-        progress?.stop();
-      }
+  command('get <path> <local>', 'copy a CFS file to a local file (- for stdout, or into a local directory)')
+    .option('--json', 'print what was copied as JSON (no progress bar)')
+    .action(async (source: string, local: string, opts: Common & { json?: boolean }) => {
+      if (local === '-' && opts.json) throw new UsageError('get: --json needs a local file, not - (stdout carries the data)');
+      await withClient(opts, async (client) => {
+        const st = await client.stat(source);
+        if (st.type === 'dir') throw new CfsCliError(`is a directory: ${normalize(source)}`);
+        if (local === '-') return void (await client.getFile(source, process.stdout));
+        let dest = local;
+        if (fs.existsSync(dest) && fs.statSync(dest).isDirectory()) dest = path.join(dest, path.posix.basename(normalize(source)));
+        await transfer({ op: 'get', from: normalize(source), to: dest, size: st.size, json: opts.json }, (onProgress) => client.getFile(source, dest, { onProgress }));
+      });
     });
-  });
 
   command('cat <path>', 'write a CFS file to stdout').action(async (source: string, opts: Common) => {
     await withClient(opts, async (client) => {
@@ -207,7 +209,7 @@ async function connectClient(config: ClusterConfig, opts: Common, extra: { recon
   const server = serverAddress(config, opts.server);
   const token = process.env[CFS_TOKEN_ENV] || (config.cfs?.tokenFile ? readCfsToken(config.cfs.tokenFile) : undefined);
   const byId = new Map(config.storageSystems.map((s) => [s.id, s.nbd]));
-  return CfsClient.connect({
+  const connect = CfsClient.connect({
     server,
     nbd: (ss) => {
       const a = byId.get(ss);
@@ -218,6 +220,13 @@ async function connectClient(config: ClusterConfig, opts: Common, extra: { recon
     ...(token ? { token } : {}),
     ...(tlsCa ? { tlsCa } : {}),
     ...extra,
+  });
+  return connect.catch((e: Error) => {
+    if (!e.message.startsWith('cannot reach the CFS server')) throw e;
+    const next = opts.server
+      ? 'start the CFS server there, or check --server'
+      : `start it: blockmirror up -c ${opts.config} runs it with the storage systems, blockmirror cfs serve -c ${opts.config} alone (or give its address with --server)`;
+    throw new CfsCliError(`${e.message}; ${next}`, { cause: e });
   });
 }
 
@@ -257,26 +266,29 @@ async function removeTree(client: CfsClient, dir: string): Promise<void> {
   if (dir !== '/') await client.rmdir(dir);
 }
 
-async function progressBar(what: string, total: number | undefined): Promise<{ update: (done: number) => void; stop: () => void } | undefined> {
-  if (!process.stderr.isTTY || total === undefined || total < PROGRESS_MIN_BYTES) return undefined;
-  const { default: progress } = await import('cli-progress');
+/**
+ * Runs one put or get, with a bar on a terminal for a large file (progress.ts). Without a bar, a
+ * large file ends with one summary line on stderr (stdout may be the data); --json prints the
+ * summary as JSON on stdout instead, whatever the size.
+ */
+async function transfer(t: { op: 'put' | 'get'; from: string; to: string; size: number | undefined; json?: boolean | undefined }, run: (onProgress: (done: number) => void) => Promise<number>): Promise<void> {
+  const large = t.size !== undefined && t.size >= PROGRESS_MIN_BYTES;
   const MiB = 1024 * 1024;
-  const start = Date.now();
-  const bar = new progress.SingleBar(
-    {
-      format: `${what} [{bar}] {percentage}% | {value}/{total} MiB | {speed} MiB/s | ETA {eta_formatted}`,
-      stream: process.stderr,
-      hideCursor: true,
-      clearOnComplete: false,
-    },
-    progress.Presets.shades_classic,
-  );
-  const totalMiB = Math.ceil(total / MiB);
-  bar.start(totalMiB, 0, { speed: '0' });
-  return {
-    update: (done) => bar.update(done >= total ? totalMiB : Math.floor(done / MiB), { speed: (done / MiB / Math.max(0.001, (Date.now() - start) / 1000)).toFixed(0) }),
-    stop: () => bar.stop(),
-  };
+  const totalMiB = Math.ceil((t.size ?? 0) / MiB);
+  const started = performance.now();
+  const bar = large ? await progressBar({ label: t.op, total: totalMiB, format: '{value}/{total} MiB | {speed}/s | ETA {eta_formatted}', payload: { speed: '0B' }, json: t.json }) : undefined;
+  let bytes = 0;
+  try {
+    bytes = await run((done) => {
+      const seconds = Math.max(0.001, (performance.now() - started) / 1000);
+      bar?.update(done >= t.size! ? totalMiB : Math.floor(done / MiB), undefined, { speed: humanBytes(done / seconds) });
+    });
+  } finally {
+    bar?.stop();
+  }
+  const seconds = (performance.now() - started) / 1000;
+  if (t.json) process.stdout.write(`${JSON.stringify({ op: t.op, from: t.from, to: t.to, bytes, seconds: Number(seconds.toFixed(3)) })}\n`);
+  else if (large && !bar) process.stderr.write(`${t.op} ${t.from} -> ${t.to}: ${humanBytes(bytes)} in ${humanSeconds(seconds)} (${humanBytes(bytes / Math.max(0.001, seconds))}/s)\n`);
 }
 
 function renderListing(entries: DirEntry[]): string {

@@ -9,7 +9,7 @@ const EXAMPLES: Record<string, string[]> = {
   status: ['blockmirror status -c config/demo.yaml', 'blockmirror status -c config/demo.yaml --json'],
   pair: ['blockmirror pair split pair1 -c config/demo.yaml'],
   'pair split': ['blockmirror pair split pair1 -c config/demo.yaml'],
-  'pair resync': ['blockmirror pair resync pair1 -c config/demo.yaml'],
+  'pair resync': ['blockmirror pair resync pair1 -c config/demo.yaml --wait    # a progress bar until the mirrors are in sync'],
   'pair verify': ['blockmirror pair verify pair1 -c config/demo.yaml'],
   'pair swap': ['blockmirror pair swap pair1 -c config/two-sites.yaml'],
   'pair takeover': ['blockmirror pair takeover pair1 -c config/two-sites.yaml    # on the mirror\'s host, the master\'s is gone'],

@@ -8,6 +8,7 @@ import { UsageError } from './errors.js';
 import { addressInUse, addressInUseError } from './listen-error.js';
 import { parseListen } from './serve.js';
 import { runUntilSignal } from './signals.js';
+import { socketActivationFds } from './socket-activation.js';
 import { addTlsOptions, serverTlsOptions, type TlsCliOptions } from './tls-options.js';
 import { loadConfigOrUsage } from './status.js';
 
@@ -22,7 +23,7 @@ export function registerGatewayCommand(program: Command): void {
     .command('gateway')
     .description('serve every logical volume of an etcd-backed cluster over NBD, following each one\'s master')
     .requiredOption('-c, --config <file>', 'cluster YAML with an etcd: section')
-    .option('--listen <host:port>', 'TCP address to listen on', '127.0.0.1:10810')
+    .option('--listen <host:port>', 'TCP address to listen on (under systemd socket activation, the socket systemd passes instead)', '127.0.0.1:10810')
     .option('--retry <ms>', 'how long a request waits for a master before it fails', '60000');
   addTlsOptions(command).action(async (opts: GatewayCliOptions, cmd: Command) => {
       const log = createLogger(cmd.optsWithGlobals().logLevel as string);
@@ -64,8 +65,13 @@ export function registerGatewayCommand(program: Command): void {
 
 async function gateway(opts: GatewayCliOptions, log: Logger): Promise<void> {
   const config = loadConfigOrUsage(opts.config);
-  const listen = parseListen(opts.listen);
-  const tls = serverTlsOptions(opts, [listen]);
+  if (!config.etcd) throw new UsageError(`${opts.config} has no etcd: section; a gateway finds each volume's master in etcd (config/etcd.yaml is an example)`);
+  // Under systemd socket activation (targets/blockmirror-gateway.socket) the socket unit's
+  // ListenStream= is the address and --listen is not used.
+  const activated = socketActivationFds();
+  if (activated.length > 1) throw new UsageError(`socket activation: a gateway listens on one socket, systemd passed ${activated.length} (keep one ListenStream= in the .socket unit)`);
+  const listen = activated.length === 1 ? { fd: activated[0]! } : parseListen(opts.listen);
+  const tls = serverTlsOptions(opts, 'fd' in listen ? [] : [listen]);
   const retryMs = Number(opts.retry);
   if (!Number.isInteger(retryMs) || retryMs < 100) throw new UsageError(`--retry: expected milliseconds (at least 100), got "${opts.retry}"`);
   const [{ Gateway }, { EtcdUnreachableError }] = await Promise.all([import('../gateway/gateway.js'), import('../cluster/etcd/store.js')]);
@@ -77,6 +83,15 @@ async function gateway(opts: GatewayCliOptions, log: Logger): Promise<void> {
     const inUse = addressInUse(e);
     if (inUse) throw addressInUseError('--listen', inUse, 'choose another --listen', e);
     throw e;
+  }
+  if ('fd' in listen && !gw.address.startsWith('/')) {
+    // The socket's address is known only now: the same rule as --listen, an exposed TCP listener needs TLS.
+    try {
+      serverTlsOptions(opts, [parseListen(gw.address)]);
+    } catch (e) {
+      await gw.close();
+      throw new UsageError(`the socket systemd passed, ${(e as Error).message.replace(/^--listen /, '')}`);
+    }
   }
   await runUntilSignal(log, () => gw.close());
 }

@@ -12,6 +12,7 @@ import { registerCompletionCommand } from './completion.js';
 import { registerXferCommand } from './xfer.js';
 import { registerSvolCommand } from './svol.js';
 import { UsageError } from './errors.js';
+import { AdminUnreachableError } from '../admin/client.js';
 import { addExamples } from './examples.js';
 
 export function buildProgram(): Command {
@@ -37,6 +38,16 @@ export function buildProgram(): Command {
   return program;
 }
 
+/** What to do about an error the command could not say itself (it does not know the YAML's path). */
+function nextStep(err: unknown, argv: string[]): string {
+  if (err instanceof AdminUnreachableError && err.ss !== undefined) {
+    const i = argv.findIndex((a) => a === '-c' || a === '--config');
+    const file = i >= 0 ? argv[i + 1] : argv.find((a) => a.startsWith('--config='))?.slice('--config='.length);
+    return `; start it on its host (blockmirror up${file ? ` -c ${file}` : ''} --only ${err.ss}) or check its admin address`;
+  }
+  return '';
+}
+
 export async function main(argv: string[]): Promise<void> {
   const program = buildProgram();
   try {
@@ -53,7 +64,7 @@ export async function main(argv: string[]): Promise<void> {
       process.stderr.write(`blockmirror: ${err.message}\n`);
       process.exit(2);
     }
-    process.stderr.write(`blockmirror: ${err instanceof Error ? err.message : String(err)}\n`);
+    process.stderr.write(`blockmirror: ${err instanceof Error ? err.message : String(err)}${nextStep(err, argv)}\n`);
     process.exit(1);
   }
 }

@@ -1,6 +1,7 @@
 // `blockmirror pair split|resync|verify|swap|takeover NAME -c FILE`: send a pair
 // command to the storage system that can run it and print the pair's state
-// afterwards, e.g. "pair1: PSUS".
+// afterwards, e.g. "pair1: PSUS" (--json: the pair's status). `verify` and `resync --wait` follow
+// the work to its end, with a progress bar on a terminal (pair-progress.ts).
 //
 // Which storage system: the pair's current master for split, resync, verify and
 // swap; its mirror for takeover. After a swap or a takeover the master is no
@@ -8,6 +9,7 @@
 // and the one reporting the master role in the newest epoch wins.
 import type { Command } from 'commander';
 import { AdminReplyError, getStatus, pairCommand, type AdminEndpoint, type PairCommand } from '../admin/client.js';
+import { followVerify, resyncAndWait, resyncLine, resyncSucceeded } from './pair-progress.js';
 import type { ClusterConfig } from '../cluster/config.js';
 import { reportRank, type PairStatus } from '../controller/status.js';
 import { UsageError } from './errors.js';
@@ -20,6 +22,8 @@ const SWAP_TIMEOUT_MS = 70_000;
 interface PairOptions {
   config: string;
   timeout: string;
+  wait?: boolean;
+  json?: boolean;
 }
 
 const COMMANDS: { command: PairCommand; description: string }[] = [
@@ -43,21 +47,38 @@ export function registerPairCommand(program: Command): void {
       throw new UsageError(sub === undefined ? `pair: missing command (${expected})` : `pair: unknown command "${sub}" (expected ${expected})`);
     });
   for (const { command, description } of COMMANDS) {
-    pair
+    const sub = pair
       .command(`${command} <name>`)
       .description(description)
       .allowExcessArguments(false)
       .requiredOption('-c, --config <file>', 'cluster configuration (YAML)')
       .option('--timeout <ms>', 'how long to wait for the storage system', String(command === 'swap' ? SWAP_TIMEOUT_MS : DEFAULT_PAIR_TIMEOUT_MS))
-      .action(async (name: string, opts: PairOptions) => {
-        const timeoutMs = parseTimeout(opts.timeout);
-        const config = loadConfigOrUsage(opts.config);
-        const target = await pickTarget(config, opts.config, name, command, timeoutMs);
-        let status = await pairCommand(target, name, command, timeoutMs);
-        if (command === 'verify') status = await followVerify(target, name, status, timeoutMs);
-        process.stdout.write(`${status.name}: ${status.state}${command === 'verify' ? verifyLine(status) : ''}\n`);
-        if (command === 'verify' && (status.verify?.error || (status.verify?.differences ?? 0) > 0)) process.exitCode = 1;
-      });
+      .option('--json', "print the pair's status as JSON (no progress bar)");
+    if (command === 'resync') sub.option('--wait', 'wait until the mirrors are in sync (a progress bar on a terminal)');
+    sub.action(async (name: string, opts: PairOptions) => {
+      const timeoutMs = parseTimeout(opts.timeout);
+      const config = loadConfigOrUsage(opts.config);
+      const target = await pickTarget(config, opts.config, name, command, timeoutMs);
+      const json = opts.json === true;
+      let status: PairStatus;
+      let line = '';
+      let failed = false;
+      if (command === 'resync' && opts.wait) {
+        const r = await resyncAndWait(target, name, timeoutMs, json);
+        status = r.status;
+        line = resyncLine(r);
+        failed = !resyncSucceeded(r);
+      } else {
+        status = await pairCommand(target, name, command, timeoutMs);
+        if (command === 'verify') {
+          status = await followVerify(target, name, status, timeoutMs, json);
+          line = verifyLine(status);
+          failed = status.verify?.error !== undefined || (status.verify?.differences ?? 0) > 0;
+        }
+      }
+      process.stdout.write(json ? `${JSON.stringify(status, null, 2)}\n` : `${status.name}: ${status.state}${line}\n`);
+      if (failed) process.exitCode = 1;
+    });
   }
 }
 
@@ -99,29 +120,6 @@ async function pickTarget(config: ClusterConfig, path: string, name: string, com
     return endpoint(best?.p.master.ss ?? pair.master.ss);
   }
   return endpoint(best.id);
-}
-
-/** Poll until the verify ends; a progress bar on a terminal. */
-async function followVerify(target: AdminEndpoint, name: string, first: PairStatus, timeoutMs: number): Promise<PairStatus> {
-  let status = first;
-  const tty = process.stderr.isTTY === true;
-  let bar: { update(n: number): void; stop(): void; start(total: number, n: number): void } | undefined;
-  if (tty) {
-    const { SingleBar, Presets } = await import('cli-progress');
-    bar = new SingleBar({ format: `verify ${name} [{bar}] {percentage}% | {value}/{total} clusters | ETA {eta_formatted}`, stream: process.stderr, hideCursor: true }, Presets.shades_classic);
-    bar.start(status.verify?.total ?? 0, status.verify?.checked ?? 0);
-  }
-  try {
-    while (status.verify?.running) {
-      await new Promise((r) => setTimeout(r, 200));
-      const report = await getStatus(target, timeoutMs);
-      status = report.pairs.find((p) => p.name === name) ?? status;
-      bar?.update(status.verify?.checked ?? 0);
-    }
-  } finally {
-    bar?.stop();
-  }
-  return status;
 }
 
 function verifyLine(p: PairStatus): string {

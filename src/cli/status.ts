@@ -234,7 +234,6 @@ function volRef(r: { ss: number; vol: number }): string {
   return `${r.ss}:${r.vol}`;
 }
 
-/** Rounded down to 0.1 %, so that "100.0%" only ever means in sync. */
 /** The controller's sync ETA: 42s, 3m07s, 2h05m; "-" when in sync or unknown (suspended, not measured yet). */
 export function eta(seconds: number | null | undefined): string {
   if (seconds === null || seconds === undefined || seconds <= 0) return '-';
@@ -244,6 +243,7 @@ export function eta(seconds: number | null | undefined): string {
   return `${Math.floor(seconds / 3600)}h${pad(Math.floor((seconds % 3600) / 60))}m`;
 }
 
+/** Rounded down to 0.1 %, so that "100.0%" only ever means in sync. */
 export function percent(fraction: number): string {
   return `${(Math.floor(fraction * 1000) / 10).toFixed(1)}%`;
 }

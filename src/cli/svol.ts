@@ -15,6 +15,7 @@ import { svolCommand, svolQuery, type AdminEndpoint, type SvolCommandName } from
 import type { ClusterConfig } from '../cluster/config.js';
 import type { SvolGroupStatus } from '../controller/svol/status.js';
 import { UsageError } from './errors.js';
+import { progressBar } from './progress.js';
 import { adminEndpoint, loadConfigOrUsage, parseTimeout } from './status.js';
 
 interface Options {
@@ -37,7 +38,11 @@ export function registerSvolCommand(program: Command): void {
       throw new UsageError(sub === undefined ? `svol: missing command (${expected})` : `svol: unknown command "${sub}" (expected ${expected})`);
     });
   const common = (c: Command) =>
-    c.requiredOption('-c, --config <file>', 'cluster configuration (YAML)').option('--timeout <ms>', 'how long to wait for the storage system', '30000').allowExcessArguments(false);
+    c
+      .requiredOption('-c, --config <file>', 'cluster configuration (YAML)')
+      .option('--timeout <ms>', 'how long to wait for the storage system', '30000')
+      .option('--json', 'print the status as JSON (no progress bar)')
+      .allowExcessArguments(false);
 
   common(svol.command('init <group>').description('full copy from the P-VOL to every member; members paired'))
     .option('--wait', 'wait until every member holds a full copy')
@@ -63,7 +68,6 @@ export function registerSvolCommand(program: Command): void {
       if (s.verify?.members.some((m) => m.differing > 0)) process.exitCode = 1;
     });
   common(svol.command('query <group>').description('members, attributes, states, logical->physical map, split generation, access frequency, increments, restore progress'))
-    .option('--json', 'print the status as JSON')
     .action(async (group: string, opts: Options) => {
       const { ep, timeoutMs } = target(group, opts);
       const s = await svolQuery(ep, group, timeoutMs);
@@ -94,28 +98,30 @@ function endpointOf(config: ClusterConfig, file: string, group: string): AdminEn
 async function send(group: string, command: SvolCommandName, opts: Options, body: { member?: string; attr?: string }): Promise<SvolGroupStatus> {
   const { ep, timeoutMs } = target(group, opts);
   let s = await svolCommand(ep, group, command, body, timeoutMs);
-  if (opts.wait) s = await follow(ep, group, s, timeoutMs);
-  process.stdout.write(formatGroup(s));
+  if (opts.wait) s = await follow(ep, group, s, timeoutMs, opts.json === true);
+  process.stdout.write(opts.json ? JSON.stringify(s, null, 2) + '\n' : formatGroup(s));
   return s;
 }
 
-/** Poll until no copy and no restore runs; a progress bar on a terminal. */
-async function follow(ep: AdminEndpoint, group: string, first: SvolGroupStatus, timeoutMs: number): Promise<SvolGroupStatus> {
+/**
+ * Poll until no copy and no restore runs; a progress bar on a terminal (progress.ts). The work is
+ * what the storage system reports left: clusters of the restore not copied yet, plus the changed
+ * clusters of members still being copied.
+ */
+async function follow(ep: AdminEndpoint, group: string, first: SvolGroupStatus, timeoutMs: number, json: boolean): Promise<SvolGroupStatus> {
   let s = first;
   const left = (g: SvolGroupStatus) => (g.restore ? g.restore.totalClusters - g.restore.copiedClusters : 0) + g.members.reduce((n, m) => n + (m.state === 'paired' ? (m.changedClusters ?? 0) : 0), 0);
-  const total = Math.max(1, left(s));
-  let bar: { update(n: number): void; stop(): void; start(total: number, n: number): void } | undefined;
-  if (process.stderr.isTTY === true) {
-    const { SingleBar, Presets } = await import('cli-progress');
-    bar = new SingleBar({ format: `${group} [{bar}] {percentage}% | {value}/{total} clusters`, stream: process.stderr, hideCursor: true }, Presets.shades_classic);
-    bar.start(total, 0);
-  }
+  let total = Math.max(1, left(s));
+  const bar = await progressBar({ label: group, total, format: '{value}/{total} clusters | ETA {eta_formatted}', json });
   try {
     while (left(s) > 0 || s.members.some((m) => m.state === 'restoring')) {
       await new Promise((r) => setTimeout(r, 200));
       s = await svolQuery(ep, group, timeoutMs);
-      bar?.update(Math.max(0, total - left(s)));
+      // A restore that starts after the first poll (a member failed meanwhile) adds work.
+      total = Math.max(total, left(s));
+      bar?.update(total - left(s), total);
     }
+    bar?.update(total - left(s), total);
   } finally {
     bar?.stop();
   }

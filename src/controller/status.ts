@@ -3,6 +3,7 @@
 import type { FaultRequest, FaultStatus } from './fault-table.js';
 import type { LatencyHistogram } from './volume-stats.js';
 import type { SvolGroupStatus } from './svol/status.js';
+import type { ThroughputSamples } from './throughput.js';
 
 export type PairState = 'COPY' | 'PAIR' | 'PSUS' | 'PSUE';
 export type PairMode = 'sync' | 'async';
@@ -93,6 +94,8 @@ export interface PairStatus {
   /** The last or running verify. */
   verify?: VerifyStatus;
   mirrors: MirrorStatus[];
+  /** Recent host and copy throughput (throughput.ts), reported by the master's storage system. */
+  throughput?: ThroughputSamples;
 }
 
 /**

@@ -39,6 +39,7 @@ import { OPS, type Op, type RequestOf } from './peer/messages.js';
 import { RemotePair, type RemotePairSpec } from './remote/remote-pair.js';
 import { PairCommandError, type AdminTarget, type IscsiSessionStatus, type PairBitmap, type PairStatus, type TargetMetrics, type SSReport, type VolRef } from './status.js';
 import { SyncDaemon } from './sync-daemon.js';
+import { SAMPLE_MS, ThroughputHistory, type PairTotals } from './throughput.js';
 import { SvolGroup, type SvolGroupSpec } from './svol/group.js';
 import { LogicalVolume, PvolVolume } from './svol/logical-volume.js';
 import type { SvolGroupStatus } from './svol/status.js';
@@ -118,6 +119,9 @@ export class StorageSystem implements AdminTarget {
   /** Set by the cluster layer (etcd): why a master volume must refuse I/O now, or null. */
   private hostGuard: ((pair: PairController, vol: number) => string | null) | null = null;
   private onSuspend: ClusterHooks['onSuspend'];
+  /** Each pair's recent throughput, for the dashboard's sparklines (throughput.ts). */
+  private readonly throughput = new ThroughputHistory();
+  private throughputTimer: NodeJS.Timeout | undefined;
 
   private constructor(
     readonly spec: StorageSystemSpec,
@@ -136,6 +140,7 @@ export class StorageSystem implements AdminTarget {
     try {
       await ss.open();
       await ss.listen();
+      ss.throughputTimer = setInterval(() => ss.sampleThroughput(), SAMPLE_MS).unref();
     } catch (e) {
       await ss.close().catch(() => {});
       throw e;
@@ -309,9 +314,25 @@ export class StorageSystem implements AdminTarget {
           }),
         },
       ],
-      pairs: [...this.pairs.values()].map((p) => p.status()),
+      pairs: [...this.pairs.values()].map((p) => this.withThroughput(p.status())),
       ...(this.svolGroups.size > 0 ? { svolGroups: [...this.svolGroups.values()].map((g) => g.status()) } : {}),
     };
+  }
+
+  /** The running totals of the pairs whose master is here: the master's storage system measures a pair. */
+  private sampleThroughput(): void {
+    const totals = new Map<string, PairTotals>();
+    for (const p of this.pairs.values()) {
+      const s = p.status();
+      const host = s.master.ss === this.spec.id ? this.volumes.get(s.master.vol)?.host?.counters : undefined;
+      if (host) totals.set(p.name, { readBytes: host.readBytes, writeBytes: host.writeBytes, copiedBytes: s.mirrors.reduce((n, m) => n + m.copiedBytes, 0) });
+    }
+    this.throughput.sample(totals);
+  }
+
+  private withThroughput(s: PairStatus): PairStatus {
+    const t = this.throughput.of(s.name);
+    return t ? { ...s, throughput: t } : s;
   }
 
   // ---- S-VOL groups (svol/group.ts) ----
@@ -469,6 +490,7 @@ export class StorageSystem implements AdminTarget {
 
   /** Graceful stop: finish NBD requests, stop the daemon, destage the cache, persist bitmaps. */
   async close(): Promise<void> {
+    clearInterval(this.throughputTimer);
     await this.iscsi?.close();
     await this.nbd.close();
     await this.peerServer?.close();

@@ -13,7 +13,8 @@ import { clientTlsFor } from '../cluster/credentials.js';
 import { ConnectionPool, LogicalVolumeDevice } from './logical-volume.js';
 
 export interface GatewayOptions {
-  listen: { host: string; port: number };
+  /** A TCP address, or a listening socket handed over by systemd (socket activation). */
+  listen: { host: string; port: number } | { fd: number };
   /** How long a request waits for a master before it fails with EIO. */
   retryMs?: number;
   /** NBD STARTTLS on the gateway's own listener (docs/SECURITY.md). */
@@ -59,10 +60,11 @@ export class Gateway {
     const nbd = new NbdServer({ exports, log, ...(opts.tls ? { tls: opts.tls } : {}) });
     let address: string;
     try {
-      address = await nbd.listen({ kind: 'tcp', ...opts.listen });
+      address = await nbd.listen('fd' in opts.listen ? { kind: 'fd', fd: opts.listen.fd } : { kind: 'tcp', ...opts.listen });
     } catch (e) {
       await store.close();
-      throw new Error(`gateway: cannot listen on ${opts.listen.host}:${opts.listen.port}: ${(e as Error).message}`, { cause: e });
+      const where = 'fd' in opts.listen ? `the socket systemd passed (fd ${opts.listen.fd})` : `${opts.listen.host}:${opts.listen.port}`;
+      throw new Error(`gateway: cannot listen on ${where}: ${(e as Error).message}`, { cause: e });
     }
     log.info({ nbd: address, volumes: [...store.tables.logicalVolumes.keys()] }, `gateway serving NBD on ${address}`);
     return new Gateway(nbd, address, store, pool);

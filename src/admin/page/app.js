@@ -214,8 +214,9 @@ function newCard(name) {
   const error = el('p', { class: 'error' });
   const elsewhere = el('a', { class: 'elsewhere' });
   const mirrors = el('div', { class: 'mirrors' });
-  root.append(title, facts, buttons, elsewhere, error, mirrors);
-  return { root, state, facts, buttons, elsewhere, error, mirrors, mirrorViews: new Map() };
+  const spark = newSparkline(name);
+  root.append(title, facts, spark.root, buttons, elsewhere, error, mirrors);
+  return { root, state, facts, spark, buttons, elsewhere, error, mirrors, mirrorViews: new Map() };
 }
 
 function updateCard(card, p, frame) {
@@ -233,6 +234,7 @@ function updateCard(card, p, frame) {
   ];
   card.facts.textContent = facts.filter(Boolean).join(' · ');
   card.error.textContent = [p.stale ? 'stale: this copy cannot hear its master' : '', p.error ?? ''].filter(Boolean).join(' · ');
+  updateSparkline(card.spark, p.throughput);
   // Commands go to the storage system that runs the pair; from here, only when that is this one.
   const local = p.ss === frame.self;
   card.buttons.hidden = !local;
@@ -261,6 +263,49 @@ function updateCard(card, p, frame) {
       card.mirrorViews.delete(key);
     }
   }
+}
+
+// ---- Throughput sparklines: the last minute of each pair, as its master's storage system sampled
+// it (pairs[].throughput, src/controller/throughput.ts). One line for host I/O (reads and writes on
+// the master), one for what the sync daemon copied to the mirrors, on one scale.
+const SPARK_W = 240;
+const SPARK_H = 32;
+const SPARK_SAMPLES = 60;
+const SVG_NS = 'http://www.w3.org/2000/svg';
+
+function svg(tag, attrs) {
+  const e = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  return e;
+}
+
+function newSparkline(pair) {
+  const io = svg('polyline', { class: 'spark-io', points: '' });
+  const copy = svg('polyline', { class: 'spark-copy', points: '' });
+  const chart = svg('svg', { class: 'sparkline', 'data-pair': pair, width: SPARK_W, height: SPARK_H, viewBox: `0 0 ${SPARK_W} ${SPARK_H}` });
+  chart.append(copy, io);
+  const label = el('span', { class: 'spark-label' });
+  const root = el('div', { class: 'throughput' }, chart, label);
+  root.hidden = true;
+  return { root, io, copy, label };
+}
+
+/** Hidden until the pair's master has sampled it once (and while its storage system does not answer). */
+function updateSparkline(spark, t) {
+  spark.root.hidden = !t || t.read.length === 0;
+  if (spark.root.hidden) return;
+  const io = t.read.map((r, i) => r + t.write[i]);
+  const peak = Math.max(...io, ...t.copy);
+  spark.io.setAttribute('points', sparkPoints(io, Math.max(1, peak)));
+  spark.copy.setAttribute('points', sparkPoints(t.copy, Math.max(1, peak)));
+  spark.label.textContent = `host I/O ${bytes(io[io.length - 1])}/s · copy ${bytes(t.copy[t.copy.length - 1])}/s · peak ${bytes(peak)}/s in the last ${Math.round((t.intervalMs * io.length) / 1000)} s`;
+}
+
+/** Newest sample at the right edge; a series shorter than a minute starts further right. */
+function sparkPoints(values, max) {
+  const step = SPARK_W / (SPARK_SAMPLES - 1);
+  const x0 = SPARK_W - (values.length - 1) * step;
+  return values.map((v, i) => `${(x0 + i * step).toFixed(1)},${(SPARK_H - 1 - (v / max) * (SPARK_H - 2)).toFixed(1)}`).join(' ');
 }
 
 function verifyText(v) {
