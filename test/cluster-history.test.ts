@@ -26,6 +26,8 @@ const BLOCKS = 64;
 const CLIENTS = 4;
 /** Acknowledged operations the clients make between two faults. */
 const PROGRESS = 150;
+/** Room for a storage system to start on a loaded machine. */
+const START_MS = 60_000;
 
 let etcd: EtcdCluster;
 const procs: SSProcess[] = [];
@@ -79,7 +81,7 @@ describe('the symmetric cluster under a seeded sequence of kills (history check)
     const cfg = writeConfig(`${yaml}etcd:\n  endpoints: [ ${etcd.endpoints.join(', ')} ]\n  prefix: ${prefix}\n  leaseTtl: 2s\n`);
     const ss = [new SSProcess(1, cfg.file, a), new SSProcess(2, cfg.file, b)];
     procs.push(...ss);
-    for (const s of ss) await s.start();
+    for (const s of ss) await s.start(START_MS);
     await ss[0]!.waitPair('pair1', inSync, 'in sync', 30_000);
     const etcdGet = async (key: string) => {
       const r = await run('etcdctl', ['--endpoints', etcd.endpoints.join(','), 'get', `${prefix}/${key}`, '--print-value-only']);
@@ -150,7 +152,7 @@ describe('the symmetric cluster under a seeded sequence of kills (history check)
         await ss[m.master.ss - 1]!.waitPair('pair1', (p) => p.state === 'PSUE', 'PSUE after its mirror died', 30_000);
       }
       await progress(PROGRESS, `after the ${fault} was killed`);
-      await victim.start();
+      await victim.start(START_MS);
       if (etcdDown !== undefined) {
         await etcd.restart(etcdDown);
         etcdDown = undefined;
