@@ -24,7 +24,7 @@ const CLIENT = fileURLToPath(new URL('./py/history_client.py', import.meta.url))
 const SEED = Number(process.env.BLOCKMIRROR_SEED ?? 16);
 const BLOCKS = 64;
 const CLIENTS = 4;
-/** Acknowledged operations the clients make between two faults. */
+/** Operations the clients complete between two faults (and before the first). */
 const PROGRESS = 150;
 /** Room for a storage system to start on a loaded machine. */
 const START_MS = 60_000;
@@ -103,7 +103,7 @@ describe('the symmetric cluster under a seeded sequence of kills (history check)
 
     const ports = [await startGateway(cfg.file), await startGateway(cfg.file)];
     const stop = path.join(cfg.dir, 'stop');
-    let acked = 0;
+    let completed = 0;
     const clients: Client[] = [];
     for (let c = 1; c <= CLIENTS; c++) {
       const proc = spawn(PYTHON, [CLIENT, `nbd://127.0.0.1:${ports[c % 2]}/pair1`, String(c), String(SEED * 100 + c), String(BLOCKS), stop], { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -111,19 +111,19 @@ describe('the symmetric cluster under a seeded sequence of kills (history check)
       const cl: Client = { proc, out: '', err: '', exited: new Promise((r) => proc.once('close', () => r())) };
       proc.stdout!.setEncoding('utf8').on('data', (d: string) => {
         cl.out += d;
-        acked += d.split('\n').length - 1;
+        completed += d.split('\n').length - 1;
       });
       proc.stderr!.setEncoding('utf8').on('data', (d: string) => (cl.err += d));
       clients.push(cl);
     }
     /** Wait until the clients complete `n` more operations: faults land on a busy volume. */
     const progress = async (n: number, what: string) => {
-      const target = acked + n;
-      for (let i = 0; i < 1200 && acked < target; i++) {
+      const target = completed + n;
+      for (let i = 0; i < 1200 && completed < target; i++) {
         if (clients.some((c) => c.proc.exitCode !== null)) throw new Error(`a client exited: ${clients.map((c) => c.err).join('')}`);
         await new Promise((r) => setTimeout(r, 50));
       }
-      if (acked < target) throw new Error(`the clients made no progress ${what} (${acked}/${target})`);
+      if (completed < target) throw new Error(`the clients made no progress ${what} (${completed}/${target})`);
     };
 
     // Every kind of fault, in a seeded order: the sequence is bounded, and repeatable.
