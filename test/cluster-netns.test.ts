@@ -104,7 +104,7 @@ describe('a master cut from etcd but not from its hosts (network namespaces)', (
       const ss1 = new NsSS(1, cfg.file, a, ns.a);
       const ss2 = new NsSS(2, cfg.file, b, ns.b);
       started.push(ss1, ss2);
-      await Promise.all([ss1.start(60_000), ss2.start(60_000)]);
+      await Promise.all([ss1.start(), ss2.start()]);
       await ss1.waitPair('ps', inSync, 'in sync', 30_000);
 
       // Watch ss1's registration from the mirror's host, which stays connected to etcd.

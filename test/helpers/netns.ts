@@ -24,14 +24,20 @@ export class NsSS extends SSProcess {
     super(id, config, addr);
   }
 
-  override async start(ms = 20_000): Promise<void> {
+  /**
+   * Start it inside its namespace; ready once its admin and NBD ports accept connections there.
+   * The probe is bash's /dev/tcp, not a node process per try: on a loaded machine, probes that
+   * start node kept a starting storage system from the CPU for most of a minute.
+   */
+  override async start(ms = 60_000): Promise<void> {
     const args = [process.execPath, ...this.cliArgs()];
     this.spawnWith(['ip', 'netns', 'exec', this.ns, ...args]);
     const deadline = Date.now() + ms;
+    const open = async (port: number) => (await inNs(this.ns, 'bash', ['-c', `exec 3<>/dev/tcp/${this.addr.host}/${port}`])).code === 0;
     while (Date.now() < deadline) {
       if (this.proc!.exitCode !== null) throw new Error(`ss${this.id} exited: ${this.stderr}`);
-      if ((await this.status()) !== undefined) return;
-      await new Promise((r) => setTimeout(r, 100));
+      if ((await open(this.addr.admin)) && (await open(this.addr.nbd))) return;
+      await new Promise((r) => setTimeout(r, 200));
     }
     throw new Error(`ss${this.id} did not start: ${this.stderr}`);
   }
