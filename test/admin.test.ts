@@ -461,6 +461,24 @@ describe('cluster status merge', () => {
     expect(text).toMatch(/^  pair1\s+sync\s+PSUS\s+1:0\s+2:0\s+12\s+98\.8%\s+0B\s+-$/m);
   });
 
+  it('renders the etcd tables: leases, logical volumes with their mirrors, and the failover history', () => {
+    const text = renderStatus({
+      storageSystems: [],
+      pairs: [],
+      etcd: {
+        storageSystems: [{ id: 1, health: 'no lease' }, { id: 2, health: 'up', nbd: '127.0.0.1:10810', admin: '127.0.0.1:9002', startedAt: '2026-01-02T03:04:05.000Z' }],
+        logicalVolumes: [{ name: 'pair1', master: { ss: 2, vol: 1 }, epoch: 3, mode: 'sync', size: 1 << 20, state: 'PSUE' }],
+        mirrors: [{ name: 'pair1', mirrors: [{ ss: 1, vol: 1, mode: 'sync', state: 'PSUE' }] }],
+        history: [{ name: 'pair1', at: '2026-01-02T03:05:00.000Z', epoch: 3, from: { ss: 1, vol: 1 }, to: { ss: 2, vol: 1 }, reason: 'storage system 1 lost its etcd lease' }],
+      },
+    });
+    expect(text).toMatch(/^ +1 +no lease +- +-$/m);
+    expect(text).toMatch(/^ +2 +up +127\.0\.0\.1:10810 +2026-01-02T03:04:05\.000Z$/m);
+    expect(text).toMatch(/^  pair1 +ss2\/vol1 +3 +sync +PSUE +ss1\/vol1 PSUE$/m);
+    expect(text).toMatch(/^  2026-01-02T03:05:00\.000Z +pair1 +3 +ss1\/vol1 +ss2\/vol1 +storage system 1 lost its etcd lease$/m);
+    expect(renderStatus({ storageSystems: [], pairs: [], etcd: { error: 'etcd at 127.0.0.1:1 is not reachable' } })).toContain('CLUSTER TABLES (etcd)\n  etcd at 127.0.0.1:1 is not reachable');
+  });
+
   it('never rounds an incomplete sync up to 100%', () => {
     expect(percent(0.99999)).toBe('99.9%');
     expect(percent(1)).toBe('100.0%');

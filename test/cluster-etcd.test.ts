@@ -125,8 +125,10 @@ describe('a cluster on etcd', () => {
     expect(d.logicalVolumes[0]).toMatchObject({ master: { ss: 2, vol: 1 }, epoch: 2 });
     expect(d.history).toEqual([expect.objectContaining({ name: 'pair1', epoch: 2, from: { ss: 1, vol: 1 }, to: { ss: 2, vol: 1 }, reason: 'storage system 1 lost its etcd lease' })]);
     const st = await run(process.execPath, [CLI, 'status', '-c', cfg.file]);
-    expect(st.stdout).toContain('pair1: master ss2/vol1, epoch 2');
-    expect(st.stdout).toMatch(/pair1 failed over to ss2\/vol1 in epoch 2: storage system 1 lost its etcd lease/);
+    // The tables: ss1 without a lease, pair1 mastered by ss2 in epoch 2, one failover with its time.
+    expect(st.stdout).toMatch(/^ +1 +no lease +- +-$/m);
+    expect(st.stdout).toMatch(/^  pair1 +ss2\/vol1 +2 +sync +\S+ +ss1\/vol1 \S+$/m);
+    expect(st.stdout).toMatch(/^  \d{4}-\d\d-\d\dT[\d:.]+Z +pair1 +2 +ss1\/vol1 +ss2\/vol1 +storage system 1 lost its etcd lease$/m);
 
     // The old master comes back as a mirror of the new one, is resynced, and ends identical.
     await ss1.start();

@@ -10,6 +10,8 @@ import { connect, type NbdClient } from '../src/nbd/client.js';
 import { freePort, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
 import { adminFetch } from './helpers/admin.js';
 import type { SSReport } from '../src/controller/status.js';
+import { EtcdCluster } from './helpers/etcd.js';
+import { SSProcess, inSync, loopbackAddrs, twoSSYaml, writeConfig } from './helpers/remote.js';
 
 const MiB = 1024 * 1024;
 // The README's picture is refreshed on purpose only (`npm run screenshot`); a plain test run
@@ -194,5 +196,49 @@ describe('dashboard', () => {
     expect(await page.isVisible(`${card('pair3')} .commands`)).toBe(true);
     expect(await page.isVisible(`${card('pair1')} .commands`)).toBe(false);
     await expect.poll(() => invalidPixels('pair1')).toBeGreaterThan(0); // pair1's heatmap, fetched from SS 1
+  });
+});
+
+describe('dashboard of a cluster on etcd', () => {
+  const cells = (p: Page, row: string) => p.$$eval(`${row} td`, (tds) => tds.map((td) => td.textContent));
+
+  it('shows the etcd tables: storage systems with their lease, logical volumes with master and epoch, mirrors, and the failover history', async () => {
+    const etcd = await EtcdCluster.start(1);
+    const ss: SSProcess[] = [];
+    const p = await browser.newPage({ viewport: { width: 1200, height: 900 } });
+    try {
+      const [a, b] = await loopbackAddrs();
+      const yaml = twoSSYaml(a, b, [{ name: 'pair1', mode: 'sync', vol: 1 }], { peerTimeout: '1s' });
+      const cfg = writeConfig(`${yaml}etcd:\n  endpoints: [ ${etcd.endpoints.join(', ')} ]\n  prefix: /bm-dash\n  leaseTtl: 2s\n`);
+      ss.push(new SSProcess(1, cfg.file, a), new SSProcess(2, cfg.file, b));
+      for (const s of ss) await s.start(60_000);
+      await ss[0]!.waitPair('pair1', inSync, 'in sync', 30_000);
+      await p.goto(`http://127.0.0.1:${b.admin}/#token=${process.env.BLOCKMIRROR_ADMIN_TOKEN}`);
+      await p.waitForSelector('#etcd:not([hidden]) #etcd-volumes tr[data-lv="pair1"]');
+      await expect.poll(() => cells(p, '#etcd-volumes tr[data-lv="pair1"]'), { timeout: 10_000 }).toEqual(['pair1', 'ss1/vol1', '1', 'sync', 'PAIR', 'ss2/vol1 PAIR']);
+      expect((await cells(p, '#etcd-systems tr[data-ss="1"]')).slice(0, 3)).toEqual(['SS 1', 'up', `127.0.0.1:${a.nbd}`]);
+      expect(await p.$$('#etcd-history tbody tr')).toHaveLength(0);
+
+      // The master's storage system dies: its lease ends, ss2 takes pair1 over in epoch 2.
+      await ss[0]!.kill();
+      await expect.poll(() => cells(p, '#etcd-volumes tr[data-lv="pair1"]').then((c) => c.slice(0, 3)), { timeout: 30_000 }).toEqual(['pair1', 'ss2/vol1', '2']);
+      await expect.poll(() => cells(p, '#etcd-systems tr[data-ss="1"]').then((c) => c[1]), { timeout: 10_000 }).toBe('no lease');
+      expect(await p.getAttribute('#etcd-systems tr[data-ss="1"]', 'class')).toBe('down');
+      await p.waitForSelector('#etcd-history tr[data-lv="pair1"][data-epoch="2"]');
+      const [time, ...rest] = await cells(p, '#etcd-history tr[data-epoch="2"]');
+      expect(rest).toEqual(['pair1', '2', 'ss1/vol1', 'ss2/vol1', 'storage system 1 lost its etcd lease']);
+      expect(Number.isNaN(Date.parse(time!))).toBe(false);
+    } finally {
+      await p.close();
+      await Promise.all(ss.map((s) => s.kill()));
+      await etcd.stop();
+    }
+  }, 120_000);
+
+  it('hides the etcd section for a cluster without etcd', async () => {
+    await page.goto(`http://127.0.0.1:${ports.admin[0]}/#token=${process.env.BLOCKMIRROR_ADMIN_TOKEN}`);
+    await page.waitForSelector('#live.live');
+    await page.waitForSelector(card('pair1'));
+    expect(await page.isHidden('#etcd')).toBe(true);
   });
 });

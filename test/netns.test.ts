@@ -8,8 +8,9 @@
 // Needs root (ip netns); CI runs as root. Not skipped otherwise: it fails.
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { PYTHON, run } from './helpers/servers.js';
+import { NsSS, inNs, sh } from './helpers/netns.js';
 import { makePki, type Pki } from './helpers/pki.js';
-import { SSProcess, inSync, sameBytes, twoSSYaml, writeConfig, type PairView, type SSAddr } from './helpers/remote.js';
+import { inSync, sameBytes, twoSSYaml, writeConfig, type PairView, type SSAddr } from './helpers/remote.js';
 
 let seq = 0;
 interface Net {
@@ -21,13 +22,7 @@ interface Net {
   b: SSAddr;
 }
 let net: Net;
-const started: SSProcess[] = [];
-
-async function sh(cmd: string, args: string[]) {
-  const r = await run(cmd, args);
-  if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')}: exit ${r.code}: ${r.stderr.trim()}`);
-  return r.stdout;
-}
+const started: NsSS[] = [];
 
 beforeEach(async () => {
   const tag = `bm${process.pid % 10000}x${seq++}`;
@@ -53,50 +48,6 @@ afterEach(async () => {
   await Promise.all(started.splice(0).map((s) => s.kill()));
   for (const ns of [net.ns1, net.ns2]) await run('ip', ['netns', 'del', ns]);
 });
-
-/** A command inside a namespace. */
-const inNs = (ns: string, cmd: string, args: string[], timeoutMs?: number) => run('ip', ['netns', 'exec', ns, cmd, ...args], timeoutMs ? { timeoutMs } : {});
-
-/** The storage systems' admin APIs are reachable only inside their namespaces: ask from there. */
-class NsSS extends SSProcess {
-  constructor(
-    id: number,
-    config: string,
-    addr: SSAddr,
-    readonly ns: string,
-  ) {
-    super(id, config, addr);
-  }
-
-  override async start(): Promise<void> {
-    const args = [process.execPath, ...this.cliArgs()];
-    this.spawnWith(['ip', 'netns', 'exec', this.ns, ...args]);
-    const deadline = Date.now() + 60_000;
-    while (Date.now() < deadline) {
-      if (this.proc!.exitCode !== null) throw new Error(`ss${this.id} exited: ${this.stderr}`);
-      if ((await this.status()) !== undefined) return;
-      await new Promise((r) => setTimeout(r, 100));
-    }
-    throw new Error(`ss${this.id} did not start: ${this.stderr}`);
-  }
-
-  override async status() {
-    const r = await inNs(this.ns, process.execPath, [
-      '-e',
-      `fetch(process.argv[1],{signal:AbortSignal.timeout(2000),headers:{authorization:'Bearer '+process.env.BLOCKMIRROR_ADMIN_TOKEN}}).then(r=>r.text()).then(t=>process.stdout.write(t),()=>process.exit(1))`,
-      `http://${this.addr.host}:${this.addr.admin}/api/status`,
-    ]);
-    return r.code === 0 && r.stdout ? (JSON.parse(r.stdout) as Awaited<ReturnType<SSProcess['status']>>) : undefined;
-  }
-
-  cli(args: string[]) {
-    return inNs(this.ns, process.execPath, [this.cliPath, ...args]);
-  }
-
-  qemuIo(vol: number, cmds: string[], readOnly = false) {
-    return inNs(this.ns, 'qemu-io', ['-f', 'raw', ...(readOnly ? ['-r'] : []), ...cmds.flatMap((c) => ['-c', c]), this.uri(vol)]);
-  }
-}
 
 // The two hosts talk mutual TLS on the peer channel, as a real two-site setup should; the host-facing
 // NBD and admin ports on the namespaces' addresses are accepted with security.insecure.

@@ -20,6 +20,7 @@ import type { Logger } from 'pino';
 import { getJson, getStatus, type AdminEndpoint } from './client.js';
 import { PairCommandError, mergeReports, type AdminTarget, type PairBitmap, type PairRow, type SSReport, type SSView } from '../controller/status.js';
 import type { RouteAdder } from './server.js';
+import type { EtcdView } from '../cluster/etcd/view.js';
 
 /** Another storage system of the cluster, as the YAML gives its admin API. */
 export interface AdminPeer {
@@ -48,6 +49,8 @@ export interface ClusterView {
   pairs: PairRow[];
   /** The S-VOL groups of the storage systems that answered (docs/svol.md). */
   svolGroups: (SvolGroupStatus & { ss: number })[];
+  /** With etcd: the cluster tables as this storage system's process reads them (docs/cluster.md). */
+  etcd?: EtcdView;
 }
 
 /** One event of GET /api/events. */
@@ -62,6 +65,7 @@ export interface DashboardOptions {
   peers: AdminPeer[];
   route: RouteAdder;
   log: Logger;
+  etcd?: () => EtcdView;
 }
 
 /** How often the live feed sends a frame. */
@@ -99,7 +103,7 @@ export function registerDashboard(app: FastifyInstance, target: AdminTarget, opt
     );
   }
 
-  route(app, 'GET', '/api/cluster', async () => (await gather(target, opts.peers)).view);
+  route(app, 'GET', '/api/cluster', async () => withEtcd((await gather(target, opts.peers)).view, opts.etcd));
 
   route(app, 'GET', '/api/pairs/:name/bitmap', async (req) => {
     const name = (req.params as NameParams).name;
@@ -108,13 +112,18 @@ export function registerDashboard(app: FastifyInstance, target: AdminTarget, opt
     return target.bitmap(name, buckets);
   });
 
-  const feed = new Feed(() => frame(target, opts.peers), opts.log);
+  const feed = new Feed(async () => withEtcd(await frame(target, opts.peers), opts.etcd), opts.log);
   route(app, 'GET', '/api/events', async (req, reply) => events(req, reply, feed));
   // Event streams never end by themselves: end them, or close() waits forever.
   app.addHook('preClose', (done) => {
     feed.close();
     done();
   });
+}
+
+/** The etcd tables join the view as they are in this process: etcd, not the peers, is their source. */
+function withEtcd<T extends ClusterView>(view: T, etcd: (() => EtcdView) | undefined): T {
+  return etcd ? { ...view, etcd: etcd() } : view;
 }
 
 function parseBuckets(raw: unknown): number {

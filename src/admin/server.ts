@@ -36,6 +36,7 @@ import { FaultRequestSchema } from '../controller/fault-table.js';
 import { PairCommandError, type AdminTarget, type PairCommandErrorKind, type PairStatus } from '../controller/status.js';
 import { registerDashboard, type AdminPeer } from './dashboard.js';
 import { registerMetrics } from './metrics.js';
+import type { EtcdView } from '../cluster/etcd/view.js';
 
 export interface AdminServerOptions {
   host: string;
@@ -46,6 +47,8 @@ export interface AdminServerOptions {
   auth?: AdminAuth;
   /** Serve HTTPS with this certificate (security.adminTls). */
   https?: { cert: Buffer; key: Buffer };
+  /** With etcd: the cluster tables as this process sees them, for the dashboard (docs/cluster.md). */
+  etcd?: () => EtcdView;
 }
 
 export interface AdminAuth {
@@ -81,7 +84,7 @@ interface NameParams {
 
 export async function startAdminServer(target: AdminTarget, opts: AdminServerOptions): Promise<AdminServer> {
   const log = opts.log;
-  const app = buildApp(target, log, { ...(opts.peers ? { peers: opts.peers } : {}), ...(opts.auth ? { auth: opts.auth } : {}), ...(opts.https ? { https: opts.https } : {}) });
+  const app = buildApp(target, log, { ...(opts.peers ? { peers: opts.peers } : {}), ...(opts.auth ? { auth: opts.auth } : {}), ...(opts.https ? { https: opts.https } : {}), ...(opts.etcd ? { etcd: opts.etcd } : {}) });
   try {
     await app.listen({ host: opts.host, port: opts.port });
   } catch (e) {
@@ -100,7 +103,7 @@ export async function startAdminServer(target: AdminTarget, opts: AdminServerOpt
 }
 
 /** The fastify instance without a listener; tests may `inject()` into it. */
-export function buildApp(target: AdminTarget, log: Logger, opts: { peers?: AdminPeer[]; auth?: AdminAuth; https?: { cert: Buffer; key: Buffer } } = {}): FastifyInstance {
+export function buildApp(target: AdminTarget, log: Logger, opts: Pick<AdminServerOptions, 'peers' | 'auth' | 'https' | 'etcd'> = {}): FastifyInstance {
   const app = Fastify({
     ...(opts.https ? { https: { cert: opts.https.cert, key: opts.https.key, minVersion: 'TLSv1.2' as const } } : {}),
     // Our own logger does the request lines, at debug: an admin poll every
@@ -238,7 +241,7 @@ export function buildApp(target: AdminTarget, log: Logger, opts: { peers?: Admin
   }
 
   registerMetrics(app, target, route);
-  registerDashboard(app, target, { peers: opts.peers ?? [], route, log });
+  registerDashboard(app, target, { peers: opts.peers ?? [], route, log, ...(opts.etcd ? { etcd: opts.etcd } : {}) });
 
   return app;
 }

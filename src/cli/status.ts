@@ -7,6 +7,7 @@ import type { LivePair } from '../cfs/server.js';
 import { adminClientCa } from '../cluster/credentials.js';
 import { ConfigError, loadConfig, type ClusterConfig, type StorageSystemConfig } from '../cluster/config.js';
 import { mergeReports as mergeClusterReports, type PairRow, type ReportAnswer, type SSView, type StorageSystemStatus } from '../controller/status.js';
+import type { EtcdView } from '../cluster/etcd/view.js';
 import { UsageError } from './errors.js';
 
 export const DEFAULT_STATUS_TIMEOUT_MS = 3000;
@@ -15,18 +16,17 @@ export const DEFAULT_STATUS_TIMEOUT_MS = 3000;
 export interface ClusterStatus {
   storageSystems: SSView[];
   pairs: PairRow[];
-  /** With etcd (docs/cluster.md): the logical volumes' masters and the failover history, or why they could not be read. */
-  etcd?: { logicalVolumes: { name: string; master: { ss: number; vol: number }; epoch: number }[]; history: { name: string; at: string; epoch: number; from: { ss: number; vol: number }; to: { ss: number; vol: number }; reason: string }[] } | { error: string };
+  /** With etcd (docs/cluster.md): its tables (cluster/etcd/view.ts), or why they could not be read. */
+  etcd?: EtcdView | { error: string };
 }
 
 /** The etcd tables a status shows; never throws (an unreachable etcd is reported in the status). */
-async function etcdView(config: ClusterConfig, timeoutMs: number): Promise<ClusterStatus['etcd']> {
-  const [{ ClusterStore }, { pino }] = await Promise.all([import('../cluster/etcd/store.js'), import('pino')]);
+async function readEtcd(config: ClusterConfig, timeoutMs: number): Promise<ClusterStatus['etcd']> {
+  const [{ ClusterStore }, { etcdView }, { pino }] = await Promise.all([import('../cluster/etcd/store.js'), import('../cluster/etcd/view.js'), import('pino')]);
   try {
     const store = await ClusterStore.connect(config.etcd!, pino({ level: 'silent' }), timeoutMs);
     try {
-      const t = store.tables;
-      return { logicalVolumes: [...t.logicalVolumes.values()].map((lv) => ({ name: lv.name, master: lv.master, epoch: lv.epoch })), history: t.history };
+      return etcdView(store.tables, config.storageSystems.map((s) => s.id));
     } finally {
       await store.close();
     }
@@ -52,7 +52,7 @@ export function registerStatusCommand(program: Command): void {
       const config = loadConfigOrUsage(opts.config);
       const timeoutMs = parseTimeout(opts.timeout);
       const status = await collectStatus(config, timeoutMs);
-      if (config.etcd) status.etcd = await etcdView(config, timeoutMs);
+      if (config.etcd) status.etcd = await readEtcd(config, timeoutMs);
       process.stdout.write(opts.json ? `${JSON.stringify(status, null, 2)}\n` : renderStatus(status, opts.config));
       // Still printed what is known; the exit code says something was missing.
       if (status.storageSystems.some((s) => !s.reachable)) process.exitCode = 1;
@@ -206,14 +206,7 @@ export function renderStatus(status: ClusterStatus, configFile = 'FILE'): string
     }
   }
 
-  if (status.etcd) {
-    out.push('', 'LOGICAL VOLUMES (etcd)');
-    if ('error' in status.etcd) out.push(`  ${status.etcd.error}`);
-    else {
-      for (const lv of status.etcd.logicalVolumes) out.push(`  ${lv.name}: master ss${lv.master.ss}/vol${lv.master.vol}, epoch ${lv.epoch}`);
-      for (const h of status.etcd.history) out.push(`  ${h.at} ${h.name} failed over to ss${h.to.ss}/vol${h.to.vol} in epoch ${h.epoch}: ${h.reason}`);
-    }
-  }
+  if (status.etcd) out.push(...renderEtcd(status.etcd));
 
   // Faults injected on purpose (docs/faults.md): an operator must never mistake one for a real failure.
   const faults = status.storageSystems.flatMap((s) => (s.reachable ? (s.faults ?? []) : []));
@@ -221,6 +214,21 @@ export function renderStatus(status: ClusterStatus, configFile = 'FILE'): string
   const lines = faults.filter((f) => !shown.has(`${f.target} ${f.kind}`) && shown.add(`${f.target} ${f.kind}`)).map((f) => `  ${f.target}: ${f.description}`);
   if (lines.length > 0) out.push('', 'INJECTED FAULTS', ...lines);
   return `${out.join('\n')}\n`;
+}
+
+/** The etcd tables (docs/cluster.md): storage systems' leases, logical volumes, mirrors, failovers. */
+function renderEtcd(etcd: EtcdView | { error: string }): string[] {
+  const out = ['', 'CLUSTER TABLES (etcd)'];
+  if ('error' in etcd) return [...out, `  ${etcd.error}`];
+  const ref = (r: { ss: number; vol: number }) => `ss${r.ss}/vol${r.vol}`;
+  out.push(...table(['SS', 'HEALTH', 'NBD', 'REGISTERED'], etcd.storageSystems.map((s) => [String(s.id), s.health, s.nbd ?? '-', s.startedAt ?? '-']), 'rlll'));
+  out.push('');
+  const mirrorsOf = (name: string) => etcd.mirrors.find((m) => m.name === name)?.mirrors.map((m) => `${ref(m)} ${m.state}`).join(', ') || '-';
+  out.push(...table(['LOGICAL VOLUME', 'MASTER', 'EPOCH', 'MODE', 'STATE', 'MIRRORS'], etcd.logicalVolumes.map((lv) => [lv.name, ref(lv.master), String(lv.epoch), lv.mode, lv.state ?? '-', mirrorsOf(lv.name)]), 'llrlll'));
+  out.push('', 'FAILOVER HISTORY (etcd)');
+  if (etcd.history.length === 0) out.push('  (no failover yet)');
+  else out.push(...table(['TIME', 'VOLUME', 'EPOCH', 'FROM', 'TO', 'REASON'], etcd.history.map((h) => [h.at, h.name, String(h.epoch), ref(h.from), ref(h.to), h.reason]), 'llrlll'));
+  return out;
 }
 
 function cacheText(cache: StorageSystemStatus['cache']): string {

@@ -4,6 +4,7 @@ import type { Command } from 'commander';
 import type { Logger } from 'pino';
 import type { AdminServer } from '../admin/server.js';
 import type { ClusterConfig } from '../cluster/config.js';
+import type { ClusterAgent } from '../cluster/etcd/agent.js';
 import type { StorageSystem } from '../controller/storage-system.js';
 import { createLogger } from '../util/log.js';
 import { UsageError } from './errors.js';
@@ -40,7 +41,7 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
   let systems: StorageSystem[] = [];
   const admins: AdminServer[] = [];
   let cfsServer: { close(): Promise<void> } | undefined;
-  let agent: { close(): Promise<void> } | undefined;
+  let agent: ClusterAgent | undefined;
   let config: ClusterConfig | undefined;
   let ids: number[] = [];
   try {
@@ -49,8 +50,8 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
     ids = selectIds(cfg, opts.only ? parseOnly(opts.only) : undefined);
     if (config.etcd) {
       // With etcd (docs/cluster.md): masters are fenced until registered, and fail over by themselves.
-      const { ClusterAgent } = await import('../cluster/etcd/agent.js');
-      const a = await ClusterAgent.connect(config, log);
+      const { ClusterAgent: Agent } = await import('../cluster/etcd/agent.js');
+      const a = await Agent.connect(config, log);
       agent = a;
       systems = await startStorageSystems(config, ids, log, a.hooks);
       await a.attach(systems);
@@ -75,7 +76,8 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
       const a = config.storageSystems.find((s) => s.id === ss.spec.id)!.admin;
       const auth = { token: tokens.get(ss.spec.id)!, readOpen: sec.adminReadOpen, hosts: sec.adminHosts };
       const https = adminServerTls(cfg, ss.spec.id);
-      admins.push(await startAdminServer(ss, { host: a.host, port: a.port, log: log.child({ ss: ss.spec.id }), peers: peersTls, auth, ...(https ? { https } : {}) }));
+      const etcd = agent ? { etcd: agent.view.bind(agent) } : {};
+      admins.push(await startAdminServer(ss, { host: a.host, port: a.port, log: log.child({ ss: ss.spec.id }), peers: peersTls, auth, ...(https ? { https } : {}), ...etcd }));
     }
     // The CFS server (docs/cfs.md) runs in the process of the storage system cfs.ss names.
     if (config.cfs && opts.cfs !== false && ids.includes(config.cfs.ss)) {

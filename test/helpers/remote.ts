@@ -88,9 +88,10 @@ export class SSProcess {
     return proc;
   }
 
-  async start(): Promise<void> {
+  /** Start it; `ms` is room for a loaded machine (node, fastify and the etcd client load slowly there). */
+  async start(ms = 60_000): Promise<void> {
     const proc = this.spawnWith([process.execPath, ...this.cliArgs()]);
-    const deadline = Date.now() + 60_000;
+    const deadline = Date.now() + ms;
     while (Date.now() < deadline) {
       if (proc.exitCode !== null) throw new Error(`ss${this.id} exited with ${proc.exitCode}: ${this.err}`);
       if ((await canConnect(this.addr.host, this.addr.admin)) && (await canConnect(this.addr.host, this.addr.nbd))) return;

@@ -68,6 +68,29 @@ function render(frame) {
   renderVolumes(frame);
   renderPairs(frame);
   renderSvol(frame);
+  renderEtcd(frame);
+}
+
+/** The cluster tables in etcd (docs/cluster.md): leases, logical volumes and their mirrors, failovers. */
+function renderEtcd(frame) {
+  const t = frame.etcd;
+  $('etcd').hidden = !t;
+  if (!t) return;
+  const ref = (r) => `ss${r.ss}/vol${r.vol}`;
+  const cells = (...texts) => texts.map((x) => el('td', {}, x));
+  $('etcd-systems').tBodies[0].replaceChildren(
+    ...t.storageSystems.map((s) => el('tr', { 'data-ss': s.id, class: s.health === 'up' ? '' : 'down' }, ...cells(`SS ${s.id}`, s.health, s.nbd ?? '', s.startedAt ? new Date(s.startedAt).toLocaleString() : ''))),
+  );
+  $('etcd-volumes').tBodies[0].replaceChildren(
+    ...t.logicalVolumes.map((lv) => {
+      const mirrors = t.mirrors.find((m) => m.name === lv.name)?.mirrors ?? [];
+      return el('tr', { 'data-lv': lv.name }, ...cells(lv.name, ref(lv.master), String(lv.epoch), lv.mode, lv.state ?? '', mirrors.map((m) => `${ref(m)} ${m.state}`).join(', ')));
+    }),
+  );
+  // Newest first: the last failover is what an operator looks for.
+  $('etcd-history').tBodies[0].replaceChildren(
+    ...[...t.history].reverse().map((h) => el('tr', { 'data-lv': h.name, 'data-epoch': h.epoch }, ...cells(new Date(h.at).toLocaleString(), h.name, String(h.epoch), ref(h.from), ref(h.to), h.reason))),
+  );
 }
 
 /** S-VOL groups (docs/svol.md): one row per logical member, the pool, and a restore's progress. */

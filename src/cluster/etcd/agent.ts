@@ -19,6 +19,7 @@ import type { PairController } from '../../controller/pair-controller.js';
 import type { ClusterConfig, PairConfig } from '../config.js';
 import { ClusterStore, type Registration } from './store.js';
 import type { LvRecord, PairRecord } from './tables.js';
+import { etcdView, type EtcdView } from './view.js';
 
 export class ClusterAgent {
   private readonly registrations = new Map<number, Registration>();
@@ -86,6 +87,11 @@ export class ClusterAgent {
       });
     this.mirrorWrites.set(pair, next);
     return next;
+  }
+
+  /** The tables as this process sees them, for the dashboard (cluster/etcd/view.ts). */
+  view(): EtcdView {
+    return etcdView(this.store.tables, this.config.storageSystems.map((s) => s.id));
   }
 
   /** The hooks to start storage systems with. */
