@@ -8,6 +8,7 @@ import { requireTools } from './helpers/clients.js';
 import { RawInitiator } from './helpers/iscsi-raw.js';
 import { CLI, freePort, run, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
 import { adminFetch } from './helpers/admin.js';
+import { connect } from '../src/nbd/client.js';
 
 describe('a storage system with iscsi: in its YAML', () => {
   let dir: string;
@@ -94,5 +95,50 @@ pairs:
       await new Promise((r) => setTimeout(r, 50));
     }
     throw new Error('the session was still listed after the initiator went away');
+  });
+
+  it('counts each volume\'s host I/O under protocol="nbd" or protocol="iscsi" in /metrics, by where it came from', async () => {
+    const series = (m: string, name: string, protocol: string) => {
+      const key = `${name}{ss="1",vol="3",protocol="${protocol}"} `;
+      const line = m.split('\n').find((l) => l.startsWith(key));
+      if (line === undefined) throw new Error(`no ${key}in /metrics`);
+      return Number(line.slice(key.length));
+    };
+    const scrape = async () => (await adminFetch(`http://127.0.0.1:${admin}/metrics`)).text();
+    const names = ['blockmirror_volume_write_ops_total', 'blockmirror_volume_write_bytes_total', 'blockmirror_volume_read_ops_total', 'blockmirror_volume_read_bytes_total', 'blockmirror_volume_write_latency_seconds_count'];
+    const delta = (a: string, b: string, protocol: string) => names.map((n) => series(b, n, protocol) - series(a, n, protocol));
+    const before = await scrape();
+
+    // Over iSCSI (LUN 0 of the volume's own target): two WRITE(10) of 8 and 4 blocks, one READ(10) of 2.
+    const ini = await RawInitiator.connect(iscsi);
+    try {
+      await ini.login('iqn.2026-12.org.blockmirror:own');
+      for (const [lba, blocks] of [[0, 8], [64, 4]] as const) {
+        const w = await ini.scsi(0, Buffer.from([0x2a, 0, 0, 0, 0, lba, 0, 0, blocks, 0]), { dataOut: Buffer.alloc(blocks * 512, 0x5a) });
+        expect(w.status).toBe(0);
+      }
+      const r = await ini.scsi(0, Buffer.from([0x28, 0, 0, 0, 0, 0, 0, 0, 2, 0]), { readLength: 1024 });
+      expect(r.status).toBe(0);
+      expect(r.data.equals(Buffer.alloc(1024, 0x5a))).toBe(true);
+    } finally {
+      ini.close();
+    }
+    // Over NBD: one 64 KiB write and three 4 KiB reads, which see the iSCSI writes.
+    const nbdClient = await connect(`nbd://127.0.0.1:${nbd}/vol3`);
+    try {
+      await nbdClient.pwrite(Buffer.alloc(65536, 0xa5), 1 << 20);
+      for (let i = 0; i < 3; i++) expect((await nbdClient.pread(4096, 0)).subarray(0, 4096).equals(Buffer.alloc(4096, 0x5a))).toBe(true);
+    } finally {
+      await nbdClient.close();
+    }
+
+    const after = await scrape();
+    expect(delta(before, after, 'iscsi')).toEqual([2, 12 * 512, 1, 1024, 2]);
+    expect(delta(before, after, 'nbd')).toEqual([1, 65536, 3, 3 * 4096, 1]);
+    // The status totals are the sum of both protocols.
+    const st = (await (await adminFetch(`http://127.0.0.1:${admin}/api/status`)).json()) as { storageSystems: { volumes: { id: number; writeOps: number; readOps: number }[] }[] };
+    const vol3 = st.storageSystems[0]!.volumes.find((v) => v.id === 3)!;
+    expect(vol3.writeOps).toBe(series(after, 'blockmirror_volume_write_ops_total', 'nbd') + series(after, 'blockmirror_volume_write_ops_total', 'iscsi'));
+    expect(vol3.readOps).toBe(series(after, 'blockmirror_volume_read_ops_total', 'nbd') + series(after, 'blockmirror_volume_read_ops_total', 'iscsi'));
   });
 });
