@@ -141,4 +141,46 @@ pairs:
     expect(vol3.writeOps).toBe(series(after, 'blockmirror_volume_write_ops_total', 'nbd') + series(after, 'blockmirror_volume_write_ops_total', 'iscsi'));
     expect(vol3.readOps).toBe(series(after, 'blockmirror_volume_read_ops_total', 'nbd') + series(after, 'blockmirror_volume_read_ops_total', 'iscsi'));
   });
+
+  it('tells every session of a LUN about a target reset (29/03), and about a split and a resync that make the mirror LUN writable and read-only again (2A/06), on its next command', async () => {
+    const [a, b] = [await RawInitiator.connect(iscsi), await RawInitiator.connect(iscsi)];
+    const TUR = Buffer.from([0, 0, 0, 0, 0, 0]);
+    const write = (ini: RawInitiator, lun: number) => ini.scsi(lun, Buffer.from([0x2a, 0, 0, 0, 0x10, 0, 0, 0, 1, 0]), { dataOut: Buffer.alloc(512, lun) });
+    const rtpgState = async (ini: RawInitiator, lun: number) => (await ini.scsi(lun, Buffer.from([0xa3, 0x0a, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]), { readLength: 256 })).data[4]! & 0x0f;
+    const ua = (r: { status: number; senseKey?: number; asc?: number }) => [r.status, r.senseKey, r.asc];
+    try {
+      for (const ini of [a, b]) await ini.login(target);
+      for (const ini of [a, b]) for (const lun of [1, 2]) expect((await ini.scsi(lun, TUR)).status).toBe(0);
+
+      expect(await a.tmf(6)).toBe(0); // TARGET WARM RESET: function complete
+      for (const ini of [a, b]) {
+        for (const lun of [1, 2]) {
+          expect(ua(await ini.scsi(lun, TUR))).toEqual([2, 0x6, 0x2903]);
+          expect((await ini.scsi(lun, TUR)).status).toBe(0);
+        }
+      }
+      expect([await rtpgState(a, 1), await rtpgState(a, 2)]).toEqual([0, 2]); // active/optimized, standby
+
+      expect(ua(await write(a, 2))).toEqual([2, 0x7, 0x2700]); // the mirror: DATA PROTECT / WRITE PROTECTED
+      const command = async (c: string) => {
+        const r = await adminFetch(`http://127.0.0.1:${admin}/api/pairs/p1/${c}`, { method: 'POST' });
+        expect(r.status, await r.text()).toBe(200);
+      };
+      await command('split');
+      // Each session hears of the mirror's new role once, whatever its next command is; the master LUN did not change.
+      expect(ua(await write(a, 2))).toEqual([2, 0x6, 0x2a06]);
+      expect((await write(a, 2)).status).toBe(0);
+      expect((await write(a, 1)).status).toBe(0);
+      expect(ua(await b.scsi(2, TUR))).toEqual([2, 0x6, 0x2a06]);
+      expect([await rtpgState(b, 1), await rtpgState(b, 2)]).toEqual([0, 0]);
+
+      await command('resync');
+      for (const ini of [b, a]) expect(ua(await write(ini, 2))).toEqual([2, 0x6, 0x2a06]);
+      expect(ua(await write(a, 2))).toEqual([2, 0x7, 0x2700]);
+      expect([await rtpgState(b, 1), await rtpgState(b, 2)]).toEqual([0, 2]);
+    } finally {
+      a.close();
+      b.close();
+    }
+  });
 });

@@ -23,7 +23,7 @@ import { fixedSense } from './scsi/sense.js';
 import type { LogicalUnit } from './scsi/lu.js';
 import type { ScsiResult } from './scsi/types.js';
 import type { TargetSpec } from './target.js';
-import { AllowList } from './target.js';
+import { AllowList, initiatorPortName } from './target.js';
 import { anyReportLuns, lunField, lunOf } from './luns.js';
 
 export interface ConnectionHooks {
@@ -110,7 +110,7 @@ export class IscsiConnection {
 
   get initiatorPort(): string {
     const s = this.session!;
-    return `${s.initiatorName},i,0x${s.isid.toString(16).padStart(12, '0')}`;
+    return initiatorPortName(s.initiatorName, s.isid);
   }
 
   get activeTasks(): number {
