@@ -147,10 +147,13 @@ describe('libiscsi tools with mutual CHAP', () => {
     expect(ls.stdout).toContain(`Target:${s.target}`);
   });
 
-  it('makes the initiator refuse a target that proves the wrong secret', async () => {
+  it('makes the initiator refuse a target that proves the wrong secret, in a normal and in a discovery session', async () => {
     const r = await run('iscsi-inq', [url('not-the-target-secret')]);
     expect(r.code).not.toBe(0);
     expect(r.stderr).toContain('Invalid CHAP_R response from the target');
+    const ls = await run('iscsi-ls', [`iscsi://alice%${secret}@127.0.0.1:${s.iscsiPort}?target_user=theta&target_password=not-the-target-secret`]);
+    expect(ls.code).not.toBe(0);
+    expect(ls.stdout).not.toContain(s.target);
   });
 
   it('refuses an initiator that does not ask the target to prove itself, and never logs either secret', async () => {
