@@ -2,7 +2,7 @@
 // CHAP, inside a small VM (/work/shared/tools/linux-iscsi-initiator-vm): discovery, login, mkfs.ext4,
 // mount, write 32 MiB, e2fsck, reread, logout. Afterwards the host checks the same bytes through
 // NBD: e2fsck on a copy of the export. Then mutual CHAP (test/vm/iscsi-mutual-chap.sh): a wrong
-// target secret makes the initiator refuse the target; the right one logs in, and the data the
+// target secret makes the initiator refuse the target; the right one logs in, a fio verify job runs, and the data the
 // guest wrote is what NBD reads. Slow: the VM runs under software emulation.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -52,7 +52,7 @@ describe('the Linux kernel iSCSI initiator in a VM with mutual CHAP', () => {
   const targetSecret = 'target-secret-90123';
 
   beforeAll(async () => {
-    requireTools('qemu-system-x86_64', 'iscsiadm', 'nbdcopy');
+    requireTools('qemu-system-x86_64', 'iscsiadm', 'nbdcopy', 'fio');
     if (!fs.existsSync(TOOL)) throw new Error(`${TOOL} is missing: the kernel initiator test needs it`);
     dir = tmpDir('bm-iscsi-vm-mutual-');
     fs.writeFileSync(path.join(dir, 'chap'), `vmuser:${secret}\ntheta:${targetSecret}\n`);
@@ -63,13 +63,14 @@ describe('the Linux kernel iSCSI initiator in a VM with mutual CHAP', () => {
     if (dir) fs.rmSync(dir, { recursive: true, force: true });
   });
 
-  it('refuses a target that proves a wrong secret, logs in when it proves the right one, and the guest\'s data reads back through NBD', async () => {
+  it('refuses a target that proves a wrong secret, logs in when it proves the right one, passes a fio verify job, and the guest\'s data reads back through NBD', async () => {
     const script = path.join(dir, 'mutual.sh');
     fs.writeFileSync(script, `TARGET_USER='theta' TARGET_SECRET='${targetSecret}'\n` + fs.readFileSync(new URL('./vm/iscsi-mutual-chap.sh', import.meta.url), 'utf8'));
-    const vm = await run(TOOL, ['--chap', `vmuser:${secret}`, '--script', script, String(s.iscsiPort), s.target], { timeoutMs: VM_TIMEOUT_S * 1000 });
+    const vm = await run(TOOL, ['--with-fio', '--chap', `vmuser:${secret}`, '--script', script, String(s.iscsiPort), s.target], { timeoutMs: VM_TIMEOUT_S * 1000 });
     expect(vm.code, describeRun('linux-iscsi-initiator-vm', vm)).toBe(0);
     expect(vm.stdout).toContain('VMTEST: wrong target secret refused ok');
     expect(vm.stdout).toContain('VMTEST: mutual CHAP login ok');
+    expect(vm.stdout).toContain('VMTEST: fio verify ok');
     const sum = /VMTEST: read back sha256 ok ([0-9a-f]{16})/.exec(vm.stdout)?.[1];
     expect(sum, vm.stdout).toBeDefined();
     const img = path.join(dir, 'copy.img');

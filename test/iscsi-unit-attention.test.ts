@@ -97,6 +97,14 @@ describe('unit attentions', () => {
     expect(await run(u, 'b', TUR)).toEqual([2, 0x6, 0x2a, 0x01]);
   });
 
+  it('tells a nexus that logs in after a role change nothing about it, and the nexuses already there everything', async () => {
+    const { dev, u } = setup();
+    dev.ro = true;
+    u.nexusJoined(nexus('c').initiatorPort);
+    expect(await run(u, 'c', TUR)).toEqual([0]);
+    expect(await run(u, 'a', TUR)).toEqual([2, 0x6, 0x2a, 0x06]);
+  });
+
   it('lets a reset replace what was queued before it, and forgets the UAs of a nexus that is lost', async () => {
     const { dev, u } = setup();
     dev.ro = true;

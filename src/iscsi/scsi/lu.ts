@@ -250,8 +250,9 @@ export class LogicalUnit {
     this.unitAttentions.raise(UaCode.RESET);
   }
 
-  /** An I_T nexus logged in to the target: it hears of every change from now on. */
+  /** An I_T nexus logged in to the target: it hears of every change from now on, not of those before it came. */
   nexusJoined(initiatorPort: string): void {
+    this.noticeChanges();
     this.unitAttentions.join(initiatorPort);
   }
 
