@@ -18,8 +18,9 @@ export interface LoginContext {
   remoteAddress: string;
   /**
    * CHAP for discovery sessions, which name no target: the secrets of the server's targets. An
-   * initiator that offers CHAP first authenticates (mutually, if it asks); one that offers None
-   * may still discover, and SendTargets shows it only the targets it may log in to.
+   * initiator that offers CHAP first authenticates as for a normal session (mutual CHAP where the
+   * file has a second line); one that offers None may still discover, and SendTargets shows it
+   * only the targets it may log in to.
    */
   discoveryChap?: ChapSecrets;
 }

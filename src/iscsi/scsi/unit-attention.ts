@@ -6,7 +6,8 @@
 //   LUN RESET, TARGET WARM RESET               29/03     every nexus of the LU, the resetting one too
 //                                                        (BUS DEVICE RESET FUNCTION OCCURRED)
 //   role change: the volume starts or stops    2A/06     every nexus (ASYMMETRIC ACCESS STATE
-//   taking host writes (swap, takeover, SWP)             CHANGED: ALUA follows the role)
+//   taking host writes (swap, takeover,                  CHANGED: ALUA follows the role)
+//   split, resync, S-VOL attribute)
 //   capacity change                            2A/09     every nexus (CAPACITY DATA HAS CHANGED)
 //   MODE SELECT changed a page                 2A/01     every nexus but the one that changed it
 //
