@@ -184,3 +184,63 @@ pairs:
     }
   });
 });
+
+describe('a pair across two storage systems, both with iscsi:', () => {
+  let dir: string;
+  let c: RunningCluster;
+  const p = { iscsi: [0, 0], nbd: [0, 0], admin: [0, 0], peer: [0, 0] };
+  const target = (ss: number) => `iqn.2026-12.org.blockmirror:ss${ss}`;
+
+  beforeAll(async () => {
+    dir = tmpDir('bm-iscsi-swap-');
+    for (const k of ['iscsi', 'nbd', 'admin', 'peer'] as const) p[k] = [await freePort(), await freePort()];
+    const ss = (i: number) => `  - id: ${i + 1}
+    nbd: 127.0.0.1:${p.nbd[i]}
+    admin: 127.0.0.1:${p.admin[i]}
+    peer: 127.0.0.1:${p.peer[i]}
+    iscsi: 127.0.0.1:${p.iscsi[i]}
+    volumes:
+      - { id: 1, size: 8MiB }`;
+    fs.writeFileSync(
+      path.join(dir, 'cluster.yaml'),
+      `storageSystems:\n${ss(0)}\n${ss(1)}\npairs:\n  - { name: px, mode: sync, master: { ss: 1, vol: 1 }, mirrors: [{ ss: 2, vol: 1 }] }\n`,
+    );
+    c = await startUp(path.join(dir, 'cluster.yaml'), [...p.iscsi, ...p.admin]);
+  }, 60_000);
+
+  afterAll(async () => {
+    await c?.stop();
+    if (dir) fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('after a swap, each LUN\'s session hears of its new role (2A/06); the new master\'s LUN takes writes that the old one, now write protected, reads', async () => {
+    const [one, two] = [await RawInitiator.connect(p.iscsi[0]!), await RawInitiator.connect(p.iscsi[1]!)];
+    const write = (ini: RawInitiator, fill: number) => ini.scsi(1, Buffer.from([0x2a, 0, 0, 0, 0x20, 0, 0, 0, 1, 0]), { dataOut: Buffer.alloc(512, fill) });
+    const read = async (ini: RawInitiator) => (await ini.scsi(1, Buffer.from([0x28, 0, 0, 0, 0x20, 0, 0, 0, 1, 0]), { readLength: 512 })).data;
+    const ua = (r: { status: number; senseKey?: number; asc?: number }) => [r.status, r.senseKey, r.asc];
+    try {
+      await one.login(target(1));
+      await two.login(target(2));
+      // Wait for the pair to be in sync (the mirror is then write protected: DATA PROTECT).
+      for (let i = 0; ; i++) {
+        const st = (await (await adminFetch(`http://127.0.0.1:${p.admin[0]}/api/pairs/px`)).json()) as { state: string };
+        if (st.state === 'PAIR') break;
+        if (i > 200) throw new Error(`pair px stayed ${st.state}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      expect((await write(one, 0x11)).status).toBe(0);
+      expect(ua(await write(two, 0x22))).toEqual([2, 0x7, 0x2700]);
+
+      const swap = await adminFetch(`http://127.0.0.1:${p.admin[0]}/api/pairs/px/swap`, { method: 'POST' });
+      expect(swap.status, await swap.text()).toBe(200);
+      expect(ua(await write(two, 0x33))).toEqual([2, 0x6, 0x2a06]);
+      expect((await write(two, 0x33)).status).toBe(0);
+      expect(ua(await write(one, 0x44))).toEqual([2, 0x6, 0x2a06]);
+      expect(ua(await write(one, 0x44))).toEqual([2, 0x7, 0x2700]);
+      expect((await read(one)).equals(Buffer.alloc(512, 0x33))).toBe(true);
+    } finally {
+      one.close();
+      two.close();
+    }
+  });
+});
