@@ -109,14 +109,14 @@ const jobs = [
   { name: '1 MiB sequential write QD8', qd: 8, size: 1 << 20, write: true, unit: 'mbs' },
 ].filter((j) => !only || j.name.includes(only));
 
-/** One run of a job; a write job sizes its request count from the first run's rate, so each run lasts about `seconds`. */
-async function runJob(j, url) {
-  if (!j.write) return perf(url, j.qd, j.blocks, j.random);
-  if (!j.count) {
-    const probe = await qemuBench(url, j.qd, j.size, Math.max(j.qd * 4, Math.round((64 << 20) / j.size)));
-    j.count = Math.max(j.qd * 4, Math.round(probe.iops * seconds));
-  }
-  return qemuBench(url, j.qd, j.size, j.count);
+/** A write job's request count: what a probe of 64 MiB (outside the measured runs) says fills about `seconds`. */
+async function calibrate(j, url) {
+  const probe = await qemuBench(url, j.qd, j.size, Math.max(j.qd * 4, Math.round((64 << 20) / j.size)));
+  j.count = Math.max(j.qd * 4, Math.round(probe.iops * seconds));
+}
+
+function runJob(j, url) {
+  return j.write ? qemuBench(url, j.qd, j.size, j.count) : perf(url, j.qd, j.blocks, j.random);
 }
 
 const load0 = os.loadavg().map((x) => x.toFixed(2)).join(' ');
@@ -134,6 +134,7 @@ try {
     const res = { blockmirror: [], tgt: [] };
     // Target CPU per request: unlike throughput, it hardly depends on how busy the shared machine is.
     const cpu = { blockmirror: [], tgt: [] };
+    if (j.write) await calibrate(j, a.url);
     for (const t of [a, b, b, a, a, b]) {
       const c0 = cpuSeconds(t.pid);
       const r = await runJob(j, t.url);
@@ -155,6 +156,6 @@ const tgtVer = (() => { try { return execFileSync('dpkg-query', ['-W', '-f', '${
 const commit = (() => { try { return execFileSync('git', ['-C', ROOT, 'rev-parse', '--short', 'HEAD']).toString().trim(); } catch { return '?'; } })();
 let text = `\n## iSCSI target vs tgt (${new Date().toISOString().slice(0, 10)}, commit ${commit}, node ${node}, tgt ${tgtVer}, ${seconds} s per run, median of 3, interleaved A B B A A B; shared 2-core machine; load average at start ${load0}, at end ${load})\n\n| job | blockmirror | tgt | ratio | target CPU per request, ours / tgt |\n|---|---|---|---|---|\n`;
 for (const r of rows) text += `| ${r.job} | ${r.ours} ${r.unit} | ${r.tgt} ${r.unit} | ${r.ratio.toFixed(2)}x | ${r.oursCpu?.toFixed(1)} / ${r.tgtCpu?.toFixed(1)} µs |\n`;
-text += `\nblockmirror RSS peak during the run: ${(peakRss / 1048576).toFixed(0)} MiB. The LUNs: 256 MiB, written in full first, ours in memory, tgt's on /dev/shm. Reads: iscsi-perf; writes: qemu-img bench -w (qemu's libiscsi driver), sequential, wrapping at the end of the LUN.\n`;
+text += `\nblockmirror RSS peak during the run: ${(peakRss / 1048576).toFixed(0)} MiB. The LUNs: 256 MiB${jobs.some((j) => !j.write) ? ', written in full first' : ''}, ours in memory, tgt's on /dev/shm. Reads: iscsi-perf; writes: qemu-img bench -w (qemu's libiscsi driver), sequential, wrapping at the end of the LUN.\n`;
 console.log(text);
 if (args.includes('--append')) fs.appendFileSync(path.join(ROOT, 'bench/RESULTS.md'), text);
