@@ -117,3 +117,51 @@ describe('libiscsi tools with CHAP and an allow-list', () => {
     expect(s.stderr()).toContain('is not on the allow-list');
   });
 });
+
+describe('libiscsi tools with mutual CHAP', () => {
+  let s: IscsiServe;
+  const secret = 'alice-secret-16ch';
+  const targetSecret = 'target-secret-16c';
+  beforeAll(async () => {
+    const chap = path.join(dir, 'chap-mutual');
+    fs.writeFileSync(chap, `alice:${secret}\ntheta:${targetSecret}\n`);
+    s = await startIscsiServe(['--size', '16MiB', '--iscsi-chap-file', chap, '--log-level', 'debug']);
+  });
+  afterAll(async () => {
+    await s?.stop();
+  });
+
+  // libiscsi: USER%SECRET@ is what the initiator proves; target_user/target_password what it asks the target to prove.
+  const url = (targetPassword?: string) =>
+    `iscsi://alice%${secret}@127.0.0.1:${s.iscsiPort}/${s.target}/0${targetPassword === undefined ? '' : `?target_user=theta&target_password=${targetPassword}`}`;
+
+  it('logs in when each side proves its own secret (iscsi-inq, iscsi-readcapacity16, iscsi-ls)', async () => {
+    const inq = await run('iscsi-inq', [url(targetSecret)]);
+    expect(inq.code, inq.stderr).toBe(0);
+    expect(inq.stdout).toContain('Vendor:BLKMIRR');
+    const cap = await run('iscsi-readcapacity16', [url(targetSecret)]);
+    expect(cap.code, cap.stderr).toBe(0);
+    expect(cap.stdout).toContain('Total size:16777216');
+    const ls = await run('iscsi-ls', [`iscsi://alice%${secret}@127.0.0.1:${s.iscsiPort}?target_user=theta&target_password=${targetSecret}`]);
+    expect(ls.code, ls.stderr).toBe(0);
+    expect(ls.stdout).toContain(`Target:${s.target}`);
+  });
+
+  it('makes the initiator refuse a target that proves the wrong secret, in a normal and in a discovery session', async () => {
+    const r = await run('iscsi-inq', [url('not-the-target-secret')]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toContain('Invalid CHAP_R response from the target');
+    const ls = await run('iscsi-ls', [`iscsi://alice%${secret}@127.0.0.1:${s.iscsiPort}?target_user=theta&target_password=not-the-target-secret`]);
+    expect(ls.code).not.toBe(0);
+    expect(ls.stdout).not.toContain(s.target);
+  });
+
+  it('refuses an initiator that does not ask the target to prove itself, and never logs either secret', async () => {
+    const r = await run('iscsi-inq', [url()]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/Authentication failure/);
+    expect(s.stderr()).toContain('the target requires mutual CHAP, but the initiator sent no challenge');
+    expect(s.stderr()).not.toContain(secret);
+    expect(s.stderr()).not.toContain(targetSecret);
+  });
+});

@@ -47,12 +47,13 @@ describe('SCSI logical unit', () => {
     expect(senseOf(r)).toEqual([0x3, 0x11, 0x00]);
   });
 
-  it('reports ALUA standby or active/optimized from the callback, as it changes', async () => {
+  it('reports ALUA standby or active/optimized from the callback, as it changes (after a unit attention saying so)', async () => {
     let state: AluaStateValue = AluaState.STANDBY;
     const u = lu(undefined, { alua: () => state });
     const rtpg = () => u.execute({ cdb: cdb([0xa3, 0x0a, 0, 0, 0, 0, 0, 0, 1, 0]), nexus: nexus('a') });
     expect((await rtpg()).dataIn![4]! & 0x0f).toBe(AluaState.STANDBY);
     state = AluaState.ACTIVE_OPTIMIZED;
+    expect(senseOf(await rtpg())).toEqual([0x6, 0x2a, 0x06]);
     expect((await rtpg()).dataIn![4]! & 0x0f).toBe(AluaState.ACTIVE_OPTIMIZED);
   });
 

@@ -8,6 +8,7 @@ import { requireTools } from './helpers/clients.js';
 import { RawInitiator } from './helpers/iscsi-raw.js';
 import { CLI, freePort, run, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
 import { adminFetch } from './helpers/admin.js';
+import { connect } from '../src/nbd/client.js';
 
 describe('a storage system with iscsi: in its YAML', () => {
   let dir: string;
@@ -94,5 +95,152 @@ pairs:
       await new Promise((r) => setTimeout(r, 50));
     }
     throw new Error('the session was still listed after the initiator went away');
+  });
+
+  it('counts each volume\'s host I/O under protocol="nbd" or protocol="iscsi" in /metrics, by where it came from', async () => {
+    const series = (m: string, name: string, protocol: string) => {
+      const key = `${name}{ss="1",vol="3",protocol="${protocol}"} `;
+      const line = m.split('\n').find((l) => l.startsWith(key));
+      if (line === undefined) throw new Error(`no ${key}in /metrics`);
+      return Number(line.slice(key.length));
+    };
+    const scrape = async () => (await adminFetch(`http://127.0.0.1:${admin}/metrics`)).text();
+    const names = ['blockmirror_volume_write_ops_total', 'blockmirror_volume_write_bytes_total', 'blockmirror_volume_read_ops_total', 'blockmirror_volume_read_bytes_total', 'blockmirror_volume_write_latency_seconds_count'];
+    const delta = (a: string, b: string, protocol: string) => names.map((n) => series(b, n, protocol) - series(a, n, protocol));
+    const before = await scrape();
+
+    // Over iSCSI (LUN 0 of the volume's own target): two WRITE(10) of 8 and 4 blocks, one READ(10) of 2.
+    const ini = await RawInitiator.connect(iscsi);
+    try {
+      await ini.login('iqn.2026-12.org.blockmirror:own');
+      for (const [lba, blocks] of [[0, 8], [64, 4]] as const) {
+        const w = await ini.scsi(0, Buffer.from([0x2a, 0, 0, 0, 0, lba, 0, 0, blocks, 0]), { dataOut: Buffer.alloc(blocks * 512, 0x5a) });
+        expect(w.status).toBe(0);
+      }
+      const r = await ini.scsi(0, Buffer.from([0x28, 0, 0, 0, 0, 0, 0, 0, 2, 0]), { readLength: 1024 });
+      expect(r.status).toBe(0);
+      expect(r.data.equals(Buffer.alloc(1024, 0x5a))).toBe(true);
+    } finally {
+      ini.close();
+    }
+    // Over NBD: one 64 KiB write and three 4 KiB reads, which see the iSCSI writes.
+    const nbdClient = await connect(`nbd://127.0.0.1:${nbd}/vol3`);
+    try {
+      await nbdClient.pwrite(Buffer.alloc(65536, 0xa5), 1 << 20);
+      for (let i = 0; i < 3; i++) expect((await nbdClient.pread(4096, 0)).subarray(0, 4096).equals(Buffer.alloc(4096, 0x5a))).toBe(true);
+    } finally {
+      await nbdClient.close();
+    }
+
+    const after = await scrape();
+    expect(delta(before, after, 'iscsi')).toEqual([2, 12 * 512, 1, 1024, 2]);
+    expect(delta(before, after, 'nbd')).toEqual([1, 65536, 3, 3 * 4096, 1]);
+    // The status totals are the sum of both protocols.
+    const st = (await (await adminFetch(`http://127.0.0.1:${admin}/api/status`)).json()) as { storageSystems: { volumes: { id: number; writeOps: number; readOps: number }[] }[] };
+    const vol3 = st.storageSystems[0]!.volumes.find((v) => v.id === 3)!;
+    expect(vol3.writeOps).toBe(series(after, 'blockmirror_volume_write_ops_total', 'nbd') + series(after, 'blockmirror_volume_write_ops_total', 'iscsi'));
+    expect(vol3.readOps).toBe(series(after, 'blockmirror_volume_read_ops_total', 'nbd') + series(after, 'blockmirror_volume_read_ops_total', 'iscsi'));
+  });
+
+  it('tells every session of a LUN about a target reset (29/03), and about a split and a resync that make the mirror LUN writable and read-only again (2A/06), on its next command', async () => {
+    const [a, b] = [await RawInitiator.connect(iscsi), await RawInitiator.connect(iscsi)];
+    const TUR = Buffer.from([0, 0, 0, 0, 0, 0]);
+    const write = (ini: RawInitiator, lun: number) => ini.scsi(lun, Buffer.from([0x2a, 0, 0, 0, 0x10, 0, 0, 0, 1, 0]), { dataOut: Buffer.alloc(512, lun) });
+    const rtpgState = async (ini: RawInitiator, lun: number) => (await ini.scsi(lun, Buffer.from([0xa3, 0x0a, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]), { readLength: 256 })).data[4]! & 0x0f;
+    const ua = (r: { status: number; senseKey?: number; asc?: number }) => [r.status, r.senseKey, r.asc];
+    try {
+      for (const ini of [a, b]) await ini.login(target);
+      for (const ini of [a, b]) for (const lun of [1, 2]) expect((await ini.scsi(lun, TUR)).status).toBe(0);
+
+      expect(await a.tmf(6)).toBe(0); // TARGET WARM RESET: function complete
+      for (const ini of [a, b]) {
+        for (const lun of [1, 2]) {
+          expect(ua(await ini.scsi(lun, TUR))).toEqual([2, 0x6, 0x2903]);
+          expect((await ini.scsi(lun, TUR)).status).toBe(0);
+        }
+      }
+      expect([await rtpgState(a, 1), await rtpgState(a, 2)]).toEqual([0, 2]); // active/optimized, standby
+
+      expect(ua(await write(a, 2))).toEqual([2, 0x7, 0x2700]); // the mirror: DATA PROTECT / WRITE PROTECTED
+      const command = async (c: string) => {
+        const r = await adminFetch(`http://127.0.0.1:${admin}/api/pairs/p1/${c}`, { method: 'POST' });
+        expect(r.status, await r.text()).toBe(200);
+      };
+      await command('split');
+      // Each session hears of the mirror's new role once, whatever its next command is; the master LUN did not change.
+      expect(ua(await write(a, 2))).toEqual([2, 0x6, 0x2a06]);
+      expect((await write(a, 2)).status).toBe(0);
+      expect((await write(a, 1)).status).toBe(0);
+      expect(ua(await b.scsi(2, TUR))).toEqual([2, 0x6, 0x2a06]);
+      expect([await rtpgState(b, 1), await rtpgState(b, 2)]).toEqual([0, 0]);
+
+      await command('resync');
+      for (const ini of [b, a]) expect(ua(await write(ini, 2))).toEqual([2, 0x6, 0x2a06]);
+      expect(ua(await write(a, 2))).toEqual([2, 0x7, 0x2700]);
+      expect([await rtpgState(b, 1), await rtpgState(b, 2)]).toEqual([0, 2]);
+    } finally {
+      a.close();
+      b.close();
+    }
+  });
+});
+
+describe('a pair across two storage systems, both with iscsi:', () => {
+  let dir: string;
+  let c: RunningCluster;
+  const p = { iscsi: [0, 0], nbd: [0, 0], admin: [0, 0], peer: [0, 0] };
+  const target = (ss: number) => `iqn.2026-12.org.blockmirror:ss${ss}`;
+
+  beforeAll(async () => {
+    dir = tmpDir('bm-iscsi-swap-');
+    for (const k of ['iscsi', 'nbd', 'admin', 'peer'] as const) p[k] = [await freePort(), await freePort()];
+    const ss = (i: number) => `  - id: ${i + 1}
+    nbd: 127.0.0.1:${p.nbd[i]}
+    admin: 127.0.0.1:${p.admin[i]}
+    peer: 127.0.0.1:${p.peer[i]}
+    iscsi: 127.0.0.1:${p.iscsi[i]}
+    volumes:
+      - { id: 1, size: 8MiB }`;
+    fs.writeFileSync(
+      path.join(dir, 'cluster.yaml'),
+      `storageSystems:\n${ss(0)}\n${ss(1)}\npairs:\n  - { name: px, mode: sync, master: { ss: 1, vol: 1 }, mirrors: [{ ss: 2, vol: 1 }] }\n`,
+    );
+    c = await startUp(path.join(dir, 'cluster.yaml'), [...p.iscsi, ...p.admin]);
+  }, 60_000);
+
+  afterAll(async () => {
+    await c?.stop();
+    if (dir) fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('after a swap, each LUN\'s session hears of its new role (2A/06); the new master\'s LUN takes writes that the old one, now write protected, reads', async () => {
+    const [one, two] = [await RawInitiator.connect(p.iscsi[0]!), await RawInitiator.connect(p.iscsi[1]!)];
+    const write = (ini: RawInitiator, fill: number) => ini.scsi(1, Buffer.from([0x2a, 0, 0, 0, 0x20, 0, 0, 0, 1, 0]), { dataOut: Buffer.alloc(512, fill) });
+    const read = async (ini: RawInitiator) => (await ini.scsi(1, Buffer.from([0x28, 0, 0, 0, 0x20, 0, 0, 0, 1, 0]), { readLength: 512 })).data;
+    const ua = (r: { status: number; senseKey?: number; asc?: number }) => [r.status, r.senseKey, r.asc];
+    try {
+      await one.login(target(1));
+      await two.login(target(2));
+      // Wait for the pair to be in sync (the mirror is then write protected: DATA PROTECT).
+      for (let i = 0; ; i++) {
+        const st = (await (await adminFetch(`http://127.0.0.1:${p.admin[0]}/api/pairs/px`)).json()) as { state: string };
+        if (st.state === 'PAIR') break;
+        if (i > 200) throw new Error(`pair px stayed ${st.state}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      expect((await write(one, 0x11)).status).toBe(0);
+      expect(ua(await write(two, 0x22))).toEqual([2, 0x7, 0x2700]);
+
+      const swap = await adminFetch(`http://127.0.0.1:${p.admin[0]}/api/pairs/px/swap`, { method: 'POST' });
+      expect(swap.status, await swap.text()).toBe(200);
+      expect(ua(await write(two, 0x33))).toEqual([2, 0x6, 0x2a06]);
+      expect((await write(two, 0x33)).status).toBe(0);
+      expect(ua(await write(one, 0x44))).toEqual([2, 0x6, 0x2a06]);
+      expect(ua(await write(one, 0x44))).toEqual([2, 0x7, 0x2700]);
+      expect((await read(one)).equals(Buffer.alloc(512, 0x33))).toBe(true);
+    } finally {
+      one.close();
+      two.close();
+    }
   });
 });

@@ -134,21 +134,23 @@ describe('/metrics', () => {
 
   it('counts host writes and reads with their latencies, and the Invalid clusters they leave', async () => {
     const before = await metrics();
-    const vol = '{ss="1",vol="8"}';
+    const vol = '{ss="1",vol="8",protocol="nbd"}';
     await client.pwrite(Buffer.alloc(MiB, 0xab), 8 * MiB);
     await client.pwrite(Buffer.alloc(64 * KiB, 0xcd), 32 * MiB);
     await client.pread(64 * KiB, 8 * MiB);
     const after = await metrics();
     expect(value(after, `blockmirror_volume_write_bytes_total${vol}`) - value(before, `blockmirror_volume_write_bytes_total${vol}`)).toBe(MiB + 64 * KiB);
+    // No iSCSI target on this storage system: no iscsi rows.
+    expect(after).not.toContain('protocol="iscsi"');
     expect(value(after, `blockmirror_volume_write_ops_total${vol}`) - value(before, `blockmirror_volume_write_ops_total${vol}`)).toBe(2);
     expect(value(after, `blockmirror_volume_read_bytes_total${vol}`) - value(before, `blockmirror_volume_read_bytes_total${vol}`)).toBe(64 * KiB);
     // Every request lands in one latency bucket: the histogram's count is the op count, and +Inf holds them all.
     const ops = value(after, `blockmirror_volume_write_ops_total${vol}`);
     expect(value(after, `blockmirror_volume_write_latency_seconds_count${vol}`)).toBe(ops);
-    expect(value(after, 'blockmirror_volume_write_latency_seconds_bucket{ss="1",vol="8",le="+Inf"}')).toBe(ops);
+    expect(value(after, 'blockmirror_volume_write_latency_seconds_bucket{ss="1",vol="8",protocol="nbd",le="+Inf"}')).toBe(ops);
     expect(value(after, `blockmirror_volume_write_latency_seconds_sum${vol}`)).toBeGreaterThan(0);
     expect(value(after, `blockmirror_volume_read_latency_seconds_count${vol}`)).toBe(value(after, `blockmirror_volume_read_ops_total${vol}`));
-    const buckets = [...after.matchAll(/^blockmirror_volume_write_latency_seconds_bucket\{ss="1",vol="8",le="[^"]+"\} (\d+)$/gm)].map((m) => Number(m[1]));
+    const buckets = [...after.matchAll(/^blockmirror_volume_write_latency_seconds_bucket\{ss="1",vol="8",protocol="nbd",le="[^"]+"\} (\d+)$/gm)].map((m) => Number(m[1]));
     expect(buckets).toEqual([...buckets].sort((a, b) => a - b)); // cumulative
     // 1 MiB + 64 KiB on 64 KiB clusters: 17 Invalid, and the daemon copies one a second.
     expect(value(after, 'blockmirror_mirror_invalid_clusters{ss="1",pair="pair1",mirror="ss1/vol7"}')).toBeGreaterThanOrEqual(15);

@@ -8,12 +8,12 @@
 //
 //   metric                                     type       labels
 //   blockmirror_volume_size_bytes              gauge      ss, vol
-//   blockmirror_volume_read_bytes_total        counter    ss, vol
-//   blockmirror_volume_write_bytes_total       counter    ss, vol
-//   blockmirror_volume_read_ops_total          counter    ss, vol
-//   blockmirror_volume_write_ops_total         counter    ss, vol
-//   blockmirror_volume_read_latency_seconds    histogram  ss, vol
-//   blockmirror_volume_write_latency_seconds   histogram  ss, vol
+//   blockmirror_volume_read_bytes_total        counter    ss, vol, protocol (nbd, iscsi)
+//   blockmirror_volume_write_bytes_total       counter    ss, vol, protocol
+//   blockmirror_volume_read_ops_total          counter    ss, vol, protocol
+//   blockmirror_volume_write_ops_total         counter    ss, vol, protocol
+//   blockmirror_volume_read_latency_seconds    histogram  ss, vol, protocol
+//   blockmirror_volume_write_latency_seconds   histogram  ss, vol, protocol
 //   blockmirror_pair_state                     gauge      ss, pair, state   (1 for the current state, 0 for the others)
 //   blockmirror_pair_clusters                  gauge      ss, pair
 //   blockmirror_mirror_invalid_clusters        gauge      ss, pair, mirror  (mirror="ss2/vol7")
@@ -78,19 +78,20 @@ export function registerMetrics(app: FastifyInstance, target: AdminTarget, route
   const self = () => String(snap.report.storageSystems[0]?.id ?? '');
   const volumes = () =>
     snap.report.storageSystems.flatMap((ss) => ss.volumes.map((v): Row<typeof v> => [{ ss: String(ss.id), vol: String(v.id) }, v]));
-  const latencies = () => (snap.metrics?.volumes ?? []).map((v): Row<typeof v.latency> => [{ ss: self(), vol: String(v.id) }, v.latency]);
+  // Host I/O, a row per volume and front end (iSCSI only where the storage system has a target).
+  const io = () => (snap.metrics?.volumes ?? []).map((v): Row<typeof v> => [{ ss: self(), vol: String(v.id), protocol: v.protocol }, v]);
   const pairs = () => snap.report.pairs.map((p): Row<typeof p> => [{ ss: self(), pair: p.name }, p]);
   const mirrors = () => pairs().flatMap(([labels, p]) => p.mirrors.map((m): Row<typeof m> => [{ ...labels, mirror: `ss${m.ss}/vol${m.vol}` }, m]));
   const caches = () => snap.report.storageSystems.flatMap((ss) => (ss.cache ? [[{ ss: String(ss.id) }, ss.cache] as Row<typeof ss.cache>] : []));
   const nbd = () => (snap.metrics ? [[{ ss: self() }, snap.metrics.nbd] as Row<TargetMetrics['nbd']>] : []);
 
   gauge('blockmirror_volume_size_bytes', 'Volume size in bytes.', () => volumes().map(([l, v]) => [l, v.size]));
-  counter('blockmirror_volume_read_bytes_total', 'Bytes read by hosts through NBD.', () => volumes().map(([l, v]) => [l, v.readBytes]));
-  counter('blockmirror_volume_write_bytes_total', 'Bytes written by hosts through NBD.', () => volumes().map(([l, v]) => [l, v.writeBytes]));
-  counter('blockmirror_volume_read_ops_total', 'Read requests from hosts.', () => volumes().map(([l, v]) => [l, v.readOps]));
-  counter('blockmirror_volume_write_ops_total', 'Write requests from hosts.', () => volumes().map(([l, v]) => [l, v.writeOps]));
-  histogram('blockmirror_volume_read_latency_seconds', 'Time the storage system took to serve a host read.', () => latencies().map(([l, h]) => [l, h.read]));
-  histogram('blockmirror_volume_write_latency_seconds', 'Time the storage system took to acknowledge a host write.', () => latencies().map(([l, h]) => [l, h.write]));
+  counter('blockmirror_volume_read_bytes_total', 'Bytes read by hosts, by protocol (nbd, iscsi).', () => io().map(([l, v]) => [l, v.counters.readBytes]));
+  counter('blockmirror_volume_write_bytes_total', 'Bytes written by hosts, by protocol (nbd, iscsi).', () => io().map(([l, v]) => [l, v.counters.writeBytes]));
+  counter('blockmirror_volume_read_ops_total', 'Read requests from hosts, by protocol.', () => io().map(([l, v]) => [l, v.counters.readOps]));
+  counter('blockmirror_volume_write_ops_total', 'Write requests from hosts, by protocol.', () => io().map(([l, v]) => [l, v.counters.writeOps]));
+  histogram('blockmirror_volume_read_latency_seconds', 'Time the storage system took to serve a host read, by protocol.', () => io().map(([l, v]) => [l, v.latency.read]));
+  histogram('blockmirror_volume_write_latency_seconds', 'Time the storage system took to acknowledge a host write, by protocol.', () => io().map(([l, v]) => [l, v.latency.write]));
 
   gauge('blockmirror_pair_state', 'Pair state: 1 for the current one (COPY, PAIR, PSUS, PSUE), 0 for the others.', () =>
     pairs().flatMap(([l, p]) => PAIR_STATES.map((state): Row<number> => [{ ...l, state }, p.state === state ? 1 : 0])),
@@ -125,7 +126,8 @@ export function registerMetrics(app: FastifyInstance, target: AdminTarget, route
 
 /** The label names follow from the family, so each definition above states only its rows. */
 function labelNamesOf(name: string): string[] {
-  if (name.startsWith('blockmirror_volume_')) return ['ss', 'vol'];
+  if (name === 'blockmirror_volume_size_bytes') return ['ss', 'vol'];
+  if (name.startsWith('blockmirror_volume_')) return ['ss', 'vol', 'protocol'];
   if (name === 'blockmirror_pair_state') return ['ss', 'pair', 'state'];
   if (name === 'blockmirror_frontend_sessions') return ['ss', 'protocol'];
   if (name.startsWith('blockmirror_pair_')) return ['ss', 'pair'];

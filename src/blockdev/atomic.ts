@@ -19,9 +19,14 @@ export class MiscompareError extends Error {
 }
 
 export class AtomicDevice extends FilterDevice {
-  readonly locks = new RangeLock();
-
-  constructor(next: BlockDevice) {
+  /**
+   * @param locks shared by every AtomicDevice over the same bytes: each front end (NBD, iSCSI) has
+   *   its own AtomicDevice over its own counters (volume-stack.ts), and one lock table keeps them atomic.
+   */
+  constructor(
+    next: BlockDevice,
+    readonly locks = new RangeLock(),
+  ) {
     super(next);
   }
 

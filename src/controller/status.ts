@@ -1,7 +1,7 @@
 // What a storage system reports about itself: the shape of the admin API's
 // GET /api/status and of `blockmirror status --json`.
 import type { FaultRequest, FaultStatus } from './fault-table.js';
-import type { LatencyHistogram } from './volume-stats.js';
+import type { IoCounters, LatencyHistogram, Protocol } from './volume-stats.js';
 import type { SvolGroupStatus } from './svol/status.js';
 import type { ThroughputSamples } from './throughput.js';
 
@@ -192,8 +192,8 @@ export interface PairBitmap {
 
 /** What /metrics needs beyond report(). */
 export interface TargetMetrics {
-  /** Host I/O latency of each volume (see CountingDevice). */
-  volumes: { id: number; latency: { read: LatencyHistogram; write: LatencyHistogram } }[];
+  /** Host I/O of each volume by front end (see CountingDevice): a row per volume and protocol served. */
+  volumes: { id: number; protocol: Protocol; counters: IoCounters; latency: { read: LatencyHistogram; write: LatencyHistogram } }[];
   nbd: { connections: number; totalConnections: number };
   /** iSCSI sessions logged in now (normal sessions; discovery ones are left out). */
   iscsi?: { sessions: number };
@@ -213,7 +213,7 @@ export interface AdminTarget {
   takeover?(pair: string): Promise<PairStatus>;
   /** For the dashboard's heatmaps; throws PairCommandError (404) for an unknown pair. Without it, the bitmap route answers 404. */
   bitmap?(pair: string, buckets: number): PairBitmap;
-  /** Without it, /metrics has no latency histograms and no NBD connection counts. */
+  /** Without it, /metrics has no per-volume I/O counters, latency histograms or connection counts. */
   metrics?(): TargetMetrics;
   /** Fault injection (fault-table.ts); without them the fault routes answer 409. */
   faults?(): FaultStatus[];

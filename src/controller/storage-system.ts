@@ -43,9 +43,8 @@ import { SAMPLE_MS, ThroughputHistory, type PairTotals } from './throughput.js';
 import { SvolGroup, type SvolGroupSpec } from './svol/group.js';
 import { LogicalVolume, PvolVolume } from './svol/logical-volume.js';
 import type { SvolGroupStatus } from './svol/status.js';
-import { AtomicDevice } from '../blockdev/atomic.js';
-import { CountingDevice } from './volume-stats.js';
-import { buildHostStack, closeVolumeStack, openVolumeStack, type VolumeStack } from './volume-stack.js';
+import { PROTOCOLS, totalCounters } from './volume-stats.js';
+import { buildHostStack, closeVolumeStack, frontDevices, openVolumeStack, type FrontDevices, type VolumeStack } from './volume-stack.js';
 
 export interface StorageSystemSpec {
   id: number;
@@ -113,7 +112,7 @@ export class StorageSystem implements AdminTarget {
   /** S-VOL groups by name (svol/group.ts). */
   readonly svolGroups = new Map<string, SvolGroup>();
   /** Logical ID -> what hosts reach it through (NBD and iSCSI). */
-  private readonly logicalHosts = new Map<number, AtomicDevice>();
+  private readonly logicalHosts = new Map<number, FrontDevices>();
   private cache: CacheMemory | undefined;
   private nbdAddress = '';
   /** Set by the cluster layer (etcd): why a master volume must refuse I/O now, or null. */
@@ -171,7 +170,7 @@ export class StorageSystem implements AdminTarget {
       this.svolGroups.set(g.name, group);
       for (const vol of group.volumes) if (vol !== g.pvol) hidden.add(vol);
       pvolLayer.set(g.pvol, new PvolVolume(this.volumes.get(g.pvol)!.device, group));
-      group.logicalIds.forEach((id, i) => this.logicalHosts.set(id, new AtomicDevice(new CountingDevice(new LogicalVolume(group, i, this.volumes)))));
+      group.logicalIds.forEach((id, i) => this.logicalHosts.set(id, frontDevices(new LogicalVolume(group, i, this.volumes)).front));
     }
     if (spec.peer && this.links.size > 0) {
       // Data connections from peers get NBD on the peer exports only, as the storage system their credential names.
@@ -185,7 +184,8 @@ export class StorageSystem implements AdminTarget {
       // A guard layer only where the cluster layer fences (etcd): none on the YAML-only path.
       const hostGuard = this.hostGuard;
       const guard = pair && hostGuard ? () => (pair.roleOf(v.id) === 'master' ? hostGuard(pair, v.id) : null) : undefined;
-      const host = buildHostStack(v, pair?.hostDevice(v.id) ?? pvolLayer.get(v.id), guard);
+      // NBD's top of the stack; iSCSI takes its own (listen()), over the same layers and range locks.
+      const host = buildHostStack(v, pair?.hostDevice(v.id) ?? pvolLayer.get(v.id), guard).nbd;
       if (hidden.has(v.id)) continue;
       const pvolOf = [...this.svolGroups.values()].find((g) => g.spec.pvol === v.id);
       const description = pair ? `${pair.roleOf(v.id)} of ${pair.name}` : pvolOf ? `P-VOL of S-VOL group ${pvolOf.name}` : 'simplex volume';
@@ -201,7 +201,7 @@ export class StorageSystem implements AdminTarget {
       const current = pair ? new CurrentCopyDevice(host, () => pair.staleReason(v.id)) : host;
       this.nbd.exports.add({ name: currentExportName(v.id), description: `SS${spec.id} vol${v.id}, current data only`, device: current, readOnly: false, hidden: true, ...acl });
     }
-    for (const [id, host] of this.logicalHosts) {
+    for (const [id, { nbd: host }] of this.logicalHosts) {
       const group = [...this.svolGroups.values()].find((g) => g.logicalIds.includes(id))!;
       const allow = spec.allow;
       this.nbd.exports.add({ name: `vol${id}`, description: `SS${spec.id} vol${id}: logical S-VOL of group ${group.name}`, device: host, readOnly: false, ...(allow?.length ? { allow: new AllowList(allow) } : {}) });
@@ -267,9 +267,9 @@ export class StorageSystem implements AdminTarget {
     const hidden = new Set([...this.svolGroups.values()].flatMap((g) => g.volumes.filter((v) => v !== g.spec.pvol)));
     const vols = spec.volumes
       .filter((v) => !hidden.has(v.id))
-      .map((v) => ({ id: v.id, device: this.volumes.get(v.id)!.atomic!, ...(v.iscsiTarget ? { target: v.iscsiTarget } : {}) }));
+      .map((v) => ({ id: v.id, device: this.volumes.get(v.id)!.front!.iscsi, ...(v.iscsiTarget ? { target: v.iscsiTarget } : {}) }));
     // A logical S-VOL is a LUN under its logical ID: an RO member is write protected.
-    for (const [id, device] of this.logicalHosts) vols.push({ id, device });
+    for (const [id, front] of this.logicalHosts) vols.push({ id, device: front.iscsi });
     if (spec.iscsi) {
       const started = await startSystemIscsi(spec.id, spec.iscsi, vols, spec.dataDir, this.log);
       this.iscsi = started.server;
@@ -309,7 +309,7 @@ export class StorageSystem implements AdminTarget {
               size: v.size,
               role: pair ? pair.roleOf(v.id) : ('simplex' as const),
               ...(pair ? { pair: pair.name } : {}),
-              ...v.host!.counters,
+              ...totalCounters(v.io!),
             };
           }),
         },
@@ -405,7 +405,10 @@ export class StorageSystem implements AdminTarget {
 
   metrics(): TargetMetrics {
     return {
-      volumes: [...this.volumes.values()].map((v) => ({ id: v.id, latency: v.host!.latency })),
+      // Per front end; iSCSI only where this storage system has a target.
+      volumes: [...this.volumes.values()].flatMap((v) =>
+        PROTOCOLS.filter((p) => p === 'nbd' || this.iscsi).map((protocol) => ({ id: v.id, protocol, counters: v.io![protocol].counters, latency: v.io![protocol].latency })),
+      ),
       nbd: { connections: this.nbd.stats.connections, totalConnections: this.nbd.stats.totalConnections },
       ...(this.iscsi ? { iscsi: { sessions: this.iscsiSessions().length } } : {}),
     };

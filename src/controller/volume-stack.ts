@@ -2,8 +2,10 @@
 //
 //   layer            file                       what it does
 //   AtomicDevice     blockdev/atomic            range locks: COMPARE AND WRITE atomic against every
-//                                               write, from NBD and iSCSI alike
-//   CountingDevice   controller/volume-stats    host I/O counters and latency (what hosts asked)
+//                                               write, from NBD and iSCSI alike (one per front
+//                                               end, all sharing one lock table)
+//   CountingDevice   controller/volume-stats    host I/O counters and latency (what hosts asked),
+//                                               one per front end: the metrics' protocol label
 //   GuardDevice      blockdev/guard             refuses all I/O (ESHUTDOWN) while the storage
 //                                               system cannot prove it masters the pair (etcd
 //                                               lease, epoch); paired volumes only
@@ -24,9 +26,10 @@ import { openFileDevice } from '../blockdev/file.js';
 import { AtomicDevice } from '../blockdev/atomic.js';
 import { GuardDevice, type Guard } from '../blockdev/guard.js';
 import { MemoryDevice } from '../blockdev/memory.js';
+import { RangeLock } from '../blockdev/range-lock.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import type { CacheMemory } from './cache.js';
-import { CountingDevice } from './volume-stats.js';
+import { CountingDevice, PROTOCOLS, type HostIo, type Protocol } from './volume-stats.js';
 
 export interface VolumeSpec {
   id: number;
@@ -47,10 +50,10 @@ export interface VolumeStack {
   owner: BlockDevice;
   /** The backing file was created by this start (so it holds only zeroes). */
   createdEmpty: boolean;
-  /** The host I/O counters, once buildHostStack has built the top half. */
-  host?: CountingDevice;
-  /** What every front end (NBD, iSCSI) reaches: the top of the stack. */
-  atomic?: AtomicDevice;
+  /** The host I/O counters per front end, once buildHostStack has built the top half. */
+  io?: HostIo;
+  /** What each front end (NBD, iSCSI) reaches: the top of the stack. */
+  front?: FrontDevices;
 }
 
 /** The bottom half: backend, cache memory, fault layer. `dataDir` absent means memory. */
@@ -68,15 +71,30 @@ export async function openVolumeStack(ssId: number, v: VolumeSpec, opts: { dataD
   return { id: v.id, size: v.size, backing, faults, device, owner: cached, createdEmpty };
 }
 
+/** The top of a volume's stack for each front end. */
+export type FrontDevices = Record<Protocol, AtomicDevice>;
+
 /**
  * The top half: the pair layer the volume's pair hands out (or none for a simplex volume),
  * then the host counters. Returns what the front ends export.
  */
-export function buildHostStack(v: VolumeStack, pairLayer: BlockDevice | undefined, guard?: Guard): AtomicDevice {
+export function buildHostStack(v: VolumeStack, pairLayer: BlockDevice | undefined, guard?: Guard): FrontDevices {
   const below = pairLayer ?? v.device;
-  v.host = new CountingDevice(guard ? new GuardDevice(below, guard) : below);
-  v.atomic = new AtomicDevice(v.host);
-  return v.atomic;
+  const fronts = frontDevices(guard ? new GuardDevice(below, guard) : below);
+  v.io = fronts.io;
+  v.front = fronts.front;
+  return fronts.front;
+}
+
+/**
+ * Counters and atomic layer per front end over one device. The range locks are one table, so a
+ * COMPARE AND WRITE over iSCSI stays atomic against an NBD write to the same bytes.
+ */
+export function frontDevices(below: BlockDevice): { io: HostIo; front: FrontDevices } {
+  const locks = new RangeLock();
+  const io = Object.fromEntries(PROTOCOLS.map((p) => [p, new CountingDevice(below)])) as HostIo;
+  const front = Object.fromEntries(PROTOCOLS.map((p) => [p, new AtomicDevice(io[p], locks)])) as FrontDevices;
+  return { io, front };
 }
 
 /** Close a volume: the cache destages and closes the backend; without one, the backend closes. */

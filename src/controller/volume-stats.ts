@@ -3,6 +3,10 @@
 import { FilterDevice } from '../blockdev/filter.js';
 import { payloadLength, type Payload } from '../blockdev/types.js';
 
+/** The front ends hosts reach a volume through: the `protocol` label of the I/O metrics. */
+export type Protocol = 'nbd' | 'iscsi';
+export const PROTOCOLS: readonly Protocol[] = ['nbd', 'iscsi'];
+
 export interface IoCounters {
   readBytes: number;
   writeBytes: number;
@@ -59,4 +63,20 @@ export class CountingDevice extends FilterDevice {
     this.counters.writeOps++;
     this.counters.writeBytes += payloadLength(data);
   }
+}
+
+/** A volume's host I/O, one CountingDevice per front end (volume-stack.ts builds them). */
+export type HostIo = Record<Protocol, CountingDevice>;
+
+/** What hosts asked of a volume over every protocol together (status, `blockmirror status`). */
+export function totalCounters(io: HostIo): IoCounters {
+  const t: IoCounters = { readBytes: 0, writeBytes: 0, readOps: 0, writeOps: 0 };
+  for (const p of PROTOCOLS) {
+    const c = io[p].counters;
+    t.readBytes += c.readBytes;
+    t.writeBytes += c.writeBytes;
+    t.readOps += c.readOps;
+    t.writeOps += c.writeOps;
+  }
+  return t;
 }

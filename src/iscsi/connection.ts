@@ -21,9 +21,9 @@ import { Asc, SenseKey, Status } from './scsi/constants.js';
 import { dataOutLength } from './scsi/rw.js';
 import { fixedSense } from './scsi/sense.js';
 import type { LogicalUnit } from './scsi/lu.js';
-import type { ScsiResult } from './scsi/types.js';
+import type { Nexus, ScsiResult } from './scsi/types.js';
 import type { TargetSpec } from './target.js';
-import { AllowList } from './target.js';
+import { AllowList, initiatorPortName } from './target.js';
 import { anyReportLuns, lunField, lunOf } from './luns.js';
 
 export interface ConnectionHooks {
@@ -98,7 +98,8 @@ export class IscsiConnection {
     private readonly hooks: ConnectionHooks,
   ) {
     this.remoteAddress = socket.remoteAddress ?? '';
-    this.login = new LoginPhase({ findTarget: (n) => hooks.findTarget(n), remoteAddress: this.remoteAddress });
+    const discoveryChap = hooks.targets().find((t) => t.chap)?.chap;
+    this.login = new LoginPhase({ findTarget: (n) => hooks.findTarget(n), remoteAddress: this.remoteAddress, ...(discoveryChap ? { discoveryChap } : {}) });
     // During login the initiator may send up to 8192 bytes per PDU (its default view of our limit).
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('error', (e) => hooks.log.debug({ err: e.message, remote: this.remoteAddress }, 'iscsi socket error'));
@@ -108,9 +109,12 @@ export class IscsiConnection {
     this.timer.unref();
   }
 
+  /** The I_T nexus of this session's commands, made once. */
+  private nexus?: Nexus;
+
   get initiatorPort(): string {
     const s = this.session!;
-    return `${s.initiatorName},i,0x${s.isid.toString(16).padStart(12, '0')}`;
+    return initiatorPortName(s.initiatorName, s.isid);
   }
 
   get activeTasks(): number {
@@ -444,15 +448,17 @@ export class IscsiConnection {
     };
     this.tasks.set(task.itt, task);
     if (task.write && task.edtl > 0) {
-      if (task.edtl <= MAX_WRITE_BUFFER) task.buf = Buffer.alloc(task.edtl);
-      if (data.length) {
-        if (!p.immediateData || data.length > Math.min(p.firstBurstLength, task.edtl)) {
-          this.tasks.delete(task.itt);
-          return this.reject(encodeBhs({ ...bhs }), RejectReason.PROTOCOL_ERROR);
-        }
-        task.buf && data.copy(task.buf, 0);
-        task.received = data.length;
+      if (data.length && (!p.immediateData || data.length > Math.min(p.firstBurstLength, task.edtl))) {
+        this.tasks.delete(task.itt);
+        return this.reject(encodeBhs({ ...bhs }), RejectReason.PROTOCOL_ERROR);
       }
+      // All the data came as immediate data (a small write): the framer's view is the buffer, no copy.
+      if (data.length === task.edtl) task.buf = data;
+      else if (task.edtl <= MAX_WRITE_BUFFER) {
+        task.buf = Buffer.alloc(task.edtl);
+        data.copy(task.buf, 0);
+      }
+      task.received = data.length;
       // Without InitialR2T the initiator may follow with unsolicited Data-Out up to FirstBurstLength.
       task.nextR2T = p.initialR2T || task.unsolicitedDone ? task.received : Math.max(task.received, Math.min(p.firstBurstLength, task.edtl));
       return this.progressWrite(task);
@@ -523,7 +529,8 @@ export class IscsiConnection {
   private async execute(lu: LogicalUnit, task: Task): Promise<ScsiResult> {
     const want = dataOutLength(task.cdb);
     const dataOut = task.buf ? (task.buf.length > want ? task.buf.subarray(0, want) : task.buf) : undefined;
-    const r = await lu.execute({ cdb: task.cdb, dataOut, edtl: task.write ? task.edtl : 0, nexus: { initiatorPort: this.initiatorPort, relativeTargetPort: 1 } });
+    this.nexus ??= { initiatorPort: this.initiatorPort, relativeTargetPort: 1 };
+    const r = await lu.execute({ cdb: task.cdb, dataOut, edtl: task.write ? task.edtl : 0, nexus: this.nexus });
     if (task.write) this.counters.writeBytes += Math.min(task.edtl, want);
     return r;
   }

@@ -9,13 +9,20 @@
 import type { Bhs } from '../protocol/iscsi/bhs.js';
 import { LoginStatus, Op, Stage } from '../protocol/iscsi/constants.js';
 import { MAX_TEXT_LENGTH, parseText, TextError, type TextPairs } from '../protocol/iscsi/text.js';
-import { ChapExchange, ChapFailure } from './chap.js';
+import { ChapExchange, ChapFailure, type ChapSecrets } from './chap.js';
 import { defaultParams, negotiate, type SessionParams } from './negotiation.js';
 import { normaliseName, AllowList, type TargetSpec } from './target.js';
 
 export interface LoginContext {
   findTarget(name: string): TargetSpec | undefined;
   remoteAddress: string;
+  /**
+   * CHAP for discovery sessions, which name no target: the secrets of the server's targets. An
+   * initiator that offers CHAP first authenticates as for a normal session (mutual CHAP where the
+   * file has a second line); one that offers None may still discover, and SendTargets shows it
+   * only the targets it may log in to.
+   */
+  discoveryChap?: ChapSecrets;
 }
 
 export interface LoginReply {
@@ -163,7 +170,10 @@ export class LoginPhase {
     const am = keys.get('AuthMethod');
     if (am !== undefined && !this.authMethod) {
       const offers = am.split(',');
-      if (needChap) {
+      // The first method in the initiator's order that we can do (RFC 7143 6.2).
+      if (this.discovery && this.ctx.discoveryChap && offers.indexOf('CHAP') >= 0 && (offers.indexOf('None') < 0 || offers.indexOf('CHAP') < offers.indexOf('None'))) {
+        this.authMethod = 'CHAP';
+      } else if (needChap) {
         if (!offers.includes('CHAP')) throw new LoginError(LoginStatus.AUTH_FAILED, 'the target requires CHAP; the initiator did not offer it');
         this.authMethod = 'CHAP';
       } else if (offers.includes('None')) {
@@ -183,7 +193,7 @@ export class LoginPhase {
     if (this.authMethod === 'CHAP') {
       const a = keys.get('CHAP_A');
       if (this.chapState === 'none' && a !== undefined) {
-        this.chap = new ChapExchange(this.target!.chap!);
+        this.chap = new ChapExchange((this.target?.chap ?? this.ctx.discoveryChap)!);
         const offer = this.chap.offer(a);
         if (!offer) throw new LoginError(LoginStatus.AUTH_FAILED, 'the initiator offered no CHAP algorithm we support (MD5)');
         out.push(...offer);

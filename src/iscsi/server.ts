@@ -6,7 +6,7 @@ import type { Logger } from 'pino';
 import { LoginStatus } from '../protocol/iscsi/constants.js';
 import { IscsiConnection, type ConnectionHooks } from './connection.js';
 import type { LoginResult } from './login.js';
-import { normaliseName, type TargetSpec } from './target.js';
+import { initiatorPortName, normaliseName, type TargetSpec } from './target.js';
 
 export interface IscsiServerOptions {
   log: Logger;
@@ -53,7 +53,11 @@ export class IscsiServer {
       closed: (c) => {
         this.connections.delete(c);
         const s = c.session;
-        if (s?.target) for (const lu of s.target.luns.values()) lu.nexusLost(c.initiatorPort);
+        if (!s?.target) return;
+        // A reinstated session has the same initiator port and already joined: its nexus lives on.
+        const port = c.initiatorPort;
+        if ([...this.connections].some((o) => o.session?.target === s.target && o.phase === 'ffp' && o.initiatorPort === port)) return;
+        for (const lu of s.target.luns.values()) lu.nexusLost(port);
       },
       reset: (t, lun, cold) => this.reset(t, lun, cold),
       nopIntervalMs: opts.nopIntervalMs ?? 10_000,
@@ -105,6 +109,8 @@ export class IscsiServer {
         }
       }
     }
+    // From now on this I_T nexus hears of resets and role changes (unit attentions).
+    if (!r.discovery && r.target) for (const lu of r.target.luns.values()) lu.nexusJoined(initiatorPortName(r.initiatorName, r.isid));
     const tsih = this.nextTsih;
     this.nextTsih = (this.nextTsih % 0xffff) + 1;
     return tsih;

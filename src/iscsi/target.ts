@@ -13,6 +13,11 @@ export interface TargetSpec {
   allow?: string[];
 }
 
+/** The SCSI initiator port name of a session: "iqn....,i,0x<ISID>" (RFC 7143 10.1.1), the I_T nexus of reservations and unit attentions. */
+export function initiatorPortName(initiatorName: string, isid: number): string {
+  return `${initiatorName},i,0x${isid.toString(16).padStart(12, '0')}`;
+}
+
 /** Target names are IQNs or EUIs, lower case (RFC 3722 stringprep folds case): compare them so. */
 export function normaliseName(name: string): string {
   return name.toLowerCase();

@@ -13,6 +13,9 @@ export interface ScsiOutcome {
   data: Buffer;
 }
 
+/** ISIDs of this process's sessions: distinct, so two RawInitiators are two I_T nexuses, never a reinstatement. */
+let nextIsid = 0x800000000001 + Math.floor(Math.random() * 0x10000) * 0x100;
+
 /** A bare-bones initiator: one connection, PDUs in and out, for feeding a target what no real initiator sends. */
 export class RawInitiator {
   readonly framer: PduFramer;
@@ -60,7 +63,7 @@ export class RawInitiator {
 
   /** Log in to `target`, going on to the operational stage if the target asks for it (tgt does). */
   async login(target: string, keys: Array<[string, string]> = []): Promise<Frame> {
-    const isid = 0x800000000001 + Math.floor(Math.random() * 1000);
+    const isid = nextIsid++;
     const text = encodeText([['InitiatorName', 'iqn.2026-12.test:raw'], ['TargetName', target], ['SessionType', 'Normal'], ['AuthMethod', 'None'], ...keys]);
     this.send(encodeBhs({ opcode: Op.LOGIN_REQ, immediate: true, transit: true, csg: 0, nsg: 3, isid, itt: 1, cmdSN: this.cmdSN }), text);
     for (let round = 0; ; round++) {
@@ -80,6 +83,18 @@ export class RawInitiator {
 
   private statSN = 0;
   private itt = 100;
+
+  /** A task management function (RFC 7143 11.5: 5 LUN RESET, 6 TARGET WARM RESET, ...) on `lun`; resolves with its response code. */
+  async tmf(fn: number, lun = 0): Promise<number> {
+    const itt = this.itt++;
+    this.send(encodeBhs({ opcode: Op.TMF_REQ, immediate: true, final: true, function: fn, lun: BigInt(lun) << 48n, itt, referencedTaskTag: 0xffffffff, cmdSN: this.cmdSN, expStatSN: this.statSN + 1 }));
+    for (;;) {
+      const f = await this.next();
+      if (!f) throw new Error('the target closed the connection');
+      const b = decodeBhs(f.bhs) as Record<string, unknown> & { opcode: number };
+      if (b.opcode === Op.TMF_RESP && b.itt === itt) return b.response as number;
+    }
+  }
 
   /** Run one SCSI command on `lun` (Data-Out as immediate data, at most 8 KiB) and collect Data-In and status. */
   async scsi(lun: number, cdb: Buffer, opts: { dataOut?: Buffer; readLength?: number } = {}): Promise<ScsiOutcome> {

@@ -8,6 +8,7 @@ import { modeSelect, modeSense, type ModeState } from './mode.js';
 import { PersistentReservations } from './pr.js';
 import { reportSupportedOpcodes } from './opcodes.js';
 import * as rw from './rw.js';
+import { UaCode, UnitAttentions } from './unit-attention.js';
 import { AluaState, type LogicalUnitOptions, type ScsiRequest, type ScsiResult } from './types.js';
 
 const READ_CLASS = new Set<number>([
@@ -61,9 +62,32 @@ export class LogicalUnit {
   readonly counters: LuCounters = { readOps: 0, readBytes: 0, writeOps: 0, writeBytes: 0 };
   /** RESERVE(6) holder (SPC-2 reservations), released by RELEASE(6), LUN reset or loss of its nexus. */
   private legacyHolder?: string;
+  readonly unitAttentions = new UnitAttentions();
+  /** What the initiators were last told of the device: a change raises a unit attention. */
+  private seen: { readOnly: boolean; alua: number; size: number };
 
   constructor(readonly opts: LogicalUnitOptions) {
     this.pr = new PersistentReservations(opts.prFile);
+    this.seen = this.observe();
+  }
+
+  private observe(): { readOnly: boolean; alua: number; size: number } {
+    const dev = this.opts.device;
+    return { readOnly: dev.readOnly, alua: this.opts.alua?.() ?? AluaState.ACTIVE_OPTIMIZED, size: dev.size };
+  }
+
+  /**
+   * Asked before every command rather than told by the controller: a swap, a takeover, an S-VOL
+   * attribute change or anything else that flips the device's role is noticed the same way, and
+   * the layers below need not know iSCSI exists.
+   */
+  private noticeChanges(): void {
+    const now = this.observe();
+    const was = this.seen;
+    if (now.readOnly === was.readOnly && now.alua === was.alua && now.size === was.size) return;
+    this.seen = now;
+    if (now.readOnly !== was.readOnly || now.alua !== was.alua) this.unitAttentions.raise(UaCode.ASYMMETRIC_ACCESS_STATE_CHANGED);
+    if (now.size !== was.size) this.unitAttentions.raise(UaCode.CAPACITY_CHANGED);
   }
 
   get lun(): number {
@@ -76,6 +100,14 @@ export class LogicalUnit {
   }
 
   async execute(req: ScsiRequest): Promise<ScsiResult> {
+    this.noticeChanges();
+    const op = req.cdb[0]!;
+    // REQUEST SENSE for descriptor format is refused below whatever is pending: leave the UA for later.
+    if (!(op === ScsiOp.REQUEST_SENSE && req.cdb[1]! & 0x01)) {
+      const ua = this.unitAttentions.check(req.nexus.initiatorPort, op);
+      if (ua.kind === 'report') return { status: Status.CHECK_CONDITION, sense: fixedSense({ key: SenseKey.UNIT_ATTENTION, asc: ua.asc }) };
+      if (ua.kind === 'sense') return { status: Status.GOOD, dataIn: fixedSense({ key: SenseKey.UNIT_ATTENTION, asc: ua.asc }).subarray(0, req.cdb[4]) };
+    }
     try {
       const dataIn = await this.dispatch(req);
       const alloc = allocationLength(req.cdb);
@@ -175,10 +207,13 @@ export class LogicalUnit {
       case ScsiOp.MODE_SENSE_10:
         return modeSense(cdb, dev, this.mode);
       case ScsiOp.MODE_SELECT_6:
-      case ScsiOp.MODE_SELECT_10:
+      case ScsiOp.MODE_SELECT_10: {
         if (!(cdb[1]! & 0x10)) throw invalidField(1, 4); // PF must be set: we only know the standard page format
+        const before = { ...this.mode };
         modeSelect(cdb, dataOut, this.mode);
+        if (before.writeCache !== this.mode.writeCache || before.softwareWriteProtect !== this.mode.softwareWriteProtect) this.unitAttentions.raise(UaCode.MODE_PARAMETERS_CHANGED, nexus.initiatorPort);
         return undefined;
+      }
       case ScsiOp.START_STOP_UNIT:
         // A non-removable disk that is always ready: stopping it only makes the cache durable.
         if (!(cdb[4]! & 0x01)) await dev.flush();
@@ -209,14 +244,22 @@ export class LogicalUnit {
     }
   }
 
-  /** LUN reset: SPC-2 reservations end (persistent ones stay, as SPC-4 says). */
+  /** LUN reset: SPC-2 reservations end (persistent ones stay, as SPC-4 says); every nexus gets a unit attention. */
   reset(): void {
     this.legacyHolder = undefined;
+    this.unitAttentions.raise(UaCode.RESET);
   }
 
-  /** The I_T nexus is gone (logout, dropped connection): its RESERVE(6) ends with it. */
+  /** An I_T nexus logged in to the target: it hears of every change from now on, not of those before it came. */
+  nexusJoined(initiatorPort: string): void {
+    this.noticeChanges();
+    this.unitAttentions.join(initiatorPort);
+  }
+
+  /** The I_T nexus is gone (logout, dropped connection): its RESERVE(6) and pending unit attentions end with it. */
   nexusLost(initiatorPort: string): void {
     if (this.legacyHolder === initiatorPort) this.legacyHolder = undefined;
+    this.unitAttentions.leave(initiatorPort);
   }
 
   private reportLuns(cdb: Buffer): Buffer {

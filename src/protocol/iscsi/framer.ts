@@ -90,7 +90,8 @@ export class PduFramer {
             c.data = EMPTY;
           } else {
             if (this.q.length < total) return undefined;
-            const withPad = total ? Buffer.from(this.q.take(total)) : EMPTY;
+            // A view into the received chunk when the segment lies in one (write data is copied once, into the volume).
+            const withPad = total ? this.q.take(total) : EMPTY;
             c.data = withPad.subarray(0, c.dataLength);
             c.skipLeft = 0;
             (c as { padded?: Buffer }).padded = withPad;
