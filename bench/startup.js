@@ -67,17 +67,22 @@ for (let i = 0; ; i++) {
   await new Promise((r) => setTimeout(r, 200));
 }
 
-const cli = (...a) => [process.execPath, BIN, ...a];
+// --baseline DIR: another checkout of blockmirror (built), run side by side: before/after in one run.
+const BASE = arg('--baseline', undefined);
 let split = false;
+const CLI = [
+  { id: '--version', args: () => ['--version'] },
+  { id: '--help', args: () => ['--help'] },
+  { id: 'status', args: () => ['status', '-c', config] },
+  // Every run flips it, whichever checkout runs it: split, resync (nothing written, so instant), split...
+  { id: 'pair split / resync', args: () => ['pair', (split = !split) ? 'split' : 'resync', 'p1', '-c', config] },
+  { id: 'cfs get (64 KiB)', args: () => ['cfs', 'get', '/small.bin', path.join(dir, 'got.bin'), '-c', config] },
+  { id: 'cfs ls', args: () => ['cfs', 'ls', '/', '-c', config] },
+];
 const COMMANDS = [
   { id: 'node -e 0', argv: () => [process.execPath, '-e', '0'] },
-  { id: '--version', argv: () => cli('--version') },
-  { id: '--help', argv: () => cli('--help') },
-  { id: 'status', argv: () => cli('status', '-c', config) },
-  // Alternating keeps the pair where it was: split, then resync (nothing written, so instant).
-  { id: 'pair split / resync', argv: () => cli('pair', (split = !split) ? 'split' : 'resync', 'p1', '-c', config) },
-  { id: 'cfs get (64 KiB)', argv: () => cli('cfs', 'get', '/small.bin', path.join(dir, 'got.bin'), '-c', config) },
-  { id: 'cfs ls', argv: () => cli('cfs', 'ls', '/', '-c', config) },
+  ...CLI.map((c) => ({ id: c.id, argv: () => [process.execPath, BIN, ...c.args()] })),
+  ...(BASE ? CLI.map((c) => ({ id: `${c.id} (baseline)`, argv: () => [process.execPath, path.join(path.resolve(BASE), 'bin', 'blockmirror.js'), ...c.args()] })) : []),
 ];
 
 function childTicks() {
@@ -109,10 +114,17 @@ const rows = COMMANDS.map((c) => {
   const ratio = median(w.map((x, i) => x / bare[i]));
   return { id: c.id, wall: median(w), ratio, cpu: (cpuTicks.get(c.id) * tick) / ROUNDS };
 });
+const byId = new Map(rows.map((r) => [r.id, r]));
 const table = [
-  '| command | wall (median) | ÷ `node -e 0` | CPU (mean) |',
-  '|---|---:|---:|---:|',
-  ...rows.map((r) => `| \`${r.id}\` | ${r.wall.toFixed(0)} ms | ${r.ratio.toFixed(2)} | ${r.cpu.toFixed(0)} ms |`),
+  `| command | wall (median) | ÷ \`node -e 0\` | CPU (mean) |${BASE ? ' baseline wall | baseline ÷ node | after ÷ before (wall) |' : ''}`,
+  `|---|---:|---:|---:|${BASE ? '---:|---:|---:|' : ''}`,
+  ...rows
+    .filter((r) => !r.id.endsWith('(baseline)'))
+    .map((r) => {
+      const b = byId.get(`${r.id} (baseline)`);
+      const extra = b ? ` ${b.wall.toFixed(0)} ms | ${b.ratio.toFixed(2)} | ${median(wall.get(r.id).map((x, i) => x / wall.get(b.id)[i])).toFixed(2)} |` : BASE ? ' | | |' : '';
+      return `| \`${r.id}\` | ${r.wall.toFixed(0)} ms | ${r.ratio.toFixed(2)} | ${r.cpu.toFixed(0)} ms |${extra}`;
+    }),
 ].join('\n');
 const head = `CLI start-up, ${new Date().toISOString()}, node ${process.version}, ${os.cpus().length} cores, ${ROUNDS} rounds (A…Z Z…A); load average ${load0.map((x) => x.toFixed(1)).join(' ')} at start, ${load1.map((x) => x.toFixed(1)).join(' ')} at end.`;
 console.log(`${head}\n\n${table}`);

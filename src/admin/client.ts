@@ -6,7 +6,6 @@
 //   AdminReplyError        an HTTP answer that is an error (404, 409, 500) or not
 //                          the JSON we expect
 import http from 'node:http';
-import https from 'node:https';
 import net from 'node:net';
 import type { FaultStatus } from '../controller/fault-table.js';
 import type { PairStatus, SSReport } from '../controller/status.js';
@@ -128,6 +127,8 @@ function faultsOf(ep: AdminEndpoint, body: unknown): FaultStatus[] {
 /** One exchange, over HTTPS when the cluster's CA is given (security.adminTls). */
 async function exchange(ep: AdminEndpoint, method: string, path: string, headers: Record<string, string>, body: string | undefined, signal: AbortSignal): Promise<{ ok: boolean; status: number; statusText: string; text: string }> {
   const options = { host: ep.host, port: ep.port, path, method, headers, signal };
+  // node:https (and TLS) only for a cluster that uses it.
+  const https = ep.ca ? await import('node:https') : undefined;
   return new Promise((resolve, reject) => {
     const onResponse = (res: http.IncomingMessage) => {
       let text = '';
@@ -136,7 +137,7 @@ async function exchange(ep: AdminEndpoint, method: string, path: string, headers
       res.on('end', () => resolve({ ok: res.statusCode! >= 200 && res.statusCode! < 300, status: res.statusCode!, statusText: res.statusMessage ?? '', text }));
       res.on('error', reject);
     };
-    const req = ep.ca ? https.request({ ...options, ca: ep.ca, ...(net.isIP(ep.host) ? {} : { servername: ep.host }) }, onResponse) : http.request(options, onResponse);
+    const req = https && ep.ca ? https.request({ ...options, ca: ep.ca, ...(net.isIP(ep.host) ? {} : { servername: ep.host }) }, onResponse) : http.request(options, onResponse);
     req.on('error', reject);
     req.end(body);
   });

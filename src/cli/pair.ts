@@ -51,7 +51,7 @@ export function registerPairCommand(program: Command): void {
       .option('--timeout <ms>', 'how long to wait for the storage system', String(command === 'swap' ? SWAP_TIMEOUT_MS : DEFAULT_PAIR_TIMEOUT_MS))
       .action(async (name: string, opts: PairOptions) => {
         const timeoutMs = parseTimeout(opts.timeout);
-        const config = loadConfigOrUsage(opts.config);
+        const config = await loadConfigOrUsage(opts.config);
         const target = await pickTarget(config, opts.config, name, command, timeoutMs);
         let status = await pairCommand(target, name, command, timeoutMs);
         if (command === 'verify') status = await followVerify(target, name, status, timeoutMs);
