@@ -14,7 +14,8 @@
 // Sizes are interleaved: for each repetition, 1 16 64 then 64 16 1 (A B C C B A), one `up` per
 // size kept running for the whole run; medians of the repetitions.
 //   usage: npm run build && node bench/scale.js [--reps N] [--sizes 1,16,64] [--k 64,512] [--append]
-// --append writes a table into bench/RESULTS.md and the plot to bench/scale.svg.
+// --append writes a table into bench/RESULTS.md and the plot to bench/scale.svg; the raw figures
+// go to bench/out/last-scale.json (--from-json FILE redraws the plot from them).
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -35,6 +36,12 @@ const REPS = Number(arg('--reps', process.env.BENCH_REPS ?? 3));
 const SIZES = arg('--sizes', '1,16,64').split(',').map(Number);
 const KS = arg('--k', '64,512').split(',').map(Number);
 const APPEND = process.argv.includes('--append');
+// --from-json FILE: redraw bench/scale.svg from a saved run (bench/out/last-scale.json) and stop.
+const FROM = arg('--from-json', undefined);
+if (FROM) {
+  fs.writeFileSync(path.join(ROOT, 'bench', 'scale.svg'), `${svg(JSON.parse(fs.readFileSync(FROM, 'utf8')).plot)}\n`);
+  process.exit(0);
+}
 const CLUSTER = 64 * 1024;
 const TOKEN = 'bench-scale-token';
 
@@ -180,44 +187,56 @@ const rows = systems.map((s) => {
 const header = ['volume', 'clusters', '`up` first start', '`up` restart', 'bitset / mirror', 'write bookkeeping', 'bitmap file', 'RSS after start', 'RSS peak', ...KS.map((k) => `resync ${k} Invalid`)];
 const table = [`| ${header.join(' | ')} |`, `|${header.map((_, i) => (i === 0 ? '---' : '---:')).join('|')}|`, ...rows.map((r) => `| ${r.join(' | ')} |`)].join('\n');
 const perCluster = KS.length > 1 ? systems.map((s) => (median(s.resync.get(KS[1])) - median(s.resync.get(KS[0]))) / (KS[1] - KS[0])) : [];
-const head = `Run ${new Date().toISOString()}, node ${process.version}, ${os.cpus().length} cores; ${REPS} repetitions, sizes interleaved A B C C B A; load average ${load0.map((x) => x.toFixed(1)).join(' ')} at start, ${load1.map((x) => x.toFixed(1)).join(' ')} at end. Start-up is spawn → admin API answers → pair in PAIR; resync is the admin API's resync → PAIR after K 4 KiB writes spread over the whole master while split.`;
+const head = `Run ${new Date().toISOString()}, node ${process.version}, ${os.cpus().length} cores; one first start and one restart per size, ${REPS} repetitions of each resync, sizes interleaved A B C C B A; load average ${load0.map((x) => x.toFixed(1)).join(' ')} at start, ${load1.map((x) => x.toFixed(1)).join(' ')} at end. Start-up is spawn → admin API answers → pair in PAIR; resync is the admin API's resync → PAIR after K 4 KiB writes spread over the whole master while split.`;
 const slope = perCluster.length ? `\n\nResync cost per extra Invalid cluster (from K=${KS[0]} to K=${KS[1]}): ${systems.map((s, i) => `${s.gib} GiB ${perCluster[i].toFixed(2)} ms`).join(', ')}.` : '';
 console.log(`${head}\n\n${table}${slope}`);
 
-// The plot: resync time against volume size, one line per K, and start-up time.
-function svg() {
-  const W = 640;
+// The plot, two panels against volume size: resync time per K (left), `up` start-up (right).
+function svg(d) {
+  const W = 760;
   const H = 360;
-  const L = 60;
   const B = 50;
-  const series = [...KS.map((k) => ({ name: `resync, ${k} Invalid clusters`, ys: systems.map((s) => median(s.resync.get(k))) })), { name: '`up` restart until PAIR', ys: systems.map((s) => median(s.restarts.map((r) => r.pair))) }];
-  const ymax = Math.max(...series.flatMap((x) => x.ys)) * 1.15;
-  const xs = systems.map((s) => Math.log2(s.gib));
-  const [x0, x1] = [Math.min(...xs), Math.max(...xs) || 1];
-  const px = (x) => L + ((x - x0) / (x1 - x0 || 1)) * (W - L - 20);
-  const py = (y) => H - B - (y / ymax) * (H - B - 40);
-  const colors = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd'];
+  const colors = ['#1f77b4', '#d62728', '#2ca02c'];
   const out = [`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif" font-size="12">`, `<rect width="${W}" height="${H}" fill="white"/>`];
-  out.push(`<text x="${W / 2}" y="18" text-anchor="middle" font-size="14">blockmirror: resync and start-up time against volume size (sparse files)</text>`);
-  out.push(`<line x1="${L}" y1="${H - B}" x2="${W - 10}" y2="${H - B}" stroke="black"/><line x1="${L}" y1="30" x2="${L}" y2="${H - B}" stroke="black"/>`);
-  for (const s of systems) out.push(`<text x="${px(Math.log2(s.gib))}" y="${H - B + 16}" text-anchor="middle">${s.gib} GiB</text>`);
-  out.push(`<text x="${W / 2}" y="${H - 10}" text-anchor="middle">volume size (log scale)</text>`);
-  for (let i = 0; i <= 4; i++) {
-    const y = (ymax * i) / 4;
-    out.push(`<text x="${L - 6}" y="${py(y) + 4}" text-anchor="end">${y.toFixed(0)}</text><line x1="${L}" y1="${py(y)}" x2="${W - 10}" y2="${py(y)}" stroke="#ddd"/>`);
-  }
-  out.push(`<text x="14" y="${H / 2}" transform="rotate(-90 14 ${H / 2})" text-anchor="middle">ms (median)</text>`);
-  series.forEach((sr, i) => {
-    const pts = sr.ys.map((y, j) => `${px(xs[j]).toFixed(1)},${py(y).toFixed(1)}`).join(' ');
-    out.push(`<polyline points="${pts}" fill="none" stroke="${colors[i]}" stroke-width="2"/>`);
-    sr.ys.forEach((y, j) => out.push(`<circle cx="${px(xs[j]).toFixed(1)}" cy="${py(y).toFixed(1)}" r="3" fill="${colors[i]}"/>`));
-    out.push(`<rect x="${L + 10}" y="${34 + i * 16}" width="10" height="10" fill="${colors[i]}"/><text x="${L + 26}" y="${43 + i * 16}">${sr.name.replace(/`/g, '')}</text>`);
-  });
+  const panel = (x0, width, title, series) => {
+    const L = x0 + 50;
+    const R = x0 + width - 10;
+    const ymax = Math.max(...series.flatMap((sr) => sr.ys)) * 1.25 || 1;
+    const xs = d.sizes.map((g) => Math.log2(g));
+    const [a, b] = [Math.min(...xs), Math.max(...xs)];
+    const px = (x) => L + ((x - a) / (b - a || 1)) * (R - L - 20) + 10;
+    const py = (y) => H - B - (y / ymax) * (H - B - 60);
+    out.push(`<text x="${(L + R) / 2}" y="20" text-anchor="middle" font-size="13">${title}</text>`);
+    out.push(`<line x1="${L}" y1="${H - B}" x2="${R}" y2="${H - B}" stroke="black"/><line x1="${L}" y1="40" x2="${L}" y2="${H - B}" stroke="black"/>`);
+    d.sizes.forEach((g, j) => out.push(`<text x="${px(xs[j])}" y="${H - B + 16}" text-anchor="middle">${g} GiB</text>`));
+    out.push(`<text x="${(L + R) / 2}" y="${H - 12}" text-anchor="middle">volume size (log scale)</text>`);
+    for (let i = 0; i <= 4; i++) {
+      const y = (ymax * i) / 4;
+      out.push(`<text x="${L - 6}" y="${py(y) + 4}" text-anchor="end">${y.toFixed(0)}</text><line x1="${L}" y1="${py(y)}" x2="${R}" y2="${py(y)}" stroke="#ddd"/>`);
+    }
+    out.push(`<text x="${x0 + 12}" y="${H / 2}" transform="rotate(-90 ${x0 + 12} ${H / 2})" text-anchor="middle">ms (median)</text>`);
+    series.forEach((sr, i) => {
+      out.push(`<polyline points="${sr.ys.map((y, j) => `${px(xs[j]).toFixed(1)},${py(y).toFixed(1)}`).join(' ')}" fill="none" stroke="${colors[i]}" stroke-width="2"/>`);
+      sr.ys.forEach((y, j) => out.push(`<circle cx="${px(xs[j]).toFixed(1)}" cy="${py(y).toFixed(1)}" r="3" fill="${colors[i]}"/>`));
+      out.push(`<rect x="${L + 10}" y="${34 + i * 16}" width="10" height="10" fill="${colors[i]}"/><text x="${L + 26}" y="${43 + i * 16}">${sr.name}</text>`);
+    });
+  };
+  panel(0, W / 2, 'resync until PAIR', d.ks.map((k) => ({ name: `${k} Invalid clusters`, ys: d.resync[k] })));
+  panel(W / 2, W / 2, 'blockmirror up until PAIR', [{ name: 'first start', ys: d.first }, { name: 'restart', ys: d.restart }]);
   out.push('</svg>');
   return out.join('\n');
 }
+const plot = {
+  sizes: systems.map((s) => s.gib),
+  ks: KS,
+  resync: Object.fromEntries(KS.map((k) => [k, systems.map((s) => median(s.resync.get(k)))])),
+  first: systems.map((s) => s.first.pair),
+  restart: systems.map((s) => median(s.restarts.map((r) => r.pair))),
+};
+fs.mkdirSync(path.join(ROOT, 'bench', 'out'), { recursive: true });
+fs.writeFileSync(path.join(ROOT, 'bench', 'out', 'last-scale.json'), JSON.stringify({ plot, head, table, slope }, null, 2));
 if (APPEND) {
-  fs.writeFileSync(path.join(ROOT, 'bench', 'scale.svg'), `${svg()}\n`);
+  fs.writeFileSync(path.join(ROOT, 'bench', 'scale.svg'), `${svg(plot)}\n`);
   replaceSection(path.join(ROOT, 'bench', 'RESULTS.md'), 'scale', `## Scale: volume size (bench/scale.js)\n\n${head}\n\n${table}${slope}\n\n![resync and start-up against volume size](scale.svg)`);
 }
 process.exit(0);
