@@ -7,7 +7,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { buildProgram, modulesFor } from '../src/cli/main.js';
 import { allCommands, commandPath } from '../src/cli/examples.js';
 import { bashCompletion } from '../src/cli/completion.js';
-import { CLI, run, tmpDir } from './helpers/servers.js';
+import { CLI, ROOT, run, tmpDir } from './helpers/servers.js';
 
 const top = tmpDir('bm-cli-help-');
 afterAll(() => fs.rmSync(top, { recursive: true, force: true }));
@@ -100,6 +100,22 @@ describe('a command line loads only the module of its command', () => {
     const bad = await run(process.execPath, [CLI, '--log-level', 'warn', 'status']);
     expect(bad.stderr).toBe("blockmirror: required option '-c, --config <file>' not specified\n");
     expect(bad.code).toBe(2);
+  });
+});
+
+describe('the bundled CLI (dist/bundle/, scripts/bundle-cli.mjs)', () => {
+  it('is what bin/ runs after npm run build, and answers as dist/ module by module does: help, completion and YAML errors', async () => {
+    // bin/blockmirror.js takes the bundle only when it is not older than dist/cli/main.js.
+    const mtime = (f: string) => fs.statSync(path.join(ROOT, f)).mtimeMs;
+    expect(mtime('dist/bundle/cli.js')).toBeGreaterThanOrEqual(mtime('dist/cli/main.js'));
+    const bad = path.join(top, 'bad.yaml');
+    fs.writeFileSync(bad, 'storageSystems:\n  - id: 1\n    nbd: 127.0.0.1:10809\n    admin: nowhere\n    volumes: []\n');
+    for (const args of [['pair', 'split', '--help'], ['completion', 'bash'], ['status', '-c', bad], ['cfs', 'ls', '-c', bad]]) {
+      const bundled = await run(process.execPath, [CLI, ...args]);
+      const plain = await run(process.execPath, [CLI, ...args], { env: { BLOCKMIRROR_NO_BUNDLE: '1' } });
+      expect(bundled, args.join(' ')).toEqual(plain);
+      expect(bundled.stdout + bundled.stderr, args.join(' ')).not.toBe('');
+    }
   });
 });
 
