@@ -9,7 +9,7 @@
 // `node -e 0` of the same round. CPU is the child's user+system time (from /proc/self/stat's
 // cutime/cstime, 10 ms ticks, so it is summed over the rounds and divided).
 //   usage: npm run build && node bench/startup.js [--rounds N] [--append]
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -17,7 +17,6 @@ import { fileURLToPath } from 'node:url';
 import { freePort, installCleanup, run } from './lib/proc.js';
 import { replaceSection } from './lib/report.js';
 import { median } from './lib/stats.js';
-import { spawn } from 'node:child_process';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const BIN = path.join(ROOT, 'bin', 'blockmirror.js');
