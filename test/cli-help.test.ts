@@ -4,10 +4,10 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Command } from 'commander';
 import { afterAll, describe, expect, it } from 'vitest';
-import { buildProgram } from '../src/cli/main.js';
+import { buildProgram, modulesFor } from '../src/cli/main.js';
 import { allCommands, commandPath } from '../src/cli/examples.js';
 import { bashCompletion } from '../src/cli/completion.js';
-import { CLI, run, tmpDir } from './helpers/servers.js';
+import { CLI, ROOT, run, tmpDir } from './helpers/servers.js';
 
 const top = tmpDir('bm-cli-help-');
 afterAll(() => fs.rmSync(top, { recursive: true, force: true }));
@@ -42,8 +42,8 @@ printf '%s\\n' "\${COMPREPLY[@]}"
 }
 
 describe('--help', () => {
-  it('ends with an Example section on every command of the tree', () => {
-    const commands = allCommands(buildProgram());
+  it('ends with an Example section on every command of the tree', async () => {
+    const commands = allCommands(await buildProgram());
     expect(commands.length).toBeGreaterThan(25);
     for (const cmd of commands) {
       const help = helpOf(cmd);
@@ -58,6 +58,64 @@ describe('--help', () => {
     const r = await run(process.execPath, [CLI, 'fault', 'clear', '--help']);
     expect(r.stdout).toMatch(/\n\nExample:\n {2}blockmirror fault clear -c config\/demo\.yaml 1:7\n$/);
     expect(r.code).toBe(0);
+  });
+});
+
+describe('a command line loads only the module of its command', () => {
+  it('builds each top-level command alone exactly as the whole program has it, help text included', async () => {
+    const whole = await buildProgram();
+    const names = whole.commands.map((c) => c.name());
+    expect(names.length).toBeGreaterThan(10);
+    for (const name of names) {
+      // completion prints the whole tree; help is commander's own and needs it too.
+      if (name === 'completion' || name === 'help') continue;
+      expect(modulesFor([name]).length, name).toBe(1);
+      const alone = await buildProgram(['--log-level', 'warn', name, '--help']);
+      expect(alone.commands.length, name).toBeLessThan(names.length);
+      for (const cmd of allCommands(whole.commands.find((c) => c.name() === name)!)) {
+        const twin = allCommands(alone).find((c) => c !== alone && commandPath(c) === commandPath(cmd));
+        expect(twin, commandPath(cmd)).toBeDefined();
+        expect(helpOf(twin!), commandPath(cmd)).toBe(helpOf(cmd));
+      }
+    }
+  });
+
+  it('loads no command module for --version, and every one for help, completion or an unknown command', () => {
+    const all = modulesFor([]).length;
+    expect(all).toBeGreaterThan(10);
+    expect(modulesFor(['--version'])).toEqual([]);
+    expect(modulesFor(['-V'])).toEqual([]);
+    expect(modulesFor(['--version', '--help']).length).toBe(all);
+    expect(modulesFor(['help', 'status']).length).toBe(all);
+    expect(modulesFor(['completion', 'bash']).length).toBe(all);
+    expect(modulesFor(['nosuch']).length).toBe(all);
+    // The value of a global option is not a command name.
+    expect(modulesFor(['--log-level', 'status', 'up']).map((m) => m.names)).toEqual([['up']]);
+  });
+
+  it('prints the version without any command module, and runs a command given after a global option', async () => {
+    const v = await run(process.execPath, [CLI, '--version']);
+    expect(v.stdout).toBe('0.1.0\n');
+    expect(v.code).toBe(0);
+    const bad = await run(process.execPath, [CLI, '--log-level', 'warn', 'status']);
+    expect(bad.stderr).toBe("blockmirror: required option '-c, --config <file>' not specified\n");
+    expect(bad.code).toBe(2);
+  });
+});
+
+describe('the bundled CLI (dist/bundle/, scripts/bundle-cli.mjs)', () => {
+  it('is what bin/ runs after npm run build, and answers as dist/ module by module does: help, completion and YAML errors', async () => {
+    // bin/blockmirror.js takes the bundle only when it is not older than dist/cli/main.js.
+    const mtime = (f: string) => fs.statSync(path.join(ROOT, f)).mtimeMs;
+    expect(mtime('dist/bundle/cli.js')).toBeGreaterThanOrEqual(mtime('dist/cli/main.js'));
+    const bad = path.join(top, 'bad.yaml');
+    fs.writeFileSync(bad, 'storageSystems:\n  - id: 1\n    nbd: 127.0.0.1:10809\n    admin: nowhere\n    volumes: []\n');
+    for (const args of [['pair', 'split', '--help'], ['completion', 'bash'], ['status', '-c', bad], ['cfs', 'ls', '-c', bad]]) {
+      const bundled = await run(process.execPath, [CLI, ...args]);
+      const plain = await run(process.execPath, [CLI, ...args], { env: { BLOCKMIRROR_NO_BUNDLE: '1' } });
+      expect(bundled, args.join(' ')).toEqual(plain);
+      expect(bundled.stdout + bundled.stderr, args.join(' ')).not.toBe('');
+    }
   });
 });
 
@@ -81,7 +139,7 @@ describe('blockmirror completion bash', () => {
   });
 
   it('offers every subcommand and long option of every command, because it is generated from the tree', async () => {
-    const program = buildProgram();
+    const program = await buildProgram();
     for (const cmd of allCommands(program)) {
       const p = commandPath(cmd);
       const offered = await complete(`blockmirror ${p}${p === '' ? '' : ' '}`);

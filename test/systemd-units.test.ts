@@ -61,8 +61,8 @@ function execLines(file: string, env: Record<string, string> = {}): { key: strin
 }
 
 /** Why commander would refuse `args` (unknown command or option, missing argument), or undefined. */
-function cliProblem(args: string[]): string | undefined {
-  let cmd: Command = buildProgram();
+async function cliProblem(args: string[]): Promise<string | undefined> {
+  let cmd: Command = await buildProgram();
   let i = 0;
   for (; i < args.length; i++) {
     const sub = cmd.commands.find((c) => c.name() === args[i]);
@@ -123,7 +123,7 @@ describe('the systemd units in targets/', () => {
         expect(argv[0], `${unit} ${key}`).toBe('/usr/bin/node');
         expect(argv[1]).toBe('/opt/blockmirror/bin/blockmirror.js');
         const args = argv.slice(2);
-        expect(cliProblem(args), `${unit} ${key}: blockmirror ${args.join(' ')}`).toBeUndefined();
+        expect(await cliProblem(args), `${unit} ${key}: blockmirror ${args.join(' ')}`).toBeUndefined();
         const help = await run(process.execPath, [path.join(ROOT, 'bin/blockmirror.js'), ...args, '--help']);
         expect(help.code, help.stderr).toBe(0);
         expect(help.stdout).toMatch(new RegExp(`^Usage: blockmirror ${args.filter((a) => /^[a-z]+$/.test(a)).slice(0, 2).join(' ')}`));
@@ -132,10 +132,10 @@ describe('the systemd units in targets/', () => {
     }
     expect(checked).toBe(3); // up, cfs mount, gateway
     // The checker itself refuses what commander would refuse.
-    expect(cliProblem(['up', '-c', 'x', '--onyl', '1'])).toBe('unknown option --onyl for up');
-    expect(cliProblem(['cfs', 'mount', '-c', 'x'])).toBe('mount needs 1 arguments, got 0');
-    expect(cliProblem(['gateway'])).toBe('gateway needs --config');
-    expect(cliProblem(['cfs', 'mnt'])).toBe('"cfs mnt" is not a command');
+    expect(await cliProblem(['up', '-c', 'x', '--onyl', '1'])).toBe('unknown option --onyl for up');
+    expect(await cliProblem(['cfs', 'mount', '-c', 'x'])).toBe('mount needs 1 arguments, got 0');
+    expect(await cliProblem(['gateway'])).toBe('gateway needs --config');
+    expect(await cliProblem(['cfs', 'mnt'])).toBe('"cfs mnt" is not a command');
   });
 });
 

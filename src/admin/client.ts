@@ -1,9 +1,11 @@
-// Client side of the admin HTTP API (src/admin/server.ts), on Node's global fetch.
+// Client side of the admin HTTP API (src/admin/server.ts), on node:http and node:https. Not on
+// the global fetch: its first use loads undici and compiles its WebAssembly parser, which cost
+// `blockmirror status` more CPU than all the rest of its start-up (issue 18, bench/RESULTS.md).
 // Two failures are kept apart, because the CLI reports them differently:
 //   AdminUnreachableError  no HTTP answer at all (refused, unknown host, timeout)
 //   AdminReplyError        an HTTP answer that is an error (404, 409, 500) or not
 //                          the JSON we expect
-import https from 'node:https';
+import http from 'node:http';
 import net from 'node:net';
 import type { FaultStatus } from '../controller/fault-table.js';
 import type { PairStatus, SSReport } from '../controller/status.js';
@@ -125,23 +127,20 @@ function faultsOf(ep: AdminEndpoint, body: unknown): FaultStatus[] {
   return body.faults as FaultStatus[];
 }
 
-/** One exchange: fetch for HTTP; node:https for HTTPS, where the cluster's CA must be given (fetch takes none). */
+/** One exchange, over HTTPS when the cluster's CA is given (security.adminTls). */
 async function exchange(ep: AdminEndpoint, method: string, path: string, headers: Record<string, string>, body: string | undefined, signal: AbortSignal): Promise<{ ok: boolean; status: number; statusText: string; text: string }> {
-  if (!ep.ca) {
-    const res = await fetch(`http://${hostPort(ep)}${path}`, { method, signal, headers, ...(body !== undefined ? { body } : {}) });
-    return { ok: res.ok, status: res.status, statusText: res.statusText, text: await res.text() };
-  }
+  const options = { host: ep.host, port: ep.port, path, method, headers, signal };
+  // node:https (and TLS) only for a cluster that uses it.
+  const https = ep.ca ? await import('node:https') : undefined;
   return new Promise((resolve, reject) => {
-    const req = https.request(
-      { host: ep.host, port: ep.port, path, method, headers, ca: ep.ca, signal, ...(net.isIP(ep.host) ? {} : { servername: ep.host }) },
-      (res) => {
-        let text = '';
-        res.setEncoding('utf8');
-        res.on('data', (d: string) => (text += d));
-        res.on('end', () => resolve({ ok: res.statusCode! >= 200 && res.statusCode! < 300, status: res.statusCode!, statusText: res.statusMessage ?? '', text }));
-        res.on('error', reject);
-      },
-    );
+    const onResponse = (res: http.IncomingMessage) => {
+      let text = '';
+      res.setEncoding('utf8');
+      res.on('data', (d: string) => (text += d));
+      res.on('end', () => resolve({ ok: res.statusCode! >= 200 && res.statusCode! < 300, status: res.statusCode!, statusText: res.statusMessage ?? '', text }));
+      res.on('error', reject);
+    };
+    const req = https && ep.ca ? https.request({ ...options, ca: ep.ca, ...(net.isIP(ep.host) ? {} : { servername: ep.host }) }, onResponse) : http.request(options, onResponse);
     req.on('error', reject);
     req.end(body);
   });
@@ -186,13 +185,13 @@ async function request(ep: AdminEndpoint, method: 'GET' | 'POST' | 'PUT' | 'DELE
   return body;
 }
 
-/** [code, short reason] of a fetch that got no HTTP answer. */
+/** [code, short reason] of a request that got no HTTP answer. */
 function networkCause(e: unknown, timeoutMs: number): [string, string] {
   const err = e as Error & { cause?: unknown };
   if (err?.name === 'TimeoutError' || err?.name === 'AbortError') return ['ETIMEDOUT', `no answer within ${timeoutMs} ms`];
-  // fetch wraps the socket error: TypeError('fetch failed', { cause }). With
-  // several addresses to try (localhost: ::1 and 127.0.0.1) the cause is an
-  // AggregateError that carries the code but no syscall.
+  // With several addresses to try (localhost: ::1 and 127.0.0.1) the error is
+  // an AggregateError that carries the code but no syscall; `cause` is for
+  // callers that wrap the socket error.
   const cause = (err?.cause ?? err) as NodeJS.ErrnoException & { errors?: NodeJS.ErrnoException[] };
   const code = cause?.code ?? 'EIO';
   const syscall = cause?.syscall ?? cause?.errors?.[0]?.syscall;

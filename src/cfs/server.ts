@@ -35,18 +35,10 @@ import {
   type VolumeAddress,
 } from './protocol.js';
 import { UsageTable } from './usage.js';
-import { looseWarning, readSecretFile, sameSecret } from '../util/secrets.js';
+import { sameSecret } from '../util/secrets.js';
+import { readCfsToken } from './token.js';
 
-export const CFS_TOKEN_ENV = 'BLOCKMIRROR_CFS_TOKEN';
-
-/** The CFS token in `file` (a warning when other users can read it). */
-export function readCfsToken(file: string, log?: Logger): string {
-  const f = readSecretFile(file, 'CFS token file');
-  if (f.loose) log?.warn(looseWarning(file, 'CFS token file'));
-  const token = f.text.trim();
-  if (token.length < 16) throw new Error(`the CFS token in ${file} is shorter than 16 characters: make one with: openssl rand -hex 32 > ${file}`);
-  return token;
-}
+export { CFS_TOKEN_ENV, readCfsToken } from './token.js';
 
 export interface CfsServerOptions {
   /** A connection silent for this long is dropped and its opens returned (clients ping every third of it). */

@@ -23,7 +23,7 @@ export function registerAdminCommand(program: Command): void {
     .option('--url', "print the dashboard's address with the token instead")
     .action(async (opts: { config: string; ss?: string; url?: boolean }) => {
       const { clientAdminToken } = await import('../cluster/admin-token.js');
-      const config = loadConfigOrUsage(opts.config);
+      const config = await loadConfigOrUsage(opts.config);
       const id = opts.ss === undefined ? config.storageSystems[0]!.id : Number(opts.ss);
       const ss = config.storageSystems.find((s) => s.id === id);
       if (!ss) throw new UsageError(`--ss: ${opts.config} has no storage system ${opts.ss} (it has ${config.storageSystems.map((s) => s.id).join(', ')})`);

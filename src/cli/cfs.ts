@@ -6,8 +6,8 @@ import fs from 'node:fs';
 import type { Command } from 'commander';
 import type { CfsClient, DirEntry, UsageReport } from '../cfs/client.js';
 import type { ClusterConfig, HostPort } from '../cluster/config.js';
-import { createLogger } from '../util/log.js';
 import { UsageError } from './errors.js';
+import { cliLogger } from './logger.js';
 import { runUntilSignal } from './signals.js';
 import { humanSeconds, progressBar } from './progress.js';
 import { humanBytes } from './status.js';
@@ -41,7 +41,7 @@ export function registerCfsCommand(program: Command): void {
       .option('--server <host:port>', 'the CFS server (default: cfs.listen of the configuration)');
 
   command('serve', 'run the CFS server alone (up runs it too when the YAML has cfs:)').action(async (opts: Common, cmd: Command) => {
-    const log = createLogger(cmd.optsWithGlobals().logLevel as string);
+    const log = await cliLogger(cmd);
     const config = await loadCfsConfig(opts.config);
     const { CfsServer } = await import('../cfs/server.js');
     const { livePairs } = await import('./status.js');
@@ -151,7 +151,7 @@ export function registerCfsCommand(program: Command): void {
     });
 
   command('mount <dir>', 'mount the CFS on a directory with FUSE until SIGINT or SIGTERM').action(async (dir: string, opts: Common, cmd: Command) => {
-    const log = createLogger(cmd.optsWithGlobals().logLevel as string);
+    const log = await cliLogger(cmd);
     const config = await loadCfsConfig(opts.config);
     const client = await connectClient(config, opts, { reconnect: true, name: `mount ${path.resolve(dir)}` });
     const { mountCfs } = await import('../cfs/fuse.js');
@@ -203,7 +203,7 @@ function serverAddress(config: ClusterConfig, given: string | undefined): HostPo
 
 async function connectClient(config: ClusterConfig, opts: Common, extra: { reconnect?: boolean; name?: string } = {}): Promise<CfsClient> {
   const { CfsClient } = await import('../cfs/client.js');
-  const { CFS_TOKEN_ENV, readCfsToken } = await import('../cfs/server.js');
+  const { CFS_TOKEN_ENV, readCfsToken } = await import('../cfs/token.js');
   const { clientTlsFor, cfsClientCa } = await import('../cluster/credentials.js');
   const tlsCa = cfsClientCa(config);
   const server = serverAddress(config, opts.server);

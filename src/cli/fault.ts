@@ -51,7 +51,7 @@ export function registerFaultCommand(program: Command): void {
     .action(async (targetText: string, kind: string, opts: SetOptions) => {
       // Loaded here: the schema pulls in zod, which no other command should pay for at start.
       const ft = await import('../controller/fault-table.js');
-      const config = loadConfigOrUsage(opts.config);
+      const config = await loadConfigOrUsage(opts.config);
       const timeoutMs = parseTimeout(opts.timeout);
       const options = setOptions(ft, targetText, kind, opts);
       const shown: FaultStatus[] = [];
@@ -70,7 +70,7 @@ export function registerFaultCommand(program: Command): void {
     .option('--timeout <ms>', 'how long to wait for the storage system', '10000')
     .action(async (targetText: string, opts: { config: string; kind?: string; timeout: string }) => {
       const ft = await import('../controller/fault-table.js');
-      const config = loadConfigOrUsage(opts.config);
+      const config = await loadConfigOrUsage(opts.config);
       const timeoutMs = parseTimeout(opts.timeout);
       for (const ep of endpointsFor(ft, config, opts.config, targetText)) await clearFault(ep, targetText, opts.kind, timeoutMs);
       process.stdout.write(`${normalise(ft, targetText)}: cleared\n`);
@@ -82,7 +82,7 @@ export function registerFaultCommand(program: Command): void {
     .requiredOption('-c, --config <file>', 'cluster configuration (YAML)')
     .option('--timeout <ms>', 'how long to wait for each storage system', '10000')
     .action(async (opts: { config: string; timeout: string }) => {
-      const config = loadConfigOrUsage(opts.config);
+      const config = await loadConfigOrUsage(opts.config);
       const timeoutMs = parseTimeout(opts.timeout);
       const all = await Promise.all(config.storageSystems.map((ss) => listFaults(adminEndpoint(config, ss), timeoutMs)));
       const faults = dedupe(all.flat());

@@ -3,10 +3,10 @@
 // `blockmirror etcd dump -c FILE`: print the cluster tables as etcd holds them.
 import type { Command } from 'commander';
 import type { Logger } from 'pino';
-import { createLogger } from '../util/log.js';
 import { UsageError } from './errors.js';
 import { addressInUse, addressInUseError } from './listen-error.js';
 import { parseListen } from './serve.js';
+import { cliLogger } from './logger.js';
 import { runUntilSignal } from './signals.js';
 import { socketActivationFds } from './socket-activation.js';
 import { addTlsOptions, serverTlsOptions, type TlsCliOptions } from './tls-options.js';
@@ -26,7 +26,7 @@ export function registerGatewayCommand(program: Command): void {
     .option('--listen <host:port>', 'TCP address to listen on (under systemd socket activation, the socket systemd passes instead)', '127.0.0.1:10810')
     .option('--retry <ms>', 'how long a request waits for a master before it fails', '60000');
   addTlsOptions(command).action(async (opts: GatewayCliOptions, cmd: Command) => {
-      const log = createLogger(cmd.optsWithGlobals().logLevel as string);
+      const log = await cliLogger(cmd);
       await gateway(opts, log);
     });
 
@@ -37,7 +37,7 @@ export function registerGatewayCommand(program: Command): void {
     .requiredOption('-c, --config <file>', 'cluster YAML with an etcd: section')
     .option('--json', 'machine-readable output')
     .action(async (opts: { config: string; json?: boolean }) => {
-      const config = loadConfigOrUsage(opts.config);
+      const config = await loadConfigOrUsage(opts.config);
       if (!config.etcd) throw new UsageError(`${opts.config} has no etcd: section; the YAML alone describes this cluster`);
       const [{ ClusterStore, EtcdUnreachableError }, { pino }] = await Promise.all([import('../cluster/etcd/store.js'), import('pino')]);
       let store;
@@ -64,7 +64,7 @@ export function registerGatewayCommand(program: Command): void {
 }
 
 async function gateway(opts: GatewayCliOptions, log: Logger): Promise<void> {
-  const config = loadConfigOrUsage(opts.config);
+  const config = await loadConfigOrUsage(opts.config);
   if (!config.etcd) throw new UsageError(`${opts.config} has no etcd: section; a gateway finds each volume's master in etcd (config/etcd.yaml is an example)`);
   // Under systemd socket activation (targets/blockmirror-gateway.socket) the socket unit's
   // ListenStream= is the address and --listen is not used.

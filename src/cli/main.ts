@@ -1,21 +1,55 @@
 // The composition root: parse the command line, wire the layers, run.
 import { Command, CommanderError, Option } from 'commander';
-import { serveCommand } from './serve.js';
-import { registerUpCommand } from './up.js';
-import { registerStatusCommand } from './status.js';
-import { registerPairCommand } from './pair.js';
-import { registerCfsCommand } from './cfs.js';
-import { registerFaultCommand } from './fault.js';
-import { registerGatewayCommand } from './gateway.js';
-import { registerAdminCommand } from './admin.js';
-import { registerCompletionCommand } from './completion.js';
-import { registerXferCommand } from './xfer.js';
-import { registerSvolCommand } from './svol.js';
 import { UsageError } from './errors.js';
 import { AdminUnreachableError } from '../admin/client.js';
 import { addExamples } from './examples.js';
 
-export function buildProgram(): Command {
+type Register = (program: Command) => void;
+
+// Each module registers its top-level commands; a command line loads only the module of the
+// command it names (issue 18: `--version` and `status` must not pay for fastify, the NBD server
+// or iSCSI). In this order, which is the order of `--help`.
+const MODULES: { names: string[]; load: () => Promise<Register> }[] = [
+  { names: ['serve'], load: async () => (await import('./serve.js')).serveCommand },
+  { names: ['up'], load: async () => (await import('./up.js')).registerUpCommand },
+  { names: ['status'], load: async () => (await import('./status.js')).registerStatusCommand },
+  { names: ['pair'], load: async () => (await import('./pair.js')).registerPairCommand },
+  { names: ['cfs'], load: async () => (await import('./cfs.js')).registerCfsCommand },
+  { names: ['fault'], load: async () => (await import('./fault.js')).registerFaultCommand },
+  { names: ['gateway', 'etcd'], load: async () => (await import('./gateway.js')).registerGatewayCommand },
+  { names: ['admin'], load: async () => (await import('./admin.js')).registerAdminCommand },
+  { names: ['xfer'], load: async () => (await import('./xfer.js')).registerXferCommand },
+  { names: ['svol'], load: async () => (await import('./svol.js')).registerSvolCommand },
+  // completion prints the whole tree, so naming it loads every module (see modulesFor).
+  { names: ['completion'], load: async () => (await import('./completion.js')).registerCompletionCommand },
+];
+
+/** Global options that take a value: their value is not the command's name. */
+const VALUE_OPTIONS = new Set(['--log-level']);
+
+/**
+ * Which modules a command line needs: the one of the command it names; none for a bare
+ * --version; all of them for anything else (help, completion, a mistyped command, which
+ * commander then answers with the whole tree in view).
+ */
+export function modulesFor(args: string[]): typeof MODULES {
+  let name: string | undefined;
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    if (a === '--') break;
+    if (!a.startsWith('-')) {
+      name = a;
+      break;
+    }
+    if (VALUE_OPTIONS.has(a)) i++;
+  }
+  if (name === undefined) return args.some((a) => a === '-V' || a === '--version') && !args.some((a) => a === '-h' || a === '--help') ? [] : MODULES;
+  const one = MODULES.find((m) => m.names.includes(name));
+  return one && name !== 'completion' ? [one] : MODULES;
+}
+
+/** The program with the commands `args` (the command line after `node script`) needs; all without. */
+export async function buildProgram(args?: string[]): Promise<Command> {
   const program = new Command('blockmirror')
     .description('Storage-system emulator: mirrored volumes exported over NBD')
     .version('0.1.0')
@@ -23,17 +57,8 @@ export function buildProgram(): Command {
     .showHelpAfterError(false)
     .exitOverride()
     .configureOutput({ outputError: () => {} });
-  serveCommand(program);
-  registerUpCommand(program);
-  registerStatusCommand(program);
-  registerPairCommand(program);
-  registerCfsCommand(program);
-  registerFaultCommand(program);
-  registerGatewayCommand(program);
-  registerAdminCommand(program);
-  registerXferCommand(program);
-  registerSvolCommand(program);
-  registerCompletionCommand(program);
+  const registers = await Promise.all((args === undefined ? MODULES : modulesFor(args)).map((m) => m.load()));
+  for (const register of registers) register(program);
   addExamples(program);
   return program;
 }
@@ -49,8 +74,8 @@ function nextStep(err: unknown, argv: string[]): string {
 }
 
 export async function main(argv: string[]): Promise<void> {
-  const program = buildProgram();
   try {
+    const program = await buildProgram(argv.slice(2));
     await program.parseAsync(argv);
   } catch (err) {
     if (err instanceof CommanderError) {

@@ -57,7 +57,7 @@ export function registerPairCommand(program: Command): void {
     if (command === 'resync') sub.option('--wait', 'wait until the mirrors are in sync (a progress bar on a terminal)');
     sub.action(async (name: string, opts: PairOptions) => {
       const timeoutMs = parseTimeout(opts.timeout);
-      const config = loadConfigOrUsage(opts.config);
+      const config = await loadConfigOrUsage(opts.config);
       const target = await pickTarget(config, opts.config, name, command, timeoutMs);
       const json = opts.json === true;
       let status: PairStatus;

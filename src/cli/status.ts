@@ -5,7 +5,7 @@ import { getStatus, type AdminEndpoint } from '../admin/client.js';
 import { clientAdminToken } from '../cluster/admin-token.js';
 import type { LivePair } from '../cfs/server.js';
 import { adminClientCa } from '../cluster/credentials.js';
-import { ConfigError, loadConfig, type ClusterConfig, type StorageSystemConfig } from '../cluster/config.js';
+import type { ClusterConfig, StorageSystemConfig } from '../cluster/config.js';
 import { mergeReports as mergeClusterReports, type PairRow, type ReportAnswer, type SSView, type StorageSystemStatus } from '../controller/status.js';
 import type { EtcdView } from '../cluster/etcd/view.js';
 import { UsageError } from './errors.js';
@@ -49,7 +49,7 @@ export function registerStatusCommand(program: Command): void {
     .option('--json', 'print the merged status as JSON on stdout')
     .option('--timeout <ms>', 'how long to wait for each storage system', String(DEFAULT_STATUS_TIMEOUT_MS))
     .action(async (opts: StatusOptions) => {
-      const config = loadConfigOrUsage(opts.config);
+      const config = await loadConfigOrUsage(opts.config);
       const timeoutMs = parseTimeout(opts.timeout);
       const status = await collectStatus(config, timeoutMs);
       if (config.etcd) status.etcd = await readEtcd(config, timeoutMs);
@@ -59,8 +59,9 @@ export function registerStatusCommand(program: Command): void {
     });
 }
 
-/** loadConfig, with every failure turned into a one-line usage error (exit 2). */
-export function loadConfigOrUsage(path: string): ClusterConfig {
+/** loadConfig, with every failure turned into a one-line usage error (exit 2). Loaded here, when a command runs: YAML and zod are most of a client command's start-up. */
+export async function loadConfigOrUsage(path: string): Promise<ClusterConfig> {
+  const { ConfigError, loadConfig } = await import('../cluster/config.js');
   try {
     return loadConfig(path);
   } catch (e) {

@@ -69,7 +69,7 @@ export function registerSvolCommand(program: Command): void {
     });
   common(svol.command('query <group>').description('members, attributes, states, logical->physical map, split generation, access frequency, increments, restore progress'))
     .action(async (group: string, opts: Options) => {
-      const { ep, timeoutMs } = target(group, opts);
+      const { ep, timeoutMs } = await target(group, opts);
       const s = await svolQuery(ep, group, timeoutMs);
       process.stdout.write(opts.json ? JSON.stringify(s, null, 2) + '\n' : formatGroup(s));
     });
@@ -80,9 +80,9 @@ function memberArg(text: string): string {
   return text;
 }
 
-function target(group: string, opts: Options): { ep: AdminEndpoint; timeoutMs: number } {
+async function target(group: string, opts: Options): Promise<{ ep: AdminEndpoint; timeoutMs: number }> {
   const timeoutMs = parseTimeout(opts.timeout);
-  const config = loadConfigOrUsage(opts.config);
+  const config = await loadConfigOrUsage(opts.config);
   return { ep: endpointOf(config, opts.config, group), timeoutMs };
 }
 
@@ -96,7 +96,7 @@ function endpointOf(config: ClusterConfig, file: string, group: string): AdminEn
 }
 
 async function send(group: string, command: SvolCommandName, opts: Options, body: { member?: string; attr?: string }): Promise<SvolGroupStatus> {
-  const { ep, timeoutMs } = target(group, opts);
+  const { ep, timeoutMs } = await target(group, opts);
   let s = await svolCommand(ep, group, command, body, timeoutMs);
   if (opts.wait) s = await follow(ep, group, s, timeoutMs, opts.json === true);
   process.stdout.write(opts.json ? JSON.stringify(s, null, 2) + '\n' : formatGroup(s));

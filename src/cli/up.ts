@@ -6,9 +6,9 @@ import type { AdminServer } from '../admin/server.js';
 import type { ClusterConfig } from '../cluster/config.js';
 import type { ClusterAgent } from '../cluster/etcd/agent.js';
 import type { StorageSystem } from '../controller/storage-system.js';
-import { createLogger } from '../util/log.js';
 import { UsageError } from './errors.js';
 import { addressInUse, addressInUseError, yamlKeyOf } from './listen-error.js';
+import { cliLogger } from './logger.js';
 import { runUntilSignal } from './signals.js';
 
 export function registerUpCommand(program: Command): void {
@@ -19,7 +19,7 @@ export function registerUpCommand(program: Command): void {
     .option('--only <ids>', 'comma-separated storage system ids to run in this process, e.g. 1,3')
     .option('--no-cfs', 'do not run the CFS server here even if the YAML has cfs: (run it with `cfs serve`)')
     .action(async (opts: { config: string; only?: string; cfs?: boolean }, cmd: Command) => {
-      const log = createLogger(cmd.optsWithGlobals().logLevel as string);
+      const log = await cliLogger(cmd);
       await up(opts, log);
     });
 }

@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import { once } from 'node:events';
 import type { Command } from 'commander';
 import type { Logger } from 'pino';
-import { createLogger } from '../util/log.js';
+import { cliLogger } from './logger.js';
 import { SizeError, formatSize, parseSize } from '../util/size.js';
 import { UsageError } from './errors.js';
 
@@ -73,7 +73,7 @@ export function registerXferCommand(program: Command): void {
       }
     }
     const open = (start: number) => (stdin ? process.stdin : fs.createReadStream(file, { start, highWaterMark: 1 << 20 })) as AsyncIterable<Uint8Array>;
-    const log = logger(cmd);
+    const log = await cliLogger(cmd);
     await withVolume(opts.dev, log, async (vol, signal) => {
       const { send, resumeSend } = await import('../xfer/sender.js');
       const o = { ...tuning, log, signal };
@@ -119,7 +119,7 @@ export function registerXferCommand(program: Command): void {
       await fh!.truncate(acknowledged);
       position = acknowledged;
     };
-    const log = logger(cmd);
+    const log = await cliLogger(cmd);
     try {
       await withVolume(opts.dev, log, async (vol, signal) => {
         const { recv } = await import('../xfer/receiver.js');
@@ -144,7 +144,7 @@ export function registerXferCommand(program: Command): void {
     .option('--dev <dev>', DEV_HELP, collect, [])
     .option('--json', 'print JSON')
     .action(async (opts: { dev: string[]; json?: boolean }, cmd: Command) => {
-      await withVolume(opts.dev, logger(cmd), async (vol) => {
+      await withVolume(opts.dev, await cliLogger(cmd), async (vol) => {
         const { describe } = await import('../xfer/inspect.js');
         const r = await describe(vol);
         if (opts.json) return void process.stdout.write(JSON.stringify(r, null, 2) + '\n');
@@ -170,7 +170,7 @@ export function registerXferCommand(program: Command): void {
     .option('--timeout <ms>', 'how long a heartbeat must stand still', '30000')
     .action(async (opts: { dev: string[]; timeout: string }, cmd: Command) => {
       const timeoutMs = int('--timeout', opts.timeout, 0);
-      await withVolume(opts.dev, logger(cmd), async (vol, signal) => {
+      await withVolume(opts.dev, await cliLogger(cmd), async (vol, signal) => {
         const { gc } = await import('../xfer/gc.js');
         const done = await gc(vol, timeoutMs, signal);
         if (done.length === 0) process.stdout.write('nothing to reclaim\n');
@@ -201,10 +201,6 @@ function session(o: Tuning) {
     heartbeatMs: int('--heartbeat-ms', o.heartbeatMs, 1),
     retries: int('--retries', o.retries, 0),
   };
-}
-
-function logger(cmd: Command): Logger {
-  return createLogger(cmd.optsWithGlobals().logLevel as string);
 }
 
 /** Open the volume, run, close; SIGINT/SIGTERM stop the run so it frees what it holds. */

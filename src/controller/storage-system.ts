@@ -324,7 +324,8 @@ export class StorageSystem implements AdminTarget {
     const totals = new Map<string, PairTotals>();
     for (const p of this.pairs.values()) {
       const s = p.status();
-      const host = s.master.ss === this.spec.id ? this.volumes.get(s.master.vol)?.host?.counters : undefined;
+      const io = s.master.ss === this.spec.id ? this.volumes.get(s.master.vol)?.io : undefined;
+      const host = io ? totalCounters(io) : undefined;
       if (host) totals.set(p.name, { readBytes: host.readBytes, writeBytes: host.writeBytes, copiedBytes: s.mirrors.reduce((n, m) => n + m.copiedBytes, 0) });
     }
     this.throughput.sample(totals);

@@ -1,0 +1,41 @@
+#!/usr/bin/env node
+// Bundle the compiled CLI (dist/cli/main.js) into dist/bundle/, which bin/blockmirror.js loads
+// when it is at least as new as dist/cli/main.js (issue 18: start-up time). `npm run build` runs it
+// after tsc.
+//
+// Why: Node 20 resolves, reads and compiles each ES module on its own, and a client command such
+// as `status` loaded ~125 of them (zod alone is 94); one chunk per command costs a fraction of
+// that (bench/RESULTS.md, "CLI start-up"). Each `import()` of the CLI stays a chunk of its own,
+// so a command still loads only what it runs.
+//
+// What is bundled: our dist/ code and the pure-JS packages the client commands need (commander,
+// zod, yaml). Every other package stays an ordinary import from node_modules: pino starts its
+// transports from files of its own, etcd3 reads .proto files, fuse-native and @node-rs/crc32 are
+// native, and fastify is only for `up`.
+//
+// Paths: dist/bundle/ is as deep as dist/cli/, so the `new URL('../../…', import.meta.url)` of the
+// native addon (blockdev/native.ts) and of the dashboard's page (admin/dashboard.ts) still land
+// in native/ and src/admin/page/. The CFS read worker (cfs/datapath.ts: './read-worker.js') is an
+// entry of its own, dist/bundle/read-worker.js, next to the chunk that starts it.
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { build } from 'rolldown';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const OUT = path.join(ROOT, 'dist', 'bundle');
+const BUNDLED = ['commander', 'zod', 'yaml'];
+
+const bundled = (id) => BUNDLED.some((p) => id === p || id.startsWith(`${p}/`));
+fs.rmSync(OUT, { recursive: true, force: true });
+await build({
+  input: { cli: path.join(ROOT, 'dist/cli/main.js'), 'read-worker': path.join(ROOT, 'dist/cfs/read-worker.js') },
+  platform: 'node',
+  // Bare specifiers (packages, node: built-ins) stay imports unless listed above.
+  external: (id) => !id.startsWith('.') && !path.isAbsolute(id) && !bundled(id),
+  logLevel: 'warn',
+  output: { dir: OUT, format: 'esm', entryFileNames: '[name].js', chunkFileNames: '[name]-[hash].js' },
+});
+for (const f of ['cli.js', 'read-worker.js']) {
+  if (!fs.existsSync(path.join(OUT, f))) throw new Error(`bundle-cli: ${f} was not written`);
+}

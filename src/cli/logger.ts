@@ -1,0 +1,9 @@
+// The logger of a command, at --log-level. pino is loaded here, when a command runs, not when the
+// command line is parsed: `--help` and the one-shot client commands start faster without it.
+import type { Command } from 'commander';
+import type { Logger } from 'pino';
+
+export async function cliLogger(cmd: Command): Promise<Logger> {
+  const { createLogger } = await import('../util/log.js');
+  return createLogger(cmd.optsWithGlobals().logLevel as string);
+}
