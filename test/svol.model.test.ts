@@ -7,7 +7,10 @@
 //   M1 a paired member reads as the P-VOL; a split member as the P-VOL at its split, plus its
 //      own writes if RW; through any recovery (the logical ID is kept);
 //   M2 RO members, and every member while paired, refuse host writes with EPERM;
-//   M3 after a restart (record, bitmaps, increments read back) M1 still holds.
+//   M3 after a restart (record, bitmaps, increments read back) M1 still holds;
+//   M4 with spreadReads, a read of an RO member served by a sibling is never stale (M1 holds);
+//   M5 a member whose reads come back corrupt (bits flipped) is caught by its checksums: the
+//      host's read is still right (M1), and the member is rebuilt on a spare.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -34,6 +37,7 @@ const SPEC: SvolGroupSpec = {
     { vol: 5, attr: 'spare' },
     { vol: 6, attr: 'spare' },
   ],
+  spreadReads: true,
 };
 const IDS = [2, 3, 4];
 
@@ -43,7 +47,7 @@ type Op =
   | { kind: 'twoWrites'; cluster: number; val: number }
   | { kind: 'split' }
   | { kind: 'resync'; id?: number }
-  | { kind: 'fail'; id: number }
+  | { kind: 'fail'; id: number; fault: 'error' | 'corrupt' }
   | { kind: 'restart' };
 
 const range = fc.tuple(fc.integer({ min: 0, max: SIZE - 1 }), fc.integer({ min: 1, max: 3 * CLUSTER })).map(([off, len]) => ({ off, len: Math.min(len, SIZE - off) }));
@@ -53,7 +57,7 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
   { weight: 2, arbitrary: fc.tuple(fc.integer({ min: 0, max: CLUSTERS - 1 }), fc.integer({ min: 1, max: 254 })).map(([cluster, val]) => ({ kind: 'twoWrites' as const, cluster, val })) },
   { weight: 2, arbitrary: fc.constant({ kind: 'split' as const }) },
   { weight: 2, arbitrary: fc.option(fc.constantFrom(...IDS), { nil: undefined }).map((id) => ({ kind: 'resync' as const, ...(id !== undefined ? { id } : {}) })) },
-  { weight: 2, arbitrary: fc.constantFrom(...IDS).map((id) => ({ kind: 'fail' as const, id })) },
+  { weight: 3, arbitrary: fc.tuple(fc.constantFrom(...IDS), fc.constantFrom('error' as const, 'corrupt' as const)).map(([id, fault]) => ({ kind: 'fail' as const, id, fault })) },
   { weight: 1, arbitrary: fc.constant({ kind: 'restart' as const }) },
 );
 
@@ -243,16 +247,23 @@ describe('S-VOL group model', () => {
               const donor = [...m].some(([id, x]) => id !== op.id && attrOf(id) === 'RO' && x.state === 'split' && x.gen === mm.gen);
               if (spares === 0 || (mm.state === 'split' && !donor)) continue;
               const vol = rig.group.status().members.find((x) => x.logicalId === op.id)!.vol;
-              rig.faults.get(vol)!.set({ kind: 'error' });
-              // The host's read succeeds while the member is rebuilt behind it.
-              const got = await rig.read(rig.logical.get(op.id)!);
-              expect(got.equals(mm.state === 'paired' ? pvol : mm.image)).toBe(true);
+              // Corruption is caught where a checksum is known: a split member with a block written whole since.
+              if (op.fault === 'corrupt' && (mm.state !== 'split' || rig.group.status().members.find((x) => x.vol === vol)!.checkedBlocks === 0)) continue;
+              const mismatches = rig.group.status().checksumMismatches;
+              rig.faults.get(vol)!.set({ kind: op.fault });
+              // The host's reads succeed while the member is rebuilt behind them (two: with
+              // spreadReads, reads of an RO member take turns over it and its sibling).
+              for (let k = 0; k < 2; k++) {
+                const got = await rig.read(rig.logical.get(op.id)!);
+                expect(got.equals(mm.state === 'paired' ? pvol : mm.image)).toBe(true);
+              }
               await rig.group.idle();
               rig.faults.get(vol)!.clear();
               spares--;
               const st = rig.group.status();
               expect(st.members.find((x) => x.logicalId === op.id)!.vol).not.toBe(vol);
               expect(st.members.find((x) => x.vol === vol)).toMatchObject({ state: 'error' });
+              if (op.fault === 'corrupt') expect(st.checksumMismatches).toBeGreaterThan(mismatches);
               // Repaired, the volume goes back to the pool as a spare.
               await rig.group.setAttr(String(vol), 'spare');
               spares++;

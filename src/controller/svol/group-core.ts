@@ -34,10 +34,12 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { RangeLock } from '../../blockdev/range-lock.js';
-import { BlockDeviceError, type BlockDevice } from '../../blockdev/types.js';
+import { BlockDeviceError, type BlockDevice, type Payload } from '../../blockdev/types.js';
 import { ClusterBitmap, clusterRange } from '../bitmap.js';
 import { FileBitmapStore, MemoryBitmapStore, type BitmapStore } from '../bitmap-store.js';
 import { PairCommandError } from '../status.js';
+import { ChecksumTables, SUM_BLOCK } from './checksums.js';
+import { MemberIo } from './member-io.js';
 import { readGroupRecord, saveGroupRecord, type GroupRecord, type LogicalRecord } from './group-file.js';
 import { IncrementsVolume } from './increments.js';
 import type { SvolVerifyStatus } from './status.js';
@@ -47,7 +49,14 @@ export interface SvolGroupSpec {
   name: string;
   pvol: number;
   members: { vol: number; attr: 'RO' | 'RW' | 'spare'; logicalId?: number; increments?: number }[];
+  /** Spread host reads of an RO logical ID over its healthy RO siblings of the same split generation. */
+  spreadReads?: boolean;
+  /** Milliseconds a member's request may take before the member is declared failed; 0: never. */
+  ioTimeout?: number;
 }
+
+/** A member that hangs is declared failed after this long, unless the group says otherwise. */
+export const DEFAULT_IO_TIMEOUT_MS = 30_000;
 
 export interface SvolGroupContext {
   clusterSize: number;
@@ -89,6 +98,10 @@ export class SvolGroupCore {
   protected readonly file: string | undefined;
   protected readonly log: Logger;
   protected lastVerify: SvolVerifyStatus | undefined;
+  /** Requests to member volumes: checksums, hang timeout, reads in flight (member-io.ts). */
+  protected readonly io: MemberIo;
+  /** Round-robin start for spread reads. */
+  private spreadNext = 0;
 
   constructor(
     readonly spec: SvolGroupSpec,
@@ -99,6 +112,8 @@ export class SvolGroupCore {
     this.clusters = Math.ceil(this.size / ctx.clusterSize);
     this.file = ctx.dir ? path.join(ctx.dir, `${spec.name}.group`) : undefined;
     this.log = ctx.log.child({ svolGroup: spec.name });
+    const sums = new ChecksumTables(this.size, ctx.dir ? path.join(ctx.dir, `${spec.name}.sums`) : undefined, this.log);
+    this.io = new MemberIo((vol) => this.dev(vol), sums, spec.ioTimeout ?? DEFAULT_IO_TIMEOUT_MS, this.size);
   }
 
   /** Logical IDs, in the order of the configuration: what the storage system exports. */
@@ -144,6 +159,7 @@ export class SvolGroupCore {
       }
     }
     this.save();
+    this.loadSums();
     this.log.info({ state: this.rec.state, generation: this.rec.generation, map: this.rec.logical.map((l) => `vol${l.id}->${l.vol}`) }, 'S-VOL group ready');
     const r = this.rec.restore;
     if (r) {
@@ -167,6 +183,35 @@ export class SvolGroupCore {
     }
   }
 
+  /**
+   * The checksum tables from the last run: all of them after a clean close; after a crash only
+   * those of split members of this generation, less the clusters an RW member changed since.
+   */
+  private loadSums(): void {
+    const sums = this.io.sums;
+    const got = sums.load();
+    if (got && !(got.clean && got.generation === this.rec.generation)) {
+      const keep = new Map<number, (block: number) => boolean>();
+      const perCluster = this.ctx.clusterSize / SUM_BLOCK;
+      this.rec.logical.forEach((l, i) => {
+        if (got.generation !== this.rec.generation || l.state !== 'split' || l.generation !== this.rec.generation) return;
+        const incr = this.incr.get(i);
+        keep.set(l.vol, l.attr === 'RW' && incr ? (b) => !incr.has(Math.floor(b / perCluster)) : () => true);
+      });
+      sums.keepOnly(keep);
+    }
+    // Unclean until close() says otherwise.
+    this.saveSums();
+  }
+
+  protected saveSums(clean = false): void {
+    try {
+      this.io.sums.save(this.rec.generation, clean);
+    } catch (e) {
+      this.log.warn({ err: (e as Error).message }, `S-VOL group ${this.name}: cannot save the checksums: ${(e as Error).message}`);
+    }
+  }
+
   protected dev(vol: number): BlockDevice {
     return this.ctx.volumes.get(vol)!.device;
   }
@@ -175,22 +220,17 @@ export class SvolGroupCore {
     if (this.file) saveGroupRecord(this.file, this.rec);
   }
 
-  /** Host reads in flight per physical volume: a volume changes role only once none is left. */
-  protected readonly readsIn = new Map<number, number>();
-
-  /** Read from a member's volume, counted in flight (unless `uncounted`: the reads of the member being rebuilt itself). */
-  protected async readVol(vol: number, offset: number, dest: Buffer, uncounted = false): Promise<void> {
-    if (uncounted) return this.dev(vol).read(offset, dest);
-    this.readsIn.set(vol, (this.readsIn.get(vol) ?? 0) + 1);
-    try {
-      await this.dev(vol).read(offset, dest);
-    } finally {
-      this.readsIn.set(vol, this.readsIn.get(vol)! - 1);
-    }
+  /**
+   * Read from a member's volume, checked against its checksums and counted in flight (unless
+   * `uncounted`: the reads of the member being rebuilt itself), so a volume changes role only
+   * once none is left.
+   */
+  protected readVol(vol: number, offset: number, dest: Buffer, uncounted = false): Promise<void> {
+    return this.io.read(vol, offset, dest, uncounted);
   }
 
-  protected async readsDone(vol: number): Promise<void> {
-    while ((this.readsIn.get(vol) ?? 0) > 0) await new Promise((r) => setTimeout(r, 1));
+  protected readsDone(vol: number): Promise<void> {
+    return this.io.readsDone(vol);
   }
 
   protected count(vol: number, op: 'reads' | 'writes'): void {
@@ -201,8 +241,8 @@ export class SvolGroupCore {
 
   // ---- the P-VOL's write path ----
 
-  /** A host write to the P-VOL: mirrored to paired members, tracked for the others. */
-  async pvolWrite(offset: number, length: number, apply: (d: BlockDevice) => Promise<void>): Promise<void> {
+  /** A host write to the P-VOL of `data` (null: zeroes): mirrored to paired members, tracked for the others. */
+  async pvolWrite(offset: number, length: number, data: Payload | null, apply: (d: BlockDevice) => Promise<void>): Promise<void> {
     while (this.gate) await this.gate;
     this.pvolWrites++;
     try {
@@ -219,7 +259,13 @@ export class SvolGroupCore {
           else this.bitmaps[i]!.setRangeInvalid(first, last);
         });
         if (marked.length) await this.store.mark(marked, first, last);
-        const results = await Promise.allSettled([apply(this.dev(this.spec.pvol)), ...paired.map((i) => apply(this.dev(this.rec.logical[i]!.vol)))]);
+        const results = await Promise.allSettled([
+          apply(this.dev(this.spec.pvol)),
+          ...paired.map((i) => {
+            const vol = this.rec.logical[i]!.vol;
+            return this.io.write(vol, offset, length, data, () => apply(this.dev(vol)));
+          }),
+        ]);
         if (results[0]!.status === 'rejected') {
           for (const i of paired) this.bitmaps[i]!.setRangeInvalid(first, last);
           throw results[0].reason;
@@ -277,16 +323,42 @@ export class SvolGroupCore {
       this.count(this.spec.pvol, 'reads');
       return this.dev(this.spec.pvol).read(offset, dest);
     }
-    const vol = l.vol;
-    this.count(vol, 'reads');
-    try {
-      await this.readVol(vol, offset, dest);
-    } catch (e) {
-      if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO' || l.state === 'simplex') throw e;
-      // The host's read succeeds from a sibling (or the P-VOL); the recovery starts behind it.
-      this.fail(i, 'read', e);
-      return this.degradedRead(i, offset, dest);
+    for (;;) {
+      const j = this.readerFor(i);
+      const vol = this.rec.logical[j]!.vol;
+      this.count(vol, 'reads');
+      try {
+        return await this.readVol(vol, offset, dest);
+      } catch (e) {
+        if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO' || this.rec.logical[j]!.state === 'simplex') throw e;
+        // The host's read succeeds from a sibling (or the P-VOL); the recovery starts behind it.
+        this.fail(j, 'read', e);
+        if (j === i) return this.degradedRead(i, offset, dest);
+        // A sibling that served a spread read failed: it is out of the spread now; next pick.
+      }
     }
+  }
+
+  /**
+   * Which member serves a read of logical i: i itself, or with spreadReads (an RO member, split)
+   * any healthy RO member of its split generation, which holds the same bytes. In turn, skipping
+   * those with more reads in flight. The pick and the count of the read in flight happen without
+   * an await between them, so a role change that waits for a volume's reads sees this one.
+   */
+  protected readerFor(i: number): number {
+    const me = this.rec.logical[i]!;
+    if (!this.spec.spreadReads || me.attr !== 'RO' || me.state !== 'split') return i;
+    const same: number[] = [];
+    this.rec.logical.forEach((l, j) => {
+      if (l.attr === 'RO' && l.state === 'split' && l.generation === me.generation) same.push(j);
+    });
+    const start = this.spreadNext++ % same.length;
+    let best = same[start]!;
+    for (let k = 1; k < same.length; k++) {
+      const j = same[(start + k) % same.length]!;
+      if (this.io.readsInFlight(this.rec.logical[j]!.vol) < this.io.readsInFlight(this.rec.logical[best]!.vol)) best = j;
+    }
+    return best;
   }
 
   /** Serve a failed member: the P-VOL while paired; else an RO sibling of its generation, its increments first. */
@@ -299,8 +371,23 @@ export class SvolGroupCore {
     }
     // The member being rebuilt reads its own donor: those reads never hold up its last step.
     const mine = this.rec.restore?.logical === i;
-    const donor = mine ? this.rec.restore!.donor : this.donorFor(i)?.vol;
-    if (donor === undefined) throw new BlockDeviceError('EIO', `${this.name}: vol${l.id} has failed and no RO sibling of split generation ${l.generation} can serve it`);
+    for (;;) {
+      const pick = mine ? undefined : this.donorFor(i);
+      const donor = mine ? this.rec.restore!.donor : pick?.vol;
+      if (donor === undefined) throw new BlockDeviceError('EIO', `${this.name}: vol${l.id} has failed and no RO sibling of split generation ${l.generation} can serve it`);
+      try {
+        return await this.readFrom(i, donor, offset, dest, mine);
+      } catch (e) {
+        // A donor that fails its checksum (or its disk) is failed in turn; the next sibling serves.
+        if (mine || !pick || !(e instanceof BlockDeviceError) || e.errno !== 'EIO') throw e;
+        this.fail(pick.index, 'read', e);
+      }
+    }
+  }
+
+  /** Logical i's bytes from `donor`, its increments first (RW). */
+  private async readFrom(i: number, donor: number, offset: number, dest: Buffer, mine: boolean): Promise<void> {
+    const l = this.rec.logical[i]!;
     this.count(donor, 'reads');
     const incr = this.incr.get(i);
     if (l.attr !== 'RW' || !incr || incr.count === 0) return this.readVol(donor, offset, dest, mine);
@@ -331,8 +418,9 @@ export class SvolGroupCore {
       await incr.log(offset, data, this.size, (c, buf) => this.baseOf(i, c, buf));
       this.count(l.vol, 'writes');
       if (l.state !== 'split') return;
+      const vol = l.vol;
       try {
-        await this.dev(l.vol).write(offset, data);
+        await this.io.write(vol, offset, data.length, data, () => this.dev(vol).write(offset, data));
       } catch (e) {
         if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO') throw e;
         this.fail(i, 'write', e);
@@ -360,12 +448,29 @@ export class SvolGroupCore {
   async logicalFlush(i: number): Promise<void> {
     const l = this.rec.logical[i]!;
     await this.incr.get(i)?.flush();
-    if (l.state === 'split' || l.state === 'paired') await this.dev(l.vol).flush();
+    if (l.state !== 'split' && l.state !== 'paired') return;
+    try {
+      await this.io.flush(l.vol);
+    } catch (e) {
+      // An RW member's writes are in its increments (flushed above): its own volume failing is a recovery, not the host's error.
+      if (l.attr !== 'RW' || l.state !== 'split' || !(e instanceof BlockDeviceError) || e.errno !== 'EIO') throw e;
+      this.fail(i, 'flush', e);
+    }
   }
 
   /** Flush the members a P-VOL write reaches (paired ones). */
   async flushPaired(): Promise<void> {
-    await Promise.all(this.rec.logical.filter((l) => l.state === 'paired').map((l) => this.dev(l.vol).flush()));
+    await Promise.all(
+      this.rec.logical.map(async (l, i) => {
+        if (l.state !== 'paired') return;
+        try {
+          await this.io.flush(l.vol);
+        } catch (e) {
+          // The P-VOL holds the writes: a member that cannot make them durable is replaced and recopied.
+          this.fail(i, 'flush', e as Error);
+        }
+      }),
+    );
   }
 
   /** The healthy RO member of the same split generation that is accessed least: the donor for copies. */
@@ -481,6 +586,7 @@ export class SvolGroupCore {
     const runClusters = Math.max(1, Math.floor(COPY_RUN / cs));
     const buf = Buffer.allocUnsafe(runClusters * cs);
     let sinceSave = 0;
+    let donorError: unknown;
     try {
       while (r.next < this.clusters) {
         if (this.closed) return;
@@ -488,18 +594,23 @@ export class SvolGroupCore {
         const len = Math.min(runClusters * cs, this.size - off);
         const piece = buf.subarray(0, len);
         this.count(r.donor, 'reads');
-        await this.dev(r.donor).read(off, piece);
+        try {
+          await this.io.read(r.donor, off, piece, true);
+        } catch (e) {
+          donorError = e;
+          throw e;
+        }
         // The controller writes the target whatever its attribute: RO refuses hosts, not restores.
-        await this.dev(r.target).write(off, piece);
+        await this.io.write(r.target, off, len, piece, () => this.dev(r.target).write(off, piece));
         r.next += Math.ceil(len / cs);
         sinceSave += len;
         if (sinceSave >= RESTORE_SAVE_EVERY) {
-          await this.dev(r.target).flush();
+          await this.io.flush(r.target);
           this.save();
           sinceSave = 0;
         }
       }
-      await this.dev(r.target).flush();
+      await this.io.flush(r.target);
       const release = await this.logicalLocks[r.logical]!.acquire(0, this.size);
       try {
         let home = r.target;
@@ -510,6 +621,7 @@ export class SvolGroupCore {
           if (sib.vol === r.donor) {
             sib.vol = r.target;
             this.save();
+            this.saveSums();
           }
           await this.readsDone(r.donor);
           home = r.donor;
@@ -520,22 +632,38 @@ export class SvolGroupCore {
           for (const c of incr.changed()) {
             const part = one.subarray(0, Math.min(cs, this.size - c * cs));
             await incr.read(c, 0, part);
-            await this.dev(home).write(c * cs, part);
+            await this.io.write(home, c * cs, part.length, part, () => this.dev(home).write(c * cs, part));
           }
-          await this.dev(home).flush();
+          await this.io.flush(home);
         }
-        if (r.failed !== home) this.rec.pool.push({ vol: r.failed, state: 'error', error: r.reason });
+        if (r.failed !== home) {
+          this.rec.pool.push({ vol: r.failed, state: 'error', error: r.reason });
+          this.io.sums.forgetVolume(r.failed);
+        }
         l.vol = home;
         l.state = 'split';
         delete l.error;
         delete this.rec.restore;
         this.save();
+        this.saveSums();
       } finally {
         release();
       }
       this.log.info({ logical: l.id, vol: l.vol }, `S-VOL group ${this.name}: vol${l.id} restored onto volume ${l.vol}`);
     } catch (e) {
       if (this.closed) return;
+      if (e === donorError && e instanceof BlockDeviceError && e.errno === 'EIO') {
+        // The donor failed (a bad copy, a dead disk), not the target: the target goes back to the pool as a spare,
+        // the donor's member is failed in turn, and this member waits for a sound donor.
+        if (r.target !== r.failed) this.rec.pool.unshift({ vol: r.target, state: 'spare' });
+        l.state = 'error';
+        l.error = r.reason;
+        delete this.rec.restore;
+        this.save();
+        const d = this.rec.logical.findIndex((x) => x.vol === r.donor);
+        if (d >= 0) this.fail(d, 'restore read', e);
+        throw e;
+      }
       // The target failed too: out of service; the member stays served by its sibling.
       if (r.target !== r.failed) this.rec.pool.push({ vol: r.target, state: 'error', error: `restore: ${(e as Error).message}` });
       l.state = 'error';
@@ -581,7 +709,7 @@ export class SvolGroupCore {
             // The P-VOL failing is not the member's fault: the copy stops (and says so), the member stays.
             await this.dev(this.spec.pvol).read(off, piece);
             try {
-              await this.dev(vol).write(off, piece);
+              await this.io.write(vol, off, len, piece, () => this.dev(vol).write(off, piece));
             } catch (e) {
               this.fail(i, 'copy', e as Error);
               break;
@@ -592,7 +720,7 @@ export class SvolGroupCore {
             release();
           }
           try {
-            await this.dev(vol).flush();
+            await this.io.flush(vol);
           } catch (e) {
             this.fail(i, 'flush', e as Error);
             break;
@@ -616,6 +744,7 @@ export class SvolGroupCore {
     this.closed = true;
     await this.idle();
     this.save();
+    this.saveSums(true);
     await this.store.close();
   }
 }

@@ -42,6 +42,8 @@ export class SvolGroup extends SvolGroupCore {
         });
         if (live.length) await this.store.mark(live, 0, this.clusters - 1);
         for (const i of live) await this.incr.get(i)?.reset(this.rec.generation);
+        // A sibling's spread read still on a member's volume ends before the copy overwrites it.
+        for (const i of live) await this.readsDone(this.rec.logical[i]!.vol);
       } finally {
         for (const r of held) r();
       }
@@ -73,6 +75,8 @@ export class SvolGroup extends SvolGroupCore {
       this.rec.generation = gen;
       this.rec.splitTime = new Date().toISOString();
       this.save();
+      // The checksums of the split images: what a restart after a crash may trust.
+      this.saveSums();
       this.log.info({ generation: gen, members: members.map((l) => l.id) }, `S-VOL group ${this.name} split (generation ${gen})`);
     });
   }
@@ -96,6 +100,8 @@ export class SvolGroup extends SvolGroupCore {
           delete l.generation;
           await this.incr.get(i)?.reset(this.rec.generation);
         }
+        // A sibling's spread read still on a member's volume ends before the copy overwrites it.
+        for (const i of targets) await this.readsDone(this.rec.logical[i]!.vol);
       } finally {
         for (const r of held) r();
       }
@@ -214,6 +220,8 @@ export class SvolGroup extends SvolGroupCore {
         }
         l.attr = attr;
         this.save();
+        // No sibling's spread read is left on a volume that takes host writes from now on.
+        if (attr === 'RW') await this.readsDone(l.vol);
         this.log.info({ logical: l.id, attr }, `S-VOL group ${this.name}: vol${l.id} is now ${attr}`);
       } finally {
         release();
@@ -236,6 +244,7 @@ export class SvolGroup extends SvolGroupCore {
         writes: a.writes,
         changedClusters: this.bitmaps[i]!.invalidCount,
         copiedBytes: this.copied[i]!,
+        checkedBlocks: this.io.sums.knownBlocks(l.vol),
         ...(incr ? { increments: { vol: l.increments!, clusters: incr.count, bytes: incr.bytes, capacity: incr.capacity } } : {}),
         ...(l.error ? { error: l.error } : {}),
       };
@@ -252,6 +261,10 @@ export class SvolGroup extends SvolGroupCore {
       ...(this.rec.splitTime ? { splitTime: this.rec.splitTime } : {}),
       clusterSize: this.ctx.clusterSize,
       clusters: this.clusters,
+      spreadReads: this.spec.spreadReads ?? false,
+      ioTimeoutMs: this.io.timeoutMs,
+      checksumMismatches: this.io.mismatches,
+      ioTimeouts: this.io.timeouts,
       members,
       ...(this.lastVerify ? { verify: this.lastVerify } : {}),
       ...(r ? { restore: { logicalId: this.rec.logical[r.logical]!.id, target: r.target, donor: r.donor, failed: r.failed, copiedClusters: r.next, totalClusters: this.clusters, reason: r.reason } } : {}),
