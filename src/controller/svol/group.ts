@@ -1,12 +1,13 @@
 // An S-VOL group's commands (docs/svol.md): init, split, resync, restore, attr, verify, and its
 // status. The state machine, the data paths, the copy and the recovery are in group-core.ts.
 import { PairCommandError } from '../status.js';
-import { COPY_RUN, SvolGroupCore } from './group-core.js';
+import { COPY_RUN } from './group-core.js';
+import { SvolGroupRecovery } from './recovery.js';
 import type { SvolGroupStatus, SvolMemberStatus, SvolVerifyStatus } from './status.js';
 
 export type { SvolGroupContext, SvolGroupSpec } from './group-core.js';
 
-export class SvolGroup extends SvolGroupCore {
+export class SvolGroup extends SvolGroupRecovery {
   // ---- commands ----
 
   protected index(member: string): number {
