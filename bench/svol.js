@@ -5,8 +5,10 @@
 //   - time from a fault on an RO member to the host's reads of its logical ID flowing again, p50 and
 //     p99 over --faults runs each of an EIO fault and a hang (offline, mode hang: ioTimeout decides).
 //
-//   node bench/svol.js [--size 256MiB] [--runtime 3] [--reps 1] [--faults 20] [--only failover]
+//   node bench/svol.js [--size 256MiB] [--runtime 3] [--reps 1] [--faults 20] [--only failover|rw] [--profile DIR]
 //
+// --only rw prints the write figures without touching RESULTS.md; --profile DIR runs the storage
+// system under node --cpu-prof (its .cpuprofile lands in DIR when it stops).
 // Writes its sections of bench/RESULTS.md. Needs a built tree (npm run build), fio, nbdcopy, qemu-io.
 import fs from 'node:fs';
 import os from 'node:os';
@@ -32,6 +34,7 @@ const runtime = Number(arg('runtime', '3'));
 const reps = Number(arg('reps', '1'));
 const faultRuns = Number(arg('faults', '20'));
 const only = arg('only', '');
+const profile = arg('profile', '');
 /** The group's ioTimeout: a hang costs at least this much before the host's I/O flows again. */
 const IO_TIMEOUT_MS = 1000;
 
@@ -66,7 +69,7 @@ ${[1, 2, 3, 4, 5, 6, 7, 8].map((v) => `      - { id: ${v}, size: ${size} }`).joi
 );
 const started = new Date();
 const loadStart = loadAvg();
-const up = await startServer('blockmirror up', process.execPath, [CLI, 'up', '-c', file, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: nbd });
+const up = await startServer('blockmirror up', process.execPath, [...(profile ? ['--cpu-prof', '--cpu-prof-dir', path.resolve(profile)] : []), CLI, 'up', '-c', file, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: nbd });
 const uri = (v) => `nbd://127.0.0.1:${nbd}/vol${v}`;
 const cli = async (...a) => {
   const r = await run(process.execPath, [CLI, ...a, '-c', file], { timeoutMs: 600_000 });
@@ -149,6 +152,7 @@ try {
 
   // Fault to I/O flowing again: EIO and hang runs interleaved.
   const flow = { eio: [], hang: [] };
+  if (only !== 'rw') {
   for (let r = 0; r < faultRuns; r++) for (const kind of r % 2 ? ['hang', 'eio'] : ['eio', 'hang']) flow[kind].push(await failover(kind));
   const fm = machineInfo();
   const fcode = codeInfo(ROOT);
@@ -169,7 +173,7 @@ ${frow(`offline, mode hang (failed after ioTimeout ${IO_TIMEOUT_MS} ms)`, flow.h
 `;
   replaceSection(path.join(ROOT, 'bench/RESULTS.md'), 'svol-failover', ftext);
   process.stdout.write(ftext);
-  if (only === 'failover') process.exit(0);
+  }
 
   // Restore vs nbdcopy, A B B A.
   const copyS = [];
@@ -194,7 +198,7 @@ ${frow(`offline, mode hang (failed after ioTimeout ${IO_TIMEOUT_MS} ms)`, flow.h
     await cli('fault', 'clear', `1:${phys}`);
     await cli('svol', 'attr', 'bench', String(phys), 'spare');
   };
-  for (let r = 0; r < reps; r++) for (const step of [nbdcopy, restore, restore, nbdcopy]) await step();
+  if (only === '') for (let r = 0; r < reps; r++) for (const step of [nbdcopy, restore, restore, nbdcopy]) await step();
 
   // RW member vs plain volume, A B B A per job.
   const jobs = [
@@ -202,7 +206,7 @@ ${frow(`offline, mode hang (failed after ioTimeout ${IO_TIMEOUT_MS} ms)`, flow.h
     { label: '1M seq write QD8', rw: 'write', bs: '1M', iodepth: 8, unit: 'MiB/s', pick: (x) => x.bwMiB },
   ];
   const rows = [];
-  for (const j of jobs) {
+  for (const j of only === 'failover' ? [] : jobs) {
     const plain = [];
     const rwm = [];
     const one = async (vol, into) => {
@@ -213,6 +217,10 @@ ${frow(`offline, mode hang (failed after ioTimeout ${IO_TIMEOUT_MS} ms)`, flow.h
     rows.push({ ...j, plain: median(plain), rwm: median(rwm) });
   }
 
+  if (only === 'rw') {
+    for (const r of rows) process.stdout.write(`${r.label}: RW member ${r.rwm.toFixed(0)} ${r.unit}, plain ${r.plain.toFixed(0)} ${r.unit}, ratio ${(r.rwm / r.plain).toFixed(2)}; load ${loadAvg()}\n`);
+  }
+  if (only === '') {
   const m = machineInfo();
   const code = codeInfo(ROOT);
   const fmt = (v, unit) => (unit === 'IOPS' ? `${Math.round(v).toLocaleString('en')} IOPS` : `${v.toFixed(0)} MiB/s`);
@@ -233,6 +241,7 @@ Time from fault to the host's I/O flowing again: the section "fault to host I/O 
 `;
   replaceSection(path.join(ROOT, 'bench/RESULTS.md'), 'svol', text);
   process.stdout.write(text);
+  }
 } finally {
   await up.stop();
   fs.rmSync(dir, { recursive: true, force: true });

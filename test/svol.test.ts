@@ -14,7 +14,9 @@ import type { SvolGroupStatus } from '../src/controller/svol/status.js';
 
 afterEach(stopAll);
 
-describe('S-VOL groups over NBD', () => {
+// Each scenario starts a storage system and a dozen CLI and client processes: on the shared, loaded
+// machine one takes up to a minute.
+describe('S-VOL groups over NBD', { timeout: 120_000 }, () => {
   it('keeps split images point-in-time while the P-VOL changes, logs RW writes in the increments volume, and resyncs only the changed clusters', async () => {
     const k = await start();
     const size = 8 * MiB;

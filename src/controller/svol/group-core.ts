@@ -404,17 +404,20 @@ export abstract class SvolGroupCore {
     try {
       this.bitmaps[i]!.setRangeInvalid(first, last);
       await this.store.mark([i], first, last);
-      // The increments first: whatever happens to the member, its write is kept.
-      await incr.log(offset, data, this.size, (c, buf) => this.baseOf(i, c, buf));
+      // The increments and the member together (the member once the bases it had are read):
+      // the host's write is acknowledged only once it is in the increments, so whatever
+      // happens to the member, the write is kept.
       this.count(l.vol, 'writes');
-      if (l.state !== 'split') return;
-      const vol = l.vol;
-      try {
-        await this.io.write(vol, offset, data.length, data, () => this.dev(vol).write(offset, data));
-      } catch (e) {
-        if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO') throw e;
-        this.fail(i, 'write', e);
-      }
+      await incr.log(offset, data, this.size, (c, buf) => this.baseOf(i, c, buf), async () => {
+        if (l.state !== 'split') return;
+        const vol = l.vol;
+        try {
+          await this.io.write(vol, offset, data.length, data, () => this.dev(vol).write(offset, data));
+        } catch (e) {
+          if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO') throw e;
+          this.fail(i, 'write', e);
+        }
+      });
     } finally {
       release();
     }
