@@ -3,12 +3,17 @@
 // read, and a member whose I/O hangs (offline, mode hang) failed after ioTimeout. Real hosts
 // (qemu-io, nbdcopy) on the logical IDs; each scenario ends with a byte-for-byte compare of the
 // volumes' files against the model.
+import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
+import { requireTools } from './helpers/clients.js';
+import { run } from './helpers/servers.js';
 import { cli, fill, hostImage, hostWrite, KiB, member, MiB, qemuIo, query, restart, splitGroup, start, stopAll, svol, uri, volFile, waitFor } from './helpers/svol.js';
 
 afterEach(stopAll);
 
 const SIZE = 8 * MiB;
+// The hang tests' ioTimeout (3s): long enough that no request of a healthy volume on the loaded shared
+// machine takes it (300 ms did: a restore's first 1 MiB write to a fresh spare), short for a test.
 
 /** qemu-io commands: `n` reads of 64 KiB over the first MiB, each checked against `byte`. */
 const badByte = (error: string) => Number(/at byte (\d+)/.exec(error)![1]);
@@ -104,9 +109,9 @@ describe('S-VOL groups under faults', () => {
   }, 120_000);
 
   it('declares a member whose I/O hangs (offline, mode hang) failed after ioTimeout: the host reading an RO member and the host writing the RW member go on, both are rebuilt', async () => {
-    const k = await start({ groupKeys: 'ioTimeout: 300ms' });
+    const k = await start({ groupKeys: 'ioTimeout: 3s' });
     const image = await splitGroup(k, SIZE);
-    expect((await query(k)).ioTimeoutMs).toBe(300);
+    expect((await query(k)).ioTimeoutMs).toBe(3000);
 
     // vol40's volume stops answering: the host's read waits out the timeout, then a sibling serves it.
     expect((await cli('fault', 'set', '-c', k.file, '1:4', 'offline')).code).toBe(0);
@@ -114,10 +119,10 @@ describe('S-VOL groups under faults', () => {
     expect(r.code, r.stderr + r.stdout).toBe(0);
     expect(r.stdout + r.stderr).not.toMatch(/error|fail|pattern/i);
     let g = await waitFor(k, (s) => !s.restore && member(s, 40).state === 'split' && member(s, 40).vol === 5, 'vol40 rebuilt');
-    expect(g.members.find((m) => m.vol === 4)).toMatchObject({ state: 'error', error: expect.stringContaining('did not complete in 300 ms (ioTimeout)') });
+    expect(g.members.find((m) => m.vol === 4)).toMatchObject({ state: 'error', error: expect.stringContaining('did not complete in 3000 ms (ioTimeout)') });
     expect(g.ioTimeouts).toBeGreaterThanOrEqual(1);
 
-    // The RW member's volume hangs: a first write to a cluster needs its base; the host's write is kept in the increments.
+    // The RW member's volume hangs: the member's own write times out, the host's write is kept in the increments.
     expect((await cli('fault', 'set', '-c', k.file, '1:3', 'offline')).code).toBe(0);
     await hostWrite(k, 3, 2 * MiB, 64 * KiB, 0x3c);
     const rw = Buffer.from(image);
@@ -130,12 +135,71 @@ describe('S-VOL groups under faults', () => {
     expect((await hostImage(k, 3)).equals(rw)).toBe(true);
     expect((await hostImage(k, 40)).equals(image)).toBe(true);
 
-    // The hung requests are let go: they end on volumes out of service, and nothing the hosts see changes.
+    // The hung requests are let go: they end on volumes out of service (the member's write lands on
+    // volume 3, replaced), and nothing the hosts see changes.
     for (const v of ['1:3', '1:4']) expect((await cli('fault', 'clear', '-c', k.file, v)).code).toBe(0);
     expect((await hostImage(k, 3)).equals(rw)).toBe(true);
+    expect((await query(k)).members.find((m) => m.vol === 3)).toMatchObject({ state: 'error' });
     await k.c.stop();
     const home = member(g, 3).vol;
-    expect(volFile(k, home).equals(rw)).toBe(true);
-    for (const v of [1, 2, 3, 4, 5, 6].filter((x) => x !== home)) expect(volFile(k, v).equals(image), `vol${v}.img`).toBe(true);
+    for (const v of [home, 3]) expect(volFile(k, v).equals(rw), `vol${v}.img`).toBe(true);
+    for (const v of [1, 2, 4, 5, 6].filter((x) => x !== home)) expect(volFile(k, v).equals(image), `vol${v}.img`).toBe(true);
   }, 120_000);
+
+  it('keeps fio --verify on the RW member and a reader of an RO member free of errors while first the RW member and then the RO member hang and are rebuilt under them', async () => {
+    requireTools('fio', 'nbdcopy');
+    const k = await start({ incrSize: '9MiB', groupKeys: 'ioTimeout: 3s' });
+    const image = await splitGroup(k, SIZE);
+    const fio = run(
+      'fio',
+      [
+        '--name=svol', '--ioengine=nbd', `--uri=${uri(k, 3)}`, '--rw=randwrite', '--bs=4k', '--iodepth=8', '--size=8M', '--io_size=48M',
+        '--rate=,8m', '--verify=crc32c', '--verify_fatal=1', '--do_verify=1', '--verify_state_save=0', '--output-format=json', `--directory=${path.dirname(k.data)}`,
+      ],
+      { timeoutMs: 240_000 },
+    );
+    let fioDone = false;
+    void fio.then(() => (fioDone = true));
+    let reading = true;
+    const reads: boolean[] = [];
+    const reader = (async () => {
+      while (reading) reads.push((await hostImage(k, 40)).equals(image));
+    })();
+    let g;
+    let r;
+    try {
+      await waitFor(k, (s) => (member(s, 3).increments?.clusters ?? 0) >= 8, 'fio under way');
+      expect((await cli('fault', 'set', '-c', k.file, '1:3', 'offline')).code).toBe(0);
+      // The fault lands in the middle of the workload (fio writes at most 8 MiB/s), not after it.
+      expect(fioDone).toBe(false);
+      g = await waitFor(k, (s) => !s.restore && member(s, 3).vol !== 3 && member(s, 3).state === 'split', 'vol3 rebuilt');
+      const ro = member(g, 40).vol;
+      expect((await cli('fault', 'set', '-c', k.file, `1:${ro}`, 'offline')).code).toBe(0);
+      g = await waitFor(k, (s) => !s.restore && member(s, 40).vol !== ro && member(s, 40).state === 'split', 'vol40 rebuilt');
+      expect(g.members.filter((m) => m.logicalId === undefined).map((m) => [m.vol, m.state]).sort()).toEqual([
+        [3, 'error'],
+        [ro, 'error'],
+      ]);
+      expect(g.ioTimeouts).toBeGreaterThanOrEqual(2);
+      r = await fio;
+    } finally {
+      reading = false;
+      await reader;
+      for (const v of ['1:3', '1:4', '1:5']) await cli('fault', 'clear', '-c', k.file, v);
+    }
+    const job = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))) as { jobs: { error: number; write: { io_bytes: number } }[] };
+    expect(r.code, r.stderr + r.stdout.slice(0, 2000)).toBe(0);
+    expect(job.jobs[0]!.error).toBe(0);
+    expect(job.jobs[0]!.write.io_bytes).toBeGreaterThanOrEqual(8 * MiB);
+    expect(reads.length).toBeGreaterThan(0);
+    expect(reads.every(Boolean)).toBe(true);
+    const text = await svol(k, 'query', 'backup');
+    expect(text).toMatch(new RegExp(`^vol3 +${member(g, 3).vol} +RW +split +1 `, 'm'));
+    expect(text).toMatch(new RegExp(`^vol40 +${member(g, 40).vol} +RO +split +1 `, 'm'));
+    expect(text).toMatch(/ioTimeout 3000 ms; \d+ checksum mismatches, [2-9]\d* timeouts since start/);
+    const seen = await hostImage(k, 3);
+    await k.c.stop();
+    expect(volFile(k, member(g, 3).vol).equals(seen)).toBe(true);
+    for (const id of [2, 40]) expect(volFile(k, member(g, id).vol).equals(image), `vol${id}`).toBe(true);
+  }, 240_000);
 });
