@@ -19,7 +19,8 @@ import { pino } from 'pino';
 import { describe, expect, it } from 'vitest';
 import { FaultDevice, FaultSet } from '../src/blockdev/fault.js';
 import { openFileDevice } from '../src/blockdev/file.js';
-import type { BlockDevice } from '../src/blockdev/types.js';
+import { FilterDevice } from '../src/blockdev/filter.js';
+import { BlockDeviceError, type BlockDevice } from '../src/blockdev/types.js';
 import { SvolGroup, type SvolGroupSpec } from '../src/controller/svol/group.js';
 import { LogicalVolume, PvolVolume } from '../src/controller/svol/logical-volume.js';
 
@@ -70,7 +71,10 @@ class Rig {
   logical = new Map<number, LogicalVolume>();
   private files: BlockDevice[] = [];
 
-  constructor(private readonly dir: string) {}
+  constructor(
+    private readonly dir: string,
+    private readonly spec: SvolGroupSpec = SPEC,
+  ) {}
 
   async open(): Promise<void> {
     for (const v of [1, 2, 3, 4, 5, 6, 9]) {
@@ -80,7 +84,7 @@ class Rig {
       this.faults.set(v, set);
       this.volumes.set(v, { device: new FaultDevice(file, set, `vol${v}`) });
     }
-    this.group = new SvolGroup(SPEC, { clusterSize: CLUSTER, volumes: this.volumes, dir: path.join(this.dir, 'svol'), log });
+    this.group = new SvolGroup(this.spec, { clusterSize: CLUSTER, volumes: this.volumes, dir: path.join(this.dir, 'svol'), log });
     await this.group.open();
     this.pvol = new PvolVolume(this.volumes.get(1)!.device, this.group);
     this.group.logicalIds.forEach((id, i) => this.logical.set(id, new LogicalVolume(this.group, i, this.volumes)));
@@ -106,6 +110,44 @@ interface ModelMember {
 }
 
 describe('S-VOL group model', () => {
+  it('fails a member once for a request that outlived its rebuild: a read answered with EIO after the member moved to a spare is read again there', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bm-svol-stale-'));
+    // Without spreadReads: both reads of vol4 go to volume 4.
+    const rig = new Rig(dir, { ...SPEC, spreadReads: false });
+    try {
+      await rig.open();
+      await rig.pvol.write(0, Buffer.alloc(SIZE, 0x11));
+      await rig.group.init();
+      await rig.group.idle();
+      await rig.group.split();
+      // Volume 4's reads wait until the test answers them, one by one.
+      const held: ((err: Error) => void)[] = [];
+      class Held extends FilterDevice {
+        override read(): Promise<void> {
+          return new Promise((_, reject) => held.push(reject));
+        }
+      }
+      rig.volumes.set(4, { device: new Held(rig.volumes.get(4)!.device) });
+      const a = rig.read(rig.logical.get(4)!);
+      const b = rig.read(rig.logical.get(4)!);
+      await expect.poll(() => held.length).toBe(2);
+      held[0]!(new BlockDeviceError('EIO', 'first'));
+      expect((await a).equals(Buffer.alloc(SIZE, 0x11))).toBe(true);
+      await rig.group.idle();
+      expect(rig.group.status().members.find((m) => m.logicalId === 4)).toMatchObject({ vol: 5, state: 'split' });
+      // The second read's answer comes from volume 4, which serves nobody now.
+      held[1]!(new BlockDeviceError('EIO', 'second, late'));
+      expect((await b).equals(Buffer.alloc(SIZE, 0x11))).toBe(true);
+      await rig.group.idle();
+      const st = rig.group.status();
+      expect(st.members.find((m) => m.logicalId === 4)).toMatchObject({ vol: 5, state: 'split' });
+      expect(st.members.filter((m) => m.state === 'spare').map((m) => m.vol)).toEqual([6]);
+    } finally {
+      await rig.close().catch(() => {});
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('rebuilds two members that fail at once, one after the other, each from a healthy sibling', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bm-svol-two-fail-'));
     const rig = new Rig(dir);

@@ -6,8 +6,8 @@
 // One CRC32C per 4 KiB block of every member and spare (not the P-VOL, not increments volumes).
 // A cluster's checksums are its blocks': 4 KiB rather than a whole cluster, so a 4 KiB host read
 // checks only what it reads. A block's checksum is "known" once the group wrote the whole block
-// (a copy, a mirrored P-VOL write, an RW write, a restore); a write of part of a block, or a
-// trim/zero of another size, makes it unknown, and an unknown block is not checked.
+// (a copy, a mirrored P-VOL write or zero, an RW write, a restore); a write of part of a block,
+// or a trim (what it leaves is the backend's), makes it unknown, and an unknown block is not checked.
 //
 // Kept in DATADIR/svol/NAME.sums, rewritten whole at start (marked unclean), at split, when a
 // restore ends and at a clean close:

@@ -231,8 +231,8 @@ export abstract class SvolGroupCore {
 
   // ---- the P-VOL's write path ----
 
-  /** A host write to the P-VOL of `data` (null: zeroes): mirrored to paired members, tracked for the others. */
-  async pvolWrite(offset: number, length: number, data: Payload | null, apply: (d: BlockDevice) => Promise<void>): Promise<void> {
+  /** A host write to the P-VOL of `data` (null: zeroes; undefined: not known): mirrored to paired members, tracked for the others. */
+  async pvolWrite(offset: number, length: number, data: Payload | null | undefined, apply: (d: BlockDevice) => Promise<void>): Promise<void> {
     while (this.gate) await this.gate;
     this.pvolWrites++;
     try {
@@ -249,13 +249,8 @@ export abstract class SvolGroupCore {
           else this.bitmaps[i]!.setRangeInvalid(first, last);
         });
         if (marked.length) await this.store.mark(marked, first, last);
-        const results = await Promise.allSettled([
-          apply(this.dev(this.spec.pvol)),
-          ...paired.map((i) => {
-            const vol = this.rec.logical[i]!.vol;
-            return this.io.write(vol, offset, length, data, () => apply(this.dev(vol)));
-          }),
-        ]);
+        const vols = paired.map((i) => this.rec.logical[i]!.vol);
+        const results = await Promise.allSettled([apply(this.dev(this.spec.pvol)), ...vols.map((vol) => this.io.write(vol, offset, length, data, () => apply(this.dev(vol))))]);
         if (results[0]!.status === 'rejected') {
           for (const i of paired) this.bitmaps[i]!.setRangeInvalid(first, last);
           throw results[0].reason;
@@ -268,7 +263,7 @@ export abstract class SvolGroupCore {
             return;
           }
           this.bitmaps[i]!.setRangeInvalid(first, last);
-          this.fail(i, 'write', r.reason as Error);
+          this.fail(i, 'write', r.reason as Error, vols[k]);
         });
         if (marked.some((i) => this.rec.logical[i]!.state === 'paired' && this.bitmaps[i]!.invalidCount > 0)) this.wake();
       } finally {
@@ -322,8 +317,10 @@ export abstract class SvolGroupCore {
       } catch (e) {
         if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO' || this.rec.logical[j]!.state === 'simplex') throw e;
         // The host's read succeeds from a sibling (or the P-VOL); the recovery starts behind it.
-        this.fail(j, 'read', e);
-        if (j === i) return this.degradedRead(i, offset, dest);
+        this.fail(j, 'read', e, vol);
+        // Read by the map as it is now: the member degraded or remapped (or, when the request
+        // outlived a remap, on its new volume).
+        if (j === i) return this.logicalRead(i, offset, dest);
         // A sibling that served a spread read failed: it is out of the spread now; next pick.
       }
     }
@@ -370,7 +367,7 @@ export abstract class SvolGroupCore {
       } catch (e) {
         // A donor that fails its checksum (or its disk) is failed in turn; the next sibling serves.
         if (mine || !pick || !(e instanceof BlockDeviceError) || e.errno !== 'EIO') throw e;
-        this.fail(pick.index, 'read', e);
+        this.fail(pick.index, 'read', e, pick.vol);
       }
     }
   }
@@ -415,7 +412,7 @@ export abstract class SvolGroupCore {
           await this.io.write(vol, offset, data.length, data, () => this.dev(vol).write(offset, data));
         } catch (e) {
           if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO') throw e;
-          this.fail(i, 'write', e);
+          this.fail(i, 'write', e, vol);
         }
       });
     } finally {
@@ -428,11 +425,12 @@ export abstract class SvolGroupCore {
     const l = this.rec.logical[i]!;
     const at = c * this.ctx.clusterSize;
     if (l.state === 'split') {
+      const vol = l.vol;
       try {
-        return await this.readVol(l.vol, at, buf);
+        return await this.readVol(vol, at, buf);
       } catch (e) {
         if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO') throw e;
-        this.fail(i, 'read', e);
+        this.fail(i, 'read', e, vol);
       }
     }
     return this.degradedRead(i, at, buf);
@@ -442,12 +440,13 @@ export abstract class SvolGroupCore {
     const l = this.rec.logical[i]!;
     await this.incr.get(i)?.flush();
     if (l.state !== 'split' && l.state !== 'paired') return;
+    const vol = l.vol;
     try {
-      await this.io.flush(l.vol);
+      await this.io.flush(vol);
     } catch (e) {
       // An RW member's writes are in its increments (flushed above): its own volume failing is a recovery, not the host's error.
       if (l.attr !== 'RW' || l.state !== 'split' || !(e instanceof BlockDeviceError) || e.errno !== 'EIO') throw e;
-      this.fail(i, 'flush', e);
+      this.fail(i, 'flush', e, vol);
     }
   }
 
@@ -456,11 +455,12 @@ export abstract class SvolGroupCore {
     await Promise.all(
       this.rec.logical.map(async (l, i) => {
         if (l.state !== 'paired') return;
+        const vol = l.vol;
         try {
-          await this.io.flush(l.vol);
+          await this.io.flush(vol);
         } catch (e) {
           // The P-VOL holds the writes: a member that cannot make them durable is replaced and recopied.
-          this.fail(i, 'flush', e as Error);
+          this.fail(i, 'flush', e as Error, vol);
         }
       }),
     );
@@ -481,8 +481,12 @@ export abstract class SvolGroupCore {
 
   // ---- failures and recovery (recovery.ts) ----
 
-  /** A member's volume failed under host I/O: mark it, and start its recovery in the background. */
-  protected abstract fail(i: number, op: string, err: Error): void;
+  /**
+   * A member's volume failed under host I/O: mark it, and start its recovery in the background.
+   * `vol`, the volume the failed request went to: a request that outlived a remap (a read that
+   * hung past ioTimeout while the member was rebuilt elsewhere) fails nothing.
+   */
+  protected abstract fail(i: number, op: string, err: Error, vol?: number): void;
   /** Resume the restore the record holds. */
   protected abstract startRestore(): void;
   /** Start the recovery of members in error, if one applies. */
@@ -525,7 +529,7 @@ export abstract class SvolGroupCore {
             try {
               await this.io.write(vol, off, len, piece, () => this.dev(vol).write(off, piece));
             } catch (e) {
-              this.fail(i, 'copy', e as Error);
+              this.fail(i, 'copy', e as Error, vol);
               break;
             }
             for (let k = c; k <= end; k++) if (bm.setValid(k)) done.push(k);
@@ -536,7 +540,7 @@ export abstract class SvolGroupCore {
           try {
             await this.io.flush(vol);
           } catch (e) {
-            this.fail(i, 'flush', e as Error);
+            this.fail(i, 'flush', e as Error, vol);
             break;
           }
           await markRunsClear(this.store, i, done);

@@ -159,7 +159,7 @@ export class SvolGroup extends SvolGroupRecovery {
             if (!a.subarray(o, e).equals(b.subarray(o, e))) differing.push(c);
           }
         } catch (e) {
-          this.fail(i, 'verify', e as Error);
+          this.fail(i, 'verify', e as Error, l.vol);
           break;
         } finally {
           releaseL();

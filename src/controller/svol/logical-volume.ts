@@ -22,7 +22,8 @@ export class PvolVolume extends FilterDevice {
   }
 
   override trim(offset: number, length: number, fua = false): Promise<void> {
-    return this.group.pvolWrite(offset, length, null, (d) => d.trim(offset, length, fua));
+    // What a trim leaves is the backend's business: the members' checksums of it are not known.
+    return this.group.pvolWrite(offset, length, undefined, (d) => d.trim(offset, length, fua));
   }
 
   override zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {

@@ -20,9 +20,9 @@ const RESTORE_SAVE_EVERY = 16 * 1024 * 1024;
 
 export abstract class SvolGroupRecovery extends SvolGroupCore {
   /** A member's volume failed under host I/O: mark it, and start its recovery in the background. */
-  protected override fail(i: number, op: string, err: Error): void {
+  protected override fail(i: number, op: string, err: Error, vol?: number): void {
     const l = this.rec.logical[i]!;
-    if (l.state === 'error' || l.state === 'restoring') return;
+    if (l.state === 'error' || l.state === 'restoring' || (vol !== undefined && vol !== l.vol)) return;
     l.state = 'error';
     l.error = `${op}: ${err.message}`;
     this.log.error({ logical: l.id, vol: l.vol, err: err.message }, `S-VOL group ${this.name}: vol${l.id} (volume ${l.vol}) failed on ${op}; recovering`);
@@ -43,6 +43,7 @@ export abstract class SvolGroupRecovery extends SvolGroupCore {
       if (spareAt < 0) throw new PairCommandError('refused', `${this.name}: no spare to replace vol${l.id}; its reads come from the P-VOL`);
       const spare = this.rec.pool.splice(spareAt, 1)[0]!;
       this.rec.pool.push({ vol: l.vol, state: 'error', error: reason });
+      this.io.sums.forgetVolume(l.vol);
       this.log.warn({ logical: l.id, from: l.vol, to: spare.vol }, `S-VOL group ${this.name}: vol${l.id} remapped from volume ${l.vol} to spare ${spare.vol}; copying from the P-VOL`);
       l.vol = spare.vol;
       l.state = this.rec.state === 'simplex' ? 'simplex' : 'paired';
@@ -192,7 +193,7 @@ export abstract class SvolGroupRecovery extends SvolGroupCore {
         delete this.rec.restore;
         this.save();
         const d = this.rec.logical.findIndex((x) => x.vol === r.donor);
-        if (d >= 0) this.fail(d, 'restore read', e);
+        if (d >= 0) this.fail(d, 'restore read', e, r.donor);
         throw e;
       }
       // The target failed too: out of service; the member stays served by its sibling.
