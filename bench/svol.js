@@ -1,11 +1,15 @@
 #!/usr/bin/env node
 // S-VOL groups (docs/svol.md), against peers in the same run, interleaved A B B A:
 //   - restore of a member onto a spare vs a raw nbdcopy of the same size between two exports;
-//   - an RW member's writes (increments logging) vs a plain volume, fio 4k rand QD16 and 1M seq QD8.
+//   - an RW member's writes (increments logging) vs a plain volume, fio 4k rand QD16 and 1M seq QD8;
+//   - time from a fault on an RO member to the host's reads of its logical ID flowing again, p50 and
+//     p99 over --faults runs each of an EIO fault and a hang (offline, mode hang: ioTimeout decides).
 //
-//   node bench/svol.js [--size 256MiB] [--runtime 3] [--reps 1]
+//   node bench/svol.js [--size 256MiB] [--runtime 3] [--reps 1] [--faults 20] [--only failover|rw] [--profile DIR]
 //
-// Writes its section of bench/RESULTS.md. Needs a built tree (npm run build), fio, nbdcopy, qemu-io.
+// --only rw prints the write figures without touching RESULTS.md; --profile DIR runs the storage
+// system under node --cpu-prof (its .cpuprofile lands in DIR when it stops).
+// Writes its sections of bench/RESULTS.md. Needs a built tree (npm run build), fio, nbdcopy, qemu-io.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -15,6 +19,7 @@ import { codeInfo, loadAvg, machineInfo } from './lib/machine.js';
 import { freePort, installCleanup, run, startServer } from './lib/proc.js';
 import { replaceSection } from './lib/report.js';
 import { median } from './lib/stats.js';
+import { connect } from '../dist/nbd/client/client.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const CLI = path.join(ROOT, 'bin/blockmirror.js');
@@ -27,6 +32,11 @@ function arg(name, dflt) {
 const sizeMiB = parseInt(arg('size', '256MiB'), 10);
 const runtime = Number(arg('runtime', '3'));
 const reps = Number(arg('reps', '1'));
+const faultRuns = Number(arg('faults', '20'));
+const only = arg('only', '');
+const profile = arg('profile', '');
+/** The group's ioTimeout: a hang costs at least this much before the host's I/O flows again. */
+const IO_TIMEOUT_MS = 1000;
 
 installCleanup();
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bm-bench-svol-'));
@@ -54,11 +64,12 @@ ${[1, 2, 3, 4, 5, 6, 7, 8].map((v) => `      - { id: ${v}, size: ${size} }`).joi
           - { vol: 4, attr: RO, logicalId: 40 }
           - { vol: 5, attr: spare }
           - { vol: 6, attr: spare }
+        ioTimeout: ${IO_TIMEOUT_MS}ms
 `,
 );
 const started = new Date();
 const loadStart = loadAvg();
-const up = await startServer('blockmirror up', process.execPath, [CLI, 'up', '-c', file, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: nbd });
+const up = await startServer('blockmirror up', process.execPath, [...(profile ? ['--cpu-prof', '--cpu-prof-dir', path.resolve(profile)] : []), CLI, 'up', '-c', file, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: nbd });
 const uri = (v) => `nbd://127.0.0.1:${nbd}/vol${v}`;
 const cli = async (...a) => {
   const r = await run(process.execPath, [CLI, ...a, '-c', file], { timeoutMs: 600_000 });
@@ -66,21 +77,103 @@ const cli = async (...a) => {
   return r.stdout;
 };
 // Polled straight from the admin API: a CLI process per poll would add its start to every figure.
-const query = async () => {
+const api = async (method, p, body) => {
   const token = fs.readFileSync(path.join(dir, 'data', 'admin.token'), 'utf8').trim();
-  const res = await fetch(`http://127.0.0.1:${admin}/api/svol/bench`, { headers: { authorization: `Bearer ${token}` } });
-  if (!res.ok) throw new Error(`GET /api/svol/bench: ${res.status} ${await res.text()}`);
+  const res = await fetch(`http://127.0.0.1:${admin}${p}`, {
+    method,
+    headers: { authorization: `Bearer ${token}`, ...(body ? { 'content-type': 'application/json' } : {}) },
+    ...(body ? { body: JSON.stringify(body) } : {}),
+  });
+  if (!res.ok) throw new Error(`${method} ${p}: ${res.status} ${await res.text()}`);
   return res.json();
+};
+const query = () => api('GET', '/api/svol/bench');
+const settledOn = async (ok) => {
+  for (;;) {
+    const s = await query();
+    if (ok(s)) return s;
+    await new Promise((r) => setTimeout(r, 20));
+  }
 };
 const sh = async (cmd, a) => {
   const r = await run(cmd, a, { timeoutMs: 600_000 });
   if (r.code !== 0) throw new Error(`${cmd} ${a.join(' ')}: ${r.stderr}`);
 };
 
+/**
+ * One fault on vol40's volume while a host reads vol40 (4 KiB random reads, QD1, our NBD client):
+ * milliseconds from the fault being in force (the admin API answered) to the first read issued
+ * after it that completes. Then the rebuild ends, the fault goes, the volume returns to the pool.
+ */
+async function failover(kind) {
+  const g = await query();
+  const phys = g.members.find((m) => m.logicalId === 40).vol;
+  const host = await connect({ host: '127.0.0.1', port: nbd, exportName: 'vol40' });
+  const buf = Buffer.alloc(4096);
+  let faultAt = Infinity;
+  let flowing;
+  let errors = 0;
+  let stop = false;
+  const reader = (async () => {
+    while (!stop) {
+      const issued = performance.now();
+      try {
+        await host.pread(buf, 4096 * Math.floor(Math.random() * (sizeMiB * 256)));
+        if (issued >= faultAt && flowing === undefined) flowing = performance.now() - faultAt;
+      } catch {
+        errors++;
+      }
+    }
+  })();
+  await new Promise((r) => setTimeout(r, 50));
+  const target = encodeURIComponent(`1:${phys}`);
+  await api('PUT', `/api/faults/${target}/${kind === 'hang' ? 'offline' : 'error'}`, kind === 'hang' ? { mode: 'hang' } : { op: 'read' });
+  faultAt = performance.now();
+  await settledOn(() => flowing !== undefined);
+  await settledOn((s) => !s.restore && s.members.find((m) => m.logicalId === 40).state === 'split' && s.members.find((m) => m.logicalId === 40).vol !== phys);
+  stop = true;
+  await reader;
+  await host.close();
+  await api('DELETE', `/api/faults/${target}`);
+  await api('POST', '/api/svol/bench/attr', { member: phys, attr: 'spare' });
+  if (errors) throw new Error(`${errors} host reads failed during a ${kind} fault: the host must never see the failure`);
+  return flowing;
+}
+
+function pct(xs, p) {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.ceil((p / 100) * s.length) - 1)];
+}
+
 try {
   for (const v of [1, 7]) await sh('qemu-io', ['-f', 'raw', '-c', `write -P 0x5a 0 ${sizeMiB}M`, uri(v)]);
   await cli('svol', 'init', 'bench', '--wait');
   await cli('svol', 'split', 'bench');
+
+  // Fault to I/O flowing again: EIO and hang runs interleaved.
+  const flow = { eio: [], hang: [] };
+  if (only !== 'rw') {
+  for (let r = 0; r < faultRuns; r++) for (const kind of r % 2 ? ['hang', 'eio'] : ['eio', 'hang']) flow[kind].push(await failover(kind));
+  const fm = machineInfo();
+  const fcode = codeInfo(ROOT);
+  const frow = (label, xs) => `| ${label} | ${xs.length} | ${pct(xs, 50).toFixed(1)} ms | ${pct(xs, 99).toFixed(1)} ms | ${Math.max(...xs).toFixed(1)} ms |`;
+  const ftext = `## S-VOL groups: fault to host I/O flowing again (bench/svol.js)
+
+Run ${started.toISOString()} on ${fm.cpuModel}, nproc ${os.cpus().length}; Node ${process.version}; commit ${fcode.head}.
+Load average at start ${loadStart}, at end ${loadAvg()}. ${sizeMiB} MiB volumes in files, clusterSize 64 KiB, ioTimeout ${IO_TIMEOUT_MS} ms.
+A host reads vol40 (an RO member) with 4 KiB random reads, one at a time, through our NBD client; a fault is
+set on vol40's volume through the admin API; the figure is the time from the API's answer to the end of
+the first read issued after it. Each run then waits for the rebuild on a spare, clears the fault and returns
+the volume to the pool. No host read failed in any run (the bench stops if one does).
+
+| fault | runs | p50 | p99 | max |
+|---|---:|---:|---:|---:|
+${frow('EIO on read (the read is served by a sibling at once)', flow.eio)}
+${frow(`offline, mode hang (failed after ioTimeout ${IO_TIMEOUT_MS} ms)`, flow.hang)}
+`;
+  replaceSection(path.join(ROOT, 'bench/RESULTS.md'), 'svol-failover', ftext);
+  process.stdout.write(ftext);
+  }
 
   // Restore vs nbdcopy, A B B A.
   const copyS = [];
@@ -105,7 +198,7 @@ try {
     await cli('fault', 'clear', `1:${phys}`);
     await cli('svol', 'attr', 'bench', String(phys), 'spare');
   };
-  for (let r = 0; r < reps; r++) for (const step of [nbdcopy, restore, restore, nbdcopy]) await step();
+  if (only === '') for (let r = 0; r < reps; r++) for (const step of [nbdcopy, restore, restore, nbdcopy]) await step();
 
   // RW member vs plain volume, A B B A per job.
   const jobs = [
@@ -113,7 +206,7 @@ try {
     { label: '1M seq write QD8', rw: 'write', bs: '1M', iodepth: 8, unit: 'MiB/s', pick: (x) => x.bwMiB },
   ];
   const rows = [];
-  for (const j of jobs) {
+  for (const j of only === 'failover' ? [] : jobs) {
     const plain = [];
     const rwm = [];
     const one = async (vol, into) => {
@@ -124,6 +217,10 @@ try {
     rows.push({ ...j, plain: median(plain), rwm: median(rwm) });
   }
 
+  if (only === 'rw') {
+    for (const r of rows) process.stdout.write(`${r.label}: RW member ${r.rwm.toFixed(0)} ${r.unit}, plain ${r.plain.toFixed(0)} ${r.unit}, ratio ${(r.rwm / r.plain).toFixed(2)}; load ${loadAvg()}\n`);
+  }
+  if (only === '') {
   const m = machineInfo();
   const code = codeInfo(ROOT);
   const fmt = (v, unit) => (unit === 'IOPS' ? `${Math.round(v).toLocaleString('en')} IOPS` : `${v.toFixed(0)} MiB/s`);
@@ -140,10 +237,11 @@ A short first run on a shared 2-core machine: rerun on a quiet one for figures t
 | restore of a ${sizeMiB} MiB RO member onto a spare (fault to remapped) vs nbdcopy of ${sizeMiB} MiB between two exports | ${restoreMed.toFixed(2)} s | ${copyMed.toFixed(2)} s | ${(copyMed / restoreMed).toFixed(2)} | ≥ 0.8 | ${copyMed / restoreMed >= 0.8 ? 'yes' : '**no**'} |
 ${rows.map((r) => `| RW member ${r.label} vs a plain volume | ${fmt(r.rwm, r.unit)} | ${fmt(r.plain, r.unit)} | ${(r.rwm / r.plain).toFixed(2)} | ≥ 0.7 | ${r.rwm / r.plain >= 0.7 ? 'yes' : '**no**'} |`).join('\n')}
 
-Not measured yet: time from fault to the host's I/O flowing again (p50/p99 over 20 runs).
+Time from fault to the host's I/O flowing again: the section "fault to host I/O flowing again" below.
 `;
   replaceSection(path.join(ROOT, 'bench/RESULTS.md'), 'svol', text);
   process.stdout.write(text);
+  }
 } finally {
   await up.stop();
   fs.rmSync(dir, { recursive: true, force: true });

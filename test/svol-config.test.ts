@@ -85,6 +85,20 @@ describe('svolGroups in the configuration', () => {
     ]);
   });
 
+  it('takes spreadReads and ioTimeout per group (a duration in ms or s)', () => {
+    const cfg = accept((c) => Object.assign(group(c), { spreadReads: true, ioTimeout: '2.5s' }));
+    expect(cfg.storageSystems[0]!.svolGroups![0]).toMatchObject({ spreadReads: true, ioTimeout: 2500 });
+    expect(accept((c) => (group(c).ioTimeout = 400)).storageSystems[0]!.svolGroups![0]!.ioTimeout).toBe(400);
+    expect(accept().storageSystems[0]!.svolGroups![0]).not.toHaveProperty('ioTimeout');
+  });
+
+  it('refuses a spreadReads that is not true or false, and an ioTimeout that is not a duration from 100ms to 600s', () => {
+    refuse((c) => (group(c).spreadReads = 'yes'), 'storageSystems[0].svolGroups[0].spreadReads', 'expected true or false, got "yes"');
+    refuse((c) => (group(c).ioTimeout = '5m'), 'storageSystems[0].svolGroups[0].ioTimeout', 'expected a duration such as 30s or 500ms, got "5m"');
+    refuse((c) => (group(c).ioTimeout = '50ms'), 'storageSystems[0].svolGroups[0].ioTimeout', 'ioTimeout must be from 100ms to 600s, got "50ms"');
+    refuse((c) => (group(c).ioTimeout = 700_000), 'storageSystems[0].svolGroups[0].ioTimeout', 'ioTimeout must be from 100ms to 600s, got 700000');
+  });
+
   it('refuses an unknown attribute and names the three', () => {
     refuse((c) => (group(c).members[0].attr = 'ro'), 'storageSystems[0].svolGroups[0].members[0].attr', 'expected RO, RW or spare, got "ro"');
   });

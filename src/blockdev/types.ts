@@ -70,7 +70,8 @@ export interface BlockDevice {
  * server maps it to the wire in exactly one place (nbd/errors.ts).
  */
 export class BlockDeviceError extends Error {
-  override readonly name = 'BlockDeviceError';
+  // A string, so a more precise failure (a member's checksum mismatch) can be a subclass with its own name.
+  override readonly name: string = 'BlockDeviceError';
   constructor(
     readonly errno: Errno,
     message: string,

@@ -148,6 +148,7 @@ export function formatGroup(s: SvolGroupStatus): string {
   }
   const widths = rows[0]!.map((_, k) => Math.max(...rows.map((r) => r[k]!.length)));
   const table = rows.map((r) => r.map((c, k) => c.padEnd(widths[k]!)).join('  ').trimEnd()).join('\n') + '\n';
+  const checks = `reads ${s.spreadReads ? 'spread over RO siblings of a generation' : 'from each member\'s own volume'}; ioTimeout ${s.ioTimeoutMs ? `${s.ioTimeoutMs} ms` : 'off'}; ${s.checksumMismatches} checksum mismatches, ${s.ioTimeouts} timeouts since start\n`;
   const r = s.restore;
   const restore = r
     ? `restore: vol${r.logicalId} onto volume ${r.target} from volume ${r.donor} (replacing ${r.failed}): ${r.copiedClusters}/${r.totalClusters} clusters (${Math.floor((100 * r.copiedClusters) / Math.max(1, r.totalClusters))}%), ${r.reason}\n`
@@ -156,5 +157,5 @@ export function formatGroup(s: SvolGroupStatus): string {
   const verify = v
     ? `verify at ${v.time}: ${v.checkedClusters} clusters checked; ${v.members.every((m) => m.differing === 0) ? 'no data errors' : v.members.filter((m) => m.differing > 0).map((m) => `vol${m.logicalId}: ${m.differing} clusters differ (first ${m.first.slice(0, 5).join(', ')})`).join('; ')}\n`
     : '';
-  return head + table + restore + verify;
+  return head + table + checks + restore + verify;
 }

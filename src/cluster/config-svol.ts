@@ -10,6 +10,8 @@
 //         - { vol: 3, attr: RW, increments: 9 }    vol9 holds vol3's changes since the split
 //         - { vol: 4, attr: RO, logicalId: 40 }    exported as vol40
 //         - { vol: 5, attr: spare }                not exported until it replaces a member
+//       spreadReads: true                          reads of an RO ID spread over its RO siblings
+//       ioTimeout: 30s                             a member request hanging longer fails the member
 import { formatSize } from '../util/size.js';
 import type { ClusterConfig, RawProblem, Segment } from './config.js';
 
@@ -28,6 +30,10 @@ export interface SvolGroupConfig {
   name: string;
   pvol: number;
   members: SvolMemberConfig[];
+  /** Spread host reads of an RO logical ID over its healthy RO siblings of the same split generation. */
+  spreadReads?: boolean;
+  /** Milliseconds a member's request may take before the member is declared failed (default 30 s). */
+  ioTimeout?: number;
 }
 
 /** Bytes an increments volume needs besides its data: a 4 KiB header and a 4-byte map entry per P-VOL cluster, in whole clusters. */

@@ -414,10 +414,20 @@ export const CacheSchema = mapping({ size: cacheSize });
 // `svolGroups:` (docs/svol.md); the cross-checks are in config-svol.ts.
 export const svolAttr = leaf((v): SvolAttr => (v === 'RO' || v === 'RW' || v === 'spare' ? v : fail(`expected RO, RW or spare, got ${show(v)}`)));
 export const SvolMemberSchema = mapping({ vol: id, attr: svolAttr, logicalId: id.optional(), increments: id.optional() });
+/** Milliseconds a member's I/O may hang before the member is declared failed: "30s", "500ms". */
+export const svolIoTimeout = leaf((v) => {
+  const m = typeof v === 'number' ? [String(v), String(v), 'ms'] : typeof v === 'string' ? /^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$/.exec(v) : null;
+  if (!m) fail(`expected a duration such as 30s or 500ms, got ${show(v)}`);
+  const ms = Number(m[1]) * (m[2] === 's' ? 1000 : 1);
+  if (!Number.isFinite(ms) || ms < 100 || ms > 600_000) fail(`ioTimeout must be from 100ms to 600s, got ${show(v)}`);
+  return Math.round(ms);
+});
 export const SvolGroupSchema = mapping({
   name: pairName,
   pvol: id,
   members: list(SvolMemberSchema).min(1, { error: 'a group needs at least one member' }),
+  spreadReads: bool.optional(),
+  ioTimeout: svolIoTimeout.optional(),
 });
 export const StorageSystemSchema = mapping({
   id,
@@ -577,6 +587,8 @@ export function build(p: Parsed, source: string, baseDir: string, problems: RawP
         name: g.name,
         pvol: g.pvol,
         members: g.members.map((m) => ({ vol: m.vol, attr: m.attr, ...(m.logicalId !== undefined ? { logicalId: m.logicalId } : {}), ...(m.increments !== undefined ? { increments: m.increments } : {}) })),
+        ...(g.spreadReads !== undefined ? { spreadReads: g.spreadReads } : {}),
+        ...(g.ioTimeout !== undefined ? { ioTimeout: g.ioTimeout } : {}),
       }));
     }
     if (ss.tls !== undefined) {

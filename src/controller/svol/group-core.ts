@@ -20,24 +20,18 @@
 // those not copied yet; while split, those either side changed since the split. It is
 // persisted (bitmap-store.ts), so a resync after a restart still copies only what changed.
 //
-// Recovery, by the member's attribute, always from an RO sibling of the SAME split generation
-// (siblings split at other times are not interchangeable):
-//
-//   failure of      spare available                        no spare
-//   RO, split       copy donor -> spare, remap ID          reads served by the donor (error)
-//   RW, split       copy donor -> spare, remap the donor's  reads from increments + donor,
-//                   RO ID to it; increments -> donor's     writes to the increments (error)
-//                   volume, remap the RW ID there (claim 1)
-//   any, paired     remap ID to the spare, full copy        reads from the P-VOL (error)
-//   restore by hand the same, or in place without a spare
+// Recovery (recovery.ts) is by the member's attribute, always from an RO sibling of the SAME split
+// generation (siblings split at other times are not interchangeable). Member I/O goes through
+// member-io.ts: checksums on read, a timeout for a hanging volume.
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { RangeLock } from '../../blockdev/range-lock.js';
-import { BlockDeviceError, type BlockDevice } from '../../blockdev/types.js';
+import { BlockDeviceError, type BlockDevice, type Payload } from '../../blockdev/types.js';
 import { ClusterBitmap, clusterRange } from '../bitmap.js';
 import { FileBitmapStore, MemoryBitmapStore, type BitmapStore } from '../bitmap-store.js';
-import { PairCommandError } from '../status.js';
+import { ChecksumTables, SUM_BLOCK } from './checksums.js';
+import { MemberIo } from './member-io.js';
 import { readGroupRecord, saveGroupRecord, type GroupRecord, type LogicalRecord } from './group-file.js';
 import { IncrementsVolume } from './increments.js';
 import type { SvolVerifyStatus } from './status.js';
@@ -47,7 +41,14 @@ export interface SvolGroupSpec {
   name: string;
   pvol: number;
   members: { vol: number; attr: 'RO' | 'RW' | 'spare'; logicalId?: number; increments?: number }[];
+  /** Spread host reads of an RO logical ID over its healthy RO siblings of the same split generation. */
+  spreadReads?: boolean;
+  /** Milliseconds a member's request may take before the member is declared failed; 0: never. */
+  ioTimeout?: number;
 }
+
+/** A member that hangs is declared failed after this long, unless the group says otherwise. */
+export const DEFAULT_IO_TIMEOUT_MS = 30_000;
 
 export interface SvolGroupContext {
   clusterSize: number;
@@ -59,11 +60,9 @@ export interface SvolGroupContext {
 }
 
 export const COPY_RUN = 1024 * 1024;
-/** A restore records its progress this often (bytes), so a restart resumes near where it stopped. */
-const RESTORE_SAVE_EVERY = 16 * 1024 * 1024;
 
 /** The group's state, data paths, copy and recovery; the commands are in group.ts. */
-export class SvolGroupCore {
+export abstract class SvolGroupCore {
   readonly name: string;
   readonly size: number;
   readonly clusters: number;
@@ -89,6 +88,10 @@ export class SvolGroupCore {
   protected readonly file: string | undefined;
   protected readonly log: Logger;
   protected lastVerify: SvolVerifyStatus | undefined;
+  /** Requests to member volumes: checksums, hang timeout, reads in flight (member-io.ts). */
+  protected readonly io: MemberIo;
+  /** Round-robin start for spread reads. */
+  private spreadNext = 0;
 
   constructor(
     readonly spec: SvolGroupSpec,
@@ -99,6 +102,8 @@ export class SvolGroupCore {
     this.clusters = Math.ceil(this.size / ctx.clusterSize);
     this.file = ctx.dir ? path.join(ctx.dir, `${spec.name}.group`) : undefined;
     this.log = ctx.log.child({ svolGroup: spec.name });
+    const sums = new ChecksumTables(this.size, ctx.dir ? path.join(ctx.dir, `${spec.name}.sums`) : undefined, this.log);
+    this.io = new MemberIo((vol) => this.dev(vol), sums, spec.ioTimeout ?? DEFAULT_IO_TIMEOUT_MS, this.size);
   }
 
   /** Logical IDs, in the order of the configuration: what the storage system exports. */
@@ -144,6 +149,7 @@ export class SvolGroupCore {
       }
     }
     this.save();
+    this.loadSums();
     this.log.info({ state: this.rec.state, generation: this.rec.generation, map: this.rec.logical.map((l) => `vol${l.id}->${l.vol}`) }, 'S-VOL group ready');
     const r = this.rec.restore;
     if (r) {
@@ -167,6 +173,35 @@ export class SvolGroupCore {
     }
   }
 
+  /**
+   * The checksum tables from the last run: all of them after a clean close; after a crash only
+   * those of split members of this generation, less the clusters an RW member changed since.
+   */
+  private loadSums(): void {
+    const sums = this.io.sums;
+    const got = sums.load();
+    if (got && !(got.clean && got.generation === this.rec.generation)) {
+      const keep = new Map<number, (block: number) => boolean>();
+      const perCluster = this.ctx.clusterSize / SUM_BLOCK;
+      this.rec.logical.forEach((l, i) => {
+        if (got.generation !== this.rec.generation || l.state !== 'split' || l.generation !== this.rec.generation) return;
+        const incr = this.incr.get(i);
+        keep.set(l.vol, l.attr === 'RW' && incr ? (b) => !incr.has(Math.floor(b / perCluster)) : () => true);
+      });
+      sums.keepOnly(keep);
+    }
+    // Unclean until close() says otherwise.
+    this.saveSums();
+  }
+
+  protected saveSums(clean = false): void {
+    try {
+      this.io.sums.save(this.rec.generation, clean);
+    } catch (e) {
+      this.log.warn({ err: (e as Error).message }, `S-VOL group ${this.name}: cannot save the checksums: ${(e as Error).message}`);
+    }
+  }
+
   protected dev(vol: number): BlockDevice {
     return this.ctx.volumes.get(vol)!.device;
   }
@@ -175,22 +210,17 @@ export class SvolGroupCore {
     if (this.file) saveGroupRecord(this.file, this.rec);
   }
 
-  /** Host reads in flight per physical volume: a volume changes role only once none is left. */
-  protected readonly readsIn = new Map<number, number>();
-
-  /** Read from a member's volume, counted in flight (unless `uncounted`: the reads of the member being rebuilt itself). */
-  protected async readVol(vol: number, offset: number, dest: Buffer, uncounted = false): Promise<void> {
-    if (uncounted) return this.dev(vol).read(offset, dest);
-    this.readsIn.set(vol, (this.readsIn.get(vol) ?? 0) + 1);
-    try {
-      await this.dev(vol).read(offset, dest);
-    } finally {
-      this.readsIn.set(vol, this.readsIn.get(vol)! - 1);
-    }
+  /**
+   * Read from a member's volume, checked against its checksums and counted in flight (unless
+   * `uncounted`: the reads of the member being rebuilt itself), so a volume changes role only
+   * once none is left.
+   */
+  protected readVol(vol: number, offset: number, dest: Buffer, uncounted = false): Promise<void> {
+    return this.io.read(vol, offset, dest, uncounted);
   }
 
-  protected async readsDone(vol: number): Promise<void> {
-    while ((this.readsIn.get(vol) ?? 0) > 0) await new Promise((r) => setTimeout(r, 1));
+  protected readsDone(vol: number): Promise<void> {
+    return this.io.readsDone(vol);
   }
 
   protected count(vol: number, op: 'reads' | 'writes'): void {
@@ -201,8 +231,8 @@ export class SvolGroupCore {
 
   // ---- the P-VOL's write path ----
 
-  /** A host write to the P-VOL: mirrored to paired members, tracked for the others. */
-  async pvolWrite(offset: number, length: number, apply: (d: BlockDevice) => Promise<void>): Promise<void> {
+  /** A host write to the P-VOL of `data` (null: zeroes; undefined: not known): mirrored to paired members, tracked for the others. */
+  async pvolWrite(offset: number, length: number, data: Payload | null | undefined, apply: (d: BlockDevice) => Promise<void>): Promise<void> {
     while (this.gate) await this.gate;
     this.pvolWrites++;
     try {
@@ -219,7 +249,8 @@ export class SvolGroupCore {
           else this.bitmaps[i]!.setRangeInvalid(first, last);
         });
         if (marked.length) await this.store.mark(marked, first, last);
-        const results = await Promise.allSettled([apply(this.dev(this.spec.pvol)), ...paired.map((i) => apply(this.dev(this.rec.logical[i]!.vol)))]);
+        const vols = paired.map((i) => this.rec.logical[i]!.vol);
+        const results = await Promise.allSettled([apply(this.dev(this.spec.pvol)), ...vols.map((vol) => this.io.write(vol, offset, length, data, () => apply(this.dev(vol))))]);
         if (results[0]!.status === 'rejected') {
           for (const i of paired) this.bitmaps[i]!.setRangeInvalid(first, last);
           throw results[0].reason;
@@ -232,7 +263,7 @@ export class SvolGroupCore {
             return;
           }
           this.bitmaps[i]!.setRangeInvalid(first, last);
-          this.fail(i, 'write', r.reason as Error);
+          this.fail(i, 'write', r.reason as Error, vols[k]);
         });
         if (marked.some((i) => this.rec.logical[i]!.state === 'paired' && this.bitmaps[i]!.invalidCount > 0)) this.wake();
       } finally {
@@ -277,16 +308,44 @@ export class SvolGroupCore {
       this.count(this.spec.pvol, 'reads');
       return this.dev(this.spec.pvol).read(offset, dest);
     }
-    const vol = l.vol;
-    this.count(vol, 'reads');
-    try {
-      await this.readVol(vol, offset, dest);
-    } catch (e) {
-      if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO' || l.state === 'simplex') throw e;
-      // The host's read succeeds from a sibling (or the P-VOL); the recovery starts behind it.
-      this.fail(i, 'read', e);
-      return this.degradedRead(i, offset, dest);
+    for (;;) {
+      const j = this.readerFor(i);
+      const vol = this.rec.logical[j]!.vol;
+      this.count(vol, 'reads');
+      try {
+        return await this.readVol(vol, offset, dest);
+      } catch (e) {
+        if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO' || this.rec.logical[j]!.state === 'simplex') throw e;
+        // The host's read succeeds from a sibling (or the P-VOL); the recovery starts behind it.
+        this.fail(j, 'read', e, vol);
+        // Read by the map as it is now: the member degraded or remapped (or, when the request
+        // outlived a remap, on its new volume).
+        if (j === i) return this.logicalRead(i, offset, dest);
+        // A sibling that served a spread read failed: it is out of the spread now; next pick.
+      }
     }
+  }
+
+  /**
+   * Which member serves a read of logical i: i itself, or with spreadReads (an RO member, split)
+   * any healthy RO member of its split generation, which holds the same bytes. In turn, skipping
+   * those with more reads in flight. The pick and the count of the read in flight happen without
+   * an await between them, so a role change that waits for a volume's reads sees this one.
+   */
+  protected readerFor(i: number): number {
+    const me = this.rec.logical[i]!;
+    if (!this.spec.spreadReads || me.attr !== 'RO' || me.state !== 'split') return i;
+    const same: number[] = [];
+    this.rec.logical.forEach((l, j) => {
+      if (l.attr === 'RO' && l.state === 'split' && l.generation === me.generation) same.push(j);
+    });
+    const start = this.spreadNext++ % same.length;
+    let best = same[start]!;
+    for (let k = 1; k < same.length; k++) {
+      const j = same[(start + k) % same.length]!;
+      if (this.io.readsInFlight(this.rec.logical[j]!.vol) < this.io.readsInFlight(this.rec.logical[best]!.vol)) best = j;
+    }
+    return best;
   }
 
   /** Serve a failed member: the P-VOL while paired; else an RO sibling of its generation, its increments first. */
@@ -299,8 +358,23 @@ export class SvolGroupCore {
     }
     // The member being rebuilt reads its own donor: those reads never hold up its last step.
     const mine = this.rec.restore?.logical === i;
-    const donor = mine ? this.rec.restore!.donor : this.donorFor(i)?.vol;
-    if (donor === undefined) throw new BlockDeviceError('EIO', `${this.name}: vol${l.id} has failed and no RO sibling of split generation ${l.generation} can serve it`);
+    for (;;) {
+      const pick = mine ? undefined : this.donorFor(i);
+      const donor = mine ? this.rec.restore!.donor : pick?.vol;
+      if (donor === undefined) throw new BlockDeviceError('EIO', `${this.name}: vol${l.id} has failed and no RO sibling of split generation ${l.generation} can serve it`);
+      try {
+        return await this.readFrom(i, donor, offset, dest, mine);
+      } catch (e) {
+        // A donor that fails its checksum (or its disk) is failed in turn; the next sibling serves.
+        if (mine || !pick || !(e instanceof BlockDeviceError) || e.errno !== 'EIO') throw e;
+        this.fail(pick.index, 'read', e, pick.vol);
+      }
+    }
+  }
+
+  /** Logical i's bytes from `donor`, its increments first (RW). */
+  private async readFrom(i: number, donor: number, offset: number, dest: Buffer, mine: boolean): Promise<void> {
+    const l = this.rec.logical[i]!;
     this.count(donor, 'reads');
     const incr = this.incr.get(i);
     if (l.attr !== 'RW' || !incr || incr.count === 0) return this.readVol(donor, offset, dest, mine);
@@ -327,16 +401,20 @@ export class SvolGroupCore {
     try {
       this.bitmaps[i]!.setRangeInvalid(first, last);
       await this.store.mark([i], first, last);
-      // The increments first: whatever happens to the member, its write is kept.
-      await incr.log(offset, data, this.size, (c, buf) => this.baseOf(i, c, buf));
+      // The increments and the member together (the member once the bases it had are read):
+      // the host's write is acknowledged only once it is in the increments, so whatever
+      // happens to the member, the write is kept.
       this.count(l.vol, 'writes');
-      if (l.state !== 'split') return;
-      try {
-        await this.dev(l.vol).write(offset, data);
-      } catch (e) {
-        if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO') throw e;
-        this.fail(i, 'write', e);
-      }
+      await incr.log(offset, data, this.size, (c, buf) => this.baseOf(i, c, buf), async () => {
+        if (l.state !== 'split') return;
+        const vol = l.vol;
+        try {
+          await this.io.write(vol, offset, data.length, data, () => this.dev(vol).write(offset, data));
+        } catch (e) {
+          if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO') throw e;
+          this.fail(i, 'write', e, vol);
+        }
+      });
     } finally {
       release();
     }
@@ -347,11 +425,12 @@ export class SvolGroupCore {
     const l = this.rec.logical[i]!;
     const at = c * this.ctx.clusterSize;
     if (l.state === 'split') {
+      const vol = l.vol;
       try {
-        return await this.readVol(l.vol, at, buf);
+        return await this.readVol(vol, at, buf);
       } catch (e) {
         if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO') throw e;
-        this.fail(i, 'read', e);
+        this.fail(i, 'read', e, vol);
       }
     }
     return this.degradedRead(i, at, buf);
@@ -360,12 +439,31 @@ export class SvolGroupCore {
   async logicalFlush(i: number): Promise<void> {
     const l = this.rec.logical[i]!;
     await this.incr.get(i)?.flush();
-    if (l.state === 'split' || l.state === 'paired') await this.dev(l.vol).flush();
+    if (l.state !== 'split' && l.state !== 'paired') return;
+    const vol = l.vol;
+    try {
+      await this.io.flush(vol);
+    } catch (e) {
+      // An RW member's writes are in its increments (flushed above): its own volume failing is a recovery, not the host's error.
+      if (l.attr !== 'RW' || l.state !== 'split' || !(e instanceof BlockDeviceError) || e.errno !== 'EIO') throw e;
+      this.fail(i, 'flush', e, vol);
+    }
   }
 
   /** Flush the members a P-VOL write reaches (paired ones). */
   async flushPaired(): Promise<void> {
-    await Promise.all(this.rec.logical.filter((l) => l.state === 'paired').map((l) => this.dev(l.vol).flush()));
+    await Promise.all(
+      this.rec.logical.map(async (l, i) => {
+        if (l.state !== 'paired') return;
+        const vol = l.vol;
+        try {
+          await this.io.flush(vol);
+        } catch (e) {
+          // The P-VOL holds the writes: a member that cannot make them durable is replaced and recopied.
+          this.fail(i, 'flush', e as Error, vol);
+        }
+      }),
+    );
   }
 
   /** The healthy RO member of the same split generation that is accessed least: the donor for copies. */
@@ -381,170 +479,18 @@ export class SvolGroupCore {
     return best;
   }
 
-  // ---- failures and recovery ----
+  // ---- failures and recovery (recovery.ts) ----
 
-  /** A member's volume failed under host I/O: mark it, and start its recovery in the background. */
-  protected fail(i: number, op: string, err: Error): void {
-    const l = this.rec.logical[i]!;
-    if (l.state === 'error' || l.state === 'restoring') return;
-    l.state = 'error';
-    l.error = `${op}: ${err.message}`;
-    this.log.error({ logical: l.id, vol: l.vol, err: err.message }, `S-VOL group ${this.name}: vol${l.id} (volume ${l.vol}) failed on ${op}; recovering`);
-    this.save();
-    try {
-      this.recover(i, l.error, false);
-    } catch (e) {
-      this.log.error({ logical: l.id, err: (e as Error).message }, `S-VOL group ${this.name}: vol${l.id} cannot be recovered now`);
-    }
-  }
-
-  /** Pick the recovery for logical i by the group's state and the member's attribute; throws PairCommandError when none applies. */
-  protected recover(i: number, reason: string, inPlace: boolean): void {
-    const l = this.rec.logical[i]!;
-    if (this.rec.restore) throw new PairCommandError('refused', `${this.name}: a restore of vol${this.rec.logical[this.rec.restore.logical]!.id} is running; vol${l.id} waits for it`);
-    const spareAt = this.rec.pool.findIndex((p) => p.state === 'spare');
-    if (l.generation === undefined) {
-      if (spareAt < 0) throw new PairCommandError('refused', `${this.name}: no spare to replace vol${l.id}; its reads come from the P-VOL`);
-      const spare = this.rec.pool.splice(spareAt, 1)[0]!;
-      this.rec.pool.push({ vol: l.vol, state: 'error', error: reason });
-      this.log.warn({ logical: l.id, from: l.vol, to: spare.vol }, `S-VOL group ${this.name}: vol${l.id} remapped from volume ${l.vol} to spare ${spare.vol}; copying from the P-VOL`);
-      l.vol = spare.vol;
-      l.state = this.rec.state === 'simplex' ? 'simplex' : 'paired';
-      delete l.error;
-      this.bitmaps[i]!.setAllInvalid();
-      const marked: Promise<void> = this.store
-        .mark([i], 0, this.clusters - 1)
-        .then(() => this.wake())
-        .catch((e: Error) => this.log.error({ err: e.message }, `S-VOL group ${this.name}: bitmap: ${e.message}`))
-        .finally(() => {
-          if (this.pending === marked) this.pending = null;
-        });
-      this.pending = marked;
-      this.save();
-      return;
-    }
-    const donor = this.donorFor(i);
-    if (!donor) {
-      l.state = 'error';
-      l.error = `no RO sibling of split generation ${l.generation} to rebuild from (siblings split at another time are not interchangeable)`;
-      this.save();
-      throw new PairCommandError('refused', `${this.name}: vol${l.id}: ${l.error}`);
-    }
-    let target = l.vol;
-    if (spareAt >= 0) target = this.rec.pool.splice(spareAt, 1)[0]!.vol;
-    else if (!inPlace) {
-      this.save();
-      throw new PairCommandError('refused', `${this.name}: no spare to rebuild vol${l.id} on; it is served by vol${this.rec.logical[donor.index]!.id} until you add a spare (attr GROUP VOL spare) and run svol restore`);
-    }
-    // An RW member with a spare: its RO sibling becomes the RW member (with the increments), the spare its RO copy.
-    const promote = l.attr === 'RW' && target !== l.vol ? donor.index : undefined;
-    this.rec.restore = { logical: i, target, donor: donor.vol, failed: l.vol, next: 0, reason, ...(promote !== undefined ? { promote } : {}) };
-    l.state = 'restoring';
-    this.save();
-    this.log.warn(
-      { logical: l.id, donor: donor.vol, target },
-      promote !== undefined
-        ? `S-VOL group ${this.name}: rebuilding RW vol${l.id} on RO sibling volume ${donor.vol} (vol${this.rec.logical[promote]!.id}), whose RO role moves to spare ${target}`
-        : `S-VOL group ${this.name}: restoring vol${l.id} onto volume ${target} from RO sibling volume ${donor.vol}`,
-    );
-    this.startRestore();
-  }
-
-  /** Members that failed while another restore ran (or before a restart): their turn now, if a recovery applies. */
-  protected recoverWaiting(): void {
-    this.rec.logical.forEach((l, i) => {
-      if (l.state !== 'error' || this.rec.restore) return;
-      try {
-        this.recover(i, l.error ?? 'failed', false);
-      } catch (e) {
-        this.log.warn({ logical: l.id, err: (e as Error).message }, `S-VOL group ${this.name}: vol${l.id} stays in error: ${(e as Error).message}`);
-      }
-    });
-  }
-
-  protected startRestore(): void {
-    if (this.restoring) return;
-    this.restoring = this.runRestore()
-      .catch((e: Error) => this.log.error({ err: e.message }, `S-VOL group ${this.name}: restore stopped: ${e.message}`))
-      .finally(() => {
-        this.restoring = null;
-        // One restore at a time: members that failed meanwhile go next.
-        if (!this.closed) this.recoverWaiting();
-      });
-  }
-
-  /** Copy donor -> target from the recorded cluster on, apply the increments (RW), remap. */
-  protected async runRestore(): Promise<void> {
-    const r = this.rec.restore!;
-    const l = this.rec.logical[r.logical]!;
-    const cs = this.ctx.clusterSize;
-    const runClusters = Math.max(1, Math.floor(COPY_RUN / cs));
-    const buf = Buffer.allocUnsafe(runClusters * cs);
-    let sinceSave = 0;
-    try {
-      while (r.next < this.clusters) {
-        if (this.closed) return;
-        const off = r.next * cs;
-        const len = Math.min(runClusters * cs, this.size - off);
-        const piece = buf.subarray(0, len);
-        this.count(r.donor, 'reads');
-        await this.dev(r.donor).read(off, piece);
-        // The controller writes the target whatever its attribute: RO refuses hosts, not restores.
-        await this.dev(r.target).write(off, piece);
-        r.next += Math.ceil(len / cs);
-        sinceSave += len;
-        if (sinceSave >= RESTORE_SAVE_EVERY) {
-          await this.dev(r.target).flush();
-          this.save();
-          sinceSave = 0;
-        }
-      }
-      await this.dev(r.target).flush();
-      const release = await this.logicalLocks[r.logical]!.acquire(0, this.size);
-      try {
-        let home = r.target;
-        if (r.promote !== undefined) {
-          // The spare, now a copy of the sibling, serves the sibling's RO logical ID; once no read
-          // is left on the sibling's volume, that volume takes the increments and the RW role.
-          const sib = this.rec.logical[r.promote]!;
-          if (sib.vol === r.donor) {
-            sib.vol = r.target;
-            this.save();
-          }
-          await this.readsDone(r.donor);
-          home = r.donor;
-        }
-        const incr = this.incr.get(r.logical);
-        if (l.attr === 'RW' && incr) {
-          const one = Buffer.allocUnsafe(cs);
-          for (const c of incr.changed()) {
-            const part = one.subarray(0, Math.min(cs, this.size - c * cs));
-            await incr.read(c, 0, part);
-            await this.dev(home).write(c * cs, part);
-          }
-          await this.dev(home).flush();
-        }
-        if (r.failed !== home) this.rec.pool.push({ vol: r.failed, state: 'error', error: r.reason });
-        l.vol = home;
-        l.state = 'split';
-        delete l.error;
-        delete this.rec.restore;
-        this.save();
-      } finally {
-        release();
-      }
-      this.log.info({ logical: l.id, vol: l.vol }, `S-VOL group ${this.name}: vol${l.id} restored onto volume ${l.vol}`);
-    } catch (e) {
-      if (this.closed) return;
-      // The target failed too: out of service; the member stays served by its sibling.
-      if (r.target !== r.failed) this.rec.pool.push({ vol: r.target, state: 'error', error: `restore: ${(e as Error).message}` });
-      l.state = 'error';
-      l.error = `restore onto volume ${r.target} failed: ${(e as Error).message}`;
-      delete this.rec.restore;
-      this.save();
-      throw e;
-    }
-  }
+  /**
+   * A member's volume failed under host I/O: mark it, and start its recovery in the background.
+   * `vol`, the volume the failed request went to: a request that outlived a remap (a read that
+   * hung past ioTimeout while the member was rebuilt elsewhere) fails nothing.
+   */
+  protected abstract fail(i: number, op: string, err: Error, vol?: number): void;
+  /** Resume the restore the record holds. */
+  protected abstract startRestore(): void;
+  /** Start the recovery of members in error, if one applies. */
+  protected abstract recoverWaiting(): void;
 
   // ---- the background copy P-VOL -> paired members ----
 
@@ -581,9 +527,9 @@ export class SvolGroupCore {
             // The P-VOL failing is not the member's fault: the copy stops (and says so), the member stays.
             await this.dev(this.spec.pvol).read(off, piece);
             try {
-              await this.dev(vol).write(off, piece);
+              await this.io.write(vol, off, len, piece, () => this.dev(vol).write(off, piece));
             } catch (e) {
-              this.fail(i, 'copy', e as Error);
+              this.fail(i, 'copy', e as Error, vol);
               break;
             }
             for (let k = c; k <= end; k++) if (bm.setValid(k)) done.push(k);
@@ -592,9 +538,9 @@ export class SvolGroupCore {
             release();
           }
           try {
-            await this.dev(vol).flush();
+            await this.io.flush(vol);
           } catch (e) {
-            this.fail(i, 'flush', e as Error);
+            this.fail(i, 'flush', e as Error, vol);
             break;
           }
           await markRunsClear(this.store, i, done);
@@ -616,6 +562,7 @@ export class SvolGroupCore {
     this.closed = true;
     await this.idle();
     this.save();
+    this.saveSums(true);
     await this.store.close();
   }
 }

@@ -1,12 +1,13 @@
 // An S-VOL group's commands (docs/svol.md): init, split, resync, restore, attr, verify, and its
 // status. The state machine, the data paths, the copy and the recovery are in group-core.ts.
 import { PairCommandError } from '../status.js';
-import { COPY_RUN, SvolGroupCore } from './group-core.js';
+import { COPY_RUN } from './group-core.js';
+import { SvolGroupRecovery } from './recovery.js';
 import type { SvolGroupStatus, SvolMemberStatus, SvolVerifyStatus } from './status.js';
 
 export type { SvolGroupContext, SvolGroupSpec } from './group-core.js';
 
-export class SvolGroup extends SvolGroupCore {
+export class SvolGroup extends SvolGroupRecovery {
   // ---- commands ----
 
   protected index(member: string): number {
@@ -42,6 +43,8 @@ export class SvolGroup extends SvolGroupCore {
         });
         if (live.length) await this.store.mark(live, 0, this.clusters - 1);
         for (const i of live) await this.incr.get(i)?.reset(this.rec.generation);
+        // A sibling's spread read still on a member's volume ends before the copy overwrites it.
+        for (const i of live) await this.readsDone(this.rec.logical[i]!.vol);
       } finally {
         for (const r of held) r();
       }
@@ -73,6 +76,8 @@ export class SvolGroup extends SvolGroupCore {
       this.rec.generation = gen;
       this.rec.splitTime = new Date().toISOString();
       this.save();
+      // The checksums of the split images: what a restart after a crash may trust.
+      this.saveSums();
       this.log.info({ generation: gen, members: members.map((l) => l.id) }, `S-VOL group ${this.name} split (generation ${gen})`);
     });
   }
@@ -96,6 +101,8 @@ export class SvolGroup extends SvolGroupCore {
           delete l.generation;
           await this.incr.get(i)?.reset(this.rec.generation);
         }
+        // A sibling's spread read still on a member's volume ends before the copy overwrites it.
+        for (const i of targets) await this.readsDone(this.rec.logical[i]!.vol);
       } finally {
         for (const r of held) r();
       }
@@ -152,7 +159,7 @@ export class SvolGroup extends SvolGroupCore {
             if (!a.subarray(o, e).equals(b.subarray(o, e))) differing.push(c);
           }
         } catch (e) {
-          this.fail(i, 'verify', e as Error);
+          this.fail(i, 'verify', e as Error, l.vol);
           break;
         } finally {
           releaseL();
@@ -214,6 +221,8 @@ export class SvolGroup extends SvolGroupCore {
         }
         l.attr = attr;
         this.save();
+        // No sibling's spread read is left on a volume that takes host writes from now on.
+        if (attr === 'RW') await this.readsDone(l.vol);
         this.log.info({ logical: l.id, attr }, `S-VOL group ${this.name}: vol${l.id} is now ${attr}`);
       } finally {
         release();
@@ -236,6 +245,7 @@ export class SvolGroup extends SvolGroupCore {
         writes: a.writes,
         changedClusters: this.bitmaps[i]!.invalidCount,
         copiedBytes: this.copied[i]!,
+        checkedBlocks: this.io.sums.knownBlocks(l.vol),
         ...(incr ? { increments: { vol: l.increments!, clusters: incr.count, bytes: incr.bytes, capacity: incr.capacity } } : {}),
         ...(l.error ? { error: l.error } : {}),
       };
@@ -252,6 +262,10 @@ export class SvolGroup extends SvolGroupCore {
       ...(this.rec.splitTime ? { splitTime: this.rec.splitTime } : {}),
       clusterSize: this.ctx.clusterSize,
       clusters: this.clusters,
+      spreadReads: this.spec.spreadReads ?? false,
+      ioTimeoutMs: this.io.timeoutMs,
+      checksumMismatches: this.io.mismatches,
+      ioTimeouts: this.io.timeouts,
       members,
       ...(this.lastVerify ? { verify: this.lastVerify } : {}),
       ...(r ? { restore: { logicalId: this.rec.logical[r.logical]!.id, target: r.target, donor: r.donor, failed: r.failed, copiedClusters: r.next, totalClusters: this.clusters, reason: r.reason } } : {}),

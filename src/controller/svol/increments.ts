@@ -112,39 +112,86 @@ export class IncrementsVolume {
 
   /**
    * Log a write of `data` at `offset` (P-VOL byte address). `base(c, buf)` fills a whole cluster
-   * with what the member holds there before the write. The caller holds the range locked.
+   * with what the member holds there before the write; it is asked only for a new cluster the
+   * write covers in part. `alongside`, the member's own write, starts once those reads are done
+   * and runs with the increments' writes. The caller holds the range locked.
+   *
+   *   step                                   why
+   *   slots for every new cluster, at once   ENOSPC before anything is written; a run of new
+   *                                          clusters gets consecutive slots
+   *   base of new clusters covered in part   before `alongside` changes the member under them
+   *   slot writes, coalesced                 a 1 MiB write to new clusters is one write
+   *   map entries, coalesced                 after the slots: a crash never maps a half slot
    */
-  async log(offset: number, data: Buffer, size: number, base: (c: number, buf: Buffer) => Promise<void>): Promise<void> {
-    let at = offset;
-    while (at < offset + data.length) {
-      const c = Math.floor(at / this.clusterSize);
-      const cStart = c * this.clusterSize;
-      const cLen = Math.min(this.clusterSize, size - cStart);
-      const end = Math.min(offset + data.length, cStart + cLen);
-      const piece = data.subarray(at - offset, end - offset);
-      if (this.map[c]) {
-        await this.device.write(this.dataStart + (this.map[c]! - 1) * this.clusterSize + (at - cStart), piece);
-      } else {
-        if (this.used >= this.slots) {
-          if (!this.fullSaid) this.logger.error({ increments: this.label, slots: this.slots }, `${this.label} is full (${this.slots} clusters changed since the split): writes fail with ENOSPC until a resync or a larger increments volume`);
-          this.fullSaid = true;
-          throw new BlockDeviceError('ENOSPC', `${this.label} is full: ${this.slots} clusters changed since the split`);
-        }
-        const slot = ++this.used;
-        const buf = Buffer.alloc(cLen);
-        await base(c, buf);
-        piece.copy(buf, at - cStart);
-        await this.device.write(this.dataStart + (slot - 1) * this.clusterSize, buf);
-        const entry = Buffer.alloc(4);
-        entry.writeUInt32LE(slot);
-        await this.device.write(MAP_AT + 4 * c, entry);
-        this.map[c] = slot;
-      }
-      at = end;
+  async log(offset: number, data: Buffer, size: number, base: (c: number, buf: Buffer) => Promise<void>, alongside?: () => Promise<void>): Promise<void> {
+    const cs = this.clusterSize;
+    const end = offset + data.length;
+    const first = Math.floor(offset / cs);
+    const last = Math.floor((end - 1) / cs);
+    let fresh = 0;
+    for (let c = first; c <= last; c++) if (!this.map[c]) fresh++;
+    if (this.used + fresh > this.slots) {
+      if (!this.fullSaid) this.logger.error({ increments: this.label, slots: this.slots }, `${this.label} is full (${this.used} clusters changed since the split): writes fail with ENOSPC until a resync or a larger increments volume`);
+      this.fullSaid = true;
+      throw new BlockDeviceError('ENOSPC', `${this.label} is full: ${this.used} of ${this.slots} slots used, this write needs ${fresh} more`);
     }
+    // Slots are taken before the first await: a concurrent writer of other clusters takes the next ones.
+    const slots: number[] = [];
+    for (let c = first; c <= last; c++) slots.push(this.map[c] || ++this.used);
+    const writes: { at: number; buf: Buffer }[] = [];
+    const mapped: { c: number; slot: number }[] = [];
+    for (let c = first; c <= last; c++) {
+      const cStart = c * cs;
+      const cEnd = Math.min(cStart + cs, size);
+      const from = Math.max(offset, cStart);
+      const to = Math.min(end, cEnd);
+      const piece = data.subarray(from - offset, to - offset);
+      const slot = slots[c - first]!;
+      const slotAt = this.dataStart + (slot - 1) * cs;
+      if (this.map[c]) {
+        writes.push({ at: slotAt + (from - cStart), buf: piece });
+        continue;
+      }
+      let buf = piece;
+      if (from !== cStart || to !== cEnd) {
+        buf = Buffer.allocUnsafe(cEnd - cStart);
+        await base(c, buf);
+        piece.copy(buf, from - cStart);
+      }
+      writes.push({ at: slotAt, buf });
+      mapped.push({ c, slot });
+    }
+    const member = alongside?.();
+    const logged = (async () => {
+      await Promise.all(coalesce(writes).map((w) => this.device.write(w.at, w.bufs)));
+      const entries: { at: number; bufs: Buffer[] }[] = [];
+      for (const { c, slot } of mapped) {
+        const e = Buffer.allocUnsafe(4);
+        e.writeUInt32LE(slot);
+        entries.push({ at: MAP_AT + 4 * c, bufs: [e] });
+      }
+      await Promise.all(coalesce(entries.map((x) => ({ at: x.at, buf: x.bufs[0]! }))).map((w) => this.device.write(w.at, w.bufs)));
+      for (const { c, slot } of mapped) this.map[c] = slot;
+    })();
+    const [a, b] = await Promise.allSettled([logged, member]);
+    if (a.status === 'rejected') throw a.reason;
+    if (b?.status === 'rejected') throw b.reason;
   }
 
   flush(): Promise<void> {
     return this.device.flush();
   }
+}
+
+/** Writes that follow each other on the volume, joined into one write of several pieces. */
+function coalesce(writes: { at: number; buf: Buffer }[]): { at: number; bufs: Buffer[] }[] {
+  const out: { at: number; bufs: Buffer[]; end: number }[] = [];
+  for (const w of writes) {
+    const prev = out[out.length - 1];
+    if (prev && prev.end === w.at) {
+      prev.bufs.push(w.buf);
+      prev.end += w.buf.length;
+    } else out.push({ at: w.at, bufs: [w.buf], end: w.at + w.buf.length });
+  }
+  return out;
 }

@@ -18,15 +18,16 @@ export class PvolVolume extends FilterDevice {
   }
 
   override write(offset: number, data: Payload, fua = false): Promise<void> {
-    return this.group.pvolWrite(offset, payloadLength(data), (d) => d.write(offset, data, fua));
+    return this.group.pvolWrite(offset, payloadLength(data), data, (d) => d.write(offset, data, fua));
   }
 
   override trim(offset: number, length: number, fua = false): Promise<void> {
-    return this.group.pvolWrite(offset, length, (d) => d.trim(offset, length, fua));
+    // What a trim leaves is the backend's business: the members' checksums of it are not known.
+    return this.group.pvolWrite(offset, length, undefined, (d) => d.trim(offset, length, fua));
   }
 
   override zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
-    return this.group.pvolWrite(offset, length, (d) => d.zero(offset, length, opts));
+    return this.group.pvolWrite(offset, length, null, (d) => d.zero(offset, length, opts));
   }
 
   /** A P-VOL write may have reached paired members too: flush them all. */

@@ -17,6 +17,8 @@ export interface SvolMemberStatus {
   changedClusters?: number;
   /** Bytes copied from the P-VOL since start. */
   copiedBytes?: number;
+  /** 4 KiB blocks of its volume whose checksum is known: reads of those are checked. */
+  checkedBlocks?: number;
   /** RW members: their increments volume. */
   increments?: { vol: number; clusters: number; bytes: number; capacity: number };
   error?: string;
@@ -49,6 +51,13 @@ export interface SvolGroupStatus {
   splitTime?: string;
   clusterSize: number;
   clusters: number;
+  /** Host reads of an RO logical ID spread over its RO siblings of the same split generation. */
+  spreadReads: boolean;
+  /** A member request that takes longer fails the member (0: never). */
+  ioTimeoutMs: number;
+  /** Member reads that failed their checksum, and member requests that timed out, since start. */
+  checksumMismatches: number;
+  ioTimeouts: number;
   members: SvolMemberStatus[];
   restore?: SvolRestoreStatus;
   verify?: SvolVerifyStatus;

@@ -1,0 +1,149 @@
+// Every request the group sends to a member volume (not the P-VOL, not increments volumes) goes
+// through here, which adds what a member needs and a plain volume does not:
+//
+//   concern         read                                   write
+//   checksums       checked per 4 KiB block (checksums.ts)  forgotten before, recorded after
+//   hang timeout    EIO (MemberTimeoutError) after ioTimeout; the request may still finish later:
+//                   a read lands in a private buffer, never in the host's
+//   in flight       counted per volume (a role change waits)  counted per volume (a read that
+//                                                            races a write gets no verdict)
+//
+// A timeout or a checksum mismatch is an EIO, so the group's ordinary recovery handles it: the
+// host's request is served by a sibling and the member is rebuilt.
+import { BlockDeviceError, type BlockDevice, type Payload } from '../../blockdev/types.js';
+import { SUM_BLOCK, type ChecksumTables } from './checksums.js';
+
+/** A member's bytes are not what the group wrote there: a silent data error, found on read. */
+export class ChecksumMismatchError extends BlockDeviceError {
+  override readonly name = 'ChecksumMismatchError';
+  readonly code = 'ECHECKSUM';
+  constructor(
+    readonly vol: number,
+    readonly at: number,
+    message: string,
+  ) {
+    super('EIO', message);
+  }
+}
+
+/** A member's request did not complete within ioTimeout: the volume hangs (offline, a dead path). */
+export class MemberTimeoutError extends BlockDeviceError {
+  override readonly name = 'MemberTimeoutError';
+  readonly code = 'ETIMEDOUT';
+  constructor(
+    readonly vol: number,
+    message: string,
+  ) {
+    super('EIO', message);
+  }
+}
+
+/** A read that raced writes to its volume this many times in a row is returned unchecked. */
+const RACED_RETRIES = 3;
+
+export class MemberIo {
+  private readonly readsIn = new Map<number, Set<Promise<void>>>();
+  private readonly writesIn = new Map<number, number>();
+  /** Bumped when a write to the volume starts and when it ends: a read that saw it change raced one. */
+  private readonly writeSeq = new Map<number, number>();
+  /** Timeouts and mismatches so far (status). */
+  timeouts = 0;
+  mismatches = 0;
+
+  constructor(
+    private readonly dev: (vol: number) => BlockDevice,
+    readonly sums: ChecksumTables,
+    /** 0: no timeout. */
+    readonly timeoutMs: number,
+    private readonly size: number,
+  ) {}
+
+  readsInFlight(vol: number): number {
+    return this.readsIn.get(vol)?.size ?? 0;
+  }
+
+  /** Resolves once every counted read of `vol` in flight now has ended (later ones are not waited for). */
+  async readsDone(vol: number): Promise<void> {
+    await Promise.allSettled([...(this.readsIn.get(vol) ?? [])]);
+  }
+
+  /**
+   * Read `dest.length` bytes of `vol` at `offset`, checked against the checksums. Counted in
+   * flight unless `uncounted` (the reads of the member being rebuilt itself).
+   */
+  read(vol: number, offset: number, dest: Buffer, uncounted = false): Promise<void> {
+    const p = this.checkedRead(vol, offset, dest);
+    if (uncounted) return p;
+    // Counted before the first await: a caller that picked `vol` and a role change never interleave.
+    let set = this.readsIn.get(vol);
+    if (!set) this.readsIn.set(vol, (set = new Set()));
+    set.add(p);
+    return p.finally(() => set.delete(p));
+  }
+
+  private async checkedRead(vol: number, offset: number, dest: Buffer): Promise<void> {
+    // Whole blocks, so each can be checked; into a buffer of our own, which a read that
+    // outlives its timeout may still fill without touching the host's.
+    const start = Math.floor(offset / SUM_BLOCK) * SUM_BLOCK;
+    const end = Math.min(this.size, Math.ceil((offset + dest.length) / SUM_BLOCK) * SUM_BLOCK);
+    for (let attempt = 0; ; attempt++) {
+      const seq = this.writeSeq.get(vol) ?? 0;
+      const buf = Buffer.allocUnsafeSlow(end - start);
+      await this.timed(this.dev(vol).read(start, buf), vol, `read at ${start}`);
+      const bad = this.sums.check(vol, start, buf);
+      if (bad) {
+        const raced = (this.writesIn.get(vol) ?? 0) > 0 || (this.writeSeq.get(vol) ?? 0) !== seq;
+        if (raced && attempt < RACED_RETRIES) continue;
+        if (!raced) {
+          this.mismatches++;
+          throw new ChecksumMismatchError(
+            vol,
+            bad.offset,
+            `volume ${vol}: checksum mismatch in the 4 KiB block at byte ${bad.offset} (written with CRC32C ${hex(bad.stored)}, read back ${hex(bad.computed)}): a silent data error`,
+          );
+        }
+      }
+      buf.copy(dest, 0, offset - start, offset - start + dest.length);
+      return;
+    }
+  }
+
+  /**
+   * Run `op`, a write of `length` bytes at `offset` to `vol` whose bytes are `data` (null: zeroes;
+   * undefined: not known, the blocks stay unchecked until written again).
+   */
+  async write(vol: number, offset: number, length: number, data: Payload | null | undefined, op: () => Promise<void>): Promise<void> {
+    this.sums.forget(vol, offset, length);
+    this.writesIn.set(vol, (this.writesIn.get(vol) ?? 0) + 1);
+    this.writeSeq.set(vol, (this.writeSeq.get(vol) ?? 0) + 1);
+    // In flight until the volume answers, even past a timeout: a late write still races reads.
+    const done = op().finally(() => {
+      this.writesIn.set(vol, this.writesIn.get(vol)! - 1);
+      this.writeSeq.set(vol, (this.writeSeq.get(vol) ?? 0) + 1);
+    });
+    await this.timed(done, vol, `write at ${offset}`);
+    if (data !== undefined) this.sums.record(vol, offset, length, data);
+  }
+
+  flush(vol: number): Promise<void> {
+    return this.timed(this.dev(vol).flush(), vol, 'flush');
+  }
+
+  private timed<T>(p: Promise<T>, vol: number, what: string): Promise<T> {
+    if (!this.timeoutMs) return p;
+    let timer: NodeJS.Timeout | undefined;
+    const expired = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        this.timeouts++;
+        reject(new MemberTimeoutError(vol, `volume ${vol}: ${what} did not complete in ${this.timeoutMs} ms (ioTimeout): the volume hangs`));
+      }, this.timeoutMs);
+    });
+    // Its end after the timeout concerns nobody: the member is already being replaced.
+    p.catch(() => {});
+    return Promise.race([p, expired]).finally(() => clearTimeout(timer));
+  }
+}
+
+function hex(n: number): string {
+  return `0x${n.toString(16).padStart(8, '0')}`;
+}
