@@ -106,7 +106,7 @@ describe('xfer flows', () => {
     const table = await vols[0]!.readPidTable();
     expect(table.map((e) => e.req.requestor).sort()).toEqual([10, 11, 12]);
     const outs = msgs.map(() => [] as Buffer[]);
-    const got = await Promise.all(msgs.map((_, i) => recv(vols[2 * i + 1]!, 20 + i, async (d) => void outs[i]!.push(d), FAST)));
+    const got = await Promise.all(msgs.map((_, i) => recv(vols[2 * i + 1]!, 20 + i, async (d) => void outs[i]!.push(Buffer.from(d)), FAST)));
     await Promise.all(sends);
     outs.forEach((o, i) => expect(Buffer.concat(o).equals(msgs[i]!)).toBe(true));
     expect(got.map((g) => g.from)).toEqual([10, 11, 12]);
@@ -280,7 +280,7 @@ describe('xfer refuses what does not check out', () => {
   });
 
   it('refuses a valid-checksum structure whose fields are out of range, and any single flipped bit', () => {
-    const good = PTR.encode({ slot: 0, token: 5, writer: 1, entries: Array.from({ length: 128 }, () => ({ flag: 0, last: 0, dev: 0, offset: 0, length: 0, seq: 0 })) });
+    const good = PTR.encode({ slot: 0, token: 5, writer: 1, entries: Array.from({ length: 128 }, () => ({ flag: 0, last: 0, dev: 0, offset: 0, length: 0, seq: 0, msg: 0, part: 0 })) });
     fc.assert(
       fc.property(fc.nat(PTR.size * 8 - 1), (bit) => {
         const b = Buffer.from(good);
@@ -289,7 +289,7 @@ describe('xfer refuses what does not check out', () => {
       }),
       { numRuns: 500 },
     );
-    const bad = PTR.encode({ slot: 0, token: 5, writer: 1, entries: Array.from({ length: 128 }, (_, i) => ({ flag: i === 7 ? 9 : 0, last: 0, dev: 0, offset: 0, length: 0, seq: 0 })) });
+    const bad = PTR.encode({ slot: 0, token: 5, writer: 1, entries: Array.from({ length: 128 }, (_, i) => ({ flag: i === 7 ? 9 : 0, last: 0, dev: 0, offset: 0, length: 0, seq: 0, msg: 0, part: 0 })) });
     expect(() => PTR.decode('pointer table', bad)).toThrow('pointer table: entry 7 has flag 9, last 0: damaged');
   });
 });
@@ -358,9 +358,9 @@ describe('xfer paths and gc', () => {
     // Slot 0: a sender that died after writing two segments and its pointer table.
     await a.writePid({ slot: 0, role: Role.REQUESTOR, requestor: 7, requestee: 8, token: 99, heartbeat: 3, command: { code: Command.CONNECT, status: Status.PENDING } });
     await a.writePid({ slot: 0, role: Role.REQUESTEE, requestor: 7, requestee: 8, token: 99, heartbeat: 1, command: { code: Command.CONNECT, status: Status.ACCEPTED } });
-    const t = PTR.decode('t', PTR.encode({ slot: 0, token: 99, writer: 7, entries: Array.from({ length: 128 }, () => ({ flag: 0, last: 0, dev: 0, offset: 0, length: 0, seq: 0 })) }));
-    t.entries[0] = { flag: PtrFlag.WRITTEN, last: 0, dev: 0, offset: a.segments(0)[0]!.offset, length: 100, seq: 1 };
-    t.entries[1] = { flag: PtrFlag.WRITTEN, last: 0, dev: 0, offset: a.segments(0)[1]!.offset, length: 100, seq: 2 };
+    const t = PTR.decode('t', PTR.encode({ slot: 0, token: 99, writer: 7, entries: Array.from({ length: 128 }, () => ({ flag: 0, last: 0, dev: 0, offset: 0, length: 0, seq: 0, msg: 0, part: 0 })) }));
+    t.entries[0] = { flag: PtrFlag.WRITTEN, last: 0, dev: 0, offset: a.segments(0)[0]!.offset, length: 100, seq: 1, msg: 1, part: 0 };
+    t.entries[1] = { flag: PtrFlag.WRITTEN, last: 0, dev: 0, offset: a.segments(0)[1]!.offset, length: 100, seq: 2, msg: 1, part: 1 };
     await a.writePtr(t);
     expect((await describeVolume(a)).connections[0]).toMatchObject({ state: 'connected', segmentsInUse: 2 });
     // Slot 1: a live sender waiting for its receiver, beating every 20 ms.

@@ -25,6 +25,7 @@ import {
   type Sec,
 } from './layout.js';
 import { XferFormatError, XferUsageError } from './errors.js';
+import { BufferPool } from './pool.js';
 import { PathSet, openPath, type PathOptions, type XferPath } from './paths.js';
 
 export interface Geometry {
@@ -257,9 +258,14 @@ export class XferVolume {
     return this.master.write(this.mcb.ackTables + t.slot * BLOCK, ACK.encode(t));
   }
 
-  /** Header plus `length` data bytes, rounded up to whole blocks. */
-  readSegment(at: SegmentAddress, length: number): Promise<Buffer> {
-    return this.devices[at.dev].read(at.offset, roundUp(SEG_HEADER + length));
+  /** Header plus `length` data bytes, rounded up to whole blocks; into `dest` (a pool buffer) when given. */
+  readSegment(at: SegmentAddress, length: number, dest?: Buffer): Promise<Buffer> {
+    return this.devices[at.dev].read(at.offset, roundUp(SEG_HEADER + length), dest);
+  }
+
+  /** Buffers of a whole segment, aligned when a path needs it. */
+  segmentPool(keep?: number): BufferPool {
+    return new BufferPool(this.mcb.segSize, this.devices.some((d) => d.direct), keep);
   }
 
   /** `seg` holds the header and data, whole blocks long. */
