@@ -2,13 +2,15 @@
 // process ID table and segment pool limits, and torn, stale or corrupt reads refused rather
 // than delivered. The CLI and real NBD servers are in xfer-cli.test.ts.
 import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
 import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { BLOCK, Command, MCB, PTR, PtrFlag, Role, SEC, SEG_HEADER, Status } from '../src/xfer/layout.js';
 import { XferCorruptError, XferFormatError, XferPathError, XferPeerError, XferTableFullError, XferUsageError } from '../src/xfer/errors.js';
 import { XferVolume, formatVolume } from '../src/xfer/volume.js';
-import { send, pieces } from '../src/xfer/sender.js';
+import { send, sendMessages, pieces } from '../src/xfer/sender.js';
 import { recv } from '../src/xfer/receiver.js';
 import { gc } from '../src/xfer/gc.js';
 import { describe as describeVolume } from '../src/xfer/inspect.js';
@@ -350,6 +352,48 @@ describe('xfer paths and gc', () => {
     await expect(a.readPidTable()).rejects.toThrow(XferPathError);
     await expect(a.readPidTable()).rejects.toThrow(/read on the master device: every path failed \(hooked .*dev0.img\)/);
     await a.close();
+  });
+
+  it('moves messages byte for byte through files opened with O_DIRECT, the kernel says so for every path', async () => {
+    // tmpfs refuses O_DIRECT: the files live on the root disk.
+    const dir = fs.mkdtempSync('/var/tmp/bm-xfer-direct-');
+    try {
+      const files = [path.join(dir, 'dev0.img'), path.join(dir, 'dev1.img')];
+      for (const f of files) {
+        fs.writeFileSync(f, '');
+        fs.truncateSync(f, 4 << 20);
+      }
+      await formatVolume(files, { segSize: 16384, segments: 8, maxConn: 1 }, { direct: true });
+      const a = await XferVolume.open(files, { direct: true });
+      const b = await XferVolume.open(files, { direct: true });
+      expect([...a.devices, ...b.devices].map((d) => d.direct)).toEqual([true, true, true, true]);
+      // Every descriptor this process holds on the files carries O_DIRECT.
+      const target = (fd: string) => {
+        try {
+          return fs.readlinkSync(`/proc/self/fd/${fd}`, { encoding: 'utf8' });
+        } catch {
+          return ''; // the descriptor readdir itself used is closed by now
+        }
+      };
+      const held = fs.readdirSync('/proc/self/fd').filter((fd) => files.includes(target(fd)));
+      expect(held).toHaveLength(4);
+      for (const fd of held) {
+        const flags = parseInt(/^flags:\s+(\d+)/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))![1]!, 8);
+        expect(flags & fs.constants.O_DIRECT, `fd ${fd}`).toBe(fs.constants.O_DIRECT);
+      }
+      // Sizes that are no multiple of a block: the data ends mid-block, the tables are single blocks.
+      const msgs = [1, a.capacity + 1, 5 * a.capacity + 77].map((n) => randomBytes(n));
+      const got: Buffer[][] = [];
+      await Promise.all([
+        sendMessages(a, 1, 2, msgs.map((m) => Readable.from([m])), FAST),
+        recv(b, 2, async (d, p) => void (got[p.msg - 1] ??= []).push(Buffer.from(d)), FAST),
+      ]);
+      expect(got.map((parts) => Buffer.concat(parts))).toEqual(msgs);
+      await allFree(a);
+      await Promise.all([a.close(), b.close()]);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('reclaims the halves of dead processes after the timeout, and leaves a live sender alone', async () => {
