@@ -354,6 +354,31 @@ describe('xfer paths and gc', () => {
     await a.close();
   });
 
+  it('keeps trying a device whose every path is down for the failover time, and carries on when one comes back', async () => {
+    const files = await formattedFiles(SMALL);
+    let broken = false;
+    let attempts = 0;
+    const paths = await Promise.all([openPath(files[0]!), openPath(files[0]!)]);
+    const hooked = paths.map(
+      (p) =>
+        new HookedPath(p, {
+          read: () => {
+            if (broken) throw new Error('master swapping');
+            return undefined;
+          },
+          // The new master answers from the third attempt on.
+          reconnect: () => ++attempts >= 3 && !(broken = false),
+        }),
+    );
+    const a = await XferVolume.fromPaths(hooked, { graceMs: 60_000, rejoinMs: 60_000 });
+    broken = true;
+    const table = await a.readPidTable();
+    expect(table).toHaveLength(SMALL.maxConn);
+    expect(attempts).toBeGreaterThanOrEqual(3);
+    expect(a.master.paths.some((p) => p.live)).toBe(true);
+    await a.close();
+  });
+
   it('moves messages byte for byte through files opened with O_DIRECT, the kernel says so for every path', async () => {
     // tmpfs refuses O_DIRECT: the files live on the root disk.
     const dir = fs.mkdtempSync('/var/tmp/bm-xfer-direct-');

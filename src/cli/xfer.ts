@@ -16,6 +16,7 @@ interface Tuning {
   timeout: string;
   heartbeatMs: string;
   retries: string;
+  failoverMs: string;
   direct?: boolean;
 }
 
@@ -81,7 +82,7 @@ export function registerXferCommand(program: Command): void {
       const open = (msg: number, offset: number) =>
         stdin ? [process.stdin as AsyncIterable<Uint8Array>] : handles.slice(msg - 1).map((fh, k) => fileReader(fh, k === 0 ? offset : 0));
       const log = logger(cmd);
-      await withVolume(opts.dev, log, opts.direct, async (vol, signal) => {
+      await withVolume(opts.dev, log, { direct: opts.direct === true, graceMs: int('--failover-ms', opts.failoverMs, 0) }, async (vol, signal) => {
         const { sendMessages, resumeSend } = await import('../xfer/sender.js');
         const o = { ...tuning, log, signal };
         const r = opts.resume ? await resumeSend(vol, from, to, open, o) : await sendMessages(vol, from, to, open(1, 0), o);
@@ -114,7 +115,7 @@ export function registerXferCommand(program: Command): void {
     await out.open();
     const log = logger(cmd);
     try {
-      await withVolume(opts.dev, log, opts.direct, async (vol, signal) => {
+      await withVolume(opts.dev, log, { direct: opts.direct === true, graceMs: int('--failover-ms', opts.failoverMs, 0) }, async (vol, signal) => {
         const { recv } = await import('../xfer/receiver.js');
         const r = await recv(vol, as, (data, piece) => out.deliver(data, piece.msg), {
           ...tuning,
@@ -137,7 +138,7 @@ export function registerXferCommand(program: Command): void {
     .option('--dev <dev>', DEV_HELP, collect, [])
     .option('--json', 'print JSON')
     .action(async (opts: { dev: string[]; json?: boolean }, cmd: Command) => {
-      await withVolume(opts.dev, logger(cmd), false, async (vol) => {
+      await withVolume(opts.dev, logger(cmd), {}, async (vol) => {
         const { describe } = await import('../xfer/inspect.js');
         const r = await describe(vol);
         if (opts.json) return void process.stdout.write(JSON.stringify(r, null, 2) + '\n');
@@ -163,7 +164,7 @@ export function registerXferCommand(program: Command): void {
     .option('--timeout <ms>', 'how long a heartbeat must stand still', '30000')
     .action(async (opts: { dev: string[]; timeout: string }, cmd: Command) => {
       const timeoutMs = int('--timeout', opts.timeout, 0);
-      await withVolume(opts.dev, logger(cmd), false, async (vol, signal) => {
+      await withVolume(opts.dev, logger(cmd), {}, async (vol, signal) => {
         const { gc } = await import('../xfer/gc.js');
         const done = await gc(vol, timeoutMs, signal);
         if (done.length === 0) process.stdout.write('nothing to reclaim\n');
@@ -267,6 +268,7 @@ function tuned(cmd: Command): Command {
     .option('--timeout <ms>', 'a peer silent this long is gone; also the wait for a free slot and for the receiver', '30000')
     .option('--heartbeat-ms <ms>', 'between two heartbeats of our half of the process ID table', '500')
     .option('--retries <n>', 'reads of a segment or table that does not check out before it is refused', '100')
+    .option('--failover-ms <ms>', 'with every path to a device down, how long to keep trying them (a pair swapping its master)', '10000')
     .option('--direct', 'open file paths with O_DIRECT too, bypassing this host\'s page cache (block devices always are)')
     .allowExcessArguments(false);
 }
@@ -292,11 +294,11 @@ function logger(cmd: Command): Logger {
 async function withVolume(
   devs: string[],
   log: Logger,
-  direct: boolean | undefined,
+  paths: { direct?: boolean; graceMs?: number },
   fn: (vol: import('../xfer/volume.js').XferVolume, signal: AbortSignal) => Promise<void>,
 ): Promise<void> {
   const { XferVolume } = await import('../xfer/volume.js');
-  const vol = await usage(XferVolume.open(devs, { log, direct: direct === true }));
+  const vol = await usage(XferVolume.open(devs, { log, ...paths }));
   const ac = new AbortController();
   const stop = () => ac.abort(new Error('interrupted'));
   process.once('SIGINT', stop);

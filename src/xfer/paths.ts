@@ -184,6 +184,7 @@ export class PathSet {
     paths: XferPath[],
     private readonly log?: Logger,
     private readonly rejoinMs = 1000,
+    private readonly graceMs = 0,
   ) {
     this.members = paths.map((path) => ({ path, live: true, inFlight: 0 }));
   }
@@ -224,10 +225,20 @@ export class PathSet {
   // A failed write is repeated whole on another path: the same bytes at the same place, so a late
   // copy landing from the dead path changes nothing. The caller awaits it before writing the
   // pointer table, so "data before pointers" holds whichever path carries each.
+  //
+  // With no live path left, every path is tried again for up to `graceMs` before the operation
+  // fails: the master of a pair that is being swapped refuses writes before the new master
+  // takes them, and a path that comes back in time carries the operation.
   private async run<T>(op: string, fn: (p: XferPath) => Promise<T>): Promise<T> {
     let lastErr: unknown;
+    let giveUpAt: number | undefined;
     for (;;) {
       const m = this.pick();
+      if (!m && !this.closed && Date.now() < (giveUpAt ??= Date.now() + this.graceMs)) {
+        await this.rejoinNow();
+        if (!this.members.some((x) => x.live)) await new Promise((r) => setTimeout(r, 100));
+        continue;
+      }
       if (!m) throw new XferPathError(`${op} on ${this.label}: every path failed (${this.members.map((x) => x.path.name).join(', ')}): ${(lastErr as Error | undefined)?.message ?? 'none open'}`, { cause: lastErr });
       m.inFlight++;
       try {
@@ -241,6 +252,20 @@ export class PathSet {
     }
   }
 
+  /** Try every down path once, now. */
+  private async rejoinNow(): Promise<void> {
+    await Promise.all(
+      this.members
+        .filter((m) => !m.live)
+        .map(async (m) => {
+          if ((await m.path.reconnect()) && !this.closed && !m.live) {
+            m.live = true;
+            this.log?.warn({ path: m.path.name }, `path ${m.path.name} to ${this.label} rejoined`);
+          }
+        }),
+    );
+  }
+
   private lose(m: Member, err: Error): void {
     m.live = false;
     this.log?.warn({ path: m.path.name, err: err.message }, `path ${m.path.name} to ${this.label} failed; going on over the others`);
@@ -248,8 +273,10 @@ export class PathSet {
       if (this.closed) return;
       const t = setTimeout(() => {
         this.timers.delete(t);
+        if (m.live) return; // rejoined by rejoinNow
         void m.path.reconnect().then((ok) => {
           if (this.closed) return;
+          if (m.live) return;
           if (!ok) return retry();
           m.live = true;
           this.log?.warn({ path: m.path.name }, `path ${m.path.name} to ${this.label} rejoined`);

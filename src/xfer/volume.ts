@@ -123,6 +123,8 @@ export interface VolumeOptions extends PathOptions {
   log?: Logger;
   /** How long a failed path waits before it tries to rejoin (ms). */
   rejoinMs?: number;
+  /** With every path to a device down, how long an operation tries them again before it fails (ms). */
+  graceMs?: number;
 }
 
 export class XferVolume {
@@ -189,7 +191,7 @@ export class XferVolume {
       for (let d = 0; d < mcb.devices; d++) {
         const g = groups.get(d);
         if (!g) throw new XferUsageError(`secondary device ${d} of the volume has no path among --dev: add one`);
-        sets.push(new PathSet(d === 0 ? 'the master device' : `secondary device ${d}`, g, opts.log, opts.rejoinMs));
+        sets.push(new PathSet(d === 0 ? 'the master device' : `secondary device ${d}`, g, opts.log, opts.rejoinMs, opts.graceMs));
       }
       return new XferVolume(mcb, sdt, sets);
     } catch (e) {
