@@ -3,7 +3,7 @@
 // system, each over two NBD connections; and a transfer through the master of a sync pair across
 // two storage systems, each host with a path to both copies, survives a swap of the pair in the
 // middle: the writes follow the new master, and the file arrives byte for byte.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -78,38 +78,36 @@ describe('xfer through a running storage system', () => {
     const input = randomFile(dir, 48);
     // Each host has a path to each copy: writes land on whichever is the master at the time.
     const paths = ['--dev', ss1.uri(1), '--dev', ss2.uri(1), '--failover-ms', '30000', '--timeout', '120000'];
-    // The receiver writes to a pipe the test stops reading: the transfer stalls, the swap lands in
-    // its middle, then the test reads on.
-    const recvProc = spawn(process.execPath, [CLI, 'xfer', 'recv', ...paths, '--as', '2'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    // The receiver writes to a FIFO the test stops reading: its deliveries wait (in a thread, its
+    // event loop and NBD connections stay live), the sender fills the window and waits, and the
+    // swap lands in the middle of the transfer; then the test reads on.
+    const fifo = path.join(dir, 'out.fifo');
+    expect(spawnSync('mkfifo', [fifo]).status).toBe(0);
+    const r = spawnXfer(['recv', ...paths, '--as', '2', '--out', fifo]);
+    const reader = fs.createReadStream(fifo, { highWaterMark: 1 << 20 });
     const chunks: Buffer[] = [];
     let received = 0;
     let stopped = false;
-    let recvErr = '';
-    recvProc.stderr!.setEncoding('utf8').on('data', (d: string) => (recvErr += d));
     const stalled = new Promise<void>((resolve) =>
-      recvProc.stdout!.on('data', (d: Buffer) => {
-        chunks.push(d);
+      reader.on('data', (d) => {
+        chunks.push(d as Buffer);
         received += d.length;
         if (received >= 8 << 20 && !stopped) {
           stopped = true;
-          recvProc.stdout!.pause();
+          reader.pause();
           resolve();
         }
       }),
     );
-    const recvDone = new Promise<number | null>((resolve) => recvProc.once('close', resolve));
-    cleanups.push(async () => {
-      if (recvProc.exitCode === null && recvProc.signalCode === null) recvProc.kill('SIGKILL');
-      await recvDone;
-    });
+    const readAll = new Promise<void>((resolve, reject) => reader.once('end', resolve).once('error', reject));
     const w = spawnXfer(['send', ...paths, '--from', '1', '--to', '2', input]);
     await stalled;
     const swap = await run(process.execPath, [CLI, 'pair', 'swap', 'p', '-c', file], { timeoutMs: 60_000 });
     expect(swap.code, swap.stderr).toBe(0);
     expect(w.proc.exitCode, 'the sender was still at work when the swap completed').toBeNull();
-    recvProc.stdout!.resume();
-    const [sent, recvCode] = await Promise.all([w.done, recvDone]);
-    expect([sent.code, recvCode], sent.stderr + recvErr).toEqual([0, 0]);
+    reader.resume();
+    const [sent, got] = await Promise.all([w.done, r.done, readAll]);
+    expect([sent.code, got.code], sent.stderr + got.stderr).toEqual([0, 0]);
     expect(createHash('sha256').update(Buffer.concat(chunks)).digest('hex')).toBe(await sha256(input));
     // The sender wrote to storage system 1 after the swap, was refused, and went on through 2.
     expect(sent.stderr).toContain(`path ${ss1.uri(1)} to the master device failed; going on over the others`);

@@ -204,8 +204,13 @@ class Output {
     private readonly resume: boolean,
   ) {}
 
+  /** A pipe (a FIFO given as --out) takes its bytes in order, without positions. */
+  private seekable = true;
+
   async open(): Promise<void> {
-    if (this.file !== undefined) this.fh = await this.openFile(this.file, this.resume ? 'r+' : 'w');
+    if (this.file === undefined) return;
+    this.fh = await this.openFile(this.file, this.resume ? 'r+' : 'w');
+    this.seekable = (await this.fh.stat()).isFile();
   }
 
   private async openFile(file: string, flags: string): Promise<fs.promises.FileHandle> {
@@ -231,7 +236,7 @@ class Output {
       return;
     }
     let done = 0;
-    while (done < data.length) done += (await this.fh.write(data, done, data.length - done, this.position + done)).bytesWritten;
+    while (done < data.length) done += (await this.fh.write(data, done, data.length - done, this.seekable ? this.position + done : null)).bytesWritten;
     this.position += data.length;
   }
 

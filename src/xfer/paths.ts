@@ -10,7 +10,7 @@
 //              buffers are aligned (pool.ts, blockdev/native's alignedBuffer), and a caller's
 //              unaligned buffer goes through an aligned bounce buffer
 //   file       for tests on one host: the page cache is shared by both processes; `direct`
-//              (XFER_DIRECT=1 for the CLI) opens it O_DIRECT too, where the filesystem can
+//              (--direct on the command line) opens it O_DIRECT too, where the filesystem can
 import fs from 'node:fs';
 import type { Logger } from 'pino';
 import { alignedBuffer, isAligned } from '../blockdev/native.js';
