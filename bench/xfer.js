@@ -5,14 +5,18 @@
 //            have exited (the CLI's start-up included, as a user runs it); the bytes cross the
 //            export twice (written by the sender, read by the receiver)
 //   nbdcopy  `nbdcopy FILE nbd://...` (one write of the bytes)
-// and the same xfer run over 2 paths (two NBD connections per process) for the scaling line.
+// then one xfer run each over 2, 3 and 4 paths (NBD connections per process) for the scaling.
+// Last, the latency of 4 KiB messages, one at a time on one connection (the library in this
+// process, sender and receiver on volume handles of their own), for several poll intervals.
 //
-//   node bench/xfer.js                          # 256 MiB, 3 repetitions, appends to bench/RESULTS.md
-//   BENCH_MIB=64 BENCH_REPS=3 node bench/xfer.js
+//   node bench/xfer.js                                  # 1 GiB, 3 repetitions; section xfer-1g of bench/RESULTS.md
+//   BENCH_MIB=128 BENCH_REPS=1 node bench/xfer.js       # a short run on a busy machine
+//   BENCH_SEG=4MiB BENCH_PATHS=1,2,4 BENCH_POLLS=1,10 BENCH_MSGS=300
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
+import { Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { codeInfo, loadAvg } from './lib/machine.js';
 import { freePort, installCleanup, onExit, run, startServer } from './lib/proc.js';
@@ -23,17 +27,62 @@ const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ROOT = path.resolve(HERE, '..');
 const BIN = path.join(ROOT, 'bin', 'blockmirror.js');
 const OUT = process.env.BENCH_OUT ?? path.join(HERE, 'RESULTS.md');
-const MIB = Number(process.env.BENCH_MIB ?? 256);
+const MIB = Number(process.env.BENCH_MIB ?? 1024);
 const REPS = Number(process.env.BENCH_REPS ?? 3);
 const SEG = process.env.BENCH_SEG ?? '1MiB';
+const PATHS = (process.env.BENCH_PATHS ?? '2,3,4').split(',').map(Number);
+const POLLS = (process.env.BENCH_POLLS ?? '1,5,10').split(',').map(Number);
+const MSGS = Number(process.env.BENCH_MSGS ?? 200);
 
 installCleanup();
 
 async function must(cmd, args) {
   const t0 = performance.now();
-  const r = await run(cmd, args, { timeoutMs: 600_000 });
+  const r = await run(cmd, args, { timeoutMs: 900_000 });
   if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')} failed (${r.code}): ${r.stderr.toString().trim()}`);
   return (performance.now() - t0) / 1000;
+}
+
+const pct = (xs, p) => {
+  const v = [...xs].sort((a, b) => a - b);
+  return v[Math.min(v.length - 1, Math.floor((p / 100) * v.length))];
+};
+
+/** 4 KiB messages one at a time: each is sent once the one before it was delivered, after a random pause of up to twice the poll interval. */
+async function latency(uri, pollMs) {
+  const { XferVolume } = await import('../dist/xfer/volume.js');
+  const { sendMessages } = await import('../dist/xfer/sender.js');
+  const { recv } = await import('../dist/xfer/receiver.js');
+  const a = await XferVolume.open([uri]);
+  const b = await XferVolume.open([uri]);
+  const opts = { pollMs, heartbeatMs: 500, timeoutMs: 30_000 };
+  const sentAt = [];
+  const samples = [];
+  let delivered = () => {};
+  async function* messages() {
+    for (let i = 0; i < MSGS; i++) {
+      await new Promise((r) => setTimeout(r, Math.random() * 2 * pollMs));
+      const arrived = new Promise((r) => (delivered = r));
+      sentAt[i] = performance.now();
+      yield Readable.from([randomBytes(4096)]);
+      await arrived;
+    }
+  }
+  await Promise.all([
+    sendMessages(a, 1, 2, messages(), opts),
+    recv(
+      b,
+      2,
+      async (_data, piece) => {
+        if (!piece.end) return;
+        samples.push(performance.now() - sentAt[piece.msg - 1]);
+        delivered();
+      },
+      opts,
+    ),
+  ]);
+  await Promise.all([a.close(), b.close()]);
+  return { p50: pct(samples, 50), p99: pct(samples, 99), n: samples.length };
 }
 
 async function main() {
@@ -43,12 +92,13 @@ async function main() {
   const input = path.join(dir, 'in.bin');
   fs.writeFileSync(input, randomBytes(MIB << 20));
   const port = await freePort();
-  const server = await startServer('serve', process.execPath, [BIN, 'serve', '--size', `${Math.max(1024, 2 * MIB)}MiB`, '--listen', `127.0.0.1:${port}`, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port });
+  const server = await startServer('serve', process.execPath, [BIN, 'serve', '--size', `${MIB + 512}MiB`, '--listen', `127.0.0.1:${port}`, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port });
   const uri = `nbd://127.0.0.1:${port}/disk`;
+  const format = () => must(process.execPath, [BIN, 'xfer', 'format', uri, '--seg-size', SEG, '--segments', '64', '--max-conn', '1']);
 
   const xfer = async (paths) => {
     // nbdcopy overwrote the volume: format it again (not timed).
-    await must(process.execPath, [BIN, 'xfer', 'format', uri, '--seg-size', SEG, '--segments', '64', '--max-conn', '1']);
+    await format();
     const devs = Array.from({ length: paths }, () => ['--dev', uri]).flat();
     const t0 = performance.now();
     await Promise.all([
@@ -59,36 +109,56 @@ async function main() {
   };
   const nbdcopy = async () => MIB / (await must('nbdcopy', [input, uri]));
 
-  const rows = { xfer1: [], xfer2: [], nbdcopy: [] };
+  const rows = { xfer: [], nbdcopy: [], ...Object.fromEntries(PATHS.map((p) => [`paths${p}`, []])) };
   for (let rep = 0; rep < REPS; rep++) {
     // A B B A within a repetition, so drift in the machine's load hits both alike.
-    rows.xfer1.push(await xfer(1));
+    rows.xfer.push(await xfer(1));
     rows.nbdcopy.push(await nbdcopy());
     rows.nbdcopy.push(await nbdcopy());
-    rows.xfer1.push(await xfer(1));
-    rows.xfer2.push(await xfer(2));
-    process.stderr.write(`rep ${rep + 1}/${REPS}: xfer ${rows.xfer1.slice(-2).map((x) => x.toFixed(0)).join(', ')} MiB/s, nbdcopy ${rows.nbdcopy.slice(-2).map((x) => x.toFixed(0)).join(', ')} MiB/s, 2 paths ${rows.xfer2.at(-1).toFixed(0)} MiB/s\n`);
+    rows.xfer.push(await xfer(1));
+    for (const p of PATHS) rows[`paths${p}`].push(await xfer(p));
+    process.stderr.write(
+      `rep ${rep + 1}/${REPS}: xfer ${rows.xfer.slice(-2).map((x) => x.toFixed(0)).join(', ')} MiB/s, nbdcopy ${rows.nbdcopy.slice(-2).map((x) => x.toFixed(0)).join(', ')} MiB/s, ` +
+        PATHS.map((p) => `${p} paths ${rows[`paths${p}`].at(-1).toFixed(0)}`).join(', ') +
+        ' MiB/s\n',
+    );
+  }
+  const lat = [];
+  for (const pollMs of POLLS) {
+    await format();
+    lat.push({ pollMs, ...(await latency(uri, pollMs)) });
+    process.stderr.write(`latency, poll ${pollMs} ms: p50 ${lat.at(-1).p50.toFixed(2)} ms, p99 ${lat.at(-1).p99.toFixed(2)} ms\n`);
   }
   await server.stop();
-  const x1 = median(rows.xfer1);
-  const x2 = median(rows.xfer2);
+  const x1 = median(rows.xfer);
   const nc = median(rows.nbdcopy);
   const code = codeInfo(ROOT);
   const ncVersion = (await run('nbdcopy', ['--version'])).stdout.toString().split('\n')[0];
-  const text = `## Transfer through a shared volume (xfer) vs nbdcopy (${new Date().toISOString().slice(0, 10)}, node ${process.version}, ${ncVersion}, ${MIB} MiB, segments of ${SEG}, median of ${REPS * 2} interleaved A B B A; load average ${loadStart} at start, ${loadAvg()} at end)
+  const short = MIB < 1024 || REPS < 3 ? ` **A short run (${MIB} MiB, ${REPS} repetition${REPS === 1 ? '' : 's'}), not the 1 GiB of the goal: rerun \`node bench/xfer.js\` on a quiet machine.**` : '';
+  const text = `## Transfer through a shared volume (xfer): ${MIB} MiB, paths, latency (bench/xfer.js)
 
-| run | MiB/s | vs nbdcopy | goal |
-|---|---:|---:|---:|
-| xfer send+recv, 1 path each | ${x1.toFixed(1)} | ${(x1 / nc).toFixed(2)}x | ≥ 0.5x |
-| xfer send+recv, 2 paths each | ${x2.toFixed(1)} | ${(x2 / nc).toFixed(2)}x | — |
-| nbdcopy FILE to the export | ${nc.toFixed(1)} | 1.00x | — |
+Run ${new Date().toISOString()} on ${os.cpus()[0]?.model.trim()}, nproc ${os.cpus().length}; node ${process.version}, ${ncVersion}; code ${code.head} (${code.subject.slice(0, 60)}).
+Load average ${loadStart} at start, ${loadAvg()} at end. ${MIB} MiB of random data, segments of ${SEG}, 64 segments, 1 connection;
+median of ${2 * REPS} interleaved A B B A for xfer over 1 path and nbdcopy, of ${REPS} for the other path counts.${short}
 
-Code ${code.head} (${code.subject.slice(0, 60)}). One \`blockmirror serve\` (memory) holds the volume, formatted with 64 segments, 1 connection.
-The 2-path row is one run per repetition (median of ${REPS}), after the A B B A of the other two.
-xfer is timed from starting \`recv\` and \`send\` to both exiting, Node start-up included; its bytes cross the
-export twice (written, then read), nbdcopy's once. \`node bench/xfer.js\` (BENCH_MIB, BENCH_REPS, BENCH_SEG).
+| run | MiB/s | vs nbdcopy | goal | met? |
+|---|---:|---:|---:|:---:|
+| xfer send+recv, 1 path each | ${x1.toFixed(1)} | ${(x1 / nc).toFixed(2)}x | ≥ 0.5x | ${x1 / nc >= 0.5 ? 'yes' : '**no**'} |
+${PATHS.map((p) => `| xfer send+recv, ${p} paths each | ${median(rows[`paths${p}`]).toFixed(1)} | ${(median(rows[`paths${p}`]) / nc).toFixed(2)}x | — | |`).join('\n')}
+| nbdcopy FILE to the export | ${nc.toFixed(1)} | 1.00x | — | |
+
+Latency of a 4 KiB message (${MSGS} per poll interval, one at a time on one connection, after a random pause of up to
+twice the interval; from handing it to the sender to its delivery; polls back off from 1 ms to the interval):
+
+| poll interval | p50 | p99 |
+|---:|---:|---:|
+${lat.map((l) => `| ${l.pollMs} ms | ${l.p50.toFixed(2)} ms | ${l.p99.toFixed(2)} ms |`).join('\n')}
+
+xfer is timed from starting \`recv\` and \`send\` to both exiting, Node start-up (about 0.6 s of CPU each) included; its
+bytes cross the export twice (written, then read), nbdcopy's once. \`node bench/xfer.js\` (BENCH_MIB, BENCH_REPS,
+BENCH_SEG, BENCH_PATHS, BENCH_POLLS, BENCH_MSGS).
 `;
-  replaceSection(OUT, 'xfer', text);
+  replaceSection(OUT, 'xfer-1g', text);
   process.stdout.write(text);
 }
 

@@ -332,6 +332,28 @@ static napi_value pidfd_getfd_js(napi_env env, napi_callback_info info) {
   return out;
 }
 
+// alignGap(buffer, align): bytes from the buffer's start to the first address
+// that is a multiple of align (a power of two). O_DIRECT needs aligned memory
+// and Node has no aligned allocation: callers allocate align more bytes and
+// use the subarray from the gap (src/xfer/pool.ts).
+static napi_value align_gap(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  void *data;
+  size_t len;
+  int64_t align;
+  napi_value out;
+  if (argc < 2 || napi_get_buffer_info(env, argv[0], &data, &len) != napi_ok || napi_get_value_int64(env, argv[1], &align) != napi_ok ||
+      align <= 0 || (align & (align - 1)) != 0) {
+    napi_throw_type_error(env, NULL, "expected (buffer, align), align a power of two");
+    return NULL;
+  }
+  uintptr_t a = (uintptr_t)align;
+  napi_create_int64(env, (int64_t)((a - ((uintptr_t)data & (a - 1))) & (a - 1)), &out);
+  return out;
+}
+
 NAPI_MODULE_INIT() {
   napi_property_descriptor props[] = {
       {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -341,6 +363,7 @@ NAPI_MODULE_INIT() {
       {"preadNoWait", NULL, pread_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pwriteNoWait", NULL, pwrite_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pidfdGetfd", NULL, pidfd_getfd_js, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"alignGap", NULL, align_gap, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

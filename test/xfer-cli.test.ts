@@ -17,6 +17,9 @@ import { recv } from '../src/xfer/receiver.js';
 import { CLI, run, startServe, tmpDir, type CmdResult, type RunningServer } from './helpers/servers.js';
 import { FAST, HookedPath } from './helpers/xfer.js';
 
+// Tests that start a dozen CLI processes: each takes seconds to start on a loaded machine.
+const CLI_HEAVY = 120_000;
+
 const cleanups: (() => Promise<unknown>)[] = [];
 afterEach(async () => {
   while (cleanups.length) await cleanups.pop()!().catch(() => undefined);
@@ -97,11 +100,33 @@ describe('xfer between processes through blockmirror serve', () => {
     const sent = await xfer(['send', '--dev', s.uri, '--from', '1', '--to', '2', input]);
     const got = await r.done;
     expect(sent.stderr).toMatch(/^sent 6291456 bytes in 25 segments over connection 0\n$/);
-    expect(got.stderr).toMatch(/^received 6291456 bytes in 25 segments from 1 over connection 0\n$/);
+    expect(got.stderr).toMatch(/^received 6291456 bytes in 25 segments from 1 over connection 0 \(1 message\)\n$/);
     expect([sent.code, got.code]).toEqual([0, 0]);
     expect(sha256(out)).toBe(sha256(input));
     const ls = await xfer(['ls', '--dev', s.uri, '--json']);
     expect(JSON.parse(ls.stdout).connections.map((c: { state: string; segmentsInUse: number }) => [c.state, c.segmentsInUse])).toEqual([['free', 0], ['free', 0]]);
+  });
+
+  it('carries several files as the messages of one connection, each into its own file', async () => {
+    const s = await serve();
+    const dir = tmpDir('bm-xfer-cli-');
+    // Empty, one byte, exactly one segment's data, and several segments with a partial last one.
+    const sizes = [0, 1, 256 * 1024 - 64, 3 * (256 * 1024) + 5];
+    const inputs = sizes.map((n, i) => {
+      const f = path.join(dir, `in-${i}.bin`);
+      fs.writeFileSync(f, randomBytes(n));
+      return f;
+    });
+    const outDir = path.join(dir, 'out');
+    fs.mkdirSync(outDir);
+    await xfer(['format', s.uri, '--seg-size', '256KiB', '--segments', '4', '--max-conn', '1']);
+    const r = spawnXfer(['recv', '--dev', s.uri, '--as', '2', '--out-dir', outDir]);
+    const sent = await xfer(['send', '--dev', s.uri, '--from', '1', '--to', '2', ...inputs]);
+    const got = await r.done;
+    expect([sent.code, got.code], sent.stderr + got.stderr).toEqual([0, 0]);
+    expect(got.stderr).toMatch(/over connection 0 \(4 messages\)\n$/);
+    expect(fs.readdirSync(outDir).sort()).toEqual(['message-1', 'message-2', 'message-3', 'message-4']);
+    inputs.forEach((f, i) => expect(sha256(path.join(outDir, `message-${i + 1}`)), `message ${i + 1}`).toBe(sha256(f)));
   });
 
   it('goes on over the other path when one path is cut mid-transfer, on both hosts', async () => {
@@ -155,7 +180,7 @@ describe('xfer between processes through blockmirror serve', () => {
     expect((await xfer(['send', '--dev', s.uri, '--from', '1', '--to', '2', input])).code).toBe(0);
     expect((await again.done).code).toBe(0);
     expect(sha256(out)).toBe(sha256(input));
-  });
+  }, CLI_HEAVY);
 
   it('resumes a sender and then a receiver killed with -9 from the on-disk tables, delivering the file exactly once', async () => {
     const s = await serve();
@@ -186,12 +211,12 @@ describe('xfer between processes through blockmirror serve', () => {
     const r2 = spawnXfer([...recvArgs, '--resume']);
     const [sent, got] = await Promise.all([w2.done, r2.done]);
     expect([sent.code, got.code], sent.stderr + got.stderr).toEqual([0, 0]);
-    expect(got.stderr).toMatch(/received \d+ bytes in 517 segments from 1 over connection 0\n$/);
+    expect(got.stderr).toMatch(/received \d+ bytes in 517 segments from 1 over connection 0 \(\d+ messages?\)\n$/);
     expect(sent.stderr).toContain('"msg":"resuming connection"');
     expect(got.stderr).toContain('"msg":"resuming connection"');
     expect(sha256(out)).toBe(sha256(input));
     expect(JSON.parse((await xfer(['ls', '--dev', s.uri, '--json'])).stdout).connections[0].state).toBe('free');
-  });
+  }, CLI_HEAVY);
 
   it('refuses a segment header corrupted on the export, delivering nothing, and the sender says the receiver left', async () => {
     const s = await serve();
@@ -273,8 +298,11 @@ describe('xfer bad input', () => {
       [['send', '--dev', s.uri, '--from', '0', '--to', '2'], 2, /--from "0": a process ID is an integer from 1 to 4294967295/],
       [['send', '--dev', s.uri, '--from', '1', '--to', '2', path.join(dir, 'missing')], 2, /send: cannot read .*missing: ENOENT/],
       [['recv', '--dev', s.uri, '--as', 'two'], 2, /--as "two": a process ID/],
-      [['send', '--dev', s.uri, '--from', '1', '--to', '2', '--resume', '-'], 2, /send --resume needs the FILE again \(stdin cannot be rewound\)/],
-      [['recv', '--dev', s.uri, '--as', '2', '--resume'], 2, /recv --resume needs --out FILE/],
+      [['send', '--dev', s.uri, '--from', '1', '--to', '2', '--resume', '-'], 2, /send --resume needs the FILEs again \(stdin cannot be rewound\)/],
+      [['recv', '--dev', s.uri, '--as', '2', '--resume'], 2, /recv --resume needs --out FILE or --out-dir DIR/],
+      [['recv', '--dev', s.uri, '--as', '2', '--out', 'a', '--out-dir', dir], 2, /recv: give --out or --out-dir, not both/],
+      [['recv', '--dev', s.uri, '--as', '2', '--out-dir', path.join(dir, 'nowhere')], 2, /recv: --out-dir .*nowhere is not a directory/],
+      [['send', '--dev', s.uri, '--from', '1', '--to', '2', path.join(dir, 'a'), '-'], 2, /send: stdin \(-\) is the only message when given/],
       [['recv', '--dev', 'http://x/y', '--as', '2'], 2, /--dev http:\/\/x\/y: unknown scheme/],
       [['ls', '--dev', path.join(dir, 'nothing')], 2, /--dev .*nothing: ENOENT/],
       [['gc', '--dev', s.uri, '--timeout', '-1'], 2, /--timeout "-1": expected an integer/],
@@ -287,5 +315,5 @@ describe('xfer bad input', () => {
     }
     const help = await xfer(['send', '--help']);
     expect(help.stdout).toMatch(/Example:\n {2}blockmirror xfer send --dev nbd:/);
-  });
+  }, CLI_HEAVY);
 });

@@ -1,5 +1,7 @@
 // The transfer's promise as a property (fast-check): whatever the message sizes (0 bytes, 1 byte,
-// more than the whole pool), however many connections run at once (up to the table's size),
+// more than the whole pool), however many messages share a connection (given as a list, whose last
+// one closes it, or as a stream, closed by a piece of its own), however many connections run at
+// once (up to the table's size),
 // whichever path fails and whichever sender or receiver is killed mid-transfer and resumed from
 // the on-disk tables, every message arrives exactly once, in order and intact, and every segment
 // and slot is free at the end. A killed process is a volume handle whose every I/O fails from
@@ -10,7 +12,7 @@ import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { XferVolume } from '../src/xfer/volume.js';
 import { openPath, type XferPath } from '../src/xfer/paths.js';
-import { resumeSend, send } from '../src/xfer/sender.js';
+import { resumeSend, sendMessages, type Messages } from '../src/xfer/sender.js';
 import { recv } from '../src/xfer/receiver.js';
 import { describe as describeVolume } from '../src/xfer/inspect.js';
 import { gc } from '../src/xfer/gc.js';
@@ -19,7 +21,10 @@ import { HookedPath, formattedFiles } from './helpers/xfer.js';
 const OPTS = { pollMs: 2, heartbeatMs: 20, timeoutMs: 10_000, retries: 50 };
 
 interface Plan {
-  size: number;
+  /** The messages of the connection. */
+  sizes: number[];
+  /** Messages as a stream (an async generator) rather than a list. */
+  stream: boolean;
   /** Fail one of the sender's two paths after this many of its I/Os. */
   pathFailsAt: number | null;
   killSenderAt: number | null;
@@ -42,9 +47,19 @@ async function host(file: string, pathFailsAt: number | null, killAt: number | n
   return vol;
 }
 
-async function runConnection(file: string, plan: Plan, from: number, to: number, data: Buffer): Promise<Buffer> {
-  let out = Buffer.alloc(0);
-  const deliver = async (d: Buffer) => void (out = Buffer.concat([out, d]));
+async function runConnection(file: string, plan: Plan, from: number, to: number, data: Buffer[]): Promise<Buffer[]> {
+  // What the receiver holds of each message (index msg - 1).
+  let out: Buffer[] = [];
+  const deliver = async (d: Buffer, piece: { msg: number; part: number }) => {
+    const have = out[piece.msg - 1] ?? Buffer.alloc(0);
+    expect(have.length, `message ${piece.msg} part ${piece.part} lands where the earlier parts end`).toBe(piece.part * capacity);
+    out[piece.msg - 1] = Buffer.concat([have, d]);
+  };
+  // Messages from `msg` on (numbered from 1), the first one from byte `offset`.
+  const messages = (msg = 1, offset = 0): Messages => {
+    const list = data.slice(msg - 1).map((m, k) => Readable.from([k === 0 ? m.subarray(offset) : m]));
+    return plan.stream ? (async function* () { yield* list; })() : list;
+  };
   const opened: XferVolume[] = [];
   const vol = async (failAt: number | null, killAt: number | null) => {
     const v = await host(file, failAt, killAt);
@@ -54,13 +69,13 @@ async function runConnection(file: string, plan: Plan, from: number, to: number,
   try {
     const sender = (async () => {
       try {
-        return await send(await vol(plan.pathFailsAt, plan.killSenderAt), from, to, Readable.from([data]), OPTS);
+        return await sendMessages(await vol(plan.pathFailsAt, plan.killSenderAt), from, to, messages(), OPTS);
       } catch (e) {
         if (plan.killSenderAt === null) throw e;
         // Killed after it was accepted: resume. Killed before: nothing on disk names it, start again.
-        return await resumeSend(await vol(null, null), from, to, (offset) => Readable.from([data.subarray(offset)]), OPTS).catch(async (re: Error) => {
+        return await resumeSend(await vol(null, null), from, to, messages, OPTS).catch(async (re: Error) => {
           if (!/no connection from/.test(re.message)) throw re;
-          return send(await vol(null, null), from, to, Readable.from([data]), OPTS);
+          return sendMessages(await vol(null, null), from, to, messages(), OPTS);
         });
       }
     })();
@@ -69,10 +84,13 @@ async function runConnection(file: string, plan: Plan, from: number, to: number,
         return await recv(await vol(null, plan.killReceiverAt), to, deliver, { ...OPTS, from });
       } catch (e) {
         if (plan.killReceiverAt === null) throw e;
-        const resume = async (acked: number) => void (out = out.subarray(0, acked));
+        const resume = async (msg: number, offset: number) => {
+          out = out.slice(0, msg);
+          if (out[msg - 1]) out[msg - 1] = out[msg - 1]!.subarray(0, offset);
+        };
         return await recv(await vol(null, null), to, deliver, { ...OPTS, from, resume }).catch(async (re: Error) => {
           if (!/no accepted connection/.test(re.message)) throw re;
-          out = Buffer.alloc(0);
+          out = [];
           return recv(await vol(null, null), to, deliver, { ...OPTS, from });
         });
       }
@@ -84,11 +102,14 @@ async function runConnection(file: string, plan: Plan, from: number, to: number,
   }
 }
 
+const capacity = 8192 - 64;
+
 describe('xfer model', () => {
   it('delivers every message exactly once, in order and intact, through path failures, kills and resumes, and frees everything', async () => {
     const pool = 24 * 8192;
     const plan = fc.record<Plan>({
-      size: fc.oneof(fc.constantFrom(0, 1, 8128, pool + 1), fc.integer({ min: 0, max: 2 * pool })),
+      sizes: fc.array(fc.oneof(fc.constantFrom(0, 1, capacity, pool + 1), fc.integer({ min: 0, max: 2 * pool })), { minLength: 1, maxLength: 3 }),
+      stream: fc.boolean(),
       pathFailsAt: fc.option(fc.integer({ min: 1, max: 200 })),
       killSenderAt: fc.option(fc.integer({ min: 1, max: 200 }), { freq: 2 }),
       killReceiverAt: fc.option(fc.integer({ min: 1, max: 200 }), { freq: 2 }),
@@ -96,9 +117,12 @@ describe('xfer model', () => {
     await fc.assert(
       fc.asyncProperty(fc.array(plan, { minLength: 1, maxLength: 3 }), async (plans) => {
         const files = await formattedFiles({ segSize: 8192, segments: 24, maxConn: 3 });
-        const msgs = plans.map((p) => randomBytes(p.size));
+        const msgs = plans.map((p) => p.sizes.map((n) => randomBytes(n)));
         const outs = await Promise.all(plans.map((p, i) => runConnection(files[0]!, p, 10 + i, 20 + i, msgs[i]!)));
-        outs.forEach((o, i) => expect(o.equals(msgs[i]!), `message ${i}: ${o.length} of ${msgs[i]!.length} bytes`).toBe(true));
+        outs.forEach((o, i) => {
+          expect(o.length, `connection ${i}: messages`).toBe(msgs[i]!.length);
+          msgs[i]!.forEach((m, k) => expect(o[k]?.equals(m), `connection ${i} message ${k + 1}: ${o[k]?.length} of ${m.length} bytes`).toBe(true));
+        });
         // A sender killed while it claimed a slot left a claim that only gc frees.
         const check = await XferVolume.open(files);
         await gc(check, 150);

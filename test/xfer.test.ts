@@ -2,13 +2,15 @@
 // process ID table and segment pool limits, and torn, stale or corrupt reads refused rather
 // than delivered. The CLI and real NBD servers are in xfer-cli.test.ts.
 import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
 import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { BLOCK, Command, MCB, PTR, PtrFlag, Role, SEC, SEG_HEADER, Status } from '../src/xfer/layout.js';
 import { XferCorruptError, XferFormatError, XferPathError, XferPeerError, XferTableFullError, XferUsageError } from '../src/xfer/errors.js';
 import { XferVolume, formatVolume } from '../src/xfer/volume.js';
-import { send, pieces } from '../src/xfer/sender.js';
+import { send, sendMessages, pieces } from '../src/xfer/sender.js';
 import { recv } from '../src/xfer/receiver.js';
 import { gc } from '../src/xfer/gc.js';
 import { describe as describeVolume } from '../src/xfer/inspect.js';
@@ -106,7 +108,7 @@ describe('xfer flows', () => {
     const table = await vols[0]!.readPidTable();
     expect(table.map((e) => e.req.requestor).sort()).toEqual([10, 11, 12]);
     const outs = msgs.map(() => [] as Buffer[]);
-    const got = await Promise.all(msgs.map((_, i) => recv(vols[2 * i + 1]!, 20 + i, async (d) => void outs[i]!.push(d), FAST)));
+    const got = await Promise.all(msgs.map((_, i) => recv(vols[2 * i + 1]!, 20 + i, async (d) => void outs[i]!.push(Buffer.from(d)), FAST)));
     await Promise.all(sends);
     outs.forEach((o, i) => expect(Buffer.concat(o).equals(msgs[i]!)).toBe(true));
     expect(got.map((g) => g.from)).toEqual([10, 11, 12]);
@@ -280,7 +282,7 @@ describe('xfer refuses what does not check out', () => {
   });
 
   it('refuses a valid-checksum structure whose fields are out of range, and any single flipped bit', () => {
-    const good = PTR.encode({ slot: 0, token: 5, writer: 1, entries: Array.from({ length: 128 }, () => ({ flag: 0, last: 0, dev: 0, offset: 0, length: 0, seq: 0 })) });
+    const good = PTR.encode({ slot: 0, token: 5, writer: 1, entries: Array.from({ length: 128 }, () => ({ flag: 0, last: 0, dev: 0, offset: 0, length: 0, seq: 0, msg: 0, part: 0 })) });
     fc.assert(
       fc.property(fc.nat(PTR.size * 8 - 1), (bit) => {
         const b = Buffer.from(good);
@@ -289,7 +291,7 @@ describe('xfer refuses what does not check out', () => {
       }),
       { numRuns: 500 },
     );
-    const bad = PTR.encode({ slot: 0, token: 5, writer: 1, entries: Array.from({ length: 128 }, (_, i) => ({ flag: i === 7 ? 9 : 0, last: 0, dev: 0, offset: 0, length: 0, seq: 0 })) });
+    const bad = PTR.encode({ slot: 0, token: 5, writer: 1, entries: Array.from({ length: 128 }, (_, i) => ({ flag: i === 7 ? 9 : 0, last: 0, dev: 0, offset: 0, length: 0, seq: 0, msg: 0, part: 0 })) });
     expect(() => PTR.decode('pointer table', bad)).toThrow('pointer table: entry 7 has flag 9, last 0: damaged');
   });
 });
@@ -352,15 +354,82 @@ describe('xfer paths and gc', () => {
     await a.close();
   });
 
+  it('keeps trying a device whose every path is down for the failover time, and carries on when one comes back', async () => {
+    const files = await formattedFiles(SMALL);
+    let broken = false;
+    let attempts = 0;
+    const paths = await Promise.all([openPath(files[0]!), openPath(files[0]!)]);
+    const hooked = paths.map(
+      (p) =>
+        new HookedPath(p, {
+          read: () => {
+            if (broken) throw new Error('master swapping');
+            return undefined;
+          },
+          // The new master answers from the third attempt on.
+          reconnect: () => ++attempts >= 3 && !(broken = false),
+        }),
+    );
+    const a = await XferVolume.fromPaths(hooked, { graceMs: 60_000, rejoinMs: 60_000 });
+    broken = true;
+    const table = await a.readPidTable();
+    expect(table).toHaveLength(SMALL.maxConn);
+    expect(attempts).toBeGreaterThanOrEqual(3);
+    expect(a.master.paths.some((p) => p.live)).toBe(true);
+    await a.close();
+  });
+
+  it('moves messages byte for byte through files opened with O_DIRECT, the kernel says so for every path', async () => {
+    // tmpfs refuses O_DIRECT: the files live on the root disk.
+    const dir = fs.mkdtempSync('/var/tmp/bm-xfer-direct-');
+    try {
+      const files = [path.join(dir, 'dev0.img'), path.join(dir, 'dev1.img')];
+      for (const f of files) {
+        fs.writeFileSync(f, '');
+        fs.truncateSync(f, 4 << 20);
+      }
+      await formatVolume(files, { segSize: 16384, segments: 8, maxConn: 1 }, { direct: true });
+      const a = await XferVolume.open(files, { direct: true });
+      const b = await XferVolume.open(files, { direct: true });
+      expect([...a.devices, ...b.devices].map((d) => d.direct)).toEqual([true, true, true, true]);
+      // Every descriptor this process holds on the files carries O_DIRECT.
+      const target = (fd: string) => {
+        try {
+          return fs.readlinkSync(`/proc/self/fd/${fd}`, { encoding: 'utf8' });
+        } catch {
+          return ''; // the descriptor readdir itself used is closed by now
+        }
+      };
+      const held = fs.readdirSync('/proc/self/fd').filter((fd) => files.includes(target(fd)));
+      expect(held).toHaveLength(4);
+      for (const fd of held) {
+        const flags = parseInt(/^flags:\s+(\d+)/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))![1]!, 8);
+        expect(flags & fs.constants.O_DIRECT, `fd ${fd}`).toBe(fs.constants.O_DIRECT);
+      }
+      // Sizes that are no multiple of a block: the data ends mid-block, the tables are single blocks.
+      const msgs = [1, a.capacity + 1, 5 * a.capacity + 77].map((n) => randomBytes(n));
+      const got: Buffer[][] = [];
+      await Promise.all([
+        sendMessages(a, 1, 2, msgs.map((m) => Readable.from([m])), FAST),
+        recv(b, 2, async (d, p) => void (got[p.msg - 1] ??= []).push(Buffer.from(d)), FAST),
+      ]);
+      expect(got.map((parts) => Buffer.concat(parts))).toEqual(msgs);
+      await allFree(a);
+      await Promise.all([a.close(), b.close()]);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('reclaims the halves of dead processes after the timeout, and leaves a live sender alone', async () => {
     const files = await formattedFiles({ segSize: 8192, segments: 8, maxConn: 2 });
     const a = await volumeOf(files);
     // Slot 0: a sender that died after writing two segments and its pointer table.
     await a.writePid({ slot: 0, role: Role.REQUESTOR, requestor: 7, requestee: 8, token: 99, heartbeat: 3, command: { code: Command.CONNECT, status: Status.PENDING } });
     await a.writePid({ slot: 0, role: Role.REQUESTEE, requestor: 7, requestee: 8, token: 99, heartbeat: 1, command: { code: Command.CONNECT, status: Status.ACCEPTED } });
-    const t = PTR.decode('t', PTR.encode({ slot: 0, token: 99, writer: 7, entries: Array.from({ length: 128 }, () => ({ flag: 0, last: 0, dev: 0, offset: 0, length: 0, seq: 0 })) }));
-    t.entries[0] = { flag: PtrFlag.WRITTEN, last: 0, dev: 0, offset: a.segments(0)[0]!.offset, length: 100, seq: 1 };
-    t.entries[1] = { flag: PtrFlag.WRITTEN, last: 0, dev: 0, offset: a.segments(0)[1]!.offset, length: 100, seq: 2 };
+    const t = PTR.decode('t', PTR.encode({ slot: 0, token: 99, writer: 7, entries: Array.from({ length: 128 }, () => ({ flag: 0, last: 0, dev: 0, offset: 0, length: 0, seq: 0, msg: 0, part: 0 })) }));
+    t.entries[0] = { flag: PtrFlag.WRITTEN, last: 0, dev: 0, offset: a.segments(0)[0]!.offset, length: 100, seq: 1, msg: 1, part: 0 };
+    t.entries[1] = { flag: PtrFlag.WRITTEN, last: 0, dev: 0, offset: a.segments(0)[1]!.offset, length: 100, seq: 2, msg: 1, part: 1 };
     await a.writePtr(t);
     expect((await describeVolume(a)).connections[0]).toMatchObject({ state: 'connected', segmentsInUse: 2 });
     // Slot 1: a live sender waiting for its receiver, beating every 20 ms.

@@ -18,6 +18,7 @@ interface SparseAddon {
   preadNoWait(fd: number, buffer: Buffer, position: number): number;
   pwriteNoWait(fd: number, buffer: Buffer, position: number): number;
   pidfdGetfd(pid: number, fd: number): number;
+  alignGap(buffer: Buffer, align: number): number;
 }
 
 // Same relative path from src/blockdev/ (vitest runs the TS sources) and from
@@ -92,4 +93,16 @@ export function preadNoWait(fd: number, buffer: Buffer, position: number): numbe
 /** A duplicate, in this process, of fd `fd` of process `pid` (pidfd_getfd); -errno on failure. */
 export function pidfdGetfd(pid: number, fd: number): number {
   return loadSparseAddon().pidfdGetfd(pid, fd);
+}
+
+/** A zeroed buffer of `length` bytes whose memory starts at a multiple of `align` (O_DIRECT I/O). */
+export function alignedBuffer(length: number, align = 4096): Buffer {
+  const raw = Buffer.alloc(length + align);
+  const gap = loadSparseAddon().alignGap(raw, align);
+  return raw.subarray(gap, gap + length);
+}
+
+/** True when `buf` starts at a multiple of `align` and its length is one. */
+export function isAligned(buf: Buffer, align = 4096): boolean {
+  return buf.length % align === 0 && loadSparseAddon().alignGap(buf, align) === 0;
 }

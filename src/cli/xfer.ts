@@ -3,7 +3,7 @@
 // that share nothing but the volume; ls shows the tables; gc reclaims a dead process's part.
 // Heavy modules load only when a command runs.
 import fs from 'node:fs';
-import { once } from 'node:events';
+import path from 'node:path';
 import type { Command } from 'commander';
 import type { Logger } from 'pino';
 import { cliLogger } from './logger.js';
@@ -16,6 +16,8 @@ interface Tuning {
   timeout: string;
   heartbeatMs: string;
   retries: string;
+  failoverMs: string;
+  direct?: boolean;
 }
 
 const DEV_HELP = 'a path to the volume: nbd://HOST:PORT/NAME, a block device or a file; repeat it for more paths (and for secondary devices)';
@@ -53,88 +55,80 @@ export function registerXferCommand(program: Command): void {
 
   tuned(
     xfer
-      .command('send [file]')
-      .description('send FILE (or stdin, -) from process ID --from to process ID --to as one message')
+      .command('send [files...]')
+      .description('send each FILE (or stdin, -) from process ID --from to process ID --to as one message, all on one connection')
       .requiredOption('--from <id>', 'our process ID (1 to 4294967295)')
       .requiredOption('--to <id>', 'the receiving process ID')
-      .option('--resume', 'take over the connection of a sender --from that died (kill -9, restart), from the on-disk tables; needs FILE'),
-  ).action(async (file: string | undefined, opts: Tuning & { from: string; to: string; resume?: boolean }, cmd: Command) => {
+      .option('--resume', 'take over the connection of a sender --from that died (kill -9, restart), from the on-disk tables; needs the same FILEs'),
+  ).action(async (files: string[], opts: Tuning & { from: string; to: string; resume?: boolean }, cmd: Command) => {
     const from = id('--from', opts.from);
     const to = id('--to', opts.to);
     const tuning = session(opts);
-    const stdin = file === undefined || file === '-';
-    if (stdin && opts.resume) throw new UsageError('send --resume needs the FILE again (stdin cannot be rewound)');
-    if (!stdin) {
-      try {
-        if (!fs.statSync(file).isFile()) throw new UsageError(`send: ${file} is not a file`);
-      } catch (e) {
-        if (e instanceof UsageError) throw e;
-        throw new UsageError(`send: cannot read ${file}: ${(e as Error).message}`);
+    const stdin = files.length === 0 || (files.length === 1 && files[0] === '-');
+    if (!stdin && files.includes('-')) throw new UsageError('send: stdin (-) is the only message when given; name files otherwise');
+    if (stdin && opts.resume) throw new UsageError('send --resume needs the FILEs again (stdin cannot be rewound)');
+    const handles: fs.promises.FileHandle[] = [];
+    try {
+      for (const file of stdin ? [] : files) {
+        try {
+          if (!fs.statSync(file).isFile()) throw new UsageError(`send: ${file} is not a file`);
+          handles.push(await fs.promises.open(file, 'r'));
+        } catch (e) {
+          if (e instanceof UsageError) throw e;
+          throw new UsageError(`send: cannot read ${file}: ${(e as Error).message}`);
+        }
       }
+      // Files are read straight into the segment buffers (no copy); messages are numbered from 1.
+      const open = (msg: number, offset: number) =>
+        stdin ? [process.stdin as AsyncIterable<Uint8Array>] : handles.slice(msg - 1).map((fh, k) => fileReader(fh, k === 0 ? offset : 0));
+      const log = await cliLogger(cmd);
+      await withVolume(opts.dev, log, { direct: opts.direct === true, graceMs: int('--failover-ms', opts.failoverMs, 0) }, async (vol, signal) => {
+        const { sendMessages, resumeSend } = await import('../xfer/sender.js');
+        const o = { ...tuning, log, signal };
+        const r = opts.resume ? await resumeSend(vol, from, to, open, o) : await sendMessages(vol, from, to, open(1, 0), o);
+        process.stderr.write(`sent ${r.bytes} bytes in ${r.segments} segments over connection ${r.slot}\n`);
+      });
+    } finally {
+      await Promise.all(handles.map((h) => h.close()));
     }
-    const open = (start: number) => (stdin ? process.stdin : fs.createReadStream(file, { start, highWaterMark: 1 << 20 })) as AsyncIterable<Uint8Array>;
-    const log = await cliLogger(cmd);
-    await withVolume(opts.dev, log, async (vol, signal) => {
-      const { send, resumeSend } = await import('../xfer/sender.js');
-      const o = { ...tuning, log, signal };
-      const r = opts.resume ? await resumeSend(vol, from, to, open, o) : await send(vol, from, to, open(0), o);
-      process.stderr.write(`sent ${r.bytes} bytes in ${r.segments} segments over connection ${r.slot}\n`);
-    });
   });
 
   tuned(
     xfer
       .command('recv')
-      .description('receive one message for process ID --as, to --out FILE or stdout')
+      .description('receive the messages of one connection for process ID --as: to --out FILE (one after another), --out-dir DIR (one file each) or stdout')
       .requiredOption('--as <id>', 'our process ID')
       .option('--from <id>', 'only accept a connection from this process ID')
-      .option('--out <file>', 'write the message here (default stdout)')
+      .option('--out <file>', 'write the messages here, one after another (default stdout)')
+      .option('--out-dir <dir>', 'write message N to DIR/message-N')
       .option('--wait <ms>', 'give up when no sender connects within this time (default: wait forever)')
-      .option('--resume', 'take over the connection of a receiver --as that died, from the on-disk tables; cuts --out back to what was acknowledged'),
-  ).action(async (opts: Tuning & { as: string; from?: string; out?: string; wait?: string; resume?: boolean }, cmd: Command) => {
+      .option('--resume', 'take over the connection of a receiver --as that died, from the on-disk tables; cuts the output back to what was acknowledged'),
+  ).action(async (opts: Tuning & { as: string; from?: string; out?: string; outDir?: string; wait?: string; resume?: boolean }, cmd: Command) => {
     const as = id('--as', opts.as);
     const from = opts.from === undefined ? undefined : id('--from', opts.from);
     const waitMs = opts.wait === undefined ? undefined : int('--wait', opts.wait, 0);
     const tuning = session(opts);
-    if (opts.resume && opts.out === undefined) throw new UsageError('recv --resume needs --out FILE (stdout cannot be cut back)');
-    // A file gets positioned writes, each complete before its piece is acknowledged: after a kill
-    // it holds at least what was acknowledged, and --resume cuts it back to exactly that.
-    let fh: fs.promises.FileHandle | undefined;
-    if (opts.out !== undefined) {
-      fh = await fs.promises.open(opts.out, opts.resume ? 'r+' : 'w').catch((e: Error) => {
-        throw new UsageError(`recv: cannot write ${opts.out}: ${e.message}`);
-      });
-    }
-    let position = 0;
-    const deliver = fh
-      ? async (data: Buffer) => {
-          let done = 0;
-          while (done < data.length) done += (await fh.write(data, done, data.length - done, position + done)).bytesWritten;
-          position += data.length;
-        }
-      : async (data: Buffer) => {
-          if (!process.stdout.write(data)) await once(process.stdout, 'drain');
-        };
-    const resume = async (acknowledged: number) => {
-      await fh!.truncate(acknowledged);
-      position = acknowledged;
-    };
+    if (opts.out !== undefined && opts.outDir !== undefined) throw new UsageError('recv: give --out or --out-dir, not both');
+    if (opts.resume && opts.out === undefined && opts.outDir === undefined) throw new UsageError('recv --resume needs --out FILE or --out-dir DIR (stdout cannot be cut back)');
+    if (opts.outDir !== undefined && !fs.statSync(opts.outDir, { throwIfNoEntry: false })?.isDirectory()) throw new UsageError(`recv: --out-dir ${opts.outDir} is not a directory`);
+    const out = new Output(opts.out, opts.outDir, opts.resume === true);
+    await out.open();
     const log = await cliLogger(cmd);
     try {
-      await withVolume(opts.dev, log, async (vol, signal) => {
+      await withVolume(opts.dev, log, { direct: opts.direct === true, graceMs: int('--failover-ms', opts.failoverMs, 0) }, async (vol, signal) => {
         const { recv } = await import('../xfer/receiver.js');
-        const r = await recv(vol, as, deliver, {
+        const r = await recv(vol, as, (data, piece) => out.deliver(data, piece.msg), {
           ...tuning,
           log,
           signal,
           ...(from !== undefined ? { from } : {}),
           ...(waitMs !== undefined ? { waitMs } : {}),
-          ...(opts.resume ? { resume } : {}),
+          ...(opts.resume ? { resume: (msg: number, offset: number) => out.cutBack(msg, offset) } : {}),
         });
-        process.stderr.write(`received ${r.bytes} bytes in ${r.segments} segments from ${r.from} over connection ${r.slot}\n`);
+        process.stderr.write(`received ${r.bytes} bytes in ${r.segments} segments from ${r.from} over connection ${r.slot} (${r.messages} message${r.messages === 1 ? '' : 's'})\n`);
       });
     } finally {
-      await fh?.close();
+      await out.close();
     }
   });
 
@@ -144,7 +138,7 @@ export function registerXferCommand(program: Command): void {
     .option('--dev <dev>', DEV_HELP, collect, [])
     .option('--json', 'print JSON')
     .action(async (opts: { dev: string[]; json?: boolean }, cmd: Command) => {
-      await withVolume(opts.dev, await cliLogger(cmd), async (vol) => {
+      await withVolume(opts.dev, await cliLogger(cmd), {}, async (vol) => {
         const { describe } = await import('../xfer/inspect.js');
         const r = await describe(vol);
         if (opts.json) return void process.stdout.write(JSON.stringify(r, null, 2) + '\n');
@@ -170,13 +164,105 @@ export function registerXferCommand(program: Command): void {
     .option('--timeout <ms>', 'how long a heartbeat must stand still', '30000')
     .action(async (opts: { dev: string[]; timeout: string }, cmd: Command) => {
       const timeoutMs = int('--timeout', opts.timeout, 0);
-      await withVolume(opts.dev, await cliLogger(cmd), async (vol, signal) => {
+      await withVolume(opts.dev, await cliLogger(cmd), {}, async (vol, signal) => {
         const { gc } = await import('../xfer/gc.js');
         const done = await gc(vol, timeoutMs, signal);
         if (done.length === 0) process.stdout.write('nothing to reclaim\n');
         for (const r of done) process.stdout.write(`reclaimed connection ${r.slot}: the ${r.side} half of process ${r.id}${r.side === 'sender' ? `, ${r.segments} segments` : ''}\n`);
       });
     });
+}
+
+/** Reads a file from `start` on, into the buffers it is given. */
+function fileReader(fh: fs.promises.FileHandle, start: number) {
+  let position = start;
+  return {
+    async read(buf: Buffer, offset: number, length: number): Promise<number> {
+      const { bytesRead } = await fh.read(buf, offset, length, position);
+      position += bytesRead;
+      return bytesRead;
+    },
+  };
+}
+
+/**
+ * Where recv puts the messages. Files get positioned writes, each complete before its piece is
+ * acknowledged: after a kill they hold at least what was acknowledged, and --resume cuts them
+ * back to exactly that.
+ *   --out FILE     the messages one after another
+ *   --out-dir DIR  message N in DIR/message-N
+ *   neither        stdout
+ */
+class Output {
+  private fh: fs.promises.FileHandle | undefined;
+  private msg = 0;
+  private position = 0;
+
+  constructor(
+    private readonly file: string | undefined,
+    private readonly dir: string | undefined,
+    private readonly resume: boolean,
+  ) {}
+
+  /** A pipe (a FIFO given as --out) takes its bytes in order, without positions. */
+  private seekable = true;
+
+  async open(): Promise<void> {
+    if (this.file === undefined) return;
+    this.fh = await this.openFile(this.file, this.resume ? 'r+' : 'w');
+    this.seekable = (await this.fh.stat()).isFile();
+  }
+
+  private async openFile(file: string, flags: string): Promise<fs.promises.FileHandle> {
+    return fs.promises.open(file, flags).catch((e: Error) => {
+      throw new UsageError(`recv: cannot write ${file}: ${e.message}`);
+    });
+  }
+
+  private messageFile(msg: number): string {
+    return path.join(this.dir!, `message-${msg}`);
+  }
+
+  async deliver(data: Buffer, msg: number): Promise<void> {
+    if (this.dir !== undefined && msg !== this.msg) {
+      await this.fh?.close();
+      this.fh = await this.openFile(this.messageFile(msg), 'w');
+      this.position = 0;
+    }
+    this.msg = msg;
+    if (!this.fh) {
+      // The callback fires once stdout is done with the buffer, which is reused after we return.
+      await new Promise<void>((resolve, reject) => process.stdout.write(data, (e) => (e ? reject(e) : resolve())));
+      return;
+    }
+    let done = 0;
+    while (done < data.length) done += (await this.fh.write(data, done, data.length - done, this.seekable ? this.position + done : null)).bytesWritten;
+    this.position += data.length;
+  }
+
+  /** Resume: delivery goes on at message `msg`, byte `offset`; whatever lies beyond is removed. */
+  async cutBack(msg: number, offset: number): Promise<void> {
+    if (this.dir !== undefined) {
+      for (const name of await fs.promises.readdir(this.dir)) {
+        const n = /^message-(\d+)$/.exec(name);
+        if (n && Number(n[1]) > msg) await fs.promises.rm(path.join(this.dir, name));
+      }
+      await fs.promises.writeFile(this.messageFile(msg), '', { flag: 'a' });
+      this.fh = await this.openFile(this.messageFile(msg), 'r+');
+      await this.fh.truncate(offset);
+      this.msg = msg;
+      this.position = offset;
+      return;
+    }
+    // One file: where message msg starts is known only for the first one.
+    if (msg !== 1) throw new UsageError(`recv --resume --out: the connection was in its message ${msg}, and --out does not say where that one starts; receive with --out-dir to resume connections of several messages`);
+    await this.fh!.truncate(offset);
+    this.position = offset;
+  }
+
+  async close(): Promise<void> {
+    await this.fh?.close();
+  }
 }
 
 /** The options send and recv share. */
@@ -187,6 +273,8 @@ function tuned(cmd: Command): Command {
     .option('--timeout <ms>', 'a peer silent this long is gone; also the wait for a free slot and for the receiver', '30000')
     .option('--heartbeat-ms <ms>', 'between two heartbeats of our half of the process ID table', '500')
     .option('--retries <n>', 'reads of a segment or table that does not check out before it is refused', '100')
+    .option('--failover-ms <ms>', 'with every path to a device down, how long to keep trying them (a pair swapping its master)', '10000')
+    .option('--direct', 'open file paths with O_DIRECT too, bypassing this host\'s page cache (block devices always are)')
     .allowExcessArguments(false);
 }
 
@@ -204,9 +292,14 @@ function session(o: Tuning) {
 }
 
 /** Open the volume, run, close; SIGINT/SIGTERM stop the run so it frees what it holds. */
-async function withVolume(devs: string[], log: Logger, fn: (vol: import('../xfer/volume.js').XferVolume, signal: AbortSignal) => Promise<void>): Promise<void> {
+async function withVolume(
+  devs: string[],
+  log: Logger,
+  paths: { direct?: boolean; graceMs?: number },
+  fn: (vol: import('../xfer/volume.js').XferVolume, signal: AbortSignal) => Promise<void>,
+): Promise<void> {
   const { XferVolume } = await import('../xfer/volume.js');
-  const vol = await usage(XferVolume.open(devs, { log }));
+  const vol = await usage(XferVolume.open(devs, { log, ...paths }));
   const ac = new AbortController();
   const stop = () => ac.abort(new Error('interrupted'));
   process.once('SIGINT', stop);

@@ -1,6 +1,6 @@
 // The picture `blockmirror xfer ls` prints: the MCB, the devices and their paths, and per
 // connection slot its state, its pointer table and the segments in use.
-import { AckFlag, Command, PtrFlag, Status } from './layout.js';
+import { AckFlag, Command, Piece, PtrFlag, Status } from './layout.js';
 import { slotUsage } from './gc.js';
 import type { XferVolume } from './volume.js';
 
@@ -12,7 +12,7 @@ export interface SlotReport {
   token: number;
   heartbeats: [number, number];
   segmentsInUse: number;
-  pointers: { entry: number; seq: number; length: number; last: boolean; dev: number; offset: number; acked: boolean }[];
+  pointers: { entry: number; seq: number; length: number; last: boolean; msg: number; part: number; end: boolean; dev: number; offset: number; acked: boolean }[];
 }
 
 export interface VolumeReport {
@@ -38,7 +38,7 @@ export async function describe(vol: XferVolume): Promise<VolumeReport> {
     const pointers = ptr.token === req.token && req.token !== 0
       ? ptr.entries.slice(0, m.entries).flatMap((e, i) =>
           e.flag === PtrFlag.WRITTEN
-            ? [{ entry: i, seq: e.seq, length: e.length, last: e.last === 1, dev: e.dev, offset: e.offset, acked: ack.token === req.token && ack.entries[i].flag === AckFlag.READ && ack.entries[i].seq === e.seq }]
+            ? [{ entry: i, seq: e.seq, length: e.length, last: (e.last & Piece.LAST) !== 0, msg: e.msg, part: e.part, end: (e.last & Piece.END) !== 0, dev: e.dev, offset: e.offset, acked: ack.token === req.token && ack.entries[i].flag === AckFlag.READ && ack.entries[i].seq === e.seq }]
             : [],
         )
       : [];

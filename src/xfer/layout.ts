@@ -28,7 +28,8 @@ import { crc } from '../util/format.js';
 import { XferFormatError } from './errors.js';
 
 export const BLOCK = 4096;
-export const VERSION = 1;
+/** 2: messages (msg, part and the END/LAST bits) so a connection carries several. */
+export const VERSION = 2;
 /** Pointer (and acknowledgement) entries per connection slot: what one block holds. */
 export const MAX_ENTRIES = 128;
 export const MAX_SECONDARY = 64;
@@ -40,6 +41,15 @@ export const Status = { NONE: 0, PENDING: 1, ACCEPTED: 2 } as const;
 export const Role = { REQUESTOR: 0, REQUESTEE: 1 } as const;
 export const PtrFlag = { FREE: 0, WRITTEN: 1 } as const;
 export const AckFlag = { FREE: 0, READ: 2 } as const;
+/**
+ * The `last` bits of a piece (pointer entry, segment header, echoed in the acknowledgement):
+ *   END   the last piece of its message
+ *   LAST  the last piece of the connection: both sides clean up after it
+ * A connection's final message ends END|LAST; a connection closed after its messages were
+ * written ends with an empty piece that is LAST alone (no message).
+ */
+export const Piece = { END: 2, LAST: 1 } as const;
+const PIECE_BITS = Piece.END | Piece.LAST;
 
 interface Base {
   magic: Buffer;
@@ -240,14 +250,18 @@ export const freePid = (slot: number, role: number): PidEntry => ({
 export interface PtrEntry {
   /** PtrFlag.* */
   flag: number;
+  /** Piece.* bits. */
   last: number;
+  /** The message (from 1 in a connection) and the piece's index in it: the piece holds its bytes from part × capacity. */
+  msg: number;
+  part: number;
   /** Device index (0 = master) and byte offset of the segment. */
   dev: number;
   offset: number;
   length: number;
   seq: number;
 }
-const PtrEntryLayout = BL.struct<PtrEntry>([BL.u8('flag'), BL.u8('last'), BL.u16('dev'), BL.u32('length'), BL.u32('seq'), BL.nu64('offset')]);
+const PtrEntryLayout = BL.struct<PtrEntry>([BL.u8('flag'), BL.u8('last'), BL.u16('dev'), BL.u32('length'), BL.u32('seq'), BL.u32('msg'), BL.u32('part'), BL.nu64('offset')]);
 
 export interface PtrTable {
   slot: number;
@@ -261,7 +275,7 @@ export const PTR = new Structure<PtrTable>(
   'PTR_EMC',
   [BL.u16('slot'), pad16('pad'), BL.u32('token'), BL.u32('writer'), BL.seq(PtrEntryLayout, MAX_ENTRIES, 'entries')],
   (t) => {
-    const bad = t.entries.findIndex((e) => e.flag > PtrFlag.WRITTEN || e.last > 1);
+    const bad = t.entries.findIndex((e) => e.flag > PtrFlag.WRITTEN || (e.last & ~PIECE_BITS) !== 0);
     return bad >= 0 ? `entry ${bad} has flag ${t.entries[bad].flag}, last ${t.entries[bad].last}` : undefined;
   },
 );
@@ -269,11 +283,13 @@ export const PTR = new Structure<PtrTable>(
 export interface AckEntry {
   /** AckFlag.* */
   flag: number;
-  /** The entry's last flag, echoed: a receiver resumed after a crash knows the message was whole. */
+  /** The entry's Piece bits, message and part, echoed: a receiver resumed after a crash knows where it was. */
   last: number;
   seq: number;
+  msg: number;
+  part: number;
 }
-const AckEntryLayout = BL.struct<AckEntry>([BL.u8('flag'), BL.u8('last'), pad16('pad'), BL.u32('seq')]);
+const AckEntryLayout = BL.struct<AckEntry>([BL.u8('flag'), BL.u8('last'), pad16('pad'), BL.u32('seq'), BL.u32('msg'), BL.u32('part')]);
 
 export interface AckTable {
   slot: number;
@@ -287,7 +303,7 @@ export const ACK = new Structure<AckTable>(
   'ACK_EMC',
   [BL.u16('slot'), pad16('pad'), BL.u32('token'), BL.u32('reader'), BL.seq(AckEntryLayout, MAX_ENTRIES, 'entries')],
   (t) => {
-    const bad = t.entries.findIndex((e) => (e.flag !== AckFlag.FREE && e.flag !== AckFlag.READ) || e.last > 1);
+    const bad = t.entries.findIndex((e) => (e.flag !== AckFlag.FREE && e.flag !== AckFlag.READ) || (e.last & ~PIECE_BITS) !== 0);
     return bad >= 0 ? `entry ${bad} has flag ${t.entries[bad].flag}, last ${t.entries[bad].last}` : undefined;
   },
 );
@@ -296,20 +312,23 @@ export const freePtr = (slot: number): PtrTable => ({
   slot,
   token: 0,
   writer: 0,
-  entries: Array.from({ length: MAX_ENTRIES }, () => ({ flag: PtrFlag.FREE, last: 0, dev: 0, offset: 0, length: 0, seq: 0 })),
+  entries: Array.from({ length: MAX_ENTRIES }, () => ({ flag: PtrFlag.FREE, last: 0, dev: 0, offset: 0, length: 0, seq: 0, msg: 0, part: 0 })),
 });
 export const freeAck = (slot: number): AckTable => ({
   slot,
   token: 0,
   reader: 0,
-  entries: Array.from({ length: MAX_ENTRIES }, () => ({ flag: AckFlag.FREE, last: 0, seq: 0 })),
+  entries: Array.from({ length: MAX_ENTRIES }, () => ({ flag: AckFlag.FREE, last: 0, seq: 0, msg: 0, part: 0 })),
 });
 
 // -- the segment header, checked by the reader against the pointer entry
 
 export interface SegHeader {
   slot: number;
+  /** Piece.* bits. */
   last: number;
+  msg: number;
+  part: number;
   token: number;
   writer: number;
   seq: number;
@@ -322,7 +341,7 @@ export interface SegHeader {
 export const SEG = new Structure<SegHeader>(
   'segment header',
   'SEG_EMC',
-  [BL.u16('slot'), BL.u8('last'), BL.u8('pad'), BL.u32('token'), BL.u32('writer'), BL.u32('seq'), BL.u32('dataLength'), BL.u32('dataCrc')],
-  (h) => (h.last > 1 ? `last flag ${h.last}` : undefined),
+  [BL.u16('slot'), BL.u8('last'), BL.u8('pad'), BL.u32('token'), BL.u32('writer'), BL.u32('seq'), BL.u32('msg'), BL.u32('part'), BL.u32('dataLength'), BL.u32('dataCrc')],
+  (h) => ((h.last & ~PIECE_BITS) !== 0 ? `last flags ${h.last}` : undefined),
 );
 if (SEG.size > SEG_HEADER) throw new Error('segment header outgrew its reserved bytes');

@@ -6,11 +6,14 @@
 //
 // Cache bypass (seed 4, "easy to miss"): polling must see the other host's writes.
 //   nbd://     no host cache in between: a completed write is in the export's one store
-//   block dev  opened O_DSYNC, without O_DIRECT (Node gives no aligned buffers); reads may be
-//              served from this host's page cache, so use nbd:// paths between hosts
-//   file       for tests on one host: the page cache is shared by both processes
+//   block dev  opened O_DIRECT (and O_DSYNC): every read and write goes to the device; the
+//              buffers are aligned (pool.ts, blockdev/native's alignedBuffer), and a caller's
+//              unaligned buffer goes through an aligned bounce buffer
+//   file       for tests on one host: the page cache is shared by both processes; `direct`
+//              (--direct on the command line) opens it O_DIRECT too, where the filesystem can
 import fs from 'node:fs';
 import type { Logger } from 'pino';
+import { alignedBuffer, isAligned } from '../blockdev/native.js';
 import { connect, type NbdClient } from '../nbd/client.js';
 import { XferPathError, XferUsageError } from './errors.js';
 
@@ -18,8 +21,11 @@ export interface XferPath {
   /** As given on the command line. */
   readonly name: string;
   readonly size: number;
-  read(offset: number, length: number): Promise<Buffer>;
+  /** Into `dest` (at least `length` bytes) when given: the result is then its first `length` bytes. */
+  read(offset: number, length: number, dest?: Buffer): Promise<Buffer>;
   write(offset: number, data: Buffer): Promise<void>;
+  /** Opened with O_DIRECT: give it block-aligned buffers, or it copies through its own. */
+  readonly direct?: boolean;
   /** Reopen after a failure; resolves false while the path is still down. */
   reconnect(): Promise<boolean>;
   close(): Promise<void>;
@@ -28,13 +34,15 @@ export interface XferPath {
 export interface PathOptions {
   /** Per-command timeout of NBD paths: a stuck path fails over instead of hanging (ms). */
   timeoutMs?: number;
+  /** Open files with O_DIRECT too (block devices always are); refused where the filesystem cannot. */
+  direct?: boolean;
 }
 
 /** Open one --dev value: nbd://, nbds://, nbd+unix://, or a local path (block device or file). */
 export async function openPath(spec: string, opts: PathOptions = {}): Promise<XferPath> {
   if (/^nbds?(\+unix)?:\/\//.test(spec)) return NbdPath.open(spec, opts.timeoutMs ?? 10_000);
   if (/^[a-z][a-z0-9+.-]*:\/\//i.test(spec)) throw new XferUsageError(`--dev ${spec}: unknown scheme (expected nbd://HOST:PORT/NAME, a block device or a file)`);
-  return LocalPath.open(spec);
+  return LocalPath.open(spec, opts.direct ?? false);
 }
 
 class NbdPath implements XferPath {
@@ -55,12 +63,21 @@ class NbdPath implements XferPath {
     return this.client.size;
   }
 
-  read(offset: number, length: number): Promise<Buffer> {
-    return this.client.pread(length, offset);
+  read(offset: number, length: number, dest?: Buffer): Promise<Buffer> {
+    return this.failFast(this.client.pread(dest ? dest.subarray(0, length) : length, offset));
   }
 
   write(offset: number, data: Buffer): Promise<void> {
-    return this.client.pwrite(data, offset);
+    return this.failFast(this.client.pwrite(data, offset));
+  }
+
+  // A failed command (a timeout on a live socket included) closes the connection at once: a
+  // write still queued on it must not go out later, from a buffer the caller has reused.
+  private failFast<T>(p: Promise<T>): Promise<T> {
+    return p.catch((e: unknown) => {
+      void this.client.close();
+      throw e;
+    });
   }
 
   async reconnect(): Promise<boolean> {
@@ -84,9 +101,10 @@ class LocalPath implements XferPath {
     readonly name: string,
     private readonly fd: number,
     readonly size: number,
+    readonly direct: boolean,
   ) {}
 
-  static async open(file: string): Promise<LocalPath> {
+  static async open(file: string, directFile: boolean): Promise<LocalPath> {
     let st: fs.Stats;
     try {
       st = await fs.promises.stat(file);
@@ -94,24 +112,41 @@ class LocalPath implements XferPath {
       throw new XferUsageError(`--dev ${file}: ${(e as Error).message}`);
     }
     if (!st.isFile() && !st.isBlockDevice()) throw new XferUsageError(`--dev ${file}: neither a file nor a block device`);
+    // Polling must see the other host's writes: a block device bypasses this host's cache.
+    const direct = st.isBlockDevice() || directFile;
+    const flags = fs.constants.O_RDWR | fs.constants.O_DSYNC | (direct ? fs.constants.O_DIRECT : 0);
     const fd = await new Promise<number>((resolve, reject) =>
-      fs.open(file, fs.constants.O_RDWR | fs.constants.O_DSYNC, (err, fd) => (err ? reject(new XferUsageError(`--dev ${file}: ${err.message}`)) : resolve(fd))),
+      fs.open(file, flags, (err, fd) =>
+        err
+          ? reject(new XferUsageError(`--dev ${file}: ${err.message}${direct && err.code === 'EINVAL' ? ' (its filesystem refuses O_DIRECT: use a file on another one, or a block device)' : ''}`))
+          : resolve(fd),
+      ),
     );
     const size = st.isBlockDevice() ? await blockDeviceSize(file) : st.size;
-    return new LocalPath(file, fd, size);
+    return new LocalPath(file, fd, size, direct);
   }
 
-  read(offset: number, length: number): Promise<Buffer> {
-    const buf = Buffer.allocUnsafe(length);
-    return new Promise((resolve, reject) =>
-      fs.read(this.fd, buf, 0, length, offset, (err, n) => (err ? reject(err) : n !== length ? reject(new Error(`short read at ${offset}: ${n} of ${length}`)) : resolve(buf))),
-    );
+  async read(offset: number, length: number, dest?: Buffer): Promise<Buffer> {
+    let buf = dest ? dest.subarray(0, length) : this.direct ? alignedBuffer(length) : Buffer.allocUnsafe(length);
+    const bounce = this.direct && !isAligned(buf);
+    if (bounce) buf = alignedBuffer(length);
+    const n = await new Promise<number>((resolve, reject) => fs.read(this.fd, buf, 0, length, offset, (err, n) => (err ? reject(err) : resolve(n))));
+    if (n !== length) throw new Error(`short read at ${offset}: ${n} of ${length}`);
+    if (bounce && dest) {
+      buf.copy(dest);
+      return dest.subarray(0, length);
+    }
+    return buf;
   }
 
-  write(offset: number, data: Buffer): Promise<void> {
-    return new Promise((resolve, reject) =>
-      fs.write(this.fd, data, 0, data.length, offset, (err, n) => (err ? reject(err) : n !== data.length ? reject(new Error(`short write at ${offset}`)) : resolve())),
-    );
+  async write(offset: number, data: Buffer): Promise<void> {
+    let buf = data;
+    if (this.direct && !isAligned(buf)) {
+      buf = alignedBuffer(data.length);
+      data.copy(buf);
+    }
+    const n = await new Promise<number>((resolve, reject) => fs.write(this.fd, buf, 0, buf.length, offset, (err, n) => (err ? reject(err) : resolve(n))));
+    if (n !== data.length) throw new Error(`short write at ${offset}`);
   }
 
   async reconnect(): Promise<boolean> {
@@ -149,6 +184,7 @@ export class PathSet {
     paths: XferPath[],
     private readonly log?: Logger,
     private readonly rejoinMs = 1000,
+    private readonly graceMs = 0,
   ) {
     this.members = paths.map((path) => ({ path, live: true, inFlight: 0 }));
   }
@@ -161,8 +197,13 @@ export class PathSet {
     return this.members.map((m) => ({ name: m.path.name, live: m.live }));
   }
 
-  read(offset: number, length: number): Promise<Buffer> {
-    return this.run('read', (p) => p.read(offset, length));
+  /** Some path opened with O_DIRECT: buffers handed to the set should be aligned. */
+  get direct(): boolean {
+    return this.members.some((m) => m.path.direct === true);
+  }
+
+  read(offset: number, length: number, dest?: Buffer): Promise<Buffer> {
+    return this.run('read', (p) => p.read(offset, length, dest));
   }
 
   write(offset: number, data: Buffer): Promise<void> {
@@ -184,10 +225,20 @@ export class PathSet {
   // A failed write is repeated whole on another path: the same bytes at the same place, so a late
   // copy landing from the dead path changes nothing. The caller awaits it before writing the
   // pointer table, so "data before pointers" holds whichever path carries each.
+  //
+  // With no live path left, every path is tried again for up to `graceMs` before the operation
+  // fails: the master of a pair that is being swapped refuses writes before the new master
+  // takes them, and a path that comes back in time carries the operation.
   private async run<T>(op: string, fn: (p: XferPath) => Promise<T>): Promise<T> {
     let lastErr: unknown;
+    let giveUpAt: number | undefined;
     for (;;) {
       const m = this.pick();
+      if (!m && !this.closed && Date.now() < (giveUpAt ??= Date.now() + this.graceMs)) {
+        await this.rejoinNow();
+        if (!this.members.some((x) => x.live)) await new Promise((r) => setTimeout(r, 100));
+        continue;
+      }
       if (!m) throw new XferPathError(`${op} on ${this.label}: every path failed (${this.members.map((x) => x.path.name).join(', ')}): ${(lastErr as Error | undefined)?.message ?? 'none open'}`, { cause: lastErr });
       m.inFlight++;
       try {
@@ -201,6 +252,20 @@ export class PathSet {
     }
   }
 
+  /** Try every down path once, now. */
+  private async rejoinNow(): Promise<void> {
+    await Promise.all(
+      this.members
+        .filter((m) => !m.live)
+        .map(async (m) => {
+          if ((await m.path.reconnect()) && !this.closed && !m.live) {
+            m.live = true;
+            this.log?.warn({ path: m.path.name }, `path ${m.path.name} to ${this.label} rejoined`);
+          }
+        }),
+    );
+  }
+
   private lose(m: Member, err: Error): void {
     m.live = false;
     this.log?.warn({ path: m.path.name, err: err.message }, `path ${m.path.name} to ${this.label} failed; going on over the others`);
@@ -208,8 +273,10 @@ export class PathSet {
       if (this.closed) return;
       const t = setTimeout(() => {
         this.timers.delete(t);
+        if (m.live) return; // rejoined by rejoinNow
         void m.path.reconnect().then((ok) => {
           if (this.closed) return;
+          if (m.live) return;
           if (!ok) return retry();
           m.live = true;
           this.log?.warn({ path: m.path.name }, `path ${m.path.name} to ${this.label} rejoined`);

@@ -5,14 +5,15 @@
 //   poll the pointer table      entries in sequence order; each segment's header is checked
 //                               against its pointer entry (slot, token, writer, seq, length, last)
 //                               and its data against the header's CRC32C
-//   deliver, then acknowledge   flag READ and the sequence number, in our own table, one write per
-//                               batch; a mismatch (torn or stale read) is read again later, never
+//   deliver, then acknowledge   flag READ and the sequence number, in our own table, written in
+//                               the background (one write at a time, each carrying all so far);
+//                               a mismatch (torn or stale read) is read again later, never
 //                               delivered nor acknowledged, and refused after `retries` reads
-//   after the last message      wait for the sender to free its half, then free ours
+//   after the LAST piece        wait for the sender to free its half, then free ours
 import { crc } from '../util/format.js';
-import { AckFlag, Command, PtrFlag, Role, SEG, SEG_HEADER, Status, freeAck, freePid, type AckTable, type PtrEntry } from './layout.js';
+import { AckFlag, Command, Piece, PtrFlag, Role, SEG, SEG_HEADER, Status, freeAck, freePid, type AckEntry, type AckTable, type PtrEntry } from './layout.js';
 import { XferCorruptError, XferFormatError, XferPeerError } from './errors.js';
-import { OwnHalf, PeerWatch, sleep, standingStill, tunables, type SessionOptions, type Tunables } from './session.js';
+import { Backoff, OwnHalf, PeerWatch, sleep, standingStill, tunables, type SessionOptions, type Tunables } from './session.js';
 import type { XferVolume } from './volume.js';
 
 export interface RecvOptions extends SessionOptions {
@@ -22,21 +23,33 @@ export interface RecvOptions extends SessionOptions {
   waitMs?: number;
   /**
    * Take over the accepted connection of a receiver that died, from its acknowledgement table.
-   * Called first with the bytes acknowledged so far: what was delivered beyond them is delivered
-   * again, so the output must be cut back to that many bytes.
+   * Called first with where delivery goes on: message `msg` (from 1) at byte `offset`. Messages
+   * before it were acknowledged whole; what was delivered beyond that point is delivered again,
+   * so the output must be cut back to it.
    */
-  resume?: (acknowledgedBytes: number) => Promise<void>;
+  resume?: (msg: number, offset: number) => Promise<void>;
 }
 
 export interface RecvResult {
   slot: number;
   from: number;
   segments: number;
+  /** Messages delivered whole by this call. */
+  messages: number;
   bytes: number;
 }
 
-/** Receive one message for process `as`, handing its pieces in order to `deliver`. */
-export async function recv(vol: XferVolume, as: number, deliver: (data: Buffer) => Promise<void>, opts: RecvOptions = {}): Promise<RecvResult> {
+/** Where a delivered piece belongs: message `msg` (from 1), piece `part` of it; `end` on its last. */
+export interface PieceInfo {
+  msg: number;
+  part: number;
+  end: boolean;
+}
+/** Takes the pieces in order. `data` is a pool buffer, reused once the promise settles: copy what you keep. */
+export type Deliver = (data: Buffer, piece: PieceInfo) => Promise<void>;
+
+/** Receive the messages of one connection for process `as`, handing their pieces in order to `deliver`. */
+export async function recv(vol: XferVolume, as: number, deliver: Deliver, opts: RecvOptions = {}): Promise<RecvResult> {
   const t = tunables(opts);
   if (opts.resume) return resumeRecv(vol, as, deliver, opts.resume, opts, t);
   // Connections whose sender went before its first piece: never accepted again.
@@ -65,14 +78,14 @@ export async function recv(vol: XferVolume, as: number, deliver: (data: Buffer) 
   }
 }
 
-async function resumeRecv(vol: XferVolume, as: number, deliver: (data: Buffer) => Promise<void>, resume: (bytes: number) => Promise<void>, opts: RecvOptions, t: Tunables): Promise<RecvResult> {
+async function resumeRecv(vol: XferVolume, as: number, deliver: Deliver, resume: (msg: number, offset: number) => Promise<void>, opts: RecvOptions, t: Tunables): Promise<RecvResult> {
   const table = await vol.readPidTable();
   // Our half says ACCEPTED; the sender's may already be gone if it saw our last acknowledgement.
   const slot = table.findIndex(({ rsp }) => rsp.command.status === Status.ACCEPTED && rsp.requestee === as && (opts.from === undefined || rsp.requestor === opts.from));
   if (slot < 0) throw new XferPeerError(`no accepted connection for ${as} to resume: receive again without --resume`);
   const rsp = await standingStill(vol, slot, 'rsp', `receiver ${as}`, t);
   const own = new OwnHalf(vol, rsp, t.heartbeatMs);
-  const done = (segments: number): RecvResult => ({ slot, from: rsp.requestor, segments, bytes: 0 });
+  const done = (segments: number): RecvResult => ({ slot, from: rsp.requestor, segments, messages: 0, bytes: 0 });
   try {
     const ack = await vol.readAck(slot);
     // Killed in its cleanup, after the acknowledgement table was freed: the message was whole.
@@ -80,15 +93,11 @@ async function resumeRecv(vol: XferVolume, as: number, deliver: (data: Buffer) =
       await cleanup(vol, own);
       return done(0);
     }
-    let acked = 0;
-    let last = false;
-    for (const e of ack.entries.slice(0, vol.mcb.entries))
-      if (e.flag === AckFlag.READ && e.seq > acked) {
-        acked = e.seq;
-        last = e.last === 1;
-      }
-    t.log?.info({ slot, acked, last }, 'resuming connection');
-    if (last) {
+    let top: AckEntry | undefined;
+    for (const e of ack.entries.slice(0, vol.mcb.entries)) if (e.flag === AckFlag.READ && e.seq > (top?.seq ?? 0)) top = e;
+    const acked = top?.seq ?? 0;
+    t.log?.info({ slot, acked, msg: top?.msg, part: top?.part, last: top?.last }, 'resuming connection');
+    if (top && top.last & Piece.LAST) {
       // Delivered and acknowledged whole before the kill: only the end of the flow is left.
       await waitSenderGone(vol, own, t);
       await cleanup(vol, own);
@@ -96,7 +105,9 @@ async function resumeRecv(vol: XferVolume, as: number, deliver: (data: Buffer) =
     }
     const { req } = await vol.readPid(slot);
     if (req.token !== rsp.token) throw new XferPeerError(`sender ${rsp.requestor} left connection ${slot} before its last message`);
-    await resume(acked * vol.capacity);
+    if (!top) await resume(1, 0);
+    else if (top.last & Piece.END) await resume(top.msg + 1, 0);
+    else await resume(top.msg, (top.part + 1) * vol.capacity);
     const result = await consume(vol, own, ack, deliver, t, acked + 1);
     await waitSenderGone(vol, own, t);
     await cleanup(vol, own);
@@ -136,94 +147,164 @@ interface Ready {
   seq: number;
   i: number;
   entry: PtrEntry;
+  /** The segment, on its way into a pool buffer. */
+  read: Promise<Buffer>;
+  buf: Buffer;
 }
 
-async function consume(vol: XferVolume, own: OwnHalf, ack: AckTable, deliver: (data: Buffer) => Promise<void>, t: Tunables, first = 1): Promise<RecvResult> {
+// A pipeline: segment reads are issued as soon as the pointer table shows them, up to a window
+// ahead of delivery, while earlier pieces are checked and delivered in order; the acknowledgement
+// table is written in the background, one write at a time carrying every piece delivered so far.
+//
+//   poll the pointer table ── issue reads of new entries, in sequence order (≤ ahead in flight)
+//   the oldest read ──────── check header and CRC ── deliver ── mark READ ── ack write (coalesced)
+//   nothing new ─────────── heartbeat checks, back off from 1 ms to the poll interval
+async function consume(vol: XferVolume, own: OwnHalf, ack: AckTable, deliver: Deliver, t: Tunables, first = 1): Promise<RecvResult> {
   const { slot, token, requestor: from } = own.entry;
   const E = vol.mcb.entries;
   const segs = vol.segments(slot);
   const watch = new PeerWatch(`sender ${from}`, t.timeoutMs);
-  let next = first;
+  const ahead = Math.max(1, Math.min(E, 8 * vol.devices.reduce((n, d) => n + d.paths.length, 0)));
+  const pool = vol.segmentPool(ahead + 2);
+  const backoff = new Backoff(t.pollMs);
+  const queue: Ready[] = [];
+  let next = first; // the next sequence to deliver
+  let issued = first; // the next sequence to read
   let bytes = 0;
+  let messages = 0;
   let failures = 0;
+  let sawLast = false;
+  let failure: unknown;
+  let ackWrite: Promise<void> | undefined;
+  let ackStale = false;
+  const acknowledge = () => {
+    if (ackWrite) return void (ackStale = true);
+    ackStale = false;
+    ackWrite = vol.writeAck(ack).then(
+      () => {
+        ackWrite = undefined;
+        if (ackStale) acknowledge();
+      },
+      (e: unknown) => {
+        failure ??= e;
+        ackWrite = undefined;
+      },
+    );
+  };
+  const ackSettled = async () => {
+    while (ackWrite) await ackWrite;
+    if (failure) throw failure;
+  };
   // A read that does not check out is retried after a poll interval; only a run of them is an error.
   const retryLater = async (problem: string) => {
     if (++failures > t.retries) throw new XferCorruptError(`${problem}; refused after ${t.retries} reads (nothing of it was delivered or acknowledged)`);
     t.log?.debug({ problem, failures }, 'read again later');
     await sleep(t.pollMs, t.signal);
   };
+  // Reads issued from a table that turned out wrong: drop them, read again from `next`.
+  const dropQueue = async () => {
+    const dropped = queue.splice(0);
+    await Promise.allSettled(dropped.map((r) => r.read));
+    for (const r of dropped) pool.give(r.buf);
+    issued = next;
+    sawLast = false;
+  };
 
-  for (;;) {
-    let ptrEntries: PtrEntry[];
-    try {
-      const ptr = await vol.readPtr(slot);
-      if (ptr.token !== token || ptr.writer !== from) {
-        await retryLater(`pointer table of connection ${slot} belongs to token ${ptr.token} of writer ${ptr.writer}, not token ${token} of writer ${from}`);
+  try {
+    for (;;) {
+      if (failure) throw failure;
+      // Top up the reads from a fresh copy of the pointer table.
+      if (queue.length < ahead && !sawLast) {
+        let entries: PtrEntry[];
+        try {
+          const ptr = await vol.readPtr(slot);
+          if (ptr.token !== token || ptr.writer !== from) {
+            await dropQueue();
+            await retryLater(`pointer table of connection ${slot} belongs to token ${ptr.token} of writer ${ptr.writer}, not token ${token} of writer ${from}`);
+            continue;
+          }
+          entries = ptr.entries;
+        } catch (e) {
+          if (!(e instanceof XferFormatError)) throw e;
+          await dropQueue();
+          await retryLater(e.message);
+          continue;
+        }
+        let problem: string | undefined;
+        for (; queue.length < ahead; issued = (issued + 1) >>> 0) {
+          const i = (issued - 1) % E;
+          const entry = { ...entries[i] };
+          if (entry.flag !== PtrFlag.WRITTEN || entry.seq !== issued) break;
+          problem = checkEntry(vol, slot, { seq: issued, i, entry }, segs[i]);
+          if (problem) break;
+          const buf = pool.take();
+          const read = vol.readSegment(segs[i], entry.length, buf);
+          read.catch(() => undefined); // awaited in order below, or dropped
+          queue.push({ seq: issued, i, entry, read, buf });
+          if (entry.last & Piece.LAST) {
+            sawLast = true;
+            issued = (issued + 1) >>> 0;
+            break;
+          }
+        }
+        if (problem && queue.length === 0) {
+          await retryLater(problem);
+          continue;
+        }
+      }
+
+      const head = queue.shift();
+      if (!head) {
+        const { req } = await vol.readPid(slot);
+        if (req.token !== token || req.command.code !== Command.CONNECT) {
+          if (next === 1 && first === 1) throw new Abandoned(`sender ${from} left connection ${slot} before its first piece; waiting for another`);
+          throw new XferPeerError(`sender ${from} left connection ${slot} before its last message`);
+        }
+        try {
+          watch.observe(req.heartbeat);
+        } catch (e) {
+          // A claim whose sender died before writing anything: gc frees it, we wait for a live one.
+          if (next === 1 && first === 1) throw new Abandoned(`sender ${from} of connection ${slot} went silent before its first piece; waiting for another`);
+          throw e;
+        }
+        await own.beat();
+        await backoff.sleep(t.signal);
         continue;
       }
-      ptrEntries = ptr.entries;
-    } catch (e) {
-      if (!(e instanceof XferFormatError)) throw e;
-      await retryLater(e.message);
-      continue;
-    }
+      backoff.reset();
 
-    // A quarter of the window per round, so that acknowledgements flow back while the sender writes.
-    const ready: Ready[] = [];
-    for (let seq = next; ready.length < Math.max(1, E >> 2); seq = (seq + 1) >>> 0) {
-      const i = (seq - 1) % E;
-      const entry = ptrEntries[i];
-      if (entry.flag !== PtrFlag.WRITTEN || entry.seq !== seq) break;
-      ready.push({ seq, i, entry });
-      if (entry.last) break;
-    }
-    if (ready.length === 0) {
-      const { req } = await vol.readPid(slot);
-      if (req.token !== token || req.command.code !== Command.CONNECT) {
-        if (next === 1 && first === 1) throw new Abandoned(`sender ${from} left connection ${slot} before its first piece; waiting for another`);
-        throw new XferPeerError(`sender ${from} left connection ${slot} before its last message`);
+      const seg = await head.read;
+      const problem = checkSegment(slot, token, from, head, seg);
+      if (problem) {
+        pool.give(head.buf);
+        await dropQueue();
+        await retryLater(problem);
+        continue;
       }
-      try {
-        watch.observe(req.heartbeat);
-      } catch (e) {
-        // A claim whose sender died before writing anything: gc frees it, we wait for a live one.
-        if (next === 1 && first === 1) throw new Abandoned(`sender ${from} of connection ${slot} went silent before its first piece; waiting for another`);
-        throw e;
-      }
-      await own.beat();
-      await sleep(t.pollMs, t.signal);
-      continue;
-    }
-
-    const bad = ready.map((r) => checkEntry(vol, slot, r, segs[r.i]));
-    const reads = ready.map((r, k) => (bad[k] ? undefined : vol.readSegment(segs[r.i], r.entry.length)));
-    reads.forEach((p) => p?.catch(() => undefined)); // awaited in order below; an early break must not leave one unhandled
-    let delivered = 0;
-    let problem: string | undefined;
-    for (let k = 0; k < ready.length; k++) {
-      problem = bad[k] ?? checkSegment(slot, token, from, ready[k], await reads[k]!);
-      if (problem) break;
-      const r = ready[k];
-      const seg = (await reads[k])!;
-      await deliver(seg.subarray(SEG_HEADER, SEG_HEADER + r.entry.length));
-      ack.entries[r.i] = { flag: AckFlag.READ, last: r.entry.last, seq: r.seq };
-      bytes += r.entry.length;
-      next = (r.seq + 1) >>> 0;
-      delivered++;
-    }
-    if (delivered > 0) {
+      const e = head.entry;
+      // The closing piece of a stream of messages carries no message: nothing to deliver.
+      if (e.length > 0 || e.last & Piece.END) await deliver(seg.subarray(SEG_HEADER, SEG_HEADER + e.length), { msg: e.msg, part: e.part, end: (e.last & Piece.END) !== 0 });
+      pool.give(head.buf);
+      ack.entries[head.i] = { flag: AckFlag.READ, last: e.last, seq: head.seq, msg: e.msg, part: e.part };
+      bytes += e.length;
+      if (e.last & Piece.END) messages++;
+      next = (head.seq + 1) >>> 0;
       failures = 0;
-      await vol.writeAck(ack);
+      if (e.last & Piece.LAST) {
+        acknowledge();
+        await ackSettled();
+        return { slot, from, segments: head.seq, messages, bytes };
+      }
+      acknowledge();
       await own.beat();
-      const lastOne = ready[delivered - 1];
-      if (lastOne.entry.last) return { slot, from, segments: lastOne.seq, bytes };
     }
-    if (problem) await retryLater(problem);
+  } finally {
+    await Promise.allSettled([...queue.map((r) => r.read), ackWrite]);
   }
 }
 
 /** A pointer entry must name the segment its index owns, with a length that fits. */
-function checkEntry(vol: XferVolume, slot: number, r: Ready, at: { dev: number; offset: number }): string | undefined {
+function checkEntry(vol: XferVolume, slot: number, r: Pick<Ready, 'seq' | 'i' | 'entry'>, at: { dev: number; offset: number }): string | undefined {
   const e = r.entry;
   if (e.dev !== at.dev || e.offset !== at.offset)
     return `pointer entry ${r.i} (seq ${r.seq}) of connection ${slot} points at device ${e.dev} offset ${e.offset}, not at its segment (device ${at.dev} offset ${at.offset})`;
@@ -232,7 +313,7 @@ function checkEntry(vol: XferVolume, slot: number, r: Ready, at: { dev: number; 
 }
 
 /** The segment's header against its pointer entry, and its data against the header. */
-function checkSegment(slot: number, token: number, from: number, r: Ready, seg: Buffer): string | undefined {
+function checkSegment(slot: number, token: number, from: number, r: Pick<Ready, 'seq' | 'i' | 'entry'>, seg: Buffer): string | undefined {
   const what = `segment ${r.i} (seq ${r.seq}) of connection ${slot}`;
   let h;
   try {
@@ -241,7 +322,7 @@ function checkSegment(slot: number, token: number, from: number, r: Ready, seg: 
     if (e instanceof XferFormatError) return e.message;
     throw e;
   }
-  const want = { slot, token, writer: from, seq: r.seq, dataLength: r.entry.length, last: r.entry.last };
+  const want = { slot, token, writer: from, seq: r.seq, dataLength: r.entry.length, last: r.entry.last, msg: r.entry.msg, part: r.entry.part };
   for (const [k, v] of Object.entries(want)) {
     const got = h[k as keyof typeof want];
     if (got !== v) return `${what}: its header says ${k} ${got}, its pointer entry ${v}`;

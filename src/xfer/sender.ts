@@ -6,13 +6,16 @@
 //                          a receiver waits for
 //   wait for ACCEPTED      in the requestee half, with our token
 //   per piece of input     entry i = (seq-1) mod E, reused only once the receiver acknowledged it;
-//                          the segment (header + data) is written first, then, for a batch of them,
-//                          the pointer table: data before pointers, whatever paths carry them
+//                          the segment (header + data) is written first, and its entry goes into
+//                          the next pointer-table write once that completed: data before
+//                          pointers, whatever paths carry them. Messages follow each other on the
+//                          connection; the last piece of each is END, the connection's last LAST
 //   after the last ack     free the pointer table, then our half of the process ID table
 import { crc } from '../util/format.js';
-import { AckFlag, Command, PTR, PtrFlag, Role, SEG, SEG_HEADER, Status, freeAck, freePid, freePtr, type AckTable, type PtrTable } from './layout.js';
+import { AckFlag, Command, PTR, Piece, PtrFlag, Role, SEG, SEG_HEADER, Status, freeAck, freePid, freePtr, type AckTable, type PtrEntry, type PtrTable } from './layout.js';
+import { BufferPool } from './pool.js';
 import { XferPeerError, XferTableFullError } from './errors.js';
-import { OwnHalf, PeerWatch, newToken, sleep, standingStill, tunables, type SessionOptions, type Tunables } from './session.js';
+import { Backoff, OwnHalf, PeerWatch, newToken, sleep, standingStill, tunables, type SessionOptions, type Tunables } from './session.js';
 import { roundUp, type XferVolume } from './volume.js';
 
 export interface SendResult {
@@ -23,7 +26,33 @@ export interface SendResult {
   bytes: number;
 }
 
-export async function send(vol: XferVolume, from: number, to: number, input: AsyncIterable<Uint8Array>, opts: SessionOptions = {}): Promise<SendResult> {
+/** Fills `length` bytes of `buf` from `offset`, or fewer; 0 at the end (a file: read straight into the segment buffers). */
+export interface Reader {
+  read(buf: Buffer, offset: number, length: number): Promise<number>;
+}
+/** One message's bytes. */
+export type Input = AsyncIterable<Uint8Array> | Reader;
+/** The messages of one connection, in order; an array ends the connection with its last message's last piece. */
+export type Messages = readonly Input[] | AsyncIterable<Input>;
+
+const isReader = (i: Input): i is Reader => typeof (i as Reader).read === 'function' && !(Symbol.asyncIterator in i);
+
+/** Where a connection goes on: the last sequence written, the message and part of the next piece. */
+interface Position {
+  seq: number;
+  msg: number;
+  part: number;
+  /** The connection's LAST piece is written already: only its acknowledgement is awaited. */
+  done?: boolean;
+}
+
+/** Send one message on a connection of its own. */
+export function send(vol: XferVolume, from: number, to: number, input: Input, opts: SessionOptions = {}): Promise<SendResult> {
+  return sendMessages(vol, from, to, [input], opts);
+}
+
+/** Send several messages, in order, on one connection; the receiver gets each whole, with its number. */
+export async function sendMessages(vol: XferVolume, from: number, to: number, messages: Messages, opts: SessionOptions = {}): Promise<SendResult> {
   const t = tunables(opts);
   for (;;) {
     const own = await claim(vol, from, to, t);
@@ -40,7 +69,7 @@ export async function send(vol: XferVolume, from: number, to: number, input: Asy
         t.log?.debug({ slot }, 'lost the slot to another sender; claiming again');
         continue;
       }
-      const result = await transfer(vol, own, ptr, to, input, t);
+      const result = await transfer(vol, own, ptr, to, messages, t, { seq: 0, msg: 1, part: 0 });
       await cleanup(vol, own);
       return result;
     } catch (e) {
@@ -52,11 +81,13 @@ export async function send(vol: XferVolume, from: number, to: number, input: Asy
 }
 
 /**
- * Pick up a connection whose sender died (kill -9, host restart) from the on-disk tables: the
- * pointer table says which pieces were written; the next one is piece h+1, at byte h × capacity
- * of the input (every piece but the last is full), which `open` must start at.
+ * Pick up a connection whose sender died (kill -9, host restart) from the on-disk tables. The
+ * pointer table's highest written entry is message m, part p: the next piece is part p+1 of m, at
+ * byte (p+1) × capacity of it (every piece but a message's last is full), or, when p ended m, the
+ * start of message m+1. `open(msg, offset)` gives the messages from there on, the first one from
+ * that byte (messages are numbered from 1).
  */
-export async function resumeSend(vol: XferVolume, from: number, to: number, open: (offset: number) => AsyncIterable<Uint8Array>, opts: SessionOptions = {}): Promise<SendResult> {
+export async function resumeSend(vol: XferVolume, from: number, to: number, open: (msg: number, offset: number) => Messages, opts: SessionOptions = {}): Promise<SendResult> {
   const t = tunables(opts);
   const table = await vol.readPidTable();
   // Accepted, or still waiting for its receiver: both are taken over (a claim not yet PENDING is not).
@@ -78,16 +109,18 @@ export async function resumeSend(vol: XferVolume, from: number, to: number, open
     await cleanup(vol, own);
     return { slot, token: req.token, segments: 0, bytes: 0 };
   }
-  let written = 0;
-  let lastWritten = false;
-  for (const e of ptr.entries.slice(0, vol.mcb.entries))
-    if (e.flag === PtrFlag.WRITTEN && e.seq > written) {
-      written = e.seq;
-      lastWritten = e.last === 1;
-    }
-  t.log?.info({ slot, written, lastWritten }, 'resuming connection');
+  let top: PtrEntry | undefined;
+  for (const e of ptr.entries.slice(0, vol.mcb.entries)) if (e.flag === PtrFlag.WRITTEN && e.seq > (top?.seq ?? 0)) top = e;
+  const at: Position = !top
+    ? { seq: 0, msg: 1, part: 0 }
+    : top.last & Piece.LAST
+      ? { seq: top.seq, msg: top.msg, part: top.part, done: true }
+      : top.last & Piece.END
+        ? { seq: top.seq, msg: top.msg + 1, part: 0 }
+        : { seq: top.seq, msg: top.msg, part: top.part + 1 };
+  t.log?.info({ slot, ...at }, 'resuming connection');
   try {
-    const result = await transfer(vol, own, ptr, to, lastWritten ? nothing() : open(written * vol.capacity), t, written, lastWritten);
+    const result = await transfer(vol, own, ptr, to, at.done ? [] : open(at.msg, at.part * vol.capacity), t, at);
     await cleanup(vol, own);
     return result;
   } catch (e) {
@@ -140,40 +173,57 @@ async function transfer(
   own: OwnHalf,
   ptr: PtrTable,
   to: number,
-  input: AsyncIterable<Uint8Array>,
+  messages: Messages,
   t: Tunables,
-  /** Pieces already written (on a resume), and whether the last of them was the last piece. */
-  written = 0,
-  lastWritten = false,
+  /** Where to go on: the last sequence written, and the message and part of the first piece to write. */
+  start: Position,
 ): Promise<SendResult> {
   const { slot, token, requestor: from } = own.entry;
   const E = vol.mcb.entries;
   const segs = vol.segments(slot);
   const watch = new PeerWatch(`receiver ${to}`, t.timeoutMs);
-  // An eighth of the window per pointer-table write: the reader starts early and acknowledges
-  // early, so writing, reading and acknowledging overlap.
-  const batchMax = Math.max(1, Math.floor(E / 8));
+  // Enough segment writes in flight to keep every path busy; the window (E) bounds them too.
+  const maxInFlight = Math.max(2, Math.min(E, 8 * vol.devices.reduce((n, d) => n + d.paths.length, 0)));
+  const pool = vol.segmentPool(maxInFlight + 2);
+  const backoff = new Backoff(t.pollMs);
   let ack: AckTable = freeAck(slot);
-  let batch: Promise<void>[] = [];
-  let seq = written;
+  let seq = start.seq;
   let bytes = 0;
-  // Pointer-table writes, one after another. Each is encoded when its batch closes, so it names
-  // only segments of batches before it, and is written only once their data is: data before
-  // pointers, while the next batch's data is already on its way.
-  let pointers: Promise<void> = Promise.resolve();
+  // The sequence each entry carries, written or on its way: the entry is reused only once that one is acknowledged.
+  const assigned = ptr.entries.map((e) => (e.flag === PtrFlag.WRITTEN ? e.seq : 0));
+  const inFlight = new Set<Promise<void>>();
+  // Segments whose write completed, by sequence, until every one before them did too.
+  const landed = new Map<number, PtrEntry>();
+  let tableSeq = start.seq;
+  let failure: unknown;
+  // The pointer table on the volume, as `ptr` says: an entry is set there only once its segment's
+  // write completed (and every earlier one's), and one table write at a time carries all of them:
+  // data before pointers, on whatever paths, and the reader sees each segment one table write
+  // after its data landed.
+  let tableWrite: Promise<void> | undefined;
+  let tableStale = false;
+  const publish = () => {
+    if (tableWrite) return void (tableStale = true);
+    tableStale = false;
+    tableWrite = vol.writePtrBlock(slot, PTR.encode(ptr)).then(
+      () => {
+        tableWrite = undefined;
+        if (tableStale) publish();
+      },
+      (e: unknown) => {
+        failure ??= e;
+        tableWrite = undefined;
+      },
+    );
+  };
+  const settled = async () => {
+    while (inFlight.size > 0 || tableWrite) await Promise.allSettled([...inFlight, tableWrite]);
+    if (failure) throw failure;
+  };
 
   const acked = (i: number, s: number) => ack.entries[i].flag === AckFlag.READ && ack.entries[i].seq === s;
-  const isFree = (i: number) => ptr.entries[i].flag === PtrFlag.FREE || acked(i, ptr.entries[i].seq);
-  const flush = () => {
-    if (batch.length === 0) return;
-    const data = Promise.all(batch);
-    batch = [];
-    const block = PTR.encode(ptr);
-    pointers = Promise.all([pointers, data]).then(() => vol.writePtrBlock(slot, block));
-    pointers.catch(() => undefined); // awaited before every wait and at the end
-  };
+  const isFree = (i: number) => assigned[i] === 0 || acked(i, assigned[i]);
   const poll = async () => {
-    await pointers;
     const { rsp } = await vol.readPid(slot);
     if (rsp.token !== token || rsp.command.status !== Status.ACCEPTED) throw new XferPeerError(`receiver ${to} left connection ${slot} before the last message`);
     watch.observe(rsp.heartbeat);
@@ -182,49 +232,83 @@ async function transfer(
     await own.beat();
   };
 
-  try {
-    return await pump();
-  } finally {
-    // Nothing of ours may land after we return: a late pointer table would undo the cleanup.
-    await Promise.allSettled([...batch, pointers]);
-  }
-
-  async function pump(): Promise<SendResult> {
-    if (!lastWritten)
-    for await (const piece of pieces(input, vol.capacity)) {
-      seq = (seq + 1) >>> 0;
-      const i = (seq - 1) % E;
+  const place = async (seg: Buffer, length: number, last: number, msg: number, part: number) => {
+    seq = (seq + 1) >>> 0;
+    const i = (seq - 1) % E;
+    if (!isFree(i)) {
       while (!isFree(i)) {
-        flush();
+        if (failure) throw failure;
         await poll();
-        if (!isFree(i)) await sleep(t.pollMs, t.signal);
+        if (!isFree(i)) await backoff.sleep(t.signal);
       }
-      const length = piece.length;
-      const data = piece.seg.subarray(SEG_HEADER, SEG_HEADER + length);
-      SEG.encode({ slot, last: piece.last ? 1 : 0, token, writer: from, seq, dataLength: length, dataCrc: crc(data) }, piece.seg);
-      Object.assign(ptr.entries[i], { flag: PtrFlag.WRITTEN, last: piece.last ? 1 : 0, dev: segs[i].dev, offset: segs[i].offset, length, seq });
-      const written = vol.writeSegment(segs[i], piece.seg.subarray(0, roundUp(SEG_HEADER + length)));
-      written.catch(() => undefined); // awaited by the flush of its batch
-      batch.push(written);
-      bytes += length;
-      if (batch.length >= batchMax) {
-        flush();
-        await own.beat();
-      }
+      backoff.reset();
     }
-    flush();
-    await pointers;
+    while (inFlight.size >= maxInFlight) await Promise.race(inFlight);
+    if (failure) throw failure;
+    const data = seg.subarray(SEG_HEADER, SEG_HEADER + length);
+    const whole = roundUp(SEG_HEADER + length);
+    // A reused buffer: nothing of an earlier segment goes out with this one.
+    seg.fill(0, SEG.size, SEG_HEADER);
+    seg.fill(0, SEG_HEADER + length, whole);
+    SEG.encode({ slot, last, msg, part, token, writer: from, seq, dataLength: length, dataCrc: crc(data) }, seg);
+    const s = seq;
+    assigned[i] = s;
+    const w = vol.writeSegment(segs[i], seg.subarray(0, whole)).then(
+      () => {
+        pool.give(seg);
+        landed.set(s, { flag: PtrFlag.WRITTEN, last, msg, part, dev: segs[i].dev, offset: segs[i].offset, length, seq: s });
+        // Entries go into the table in sequence order only: a resumed sender goes on after the
+        // highest one, so a later piece published before an earlier one landed would leave a hole.
+        let moved = false;
+        for (let e = landed.get(tableSeq + 1); e; e = landed.get(tableSeq + 1)) {
+          landed.delete(e.seq);
+          ptr.entries[(e.seq - 1) % E] = e;
+          tableSeq = e.seq;
+          moved = true;
+        }
+        if (moved) publish();
+      },
+      (e: unknown) => void (failure ??= e),
+    );
+    inFlight.add(w);
+    void w.finally(() => inFlight.delete(w));
+    bytes += length;
+    await own.beat();
+  };
+
+  try {
+    if (!start.done) {
+      const known = Array.isArray(messages) ? messages.length : -1;
+      let msg = start.msg;
+      let part = start.part;
+      let k = 0;
+      let closed = false;
+      for await (const input of messages) {
+        const final = k === known - 1;
+        for await (const piece of pieces(input, vol.capacity, pool)) {
+          const last = piece.last ? Piece.END | (final ? Piece.LAST : 0) : 0;
+          await place(piece.seg, piece.length, last, msg, part++);
+          closed ||= (last & Piece.LAST) !== 0;
+        }
+        msg = (msg + 1) >>> 0;
+        part = 0;
+        k++;
+      }
+      // A stream of messages ends with a piece that only closes the connection.
+      if (!closed) await place(pool.take(), 0, Piece.LAST, msg, 0);
+    }
+    await settled();
     const last = (seq - 1) % E;
     while (!acked(last, seq)) {
       await poll();
-      if (!acked(last, seq)) await sleep(t.pollMs, t.signal);
+      if (!acked(last, seq)) await backoff.sleep(t.signal);
     }
-    return { slot, token, segments: seq - written, bytes };
+    return { slot, token, segments: seq - start.seq, bytes };
+  } finally {
+    // Nothing of ours may land after we return: a late pointer table would undo the cleanup.
+    await Promise.allSettled([...inFlight, tableWrite]);
   }
 }
-
-/** The rest of an input whose last piece is already written. */
-async function* nothing(): AsyncGenerator<Uint8Array> {}
 
 async function cleanup(vol: XferVolume, own: OwnHalf): Promise<void> {
   await vol.writePtr(freePtr(own.entry.slot));
@@ -232,21 +316,43 @@ async function cleanup(vol: XferVolume, own: OwnHalf): Promise<void> {
   await own.write();
 }
 
-interface Piece {
-  /** A whole segment buffer: header room, then `length` bytes of data, zero padding. */
+interface PieceBuf {
+  /** A whole segment buffer from the pool: header room, then `length` bytes of data. */
   seg: Buffer;
   length: number;
+  /** The last piece of its message. */
   last: boolean;
 }
 
 /**
- * Cut the input into segment-sized pieces, copied once into their segment buffers. One piece is
- * held back until the next byte arrives, so the last one is known as last; an empty input is one
- * empty last piece.
+ * Cut one message into segment-sized pieces, each in a pool buffer: a Reader fills the buffers
+ * itself (no copy), a stream's chunks are copied in once. One piece is held back until the next
+ * byte arrives, so the last one is known as last; an empty message is one empty last piece.
  */
-export async function* pieces(input: AsyncIterable<Uint8Array>, capacity: number): AsyncGenerator<Piece> {
-  const segBytes = roundUp(SEG_HEADER + capacity);
-  let cur = Buffer.alloc(segBytes);
+export async function* pieces(input: Input, capacity: number, pool: BufferPool = new BufferPool(roundUp(SEG_HEADER + capacity))): AsyncGenerator<PieceBuf> {
+  if (isReader(input)) {
+    const fill = async (seg: Buffer) => {
+      let n = 0;
+      for (let got = -1; n < capacity && got !== 0; n += got) got = await input.read(seg, SEG_HEADER + n, capacity - n);
+      return n;
+    };
+    let cur = pool.take();
+    let n = await fill(cur);
+    while (n === capacity) {
+      const next = pool.take();
+      const m = await fill(next);
+      if (m === 0) {
+        pool.give(next);
+        break;
+      }
+      yield { seg: cur, length: capacity, last: false };
+      cur = next;
+      n = m;
+    }
+    yield { seg: cur, length: n, last: true };
+    return;
+  }
+  let cur = pool.take();
   let fill = 0;
   let held: Buffer | undefined;
   for await (const chunk of input) {
@@ -256,7 +362,7 @@ export async function* pieces(input: AsyncIterable<Uint8Array>, capacity: number
       if (fill === capacity) {
         if (held) yield { seg: held, length: capacity, last: false };
         held = cur;
-        cur = Buffer.alloc(segBytes);
+        cur = pool.take();
         fill = 0;
       }
       const n = Math.min(capacity - fill, c.length - off);
@@ -267,4 +373,5 @@ export async function* pieces(input: AsyncIterable<Uint8Array>, capacity: number
   }
   if (held) yield { seg: held, length: capacity, last: fill === 0 };
   if (fill > 0 || !held) yield { seg: cur, length: fill, last: true };
+  else pool.give(cur);
 }

@@ -110,3 +110,18 @@ export async function standingStill(vol: XferVolume, slot: number, half: 'req' |
     throw new XferPeerError(`${who} of connection ${slot} is still alive (its heartbeat moves): stop it before resuming`);
   return after;
 }
+
+/** Polls back off from 1 ms to the poll interval while nothing happens, and start quick again after progress. */
+export class Backoff {
+  private delay: number;
+  constructor(private readonly max: number) {
+    this.delay = Math.min(1, max);
+  }
+  async sleep(signal?: AbortSignal): Promise<void> {
+    await sleep(this.delay, signal);
+    this.delay = Math.min(this.max, this.delay * 2);
+  }
+  reset(): void {
+    this.delay = Math.min(1, this.max);
+  }
+}

@@ -25,6 +25,7 @@ import {
   type Sec,
 } from './layout.js';
 import { XferFormatError, XferUsageError } from './errors.js';
+import { BufferPool } from './pool.js';
 import { PathSet, openPath, type PathOptions, type XferPath } from './paths.js';
 
 export interface Geometry {
@@ -122,6 +123,8 @@ export interface VolumeOptions extends PathOptions {
   log?: Logger;
   /** How long a failed path waits before it tries to rejoin (ms). */
   rejoinMs?: number;
+  /** With every path to a device down, how long an operation tries them again before it fails (ms). */
+  graceMs?: number;
 }
 
 export class XferVolume {
@@ -188,7 +191,7 @@ export class XferVolume {
       for (let d = 0; d < mcb.devices; d++) {
         const g = groups.get(d);
         if (!g) throw new XferUsageError(`secondary device ${d} of the volume has no path among --dev: add one`);
-        sets.push(new PathSet(d === 0 ? 'the master device' : `secondary device ${d}`, g, opts.log, opts.rejoinMs));
+        sets.push(new PathSet(d === 0 ? 'the master device' : `secondary device ${d}`, g, opts.log, opts.rejoinMs, opts.graceMs));
       }
       return new XferVolume(mcb, sdt, sets);
     } catch (e) {
@@ -257,9 +260,14 @@ export class XferVolume {
     return this.master.write(this.mcb.ackTables + t.slot * BLOCK, ACK.encode(t));
   }
 
-  /** Header plus `length` data bytes, rounded up to whole blocks. */
-  readSegment(at: SegmentAddress, length: number): Promise<Buffer> {
-    return this.devices[at.dev].read(at.offset, roundUp(SEG_HEADER + length));
+  /** Header plus `length` data bytes, rounded up to whole blocks; into `dest` (a pool buffer) when given. */
+  readSegment(at: SegmentAddress, length: number, dest?: Buffer): Promise<Buffer> {
+    return this.devices[at.dev].read(at.offset, roundUp(SEG_HEADER + length), dest);
+  }
+
+  /** Buffers of a whole segment, aligned when a path needs it. */
+  segmentPool(keep?: number): BufferPool {
+    return new BufferPool(this.mcb.segSize, this.devices.some((d) => d.direct), keep);
   }
 
   /** `seg` holds the header and data, whole blocks long. */
