@@ -3,6 +3,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { serveCommand } from './serve.js';
 import { registerUpCommand } from './up.js';
 import { registerStatusCommand } from './status.js';
+import { registerApplyCommand } from './apply.js';
 import { registerPairCommand } from './pair.js';
 import { registerCfsCommand } from './cfs.js';
 import { registerFaultCommand } from './fault.js';
@@ -25,6 +26,7 @@ export function buildProgram(): Command {
   serveCommand(program);
   registerUpCommand(program);
   registerStatusCommand(program);
+  registerApplyCommand(program);
   registerPairCommand(program);
   registerCfsCommand(program);
   registerFaultCommand(program);

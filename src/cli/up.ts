@@ -1,5 +1,7 @@
 // `blockmirror up -c FILE [--only IDS]`: start the storage systems of a YAML
 // file, each with its NBD exports and its admin API, until SIGTERM/SIGINT.
+// SIGHUP reads FILE again and applies what changed (cluster/reconfigure.ts), as
+// `blockmirror apply` does through the admin API.
 import type { Command } from 'commander';
 import type { Logger } from 'pino';
 import type { AdminServer } from '../admin/server.js';
@@ -40,9 +42,10 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
   let systems: StorageSystem[] = [];
   const admins: AdminServer[] = [];
   let cfsServer: { close(): Promise<void> } | undefined;
-  let agent: { close(): Promise<void> } | undefined;
+  let agent: { close(): Promise<void>; reconfigured(c: ClusterConfig): Promise<void> } | undefined;
   let config: ClusterConfig | undefined;
   let ids: number[] = [];
+  let reconfigurer: import('../cluster/reconfigure.js').ClusterReconfigurer | undefined;
   try {
     const cfg = loadConfig(opts.config);
     config = cfg;
@@ -69,13 +72,16 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
     });
     const sec = config.security;
     const { adminClientCa, adminServerTls } = await import('../cluster/credentials.js');
+    const { ClusterReconfigurer } = await import('../cluster/reconfigure.js');
+    const ag = agent;
+    reconfigurer = new ClusterReconfigurer(cfg, opts.config, systems, log, async (next) => ag?.reconfigured(next));
     const ca = adminClientCa(cfg);
     const peersTls = ca ? peers.map((p) => ({ ...p, ca })) : peers;
     for (const ss of systems) {
       const a = config.storageSystems.find((s) => s.id === ss.spec.id)!.admin;
       const auth = { token: tokens.get(ss.spec.id)!, readOpen: sec.adminReadOpen, hosts: sec.adminHosts };
       const https = adminServerTls(cfg, ss.spec.id);
-      admins.push(await startAdminServer(ss, { host: a.host, port: a.port, log: log.child({ ss: ss.spec.id }), peers: peersTls, auth, ...(https ? { https } : {}) }));
+      admins.push(await startAdminServer(ss, { host: a.host, port: a.port, log: log.child({ ss: ss.spec.id }), peers: peersTls, auth, config: reconfigurer, ...(https ? { https } : {}) }));
     }
     // The CFS server (docs/cfs.md) runs in the process of the storage system cfs.ss names.
     if (config.cfs && opts.cfs !== false && ids.includes(config.cfs.ss)) {
@@ -99,6 +105,14 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
   for (let i = 0; i < systems.length; i++) {
     log.info({ ss: systems[i]!.spec.id, nbd: systems[i]!.nbdAddr, admin: admins[i]!.address }, `storage system ${systems[i]!.spec.id} up`);
   }
+  const r = reconfigurer!;
+  process.on('SIGHUP', () => {
+    log.info(`SIGHUP: reading ${opts.config} again`);
+    r.apply(undefined, { dryRun: false }).then(
+      (res) => log.info({ changes: res.changes, notes: res.notes }, res.changes.length ? `SIGHUP: applied ${res.changes.length} change(s)` : 'SIGHUP: no changes'),
+      (e: Error) => log.error({ err: e.message }, `SIGHUP: nothing applied: ${e.message}`),
+    );
+  });
   await runUntilSignal(log, async () => {
     await agent?.close();
     await cfsServer?.close();

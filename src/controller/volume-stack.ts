@@ -6,7 +6,10 @@
 //   CountingDevice   controller/volume-stats    host I/O counters and latency (what hosts asked)
 //   GuardDevice      blockdev/guard             refuses all I/O (ESHUTDOWN) while the storage
 //                                               system cannot prove it masters the pair (etcd
-//                                               lease, epoch); paired volumes only
+//                                               lease, epoch); with etcd only
+//   SwitchDevice     blockdev/switch            where live reconfiguration swaps the pair layer
+//                                               (a volume joins or leaves a pair, a pair gains
+//                                               or loses a mirror) under connected hosts
 //   pair layer       controller/pair, remote/   master: Data Write module (sync or async);
 //                                               mirror: Check Invalid -> mirror or master
 //                                               (absent for a simplex volume)
@@ -23,6 +26,7 @@ import { FaultDevice, FaultSet } from '../blockdev/fault.js';
 import { openFileDevice } from '../blockdev/file.js';
 import { AtomicDevice } from '../blockdev/atomic.js';
 import { GuardDevice, type Guard } from '../blockdev/guard.js';
+import { SwitchDevice } from '../blockdev/switch.js';
 import { MemoryDevice } from '../blockdev/memory.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import type { CacheMemory } from './cache.js';
@@ -51,6 +55,8 @@ export interface VolumeStack {
   host?: CountingDevice;
   /** What every front end (NBD, iSCSI) reaches: the top of the stack. */
   atomic?: AtomicDevice;
+  /** Above the pair layer: what reconfiguration swaps it through (reconfigure.ts). */
+  slot?: SwitchDevice;
 }
 
 /** The bottom half: backend, cache memory, fault layer. `dataDir` absent means memory. */
@@ -73,8 +79,8 @@ export async function openVolumeStack(ssId: number, v: VolumeSpec, opts: { dataD
  * then the host counters. Returns what the front ends export.
  */
 export function buildHostStack(v: VolumeStack, pairLayer: BlockDevice | undefined, guard?: Guard): AtomicDevice {
-  const below = pairLayer ?? v.device;
-  v.host = new CountingDevice(guard ? new GuardDevice(below, guard) : below);
+  v.slot = new SwitchDevice(pairLayer ?? v.device);
+  v.host = new CountingDevice(guard ? new GuardDevice(v.slot, guard) : v.slot);
   v.atomic = new AtomicDevice(v.host);
   return v.atomic;
 }
