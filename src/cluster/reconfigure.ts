@@ -29,6 +29,8 @@ export interface ApplyResult {
 
 export class ClusterReconfigurer {
   private lock: Promise<unknown> = Promise.resolve();
+  /** The YAML running now: the file as `up` read it, then each applied text. */
+  private text: string;
 
   constructor(
     private config: ClusterConfig,
@@ -37,7 +39,9 @@ export class ClusterReconfigurer {
     private readonly systems: StorageSystem[],
     private readonly log: Logger,
     private readonly onApplied: (config: ClusterConfig) => Promise<void> = async () => {},
-  ) {}
+  ) {
+    this.text = fs.readFileSync(file, 'utf8');
+  }
 
   get current(): ClusterConfig {
     return this.config;
@@ -45,7 +49,7 @@ export class ClusterReconfigurer {
 
   /** The YAML this process runs now. */
   currentText(): string {
-    return fs.readFileSync(this.file, 'utf8');
+    return this.text;
   }
 
   /** Apply YAML text (or, without, the file again: SIGHUP). Serialized with other applies. */
@@ -78,6 +82,7 @@ export class ClusterReconfigurer {
     if (opts.dryRun) return { changes, notes, applied: false };
     if (steps.length > 0) await runSteps(steps, this.log);
     this.config = next;
+    this.text = text;
     try {
       await this.onApplied(next);
     } catch (e) {

@@ -139,6 +139,11 @@ export async function planChanges(ss: StorageSystem, next: StorageSystemSpec): P
     if (hosts > 0) refuse(`volume ${a.id} is in use (${hosts} host connection${hosts > 1 ? 's' : ''}): hosts see a volume's size when they attach; detach them before resizing it`);
   }
 
+  for (const [a, b] of changed) {
+    if (a.master.vol === b.master.vol) continue;
+    const hosts = [a.master.vol, ...a.mirrors.map((m) => m.vol), b.master.vol].reduce((n, v) => n + (curVols.has(v) ? ss.hostsOn(v) : 0), 0);
+    if (hosts > 0) refuse(`pair ${a.name} is in use (${hosts} host connection${hosts > 1 ? 's' : ''}): its master cannot change from ${ref(a.master)} to ${ref(b.master)} while hosts use it; detach them, or use pair swap`);
+  }
   // Which volumes become a mirror they were not: hosts must not be writing to them.
   const mirrorsBefore = new Set(cur.pairs.flatMap((p) => p.mirrors.map((m) => m.vol)));
   for (const b of [...changed.map(([, b]) => b), ...created]) {
@@ -146,11 +151,6 @@ export async function planChanges(ss: StorageSystem, next: StorageSystemSpec): P
       const hosts = curVols.has(m.vol) && !mirrorsBefore.has(m.vol) ? ss.hostsOn(m.vol) : 0;
       if (hosts > 0) refuse(`volume ${m.vol} is in use (${hosts} host connection${hosts > 1 ? 's' : ''}): it would become a mirror of ${b.name}, read-only to hosts; detach them first`);
     }
-  }
-  for (const [a, b] of changed) {
-    if (a.master.vol === b.master.vol) continue;
-    const hosts = [a.master.vol, ...a.mirrors.map((m) => m.vol), b.master.vol].reduce((n, v) => n + (curVols.has(v) ? ss.hostsOn(v) : 0), 0);
-    if (hosts > 0) refuse(`pair ${a.name} is in use (${hosts} host connection${hosts > 1 ? 's' : ''}): its master cannot change from ${ref(a.master)} to ${ref(b.master)} while hosts use it; detach them, or use pair swap`);
   }
 
   // 3. Add volumes.

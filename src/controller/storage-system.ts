@@ -439,7 +439,8 @@ export class StorageSystem implements AdminTarget {
           nbd: this.nbdAddress,
           ...(this.spec.nbdSocket ? { nbdSocket: this.spec.nbdSocket } : {}),
           admin: this.spec.admin ?? '',
-          ...(c && this.spec.cache ? { cache: { size: this.spec.cache.size, dirtyBytes: c.dirtyBytes, usedBytes: c.usedBytes, hits: c.hits, misses: c.misses } } : {}),
+          ...(c && this.spec.cache ? { cache: { size: this.spec.cache.size, dirtyBytes: c.dirtyBytes, usedBytes: c.usedBytes, hits: c.hits, misses: c.misses, policy: this.cache!.writeThrough ? 'write-through' : 'write-back' } } : {}),
+          peerTimeout: this.spec.peerTimeout ?? 5000,
           ...(this.links.size > 0
             ? { peers: [...this.links.values()].map((l) => ({ ss: l.peer, connected: l.up, ...(l.up || !l.lastError ? {} : { error: l.lastError }) })) }
             : {}),
