@@ -61,7 +61,10 @@ export function registerPairEditCommands(pair: Command): void {
         const node = doc.createNode(entry) as YAMLMap;
         for (const key of ['master', 'mirrors']) (node.get(key, true) as { flow?: boolean }).flow = true;
         for (const m of (node.get('mirrors', true) as unknown as { items: { flow?: boolean }[] }).items) m.flow = true;
-        if (isSeq(pairs)) pairs.add(node);
+        if (isSeq(pairs)) {
+          pairs.flow = false; // `pairs: []` becomes a block list
+          pairs.add(node);
+        }
         else doc.set('pairs', doc.createNode([node]));
       });
     });
