@@ -69,13 +69,14 @@ export async function applyToCluster(config: ClusterConfig, file: string, text: 
     for (const n of plan.notes) notes.add(n);
     live.push({ ep, before });
   }
-  // "storage system 3 is new: start it": not about one that answered (it runs already).
-  for (const n of notes) if (live.some((l) => n.startsWith(`storage system ${l.ep.ss} is new`))) notes.delete(n);
+  // "storage system 3 is new: start it" (for SIGHUP's log): here each one either answered, or has its note above.
+  for (const n of notes) if (/^storage system \d+ is new:/.test(n)) notes.delete(n);
   if (live.length === 0) throw new ApplyError(`no storage system of ${file} answered: start them with blockmirror up -c ${file}`);
   out(changes.size === 0 ? 'no changes' : `plan (${changes.size} change${changes.size === 1 ? '' : 's'}):`);
   for (const c of changes) out(`  ${c}`);
   for (const n of notes) out(`note: ${n}`);
-  if (opts.dryRun || changes.size === 0) return;
+  // With no change, the processes still take the new YAML (a storage system added elsewhere, comments).
+  if (opts.dryRun) return;
 
   // 2. Apply, process by process; a failure gives the ones already changed their YAML back.
   const done: typeof live = [];
@@ -100,7 +101,7 @@ export async function applyToCluster(config: ClusterConfig, file: string, text: 
       throw new ApplyError(`${why}${after}${stuck}`);
     }
   }
-  out(`applied ${changes.size} change${changes.size === 1 ? '' : 's'}`);
+  if (changes.size > 0) out(`applied ${changes.size} change${changes.size === 1 ? '' : 's'}`);
   if (opts.wait) await waitCopied(live.map((l) => l.ep), opts.timeoutMs);
 }
 
