@@ -7,10 +7,13 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { adminFetch } from './helpers/admin.js';
 import { fio } from './helpers/clients.js';
 import { CLI, freePort, run, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
+import { SSProcess, loopbackAddrs, twoSSYaml, writeConfig } from './helpers/remote.js';
 
 const running: RunningCluster[] = [];
+const procs: SSProcess[] = [];
 afterEach(async () => {
   await Promise.all(running.splice(0).map((c) => c.stop('SIGKILL')));
+  await Promise.all(procs.splice(0).map((p) => p.kill()));
 });
 
 interface Ports {
@@ -193,5 +196,41 @@ describe('live reconfiguration with hosts writing', () => {
     expect(c.stderr()).toContain(`SIGHUP: nothing applied: ${file}: storageSystems[0].volumes[0].size: `);
     // Still serving both volumes.
     for (const vol of [5, 9]) expect((await run('nbdinfo', ['--size', uri(p, vol)])).stdout.trim()).toBe(String(16 * 1024 * 1024));
+  });
+
+  it('changes the sync rate, fence level and peerTimeout of a pair across storage systems on both of them, and refuses a change of its layout', { timeout: 120_000 }, async () => {
+    const [a, b] = await loopbackAddrs();
+    const { file, dir } = writeConfig(twoSSYaml(a, b, [{ name: 'pair1', mode: 'sync', vol: 1 }], { peerTimeout: '1s' }));
+    const ss1 = new SSProcess(1, file, a);
+    const ss2 = new SSProcess(2, file, b);
+    procs.push(ss1, ss2);
+    await ss1.start();
+    await ss2.start();
+    await ss1.waitPair('pair1', (p) => p.state === 'PAIR', 'PAIR');
+    // fio writes through the master while the settings change.
+    const job = fio(ss1.uri(1), dir, ['--name=remote', '--rw=randwrite', '--bs=4k', '--iodepth=4', '--size=8M', '--verify=crc32c', '--verify_backlog=64', '--verify_fatal=1', '--time_based', '--runtime=8']);
+    fs.writeFileSync(file, twoSSYaml(a, b, [{ name: 'pair1', mode: 'sync', vol: 1, syncRate: '16MiB', fence: 'data' }], { peerTimeout: '3s' }));
+    const r = await cli('apply', '-c', file);
+    expect(r.stdout).toBe('plan (4 changes):\n  ss1: peerTimeout 1000 ms -> 3000 ms\n  ss1: pair1: syncRate unlimited -> 16MiB/s, fence never -> data\n  ss2: peerTimeout 1000 ms -> 3000 ms\n  ss2: pair1: syncRate unlimited -> 16MiB/s, fence never -> data\napplied 4 changes\n');
+    expect(r.code, r.stderr).toBe(0);
+    for (const ss of [ss1, ss2]) {
+      const st = (await ss.status()) as unknown as { storageSystems: { peerTimeout: number }[]; pairs: { fence: string; syncRate?: number; role: string }[] };
+      expect(st.storageSystems[0]!.peerTimeout).toBe(3000);
+      expect(st.pairs[0]!.fence).toBe('data');
+      // The mirror's side takes the rate too: it uses it once it becomes the master.
+      if (st.pairs[0]!.role === 'master') expect(st.pairs[0]!.syncRate).toBe(16 * 1024 * 1024);
+    }
+    // The layout of a pair across storage systems (here its mode) needs a restart: refused, nothing applied.
+    fs.writeFileSync(file, twoSSYaml(a, b, [{ name: 'pair1', mode: 'async', vol: 1 }], { peerTimeout: '1s' }));
+    const refused = await cli('apply', '-c', file);
+    expect(refused.stderr).toBe('blockmirror: storage system 1: pair pair1 spans storage systems: its mode, copies and autoResync cannot change at run time; restart the storage systems of the pair with the new YAML; nothing was applied\n');
+    expect(refused.code).toBe(1);
+    expect(((await ss1.status()) as unknown as { storageSystems: { peerTimeout: number }[] }).storageSystems[0]!.peerTimeout).toBe(3000);
+    expect((await job)[0]!.error).toBe(0);
+    await ss1.waitPair('pair1', (p) => p.state === 'PAIR' && p.mirrors.every((m) => m.invalidClusters === 0), 'PAIR');
+    await ss1.kill('SIGTERM');
+    await ss2.kill('SIGTERM');
+    const cmp = await run('cmp', [ss1.volumeFile(dir, 1), ss2.volumeFile(dir, 1)]);
+    expect(cmp.code, cmp.stdout).toBe(0);
   });
 });
