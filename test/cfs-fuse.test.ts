@@ -85,7 +85,7 @@ describe('cfs mount', () => {
 
     const client = await c.client();
     expect(await client.check()).toEqual({ consistent: true, problems: [] });
-  }, 90_000);
+  });
 
   it('runs fio with verify on a file in the mount', async () => {
     const { c, mnt } = await mounted();
@@ -99,7 +99,7 @@ describe('cfs mount', () => {
     expect(fs.statSync(path.join(mnt, 'fio.dat')).size).toBe(8 * MiB);
     const client = await c.client();
     expect(await client.check()).toEqual({ consistent: true, problems: [] });
-  }, 120_000);
+  });
 
   it('commits what is open and unmounts cleanly on SIGTERM and on SIGINT', async () => {
     const { c, mnt, mount } = await mounted();
@@ -119,5 +119,5 @@ describe('cfs mount', () => {
     // The mount's opens were all returned.
     const usage = JSON.parse((await c.cli(['usage', '--json'])).stdout) as { pairs: { copies: { opens: number }[] }[] };
     expect(usage.pairs[0]!.copies.every((x) => x.opens === 0)).toBe(true);
-  }, 60_000);
+  });
 });

@@ -13,7 +13,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 let etcd: EtcdCluster;
 beforeAll(async () => {
   etcd = await EtcdCluster.start(3);
-}, 60_000);
+});
 afterAll(async () => {
   await etcd?.stop();
 });
@@ -242,5 +242,5 @@ describe('a gateway with TLS on both sides', () => {
     } finally {
       pki.cleanup();
     }
-  }, 90_000);
+  });
 });

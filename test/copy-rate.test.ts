@@ -149,15 +149,15 @@ pairs:
     );
     const up = await startUp(file, [nbd, admin]);
     try {
-      // 8 MiB for the sync daemon to copy at 1 MiB/s.
-      const w = await run('qemu-io', ['-f', 'raw', `nbd://127.0.0.1:${nbd}/vol1`, '-c', 'write -P 0xab 0 8M']);
+      // 32 MiB for the sync daemon to copy at 1 MiB/s: still copying after the slowest status calls of a loaded machine.
+      const w = await run('qemu-io', ['-f', 'raw', `nbd://127.0.0.1:${nbd}/vol1`, '-c', 'write -P 0xab 0 32M']);
       expect(w.code).toBe(0);
       const mirror = async () => {
         const r = await run(process.execPath, [CLI, 'status', '-c', file, '--json']);
         expect(r.code).toBe(0);
         return (JSON.parse(r.stdout) as ClusterStatus).pairs[0]!.mirrors[0]!;
       };
-      await expect.poll(async () => (await mirror()).copyRate, { timeout: 20_000, interval: 200 }).toBeGreaterThan(0);
+      await expect.poll(async () => (await mirror()).copyRate, { timeout: 60_000, interval: 200 }).toBeGreaterThan(0);
       const m = await mirror();
       expect(m.invalidClusters).toBeGreaterThan(0);
       expect(m.etaSeconds).toBeGreaterThanOrEqual(1);

@@ -56,7 +56,7 @@ cfs:
   );
   up = await startUp(path.join(dir, 'cluster.yaml'), [p.nbd1, p.admin1, p.iscsi, p.nbd2, p.admin2, p.cfs, p.peer2]);
   health = await connect(`nbd://127.0.0.1:${p.nbd1}/vol2`);
-}, 60_000);
+});
 
 afterAll(async () => {
   await health?.close();

@@ -21,7 +21,7 @@ describe('iscsi-test-cu -t ALL --dataloss', () => {
     fs.truncateSync(file, SIZE);
     ours = await startIscsiServe(['--size', '256MiB']);
     tgt = await startTgtd(file);
-  }, 60_000);
+  });
 
   afterAll(async () => {
     await ours?.stop();

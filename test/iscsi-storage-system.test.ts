@@ -38,7 +38,7 @@ pairs:
 `,
     );
     c = await startUp(path.join(dir, 'cluster.yaml'), [nbd, admin, iscsi]);
-  }, 60_000);
+  });
 
   afterAll(async () => {
     await c?.stop();

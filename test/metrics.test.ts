@@ -91,7 +91,7 @@ function value(text: string, series: string): number {
   return Number(line.slice(series.length + 1));
 }
 
-async function until<T>(what: string, probe: () => Promise<T | undefined>, ms = 5000): Promise<T> {
+async function until<T>(what: string, probe: () => Promise<T | undefined>, ms = 20_000): Promise<T> {
   const deadline = Date.now() + ms;
   for (;;) {
     const v = await probe();

@@ -54,7 +54,7 @@ storageSystems:
 `,
   );
   up = await startUp(path.join(dir, 'cluster.yaml'), [port, admin, port2, admin2], ['--log-level', 'info']);
-}, 60_000);
+});
 
 afterAll(async () => {
   await up?.stop();

@@ -43,7 +43,7 @@ describe('pairs across storage systems', () => {
     expect(r.code, r.stdout).toBe(0);
     await ss1.waitPair('pa', inSync, 'in sync', 60_000);
     expect(await sameBytes(ss1.volumeFile(dir, 1), ss2.volumeFile(dir, 1))).toBe(true);
-  }, 90_000);
+  });
 
   it('sync: fio with verify on the master; the mirror holds every acknowledged write', async () => {
     const { dir, ss1, ss2 } = await cluster([{ name: 'ps', mode: 'sync', vol: 2 }]);
@@ -211,7 +211,7 @@ print(len(bad), bad[:5])
     expect(before.subarray(4 * 1024 * 1024, 5 * 1024 * 1024).every((b) => b === 0xbb)).toBe(true);
     expect(await sameBytes(ss1.volumeFile(dir, 1), ss2.volumeFile(dir, 1))).toBe(true);
     expect((await qemuIo(ss1.uri(1), ['write -P 1 0 4k'])).code).not.toBe(0);
-  }, 60_000);
+  });
 
   it('verify compares by checksum, marks and reports differences, and the daemon repairs them', async () => {
     const { dir, file, ss1, ss2 } = await cluster([{ name: 'pa', mode: 'async', vol: 1 }]);

@@ -39,7 +39,7 @@ pairs:
 `,
   );
   [up, browser] = await Promise.all([startUp(file, [nbd, admin, nbd2, admin2], ['--log-level', 'info'], env), chromium.launch({ executablePath: '/usr/bin/chromium', args: ['--no-sandbox'] })]);
-}, 60_000);
+});
 
 afterAll(async () => {
   await browser?.close();

@@ -28,7 +28,7 @@ beforeAll(async () => {
     ssExtra: `    tls: { mode: require, cert: ${server.cert}, key: ${server.key}, verifyClients: true }\n`,
     cfsExtra: '  tokenFile: cfs.token\n  tls: true\n',
   });
-}, 60_000);
+});
 
 afterAll(async () => {
   await c?.stop();

@@ -33,7 +33,7 @@ beforeAll(async () => {
   const w = await qemuIo(ss1.uri(1), ['write -P 0x37 0 1M', 'write -P 0x38 3M 512k']);
   expect(w.code, w.stderr).toBe(0);
   await ss1.waitPair('p', inSync, 'PAIR');
-}, 60_000);
+});
 
 afterAll(async () => {
   await Promise.all([ss1?.kill(), ss2?.kill()]);

@@ -108,5 +108,5 @@ describe('xfer model', () => {
       }),
       { numRuns: 15, endOnFailure: true },
     );
-  }, 120_000);
+  });
 });

@@ -81,7 +81,7 @@ export function spawnProc(args: string[]): Proc {
   };
 }
 
-export async function waitForPort(port: number, p: Proc | undefined, what: string, ms = 20_000): Promise<void> {
+export async function waitForPort(port: number, p: Proc | undefined, what: string, ms = 60_000): Promise<void> {
   const deadline = Date.now() + ms;
   while (Date.now() < deadline) {
     if (p && p.proc.exitCode !== null) throw new Error(`${what} exited with ${p.proc.exitCode}: ${p.stderr()}`);
@@ -149,7 +149,7 @@ ${opts.onDisk ? '  dataDir: meta\n' : ''}${opts.cfsExtra ?? ''}`,
 export async function mountCfs(config: string, dir: string): Promise<Proc> {
   fs.mkdirSync(dir, { recursive: true });
   const p = spawnProc(['cfs', 'mount', '-c', config, dir]);
-  const deadline = Date.now() + 20_000;
+  const deadline = Date.now() + 60_000;
   while (!isMounted(dir)) {
     if (p.proc.exitCode !== null) throw new Error(`cfs mount exited with ${p.proc.exitCode}: ${p.stderr()}`);
     if (Date.now() > deadline) throw new Error(`cfs mount did not mount ${dir}: ${p.stderr()}`);

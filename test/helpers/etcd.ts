@@ -58,7 +58,7 @@ export class EtcdCluster {
   }
 
   /** Every running member answers /health with true. */
-  async waitHealthy(ms = 20_000): Promise<void> {
+  async waitHealthy(ms = 60_000): Promise<void> {
     const deadline = Date.now() + ms;
     for (;;) {
       const ok = await Promise.all(

@@ -90,7 +90,7 @@ export class SSProcess {
 
   async start(): Promise<void> {
     const proc = this.spawnWith([process.execPath, ...this.cliArgs()]);
-    const deadline = Date.now() + 20_000;
+    const deadline = Date.now() + 60_000;
     while (Date.now() < deadline) {
       if (proc.exitCode !== null) throw new Error(`ss${this.id} exited with ${proc.exitCode}: ${this.err}`);
       if ((await canConnect(this.addr.host, this.addr.admin)) && (await canConnect(this.addr.host, this.addr.nbd))) return;
@@ -126,7 +126,7 @@ export class SSProcess {
   }
 
   /** Wait for this storage system's view of the pair to satisfy `ok`. */
-  async waitPair(name: string, ok: (p: PairView) => boolean, what: string, ms = 20_000): Promise<PairView> {
+  async waitPair(name: string, ok: (p: PairView) => boolean, what: string, ms = 60_000): Promise<PairView> {
     const deadline = Date.now() + ms;
     let last: PairView | undefined;
     while (Date.now() < deadline) {

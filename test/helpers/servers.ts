@@ -59,7 +59,7 @@ function stopper(proc: ChildProcess, exited: Promise<number | null>) {
   };
 }
 
-async function waitFor(check: () => Promise<boolean>, what: string, proc: ChildProcess, stderr: () => string, ms = 10_000) {
+async function waitFor(check: () => Promise<boolean>, what: string, proc: ChildProcess, stderr: () => string, ms = 60_000) {
   const deadline = Date.now() + ms;
   while (Date.now() < deadline) {
     if (proc.exitCode !== null) throw new Error(`${what} exited with ${proc.exitCode}: ${stderr()}`);
