@@ -62,6 +62,10 @@ export class ClusterReconfigurer {
   private async applyNow(text: string, opts: { dryRun: boolean }): Promise<ApplyResult> {
     // Relative paths mean what they would mean on a restart: relative to our own file.
     const next = parseConfig(text, this.file, path.dirname(path.resolve(this.file)));
+    // The CFS server and its clients took the pairs' copies at start (docs/cfs.md).
+    if (cfsLayout(this.config) !== cfsLayout(next)) {
+      throw new ReconfigureRefused('the cfs: section and the copies of the pairs it keeps files on cannot change at run time; restart the storage systems with the new YAML');
+    }
     const steps: Step[] = [];
     for (const ss of this.systems) {
       if (!next.storageSystems.some((s) => s.id === ss.spec.id)) {
@@ -92,4 +96,11 @@ export class ClusterReconfigurer {
     if (changes.length > 0) this.log.info({ changes: changes.length }, `configuration applied: ${changes.length} change(s)`);
     return { changes, notes, applied: true };
   }
+}
+
+/** What the CFS depends on: its section, and the copies of its pairs. */
+function cfsLayout(c: ClusterConfig): string {
+  if (!c.cfs) return '';
+  const pairs = c.pairs.filter((p) => c.cfs!.pairs.includes(p.name)).map((p) => [p.name, p.mode, p.master, p.mirrors]);
+  return JSON.stringify([c.cfs, pairs]);
 }

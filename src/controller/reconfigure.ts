@@ -134,7 +134,7 @@ export async function planChanges(ss: StorageSystem, next: StorageSystemSpec): P
   }
   for (const [a, b] of resized) {
     if (pairedNow.has(a.id)) refuse(`volume ${a.id} is in pair ${pairedNow.get(a.id)}: a paired volume cannot be resized at run time`);
-    if (b.size < a.size && (await ss.holdsData(a.id))) refuse(`volume ${a.id} holds data: shrinking it from ${formatSize(a.size)} to ${formatSize(b.size)} would lose data; copy it to a new volume instead`);
+    if (b.size < a.size && (await holdsData(ss, a.id))) refuse(`volume ${a.id} holds data: shrinking it from ${formatSize(a.size)} to ${formatSize(b.size)} would lose data; copy it to a new volume instead`);
     const hosts = ss.hostsOn(a.id);
     if (hosts > 0) refuse(`volume ${a.id} is in use (${hosts} host connection${hosts > 1 ? 's' : ''}): hosts see a volume's size when they attach; detach them before resizing it`);
   }
@@ -278,6 +278,18 @@ function fixedFields(cur: StorageSystemSpec, next: StorageSystemSpec, refuse: (w
   for (const [name, get] of fields) {
     if (JSON.stringify(get(cur) ?? null) !== JSON.stringify(get(next) ?? null)) refuse(`${name} cannot change at run time; restart the storage system (blockmirror up) to change it`);
   }
+}
+
+/** Does the volume hold anything but zeroes (an allocated extent)? Extents may describe less than asked: ask on from where they stop. */
+async function holdsData(ss: StorageSystem, vol: number): Promise<boolean> {
+  const dev = ss.volumeDevice(vol)!;
+  for (let at = 0; at < dev.size; ) {
+    for (const e of await dev.extents(at, dev.size - at)) {
+      if ((e.flags & 2) === 0) return true;
+      at += e.length;
+    }
+  }
+  return false;
 }
 
 /** Resize a volume that is in no pair and has no hosts: a file is truncated or extended; a memory volume is copied. */

@@ -243,22 +243,6 @@ export class StorageSystem implements AdminTarget {
     return this.nbd.connectionsTo(`vol${vol}`) + this.nbd.connectionsTo(currentExportName(vol)) + (this.iscsi ? this.iscsiSessions().length : 0);
   }
 
-  volumeSize(vol: number): number | undefined {
-    return this.volumes.get(vol)?.size;
-  }
-
-  /** Does the volume hold anything but zeroes (an allocated extent)? */
-  async holdsData(vol: number): Promise<boolean> {
-    const v = this.volumes.get(vol)!;
-    for (let at = 0; at < v.size; ) {
-      for (const e of await v.device.extents(at, v.size - at)) {
-        if ((e.flags & 2) === 0) return true;
-        at += e.length;
-      }
-    }
-    return false;
-  }
-
   /** A new simplex volume, exported at once. In memory, or dataDir/vol<ID>.img (kept, with its data, if it exists). */
   async addVolume(entry: VolumeEntry): Promise<void> {
     const { spec } = this;
