@@ -261,6 +261,25 @@ describe('blockmirror apply', () => {
     expect(await exportSize(p, 13)).toBe(8 * MiB);
   });
 
+  it('refuses to change the copies of a pair the CFS keeps files on, and still changes what the CFS does not use', async () => {
+    const p = { nbd: await freePort(), admin: await freePort() };
+    const dir = tmpDir('bm-reconf-cfs-');
+    const file = path.join(dir, 'cluster.yaml');
+    const cfs = `cfs:\n  listen: 127.0.0.1:${await freePort()}\n  dataDir: cfs\n  pairs: [ pair2 ]\n`;
+    const shape = (extra: [number, string][], pairs: string) => `${yaml(p, { volumes: [[5, '16MiB'], [6, '16MiB'], ...extra], pairs })}${cfs}`;
+    fs.writeFileSync(file, shape([], PAIR2));
+    running.push(await startUp(file, [p.nbd, p.admin], ['--no-cfs']));
+    fs.writeFileSync(file, shape([[10, '16MiB']], PAIR2.replace('[ { ss: 1, vol: 6 } ]', '[ { ss: 1, vol: 6 }, { ss: 1, vol: 10 } ]')));
+    const r = await apply(file);
+    expect(r.stderr).toBe('blockmirror: the cfs: section and the copies of the pairs it keeps files on cannot change at run time; restart the storage systems with the new YAML; nothing was applied\n');
+    expect(r.code).toBe(1);
+    expect(await exportSize(p, 10)).toBeUndefined();
+    fs.writeFileSync(file, shape([[10, '16MiB']], PAIR2));
+    const ok = await apply(file);
+    expect(ok.stdout).toBe('plan (1 change):\n  ss1: add volume 10 (16MiB)\napplied 1 change\n');
+    expect(await exportSize(p, 10)).toBe(16 * MiB);
+  });
+
   it('refuses a YAML with a mistake with its line and column, exit code 2', async () => {
     const { p, file } = await start({ volumes: [[5, '16MiB'], [6, '16MiB']], pairs: PAIR2 });
     fs.writeFileSync(file, yaml(p, { volumes: [[5, '16MiB'], [6, '16MiB']], pairs: PAIR2.replace('mode: sync', 'mode: [sync') }));
