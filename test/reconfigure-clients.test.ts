@@ -95,7 +95,7 @@ describe('live reconfiguration with hosts writing', () => {
     await up(file, p);
     await waitFor('PAIR', async () => ((await status(p)).pairs[0]?.state === 'PAIR' ? true : undefined));
     // fio writes unique patterns and reads them back (verify_backlog) for the whole scenario.
-    const job = fio(uri(p, 5), dir, ['--name=reconf', '--rw=randwrite', '--bs=4k', '--iodepth=8', '--size=16M', '--verify=crc32c', '--verify_backlog=128', '--verify_fatal=1', '--time_based', '--runtime=25']);
+    const job = fio(uri(p, 5), dir, ['--name=reconf', '--rw=randwrite', '--bs=4k', '--iodepth=8', '--size=16M', '--verify=crc32c', '--verify_backlog=128', '--verify_fatal=1', '--time_based', '--runtime=45']);
     let fioDone = false;
     void job.then(() => (fioDone = true), () => (fioDone = true));
     const writes = async () => (await status(p)).storageSystems[0]!.volumes.find((v) => v.id === 5)!.writeOps;

@@ -100,7 +100,7 @@ describe('live reconfiguration with etcd', () => {
       await waitFor('storage system 2 in etcd', async () => ((await dump(file)).storageSystems.some((s) => s.id === 2) ? true : undefined));
 
       // fio writes and verifies through the master while the logical volume gains a mirror.
-      const job = fio(ss1.uri(1), dir, ['--name=lv', '--rw=randwrite', '--bs=4k', '--iodepth=8', '--size=16M', '--verify=crc32c', '--verify_backlog=128', '--verify_fatal=1', '--time_based', '--runtime=20']);
+      const job = fio(ss1.uri(1), dir, ['--name=lv', '--rw=randwrite', '--bs=4k', '--iodepth=8', '--size=16M', '--verify=crc32c', '--verify_backlog=128', '--verify_fatal=1', '--time_based', '--runtime=40']);
       let fioDone = false;
       void job.then(() => (fioDone = true), () => (fioDone = true));
       fs.writeFileSync(file, yaml(prefix, { systems: [[a, [1, 2, 3]], [b, [1]]], mirrors: [2, 3], rate: '4MiB' }));
