@@ -32,6 +32,14 @@ export function parseOnly(text: string): number[] {
 }
 
 async function up(opts: { config: string; only?: string; cfs?: boolean }, log: Logger): Promise<void> {
+  // From the first moment: a SIGHUP while starting (its default would end the process) is kept
+  // and applied once the storage systems are up.
+  let onHup: (() => void) | null = null;
+  let hupWaiting = false;
+  process.on('SIGHUP', () => {
+    if (onHup) onHup();
+    else hupWaiting = true;
+  });
   // Loaded here, not at the top: `serve` and `--help` need none of the controller, fastify or the YAML stack.
   const [{ startAdminServer }, { ConfigError, loadConfig }, { ClusterError, selectIds, startStorageSystems }, { clientAdminToken, serverAdminToken }] = await Promise.all([
     import('../admin/server.js'),
@@ -106,13 +114,14 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
     log.info({ ss: systems[i]!.spec.id, nbd: systems[i]!.nbdAddr, admin: admins[i]!.address }, `storage system ${systems[i]!.spec.id} up`);
   }
   const r = reconfigurer!;
-  process.on('SIGHUP', () => {
+  onHup = () => {
     log.info(`SIGHUP: reading ${opts.config} again`);
     r.apply(undefined, { dryRun: false }).then(
       (res) => log.info({ changes: res.changes, notes: res.notes }, res.changes.length ? `SIGHUP: applied ${res.changes.length} change(s)` : 'SIGHUP: no changes'),
       (e: Error) => log.error({ err: e.message }, `SIGHUP: nothing applied: ${e.message}`),
     );
-  });
+  };
+  if (hupWaiting) onHup();
   await runUntilSignal(log, async () => {
     await agent?.close();
     await cfsServer?.close();
