@@ -54,6 +54,14 @@ describe('--help', () => {
     }
   });
 
+  it('shows apply and pair create with their examples', async () => {
+    const program = await buildProgram();
+    const find = (p: string) => allCommands(program).find((c) => commandPath(c) === p)!;
+    expect(helpOf(find('apply'))).toMatch(/\n\nExamples:\n {2}blockmirror apply -c config\/demo\.yaml --dry-run {4}# print what would change\n/);
+    expect(helpOf(find('pair create'))).toContain('\n\nExample:\n  blockmirror pair create pair3 -c config/demo.yaml --master 1:9 --mirror 1:10 --mode sync --wait\n');
+    expect(helpOf(find('pair delete'))).toContain('\n\nExample:\n  blockmirror pair delete pair3 -c config/demo.yaml\n');
+  });
+
   it('is printed by the real CLI with the example, exit code 0', async () => {
     const r = await run(process.execPath, [CLI, 'fault', 'clear', '--help']);
     expect(r.stdout).toMatch(/\n\nExample:\n {2}blockmirror fault clear -c config\/demo\.yaml 1:7\n$/);
@@ -123,6 +131,9 @@ describe('blockmirror completion bash', () => {
   it('completes commands, subcommands, options and option values in bash', async () => {
     expect(await complete('blockmirror s')).toEqual(['serve', 'status', 'svol']);
     expect(await complete('blockmirror pair s')).toEqual(['split', 'swap']);
+    expect(await complete('blockmirror pair c')).toEqual(['create']);
+    expect((await complete('blockmirror apply --')).sort()).toEqual(['--config', '--dry-run', '--help', '--timeout', '--wait']);
+    expect((await complete('blockmirror pair create pair3 --m')).sort()).toEqual(['--master', '--mirror', '--mode']);
     expect(await complete('blockmirror -c x.yaml pair split pair1 --t')).toEqual(['--timeout']);
     expect((await complete('blockmirror cfs m')).sort()).toEqual(['mkdir', 'mount', 'mv']);
     expect(await complete('blockmirror --log-level d')).toEqual(['debug']);

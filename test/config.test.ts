@@ -109,7 +109,7 @@ describe('unknown keys', () => {
   it('refuses unknown keys in a storage system, a volume, a cache and a volume reference', () => {
     refuse((c) => (c.storageSystems[1].port = 1), 'storageSystems[1].port', 'unknown key (expected one of: id, nbd, nbdSocket, admin, peer, dataDir, cache, volumes, iscsi, iscsiTarget, iscsiChapFile, iscsiAllow, tls, allow, svolGroups)');
     refuse((c) => (c.storageSystems[0].volumes[2].name = 'x'), 'storageSystems[0].volumes[2].name', 'unknown key');
-    refuse((c) => (c.storageSystems[0].cache = { size: '1MiB', policy: 'lru' }), 'storageSystems[0].cache.policy', 'unknown key');
+    refuse((c) => (c.storageSystems[0].cache = { size: '1MiB', evict: 'lru' }), 'storageSystems[0].cache.evict', 'unknown key');
     refuse((c) => (c.pairs[0].master.volume = 8), 'pairs[0].master.volume', 'unknown key');
   });
 });
@@ -169,8 +169,9 @@ describe('sizes', () => {
     }
   });
 
-  it('refuses a zero cache and a bad syncRate', () => {
+  it('refuses a zero cache, a cache policy it does not know and a bad syncRate', () => {
     refuse((c) => (c.storageSystems[0].cache = { size: 0 }), 'storageSystems[0].cache.size', 'a cache size must be greater than 0');
+    refuse((c) => (c.storageSystems[0].cache = { size: '1MiB', policy: 'lru' }), 'storageSystems[0].cache.policy', 'expected write-back or write-through, got "lru"');
     refuse((c) => (c.pairs[0].syncRate = 'fast'), 'pairs[0].syncRate', 'invalid size "fast"');
     refuse((c) => (c.pairs[0].syncRate = 0), 'pairs[0].syncRate', 'syncRate must be greater than 0');
   });
@@ -184,7 +185,7 @@ describe('sizes', () => {
     });
     expect(cfg.clusterSize).toBe(4096);
     expect(cfg.storageSystems[0]!.volumes[2]).toEqual({ id: 9, size: 512 });
-    expect(cfg.storageSystems[0]!.cache).toEqual({ size: MiB });
+    expect(cfg.storageSystems[0]!.cache).toEqual({ size: MiB, policy: 'write-back' });
     expect(cfg.pairs[0]!.syncRate).toBe(100 * MiB);
   });
 });

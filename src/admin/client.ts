@@ -116,6 +116,29 @@ export async function svolCommand(addr: AdminEndpoint | string, name: string, co
   return body.group as unknown as SvolGroupStatus;
 }
 
+/** What POST /api/config answers (cluster/reconfigure.ts). */
+export interface ApplyReply {
+  changes: string[];
+  notes: string[];
+  applied: boolean;
+}
+
+/** GET /api/config: the YAML the storage system's process runs now. */
+export async function getConfig(addr: AdminEndpoint | string, timeoutMs: number): Promise<string> {
+  const ep = toEndpoint(addr);
+  const body = await request(ep, 'GET', '/api/config', timeoutMs, 'config: ');
+  if (!isObject(body) || typeof body.yaml !== 'string') throw new AdminReplyError(`config: ${describe(ep)} sent a reply without the YAML`, 200);
+  return body.yaml;
+}
+
+/** POST /api/config: plan (dryRun) or apply a YAML on the storage system's process. */
+export async function applyConfig(addr: AdminEndpoint | string, yaml: string, dryRun: boolean, timeoutMs: number): Promise<ApplyReply> {
+  const ep = toEndpoint(addr);
+  const body = await request(ep, 'POST', '/api/config', timeoutMs, '', { yaml, dryRun });
+  if (!isObject(body) || !Array.isArray(body.changes) || !Array.isArray(body.notes)) throw new AdminReplyError(`apply: ${describe(ep)} sent a reply without the list of changes`, 200);
+  return body as unknown as ApplyReply;
+}
+
 /** GET /api/faults. */
 export async function listFaults(addr: AdminEndpoint | string, timeoutMs: number): Promise<FaultStatus[]> {
   const ep = toEndpoint(addr);

@@ -14,6 +14,8 @@
 //   GET  /api/svol/:name          SvolGroupStatus              404 unknown group
 //   POST /api/svol/:name/init|split|resync|restore|attr|verify  { group: SvolGroupStatus }
 //                                 body { member?, attr? }      404 unknown group or member, 409 refused
+//   GET  /api/config              { yaml }                      live reconfiguration (config-routes.ts)
+//   POST /api/config              body { yaml, dryRun? }       { changes, notes, applied }  400, 409 refused, 500 undone
 //   GET  /healthz                 { ok: true }
 //   GET  /metrics                 Prometheus text format       (metrics.ts)
 //   GET  /, /api/cluster, /api/events, /api/pairs/:name/bitmap  the dashboard (dashboard.ts)
@@ -34,6 +36,7 @@ import type { Logger } from 'pino';
 import { sameSecret } from '../util/secrets.js';
 import { FaultRequestSchema } from '../controller/fault-table.js';
 import { PairCommandError, type AdminTarget, type PairCommandErrorKind, type PairStatus } from '../controller/status.js';
+import { registerConfigRoutes, type ConfigHandler } from './config-routes.js';
 import { registerDashboard, type AdminPeer } from './dashboard.js';
 import { registerMetrics } from './metrics.js';
 import type { EtcdView } from '../cluster/etcd/view.js';
@@ -49,6 +52,8 @@ export interface AdminServerOptions {
   https?: { cert: Buffer; key: Buffer };
   /** With etcd: the cluster tables as this process sees them, for the dashboard (docs/cluster.md). */
   etcd?: () => EtcdView;
+  /** Live reconfiguration (`up` only): GET/POST /api/config. */
+  config?: ConfigHandler;
 }
 
 export interface AdminAuth {
@@ -84,7 +89,7 @@ interface NameParams {
 
 export async function startAdminServer(target: AdminTarget, opts: AdminServerOptions): Promise<AdminServer> {
   const log = opts.log;
-  const app = buildApp(target, log, { ...(opts.peers ? { peers: opts.peers } : {}), ...(opts.auth ? { auth: opts.auth } : {}), ...(opts.https ? { https: opts.https } : {}), ...(opts.etcd ? { etcd: opts.etcd } : {}) });
+  const app = buildApp(target, log, { ...(opts.peers ? { peers: opts.peers } : {}), ...(opts.auth ? { auth: opts.auth } : {}), ...(opts.https ? { https: opts.https } : {}), ...(opts.etcd ? { etcd: opts.etcd } : {}), ...(opts.config ? { config: opts.config } : {}) });
   try {
     await app.listen({ host: opts.host, port: opts.port });
   } catch (e) {
@@ -103,7 +108,7 @@ export async function startAdminServer(target: AdminTarget, opts: AdminServerOpt
 }
 
 /** The fastify instance without a listener; tests may `inject()` into it. */
-export function buildApp(target: AdminTarget, log: Logger, opts: Pick<AdminServerOptions, 'peers' | 'auth' | 'https' | 'etcd'> = {}): FastifyInstance {
+export function buildApp(target: AdminTarget, log: Logger, opts: Pick<AdminServerOptions, 'peers' | 'auth' | 'https' | 'etcd' | 'config'> = {}): FastifyInstance {
   const app = Fastify({
     ...(opts.https ? { https: { cert: opts.https.cert, key: opts.https.key, minVersion: 'TLSv1.2' as const } } : {}),
     // Our own logger does the request lines, at debug: an admin poll every
@@ -240,6 +245,7 @@ export function buildApp(target: AdminTarget, log: Logger, opts: Pick<AdminServe
     });
   }
 
+  registerConfigRoutes(app, opts.config);
   registerMetrics(app, target, route);
   registerDashboard(app, target, { peers: opts.peers ?? [], route, log, ...(opts.etcd ? { etcd: opts.etcd } : {}) });
 

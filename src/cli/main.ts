@@ -13,6 +13,7 @@ const MODULES: { names: string[]; load: () => Promise<Register> }[] = [
   { names: ['serve'], load: async () => (await import('./serve.js')).serveCommand },
   { names: ['up'], load: async () => (await import('./up.js')).registerUpCommand },
   { names: ['status'], load: async () => (await import('./status.js')).registerStatusCommand },
+  { names: ['apply'], load: async () => (await import('./apply.js')).registerApplyCommand },
   { names: ['pair'], load: async () => (await import('./pair.js')).registerPairCommand },
   { names: ['cfs'], load: async () => (await import('./cfs.js')).registerCfsCommand },
   { names: ['fault'], load: async () => (await import('./fault.js')).registerFaultCommand },

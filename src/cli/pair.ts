@@ -13,6 +13,7 @@ import { followVerify, resyncAndWait, resyncLine, resyncSucceeded } from './pair
 import type { ClusterConfig } from '../cluster/config.js';
 import { reportRank, type PairStatus } from '../controller/status.js';
 import { UsageError } from './errors.js';
+import { registerPairEditCommands } from './pair-edit.js';
 import { adminEndpoint, loadConfigOrUsage, parseTimeout } from './status.js';
 
 export const DEFAULT_PAIR_TIMEOUT_MS = 10_000;
@@ -37,15 +38,16 @@ const COMMANDS: { command: PairCommand; description: string }[] = [
 export function registerPairCommand(program: Command): void {
   const pair = program
     .command('pair')
-    .description('split, resync, verify, swap or take over a mirrored pair')
+    .description('create, delete, split, resync, verify, swap or take over a mirrored pair')
     // Without this, a missing or mistyped subcommand ends in commander's help text and exit code 1.
     .argument('[command]')
     .allowExcessArguments()
-    .usage('split|resync|verify|swap|takeover <name> -c <file>')
+    .usage('create|delete|split|resync|verify|swap|takeover <name> -c <file>')
     .action((sub: string | undefined) => {
-      const expected = COMMANDS.map((c) => c.command).join(', ');
+      const expected = ['create', 'delete', ...COMMANDS.map((c) => c.command)].join(', ');
       throw new UsageError(sub === undefined ? `pair: missing command (${expected})` : `pair: unknown command "${sub}" (expected ${expected})`);
     });
+  registerPairEditCommands(pair);
   for (const { command, description } of COMMANDS) {
     const sub = pair
       .command(`${command} <name>`)

@@ -1,5 +1,7 @@
 // `blockmirror up -c FILE [--only IDS]`: start the storage systems of a YAML
 // file, each with its NBD exports and its admin API, until SIGTERM/SIGINT.
+// SIGHUP reads FILE again and applies what changed (cluster/reconfigure.ts), as
+// `blockmirror apply` does through the admin API.
 import type { Command } from 'commander';
 import type { Logger } from 'pino';
 import type { AdminServer } from '../admin/server.js';
@@ -31,6 +33,14 @@ export function parseOnly(text: string): number[] {
 }
 
 async function up(opts: { config: string; only?: string; cfs?: boolean }, log: Logger): Promise<void> {
+  // From the first moment: a SIGHUP while starting (its default would end the process) is kept
+  // and applied once the storage systems are up.
+  let onHup: (() => void) | null = null;
+  let hupWaiting = false;
+  process.on('SIGHUP', () => {
+    if (onHup) onHup();
+    else hupWaiting = true;
+  });
   // Loaded here, not at the top: `serve` and `--help` need none of the controller, fastify or the YAML stack.
   const [{ startAdminServer }, { ConfigError, loadConfig }, { ClusterError, selectIds, startStorageSystems }, { clientAdminToken, serverAdminToken }] = await Promise.all([
     import('../admin/server.js'),
@@ -44,6 +54,7 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
   let agent: ClusterAgent | undefined;
   let config: ClusterConfig | undefined;
   let ids: number[] = [];
+  let reconfigurer: import('../cluster/reconfigure.js').ClusterReconfigurer | undefined;
   try {
     const cfg = loadConfig(opts.config);
     config = cfg;
@@ -70,6 +81,9 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
     });
     const sec = config.security;
     const { adminClientCa, adminServerTls } = await import('../cluster/credentials.js');
+    const { ClusterReconfigurer } = await import('../cluster/reconfigure.js');
+    const ag = agent;
+    reconfigurer = new ClusterReconfigurer(cfg, opts.config, systems, log, async (next) => ag?.reconfigured(next));
     const ca = adminClientCa(cfg);
     const peersTls = ca ? peers.map((p) => ({ ...p, ca })) : peers;
     for (const ss of systems) {
@@ -77,7 +91,7 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
       const auth = { token: tokens.get(ss.spec.id)!, readOpen: sec.adminReadOpen, hosts: sec.adminHosts };
       const https = adminServerTls(cfg, ss.spec.id);
       const etcd = agent ? { etcd: agent.view.bind(agent) } : {};
-      admins.push(await startAdminServer(ss, { host: a.host, port: a.port, log: log.child({ ss: ss.spec.id }), peers: peersTls, auth, ...(https ? { https } : {}), ...etcd }));
+      admins.push(await startAdminServer(ss, { host: a.host, port: a.port, log: log.child({ ss: ss.spec.id }), peers: peersTls, auth, config: reconfigurer, ...(https ? { https } : {}), ...etcd }));
     }
     // The CFS server (docs/cfs.md) runs in the process of the storage system cfs.ss names.
     if (config.cfs && opts.cfs !== false && ids.includes(config.cfs.ss)) {
@@ -101,6 +115,15 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
   for (let i = 0; i < systems.length; i++) {
     log.info({ ss: systems[i]!.spec.id, nbd: systems[i]!.nbdAddr, admin: admins[i]!.address }, `storage system ${systems[i]!.spec.id} up`);
   }
+  const r = reconfigurer!;
+  onHup = () => {
+    log.info(`SIGHUP: reading ${opts.config} again`);
+    r.apply(undefined, { dryRun: false }).then(
+      (res) => log.info({ changes: res.changes, notes: res.notes }, res.changes.length ? `SIGHUP: applied ${res.changes.length} change(s)` : 'SIGHUP: no changes'),
+      (e: Error) => log.error({ err: e.message }, `SIGHUP: nothing applied: ${e.message}`),
+    );
+  };
+  if (hupWaiting) onHup();
   await runUntilSignal(log, async () => {
     await agent?.close();
     await cfsServer?.close();

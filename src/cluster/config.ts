@@ -88,7 +88,7 @@ export interface StorageSystemConfig {
   peer?: HostPort;
   /** Absolute, resolved against the YAML file's directory; absent means volumes live in memory. */
   dataDir?: string;
-  cache?: { size: number };
+  cache?: CacheConfig;
   volumes: VolumeConfig[];
   iscsi?: IscsiConfig;
   tls?: TlsConfig;
@@ -97,6 +97,14 @@ export interface StorageSystemConfig {
   /** P-VOLs with their groups of S-VOLs (docs/svol.md, config-svol.ts). */
   svolGroups?: SvolGroupConfig[];
 }
+
+/** A storage system's cache memory; `policy` may change at run time (`blockmirror apply`). */
+export interface CacheConfig {
+  size: number;
+  policy: CachePolicy;
+}
+
+export type CachePolicy = 'write-back' | 'write-through';
 
 export interface PairConfig {
   name: string;
@@ -410,7 +418,8 @@ export const SecuritySchema = mapping({
   adminTls: bool.optional(),
   client: mapping({ cert: filePath, key: filePath }).optional(),
 });
-export const CacheSchema = mapping({ size: cacheSize });
+export const cachePolicy = leaf((v): CachePolicy => (v === 'write-back' || v === 'write-through' ? v : fail(`expected write-back or write-through, got ${show(v)}`)));
+export const CacheSchema = mapping({ size: cacheSize, policy: cachePolicy.optional() });
 // `svolGroups:` (docs/svol.md); the cross-checks are in config-svol.ts.
 export const svolAttr = leaf((v): SvolAttr => (v === 'RO' || v === 'RW' || v === 'spare' ? v : fail(`expected RO, RW or spare, got ${show(v)}`)));
 export const SvolMemberSchema = mapping({ vol: id, attr: svolAttr, logicalId: id.optional(), increments: id.optional() });
@@ -580,7 +589,7 @@ export function build(p: Parsed, source: string, baseDir: string, problems: RawP
     } else if (ss.iscsiTarget !== undefined || ss.iscsiChapFile !== undefined || ss.iscsiAllow !== undefined) {
       problems.push({ path: ['storageSystems', i, 'iscsi'], message: 'iscsiTarget, iscsiChapFile and iscsiAllow need iscsi: HOST:PORT on the same storage system' });
     }
-    if (ss.cache !== undefined) out.cache = { size: ss.cache.size };
+    if (ss.cache !== undefined) out.cache = { size: ss.cache.size, policy: ss.cache.policy ?? 'write-back' };
     if (ss.allow !== undefined) out.allow = ss.allow;
     if (ss.svolGroups !== undefined) {
       out.svolGroups = ss.svolGroups.map((g) => ({

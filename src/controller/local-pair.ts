@@ -4,9 +4,10 @@
 import path from 'node:path';
 import type { Logger } from 'pino';
 import type { BlockDevice } from '../blockdev/types.js';
-import { FileBitmapStore, MemoryBitmapStore, type BitmapStore } from './bitmap-store.js';
+import fs from 'node:fs';
+import { FileBitmapStore, MemoryBitmapStore, markRuns, type BitmapStore } from './bitmap-store.js';
 import { bitmapOf } from './pair-bitmap.js';
-import { Pair, PairStateError, type PairSpec } from './pair.js';
+import { Pair, PairStateError, type FenceLevel, type PairSpec } from './pair.js';
 import type { PairController } from './pair-controller.js';
 import { readPairState, savePairState } from './pair-files.js';
 import { PairCommandError, type PairBitmap, type PairStatus } from './status.js';
@@ -22,7 +23,14 @@ export interface LocalPairContext {
   /** dataDir/pairs, or undefined for a storage system in memory. */
   dir: string | undefined;
   log: Logger;
+  /**
+   * Live reconfiguration: the bits to start from, per mirror ("ss:vol" -> bitset; a mirror not
+   * listed is all Invalid, a full copy). The bitmap file is made anew with this geometry.
+   */
+  seed?: Map<string, Uint8Array>;
 }
+
+export const mirrorKey = (ref: { ss: number; vol: number }): string => `${ref.ss}:${ref.vol}`;
 
 export class LocalPair implements PairController {
   readonly name: string;
@@ -48,11 +56,13 @@ export class LocalPair implements PairController {
     const clusters = Math.ceil(master.device.size / ctx.clusterSize);
     let store: BitmapStore;
     let loaded: Uint8Array[] | null = null;
+    if (ctx.dir && ctx.seed) fs.rmSync(this.bitmapFile!, { force: true });
     if (ctx.dir) {
-      const opened = await FileBitmapStore.open(path.join(ctx.dir, `${spec.name}.bitmap`), { clusterSize: ctx.clusterSize, clusters, mirrors: mirrors.length }, ctx.log);
+      const opened = await FileBitmapStore.open(this.bitmapFile!, { clusterSize: ctx.clusterSize, clusters, mirrors: mirrors.length }, ctx.log);
       store = opened.store;
       loaded = opened.loaded;
     } else store = new MemoryBitmapStore(clusters, mirrors.length);
+    if (ctx.seed) loaded = await seedStore(store, spec, ctx.seed, clusters);
     const statePath = ctx.dir ? path.join(ctx.dir, `${spec.name}.state.json`) : undefined;
     this.pair = new Pair({
       name: spec.name,
@@ -76,6 +86,28 @@ export class LocalPair implements PairController {
     this.hosts.set(spec.master.vol, this.pair.masterDevice());
     spec.mirrors.forEach((m, i) => this.hosts.set(m.vol, this.pair.mirrorDevice(i)));
     ctx.log.info({ pair: spec.name, mode: spec.mode, state: this.pair.state, invalid: this.pair.mirrors.map((m) => m.bitmap.invalidCount) }, 'pair ready');
+  }
+
+  private get bitmapFile(): string | undefined {
+    return this.ctx.dir ? path.join(this.ctx.dir, `${this.spec.name}.bitmap`) : undefined;
+  }
+
+  /** Each mirror's Invalid clusters now ("ss:vol" -> a copy of its bitset): the seed of the pair that replaces this one. */
+  bits(): Map<string, Uint8Array> {
+    return new Map(this.pair.mirrors.map((m) => [mirrorKey(m.ref), m.bitmap.bits.slice()]));
+  }
+
+  /** Sync rate and fence level, at run time. */
+  configure(o: { syncRate: number | undefined; fence: FenceLevel }): void {
+    this.pair.syncRate = o.syncRate;
+    this.pair.fence = o.fence;
+    this.ctx.daemon.wake();
+  }
+
+  /** The pair is deleted: its bitmap and state records go too (a new pair of that name starts afresh). */
+  removeFiles(): void {
+    if (!this.ctx.dir) return;
+    for (const f of [this.bitmapFile!, path.join(this.ctx.dir, `${this.spec.name}.state.json`)]) fs.rmSync(f, { force: true });
   }
 
   hostDevice(vol: number): BlockDevice {
@@ -127,7 +159,28 @@ export class LocalPair implements PairController {
   }
 
   async close(): Promise<void> {
-    this.ctx.daemon.remove(this.pair);
+    // Wait for the daemon's copies: a replacing pair must not see a late write to a mirror.
+    await this.ctx.daemon.forget(this.pair);
     await this.pair.close();
   }
+}
+
+/** Persist the seed's bits in a fresh store and return them as the pair's loaded bits. */
+async function seedStore(store: BitmapStore, spec: PairSpec, seed: Map<string, Uint8Array>, clusters: number): Promise<Uint8Array[]> {
+  const bytes = Math.ceil(clusters / 8);
+  const out: Uint8Array[] = [];
+  for (let m = 0; m < spec.mirrors.length; m++) {
+    const given = seed.get(mirrorKey(spec.mirrors[m]!));
+    const img = new Uint8Array(bytes);
+    if (given && given.length === bytes) img.set(given);
+    else {
+      img.fill(0xff);
+      if (clusters & 7) img[bytes - 1] = (1 << (clusters & 7)) - 1;
+    }
+    const set: number[] = [];
+    for (let c = 0; c < clusters; c++) if (img[c >>> 3]! & (1 << (c & 7))) set.push(c);
+    await markRuns(store, m, set);
+    out.push(img);
+  }
+  return out;
 }

@@ -12,6 +12,7 @@
 //
 // Refusals are PairCommandError (status.ts); the admin layer maps their kind to HTTP.
 import type { BlockDevice } from '../blockdev/types.js';
+import type { FenceLevel } from './pair.js';
 import type { PairBitmap, PairStatus, VolumeRole } from './status.js';
 
 export interface TakeoverOptions {
@@ -54,6 +55,8 @@ export interface PairController {
    * master to us in `epoch`) skips that check: the old master has fenced itself.
    */
   takeover(opts?: TakeoverOptions): Promise<void>;
+  /** Change the sync rate and the fence level at run time (`blockmirror apply`). */
+  configure(o: { syncRate: number | undefined; fence: FenceLevel }): void;
   /** Graceful stop: finish, persist, end sessions. Does not close the volumes. */
   close(): Promise<void>;
 }

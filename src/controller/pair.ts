@@ -123,8 +123,10 @@ export class Pair {
   readonly size: number;
   readonly master: { ref: VolRef; device: BlockDevice };
   readonly mirrors: MirrorLink[];
-  readonly syncRate: number | undefined;
-  readonly fence: FenceLevel;
+  /** Changed at run time by `blockmirror apply` (the daemon reads it for every run). */
+  syncRate: number | undefined;
+  /** Changed at run time by `blockmirror apply`; a write reads it once it is past the gate. */
+  fence: FenceLevel;
   readonly store: BitmapStore;
   verifyProgress: VerifyProgress | undefined;
   private readonly gen: Uint32Array;

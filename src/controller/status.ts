@@ -34,7 +34,9 @@ export interface StorageSystemStatus {
   nbd: string;
   nbdSocket?: string;
   admin: string;
-  cache?: { size: number; dirtyBytes: number; usedBytes: number; hits: number; misses: number };
+  cache?: { size: number; dirtyBytes: number; usedBytes: number; hits: number; misses: number; policy?: 'write-back' | 'write-through' };
+  /** How long a silent peer storage system is given, ms (changes at run time with `blockmirror apply`). */
+  peerTimeout?: number;
   /** Replication links to the storage systems this one shares pairs with. */
   peers?: PeerStatus[];
   /** Faults injected now (fault-table.ts), if any. */

@@ -31,7 +31,7 @@ import {
   type LinkFault,
 } from './fault-table.js';
 import { CurrentCopyDevice, currentExportName } from './current-copy.js';
-import { LocalPair } from './local-pair.js';
+import { LocalPair, type LocalPairContext } from './local-pair.js';
 import type { PairSpec } from './pair.js';
 import type { PairController } from './pair-controller.js';
 import { PeerLink, PeerServer, type PeerTls } from './peer/link.js';
@@ -45,6 +45,14 @@ import { LogicalVolume, PvolVolume } from './svol/logical-volume.js';
 import type { SvolGroupStatus } from './svol/status.js';
 import { PROTOCOLS, totalCounters } from './volume-stats.js';
 import { buildHostStack, closeVolumeStack, frontDevices, openVolumeStack, type FrontDevices, type VolumeStack } from './volume-stack.js';
+import type { BlockDevice } from '../blockdev/types.js';
+
+export interface VolumeEntry {
+  id: number;
+  size: number;
+  iscsiTarget?: string;
+  allow?: string[];
+}
 
 export interface StorageSystemSpec {
   id: number;
@@ -54,8 +62,8 @@ export interface StorageSystemSpec {
   admin?: string;
   /** Absolute; omitted -> volumes in memory. */
   dataDir?: string;
-  cache?: { size: number };
-  volumes: { id: number; size: number; iscsiTarget?: string; allow?: string[] }[];
+  cache?: { size: number; policy?: 'write-back' | 'write-through' };
+  volumes: VolumeEntry[];
   /** NBD STARTTLS on the host-facing listener (credentials already read). */
   tls?: ServerTls;
   /** Who may attach the NBD exports, unless a volume has its own list. */
@@ -123,7 +131,8 @@ export class StorageSystem implements AdminTarget {
   private throughputTimer: NodeJS.Timeout | undefined;
 
   private constructor(
-    readonly spec: StorageSystemSpec,
+    /** As started, then as last reconfigured (reconfigure.ts). */
+    public spec: StorageSystemSpec,
     private readonly log: Logger,
   ) {
     this.nbd = new NbdServer({ exports: new ExportTable(), log, ...(spec.tls ? { tls: spec.tls } : {}) });
@@ -152,12 +161,13 @@ export class StorageSystem implements AdminTarget {
     const dir = spec.dataDir ? path.join(spec.dataDir, 'pairs') : undefined;
     if (dir) fs.mkdirSync(dir, { recursive: true });
     if (spec.cache) this.cache = new CacheMemory({ size: spec.cache.size, log: this.log });
+    if (this.cache) this.cache.writeThrough = spec.cache?.policy === 'write-through';
 
     // The volume stacks (volume-stack.ts): bottom halves first, as the pairs write through them.
     for (const v of spec.volumes) this.volumes.set(v.id, await openVolumeStack(spec.id, v, { ...(spec.dataDir ? { dataDir: spec.dataDir } : {}), ...(this.cache ? { cache: this.cache } : {}) }));
     const views = new Map([...this.volumes.values()].map((v) => [v.id, { device: v.device, createdEmpty: v.createdEmpty }]));
 
-    for (const p of spec.pairs) this.addPair(new LocalPair(p, { self: spec.id, clusterSize: spec.clusterSize, volumes: views, daemon: this.daemon, dir, log: this.log }));
+    for (const p of spec.pairs) this.addPair(new LocalPair(p, this.localPairContext(views, dir)));
     for (const p of this.openLinks()) this.addPair(p);
     for (const p of this.pairs.values()) await p.open();
     // S-VOL groups: members are reached only through their logical IDs, never as vol<physical>.
@@ -181,25 +191,15 @@ export class StorageSystem implements AdminTarget {
 
     for (const v of this.volumes.values()) {
       const pair = this.pairOf.get(v.id);
-      // A guard layer only where the cluster layer fences (etcd): none on the YAML-only path.
-      const hostGuard = this.hostGuard;
-      const guard = pair && hostGuard ? () => (pair.roleOf(v.id) === 'master' ? hostGuard(pair, v.id) : null) : undefined;
       // NBD's top of the stack; iSCSI takes its own (listen()), over the same layers and range locks.
-      const host = buildHostStack(v, pair?.hostDevice(v.id) ?? pvolLayer.get(v.id), guard).nbd;
+      const host = buildHostStack(v, pair?.hostDevice(v.id) ?? pvolLayer.get(v.id), this.guardOf(v.id)).nbd;
       if (hidden.has(v.id)) continue;
-      const pvolOf = [...this.svolGroups.values()].find((g) => g.spec.pvol === v.id);
-      const description = pair ? `${pair.roleOf(v.id)} of ${pair.name}` : pvolOf ? `P-VOL of S-VOL group ${pvolOf.name}` : 'simplex volume';
       // The other storage systems of a pair across systems read this volume over the peer channel (a mirror's Invalid clusters).
       if (pair instanceof RemotePair) {
         const members = pair.copies.filter((c) => c.ss !== spec.id).map((c) => `ss${c.ss}`);
         this.peerExports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id} for the peers of ${pair.name}`, device: host, readOnly: true, hidden: true, allow: new AllowList(members) });
       }
-      const allow = spec.volumes.find((x) => x.id === v.id)?.allow ?? spec.allow;
-      const acl = allow?.length ? { allow: new AllowList(allow) } : {};
-      this.nbd.exports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id}: ${description}`, device: host, readOnly: false, ...acl });
-      // The CFS data path reads through this one: it fails rather than serve a copy that is not current.
-      const current = pair ? new CurrentCopyDevice(host, () => pair.staleReason(v.id)) : host;
-      this.nbd.exports.add({ name: currentExportName(v.id), description: `SS${spec.id} vol${v.id}, current data only`, device: current, readOnly: false, hidden: true, ...acl });
+      this.exportVolume(v);
     }
     for (const [id, { nbd: host }] of this.logicalHosts) {
       const group = [...this.svolGroups.values()].find((g) => g.logicalIds.includes(id))!;
@@ -207,6 +207,137 @@ export class StorageSystem implements AdminTarget {
       this.nbd.exports.add({ name: `vol${id}`, description: `SS${spec.id} vol${id}: logical S-VOL of group ${group.name}`, device: host, readOnly: false, ...(allow?.length ? { allow: new AllowList(allow) } : {}) });
     }
     for (const f of spec.faults ?? []) this.setFault(f);
+  }
+
+  private localPairContext(volumes: LocalPairContext['volumes'], dir: string | undefined): LocalPairContext {
+    return { self: this.spec.id, clusterSize: this.spec.clusterSize, volumes, daemon: this.daemon, dir, log: this.log };
+  }
+
+  /**
+   * The guard of volume `vol`'s host stack, where the cluster layer fences (etcd): none on the
+   * YAML-only path. It looks the pair up on each request: a volume may join or leave a pair at
+   * run time (reconfigure.ts).
+   */
+  private guardOf(vol: number): (() => string | null) | undefined {
+    const hostGuard = this.hostGuard;
+    if (!hostGuard) return undefined;
+    return () => {
+      const pair = this.pairOf.get(vol);
+      return pair && pair.roleOf(vol) === 'master' ? hostGuard(pair, vol) : null;
+    };
+  }
+
+  /** The NBD exports of a volume: vol<ID>, and vol<ID>@current (the CFS's: it fails rather than serve a copy that is not current). */
+  private exportVolume(v: VolumeStack): void {
+    const { spec } = this;
+    const pair = this.pairOf.get(v.id);
+    const host = v.front!.nbd;
+    const pvolOf = [...this.svolGroups.values()].find((g) => g.spec.pvol === v.id);
+    const description = pair ? `${pair.roleOf(v.id)} of ${pair.name}` : pvolOf ? `P-VOL of S-VOL group ${pvolOf.name}` : 'simplex volume';
+    const allow = spec.volumes.find((x) => x.id === v.id)?.allow ?? spec.allow;
+    const acl = allow?.length ? { allow: new AllowList(allow) } : {};
+    this.nbd.exports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id}: ${description}`, device: host, readOnly: false, ...acl });
+    const current = pair ? new CurrentCopyDevice(host, () => pair.staleReason(v.id)) : host;
+    this.nbd.exports.add({ name: currentExportName(v.id), description: `SS${spec.id} vol${v.id}, current data only`, device: current, readOnly: false, hidden: true, ...acl });
+  }
+
+  // ---- live reconfiguration (reconfigure.ts plans the changes and undoes them on failure) ----
+
+  /** Clients attached to volume `vol` now: NBD connections to its exports, and any iSCSI session of this storage system. */
+  hostsOn(vol: number): number {
+    return this.nbd.connectionsTo(`vol${vol}`) + this.nbd.connectionsTo(currentExportName(vol)) + (this.iscsi ? this.iscsiSessions().length : 0);
+  }
+
+  /** A new simplex volume, exported at once. In memory, or dataDir/vol<ID>.img (kept, with its data, if it exists). */
+  async addVolume(entry: VolumeEntry): Promise<void> {
+    const { spec } = this;
+    const v = await openVolumeStack(spec.id, entry, { ...(spec.dataDir ? { dataDir: spec.dataDir } : {}), ...(this.cache ? { cache: this.cache } : {}) });
+    this.volumes.set(v.id, v);
+    buildHostStack(v, undefined, this.guardOf(v.id));
+    this.exportVolume(v);
+    this.log.info({ vol: v.id, size: v.size }, `volume ${v.id} added`);
+  }
+
+  /** Stop exporting a simplex volume; it stays open (for an undo) until `closeDetached`. */
+  detachVolume(vol: number): VolumeStack {
+    const v = this.volumes.get(vol)!;
+    this.nbd.exports.remove(`vol${vol}`);
+    this.nbd.exports.remove(currentExportName(vol));
+    this.volumes.delete(vol);
+    return v;
+  }
+
+  /** Export a detached volume again (the undo of a removal). */
+  reattachVolume(v: VolumeStack): void {
+    this.volumes.set(v.id, v);
+    this.exportVolume(v);
+  }
+
+  /** Close a detached volume for good: the cache destages it; its file stays in dataDir. */
+  async closeDetached(v: VolumeStack): Promise<void> {
+    await closeVolumeStack(v);
+    this.log.info({ vol: v.id }, `volume ${v.id} removed`);
+  }
+
+  /** The controller's view of a volume (below any pair), for copying data across a resize. */
+  volumeDevice(vol: number): BlockDevice | undefined {
+    return this.volumes.get(vol)?.device;
+  }
+
+  /**
+   * Replace pair `old` (or none) by a pair of `spec` (or none), under held host I/O: the
+   * volumes of both stop at their switch layer, the old pair closes (daemon copies finished,
+   * bits persisted), the new one opens from `seed` (default: the old pair's bits, a new mirror
+   * all Invalid), and each volume resumes on its new pair layer, or as simplex.
+   * Returns the bits the old pair had, for an undo.
+   */
+  async replaceLocalPair(old: string | null, spec: PairSpec | null, seed?: Map<string, Uint8Array>): Promise<Map<string, Uint8Array>> {
+    const before = old === null ? undefined : this.pairs.get(old);
+    if (before !== undefined && !(before instanceof LocalPair)) throw new Error(`pair ${old} spans storage systems`);
+    const vols = new Set([...(before?.volumes ?? []), ...(spec ? [spec.master.vol, ...spec.mirrors.map((m) => m.vol)] : [])]);
+    const stacks = [...vols].map((id) => this.volumes.get(id)!);
+    await Promise.all(stacks.map((v) => v.slot!.hold()));
+    const bits = before?.bits() ?? new Map<string, Uint8Array>();
+    let after: LocalPair | undefined;
+    try {
+      if (before) {
+        await before.close();
+        this.pairs.delete(before.name);
+        for (const vol of before.volumes) this.pairOf.delete(vol);
+        if (spec === null || spec.name !== before.name) before.removeFiles();
+      }
+      if (spec) {
+        const views = new Map(stacks.map((v) => [v.id, { device: v.device, createdEmpty: false }]));
+        after = new LocalPair(spec, { ...this.localPairContext(views, this.pairDir), seed: seed ?? bits });
+        await after.open();
+        this.addPair(after);
+      }
+    } finally {
+      for (const v of stacks) {
+        v.slot!.release(this.pairOf.get(v.id)?.hostDevice(v.id) ?? v.device);
+        this.nbd.exports.remove(`vol${v.id}`);
+        this.nbd.exports.remove(currentExportName(v.id));
+        this.exportVolume(v);
+      }
+    }
+    return bits;
+  }
+
+  private get pairDir(): string | undefined {
+    return this.spec.dataDir ? path.join(this.spec.dataDir, 'pairs') : undefined;
+  }
+
+  /** peerTimeout at run time: every link and pair across storage systems. */
+  setPeerTimeout(ms: number): void {
+    for (const l of this.links.values()) l.setTimeoutMs(ms);
+    for (const p of this.pairs.values()) if (p instanceof RemotePair) p.setPeerTimeout(ms);
+  }
+
+  /** The cache policy at run time; going write-through first destages what is dirty. */
+  async setCachePolicy(policy: 'write-back' | 'write-through'): Promise<void> {
+    if (!this.cache) return;
+    this.cache.writeThrough = policy === 'write-through';
+    if (policy === 'write-through') await this.cache.destageAll();
   }
 
   private addPair(p: PairController): void {
@@ -234,7 +365,9 @@ export class StorageSystem implements AdminTarget {
     }
     const dir = spec.dataDir ? path.join(spec.dataDir, 'pairs') : undefined;
     const clusters = (size: number) => Math.ceil(size / spec.clusterSize);
-    for (const p of remote) {
+    for (const given of remote) {
+      // Our own copy: `configure` changes it at run time, and the spec it came from stays as it was.
+      const p = { ...given };
       const mine = [p.master, ...p.mirrors].filter((r) => r.ss === spec.id);
       for (const ref of mine) if (!this.volumes.has(ref.vol)) throw new Error(`pair ${p.name}: ss${ref.ss}/vol${ref.vol} is not a volume of storage system ${spec.id}`);
       const size = this.volumes.get(mine[0]!.vol)!.size;
@@ -295,7 +428,8 @@ export class StorageSystem implements AdminTarget {
           nbd: this.nbdAddress,
           ...(this.spec.nbdSocket ? { nbdSocket: this.spec.nbdSocket } : {}),
           admin: this.spec.admin ?? '',
-          ...(c && this.spec.cache ? { cache: { size: this.spec.cache.size, dirtyBytes: c.dirtyBytes, usedBytes: c.usedBytes, hits: c.hits, misses: c.misses } } : {}),
+          ...(c && this.spec.cache ? { cache: { size: this.spec.cache.size, dirtyBytes: c.dirtyBytes, usedBytes: c.usedBytes, hits: c.hits, misses: c.misses, policy: this.cache!.writeThrough ? 'write-through' : 'write-back' } } : {}),
+          peerTimeout: this.spec.peerTimeout ?? 5000,
           ...(this.links.size > 0
             ? { peers: [...this.links.values()].map((l) => ({ ss: l.peer, connected: l.up, ...(l.up || !l.lastError ? {} : { error: l.lastError }) })) }
             : {}),

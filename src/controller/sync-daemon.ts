@@ -53,6 +53,8 @@ export class SyncDaemon {
   private readonly budget = new Map<Pair, { tokens: number; at: number }>();
   /** Clusters currently being copied, per pair and mirror, so parallel jobs never overlap. */
   private readonly busy = new Map<string, Set<number>>();
+  /** Copies in flight per pair (forget waits for them). */
+  private readonly copying = new Map<Pair, number>();
   private retryTimer: NodeJS.Timeout | null = null;
   private rr = 0;
   private lastHostIo = -Infinity;
@@ -85,6 +87,15 @@ export class SyncDaemon {
     this.budget.delete(pair);
     for (const key of [...this.busy.keys()]) if (key.startsWith(`${pair.name}/`)) this.busy.delete(key);
     this.rr = 0;
+  }
+
+  /**
+   * Forget a pair and wait for its copies in flight: after this, nothing of the daemon writes
+   * to its mirrors (live reconfiguration replaces the pair with one of other mirrors).
+   */
+  async forget(pair: Pair): Promise<void> {
+    this.remove(pair);
+    while ((this.copying.get(pair) ?? 0) > 0) await new Promise((r) => setTimeout(r, 2));
   }
 
   /** Something became Invalid: look for work (coalesced to once per tick). */
@@ -218,6 +229,7 @@ export class SyncDaemon {
     const length = Math.min(tokens.length * pair.clusterSize, pair.size - offset);
     const busy = this.busySet(pair, mirror);
     const buf = ioBuffers.get(length);
+    this.copying.set(pair, (this.copying.get(pair) ?? 0) + 1);
     try {
       await pair.master.device.read(offset, buf);
       await link.device.write(offset, buf);
@@ -229,6 +241,9 @@ export class SyncDaemon {
       this.opts.log.error({ pair: pair.name, err: (e as Error).message }, 'sync copy failed');
     } finally {
       for (let x = first; x < first + tokens.length; x++) busy.delete(x);
+      const n = (this.copying.get(pair) ?? 1) - 1;
+      if (n > 0) this.copying.set(pair, n);
+      else this.copying.delete(pair);
     }
   }
 

@@ -8,7 +8,10 @@
 //                                               one per front end: the metrics' protocol label
 //   GuardDevice      blockdev/guard             refuses all I/O (ESHUTDOWN) while the storage
 //                                               system cannot prove it masters the pair (etcd
-//                                               lease, epoch); paired volumes only
+//                                               lease, epoch); with etcd only
+//   SwitchDevice     blockdev/switch            where live reconfiguration swaps the pair layer
+//                                               (a volume joins or leaves a pair, a pair gains
+//                                               or loses a mirror) under connected hosts
 //   pair layer       controller/pair, remote/   master: Data Write module (sync or async);
 //                                               mirror: Check Invalid -> mirror or master
 //                                               (absent for a simplex volume)
@@ -25,6 +28,7 @@ import { FaultDevice, FaultSet } from '../blockdev/fault.js';
 import { openFileDevice } from '../blockdev/file.js';
 import { AtomicDevice } from '../blockdev/atomic.js';
 import { GuardDevice, type Guard } from '../blockdev/guard.js';
+import { SwitchDevice } from '../blockdev/switch.js';
 import { MemoryDevice } from '../blockdev/memory.js';
 import { RangeLock } from '../blockdev/range-lock.js';
 import type { BlockDevice } from '../blockdev/types.js';
@@ -54,6 +58,8 @@ export interface VolumeStack {
   io?: HostIo;
   /** What each front end (NBD, iSCSI) reaches: the top of the stack. */
   front?: FrontDevices;
+  /** Above the pair layer: what reconfiguration swaps it through (reconfigure.ts). */
+  slot?: SwitchDevice;
 }
 
 /** The bottom half: backend, cache memory, fault layer. `dataDir` absent means memory. */
@@ -79,8 +85,8 @@ export type FrontDevices = Record<Protocol, AtomicDevice>;
  * then the host counters. Returns what the front ends export.
  */
 export function buildHostStack(v: VolumeStack, pairLayer: BlockDevice | undefined, guard?: Guard): FrontDevices {
-  const below = pairLayer ?? v.device;
-  const fronts = frontDevices(guard ? new GuardDevice(below, guard) : below);
+  v.slot = new SwitchDevice(pairLayer ?? v.device);
+  const fronts = frontDevices(guard ? new GuardDevice(v.slot, guard) : v.slot);
   v.io = fronts.io;
   v.front = fronts.front;
   return fronts.front;

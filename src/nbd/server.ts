@@ -31,6 +31,8 @@ export class NbdServer {
   private readonly listeners: net.Server[] = [];
   private readonly handshaking = new Set<net.Socket>();
   private readonly connections = new Set<Connection>();
+  /** Connections per export name: live reconfiguration refuses to remove a volume in use. */
+  private readonly perExport = new Map<string, number>();
   private stopping = false;
   private readonly tls: TlsServer | undefined;
   private readonly refusals = new Set<string>();
@@ -113,10 +115,15 @@ export class NbdServer {
         this.connections.add(conn);
         this.stats.connections++;
         this.stats.totalConnections++;
-        log.debug({ export: neg.export.name, sr: neg.structuredReplies }, 'client connected');
+        const name = neg.export.name;
+        this.perExport.set(name, (this.perExport.get(name) ?? 0) + 1);
+        log.debug({ export: name, sr: neg.structuredReplies }, 'client connected');
         void conn.done.then(() => {
           this.connections.delete(conn);
           this.stats.connections--;
+          const left = (this.perExport.get(name) ?? 1) - 1;
+          if (left > 0) this.perExport.set(name, left);
+          else this.perExport.delete(name);
           log.debug('client disconnected');
         });
       })
@@ -128,6 +135,11 @@ export class NbdServer {
         else if (!(err instanceof ConnectionClosed)) log.debug({ err: (err as Error).message }, 'handshake failed');
         socket.destroy();
       });
+  }
+
+  /** How many clients are attached to export `name` now. */
+  connectionsTo(name: string): number {
+    return this.perExport.get(name) ?? 0;
   }
 
   /** Stop accepting, finish requests in flight, flush every device, close. */

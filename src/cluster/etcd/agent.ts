@@ -30,7 +30,7 @@ export class ClusterAgent {
   private closed = false;
 
   private constructor(
-    private readonly config: ClusterConfig,
+    private config: ClusterConfig,
     private readonly store: ClusterStore,
     private readonly systems: StorageSystem[],
     private readonly log: Logger,
@@ -45,12 +45,7 @@ export class ClusterAgent {
     const store = await ClusterStore.connect(etcd, log);
     const agent = new ClusterAgent(config, store, [], log);
     try {
-      await store.seed(
-        config.pairs.map((p) => ({
-          lv: { name: p.name, master: p.master, epoch: 1, mode: p.mode, size: volumeSize(config, p) },
-          mirrors: p.mirrors.map((m) => ({ ...m, mode: p.mode, state: 'COPY' })),
-        })),
-      );
+      await store.seed(config.pairs.map((p) => seedRow(config, p)));
     } catch (e) {
       await agent.close();
       throw e;
@@ -124,6 +119,30 @@ export class ClusterAgent {
     store.on('change', () => this.check());
     this.tick();
     log.info({ endpoints: etcd.endpoints, prefix: etcd.prefix }, `cluster metadata in etcd (${etcd.endpoints.join(', ')}${etcd.prefix})`);
+  }
+
+  /**
+   * The YAML changed at run time (`blockmirror apply`, cluster/reconfigure.ts), and our storage
+   * systems run it now. Pairs created get their rows, pairs deleted lose theirs, a master moved
+   * by the YAML is recorded in a new epoch; the mirrors rows follow at the next publish, which
+   * runs now: a mirror added shows as COPY, then PAIR.
+   */
+  async reconfigured(config: ClusterConfig): Promise<void> {
+    const old = this.config;
+    this.config = config;
+    const ours = (p: PairConfig) => this.systems.some((ss) => ss.spec.id === p.master.ss);
+    const before = new Map(old.pairs.map((p) => [p.name, p]));
+    const after = new Map(config.pairs.map((p) => [p.name, p]));
+    const created = config.pairs.filter((p) => !before.has(p.name) && ours(p));
+    if (created.length > 0) await this.store.seed(created.map((p) => seedRow(config, p)));
+    for (const p of old.pairs) if (!after.has(p.name) && ours(p)) await this.store.drop(p.name);
+    for (const p of config.pairs) {
+      const was = before.get(p.name);
+      const lv = this.store.tables.logicalVolumes.get(p.name);
+      if (!was || !ours(p) || !lv || (was.master.ss === p.master.ss && was.master.vol === p.master.vol)) continue;
+      await this.store.recordMaster(p.name, p.master, lv.epoch + 1, 'the master was changed in the YAML (blockmirror apply)');
+    }
+    await this.publish();
   }
 
   /** Why volume `vol` (a master) of `pair` on `ss` must refuse host I/O now, or null. */
@@ -236,6 +255,13 @@ export class ClusterAgent {
     if (this.timer) clearTimeout(this.timer);
     await this.store.close();
   }
+}
+
+function seedRow(config: ClusterConfig, p: PairConfig) {
+  return {
+    lv: { name: p.name, master: p.master, epoch: 1, mode: p.mode, size: volumeSize(config, p) },
+    mirrors: p.mirrors.map((m) => ({ ...m, mode: p.mode, state: 'COPY' })),
+  };
 }
 
 function volumeSize(config: ClusterConfig, p: PairConfig): number {

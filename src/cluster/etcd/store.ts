@@ -105,6 +105,11 @@ export class ClusterStore extends EventEmitter {
     await this.reload();
   }
 
+  /** A logical volume deleted at run time (`blockmirror apply`): its rows go; its failover history stays. */
+  async drop(name: string): Promise<void> {
+    for (const key of [this.keys.lv(name), this.keys.mirrors(name), this.keys.pair(name)]) await this.client.delete().key(key).exec();
+  }
+
   /** Register a storage system under a lease; renewed in the background until closed. */
   async register(rec: SsRecord): Promise<Registration> {
     const reg = new LeaseRegistration(this, rec, this.log);

@@ -216,7 +216,7 @@ export class CachedDevice implements BlockDevice {
         }
         pos = bStart + b;
       }
-      if (fua) {
+      if (fua || this.mem.writeThrough) {
         await this.syncRange(offset, end);
         await this.backing.flush();
       }

@@ -107,6 +107,12 @@ export interface CacheStats {
 export class CacheMemory {
   readonly size: number;
   readonly blockSize: number;
+  /**
+   * Write-through (cache policy `write-through`): every write is on the backing before it is
+   * acknowledged, as if it carried FUA; reads still hit. Write-back (the default) destages later.
+   * Changed at run time by `blockmirror apply`.
+   */
+  writeThrough = false;
   /** Bytes per validity unit (blockSize / 32). */
   readonly unitSize: number;
   readonly stats: CacheStats = { hits: 0, misses: 0, dirtyBytes: 0, usedBytes: 0, destagedBytes: 0 };

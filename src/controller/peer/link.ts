@@ -133,6 +133,11 @@ export class PeerLink extends EventEmitter {
     return this.opts.timeoutMs;
   }
 
+  /** peerTimeout changed at run time: silence and unanswered requests are judged by it from now on. */
+  setTimeoutMs(ms: number): void {
+    this.opts.timeoutMs = ms;
+  }
+
   /** The peer's control address, for messages. */
   get address(): PeerAddress {
     return this.opts.address;

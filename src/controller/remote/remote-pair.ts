@@ -18,7 +18,7 @@ import { markRuns, type BitmapStore } from '../bitmap-store.js';
 import { bitmapOf } from '../pair-bitmap.js';
 import type { PairController, TakeoverOptions } from '../pair-controller.js';
 import { readGeneration, readPairState, saveGeneration, savePairState, type Generation } from '../pair-files.js';
-import { Pair, PairStateError } from '../pair.js';
+import { Pair, PairStateError, type FenceLevel } from '../pair.js';
 import type { Op, RequestOf, ResponseOf } from '../peer/messages.js';
 import { PairCommandError, type PairBitmap, type PairStatus, type VolRef } from '../status.js';
 import { b64, fromB64, setBits } from './bits.js';
@@ -470,6 +470,23 @@ export class RemotePair implements PairController {
       stale: !side.trustsReplica,
       mirrors: [{ ...this.mine, invalidClusters: invalid, syncProgress: this.clusters === 0 ? 1 : 1 - invalid / this.clusters, copiedBytes: 0, connected: side.trustsReplica }],
     };
+  }
+
+  /** Sync rate and fence level, at run time (`blockmirror apply`): now, and for every later role. */
+  configure(o: { syncRate: number | undefined; fence: FenceLevel }): void {
+    if (o.syncRate === undefined) delete this.spec.syncRate;
+    else this.spec.syncRate = o.syncRate;
+    this.spec.fence = o.fence;
+    if (this.pair) {
+      this.pair.syncRate = o.syncRate;
+      this.pair.fence = o.fence;
+    }
+    this.ctx.daemon.wake();
+  }
+
+  /** How long the NBD connections of this pair wait for a peer (the links have their own). */
+  setPeerTimeout(ms: number): void {
+    this.ctx.peerTimeout = ms;
   }
 
   /** The host-facing device of this storage system's volume in the pair: one per volume, following the role. */

@@ -1,0 +1,119 @@
+// `blockmirror apply -c FILE [--dry-run] [--wait]`: change a running cluster to what FILE says,
+// as `drbdadm adjust` does (docs: README "Changing a running cluster", admin-api.md /api/config).
+//
+//   1. FILE is checked here first (a bad YAML is refused with its line and column);
+//   2. every storage system of FILE plans its part (POST /api/config, dryRun): one refusal, and
+//      nothing is applied anywhere; the plan is printed;
+//   3. each process applies its part, all or nothing (cluster/reconfigure.ts). If a later one
+//      fails, those already changed are given their previous YAML back.
+// A storage system that does not answer is listed, not changed: new in FILE, it is started
+// with `blockmirror up -c FILE --only ID` and runs FILE from the start.
+import fs from 'node:fs';
+import type { Command } from 'commander';
+import { AdminReplyError, AdminUnreachableError, applyConfig, getConfig, getStatus, type AdminEndpoint } from '../admin/client.js';
+import type { ClusterConfig } from '../cluster/config.js';
+import { UsageError } from './errors.js';
+import { adminEndpoint, loadConfigOrUsage, parseTimeout } from './status.js';
+
+const DEFAULT_APPLY_TIMEOUT_MS = 60_000;
+
+/** A failure of apply: one line, nothing applied (or everything undone). */
+export class ApplyError extends Error {
+  override readonly name = 'ApplyError';
+}
+
+export function registerApplyCommand(program: Command): void {
+  program
+    .command('apply')
+    .description('change the running storage systems to what a YAML says: print the plan, then apply it (all or nothing)')
+    .requiredOption('-c, --config <file>', 'the cluster YAML, edited')
+    .option('--dry-run', 'print the plan only')
+    .option('--wait', 'after applying, wait until no pair is copying (new mirrors in PAIR)')
+    .option('--timeout <ms>', 'how long to wait for each storage system', String(DEFAULT_APPLY_TIMEOUT_MS))
+    .action(async (opts: { config: string; dryRun?: boolean; wait?: boolean; timeout: string }) => {
+      const timeoutMs = parseTimeout(opts.timeout);
+      const config = await loadConfigOrUsage(opts.config);
+      const text = fs.readFileSync(opts.config, 'utf8');
+      await applyToCluster(config, opts.config, text, { dryRun: opts.dryRun === true, wait: opts.wait === true, timeoutMs });
+    });
+}
+
+/** Plan and apply `text` (already checked as `config`) on every storage system of it; prints the plan. */
+export async function applyToCluster(config: ClusterConfig, file: string, text: string, opts: { dryRun: boolean; wait: boolean; timeoutMs: number }): Promise<void> {
+  const out = (line: string) => process.stdout.write(`${line}\n`);
+  const endpoints: AdminEndpoint[] = [];
+  for (const ss of config.storageSystems) {
+    try {
+      endpoints.push(adminEndpoint(config, ss));
+    } catch (e) {
+      throw new UsageError((e as Error).message);
+    }
+  }
+  // 1. Plans, and each process's YAML as it is (to give it back if a later process fails).
+  const live: { ep: AdminEndpoint; before: string }[] = [];
+  const changes = new Set<string>();
+  const notes = new Set<string>();
+  for (const ep of endpoints) {
+    let before: string;
+    try {
+      before = await getConfig(ep, opts.timeoutMs);
+    } catch (e) {
+      if (!(e instanceof AdminUnreachableError)) throw new ApplyError((e as Error).message);
+      notes.add(`storage system ${ep.ss} does not answer (${e.code}): it is not changed; if it is new, start it with blockmirror up -c ${file} --only ${ep.ss}`);
+      continue;
+    }
+    const plan = await applyConfig(ep, text, true, opts.timeoutMs).catch((e: Error) => {
+      throw new ApplyError(`${e instanceof AdminReplyError && e.serverMessage ? e.serverMessage : e.message}; nothing was applied`);
+    });
+    for (const c of plan.changes) changes.add(c);
+    for (const n of plan.notes) notes.add(n);
+    live.push({ ep, before });
+  }
+  // "storage system 3 is new: start it" (for SIGHUP's log): here each one either answered, or has its note above.
+  for (const n of notes) if (/^storage system \d+ is new:/.test(n)) notes.delete(n);
+  if (live.length === 0) throw new ApplyError(`no storage system of ${file} answered: start them with blockmirror up -c ${file}`);
+  out(changes.size === 0 ? 'no changes' : `plan (${changes.size} change${changes.size === 1 ? '' : 's'}):`);
+  for (const c of changes) out(`  ${c}`);
+  for (const n of notes) out(`note: ${n}`);
+  // With no change, the processes still take the new YAML (a storage system added elsewhere, comments).
+  if (opts.dryRun) return;
+
+  // 2. Apply, process by process; a failure gives the ones already changed their YAML back.
+  const done: typeof live = [];
+  for (const l of live) {
+    try {
+      await applyConfig(l.ep, text, false, opts.timeoutMs);
+      done.push(l);
+    } catch (e) {
+      const why = e instanceof AdminReplyError && e.serverMessage ? e.serverMessage : (e as Error).message;
+      const back: number[] = [];
+      for (const d of done.reverse()) {
+        try {
+          await applyConfig(d.ep, d.before, false, opts.timeoutMs);
+          back.push(d.ep.ss!);
+        } catch {
+          // Said below: this one keeps the new YAML.
+        }
+      }
+      const lost = done.filter((d) => !back.includes(d.ep.ss!)).map((d) => d.ep.ss);
+      const after = back.length ? `; storage system${back.length > 1 ? 's' : ''} ${back.join(', ')} went back to the previous YAML` : '';
+      const stuck = lost.length ? `; storage system${lost.length > 1 ? 's' : ''} ${lost.join(', ')} kept the new one` : '';
+      throw new ApplyError(`${why}${after}${stuck}`);
+    }
+  }
+  if (changes.size > 0) out(`applied ${changes.size} change${changes.size === 1 ? '' : 's'}`);
+  if (opts.wait) await waitCopied(live.map((l) => l.ep), opts.timeoutMs);
+}
+
+/** Until no pair any storage system reports is in COPY (a new mirror has its full copy and is in PAIR). */
+async function waitCopied(eps: AdminEndpoint[], timeoutMs: number): Promise<void> {
+  for (;;) {
+    const reports = await Promise.all(eps.map((ep) => getStatus(ep, timeoutMs).catch(() => undefined)));
+    const copying = reports.flatMap((r) => r?.pairs.filter((p) => p.state === 'COPY' && p.role !== 'mirror').map((p) => p.name) ?? []);
+    if (copying.length === 0) {
+      process.stdout.write('every pair is in sync\n');
+      return;
+    }
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
