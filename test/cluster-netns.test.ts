@@ -106,6 +106,14 @@ describe('a master cut from etcd but not from its hosts (network namespaces)', (
       started.push(ss1, ss2);
       await Promise.all([ss1.start(), ss2.start()]);
       await ss1.waitPair('ps', inSync, 'in sync', 30_000);
+      // Only a mirror that etcd's volume mirrors table calls PAIR may be promoted; the master
+      // publishes the row every TTL/2, so wait for it (a start may record PSUE until the link is up).
+      for (let i = 0; ; i++) {
+        const row = await inNs(ns.b, 'etcdctl', ['--endpoints', endpoint, 'get', `${prefix}/mirrors/ps`, '--print-value-only']);
+        if (/"state":"PAIR"/.test(row.stdout)) break;
+        if (i === 300) throw new Error(`the volume mirrors row of ps never said PAIR: ${row.stdout}${row.stderr}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
 
       // Watch ss1's registration from the mirror's host, which stays connected to etcd.
       let leaseEnded = Infinity;
