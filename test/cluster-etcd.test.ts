@@ -173,7 +173,7 @@ describe('a cluster on etcd', () => {
     const r = await run(process.execPath, [CLI, 'up', '-c', cfg.file, '--only', '1'], { timeoutMs: 30_000 });
     expect(r.code).toBe(2);
     expect(r.stderr.trim().split('\n')).toHaveLength(1);
-    expect(r.stderr).toMatch(new RegExp(`^blockmirror: etcd at 127\\.0\\.0\\.1:${dead} is not reachable \\(.*\\); start etcd, or remove etcd: from the YAML to run from the YAML alone\\n$`));
+    expect(r.stderr).toMatch(new RegExp(`^blockmirror: etcd at 127\\.0\\.0\\.1:${dead} is not reachable \\(connect ECONNREFUSED 127\\.0\\.0\\.1:${dead}\\); start etcd, or remove etcd: from the YAML to run from the YAML alone\\n$`));
   });
 
   it('ignores corrupt keys in etcd with a log line, and goes on serving', async () => {

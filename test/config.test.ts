@@ -456,6 +456,6 @@ describe('loading files', () => {
 
   it('refuses a file it cannot read, naming the file', () => {
     const file = path.join(fixtures, 'missing.yaml');
-    expect(() => loadConfig(file)).toThrow(`${file}: cannot read the file: ENOENT: no such file or directory`);
+    expect(() => loadConfig(file)).toThrow(`${file}: cannot read the file (no such file: check the path; config/ has examples, e.g. config/demo.yaml)`);
   });
 });

@@ -366,7 +366,7 @@ describe.concurrent('targets/attach, bad input', () => {
 
   it('a file that is not there', async () => {
     const host = fakeHost();
-    expectError(await attach(host, ['-c', 'config/nope.yaml', '--dry-run']), 1, /^attach: config\/nope\.yaml: cannot read the file: ENOENT/);
+    expectError(await attach(host, ['-c', 'config/nope.yaml', '--dry-run']), 1, /^attach: config\/nope\.yaml: cannot read the file \(no such file: check the path; config\/ has examples/);
   });
 
   it('broken YAML, with the line and column', async () => {

@@ -14,7 +14,7 @@ import { XferCorruptError } from '../src/xfer/errors.js';
 import { openPath } from '../src/xfer/paths.js';
 import { XferVolume } from '../src/xfer/volume.js';
 import { recv } from '../src/xfer/receiver.js';
-import { CLI, run, startServe, tmpDir, type CmdResult, type RunningServer } from './helpers/servers.js';
+import { CLI, freePort, run, startServe, tmpDir, type CmdResult, type RunningServer } from './helpers/servers.js';
 import { FAST, HookedPath } from './helpers/xfer.js';
 
 // Tests that start a dozen CLI processes: each takes seconds to start on a loaded machine.
@@ -289,6 +289,7 @@ describe('xfer bad input', () => {
   it('answers each mistake with one line and a non-zero exit', async () => {
     const s = await serve('8MiB');
     const dir = tmpDir('bm-xfer-cli-');
+    const closedPort = await freePort();
     const cases: [string[], number, RegExp][] = [
       [['format', s.uri, '--seg-size', '1000'], 2, /--seg-size 1000: a multiple of 4096 bytes/],
       [['format', s.uri, '--segments', 'many'], 2, /--segments "many": expected an integer/],
@@ -306,6 +307,7 @@ describe('xfer bad input', () => {
       [['recv', '--dev', 'http://x/y', '--as', '2'], 2, /--dev http:\/\/x\/y: unknown scheme/],
       [['ls', '--dev', path.join(dir, 'nothing')], 2, /--dev .*nothing: ENOENT/],
       [['gc', '--dev', s.uri, '--timeout', '-1'], 2, /--timeout "-1": expected an integer/],
+      [['ls', '--dev', `nbd://127.0.0.1:${closedPort}/x`], 1, new RegExp(`^blockmirror: --dev nbd://127\\.0\\.0\\.1:${closedPort}/x: nothing listens there; start the storage system \\(blockmirror up or serve\\) or check the address\n$`)],
       [['frobnicate'], 2, /xfer: unknown command "frobnicate" \(expected format, send, recv, ls or gc\)/],
     ];
     for (const [args, code, message] of cases) {

@@ -209,7 +209,8 @@ export function loadConfig(file: string): ClusterConfig {
     text = fs.readFileSync(file, 'utf8');
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
-    throw new ConfigError(file, [{ path: '', message: `cannot read the file: ${err.message.replace(/, \w+ '.*'$/, '')}` }], { cause: e });
+    const hint = err.code === 'ENOENT' ? ' (no such file: check the path; config/ has examples, e.g. config/demo.yaml)' : err.code === 'EACCES' ? ' (permission denied: run as a user who may read it)' : `: ${err.message.replace(/, \w+ '.*'$/, '')}`;
+    throw new ConfigError(file, [{ path: '', message: `cannot read the file${hint}` }], { cause: e });
   }
   return parseConfig(text, file, path.dirname(path.resolve(file)));
 }

@@ -53,8 +53,12 @@ class NbdPath implements XferPath {
   ) {}
 
   static async open(uri: string, timeoutMs: number): Promise<NbdPath> {
-    const client = await connect(uri, { timeoutMs }).catch((e: Error) => {
-      throw new XferPathError(`--dev ${uri}: ${e.message}`, { cause: e });
+    const client = await connect(uri, { timeoutMs }).catch((e: Error & { code?: string }) => {
+      // The client's message names the address again ("connect 127.0.0.1:1: connect ECONNREFUSED
+      // 127.0.0.1:1"): say what failed once, and what to check.
+      const refused = e.code === 'ECONNREFUSED' || /ECONNREFUSED/.test(e.message);
+      const why = refused ? 'nothing listens there; start the storage system (blockmirror up or serve) or check the address' : e.message;
+      throw new XferPathError(`--dev ${uri}: ${why}`, { cause: e });
     });
     return new NbdPath(uri, client, timeoutMs);
   }

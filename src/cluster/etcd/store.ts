@@ -53,7 +53,7 @@ export class ClusterStore extends EventEmitter {
       ]);
     } catch (e) {
       client.close();
-      throw new EtcdUnreachableError(`etcd at ${config.endpoints.join(', ')} is not reachable (${(e as Error).message}); start etcd, or remove etcd: from the YAML to run from the YAML alone`, { cause: e });
+      throw new EtcdUnreachableError(`etcd at ${config.endpoints.join(', ')} is not reachable (${grpcReason(e as Error)}); start etcd, or remove etcd: from the YAML to run from the YAML alone`, { cause: e });
     }
     await store.watch();
     return store;
@@ -235,4 +235,15 @@ class LeaseRegistration implements Registration {
     // A clean stop gives the lease back at once: the others need not wait out the TTL.
     if (lease) await lease.revoke().catch(() => {});
   }
+}
+
+/**
+ * The cause a person can act on, without gRPC's wrapping: "14 UNAVAILABLE: No connection
+ * established. Last error: Error: connect ECONNREFUSED 127.0.0.1:1. Resolution note: " becomes
+ * "connect ECONNREFUSED 127.0.0.1:1".
+ */
+function grpcReason(e: Error): string {
+  const first = e.message.split('\n')[0]!;
+  const last = /Last error: (?:Error: )?(.*?)\.?\s*(?:Resolution note:.*)?$/.exec(first);
+  return (last?.[1] || first.replace(/^\d+ [A-Z_]+: /, '')).trim();
 }
