@@ -12,7 +12,9 @@ const SS_SECRET = 'ss-inline-secret-7f3a';
 const VOL_SECRET = 'vol-inline-secret-91c2';
 const VOL_MUTUAL = 'vol-mutual-secret-44d8';
 const FILE_SECRET = 'vol-file-secret-0be6';
-const SECRETS = [SS_SECRET, VOL_SECRET, VOL_MUTUAL, FILE_SECRET];
+/** The secret a refused `blockmirror apply` tries to set: it must not reach the logs either. */
+const NEW_SECRET = 'vol-new-secret-5e21';
+const SECRETS = [SS_SECRET, VOL_SECRET, VOL_MUTUAL, FILE_SECRET, NEW_SECRET];
 
 describe('CHAP secrets in the YAML, per target, with real initiators', () => {
   let dir: string;
@@ -107,6 +109,18 @@ describe('CHAP secrets in the YAML, per target, with real initiators', () => {
     expect(allowed.stdout).toContain(`Target:${fileTarget} `);
     const bad = await run('iscsi-ls', [`iscsi://bob%${VOL_SECRET}@${portal()}`]);
     expect(bad.code).not.toBe(0);
+  });
+
+  it("refuses to change a volume's own CHAP at run time (blockmirror apply), without showing either secret, and the old one keeps working", async () => {
+    const file = path.join(dir, 'cluster.yaml');
+    const edited = path.join(dir, 'edited.yaml');
+    fs.writeFileSync(edited, fs.readFileSync(file, 'utf8').replace(VOL_SECRET, NEW_SECRET));
+    const r = await run(process.execPath, [CLI, 'apply', '-c', edited], { timeoutMs: 60_000 });
+    expect(r.code).toBe(1);
+    expect(r.stderr).toBe('blockmirror: storage system 1: volume 2: its allow list and iSCSI target (with its CHAP and iscsiAllow) cannot change at run time; restart the storage system; nothing was applied\n');
+    for (const s of SECRETS) expect(r.stdout + r.stderr).not.toContain(s);
+    const still = await inq('bob', VOL_SECRET, ownTarget, 0, [], `?target_user=vault&target_password=${VOL_MUTUAL}`);
+    expect(still.code, still.stderr).toBe(0);
   });
 
   it('never shows a secret in the logs, blockmirror status, /api/status or /metrics, while the logs record the logins and refusals', async () => {
