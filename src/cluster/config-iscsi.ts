@@ -51,8 +51,6 @@ export function buildIscsi(ss: ParsedSs, i: number, baseDir: string, problems: R
   } else if (ss.iscsiTarget !== undefined || ss.iscsiChap !== undefined || ss.iscsiChapFile !== undefined || ss.iscsiAllow !== undefined) {
     problems.push({ path: [...at, 'iscsi'], message: 'iscsiTarget, iscsiChap, iscsiChapFile and iscsiAllow need iscsi: HOST:PORT on the same storage system' });
   }
-  // Volumes naming one target share it: they must agree on its CHAP and allow-list.
-  const byTarget = new Map<string, { vol: number; auth: string }>();
   const volumes = ss.volumes.map((v, j): VolumeConfig => {
     const vat: Segment[] = [...at, 'volumes', j];
     const out: VolumeConfig = { id: v.id, size: v.size };
@@ -71,6 +69,8 @@ export function buildIscsi(ss: ParsedSs, i: number, baseDir: string, problems: R
     if (a.allow) out.iscsiAllow = a.allow;
     return out;
   });
+  // Volumes naming one target share it: they must agree on its CHAP and allow-list.
+  const byTarget = new Map<string, { vol: number; auth: string }>();
   for (const v of volumes) {
     if (v.iscsiTarget === undefined) continue;
     const key = JSON.stringify([v.iscsiChap ?? null, v.iscsiChapFile ?? null, v.iscsiAllow ?? null]);
@@ -81,7 +81,7 @@ export function buildIscsi(ss: ParsedSs, i: number, baseDir: string, problems: R
     }
   }
   // A volume naming the storage system's own target would change the auth of every LUN there.
-  const j = volumes.findIndex((v) => v.iscsiTarget === iscsi?.target && (v.iscsiChap || v.iscsiChapFile || v.iscsiAllow));
-  if (j >= 0) problems.push({ path: [...at, 'volumes', j], message: `target ${iscsi!.target} is the storage system's: set its CHAP and allow-list with the storage system's keys` });
+  const j = iscsi ? volumes.findIndex((v) => v.iscsiTarget === iscsi.target && (v.iscsiChap || v.iscsiChapFile || v.iscsiAllow)) : -1;
+  if (iscsi && j >= 0) problems.push({ path: [...at, 'volumes', j], message: `target ${iscsi.target} is the storage system's: set its CHAP and allow-list with the storage system's keys` });
   return iscsi ? { iscsi, volumes } : { volumes };
 }
