@@ -5,9 +5,9 @@
 // Reads the cluster YAML with the project's own loader (dist/cluster/config.js), so the targets
 // are named exactly as `blockmirror up` names them: one per storage system with `iscsi:`
 // (iqn.2026-12.org.blockmirror:ssN unless iscsiTarget says otherwise), plus one per volume that has
-// its own iscsiTarget. CHAP: with iscsiChapFile (or --chap-file on this host), the node records get
-// the user and secret (and the mutual pair on a second line) before the login; the secret goes to
-// iscsiadm, never to the output.
+// its own iscsiTarget. CHAP: with iscsiChap or iscsiChapFile (or --chap-file on this host), the
+// node records get the user and secret (and the mutual pair) before the login; a volume's target
+// with CHAP of its own gets that. The secret goes to iscsiadm, never to the output.
 // Plain JavaScript on purpose: it runs from a checkout after `npm install`, with no build of its own.
 // Test seam (environment): BM_ISCSIADM (the iscsiadm binary).
 import { spawnSync } from 'node:child_process';
@@ -23,8 +23,9 @@ Needs root and open-iscsi (iscsid running).
   -c, --config FILE   the cluster YAML (the file \`blockmirror up -c\` reads); required
       --ss ID         only the targets of storage system ID
       --host HOST     connect to HOST instead of the portal address in the YAML (say, 0.0.0.0)
-      --chap-file F   CHAP secrets on this host (USER:SECRET, a second line for mutual CHAP);
-                      default: the iscsiChapFile of the YAML
+      --chap-file F   CHAP secrets on this host (USER:SECRET, a second line for mutual CHAP)
+                      for the storage systems' targets; default: iscsiChap or iscsiChapFile of
+                      the YAML (a volume's target with CHAP of its own always uses that)
       --logout        log out of the targets instead
       --dry-run       print the iscsiadm commands (secrets masked), change nothing
   -h, --help
@@ -60,7 +61,14 @@ function options(argv) {
   return { config: v.config, ss: v.ss === undefined ? undefined : Number(v.ss), host: v.host?.replace(/^\[(.*)\]$/, '$1'), chapFile: v['chap-file'], logout: v.logout ?? false, dryRun: v['dry-run'] ?? false };
 }
 
-/** Every (portal, target, chap file) the YAML defines, in file order. */
+/** CHAP of a target: a file to read, or the YAML's inline secrets. */
+function chapOf(file, inline) {
+  if (file !== undefined) return file;
+  if (inline === undefined) return undefined;
+  return { user: inline.user, secret: inline.secret, ...(inline.mutualUser !== undefined ? { mutual: [inline.mutualUser, inline.mutualSecret] } : {}) };
+}
+
+/** Every (portal, target, chap) the YAML defines, in file order. */
 function targets(config, opts) {
   const out = [];
   for (const ss of config.storageSystems) {
@@ -68,9 +76,14 @@ function targets(config, opts) {
     const host = opts.host ?? (ss.iscsi.listen.host === '0.0.0.0' ? '127.0.0.1' : ss.iscsi.listen.host === '::' ? '::1' : ss.iscsi.listen.host);
     if (ss.iscsi.listen.port === 0) throw new Failure(`storage system ${ss.id}: its iscsi port is 0 in ${config.source} (any free port), so its portal is not known`);
     const portal = host.includes(':') ? `[${host}]:${ss.iscsi.listen.port}` : `${host}:${ss.iscsi.listen.port}`;
-    const chap = opts.chapFile ?? ss.iscsi.chapFile;
-    const names = [ss.iscsi.target, ...ss.volumes.filter((v) => v.iscsiTarget).map((v) => v.iscsiTarget)];
-    for (const target of names) out.push({ ss: ss.id, portal, target, chap });
+    const chap = chapOf(opts.chapFile ?? ss.iscsi.chapFile, ss.iscsi.chap);
+    out.push({ ss: ss.id, portal, target: ss.iscsi.target, chap });
+    const seen = new Set([ss.iscsi.target]);
+    for (const v of ss.volumes) {
+      if (!v.iscsiTarget || seen.has(v.iscsiTarget)) continue;
+      seen.add(v.iscsiTarget);
+      out.push({ ss: ss.id, portal, target: v.iscsiTarget, chap: chapOf(v.iscsiChapFile, v.iscsiChap) ?? chap });
+    }
   }
   if (opts.ss !== undefined && !config.storageSystems.some((s) => s.id === opts.ss)) throw usageError(`--ss ${opts.ss}: ${config.source} has no storage system ${opts.ss}`);
   if (out.length === 0) throw new Failure(`${config.source} defines no iSCSI target${opts.ss !== undefined ? ` on storage system ${opts.ss}` : ''} (add iscsi: HOST:PORT to a storage system)`);
@@ -106,7 +119,7 @@ function commands(list, opts) {
   for (const t of list) {
     const node = ['-m', 'node', '-T', t.target, '-p', t.portal];
     if (t.chap) {
-      const c = readChap(t.chap);
+      const c = typeof t.chap === 'string' ? readChap(t.chap) : t.chap;
       const set = (name, value, secret) => cmds.push({ args: [...node, '-o', 'update', '-n', name, '-v', value], show: secret ? [...node, '-o', 'update', '-n', name, '-v', '********'] : null, okCodes: [0] });
       set('node.session.auth.authmethod', 'CHAP');
       set('node.session.auth.username', c.user);

@@ -107,7 +107,7 @@ describe('unknown keys', () => {
   });
 
   it('refuses unknown keys in a storage system, a volume, a cache and a volume reference', () => {
-    refuse((c) => (c.storageSystems[1].port = 1), 'storageSystems[1].port', 'unknown key (expected one of: id, nbd, nbdSocket, admin, peer, dataDir, cache, volumes, iscsi, iscsiTarget, iscsiChapFile, iscsiAllow, tls, allow, svolGroups)');
+    refuse((c) => (c.storageSystems[1].port = 1), 'storageSystems[1].port', 'unknown key (expected one of: id, nbd, nbdSocket, admin, peer, dataDir, cache, volumes, iscsi, iscsiTarget, iscsiChap, iscsiChapFile, iscsiAllow, tls, allow, svolGroups)');
     refuse((c) => (c.storageSystems[0].volumes[2].name = 'x'), 'storageSystems[0].volumes[2].name', 'unknown key');
     refuse((c) => (c.storageSystems[0].cache = { size: '1MiB', evict: 'lru' }), 'storageSystems[0].cache.evict', 'unknown key');
     refuse((c) => (c.pairs[0].master.volume = 8), 'pairs[0].master.volume', 'unknown key');

@@ -33,7 +33,57 @@ fs.writeFileSync(
 );
 const login = (args: string[]) => run(SCRIPT, args, { env: { BM_ISCSIADM: stub } });
 
+const inlineYaml = path.join(dir, 'inline.yaml');
+fs.writeFileSync(
+  inlineYaml,
+  `storageSystems:
+  - id: 1
+    nbd: 127.0.0.1:10809
+    admin: 127.0.0.1:9001
+    iscsi: 127.0.0.1:3260
+    iscsiChap: { user: alice, secret: "inline-ss-secret-1234" }
+    volumes:
+      - { id: 1, size: 1MiB }
+      - { id: 2, size: 1MiB, iscsiTarget: "iqn.2026-12.org.example:vault", iscsiChap: { user: bob, secret: "inline-vol-secret-5678", mutualUser: vault, mutualSecret: "inline-vol-mutual-9012" } }
+      - { id: 3, size: 1MiB, iscsiTarget: "iqn.2026-12.org.example:vault", iscsiChap: { user: bob, secret: "inline-vol-secret-5678", mutualUser: vault, mutualSecret: "inline-vol-mutual-9012" } }
+      - { id: 4, size: 1MiB, iscsiTarget: "iqn.2026-12.org.example:plain" }
+`,
+);
+
 describe('targets/iscsi-login', () => {
+  it("sets inline iscsiChap, and a volume's own target's CHAP, masked in --dry-run and passed to iscsiadm", async () => {
+    const r = await login(['-c', inlineYaml, '--dry-run']);
+    expect(r.code, r.stderr).toBe(0);
+    const ss = '-m node -T iqn.2026-12.org.blockmirror:ss1 -p 127.0.0.1:3260';
+    const vault = '-m node -T iqn.2026-12.org.example:vault -p 127.0.0.1:3260';
+    const plain = '-m node -T iqn.2026-12.org.example:plain -p 127.0.0.1:3260';
+    expect(r.stdout.split('\n').filter(Boolean)).toEqual([
+      'iscsiadm -m discovery -t sendtargets -p 127.0.0.1:3260',
+      `iscsiadm ${ss} -o update -n node.session.auth.authmethod -v CHAP`,
+      `iscsiadm ${ss} -o update -n node.session.auth.username -v alice`,
+      `iscsiadm ${ss} -o update -n node.session.auth.password -v ********`,
+      `iscsiadm ${ss} --login`,
+      `iscsiadm ${vault} -o update -n node.session.auth.authmethod -v CHAP`,
+      `iscsiadm ${vault} -o update -n node.session.auth.username -v bob`,
+      `iscsiadm ${vault} -o update -n node.session.auth.password -v ********`,
+      `iscsiadm ${vault} -o update -n node.session.auth.username_in -v vault`,
+      `iscsiadm ${vault} -o update -n node.session.auth.password_in -v ********`,
+      `iscsiadm ${vault} --login`,
+      `iscsiadm ${plain} -o update -n node.session.auth.authmethod -v CHAP`,
+      `iscsiadm ${plain} -o update -n node.session.auth.username -v alice`,
+      `iscsiadm ${plain} -o update -n node.session.auth.password -v ********`,
+      `iscsiadm ${plain} --login`,
+    ]);
+    expect(r.stdout + r.stderr).not.toMatch(/inline-(ss|vol)-/);
+    const real = await login(['-c', inlineYaml]);
+    expect(real.code, real.stderr).toBe(0);
+    const calls = fs.readFileSync(log, 'utf8');
+    expect(calls).toContain(`${vault} -o update -n node.session.auth.password -v inline-vol-secret-5678`);
+    expect(calls).toContain(`${vault} -o update -n node.session.auth.password_in -v inline-vol-mutual-9012`);
+    expect(calls).toContain(`${plain} -o update -n node.session.auth.password -v inline-ss-secret-1234`);
+    fs.rmSync(log);
+  });
+
   it('prints the discovery, CHAP and login commands with the secrets masked in --dry-run', async () => {
     const r = await login(['-c', yaml, '--dry-run']);
     expect(r.code, r.stderr).toBe(0);

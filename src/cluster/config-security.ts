@@ -4,7 +4,7 @@
 //   listener on a non-loopback address   needs                                  unless
 //   storageSystems[].nbd                 tls.mode: require                      security.insecure
 //   storageSystems[].peer                security.ca and the SS's tls cert/key   security.insecure
-//   storageSystems[].iscsi               iscsiChapFile                          security.insecure
+//   storageSystems[].iscsi               iscsiChap or iscsiChapFile             security.insecure
 //   cfs.listen                           cfs.tokenFile and cfs.tls              security.insecure
 //   storageSystems[].admin               nothing more: every call needs the admin token (HTTPS with security.adminTls)
 import net from 'node:net';
@@ -65,8 +65,8 @@ export function checkSecurity(config: ClusterConfig, problems: RawProblem[]): vo
     if (ss.peer && !isLoopback(ss.peer.host) && !(sec.ca !== undefined && tls?.cert !== undefined)) {
       report(['storageSystems', i, 'peer'], `the peer channel on ${show(ss.peer)} is reachable from other hosts without mutual TLS: set security.ca and this storage system's tls.cert and tls.key ${insecureHint}`);
     }
-    if (ss.iscsi && !isLoopback(ss.iscsi.listen.host) && ss.iscsi.chapFile === undefined) {
-      report(['storageSystems', i, 'iscsi'], `iSCSI on ${show(ss.iscsi.listen)} is reachable from other hosts without CHAP: set iscsiChapFile ${insecureHint}`);
+    if (ss.iscsi && !isLoopback(ss.iscsi.listen.host) && ss.iscsi.chapFile === undefined && ss.iscsi.chap === undefined) {
+      report(['storageSystems', i, 'iscsi'], `iSCSI on ${show(ss.iscsi.listen)} is reachable from other hosts without CHAP: set iscsiChap or iscsiChapFile ${insecureHint}`);
     }
   });
   const cfs = config.cfs;

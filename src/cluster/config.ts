@@ -20,6 +20,8 @@ import { buildCfs, checkCfs, crossCheck } from './config-checks.js';
 import { buildSecurity, checkSecurity } from './config-security.js';
 import { allowEntryProblem } from '../util/allow-list.js';
 import { checkSvol, type SvolAttr, type SvolGroupConfig } from './config-svol.js';
+import { buildIscsi } from './config-iscsi.js';
+import type { ChapSecrets } from '../iscsi/chap.js';
 
 export interface HostPort {
   host: string;
@@ -34,6 +36,8 @@ export interface IscsiConfig {
   target: string;
   /** Absolute; USER:SECRET, optionally a second line for mutual CHAP. */
   chapFile?: string;
+  /** CHAP secrets given inline (`iscsiChap:`), instead of chapFile. Never logged nor shown in status. */
+  chap?: ChapSecrets;
   /** IQN patterns and CIDRs. */
   allow?: string[];
 }
@@ -43,6 +47,11 @@ export interface VolumeConfig {
   size: number;
   /** A target of its own for this volume (LUN 0) instead of the storage system's target. */
   iscsiTarget?: string;
+  /** CHAP and allow-list of that target of its own; default: the storage system's (only one of chap and chapFile). */
+  iscsiChap?: ChapSecrets;
+  /** Absolute. */
+  iscsiChapFile?: string;
+  iscsiAllow?: string[];
   /** Who may attach its NBD export (util/allow-list.ts); default: the storage system's `allow`. */
   allow?: string[];
 }
@@ -406,7 +415,30 @@ export const nbdAllowEntry = leaf((v) => {
   const problem = allowEntryProblem(v);
   return problem === undefined ? v : fail(problem);
 });
-export const VolumeSchema = mapping({ id, size: volumeSize, iscsiTarget: iscsiName.optional(), allow: list(nbdAllowEntry).optional() });
+// Inline CHAP secrets (docs/iscsi.md). No message here ever shows a value: it may be a secret.
+export const chapUser = leaf((v) =>
+  typeof v === 'string' && v.length > 0 && v.length <= 255 && !/[\x00-\x1f]/.test(v) ? v : fail(`expected a CHAP user name (1 to 255 printable characters), got ${show(v)}`),
+);
+export const chapSecret = leaf((v) => {
+  if (typeof v !== 'string') fail('expected a CHAP secret in quotes (the value is not shown)');
+  // RFC 7143 12.1.3: secrets of at least 12 bytes (16 recommended) resist offline guessing.
+  if (v.length < 12) fail('the CHAP secret is shorter than 12 characters (RFC 7143 12.1.3; 16 or more recommended)');
+  if (v.length > 255 || /[\x00-\x1f]/.test(v)) fail('the CHAP secret must be at most 255 printable characters');
+  return v;
+});
+export const ChapSchema = z.strictObject(
+  { user: chapUser, secret: chapSecret, mutualUser: chapUser.optional(), mutualSecret: chapSecret.optional() },
+  { error: (iss) => (iss.input === undefined ? MISSING : 'expected a mapping {user, secret, mutualUser, mutualSecret} (the value is not shown)') },
+);
+export const VolumeSchema = mapping({
+  id,
+  size: volumeSize,
+  iscsiTarget: iscsiName.optional(),
+  iscsiChap: ChapSchema.optional(),
+  iscsiChapFile: filePath.optional(),
+  iscsiAllow: list(allowEntry).optional(),
+  allow: list(nbdAllowEntry).optional(),
+});
 export const tlsMode = leaf((v) => (v === 'off' || v === 'allow' || v === 'require' ? v : fail(`expected off, allow or require, got ${show(v)}`)));
 export const TlsSchema = mapping({ mode: tlsMode, cert: filePath.optional(), key: filePath.optional(), pskFile: filePath.optional(), verifyClients: bool.optional() });
 export const adminHost = leaf((v) => (typeof v === 'string' && /^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9a-fA-F:]+\](:\d{1,5})?$/.test(v) ? v.toLowerCase() : fail(`expected a host name such as array.example.com, got ${show(v)}`)));
@@ -450,6 +482,7 @@ export const StorageSystemSchema = mapping({
   volumes: list(VolumeSchema),
   iscsi: iscsiAddress.optional(),
   iscsiTarget: iscsiName.optional(),
+  iscsiChap: ChapSchema.optional(),
   iscsiChapFile: filePath.optional(),
   iscsiAllow: list(allowEntry).optional(),
   tls: TlsSchema.optional(),
@@ -532,6 +565,8 @@ export const KEYS_AT = new Map<string, readonly string[]>([
   ['storageSystems[]', Object.keys(StorageSystemSchema.shape)],
   ['storageSystems[].volumes[]', Object.keys(VolumeSchema.shape)],
   ['storageSystems[].cache', Object.keys(CacheSchema.shape)],
+  ['storageSystems[].iscsiChap', Object.keys(ChapSchema.shape)],
+  ['storageSystems[].volumes[].iscsiChap', Object.keys(ChapSchema.shape)],
   ['pairs[]', Object.keys(PairSchema.shape)],
   ['pairs[].master', Object.keys(VolRefSchema.shape)],
   ['pairs[].mirrors[]', Object.keys(VolRefSchema.shape)],
@@ -570,7 +605,8 @@ export type Parsed = z.output<typeof ClusterSchema>;
 
 export function build(p: Parsed, source: string, baseDir: string, problems: RawProblem[]): ClusterConfig {
   const storageSystems = p.storageSystems.map((ss, i): StorageSystemConfig => {
-    const out: StorageSystemConfig = { id: ss.id, nbd: ss.nbd, admin: ss.admin, volumes: ss.volumes };
+    const iscsi = buildIscsi(ss, i, baseDir, problems);
+    const out: StorageSystemConfig = { id: ss.id, nbd: ss.nbd, admin: ss.admin, volumes: iscsi.volumes };
     if (ss.nbdSocket !== undefined) {
       out.nbdSocket = path.resolve(baseDir, ss.nbdSocket);
       const bytes = Buffer.byteLength(out.nbdSocket);
@@ -583,13 +619,7 @@ export function build(p: Parsed, source: string, baseDir: string, problems: RawP
       if (ss.peer.port === 0) problems.push({ path: ['storageSystems', i, 'peer'], message: 'the peer port cannot be 0: the other storage systems must know where to reach this one' });
     }
     if (ss.dataDir !== undefined) out.dataDir = path.resolve(baseDir, ss.dataDir);
-    if (ss.iscsi !== undefined) {
-      out.iscsi = { listen: ss.iscsi, target: ss.iscsiTarget ?? `iqn.2026-12.org.blockmirror:ss${ss.id}` };
-      if (ss.iscsiChapFile !== undefined) out.iscsi.chapFile = path.resolve(baseDir, ss.iscsiChapFile);
-      if (ss.iscsiAllow !== undefined) out.iscsi.allow = ss.iscsiAllow;
-    } else if (ss.iscsiTarget !== undefined || ss.iscsiChapFile !== undefined || ss.iscsiAllow !== undefined) {
-      problems.push({ path: ['storageSystems', i, 'iscsi'], message: 'iscsiTarget, iscsiChapFile and iscsiAllow need iscsi: HOST:PORT on the same storage system' });
-    }
+    if (iscsi.iscsi) out.iscsi = iscsi.iscsi;
     if (ss.cache !== undefined) out.cache = { size: ss.cache.size, policy: ss.cache.policy ?? 'write-back' };
     if (ss.allow !== undefined) out.allow = ss.allow;
     if (ss.svolGroups !== undefined) {

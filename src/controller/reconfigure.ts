@@ -122,7 +122,8 @@ export async function planChanges(ss: StorageSystem, next: StorageSystemSpec): P
     const a = curVols.get(id);
     if (!a) added.push(b);
     else {
-      if (JSON.stringify(a.allow ?? null) !== JSON.stringify(b.allow ?? null) || a.iscsiTarget !== b.iscsiTarget) refuse(`volume ${id}: its allow list and iSCSI target cannot change at run time; restart the storage system`);
+      const fixed = (v: VolumeEntry) => JSON.stringify([v.allow ?? null, v.iscsiTarget ?? null, v.iscsiChap ?? null, v.iscsiChapFile ?? null, v.iscsiAllow ?? null]);
+      if (fixed(a) !== fixed(b)) refuse(`volume ${id}: its allow list and iSCSI target (with its CHAP and iscsiAllow) cannot change at run time; restart the storage system`);
       if (a.size !== b.size) resized.push([a, b]);
     }
   }

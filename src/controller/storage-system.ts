@@ -46,11 +46,16 @@ import type { SvolGroupStatus } from './svol/status.js';
 import { PROTOCOLS, totalCounters } from './volume-stats.js';
 import { buildHostStack, closeVolumeStack, frontDevices, openVolumeStack, type FrontDevices, type VolumeStack } from './volume-stack.js';
 import type { BlockDevice } from '../blockdev/types.js';
+import type { ChapSecrets } from '../iscsi/chap.js';
 
 export interface VolumeEntry {
   id: number;
   size: number;
   iscsiTarget?: string;
+  /** CHAP and allow-list of that target of its own (default: the storage system's). */
+  iscsiChap?: ChapSecrets;
+  iscsiChapFile?: string;
+  iscsiAllow?: string[];
   allow?: string[];
 }
 
@@ -400,7 +405,14 @@ export class StorageSystem implements AdminTarget {
     const hidden = new Set([...this.svolGroups.values()].flatMap((g) => g.volumes.filter((v) => v !== g.spec.pvol)));
     const vols = spec.volumes
       .filter((v) => !hidden.has(v.id))
-      .map((v) => ({ id: v.id, device: this.volumes.get(v.id)!.front!.iscsi, ...(v.iscsiTarget ? { target: v.iscsiTarget } : {}) }));
+      .map((v) => ({
+        id: v.id,
+        device: this.volumes.get(v.id)!.front!.iscsi,
+        ...(v.iscsiTarget ? { target: v.iscsiTarget } : {}),
+        ...(v.iscsiChap ? { chap: v.iscsiChap } : {}),
+        ...(v.iscsiChapFile ? { chapFile: v.iscsiChapFile } : {}),
+        ...(v.iscsiAllow ? { allow: v.iscsiAllow } : {}),
+      }));
     // A logical S-VOL is a LUN under its logical ID: an RO member is write protected.
     for (const [id, front] of this.logicalHosts) vols.push({ id, device: front.iscsi });
     if (spec.iscsi) {

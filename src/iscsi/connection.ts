@@ -15,6 +15,7 @@ import { decodeBhs, encodeBhs, type Bhs, type BhsInit } from '../protocol/iscsi/
 import { BHS_LENGTH, isInitiatorOpcode, LoginStatus, LogoutResponse, Op, RejectReason, RESERVED_TAG, TmfFunction, TmfResponse, type Opcode } from '../protocol/iscsi/constants.js';
 import { framePdu, PduFramer, type Frame } from '../protocol/iscsi/framer.js';
 import { encodeText, parseText, type TextPairs } from '../protocol/iscsi/text.js';
+import type { ChapSecrets } from './chap.js';
 import { LoginError, LoginPhase, type LoginResult } from './login.js';
 import { negotiate, TARGET_LIMITS, type SessionParams } from './negotiation.js';
 import { Asc, SenseKey, Status } from './scsi/constants.js';
@@ -30,6 +31,8 @@ export interface ConnectionHooks {
   log: Logger;
   findTarget(name: string): TargetSpec | undefined;
   targets(): TargetSpec[];
+  /** What discovery sessions must prove; default: the first target with CHAP. */
+  discoveryChap?: ChapSecrets;
   portals(): string[];
   /** Full feature phase reached: returns the TSIH (reinstating an older session of the same ISID), or a login status to refuse. */
   admit(conn: IscsiConnection, login: LoginResult): number | { status: number };
@@ -98,7 +101,7 @@ export class IscsiConnection {
     private readonly hooks: ConnectionHooks,
   ) {
     this.remoteAddress = socket.remoteAddress ?? '';
-    const discoveryChap = hooks.targets().find((t) => t.chap)?.chap;
+    const discoveryChap = hooks.discoveryChap ?? hooks.targets().find((t) => t.chap)?.chap;
     this.login = new LoginPhase({ findTarget: (n) => hooks.findTarget(n), remoteAddress: this.remoteAddress, ...(discoveryChap ? { discoveryChap } : {}) });
     // During login the initiator may send up to 8192 bytes per PDU (its default view of our limit).
     socket.on('data', (chunk: Buffer) => this.onData(chunk));

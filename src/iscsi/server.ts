@@ -6,6 +6,7 @@ import type { Logger } from 'pino';
 import { LoginStatus } from '../protocol/iscsi/constants.js';
 import { IscsiConnection, type ConnectionHooks } from './connection.js';
 import type { LoginResult } from './login.js';
+import type { ChapSecrets } from './chap.js';
 import { initiatorPortName, normaliseName, type TargetSpec } from './target.js';
 
 export interface IscsiServerOptions {
@@ -18,6 +19,8 @@ export interface IscsiServerOptions {
   loginTimeoutMs?: number;
   /** Commands per session in flight (the CmdSN window). */
   queueDepth?: number;
+  /** What discovery sessions must prove; default: the first target with CHAP. */
+  discoveryChap?: ChapSecrets;
 }
 
 export interface IscsiSessionInfo {
@@ -48,6 +51,7 @@ export class IscsiServer {
       log: opts.log,
       findTarget: (n) => this.targets.get(normaliseName(n)),
       targets: () => [...this.targets.values()],
+      ...(opts.discoveryChap ? { discoveryChap: opts.discoveryChap } : {}),
       portals: () => this.opts.portals ?? this.listening,
       admit: (c, r) => this.admit(c, r),
       closed: (c) => {

@@ -21,6 +21,9 @@ export interface IscsiVolume {
   alua?: () => AluaStateValue;
   /** A target of its own instead of the default one. */
   target?: string;
+  /** That target's CHAP and allow-list; default: the wiring's. */
+  chap?: ChapSecrets;
+  allow?: string[];
 }
 
 export interface IscsiWiring {
@@ -44,7 +47,9 @@ export async function startIscsi(w: IscsiWiring): Promise<{ server: IscsiServer;
     let t = targets.get(name);
     if (!t) {
       const luns = new Map<number, LogicalUnit>();
-      t = { name, luns, chap: w.chap, allow: w.allow };
+      // The first volume of a target of its own brings its auth (the config checks that the others agree).
+      const own = v.target !== undefined && name !== w.target.toLowerCase();
+      t = { name, luns, chap: own ? (v.chap ?? w.chap) : w.chap, allow: own ? (v.allow ?? w.allow) : w.allow };
       targets.set(name, t);
     }
     const luns = t.luns;
@@ -63,7 +68,8 @@ export async function startIscsi(w: IscsiWiring): Promise<{ server: IscsiServer;
       }),
     );
   }
-  const server = new IscsiServer({ log: w.log, targets: [...targets.values()], portals: w.portals });
+  // Discovery sessions prove the default target's secret, whichever targets have secrets of their own.
+  const server = new IscsiServer({ log: w.log, targets: [...targets.values()], portals: w.portals, ...(w.chap ? { discoveryChap: w.chap } : {}) });
   const address = await server.listen(w.listen.host, w.listen.port);
   return { server, address, targets: [...targets.values()] };
 }
@@ -73,6 +79,8 @@ export interface SystemIscsiSpec {
   listen: { host: string; port: number };
   target: string;
   chapFile?: string;
+  /** Inline secrets, instead of chapFile. */
+  chap?: ChapSecrets;
   allow?: string[];
 }
 
@@ -84,14 +92,14 @@ export interface SystemIscsiSpec {
 export async function startSystemIscsi(
   ssId: number,
   spec: SystemIscsiSpec,
-  volumes: Array<{ id: number; device: AtomicDevice; target?: string }>,
+  volumes: Array<{ id: number; device: AtomicDevice; target?: string; chap?: ChapSecrets; chapFile?: string; allow?: string[] }>,
   dataDir: string | undefined,
   log: Logger,
 ): Promise<{ server: IscsiServer; address: string }> {
   const r = await startIscsi({
     listen: spec.listen,
     target: spec.target,
-    chap: spec.chapFile ? readChapFile(spec.chapFile) : undefined,
+    chap: spec.chap ?? (spec.chapFile ? readChapFile(spec.chapFile) : undefined),
     allow: spec.allow,
     dataDir,
     log,
@@ -101,6 +109,8 @@ export async function startSystemIscsi(
       device: v.device,
       atomic: v.device,
       target: v.target,
+      chap: v.chap ?? (v.chapFile ? readChapFile(v.chapFile) : undefined),
+      allow: v.allow,
       alua: () => (v.device.readOnly ? AluaState.STANDBY : AluaState.ACTIVE_OPTIMIZED),
     })),
   });
