@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { Etcd3 } from 'etcd3';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { adminFetch } from './helpers/admin.js';
 import { fio } from './helpers/clients.js';
 import { EtcdCluster } from './helpers/etcd.js';
 import { SSProcess, loopbackAddrs, type SSAddr } from './helpers/remote.js';
@@ -98,6 +99,11 @@ describe('live reconfiguration with etcd', () => {
       procs.push(ss2);
       await ss2.start();
       await waitFor('storage system 2 in etcd', async () => ((await dump(file)).storageSystems.some((s) => s.id === 2) ? true : undefined));
+      // ss1's dashboard asks the storage system added at run time too, without a restart.
+      await waitFor('storage system 2 on ss1\'s dashboard', async () => {
+        const view = (await (await adminFetch(`http://${a.host}:${a.admin}/api/cluster`)).json()) as { storageSystems: { id: number; reachable: boolean }[] };
+        return view.storageSystems.some((x) => x.id === 2 && x.reachable) ? true : undefined;
+      });
 
       // fio writes and verifies through the master while the logical volume gains a mirror.
       const job = fio(ss1.uri(1), dir, ['--name=lv', '--rw=randwrite', '--bs=4k', '--iodepth=8', '--size=16M', '--verify=crc32c', '--verify_backlog=128', '--verify_fatal=1', '--time_based', '--runtime=40']);

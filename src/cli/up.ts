@@ -74,18 +74,24 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
       tokens.set(id, t.token);
       if (t.note) log.warn(t.note);
     }
-    // Each dashboard shows the whole cluster: it asks every storage system of the file, with its token if known here.
-    const peers = config.storageSystems.map((s) => {
-      const token = tokens.get(s.id) ?? clientAdminToken(cfg, s.id);
-      return { id: s.id, host: s.admin.host, port: s.admin.port, ...(token ? { token } : {}) };
-    });
     const sec = config.security;
     const { adminClientCa, adminServerTls } = await import('../cluster/credentials.js');
+    // Each dashboard shows the whole cluster: it asks every storage system of the file, with its token if known here.
+    const peersOf = (c: ClusterConfig) => {
+      const ca = adminClientCa(c);
+      return c.storageSystems.map((s) => {
+        const token = tokens.get(s.id) ?? clientAdminToken(c, s.id);
+        return { id: s.id, host: s.admin.host, port: s.admin.port, ...(token ? { token } : {}), ...(ca ? { ca } : {}) };
+      });
+    };
+    // One list shared by every dashboard of this process, updated in place by apply (a storage system added at run time shows at once).
+    const peersTls = peersOf(cfg);
     const { ClusterReconfigurer } = await import('../cluster/reconfigure.js');
     const ag = agent;
-    reconfigurer = new ClusterReconfigurer(cfg, opts.config, systems, log, async (next) => ag?.reconfigured(next));
-    const ca = adminClientCa(cfg);
-    const peersTls = ca ? peers.map((p) => ({ ...p, ca })) : peers;
+    reconfigurer = new ClusterReconfigurer(cfg, opts.config, systems, log, async (next) => {
+      peersTls.splice(0, peersTls.length, ...peersOf(next));
+      await ag?.reconfigured(next);
+    });
     for (const ss of systems) {
       const a = config.storageSystems.find((s) => s.id === ss.spec.id)!.admin;
       const auth = { token: tokens.get(ss.spec.id)!, readOpen: sec.adminReadOpen, hosts: sec.adminHosts };
