@@ -1,6 +1,6 @@
 // CHAP from the YAML with real initiators (libiscsi's iscsi-inq and iscsi-ls): secrets inline on
 // the storage system, a volume's own target with its own inline secrets (mutual) or its own CHAP
-// file and allow-list, and none of the secrets in the logs, `status`, /api/status or /metrics.
+// file and allow-list, and none of the secrets in the logs, `status`, /api/status, /api/config or /metrics.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -123,12 +123,16 @@ describe('CHAP secrets in the YAML, per target, with real initiators', () => {
     expect(still.code, still.stderr).toBe(0);
   });
 
-  it('never shows a secret in the logs, blockmirror status, /api/status or /metrics, while the logs record the logins and refusals', async () => {
+  it('never shows a secret in the logs, blockmirror status, /api/status, /api/config or /metrics, while the logs record the logins and refusals', async () => {
     expect((await inq('bob', 'a-wrong-secret-xyz', ownTarget, 0)).code).not.toBe(0);
     const api = await (await adminFetch(`http://127.0.0.1:${admin}/api/status`)).text();
     expect(api).toContain(`"address":"127.0.0.1:${iscsi}"`);
     const metrics = await (await adminFetch(`http://127.0.0.1:${admin}/metrics`)).text();
     expect(metrics).toMatch(/blockmirror_frontend_sessions\{[^}]*protocol="iscsi"/);
+    // The running YAML through the API: the CHAP keys are there, their secrets are not.
+    const config = ((await (await adminFetch(`http://127.0.0.1:${admin}/api/config`)).json()) as { yaml: string }).yaml;
+    expect(config).toMatch(/iscsiChap:/);
+    expect(config).toMatch(/secret: <redacted>/);
     const cli = await run(process.execPath, [CLI, 'status', '-c', path.join(dir, 'cluster.yaml')]);
     expect(cli.code, cli.stderr).toBe(0);
     const json = await run(process.execPath, [CLI, 'status', '-c', path.join(dir, 'cluster.yaml'), '--json']);
@@ -138,7 +142,7 @@ describe('CHAP secrets in the YAML, per target, with real initiators', () => {
     expect(all).toMatch(/iscsi login refused/);
     expect(all).toMatch(/CHAP authentication failed/);
     expect(all).toMatch(/"msg":"iscsi login"/);
-    for (const [where, text] of [['logs', all], ['/api/status', api], ['/metrics', metrics], ['status', cli.stdout + cli.stderr], ['status --json', json.stdout]] as const) {
+    for (const [where, text] of [['logs', all], ['/api/status', api], ['/metrics', metrics], ['/api/config', config], ['status', cli.stdout + cli.stderr], ['status --json', json.stdout]] as const) {
       for (const s of SECRETS) expect(text.includes(s), `${where} shows a CHAP secret`).toBe(false);
     }
   });

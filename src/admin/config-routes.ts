@@ -1,7 +1,8 @@
 // Live reconfiguration over the admin API (cluster/reconfigure.ts): what `blockmirror apply`
 // and `blockmirror pair create|delete` call on every storage system of the YAML.
 //
-//   GET  /api/config   { yaml }                         the YAML this process runs now
+//   GET  /api/config   { yaml }                         the YAML this process runs now, inline secrets
+//                                                       (iscsiChap secret, mutualSecret) shown as "<redacted>"
 //   POST /api/config   body { yaml, dryRun? }           { changes: string[], notes: string[], applied }
 //                      400 the YAML is invalid (the line and column of each problem)
 //                      409 a change is refused (unsafe, or needs a restart): nothing applied
@@ -10,6 +11,7 @@
 // A process started without a YAML (`serve`, tests) has none to change: 404.
 import type { FastifyInstance } from 'fastify';
 import * as z from 'zod';
+import { isPair, isScalar, parseDocument, visit } from 'yaml';
 import { ConfigError } from '../cluster/config.js';
 import type { ApplyResult } from '../cluster/reconfigure.js';
 import { ReconfigureFailed, ReconfigureRefused } from '../controller/reconfigure.js';
@@ -31,7 +33,7 @@ export function registerConfigRoutes(app: FastifyInstance, handler: ConfigHandle
     return handler;
   };
   // GET and POST share the path, so the 405 for the other methods is set here (server.ts's route() takes one method a path).
-  app.route({ method: ['GET', 'HEAD'], url: '/api/config', handler: async () => ({ yaml: need().currentText() }) });
+  app.route({ method: ['GET', 'HEAD'], url: '/api/config', handler: async () => ({ yaml: redactSecrets(need().currentText()) }) });
   app.route({
     method: 'POST',
     url: '/api/config',
@@ -56,4 +58,23 @@ export function registerConfigRoutes(app: FastifyInstance, handler: ConfigHandle
     url: '/api/config',
     handler: async (req, reply) => reply.code(405).header('allow', 'GET, HEAD, POST').send({ error: `method ${req.method} not allowed on /api/config (use GET or POST)` }),
   });
+}
+
+const SECRET_KEYS = new Set(['secret', 'mutualSecret']);
+
+/**
+ * The YAML with the CHAP secrets of `iscsiChap` mappings (docs/iscsi.md) replaced, comments and
+ * layout kept: secrets never leave the process through the API (docs/SECURITY.md). A text that
+ * does not parse is not served at all.
+ */
+export function redactSecrets(text: string): string {
+  const doc = parseDocument(text);
+  if (doc.errors.length > 0) return '# the running YAML does not parse; read it on the host\n';
+  const isChap = (n: unknown) => isPair(n) && isScalar(n.key) && n.key.value === 'iscsiChap';
+  visit(doc, {
+    Pair(_, pair, ancestors) {
+      if (isScalar(pair.key) && SECRET_KEYS.has(String(pair.key.value)) && ancestors.some(isChap)) pair.value = doc.createNode('<redacted>');
+    },
+  });
+  return doc.toString();
 }
