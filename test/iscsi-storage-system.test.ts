@@ -9,6 +9,7 @@ import { RawInitiator } from './helpers/iscsi-raw.js';
 import { CLI, freePort, run, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
 import { adminFetch } from './helpers/admin.js';
 import { connect } from '../src/nbd/client.js';
+import { SSProcess, inSync, loopbackAddrs, qemuIo, type SSAddr } from './helpers/remote.js';
 
 describe('a storage system with iscsi: in its YAML', () => {
   let dir: string;
@@ -242,5 +243,56 @@ describe('a pair across two storage systems, both with iscsi:', () => {
       one.close();
       two.close();
     }
+  });
+});
+
+describe('a pair across two storage systems in two processes, both with iscsi:', () => {
+  it('after kill -9 of the master and a takeover, the survivor\'s LUN hears of its new role (2A/06), holds every acknowledged write and takes new ones', async () => {
+    const dir = tmpDir('bm-iscsi-takeover-');
+    const [a, b] = await loopbackAddrs();
+    const iscsi = [await freePort(), await freePort()];
+    const ss = (i: number, x: SSAddr) => `  - id: ${i + 1}
+    nbd: 127.0.0.1:${x.nbd}
+    admin: 127.0.0.1:${x.admin}
+    peer: 127.0.0.1:${x.peer}
+    iscsi: 127.0.0.1:${iscsi[i]}
+    dataDir: ss${i + 1}
+    volumes:
+      - { id: 1, size: 8MiB }`;
+    const file = path.join(dir, 'cluster.yaml');
+    fs.writeFileSync(file, `peerTimeout: 1s\nstorageSystems:\n${ss(0, a)}\n${ss(1, b)}\npairs:\n  - { name: px, mode: sync, master: { ss: 1, vol: 1 }, mirrors: [{ ss: 2, vol: 1 }] }\n`);
+    const ss1 = new SSProcess(1, file, a);
+    const ss2 = new SSProcess(2, file, b);
+    const survivor = await (async () => {
+      await Promise.all([ss1.start(), ss2.start()]);
+      await ss1.waitPair('px', inSync, 'in sync');
+      return RawInitiator.connect(iscsi[1]!);
+    })();
+    const write = (fill: number) => survivor.scsi(1, Buffer.from([0x2a, 0, 0, 0, 0, 0x40, 0, 0, 1, 0]), { dataOut: Buffer.alloc(512, fill) });
+    const read = async (lba: number) => (await survivor.scsi(1, Buffer.from([0x28, 0, 0, 0, lba >> 8, lba & 0xff, 0, 0, 1, 0]), { readLength: 512 })).data;
+    const sense = (r: { status: number; senseKey?: number; asc?: number }) => [r.status, r.senseKey, r.asc];
+    try {
+      await survivor.login('iqn.2026-12.org.blockmirror:ss2');
+      // A sync write acknowledged by the master (LBA 0x20), then the master dies.
+      expect((await qemuIo(ss1.uri(1), ['write -P 0x5a 16k 512'])).code).toBe(0);
+      expect(sense(await write(0x11))).toEqual([2, 0x7, 0x2700]); // the mirror's LUN: DATA PROTECT
+      await ss1.kill();
+      await ss2.waitPair('px', (p) => p.stale === true, 'stale');
+      const t = await run(process.execPath, [CLI, 'pair', 'takeover', 'px', '-c', file]);
+      expect(t.code, t.stderr).toBe(0);
+      await ss2.waitPair('px', (p) => p.role === 'master' && p.epoch === 2, 'the master role');
+      expect(sense(await write(0x22))).toEqual([2, 0x6, 0x2a06]); // told once: the LUN is writable now
+      expect((await write(0x22)).status).toBe(0);
+      expect((await read(0x40)).equals(Buffer.alloc(512, 0x22))).toBe(true);
+      expect((await read(0x20)).equals(Buffer.alloc(512, 0x5a))).toBe(true);
+    } finally {
+      survivor.close();
+      await Promise.all([ss1.kill(), ss2.kill()]);
+    }
+    // The survivor's volume file holds both writes, byte for byte what the LUN returned.
+    const img = fs.readFileSync(ss2.volumeFile(dir, 1));
+    expect(img.subarray(0x20 * 512, 0x21 * 512).equals(Buffer.alloc(512, 0x5a))).toBe(true);
+    expect(img.subarray(0x40 * 512, 0x41 * 512).equals(Buffer.alloc(512, 0x22))).toBe(true);
+    fs.rmSync(dir, { recursive: true, force: true });
   });
 });
