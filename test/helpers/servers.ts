@@ -24,23 +24,41 @@ export interface RunningServer {
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
-/** Ports this test process already handed out: the kernel may offer a closed one again at once. */
+/**
+ * Ports for test servers come from below the kernel's ephemeral range (ip_local_port_range), so no
+ * outgoing connection can take the port of a server that a test kills and starts again (a restarted
+ * storage system once failed with EADDRINUSE on its own peer port). Each vitest worker draws from
+ * its own slice (VITEST_POOL_ID), never hands a port out twice, and checks that it is free now.
+ */
+const EPHEMERAL_LOW = (() => {
+  try {
+    return Number(fs.readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]) || 32768;
+  } catch {
+    return 32768;
+  }
+})();
+const SLICES = 8;
+const SLICE = Math.max(200, Math.floor((EPHEMERAL_LOW - 10_000) / SLICES));
+const sliceLow = 10_000 + ((Number(process.env.VITEST_POOL_ID ?? 0) || 0) % SLICES) * SLICE;
 const handedOut = new Set<number>();
 
+function canListen(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.createServer();
+    s.once('error', () => resolve(false));
+    s.listen(port, '127.0.0.1', () => s.close(() => resolve(true)));
+  });
+}
+
 export async function freePort(): Promise<number> {
-  for (;;) {
-    const port = await new Promise<number>((resolve, reject) => {
-      const s = net.createServer();
-      s.once('error', reject);
-      s.listen(0, '127.0.0.1', () => {
-        const p = (s.address() as net.AddressInfo).port;
-        s.close(() => resolve(p));
-      });
-    });
-    if (handedOut.has(port)) continue;
+  for (let tries = 0; tries < 2000; tries++) {
+    const port = sliceLow + Math.floor(Math.random() * SLICE);
+    if (handedOut.has(port) || port >= EPHEMERAL_LOW) continue;
+    if (!(await canListen(port))) continue;
     handedOut.add(port);
     return port;
   }
+  throw new Error(`freePort: no free port in ${sliceLow}-${sliceLow + SLICE - 1}`);
 }
 
 export function tmpDir(prefix = 'bm-test-'): string {
