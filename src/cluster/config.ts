@@ -14,6 +14,7 @@ import { LineCounter, parseDocument } from 'yaml';
 import * as z from 'zod';
 import { FaultRequestSchema, FaultSpecError, parseByteRange, resolveFault, type FaultRequest } from '../controller/fault-table.js';
 import type { PairMode, VolRef } from '../controller/status.js';
+import type { VolumeEntry } from '../controller/storage-system.js';
 import { formatSize, parseSize } from '../util/size.js';
 import { closest, formatPath, formatProblems, isPlainObject, locate, show, valueAt } from './config-problems.js';
 import { buildCfs, checkCfs, crossCheck } from './config-checks.js';
@@ -42,19 +43,8 @@ export interface IscsiConfig {
   allow?: string[];
 }
 
-export interface VolumeConfig {
-  id: number;
-  size: number;
-  /** A target of its own for this volume (LUN 0) instead of the storage system's target. */
-  iscsiTarget?: string;
-  /** CHAP and allow-list of that target of its own; default: the storage system's (only one of chap and chapFile). */
-  iscsiChap?: ChapSecrets;
-  /** Absolute. */
-  iscsiChapFile?: string;
-  iscsiAllow?: string[];
-  /** Who may attach its NBD export (util/allow-list.ts); default: the storage system's `allow`. */
-  allow?: string[];
-}
+/** A volume as the YAML gives it: the controller's VolumeEntry (storage-system.ts documents each key). */
+export type VolumeConfig = VolumeEntry;
 
 /** NBD STARTTLS and this storage system's credential (docs/SECURITY.md). Paths are absolute. */
 export interface TlsConfig {

@@ -48,14 +48,18 @@ import { buildHostStack, closeVolumeStack, frontDevices, openVolumeStack, type F
 import type { BlockDevice } from '../blockdev/types.js';
 import type { ChapSecrets } from '../iscsi/chap.js';
 
+/** A volume of a storage system, as the YAML's `volumes:` gives it (cluster/config.ts). */
 export interface VolumeEntry {
   id: number;
   size: number;
+  /** A target of its own for this volume (LUN 0) instead of the storage system's target. */
   iscsiTarget?: string;
-  /** CHAP and allow-list of that target of its own (default: the storage system's). */
+  /** CHAP and allow-list of that target of its own; default: the storage system's (only one of chap and chapFile). */
   iscsiChap?: ChapSecrets;
+  /** Absolute. */
   iscsiChapFile?: string;
   iscsiAllow?: string[];
+  /** Who may attach its NBD export (util/allow-list.ts); default: the storage system's `allow`. */
   allow?: string[];
 }
 
