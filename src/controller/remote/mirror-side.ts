@@ -128,6 +128,7 @@ export class MirrorSide {
           if (dirty.length > 0) await this.store.clear(0, dirty);
         }
         this.session = this.link.session;
+        this.refusing = false; // a new session: the next episode without a master is logged again
         return {};
       }
       case 'bits': {
