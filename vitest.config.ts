@@ -8,6 +8,7 @@ process.env.PATH = [...dirs, ...['/usr/sbin', '/sbin'].filter((d) => !dirs.inclu
 export default defineConfig({
   test: {
     include: ['test/**/*.test.ts'],
+    globalSetup: ['test/helpers/global-setup.ts'],
     setupFiles: ['test/helpers/setup-env.ts'],
     testTimeout: 120_000,
     hookTimeout: 120_000,

@@ -61,8 +61,19 @@ export async function freePort(): Promise<number> {
   throw new Error(`freePort: no free port in ${sliceLow}-${sliceLow + SLICE - 1}`);
 }
 
+const made: string[] = [];
+
+/** A new directory under the run's TMPDIR, removed after the test file (removeTmpDirs). */
 export function tmpDir(prefix = 'bm-test-'): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  made.push(dir);
+  return dir;
+}
+
+/** Removes every directory tmpDir made in this test file; setup-env.ts calls it after the file. */
+export function removeTmpDirs(): void {
+  if (process.env.BLOCKMIRROR_KEEP_TMP) return;
+  for (const dir of made.splice(0)) fs.rmSync(dir, { recursive: true, force: true, maxRetries: 5 });
 }
 
 function track(proc: ChildProcess): { stderr(): string; exited: Promise<number | null> } {
