@@ -23,6 +23,8 @@ export interface Op {
   ok: boolean;
   /** A read whose block held more than one value. */
   torn?: boolean;
+  /** What the client library said when the operation failed. */
+  error?: string;
 }
 
 export interface Anomaly {
@@ -47,6 +49,7 @@ export function parseOps(client: number, text: string): Op[] {
     if (f.length < 6 || (f[0] !== 'w' && f[0] !== 'r')) continue;
     const op: Op = { kind: f[0] === 'w' ? 'write' : 'read', client, block: Number(f[1]), value: Number(f[2]), inv: Number(f[3]), end: Number(f[4]), ok: f[5] !== 'err' };
     if (f[5] === 'torn') op.torn = true;
+    if (f[5] === 'err') op.error = f.slice(6).join(' ');
     ops.push(op);
   }
   return ops;
