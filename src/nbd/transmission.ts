@@ -39,8 +39,15 @@ const HIGH_WATER_BYTES = 64 * 1024 * 1024;
 const MAX_IN_FLIGHT = 512;
 
 
-/** Reads that do not go into a payload buffer land here: small, so that only the first bytes of a large payload are copied out of it. */
+/**
+ * Reads that do not go into a payload buffer land in a scratch buffer. A read of up to COPY_MAX
+ * bytes (headers, small WRITEs) is copied out of it, and the scratch buffer is read into again;
+ * a larger one (the start of a large WRITE's payload) is handed to the parser as it is, and the
+ * next read gets a new scratch buffer: copying 128 KiB of every 1 MiB WRITE, twice, was a tenth
+ * of a gateway's CPU (bench/RESULTS.md, gateway).
+ */
 const SCRATCH = 128 * 1024;
+const COPY_MAX = 16 * 1024;
 
 export class Connection {
   private readonly parser: RequestParser;
@@ -119,10 +126,13 @@ export class Connection {
   /** n bytes were read into `buf`; false stops reading (backpressure) until maybeResume(). */
   private readonly onRead = (n: number, buf: Buffer): boolean => {
     if (this.closed) return false;
-    if (buf.buffer === this.scratch!.buffer) {
-      // The scratch buffer is reused by the next read: keep a copy of these bytes.
-      this.parser.push(Buffer.from(buf.subarray(0, n)));
-    } else this.parser.directFilled(n);
+    if (buf.buffer !== this.scratch!.buffer) this.parser.directFilled(n);
+    else if (n <= COPY_MAX) this.parser.push(Buffer.copyBytesFrom(buf, 0, n));
+    else {
+      // The parser keeps views into these bytes until their requests are done: give it the buffer.
+      this.parser.push(buf.subarray(0, n));
+      this.scratch = Buffer.allocUnsafeSlow(SCRATCH);
+    }
     this.pump();
     return !this.paused && !this.draining;
   };

@@ -46,7 +46,11 @@ export class RequestParser {
   private pending: Request | null = null; // header seen, payload outstanding
   private draining = 0; // oversize payload bytes still to discard
   private broken = false;
-  /** The pending WRITE's payload buffer while it is filled in place, and how much of it is. */
+  /**
+   * A large pending WRITE: the payload bytes that had arrived (views into the received chunks,
+   * never copied) and the buffer the rest is read into in place, with how much of it is filled.
+   */
+  private head: Buffer[] = [];
   private direct: Buffer | null = null;
   private filled = 0;
 
@@ -105,19 +109,22 @@ export class RequestParser {
       if (this.pending && this.direct) {
         if (this.filled < this.direct.length) return null;
         const req = this.pending;
-        req.payload = [this.direct];
+        this.head.push(this.direct);
+        req.payload = this.head;
         req.ownedPayload = this.direct;
         this.pending = null;
         this.direct = null;
+        this.head = [];
         return { kind: 'request', request: req };
       }
       if (this.pending) {
         if (this.q.length < this.pending.length) {
           if (this.inPlace && this.pending.length - this.q.length >= DIRECT_MIN) {
-            // Move what has arrived into the payload buffer; the rest will be read into it directly.
-            this.direct = this.alloc(this.pending.length);
-            this.filled = this.q.length;
-            if (this.filled > 0) this.q.take(this.filled).copy(this.direct, 0);
+            // What has arrived stays where it is, as the payload's first pieces; only the rest
+            // gets a buffer, which the caller reads into directly (no byte is copied).
+            this.head = this.q.takeVec(this.q.length);
+            this.direct = this.alloc(this.pending.length - this.head.reduce((n, b) => n + b.length, 0));
+            this.filled = 0;
           }
           return null;
         }
