@@ -29,13 +29,13 @@ describe('the history checker', () => {
     expect(kinds(base, [[0, TORN]])).toEqual(['torn block']);
   });
 
-  it('reads the clients\' lines and ignores anything else', () => {
+  it('reads the clients\' lines, with the message of a failed operation, and ignores anything else', () => {
     const ops = parseOps(4, 'w 3 17179869185 100 200 ok\nr 3 17179869185 300 310 ok\nr 1 0 5 6 torn\nw 2 17179869186 7 8 err Input/output error\nnoise\n');
     expect(ops).toEqual([
       { kind: 'write', client: 4, block: 3, value: 17179869185, inv: 100, end: 200, ok: true },
       { kind: 'read', client: 4, block: 3, value: 17179869185, inv: 300, end: 310, ok: true },
       { kind: 'read', client: 4, block: 1, value: 0, inv: 5, end: 6, ok: true, torn: true },
-      { kind: 'write', client: 4, block: 2, value: 17179869186, inv: 7, end: 8, ok: false },
+      { kind: 'write', client: 4, block: 2, value: 17179869186, inv: 7, end: 8, ok: false, error: 'Input/output error' },
     ]);
   });
 });

@@ -37,6 +37,26 @@ export interface Geometry {
 
 export const roundUp = (n: number, to = BLOCK) => Math.ceil(n / to) * to;
 
+/**
+ * The tables are rewritten by the other side while we poll them, and a read that races a write
+ * can come back torn (a page copied half old, half new: its checksum fails). Reading again gets
+ * it whole, so a table is damaged only when this many reads in a row fail; the waits between
+ * them grow by 1 ms. Seen in CI: a sender's poll of the acknowledgement table, torn while the
+ * receiver wrote it, failed the whole transfer.
+ */
+const TABLE_READS = 5;
+
+async function rereadTorn<T>(read: () => Promise<T>): Promise<T> {
+  for (let k = 1; ; k++) {
+    try {
+      return await read();
+    } catch (e) {
+      if (!(e instanceof XferFormatError) || k >= TABLE_READS) throw e;
+      await new Promise((r) => setTimeout(r, k));
+    }
+  }
+}
+
 /** Where the master's tables and pool lie for this geometry. */
 function masterLayout(g: Geometry) {
   const pidTable = 2 * BLOCK;
@@ -214,13 +234,15 @@ export class XferVolume {
   }
 
   /** Both halves of every slot, in one read of the table. */
-  async readPidTable(): Promise<{ req: PidEntry; rsp: PidEntry }[]> {
-    const buf = await this.master.read(this.mcb.pidTable, 2 * this.mcb.maxConn * BLOCK);
-    return Array.from({ length: this.mcb.maxConn }, (_, s) => this.decodePid(s, buf, 2 * s * BLOCK));
+  readPidTable(): Promise<{ req: PidEntry; rsp: PidEntry }[]> {
+    return rereadTorn(async () => {
+      const buf = await this.master.read(this.mcb.pidTable, 2 * this.mcb.maxConn * BLOCK);
+      return Array.from({ length: this.mcb.maxConn }, (_, s) => this.decodePid(s, buf, 2 * s * BLOCK));
+    });
   }
 
-  async readPid(slot: number): Promise<{ req: PidEntry; rsp: PidEntry }> {
-    return this.decodePid(slot, await this.master.read(this.pidOffset(slot, 0), 2 * BLOCK), 0);
+  readPid(slot: number): Promise<{ req: PidEntry; rsp: PidEntry }> {
+    return rereadTorn(async () => this.decodePid(slot, await this.master.read(this.pidOffset(slot, 0), 2 * BLOCK), 0));
   }
 
   private decodePid(slot: number, buf: Buffer, at: number) {
@@ -235,10 +257,12 @@ export class XferVolume {
     return this.master.write(this.pidOffset(e.slot, e.role), PID.encode(e));
   }
 
-  async readPtr(slot: number): Promise<PtrTable> {
-    const t = PTR.decode(`pointer table of connection ${slot}`, await this.master.read(this.mcb.ptrTables + slot * BLOCK, BLOCK));
-    if (t.slot !== slot) throw new XferFormatError(`pointer table of connection ${slot}`, `names connection ${t.slot}: damaged`);
-    return t;
+  readPtr(slot: number): Promise<PtrTable> {
+    return rereadTorn(async () => {
+      const t = PTR.decode(`pointer table of connection ${slot}`, await this.master.read(this.mcb.ptrTables + slot * BLOCK, BLOCK));
+      if (t.slot !== slot) throw new XferFormatError(`pointer table of connection ${slot}`, `names connection ${t.slot}: damaged`);
+      return t;
+    });
   }
 
   writePtr(t: PtrTable): Promise<void> {
@@ -250,10 +274,12 @@ export class XferVolume {
     return this.master.write(this.mcb.ptrTables + slot * BLOCK, block);
   }
 
-  async readAck(slot: number): Promise<AckTable> {
-    const t = ACK.decode(`acknowledgement table of connection ${slot}`, await this.master.read(this.mcb.ackTables + slot * BLOCK, BLOCK));
-    if (t.slot !== slot) throw new XferFormatError(`acknowledgement table of connection ${slot}`, `names connection ${t.slot}: damaged`);
-    return t;
+  readAck(slot: number): Promise<AckTable> {
+    return rereadTorn(async () => {
+      const t = ACK.decode(`acknowledgement table of connection ${slot}`, await this.master.read(this.mcb.ackTables + slot * BLOCK, BLOCK));
+      if (t.slot !== slot) throw new XferFormatError(`acknowledgement table of connection ${slot}`, `names connection ${t.slot}: damaged`);
+      return t;
+    });
   }
 
   writeAck(t: AckTable): Promise<void> {
