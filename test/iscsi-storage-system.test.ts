@@ -73,6 +73,7 @@ pairs:
     const ini = await RawInitiator.connect(iscsi);
     try {
       await ini.login(target);
+      expect(await ini.clearUnitAttentions(1)).toEqual(['6/2900']); // a new I_T nexus: POWER ON OR RESET
       // READ(10) of one block of LUN 1.
       const read = await ini.scsi(1, Buffer.from([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]), { readLength: 512 });
       expect(read.status).toBe(0);
@@ -114,6 +115,7 @@ pairs:
     const ini = await RawInitiator.connect(iscsi);
     try {
       await ini.login('iqn.2026-12.org.blockmirror:own');
+      expect(await ini.clearUnitAttentions(0)).toEqual(['6/2900']);
       for (const [lba, blocks] of [[0, 8], [64, 4]] as const) {
         const w = await ini.scsi(0, Buffer.from([0x2a, 0, 0, 0, 0, lba, 0, 0, blocks, 0]), { dataOut: Buffer.alloc(blocks * 512, 0x5a) });
         expect(w.status).toBe(0);
@@ -151,7 +153,8 @@ pairs:
     const ua = (r: { status: number; senseKey?: number; asc?: number }) => [r.status, r.senseKey, r.asc];
     try {
       for (const ini of [a, b]) await ini.login(target);
-      for (const ini of [a, b]) for (const lun of [1, 2]) expect((await ini.scsi(lun, TUR)).status).toBe(0);
+      // Each new session hears of the power on once per LUN, then nothing.
+      for (const ini of [a, b]) for (const lun of [1, 2]) expect(await ini.clearUnitAttentions(lun)).toEqual(['6/2900']);
 
       expect(await a.tmf(6)).toBe(0); // TARGET WARM RESET: function complete
       for (const ini of [a, b]) {
@@ -222,6 +225,7 @@ describe('a pair across two storage systems, both with iscsi:', () => {
     try {
       await one.login(target(1));
       await two.login(target(2));
+      for (const ini of [one, two]) expect(await ini.clearUnitAttentions(1)).toEqual(['6/2900']);
       // Wait for the pair to be in sync (the mirror is then write protected: DATA PROTECT).
       for (let i = 0; ; i++) {
         const st = (await (await adminFetch(`http://127.0.0.1:${p.admin[0]}/api/pairs/px`)).json()) as { state: string };
@@ -273,6 +277,7 @@ describe('a pair across two storage systems in two processes, both with iscsi:',
     const sense = (r: { status: number; senseKey?: number; asc?: number }) => [r.status, r.senseKey, r.asc];
     try {
       await survivor.login('iqn.2026-12.org.blockmirror:ss2');
+      expect(await survivor.clearUnitAttentions(1)).toEqual(['6/2900']);
       // A sync write acknowledged by the master (LBA 0x20), then the master dies.
       expect((await qemuIo(ss1.uri(1), ['write -P 0x5a 16k 512'])).code).toBe(0);
       expect(sense(await write(0x11))).toEqual([2, 0x7, 0x2700]); // the mirror's LUN: DATA PROTECT
