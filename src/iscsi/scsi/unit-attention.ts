@@ -12,6 +12,8 @@
 //   split, resync, S-VOL attribute)
 //   capacity change                            2A/09     every nexus (CAPACITY DATA HAS CHANGED)
 //   MODE SELECT changed a page                 2A/01     every nexus but the one that changed it
+//   the device identity changed (a pair made,  3F/03     every nexus (INQUIRY DATA HAS CHANGED:
+//   split, resynced or deleted)                          VPD 0x83 names another device now)
 //
 //   pending UA and a command of the nexus      what happens (UA_INTLCK_CTRL = 0)
 //   INQUIRY, REPORT LUNS                       runs; the UA stays
@@ -26,11 +28,12 @@ import { Asc, ScsiOp } from './constants.js';
 
 /** ASC/ASCQ of the unit attentions this target raises. */
 export const UaCode = {
-  POWER_ON_OR_RESET: 0x2900,
+  POWER_ON_OR_RESET: Asc.POWER_ON_RESET,
   RESET: 0x2903,
   MODE_PARAMETERS_CHANGED: Asc.MODE_PARAMETERS_CHANGED,
   ASYMMETRIC_ACCESS_STATE_CHANGED: Asc.ASYMMETRIC_ACCESS_STATE_CHANGED,
   CAPACITY_CHANGED: 0x2a09,
+  INQUIRY_DATA_CHANGED: 0x3f03,
 } as const;
 
 /** What a pending unit attention does to a command (see the table above). */
