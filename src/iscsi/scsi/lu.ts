@@ -136,7 +136,21 @@ export class LogicalUnit {
     } catch (e) {
       if (e instanceof StatusError) return { status: e.status };
       const writing = WRITE_CLASS.has(req.cdb[0]!);
-      return { status: Status.CHECK_CONDITION, sense: fixedSense(senseForDeviceError(e, writing)) };
+      const sense = senseForDeviceError(e, writing);
+      if (writing && sense.asc === Asc.WRITE_PROTECTED && !(e instanceof SenseError) && this.opts.alua) {
+        // A write held by a swap finds its volume no longer the master (nothing was written).
+        // Answer as the LU is now, so a multipath host retries it and then on the new master:
+        //   the role change is seen          the nexus's UA (2A/06), else NOT READY 04/0B (standby)
+        //   the device still says writable   NOT READY 04/0A: ALUA state transition, retry
+        this.noticeChanges();
+        if (this.seen.alua === AluaState.STANDBY) {
+          const ua = this.unitAttentions.check(req.nexus.initiatorPort, op);
+          const now = ua.kind === 'report' ? { key: SenseKey.UNIT_ATTENTION, asc: ua.asc } : { key: SenseKey.NOT_READY, asc: Asc.LOGICAL_UNIT_NOT_READY_STANDBY };
+          return { status: Status.CHECK_CONDITION, sense: fixedSense(now) };
+        }
+        if (!this.opts.device.readOnly) return { status: Status.CHECK_CONDITION, sense: fixedSense({ key: SenseKey.NOT_READY, asc: Asc.ASYMMETRIC_ACCESS_STATE_TRANSITION }) };
+      }
+      return { status: Status.CHECK_CONDITION, sense: fixedSense(sense) };
     }
   }
 
