@@ -13,8 +13,14 @@ const nexus = (n: string) => ({ initiatorPort: `iqn.x:${n},i,0x000000000001`, re
 const cdb = (b: number[]) => Buffer.from([...b, ...Array(16 - b.length).fill(0)]);
 const senseOf = (r: { sense?: Buffer }) => (r.sense ? [r.sense[2]! & 0xf, r.sense[12], r.sense[13]] : undefined);
 
+/** An LU whose nexuses a and b logged in and took their power-on unit attention (TEST UNIT READY), as real initiators do. */
 function lu(device = new MemoryDevice(1 << 20) as FilterDevice | MemoryDevice, more: Partial<ConstructorParameters<typeof LogicalUnit>[0]> = {}) {
-  return new LogicalUnit({ lun: 0, device, serial: 's', targetName: 'iqn.2026-12.t:t', luns: () => [0], atomic: new AtomicDevice(device), ...more });
+  const u = new LogicalUnit({ lun: 0, device, serial: 's', targetName: 'iqn.2026-12.t:t', luns: () => [0], atomic: new AtomicDevice(device), ...more });
+  for (const n of ['a', 'b']) {
+    u.nexusJoined(nexus(n).initiatorPort);
+    if (u.unitAttentions.check(nexus(n).initiatorPort, 0x00).kind !== 'report') throw new Error('a new nexus had no power-on unit attention');
+  }
+  return u;
 }
 
 class ReadOnly extends FilterDevice {

@@ -1,6 +1,6 @@
 // `blockmirror up` with `iscsi:` on a storage system: one target per storage system, each volume a
-// LUN, a pair's mirror write protected over iSCSI exactly as over NBD, and both protocols seeing
-// the same data.
+// LUN, a pair's mirror read-only over iSCSI as over NBD (ALUA standby: writes end in NOT READY
+// 04/0B, the sense multipath fails over on), and both protocols seeing the same data.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -56,7 +56,7 @@ pairs:
     expect(r.stdout).toMatch(/Lun:2\s+Type:DIRECT_ACCESS/);
   });
 
-  it('writes to the master LUN reach the mirror LUN and NBD, and the mirror LUN refuses writes as write protected', async () => {
+  it('writes to the master LUN reach the mirror LUN and NBD, and the mirror LUN refuses writes (standby)', async () => {
     const w = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x3c 64k 128k', '-c', 'flush', `iscsi://127.0.0.1:${iscsi}/${target}/1`]);
     expect(w.code, w.stderr).toBe(0);
     const m = await run('qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 0x3c 64k 128k', `iscsi://127.0.0.1:${iscsi}/${target}/2`]);
@@ -73,6 +73,7 @@ pairs:
     const ini = await RawInitiator.connect(iscsi);
     try {
       await ini.login(target);
+      expect(await ini.clearUnitAttentions(1)).toEqual(['6/2900']); // a new I_T nexus: POWER ON OR RESET
       // READ(10) of one block of LUN 1.
       const read = await ini.scsi(1, Buffer.from([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]), { readLength: 512 });
       expect(read.status).toBe(0);
@@ -114,6 +115,7 @@ pairs:
     const ini = await RawInitiator.connect(iscsi);
     try {
       await ini.login('iqn.2026-12.org.blockmirror:own');
+      expect(await ini.clearUnitAttentions(0)).toEqual(['6/2900']);
       for (const [lba, blocks] of [[0, 8], [64, 4]] as const) {
         const w = await ini.scsi(0, Buffer.from([0x2a, 0, 0, 0, 0, lba, 0, 0, blocks, 0]), { dataOut: Buffer.alloc(blocks * 512, 0x5a) });
         expect(w.status).toBe(0);
@@ -151,7 +153,8 @@ pairs:
     const ua = (r: { status: number; senseKey?: number; asc?: number }) => [r.status, r.senseKey, r.asc];
     try {
       for (const ini of [a, b]) await ini.login(target);
-      for (const ini of [a, b]) for (const lun of [1, 2]) expect((await ini.scsi(lun, TUR)).status).toBe(0);
+      // Each new session hears of the power on once per LUN, then nothing.
+      for (const ini of [a, b]) for (const lun of [1, 2]) expect(await ini.clearUnitAttentions(lun)).toEqual(['6/2900']);
 
       expect(await a.tmf(6)).toBe(0); // TARGET WARM RESET: function complete
       for (const ini of [a, b]) {
@@ -162,7 +165,7 @@ pairs:
       }
       expect([await rtpgState(a, 1), await rtpgState(a, 2)]).toEqual([0, 2]); // active/optimized, standby
 
-      expect(ua(await write(a, 2))).toEqual([2, 0x7, 0x2700]); // the mirror: DATA PROTECT / WRITE PROTECTED
+      expect(ua(await write(a, 2))).toEqual([2, 0x2, 0x040b]); // the mirror: NOT READY, TARGET PORT IN STANDBY STATE
       const command = async (c: string) => {
         const r = await adminFetch(`http://127.0.0.1:${admin}/api/pairs/p1/${c}`, { method: 'POST' });
         expect(r.status, await r.text()).toBe(200);
@@ -177,7 +180,7 @@ pairs:
 
       await command('resync');
       for (const ini of [b, a]) expect(ua(await write(ini, 2))).toEqual([2, 0x6, 0x2a06]);
-      expect(ua(await write(a, 2))).toEqual([2, 0x7, 0x2700]);
+      expect(ua(await write(a, 2))).toEqual([2, 0x2, 0x040b]);
       expect([await rtpgState(b, 1), await rtpgState(b, 2)]).toEqual([0, 2]);
     } finally {
       a.close();
@@ -214,7 +217,7 @@ describe('a pair across two storage systems, both with iscsi:', () => {
     if (dir) fs.rmSync(dir, { recursive: true, force: true });
   });
 
-  it('after a swap, each LUN\'s session hears of its new role (2A/06); the new master\'s LUN takes writes that the old one, now write protected, reads', async () => {
+  it('after a swap, each LUN\'s session hears of its new role (2A/06); the new master\'s LUN takes writes that the old one, now standby, refuses and reads', async () => {
     const [one, two] = [await RawInitiator.connect(p.iscsi[0]!), await RawInitiator.connect(p.iscsi[1]!)];
     const write = (ini: RawInitiator, fill: number) => ini.scsi(1, Buffer.from([0x2a, 0, 0, 0, 0x20, 0, 0, 0, 1, 0]), { dataOut: Buffer.alloc(512, fill) });
     const read = async (ini: RawInitiator) => (await ini.scsi(1, Buffer.from([0x28, 0, 0, 0, 0x20, 0, 0, 0, 1, 0]), { readLength: 512 })).data;
@@ -222,7 +225,8 @@ describe('a pair across two storage systems, both with iscsi:', () => {
     try {
       await one.login(target(1));
       await two.login(target(2));
-      // Wait for the pair to be in sync (the mirror is then write protected: DATA PROTECT).
+      for (const ini of [one, two]) expect(await ini.clearUnitAttentions(1)).toEqual(['6/2900']);
+      // Wait for the pair to be in sync (the mirror then refuses writes: standby).
       for (let i = 0; ; i++) {
         const st = (await (await adminFetch(`http://127.0.0.1:${p.admin[0]}/api/pairs/px`)).json()) as { state: string };
         if (st.state === 'PAIR') break;
@@ -230,14 +234,14 @@ describe('a pair across two storage systems, both with iscsi:', () => {
         await new Promise((r) => setTimeout(r, 50));
       }
       expect((await write(one, 0x11)).status).toBe(0);
-      expect(ua(await write(two, 0x22))).toEqual([2, 0x7, 0x2700]);
+      expect(ua(await write(two, 0x22))).toEqual([2, 0x2, 0x040b]); // standby
 
       const swap = await adminFetch(`http://127.0.0.1:${p.admin[0]}/api/pairs/px/swap`, { method: 'POST' });
       expect(swap.status, await swap.text()).toBe(200);
       expect(ua(await write(two, 0x33))).toEqual([2, 0x6, 0x2a06]);
       expect((await write(two, 0x33)).status).toBe(0);
       expect(ua(await write(one, 0x44))).toEqual([2, 0x6, 0x2a06]);
-      expect(ua(await write(one, 0x44))).toEqual([2, 0x7, 0x2700]);
+      expect(ua(await write(one, 0x44))).toEqual([2, 0x2, 0x040b]);
       expect((await read(one)).equals(Buffer.alloc(512, 0x33))).toBe(true);
     } finally {
       one.close();
@@ -273,9 +277,10 @@ describe('a pair across two storage systems in two processes, both with iscsi:',
     const sense = (r: { status: number; senseKey?: number; asc?: number }) => [r.status, r.senseKey, r.asc];
     try {
       await survivor.login('iqn.2026-12.org.blockmirror:ss2');
+      expect(await survivor.clearUnitAttentions(1)).toEqual(['6/2900']);
       // A sync write acknowledged by the master (LBA 0x20), then the master dies.
       expect((await qemuIo(ss1.uri(1), ['write -P 0x5a 16k 512'])).code).toBe(0);
-      expect(sense(await write(0x11))).toEqual([2, 0x7, 0x2700]); // the mirror's LUN: DATA PROTECT
+      expect(sense(await write(0x11))).toEqual([2, 0x2, 0x040b]); // the mirror's LUN: standby
       await ss1.kill();
       await ss2.waitPair('px', (p) => p.stale === true, 'stale');
       const t = await run(process.execPath, [CLI, 'pair', 'takeover', 'px', '-c', file]);

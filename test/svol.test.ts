@@ -114,6 +114,7 @@ describe('S-VOL groups over NBD', { timeout: 120_000 }, () => {
     const ini = await RawInitiator.connect(iscsi);
     try {
       await ini.login(target);
+      expect(await ini.clearUnitAttentions(40)).toEqual(['6/2900']);
       // WRITE(10) of one block at LBA 0 of the RO member.
       const w = await ini.scsi(40, Buffer.from([0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0]), { dataOut: Buffer.alloc(512, 0x55) });
       expect(w.status).toBe(2);

@@ -10,7 +10,7 @@ import type { Socket } from 'node:net';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { describeFault, type VolumeFault } from '../blockdev/fault.js';
-import { startSystemIscsi, type SystemIscsiSpec } from '../iscsi/wiring.js';
+import { startSystemIscsi, type PairMembership, type SystemIscsiSpec } from '../iscsi/wiring.js';
 import type { IscsiServer } from '../iscsi/server.js';
 import { ExportTable } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
@@ -407,11 +407,15 @@ export class StorageSystem implements AdminTarget {
     if (spec.nbdSocket) await this.nbd.listen({ kind: 'unix', path: spec.nbdSocket });
     // iSCSI serves the same host devices as NBD: one controller path, and COMPARE AND WRITE atomic across both.
     const hidden = new Set([...this.svolGroups.values()].flatMap((g) => g.volumes.filter((v) => v !== g.spec.pvol)));
-    const vols = spec.volumes
+    const vols: Parameters<typeof startSystemIscsi>[2] = spec.volumes
       .filter((v) => !hidden.has(v.id))
       .map((v) => ({
         id: v.id,
         device: this.volumes.get(v.id)!.front!.iscsi,
+        member: (): PairMembership => {
+          const pair = this.pairOf.get(v.id);
+          return pair ? { pair: pair.name, role: pair.roleOf(v.id), acrossSystems: pair.volumes.length === 1 } : undefined;
+        },
         ...(v.iscsiTarget ? { target: v.iscsiTarget } : {}),
         ...(v.iscsiChap ? { chap: v.iscsiChap } : {}),
         ...(v.iscsiChapFile ? { chapFile: v.iscsiChapFile } : {}),

@@ -19,6 +19,8 @@ export interface IscsiVolume {
   device: BlockDevice;
   atomic?: AtomicDevice;
   alua?: () => AluaStateValue;
+  /** The device identity shared with other LUs (LogicalUnitOptions.deviceId). */
+  deviceId?: () => string | undefined;
   /** A target of its own instead of the default one. */
   target?: string;
   /** That target's CHAP and allow-list; default: the wiring's. */
@@ -37,6 +39,8 @@ export interface IscsiWiring {
   portals?: string[];
   /** Directory for persistent-reservation state (one JSON per LUN); none keeps it in memory. */
   dataDir?: string;
+  /** Target port group (and relative target port) of every target here; default 1. */
+  portGroup?: number;
   log: Logger;
 }
 
@@ -63,6 +67,8 @@ export async function startIscsi(w: IscsiWiring): Promise<{ server: IscsiServer;
         serial: v.serial,
         targetName: name,
         alua: v.alua,
+        deviceId: v.deviceId,
+        ...(w.portGroup !== undefined ? { portGroup: w.portGroup } : {}),
         prFile: w.dataDir ? path.join(w.dataDir, `${v.serial}.pr.json`) : undefined,
         luns: () => [...luns.keys()].sort((a, b) => a - b),
       }),
@@ -85,14 +91,48 @@ export interface SystemIscsiSpec {
 }
 
 /**
+ * A volume's pair as its storage system sees it now: the pair's name, this volume's role, and
+ * whether the pair's other volumes are on other storage systems (then each is a path of one device).
+ */
+export type PairMembership = { pair: string; role: 'master' | 'mirror'; acrossSystems: boolean } | undefined;
+
+/**
+ * ALUA and device identity of a volume, for multipath across the storage systems of a pair:
+ *
+ *   volume                              device identity (NAA)   ALUA state of its port group
+ *   not in a pair                       its own                 active/optimized (read-only: DATA PROTECT)
+ *   a pair's master                     the pair's (*)          active/optimized
+ *   a pair's mirror, read-only          the pair's (*)          standby (writes: NOT READY 04/0B)
+ *   a split mirror (takes host writes)  its own                 active/optimized
+ *   (*) when the pair spans storage systems; a pair inside one storage system keeps one identity
+ *       per LUN: two LUNs of one target port are not two paths.
+ *
+ * A split mirror is another device (a point-in-time copy that hosts write): sharing the pair's
+ * identity then would let multipath spread one device's writes over two diverging copies.
+ */
+export function pairPath(device: BlockDevice, member: () => PairMembership): { alua: () => AluaStateValue; deviceId: () => string | undefined } {
+  const shared = () => {
+    const m = member();
+    return m !== undefined && (m.role === 'master' || device.readOnly) ? m : undefined;
+  };
+  return {
+    alua: () => (shared()?.role === 'mirror' ? AluaState.STANDBY : AluaState.ACTIVE_OPTIMIZED),
+    deviceId: () => {
+      const m = shared();
+      return m?.acrossSystems ? `pair/${m.pair}` : undefined;
+    },
+  };
+}
+
+/**
  * Start the iSCSI target of a storage system: every volume a LUN (numbered by volume id) of the
- * system's target, or LUN 0 of the target its YAML names. ALUA follows the device: a volume that
- * refuses host writes (a mirror) is standby, one that takes them (master, simplex) active/optimized.
+ * system's target, or LUN 0 of the target its YAML names. The target's port group is the
+ * storage system's ID; ALUA and identity follow the volume's pair (pairPath).
  */
 export async function startSystemIscsi(
   ssId: number,
   spec: SystemIscsiSpec,
-  volumes: Array<{ id: number; device: AtomicDevice; target?: string; chap?: ChapSecrets; chapFile?: string; allow?: string[] }>,
+  volumes: Array<{ id: number; device: AtomicDevice; member?: () => PairMembership; target?: string; chap?: ChapSecrets; chapFile?: string; allow?: string[] }>,
   dataDir: string | undefined,
   log: Logger,
 ): Promise<{ server: IscsiServer; address: string }> {
@@ -102,6 +142,7 @@ export async function startSystemIscsi(
     chap: spec.chap ?? (spec.chapFile ? readChapFile(spec.chapFile) : undefined),
     allow: spec.allow,
     dataDir,
+    portGroup: ssId,
     log,
     volumes: volumes.map((v) => ({
       lun: v.target ? 0 : v.id,
@@ -111,7 +152,7 @@ export async function startSystemIscsi(
       target: v.target,
       chap: v.chap ?? (v.chapFile ? readChapFile(v.chapFile) : undefined),
       allow: v.allow,
-      alua: () => (v.device.readOnly ? AluaState.STANDBY : AluaState.ACTIVE_OPTIMIZED),
+      ...pairPath(v.device, v.member ?? (() => undefined)),
     })),
   });
   log.info({ address: r.address, targets: r.targets.map((t) => t.name) }, `iSCSI: listening on ${r.address}`);

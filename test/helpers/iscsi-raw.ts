@@ -133,6 +133,20 @@ export class RawInitiator {
     }
   }
 
+  /**
+   * TEST UNIT READY on `lun` until it is GOOD, as real initiators do after login (libiscsi's connect,
+   * Linux's scan): returns the unit attentions it cleared, as "SK/ASC" hex like "6/2900".
+   */
+  async clearUnitAttentions(lun: number): Promise<string[]> {
+    const seen: string[] = [];
+    for (let i = 0; i < 8; i++) {
+      const r = await this.scsi(lun, Buffer.alloc(6));
+      if (r.status === 0) return seen;
+      seen.push(`${(r.senseKey ?? 0).toString(16)}/${(r.asc ?? 0).toString(16).padStart(4, '0')}`);
+    }
+    throw new Error(`LUN ${lun} still not ready after 8 TEST UNIT READYs: ${seen.join(', ')}`);
+  }
+
   close(): void {
     this.sock.destroy();
   }

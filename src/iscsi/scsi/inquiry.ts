@@ -22,11 +22,13 @@ export interface InquiryIdentity {
   relativeTargetPort: number;
   targetPortGroup: number;
   lbpme: boolean;
+  /** A device identity shared by several LUs (a pair's members), instead of target name and serial. */
+  deviceId?: string;
 }
 
-export function naaId(serial: string, targetName: string): Buffer {
+export function naaId(serial: string, targetName: string, deviceId?: string): Buffer {
   // NAA 6 (IEEE registered extended): 4-bit NAA, 24-bit OUI, 100 bits vendor-specific from a hash.
-  const h = createHash('sha256').update(`${targetName}/${serial}`).digest();
+  const h = createHash('sha256').update(deviceId !== undefined ? `device/${deviceId}` : `${targetName}/${serial}`).digest();
   const b = Buffer.alloc(16);
   h.copy(b, 0, 0, 16);
   b[0] = 0x60 | (b[0]! & 0x0f);
@@ -107,7 +109,7 @@ function deviceIdentification(id: InquiryIdentity): Buffer {
   tpg.writeUInt16BE(id.targetPortGroup, 2);
   const name = Buffer.from(id.targetName + '\0'.repeat(4 - (id.targetName.length % 4)), 'utf8');
   return Buffer.concat([
-    designator(1, 0x03, naaId(id.serial, id.targetName)), // binary, LU, NAA
+    designator(1, 0x03, naaId(id.serial, id.targetName, id.deviceId)), // binary, LU, NAA
     designator(1, 0x14, port, 5), // binary, target port, relative target port (iSCSI)
     designator(1, 0x15, tpg, 5), // binary, target port, target port group
     designator(3, 0x28, name, 5), // UTF-8, target device, SCSI name string

@@ -20,6 +20,18 @@ const WRITE_CLASS = new Set<number>([
   ScsiOp.MODE_SELECT_10, ScsiOp.START_STOP_UNIT, ScsiOp.RESERVE_6, ScsiOp.RELEASE_6,
 ]);
 
+/**
+ * What an LU in the ALUA standby state refuses with NOT READY / LOGICAL UNIT NOT ACCESSIBLE, TARGET
+ * PORT IN STANDBY STATE (SPC-4 5.15.2.4.4): the writes to the medium. A multipath host takes that
+ * for a path error and sends the write down another path (the master); DATA PROTECT would be a
+ * target error and fail the write. Reads are still served (never stale: Invalid clusters come from
+ * the master), which SPC-4 would also refuse: a superset that loses nothing.
+ */
+const STANDBY_REFUSED = new Set<number>([
+  ScsiOp.WRITE_6, ScsiOp.WRITE_10, ScsiOp.WRITE_12, ScsiOp.WRITE_16, ScsiOp.WRITE_AND_VERIFY_10, ScsiOp.WRITE_AND_VERIFY_12, ScsiOp.WRITE_AND_VERIFY_16, ScsiOp.WRITE_SAME_10,
+  ScsiOp.WRITE_SAME_16, ScsiOp.UNMAP, ScsiOp.COMPARE_AND_WRITE, ScsiOp.ORWRITE_16,
+]);
+
 /** The CDB's ALLOCATION LENGTH: data-in beyond it is cut here, not reported as an iSCSI residual. */
 function allocationLength(cdb: Buffer): number | undefined {
   switch (cdb[0]) {
@@ -64,16 +76,16 @@ export class LogicalUnit {
   private legacyHolder?: string;
   readonly unitAttentions = new UnitAttentions();
   /** What the initiators were last told of the device: a change raises a unit attention. */
-  private seen: { readOnly: boolean; alua: number; size: number };
+  private seen: { readOnly: boolean; alua: number; size: number; deviceId: string | undefined };
 
   constructor(readonly opts: LogicalUnitOptions) {
     this.pr = new PersistentReservations(opts.prFile);
     this.seen = this.observe();
   }
 
-  private observe(): { readOnly: boolean; alua: number; size: number } {
+  private observe(): { readOnly: boolean; alua: number; size: number; deviceId: string | undefined } {
     const dev = this.opts.device;
-    return { readOnly: dev.readOnly, alua: this.opts.alua?.() ?? AluaState.ACTIVE_OPTIMIZED, size: dev.size };
+    return { readOnly: dev.readOnly, alua: this.opts.alua?.() ?? AluaState.ACTIVE_OPTIMIZED, size: dev.size, deviceId: this.opts.deviceId?.() };
   }
 
   /**
@@ -84,10 +96,19 @@ export class LogicalUnit {
   private noticeChanges(): void {
     const now = this.observe();
     const was = this.seen;
-    if (now.readOnly === was.readOnly && now.alua === was.alua && now.size === was.size) return;
+    if (now.readOnly === was.readOnly && now.alua === was.alua && now.size === was.size && now.deviceId === was.deviceId) return;
     this.seen = now;
     if (now.readOnly !== was.readOnly || now.alua !== was.alua) this.unitAttentions.raise(UaCode.ASYMMETRIC_ACCESS_STATE_CHANGED);
     if (now.size !== was.size) this.unitAttentions.raise(UaCode.CAPACITY_CHANGED);
+    if (now.deviceId !== was.deviceId) this.unitAttentions.raise(UaCode.INQUIRY_DATA_CHANGED);
+  }
+
+  /**
+   * One target port group with one target port per storage system: the pair's members are the
+   * groups of one device, each reporting its own state (Linux's scsi_dh_alua looks up its group).
+   */
+  private get portGroup(): number {
+    return this.opts.portGroup ?? 1;
   }
 
   get lun(): number {
@@ -115,7 +136,21 @@ export class LogicalUnit {
     } catch (e) {
       if (e instanceof StatusError) return { status: e.status };
       const writing = WRITE_CLASS.has(req.cdb[0]!);
-      return { status: Status.CHECK_CONDITION, sense: fixedSense(senseForDeviceError(e, writing)) };
+      const sense = senseForDeviceError(e, writing);
+      if (writing && sense.asc === Asc.WRITE_PROTECTED && !(e instanceof SenseError) && this.opts.alua) {
+        // A write held by a swap finds its volume no longer the master (nothing was written).
+        // Answer as the LU is now, so a multipath host retries it and then on the new master:
+        //   the role change is seen          the nexus's UA (2A/06), else NOT READY 04/0B (standby)
+        //   the device still says writable   NOT READY 04/0A: ALUA state transition, retry
+        this.noticeChanges();
+        if (this.seen.alua === AluaState.STANDBY) {
+          const ua = this.unitAttentions.check(req.nexus.initiatorPort, op);
+          const now = ua.kind === 'report' ? { key: SenseKey.UNIT_ATTENTION, asc: ua.asc } : { key: SenseKey.NOT_READY, asc: Asc.LOGICAL_UNIT_NOT_READY_STANDBY };
+          return { status: Status.CHECK_CONDITION, sense: fixedSense(now) };
+        }
+        if (!this.opts.device.readOnly) return { status: Status.CHECK_CONDITION, sense: fixedSense({ key: SenseKey.NOT_READY, asc: Asc.ASYMMETRIC_ACCESS_STATE_TRANSITION }) };
+      }
+      return { status: Status.CHECK_CONDITION, sense: fixedSense(sense) };
     }
   }
 
@@ -126,6 +161,7 @@ export class LogicalUnit {
     if (this.legacyHolder !== undefined && this.legacyHolder !== nexus.initiatorPort && !LEGACY_ALLOWED.has(op)) throw new StatusError(Status.RESERVATION_CONFLICT);
     if (READ_CLASS.has(op)) this.pr.check(nexus.initiatorPort, 'read');
     else if (WRITE_CLASS.has(op)) this.pr.check(nexus.initiatorPort, 'write');
+    if (STANDBY_REFUSED.has(op) && this.seen.alua === AluaState.STANDBY) throw new SenseError({ key: SenseKey.NOT_READY, asc: Asc.LOGICAL_UNIT_NOT_READY_STANDBY });
     const forceFua = !this.mode.writeCache;
     const swp = this.mode.softwareWriteProtect;
     switch (op) {
@@ -135,7 +171,7 @@ export class LogicalUnit {
         if (cdb[1]! & 0x01) throw invalidField(1, 0); // descriptor format: we only speak fixed
         return fixedSense({ key: SenseKey.NO_SENSE, asc: Asc.NO_ADDITIONAL });
       case ScsiOp.INQUIRY:
-        return inquiry(cdb, { serial: this.opts.serial, targetName: this.opts.targetName, relativeTargetPort: nexus.relativeTargetPort, targetPortGroup: 1, lbpme: this.lbpme });
+        return inquiry(cdb, { serial: this.opts.serial, targetName: this.opts.targetName, relativeTargetPort: this.portGroup, targetPortGroup: this.portGroup, lbpme: this.lbpme, deviceId: this.seen.deviceId });
       case ScsiOp.REPORT_LUNS:
         return this.reportLuns(cdb);
       case ScsiOp.READ_CAPACITY_10:
@@ -236,7 +272,7 @@ export class LogicalUnit {
       case ScsiOp.MAINTENANCE_IN: {
         const sa = cdb[1]! & 0x1f;
         if (sa === ServiceAction.REPORT_SUPPORTED_OPCODES) return reportSupportedOpcodes(cdb, (s) => (s.op !== ScsiOp.COMPARE_AND_WRITE && s.op !== ScsiOp.ORWRITE_16) || !!this.opts.atomic);
-        if (sa === ServiceAction.REPORT_TARGET_PORT_GROUPS) return this.reportTargetPortGroups(cdb, nexus.relativeTargetPort);
+        if (sa === ServiceAction.REPORT_TARGET_PORT_GROUPS) return this.reportTargetPortGroups(cdb);
         throw invalidField(1);
       }
       default:
@@ -277,16 +313,16 @@ export class LogicalUnit {
   }
 
   /** ALUA: one target port group per LU role; master active/optimized, mirror standby. */
-  private reportTargetPortGroups(cdb: Buffer, relativeTargetPort: number): Buffer {
+  private reportTargetPortGroups(cdb: Buffer): Buffer {
     const extended = (cdb[1]! >> 5) === 1;
     const state = this.opts.alua?.() ?? AluaState.ACTIVE_OPTIMIZED;
     const d = Buffer.alloc(12);
     d[0] = 0x80 | state; // PREF
     d[1] = 0x04 | 0x01 | 0x02; // S_SUP, AO_SUP, AN_SUP
-    d.writeUInt16BE(1, 2);
+    d.writeUInt16BE(this.portGroup, 2);
     d[5] = 0x02; // STATUS CODE: altered by implicit transition
     d[7] = 1;
-    d.writeUInt16BE(relativeTargetPort, 10);
+    d.writeUInt16BE(this.portGroup, 10);
     const h = Buffer.alloc(extended ? 8 : 4);
     h.writeUInt32BE(h.length - 4 + d.length, 0);
     if (extended) h[4] = 0x10;

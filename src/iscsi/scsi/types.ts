@@ -43,6 +43,14 @@ export interface LogicalUnitOptions {
   targetName: string;
   /** Role of the volume now: master active/optimized, mirror standby. Asked on every REPORT TARGET PORT GROUPS. */
   alua?: () => AluaStateValue;
+  /**
+   * The device this LU is a path to, when it is not just this volume: the members of a pair
+   * share one (the pair's name), so VPD 0x83 gives both paths one NAA and multipath joins them.
+   * Undefined: the NAA comes from target name and serial.
+   */
+  deviceId?: () => string | undefined;
+  /** Target port group and relative target port of this target (one per storage system: its ID); default 1. */
+  portGroup?: number;
   /** Where persistent reservations are kept across restarts (JSON); none keeps them in memory. */
   prFile?: string;
   /** Every LUN of the target, for REPORT LUNS. */
