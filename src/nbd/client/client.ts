@@ -162,6 +162,7 @@ export class NbdClient implements DirectReceiver {
   private death: Error | undefined;
   private resolveClosed!: (reason: Error | undefined) => void;
   private disconnectTimer: NodeJS.Timeout | undefined;
+  private readonly readTally = { direct: 0, copied: 0 };
 
   /** @internal use connect() or connectTransport(). */
   constructor(
@@ -238,6 +239,14 @@ export class NbdClient implements DirectReceiver {
   /** True until disconnect() starts or the connection dies. */
   get isOpen(): boolean {
     return !this.closing && !this.ended;
+  }
+
+  /**
+   * READ payload bytes so far: `direct` were read by the kernel straight into
+   * the callers' buffers, `copied` came in a socket chunk and were copied.
+   */
+  get readBytes(): Readonly<{ direct: number; copied: number }> {
+    return this.readTally;
   }
 
   private has(flag: number): boolean {
@@ -396,6 +405,7 @@ export class NbdClient implements DirectReceiver {
     if (this.ended) return false;
     try {
       this.current!.seen += n;
+      this.readTally.direct += n;
       this.parser.skipData(n);
     } catch (err) {
       this.broken(err);
@@ -441,6 +451,7 @@ export class NbdClient implements DirectReceiver {
         const at = this.within(c, e.offset, e.data.length);
         e.data.copy(c.buf!, at);
         c.seen += e.data.length;
+        this.readTally.copied += e.data.length;
         return;
       }
       case 'hole': {

@@ -13,8 +13,9 @@
 //   status chunks, the handshake)                  it keeps (headers straddling reads, small payload
 //                                                  pieces into the destination) before it is reused
 //
-// so at most one scratch read (SCRATCH bytes) of each READ reply is copied, and many small replies
-// still arrive in one syscall. Node calls `buffer()` right after each callback, so the choice
+// so of each READ payload at most the scratch read that brought its header and a tail under
+// DIRECT_MIN are copied (the tail comes with the next headers), and many small replies still
+// arrive in one syscall. Node calls `buffer()` right after each callback, so the choice
 // always follows the parser's state; the only other things that change that state (a timeout, a
 // close) destroy the socket, after which nothing more is read into a caller's buffer.
 //
