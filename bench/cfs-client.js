@@ -35,6 +35,8 @@ const BASE = arg('--baseline', undefined);
 const PROFILE = arg('--profile', undefined);
 const WRITE = !process.argv.includes('--no-write');
 const SIZE = 256 * 2 ** 20;
+// The admin API (waitPairs) needs a token; `up` and the CLI inherit it.
+process.env.BLOCKMIRROR_ADMIN_TOKEN ??= `bench-cfs-client-${process.pid}`;
 
 const yaml = (p) => `clusterSize: 64KiB
 storageSystems:
