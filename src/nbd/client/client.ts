@@ -375,7 +375,7 @@ export class NbdClient implements DirectReceiver {
     this.received(chunk, chunk.length);
   };
 
-  /** DirectReceiver: bytes in a buffer that is reused once this returns (or a 'data' chunk). */
+  /** @internal DirectReceiver: bytes in a buffer that is reused once this returns (or a 'data' chunk). */
   received(chunk: Buffer, n: number): boolean {
     if (this.ended) return false;
     try {
@@ -387,7 +387,7 @@ export class NbdClient implements DirectReceiver {
   }
 
   /**
-   * DirectReceiver: inside a large enough READ payload, the rest of it in the
+   * @internal DirectReceiver: inside a large enough READ payload, the rest of it in the
    * caller's buffer. A range outside the request is left to the scratch path,
    * where the 'data' event's check kills the connection.
    */
@@ -400,7 +400,7 @@ export class NbdClient implements DirectReceiver {
     return c.buf.subarray(at, at + left);
   }
 
-  /** DirectReceiver: n bytes of the payload landed in the buffer directTarget() gave. */
+  /** @internal DirectReceiver: n bytes of the payload landed in the buffer directTarget() gave. */
   directFilled(n: number): boolean {
     if (this.ended) return false;
     try {
