@@ -335,18 +335,17 @@ export class ReplyParser {
    */
   skipData(n: number): void {
     if (this.failure) throw this.failure;
-    if (this.state !== S.DATA || n > this.remaining || n <= 0) {
-      throw new NbdProtocolError(`skipData(${n}) outside a data payload (${this.state === S.DATA ? this.remaining : 0} bytes left)`);
-    }
-    this.cursor += n;
-    this.remaining -= n;
-    if (this.remaining === 0) {
-      try {
-        this.endChunk();
-      } catch (err) {
-        this.fail(err);
-        throw err;
+    try {
+      if (this.state !== S.DATA || n > this.remaining || n <= 0) {
+        throw new NbdProtocolError(`skipData(${n}) outside a data payload (${this.state === S.DATA ? this.remaining : 0} bytes left)`);
       }
+      this.cursor += n;
+      this.remaining -= n;
+      if (this.remaining === 0) this.endChunk();
+    } catch (err) {
+      // The stream's position is no longer known: refuse everything after.
+      this.fail(err);
+      throw err;
     }
   }
 

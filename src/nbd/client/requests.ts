@@ -32,8 +32,9 @@ export class Command {
   seen = 0;
   extents: Map<number, BlockStatusExtent[]> | undefined = undefined;
   error: NbdError | undefined = undefined;
-  private resolve: (value: unknown) => void = resolveNext;
-  private reject: (reason: Error) => void = rejectNext;
+  // Set by start(), before anything can settle the command.
+  private resolve!: (value: unknown) => void;
+  private reject!: (reason: Error) => void;
 
   constructor(
     readonly op: string,
