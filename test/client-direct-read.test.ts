@@ -270,6 +270,30 @@ describe('the direct receive path against a choreographed server', () => {
     });
   }
 
+  for (const [what, shift] of [['past its end', 512 * KiB], ['before its start', -4096]] as const) {
+    it(`never writes a data chunk that reaches ${what} outside the caller's buffer, nor reads it in place: the connection fails with a protocol error`, async () => {
+      const { port } = await fakeServer(async (p) => {
+        await serveHandshake(p, { sr: true, size: FAKE_DISK.length });
+        const r = await readRequest(p);
+        const from = r.offset + shift;
+        p.write(chunk(r.cookie, ReplyType.OFFSET_DATA, Buffer.concat([be(8, from), FAKE_DISK.subarray(from, from + r.length)]), true));
+      });
+      const c = await open({ host: '127.0.0.1', port });
+      const GUARD = 1024 * KiB;
+      const whole = Buffer.alloc(GUARD + MiB + GUARD, 0xa5);
+      const err = await rejection(c.pread(whole.subarray(GUARD, GUARD + MiB), 2 * MiB));
+      expect(err).toMatchObject({ name: 'NbdProtocolError' });
+      expect(err.message).toMatch(/outside the request 2097152\+1048576/);
+      // The part of the chunk inside the request may have been copied before the rest was seen (the
+      // read fails, so its buffer holds nothing promised); nothing outside the buffer is touched, and
+      // nothing of the chunk was read in place.
+      expect(whole.subarray(0, GUARD).every((b) => b === 0xa5), 'memory before the buffer was written').toBe(true);
+      expect(whole.subarray(GUARD + MiB).every((b) => b === 0xa5), 'memory after the buffer was written').toBe(true);
+      expect(c.readBytes.direct).toBe(0);
+      expect(await c.closed).toBe(err);
+    });
+  }
+
   it('keeps every read equal to the model whatever the server\'s chunking, interleaving and fragmentation (property)', async () => {
     const read = fc.record({ offset: fc.nat({ max: FAKE_DISK.length - 1 }), length: fc.integer({ min: 1, max: MiB + 5 }) });
     const layout = fc.record({
