@@ -28,6 +28,8 @@ const BIN = path.join(ROOT, 'bin', 'blockmirror.js');
 const OUT = process.env.BENCH_OUT ?? path.join(HERE, 'RESULTS-cfs.md');
 const REPS = Number(process.env.BENCH_REPS ?? 5);
 const SIZE = 256 * 2 ** 20;
+// The admin API (waitPairs) needs a token; `up` and the CLI inherit it.
+process.env.BLOCKMIRROR_ADMIN_TOKEN ??= `bench-cfs-${process.pid}`;
 
 function yaml(p) {
   return `clusterSize: 64KiB
@@ -176,7 +178,7 @@ async function main() {
     '',
     'Notes:',
     '',
-    '- The put and get gap is the CLI start-up, not the data path. A fresh `node` takes about 0.12 s here; loading the CLI (commander, pino, and `yaml` + `zod` for the configuration, which `blockmirror` loads for every command) about 0.25 s more. Without it, `cfs put` moves data as fast as nbdcopy (reserve the whole file, 4 × 8 MiB chunks in flight, one FLUSH, one commit), and `cfs get` is limited by receiving in one Node thread (the NBD client copies each 64 KiB socket chunk into place).',
+    '- The put and get gap is the CLI start-up, not the data path. A fresh `node` takes about 0.12 s here; loading the CLI (commander, pino, and `yaml` + `zod` for the configuration, which `blockmirror` loads for every command) about 0.25 s more. Without it, `cfs put` moves data as fast as nbdcopy (reserve the whole file, 4 × 8 MiB chunks in flight, one FLUSH, one commit), and `cfs get` receives READ payloads straight into its buffers (no copy since issue 18; bench/RESULTS.md, cfs-client), so what is left is the server side and the CLI start-up.',
     '- The FUSE read is a single stream of 128 KiB kernel requests (libfuse 2 cannot ask for more). The mount keeps 8 × 2 MiB of read-ahead in flight, received by a worker thread into shared memory, so the thread that answers the kernel only copies.',
     '- The machine is a shared 2-core VM; the load average above says how busy it was. The same runs on a busier moment gave lower baselines and similar ratios.',
     '',

@@ -37,6 +37,7 @@ import {
   REQUEST_SIZE,
 } from '../src/protocol/constants.js';
 import { startNbdkit, startServe, freePort, tmpDir, run } from './helpers/servers.js';
+import { Peer, be, chunk, closeFakeServers, type FakeRequest, fakeServer, readRequest, serveHandshake, simpleReply } from './helpers/fake-nbd.js';
 
 const MiB = 1024 * 1024;
 const KiB = 1024;
@@ -141,12 +142,9 @@ async function withServer<T>(kind: ServerKind, spec: ServerSpec, fn: (s: TestSer
 
 // Every client and fake server a test opens is closed afterwards, whatever the outcome.
 const opened: NbdClient[] = [];
-const servers: net.Server[] = [];
-const serverSockets: net.Socket[] = [];
 afterEach(async () => {
   await Promise.all(opened.splice(0).map((c) => c.close()));
-  for (const s of serverSockets.splice(0)) s.destroy();
-  await Promise.all(servers.splice(0).map((s) => new Promise((r) => s.close(r))));
+  await closeFakeServers();
 });
 async function open(target: Parameters<typeof connect>[0], opts: Parameters<typeof connect>[1] = {}): Promise<NbdClient> {
   const c = await connect(target, opts);
@@ -521,102 +519,6 @@ describe('NbdClient against blockmirror serve', () => clientSuite('blockmirror')
 // Failure handling that needs a misbehaving peer: plain net servers and a
 // scripted fake NBD server.
 
-/** Pull-style reader over a server-side socket. */
-class Peer {
-  private buf = Buffer.alloc(0);
-  private wake: (() => void) | undefined;
-  closed = false;
-  constructor(readonly sock: net.Socket) {
-    sock.on('data', (d) => {
-      this.buf = Buffer.concat([this.buf, d]);
-      this.wake?.();
-    });
-    sock.on('close', () => {
-      this.closed = true;
-      this.wake?.();
-    });
-    sock.on('error', () => undefined);
-  }
-  async read(n: number): Promise<Buffer> {
-    while (this.buf.length < n) {
-      if (this.closed) throw new Error('peer closed');
-      await new Promise<void>((r) => (this.wake = r));
-    }
-    const out = this.buf.subarray(0, n);
-    this.buf = this.buf.subarray(n);
-    return out;
-  }
-  write(...parts: Buffer[]): void {
-    this.sock.write(Buffer.concat(parts));
-  }
-  /** Resolves when the client has closed the connection. */
-  whenClosed(): Promise<void> {
-    return new Promise((r) => (this.closed ? r() : this.sock.once('close', () => r())));
-  }
-}
-
-const be = (bytes: number, n: number | bigint) => {
-  const b = Buffer.alloc(bytes);
-  if (bytes === 8) b.writeBigUInt64BE(BigInt(n));
-  else if (bytes === 4) b.writeUInt32BE(Number(n));
-  else b.writeUInt16BE(Number(n));
-  return b;
-};
-
-interface FakeOptions {
-  sr?: boolean;
-  go?: boolean;
-  size?: number;
-  flags?: number;
-}
-
-/** The server half of a minimal handshake. */
-async function serveHandshake(p: Peer, o: FakeOptions = {}): Promise<void> {
-  const size = o.size ?? SIZE;
-  const flags = o.flags ?? TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH;
-  p.write(be(8, NBDMAGIC), be(8, IHAVEOPT), be(2, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES));
-  await p.read(4);
-  const reply = (opt: number, type: number, data = Buffer.alloc(0)) =>
-    p.write(be(8, OPTION_REPLY_MAGIC), be(4, opt), be(4, type), be(4, data.length), data);
-  for (;;) {
-    const h = await p.read(16);
-    const opt = h.readUInt32BE(8);
-    const len = h.readUInt32BE(12);
-    if (len) await p.read(len);
-    if (opt === Opt.EXPORT_NAME) return p.write(be(8, size), be(2, flags));
-    if (opt === Opt.STRUCTURED_REPLY && o.sr !== false) reply(opt, Rep.ACK);
-    else if (opt === Opt.GO && o.go !== false) {
-      reply(opt, Rep.INFO, Buffer.concat([be(2, Info.EXPORT), be(8, size), be(2, flags)]));
-      return reply(opt, Rep.ACK);
-    } else reply(opt, Rep.ERR_UNSUP);
-  }
-}
-
-type Request = Awaited<ReturnType<typeof readRequest>>;
-async function readRequest(p: Peer) {
-  const h = await p.read(REQUEST_SIZE);
-  const r = { flags: h.readUInt16BE(4), type: h.readUInt16BE(6), cookie: h.readBigUInt64BE(8), offset: Number(h.readBigUInt64BE(16)), length: h.readUInt32BE(24) };
-  const payload = r.type === Cmd.WRITE ? await p.read(r.length) : undefined;
-  return { ...r, payload };
-}
-
-const simpleReply = (cookie: bigint, error = 0) => Buffer.concat([be(4, SIMPLE_REPLY_MAGIC), be(4, error), be(8, cookie)]);
-const chunk = (cookie: bigint, type: number, payload: Buffer, done: boolean) =>
-  Buffer.concat([be(4, STRUCTURED_REPLY_MAGIC), be(2, done ? ReplyFlag.DONE : 0), be(2, type), be(8, cookie), be(4, payload.length), payload]);
-
-/** A TCP server running `script` for each connection; resolves with its port. */
-async function fakeServer(script: (p: Peer) => Promise<void>): Promise<{ port: number; peers: Promise<Peer>[] }> {
-  const peers: Promise<Peer>[] = [];
-  const server = net.createServer((sock) => {
-    serverSockets.push(sock);
-    const p = new Peer(sock);
-    peers.push(script(p).then(() => p, () => p));
-  });
-  servers.push(server);
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  return { port: (server.address() as net.AddressInfo).port, peers };
-}
-
 const pattern = (offset: number, length: number) => Buffer.from(Array.from({ length }, (_, i) => ((offset + i) * 31 + 7) & 255));
 
 describe('NbdClient failure handling', () => {
@@ -676,11 +578,11 @@ describe('NbdClient failure handling', () => {
   it('matches out-of-order, interleaved reply chunks to their requests by cookie', async () => {
     const { port } = await fakeServer(async (p) => {
       await serveHandshake(p);
-      const reqs: Request[] = [];
+      const reqs: FakeRequest[] = [];
       for (let i = 0; i < 8; i++) reqs.push(await readRequest(p));
       // Every read gets: data for its first quarter, a hole for the second, data for the rest;
       // all first quarters go out in reverse order, then the tails, then the holes (with DONE).
-      const q = (r: Request) => r.length / 4;
+      const q = (r: FakeRequest) => r.length / 4;
       const data = (r: (typeof reqs)[number], from: number, to: number, done: boolean) =>
         chunk(r.cookie, ReplyType.OFFSET_DATA, Buffer.concat([be(8, r.offset + from), pattern(r.offset + from, to - from)]), done);
       const stream = [

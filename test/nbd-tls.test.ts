@@ -154,6 +154,8 @@ describe('tls: require', () => {
     await b.pread(back, 8 * MiB);
     await b.disconnect();
     expect(back.equals(data)).toBe(true);
+    // TLS records are decrypted into Node's buffers: the payload was copied, never read in place.
+    expect(b.readBytes).toEqual({ direct: 0, copied: data.length });
     await expect(connect(`nbd://127.0.0.1:${port}/vol1`)).rejects.toThrow(/requires TLS/);
   });
 });

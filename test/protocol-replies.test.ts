@@ -486,3 +486,43 @@ describe('option reply decoders', () => {
     expect(decodeExportNameReply(Buffer.concat([u64(64 << 20), u16(0x43)]))).toEqual({ size: 64 << 20, flags: 0x43 });
   });
 });
+
+describe('ReplyParser with a reader that places data itself (skipData)', () => {
+  it('moves past the bytes the reader placed, reports the rest as data, and ends the reply when its payload is complete', () => {
+    const events: ReplyEvent[] = [];
+    const p = new ReplyParser({ structuredReplies: true, readTarget: () => undefined, onEvent: (e) => events.push(e) });
+    const data = Buffer.from('abcdefghij');
+    const stream = offsetData(9n, 1000, data, true);
+    // Header and offset (28 bytes) and the first 2 data bytes arrive; the reader places 5; the last 3 arrive.
+    p.feed(stream.subarray(0, 30));
+    expect(p.dataRemaining).toBe(8);
+    expect(p.dataCursor).toBe(1002);
+    p.skipData(5);
+    expect(p.dataRemaining).toBe(3);
+    expect(p.dataCursor).toBe(1007);
+    expect(events.some((e) => e.type === 'done')).toBe(false);
+    p.feed(stream.subarray(35));
+    expect(events.map((e) => (e.type === 'data' ? `data ${e.offset} ${e.data.toString()}` : e.type))).toEqual(['chunk', 'data 1000 ab', 'data 1007 hij', 'done']);
+    expect(p.dataRemaining).toBe(0);
+    expect(p.idle).toBe(true);
+  });
+
+  it('ends a simple READ reply whose data the reader placed entirely', () => {
+    const events: ReplyEvent[] = [];
+    const p = new ReplyParser({ structuredReplies: false, readTarget: (c) => (c === 4n ? { offset: 4096, length: 65536 } : undefined), onEvent: (e) => events.push(e) });
+    p.feed(simple(4n));
+    expect(p.dataRemaining).toBe(65536);
+    p.skipData(65536);
+    expect(events.map((e) => e.type)).toEqual(['simple', 'done']);
+    expect(p.idle).toBe(true);
+  });
+
+  it('refuses to skip outside a data payload or past its end, and then refuses all input', () => {
+    const p = new ReplyParser({ structuredReplies: true, readTarget: () => undefined, onEvent: () => undefined });
+    expect(() => p.skipData(1)).toThrow(/outside a data payload \(0 bytes left\)/);
+    expect(() => p.feed(simple(1n))).toThrow(NbdProtocolError);
+    const q = new ReplyParser({ structuredReplies: true, readTarget: () => undefined, onEvent: () => undefined });
+    q.feed(offsetData(2n, 0, Buffer.alloc(10), true).subarray(0, 28));
+    expect(() => q.skipData(11)).toThrow(/10 bytes left/);
+  });
+});

@@ -1,10 +1,17 @@
 // The benchmarks' view of a running storage system, through its admin API.
 
-/** Resolves once every pair the storage system at 127.0.0.1:admin runs is in PAIR. */
+/**
+ * Resolves once every pair the storage system at 127.0.0.1:admin runs is in PAIR. The admin API
+ * wants a bearer token: set BLOCKMIRROR_ADMIN_TOKEN before starting the server (it inherits it).
+ */
 export async function waitPairs(admin, ms = 180_000) {
   const deadline = Date.now() + ms;
+  const token = process.env.BLOCKMIRROR_ADMIN_TOKEN;
+  const headers = token ? { authorization: `Bearer ${token}` } : {};
   while (Date.now() < deadline) {
-    const s = await (await fetch(`http://127.0.0.1:${admin}/api/status`)).json();
+    const res = await fetch(`http://127.0.0.1:${admin}/api/status`, { headers });
+    if (!res.ok) throw new Error(`admin status: HTTP ${res.status}${token ? '' : ' (is BLOCKMIRROR_ADMIN_TOKEN set?)'}`);
+    const s = await res.json();
     if (s.pairs.every((p) => p.state === 'PAIR')) return;
     await new Promise((r) => setTimeout(r, 20));
   }

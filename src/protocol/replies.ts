@@ -315,24 +315,64 @@ export class ReplyParser {
   }
 
   /**
-   * Consume one chunk from the socket. Throws NbdProtocolError (and refuses
-   * all later input) when the stream is broken; errors thrown by onEvent
-   * propagate and likewise leave the parser failed.
+   * Bytes of the current data payload (a simple READ reply's data, or an
+   * OFFSET_DATA chunk's after its offset) still to come; 0 anywhere else.
+   * With dataCursor, where a reader may put them itself (then skipData()).
    */
-  feed(chunk: Buffer): void {
+  get dataRemaining(): number {
+    return this.state === S.DATA ? this.remaining : 0;
+  }
+
+  /** Disk offset of the next data byte (meaningful while dataRemaining > 0). */
+  get dataCursor(): number {
+    return this.cursor;
+  }
+
+  /**
+   * The reader placed the next n bytes of the data payload itself (read
+   * straight into the READ's buffer): move past them as if fed, without a
+   * data event; done follows when the payload and the reply are complete.
+   */
+  skipData(n: number): void {
     if (this.failure) throw this.failure;
     try {
-      this.consume(chunk);
+      if (this.state !== S.DATA || n > this.remaining || n <= 0) {
+        throw new NbdProtocolError(`skipData(${n}) outside a data payload (${this.state === S.DATA ? this.remaining : 0} bytes left)`);
+      }
+      this.cursor += n;
+      this.remaining -= n;
+      if (this.remaining === 0) this.endChunk();
     } catch (err) {
-      this.state = S.FAILED;
-      this.failure = err instanceof NbdProtocolError ? err : new NbdProtocolError(`reply handler failed: ${String(err)}`, { cause: err });
+      // The stream's position is no longer known: refuse everything after.
+      this.fail(err);
       throw err;
     }
   }
 
-  private consume(chunk: Buffer): void {
+  /**
+   * Consume one chunk from the socket (its first `end` bytes). Throws
+   * NbdProtocolError (and refuses all later input) when the stream is
+   * broken; errors thrown by onEvent propagate and likewise leave the parser
+   * failed. The chunk may be reused once this returns: the parser keeps no
+   * view of it (data events' views must be used before the callback returns).
+   */
+  feed(chunk: Buffer, end = chunk.length): void {
+    if (this.failure) throw this.failure;
+    try {
+      this.consume(chunk, end);
+    } catch (err) {
+      this.fail(err);
+      throw err;
+    }
+  }
+
+  private fail(err: unknown): void {
+    this.state = S.FAILED;
+    this.failure = err instanceof NbdProtocolError ? err : new NbdProtocolError(`reply handler failed: ${String(err)}`, { cause: err });
+  }
+
+  private consume(chunk: Buffer, end: number): void {
     let pos = 0;
-    const end = chunk.length;
     while (pos < end) {
       switch (this.state) {
         case S.HEADER: {
@@ -397,7 +437,8 @@ export class ReplyParser {
             this.payload(chunk.subarray(pos - n, pos));
             break;
           }
-          this.parts.push(chunk.subarray(pos, pos + n));
+          // A copy: the chunk may be a read buffer that is reused once feed() returns.
+          this.parts.push(Buffer.copyBytesFrom(chunk, pos, n));
           this.remaining -= n;
           pos += n;
           if (this.remaining === 0) {

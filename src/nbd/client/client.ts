@@ -1,11 +1,14 @@
 // NBD client: fixed-newstyle handshake, then pipelined commands matched to
 // replies by cookie. Used for replication writes and fallback reads between
-// storage systems, so it favours: many requests in flight, one copy of read
-// data (socket chunk -> caller's buffer), and failing fast and loudly.
+// storage systems, the CFS and transfers, so it favours: many requests in
+// flight, READ payloads read straight into the caller's buffer, and failing
+// fast and loudly.
 //
 // Pieces, one concern each (src/nbd/client/):
 //   Inbox         the transport's single 'data' listener; exact-length reads
 //                 for the handshake, then hands the stream to the parser
+//   DirectReads   the `onread` of sockets connect() makes: READ payloads go
+//                 from the kernel into the caller's buffer (receive.ts)
 //   negotiate()   the option haggling, one awaited read per step
 //   RequestPolicy the choke point that refuses locally what the server did not
 //                 advertise (strict mode), like libnbd's strict flags
@@ -45,8 +48,9 @@ import {
 } from '../../protocol/replies.js';
 import { Inbox, NbdTransport, Negotiated, greet, handshake, negotiate, openSocket, startTls, unexpected } from './handshake.js';
 import { Command, InFlight, RequestPolicy, RequestWriter } from './requests.js';
+import { DirectReads, DIRECT_MIN, type DirectReceiver } from './receive.js';
 import { ConnectOptions, ResolvedOptions, resolveOptions } from './options.js';
-import { NbdConnectionError, NbdOptionError, NbdTimeoutError, badReply, refused, serverError } from './errors.js';
+import { NbdConnectionError, NbdOptionError, NbdTimeoutError, refused, serverError } from './errors.js';
 
 // ---------------------------------------------------------------------------
 // Public entry points
@@ -54,8 +58,10 @@ import { NbdConnectionError, NbdOptionError, NbdTimeoutError, badReply, refused,
 /** Connect and negotiate; resolves once the export is open for commands. */
 export async function connect(target: string | ConnectOptions, options: ConnectOptions = {}): Promise<NbdClient> {
   const o = resolveOptions(target, options);
-  const { socket, peer } = openSocket(o);
-  return open(socket, peer, o);
+  // TLS records are decrypted into buffers Node allocates: only plain sockets read in place.
+  const reads = o.tls ? undefined : new DirectReads();
+  const { socket, peer } = openSocket(o, reads);
+  return open(socket, peer, o, reads);
 }
 
 /** Negotiate over an already connected transport (a TLS socket, an in-process duplex pair). */
@@ -63,14 +69,14 @@ export async function connectTransport(transport: NbdTransport, options: Connect
   return open(transport, 'transport', resolveOptions(options, {}));
 }
 
-export async function open(transport: NbdTransport, peer: string, o: ResolvedOptions): Promise<NbdClient> {
+export async function open(transport: NbdTransport, peer: string, o: ResolvedOptions, reads?: DirectReads): Promise<NbdClient> {
   let greeting: { fixed: boolean; noZeroes: boolean } | undefined;
   if (o.tls) {
     if (!(transport instanceof net.Socket)) throw refused('connect', 'EINVAL', 'TLS needs a socket transport');
     ({ transport, greeting } = await startTls(transport, peer, o));
   }
-  const { io, result } = await handshake(transport, peer, o, 'connect', (io) => negotiate(io, o, greeting));
-  return new NbdClient(transport, io.inbox, peer, result, o);
+  const { io, result } = await handshake(transport, peer, o, 'connect', (io) => negotiate(io, o, greeting), reads);
+  return new NbdClient(transport, io.inbox, peer, result, o, reads);
 }
 
 export interface ExportListing {
@@ -130,7 +136,7 @@ export interface BlockStatusOptions {
   context?: string;
 }
 
-export class NbdClient {
+export class NbdClient implements DirectReceiver {
   readonly exportName: string;
   /** Export size in bytes. */
   readonly size: number;
@@ -156,6 +162,7 @@ export class NbdClient {
   private death: Error | undefined;
   private resolveClosed!: (reason: Error | undefined) => void;
   private disconnectTimer: NodeJS.Timeout | undefined;
+  private readonly readTally = { direct: 0, copied: 0 };
 
   /** @internal use connect() or connectTransport(). */
   constructor(
@@ -164,6 +171,7 @@ export class NbdClient {
     private readonly peer: string,
     n: Negotiated,
     private readonly o: ResolvedOptions,
+    reads?: DirectReads,
   ) {
     this.exportName = n.exportName;
     this.size = n.size;
@@ -191,6 +199,7 @@ export class NbdClient {
       error: (err) => this.onError(err),
       close: () => this.onClose(),
     });
+    reads?.takeOver(this);
   }
 
   get readOnly(): boolean {
@@ -232,14 +241,24 @@ export class NbdClient {
     return !this.closing && !this.ended;
   }
 
+  /**
+   * READ payload bytes so far: `direct` were read by the kernel straight into
+   * the callers' buffers, `copied` came in a socket chunk and were copied.
+   */
+  get readBytes(): Readonly<{ direct: number; copied: number }> {
+    return this.readTally;
+  }
+
   private has(flag: number): boolean {
     return (this.flags & flag) !== 0;
   }
 
   /**
    * Read into `dest` (its whole length) or into a new buffer of `length`
-   * bytes. Data is copied once, from the socket chunk into the destination;
-   * holes are zero-filled. Resolves with the destination.
+   * bytes; holes are zero-filled. Resolves with the destination. On a socket
+   * connect() made without TLS, large payloads are read by the kernel straight
+   * into `dest` (receive.ts); otherwise each byte is copied once into it.
+   * Until the promise settles, `dest` belongs to the client.
    */
   pread(dest: Buffer | number, offset: number, opts: ReadOptions = {}): Promise<Buffer> {
     const length = typeof dest === 'number' ? dest : dest.length;
@@ -248,10 +267,7 @@ export class NbdClient {
     if (refusal) return Promise.reject(refusal);
     // Unzeroed is safe: completion requires data and holes to cover every byte.
     const buf = typeof dest === 'number' ? Buffer.allocUnsafe(length) : dest;
-    return this.submit('pread', Cmd.READ, flags, offset, length, buf, undefined, (c) => {
-      if (c.seen !== c.length) throw badReply('pread', `server sent ${c.seen} of ${c.length} bytes`);
-      return buf;
-    });
+    return this.submit<Buffer>('pread', Cmd.READ, flags, offset, length, buf, undefined);
   }
 
   /** Write `data` at `offset`. The buffer is sent as is: do not modify it until the promise settles. */
@@ -261,33 +277,33 @@ export class NbdClient {
     const length = data instanceof Uint8Array ? data.length : data.reduce((n, b) => n + b.length, 0);
     const refusal = this.policy.check('pwrite', Cmd.WRITE, flags, offset, length);
     if (refusal) return Promise.reject(refusal);
-    return this.submit('pwrite', Cmd.WRITE, flags, offset, length, undefined, data, noResult);
+    return this.submit<void>('pwrite', Cmd.WRITE, flags, offset, length, undefined, data);
   }
 
   flush(): Promise<void> {
     const refusal = this.policy.check('flush', Cmd.FLUSH, 0, 0, 0);
     if (refusal) return Promise.reject(refusal);
-    return this.submit('flush', Cmd.FLUSH, 0, 0, 0, undefined, undefined, noResult);
+    return this.submit<void>('flush', Cmd.FLUSH, 0, 0, 0, undefined, undefined);
   }
 
   trim(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {
     const flags = opts.fua ? CmdFlag.FUA : 0;
     const refusal = this.policy.check('trim', Cmd.TRIM, flags, offset, length);
     if (refusal) return Promise.reject(refusal);
-    return this.submit('trim', Cmd.TRIM, flags, offset, length, undefined, undefined, noResult);
+    return this.submit<void>('trim', Cmd.TRIM, flags, offset, length, undefined, undefined);
   }
 
   zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
     const flags = (opts.fua ? CmdFlag.FUA : 0) | (opts.noHole ? CmdFlag.NO_HOLE : 0) | (opts.fastZero ? CmdFlag.FAST_ZERO : 0);
     const refusal = this.policy.check('zero', Cmd.WRITE_ZEROES, flags, offset, length);
     if (refusal) return Promise.reject(refusal);
-    return this.submit('zero', Cmd.WRITE_ZEROES, flags, offset, length, undefined, undefined, noResult);
+    return this.submit<void>('zero', Cmd.WRITE_ZEROES, flags, offset, length, undefined, undefined);
   }
 
   cache(offset: number, length: number): Promise<void> {
     const refusal = this.policy.check('cache', Cmd.CACHE, 0, offset, length);
     if (refusal) return Promise.reject(refusal);
-    return this.submit('cache', Cmd.CACHE, 0, offset, length, undefined, undefined, noResult);
+    return this.submit<void>('cache', Cmd.CACHE, 0, offset, length, undefined, undefined);
   }
 
   /**
@@ -301,12 +317,7 @@ export class NbdClient {
     if (id === undefined && this.o.strict) return Promise.reject(refused('blockStatus', 'ENOTSUP', `meta context ${context} was not negotiated`));
     const refusal = this.policy.check('blockStatus', Cmd.BLOCK_STATUS, flags, offset, length);
     if (refusal) return Promise.reject(refusal);
-    return this.submit('blockStatus', Cmd.BLOCK_STATUS, flags, offset, length, undefined, undefined, (c) => {
-      const list = id === undefined ? undefined : c.extents?.get(id);
-      if (!list) throw badReply('blockStatus', `no extents for ${context}`);
-      if (list.some((e) => e.length === 0)) throw badReply('blockStatus', 'zero-length extent');
-      return list;
-    });
+    return this.submit<BlockStatusExtent[]>('blockStatus', Cmd.BLOCK_STATUS, flags, offset, length, undefined, undefined, context, id);
   }
 
   /**
@@ -336,6 +347,7 @@ export class NbdClient {
 
   // -- sending
 
+  /** The result type follows the command (Command.settle): the public methods state it. */
   private submit<T>(
     op: string,
     type: number,
@@ -344,47 +356,66 @@ export class NbdClient {
     length: number,
     buf: Buffer | undefined,
     payload: WritePayload | undefined,
-    finish: (c: Command) => T,
+    context?: string,
+    contextId?: number,
   ): Promise<T> {
     if (this.ended) return Promise.reject(new NbdConnectionError('ENOTCONN', `${op}: connection to ${this.peer} is closed`, { cause: this.death }));
     if (this.closing) return Promise.reject(new NbdConnectionError('ESHUTDOWN', `${op}: disconnect in progress`));
     const cookie = this.nextCookie++;
-    return new Promise<T>((resolve, reject) => {
-      const c: Command = {
-        op,
-        cookie,
-        type,
-        offset,
-        length,
-        issued: performance.now(),
-        buf,
-        seen: 0,
-        extents: undefined,
-        error: undefined,
-        settle: (err) => {
-          if (err) return reject(err);
-          try {
-            resolve(finish(c));
-          } catch (e) {
-            reject(e);
-          }
-        },
-      };
-      this.table.add(c);
-      this.writer.send(encodeRequest({ flags, type, cookie, offset, length }), payload);
-    });
+    const c = new Command(op, cookie, type, offset, length, performance.now(), buf, context, contextId);
+    const promise = c.start() as Promise<T>;
+    this.table.add(c);
+    this.writer.send(encodeRequest({ flags, type, cookie, offset, length }), payload);
+    return promise;
   }
 
   // -- receiving
 
   private readonly onData = (chunk: Buffer): void => {
-    if (this.ended) return;
-    try {
-      this.parser.feed(chunk);
-    } catch (err) {
-      this.die(err instanceof NbdProtocolError ? err : new NbdProtocolError(`reply handling failed: ${String(err)}`, { cause: err }));
-    }
+    this.received(chunk, chunk.length);
   };
+
+  /** @internal DirectReceiver: bytes in a buffer that is reused once this returns (or a 'data' chunk). */
+  received(chunk: Buffer, n: number): boolean {
+    if (this.ended) return false;
+    try {
+      this.parser.feed(chunk, n);
+    } catch (err) {
+      this.broken(err);
+    }
+    return !this.ended;
+  }
+
+  /**
+   * @internal DirectReceiver: inside a large enough READ payload, the rest of it in the
+   * caller's buffer. A range outside the request is left to the scratch path,
+   * where the 'data' event's check kills the connection.
+   */
+  directTarget(): Buffer | undefined {
+    const left = this.parser.dataRemaining;
+    const c = this.current;
+    if (left < DIRECT_MIN || !c?.buf || this.ended) return undefined;
+    const at = this.parser.dataCursor - c.offset;
+    if (at < 0 || at + left > c.length) return undefined;
+    return c.buf.subarray(at, at + left);
+  }
+
+  /** @internal DirectReceiver: n bytes of the payload landed in the buffer directTarget() gave. */
+  directFilled(n: number): boolean {
+    if (this.ended) return false;
+    try {
+      this.current!.seen += n;
+      this.readTally.direct += n;
+      this.parser.skipData(n);
+    } catch (err) {
+      this.broken(err);
+    }
+    return !this.ended;
+  }
+
+  private broken(err: unknown): void {
+    this.die(err instanceof NbdProtocolError ? err : new NbdProtocolError(`reply handling failed: ${String(err)}`, { cause: err }));
+  }
 
   private expect(cookie: bigint): Command {
     const c = this.table.get(cookie);
@@ -420,6 +451,7 @@ export class NbdClient {
         const at = this.within(c, e.offset, e.data.length);
         e.data.copy(c.buf!, at);
         c.seen += e.data.length;
+        this.readTally.copied += e.data.length;
         return;
       }
       case 'hole': {
@@ -474,7 +506,7 @@ export class NbdClient {
   private onEnd(): void {
     // After DISC the server closes once everything is answered: that is the clean end.
     if (this.closing && this.table.size === 0) return;
-    this.die(new NbdConnectionError('ECONNRESET', `${this.peer} closed the connection with ${this.table.size} requests in flight`));
+    this.die(new NbdConnectionError('ECONNRESET', `${this.peer} closed the connection${this.midReply()} with ${this.table.size} requests in flight`));
   }
 
   private onError(err: Error): void {
@@ -491,7 +523,13 @@ export class NbdClient {
       this.resolveClosed(undefined);
       return;
     }
-    this.die(new NbdConnectionError('ECONNRESET', `connection to ${this.peer} closed with ${this.table.size} requests in flight`));
+    this.die(new NbdConnectionError('ECONNRESET', `connection to ${this.peer} closed${this.midReply()} with ${this.table.size} requests in flight`));
+  }
+
+  private midReply(): string {
+    const left = this.parser.dataRemaining;
+    if (left > 0) return ` ${left} bytes before the end of a READ reply`;
+    return this.parser.idle ? '' : ' in the middle of a reply';
   }
 
   /** The one way a connection fails: every pending command gets `reason`, the transport is destroyed. */
@@ -507,5 +545,4 @@ export class NbdClient {
   }
 }
 
-export const noResult = (): void => undefined;
 

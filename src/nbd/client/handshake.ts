@@ -33,6 +33,7 @@ import {
 import { NbdConnectionError, NbdOptionError, NbdTimeoutError } from './errors.js';
 import { ResolvedOptions } from './options.js';
 import { connectTls } from '../tls.js';
+import type { DirectReads } from './receive.js';
 
 // ---------------------------------------------------------------------------
 // Transport
@@ -75,7 +76,7 @@ export class Inbox {
     private readonly peer: string,
   ) {
     this.listeners = [
-      ['data', (c: Buffer) => (this.sink ? this.sink.data(c) : this.push(c))],
+      ['data', (c: Buffer) => this.receive(c)],
       ['end', () => (this.sink ? this.sink.end() : this.stop('end'))],
       ['close', () => (this.sink ? this.sink.close() : this.stop('close'))],
       ['error', (e: Error) => (this.sink ? this.sink.error(e) : this.stop(e))],
@@ -88,6 +89,12 @@ export class Inbox {
     const off = (this.t as unknown as { off?: (e: string, f: (...a: never[]) => void) => unknown }).off;
     for (const [ev, fn] of this.listeners) off?.call(this.t, ev, fn);
     return this.queued;
+  }
+
+  /** Bytes from the transport: its 'data' events, or DirectReads for a socket made with `onread`. */
+  receive(c: Buffer): void {
+    if (this.sink) this.sink.data(c);
+    else this.push(c);
   }
 
   read(n: number): Promise<Buffer> {
@@ -350,8 +357,10 @@ export async function handshake<T>(
   o: ResolvedOptions,
   op: string,
   run: (io: HandshakeIO) => Promise<T>,
+  reads?: DirectReads,
 ): Promise<{ io: HandshakeIO; result: T }> {
   const inbox = new Inbox(transport, peer);
+  reads?.attach(inbox);
   const io = new HandshakeIO(transport, inbox);
   const timer = setTimeout(() => inbox.fail(new NbdTimeoutError(`${op} ${peer}`, o.handshakeTimeoutMs)), o.handshakeTimeoutMs);
   const onAbort = () => inbox.fail(new NbdConnectionError('ABORT_ERR', `${op} ${peer}: aborted`, { cause: o.signal?.reason }));
@@ -373,9 +382,13 @@ export async function handshake<T>(
 // still bounding what sits in user space (measured: +15-20% 4 KiB IOPS).
 export const WRITE_HIGH_WATER_MARK = 1 << 20;
 
-export function openSocket(o: ResolvedOptions): { socket: net.Socket; peer: string } {
-  const hwm = { writableHighWaterMark: WRITE_HIGH_WATER_MARK };
-  const socket = o.path ? net.connect({ path: o.path, ...hwm }) : net.connect({ host: o.host, port: o.port, ...hwm });
+/**
+ * A connected socket. With `reads`, it reads through them (receive.ts: READ payloads straight into
+ * the caller's buffer), and emits no 'data' events: give the same `reads` to handshake().
+ */
+export function openSocket(o: ResolvedOptions, reads?: DirectReads): { socket: net.Socket; peer: string } {
+  const opts = { writableHighWaterMark: WRITE_HIGH_WATER_MARK, ...(reads ? { onread: reads.onread } : {}) };
+  const socket = o.path ? net.connect({ path: o.path, ...opts }) : net.connect({ host: o.host, port: o.port, ...opts });
   socket.setNoDelay(true); // requests are small and latency-bound; Nagle would hold them
   return { socket, peer: o.path ?? `${o.host}:${o.port}` };
 }

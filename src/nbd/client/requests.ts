@@ -11,26 +11,67 @@ import {
   type BlockStatusExtent,
 } from '../../protocol/replies.js';
 import { NbdTransport, Negotiated } from './handshake.js';
-import { NbdError, refused } from './errors.js';
+import { NbdError, badReply, refused } from './errors.js';
 import { WritePayload } from './client.js';
 
 // ---------------------------------------------------------------------------
 // Transmission: the pieces
 
-export interface Command {
-  readonly op: string;
-  readonly cookie: bigint;
-  readonly type: number;
-  readonly offset: number;
-  readonly length: number;
-  readonly issued: number;
-  /** READ destination. */
-  readonly buf: Buffer | undefined;
+// The resolve/reject pair of the promise being made: a shared executor stores them here, so
+// starting a command makes no closure of its own (Promise.withResolvers needs Node 22).
+let resolveNext: (value: unknown) => void = () => undefined;
+let rejectNext: (reason: Error) => void = () => undefined;
+const capture = (resolve: (value: unknown) => void, reject: (reason: Error) => void): void => {
+  resolveNext = resolve;
+  rejectNext = reject;
+};
+
+/** One request from submit to its settled promise; its result depends on its type (settle()). */
+export class Command {
   /** READ bytes covered so far by data and holes. */
-  seen: number;
-  extents: Map<number, BlockStatusExtent[]> | undefined;
-  error: NbdError | undefined;
-  settle(err?: Error): void;
+  seen = 0;
+  extents: Map<number, BlockStatusExtent[]> | undefined = undefined;
+  error: NbdError | undefined = undefined;
+  // Set by start(), before anything can settle the command.
+  private resolve!: (value: unknown) => void;
+  private reject!: (reason: Error) => void;
+
+  constructor(
+    readonly op: string,
+    readonly cookie: bigint,
+    readonly type: number,
+    readonly offset: number,
+    readonly length: number,
+    readonly issued: number,
+    /** READ destination. */
+    readonly buf: Buffer | undefined,
+    /** BLOCK_STATUS: the meta context asked for, and its negotiated id. */
+    readonly context?: string,
+    readonly contextId?: number,
+  ) {}
+
+  start(): Promise<unknown> {
+    const p = new Promise(capture);
+    this.resolve = resolveNext;
+    this.reject = rejectNext;
+    return p;
+  }
+
+  /** Settle with `err`, or with the result the reply makes: READ -> buf, BLOCK_STATUS -> extents, else undefined. */
+  settle(err?: Error): void {
+    if (err) return this.reject(err);
+    if (this.type === Cmd.READ) {
+      if (this.seen !== this.length) return this.reject(badReply(this.op, `server sent ${this.seen} of ${this.length} bytes`));
+      return this.resolve(this.buf);
+    }
+    if (this.type === Cmd.BLOCK_STATUS) {
+      const list = this.contextId === undefined ? undefined : this.extents?.get(this.contextId);
+      if (!list) return this.reject(badReply(this.op, `no extents for ${this.context}`));
+      if (list.some((e) => e.length === 0)) return this.reject(badReply(this.op, 'zero-length extent'));
+      return this.resolve(list);
+    }
+    this.resolve(undefined);
+  }
 }
 
 /**
