@@ -6,7 +6,10 @@
 //   success                                         answers the host
 //   the connection fails (kill -9, cut, timeout)    drops it; waits for the table to change or
 //   ESHUTDOWN (the master fenced itself)            the master to come back; sends it again
-//   EPERM (the copy is no longer the master)
+//   EPERM (the copy is no longer the master, or
+//     was not yet when we connected: its export
+//     said READ_ONLY then, and the client refuses
+//     writes on that connection itself)
 //   EIO on a read (the master's device failed)      reads the same range from each mirror in
 //                                                   turn (VOL0 -> VOL1 -> VOL2, claim 6)
 //   any other error (EINVAL, ENOSPC, EIO write)     answers the host with it
@@ -69,7 +72,11 @@ type Outcome = 'retry' | 'fail';
 
 function classify(e: unknown): Outcome {
   if (e instanceof NbdConnectionError || e instanceof NbdTimeoutError) return 'retry';
-  if (e instanceof NbdError && e.origin === 'server' && (e.code === 'ESHUTDOWN' || e.code === 'EPERM')) return 'retry';
+  // EPERM from either side: a write refused by the server, or by our client because the export it
+  // connected to was a read-only mirror then (a stale table during a failover). Both mean "not the
+  // master on this connection"; the retry drops it and connects again. Answering the host instead
+  // gave it EPERM for every write on that pooled connection (a CI run: 7500 errors).
+  if (e instanceof NbdError && (e.code === 'EPERM' || (e.code === 'ESHUTDOWN' && e.origin === 'server'))) return 'retry';
   return 'fail';
 }
 
