@@ -236,6 +236,11 @@ export class SvolGroup extends SvolGroupRecovery {
     });
   }
 
+  /** Resolves once the destager rests (nothing pending it may write), e.g. before reading a member's volume file. */
+  destageIdle(): Promise<void> {
+    return this.destage.drained();
+  }
+
   status(): SvolGroupStatus {
     const r = this.rec.restore;
     const members: SvolMemberStatus[] = this.rec.logical.map((l, i) => {
