@@ -27,7 +27,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { RangeLock } from '../../blockdev/range-lock.js';
-import { BlockDeviceError, type BlockDevice, type Payload } from '../../blockdev/types.js';
+import { BlockDeviceError, payloadLength, type BlockDevice, type Payload } from '../../blockdev/types.js';
 import { ClusterBitmap, clusterRange } from '../bitmap.js';
 import { FileBitmapStore, MemoryBitmapStore, type BitmapStore } from '../bitmap-store.js';
 import { ChecksumTables, SUM_BLOCK } from './checksums.js';
@@ -418,13 +418,13 @@ export abstract class SvolGroupCore {
     }
   }
 
-  async logicalWrite(i: number, offset: number, data: Buffer): Promise<void> {
+  async logicalWrite(i: number, offset: number, data: Payload): Promise<void> {
     const l = this.rec.logical[i]!;
     if (l.attr === 'RO') throw new BlockDeviceError('EPERM', `vol${l.id} is an RO S-VOL of group ${this.name}: host writes are refused`);
     if (l.state === 'paired' || l.state === 'simplex') throw new BlockDeviceError('EPERM', `vol${l.id} is ${l.state === 'paired' ? 'paired with its P-VOL' : 'not initialized'} in group ${this.name}: writable once the group is split`);
     const incr = this.incr.get(i)!;
     const cs = this.ctx.clusterSize;
-    const [first, last] = clusterRange(offset, data.length, cs);
+    const [first, last] = clusterRange(offset, payloadLength(data), cs);
     // Whole clusters: two writes into one cluster must not both give it a new increments slot.
     const release = await this.logicalLocks[i]!.acquire(first * cs, (last + 1 - first) * cs);
     try {
