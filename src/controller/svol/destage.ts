@@ -50,9 +50,6 @@ export class Destager {
   private running: Promise<void> | null = null;
   /** Set by add(): the loop's pass that found nothing to do looks again. */
   private again = false;
-  /** Bytes destaged since start (status). */
-  destagedBytes = 0;
-
   constructor(private readonly host: DestageHost) {}
 
   private bm(i: number): ClusterBitmap {
@@ -69,10 +66,6 @@ export class Destager {
   anyPending(i: number, first: number, last: number): boolean {
     const b = this.pending[i];
     return b !== undefined && b.invalidCount > 0 && b.anyInvalid(first, last);
-  }
-
-  isPending(i: number, c: number): boolean {
-    return this.pending[i]?.isInvalid(c) ?? false;
   }
 
   /** Clusters first..last of member i were logged (the caller holds their lock): destage them. */
@@ -137,9 +130,8 @@ export class Destager {
             const cur = this.pending[i];
             if (vol === undefined || cur !== bm) break;
             // Only this loop clears bits, and forget() swaps the bitmap: c..end are all still pending.
-            const runLen = len;
-            const piece = buf.subarray(0, runLen);
-            await Promise.all(range(c, end).map((k) => this.host.readSlot(i, k, piece.subarray((k - c) * cs, Math.min((k - c + 1) * cs, runLen)))));
+            const piece = buf.subarray(0, len);
+            await Promise.all(range(c, end).map((k) => this.host.readSlot(i, k, piece.subarray((k - c) * cs, Math.min((k - c + 1) * cs, len)))));
             try {
               await this.host.writeMember(vol, off, piece);
             } catch (e) {
@@ -151,7 +143,6 @@ export class Destager {
             if (!failed) {
               written.add(vol);
               for (let k = c; k <= end; k++) bm.setValid(k);
-              this.destagedBytes += runLen;
             }
           } finally {
             release();

@@ -338,10 +338,11 @@ export abstract class SvolGroupCore {
     for (;;) {
       const j = this.readerFor(i);
       const vol = this.rec.logical[j]!.vol;
-      this.count(vol, 'reads');
+      // A split RW member's clusters not destaged yet are current only in its increments.
+      const pending = j === i && this.destage.anyPending(i, first, last);
+      if (!pending) this.count(vol, 'reads');
       try {
-        // A split RW member's clusters not destaged yet are current only in its increments.
-        if (j === i && this.destage.anyPending(i, first, last)) return await this.readFrom(i, vol, offset, dest, false);
+        if (pending) return await this.readFrom(i, vol, offset, dest, false);
         return await this.readVol(vol, offset, dest);
       } catch (e) {
         if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO' || this.rec.logical[j]!.state === 'simplex') throw e;
