@@ -68,6 +68,10 @@ export class Destager {
     return b !== undefined && b.invalidCount > 0 && b.anyInvalid(first, last);
   }
 
+  isPending(i: number, c: number): boolean {
+    return this.pending[i]?.isInvalid(c) ?? false;
+  }
+
   /** Clusters first..last of member i were logged (the caller holds their lock): destage them. */
   add(i: number, first: number, last: number): void {
     this.bm(i).setRangeInvalid(first, last);

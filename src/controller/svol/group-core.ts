@@ -342,7 +342,8 @@ export abstract class SvolGroupCore {
       const pending = j === i && this.destage.anyPending(i, first, last);
       if (!pending) this.count(vol, 'reads');
       try {
-        if (pending) return await this.readFrom(i, vol, offset, dest, false);
+        // Only the pending ones from there: the member's own volume (and its checksums) serves the rest.
+        if (pending) return await this.readFrom(i, vol, offset, dest, false, (c) => this.destage.isPending(i, c));
         return await this.readVol(vol, offset, dest);
       } catch (e) {
         if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO' || this.rec.logical[j]!.state === 'simplex') throw e;
@@ -402,8 +403,8 @@ export abstract class SvolGroupCore {
     }
   }
 
-  /** Logical i's bytes from `donor`, its increments first (RW). */
-  protected async readFrom(i: number, donor: number, offset: number, dest: Buffer, mine: boolean): Promise<void> {
+  /** Logical i's bytes from `donor`, its increments first (RW): every changed cluster, or those `fromIncr` says. */
+  protected async readFrom(i: number, donor: number, offset: number, dest: Buffer, mine: boolean, fromIncr?: (c: number) => boolean): Promise<void> {
     const l = this.rec.logical[i]!;
     this.count(donor, 'reads');
     const incr = this.incr.get(i);
@@ -413,7 +414,7 @@ export abstract class SvolGroupCore {
       const c = Math.floor(at / cs);
       const end = Math.min(offset + dest.length, (c + 1) * cs);
       const piece = dest.subarray(at - offset, end - offset);
-      if (incr.has(c)) await incr.read(c, at - c * cs, piece);
+      if (incr.has(c) && (!fromIncr || fromIncr(c))) await incr.read(c, at - c * cs, piece);
       else await this.readVol(donor, at, piece, mine);
       at = end;
     }
