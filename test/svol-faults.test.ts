@@ -7,7 +7,7 @@ import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { requireTools } from './helpers/clients.js';
 import { run } from './helpers/servers.js';
-import { cli, fill, hostImage, hostWrite, KiB, member, MiB, qemuIo, query, restart, splitGroup, start, stopAll, svol, uri, volFile, waitFor } from './helpers/svol.js';
+import { cli, destaged, fill, hostImage, hostWrite, KiB, member, MiB, qemuIo, query, restart, splitGroup, start, stopAll, svol, uri, volFile, waitFor } from './helpers/svol.js';
 
 afterEach(stopAll);
 
@@ -63,6 +63,8 @@ describe('S-VOL groups under faults', () => {
     let k = await start();
     const image = await splitGroup(k, SIZE);
     await hostWrite(k, 3, 1 * MiB, 128 * KiB, 0x33);
+    // On volume 3 itself before it is failed below (the compare at the end reads its file).
+    await destaged(k);
     const rw = Buffer.from(image);
     rw.fill(0x33, 1 * MiB, 1 * MiB + 128 * KiB);
     const checked = await query(k);
@@ -101,6 +103,7 @@ describe('S-VOL groups under faults', () => {
     expect((await hostImage(k, 40)).equals(image)).toBe(true);
     expect((await hostImage(k, 2)).equals(image)).toBe(true);
 
+    await destaged(k);
     await k.c.stop();
     // The fault flipped bits on the way, not on the disk: the replaced volumes still hold what was written.
     expect(volFile(k, 2).equals(rw)).toBe(true);
@@ -140,6 +143,7 @@ describe('S-VOL groups under faults', () => {
     for (const v of ['1:3', '1:4']) expect((await cli('fault', 'clear', '-c', k.file, v)).code).toBe(0);
     expect((await hostImage(k, 3)).equals(rw)).toBe(true);
     expect((await query(k)).members.find((m) => m.vol === 3)).toMatchObject({ state: 'error' });
+    await destaged(k);
     await k.c.stop();
     const home = member(g, 3).vol;
     for (const v of [home, 3]) expect(volFile(k, v).equals(rw), `vol${v}.img`).toBe(true);
@@ -198,6 +202,7 @@ describe('S-VOL groups under faults', () => {
     expect(text).toMatch(new RegExp(`^vol40 +${member(g, 40).vol} +RO +split +1 `, 'm'));
     expect(text).toMatch(/ioTimeout 3000 ms; \d+ checksum mismatches, [2-9]\d* timeouts since start/);
     const seen = await hostImage(k, 3);
+    await destaged(k);
     await k.c.stop();
     expect(volFile(k, member(g, 3).vol).equals(seen)).toBe(true);
     for (const id of [2, 40]) expect(volFile(k, member(g, id).vol).equals(image), `vol${id}`).toBe(true);

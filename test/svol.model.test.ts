@@ -11,6 +11,10 @@
 //   M4 with spreadReads, a read of an RO member served by a sibling is never stale (M1 holds);
 //   M5 a member whose reads come back corrupt (bits flipped) is caught by its checksums: the
 //      host's read is still right (M1), and the member is rebuilt on a spare.
+//   M6 an RW member's writes reach its own volume behind the host (destage.ts): M1 holds while
+//      clusters are pending, through restarts, resyncs and attribute changes that meet them
+//      (a delay on the member's writes holds the destage back), and once the destage rests the
+//      member's volume holds its image.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -49,7 +53,9 @@ type Op =
   | { kind: 'split' }
   | { kind: 'resync'; id?: number }
   | { kind: 'fail'; id: number; fault: 'error' | 'corrupt' }
-  | { kind: 'restart' };
+  | { kind: 'restart'; afterWrites?: { cluster: number; val: number } }
+  | { kind: 'slowDestage'; ms: number }
+  | { kind: 'attr' };
 
 const range = fc.tuple(fc.integer({ min: 0, max: SIZE - 1 }), fc.integer({ min: 1, max: 3 * CLUSTER })).map(([off, len]) => ({ off, len: Math.min(len, SIZE - off) }));
 const opArb: fc.Arbitrary<Op> = fc.oneof(
@@ -60,6 +66,10 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
   { weight: 2, arbitrary: fc.option(fc.constantFrom(...IDS), { nil: undefined }).map((id) => ({ kind: 'resync' as const, ...(id !== undefined ? { id } : {}) })) },
   { weight: 3, arbitrary: fc.tuple(fc.constantFrom(...IDS), fc.constantFrom('error' as const, 'corrupt' as const)).map(([id, fault]) => ({ kind: 'fail' as const, id, fault })) },
   { weight: 1, arbitrary: fc.constant({ kind: 'restart' as const }) },
+  // Two RW writes a cluster apart (two destage runs), then at once a restart: it meets them pending.
+  { weight: 1, arbitrary: fc.tuple(fc.integer({ min: 0, max: CLUSTERS - 3 }), fc.integer({ min: 1, max: 255 })).map(([cluster, val]) => ({ kind: 'restart' as const, afterWrites: { cluster, val } })) },
+  { weight: 2, arbitrary: fc.integer({ min: 0, max: 20 }).map((ms) => ({ kind: 'slowDestage' as const, ms })) },
+  { weight: 1, arbitrary: fc.constant({ kind: 'attr' as const }) },
 );
 
 /** The storage system's part: file volumes with a fault layer, the group and its host devices. */
@@ -216,7 +226,11 @@ describe('S-VOL group model', () => {
     }
   });
 
-  it('every logical ID reads what the model says through writes, splits, resyncs, failures with recovery and restarts', async () => {
+  it('every logical ID reads what the model says through writes, splits, resyncs, failures with recovery, restarts and attribute changes, also while the RW member destage is pending', async () => {
+    // Reads and restarts that met pending destage clusters, over all runs (M6 is exercised, not just allowed).
+    let pendingReads = 0;
+    let pendingRestarts = 0;
+    const rwPending = (rig: Rig) => rig.group.status().members.find((x) => x.logicalId === 3)!.destagePending ?? 0;
     await fc.assert(
       fc.asyncProperty(fc.array(opArb, { minLength: 1, maxLength: 30 }), async (ops) => {
         const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bm-svol-model-'));
@@ -291,6 +305,9 @@ describe('S-VOL group model', () => {
               const vol = rig.group.status().members.find((x) => x.logicalId === op.id)!.vol;
               // Corruption is caught where a checksum is known: a split member with a block written whole since.
               if (op.fault === 'corrupt' && (mm.state !== 'split' || rig.group.status().members.find((x) => x.vol === vol)!.checkedBlocks === 0)) continue;
+              // The host's reads meet a corrupt RW member only where its volume serves them: not its
+              // clusters still pending destage (from the increments). Let those reach it first.
+              if (op.fault === 'corrupt' && op.id === 3) await rig.group.destageIdle();
               const mismatches = rig.group.status().checksumMismatches;
               rig.faults.get(vol)!.set({ kind: op.fault });
               // The host's reads succeed while the member is rebuilt behind them (two: with
@@ -309,10 +326,37 @@ describe('S-VOL group model', () => {
               // Repaired, the volume goes back to the pool as a spare.
               await rig.group.setAttr(String(vol), 'spare');
               spares++;
+            } else if (op.kind === 'slowDestage') {
+              // Holds the destage back (0: lets it run): the RW member's current volume answers writes late.
+              const vol = rig.group.status().members.find((x) => x.logicalId === 3)!.vol;
+              if (op.ms === 0) rig.faults.get(vol)!.clear('delay');
+              else rig.faults.get(vol)!.set({ kind: 'delay', ms: op.ms, ops: ['write'] });
+            } else if (op.kind === 'attr') {
+              // RW -> RO -> RW: refused while the member holds changes since its split (pending or not).
+              const changed = rig.group.status().members.find((x) => x.logicalId === 3)!.increments!.clusters;
+              if (m.get(3)!.state === 'split' && changed > 0) {
+                await expect(rig.group.setAttr('3', 'RO')).rejects.toThrow(/resync it first/);
+                continue;
+              }
+              await rig.group.setAttr('3', 'RO');
+              expect((await rig.read(rig.logical.get(3)!)).equals(m.get(3)!.state === 'paired' ? pvol : m.get(3)!.image)).toBe(true);
+              await rig.group.setAttr('3', 'RW');
             } else {
+              const w = op.afterWrites;
+              if (w && m.get(3)!.state === 'split') {
+                // Slow member writes: the destage is still at the first when the restart comes.
+                rig.faults.get(rig.group.status().members.find((x) => x.logicalId === 3)!.vol)!.set({ kind: 'delay', ms: 5, ops: ['write'] });
+                for (const c of [w.cluster, w.cluster + 2]) {
+                  const data = Buffer.alloc(CLUSTER, w.val);
+                  await rig.logical.get(3)!.write(c * CLUSTER, data);
+                  data.copy(m.get(3)!.image, c * CLUSTER);
+                }
+              }
+              if (rwPending(rig) > 0) pendingRestarts++;
               await rig.close();
               await rig.open();
             }
+            if (rwPending(rig) > 0) pendingReads++;
             for (const id of IDS) {
               const mm = m.get(id)!;
               const got = await rig.read(rig.logical.get(id)!);
@@ -320,13 +364,19 @@ describe('S-VOL group model', () => {
             }
             expect((await rig.read(rig.pvol)).equals(pvol)).toBe(true);
           }
-          // Once copies are done, the paired members' own volumes hold the P-VOL.
+          // Once copies are done, the paired members' own volumes hold the P-VOL; once the destage
+          // rests, the split RW member's volume holds its image (M6).
           await rig.group.idle();
+          await rig.group.destageIdle();
           const st = rig.group.status();
           for (const id of IDS) {
             const mm = m.get(id)!;
-            if (mm.state !== 'paired') continue;
             const vol = st.members.find((x) => x.logicalId === id)!.vol;
+            if (mm.state === 'split' && id === 3) {
+              expect(st.members.find((x) => x.logicalId === id)!.destagePending).toBe(0);
+              expect((await rig.read(rig.volumes.get(vol)!.device)).equals(mm.image), `volume ${vol} of vol${id}`).toBe(true);
+            }
+            if (mm.state !== 'paired') continue;
             expect((await rig.read(rig.volumes.get(vol)!.device)).equals(pvol), `volume ${vol} of vol${id}`).toBe(true);
           }
         } finally {
@@ -336,6 +386,8 @@ describe('S-VOL group model', () => {
       }),
       { numRuns: 60 },
     );
+    expect(pendingReads).toBeGreaterThan(0);
+    expect(pendingRestarts).toBeGreaterThan(0);
     // 60 runs take some 15 s on a quiet machine; the shared one is often loaded several times over.
   }, 90_000);
 });

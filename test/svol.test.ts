@@ -9,7 +9,7 @@ import { requireTools } from './helpers/clients.js';
 import { RawInitiator } from './helpers/iscsi-raw.js';
 import { openSession, writeAt } from './helpers/raw.js';
 import { freePort, run } from './helpers/servers.js';
-import { cli, CLUSTER, fill, hostImage, hostWrite, KiB, member, MiB, qemuIo, query, restart, settled, splitGroup, start, stopAll, svol, uri, volFile, waitFor } from './helpers/svol.js';
+import { cli, CLUSTER, destaged, fill, hostImage, hostWrite, KiB, member, MiB, qemuIo, query, restart, settled, splitGroup, start, stopAll, svol, uri, volFile, waitFor } from './helpers/svol.js';
 import type { SvolGroupStatus } from '../src/controller/svol/status.js';
 
 afterEach(stopAll);
@@ -129,6 +129,7 @@ describe('S-VOL groups over NBD', { timeout: 120_000 }, () => {
     expected.fill(0x3c, 64 * KiB, 192 * KiB);
     expect((await hostImage(k, 3)).equals(expected)).toBe(true);
     expect(member(await query(k), 3).increments).toMatchObject({ clusters: 2 });
+    await destaged(k);
     await k.c.stop();
     expect(volFile(k, 3).equals(expected)).toBe(true);
     for (const v of [1, 2, 4]) expect(volFile(k, v).equals(image), `vol${v}.img`).toBe(true);
@@ -180,6 +181,8 @@ describe('S-VOL groups over NBD', { timeout: 120_000 }, () => {
     expect(member(again, 3).increments).toMatchObject({ clusters: 3 });
     expect((await hostImage(k, 3)).equals(rw)).toBe(true);
     expect((await hostImage(k, 40)).equals(image)).toBe(true);
+    // The restart destages every changed cluster again; the volume holds them once it is done.
+    await destaged(k);
     await k.c.stop();
     expect(volFile(k, 2).equals(rw)).toBe(true);
     for (const v of [1, 5, 6]) expect(volFile(k, v).equals(image), `vol${v}.img`).toBe(true);
@@ -225,7 +228,7 @@ describe('S-VOL groups over NBD', { timeout: 120_000 }, () => {
     expect(reads.every(Boolean)).toBe(true);
     // What the host reads of vol3 is on its new volume, byte for byte; the RO images never moved.
     const seen = await hostImage(k, 3);
-    const map = await query(k);
+    const map = await destaged(k);
     await k.c.stop();
     expect(volFile(k, member(map, 3).vol).equals(seen)).toBe(true);
     for (const id of [2, 40]) expect(volFile(k, member(map, id).vol).equals(image), `vol${id}`).toBe(true);
@@ -364,6 +367,7 @@ describe('S-VOL groups over NBD', { timeout: 120_000 }, () => {
     expect(lines[0]).toContain('vol9 (increments of logical vol3 in group backup) is full (2 clusters changed since the split): writes fail with ENOSPC until a resync');
     const g = await query(k);
     expect(member(g, 3).increments).toMatchObject({ clusters: 2, bytes: 2 * CLUSTER, capacity: 2 * CLUSTER });
+    await destaged(k);
     await k.c.stop();
     expect(volFile(k, 3).equals(rw)).toBe(true);
     expect(volFile(k, 2).equals(image)).toBe(true);

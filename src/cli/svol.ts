@@ -106,11 +106,11 @@ async function send(group: string, command: SvolCommandName, opts: Options, body
 /**
  * Poll until no copy and no restore runs; a progress bar on a terminal (progress.ts). The work is
  * what the storage system reports left: clusters of the restore not copied yet, plus the changed
- * clusters of members still being copied.
+ * clusters of members still being copied, plus RW members' clusters not destaged yet.
  */
 async function follow(ep: AdminEndpoint, group: string, first: SvolGroupStatus, timeoutMs: number, json: boolean): Promise<SvolGroupStatus> {
   let s = first;
-  const left = (g: SvolGroupStatus) => (g.restore ? g.restore.totalClusters - g.restore.copiedClusters : 0) + g.members.reduce((n, m) => n + (m.state === 'paired' ? (m.changedClusters ?? 0) : 0), 0);
+  const left = (g: SvolGroupStatus) => (g.restore ? g.restore.totalClusters - g.restore.copiedClusters : 0) + g.members.reduce((n, m) => n + (m.state === 'paired' ? (m.changedClusters ?? 0) : 0) + (m.destagePending ?? 0), 0);
   let total = Math.max(1, left(s));
   const bar = await progressBar({ label: group, total, format: '{value}/{total} clusters | ETA {eta_formatted}', json });
   try {
@@ -142,7 +142,7 @@ export function formatGroup(s: SvolGroupStatus): string {
       String(m.reads),
       String(m.writes),
       m.changedClusters !== undefined ? String(m.changedClusters) : '-',
-      m.increments ? `vol${m.increments.vol} ${m.increments.clusters} clusters, ${m.increments.bytes}/${m.increments.capacity} bytes` : '-',
+      m.increments ? `vol${m.increments.vol} ${m.increments.clusters} clusters, ${m.increments.bytes}/${m.increments.capacity} bytes${m.destagePending ? `, ${m.destagePending} to destage` : ''}` : '-',
       m.error ?? '',
     ]);
   }

@@ -123,6 +123,8 @@ export async function waitFor(k: Cluster, ok: (g: SvolGroupStatus) => boolean, w
 }
 
 export const member = (g: SvolGroupStatus, logicalId: number) => g.members.find((m) => m.logicalId === logicalId)!;
+/** Every RW member's volume holds its increments (destage.ts): what a compare of its volume file needs first. */
+export const destaged = (k: Cluster) => waitFor(k, (g) => g.members.every((m) => (m.destagePending ?? 0) === 0), 'destaged');
 export const settled = (g: SvolGroupStatus) => !g.restore && g.members.every((m) => m.state !== 'paired' || m.changedClusters === 0);
 
 export function fill(size: number, byte: number): Buffer {

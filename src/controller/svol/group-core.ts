@@ -7,7 +7,7 @@
 //   state      read                                   write (RW)              write (RO)
 //   simplex    its volume (before svol init)          EPERM                   EPERM
 //   paired     its volume; P-VOL where still Invalid  EPERM                   EPERM
-//   split      its volume                             increments + volume     EPERM
+//   split      its volume (RW: pending ones increments) increments (destaged)   EPERM
 //   error      a sibling (RW: increments first)       increments              EPERM
 //   restoring  the donor (RW: increments first)       increments              EPERM
 //
@@ -27,10 +27,11 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { RangeLock } from '../../blockdev/range-lock.js';
-import { BlockDeviceError, type BlockDevice, type Payload } from '../../blockdev/types.js';
+import { BlockDeviceError, payloadLength, type BlockDevice, type Payload } from '../../blockdev/types.js';
 import { ClusterBitmap, clusterRange } from '../bitmap.js';
 import { FileBitmapStore, MemoryBitmapStore, type BitmapStore } from '../bitmap-store.js';
 import { ChecksumTables, SUM_BLOCK } from './checksums.js';
+import { Destager } from './destage.js';
 import { MemberIo } from './member-io.js';
 import { readGroupRecord, saveGroupRecord, type GroupRecord, type LogicalRecord } from './group-file.js';
 import { IncrementsVolume } from './increments.js';
@@ -90,6 +91,8 @@ export abstract class SvolGroupCore {
   protected lastVerify: SvolVerifyStatus | undefined;
   /** Requests to member volumes: checksums, hang timeout, reads in flight (member-io.ts). */
   protected readonly io: MemberIo;
+  /** Brings split RW members' volumes up to date from their increments, behind the host (destage.ts). */
+  protected readonly destage: Destager;
   /** Round-robin start for spread reads. */
   private spreadNext = 0;
 
@@ -104,6 +107,28 @@ export abstract class SvolGroupCore {
     this.log = ctx.log.child({ svolGroup: spec.name });
     const sums = new ChecksumTables(this.size, ctx.dir ? path.join(ctx.dir, `${spec.name}.sums`) : undefined, this.log);
     this.io = new MemberIo((vol) => this.dev(vol), sums, spec.ioTimeout ?? DEFAULT_IO_TIMEOUT_MS, this.size);
+    const group = this;
+    this.destage = new Destager({
+      clusterSize: ctx.clusterSize,
+      clusters: this.clusters,
+      size: this.size,
+      log: this.log,
+      get closed() {
+        return group.closed;
+      },
+      target: (i) => {
+        const l = this.rec.logical[i]!;
+        return l.attr === 'RW' && l.state === 'split' ? l.vol : undefined;
+      },
+      lock: (i) => this.logicalLocks[i]!,
+      readSlot: (i, c, dest) => this.incr.get(i)!.read(c, 0, dest),
+      writeMember: (vol, offset, data) => {
+        this.count(vol, 'writes');
+        return this.io.write(vol, offset, data.length, data, () => this.dev(vol).write(offset, data));
+      },
+      flushMember: (vol) => this.io.flush(vol),
+      fail: (i, op, err, vol) => this.fail(i, op, err, vol),
+    });
   }
 
   /** Logical IDs, in the order of the configuration: what the storage system exports. */
@@ -146,6 +171,8 @@ export abstract class SvolGroupCore {
         const v = new IncrementsVolume(this.dev(l.increments), `vol${l.increments} (increments of logical vol${l.id} in group ${this.name})`, ctx.clusterSize, this.clusters, this.log);
         await v.open(l.generation ?? this.rec.generation);
         this.incr.set(i, v);
+        // What was destaged before the restart is not known: every changed cluster again.
+        if (l.attr === 'RW' && l.state === 'split') this.destage.addAll(i, v.changed());
       }
     }
     this.save();
@@ -311,8 +338,12 @@ export abstract class SvolGroupCore {
     for (;;) {
       const j = this.readerFor(i);
       const vol = this.rec.logical[j]!.vol;
-      this.count(vol, 'reads');
+      // A split RW member's clusters not destaged yet are current only in its increments.
+      const pending = j === i && this.destage.anyPending(i, first, last);
+      if (!pending) this.count(vol, 'reads');
       try {
+        // Only the pending ones from there: the member's own volume (and its checksums) serves the rest.
+        if (pending) return await this.readFrom(i, vol, offset, dest, false, (c) => this.destage.isPending(i, c));
         return await this.readVol(vol, offset, dest);
       } catch (e) {
         if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO' || this.rec.logical[j]!.state === 'simplex') throw e;
@@ -372,8 +403,8 @@ export abstract class SvolGroupCore {
     }
   }
 
-  /** Logical i's bytes from `donor`, its increments first (RW). */
-  private async readFrom(i: number, donor: number, offset: number, dest: Buffer, mine: boolean): Promise<void> {
+  /** Logical i's bytes from `donor`, its increments first (RW): every changed cluster, or those `fromIncr` says. */
+  protected async readFrom(i: number, donor: number, offset: number, dest: Buffer, mine: boolean, fromIncr?: (c: number) => boolean): Promise<void> {
     const l = this.rec.logical[i]!;
     this.count(donor, 'reads');
     const incr = this.incr.get(i);
@@ -383,38 +414,28 @@ export abstract class SvolGroupCore {
       const c = Math.floor(at / cs);
       const end = Math.min(offset + dest.length, (c + 1) * cs);
       const piece = dest.subarray(at - offset, end - offset);
-      if (incr.has(c)) await incr.read(c, at - c * cs, piece);
+      if (incr.has(c) && (!fromIncr || fromIncr(c))) await incr.read(c, at - c * cs, piece);
       else await this.readVol(donor, at, piece, mine);
       at = end;
     }
   }
 
-  async logicalWrite(i: number, offset: number, data: Buffer): Promise<void> {
+  async logicalWrite(i: number, offset: number, data: Payload): Promise<void> {
     const l = this.rec.logical[i]!;
     if (l.attr === 'RO') throw new BlockDeviceError('EPERM', `vol${l.id} is an RO S-VOL of group ${this.name}: host writes are refused`);
     if (l.state === 'paired' || l.state === 'simplex') throw new BlockDeviceError('EPERM', `vol${l.id} is ${l.state === 'paired' ? 'paired with its P-VOL' : 'not initialized'} in group ${this.name}: writable once the group is split`);
     const incr = this.incr.get(i)!;
     const cs = this.ctx.clusterSize;
-    const [first, last] = clusterRange(offset, data.length, cs);
+    const [first, last] = clusterRange(offset, payloadLength(data), cs);
     // Whole clusters: two writes into one cluster must not both give it a new increments slot.
     const release = await this.logicalLocks[i]!.acquire(first * cs, (last + 1 - first) * cs);
     try {
       this.bitmaps[i]!.setRangeInvalid(first, last);
       await this.store.mark([i], first, last);
-      // The increments and the member together (the member once the bases it had are read):
-      // the host's write is acknowledged only once it is in the increments, so whatever
-      // happens to the member, the write is kept.
-      this.count(l.vol, 'writes');
-      await incr.log(offset, data, this.size, (c, buf) => this.baseOf(i, c, buf), async () => {
-        if (l.state !== 'split') return;
-        const vol = l.vol;
-        try {
-          await this.io.write(vol, offset, data.length, data, () => this.dev(vol).write(offset, data));
-        } catch (e) {
-          if (!(e instanceof BlockDeviceError) || e.errno !== 'EIO') throw e;
-          this.fail(i, 'write', e, vol);
-        }
-      });
+      // Acknowledged once in the increments (the truth for changed clusters); the member's
+      // volume follows behind the host (destage.ts), or a restore applies the increments.
+      await incr.log(offset, data, this.size, (c, buf) => this.baseOf(i, c, buf));
+      if (l.state === 'split') this.destage.add(i, first, last);
     } finally {
       release();
     }
@@ -439,15 +460,9 @@ export abstract class SvolGroupCore {
   async logicalFlush(i: number): Promise<void> {
     const l = this.rec.logical[i]!;
     await this.incr.get(i)?.flush();
-    if (l.state !== 'split' && l.state !== 'paired') return;
-    const vol = l.vol;
-    try {
-      await this.io.flush(vol);
-    } catch (e) {
-      // An RW member's writes are in its increments (flushed above): its own volume failing is a recovery, not the host's error.
-      if (l.attr !== 'RW' || l.state !== 'split' || !(e instanceof BlockDeviceError) || e.errno !== 'EIO') throw e;
-      this.fail(i, 'flush', e, vol);
-    }
+    // An RW member's writes are durable in its increments; the destager flushes the member's volume.
+    if ((l.state !== 'split' && l.state !== 'paired') || (l.attr === 'RW' && l.state === 'split')) return;
+    await this.io.flush(l.vol);
   }
 
   /** Flush the members a P-VOL write reaches (paired ones). */
@@ -560,7 +575,8 @@ export abstract class SvolGroupCore {
 
   async close(): Promise<void> {
     this.closed = true;
-    await this.idle();
+    // The run in flight ends; what is still pending is destaged again at the next open.
+    await Promise.all([this.idle(), this.destage.drained()]);
     this.save();
     this.saveSums(true);
     await this.store.close();

@@ -42,6 +42,8 @@ export class SvolGroup extends SvolGroupRecovery {
           live.push(i);
         });
         if (live.length) await this.store.mark(live, 0, this.clusters - 1);
+        // Under the members' locks no destage run is in flight; the copy overwrites what they held.
+        for (const i of live) this.destage.forget(i);
         for (const i of live) await this.incr.get(i)?.reset(this.rec.generation);
         // A sibling's spread read still on a member's volume ends before the copy overwrites it.
         for (const i of live) await this.readsDone(this.rec.logical[i]!.vol);
@@ -99,6 +101,9 @@ export class SvolGroup extends SvolGroupRecovery {
           const l = this.rec.logical[i]!;
           l.state = 'paired';
           delete l.generation;
+          // No destage run is in flight under the lock, and none starts: the copy from the P-VOL
+          // covers every cluster the member changed (its bitmap), so a late destage would corrupt it.
+          this.destage.forget(i);
           await this.incr.get(i)?.reset(this.rec.generation);
         }
         // A sibling's spread read still on a member's volume ends before the copy overwrites it.
@@ -216,6 +221,7 @@ export class SvolGroup extends SvolGroupRecovery {
         if (attr === 'RW') {
           if (!incr) throw new PairCommandError('refused', `attr ${this.name} ${member}: vol${l.id} has no increments volume; add increments: VOL to its member in the configuration`);
           if (l.state === 'split') await incr.reset(l.generation ?? this.rec.generation);
+          this.destage.forget(li);
         } else if (l.state !== 'paired' && l.state !== 'simplex' && incr && incr.count > 0) {
           throw new PairCommandError('refused', `attr ${this.name} ${member}: vol${l.id} has ${incr.count} clusters changed since the split; resync it first, then make it RO`);
         }
@@ -228,6 +234,11 @@ export class SvolGroup extends SvolGroupRecovery {
         release();
       }
     });
+  }
+
+  /** Resolves once the destager rests (nothing pending it may write), e.g. before reading a member's volume file. */
+  destageIdle(): Promise<void> {
+    return this.destage.drained();
   }
 
   status(): SvolGroupStatus {
@@ -246,6 +257,7 @@ export class SvolGroup extends SvolGroupRecovery {
         changedClusters: this.bitmaps[i]!.invalidCount,
         copiedBytes: this.copied[i]!,
         checkedBlocks: this.io.sums.knownBlocks(l.vol),
+        ...(incr ? { destagePending: this.destage.pendingCount(i) } : {}),
         ...(incr ? { increments: { vol: l.increments!, clusters: incr.count, bytes: incr.bytes, capacity: incr.capacity } } : {}),
         ...(l.error ? { error: l.error } : {}),
       };

@@ -13,7 +13,7 @@
 // cluster go into its slot. No slot left: ENOSPC, said once in the log.
 import * as BL from 'buffer-layout';
 import type { Logger } from 'pino';
-import { BlockDeviceError, type BlockDevice } from '../../blockdev/types.js';
+import { BlockDeviceError, payloadLength, type BlockDevice, type Payload } from '../../blockdev/types.js';
 import { FileFormat, FormatError } from '../../util/format.js';
 
 const FORMAT = new FileFormat<{ clusterSize: number; clusters: number; generation: number }>('increments volume', 'BMSVINC1', 1, [
@@ -123,9 +123,9 @@ export class IncrementsVolume {
    *   slot writes, coalesced                 a 1 MiB write to new clusters is one write
    *   map entries, coalesced                 after the slots: a crash never maps a half slot
    */
-  async log(offset: number, data: Buffer, size: number, base: (c: number, buf: Buffer) => Promise<void>, alongside?: () => Promise<void>): Promise<void> {
+  async log(offset: number, data: Payload, size: number, base: (c: number, buf: Buffer) => Promise<void>, alongside?: () => Promise<void>): Promise<void> {
     const cs = this.clusterSize;
-    const end = offset + data.length;
+    const end = offset + payloadLength(data);
     const first = Math.floor(offset / cs);
     const last = Math.floor((end - 1) / cs);
     let fresh = 0;
@@ -138,27 +138,31 @@ export class IncrementsVolume {
     // Slots are taken before the first await: a concurrent writer of other clusters takes the next ones.
     const slots: number[] = [];
     for (let c = first; c <= last; c++) slots.push(this.map[c] || ++this.used);
-    const writes: { at: number; buf: Buffer }[] = [];
+    // The host's pieces are written as they came (views, no gathering copy: a fresh 1 MiB buffer
+    // per write costs more than the write itself).
+    const writes: { at: number; bufs: Buffer[] }[] = [];
     const mapped: { c: number; slot: number }[] = [];
     for (let c = first; c <= last; c++) {
       const cStart = c * cs;
       const cEnd = Math.min(cStart + cs, size);
       const from = Math.max(offset, cStart);
       const to = Math.min(end, cEnd);
-      const piece = data.subarray(from - offset, to - offset);
+      const piece = slicePayload(data, from - offset, to - offset);
       const slot = slots[c - first]!;
       const slotAt = this.dataStart + (slot - 1) * cs;
       if (this.map[c]) {
-        writes.push({ at: slotAt + (from - cStart), buf: piece });
+        writes.push({ at: slotAt + (from - cStart), bufs: piece });
         continue;
       }
-      let buf = piece;
+      let bufs = piece;
       if (from !== cStart || to !== cEnd) {
-        buf = Buffer.allocUnsafe(cEnd - cStart);
+        const buf = Buffer.allocUnsafe(cEnd - cStart);
         await base(c, buf);
-        piece.copy(buf, from - cStart);
+        let at = from - cStart;
+        for (const p of piece) at += p.copy(buf, at);
+        bufs = [buf];
       }
-      writes.push({ at: slotAt, buf });
+      writes.push({ at: slotAt, bufs });
       mapped.push({ c, slot });
     }
     const member = alongside?.();
@@ -170,7 +174,7 @@ export class IncrementsVolume {
         e.writeUInt32LE(slot);
         entries.push({ at: MAP_AT + 4 * c, bufs: [e] });
       }
-      await Promise.all(coalesce(entries.map((x) => ({ at: x.at, buf: x.bufs[0]! }))).map((w) => this.device.write(w.at, w.bufs)));
+      await Promise.all(coalesce(entries).map((w) => this.device.write(w.at, w.bufs)));
       for (const { c, slot } of mapped) this.map[c] = slot;
     })();
     const [a, b] = await Promise.allSettled([logged, member]);
@@ -184,14 +188,30 @@ export class IncrementsVolume {
 }
 
 /** Writes that follow each other on the volume, joined into one write of several pieces. */
-function coalesce(writes: { at: number; buf: Buffer }[]): { at: number; bufs: Buffer[] }[] {
+function coalesce(writes: { at: number; bufs: Buffer[] }[]): { at: number; bufs: Buffer[] }[] {
   const out: { at: number; bufs: Buffer[]; end: number }[] = [];
   for (const w of writes) {
     const prev = out[out.length - 1];
+    const len = payloadLength(w.bufs);
     if (prev && prev.end === w.at) {
-      prev.bufs.push(w.buf);
-      prev.end += w.buf.length;
-    } else out.push({ at: w.at, bufs: [w.buf], end: w.at + w.buf.length });
+      prev.bufs.push(...w.bufs);
+      prev.end += len;
+    } else out.push({ at: w.at, bufs: [...w.bufs], end: w.at + len });
+  }
+  return out;
+}
+
+/** Bytes start..end of a payload, as views of its pieces. */
+function slicePayload(p: Payload, start: number, end: number): Buffer[] {
+  if (Buffer.isBuffer(p)) return [p.subarray(start, end)];
+  const out: Buffer[] = [];
+  let at = 0;
+  for (const b of p) {
+    const s = Math.max(start, at);
+    const e = Math.min(end, at + b.length);
+    if (s < e) out.push(b.subarray(s - at, e - at));
+    at += b.length;
+    if (at >= end) break;
   }
   return out;
 }

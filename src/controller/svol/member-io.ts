@@ -5,8 +5,8 @@
 //   checksums       checked per 4 KiB block (checksums.ts)  forgotten before, recorded after
 //   hang timeout    EIO (MemberTimeoutError) after ioTimeout; the request may still finish later:
 //                   a read lands in a private buffer, never in the host's
-//   in flight       counted per volume (a role change waits)  counted per volume (a read that
-//                                                            races a write gets no verdict)
+//   in flight       counted per volume (a role change waits)  kept with its range: a read whose
+//                                                            bad block a write overlapped gets no verdict
 //
 // A timeout or a checksum mismatch is an EIO, so the group's ordinary recovery handles it: the
 // host's request is served by a sibling and the member is rebuilt.
@@ -40,12 +40,23 @@ export class MemberTimeoutError extends BlockDeviceError {
 
 /** A read that raced writes to its volume this many times in a row is returned unchecked. */
 const RACED_RETRIES = 3;
+/** Writes remembered per volume for telling a raced read from a bad block; older ones count as racing every read. */
+const RECENT_WRITES = 256;
+
+/** A write to a member volume: seq when it started, and when it ended (undefined: in flight). */
+interface RecentWrite {
+  offset: number;
+  end: number;
+  started: number;
+  ended: number | undefined;
+}
 
 export class MemberIo {
   private readonly readsIn = new Map<number, Set<Promise<void>>>();
-  private readonly writesIn = new Map<number, number>();
-  /** Bumped when a write to the volume starts and when it ends: a read that saw it change raced one. */
+  /** Bumped when a write to the volume starts and when it ends. */
   private readonly writeSeq = new Map<number, number>();
+  /** The volume's writes in flight and the last ones that ended, oldest first. */
+  private readonly recent = new Map<number, RecentWrite[]>();
   /** Timeouts and mismatches so far (status). */
   timeouts = 0;
   mismatches = 0;
@@ -92,7 +103,7 @@ export class MemberIo {
       await this.timed(this.dev(vol).read(start, buf), vol, `read at ${start}`);
       const bad = this.sums.check(vol, start, buf);
       if (bad) {
-        const raced = (this.writesIn.get(vol) ?? 0) > 0 || (this.writeSeq.get(vol) ?? 0) !== seq;
+        const raced = this.raced(vol, seq, bad.offset);
         if (raced && attempt < RACED_RETRIES) continue;
         if (!raced) {
           this.mismatches++;
@@ -114,15 +125,41 @@ export class MemberIo {
    */
   async write(vol: number, offset: number, length: number, data: Payload | null | undefined, op: () => Promise<void>): Promise<void> {
     this.sums.forget(vol, offset, length);
-    this.writesIn.set(vol, (this.writesIn.get(vol) ?? 0) + 1);
-    this.writeSeq.set(vol, (this.writeSeq.get(vol) ?? 0) + 1);
+    const w: RecentWrite = { offset, end: offset + length, started: this.bump(vol), ended: undefined };
+    let list = this.recent.get(vol);
+    if (!list) this.recent.set(vol, (list = []));
+    const mine = list;
+    mine.push(w);
     // In flight until the volume answers, even past a timeout: a late write still races reads.
     const done = op().finally(() => {
-      this.writesIn.set(vol, this.writesIn.get(vol)! - 1);
-      this.writeSeq.set(vol, (this.writeSeq.get(vol) ?? 0) + 1);
+      w.ended = this.bump(vol);
+      // Forget the oldest that ended; those in flight stay (they still race).
+      while (mine.length > RECENT_WRITES) {
+        const k = mine.findIndex((x) => x.ended !== undefined);
+        if (k < 0) break;
+        mine.splice(k, 1);
+      }
     });
     await this.timed(done, vol, `write at ${offset}`);
     if (data !== undefined) this.sums.record(vol, offset, length, data);
+  }
+
+  private bump(vol: number): number {
+    const n = (this.writeSeq.get(vol) ?? 0) + 1;
+    this.writeSeq.set(vol, n);
+    return n;
+  }
+
+  /**
+   * Did a write to the block at `at` run while a read that started at write seq `seq` did? Then
+   * the read may hold the old bytes against the new checksum. Writes elsewhere on the volume do
+   * not excuse a bad block (the destager writes other blocks of an RW member all the time).
+   */
+  private raced(vol: number, seq: number, at: number): boolean {
+    const list = this.recent.get(vol) ?? [];
+    // Writes forgotten since the read began: it may have raced one of them.
+    if (list.length >= RECENT_WRITES && list[0]!.started > seq) return true;
+    return list.some((x) => x.offset < at + SUM_BLOCK && at < x.end && (x.ended === undefined || x.ended > seq));
   }
 
   flush(vol: number): Promise<void> {

@@ -172,6 +172,8 @@ export abstract class SvolGroupRecovery extends SvolGroupCore {
           this.rec.pool.push({ vol: r.failed, state: 'error', error: r.reason });
           this.io.sums.forgetVolume(r.failed);
         }
+        // Every change is on `home` now: nothing is left to destage (the lock holds no run in flight).
+        this.destage.forget(r.logical);
         l.vol = home;
         l.state = 'split';
         delete l.error;

@@ -19,6 +19,11 @@ export interface SvolMemberStatus {
   copiedBytes?: number;
   /** 4 KiB blocks of its volume whose checksum is known: reads of those are checked. */
   checkedBlocks?: number;
+  /**
+   * RW members: changed clusters not yet copied from the increments to the member's own volume
+   * (reads take them from the increments meanwhile). 0 once the volume is current.
+   */
+  destagePending?: number;
   /** RW members: their increments volume. */
   increments?: { vol: number; clusters: number; bytes: number; capacity: number };
   error?: string;
