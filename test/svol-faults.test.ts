@@ -200,7 +200,10 @@ describe('S-VOL groups under faults', () => {
     const text = await svol(k, 'query', 'backup');
     expect(text).toMatch(new RegExp(`^vol3 +${member(g, 3).vol} +RW +split +1 `, 'm'));
     expect(text).toMatch(new RegExp(`^vol40 +${member(g, 40).vol} +RO +split +1 `, 'm'));
-    expect(text).toMatch(/ioTimeout 3000 ms; \d+ checksum mismatches, [2-9]\d* timeouts since start/);
+    // Both hangs timed out at least once (the destage's writes to the hung member can add more).
+    const timeouts = /ioTimeout 3000 ms; \d+ checksum mismatches, (\d+) timeouts since start/.exec(text);
+    expect(timeouts, text).not.toBeNull();
+    expect(Number(timeouts![1])).toBeGreaterThanOrEqual(2);
     const seen = await hostImage(k, 3);
     await destaged(k);
     await k.c.stop();
