@@ -384,7 +384,12 @@ describe('S-VOL group model', () => {
           fs.rmSync(dir, { recursive: true, force: true });
         }
       }),
-      { numRuns: 60 },
+      {
+        numRuns: 60,
+        // One run surely restarts while the destage is behind (a CI run's 60 random ones once did not),
+        // so the counts below check the model met the case, not that chance brought it.
+        examples: [[[{ kind: 'split' }, { kind: 'restart', afterWrites: { cluster: 1, val: 7 } }, { kind: 'twoWrites', cluster: 4, val: 9 }, { kind: 'restart' }]]],
+      },
     );
     expect(pendingReads).toBeGreaterThan(0);
     expect(pendingRestarts).toBeGreaterThan(0);
