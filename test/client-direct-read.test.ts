@@ -11,7 +11,7 @@ import { connect, NbdClient, NbdConnectionError } from '../src/nbd/client.js';
 import { ReplyType } from '../src/protocol/constants.js';
 import { DIRECT_MIN, SCRATCH } from '../src/nbd/client/receive.js';
 import { startNbdkit, startServe, tmpDir, type RunningServer } from './helpers/servers.js';
-import { Peer, be, chunk, closeFakeServers, fakeServer, readRequest, serveHandshake, simpleReply, type FakeRequest } from './helpers/fake-nbd.js';
+import { Peer, be, chunk, closeFakeServers, fakeServer, readRequest, rejection, serveHandshake, simpleReply, type FakeRequest } from './helpers/fake-nbd.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -25,15 +25,6 @@ async function open(...args: Parameters<typeof connect>): Promise<NbdClient> {
   const c = await connect(...args);
   opened.push(c);
   return c;
-}
-
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (err) {
-    return err as Error;
-  }
-  throw new Error('expected the promise to reject, but it resolved');
 }
 
 /** Read `length` bytes at `offset` into the middle of a larger buffer; the guard bytes either side must stay as they were. */

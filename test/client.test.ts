@@ -37,7 +37,7 @@ import {
   REQUEST_SIZE,
 } from '../src/protocol/constants.js';
 import { startNbdkit, startServe, freePort, tmpDir, run } from './helpers/servers.js';
-import { Peer, be, chunk, closeFakeServers, type FakeRequest, fakeServer, readRequest, serveHandshake, simpleReply } from './helpers/fake-nbd.js';
+import { Peer, be, chunk, closeFakeServers, type FakeRequest, fakeServer, readRequest, rejection, serveHandshake, simpleReply } from './helpers/fake-nbd.js';
 
 const MiB = 1024 * 1024;
 const KiB = 1024;
@@ -192,15 +192,6 @@ function coalesce(extents: BlockStatusExtent[], length: number): BlockStatusExte
     else out.push({ length: len, flags: e.flags });
   }
   return out;
-}
-
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (err) {
-    return err as Error;
-  }
-  throw new Error('expected the promise to reject, but it resolved');
 }
 
 // ---------------------------------------------------------------------------

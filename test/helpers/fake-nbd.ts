@@ -123,3 +123,13 @@ export async function fakeServer(script: (p: Peer) => Promise<void>): Promise<{ 
   return { port: (server.address() as net.AddressInfo).port, peers };
 }
 
+
+/** The error `p` rejects with; fails the test if it resolves. */
+export async function rejection(p: Promise<unknown>): Promise<Error> {
+  try {
+    await p;
+  } catch (err) {
+    return err as Error;
+  }
+  throw new Error('expected the promise to reject, but it resolved');
+}
