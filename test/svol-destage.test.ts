@@ -3,16 +3,10 @@
 // tests hold the destage back (a delay on the member's volume writes) so that reads, a restart, a
 // resync and an attribute change meet it with clusters pending, and fail it (EIO on the member's
 // writes). Each ends with the member's volume compared byte for byte.
-import fs from 'node:fs';
-import path from 'node:path';
-import { pino } from 'pino';
 import { afterEach, describe, expect, it } from 'vitest';
-import { FaultDevice, FaultSet } from '../src/blockdev/fault.js';
-import { openFileDevice } from '../src/blockdev/file.js';
-import type { BlockDevice } from '../src/blockdev/types.js';
-import { SvolGroup, type SvolGroupSpec } from '../src/controller/svol/group.js';
-import { LogicalVolume, PvolVolume } from '../src/controller/svol/logical-volume.js';
+import type { SvolGroupSpec } from '../src/controller/svol/group.js';
 import { tmpDir } from './helpers/servers.js';
+import { SvolRig as Rig } from './helpers/svol-rig.js';
 
 const CLUSTER = 4096;
 const CLUSTERS = 32;
@@ -27,51 +21,6 @@ const SPEC: SvolGroupSpec = {
   ],
 };
 
-class Rig {
-  faults = new Map<number, FaultSet>();
-  volumes = new Map<number, { device: BlockDevice }>();
-  group!: SvolGroup;
-  pvol!: PvolVolume;
-  rw!: LogicalVolume;
-  private files: BlockDevice[] = [];
-  constructor(private readonly dir: string) {}
-
-  async open(): Promise<void> {
-    for (const v of [1, 2, 3, 5, 9]) {
-      const file = await openFileDevice(path.join(this.dir, `vol${v}.img`), { size: v === 9 ? 2 * CLUSTER + SIZE : SIZE });
-      this.files.push(file);
-      const set = this.faults.get(v) ?? new FaultSet();
-      this.faults.set(v, set);
-      this.volumes.set(v, { device: new FaultDevice(file, set, `vol${v}`) });
-    }
-    this.group = new SvolGroup(SPEC, { clusterSize: CLUSTER, volumes: this.volumes, dir: path.join(this.dir, 'svol'), log: pino({ level: 'silent' }) });
-    await this.group.open();
-    this.pvol = new PvolVolume(this.volumes.get(1)!.device, this.group);
-    this.rw = new LogicalVolume(this.group, 1, this.volumes);
-  }
-
-  async close(): Promise<void> {
-    await this.group.close();
-    for (const f of this.files) await f.close();
-    this.files = [];
-  }
-
-  async read(dev: BlockDevice): Promise<Buffer> {
-    const b = Buffer.alloc(SIZE);
-    await dev.read(0, b);
-    return b;
-  }
-
-  /** The bytes on a physical volume: its file, below the fault layer. */
-  volume(v: number): Buffer {
-    return fs.readFileSync(path.join(this.dir, `vol${v}.img`));
-  }
-
-  get rwStatus() {
-    return this.group.status().members.find((m) => m.logicalId === 3)!;
-  }
-}
-
 const rigs: Rig[] = [];
 afterEach(async () => {
   for (const r of rigs.splice(0)) await r.close().catch(() => {});
@@ -79,7 +28,7 @@ afterEach(async () => {
 
 /** A split group whose P-VOL holds 0x11; the RW member (vol3, volume 3) then gets `writes` clusters, every other one, written 0x33 while its destage is held back. */
 async function pendingRig(writes: number): Promise<{ rig: Rig; image: Buffer; rw: Buffer }> {
-  const rig = new Rig(tmpDir('bm-svol-destage-'));
+  const rig = new Rig(tmpDir('bm-svol-destage-'), SPEC, CLUSTER, SIZE);
   rigs.push(rig);
   await rig.open();
   await rig.pvol.write(0, Buffer.alloc(SIZE, 0x11));
@@ -92,7 +41,7 @@ async function pendingRig(writes: number): Promise<{ rig: Rig; image: Buffer; rw
   rig.faults.get(3)!.set({ kind: 'delay', ms: 50, ops: ['write'] });
   for (let k = 0; k < writes; k++) {
     const at = 2 * k * CLUSTER + 100;
-    await rig.rw.write(at, Buffer.alloc(1000, 0x33));
+    await rig.lv(3).write(at, Buffer.alloc(1000, 0x33));
     rw.fill(0x33, at, at + 1000);
   }
   return { rig, image, rw };
@@ -101,50 +50,50 @@ async function pendingRig(writes: number): Promise<{ rig: Rig; image: Buffer; rw
 describe('S-VOL destage of RW members', () => {
   it('serves reads of clusters not destaged yet from the increments, and brings the member volume up to date behind the host', async () => {
     const { rig, rw } = await pendingRig(8);
-    expect(rig.rwStatus.destagePending).toBeGreaterThan(1);
+    expect(rig.member(3).destagePending).toBeGreaterThan(1);
     // The member's volume is behind, the logical ID is not.
     expect((rig.volume(3)).equals(rw)).toBe(false);
-    expect((await rig.read(rig.rw)).equals(rw)).toBe(true);
+    expect((await rig.read(rig.lv(3))).equals(rw)).toBe(true);
     const part = Buffer.alloc(3 * CLUSTER);
-    await rig.rw.read(13 * CLUSTER, part);
+    await rig.lv(3).read(13 * CLUSTER, part);
     expect(part.equals(rw.subarray(13 * CLUSTER, 16 * CLUSTER))).toBe(true);
     // An RW member with changes stays RW while the destage runs (and after): resync it first.
     await expect(rig.group.setAttr('3', 'RO')).rejects.toThrow(/resync it first/);
     await rig.group.destageIdle();
-    expect(rig.rwStatus.destagePending).toBe(0);
+    expect(rig.member(3).destagePending).toBe(0);
     expect((rig.volume(3)).equals(rw)).toBe(true);
-    expect((await rig.read(rig.rw)).equals(rw)).toBe(true);
+    expect((await rig.read(rig.lv(3))).equals(rw)).toBe(true);
   });
 
   it('destages every changed cluster again after a restart that left some pending, with the logical ID right throughout', async () => {
     const { rig, rw } = await pendingRig(8);
-    expect(rig.rwStatus.destagePending).toBeGreaterThan(1);
+    expect(rig.member(3).destagePending).toBeGreaterThan(1);
     await rig.close();
     expect((rig.volume(3)).equals(rw)).toBe(false);
     await rig.open();
     // Which clusters had reached the volume is not kept: all 8 are pending again.
-    expect(rig.rwStatus.destagePending).toBeGreaterThan(1);
-    expect(rig.rwStatus.destagePending).toBeLessThanOrEqual(8);
-    expect((await rig.read(rig.rw)).equals(rw)).toBe(true);
+    expect(rig.member(3).destagePending).toBeGreaterThan(1);
+    expect(rig.member(3).destagePending).toBeLessThanOrEqual(8);
+    expect((await rig.read(rig.lv(3))).equals(rw)).toBe(true);
     await rig.group.destageIdle();
-    expect(rig.rwStatus.destagePending).toBe(0);
+    expect(rig.member(3).destagePending).toBe(0);
     expect((rig.volume(3)).equals(rw)).toBe(true);
   });
 
   it('stops the destage of members resynced while it runs: no destage write lands on the copy from the P-VOL', async () => {
     const { rig } = await pendingRig(8);
     const pvol = Buffer.alloc(SIZE, 0x11);
-    expect(rig.rwStatus.destagePending).toBeGreaterThan(1);
+    expect(rig.member(3).destagePending).toBeGreaterThan(1);
     await rig.group.resync();
-    expect(rig.rwStatus.destagePending).toBe(0);
+    expect(rig.member(3).destagePending).toBe(0);
     await rig.group.idle();
     await rig.group.destageIdle();
     rig.faults.get(3)!.clear();
-    expect((await rig.read(rig.rw)).equals(pvol)).toBe(true);
+    expect((await rig.read(rig.lv(3))).equals(pvol)).toBe(true);
     expect((rig.volume(3)).equals(pvol)).toBe(true);
     // Split again: the member starts a new log, and its writes destage onto the resynced volume.
     await rig.group.split();
-    await rig.rw.write(5 * CLUSTER, Buffer.alloc(CLUSTER, 0x55));
+    await rig.lv(3).write(5 * CLUSTER, Buffer.alloc(CLUSTER, 0x55));
     pvol.fill(0x55, 5 * CLUSTER, 6 * CLUSTER);
     await rig.group.destageIdle();
     expect((rig.volume(3)).equals(pvol)).toBe(true);
@@ -156,10 +105,10 @@ describe('S-VOL destage of RW members', () => {
     // More host writes while the member's volume refuses every write: all acknowledged.
     for (let k = 0; k < 4; k++) {
       const at = (20 + k) * CLUSTER;
-      await rig.rw.write(at, Buffer.alloc(CLUSTER, 0x44));
+      await rig.lv(3).write(at, Buffer.alloc(CLUSTER, 0x44));
       rw.fill(0x44, at, at + CLUSTER);
     }
-    expect((await rig.read(rig.rw)).equals(rw)).toBe(true);
+    expect((await rig.read(rig.lv(3))).equals(rw)).toBe(true);
     await rig.group.destageIdle();
     await rig.group.idle();
     const st = rig.group.status();
@@ -167,7 +116,7 @@ describe('S-VOL destage of RW members', () => {
     expect(st.members.find((m) => m.logicalId === 3)).toMatchObject({ vol: 2, state: 'split', destagePending: 0 });
     expect(st.members.find((m) => m.logicalId === 2)).toMatchObject({ vol: 5, state: 'split' });
     expect(st.members.find((m) => m.vol === 3)).toMatchObject({ state: 'error', error: expect.stringMatching(/^write: /) });
-    expect((await rig.read(rig.rw)).equals(rw)).toBe(true);
+    expect((await rig.read(rig.lv(3))).equals(rw)).toBe(true);
     expect((rig.volume(2)).equals(rw)).toBe(true);
     expect((rig.volume(5)).equals(image)).toBe(true);
   });

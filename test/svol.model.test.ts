@@ -19,19 +19,15 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import fc from 'fast-check';
-import { pino } from 'pino';
 import { describe, expect, it } from 'vitest';
-import { FaultDevice, FaultSet } from '../src/blockdev/fault.js';
-import { openFileDevice } from '../src/blockdev/file.js';
+import { SvolRig as Rig } from './helpers/svol-rig.js';
 import { FilterDevice } from '../src/blockdev/filter.js';
-import { BlockDeviceError, type BlockDevice } from '../src/blockdev/types.js';
-import { SvolGroup, type SvolGroupSpec } from '../src/controller/svol/group.js';
-import { LogicalVolume, PvolVolume } from '../src/controller/svol/logical-volume.js';
+import { BlockDeviceError } from '../src/blockdev/types.js';
+import type { SvolGroupSpec } from '../src/controller/svol/group.js';
 
 const CLUSTER = 4096;
 const CLUSTERS = 16;
 const SIZE = CLUSTER * CLUSTERS;
-const log = pino({ level: 'silent' });
 const SPEC: SvolGroupSpec = {
   name: 'g',
   pvol: 1,
@@ -72,47 +68,6 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
   { weight: 1, arbitrary: fc.constant({ kind: 'attr' as const }) },
 );
 
-/** The storage system's part: file volumes with a fault layer, the group and its host devices. */
-class Rig {
-  faults = new Map<number, FaultSet>();
-  volumes = new Map<number, { device: BlockDevice }>();
-  group!: SvolGroup;
-  pvol!: PvolVolume;
-  logical = new Map<number, LogicalVolume>();
-  private files: BlockDevice[] = [];
-
-  constructor(
-    private readonly dir: string,
-    private readonly spec: SvolGroupSpec = SPEC,
-  ) {}
-
-  async open(): Promise<void> {
-    for (const v of [1, 2, 3, 4, 5, 6, 9]) {
-      const file = await openFileDevice(path.join(this.dir, `vol${v}.img`), { size: v === 9 ? 2 * CLUSTER + SIZE : SIZE });
-      this.files.push(file);
-      const set = this.faults.get(v) ?? new FaultSet();
-      this.faults.set(v, set);
-      this.volumes.set(v, { device: new FaultDevice(file, set, `vol${v}`) });
-    }
-    this.group = new SvolGroup(this.spec, { clusterSize: CLUSTER, volumes: this.volumes, dir: path.join(this.dir, 'svol'), log });
-    await this.group.open();
-    this.pvol = new PvolVolume(this.volumes.get(1)!.device, this.group);
-    this.group.logicalIds.forEach((id, i) => this.logical.set(id, new LogicalVolume(this.group, i, this.volumes)));
-  }
-
-  async close(): Promise<void> {
-    await this.group.close();
-    for (const f of this.files) await f.close();
-    this.files = [];
-  }
-
-  async read(dev: BlockDevice): Promise<Buffer> {
-    const b = Buffer.alloc(SIZE);
-    await dev.read(0, b);
-    return b;
-  }
-}
-
 interface ModelMember {
   state: 'paired' | 'split';
   gen: number;
@@ -123,7 +78,7 @@ describe('S-VOL group model', () => {
   it('fails a member once for a request that outlived its rebuild: a read answered with EIO after the member moved to a spare is read again there', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bm-svol-stale-'));
     // Without spreadReads: both reads of vol4 go to volume 4.
-    const rig = new Rig(dir, { ...SPEC, spreadReads: false });
+    const rig = new Rig(dir, { ...SPEC, spreadReads: false }, CLUSTER, SIZE);
     try {
       await rig.open();
       await rig.pvol.write(0, Buffer.alloc(SIZE, 0x11));
@@ -160,7 +115,7 @@ describe('S-VOL group model', () => {
 
   it('rebuilds two members that fail at once, one after the other, each from a healthy sibling', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bm-svol-two-fail-'));
-    const rig = new Rig(dir);
+    const rig = new Rig(dir, SPEC, CLUSTER, SIZE);
     try {
       await rig.open();
       await rig.pvol.write(0, Buffer.alloc(SIZE, 0x11));
@@ -194,7 +149,7 @@ describe('S-VOL group model', () => {
 
   it('keeps both of two concurrent writes into one cluster of an RW member through its rebuild from the increments', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bm-svol-two-'));
-    const rig = new Rig(dir);
+    const rig = new Rig(dir, SPEC, CLUSTER, SIZE);
     try {
       await rig.open();
       await rig.group.init();
@@ -230,11 +185,11 @@ describe('S-VOL group model', () => {
     // Reads and restarts that met pending destage clusters, over all runs (M6 is exercised, not just allowed).
     let pendingReads = 0;
     let pendingRestarts = 0;
-    const rwPending = (rig: Rig) => rig.group.status().members.find((x) => x.logicalId === 3)!.destagePending ?? 0;
+    const rwPending = (rig: Rig) => rig.member(3).destagePending ?? 0;
     await fc.assert(
       fc.asyncProperty(fc.array(opArb, { minLength: 1, maxLength: 30 }), async (ops) => {
         const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bm-svol-model-'));
-        const rig = new Rig(dir);
+        const rig = new Rig(dir, SPEC, CLUSTER, SIZE);
         try {
           await rig.open();
           await rig.group.init();
