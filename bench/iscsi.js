@@ -4,7 +4,7 @@
 //   reads:  iscsi-perf (libiscsi) 4 KiB random QD32, 128 KiB and 1 MiB sequential QD8
 //   writes: qemu-img bench -w over qemu's libiscsi driver (iscsi-perf only reads), 4 KiB QD32 and
 //           1 MiB QD8, sequential, as many requests as fill about --seconds at the first run's rate
-//   usage: node bench/iscsi.js [--seconds N] [--only WORD] [--append]   (append writes bench/RESULTS.md)
+//   usage: node bench/iscsi.js [--seconds N] [--only WORD] [--append]   (--append rewrites its section of bench/RESULTS.md)
 //   --only keeps the jobs whose name contains WORD (e.g. "write"); --cpu-prof profiles our target.
 import { spawn, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -12,6 +12,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { replaceSection } from './lib/report.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const args = process.argv.slice(2);
@@ -158,4 +159,4 @@ let text = `\n## iSCSI target vs tgt (${new Date().toISOString().slice(0, 10)}, 
 for (const r of rows) text += `| ${r.job} | ${r.ours} ${r.unit} | ${r.tgt} ${r.unit} | ${r.ratio.toFixed(2)}x | ${r.oursCpu?.toFixed(1)} / ${r.tgtCpu?.toFixed(1)} µs |\n`;
 text += `\nblockmirror RSS peak during the run: ${(peakRss / 1048576).toFixed(0)} MiB. The LUNs: 256 MiB${jobs.some((j) => !j.write) ? ', written in full first' : ''}, ours in memory, tgt's on /dev/shm. Reads: iscsi-perf; writes: qemu-img bench -w (qemu's libiscsi driver), sequential, wrapping at the end of the LUN.\n`;
 console.log(text);
-if (args.includes('--append')) fs.appendFileSync(path.join(ROOT, 'bench/RESULTS.md'), text);
+if (args.includes('--append')) replaceSection(path.join(ROOT, 'bench/RESULTS.md'), 'iscsi', text);

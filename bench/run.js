@@ -1,8 +1,8 @@
 #!/usr/bin/env node
 // blockmirror vs nbdkit, measured with fio's nbd engine. See bench/README.md.
 //
-//   npm run bench                         # everything, writes bench/RESULTS.md
-//   BENCH_REPS=3 BENCH_RUNTIME=3 npm run bench
+//   npm run bench:nbd                     # all of this file's jobs, writes bench/RESULTS.md
+//   BENCH_REPS=3 BENCH_RUNTIME=3 npm run bench:nbd
 //   node bench/run.js --only memory-tcp,randread-4k-qd1 --cpu-prof bench/out/prof
 import fs from 'node:fs';
 import os from 'node:os';
@@ -28,7 +28,7 @@ const SECTIONS = [
   { id: 'file-tcp', backend: 'file', transport: 'tcp' },
 ];
 
-const HELP = `usage: node bench/run.js [options]   (npm run bench builds first)
+const HELP = `usage: node bench/run.js [options]   (npm run bench:nbd builds first)
 
   --reps N        interleaved repetitions per job        (BENCH_REPS, default 5)
   --runtime S     seconds per timed run                  (BENCH_RUNTIME, default 5)
@@ -342,7 +342,7 @@ async function main() {
     return;
   }
   const sel = selected(opts);
-  if (!fs.existsSync(path.join(ROOT, 'dist', 'cli', 'main.js'))) throw new Error('dist/ is missing: run `npm run build` (or `npm run bench`)');
+  if (!fs.existsSync(path.join(ROOT, 'dist', 'cli', 'main.js'))) throw new Error('dist/ is missing: run `npm run build` (or `npm run bench:nbd`)');
   // `npm run bench` rebuilds the TypeScript only; a stale addon would measure old file-backend code (or fail).
   const addon = path.join(ROOT, 'native', 'build', 'Release', 'sparse.node');
   const addonSrc = path.join(ROOT, 'native', 'sparse.c');

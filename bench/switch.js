@@ -1,10 +1,10 @@
 // What live reconfiguration costs on the hot path: the SwitchDevice every volume's host stack
 // now has (src/blockdev/switch.ts), against the same memory volume without it. In-process,
 // 4 KiB writes and reads with 16 in flight, interleaved A B B A, median of 3 rounds.
-// Appends its section to bench/RESULTS.md.  Usage: npm run build && node bench/switch.js [--ops N]
-import fs from 'node:fs';
+// Rewrites its section of bench/RESULTS.md (unless --no-write).  Usage: npm run build && node bench/switch.js [--ops N]
 import os from 'node:os';
 import { execSync } from 'node:child_process';
+import { replaceSection } from './lib/report.js';
 import { MemoryDevice } from '../dist/blockdev/memory.js';
 import { SwitchDevice } from '../dist/blockdev/switch.js';
 
@@ -58,8 +58,6 @@ try {
 } catch {}
 const fmt = (n) => Math.round(n).toLocaleString('en-US');
 const lines = [
-  '',
-  '<!-- reconf19:begin -->',
   '## Live reconfiguration: the switch layer on the hot path (bench/switch.js)',
   '',
   `Run ${new Date().toISOString()} on ${os.cpus()[0]?.model ?? 'unknown'}, nproc ${os.cpus().length}; Node ${process.version}; commit ${commit}.`,
@@ -73,8 +71,6 @@ const lines = [
     const ratio = r.ours / r.peer;
     return `| 4 KiB random ${r.kind}s, ops/s | ${fmt(r.ours)} | ${fmt(r.peer)} | ${ratio.toFixed(2)} | ≥ 0.9 | ${ratio >= 0.9 ? 'yes' : '**no**'} |`;
   }),
-  '<!-- reconf19:end -->',
-  '',
 ];
-process.stdout.write(lines.join('\n'));
-if (!process.argv.includes('--no-write')) fs.appendFileSync(new URL('./RESULTS.md', import.meta.url), lines.join('\n'));
+process.stdout.write(`${lines.join('\n')}\n`);
+if (!process.argv.includes('--no-write')) replaceSection(new URL('./RESULTS.md', import.meta.url).pathname, 'reconf19', lines.join('\n'));
