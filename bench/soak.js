@@ -58,6 +58,11 @@ for (let i = 0; ; i++) {
 }
 
 const rss = () => Number(/^VmRSS:\s+(\d+) kB/m.exec(fs.readFileSync(`/proc/${up.pid}/status`, 'utf8'))[1]) / 1024;
+/** The server's user+system CPU seconds so far (/proc/PID/stat, fields 14 and 15, in clock ticks of 1/100 s). */
+const cpu = () => {
+  const f = fs.readFileSync(`/proc/${up.pid}/stat`, 'utf8').split(') ')[1].split(' ');
+  return (Number(f[11]) + Number(f[12])) / 100;
+};
 const hwm = () => Number(/^VmHWM:\s+(\d+) kB/m.exec(fs.readFileSync(`/proc/${up.pid}/status`, 'utf8'))[1]) / 1024;
 const fio = (vol) =>
   spawn(
@@ -83,6 +88,7 @@ const fio = (vol) =>
 const samples = [];
 const t0 = performance.now();
 const load0 = os.loadavg();
+const cpu0 = cpu();
 const jobs = [fio(1), fio(3)].map((p) => {
   let out = '';
   p.stdout.on('data', (d) => (out += d));
@@ -100,6 +106,7 @@ const done = await Promise.all(jobs);
 clearInterval(timer);
 const load1 = os.loadavg();
 const peak = hwm();
+const cpuUsed = cpu() - cpu0;
 
 // Least squares over the samples after the warm-up third.
 const tail = samples.filter((s) => s.t >= SECONDS / 3);
@@ -111,9 +118,9 @@ const moved = done.reduce((a, d) => a + d.readMiB + d.writeMiB, 0);
 const text = [
   `Run ${new Date().toISOString()}, node ${process.version}; ${SECONDS} s of fio randrw 70/30, 4k–256k, QD8, on an async and a sync master at once (256 MiB of each 1 GiB volume, sparse files); ${moved.toFixed(0)} MiB moved. Load average ${load0.map((x) => x.toFixed(1)).join(' ')} at start, ${load1.map((x) => x.toFixed(1)).join(' ')} at end.`,
   '',
-  '| RSS at 1/3 | RSS at end | RSS peak (VmHWM) | slope after warm-up | goal |',
-  '|---:|---:|---:|---:|---|',
-  `| ${tail[0]?.rss.toFixed(1)} MiB | ${samples.at(-1)?.rss.toFixed(1)} MiB | ${peak.toFixed(1)} MiB | ${slope >= 0 ? '+' : ''}${slope.toFixed(2)} MiB/min | peak ≤ 150 MiB, slope ≈ 0 |`,
+  '| RSS at 1/3 | RSS at end | RSS peak (VmHWM) | slope after warm-up | server CPU per GiB moved | goal |',
+  '|---:|---:|---:|---:|---:|---|',
+  `| ${tail[0]?.rss.toFixed(1)} MiB | ${samples.at(-1)?.rss.toFixed(1)} MiB | ${peak.toFixed(1)} MiB | ${slope >= 0 ? '+' : ''}${slope.toFixed(2)} MiB/min | ${((cpuUsed / moved) * 1024).toFixed(2)} s | peak ≤ 150 MiB, slope ≈ 0 |`,
   '',
   `RSS samples (MiB, every 5 s): ${samples.map((s) => s.rss.toFixed(0)).join(' ')}`,
 ].join('\n');
