@@ -32,6 +32,7 @@ import type { BlockDevice, Extent } from '../blockdev/types.js';
 import { nbdErrorFor } from './errors.js';
 import { ioBuffers as replyBuffers } from '../util/buffer-pool.js';
 import { adopt } from './read-into.js';
+import { ScratchBuffers } from './scratch.js';
 import { BASE_ALLOCATION_ID, allowedFlags, type Negotiated } from './handshake.js';
 
 /** Pause reading when this much reply data is queued or this many requests are in flight. */
@@ -43,8 +44,8 @@ const MAX_IN_FLIGHT = 512;
  * Reads that do not go into a payload buffer land in a scratch buffer. A read of up to COPY_MAX
  * bytes (headers, small WRITEs) is copied out of it, and the scratch buffer is read into again;
  * a larger one (the start of a large WRITE's payload) is handed to the parser as it is, and the
- * next read gets a new scratch buffer: copying 128 KiB of every 1 MiB WRITE, twice, was a tenth
- * of a gateway's CPU (bench/RESULTS.md, gateway).
+ * next read gets another scratch buffer (scratch.ts recycles them): copying 128 KiB of every
+ * 1 MiB WRITE, twice, was a tenth of a gateway's CPU (bench/RESULTS.md, gateway).
  */
 const SCRATCH = 128 * 1024;
 const COPY_MAX = 16 * 1024;
@@ -52,7 +53,7 @@ const COPY_MAX = 16 * 1024;
 export class Connection {
   private readonly parser: RequestParser;
   private readonly socket: Socket;
-  private scratch: Buffer | null = null;
+  private scratch: ScratchBuffers | null = null;
   private readonly dev: BlockDevice;
   private readonly size: number;
   private readonly flags: number;
@@ -83,8 +84,8 @@ export class Connection {
     this.done = new Promise((r) => (this.resolveDone = r));
 
     // Reads straight into payload buffers when the socket can be adopted (read-into.ts), else 'data' events.
-    this.scratch = Buffer.allocUnsafe(SCRATCH);
     this.parser = new RequestParser(MAX_PAYLOAD, true, (n) => replyBuffers.get(n));
+    this.scratch = new ScratchBuffers(SCRATCH, this.parser);
     const adopted = adopt(accepted, { buffer: this.readTarget, callback: this.onRead });
     if (!adopted) {
       this.scratch = null;
@@ -121,19 +122,21 @@ export class Connection {
   };
 
   /** Where the next read lands: the rest of a large WRITE payload, or the scratch buffer. */
-  private readonly readTarget = (): Buffer => this.parser.directTarget() ?? this.scratch!;
+  private readonly readTarget = (): Buffer => this.parser.directTarget() ?? this.scratch!.current;
 
   /** n bytes were read into `buf`; false stops reading (backpressure) until maybeResume(). */
   private readonly onRead = (n: number, buf: Buffer): boolean => {
     if (this.closed) return false;
-    if (buf.buffer !== this.scratch!.buffer) this.parser.directFilled(n);
+    const scratch = this.scratch!;
+    if (buf.buffer !== scratch.current.buffer) this.parser.directFilled(n);
     else if (n <= COPY_MAX) this.parser.push(Buffer.copyBytesFrom(buf, 0, n));
     else {
-      // The parser keeps views into these bytes until their requests are done: give it the buffer.
+      // The parser keeps views into these bytes until their requests are done: lend it the buffer.
       this.parser.push(buf.subarray(0, n));
-      this.scratch = Buffer.allocUnsafeSlow(SCRATCH);
+      scratch.lend();
     }
     this.pump();
+    scratch.sweep();
     return !this.paused && !this.draining;
   };
 
@@ -196,7 +199,8 @@ export class Connection {
       case Cmd.READ:
         return this.read(req);
       case Cmd.WRITE:
-        return this.track(req, req.length, this.dev.write(req.offset, req.payload!, fua), req.ownedPayload);
+        this.scratch?.hold(req.payload!);
+        return this.track(req, req.length, this.dev.write(req.offset, req.payload!, fua), req.ownedPayload, req.payload);
       case Cmd.FLUSH:
         return this.track(req, 0, this.dev.flush());
       case Cmd.TRIM:
@@ -300,17 +304,19 @@ export class Connection {
     );
   }
 
-  /** Run a command whose success reply carries no data. */
-  private track(req: Request, bytes: number, op: Promise<void>, release?: Buffer): void {
+  /** Run a command whose success reply carries no data; then give back its payload's buffers. */
+  private track(req: Request, bytes: number, op: Promise<void>, release?: Buffer, pieces?: Buffer[]): void {
     this.begin(bytes);
     op.then(
       () => {
         if (release) replyBuffers.put(release);
+        if (pieces) this.scratch?.release(pieces);
         this.send(encodeSimpleReply(0, req.cookie));
         this.end(bytes);
       },
       (err) => {
         if (release) replyBuffers.put(release);
+        if (pieces) this.scratch?.release(pieces);
         this.log.debug({ cmd: nameOf('cmd', req.type), err: errMessage(err) }, 'device error');
         this.replyError(req, nbdErrorFor(err, req.flags), errMessage(err));
         this.end(bytes);

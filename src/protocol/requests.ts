@@ -53,6 +53,8 @@ export class RequestParser {
   private head: Buffer[] = [];
   private direct: Buffer | null = null;
   private filled = 0;
+  /** Bytes queued by push() so far (see consumed, and src/nbd/scratch.ts). */
+  queued = 0;
 
   /**
    * @param maxPayload larger WRITEs are drained, not buffered
@@ -88,7 +90,19 @@ export class RequestParser {
       this.filled += k;
       chunk = chunk.subarray(k);
     }
+    this.queued += chunk.length;
     this.q.push(chunk);
+  }
+
+  /** Of the bytes queued, how many have been taken out of the queue (as requests or their payloads). */
+  get consumed(): number {
+    return this.queued - this.q.length;
+  }
+
+  /** Does the WRITE whose payload is still arriving hold pieces of this memory? */
+  holds(memory: ArrayBufferLike): boolean {
+    for (const b of this.head) if (b.buffer === memory) return true;
+    return false;
   }
 
   /**
