@@ -16,7 +16,6 @@ import {
   NbdErr,
   ReplyFlag,
   ReplyType,
-  SIMPLE_REPLY_SIZE,
   TransmissionFlag as TF,
   nameOf,
 } from '../protocol/constants.js';
@@ -26,7 +25,6 @@ import {
   encodeErrorChunk,
   encodeSimpleReply,
   writeChunkHeader,
-  writeSimpleReply,
 } from '../protocol/server-codec.js';
 import type { BlockDevice, Extent } from '../blockdev/types.js';
 import { nbdErrorFor } from './errors.js';
@@ -264,19 +262,22 @@ export class Connection {
 
   private read(req: Request): void {
     const { length } = req;
-    // Header and data in one buffer: the device fills it in place, and it goes out as one write.
-    const hdr = this.sr ? CHUNK_HEADER_SIZE + 8 : SIMPLE_REPLY_SIZE;
-    const buf = replyBuffers.get(hdr + length);
-    if (this.sr) {
-      writeChunkHeader(buf, 0, ReplyFlag.DONE, ReplyType.OFFSET_DATA, req.cookie, 8 + length);
-      buf.writeUInt32BE(Math.floor(req.offset / 2 ** 32), CHUNK_HEADER_SIZE);
-      buf.writeUInt32BE(req.offset >>> 0, CHUNK_HEADER_SIZE + 4);
-    } else {
-      writeSimpleReply(buf, 0, 0, req.cookie);
-    }
+    // The header apart from the data: a power-of-two read then takes a buffer of its own size
+    // from the pool, not one of twice its size (RSS); both leave in the same writev (send corks).
+    const buf = replyBuffers.get(length);
     this.begin(length);
-    this.dev.read(req.offset, buf.subarray(hdr)).then(
+    this.dev.read(req.offset, buf).then(
       () => {
+        let head: Buffer;
+        if (this.sr) {
+          head = Buffer.allocUnsafe(CHUNK_HEADER_SIZE + 8);
+          writeChunkHeader(head, 0, ReplyFlag.DONE, ReplyType.OFFSET_DATA, req.cookie, 8 + length);
+          head.writeUInt32BE(Math.floor(req.offset / 2 ** 32), CHUNK_HEADER_SIZE);
+          head.writeUInt32BE(req.offset >>> 0, CHUNK_HEADER_SIZE + 4);
+        } else {
+          head = encodeSimpleReply(0, req.cookie);
+        }
+        this.send(head);
         this.send(buf, true);
         this.end(length);
       },

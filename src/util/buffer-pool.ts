@@ -3,11 +3,11 @@
 // external-memory pressure on the garbage collector; a recycled one costs a
 // pop() from a free list.
 //
-// Buffers come in power-of-two classes from 8 KiB to 64 MiB; smaller
+// Buffers come in power-of-two classes from 4 KiB to 64 MiB; smaller
 // requests use Node's own pooled allocUnsafe. The pool keeps at most
 // `maxPooled` bytes of idle buffers.
 
-const MIN_SHIFT = 13;
+const MIN_SHIFT = 12;
 const MAX_SHIFT = 26;
 
 export class BufferPool {
