@@ -26,6 +26,7 @@ import type { Nexus, ScsiResult } from './scsi/types.js';
 import type { TargetSpec } from './target.js';
 import { AllowList, initiatorPortName } from './target.js';
 import { anyReportLuns, lunField, lunOf } from './luns.js';
+import { ioBuffers } from '../util/buffer-pool.js';
 
 export interface ConnectionHooks {
   log: Logger;
@@ -187,8 +188,8 @@ export class IscsiConnection {
   // ---- sending -------------------------------------------------------------------------------
 
   /** Fill the sequence numbers of a target PDU and write it. `status` PDUs take a StatSN. */
-  private send<O extends Opcode>(init: BhsInit<O>, data: Buffer | undefined, status: boolean): void {
-    if (this.phase === 'closed') return;
+  private send<O extends Opcode>(init: BhsInit<O>, data: Buffer | undefined, status: boolean, onSent?: () => void): void {
+    if (this.phase === 'closed') return onSent?.();
     const f = init as BhsInit<O> & { statSN?: number; expCmdSN?: number; maxCmdSN?: number };
     f.statSN = this.statSN;
     if (status) this.statSN = (this.statSN + 1) >>> 0;
@@ -198,7 +199,10 @@ export class IscsiConnection {
     const p = this.params;
     const parts = framePdu(bhs, data, { headerDigest: this.phase === 'ffp' && !!p?.headerDigest, dataDigest: this.phase === 'ffp' && !!p?.dataDigest });
     this.socket.cork();
-    for (const b of parts) this.socket.write(b);
+    const last = parts.length - 1;
+    for (let i = 0; i < last; i++) this.socket.write(parts[i]!);
+    if (onSent) this.socket.write(parts[last]!, onSent);
+    else this.socket.write(parts[last]!);
     process.nextTick(() => this.socket.uncork());
   }
 
@@ -590,6 +594,9 @@ export class IscsiConnection {
     if (r.status === Status.GOOD && data && data.length > 0 && task.read) {
       this.counters.readBytes += data.length;
       const max = p.maxXmitDataSegmentLength;
+      // A pooled READ buffer goes back once the kernel has its last piece (writes complete in order).
+      const pooled = r.pooled ? r.dataIn! : undefined;
+      const giveBack = pooled && (() => ioBuffers.put(pooled));
       for (let off = 0; off < data.length; off += max) {
         const last = off + max >= data.length;
         const piece = data.subarray(off, Math.min(data.length, off + max));
@@ -600,6 +607,7 @@ export class IscsiConnection {
           },
           piece,
           last,
+          last ? giveBack || undefined : undefined,
         );
       }
       return;

@@ -11,6 +11,8 @@ import * as rw from './rw.js';
 import { UaCode, UnitAttentions } from './unit-attention.js';
 import { AluaState, type LogicalUnitOptions, type ScsiRequest, type ScsiResult } from './types.js';
 
+/** Their Data-In comes from the I/O buffer pool (rw.read). */
+const POOLED_READS = new Set<number>([ScsiOp.READ_6, ScsiOp.READ_10, ScsiOp.READ_12, ScsiOp.READ_16]);
 const READ_CLASS = new Set<number>([
   ScsiOp.READ_6, ScsiOp.READ_10, ScsiOp.READ_12, ScsiOp.READ_16, ScsiOp.PRE_FETCH_10, ScsiOp.PRE_FETCH_16, ScsiOp.VERIFY_10, ScsiOp.VERIFY_12, ScsiOp.VERIFY_16, ScsiOp.MODE_SENSE_6, ScsiOp.MODE_SENSE_10,
 ]);
@@ -132,7 +134,7 @@ export class LogicalUnit {
     try {
       const dataIn = await this.dispatch(req);
       const alloc = allocationLength(req.cdb);
-      return { status: Status.GOOD, dataIn: dataIn && alloc !== undefined && dataIn.length > alloc ? dataIn.subarray(0, alloc) : dataIn };
+      return { status: Status.GOOD, dataIn: dataIn && alloc !== undefined && dataIn.length > alloc ? dataIn.subarray(0, alloc) : dataIn, pooled: POOLED_READS.has(op) };
     } catch (e) {
       if (e instanceof StatusError) return { status: e.status };
       const writing = WRITE_CLASS.has(req.cdb[0]!);

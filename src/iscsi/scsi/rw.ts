@@ -12,6 +12,7 @@ import { invalidField, invalidParameter, lbaOutOfRange, miscompare, parameterLis
 import type { BlockDevice } from '../../blockdev/types.js';
 import type { AtomicDevice } from '../../blockdev/atomic.js';
 import { State } from '../../protocol/constants.js';
+import { ioBuffers } from '../../util/buffer-pool.js';
 
 export interface BlockRange {
   lba: bigint;
@@ -59,8 +60,17 @@ export async function read(dev: BlockDevice, cdb: Buffer): Promise<Buffer> {
   noProtection(cdb);
   const r = decodeRange(cdb);
   const { offset, length } = checkRange(dev, r, Limits.maxTransferBlocks, lengthByteOf(cdb[0]!));
-  const buf = Buffer.allocUnsafe(length);
-  if (length) await dev.read(offset, buf);
+  // From the pool (the connection gives it back once sent, ScsiResult.pooled): a fresh buffer per
+  // READ is an mmap and page faults from 128 KiB on.
+  const buf = ioBuffers.get(length);
+  if (length) {
+    try {
+      await dev.read(offset, buf);
+    } catch (e) {
+      ioBuffers.put(buf);
+      throw e;
+    }
+  }
   return buf;
 }
 

@@ -26,6 +26,8 @@ export interface ScsiResult {
   dataIn?: Buffer;
   /** Sense data for CHECK CONDITION. */
   sense?: Buffer;
+  /** dataIn came from the I/O buffer pool (a READ): give it back once it has gone out. */
+  pooled?: boolean;
 }
 
 /** ALUA asymmetric access states (SPC-4 6.37). */
