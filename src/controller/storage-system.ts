@@ -120,6 +120,8 @@ export class StorageSystem implements AdminTarget {
   /** Every pair whose volumes this storage system holds, whatever its kind. */
   readonly pairs = new Map<string, PairController>();
   private readonly links = new Map<number, PeerLink>();
+  /** Our parts of pairs across storage systems, by name: where peer requests are routed. */
+  private readonly remotes = new Map<string, RemotePair>();
   /** What peers reach over data connections of the peer channel (remote/context.ts). */
   private readonly peerExports = new ExportTable();
   private peerServer: PeerServer | null = null;
@@ -204,10 +206,7 @@ export class StorageSystem implements AdminTarget {
       const host = buildHostStack(v, pair?.hostDevice(v.id) ?? pvolLayer.get(v.id), this.guardOf(v.id)).nbd;
       if (hidden.has(v.id)) continue;
       // The other storage systems of a pair across systems read this volume over the peer channel (a mirror's Invalid clusters).
-      if (pair instanceof RemotePair) {
-        const members = pair.copies.filter((c) => c.ss !== spec.id).map((c) => `ss${c.ss}`);
-        this.peerExports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id} for the peers of ${pair.name}`, device: host, readOnly: true, hidden: true, allow: new AllowList(members) });
-      }
+      if (pair instanceof RemotePair) this.exportToPeers(v, pair);
       this.exportVolume(v);
     }
     for (const [id, { nbd: host }] of this.logicalHosts) {
@@ -332,6 +331,120 @@ export class StorageSystem implements AdminTarget {
     return bits;
   }
 
+  /** vol<ID> on the peer channel, for the other copies of its pair (a mirror reads its Invalid clusters here). */
+  private exportToPeers(v: VolumeStack, pair: RemotePair): void {
+    const { spec } = this;
+    const members = pair.copies.filter((c) => c.ss !== spec.id).map((c) => `ss${c.ss}`);
+    this.peerExports.remove(`vol${v.id}`);
+    this.peerExports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id} for the peers of ${pair.name}`, device: v.front!.nbd, readOnly: true, hidden: true, allow: new AllowList(members) });
+  }
+
+  // ---- a pair across storage systems gains or loses a mirror (reconfigure.ts; remote-pair.ts reshape) ----
+
+  /** Is the peer channel to storage system `ss` up? Undefined: no link to it yet. */
+  peerUp(ss: number): boolean | undefined {
+    return this.links.get(ss)?.up;
+  }
+
+  /**
+   * Links to the peers `next` names that have none yet (a mirror in a storage system this one
+   * shared no pair with), and our peer listener if it had none; they dial as at start. With
+   * `wait` (the master, before it attaches a new mirror), waits for the new links to come up,
+   * at most the peer timeout and two redials.
+   */
+  async linkPeers(next: StorageSystemSpec, wait: boolean): Promise<void> {
+    const { spec } = this;
+    const fresh = (next.peers ?? []).filter((p) => !this.links.has(p.id)).map((p) => this.linkTo(p));
+    if (fresh.length === 0) return;
+    if (!this.peerServer && spec.peer) {
+      const onData = (socket: Socket, from: number) => this.nbd.serveConnection(socket, this.peerExports, `ss${from}`);
+      this.peerServer = new PeerServer(spec.id, this.links, this.log, { ...(spec.peerTls ? { tls: spec.peerTls } : {}), onData });
+      await this.peerServer.listen(spec.peer);
+    }
+    for (const l of fresh) l.start();
+    if (!wait) return;
+    const ms = (spec.peerTimeout ?? 5000) + 2000;
+    await Promise.all(fresh.map((l) => (l.up ? undefined : new Promise<void>((r) => {
+      const t = setTimeout(r, ms);
+      l.once('up', () => (clearTimeout(t), r()));
+    }))));
+  }
+
+  /** The master's part: add and remove mirrors of pair `name`, with host I/O held; on a failure, back to `prev`. */
+  async reshapeRemotePair(name: string, next: RemotePairSpec, prev: RemotePairSpec): Promise<void> {
+    const rp = this.remotes.get(name)!;
+    const stacks = rp.volumes.map((id) => this.volumes.get(id)!);
+    await Promise.all(stacks.map((v) => v.slot!.hold()));
+    try {
+      await rp.reshape(next);
+    } catch (e) {
+      await rp.reshape(prev).catch((u: Error) => this.log.error({ pair: name, err: u.message }, `pair ${name}: could not go back to its mirrors before the failed change`));
+      throw e;
+    } finally {
+      for (const v of stacks) {
+        v.slot!.release();
+        this.exportToPeers(v, rp);
+      }
+    }
+  }
+
+  /** On a mirror of pair `name`: the other copies as the YAML now says. */
+  setRemoteCopies(name: string, next: RemotePairSpec): void {
+    this.remotes.get(name)!.setCopies(next);
+  }
+
+  /**
+   * A simplex volume of ours becomes a mirror of a pair across storage systems: our part of it
+   * starts as at start-up, in a first generation (any file of an older membership dropped), and
+   * the master's attach brings the epoch and a full copy.
+   */
+  async joinRemotePair(spec: RemotePairSpec): Promise<void> {
+    const mine = [spec.master, ...spec.mirrors].find((r) => r.ss === this.spec.id)!;
+    const v = this.volumes.get(mine.vol)!;
+    this.removeRemoteFiles(spec.name);
+    await v.slot!.hold();
+    let rp: RemotePair | undefined;
+    try {
+      rp = this.remotePair(spec);
+      await rp.open();
+      this.remotes.set(spec.name, rp);
+      this.addPair(rp);
+    } finally {
+      v.slot!.release(rp ? rp.hostDevice(v.id) : v.device);
+      this.nbd.exports.remove(`vol${v.id}`);
+      this.nbd.exports.remove(currentExportName(v.id));
+      if (rp) this.exportToPeers(v, rp);
+      this.exportVolume(v);
+    }
+  }
+
+  /** Our mirror leaves pair `name` (its master stopped replicating to it first): a simplex volume with its data. */
+  async leaveRemotePair(name: string): Promise<void> {
+    const rp = this.remotes.get(name)!;
+    const stacks = rp.volumes.map((id) => this.volumes.get(id)!);
+    await Promise.all(stacks.map((v) => v.slot!.hold()));
+    try {
+      await rp.close();
+      this.remotes.delete(name);
+      this.pairs.delete(name);
+      for (const vol of rp.volumes) this.pairOf.delete(vol);
+      this.removeRemoteFiles(name);
+    } finally {
+      for (const v of stacks) {
+        v.slot!.release(v.device);
+        this.peerExports.remove(`vol${v.id}`);
+        this.nbd.exports.remove(`vol${v.id}`);
+        this.nbd.exports.remove(currentExportName(v.id));
+        this.exportVolume(v);
+      }
+    }
+  }
+
+  private removeRemoteFiles(name: string): void {
+    const dir = this.pairDir;
+    if (dir) for (const f of ['bitmap', 'generation.json', 'state.json']) fs.rmSync(path.join(dir, `${name}.${f}`), { force: true });
+  }
+
   private get pairDir(): string | undefined {
     return this.spec.dataDir ? path.join(this.spec.dataDir, 'pairs') : undefined;
   }
@@ -359,46 +472,54 @@ export class StorageSystem implements AdminTarget {
     const { spec } = this;
     const remote = spec.remotePairs ?? [];
     if (remote.length === 0) return [];
-    const timeoutMs = spec.peerTimeout ?? 5000;
-    const remotes = new Map<string, RemotePair>();
-    for (const peer of spec.peers ?? []) {
-      const link = new PeerLink({ self: spec.id, peer: peer.id, address: peer.peer, timeoutMs, log: this.log, ...(spec.peerTls ? { tls: spec.peerTls } : {}) });
-      this.links.set(peer.id, link);
-      const route = <K extends Op>(op: K) =>
-        link.onRequest(op, (body: RequestOf<K>) => {
-          const rp = remotes.get(body.pair);
-          if (!rp || !rp.copies.some((c) => c.ss === peer.id)) throw new Error(`storage system ${spec.id} has no pair ${body.pair} shared with storage system ${peer.id}`);
-          return rp.handle(peer.id, op, body);
-        });
-      for (const op of OPS) route(op);
-    }
-    const dir = spec.dataDir ? path.join(spec.dataDir, 'pairs') : undefined;
-    const clusters = (size: number) => Math.ceil(size / spec.clusterSize);
-    for (const given of remote) {
-      // Our own copy: `configure` changes it at run time, and the spec it came from stays as it was.
-      const p = { ...given };
-      const mine = [p.master, ...p.mirrors].filter((r) => r.ss === spec.id);
-      for (const ref of mine) if (!this.volumes.has(ref.vol)) throw new Error(`pair ${p.name}: ss${ref.ss}/vol${ref.vol} is not a volume of storage system ${spec.id}`);
-      const size = this.volumes.get(mine[0]!.vol)!.size;
-      const rp = new RemotePair(p, {
-        self: spec.id,
-        clusterSize: spec.clusterSize,
-        peerTimeout: timeoutMs,
-        volumes: new Map(mine.map((r) => [r.vol, { device: this.volumes.get(r.vol)!.device, createdEmpty: this.volumes.get(r.vol)!.createdEmpty }])),
-        links: this.links,
-        peerExports: this.peerExports,
-        daemon: this.daemon,
-        openStore: async (slots) => {
-          if (!dir) return { store: new MemoryBitmapStore(clusters(size), slots), loaded: null };
-          return FileBitmapStore.open(path.join(dir, `${p.name}.bitmap`), { clusterSize: spec.clusterSize, clusters: clusters(size), mirrors: slots }, this.log);
-        },
-        ...(dir ? { generationFile: path.join(dir, `${p.name}.generation.json`), statePath: path.join(dir, `${p.name}.state.json`) } : {}),
-        ...(this.onSuspend ? { onSuspend: this.onSuspend } : {}),
-        log: this.log,
+    for (const peer of spec.peers ?? []) this.linkTo(peer);
+    for (const given of remote) this.remotes.set(given.name, this.remotePair(given));
+    return [...this.remotes.values()];
+  }
+
+  /** The control channel to one peer; requests are routed to our part of the pair they name. */
+  private linkTo(peer: { id: number; peer: { host: string; port: number } }): PeerLink {
+    const { spec } = this;
+    const link = new PeerLink({ self: spec.id, peer: peer.id, address: peer.peer, timeoutMs: spec.peerTimeout ?? 5000, log: this.log, ...(spec.peerTls ? { tls: spec.peerTls } : {}) });
+    this.links.set(peer.id, link);
+    const route = <K extends Op>(op: K) =>
+      link.onRequest(op, (body: RequestOf<K>) => {
+        const rp = this.remotes.get(body.pair);
+        if (!rp || !rp.copies.some((c) => c.ss === peer.id)) throw new Error(`storage system ${spec.id} has no pair ${body.pair} shared with storage system ${peer.id}`);
+        return rp.handle(peer.id, op, body);
       });
-      remotes.set(p.name, rp);
-    }
-    return [...remotes.values()];
+    for (const op of OPS) route(op);
+    return link;
+  }
+
+  /** Our part of a pair across storage systems (not opened yet). */
+  private remotePair(given: RemotePairSpec): RemotePair {
+    const { spec } = this;
+    const dir = this.pairDir;
+    const clusters = (size: number) => Math.ceil(size / spec.clusterSize);
+    // Our own copy: `configure` and `reshape` change it at run time, and the spec it came from stays as it was.
+    const p = { ...given, mirrors: given.mirrors.map((m) => ({ ...m })) };
+    const mine = [p.master, ...p.mirrors].filter((r) => r.ss === spec.id);
+    for (const ref of mine) if (!this.volumes.has(ref.vol)) throw new Error(`pair ${p.name}: ss${ref.ss}/vol${ref.vol} is not a volume of storage system ${spec.id}`);
+    const size = this.volumes.get(mine[0]!.vol)!.size;
+    return new RemotePair(p, {
+      self: spec.id,
+      clusterSize: spec.clusterSize,
+      peerTimeout: spec.peerTimeout ?? 5000,
+      volumes: new Map(mine.map((r) => [r.vol, { device: this.volumes.get(r.vol)!.device, createdEmpty: this.volumes.get(r.vol)!.createdEmpty }])),
+      links: this.links,
+      peerExports: this.peerExports,
+      daemon: this.daemon,
+      openStore: async (slots, opts) => {
+        if (!dir) return { store: new MemoryBitmapStore(clusters(size), slots), loaded: null };
+        const file = path.join(dir, `${p.name}.bitmap`);
+        if (opts?.fresh) fs.rmSync(file, { force: true });
+        return FileBitmapStore.open(file, { clusterSize: spec.clusterSize, clusters: clusters(size), mirrors: slots }, this.log);
+      },
+      ...(dir ? { generationFile: path.join(dir, `${p.name}.generation.json`), statePath: path.join(dir, `${p.name}.state.json`) } : {}),
+      ...(this.onSuspend ? { onSuspend: this.onSuspend } : {}),
+      log: this.log,
+    });
   }
 
   private async listen(): Promise<void> {
