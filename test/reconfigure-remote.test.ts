@@ -176,7 +176,7 @@ describe('a mirror in another storage system joins and leaves a running pair', (
     fs.writeFileSync(file, yaml(a, [2]).replace('mirrors: [ { ss: 2, vol: 1 } ]', 'mirrors: [ { ss: 2, vol: 1 }, { ss: 9, vol: 1 } ]'));
     const unknown = await cli('apply', '-c', file);
     expect(unknown.code).toBe(2);
-    expect(unknown.stderr).toContain('9');
+    expect(unknown.stderr).toBe(`blockmirror: ${file}: pairs[0].mirrors[1]: storage system 9 does not exist\n`);
     expect((await ss1!.pair('pair1'))!.mirrors).toHaveLength(1);
   });
 });
