@@ -179,5 +179,60 @@ describe('a mirror in another storage system joins and leaves a running pair', (
     expect(unknown.stderr).toBe(`blockmirror: ${file}: pairs[0].mirrors[1]: storage system 9 does not exist\n`);
     expect((await ss1!.pair('pair1'))!.mirrors).toHaveLength(1);
   });
+
+  it('a mirror added while the other mirror\'s storage system is down joins the suspended pair, reads through the master, and both copy once that one is back', { timeout: 240_000 }, async () => {
+    const a = await addrs(3);
+    const { file, dir } = writeConfig(yaml(a, [2]));
+    const [ss1, ss2, ss3] = await start(file, a, [1, 2, 3]);
+    await ss1!.waitPair('pair1', inSync, 'PAIR');
+    await ss2!.kill('SIGKILL');
+    await ss1!.waitPair('pair1', (p) => p.state === 'PSUE', 'PSUE');
+    // Written while the pair is suspended: tracked for ss2, and there for the new mirror to copy.
+    const data = path.join(dir, 'data.bin');
+    fs.writeFileSync(data, pseudoRandom(4 * 1024 * 1024, 7));
+    expect((await run('nbdcopy', [data, ss1!.uri(1)])).code).toBe(0);
+    fs.writeFileSync(file, yaml(a, [2, 3]));
+    const added = await cli('apply', '-c', file);
+    expect(added.code, added.stderr).toBe(0);
+    expect(added.stdout).toContain('  ss1: pair1: add mirror 3:1 (full copy, then PAIR)\n');
+    expect(added.stdout).toContain('note: storage system 2 does not answer');
+    const suspended = await ss1!.waitPair('pair1', (p) => p.mirrors.length === 2, 'two mirrors');
+    expect(suspended.state).toBe('PSUE');
+    // The new mirror has nothing of its own yet: a read of it is the master's data.
+    const master = path.join(dir, 'master.img');
+    const copy = path.join(dir, 'mirror.img');
+    expect((await run('nbdcopy', [ss1!.uri(1), master])).code).toBe(0);
+    const r = await run('nbdcopy', [ss3!.uri(1), copy]);
+    expect(r.code, r.stderr).toBe(0);
+    expect((await run('cmp', [master, copy])).code).toBe(0);
+    // ss2 comes back with the new YAML: the pair resyncs by itself and both mirrors copy.
+    await ss2!.start();
+    await ss1!.waitPair('pair1', (p) => inSync(p) && p.mirrors.length === 2, 'PAIR with both mirrors', 120_000);
+    for (const p of [ss1!, ss2!, ss3!]) await p.kill('SIGTERM');
+    for (const p of [ss2!, ss3!]) expect((await run('cmp', [ss1!.volumeFile(dir, 1), p.volumeFile(dir, 1)])).code).toBe(0);
+  });
+
+  it('refuses with one line what still needs a restart: its mode, and a pair inside one storage system given a mirror in another', { timeout: 120_000 }, async () => {
+    const a = await addrs(3);
+    const { file } = writeConfig(yaml(a, [2]));
+    const [ss1] = await start(file, a, [1, 2]);
+    await ss1!.waitPair('pair1', inSync, 'PAIR');
+    const refused = async (text: string) => {
+      fs.writeFileSync(file, text);
+      const r = await cli('apply', '-c', file);
+      expect(r.code).toBe(1);
+      return r.stderr;
+    };
+    expect(await refused(yaml(a, [2]).replace('mode: sync', 'mode: async'))).toBe(
+      'blockmirror: storage system 1: pair pair1 spans storage systems: its mode, master and autoResync cannot change at run time; restart the storage systems of the pair with the new YAML; nothing was applied\n',
+    );
+    // A local pair on ss1 (vol2 -> vol3) that would get a mirror on ss2.
+    const local = (mirrors: string) => yaml(a, [2]).replace('      - { id: 1, size: 16MiB }', '      - { id: 1, size: 16MiB }\n      - { id: 2, size: 16MiB }\n      - { id: 3, size: 16MiB }') + `  - name: pair2\n    mode: sync\n    master: { ss: 1, vol: 2 }\n    mirrors: [ ${mirrors} ]\n`;
+    fs.writeFileSync(file, local('{ ss: 1, vol: 3 }'));
+    const made = await cli('apply', '-c', file);
+    expect(made.code, made.stderr).toBe(0);
+    expect(await refused(local('{ ss: 1, vol: 3 }, { ss: 3, vol: 1 }'))).toMatch(/pair pair2 is inside this storage system: giving it a mirror in another storage system at run time is not supported; restart the storage systems of the pair with the new YAML; nothing was applied\n$/);
+    expect((await ss1!.pair('pair1'))!.mirrors).toHaveLength(1);
+  });
 });
 

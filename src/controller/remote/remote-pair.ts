@@ -147,7 +147,7 @@ export class RemotePair implements PairController {
    * Build the master's Pair. `carried`: the connected ports of mirrors that stay (reshape), by
    * "ss:vol"; their sessions go on, and a new port waits for `attachPort` before the pair writes to it.
    */
-  private async becomeMasterNow(loaded: Uint8Array[] | null, suspendReason?: string, carried?: Map<string, MirrorPort>): Promise<void> {
+  private async becomeMasterNow(loaded: Uint8Array[] | null, suspendReason?: string, carried?: { ports: Map<string, MirrorPort>; split: boolean }): Promise<void> {
     const { master, mirrors } = this.layout();
     const local = this.ctx.volumes.get(master.vol)!;
     this.ports = new Map();
@@ -169,7 +169,7 @@ export class RemotePair implements PairController {
       master: { ref: master, device: local.device },
       mirrors: mirrors.map((ref, i) => {
         if (ref.ss === this.ctx.self) return { ref, device: this.ctx.volumes.get(ref.vol)!.device };
-        const port = carried?.get(refKey(ref)) ?? new MirrorPort(this.name, i, ref, this.ctx.links.get(ref.ss)!, this.ctx, this.volumeSize);
+        const port = carried?.ports.get(refKey(ref)) ?? new MirrorPort(this.name, i, ref, this.ctx.links.get(ref.ss)!, this.ctx, this.volumeSize);
         port.index = i;
         this.ports.set(i, port);
         return { ref, device: port.device, remote: port };
@@ -177,7 +177,8 @@ export class RemotePair implements PairController {
       store: this.store,
       loaded: initial,
       identical: true,
-      initialState: readPairState(this.ctx.statePath),
+      // A reshape keeps a split as it was (persisted with a dataDir, not without); a suspension comes as suspendReason.
+      initialState: carried ? (carried.split ? 'PSUS' : undefined) : readPairState(this.ctx.statePath),
       ...(this.spec.syncRate !== undefined ? { syncRate: this.spec.syncRate } : {}),
       fence: this.spec.fence,
       log: this.ctx.log,
@@ -530,6 +531,7 @@ export class RemotePair implements PairController {
       const bits = new Map(old.mirrors.map((m) => [refKey(m.ref), m.bitmap.bits.slice()]));
       const oldPorts = new Map([...this.ports.values()].map((p) => [refKey(p.ref), p]));
       const keep = new Set(next.mirrors.map(refKey));
+      const [split, suspended] = [old.state === 'PSUS', old.state === 'PSUE' ? (old.error ?? 'suspended') : undefined];
       await this.ctx.daemon.forget(old);
       for (const [key, port] of oldPorts) {
         if (keep.has(key)) continue;
@@ -548,7 +550,7 @@ export class RemotePair implements PairController {
       const all = new Uint8Array(Math.ceil(this.clusters / 8)).fill(0xff);
       const loaded = mirrors.map((ref) => bits.get(refKey(ref)) ?? all.slice());
       for (let i = 0; i < loaded.length; i++) await markRuns(store, i, setBits(loaded[i]!, this.clusters));
-      await this.becomeMasterNow(loaded, undefined, oldPorts);
+      await this.becomeMasterNow(loaded, suspended, { ports: oldPorts, split });
       for (const port of this.ports.values()) {
         if (!port.connected && had.has(refKey(port.ref))) continue; // a kept mirror that is away: its next session attaches it
         if (!port.connected) await this.attachPort(port);
