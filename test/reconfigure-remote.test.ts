@@ -6,12 +6,14 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { fio, pseudoRandom } from './helpers/clients.js';
-import { CLI, freePort, run } from './helpers/servers.js';
+import { CLI, freePort, run, startUp, type RunningCluster } from './helpers/servers.js';
 import { SSProcess, inSync, writeConfig, type SSAddr } from './helpers/remote.js';
 
 const procs: SSProcess[] = [];
+const ups: RunningCluster[] = [];
 afterEach(async () => {
   await Promise.all(procs.splice(0).map((p) => p.kill()));
+  await Promise.all(ups.splice(0).map((u) => u.stop('SIGKILL')));
 });
 
 const cli = (...args: string[]) => run(process.execPath, [CLI, ...args], { timeoutMs: 120_000 });
@@ -233,6 +235,31 @@ describe('a mirror in another storage system joins and leaves a running pair', (
     expect(made.code, made.stderr).toBe(0);
     expect(await refused(local('{ ss: 1, vol: 3 }, { ss: 3, vol: 1 }'))).toMatch(/pair pair2 is inside this storage system: giving it a mirror in another storage system at run time is not supported; restart the storage systems of the pair with the new YAML; nothing was applied\n$/);
     expect((await ss1!.pair('pair1'))!.mirrors).toHaveLength(1);
+  });
+
+  it('one up process running all three storage systems joins the new mirror before its master attaches it, and drops it from the master before it leaves', { timeout: 180_000 }, async () => {
+    const a = await addrs(3);
+    const { file, dir } = writeConfig(yaml(a, [2]));
+    ups.push(await startUp(file, a.map((x) => x.admin)));
+    const ss1 = new SSProcess(1, file, a[0]!);
+    await ss1.waitPair('pair1', inSync, 'PAIR');
+    const w = await run('nbdcopy', ['--', '[', 'nbdkit', 'pattern', '16M', ']', ss1.uri(1)]);
+    expect(w.code, w.stderr).toBe(0);
+    fs.writeFileSync(file, yaml(a, [2, 3]));
+    const added = await cli('apply', '-c', file);
+    // Plan lines in the order the steps run: ss3 joins before ss1 adds it.
+    expect(added.stdout).toBe('plan (2 changes):\n  ss3: pair1: vol1 joins as a mirror of 1:1 (copied in full from the master, then PAIR)\n  ss1: pair1: add mirror 3:1 (full copy, then PAIR)\napplied 2 changes\n');
+    expect(added.code, added.stderr).toBe(0);
+    await ss1.waitPair('pair1', (p) => inSync(p) && p.mirrors.length === 2, 'PAIR with both mirrors', 120_000);
+    const ss3 = new SSProcess(3, file, a[2]!);
+    expect((await ss3.pair('pair1'))!.role).toBe('mirror');
+    fs.writeFileSync(file, yaml(a, [2]));
+    const removed = await cli('apply', '-c', file);
+    expect(removed.stdout).toBe('plan (2 changes):\n  ss1: pair1: remove mirror 3:1 (replication to it stops; it becomes a simplex volume)\n  ss3: pair1: vol1 leaves the pair (it becomes a simplex volume with its data)\napplied 2 changes\n');
+    expect(removed.code, removed.stderr).toBe(0);
+    expect((await ss3.status())!.pairs).toEqual([]);
+    await ups.splice(0)[0]!.stop('SIGTERM');
+    for (const id of [2, 3]) expect((await run('cmp', [path.join(dir, 'ss1', 'vol1.img'), path.join(dir, `ss${id}`, 'vol1.img')])).code).toBe(0);
   });
 });
 
