@@ -57,7 +57,6 @@ export interface Step {
   phase?: number;
 }
 
-
 const fmtRate = (r: number | undefined) => (r === undefined ? 'unlimited' : `${formatSize(r)}/s`);
 const ref = (r: { ss: number; vol: number }) => `${r.ss}:${r.vol}`;
 

@@ -30,7 +30,6 @@ const RESTART = 'restart the storage systems of the pair with the new YAML';
 /** The membership steps of `ss` from its spec `cur` to `next`; `refuse` throws ReconfigureRefused. */
 export function planRemoteMembership(ss: StorageSystem, cur: StorageSystemSpec, next: StorageSystemSpec, refuse: (why: string) => never): Step[] {
   const self = cur.id;
-  const at = `ss${self}`;
   const curRemote = new Map((cur.remotePairs ?? []).map((p) => [p.name, p]));
   const nextRemote = new Map((next.remotePairs ?? []).map((p) => [p.name, p]));
   const steps: Step[] = [];
