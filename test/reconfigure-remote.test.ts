@@ -83,11 +83,12 @@ describe('a mirror in another storage system joins and leaves a running pair', (
     const added = await cli('apply', '-c', file);
     expect(added.stderr).toBe('');
     expect(added.stdout).toBe(
+      // In the order the processes apply: ss3 takes its mirror before its master ss1 attaches it.
       'plan (4 changes):\n' +
-        '  ss1: pair1: syncRate unlimited -> 4MiB/s\n' +
-        '  ss1: pair1: add mirror 3:1 (full copy at 4MiB/s, then PAIR)\n' +
         '  ss2: pair1: syncRate unlimited -> 4MiB/s\n' +
         '  ss3: pair1: vol1 joins as a mirror of 1:1 (copied in full from the master, then PAIR)\n' +
+        '  ss1: pair1: syncRate unlimited -> 4MiB/s\n' +
+        '  ss1: pair1: add mirror 3:1 (full copy at 4MiB/s, then PAIR)\n' +
         'applied 4 changes\n',
     );
     expect(added.code).toBe(0);

@@ -52,8 +52,7 @@ export async function applyToCluster(config: ClusterConfig, file: string, text: 
     }
   }
   // 1. Plans, and each process's YAML as it is (to give it back if a later process fails).
-  const live: { ep: AdminEndpoint; before: string }[] = [];
-  const changes = new Set<string>();
+  const live: { ep: AdminEndpoint; before: string; changes: string[] }[] = [];
   const notes = new Set<string>();
   for (const ep of endpoints) {
     let before: string;
@@ -67,13 +66,15 @@ export async function applyToCluster(config: ClusterConfig, file: string, text: 
     const plan = await applyConfig(ep, text, true, opts.timeoutMs).catch((e: Error) => {
       throw new ApplyError(`${e instanceof AdminReplyError && e.serverMessage ? e.serverMessage : e.message}; nothing was applied`);
     });
-    for (const c of plan.changes) changes.add(c);
     for (const n of plan.notes) notes.add(n);
-    live.push({ ep, before });
+    live.push({ ep, before, changes: plan.changes });
   }
   // "storage system 3 is new: start it" (for SIGHUP's log): here each one either answered, or has its note above.
   for (const n of notes) if (/^storage system \d+ is new:/.test(n)) notes.delete(n);
   if (live.length === 0) throw new ApplyError(`no storage system of ${file} answered: start them with blockmirror up -c ${file}`);
+  // The plan in the order the processes will apply it.
+  const order = applyOrder(live, config, file);
+  const changes = new Set(order.flatMap((l) => l.changes));
   out(changes.size === 0 ? 'no changes' : `plan (${changes.size} change${changes.size === 1 ? '' : 's'}):`);
   for (const c of changes) out(`  ${c}`);
   for (const n of notes) out(`note: ${n}`);
@@ -82,7 +83,7 @@ export async function applyToCluster(config: ClusterConfig, file: string, text: 
 
   // 2. Apply, process by process; a failure gives the ones already changed their YAML back.
   const done: typeof live = [];
-  for (const l of applyOrder(live, config, file)) {
+  for (const l of order) {
     try {
       await applyConfig(l.ep, text, false, opts.timeoutMs);
       done.push(l);
