@@ -223,7 +223,7 @@ describe('live reconfiguration with hosts writing', () => {
     // The layout of a pair across storage systems (here its mode) needs a restart: refused, nothing applied.
     fs.writeFileSync(file, twoSSYaml(a, b, [{ name: 'pair1', mode: 'async', vol: 1 }], { peerTimeout: '1s' }));
     const refused = await cli('apply', '-c', file);
-    expect(refused.stderr).toBe('blockmirror: storage system 1: pair pair1 spans storage systems: its mode, copies and autoResync cannot change at run time; restart the storage systems of the pair with the new YAML; nothing was applied\n');
+    expect(refused.stderr).toBe('blockmirror: storage system 1: pair pair1 spans storage systems: its mode, master and autoResync cannot change at run time; restart the storage systems of the pair with the new YAML; nothing was applied\n');
     expect(refused.code).toBe(1);
     expect(((await ss1.status()) as unknown as { storageSystems: { peerTimeout: number }[] }).storageSystems[0]!.peerTimeout).toBe(3000);
     expect((await job)[0]!.error).toBe(0);

@@ -4,14 +4,16 @@
 //   1. FILE is checked here first (a bad YAML is refused with its line and column);
 //   2. every storage system of FILE plans its part (POST /api/config, dryRun): one refusal, and
 //      nothing is applied anywhere; the plan is printed;
-//   3. each process applies its part, all or nothing (cluster/reconfigure.ts). If a later one
-//      fails, those already changed are given their previous YAML back.
+//   3. each process applies its part, all or nothing (cluster/reconfigure.ts), in an order that
+//      puts a new mirror's storage system before its master and a master before a mirror it drops
+//      (applyOrder). If a later one fails, those already changed are given their previous YAML back.
 // A storage system that does not answer is listed, not changed: new in FILE, it is started
 // with `blockmirror up -c FILE --only ID` and runs FILE from the start.
 import fs from 'node:fs';
+import path from 'node:path';
 import type { Command } from 'commander';
 import { AdminReplyError, AdminUnreachableError, applyConfig, getConfig, getStatus, type AdminEndpoint } from '../admin/client.js';
-import type { ClusterConfig } from '../cluster/config.js';
+import { parseConfig, type ClusterConfig } from '../cluster/config.js';
 import { UsageError } from './errors.js';
 import { adminEndpoint, loadConfigOrUsage, parseTimeout } from './status.js';
 
@@ -50,8 +52,7 @@ export async function applyToCluster(config: ClusterConfig, file: string, text: 
     }
   }
   // 1. Plans, and each process's YAML as it is (to give it back if a later process fails).
-  const live: { ep: AdminEndpoint; before: string }[] = [];
-  const changes = new Set<string>();
+  const live: { ep: AdminEndpoint; before: string; changes: string[] }[] = [];
   const notes = new Set<string>();
   for (const ep of endpoints) {
     let before: string;
@@ -65,13 +66,15 @@ export async function applyToCluster(config: ClusterConfig, file: string, text: 
     const plan = await applyConfig(ep, text, true, opts.timeoutMs).catch((e: Error) => {
       throw new ApplyError(`${e instanceof AdminReplyError && e.serverMessage ? e.serverMessage : e.message}; nothing was applied`);
     });
-    for (const c of plan.changes) changes.add(c);
     for (const n of plan.notes) notes.add(n);
-    live.push({ ep, before });
+    live.push({ ep, before, changes: plan.changes });
   }
   // "storage system 3 is new: start it" (for SIGHUP's log): here each one either answered, or has its note above.
   for (const n of notes) if (/^storage system \d+ is new:/.test(n)) notes.delete(n);
   if (live.length === 0) throw new ApplyError(`no storage system of ${file} answered: start them with blockmirror up -c ${file}`);
+  // The plan in the order the processes will apply it.
+  const order = applyOrder(live, config, file);
+  const changes = new Set(order.flatMap((l) => l.changes));
   out(changes.size === 0 ? 'no changes' : `plan (${changes.size} change${changes.size === 1 ? '' : 's'}):`);
   for (const c of changes) out(`  ${c}`);
   for (const n of notes) out(`note: ${n}`);
@@ -80,7 +83,7 @@ export async function applyToCluster(config: ClusterConfig, file: string, text: 
 
   // 2. Apply, process by process; a failure gives the ones already changed their YAML back.
   const done: typeof live = [];
-  for (const l of live) {
+  for (const l of order) {
     try {
       await applyConfig(l.ep, text, false, opts.timeoutMs);
       done.push(l);
@@ -103,6 +106,42 @@ export async function applyToCluster(config: ClusterConfig, file: string, text: 
   }
   if (changes.size > 0) out(`applied ${changes.size} change${changes.size === 1 ? '' : 's'}`);
   if (opts.wait) await waitCopied(live.map((l) => l.ep), opts.timeoutMs);
+}
+
+/**
+ * The order the processes apply in: config order, except that a storage system taking a new
+ * mirror of a pair across storage systems goes before the pair's master (its side must exist
+ * when the master attaches it), and a master dropping a mirror goes before that mirror's
+ * storage system (it stops replicating first). A change needing both orders at once is refused.
+ */
+function applyOrder<T extends { ep: AdminEndpoint; before: string }>(live: T[], next: ClusterConfig, file: string): T[] {
+  let prev: ClusterConfig;
+  try {
+    prev = parseConfig(live[0]!.before, file, path.dirname(path.resolve(file)));
+  } catch {
+    return live; // the running YAML always parsed once; if not now, there is no membership to order
+  }
+  const after = new Map<number, Set<number>>(); // ss -> the storage systems that must apply before it
+  const edge = (first: number, then: number) => {
+    if (first !== then) (after.get(then) ?? after.set(then, new Set()).get(then)!).add(first);
+  };
+  const key = (r: { ss: number; vol: number }) => `${r.ss}:${r.vol}`;
+  for (const b of next.pairs) {
+    const a = prev.pairs.find((p) => p.name === b.name);
+    if (!a) continue;
+    const was = new Set(a.mirrors.map(key));
+    const now = new Set(b.mirrors.map(key));
+    for (const m of b.mirrors) if (!was.has(key(m))) edge(m.ss, b.master.ss);
+    for (const m of a.mirrors) if (!now.has(key(m))) edge(a.master.ss, m.ss);
+  }
+  const out: T[] = [];
+  const left = [...live];
+  while (left.length > 0) {
+    const i = left.findIndex((l) => ![...(after.get(l.ep.ss!) ?? [])].some((ss) => left.some((o) => o.ep.ss === ss)));
+    if (i < 0) throw new ApplyError('this change both adds mirrors to and removes mirrors from the same storage systems in orders no single pass allows: apply the additions and the removals one after the other; nothing was applied');
+    out.push(left.splice(i, 1)[0]!);
+  }
+  return out;
 }
 
 /** Until no pair any storage system reports is in COPY (a new mirror has its full copy and is in PAIR). */

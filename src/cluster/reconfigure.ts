@@ -14,6 +14,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { planChanges, ReconfigureRefused, runSteps, type Step } from '../controller/reconfigure.js';
+import { PHASE } from '../controller/remote-membership.js';
 import type { StorageSystem } from '../controller/storage-system.js';
 import { ClusterError, specFor } from './cluster.js';
 import { parseConfig, type ClusterConfig } from './config.js';
@@ -82,9 +83,11 @@ export class ClusterReconfigurer {
     }
     const fresh = next.storageSystems.filter((s) => !this.config.storageSystems.some((o) => o.id === s.id));
     const notes = fresh.map((s) => `storage system ${s.id} is new: start it on its host with blockmirror up -c FILE --only ${s.id}`);
-    const changes = steps.map((s) => s.line).filter((l) => l !== '');
+    // Across the storage systems of this process: a new mirror's side before its master, a master before a leaving mirror.
+    const ordered = steps.map((s, i) => [s, i] as const).sort(([a, i], [b, j]) => (a.phase ?? PHASE.local) - (b.phase ?? PHASE.local) || i - j).map(([s]) => s);
+    const changes = ordered.map((s) => s.line).filter((l) => l !== '');
     if (opts.dryRun) return { changes, notes, applied: false };
-    if (steps.length > 0) await runSteps(steps, this.log);
+    if (ordered.length > 0) await runSteps(ordered, this.log);
     this.config = next;
     this.text = text;
     try {

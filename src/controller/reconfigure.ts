@@ -14,11 +14,15 @@
 //   7      create a pair (full copy)              delete it                 -
 //   8      remove a volume (unexported, open)     export it again           close it
 //
+// and, for pairs across storage systems (remote-membership.ts), in phases across all the storage
+// systems of the process: a mirror joins, then its master adds it (or drops one), then a removed
+// mirror leaves; volumes are removed after that.
+//
 // Refused, with one line and nothing applied:
 //   - shrinking a volume that holds data; resizing or removing a volume hosts are attached to;
 //   - changing a pair's master while hosts use its volumes; making a volume in use a mirror;
 //   - what cannot change without a restart: listeners, dataDir, TLS, the cache size, iSCSI,
-//     S-VOL groups, and the layout of pairs across storage systems (their rate and fence can).
+//     S-VOL groups, and the mode, master and autoResync of pairs across storage systems.
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
@@ -28,6 +32,7 @@ import type { PairSpec } from './pair.js';
 import type { RemotePairSpec } from './remote/context.js';
 import type { StorageSystem, StorageSystemSpec, VolumeEntry } from './storage-system.js';
 import type { VolumeStack } from './volume-stack.js';
+import { PHASE, planRemoteMembership } from './remote-membership.js';
 
 /** A change that is not safe now, or not possible without a restart. Nothing was applied. */
 export class ReconfigureRefused extends Error {
@@ -48,6 +53,8 @@ export interface Step {
   undo(): Promise<void>;
   /** Once every step of every storage system succeeded: what may not be undone (closing a removed volume). */
   commit?(): Promise<void>;
+  /** When it runs among the steps of every storage system of the process (PHASE); default PHASE.local. */
+  phase?: number;
 }
 
 const fmtRate = (r: number | undefined) => (r === undefined ? 'unlimited' : `${formatSize(r)}/s`);
@@ -73,15 +80,10 @@ export async function planChanges(ss: StorageSystem, next: StorageSystemSpec): P
     steps.push({ line: `${at}: cache policy ${wasPolicy} -> ${nowPolicy}`, apply: () => ss.setCachePolicy(nowPolicy), undo: () => ss.setCachePolicy(wasPolicy) });
   }
 
-  // Pairs across storage systems: only their rate and fence change live.
+  // Pairs across storage systems: their rate and fence, and which mirrors they have (remote-membership.ts).
   const curRemote = new Map((cur.remotePairs ?? []).map((p) => [p.name, p]));
   const nextRemote = new Map((next.remotePairs ?? []).map((p) => [p.name, p]));
-  for (const name of new Set([...curRemote.keys(), ...nextRemote.keys()])) {
-    const [a, b] = [curRemote.get(name), nextRemote.get(name)];
-    if (!a || !b) refuse(`pair ${name} spans storage systems: ${a ? 'deleting' : 'creating'} it at run time is not supported; restart the storage systems of the pair with the new YAML`);
-    if (layout(a!) !== layout(b!)) refuse(`pair ${name} spans storage systems: its mode, copies and autoResync cannot change at run time; restart the storage systems of the pair with the new YAML`);
-  }
-
+  const membership = planRemoteMembership(ss, cur, next, refuse);
   // Local pairs, by name.
   const curLocal = new Map(cur.pairs.map((p) => [p.name, p]));
   const nextLocal = new Map(next.pairs.map((p) => [p.name, p]));
@@ -194,11 +196,15 @@ export async function planChanges(ss: StorageSystem, next: StorageSystemSpec): P
       undo: async () => void (await ss.replaceLocalPair(b.name, null)),
     });
   }
+  // Mirrors of pairs across storage systems join, change, leave (phases: every storage system's
+  // joins run before any master adds the mirror, and masters stop before a mirror leaves).
+  steps.push(...membership);
   // 8. Remove volumes: unexported now, closed only once everything applied.
   for (const id of removed) {
     let detached: VolumeStack | undefined;
     steps.push({
       line: `${at}: remove volume ${id}${cur.dataDir ? ` (its file stays in ${cur.dataDir})` : ' (in memory: its data is dropped)'}`,
+      phase: PHASE.removeVolume,
       apply: async () => void (detached = ss.detachVolume(id)),
       undo: async () => ss.reattachVolume(detached!),
       commit: () => ss.closeDetached(detached!),
@@ -208,6 +214,7 @@ export async function planChanges(ss: StorageSystem, next: StorageSystemSpec): P
     // Last: the storage system runs `next` from now on (the next plan starts from it).
     steps.push({
       line: '',
+      phase: PHASE.last,
       apply: async () => void (ss.spec = next),
       undo: async () => void (ss.spec = cur),
     });

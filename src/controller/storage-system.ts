@@ -6,7 +6,6 @@
 // are PairControllers in one table (pair-controller.ts); faults are injected per volume and
 // per link through the fault table (fault-table.ts).
 import fs from 'node:fs';
-import type { Socket } from 'node:net';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { describeFault, type VolumeFault } from '../blockdev/fault.js';
@@ -16,7 +15,6 @@ import { ExportTable } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
 import type { ServerTls } from '../nbd/tls.js';
 import { AllowList } from '../util/allow-list.js';
-import { FileBitmapStore, MemoryBitmapStore } from './bitmap-store.js';
 import { CacheMemory } from './cache.js';
 import {
   FaultSpecError,
@@ -34,8 +32,8 @@ import { CurrentCopyDevice, currentExportName } from './current-copy.js';
 import { LocalPair, type LocalPairContext } from './local-pair.js';
 import type { PairSpec } from './pair.js';
 import type { PairController } from './pair-controller.js';
-import { PeerLink, PeerServer, type PeerTls } from './peer/link.js';
-import { OPS, type Op, type RequestOf } from './peer/messages.js';
+import type { PeerLink, PeerTls } from './peer/link.js';
+import { Peers } from './remote/peers.js';
 import { RemotePair, type RemotePairSpec } from './remote/remote-pair.js';
 import { PairCommandError, type AdminTarget, type IscsiSessionStatus, type PairBitmap, type PairStatus, type TargetMetrics, type SSReport, type VolRef } from './status.js';
 import { SyncDaemon } from './sync-daemon.js';
@@ -119,10 +117,8 @@ export class StorageSystem implements AdminTarget {
   readonly daemon: SyncDaemon;
   /** Every pair whose volumes this storage system holds, whatever its kind. */
   readonly pairs = new Map<string, PairController>();
-  private readonly links = new Map<number, PeerLink>();
-  /** What peers reach over data connections of the peer channel (remote/context.ts). */
-  private readonly peerExports = new ExportTable();
-  private peerServer: PeerServer | null = null;
+  /** The peer channel: links, listener, peer exports, our parts of pairs across storage systems. */
+  private readonly peers: Peers;
   private readonly volumes = new Map<number, VolumeStack>();
   /** Volume id -> the pair holding it. */
   private readonly pairOf = new Map<number, PairController>();
@@ -146,6 +142,7 @@ export class StorageSystem implements AdminTarget {
   ) {
     this.nbd = new NbdServer({ exports: new ExportTable(), log, ...(spec.tls ? { tls: spec.tls } : {}) });
     this.daemon = new SyncDaemon({ log });
+    this.peers = new Peers({ spec: () => this.spec, log, daemon: this.daemon, volumes: this.volumes, nbd: this.nbd, onSuspend: () => this.onSuspend });
   }
 
   /** Open volumes, build pairs and exports, and start serving. A host guard (the cluster layer's fencing) applies from the first request. */
@@ -191,12 +188,7 @@ export class StorageSystem implements AdminTarget {
       pvolLayer.set(g.pvol, new PvolVolume(this.volumes.get(g.pvol)!.device, group));
       group.logicalIds.forEach((id, i) => this.logicalHosts.set(id, frontDevices(new LogicalVolume(group, i, this.volumes)).front));
     }
-    if (spec.peer && this.links.size > 0) {
-      // Data connections from peers get NBD on the peer exports only, as the storage system their credential names.
-      const onData = (socket: Socket, from: number) => this.nbd.serveConnection(socket, this.peerExports, `ss${from}`);
-      this.peerServer = new PeerServer(spec.id, this.links, this.log, { ...(spec.peerTls ? { tls: spec.peerTls } : {}), onData });
-      await this.peerServer.listen(spec.peer);
-    }
+    if (this.peers.links.size > 0) await this.peers.listen();
 
     for (const v of this.volumes.values()) {
       const pair = this.pairOf.get(v.id);
@@ -204,10 +196,7 @@ export class StorageSystem implements AdminTarget {
       const host = buildHostStack(v, pair?.hostDevice(v.id) ?? pvolLayer.get(v.id), this.guardOf(v.id)).nbd;
       if (hidden.has(v.id)) continue;
       // The other storage systems of a pair across systems read this volume over the peer channel (a mirror's Invalid clusters).
-      if (pair instanceof RemotePair) {
-        const members = pair.copies.filter((c) => c.ss !== spec.id).map((c) => `ss${c.ss}`);
-        this.peerExports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id} for the peers of ${pair.name}`, device: host, readOnly: true, hidden: true, allow: new AllowList(members) });
-      }
+      if (pair instanceof RemotePair) this.peers.exportVolume(v, pair);
       this.exportVolume(v);
     }
     for (const [id, { nbd: host }] of this.logicalHosts) {
@@ -332,13 +321,95 @@ export class StorageSystem implements AdminTarget {
     return bits;
   }
 
+  // ---- a pair across storage systems gains or loses a mirror (reconfigure.ts; remote-pair.ts reshape) ----
+
+  /** Is the peer channel to storage system `ss` up? Undefined: no link to it yet. */
+  peerUp(ss: number): boolean | undefined {
+    return this.peers.links.get(ss)?.up;
+  }
+
+  /** Links to the peers `next` names that have none yet (remote/peers.ts). */
+  linkPeers(next: StorageSystemSpec, wait: boolean): Promise<void> {
+    return this.peers.linkPeers(next, wait);
+  }
+
+  /** The master's part: add and remove mirrors of pair `name`, with host I/O held; on a failure, back to `prev`. */
+  async reshapeRemotePair(name: string, next: RemotePairSpec, prev: RemotePairSpec): Promise<void> {
+    const rp = this.peers.remotes.get(name)!;
+    const stacks = rp.volumes.map((id) => this.volumes.get(id)!);
+    await Promise.all(stacks.map((v) => v.slot!.hold()));
+    try {
+      await rp.reshape(next);
+    } catch (e) {
+      await rp.reshape(prev).catch((u: Error) => this.log.error({ pair: name, err: u.message }, `pair ${name}: could not go back to its mirrors before the failed change`));
+      throw e;
+    } finally {
+      for (const v of stacks) {
+        v.slot!.release();
+        this.peers.exportVolume(v, rp);
+      }
+    }
+  }
+
+  /** On a mirror of pair `name`: the other copies as the YAML now says. */
+  setRemoteCopies(name: string, next: RemotePairSpec): void {
+    this.peers.remotes.get(name)!.setCopies(next);
+  }
+
+  /**
+   * A simplex volume of ours becomes a mirror of a pair across storage systems: our part of it
+   * starts as at start-up, in a first generation (any file of an older membership dropped), and
+   * the master's attach brings the epoch and a full copy.
+   */
+  async joinRemotePair(spec: RemotePairSpec): Promise<void> {
+    const mine = [spec.master, ...spec.mirrors].find((r) => r.ss === this.spec.id)!;
+    const v = this.volumes.get(mine.vol)!;
+    this.peers.removeFiles(spec.name);
+    await v.slot!.hold();
+    let rp: RemotePair | undefined;
+    try {
+      rp = this.peers.remotePair(spec);
+      await rp.open();
+      this.peers.remotes.set(spec.name, rp);
+      this.addPair(rp);
+    } finally {
+      v.slot!.release(rp ? rp.hostDevice(v.id) : v.device);
+      this.nbd.exports.remove(`vol${v.id}`);
+      this.nbd.exports.remove(currentExportName(v.id));
+      if (rp) this.peers.exportVolume(v, rp);
+      this.exportVolume(v);
+    }
+  }
+
+  /** Our mirror leaves pair `name` (its master stopped replicating to it first): a simplex volume with its data. */
+  async leaveRemotePair(name: string): Promise<void> {
+    const rp = this.peers.remotes.get(name)!;
+    const stacks = rp.volumes.map((id) => this.volumes.get(id)!);
+    await Promise.all(stacks.map((v) => v.slot!.hold()));
+    try {
+      await rp.close();
+      this.peers.remotes.delete(name);
+      this.pairs.delete(name);
+      for (const vol of rp.volumes) this.pairOf.delete(vol);
+      this.peers.removeFiles(name);
+    } finally {
+      for (const v of stacks) {
+        v.slot!.release(v.device);
+        this.peers.exports.remove(`vol${v.id}`);
+        this.nbd.exports.remove(`vol${v.id}`);
+        this.nbd.exports.remove(currentExportName(v.id));
+        this.exportVolume(v);
+      }
+    }
+  }
+
   private get pairDir(): string | undefined {
     return this.spec.dataDir ? path.join(this.spec.dataDir, 'pairs') : undefined;
   }
 
   /** peerTimeout at run time: every link and pair across storage systems. */
   setPeerTimeout(ms: number): void {
-    for (const l of this.links.values()) l.setTimeoutMs(ms);
+    for (const l of this.peers.links.values()) l.setTimeoutMs(ms);
     for (const p of this.pairs.values()) if (p instanceof RemotePair) p.setPeerTimeout(ms);
   }
 
@@ -359,46 +430,9 @@ export class StorageSystem implements AdminTarget {
     const { spec } = this;
     const remote = spec.remotePairs ?? [];
     if (remote.length === 0) return [];
-    const timeoutMs = spec.peerTimeout ?? 5000;
-    const remotes = new Map<string, RemotePair>();
-    for (const peer of spec.peers ?? []) {
-      const link = new PeerLink({ self: spec.id, peer: peer.id, address: peer.peer, timeoutMs, log: this.log, ...(spec.peerTls ? { tls: spec.peerTls } : {}) });
-      this.links.set(peer.id, link);
-      const route = <K extends Op>(op: K) =>
-        link.onRequest(op, (body: RequestOf<K>) => {
-          const rp = remotes.get(body.pair);
-          if (!rp || !rp.copies.some((c) => c.ss === peer.id)) throw new Error(`storage system ${spec.id} has no pair ${body.pair} shared with storage system ${peer.id}`);
-          return rp.handle(peer.id, op, body);
-        });
-      for (const op of OPS) route(op);
-    }
-    const dir = spec.dataDir ? path.join(spec.dataDir, 'pairs') : undefined;
-    const clusters = (size: number) => Math.ceil(size / spec.clusterSize);
-    for (const given of remote) {
-      // Our own copy: `configure` changes it at run time, and the spec it came from stays as it was.
-      const p = { ...given };
-      const mine = [p.master, ...p.mirrors].filter((r) => r.ss === spec.id);
-      for (const ref of mine) if (!this.volumes.has(ref.vol)) throw new Error(`pair ${p.name}: ss${ref.ss}/vol${ref.vol} is not a volume of storage system ${spec.id}`);
-      const size = this.volumes.get(mine[0]!.vol)!.size;
-      const rp = new RemotePair(p, {
-        self: spec.id,
-        clusterSize: spec.clusterSize,
-        peerTimeout: timeoutMs,
-        volumes: new Map(mine.map((r) => [r.vol, { device: this.volumes.get(r.vol)!.device, createdEmpty: this.volumes.get(r.vol)!.createdEmpty }])),
-        links: this.links,
-        peerExports: this.peerExports,
-        daemon: this.daemon,
-        openStore: async (slots) => {
-          if (!dir) return { store: new MemoryBitmapStore(clusters(size), slots), loaded: null };
-          return FileBitmapStore.open(path.join(dir, `${p.name}.bitmap`), { clusterSize: spec.clusterSize, clusters: clusters(size), mirrors: slots }, this.log);
-        },
-        ...(dir ? { generationFile: path.join(dir, `${p.name}.generation.json`), statePath: path.join(dir, `${p.name}.state.json`) } : {}),
-        ...(this.onSuspend ? { onSuspend: this.onSuspend } : {}),
-        log: this.log,
-      });
-      remotes.set(p.name, rp);
-    }
-    return [...remotes.values()];
+    for (const peer of spec.peers ?? []) this.peers.linkTo(peer);
+    for (const given of remote) this.peers.remotes.set(given.name, this.peers.remotePair(given));
+    return [...this.peers.remotes.values()];
   }
 
   private async listen(): Promise<void> {
@@ -430,7 +464,7 @@ export class StorageSystem implements AdminTarget {
     }
     this.log.info({ nbd: this.nbdAddress, socket: spec.nbdSocket, volumes: [...this.nbd.exports.list()].map((e) => e.name) }, `storage system ${spec.id} serving NBD on ${this.nbdAddress}`);
     // Sessions start once our own NBD listener is up: the peers' data connections come to it.
-    for (const link of this.links.values()) link.start();
+    for (const link of this.peers.links.values()) link.start();
   }
 
   /** The NBD address actually bound (port 0 in the config picks a free port). */
@@ -450,8 +484,8 @@ export class StorageSystem implements AdminTarget {
           admin: this.spec.admin ?? '',
           ...(c && this.spec.cache ? { cache: { size: this.spec.cache.size, dirtyBytes: c.dirtyBytes, usedBytes: c.usedBytes, hits: c.hits, misses: c.misses, policy: this.cache!.writeThrough ? 'write-through' : 'write-back' } } : {}),
           peerTimeout: this.spec.peerTimeout ?? 5000,
-          ...(this.links.size > 0
-            ? { peers: [...this.links.values()].map((l) => ({ ss: l.peer, connected: l.up, ...(l.up || !l.lastError ? {} : { error: l.lastError }) })) }
+          ...(this.peers.links.size > 0
+            ? { peers: [...this.peers.links.values()].map((l) => ({ ss: l.peer, connected: l.up, ...(l.up || !l.lastError ? {} : { error: l.lastError }) })) }
             : {}),
           ...(faults.length > 0 ? { faults } : {}),
           ...(this.iscsi ? { iscsi: { address: this.iscsiAddress, sessions: this.iscsiSessions() } } : {}),
@@ -634,10 +668,10 @@ export class StorageSystem implements AdminTarget {
 
   private linkFor(t: FaultTarget): PeerLink {
     const peer = t.type === 'link' ? (t.a === this.spec.id ? t.b : t.b === this.spec.id ? t.a : undefined) : undefined;
-    const link = peer === undefined ? undefined : this.links.get(peer);
+    const link = peer === undefined ? undefined : this.peers.links.get(peer);
     if (!link) {
       const ends = t.type === 'link' ? `${t.a}-${t.b}` : '';
-      throw new PairCommandError('not-found', `storage system ${this.spec.id} has no link ${ends}: it links to ${this.links.size > 0 ? [...this.links.keys()].join(', ') : 'no other storage system'}`);
+      throw new PairCommandError('not-found', `storage system ${this.spec.id} has no link ${ends}: it links to ${this.peers.links.size > 0 ? [...this.peers.links.keys()].join(', ') : 'no other storage system'}`);
     }
     return link;
   }
@@ -651,8 +685,7 @@ export class StorageSystem implements AdminTarget {
     clearInterval(this.throughputTimer);
     await this.iscsi?.close();
     await this.nbd.close();
-    await this.peerServer?.close();
-    for (const l of this.links.values()) l.close();
+    await this.peers.close();
     await this.daemon.stop();
     // An offline fault would hold the destage forever: a stopping storage system lets go of its faults.
     for (const v of this.volumes.values()) v.faults.clear();

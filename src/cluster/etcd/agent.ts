@@ -191,7 +191,9 @@ export class ClusterAgent {
         await this.writeMirrors(pair.name, () => {
           // Read again at its turn: the pair may have suspended since.
           const now = pair.status();
-          return now.role === 'mirror' ? null : now.mirrors.map((m) => ({ ss: m.ss, vol: m.vol, state: now.state }));
+          // Per mirror: in a pair in COPY, a mirror with nothing left to copy is in PAIR, and one
+          // that joined at run time is in COPY until its full copy is done (only PAIR is promoted).
+          return now.role === 'mirror' ? null : now.mirrors.map((m) => ({ ss: m.ss, vol: m.vol, state: now.state === 'COPY' && m.invalidClusters === 0 ? 'PAIR' : now.state }));
         });
       }
     }

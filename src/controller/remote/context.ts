@@ -27,8 +27,8 @@ export interface RemotePairContext {
    */
   peerExports: ExportTable;
   daemon: SyncDaemon;
-  /** One slot per mirror in master role (slot 0 only for the mirror role). */
-  openStore(slots: number): Promise<{ store: BitmapStore; loaded: Uint8Array[] | null }>;
+  /** One slot per mirror in master role (slot 0 only for the mirror role); `fresh`: drop what was kept (a reshape seeds it). */
+  openStore(slots: number, opts?: { fresh?: boolean }): Promise<{ store: BitmapStore; loaded: Uint8Array[] | null }>;
   generationFile?: string;
   statePath?: string;
   /** The cluster layer (etcd): record the mirrors outdated before writes go on without them. */

@@ -38,8 +38,8 @@ export class MirrorPort implements RemotePort {
 
   constructor(
     private readonly pairName: string,
-    /** The mirror's index in the pair. */
-    readonly index: number,
+    /** The mirror's index in the pair: a reshape that drops a mirror before it moves it down. */
+    public index: number,
     readonly ref: VolRef,
     readonly link: PeerLink,
     ctx: RemotePairContext,

@@ -21,6 +21,7 @@ import { readGeneration, readPairState, saveGeneration, savePairState, type Gene
 import { Pair, PairStateError, type FenceLevel } from '../pair.js';
 import type { Op, RequestOf, ResponseOf } from '../peer/messages.js';
 import { PairCommandError, type PairBitmap, type PairStatus, type VolRef } from '../status.js';
+import { mirrorKey as refKey } from '../local-pair.js';
 import { b64, fromB64, setBits } from './bits.js';
 import type { RemotePairContext, RemotePairSpec } from './context.js';
 import { judgeAttach } from './generation.js';
@@ -49,6 +50,8 @@ export class RemotePair implements PairController {
   private starting = false;
   private closed = false;
   private readonly followers = new Map<number, BlockDevice>();
+  /** The storage systems whose link events this pair follows. */
+  private readonly followed = new Set<number>();
   readonly volumeSize: number;
 
   constructor(
@@ -110,12 +113,17 @@ export class RemotePair implements PairController {
     this.store = store;
     if (this.role === 'master') await this.becomeMasterNow(loaded);
     else this.becomeMirrorNow();
-    for (const ss of this.peerIds()) {
-      const link = this.ctx.links.get(ss)!;
-      link.on('up', () => this.onLinkUp(ss));
-      link.on('down', (reason: string) => this.onLinkDown(ss, reason));
-      if (link.up) this.onLinkUp(ss);
-    }
+    for (const ss of this.peerIds()) this.follow(ss);
+  }
+
+  /** Sessions follow the link to storage system `ss` (once per link: a reshape may add peers). */
+  private follow(ss: number): void {
+    if (this.followed.has(ss)) return;
+    this.followed.add(ss);
+    const link = this.ctx.links.get(ss)!;
+    link.on('up', () => this.onLinkUp(ss));
+    link.on('down', (reason: string) => this.onLinkDown(ss, reason));
+    if (link.up) this.onLinkUp(ss);
   }
 
   private peerIds(): number[] {
@@ -135,7 +143,11 @@ export class RemotePair implements PairController {
 
   // ---- roles ----
 
-  private async becomeMasterNow(loaded: Uint8Array[] | null, suspendReason?: string): Promise<void> {
+  /**
+   * Build the master's Pair. `carried`: the connected ports of mirrors that stay (reshape), by
+   * "ss:vol"; their sessions go on, and a new port waits for `attachPort` before the pair writes to it.
+   */
+  private async becomeMasterNow(loaded: Uint8Array[] | null, suspendReason?: string, carried?: { ports: Map<string, MirrorPort>; split: boolean }): Promise<void> {
     const { master, mirrors } = this.layout();
     const local = this.ctx.volumes.get(master.vol)!;
     this.ports = new Map();
@@ -157,14 +169,16 @@ export class RemotePair implements PairController {
       master: { ref: master, device: local.device },
       mirrors: mirrors.map((ref, i) => {
         if (ref.ss === this.ctx.self) return { ref, device: this.ctx.volumes.get(ref.vol)!.device };
-        const port = new MirrorPort(this.name, i, ref, this.ctx.links.get(ref.ss)!, this.ctx, this.volumeSize);
+        const port = carried?.ports.get(refKey(ref)) ?? new MirrorPort(this.name, i, ref, this.ctx.links.get(ref.ss)!, this.ctx, this.volumeSize);
+        port.index = i;
         this.ports.set(i, port);
         return { ref, device: port.device, remote: port };
       }),
       store: this.store,
       loaded: initial,
       identical: true,
-      initialState: readPairState(this.ctx.statePath),
+      // A reshape keeps a split as it was (persisted with a dataDir, not without); a suspension comes as suspendReason.
+      initialState: carried ? (carried.split ? 'PSUS' : undefined) : readPairState(this.ctx.statePath),
       ...(this.spec.syncRate !== undefined ? { syncRate: this.spec.syncRate } : {}),
       fence: this.spec.fence,
       log: this.ctx.log,
@@ -177,7 +191,7 @@ export class RemotePair implements PairController {
     });
     // Until a session is up, a remote mirror gets nothing: suspended, writes tracked.
     if (suspendReason) pair.suspend(suspendReason);
-    else if ([...this.ports.values()].some((p) => !p.connected) && pair.state !== 'PSUS') {
+    else if (!carried && [...this.ports.values()].some((p) => !p.connected) && pair.state !== 'PSUS') {
       this.starting = true;
       pair.suspend(this.waitingReason());
     }
@@ -272,30 +286,7 @@ export class RemotePair implements PairController {
     const link = this.ctx.links.get(ss)!;
     for (const port of [...this.ports.values()]) {
       if (port.ref.ss !== ss || port.connected || this.role !== 'master' || !link.up) continue;
-      const reply = await link.request('attach', { pair: this.name, epoch: this.generation.epoch, master: this.ctx.self, vol: port.ref.vol });
-      if ('demote' in reply) {
-        await this.demote({ epoch: reply.epoch, master: reply.master });
-        return;
-      }
-      const pair = this.pair!;
-      const theirs = fromB64(reply.dirty, this.clusters);
-      const masterEmpty = this.ctx.volumes.get(this.layout().master.vol)!.createdEmpty;
-      const full = (reply.blank && !masterEmpty) || (!reply.blank && this.generation.initialCopy === true);
-      await pair.quiesce(async () => {
-        const state = pair.state;
-        const changes = full ? Array.from({ length: this.clusters }, (_, c) => c) : state === 'PSUS' ? [] : setBits(theirs, this.clusters);
-        if (changes.length > 0) await pair.invalidate(port.index, changes);
-        await port.open(reply.token);
-        // The snapshot and the first invalidations travel in this order on one stream.
-        const snapshot = link.request('snapshot', { pair: this.name, state, bits: b64(pair.mirrors[port.index]!.bitmap.bits), clearDirty: state !== 'PSUS' });
-        port.connected = true;
-        await snapshot;
-      });
-      if (this.generation.initialCopy) {
-        delete this.generation.initialCopy;
-        this.saveGeneration();
-      }
-      this.ctx.log.info({ pair: this.name, mirror: `ss${port.ref.ss}/vol${port.ref.vol}`, full, invalid: pair.mirrors[port.index]!.bitmap.invalidCount }, 'replication session up');
+      if (!(await this.attachPort(port))) return;
     }
     const pair = this.pair;
     const resume = this.starting || (this.peerLost && this.spec.autoResync);
@@ -305,6 +296,36 @@ export class RemotePair implements PairController {
       await pair.resync();
     }
     this.ctx.daemon.wake();
+  }
+
+  /** The handshake of one mirror's session (generation.ts): its bits, then its writes. False if we were told to step down. */
+  private async attachPort(port: MirrorPort): Promise<boolean> {
+    const link = port.link;
+    const reply = await link.request('attach', { pair: this.name, epoch: this.generation.epoch, master: this.ctx.self, vol: port.ref.vol });
+    if ('demote' in reply) {
+      await this.demote({ epoch: reply.epoch, master: reply.master });
+      return false;
+    }
+    const pair = this.pair!;
+    const theirs = fromB64(reply.dirty, this.clusters);
+    const masterEmpty = this.ctx.volumes.get(this.layout().master.vol)!.createdEmpty;
+    const full = (reply.blank && !masterEmpty) || (!reply.blank && this.generation.initialCopy === true);
+    await pair.quiesce(async () => {
+      const state = pair.state;
+      const changes = full ? Array.from({ length: this.clusters }, (_, c) => c) : state === 'PSUS' ? [] : setBits(theirs, this.clusters);
+      if (changes.length > 0) await pair.invalidate(port.index, changes);
+      await port.open(reply.token);
+      // The snapshot and the first invalidations travel in this order on one stream.
+      const snapshot = link.request('snapshot', { pair: this.name, state, bits: b64(pair.mirrors[port.index]!.bitmap.bits), clearDirty: state !== 'PSUS' });
+      port.connected = true;
+      await snapshot;
+    });
+    if (this.generation.initialCopy) {
+      delete this.generation.initialCopy;
+      this.saveGeneration();
+    }
+    this.ctx.log.info({ pair: this.name, mirror: `ss${port.ref.ss}/vol${port.ref.vol}`, full, invalid: pair.mirrors[port.index]!.bitmap.invalidCount }, 'replication session up');
+    return true;
   }
 
   /** Inside resync's quiet point: each remote mirror hands over the clusters it changed itself. */
@@ -482,6 +503,66 @@ export class RemotePair implements PairController {
       this.pair.fence = o.fence;
     }
     this.ctx.daemon.wake();
+  }
+
+  /**
+   * Mirrors added and removed at run time (`blockmirror apply`, controller/reconfigure.ts), on
+   * the master, with host I/O held above the pair (StorageSystem.reshapeRemotePair):
+   *
+   *   1  the daemon forgets the pair; the pair closes (its bits persisted, then read here)
+   *   2  a removed mirror is told it is split (PSUS: a simplex volume with what it has, never a
+   *      copy that claims PAIR while nothing reaches it any more), then its port closes
+   *   3  a new store of one slot per mirror: kept mirrors keep their bits, a new one is all Invalid
+   *   4  the Pair of the new layout, the kept ports with their sessions (becomeMasterNow)
+   *   5  a new mirror's session (attachPort, the start-up handshake): its mirror side exists
+   *      already (its storage system applied first), so the pair writes to it only once it is up
+   *
+   * The generation stays: same master, same epoch; the new mirror follows it at its attach.
+   */
+  reshape(next: RemotePairSpec): Promise<void> {
+    return this.serial(async () => {
+      const old = this.masterPair('reshape');
+      const had = new Set(this.spec.mirrors.map(refKey));
+      for (const m of next.mirrors) {
+        const link = this.ctx.links.get(m.ss);
+        if (had.has(refKey(m)) || link?.up) continue;
+        throw new Error(`storage system ${m.ss} is not connected over the peer channel${link?.lastError ? ` (${link.lastError})` : ''}: start it (blockmirror up --only ${m.ss}), then apply again`);
+      }
+      const bits = new Map(old.mirrors.map((m) => [refKey(m.ref), m.bitmap.bits.slice()]));
+      const oldPorts = new Map([...this.ports.values()].map((p) => [refKey(p.ref), p]));
+      const keep = new Set(next.mirrors.map(refKey));
+      const [split, suspended] = [old.state === 'PSUS', old.state === 'PSUE' ? (old.error ?? 'suspended') : undefined];
+      await this.ctx.daemon.forget(old);
+      for (const [key, port] of oldPorts) {
+        if (keep.has(key)) continue;
+        if (port.connected) {
+          await port.drain();
+          await port.link.request('state', { pair: this.name, state: 'PSUS' }).catch(() => {});
+        }
+        port.close();
+        oldPorts.delete(key);
+      }
+      await old.close();
+      this.spec.mirrors = next.mirrors.map((m) => ({ ...m }));
+      const { mirrors } = this.layout();
+      const { store } = await this.ctx.openStore(mirrors.length, { fresh: true });
+      this.store = store;
+      const all = new Uint8Array(Math.ceil(this.clusters / 8)).fill(0xff);
+      const loaded = mirrors.map((ref) => bits.get(refKey(ref)) ?? all.slice());
+      for (let i = 0; i < loaded.length; i++) await markRuns(store, i, setBits(loaded[i]!, this.clusters));
+      await this.becomeMasterNow(loaded, suspended, { ports: oldPorts, split });
+      for (const port of this.ports.values()) {
+        if (!port.connected && had.has(refKey(port.ref))) continue; // a kept mirror that is away: its next session attaches it
+        if (!port.connected) await this.attachPort(port);
+      }
+      for (const ss of this.peerIds()) this.follow(ss);
+      this.ctx.daemon.wake();
+    });
+  }
+
+  /** On a mirror, the other copies of the pair as the YAML now says (they matter once this copy is the master). */
+  setCopies(next: RemotePairSpec): void {
+    this.spec.mirrors = next.mirrors.map((m) => ({ ...m }));
   }
 
   /** How long the NBD connections of this pair wait for a peer (the links have their own). */

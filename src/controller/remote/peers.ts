@@ -1,0 +1,148 @@
+// The peer channel of one storage system (docs/replication.md): its links to the storage systems
+// it shares pairs with, its listener, the exports peers reach over data connections, and its
+// parts of pairs across storage systems, by name (where peer requests are routed). Links and
+// parts are made at start, and at run time when a pair gains a mirror in a storage system this
+// one shared nothing with (remote-membership.ts).
+import fs from 'node:fs';
+import type { Socket } from 'node:net';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import { ExportTable } from '../../nbd/exports.js';
+import type { NbdServer } from '../../nbd/server.js';
+import { AllowList } from '../../util/allow-list.js';
+import { FileBitmapStore, MemoryBitmapStore } from '../bitmap-store.js';
+import { PeerLink, PeerServer } from '../peer/link.js';
+import { OPS, type Op, type RequestOf } from '../peer/messages.js';
+import type { StorageSystemSpec } from '../storage-system.js';
+import type { VolRef } from '../status.js';
+import type { SyncDaemon } from '../sync-daemon.js';
+import type { VolumeStack } from '../volume-stack.js';
+import type { RemotePairSpec } from './context.js';
+import { RemotePair } from './remote-pair.js';
+
+export interface PeersHost {
+  /** The spec the storage system runs now (reconfiguration replaces it). */
+  spec: () => StorageSystemSpec;
+  log: Logger;
+  daemon: SyncDaemon;
+  volumes: Map<number, VolumeStack>;
+  nbd: NbdServer;
+  onSuspend: () => ((pair: string, mirrors: VolRef[], reason: string) => Promise<void>) | undefined;
+}
+
+export class Peers {
+  readonly links = new Map<number, PeerLink>();
+  /** What peers reach over data connections of the peer channel (remote/context.ts). */
+  readonly exports = new ExportTable();
+  readonly remotes = new Map<string, RemotePair>();
+  private server: PeerServer | null = null;
+
+  constructor(private readonly host: PeersHost) {}
+
+  private get dir(): string | undefined {
+    const { dataDir } = this.host.spec();
+    return dataDir ? path.join(dataDir, 'pairs') : undefined;
+  }
+
+  /** The control channel to one peer; requests are routed to our part of the pair they name. */
+  linkTo(peer: { id: number; peer: { host: string; port: number } }): PeerLink {
+    const spec = this.host.spec();
+    const link = new PeerLink({ self: spec.id, peer: peer.id, address: peer.peer, timeoutMs: spec.peerTimeout ?? 5000, log: this.host.log, ...(spec.peerTls ? { tls: spec.peerTls } : {}) });
+    this.links.set(peer.id, link);
+    const route = <K extends Op>(op: K) =>
+      link.onRequest(op, (body: RequestOf<K>) => {
+        const rp = this.remotes.get(body.pair);
+        if (!rp || !rp.copies.some((c) => c.ss === peer.id)) throw new Error(`storage system ${spec.id} has no pair ${body.pair} shared with storage system ${peer.id}`);
+        return rp.handle(peer.id, op, body);
+      });
+    for (const op of OPS) route(op);
+    return link;
+  }
+
+  /** Our part of a pair across storage systems (not opened yet). */
+  remotePair(given: RemotePairSpec): RemotePair {
+    const spec = this.host.spec();
+    const { volumes } = this.host;
+    const dir = this.dir;
+    const clusters = (size: number) => Math.ceil(size / spec.clusterSize);
+    // Our own copy: `configure` and `reshape` change it at run time, and the spec it came from stays as it was.
+    const p = { ...given, mirrors: given.mirrors.map((m) => ({ ...m })) };
+    const mine = [p.master, ...p.mirrors].filter((r) => r.ss === spec.id);
+    for (const ref of mine) if (!volumes.has(ref.vol)) throw new Error(`pair ${p.name}: ss${ref.ss}/vol${ref.vol} is not a volume of storage system ${spec.id}`);
+    const size = volumes.get(mine[0]!.vol)!.size;
+    const onSuspend = this.host.onSuspend();
+    return new RemotePair(p, {
+      self: spec.id,
+      clusterSize: spec.clusterSize,
+      peerTimeout: spec.peerTimeout ?? 5000,
+      volumes: new Map(mine.map((r) => [r.vol, { device: volumes.get(r.vol)!.device, createdEmpty: volumes.get(r.vol)!.createdEmpty }])),
+      links: this.links,
+      peerExports: this.exports,
+      daemon: this.host.daemon,
+      openStore: async (slots, opts) => {
+        if (!dir) return { store: new MemoryBitmapStore(clusters(size), slots), loaded: null };
+        const file = path.join(dir, `${p.name}.bitmap`);
+        if (opts?.fresh) fs.rmSync(file, { force: true });
+        return FileBitmapStore.open(file, { clusterSize: spec.clusterSize, clusters: clusters(size), mirrors: slots }, this.host.log);
+      },
+      ...(dir ? { generationFile: path.join(dir, `${p.name}.generation.json`), statePath: path.join(dir, `${p.name}.state.json`) } : {}),
+      ...(onSuspend ? { onSuspend } : {}),
+      log: this.host.log,
+    });
+  }
+
+  /** Listen on our peer address (once): control and data connections from the peers. */
+  async listen(): Promise<void> {
+    const spec = this.host.spec();
+    if (this.server || !spec.peer) return;
+    // Data connections from peers get NBD on the peer exports only, as the storage system their credential names.
+    const onData = (socket: Socket, from: number) => this.host.nbd.serveConnection(socket, this.exports, `ss${from}`);
+    const server = new PeerServer(spec.id, this.links, this.host.log, { ...(spec.peerTls ? { tls: spec.peerTls } : {}), onData });
+    await server.listen(spec.peer);
+    this.server = server;
+  }
+
+  /**
+   * Links to the peers `next` names that have none yet (a mirror in a storage system this one
+   * shared no pair with), and our listener if it had none; they dial as at start. With `wait`
+   * (the master, before it attaches a new mirror), waits for the new links to come up, at most
+   * the peer timeout and two redials.
+   */
+  async linkPeers(next: StorageSystemSpec, wait: boolean): Promise<void> {
+    const fresh = (next.peers ?? []).filter((p) => !this.links.has(p.id)).map((p) => this.linkTo(p));
+    if (fresh.length === 0) return;
+    await this.listen();
+    for (const l of fresh) l.start();
+    if (!wait) return;
+    const ms = (next.peerTimeout ?? 5000) + 2000;
+    await Promise.all(
+      fresh.map((l) =>
+        l.up
+          ? undefined
+          : new Promise<void>((r) => {
+              const t = setTimeout(r, ms);
+              l.once('up', () => (clearTimeout(t), r()));
+            }),
+      ),
+    );
+  }
+
+  /** vol<ID> on the peer channel, for the other copies of its pair (a mirror reads its Invalid clusters here). */
+  exportVolume(v: VolumeStack, pair: RemotePair): void {
+    const spec = this.host.spec();
+    const members = pair.copies.filter((c) => c.ss !== spec.id).map((c) => `ss${c.ss}`);
+    this.exports.remove(`vol${v.id}`);
+    this.exports.add({ name: `vol${v.id}`, description: `SS${spec.id} vol${v.id} for the peers of ${pair.name}`, device: v.front!.nbd, readOnly: true, hidden: true, allow: new AllowList(members) });
+  }
+
+  /** The files of our part of pair `name` (an old membership's, before a join; ours, after a leave). */
+  removeFiles(name: string): void {
+    const dir = this.dir;
+    if (dir) for (const f of ['bitmap', 'generation.json', 'state.json']) fs.rmSync(path.join(dir, `${name}.${f}`), { force: true });
+  }
+
+  async close(): Promise<void> {
+    await this.server?.close();
+    for (const l of this.links.values()) l.close();
+  }
+}
