@@ -28,6 +28,12 @@ const SIZE = 8 * MiB;
 const BLOCKS_PER_WRITE = 8;
 const target = (ss: number) => `iqn.2026-12.org.blockmirror:ss${ss}`;
 const rw10 = (op: number, lba: number, blocks: number) => Buffer.from([op, 0, lba >>> 24, (lba >> 16) & 255, (lba >> 8) & 255, lba & 255, 0, blocks >> 8, blocks & 255, 0]);
+/** MODE SENSE(6)'s WP bit: a standby path must not look write-protected (Linux would make it read-only). */
+async function writeProtected(ini: RawInitiator): Promise<boolean> {
+  const r = await ini.scsi(1, Buffer.from([0x1a, 0x08, 0x3f, 0, 255, 0]), { readLength: 255 });
+  expect(r.status).toBe(0);
+  return (r.data[2]! & 0x80) !== 0;
+}
 const sense = (r: ScsiOutcome) => (r.status === 0 ? 'GOOD' : `${(r.senseKey ?? 0).toString(16)}/${(r.asc ?? 0).toString(16).padStart(4, '0')}`);
 
 /** VPD 0x83 of LUN 1: the NAA designator (hex) and the target port group. */
@@ -171,6 +177,7 @@ describe('multipath across a pair swap (two paths: the master and the mirror sto
       expect(await portGroups(A)).toEqual([[1, 0]]);
       expect(await portGroups(B)).toEqual([[2, 2]]);
       expect(sense(await B.scsi(1, rw10(0x2a, 0, 1), { dataOut: Buffer.alloc(512) }))).toBe('2/040b');
+      expect([await writeProtected(A), await writeProtected(B)]).toEqual([false, false]);
 
       const mp = new PathSelector([{ name: 'A', ini: A }, { name: 'B', ini: B }]);
       await mp.recheck();
@@ -202,6 +209,7 @@ describe('multipath across a pair swap (two paths: the master and the mirror sto
       expect(await portGroups(A)).toEqual([[1, 2]]);
       expect(await portGroups(B)).toEqual([[2, 0]]);
       expect(sense(await A.scsi(1, rw10(0x2a, 0, 1), { dataOut: Buffer.alloc(512) }))).toBe('2/040b');
+      expect([await writeProtected(A), await writeProtected(B)]).toEqual([false, false]);
       expect((await identity(A)).naa).toBe(ia.naa);
 
       // Every acknowledged write, read through the new master (B) and through the standby path (A).
