@@ -41,14 +41,18 @@ function runVm(args: string[], onLine: (line: string) => void): Promise<CmdResul
   });
 }
 
-/** `dmsetup status` of a multipath map: per priority group its state (A active, E enabled) and its paths' states. */
-function multipathStatus(line: string): Array<{ state: string; paths: Array<{ dev: string; state: string }> }> {
+/**
+ * `dmsetup status` of a multipath map: the group used next, and per priority group its state
+ * (A active, E enabled) and its paths' states (A active, F failed).
+ */
+function multipathStatus(line: string): { nextGroup: number; groups: Array<{ state: string; paths: Array<{ dev: string; state: string }> }> } {
   const t = line.trim().split(/\s+/);
   let at = t.indexOf('multipath') + 1;
   at += 1 + Number(t[at]); // features
   at += 1 + Number(t[at]); // hardware handler
   const groups = Number(t[at]);
-  at += 2; // number of groups, next group
+  const nextGroup = Number(t[at + 1]);
+  at += 2;
   const out = [];
   for (let g = 0; g < groups; g++) {
     const state = t[at]!;
@@ -63,7 +67,7 @@ function multipathStatus(line: string): Array<{ state: string; paths: Array<{ de
     }
     out.push({ state, paths: ps });
   }
-  return out;
+  return { nextGroup, groups: out };
 }
 
 describe('the Linux kernel dm-multipath across a pair swap (a VM, two iSCSI paths)', () => {
@@ -114,14 +118,19 @@ describe('the Linux kernel dm-multipath across a pair swap (a VM, two iSCSI path
     expect(paths, log).not.toBeNull();
     const [, devA, devB] = paths!;
     const before = multipathStatus(/VMTEST: status before: (.*)/.exec(vm.stdout)![1]!);
-    expect(before.map((g) => g.paths.map((q) => `${q.dev} ${q.state}`)), log).toEqual([[`${devA} A`], [`${devB} A`]]);
+    expect(before.nextGroup, log).toBe(1);
+    expect(before.groups.map((g) => g.paths.map((q) => `${q.dev} ${q.state}`)), log).toEqual([[`${devA} A`], [`${devB} A`]]);
     expect(vm.stdout).toMatch(/VMTEST: writing \(pass 0 done through A/);
     // After: path A failed (02/04/0B is a path error), group 2 (path B, the new master's) active.
     expect(vm.stdout).toMatch(/VMTEST: path A failed at pass \d+ chunk \d+/);
     expect(vm.stdout).toContain('no write failed');
     const after = multipathStatus(/VMTEST: status after: (.*)/.exec(vm.stdout)![1]!);
-    expect(after.map((g) => g.paths.map((q) => `${q.dev} ${q.state}`)), log).toEqual([[`${devA} F`], [`${devB} A`]]);
-    expect(after[1]!.state, log).toBe('A');
+    expect(after.groups.map((g) => g.paths.map((q) => `${q.dev} ${q.state}`)), log).toEqual([[`${devA} F`], [`${devB} A`]]);
+    expect([after.nextGroup, after.groups[1]!.state], log).toEqual([2, 'A']);
+    // The kernel's view: sd logged the standby sense, dm-multipath failed the path, no error reached the map.
+    expect(vm.stdout).toMatch(/VMTEST: dmesg: .*Add\. Sense: Logical unit not accessible, target port in standby state/);
+    expect(vm.stdout).toMatch(new RegExp(`VMTEST: dmesg: .*multipath.*Failing path ${devA}`));
+    expect(vm.stdout).not.toMatch(/I\/O error, dev dm-/);
     const sum = /VMTEST: read back sha256 ok ([0-9a-f]{64})/.exec(vm.stdout)?.[1];
     expect(sum, log).toBeDefined();
 

@@ -1,13 +1,14 @@
 // Multipath across a pair swap, as dm-multipath with the ALUA device handler would do it, proved
 // with two iSCSI sessions of one initiator: path A to the master storage system's target, path B
-// to the mirror's. (The kernel in linux-iscsi-initiator-vm has no dm-multipath or scsi_dh_alua
-// modules and the guest no multipathd: docs/iscsi.md.) What a multipath host relies on:
+// to the mirror's. (The kernel's own dm-multipath, without scsi_dh_alua or multipathd, follows a
+// swap in test/iscsi-kernel-multipath-swap.test.ts: docs/iscsi.md.) What a multipath host relies on:
 //
 //   check                                   before the swap                after `blockmirror pair swap`
 //   VPD 0x83 NAA (device identity)          the same on A and B            the same
 //   VPD 0x83 target port group              A: 1, B: 2                     A: 1, B: 2
 //   REPORT TARGET PORT GROUPS               A active/optimized, B standby  A standby, B active/optimized
 //   WRITE                                   A GOOD, B NOT READY 02/04/0B   A 02/04/0B, B GOOD
+//   MODE SENSE WP (Linux: read-only disk)   0 on both                      0 on both
 //   first command of each path after it     -                              UNIT ATTENTION 2A/06, once
 //
 // The test's path selector does what scsi_dh_alua and dm-multipath do: send writes to the

@@ -53,6 +53,8 @@ while :; do
 done
 echo "VMTEST: writes done ($p passes after the first), no write failed"
 echo "VMTEST: status after: $(status)"
+# What the kernel made of the swap: the sense data sd logged and dm-multipath's path failure.
+dmesg | grep -iE 'multipath|sense|standby|i/o error' | sed 's/^/VMTEST: dmesg: /'
 i=0; while [ $i -lt $CH ]; do dd if=/tmp/src of=/tmp/expect bs=256k count=1 skip=$(( (i + last) % CH )) seek=$i conv=notrunc 2>/dev/null; i=$((i + 1)); done
 want=$(sha256sum /tmp/expect | cut -d' ' -f1)
 got=$(dd if=/dev/mapper/bm bs=256k count=$CH iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
