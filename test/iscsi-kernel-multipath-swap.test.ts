@@ -21,10 +21,14 @@ const VM_TIMEOUT_MS = 900_000;
 const MiB = 1 << 20;
 const target = (ss: number) => `iqn.2026-12.org.blockmirror:ss${ss}`;
 
+/** The VM run under way: its process group, ended by afterAll if the test gave up on it. */
+let vmGroup: number | undefined;
+
 /** The VM tool, its VMTEST lines handed to `onLine` as they come (the run is its own process group). */
 function runVm(args: string[], onLine: (line: string) => void): Promise<CmdResult> {
   return new Promise((resolve, reject) => {
     const p = spawn(TOOL, args, { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+    vmGroup = p.pid;
     let stdout = '';
     let stderr = '';
     let partial = '';
@@ -37,7 +41,7 @@ function runVm(args: string[], onLine: (line: string) => void): Promise<CmdResul
     p.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
     const t = setTimeout(() => process.kill(-p.pid!, 'SIGTERM'), VM_TIMEOUT_MS);
     p.once('error', (e) => { clearTimeout(t); reject(e); });
-    p.once('close', (code) => { clearTimeout(t); resolve({ code, stdout, stderr }); });
+    p.once('close', (code) => { clearTimeout(t); vmGroup = undefined; resolve({ code, stdout, stderr }); });
   });
 }
 
@@ -98,6 +102,7 @@ describe('the Linux kernel dm-multipath across a pair swap (a VM, two iSCSI path
   }, 120_000);
 
   afterAll(async () => {
+    if (vmGroup !== undefined) process.kill(-vmGroup, 'SIGTERM');
     await c?.stop();
   });
 

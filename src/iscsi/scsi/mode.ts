@@ -42,7 +42,7 @@ function controlPage(s: ModeState, pc: PageControl): Buffer {
 const PAGES: Record<number, (s: ModeState, pc: PageControl) => Buffer> = { 0x08: cachingPage, 0x0a: controlPage };
 
 /**
- * `standby`: the LU's port group is ALUA standby (a pair's mirror across storage systems). Its WP bit
+ * `standby`: the LU's port group is ALUA standby (a pair's mirror, src/iscsi/wiring.ts). Its WP bit
  * stays 0: the medium is not write-protected, the path is standby (writes get 02/04/0B). Linux's sd
  * makes a disk with WP read-only at scan and keeps it so, and dm-multipath then cannot open the path
  * for writing (EROFS), nor use it once a swap makes it the master's.
