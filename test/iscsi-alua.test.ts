@@ -68,6 +68,19 @@ describe('ALUA of a logical unit', () => {
     expect(await outcome(u, cdb([0]))).toEqual([0]);
   });
 
+  it('leaves WP clear in MODE SENSE for a read-only standby LU (Linux would make the path a read-only disk) and sets it for a read-only active/optimized one', async () => {
+    const wp = async (state: AluaStateValue) => {
+      const dev = new Volume(new MemoryDevice(1 << 20));
+      dev.ro = true;
+      const u = await unit(dev, { alua: () => state });
+      const six = (await u.execute({ cdb: cdb([0x1a, 0x08, 0x3f, 0, 255, 0]), nexus })).dataIn!;
+      const ten = (await u.execute({ cdb: cdb([0x5a, 0x08, 0x3f, 0, 0, 0, 0, 1, 0, 0]), nexus })).dataIn!;
+      return [six[2]! & 0x80, ten[3]! & 0x80];
+    };
+    expect(await wp(AluaState.STANDBY)).toEqual([0, 0]);
+    expect(await wp(AluaState.ACTIVE_OPTIMIZED)).toEqual([0x80, 0x80]);
+  });
+
   it('keeps DATA PROTECT for a read-only LU that is active/optimized (not a pair\'s mirror)', async () => {
     const dev = new Volume(new MemoryDevice(1 << 20));
     dev.ro = true;

@@ -1,13 +1,14 @@
 // Multipath across a pair swap, as dm-multipath with the ALUA device handler would do it, proved
 // with two iSCSI sessions of one initiator: path A to the master storage system's target, path B
-// to the mirror's. (The kernel in linux-iscsi-initiator-vm has no dm-multipath or scsi_dh_alua
-// modules and the guest no multipathd: docs/iscsi.md.) What a multipath host relies on:
+// to the mirror's. (The kernel's own dm-multipath, without scsi_dh_alua or multipathd, follows a
+// swap in test/iscsi-kernel-multipath-swap.test.ts: docs/iscsi.md.) What a multipath host relies on:
 //
 //   check                                   before the swap                after `blockmirror pair swap`
 //   VPD 0x83 NAA (device identity)          the same on A and B            the same
 //   VPD 0x83 target port group              A: 1, B: 2                     A: 1, B: 2
 //   REPORT TARGET PORT GROUPS               A active/optimized, B standby  A standby, B active/optimized
 //   WRITE                                   A GOOD, B NOT READY 02/04/0B   A 02/04/0B, B GOOD
+//   MODE SENSE WP (Linux: read-only disk)   0 on both                      0 on both
 //   first command of each path after it     -                              UNIT ATTENTION 2A/06, once
 //
 // The test's path selector does what scsi_dh_alua and dm-multipath do: send writes to the
@@ -28,6 +29,12 @@ const SIZE = 8 * MiB;
 const BLOCKS_PER_WRITE = 8;
 const target = (ss: number) => `iqn.2026-12.org.blockmirror:ss${ss}`;
 const rw10 = (op: number, lba: number, blocks: number) => Buffer.from([op, 0, lba >>> 24, (lba >> 16) & 255, (lba >> 8) & 255, lba & 255, 0, blocks >> 8, blocks & 255, 0]);
+/** MODE SENSE(6)'s WP bit: a standby path must not look write-protected (Linux would make it read-only). */
+async function writeProtected(ini: RawInitiator): Promise<boolean> {
+  const r = await ini.scsi(1, Buffer.from([0x1a, 0x08, 0x3f, 0, 255, 0]), { readLength: 255 });
+  expect(r.status).toBe(0);
+  return (r.data[2]! & 0x80) !== 0;
+}
 const sense = (r: ScsiOutcome) => (r.status === 0 ? 'GOOD' : `${(r.senseKey ?? 0).toString(16)}/${(r.asc ?? 0).toString(16).padStart(4, '0')}`);
 
 /** VPD 0x83 of LUN 1: the NAA designator (hex) and the target port group. */
@@ -171,6 +178,7 @@ describe('multipath across a pair swap (two paths: the master and the mirror sto
       expect(await portGroups(A)).toEqual([[1, 0]]);
       expect(await portGroups(B)).toEqual([[2, 2]]);
       expect(sense(await B.scsi(1, rw10(0x2a, 0, 1), { dataOut: Buffer.alloc(512) }))).toBe('2/040b');
+      expect([await writeProtected(A), await writeProtected(B)]).toEqual([false, false]);
 
       const mp = new PathSelector([{ name: 'A', ini: A }, { name: 'B', ini: B }]);
       await mp.recheck();
@@ -202,6 +210,7 @@ describe('multipath across a pair swap (two paths: the master and the mirror sto
       expect(await portGroups(A)).toEqual([[1, 2]]);
       expect(await portGroups(B)).toEqual([[2, 0]]);
       expect(sense(await A.scsi(1, rw10(0x2a, 0, 1), { dataOut: Buffer.alloc(512) }))).toBe('2/040b');
+      expect([await writeProtected(A), await writeProtected(B)]).toEqual([false, false]);
       expect((await identity(A)).naa).toBe(ia.naa);
 
       // Every acknowledged write, read through the new master (B) and through the standby path (A).

@@ -243,7 +243,7 @@ export class LogicalUnit {
         return undefined;
       case ScsiOp.MODE_SENSE_6:
       case ScsiOp.MODE_SENSE_10:
-        return modeSense(cdb, dev, this.mode);
+        return modeSense(cdb, dev, this.mode, { standby: this.seen.alua === AluaState.STANDBY });
       case ScsiOp.MODE_SELECT_6:
       case ScsiOp.MODE_SELECT_10: {
         if (!(cdb[1]! & 0x10)) throw invalidField(1, 4); // PF must be set: we only know the standard page format

@@ -41,7 +41,13 @@ function controlPage(s: ModeState, pc: PageControl): Buffer {
 
 const PAGES: Record<number, (s: ModeState, pc: PageControl) => Buffer> = { 0x08: cachingPage, 0x0a: controlPage };
 
-export function modeSense(cdb: Buffer, dev: BlockDevice, s: ModeState): Buffer {
+/**
+ * `standby`: the LU's port group is ALUA standby (a pair's mirror, src/iscsi/wiring.ts). Its WP bit
+ * stays 0: the medium is not write-protected, the path is standby (writes get 02/04/0B). Linux's sd
+ * makes a disk with WP read-only at scan and keeps it so, and dm-multipath then cannot open the path
+ * for writing (EROFS), nor use it once a swap makes it the master's.
+ */
+export function modeSense(cdb: Buffer, dev: BlockDevice, s: ModeState, opts: { standby?: boolean } = {}): Buffer {
   const ten = cdb[0] === ScsiOp.MODE_SENSE_10;
   const dbd = (cdb[1]! & 0x08) !== 0;
   const llbaa = ten && (cdb[1]! & 0x10) !== 0;
@@ -73,7 +79,7 @@ export function modeSense(cdb: Buffer, dev: BlockDevice, s: ModeState): Buffer {
   }
   const body = Buffer.concat([bd, ...pages]);
   // Device-specific parameter: WP 0x80, DPOFUA 0x10.
-  const devSpecific = (dev.readOnly || s.softwareWriteProtect ? 0x80 : 0) | 0x10;
+  const devSpecific = ((dev.readOnly && !opts.standby) || s.softwareWriteProtect ? 0x80 : 0) | 0x10;
   if (ten) {
     const h = Buffer.alloc(8);
     h.writeUInt16BE(6 + body.length, 0);
