@@ -13,7 +13,8 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { adminFetch } from './helpers/admin.js';
 import { requireTools } from './helpers/clients.js';
-import { CLI, ROOT, freePort, run, startUp, tmpDir, type CmdResult, type RunningCluster } from './helpers/servers.js';
+import { startIscsiPair, type IscsiPairCluster } from './helpers/iscsi.js';
+import { CLI, ROOT, run, type CmdResult, type RunningCluster } from './helpers/servers.js';
 
 const TOOL = path.join(ROOT, 'test/vm/iscsi-multipath-vm');
 const GUEST = path.join(ROOT, 'test/vm/iscsi-multipath-swap.sh');
@@ -77,28 +78,11 @@ function multipathStatus(line: string): { nextGroup: number; groups: Array<{ sta
 describe('the Linux kernel dm-multipath across a pair swap (a VM, two iSCSI paths)', () => {
   let dir: string;
   let c: RunningCluster | undefined;
-  const p = { iscsi: [0, 0], nbd: [0, 0], admin: [0, 0], peer: [0, 0] };
+  let p: IscsiPairCluster['p'];
 
   beforeAll(async () => {
     requireTools('qemu-system-x86_64', 'busybox', 'iscsid', 'iscsiadm', 'dmsetup');
-    dir = tmpDir('bm-iscsi-kmpath-');
-    for (const k of ['iscsi', 'nbd', 'admin', 'peer'] as const) p[k] = [await freePort(), await freePort()];
-    const ss = (i: number) => `  - id: ${i + 1}
-    nbd: 127.0.0.1:${p.nbd[i]}
-    admin: 127.0.0.1:${p.admin[i]}
-    peer: 127.0.0.1:${p.peer[i]}
-    iscsi: 127.0.0.1:${p.iscsi[i]}
-    dataDir: ss${i + 1}
-    volumes:
-      - { id: 1, size: 32MiB }`;
-    fs.writeFileSync(path.join(dir, 'cluster.yaml'), `storageSystems:\n${ss(0)}\n${ss(1)}\npairs:\n  - { name: px, mode: sync, master: { ss: 1, vol: 1 }, mirrors: [{ ss: 2, vol: 1 }] }\n`);
-    c = await startUp(path.join(dir, 'cluster.yaml'), [...p.iscsi, ...p.admin]);
-    for (let i = 0; ; i++) {
-      const st = (await (await adminFetch(`http://127.0.0.1:${p.admin[0]}/api/pairs/px`)).json()) as { state: string };
-      if (st.state === 'PAIR') break;
-      if (i > 1200) throw new Error(`pair px stayed ${st.state}`);
-      await new Promise((r) => setTimeout(r, 50));
-    }
+    ({ dir, c, p } = await startIscsiPair('bm-iscsi-kmpath-', '32MiB'));
   }, 120_000);
 
   afterAll(async () => {

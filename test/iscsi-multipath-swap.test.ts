@@ -20,9 +20,9 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { requireTools } from './helpers/clients.js';
+import { startIscsiPair, type IscsiPairCluster } from './helpers/iscsi.js';
 import { RawInitiator, type ScsiOutcome } from './helpers/iscsi-raw.js';
-import { CLI, freePort, run, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
-import { adminFetch } from './helpers/admin.js';
+import { CLI, run, type RunningCluster } from './helpers/servers.js';
 
 const MiB = 1 << 20;
 const SIZE = 8 * MiB;
@@ -119,28 +119,11 @@ class PathSelector {
 describe('multipath across a pair swap (two paths: the master and the mirror storage system)', () => {
   let dir: string;
   let c: RunningCluster;
-  const p = { iscsi: [0, 0], nbd: [0, 0], admin: [0, 0], peer: [0, 0] };
+  let p: IscsiPairCluster['p'];
 
   beforeAll(async () => {
     requireTools('iscsi-inq');
-    dir = tmpDir('bm-iscsi-mpath-');
-    for (const k of ['iscsi', 'nbd', 'admin', 'peer'] as const) p[k] = [await freePort(), await freePort()];
-    const ss = (i: number) => `  - id: ${i + 1}
-    nbd: 127.0.0.1:${p.nbd[i]}
-    admin: 127.0.0.1:${p.admin[i]}
-    peer: 127.0.0.1:${p.peer[i]}
-    iscsi: 127.0.0.1:${p.iscsi[i]}
-    dataDir: ss${i + 1}
-    volumes:
-      - { id: 1, size: 8MiB }`;
-    fs.writeFileSync(path.join(dir, 'cluster.yaml'), `storageSystems:\n${ss(0)}\n${ss(1)}\npairs:\n  - { name: px, mode: sync, master: { ss: 1, vol: 1 }, mirrors: [{ ss: 2, vol: 1 }] }\n`);
-    c = await startUp(path.join(dir, 'cluster.yaml'), [...p.iscsi, ...p.admin]);
-    for (let i = 0; ; i++) {
-      const st = (await (await adminFetch(`http://127.0.0.1:${p.admin[0]}/api/pairs/px`)).json()) as { state: string };
-      if (st.state === 'PAIR') break;
-      if (i > 400) throw new Error(`pair px stayed ${st.state}`);
-      await new Promise((r) => setTimeout(r, 50));
-    }
+    ({ dir, c, p } = await startIscsiPair('bm-iscsi-mpath-', '8MiB'));
   }, 60_000);
 
   afterAll(async () => {

@@ -6,7 +6,7 @@ import path from 'node:path';
 import { Etcd3 } from 'etcd3';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { EtcdCluster } from './helpers/etcd.js';
-import { SSProcess, inSync, type SSAddr } from './helpers/remote.js';
+import { SSProcess, inSync, nSSPairYaml, type SSAddr } from './helpers/remote.js';
 import { CLI, freePort, run, tmpDir } from './helpers/servers.js';
 
 let etcd: EtcdCluster;
@@ -23,26 +23,7 @@ afterEach(async () => {
 });
 
 function yaml(prefix: string, a: SSAddr[], mirrors: number[], rate?: string): string {
-  const ss = a.map((s, i) => `  - id: ${i + 1}
-    nbd: ${s.host}:${s.nbd}
-    admin: ${s.host}:${s.admin}
-    peer: ${s.host}:${s.peer}
-    dataDir: ss${i + 1}
-    volumes:
-      - { id: 1, size: 16MiB }`);
-  return `peerTimeout: 2s
-storageSystems:
-${ss.join('\n')}
-pairs:
-  - name: lv1
-    mode: sync
-    master: { ss: 1, vol: 1 }
-    mirrors: [ ${mirrors.map((m) => `{ ss: ${m}, vol: 1 }`).join(', ')} ]${rate ? `\n    syncRate: ${rate}` : ''}
-etcd:
-  endpoints: [ ${etcd.endpoints.join(', ')} ]
-  prefix: ${prefix}
-  leaseTtl: 2s
-`;
+  return nSSPairYaml(a, mirrors, { name: 'lv1', syncRate: rate, tail: `etcd:\n  endpoints: [ ${etcd.endpoints.join(', ')} ]\n  prefix: ${prefix}\n  leaseTtl: 2s\n` });
 }
 
 type Row = { ss: number; vol: number; state: string }[];

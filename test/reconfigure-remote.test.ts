@@ -7,7 +7,7 @@ import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { fio, pseudoRandom } from './helpers/clients.js';
 import { CLI, freePort, run, startUp, type RunningCluster } from './helpers/servers.js';
-import { SSProcess, inSync, writeConfig, type SSAddr } from './helpers/remote.js';
+import { SSProcess, inSync, nSSPairYaml, writeConfig, type SSAddr } from './helpers/remote.js';
 
 const procs: SSProcess[] = [];
 const ups: RunningCluster[] = [];
@@ -26,22 +26,7 @@ async function addrs(n: number): Promise<SSAddr[]> {
 
 /** Three storage systems, vol1 in each; pair1's master is ss1 vol1, its mirrors vol1 of `mirrors`. */
 function yaml(a: SSAddr[], mirrors: number[], syncRate?: string): string {
-  const ss = a.map((s, i) => `  - id: ${i + 1}
-    nbd: ${s.host}:${s.nbd}
-    admin: ${s.host}:${s.admin}
-    peer: ${s.host}:${s.peer}
-    dataDir: ss${i + 1}
-    volumes:
-      - { id: 1, size: 16MiB }`);
-  return `peerTimeout: 2s
-storageSystems:
-${ss.join('\n')}
-pairs:
-  - name: pair1
-    mode: sync
-    master: { ss: 1, vol: 1 }
-    mirrors: [ ${mirrors.map((m) => `{ ss: ${m}, vol: 1 }`).join(', ')} ]${syncRate ? `\n    syncRate: ${syncRate}` : ''}
-`;
+  return nSSPairYaml(a, mirrors, { name: 'pair1', syncRate });
 }
 
 async function start(file: string, a: SSAddr[], ids: number[]): Promise<SSProcess[]> {

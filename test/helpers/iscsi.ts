@@ -1,8 +1,11 @@
 // Real iSCSI targets for tests: `blockmirror serve --iscsi` and tgtd (the reference), each on a
 // free loopback port, plus a parser for iscsi-test-cu's summary.
 import { spawn } from 'node:child_process';
+import fs from 'node:fs';
 import net from 'node:net';
-import { CLI, freePort, run, type RunningServer } from './servers.js';
+import path from 'node:path';
+import { adminFetch } from './admin.js';
+import { CLI, freePort, run, startUp, tmpDir, type RunningCluster, type RunningServer } from './servers.js';
 
 export interface IscsiServe extends RunningServer {
   iscsiPort: number;
@@ -110,4 +113,38 @@ export function parseCu(out: string): CuSummary {
   }
   const all = [...skips];
   return { run: Number(m[2]), passed: Number(m[3]), failed: Number(m[4]), failures, skips: all, notImplemented: all.filter((x) => /not implemented/i.test(x)) };
+}
+
+/** Two storage systems, each an iSCSI target, in one `up`, and the ports of each (index 0: ss1). */
+export interface IscsiPairCluster {
+  dir: string;
+  c: RunningCluster;
+  p: { iscsi: number[]; nbd: number[]; admin: number[]; peer: number[] };
+}
+
+/**
+ * A cross-SS sync pair `px` exported over iSCSI by both storage systems: ss1 vol1 the master, ss2
+ * vol1 the mirror, both of `size`; returns once the pair is in PAIR.
+ */
+export async function startIscsiPair(prefix: string, size: string): Promise<IscsiPairCluster> {
+  const dir = tmpDir(prefix);
+  const p = { iscsi: [0, 0], nbd: [0, 0], admin: [0, 0], peer: [0, 0] };
+  for (const k of ['iscsi', 'nbd', 'admin', 'peer'] as const) p[k] = [await freePort(), await freePort()];
+  const ss = (i: number) => `  - id: ${i + 1}
+    nbd: 127.0.0.1:${p.nbd[i]}
+    admin: 127.0.0.1:${p.admin[i]}
+    peer: 127.0.0.1:${p.peer[i]}
+    iscsi: 127.0.0.1:${p.iscsi[i]}
+    dataDir: ss${i + 1}
+    volumes:
+      - { id: 1, size: ${size} }`;
+  fs.writeFileSync(path.join(dir, 'cluster.yaml'), `storageSystems:\n${ss(0)}\n${ss(1)}\npairs:\n  - { name: px, mode: sync, master: { ss: 1, vol: 1 }, mirrors: [{ ss: 2, vol: 1 }] }\n`);
+  const c = await startUp(path.join(dir, 'cluster.yaml'), [...p.iscsi, ...p.admin]);
+  for (let i = 0; ; i++) {
+    const st = (await (await adminFetch(`http://127.0.0.1:${p.admin[0]}/api/pairs/px`)).json()) as { state: string };
+    if (st.state === 'PAIR') break;
+    if (i > 1200) throw new Error(`pair px stayed ${st.state}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return { dir, c, p };
 }

@@ -52,6 +52,29 @@ ${vols}`;
   return `${security}peerTimeout: ${opts.peerTimeout ?? '1s'}\nstorageSystems:\n${ss(1, a)}\n${ss(2, b)}\npairs:\n${pr}\n`;
 }
 
+/**
+ * Storage systems with vol1 (16 MiB) in each, and one sync pair `name` whose master is ss1 vol1
+ * and whose mirrors are vol1 of `mirrors`; `tail` is appended (an etcd: section).
+ */
+export function nSSPairYaml(a: SSAddr[], mirrors: number[], opts: { name: string; syncRate?: string; tail?: string }): string {
+  const ss = a.map((s, i) => `  - id: ${i + 1}
+    nbd: ${s.host}:${s.nbd}
+    admin: ${s.host}:${s.admin}
+    peer: ${s.host}:${s.peer}
+    dataDir: ss${i + 1}
+    volumes:
+      - { id: 1, size: 16MiB }`);
+  return `peerTimeout: 2s
+storageSystems:
+${ss.join('\n')}
+pairs:
+  - name: ${opts.name}
+    mode: sync
+    master: { ss: 1, vol: 1 }
+    mirrors: [ ${mirrors.map((m) => `{ ss: ${m}, vol: 1 }`).join(', ')} ]${opts.syncRate ? `\n    syncRate: ${opts.syncRate}` : ''}
+${opts.tail ?? ''}`;
+}
+
 export async function loopbackAddrs(): Promise<[SSAddr, SSAddr]> {
   const one = async (): Promise<SSAddr> => ({ host: '127.0.0.1', nbd: await freePort(), admin: await freePort(), peer: await freePort() });
   return [await one(), await one()];
