@@ -4,13 +4,15 @@
 // With --baseline DIR (another built checkout), the baseline's CLI runs in the same rounds against
 // the same server: before and after in one run, under the same load.
 //
-//   node bench/cfs-client.js [--reps 3] [--ops get,put] [--baseline DIR] [--profile DIR] [--no-write]
+//   node bench/cfs-client.js [--reps 3] [--ops get,put] [--baseline DIR] [--profile DIR] [--profile-server DIR] [--no-write]
 //
 // One round per rep, interleaved A B C C B A (A = nbdcopy, B = this checkout, C = the baseline);
 // ratio = nbdcopy time / CFS time per round (mean of its two runs each), median over the rounds.
 // `cfs ls /` once per round gives the CLI start-up, which every put and get includes; the
 // "data path" columns take it off. --profile DIR writes a `--cpu-prof` profile of one more get
-// (and put) of this checkout and prints its top functions. Writes the `cfs-client` section of
+// (and put) of this checkout and prints its top functions. --profile-server DIR, after the rounds,
+// starts a second `up` under `--cpu-prof` per op and has it serve one put and PROFILE_RUNS gets (or
+// PROFILE_RUNS puts) of this checkout, then prints the server's top functions. Writes the `cfs-client` section of
 // bench/RESULTS.md unless --no-write.
 import fs from 'node:fs';
 import os from 'node:os';
@@ -18,7 +20,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { clockTicks, loadAvg, machineInfo, codeInfo } from './lib/machine.js';
 import { waitPairs } from './lib/admin.js';
-import { freePort, installCleanup, onExit, readCpuSeconds, run, startServer } from './lib/proc.js';
+import { freePort, installCleanup, onExit, readCpuSeconds, readMinorFaults, run, startServer } from './lib/proc.js';
 import { median } from './lib/stats.js';
 import { replaceSection } from './lib/report.js';
 import { summarise, formatSummary } from './lib/cpuprofile.js';
@@ -33,6 +35,8 @@ const REPS = Number(arg('--reps', 3));
 const OPS = arg('--ops', 'get').split(',');
 const BASE = arg('--baseline', undefined);
 const PROFILE = arg('--profile', undefined);
+const PROFILE_SERVER = arg('--profile-server', undefined);
+const PROFILE_RUNS = 4;
 const WRITE = !process.argv.includes('--no-write');
 const SIZE = 256 * 2 ** 20;
 // The admin API (waitPairs) needs a token; `up` and the CLI inherit it.
@@ -63,18 +67,20 @@ function childCpu() {
   return (Number(f[13]) + Number(f[14])) / TICK;
 }
 let serverPid = 0;
-/** CPU seconds of the last timed() command and of the server meanwhile. */
-const lastCpu = { cmd: 0, server: 0 };
+/** CPU seconds of the last timed() command and of the server meanwhile, and the server's minor page faults. */
+const lastCpu = { cmd: 0, server: 0, faults: 0 };
 
 async function timed(cmd, args) {
   const c0 = childCpu();
   const s0 = serverPid ? readCpuSeconds(serverPid, TICK) : 0;
+  const f0 = serverPid ? readMinorFaults(serverPid) : 0;
   const t0 = performance.now();
   const r = await run(cmd, args, { timeoutMs: 300_000 });
   const s = (performance.now() - t0) / 1000;
   if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')} failed (${r.code}): ${r.stderr.trim()}`);
   lastCpu.cmd = childCpu() - c0;
   lastCpu.server = serverPid ? readCpuSeconds(serverPid, TICK) - s0 : 0;
+  lastCpu.faults = serverPid ? readMinorFaults(serverPid) - f0 : 0;
   return s;
 }
 
@@ -115,24 +121,32 @@ async function main() {
   const push = (k, v) => (samples[k] ??= []).push(v);
   let profiled = '';
   try {
+    // Warm-up. A put writes fresh blocks (copy on write) and the allocator alternates between two
+    // runs, so two puts touch every page the timed puts will: the memory volumes' first-touch page
+    // faults (about 1 s of CPU per 256 MiB here) then hit no timed run, as nbdcopy's do not.
     await timed('nbdcopy', [src, raw]);
-    await timed(process.execPath, cfs(builds[0], 'put', src, '/file.bin'));
+    for (let i = 0; i < 2; i++) {
+      await waitPairs(p.admin);
+      await timed(process.execPath, cfs(builds[0], 'put', src, '/file.bin'));
+    }
     for (let rep = 0; rep < REPS; rep++) {
       for (const b of builds) push(`ls:${b.id}`, await timed(process.execPath, cfs(b, 'ls', '/')));
       for (const op of OPS) {
         const order = [{ id: 'peer' }, ...builds];
         for (const who of [...order, ...order.reverse()]) {
-          if (op === 'put') await waitPairs(p.admin);
+          // Every run starts with the pairs in sync: the server's CPU is then this run's, not the async copy of the last put.
+          await waitPairs(p.admin);
           push(`${op}:${who.id}`, who.id === 'peer' ? await jobs[op].peer() : await jobs[op].ours(who));
           push(`cpu:${op}:${who.id}`, lastCpu.cmd);
           push(`server:${op}:${who.id}`, lastCpu.server);
+          push(`faults:${op}:${who.id}`, lastCpu.faults);
           if (op === 'get' && who.id !== 'peer') {
             const check = await run('cmp', [src, dst]);
             if (check.code !== 0) throw new Error(`cfs get (${who.id}) returned different bytes: ${check.stdout}${check.stderr}`);
           }
         }
       }
-      console.error(`rep ${rep + 1}: ${Object.entries(samples).filter(([k]) => !/^(cpu|server):/.test(k)).map(([k, v]) => `${k} ${v.at(-1).toFixed(2)}`).join(', ')}`);
+      console.error(`rep ${rep + 1}: ${Object.entries(samples).filter(([k]) => !/^(cpu|server|faults):/.test(k)).map(([k, v]) => `${k} ${v.at(-1).toFixed(2)}`).join(', ')}`);
     }
     if (PROFILE) {
       fs.mkdirSync(PROFILE, { recursive: true });
@@ -149,6 +163,25 @@ async function main() {
     }
   } finally {
     await server.stop();
+  }
+  if (PROFILE_SERVER) {
+    for (const op of OPS) {
+      const dir = path.join(PROFILE_SERVER, `up-${op}`);
+      fs.rmSync(dir, { recursive: true, force: true });
+      const up = await startServer('blockmirror up (profiled)', process.execPath, ['--cpu-prof', '--cpu-prof-dir', dir, bin(ROOT), 'up', '-c', config, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: p.nbd });
+      try {
+        await timed(process.execPath, cfs(builds[0], 'put', src, '/file.bin'));
+        for (let i = 0; i < PROFILE_RUNS; i++) {
+          await waitPairs(p.admin);
+          await timed(process.execPath, cfs(builds[0], ...(op === 'get' ? ['get', '/file.bin', dst] : ['put', src, '/file.bin'])));
+        }
+      } finally {
+        await up.stop();
+      }
+      const file = fs.readdirSync(dir).find((f) => f.endsWith('.cpuprofile'));
+      profiled += `\n### the \`up\` serving one put and ${PROFILE_RUNS} \`cfs ${op}\` (this checkout), top functions\n\n\`\`\`\n${formatSummary(summarise(JSON.parse(fs.readFileSync(path.join(dir, file), 'utf8'))), 20)}\n\`\`\`\n`;
+    }
+    console.error(profiled);
   }
 
   // Per round: the mean of each side's two runs.
@@ -183,7 +216,13 @@ async function main() {
     `|---|${[...builds, 0].map(() => '---:|---:').join('|')}|`,
     ...OPS.map((op) => `| \`cfs ${op}\` | ${[...builds.map((b) => b.id), 'peer'].map((w) => `${median(samples[`cpu:${op}:${w}`]).toFixed(2)} | ${median(samples[`server:${op}:${w}`]).toFixed(2)}`).join(' | ')} |`),
     '',
-    'Raw samples (s): ' + Object.entries(samples).filter(([k]) => !/^(cpu|server):/.test(k)).map(([k, v]) => `${k} ${v.map((x) => x.toFixed(3)).join(' ')}`).join('; ') + '.',
+    "The server's minor page faults per run (median): a fresh page the kernel zeroes and maps, which costs more CPU here than copying it.",
+    '',
+    `| job | ${[...builds.map((b) => b.id), 'nbdcopy'].join(' | ')} |`,
+    `|---|${[...builds, 0].map(() => '---:').join('|')}|`,
+    ...OPS.map((op) => `| \`cfs ${op}\` | ${[...builds.map((b) => b.id), 'peer'].map((w) => median(samples[`faults:${op}:${w}`]).toFixed(0)).join(' | ')} |`),
+    '',
+    'Raw samples (s): ' + Object.entries(samples).filter(([k]) => !/^(cpu|server|faults):/.test(k)).map(([k, v]) => `${k} ${v.map((x) => x.toFixed(3)).join(' ')}`).join('; ') + '.',
     profiled,
   ];
   const text = lines.join('\n');
