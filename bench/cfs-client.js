@@ -2,9 +2,10 @@
 // The NBD client's data path, seen from the CLI: `blockmirror cfs get` (and `cfs put`) of a 256 MiB
 // file against nbdcopy moving the same bytes from (to) a raw export of the same storage system.
 // With --baseline DIR (another built checkout), the baseline's CLI runs in the same rounds against
-// the same server: before and after in one run, under the same load.
+// the same server: before and after in one run, under the same load. The `up` is this checkout's
+// unless --server DIR names another build's (to measure a server change: one run per server).
 //
-//   node bench/cfs-client.js [--reps 3] [--ops get,put] [--baseline DIR] [--profile DIR] [--profile-server DIR] [--no-write]
+//   node bench/cfs-client.js [--reps 3] [--ops get,put] [--baseline DIR] [--server DIR] [--profile DIR] [--profile-server DIR] [--no-write]
 //
 // One round per rep, interleaved A B C C B A (A = nbdcopy, B = this checkout, C = the baseline);
 // ratio = nbdcopy time / CFS time per round (mean of its two runs each), median over the rounds.
@@ -34,6 +35,7 @@ const arg = (name, dflt) => {
 const REPS = Number(arg('--reps', 3));
 const OPS = arg('--ops', 'get').split(',');
 const BASE = arg('--baseline', undefined);
+const SERVER = arg('--server', undefined);
 const PROFILE = arg('--profile', undefined);
 const PROFILE_SERVER = arg('--profile-server', undefined);
 const PROFILE_RUNS = 4;
@@ -109,7 +111,7 @@ async function main() {
   const started = new Date();
   const bin = (root) => path.join(path.resolve(root), 'bin', 'blockmirror.js');
   const builds = [{ id: 'after', bin: bin(ROOT) }, ...(BASE ? [{ id: 'before', bin: bin(BASE) }] : [])];
-  const server = await startServer('blockmirror up', process.execPath, [bin(ROOT), 'up', '-c', config, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: p.nbd });
+  const server = await startServer('blockmirror up', process.execPath, [bin(SERVER ?? ROOT), 'up', '-c', config, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: p.nbd });
   serverPid = server.pid;
   const raw = `nbd://127.0.0.1:${p.nbd}/vol5`;
   const cfs = (b, ...args) => [b.bin, 'cfs', ...args, '-c', config];
@@ -198,7 +200,7 @@ async function main() {
   const lines = [
     `## CFS through the NBD client: \`cfs ${OPS.join('` and `cfs ')}\` vs nbdcopy (bench/cfs-client.js)`,
     '',
-    `${started.toISOString().replace(/\.\d+Z$/, 'Z')}, code at ${code.head}${code.changed.length ? ` plus uncommitted changes in ${code.changed.length} files` : ''}${BASE ? ` against the baseline build in ${BASE}` : ''}; ${m.cpuModel}, nproc ${m.nproc}, Node ${m.node}, ${nbdcopy}.`,
+    `${started.toISOString().replace(/\.\d+Z$/, 'Z')}, code at ${code.head}${code.changed.length ? ` plus uncommitted changes in ${code.changed.length} files` : ''}${BASE ? ` against the baseline build in ${BASE}` : ''}; the \`up\` is ${SERVER ? `the build in ${SERVER}` : 'this build'}; ${m.cpuModel}, nproc ${m.nproc}, Node ${m.node}, ${nbdcopy}.`,
     `${MiBs(SIZE)} file, memory volumes, one \`up\`; ${REPS} rounds interleaved A B${BASE ? ' C C B' : ' B'} A (A = nbdcopy, B = this build${BASE ? ', C = before' : ''}), median of the per-round ratios. Load average at start ${loadStart}, at end ${loadAvg()}.`,
     '',
     `| job | ${builds.map((b) => `${b.id} (median s)`).join(' | ')} | nbdcopy (median s) | ${builds.map((b) => `${b.id}: ratio`).join(' | ')} | ${builds.map((b) => `${b.id}: ratio without CLI start-up`).join(' | ')} |`,
