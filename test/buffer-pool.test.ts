@@ -1,6 +1,7 @@
 // The I/O buffer pool (src/util/buffer-pool.ts): power-of-two classes from 4 KiB to 64 MiB, reuse
-// after put(), a cap on idle bytes, eviction of the stalest class when full. NBD READ replies take their data buffer from it at the read's
-// own size (transmission.ts), so a 1 MiB read holds 1 MiB, not a 2 MiB class.
+// after put(), a cap on idle bytes, eviction of the stalest class when full. NBD READ replies take
+// their data buffer from it at the read's own size (transmission.ts), so a 1 MiB read holds 1 MiB,
+// not a 2 MiB class.
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { BufferPool } from '../src/util/buffer-pool.js';
