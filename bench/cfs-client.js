@@ -2,15 +2,18 @@
 // The NBD client's data path, seen from the CLI: `blockmirror cfs get` (and `cfs put`) of a 256 MiB
 // file against nbdcopy moving the same bytes from (to) a raw export of the same storage system.
 // With --baseline DIR (another built checkout), the baseline's CLI runs in the same rounds against
-// the same server: before and after in one run, under the same load.
+// the same server: before and after in one run, under the same load. The `up` is this checkout's
+// unless --server DIR names another build's (to measure a server change: one run per server).
 //
-//   node bench/cfs-client.js [--reps 3] [--ops get,put] [--baseline DIR] [--profile DIR] [--no-write]
+//   node bench/cfs-client.js [--reps 3] [--ops get,put] [--baseline DIR] [--server DIR] [--profile DIR] [--profile-server DIR] [--no-write]
 //
 // One round per rep, interleaved A B C C B A (A = nbdcopy, B = this checkout, C = the baseline);
 // ratio = nbdcopy time / CFS time per round (mean of its two runs each), median over the rounds.
 // `cfs ls /` once per round gives the CLI start-up, which every put and get includes; the
 // "data path" columns take it off. --profile DIR writes a `--cpu-prof` profile of one more get
-// (and put) of this checkout and prints its top functions. Writes the `cfs-client` section of
+// (and put) of this checkout and prints its top functions. --profile-server DIR, after the rounds,
+// starts a second `up` under `--cpu-prof` per op and has it serve one put and PROFILE_RUNS gets (or
+// PROFILE_RUNS puts) of this checkout, then prints the server's top functions. Writes the `cfs-client` section of
 // bench/RESULTS.md unless --no-write.
 import fs from 'node:fs';
 import os from 'node:os';
@@ -18,7 +21,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { clockTicks, loadAvg, machineInfo, codeInfo } from './lib/machine.js';
 import { waitPairs } from './lib/admin.js';
-import { freePort, installCleanup, onExit, readCpuSeconds, run, startServer } from './lib/proc.js';
+import { freePort, installCleanup, onExit, readCpuSeconds, readMinorFaults, run, startServer } from './lib/proc.js';
 import { median } from './lib/stats.js';
 import { replaceSection } from './lib/report.js';
 import { summarise, formatSummary } from './lib/cpuprofile.js';
@@ -32,7 +35,10 @@ const arg = (name, dflt) => {
 const REPS = Number(arg('--reps', 3));
 const OPS = arg('--ops', 'get').split(',');
 const BASE = arg('--baseline', undefined);
+const SERVER = arg('--server', undefined);
 const PROFILE = arg('--profile', undefined);
+const PROFILE_SERVER = arg('--profile-server', undefined);
+const PROFILE_RUNS = 4;
 const WRITE = !process.argv.includes('--no-write');
 const SIZE = 256 * 2 ** 20;
 // The admin API (waitPairs) needs a token; `up` and the CLI inherit it.
@@ -63,18 +69,20 @@ function childCpu() {
   return (Number(f[13]) + Number(f[14])) / TICK;
 }
 let serverPid = 0;
-/** CPU seconds of the last timed() command and of the server meanwhile. */
-const lastCpu = { cmd: 0, server: 0 };
+/** CPU seconds of the last timed() command and of the server meanwhile, and the server's minor page faults. */
+const lastCpu = { cmd: 0, server: 0, faults: 0 };
 
 async function timed(cmd, args) {
   const c0 = childCpu();
   const s0 = serverPid ? readCpuSeconds(serverPid, TICK) : 0;
+  const f0 = serverPid ? readMinorFaults(serverPid) : 0;
   const t0 = performance.now();
   const r = await run(cmd, args, { timeoutMs: 300_000 });
   const s = (performance.now() - t0) / 1000;
   if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')} failed (${r.code}): ${r.stderr.trim()}`);
   lastCpu.cmd = childCpu() - c0;
   lastCpu.server = serverPid ? readCpuSeconds(serverPid, TICK) - s0 : 0;
+  lastCpu.faults = serverPid ? readMinorFaults(serverPid) - f0 : 0;
   return s;
 }
 
@@ -103,7 +111,7 @@ async function main() {
   const started = new Date();
   const bin = (root) => path.join(path.resolve(root), 'bin', 'blockmirror.js');
   const builds = [{ id: 'after', bin: bin(ROOT) }, ...(BASE ? [{ id: 'before', bin: bin(BASE) }] : [])];
-  const server = await startServer('blockmirror up', process.execPath, [bin(ROOT), 'up', '-c', config, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: p.nbd });
+  const server = await startServer('blockmirror up', process.execPath, [bin(SERVER ?? ROOT), 'up', '-c', config, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: p.nbd });
   serverPid = server.pid;
   const raw = `nbd://127.0.0.1:${p.nbd}/vol5`;
   const cfs = (b, ...args) => [b.bin, 'cfs', ...args, '-c', config];
@@ -115,24 +123,32 @@ async function main() {
   const push = (k, v) => (samples[k] ??= []).push(v);
   let profiled = '';
   try {
+    // Warm-up. A put writes fresh blocks (copy on write) and the allocator alternates between two
+    // runs, so two puts touch every page the timed puts will: the memory volumes' first-touch page
+    // faults (about 1 s of CPU per 256 MiB here) then hit no timed run, as nbdcopy's do not.
     await timed('nbdcopy', [src, raw]);
-    await timed(process.execPath, cfs(builds[0], 'put', src, '/file.bin'));
+    for (let i = 0; i < 2; i++) {
+      await waitPairs(p.admin);
+      await timed(process.execPath, cfs(builds[0], 'put', src, '/file.bin'));
+    }
     for (let rep = 0; rep < REPS; rep++) {
       for (const b of builds) push(`ls:${b.id}`, await timed(process.execPath, cfs(b, 'ls', '/')));
       for (const op of OPS) {
         const order = [{ id: 'peer' }, ...builds];
         for (const who of [...order, ...order.reverse()]) {
-          if (op === 'put') await waitPairs(p.admin);
+          // Every run starts with the pairs in sync: the server's CPU is then this run's, not the async copy of the last put.
+          await waitPairs(p.admin);
           push(`${op}:${who.id}`, who.id === 'peer' ? await jobs[op].peer() : await jobs[op].ours(who));
           push(`cpu:${op}:${who.id}`, lastCpu.cmd);
           push(`server:${op}:${who.id}`, lastCpu.server);
+          push(`faults:${op}:${who.id}`, lastCpu.faults);
           if (op === 'get' && who.id !== 'peer') {
             const check = await run('cmp', [src, dst]);
             if (check.code !== 0) throw new Error(`cfs get (${who.id}) returned different bytes: ${check.stdout}${check.stderr}`);
           }
         }
       }
-      console.error(`rep ${rep + 1}: ${Object.entries(samples).filter(([k]) => !/^(cpu|server):/.test(k)).map(([k, v]) => `${k} ${v.at(-1).toFixed(2)}`).join(', ')}`);
+      console.error(`rep ${rep + 1}: ${Object.entries(samples).filter(([k]) => !/^(cpu|server|faults):/.test(k)).map(([k, v]) => `${k} ${v.at(-1).toFixed(2)}`).join(', ')}`);
     }
     if (PROFILE) {
       fs.mkdirSync(PROFILE, { recursive: true });
@@ -150,6 +166,25 @@ async function main() {
   } finally {
     await server.stop();
   }
+  if (PROFILE_SERVER) {
+    for (const op of OPS) {
+      const dir = path.join(PROFILE_SERVER, `up-${op}`);
+      fs.rmSync(dir, { recursive: true, force: true });
+      const up = await startServer('blockmirror up (profiled)', process.execPath, ['--cpu-prof', '--cpu-prof-dir', dir, bin(ROOT), 'up', '-c', config, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: p.nbd });
+      try {
+        await timed(process.execPath, cfs(builds[0], 'put', src, '/file.bin'));
+        for (let i = 0; i < PROFILE_RUNS; i++) {
+          await waitPairs(p.admin);
+          await timed(process.execPath, cfs(builds[0], ...(op === 'get' ? ['get', '/file.bin', dst] : ['put', src, '/file.bin'])));
+        }
+      } finally {
+        await up.stop();
+      }
+      const file = fs.readdirSync(dir).find((f) => f.endsWith('.cpuprofile'));
+      profiled += `\n### the \`up\` serving one put and ${PROFILE_RUNS} \`cfs ${op}\` (this checkout), top functions\n\n\`\`\`\n${formatSummary(summarise(JSON.parse(fs.readFileSync(path.join(dir, file), 'utf8'))), 20)}\n\`\`\`\n`;
+    }
+    console.error(profiled);
+  }
 
   // Per round: the mean of each side's two runs.
   const rounds = (k) => Array.from({ length: REPS }, (_, i) => (samples[k][2 * i] + samples[k][2 * i + 1]) / 2);
@@ -165,7 +200,7 @@ async function main() {
   const lines = [
     `## CFS through the NBD client: \`cfs ${OPS.join('` and `cfs ')}\` vs nbdcopy (bench/cfs-client.js)`,
     '',
-    `${started.toISOString().replace(/\.\d+Z$/, 'Z')}, code at ${code.head}${code.changed.length ? ` plus uncommitted changes in ${code.changed.length} files` : ''}${BASE ? ` against the baseline build in ${BASE}` : ''}; ${m.cpuModel}, nproc ${m.nproc}, Node ${m.node}, ${nbdcopy}.`,
+    `${started.toISOString().replace(/\.\d+Z$/, 'Z')}, code at ${code.head}${code.changed.length ? ` plus uncommitted changes in ${code.changed.length} files` : ''}${BASE ? ` against the baseline build in ${BASE}` : ''}; the \`up\` is ${SERVER ? `the build in ${SERVER}` : 'this build'}; ${m.cpuModel}, nproc ${m.nproc}, Node ${m.node}, ${nbdcopy}.`,
     `${MiBs(SIZE)} file, memory volumes, one \`up\`; ${REPS} rounds interleaved A B${BASE ? ' C C B' : ' B'} A (A = nbdcopy, B = this build${BASE ? ', C = before' : ''}), median of the per-round ratios. Load average at start ${loadStart}, at end ${loadAvg()}.`,
     '',
     `| job | ${builds.map((b) => `${b.id} (median s)`).join(' | ')} | nbdcopy (median s) | ${builds.map((b) => `${b.id}: ratio`).join(' | ')} | ${builds.map((b) => `${b.id}: ratio without CLI start-up`).join(' | ')} |`,
@@ -183,7 +218,13 @@ async function main() {
     `|---|${[...builds, 0].map(() => '---:|---:').join('|')}|`,
     ...OPS.map((op) => `| \`cfs ${op}\` | ${[...builds.map((b) => b.id), 'peer'].map((w) => `${median(samples[`cpu:${op}:${w}`]).toFixed(2)} | ${median(samples[`server:${op}:${w}`]).toFixed(2)}`).join(' | ')} |`),
     '',
-    'Raw samples (s): ' + Object.entries(samples).filter(([k]) => !/^(cpu|server):/.test(k)).map(([k, v]) => `${k} ${v.map((x) => x.toFixed(3)).join(' ')}`).join('; ') + '.',
+    "The server's minor page faults per run (median): a fresh page the kernel zeroes and maps, which costs more CPU here than copying it.",
+    '',
+    `| job | ${[...builds.map((b) => b.id), 'nbdcopy'].join(' | ')} |`,
+    `|---|${[...builds, 0].map(() => '---:').join('|')}|`,
+    ...OPS.map((op) => `| \`cfs ${op}\` | ${[...builds.map((b) => b.id), 'peer'].map((w) => median(samples[`faults:${op}:${w}`]).toFixed(0)).join(' | ')} |`),
+    '',
+    'Raw samples (s): ' + Object.entries(samples).filter(([k]) => !/^(cpu|server|faults):/.test(k)).map(([k, v]) => `${k} ${v.map((x) => x.toFixed(3)).join(' ')}`).join('; ') + '.',
     profiled,
   ];
   const text = lines.join('\n');

@@ -176,6 +176,16 @@ export function readMemory(pid) {
 }
 
 /** user+system CPU seconds used so far by a whole process (all threads). */
+/** Minor page faults of a process so far (a fresh page the kernel had to zero and map costs one). */
+export function readMinorFaults(pid) {
+  try {
+    const text = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return Number(text.slice(text.lastIndexOf(')') + 2).split(' ')[7]);
+  } catch {
+    return NaN;
+  }
+}
+
 export function readCpuSeconds(pid, clkTck) {
   try {
     const text = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');

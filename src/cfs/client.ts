@@ -11,7 +11,6 @@
 // mount), the next request connects again and files with nothing uncommitted re-open by themselves.
 import fs from 'node:fs/promises';
 import net from 'node:net';
-import tls from 'node:tls';
 import os from 'node:os';
 import type { Readable, Writable } from 'node:stream';
 import { DataPath, type NbdAddress } from './datapath.js';
@@ -97,11 +96,13 @@ class Rpc {
     this.pinger.unref();
   }
 
-  static connect(host: string, port: number, timeoutMs: number, onLost: () => void, tlsCa?: Buffer): Promise<Rpc> {
+  static async connect(host: string, port: number, timeoutMs: number, onLost: () => void, tlsCa?: Buffer): Promise<Rpc> {
     const where = host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
+    // node:tls only when used: it costs every plain-TCP `cfs` command ~10 ms of start-up.
+    const tls = tlsCa ? await import('node:tls') : undefined;
     return new Promise((resolve, reject) => {
       // With a CA, TLS: the server's certificate must be signed by it and name `host` (docs/SECURITY.md).
-      const socket = tlsCa ? tls.connect({ host, port, ca: tlsCa, ...(net.isIP(host) ? {} : { servername: host }) }) : net.connect({ host, port });
+      const socket = tls && tlsCa ? tls.connect({ host, port, ca: tlsCa, ...(net.isIP(host) ? {} : { servername: host }) }) : net.connect({ host, port });
       const timer = setTimeout(() => socket.destroy(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
       socket.once(tlsCa ? 'secureConnect' : 'connect', () => {
         clearTimeout(timer);

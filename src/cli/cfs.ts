@@ -9,8 +9,7 @@ import type { ClusterConfig, HostPort } from '../cluster/config.js';
 import { UsageError } from './errors.js';
 import { cliLogger } from './logger.js';
 import { runUntilSignal } from './signals.js';
-import { humanSeconds, progressBar } from './progress.js';
-import { humanBytes } from './status.js';
+import { humanBytes, humanSeconds, progressBar } from './progress.js';
 
 interface Common {
   config: string;

@@ -57,3 +57,16 @@ export function humanSeconds(s: number): string {
   const m = Math.floor(s / 60);
   return `${m} min ${String(Math.round(s - m * 60)).padStart(2, '0')} s`;
 }
+
+/** 512B, 64KiB, 1.5GiB: binary units, one decimal when not exact. */
+export function humanBytes(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+  let v = bytes;
+  let i = 0;
+  // 1023.96 would print as "1024.0"; go up a unit before rounding can get there.
+  while (v >= 1023.95 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return Number.isInteger(v) ? `${v}${units[i]}` : `${v.toFixed(1)}${units[i]}`;
+}

@@ -9,6 +9,10 @@ import type { ClusterConfig, StorageSystemConfig } from '../cluster/config.js';
 import { mergeReports as mergeClusterReports, type PairRow, type ReportAnswer, type SSView, type StorageSystemStatus } from '../controller/status.js';
 import type { EtcdView } from '../cluster/etcd/view.js';
 import { UsageError } from './errors.js';
+import { humanBytes } from './progress.js';
+
+// humanBytes lives in progress.ts, which `cfs put/get` load without the rest of this module.
+export { humanBytes };
 
 export const DEFAULT_STATUS_TIMEOUT_MS = 3000;
 
@@ -255,19 +259,6 @@ export function eta(seconds: number | null | undefined): string {
 /** Rounded down to 0.1 %, so that "100.0%" only ever means in sync. */
 export function percent(fraction: number): string {
   return `${(Math.floor(fraction * 1000) / 10).toFixed(1)}%`;
-}
-
-/** 512B, 64KiB, 1.5GiB: binary units, one decimal when not exact. */
-export function humanBytes(bytes: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
-  let v = bytes;
-  let i = 0;
-  // 1023.96 would print as "1024.0"; go up a unit before rounding can get there.
-  while (v >= 1023.95 && i < units.length - 1) {
-    v /= 1024;
-    i++;
-  }
-  return Number.isInteger(v) ? `${v}${units[i]}` : `${v.toFixed(1)}${units[i]}`;
 }
 
 /** Two-space indented columns; align is one letter per column, l or r. */

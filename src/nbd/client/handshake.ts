@@ -32,7 +32,6 @@ import {
 } from '../../protocol/replies.js';
 import { NbdConnectionError, NbdOptionError, NbdTimeoutError } from './errors.js';
 import { ResolvedOptions } from './options.js';
-import { connectTls } from '../tls.js';
 import type { DirectReads } from './receive.js';
 
 // ---------------------------------------------------------------------------
@@ -331,6 +330,8 @@ export async function startTls(socket: net.Socket, peer: string, o: ResolvedOpti
     throw new NbdProtocolError(`${peer} sent data after acknowledging STARTTLS`);
   }
   try {
+    // Loaded here, not at the top: node:tls costs every plain-TCP client (the CLI) ~10 ms of start-up.
+    const { connectTls } = await import('../tls.js');
     return { transport: await connectTls(socket, o.host, o.tls!, o.handshakeTimeoutMs), greeting: result };
   } catch (e) {
     socket.destroy();
