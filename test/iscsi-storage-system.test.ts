@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import fs from 'node:fs';
 import path from 'node:path';
 import { requireTools } from './helpers/clients.js';
+import { startIscsiPair, type IscsiPairCluster } from './helpers/iscsi.js';
 import { RawInitiator } from './helpers/iscsi-raw.js';
 import { CLI, freePort, run, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
 import { adminFetch } from './helpers/admin.js';
@@ -192,24 +193,12 @@ pairs:
 describe('a pair across two storage systems, both with iscsi:', () => {
   let dir: string;
   let c: RunningCluster;
-  const p = { iscsi: [0, 0], nbd: [0, 0], admin: [0, 0], peer: [0, 0] };
+  let p: IscsiPairCluster['p'];
   const target = (ss: number) => `iqn.2026-12.org.blockmirror:ss${ss}`;
 
   beforeAll(async () => {
-    dir = tmpDir('bm-iscsi-swap-');
-    for (const k of ['iscsi', 'nbd', 'admin', 'peer'] as const) p[k] = [await freePort(), await freePort()];
-    const ss = (i: number) => `  - id: ${i + 1}
-    nbd: 127.0.0.1:${p.nbd[i]}
-    admin: 127.0.0.1:${p.admin[i]}
-    peer: 127.0.0.1:${p.peer[i]}
-    iscsi: 127.0.0.1:${p.iscsi[i]}
-    volumes:
-      - { id: 1, size: 8MiB }`;
-    fs.writeFileSync(
-      path.join(dir, 'cluster.yaml'),
-      `storageSystems:\n${ss(0)}\n${ss(1)}\npairs:\n  - { name: px, mode: sync, master: { ss: 1, vol: 1 }, mirrors: [{ ss: 2, vol: 1 }] }\n`,
-    );
-    c = await startUp(path.join(dir, 'cluster.yaml'), [...p.iscsi, ...p.admin]);
+    // The pair is in PAIR before anyone logs in, so the mirror is standby from the first command.
+    ({ dir, c, p } = await startIscsiPair('bm-iscsi-swap-', '8MiB'));
   }, 60_000);
 
   afterAll(async () => {
@@ -226,13 +215,6 @@ describe('a pair across two storage systems, both with iscsi:', () => {
       await one.login(target(1));
       await two.login(target(2));
       for (const ini of [one, two]) expect(await ini.clearUnitAttentions(1)).toEqual(['6/2900']);
-      // Wait for the pair to be in sync (the mirror then refuses writes: standby).
-      for (let i = 0; ; i++) {
-        const st = (await (await adminFetch(`http://127.0.0.1:${p.admin[0]}/api/pairs/px`)).json()) as { state: string };
-        if (st.state === 'PAIR') break;
-        if (i > 200) throw new Error(`pair px stayed ${st.state}`);
-        await new Promise((r) => setTimeout(r, 50));
-      }
       expect((await write(one, 0x11)).status).toBe(0);
       expect(ua(await write(two, 0x22))).toEqual([2, 0x2, 0x040b]); // standby
 
