@@ -70,6 +70,46 @@ describe('bad input to the iSCSI target', () => {
     c.close();
   });
 
+  it('counts a Data-Out sent twice once: the write waits for the bytes it never got, then stores exactly what was sent', async () => {
+    const c = await session();
+    await c.clearUnitAttentions(0);
+    const itt = 77;
+    const lba64 = (op: number) => Buffer.from([op, 0, 0, 0, 0, 0x40, 0, 0, 16, 0]); // 16 blocks at LBA 64
+    /** Every PDU up to the end of task `tag` (its SCSI Response or its Data-In with status); data of its Data-In. */
+    const until = async (tag: number) => {
+      const seen: Array<{ opcode: number; itt: number; status?: number }> = [];
+      const data: Buffer[] = [];
+      for (;;) {
+        const f = (await c.next())!;
+        const b = decodeBhs(f.bhs) as { opcode: number; itt: number; status?: number; hasStatus?: boolean };
+        seen.push(b);
+        if (b.itt === tag && b.opcode === Op.DATA_IN) data.push(Buffer.from(f.data));
+        if (b.itt === tag && (b.opcode === Op.SCSI_RESP || b.hasStatus)) return { seen, status: b.status, data: Buffer.concat(data) };
+      }
+    };
+    c.send(encodeBhs({ opcode: Op.SCSI_CMD, final: true, write: true, attr: 1, itt, expectedDataTransferLength: 8192, cmdSN: c.cmdSN++, expStatSN: 1, cdb: lba64(0x2a) }));
+    const r2t = decodeBhs((await c.next())!.bhs) as { opcode: number; ttt: number; bufferOffset: number; desiredDataTransferLength: number };
+    expect(r2t).toMatchObject({ opcode: Op.R2T, bufferOffset: 0, desiredDataTransferLength: 8192 });
+    const first = Buffer.alloc(4096, 0x11);
+    const second = Buffer.alloc(4096, 0x22);
+    // The first half twice: 8192 bytes arrive, but the second half is still missing. The write's
+    // pooled buffer may hold another write's bytes there, which must never reach the volume.
+    c.send(encodeBhs({ opcode: Op.DATA_OUT, final: false, itt, ttt: r2t.ttt, dataSN: 0, bufferOffset: 0 }), first);
+    c.send(encodeBhs({ opcode: Op.DATA_OUT, final: false, itt, ttt: r2t.ttt, dataSN: 1, bufferOffset: 0 }), first);
+    const read = () => c.send(encodeBhs({ opcode: Op.SCSI_CMD, final: true, read: true, attr: 1, itt: 78, expectedDataTransferLength: 8192, cmdSN: c.cmdSN++, expStatSN: 1, cdb: lba64(0x28) }));
+    read();
+    const meanwhile = await until(78);
+    expect(meanwhile.seen.filter((b) => b.itt === itt)).toEqual([]); // the write has not run
+    expect(meanwhile.data.equals(Buffer.alloc(8192))).toBe(true);
+    c.send(encodeBhs({ opcode: Op.DATA_OUT, final: true, itt, ttt: r2t.ttt, dataSN: 2, bufferOffset: 4096 }), second);
+    expect((await until(itt)).status).toBe(0);
+    read();
+    const back = await until(78);
+    expect(back.status).toBe(0);
+    expect(back.data.equals(Buffer.concat([first, second]))).toBe(true);
+    c.close();
+  });
+
   it('answers absurd negotiation values with Reject and refuses a login whose text is malformed', async () => {
     const c = await RawInitiator.connect(s.iscsiPort);
     const f = await c.login(s.target, [['MaxRecvDataSegmentLength', '99999999999'], ['MaxBurstLength', '-5'], ['InitialR2T', 'Maybe'], ['X-Vendor-Key', '1']]);

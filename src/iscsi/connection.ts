@@ -27,6 +27,7 @@ import type { TargetSpec } from './target.js';
 import { AllowList, initiatorPortName } from './target.js';
 import { anyReportLuns, lunField, lunOf } from './luns.js';
 import { ioBuffers } from '../util/buffer-pool.js';
+import { Coverage } from './coverage.js';
 
 export interface ConnectionHooks {
   log: Logger;
@@ -59,7 +60,11 @@ interface Task {
   read: boolean;
   write: boolean;
   buf?: Buffer;
+  /** buf came from the I/O buffer pool: it goes back once the command has run. */
+  pooled?: boolean;
+  /** Bytes of the data-out buffer received so far (bytes sent twice count once). */
   received: number;
+  filled: Coverage;
   /** Next offset to solicit with R2T. */
   nextR2T: number;
   outstanding: Map<number, { offset: number; length: number }>;
@@ -285,11 +290,11 @@ export class IscsiConnection {
         const t = this.tasks.get(bhs.itt);
         if (t) t.digestError = true;
         if (bhs.opcode === Op.SCSI_CMD && !bhs.immediate && bhs.cmdSN === this.expCmdSN) this.expCmdSN = (this.expCmdSN + 1) >>> 0;
-        if (t && bhs.opcode === Op.DATA_OUT) this.onDataOut(bhs, Buffer.alloc(bhs.dataSegmentLength));
+        if (t && bhs.opcode === Op.DATA_OUT) this.onDataOut(bhs, [], bhs.dataSegmentLength);
       }
       return;
     }
-    if (bhs.opcode === Op.DATA_OUT) return this.onDataOut(bhs, f.data);
+    if (bhs.opcode === Op.DATA_OUT) return this.onDataOut(bhs, f.pieces, f.dataLength);
     if (bhs.opcode === Op.SNACK) return this.reject(f.bhs, RejectReason.COMMAND_NOT_SUPPORTED); // ERL 0
     if (bhs.opcode === Op.LOGIN_REQ) return this.reject(f.bhs, RejectReason.PROTOCOL_ERROR);
     // Ordered delivery by CmdSN for non-immediate commands.
@@ -325,7 +330,7 @@ export class IscsiConnection {
         return this.onLogout(bhs);
       case Op.SCSI_CMD:
         if (discovery) return this.reject(f.bhs, RejectReason.PROTOCOL_ERROR);
-        return this.onScsiCommand(bhs, f.data);
+        return this.onScsiCommand(bhs, f);
       case Op.TMF_REQ:
         if (discovery) return this.reject(f.bhs, RejectReason.PROTOCOL_ERROR);
         return this.onTmf(bhs);
@@ -443,7 +448,7 @@ export class IscsiConnection {
 
   // ---- SCSI commands and data ----------------------------------------------------------------
 
-  private onScsiCommand(bhs: Bhs<typeof Op.SCSI_CMD>, data: Buffer): void {
+  private onScsiCommand(bhs: Bhs<typeof Op.SCSI_CMD>, f: Frame): void {
     const p = this.params!;
     if (this.tasks.has(bhs.itt)) return this.reject(encodeBhs({ ...bhs }), RejectReason.TASK_IN_PROGRESS);
     // Immediate commands sit outside the CmdSN window: bound them by the queue depth too.
@@ -451,21 +456,27 @@ export class IscsiConnection {
     this.counters.commands++;
     const task: Task = {
       itt: bhs.itt, cmdSN: bhs.cmdSN, lunId: lunOf(bhs.lun), cdb: Buffer.from(bhs.cdb), edtl: bhs.expectedDataTransferLength, read: bhs.read, write: bhs.write,
-      received: 0, nextR2T: 0, outstanding: new Map(), r2tSN: 0, unsolicitedDone: bhs.final, dataSN: 0, aborted: false, running: false, digestError: false, expDataSN: new Map(),
+      received: 0, filled: new Coverage(), nextR2T: 0, outstanding: new Map(), r2tSN: 0, unsolicitedDone: bhs.final, dataSN: 0, aborted: false, running: false, digestError: false, expDataSN: new Map(),
     };
     this.tasks.set(task.itt, task);
     if (task.write && task.edtl > 0) {
-      if (data.length && (!p.immediateData || data.length > Math.min(p.firstBurstLength, task.edtl))) {
+      const n = f.dataLength;
+      if (n && (!p.immediateData || n > Math.min(p.firstBurstLength, task.edtl))) {
         this.tasks.delete(task.itt);
         return this.reject(encodeBhs({ ...bhs }), RejectReason.PROTOCOL_ERROR);
       }
-      // All the data came as immediate data (a small write): the framer's view is the buffer, no copy.
-      if (data.length === task.edtl) task.buf = data;
+      // All the data came as immediate data in one received chunk (a small write): that view is the
+      // buffer, no copy. Otherwise a pooled buffer: a fresh zeroed 1 MiB per write cost an mmap and
+      // page faults every time. Coverage (not a byte count) decides when it is full, so no byte of
+      // the recycled buffer's old contents can reach the volume.
+      if (n === task.edtl && f.pieces.length === 1) task.buf = f.pieces[0];
       else if (task.edtl <= MAX_WRITE_BUFFER) {
-        task.buf = Buffer.alloc(task.edtl);
-        data.copy(task.buf, 0);
+        task.buf = ioBuffers.get(task.edtl);
+        task.pooled = true;
+        copyPieces(f.pieces, task.buf, 0);
       }
-      task.received = data.length;
+      task.filled.add(0, n);
+      task.received = task.filled.bytes;
       // Without InitialR2T the initiator may follow with unsolicited Data-Out up to FirstBurstLength.
       task.nextR2T = p.initialR2T || task.unsolicitedDone ? task.received : Math.max(task.received, Math.min(p.firstBurstLength, task.edtl));
       return this.progressWrite(task);
@@ -473,13 +484,13 @@ export class IscsiConnection {
     void this.run(task);
   }
 
-  private onDataOut(bhs: Bhs<typeof Op.DATA_OUT>, data: Buffer): void {
+  private onDataOut(bhs: Bhs<typeof Op.DATA_OUT>, pieces: readonly Buffer[], length: number): void {
     const task = this.tasks.get(bhs.itt);
     if (!task || !task.write) {
       // Data for a task we no longer have (aborted): drop it quietly.
       return;
     }
-    if (bhs.bufferOffset + data.length > task.edtl) return this.reject(encodeBhs({ ...bhs }), RejectReason.PROTOCOL_ERROR);
+    if (bhs.bufferOffset + length > task.edtl) return this.reject(encodeBhs({ ...bhs }), RejectReason.PROTOCOL_ERROR);
     const want = task.expDataSN.get(bhs.ttt) ?? 0;
     task.expDataSN.set(bhs.ttt, want + 1);
     if (bhs.dataSN !== want) {
@@ -487,8 +498,12 @@ export class IscsiConnection {
       this.reject(encodeBhs({ ...bhs }), RejectReason.PROTOCOL_ERROR);
       task.digestError = true;
     }
-    if (task.buf) data.copy(task.buf, bhs.bufferOffset);
-    task.received += data.length;
+    // Data past the point where the command started running is a protocol error; it must not
+    // change a buffer the volume may be reading.
+    if (task.running) return;
+    if (task.buf) copyPieces(pieces, task.buf, bhs.bufferOffset);
+    task.filled.add(bhs.bufferOffset, bhs.bufferOffset + length);
+    task.received = task.filled.bytes;
     if (bhs.ttt === RESERVED_TAG) {
       if (bhs.final) task.unsolicitedDone = true;
     } else if (bhs.final) {
@@ -529,6 +544,8 @@ export class IscsiConnection {
       result = lu ? await this.execute(lu, task) : this.noSuchLun(task);
     }
     this.tasks.delete(task.itt);
+    // The volume stack keeps no reference to a write's data once it has resolved (BlockDevice.write).
+    if (task.pooled) ioBuffers.put(task.buf!);
     if (task.aborted || this.phase !== 'ffp') return;
     this.respond(task, result);
   }
@@ -633,4 +650,8 @@ export class IscsiConnection {
       true,
     );
   }
+}
+
+function copyPieces(pieces: readonly Buffer[], into: Buffer, at: number): void {
+  for (const p of pieces) at += p.copy(into, at);
 }
