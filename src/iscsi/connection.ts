@@ -27,6 +27,7 @@ import type { TargetSpec } from './target.js';
 import { AllowList, initiatorPortName } from './target.js';
 import { anyReportLuns, lunField, lunOf } from './luns.js';
 import { ioBuffers } from '../util/buffer-pool.js';
+import { adopt } from '../util/read-into.js';
 import { Coverage } from './coverage.js';
 
 export interface ConnectionHooks {
@@ -50,6 +51,9 @@ export interface ConnectionHooks {
 /** Largest ExpectedDataTransferLength we buffer for one write (the LU refuses larger transfers anyway). */
 const MAX_WRITE_BUFFER = 32 << 20;
 const WRITE_HIGH_WATER = 8 << 20;
+/** Reads that are not write data go into one of these; a read that filled little of it is copied out. */
+const READ_CHUNK = 256 * 1024;
+const READ_COPY_MAX = 16 * 1024;
 
 interface Task {
   itt: number;
@@ -102,18 +106,31 @@ export class IscsiConnection {
   readonly counters: ConnectionCounters = { commands: 0, readBytes: 0, writeBytes: 0 };
   readonly remoteAddress: string;
 
+  readonly socket: net.Socket;
+  /** The buffer the next read that is not write data goes into (onread sockets only). */
+  private spare?: Buffer;
+
   constructor(
-    readonly socket: net.Socket,
+    accepted: net.Socket,
     private readonly hooks: ConnectionHooks,
   ) {
-    this.remoteAddress = socket.remoteAddress ?? '';
+    this.remoteAddress = accepted.remoteAddress ?? '';
     const discoveryChap = hooks.discoveryChap ?? hooks.targets().find((t) => t.chap)?.chap;
     this.login = new LoginPhase({ findTarget: (n) => hooks.findTarget(n), remoteAddress: this.remoteAddress, ...(discoveryChap ? { discoveryChap } : {}) });
+    // Write data goes from the kernel straight into the write's buffer (read-into.ts), in reads as
+    // large as the data segment: with 'data' events every 64 KiB came in a fresh buffer and was
+    // copied again. A socket that cannot be adopted (TLS) keeps 'data' events; the framer copies
+    // write data into its landing buffer then.
+    this.framer.landing = this.landing;
+    const adopted = adopt(accepted, { buffer: this.readTarget, callback: this.onRead });
+    const socket = (this.socket = adopted ?? accepted);
     // During login the initiator may send up to 8192 bytes per PDU (its default view of our limit).
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    if (!adopted) socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('error', (e) => hooks.log.debug({ err: e.message, remote: this.remoteAddress }, 'iscsi socket error'));
     socket.on('close', () => this.onClose());
     socket.on('drain', () => socket.resume());
+    // An adopted socket allows half-open connections: the initiator's end is ours too, once what we owe it is sent.
+    socket.on('end', () => socket.end());
     this.timer = setInterval(() => this.tick(), Math.max(200, Math.min(hooks.nopIntervalMs, hooks.loginTimeoutMs) / 2));
     this.timer.unref();
   }
@@ -173,9 +190,54 @@ export class IscsiConnection {
     return t;
   }
 
+  /** Where a data segment of a write lands: its task's pooled buffer (Data-Out), or a new one (immediate data). */
+  private readonly landing = (bhs: Buffer, length: number): Buffer | undefined => {
+    if (this.phase !== 'ffp') return undefined;
+    const opcode = bhs[0]! & 0x3f;
+    if (opcode === Op.DATA_OUT) {
+      const task = this.tasks.get(bhs.readUInt32BE(16));
+      const offset = bhs.readUInt32BE(40);
+      if (!task?.pooled || task.running || task.aborted || offset + length > task.edtl) return undefined;
+      return task.buf!.subarray(offset, offset + length);
+    }
+    if (opcode === Op.SCSI_CMD && bhs[1]! & 0x20) {
+      // Immediate data of a write: its buffer is made now, and onScsiCommand takes it over.
+      const edtl = bhs.readUInt32BE(20);
+      if (length > edtl || edtl > MAX_WRITE_BUFFER) return undefined;
+      return ioBuffers.get(edtl).subarray(0, length);
+    }
+    return undefined;
+  };
+
+  /** Where the next read lands: the rest of a write's data segment, or the spare buffer. */
+  private readonly readTarget = (): Buffer => this.framer.directTarget() ?? (this.spare ??= Buffer.allocUnsafe(READ_CHUNK));
+
+  /** n bytes were read into `buf`; false stops reading until the socket is resumed. */
+  private readonly onRead = (n: number, buf: Buffer): boolean => {
+    if (this.phase === 'closed') return false;
+    if (buf.buffer !== this.spare?.buffer) {
+      this.framer.directFilled(n);
+      this.pump();
+    } else if (n <= READ_COPY_MAX) {
+      // The framer may keep views of what it is given: a short read is copied out, the spare kept.
+      this.onData(Buffer.copyBytesFrom(buf, 0, n));
+    } else {
+      // Headers are copied and write data copied on into its landing buffer: then the spare is
+      // free again. Otherwise a frame or the framer's queue holds views of it, and it is theirs.
+      this.framer.lent = false;
+      this.onData(buf.subarray(0, n));
+      if (this.framer.lent || this.framer.buffered > 0) this.spare = undefined;
+    }
+    return !this.socket.isPaused();
+  };
+
   private onData(chunk: Buffer): void {
-    this.lastHeard = Date.now();
     this.framer.push(chunk);
+    this.pump();
+  }
+
+  private pump(): void {
+    this.lastHeard = Date.now();
     try {
       while (this.phase !== 'closed') {
         const f = this.framer.next();
@@ -290,11 +352,11 @@ export class IscsiConnection {
         const t = this.tasks.get(bhs.itt);
         if (t) t.digestError = true;
         if (bhs.opcode === Op.SCSI_CMD && !bhs.immediate && bhs.cmdSN === this.expCmdSN) this.expCmdSN = (this.expCmdSN + 1) >>> 0;
-        if (t && bhs.opcode === Op.DATA_OUT) this.onDataOut(bhs, [], bhs.dataSegmentLength);
+        if (t && bhs.opcode === Op.DATA_OUT) this.onDataOut(bhs, [], bhs.dataSegmentLength, false);
       }
       return;
     }
-    if (bhs.opcode === Op.DATA_OUT) return this.onDataOut(bhs, f.pieces, f.dataLength);
+    if (bhs.opcode === Op.DATA_OUT) return this.onDataOut(bhs, f.pieces, f.dataLength, f.direct);
     if (bhs.opcode === Op.SNACK) return this.reject(f.bhs, RejectReason.COMMAND_NOT_SUPPORTED); // ERL 0
     if (bhs.opcode === Op.LOGIN_REQ) return this.reject(f.bhs, RejectReason.PROTOCOL_ERROR);
     // Ordered delivery by CmdSN for non-immediate commands.
@@ -469,7 +531,11 @@ export class IscsiConnection {
       // buffer, no copy. Otherwise a pooled buffer: a fresh zeroed 1 MiB per write cost an mmap and
       // page faults every time. Coverage (not a byte count) decides when it is full, so no byte of
       // the recycled buffer's old contents can reach the volume.
-      if (n === task.edtl && f.pieces.length === 1) task.buf = f.pieces[0];
+      if (f.direct) {
+        // The data landed in a pooled buffer of the command's whole length (landing()).
+        task.buf = Buffer.from(f.data.buffer, f.data.byteOffset, task.edtl);
+        task.pooled = true;
+      } else if (n === task.edtl && f.pieces.length === 1) task.buf = f.pieces[0];
       else if (task.edtl <= MAX_WRITE_BUFFER) {
         task.buf = ioBuffers.get(task.edtl);
         task.pooled = true;
@@ -484,7 +550,7 @@ export class IscsiConnection {
     void this.run(task);
   }
 
-  private onDataOut(bhs: Bhs<typeof Op.DATA_OUT>, pieces: readonly Buffer[], length: number): void {
+  private onDataOut(bhs: Bhs<typeof Op.DATA_OUT>, pieces: readonly Buffer[], length: number, landed: boolean): void {
     const task = this.tasks.get(bhs.itt);
     if (!task || !task.write) {
       // Data for a task we no longer have (aborted): drop it quietly.
@@ -501,7 +567,7 @@ export class IscsiConnection {
     // Data past the point where the command started running is a protocol error; it must not
     // change a buffer the volume may be reading.
     if (task.running) return;
-    if (task.buf) copyPieces(pieces, task.buf, bhs.bufferOffset);
+    if (task.buf && !landed) copyPieces(pieces, task.buf, bhs.bufferOffset);
     task.filled.add(bhs.bufferOffset, bhs.bufferOffset + length);
     task.received = task.filled.bytes;
     if (bhs.ttt === RESERVED_TAG) {

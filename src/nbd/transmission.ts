@@ -29,7 +29,7 @@ import {
 import type { BlockDevice, Extent } from '../blockdev/types.js';
 import { nbdErrorFor } from './errors.js';
 import { ioBuffers as replyBuffers } from '../util/buffer-pool.js';
-import { adopt } from './read-into.js';
+import { adopt } from '../util/read-into.js';
 import { ScratchBuffers } from './scratch.js';
 import { BASE_ALLOCATION_ID, allowedFlags, type Negotiated } from './handshake.js';
 

@@ -71,6 +71,19 @@ export class ByteQueue {
     return out;
   }
 
+  /** Move up to into.length - at bytes into `into` at `at`; returns how many were moved. */
+  copyOut(into: Buffer, at: number): number {
+    let moved = 0;
+    while (this.total > 0 && at < into.length) {
+      const c = this.chunks[0]!;
+      const k = c.copy(into, at, this.head, Math.min(c.length, this.head + into.length - at));
+      at += k;
+      moved += k;
+      this.advance(k);
+    }
+    return moved;
+  }
+
   /** Drop up to n bytes; returns how many were dropped. */
   skip(n: number): number {
     let left = Math.min(n, this.total);

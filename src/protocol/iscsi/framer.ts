@@ -11,6 +11,11 @@
 // A data segment longer than the negotiated MaxRecvDataSegmentLength is not buffered: it is read and
 // thrown away as it arrives (bounded memory), and the frame is emitted with `oversize` so the
 // connection can answer with a Reject and stay in sync.
+//
+// Write data can land where it belongs: when the header is in, `landing` may name the buffer its
+// data segment goes to (a write's buffer). Bytes already queued are copied there, and the rest
+// is read straight into it (directTarget/directFilled) when the socket reads into buffers we
+// choose; the frame comes out with `direct` set and its data in that buffer.
 import { ByteQueue } from '../byte-queue.js';
 import { BHS_LENGTH, DIGEST_LENGTH } from './constants.js';
 import { digest, pad4 } from './digest.js';
@@ -29,6 +34,8 @@ export interface Frame {
   readonly pieces: readonly Buffer[];
   /** DataSegmentLength as the header said. */
   dataLength: number;
+  /** The data segment was put straight into the buffer `landing` gave (`data` is that buffer). */
+  readonly direct: boolean;
   headerDigestOk: boolean;
   dataDigestOk: boolean;
   oversize: boolean;
@@ -55,13 +62,44 @@ interface FrameInProgress {
   headerDigestOk?: boolean;
   dataDigestOk?: boolean;
   oversize?: boolean;
+  /** Where the data segment lands, and how much of it is there. */
+  direct?: { into: Buffer; filled: number };
+  landingAsked?: boolean;
 }
+
+/** Below this a data segment is not worth a landing: it is copied from the received chunk anyway. */
+export const DIRECT_MIN = 16 * 1024;
 
 export class PduFramer {
   private readonly q = new ByteQueue();
   private cur: FrameInProgress = { state: 'BHS', skipLeft: 0 };
 
+  /**
+   * Where the data segment of the PDU whose header is `bhs` should land (a buffer of exactly
+   * `dataLength` bytes), or undefined to take it as views. Asked once per PDU, only for segments
+   * of DIRECT_MIN bytes or more without padding or data digest, whose header digest (if any) held.
+   */
+  landing?: (bhs: Buffer, dataLength: number) => Buffer | undefined;
+
+  /**
+   * Set when a frame handed out views of the received chunks (its data segment). A reader that
+   * reuses its read buffer clears it before a push and may reuse the buffer only if it stayed
+   * clear and nothing is left queued (`buffered` is 0).
+   */
+  lent = false;
+
   constructor(public limits: FramerLimits) {}
+
+  /** Where the next read should go: the unfilled rest of a landing buffer, when one is waiting. */
+  directTarget(): Buffer | undefined {
+    const d = this.cur.direct;
+    return d && this.q.length === 0 && d.filled < d.into.length ? d.into.subarray(d.filled) : undefined;
+  }
+
+  /** n bytes were read into what directTarget() gave. */
+  directFilled(n: number): void {
+    this.cur.direct!.filled += n;
+  }
 
   /** Bytes queued but not yet framed (for backpressure). */
   get buffered(): number {
@@ -109,9 +147,22 @@ export class PduFramer {
             if (c.skipLeft > 0) return undefined;
             c.pieces = [];
           } else {
+            if (!c.landingAsked) {
+              c.landingAsked = true;
+              const into = this.landing && total === c.dataLength && total >= DIRECT_MIN && !L.dataDigest && c.headerDigestOk ? this.landing(c.bhs!, total) : undefined;
+              if (into) c.direct = { into, filled: 0 };
+            }
+            const d = c.direct;
+            if (d) {
+              d.filled += this.q.copyOut(d.into, d.filled);
+              if (d.filled < d.into.length) return undefined;
+              c.dataDigestOk = true;
+              return this.emit();
+            }
             if (this.q.length < total) return undefined;
             // Views into the received chunks: the segment is copied once, where it goes.
             const withPad = total ? this.q.takeVec(total) : [];
+            if (total) this.lent = true;
             c.pieces = unpad(withPad, c.dataLength!);
             c.skipLeft = 0;
             c.padded = withPad;
@@ -134,7 +185,7 @@ export class PduFramer {
 
   private emit(): Frame {
     const c = this.cur;
-    const f = new ReceivedFrame(c.bhs!, c.ahs!, c.pieces!, c.dataLength!, c.headerDigestOk!, c.dataDigestOk!, c.oversize!);
+    const f = new ReceivedFrame(c.bhs!, c.ahs!, c.direct ? [c.direct.into] : c.pieces!, c.dataLength!, c.headerDigestOk!, c.dataDigestOk!, c.oversize!, !!c.direct);
     this.cur = { state: 'BHS', skipLeft: 0 };
     return f;
   }
@@ -150,6 +201,7 @@ class ReceivedFrame implements Frame {
     readonly headerDigestOk: boolean,
     readonly dataDigestOk: boolean,
     readonly oversize: boolean,
+    readonly direct: boolean,
   ) {}
 
   get data(): Buffer {
