@@ -123,10 +123,11 @@ export interface IscsiPairCluster {
 }
 
 /**
- * A cross-SS sync pair `px` exported over iSCSI by both storage systems: ss1 vol1 the master, ss2
- * vol1 the mirror, both of `size`; returns once the pair is in PAIR.
+ * A cross-SS pair `px` (sync unless told) exported over iSCSI by both storage systems: ss1 vol1 the
+ * master, ss2 vol1 the mirror, both of `size`; returns once the pair is in PAIR. A `syncRate` keeps
+ * an async mirror behind.
  */
-export async function startIscsiPair(prefix: string, size: string): Promise<IscsiPairCluster> {
+export async function startIscsiPair(prefix: string, size: string, opts: { mode?: 'sync' | 'async'; syncRate?: string } = {}): Promise<IscsiPairCluster> {
   const dir = tmpDir(prefix);
   const p = { iscsi: [0, 0], nbd: [0, 0], admin: [0, 0], peer: [0, 0] };
   for (const k of ['iscsi', 'nbd', 'admin', 'peer'] as const) p[k] = [await freePort(), await freePort()];
@@ -138,7 +139,7 @@ export async function startIscsiPair(prefix: string, size: string): Promise<Iscs
     dataDir: ss${i + 1}
     volumes:
       - { id: 1, size: ${size} }`;
-  fs.writeFileSync(path.join(dir, 'cluster.yaml'), `storageSystems:\n${ss(0)}\n${ss(1)}\npairs:\n  - { name: px, mode: sync, master: { ss: 1, vol: 1 }, mirrors: [{ ss: 2, vol: 1 }] }\n`);
+  fs.writeFileSync(path.join(dir, 'cluster.yaml'), `storageSystems:\n${ss(0)}\n${ss(1)}\npairs:\n  - { name: px, mode: ${opts.mode ?? 'sync'},${opts.syncRate ? ` syncRate: ${opts.syncRate},` : ''} master: { ss: 1, vol: 1 }, mirrors: [{ ss: 2, vol: 1 }] }\n`);
   const c = await startUp(path.join(dir, 'cluster.yaml'), [...p.iscsi, ...p.admin]);
   for (let i = 0; ; i++) {
     const st = (await (await adminFetch(`http://127.0.0.1:${p.admin[0]}/api/pairs/px`)).json()) as { state: string };
