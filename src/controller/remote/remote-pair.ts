@@ -507,7 +507,7 @@ export class RemotePair implements PairController {
 
   /**
    * Mirrors added and removed at run time (`blockmirror apply`, controller/reconfigure.ts), on
-   * the master, with host I/O held above the pair (StorageSystem.reshapeRemotePair):
+   * the master, with host I/O held above the pair (Peers.reshape, peers.ts):
    *
    *   1  the daemon forgets the pair; the pair closes (its bits persisted, then read here)
    *   2  a removed mirror is told it is split (PSUS: a simplex volume with what it has, never a
