@@ -1,0 +1,110 @@
+// Live reconfiguration of pairs across storage systems (issue 16) when it cannot go as planned,
+// each storage system in its own `up --only` process: a change no single order of the processes
+// can apply is refused before anything is applied.
+import fs from 'node:fs';
+import { afterEach, describe, expect, it } from 'vitest';
+import { CLI, freePort, run } from './helpers/servers.js';
+import { adminFetch } from './helpers/admin.js';
+import { SSProcess, inSync, writeConfig, type SSAddr } from './helpers/remote.js';
+
+const procs: SSProcess[] = [];
+afterEach(async () => {
+  await Promise.all(procs.splice(0).map((p) => p.kill()));
+});
+
+const cli = (...args: string[]) => run(process.execPath, [CLI, ...args], { timeoutMs: 120_000 });
+
+async function addrs(n: number): Promise<SSAddr[]> {
+  const out: SSAddr[] = [];
+  for (let i = 0; i < n; i++) out.push({ host: '127.0.0.1', nbd: await freePort(), admin: await freePort(), peer: await freePort() });
+  return out;
+}
+
+interface Pair {
+  name: string;
+  master: string;
+  mirrors: string[];
+}
+
+/** Storage systems with vol1 and vol2 (16 MiB) in each, and sync pairs given as "ss:vol". */
+function yaml(a: SSAddr[], pairs: Pair[]): string {
+  const ref = (r: string) => `{ ss: ${r.split(':')[0]}, vol: ${r.split(':')[1]} }`;
+  const ss = a.map((s, i) => `  - id: ${i + 1}\n    nbd: ${s.host}:${s.nbd}\n    admin: ${s.host}:${s.admin}\n    peer: ${s.host}:${s.peer}\n    dataDir: ss${i + 1}\n    volumes:\n      - { id: 1, size: 16MiB }\n      - { id: 2, size: 16MiB }`);
+  const pr = pairs.map((p) => `  - name: ${p.name}\n    mode: sync\n    master: ${ref(p.master)}\n    mirrors: [ ${p.mirrors.map(ref).join(', ')} ]`);
+  return `peerTimeout: 2s\nstorageSystems:\n${ss.join('\n')}\npairs:\n${pr.join('\n')}\n`;
+}
+
+async function start(file: string, a: SSAddr[], ids: number[]): Promise<SSProcess[]> {
+  const out = ids.map((id) => new SSProcess(id, file, a[id - 1]!));
+  procs.push(...out);
+  for (const p of out) await p.start();
+  return out;
+}
+
+/** GET /api/config: the YAML the process runs. */
+async function running(p: SSProcess): Promise<string> {
+  const res = await adminFetch(`http://${p.addr.host}:${p.addr.admin}/api/config`);
+  expect(res.status).toBe(200);
+  return ((await res.json()) as { yaml: string }).yaml;
+}
+
+/** What each storage system runs and reports of its pairs: the same before and after a refused apply. */
+async function snapshot(ps: SSProcess[]): Promise<unknown[]> {
+  return Promise.all(ps.map(async (p) => ({ yaml: await running(p), pairs: (await p.status())!.pairs.map((x) => ({ name: x.name, role: x.role, master: x.master, mirrors: x.mirrors.map((m) => `${m.ss}:${m.vol}`) })) })));
+}
+
+describe('a change across storage systems that cannot be applied', () => {
+  it('a change that needs ss1 before ss2 and ss2 before ss1 (one pair drops its mirror on ss2, another gains one there) is refused with one line, and no storage system changes', { timeout: 180_000 }, async () => {
+    const a = await addrs(3);
+    const before: Pair[] = [
+      { name: 'pair1', master: '1:1', mirrors: ['2:1', '3:1'] },
+      { name: 'pair2', master: '1:2', mirrors: ['3:2'] },
+    ];
+    const { file } = writeConfig(yaml(a, before));
+    const ss = await start(file, a, [1, 2, 3]);
+    for (const name of ['pair1', 'pair2']) await ss[0]!.waitPair(name, inSync, 'PAIR');
+    const was = await snapshot(ss);
+
+    // pair1 drops 2:1 (its master must stop first: ss1, then ss2); pair2 gains 2:2 (its side must exist first: ss2, then ss1).
+    fs.writeFileSync(
+      file,
+      yaml(a, [
+        { name: 'pair1', master: '1:1', mirrors: ['3:1'] },
+        { name: 'pair2', master: '1:2', mirrors: ['3:2', '2:2'] },
+      ]),
+    );
+    const r = await cli('apply', '-c', file);
+    expect(r.stderr).toBe(
+      'blockmirror: ss1 must apply before ss2 (pair1 drops mirror 2:1), ss2 must apply before ss1 (pair2 gains mirror 2:2): no order of the storage systems does all of that in one pass; apply it in two steps (a YAML with one of these changes, then the whole); nothing was applied\n',
+    );
+    expect(r.code).toBe(1);
+    expect(r.stdout).toBe('');
+    expect(await snapshot(ss)).toEqual(was);
+    // Still replicating to every mirror it had.
+    const p1 = await ss[0]!.waitPair('pair1', inSync, 'PAIR');
+    expect(p1.mirrors.map((m) => `${m.ss}:${m.vol}`)).toEqual(['2:1', '3:1']);
+    expect((await ss[1]!.pair('pair1'))!.role).toBe('mirror');
+
+    // The two steps the line asks for both apply.
+    fs.writeFileSync(
+      file,
+      yaml(a, [
+        { name: 'pair1', master: '1:1', mirrors: ['2:1', '3:1'] },
+        { name: 'pair2', master: '1:2', mirrors: ['3:2', '2:2'] },
+      ]),
+    );
+    const first = await cli('apply', '-c', file);
+    expect(first.code, first.stderr).toBe(0);
+    fs.writeFileSync(
+      file,
+      yaml(a, [
+        { name: 'pair1', master: '1:1', mirrors: ['3:1'] },
+        { name: 'pair2', master: '1:2', mirrors: ['3:2', '2:2'] },
+      ]),
+    );
+    const second = await cli('apply', '-c', file);
+    expect(second.code, second.stderr).toBe(0);
+    await ss[0]!.waitPair('pair2', (p) => inSync(p) && p.mirrors.length === 2, 'PAIR with both mirrors', 120_000);
+    expect((await ss[0]!.pair('pair1'))!.mirrors.map((m) => `${m.ss}:${m.vol}`)).toEqual(['3:1']);
+  });
+});
