@@ -1,6 +1,7 @@
 // Live reconfiguration of pairs across storage systems (issue 16) when it cannot go as planned,
 // each storage system in its own `up --only` process: a change no single order of the processes
-// can apply is refused before anything is applied.
+// can apply is refused before anything is applied; an add whose new mirror's storage system is
+// down is rolled back, link and all.
 import fs from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
 import { CLI, freePort, run } from './helpers/servers.js';
@@ -106,5 +107,36 @@ describe('a change across storage systems that cannot be applied', () => {
     expect(second.code, second.stderr).toBe(0);
     await ss[0]!.waitPair('pair2', (p) => inSync(p) && p.mirrors.length === 2, 'PAIR with both mirrors', 120_000);
     expect((await ss[0]!.pair('pair1'))!.mirrors.map((m) => `${m.ss}:${m.vol}`)).toEqual(['3:1']);
+  });
+
+  it('an add whose new mirror\'s storage system is down fails and is rolled back: the master keeps replicating to its mirror and forgets the link (status lists no such peer); once that storage system is up, the same apply adds it', { timeout: 180_000 }, async () => {
+    const a = await addrs(3);
+    const one: Pair[] = [{ name: 'pair1', master: '1:1', mirrors: ['2:1'] }];
+    const two: Pair[] = [{ name: 'pair1', master: '1:1', mirrors: ['2:1', '3:1'] }];
+    const { file } = writeConfig(yaml(a, one));
+    const [ss1, ss2] = await start(file, a, [1, 2]);
+    await ss1!.waitPair('pair1', inSync, 'PAIR');
+    const peersOf = async (p: SSProcess) => (await p.status())!.storageSystems[0]!.peers!.map((x) => `${x.ss}:${x.connected ? 'up' : 'down'}`);
+    expect(await peersOf(ss1!)).toEqual(['2:up']);
+
+    fs.writeFileSync(file, yaml(a, two));
+    const failed = await cli('apply', '-c', file);
+    expect(failed.code).toBe(1);
+    expect(failed.stderr).toMatch(/^blockmirror: ss1: pair1: add mirror 3:1 \(full copy, then PAIR\): storage system 3 is not connected over the peer channel.*: start it \(blockmirror up --only 3\), then apply again; nothing applied[^\n]*\n$/);
+    // The link made for the new mirror went with the failed step: ss1 does not redial storage system 3.
+    expect(await peersOf(ss1!)).toEqual(['2:up']);
+    const kept = await ss1!.waitPair('pair1', inSync, 'PAIR');
+    expect(kept.mirrors.map((m) => `${m.ss}:${m.vol}`)).toEqual(['2:1']);
+    expect(await running(ss1!)).toBe(yaml(a, one));
+    expect((await ss2!.pair('pair1'))!.role).toBe('mirror');
+
+    // Storage system 3 comes up (as the mirror the YAML makes it); the same apply now adds it over a link made anew.
+    const [ss3] = await start(file, a, [3]);
+    const added = await cli('apply', '-c', file);
+    expect(added.code, added.stderr).toBe(0);
+    const both = await ss1!.waitPair('pair1', (p) => inSync(p) && p.mirrors.length === 2, 'PAIR with both mirrors', 120_000);
+    expect(both.mirrors.map((m) => `${m.ss}:${m.vol}`)).toEqual(['2:1', '3:1']);
+    expect(await peersOf(ss1!)).toEqual(['2:up', '3:up']);
+    expect((await ss3!.pair('pair1'))!.role).toBe('mirror');
   });
 });

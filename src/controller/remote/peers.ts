@@ -113,25 +113,43 @@ export class Peers {
    * Links to the peers `next` names that have none yet (a mirror in a storage system this one
    * shared no pair with), and our listener if it had none; they dial as at start. With `wait`
    * (the master, before it attaches a new mirror), waits for the new links to come up, at most
-   * the peer timeout and two redials.
+   * the peer timeout and two redials. Returns the storage systems linked anew, for `unlink`.
    */
-  async linkPeers(next: StorageSystemSpec, wait: boolean): Promise<void> {
+  async linkPeers(next: StorageSystemSpec, wait: boolean): Promise<number[]> {
     const fresh = (next.peers ?? []).filter((p) => !this.links.has(p.id)).map((p) => this.linkTo(p));
-    if (fresh.length === 0) return;
+    if (fresh.length === 0) return [];
     await this.listen();
     for (const l of fresh) l.start();
-    if (!wait) return;
-    const ms = (next.peerTimeout ?? 5000) + 2000;
-    await Promise.all(
-      fresh.map((l) =>
-        l.up
-          ? undefined
-          : new Promise<void>((r) => {
-              const t = setTimeout(r, ms);
-              l.once('up', () => (clearTimeout(t), r()));
-            }),
-      ),
-    );
+    if (wait) {
+      const ms = (next.peerTimeout ?? 5000) + 2000;
+      await Promise.all(
+        fresh.map((l) =>
+          l.up
+            ? undefined
+            : new Promise<void>((r) => {
+                const t = setTimeout(r, ms);
+                l.once('up', () => (clearTimeout(t), r()));
+              }),
+        ),
+      );
+    }
+    return fresh.map((l) => l.peer);
+  }
+
+  /**
+   * Forget links `linkPeers` made, when the change that needed them failed or was undone: they
+   * stop dialling, and our listener closes if no link is left (as a storage system that shares
+   * no pair starts without one).
+   */
+  async unlink(ids: number[]): Promise<void> {
+    for (const id of ids) {
+      this.links.get(id)?.close();
+      this.links.delete(id);
+    }
+    if (ids.length > 0 && this.links.size === 0) {
+      await this.server?.close();
+      this.server = null;
+    }
   }
 
   /** Is the peer channel to storage system `ss` up? Undefined: no link to it yet. */
@@ -142,6 +160,7 @@ export class Peers {
   /** The master's part: add and remove mirrors of pair `name`, with host I/O held; on a failure, back to `prev`. */
   async reshape(name: string, next: RemotePairSpec, prev: RemotePairSpec): Promise<void> {
     const rp = this.remotes.get(name)!;
+    rp.checkReshape(next); // a new mirror's storage system is down: nothing to go back from
     const stacks = rp.volumes.map((id) => this.host.volumes.get(id)!);
     await Promise.all(stacks.map((v) => v.slot!.hold()));
     try {

@@ -19,6 +19,7 @@ import { bitmapOf } from '../pair-bitmap.js';
 import type { PairController, TakeoverOptions } from '../pair-controller.js';
 import { readGeneration, readPairState, saveGeneration, savePairState, type Generation } from '../pair-files.js';
 import { Pair, PairStateError, type FenceLevel } from '../pair.js';
+import type { PeerLink } from '../peer/link.js';
 import type { Op, RequestOf, ResponseOf } from '../peer/messages.js';
 import { PairCommandError, type PairBitmap, type PairStatus, type VolRef } from '../status.js';
 import { mirrorKey as refKey } from '../local-pair.js';
@@ -50,8 +51,8 @@ export class RemotePair implements PairController {
   private starting = false;
   private closed = false;
   private readonly followers = new Map<number, BlockDevice>();
-  /** The storage systems whose link events this pair follows. */
-  private readonly followed = new Set<number>();
+  /** The links whose events this pair follows, by storage system. */
+  private readonly followed = new Map<number, PeerLink>();
   readonly volumeSize: number;
 
   constructor(
@@ -116,11 +117,11 @@ export class RemotePair implements PairController {
     for (const ss of this.peerIds()) this.follow(ss);
   }
 
-  /** Sessions follow the link to storage system `ss` (once per link: a reshape may add peers). */
+  /** Sessions follow the link to storage system `ss` (once per link: a reshape may add peers, and an undone one drop a link that a later one makes anew). */
   private follow(ss: number): void {
-    if (this.followed.has(ss)) return;
-    this.followed.add(ss);
     const link = this.ctx.links.get(ss)!;
+    if (this.followed.get(ss) === link) return;
+    this.followed.set(ss, link);
     link.on('up', () => this.onLinkUp(ss));
     link.on('down', (reason: string) => this.onLinkDown(ss, reason));
     if (link.up) this.onLinkUp(ss);
@@ -522,12 +523,8 @@ export class RemotePair implements PairController {
   reshape(next: RemotePairSpec): Promise<void> {
     return this.serial(async () => {
       const old = this.masterPair('reshape');
+      this.checkReshape(next);
       const had = new Set(this.spec.mirrors.map(refKey));
-      for (const m of next.mirrors) {
-        const link = this.ctx.links.get(m.ss);
-        if (had.has(refKey(m)) || link?.up) continue;
-        throw new Error(`storage system ${m.ss} is not connected over the peer channel${link?.lastError ? ` (${link.lastError})` : ''}: start it (blockmirror up --only ${m.ss}), then apply again`);
-      }
       const bits = new Map(old.mirrors.map((m) => [refKey(m.ref), m.bitmap.bits.slice()]));
       const oldPorts = new Map([...this.ports.values()].map((p) => [refKey(p.ref), p]));
       const keep = new Set(next.mirrors.map(refKey));
@@ -558,6 +555,16 @@ export class RemotePair implements PairController {
       for (const ss of this.peerIds()) this.follow(ss);
       this.ctx.daemon.wake();
     });
+  }
+
+  /** Can `reshape(next)` attach every new mirror now? Throws, with what to do, if one's storage system is not connected; changes nothing. */
+  checkReshape(next: RemotePairSpec): void {
+    const had = new Set(this.spec.mirrors.map(refKey));
+    for (const m of next.mirrors) {
+      const link = this.ctx.links.get(m.ss);
+      if (had.has(refKey(m)) || link?.up) continue;
+      throw new Error(`storage system ${m.ss} is not connected over the peer channel${link?.lastError ? ` (${link.lastError})` : ''}: start it (blockmirror up --only ${m.ss}), then apply again`);
+    }
   }
 
   /** On a mirror, the other copies of the pair as the YAML now says (they matter once this copy is the master). */
