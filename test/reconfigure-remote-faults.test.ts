@@ -1,9 +1,13 @@
 // Live reconfiguration of pairs across storage systems (issue 16) when it cannot go as planned,
 // each storage system in its own `up --only` process: a change no single order of the processes
 // can apply is refused before anything is applied; an add whose new mirror's storage system is
-// down is rolled back, link and all.
+// down is rolled back, link and all; a kill -9 of the master in the middle of its reshape (crash
+// points, src/util/crash-point.ts) loses no bit, whichever YAML it restarts with. Ends with a
+// byte-for-byte compare of every copy.
 import fs from 'node:fs';
+import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
+import { pseudoRandom } from './helpers/clients.js';
 import { CLI, freePort, run } from './helpers/servers.js';
 import { adminFetch } from './helpers/admin.js';
 import { SSProcess, inSync, writeConfig, type SSAddr } from './helpers/remote.js';
@@ -139,4 +143,72 @@ describe('a change across storage systems that cannot be applied', () => {
     expect(await peersOf(ss1!)).toEqual(['2:up', '3:up']);
     expect((await ss3!.pair('pair1'))!.role).toBe('mirror');
   });
+
+  it.each(['reshape:old-closed', 'reshape:bitmap-replaced'])(
+    'a kill -9 of the master at %s while it adds a mirror loses no bit: restarted with the old YAML it runs the old pair with its bits, with the new YAML the new pair with the new mirror all Invalid; then every copy equals the master',
+    { timeout: 300_000 },
+    async (point) => {
+      const a = await addrs(3);
+      const one: Pair[] = [{ name: 'pair1', master: '1:1', mirrors: ['2:1'] }];
+      const two: Pair[] = [{ name: 'pair1', master: '1:1', mirrors: ['2:1', '3:1'] }];
+      const { file, dir } = writeConfig(yaml(a, one));
+      const ss = [1, 2, 3].map((id) => new SSProcess(id, file, a[id - 1]!));
+      procs.push(...ss);
+      const [ss1, ss2, ss3] = ss as [SSProcess, SSProcess, SSProcess];
+      ss1.env = { BLOCKMIRROR_CRASH_AT: point };
+      for (const p of ss) await p.start();
+      await ss1.waitPair('pair1', inSync, 'PAIR');
+      // ss2 goes down; what is written now is tracked in ss1's bits for it, and only there.
+      await ss2.kill('SIGKILL');
+      await ss1.waitPair('pair1', (p) => p.state === 'PSUE', 'PSUE');
+      const data = path.join(dir, 'data.bin');
+      fs.writeFileSync(data, pseudoRandom(4 * 1024 * 1024, 11));
+      const w = await run('nbdcopy', [data, ss1.uri(1)]);
+      expect(w.code, w.stderr).toBe(0);
+      const before = (await ss1.pair('pair1'))!;
+      const tracked = before.mirrors[0]!.invalidClusters;
+      expect(tracked).toBeGreaterThan(0);
+      expect(tracked).toBeLessThan(before.clusters!);
+
+      // ss3 joins, then ss1 dies in its reshape; apply gives ss3 its previous YAML back.
+      const died = new Promise<NodeJS.Signals | null>((r) => ss1.proc!.once('exit', (_code, signal) => r(signal)));
+      fs.writeFileSync(file, yaml(a, two));
+      const r = await cli('apply', '-c', file);
+      expect(r.code).toBe(1);
+      expect(await died).toBe('SIGKILL');
+      expect(r.stderr).toMatch(/storage system 3 went back to the previous YAML\n$/);
+      expect((await ss3.status())!.pairs).toEqual([]);
+      // The files the crash left, to restart from twice.
+      const pairs = path.join(dir, 'ss1', 'pairs');
+      const crashed = path.join(dir, 'crashed');
+      fs.cpSync(pairs, crashed, { recursive: true });
+      ss1.env = {};
+
+      // With the old YAML: the old pair, its bits for ss2 all there.
+      fs.writeFileSync(file, yaml(a, one));
+      await ss1.start();
+      const old = await ss1.waitPair('pair1', (p) => p.role === 'master', 'the master role');
+      expect(old.mirrors.map((m) => [`${m.ss}:${m.vol}`, m.invalidClusters])).toEqual([['2:1', tracked]]);
+      await ss1.kill('SIGKILL');
+
+      // With the new YAML, from the same files: the new pair, ss2's bits kept, ss3 all Invalid.
+      fs.rmSync(pairs, { recursive: true });
+      fs.cpSync(crashed, pairs, { recursive: true });
+      fs.writeFileSync(file, yaml(a, two));
+      await ss1.start();
+      const next = await ss1.waitPair('pair1', (p) => p.role === 'master', 'the master role');
+      expect(next.mirrors.map((m) => [`${m.ss}:${m.vol}`, m.invalidClusters])).toEqual([
+        ['2:1', tracked],
+        ['3:1', before.clusters],
+      ]);
+
+      // ss3 takes its part again, ss2 comes back: both copy, and every copy equals the master.
+      const joined = await cli('apply', '-c', file);
+      expect(joined.code, joined.stderr).toBe(0);
+      await ss2.start();
+      await ss1.waitPair('pair1', (p) => inSync(p) && p.mirrors.length === 2, 'PAIR with both mirrors', 120_000);
+      for (const p of ss) await p.kill('SIGTERM');
+      for (const p of [ss2, ss3]) expect((await run('cmp', [ss1.volumeFile(dir, 1), p.volumeFile(dir, 1)])).code).toBe(0);
+    },
+  );
 });

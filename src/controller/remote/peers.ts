@@ -11,7 +11,7 @@ import type { Logger } from 'pino';
 import { ExportTable } from '../../nbd/exports.js';
 import type { NbdServer } from '../../nbd/server.js';
 import { AllowList } from '../../util/allow-list.js';
-import { FileBitmapStore, MemoryBitmapStore } from '../bitmap-store.js';
+import { FileBitmapStore, MemoryBitmapStore, markRuns } from '../bitmap-store.js';
 import { PeerLink, PeerServer } from '../peer/link.js';
 import { OPS, type Op, type RequestOf } from '../peer/messages.js';
 import type { PairController } from '../pair-controller.js';
@@ -19,6 +19,7 @@ import type { StorageSystemSpec } from '../storage-system.js';
 import type { VolRef } from '../status.js';
 import type { SyncDaemon } from '../sync-daemon.js';
 import type { VolumeStack } from '../volume-stack.js';
+import { setBits } from './bits.js';
 import type { RemotePairSpec } from './context.js';
 import { RemotePair } from './remote-pair.js';
 
@@ -87,10 +88,15 @@ export class Peers {
       peerExports: this.exports,
       daemon: this.host.daemon,
       openStore: async (slots, opts) => {
-        if (!dir) return { store: new MemoryBitmapStore(clusters(size), slots), loaded: null };
+        const geometry = { clusterSize: spec.clusterSize, clusters: clusters(size), mirrors: slots };
+        if (!dir) {
+          const store = new MemoryBitmapStore(geometry.clusters, slots);
+          for (const [m, bits] of (opts?.seed ?? []).entries()) await markRuns(store, m, setBits(bits, geometry.clusters));
+          return { store, loaded: opts?.seed ?? null };
+        }
         const file = path.join(dir, `${p.name}.bitmap`);
-        if (opts?.fresh) fs.rmSync(file, { force: true });
-        return FileBitmapStore.open(file, { clusterSize: spec.clusterSize, clusters: clusters(size), mirrors: slots }, this.host.log);
+        if (opts?.seed) return { store: await FileBitmapStore.replace(file, geometry, opts.copies, opts.seed), loaded: opts.seed };
+        return FileBitmapStore.open(file, geometry, this.host.log, opts?.copies);
       },
       ...(dir ? { generationFile: path.join(dir, `${p.name}.generation.json`), statePath: path.join(dir, `${p.name}.state.json`) } : {}),
       ...(onSuspend ? { onSuspend } : {}),

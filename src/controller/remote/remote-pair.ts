@@ -14,7 +14,8 @@
 // and the next handshake ORs both sides' bits into the resync set, as DRBD does.
 import type { BlockDevice } from '../../blockdev/types.js';
 import { FilterDevice } from '../../blockdev/filter.js';
-import { markRuns, type BitmapStore } from '../bitmap-store.js';
+import { markRuns, type BitmapStore, type SlotTable } from '../bitmap-store.js';
+import { crashPoint } from '../../util/crash-point.js';
 import { bitmapOf } from '../pair-bitmap.js';
 import type { PairController, TakeoverOptions } from '../pair-controller.js';
 import { readGeneration, readPairState, saveGeneration, savePairState, type Generation } from '../pair-files.js';
@@ -110,11 +111,17 @@ export class RemotePair implements PairController {
       this.saveGeneration();
     }
     // One slot per mirror for the master; one for a mirror. Roles change only in two-copy pairs, where both are one.
-    const { store, loaded } = await this.ctx.openStore(this.role === 'master' ? this.copies.length - 1 : 1);
+    const { store, loaded } = this.role === 'master' ? await this.ctx.openStore(this.copies.length - 1, { copies: this.slotTable() }) : await this.ctx.openStore(1);
     this.store = store;
     if (this.role === 'master') await this.becomeMasterNow(loaded);
     else this.becomeMirrorNow();
     for (const ss of this.peerIds()) this.follow(ss);
+  }
+
+  /** Which copy each slot of the master's bitmap is for, kept in its file (a restart after a crash in a reshape remaps by it). */
+  private slotTable(): SlotTable {
+    const { master, mirrors } = this.layout();
+    return { master: refKey(master), mirrors: mirrors.map(refKey) };
   }
 
   /** Sessions follow the link to storage system `ss` (once per link: a reshape may add peers, and an undone one drop a link that a later one makes anew). */
@@ -513,7 +520,10 @@ export class RemotePair implements PairController {
    *   1  the daemon forgets the pair; the pair closes (its bits persisted, then read here)
    *   2  a removed mirror is told it is split (PSUS: a simplex volume with what it has, never a
    *      copy that claims PAIR while nothing reaches it any more), then its port closes
-   *   3  a new store of one slot per mirror: kept mirrors keep their bits, a new one is all Invalid
+   *   3  a new store of one slot per mirror: kept mirrors keep their bits, a new one is all Invalid;
+   *      written beside the old file with its slot table (which copy each slot is for) and
+   *      renamed over it, so a kill -9 leaves the old membership's file or the new one's, whole,
+   *      and a restart with either YAML remaps the bits by copy (bitmap-store.ts)
    *   4  the Pair of the new layout, the kept ports with their sessions (becomeMasterNow)
    *   5  a new mirror's session (attachPort, the start-up handshake): its mirror side exists
    *      already (its storage system applied first), so the pair writes to it only once it is up
@@ -540,13 +550,16 @@ export class RemotePair implements PairController {
         oldPorts.delete(key);
       }
       await old.close();
+      crashPoint('reshape:old-closed');
       this.spec.mirrors = next.mirrors.map((m) => ({ ...m }));
       const { mirrors } = this.layout();
-      const { store } = await this.ctx.openStore(mirrors.length, { fresh: true });
-      this.store = store;
       const all = new Uint8Array(Math.ceil(this.clusters / 8)).fill(0xff);
+      if (this.clusters & 7) all[all.length - 1] = (1 << (this.clusters & 7)) - 1;
       const loaded = mirrors.map((ref) => bits.get(refKey(ref)) ?? all.slice());
-      for (let i = 0; i < loaded.length; i++) await markRuns(store, i, setBits(loaded[i]!, this.clusters));
+      // The new membership and its bits in one file, renamed over the old one: a crash leaves one or the other, whole.
+      const { store } = await this.ctx.openStore(mirrors.length, { copies: this.slotTable(), seed: loaded });
+      this.store = store;
+      crashPoint('reshape:bitmap-replaced');
       await this.becomeMasterNow(loaded, suspended, { ports: oldPorts, split });
       for (const port of this.ports.values()) {
         if (!port.connected && had.has(refKey(port.ref))) continue; // a kept mirror that is away: its next session attaches it
