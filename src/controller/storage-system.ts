@@ -14,6 +14,7 @@ import { ExportTable } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
 import type { ServerTls } from '../nbd/tls.js';
 import { AllowList } from '../util/allow-list.js';
+import { crashPoint } from '../util/crash-point.js';
 import { CacheMemory } from './cache.js';
 import type { FaultRequest, FaultStatus } from './fault-table.js';
 import { SystemFaults } from './system-faults.js';
@@ -308,6 +309,7 @@ export class StorageSystem implements AdminTarget {
     try {
       if (before) {
         await before.close();
+        crashPoint('rebuild:old-closed');
         this.pairs.delete(before.name);
         for (const vol of before.volumes) this.pairOf.delete(vol);
         if (spec === null || spec.name !== before.name) before.removeFiles();

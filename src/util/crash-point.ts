@@ -7,6 +7,10 @@
 //   reshape:old-closed          RemotePair.reshape, old pair closed       the old pair, with its bits
 //   reshape:bitmap-replaced     RemotePair.reshape, new bitmap renamed    either membership, each with its bits
 //                               in, before the new pair runs              (a new mirror all Invalid)
+//   rebuild:old-closed          StorageSystem.replaceLocalPair, old       the same, for a pair inside one
+//                               pair closed                               storage system
+//   rebuild:bitmap-replaced     LocalPair.open of the rebuilt pair,       the same
+//                               new bitmap renamed in
 const armed = process.env.BLOCKMIRROR_CRASH_AT;
 
 export function crashPoint(name: string): void {
