@@ -149,7 +149,7 @@ function applyOrder<T extends { ep: AdminEndpoint; before: string }>(live: T[], 
   return out;
 }
 
-/** The first cycle of "must apply before" among `ids`, as "ss2 before ss1 (pair2 gains mirror 2:2), ss1 before ss2 (pair1 drops mirror 2:1)". */
+/** The first cycle of "must apply before" among `ids`, as "ss1 must apply before ss2 (pair1 drops mirror 2:1), ss2 must apply before ss1 (pair2 gains mirror 2:2)". */
 function describeCycle(ids: number[], waitsOn: (ss: number) => [number, string][]): string {
   const path: [number, number, string][] = []; // [first, then, why]
   const seen = new Map<number, number>(); // ss -> its index in path

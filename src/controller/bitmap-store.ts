@@ -182,6 +182,7 @@ export class FileBitmapStore implements BitmapStore {
       store = FileBitmapStore.write(fd, geometry, slots, images.map((i) => i.slice()));
     } catch (e) {
       fs.closeSync(fd);
+      fs.rmSync(next, { force: true });
       throw e;
     }
     fs.renameSync(next, path);

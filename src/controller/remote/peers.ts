@@ -124,7 +124,10 @@ export class Peers {
   async linkPeers(next: StorageSystemSpec, wait: boolean): Promise<number[]> {
     const fresh = (next.peers ?? []).filter((p) => !this.links.has(p.id)).map((p) => this.linkTo(p));
     if (fresh.length === 0) return [];
-    await this.listen();
+    await this.listen().catch(async (e: unknown) => {
+      await this.unlink(fresh.map((l) => l.peer));
+      throw e;
+    });
     for (const l of fresh) l.start();
     if (wait) {
       const ms = (next.peerTimeout ?? 5000) + 2000;
