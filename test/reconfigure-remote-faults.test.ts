@@ -66,7 +66,13 @@ describe('a change of a pair\'s mirrors that cannot go as planned', () => {
       { name: 'pair2', master: '1:2', mirrors: ['3:2'] },
     ];
     const { file } = writeConfig(yaml(a, before));
+    const dir = path.dirname(file);
     const ss = await start(file, a, [1, 2, 3]);
+    for (const name of ['pair1', 'pair2']) await ss[0]!.waitPair(name, inSync, 'PAIR');
+    for (const vol of [1, 2]) {
+      const w = await run('nbdcopy', ['--', '[', 'nbdkit', 'pattern', '16M', ']', ss[0]!.uri(vol)]);
+      expect(w.code, w.stderr).toBe(0);
+    }
     for (const name of ['pair1', 'pair2']) await ss[0]!.waitPair(name, inSync, 'PAIR');
     const was = await snapshot(ss);
 
@@ -111,15 +117,22 @@ describe('a change of a pair\'s mirrors that cannot go as planned', () => {
     expect(second.code, second.stderr).toBe(0);
     await ss[0]!.waitPair('pair2', (p) => inSync(p) && p.mirrors.length === 2, 'PAIR with both mirrors', 120_000);
     expect((await ss[0]!.pair('pair1'))!.mirrors.map((m) => `${m.ss}:${m.vol}`)).toEqual(['3:1']);
+    // Every copy of each pair equals its master, byte for byte.
+    for (const p of ss) await p.kill('SIGTERM');
+    for (const [vol, copies] of [[1, [ss[2]!]], [2, [ss[1]!, ss[2]!]]] as const) {
+      for (const c of copies) expect((await run('cmp', [ss[0]!.volumeFile(dir, vol), c.volumeFile(dir, vol)])).code).toBe(0);
+    }
   });
 
   it('an add whose new mirror\'s storage system is down fails and is rolled back: the master keeps replicating to its mirror and forgets the link (status lists no such peer); once that storage system is up, the same apply adds it', { timeout: 180_000 }, async () => {
     const a = await addrs(3);
     const one: Pair[] = [{ name: 'pair1', master: '1:1', mirrors: ['2:1'] }];
     const two: Pair[] = [{ name: 'pair1', master: '1:1', mirrors: ['2:1', '3:1'] }];
-    const { file } = writeConfig(yaml(a, one));
+    const { file, dir } = writeConfig(yaml(a, one));
     const [ss1, ss2] = await start(file, a, [1, 2]);
     await ss1!.waitPair('pair1', inSync, 'PAIR');
+    const w = await run('nbdcopy', ['--', '[', 'nbdkit', 'pattern', '16M', ']', ss1!.uri(1)]);
+    expect(w.code, w.stderr).toBe(0);
     const peersOf = async (p: SSProcess) => (await p.status())!.storageSystems[0]!.peers!.map((x) => `${x.ss}:${x.connected ? 'up' : 'down'}`);
     expect(await peersOf(ss1!)).toEqual(['2:up']);
 
@@ -142,6 +155,8 @@ describe('a change of a pair\'s mirrors that cannot go as planned', () => {
     expect(both.mirrors.map((m) => `${m.ss}:${m.vol}`)).toEqual(['2:1', '3:1']);
     expect(await peersOf(ss1!)).toEqual(['2:up', '3:up']);
     expect((await ss3!.pair('pair1'))!.role).toBe('mirror');
+    for (const p of [ss1!, ss2!, ss3!]) await p.kill('SIGTERM');
+    for (const p of [ss2!, ss3!]) expect((await run('cmp', [ss1!.volumeFile(dir, 1), p.volumeFile(dir, 1)])).code).toBe(0);
   });
 
   it.each(['reshape:old-closed', 'reshape:bitmap-replaced'])(
