@@ -13,7 +13,6 @@
 // host writes of its own (split, takeover). When a role changes, the bits carry over unchanged,
 // and the next handshake ORs both sides' bits into the resync set, as DRBD does.
 import type { BlockDevice } from '../../blockdev/types.js';
-import { FilterDevice } from '../../blockdev/filter.js';
 import { markRuns, type BitmapStore, type SlotTable } from '../bitmap-store.js';
 import { crashPoint } from '../../util/crash-point.js';
 import { bitmapOf } from '../pair-bitmap.js';
@@ -29,6 +28,7 @@ import type { RemotePairContext, RemotePairSpec } from './context.js';
 import { judgeAttach } from './generation.js';
 import { MirrorPort } from './mirror-port.js';
 import { MirrorSide } from './mirror-side.js';
+import { RoleFollower } from './role-follower.js';
 
 export type { RemotePairContext, RemotePairSpec } from './context.js';
 
@@ -520,10 +520,8 @@ export class RemotePair implements PairController {
    *   1  the daemon forgets the pair; the pair closes (its bits persisted, then read here)
    *   2  a removed mirror is told it is split (PSUS: a simplex volume with what it has, never a
    *      copy that claims PAIR while nothing reaches it any more), then its port closes
-   *   3  a new store of one slot per mirror: kept mirrors keep their bits, a new one is all Invalid;
-   *      written beside the old file with its slot table (which copy each slot is for) and
-   *      renamed over it, so a kill -9 leaves the old membership's file or the new one's, whole,
-   *      and a restart with either YAML remaps the bits by copy (bitmap-store.ts)
+   *   3  a new store of one slot per mirror: kept mirrors keep their bits, a new one is all Invalid,
+   *      renamed in whole with its slot table, so a restart after a kill -9 runs either YAML (bitmap-store.ts)
    *   4  the Pair of the new layout, the kept ports with their sessions (becomeMasterNow)
    *   5  a new mirror's session (attachPort, the start-up handshake): its mirror side exists
    *      already (its storage system applied first), so the pair writes to it only once it is up
@@ -606,15 +604,5 @@ export class RemotePair implements PairController {
       this.ctx.daemon.remove(this.pair);
       await this.pair.close();
     } else await this.store.close();
-  }
-}
-
-/** A volume whose behaviour follows its current role in the pair: one map lookup per request. */
-class RoleFollower extends FilterDevice {
-  constructor(private readonly current: () => BlockDevice) {
-    super(current());
-  }
-  protected override get next(): BlockDevice {
-    return this.current();
   }
 }
