@@ -112,7 +112,8 @@ export async function applyToCluster(config: ClusterConfig, file: string, text: 
  * The order the processes apply in: config order, except that a storage system taking a new
  * mirror of a pair across storage systems goes before the pair's master (its side must exist
  * when the master attaches it), and a master dropping a mirror goes before that mirror's
- * storage system (it stops replicating first). A change needing both orders at once is refused.
+ * storage system (it stops replicating first). A change needing both orders at once is refused,
+ * naming the changes that conflict.
  */
 function applyOrder<T extends { ep: AdminEndpoint; before: string }>(live: T[], next: ClusterConfig, file: string): T[] {
   let prev: ClusterConfig;
@@ -121,9 +122,12 @@ function applyOrder<T extends { ep: AdminEndpoint; before: string }>(live: T[], 
   } catch {
     return live; // the running YAML always parsed once; if not now, there is no membership to order
   }
-  const after = new Map<number, Set<number>>(); // ss -> the storage systems that must apply before it
-  const edge = (first: number, then: number) => {
-    if (first !== then) (after.get(then) ?? after.set(then, new Set()).get(then)!).add(first);
+  // ss -> the storage systems that must apply before it, each with why.
+  const after = new Map<number, Map<number, string>>();
+  const edge = (first: number, then: number, why: string) => {
+    if (first === then) return;
+    const before = after.get(then) ?? after.set(then, new Map()).get(then)!;
+    if (!before.has(first)) before.set(first, why);
   };
   const key = (r: { ss: number; vol: number }) => `${r.ss}:${r.vol}`;
   for (const b of next.pairs) {
@@ -131,17 +135,37 @@ function applyOrder<T extends { ep: AdminEndpoint; before: string }>(live: T[], 
     if (!a) continue;
     const was = new Set(a.mirrors.map(key));
     const now = new Set(b.mirrors.map(key));
-    for (const m of b.mirrors) if (!was.has(key(m))) edge(m.ss, b.master.ss);
-    for (const m of a.mirrors) if (!now.has(key(m))) edge(a.master.ss, m.ss);
+    for (const m of b.mirrors) if (!was.has(key(m))) edge(m.ss, b.master.ss, `${b.name} gains mirror ${key(m)}`);
+    for (const m of a.mirrors) if (!now.has(key(m))) edge(a.master.ss, m.ss, `${a.name} drops mirror ${key(m)}`);
   }
   const out: T[] = [];
   const left = [...live];
+  const waitsOn = (ss: number) => [...(after.get(ss) ?? [])].filter(([first]) => left.some((o) => o.ep.ss === first));
   while (left.length > 0) {
-    const i = left.findIndex((l) => ![...(after.get(l.ep.ss!) ?? [])].some((ss) => left.some((o) => o.ep.ss === ss)));
-    if (i < 0) throw new ApplyError('this change both adds mirrors to and removes mirrors from the same storage systems in orders no single pass allows: apply the additions and the removals one after the other; nothing was applied');
+    const i = left.findIndex((l) => waitsOn(l.ep.ss!).length === 0);
+    if (i < 0) throw new ApplyError(`${describeCycle(left.map((l) => l.ep.ss!), waitsOn)}: no order of the storage systems does all of that in one pass; apply it in two steps (a YAML with one of these changes, then the whole); nothing was applied`);
     out.push(left.splice(i, 1)[0]!);
   }
   return out;
+}
+
+/** The first cycle of "must apply before" among `ids`, as "ss1 must apply before ss2 (pair1 drops mirror 2:1), ss2 must apply before ss1 (pair2 gains mirror 2:2)". */
+function describeCycle(ids: number[], waitsOn: (ss: number) => [number, string][]): string {
+  const path: [number, number, string][] = []; // [first, then, why]
+  const seen = new Map<number, number>(); // ss -> its index in path
+  let at = ids[0]!;
+  while (!seen.has(at)) {
+    seen.set(at, path.length);
+    const [first, why] = waitsOn(at)[0]!;
+    path.push([first, at, why]);
+    at = first;
+  }
+  // The path walked backwards along "must apply before"; the cycle is its part from `at` on, read forwards.
+  return path
+    .slice(seen.get(at)!)
+    .reverse()
+    .map(([first, then, why]) => `ss${first} must apply before ss${then} (${why})`)
+    .join(', ');
 }
 
 /** Until no pair any storage system reports is in COPY (a new mirror has its full copy and is in PAIR). */

@@ -15,6 +15,17 @@
 //                         4088  4     the page's own number (a misdirected write shows)
 //                         4092  4     CRC32C of the 4092 bytes before it
 //
+// Page 0 may also name the copies the slots belong to (the slot table), from byte 2048:
+//   2048  4     length L of the JSON text (0: no table, a file of an older blockmirror)
+//   2052  L     {"master": "1:1", "mirrors": ["2:1", "3:1"]} (slot m is mirrors[m])
+//   ..    4     CRC32C of the length and the text
+// A pair whose mirrors change at run time writes its next bitmap beside the file and renames it
+// over (`replace`): a crash leaves the old file or the new one, whole. Opened with the copies a
+// configuration names, a file whose table names others is remapped by copy ("ss:vol"): a mirror
+// it knows keeps its bits, one it does not know is all "may differ", one it names that the
+// configuration does not is dropped; another master makes every mirror "may differ". So a
+// restart after a crash in the middle of such a change runs either membership safely.
+//
 // Each page carries its checksum, so marking still costs one pwrite per dirty page and one
 // fdatasync per group commit. A page that fails its checksum at start (a write torn by a crash)
 // is not trusted: every cluster it covers is marked "may differ", and resynced. A bad header is
@@ -23,6 +34,7 @@
 // Marking is group-committed: writers that mark while a commit runs share the
 // next one (one pwrite per dirty 4 KiB page, one fdatasync).
 import fs from 'node:fs';
+import { dirname } from 'node:path';
 import { promisify } from 'node:util';
 import * as BL from 'buffer-layout';
 import { FileFormat, FormatError, crc } from '../util/format.js';
@@ -39,9 +51,18 @@ const HEADER = 4096;
 const PAGE = 4096;
 /** Bytes of bits in one page: the rest holds the page number and the checksum. */
 const BITS = PAGE - 8;
+/** Where the slot table starts in page 0, and its most bytes of JSON. */
+const TABLE_AT = 2048;
+const TABLE_MAX = HEADER - TABLE_AT - 8;
 const pwrite = promisify(fs.write);
 const fdatasync = promisify(fs.fdatasync);
 const RESOLVED = Promise.resolve();
+
+/** Which copies a bitmap's slots are for: the master and, per slot, its mirror ("ss:vol"). */
+export interface SlotTable {
+  master: string;
+  mirrors: string[];
+}
 
 export interface BitmapStore {
   /** The on-disk image of mirror m (1 = may differ). Read-only for callers. */
@@ -110,11 +131,17 @@ export class FileBitmapStore implements BitmapStore {
     path: string,
     geometry: { clusterSize: number; clusters: number; mirrors: number },
     log?: { warn(obj: object, msg: string): void },
+    /** The copies the configuration names for the slots: written in a new file, and a file for other copies is remapped. */
+    slots?: SlotTable,
   ): Promise<{ store: FileBitmapStore; loaded: Uint8Array[] | null }> {
     const { clusterSize, clusters, mirrors } = geometry;
     const bytes = Math.ceil(clusters / 8);
     const exists = fs.existsSync(path);
     if (exists) migrateV1(path);
+    if (exists && slots) {
+      const remapped = remap(path, geometry, slots, log);
+      if (remapped) return { store: await FileBitmapStore.replace(path, geometry, slots, remapped), loaded: remapped.map((i) => i.slice()) };
+    }
     const fd = fs.openSync(path, exists ? 'r+' : 'w+');
     try {
       if (exists) {
@@ -135,17 +162,57 @@ export class FileBitmapStore implements BitmapStore {
         }
         return { store, loaded: store.images.map((i) => i.slice()) };
       }
-      const page0 = Buffer.alloc(HEADER);
-      HEADER_FORMAT.encode({ clusterSize, clusters, mirrors, pageSize: PAGE }).copy(page0);
-      fs.writeSync(fd, page0, 0, HEADER, 0);
-      const store = new FileBitmapStore(fd, clusters, mirrors, Array.from({ length: mirrors }, () => new Uint8Array(bytes)));
-      // Every page written once, with its checksum: an all-zero page would not pass it.
-      for (let p = 1; p <= mirrors * store.pagesPerMirror; p++) fs.writeSync(fd, store.pageBytes(p), 0, PAGE, p * PAGE);
-      fs.fdatasyncSync(fd);
+      const store = FileBitmapStore.write(fd, geometry, slots, Array.from({ length: mirrors }, () => new Uint8Array(bytes)));
       return { store, loaded: null };
     } catch (e) {
       fs.closeSync(fd);
       throw e;
+    }
+  }
+
+  /**
+   * A new file for other copies (a pair's mirrors changed at run time), with these bits: written
+   * beside `path`, flushed, then renamed over it, so a crash leaves the old file or this one.
+   */
+  static async replace(path: string, geometry: { clusterSize: number; clusters: number; mirrors: number }, slots: SlotTable | undefined, images: Uint8Array[]): Promise<FileBitmapStore> {
+    const next = `${path}.next`;
+    const fd = fs.openSync(next, 'w+');
+    let store: FileBitmapStore;
+    try {
+      store = FileBitmapStore.write(fd, geometry, slots, images.map((i) => i.slice()));
+    } catch (e) {
+      fs.closeSync(fd);
+      fs.rmSync(next, { force: true });
+      throw e;
+    }
+    fs.renameSync(next, path);
+    syncDir(path);
+    return store;
+  }
+
+  /** Page 0 (header and slot table) and every bitset page, then fdatasync: a whole file on `fd`. */
+  private static write(fd: number, geometry: { clusterSize: number; clusters: number; mirrors: number }, slots: SlotTable | undefined, images: Uint8Array[]): FileBitmapStore {
+    const { clusterSize, clusters, mirrors } = geometry;
+    const page0 = Buffer.alloc(HEADER);
+    HEADER_FORMAT.encode({ clusterSize, clusters, mirrors, pageSize: PAGE }).copy(page0);
+    if (slots) writeTable(page0, slots);
+    fs.writeSync(fd, page0, 0, HEADER, 0);
+    const store = new FileBitmapStore(fd, clusters, mirrors, images);
+    // Every page written once, with its checksum: an all-zero page would not pass it.
+    for (let p = 1; p <= mirrors * store.pagesPerMirror; p++) fs.writeSync(fd, store.pageBytes(p), 0, PAGE, p * PAGE);
+    fs.fdatasyncSync(fd);
+    return store;
+  }
+
+  /** The bits of every slot of a file, read as at a start (a page failing its checksum reads as all "may differ"). */
+  static readImages(path: string, clusters: number, mirrors: number): Uint8Array[] {
+    const fd = fs.openSync(path, 'r');
+    try {
+      const store = new FileBitmapStore(fd, clusters, mirrors, Array.from({ length: mirrors }, () => new Uint8Array(Math.ceil(clusters / 8))));
+      store.load();
+      return store.images;
+    } finally {
+      fs.closeSync(fd);
     }
   }
 
@@ -279,6 +346,77 @@ export class FileBitmapStore implements BitmapStore {
     buf.writeUInt32LE(p, BITS);
     buf.writeUInt32LE(crc(buf.subarray(0, BITS + 4)), BITS + 4);
     return buf;
+  }
+}
+
+function writeTable(page0: Buffer, slots: SlotTable): void {
+  const text = Buffer.from(JSON.stringify({ master: slots.master, mirrors: slots.mirrors }));
+  if (text.length > TABLE_MAX) return; // hundreds of mirrors: no table, the file is read as before tables
+  page0.writeUInt32LE(text.length, TABLE_AT);
+  text.copy(page0, TABLE_AT + 4);
+  page0.writeUInt32LE(crc(page0.subarray(TABLE_AT, TABLE_AT + 4 + text.length)), TABLE_AT + 4 + text.length);
+}
+
+/** The slot table of page 0, or undefined (none, or one that fails its checksum). */
+function readTable(page0: Buffer): SlotTable | undefined {
+  if (page0.length < HEADER) return undefined;
+  const len = page0.readUInt32LE(TABLE_AT);
+  if (len === 0 || len > TABLE_MAX) return undefined;
+  const end = TABLE_AT + 4 + len;
+  if (page0.readUInt32LE(end) !== crc(page0.subarray(TABLE_AT, end))) return undefined;
+  try {
+    const t = JSON.parse(page0.subarray(TABLE_AT + 4, end).toString()) as SlotTable;
+    return typeof t.master === 'string' && Array.isArray(t.mirrors) && t.mirrors.every((m) => typeof m === 'string') ? t : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The bits of an existing file for the copies `slots` names, when its slot table names others
+ * (see the header comment); undefined when it has no table or the same one (opened as it is).
+ */
+function remap(path: string, geometry: { clusterSize: number; clusters: number; mirrors: number }, slots: SlotTable, log?: { warn(obj: object, msg: string): void }): Uint8Array[] | undefined {
+  const page0 = Buffer.alloc(HEADER);
+  const fd = fs.openSync(path, 'r');
+  let table: SlotTable | undefined;
+  let head: BitmapHeader;
+  try {
+    const n = fs.readSync(fd, page0, 0, HEADER, 0);
+    head = HEADER_FORMAT.decode(path, page0.subarray(0, Math.min(n, HEADER_FORMAT.size)));
+    table = readTable(page0.subarray(0, n));
+  } finally {
+    fs.closeSync(fd);
+  }
+  if (!table || table.mirrors.length !== head.mirrors) return undefined;
+  if (table.master === slots.master && JSON.stringify(table.mirrors) === JSON.stringify(slots.mirrors)) return undefined;
+  if (head.clusterSize !== geometry.clusterSize || head.clusters !== geometry.clusters || head.pageSize !== PAGE) return undefined; // refused by open, with its geometry
+  // Read the file as it is, with its own number of slots (its pages' checksums checked as at any start).
+  const bytes = Math.ceil(geometry.clusters / 8);
+  const all = new Uint8Array(bytes).fill(0xff);
+  if (geometry.clusters & 7) all[bytes - 1] = (1 << (geometry.clusters & 7)) - 1;
+  const old = FileBitmapStore.readImages(path, geometry.clusters, head.mirrors);
+  const sameMaster = table.master === slots.master;
+  const images = slots.mirrors.map((key) => {
+    const i = sameMaster ? table.mirrors.indexOf(key) : -1;
+    return i >= 0 ? old[i]!.slice() : all.slice();
+  });
+  const kept = slots.mirrors.filter((k) => sameMaster && table.mirrors.includes(k));
+  const copied = slots.mirrors.filter((k) => !kept.includes(k));
+  log?.warn(
+    { file: path, was: table, now: slots },
+    `${path}: the bitmap was for master ${table.master} with mirrors ${table.mirrors.join(', ') || 'none'}; the configuration says master ${slots.master} with mirrors ${slots.mirrors.join(', ')} (a change of mirrors stopped by a crash?): ${kept.length ? `kept the bits of ${kept.join(', ')}` : 'kept no bits'}${copied.length ? `; ${copied.join(', ')} will be copied in full` : ''}`,
+  );
+  return images;
+}
+
+/** fsync the directory of `file`: a rename in it is durable only then. */
+function syncDir(file: string): void {
+  const dir = fs.openSync(dirname(file), 'r');
+  try {
+    fs.fsyncSync(dir);
+  } finally {
+    fs.closeSync(dir);
   }
 }
 

@@ -6,6 +6,8 @@ import type { Logger } from 'pino';
 import type { BlockDevice } from '../blockdev/types.js';
 import fs from 'node:fs';
 import { FileBitmapStore, MemoryBitmapStore, markRuns, type BitmapStore } from './bitmap-store.js';
+import { crashPoint } from '../util/crash-point.js';
+import { setBits } from './remote/bits.js';
 import { bitmapOf } from './pair-bitmap.js';
 import { Pair, PairStateError, type FenceLevel, type PairSpec } from './pair.js';
 import type { PairController } from './pair-controller.js';
@@ -56,13 +58,25 @@ export class LocalPair implements PairController {
     const clusters = Math.ceil(master.device.size / ctx.clusterSize);
     let store: BitmapStore;
     let loaded: Uint8Array[] | null = null;
-    if (ctx.dir && ctx.seed) fs.rmSync(this.bitmapFile!, { force: true });
-    if (ctx.dir) {
-      const opened = await FileBitmapStore.open(this.bitmapFile!, { clusterSize: ctx.clusterSize, clusters, mirrors: mirrors.length }, ctx.log);
+    const geometry = { clusterSize: ctx.clusterSize, clusters, mirrors: mirrors.length };
+    // The file names the copy of each slot: a restart with another YAML remaps the bits by copy (bitmap-store.ts).
+    const copies = { master: mirrorKey(spec.master), mirrors: spec.mirrors.map(mirrorKey) };
+    if (ctx.dir && ctx.seed) {
+      // A rebuild: the new membership's bitmap is renamed over the old file, so a crash leaves one or the other, whole.
+      loaded = seedImages(spec, ctx.seed, clusters);
+      store = await FileBitmapStore.replace(this.bitmapFile!, geometry, copies, loaded);
+      crashPoint('rebuild:bitmap-replaced');
+    } else if (ctx.dir) {
+      const opened = await FileBitmapStore.open(this.bitmapFile!, geometry, ctx.log, copies);
       store = opened.store;
       loaded = opened.loaded;
-    } else store = new MemoryBitmapStore(clusters, mirrors.length);
-    if (ctx.seed) loaded = await seedStore(store, spec, ctx.seed, clusters);
+    } else {
+      store = new MemoryBitmapStore(clusters, mirrors.length);
+      if (ctx.seed) {
+        loaded = seedImages(spec, ctx.seed, clusters);
+        for (const [m, img] of loaded.entries()) await markRuns(store, m, setBits(img, clusters));
+      }
+    }
     const statePath = ctx.dir ? path.join(ctx.dir, `${spec.name}.state.json`) : undefined;
     this.pair = new Pair({
       name: spec.name,
@@ -165,22 +179,17 @@ export class LocalPair implements PairController {
   }
 }
 
-/** Persist the seed's bits in a fresh store and return them as the pair's loaded bits. */
-async function seedStore(store: BitmapStore, spec: PairSpec, seed: Map<string, Uint8Array>, clusters: number): Promise<Uint8Array[]> {
+/** The bits a rebuilt pair starts from: each mirror's from the seed, all Invalid for one it does not list. */
+function seedImages(spec: PairSpec, seed: Map<string, Uint8Array>, clusters: number): Uint8Array[] {
   const bytes = Math.ceil(clusters / 8);
-  const out: Uint8Array[] = [];
-  for (let m = 0; m < spec.mirrors.length; m++) {
-    const given = seed.get(mirrorKey(spec.mirrors[m]!));
+  return spec.mirrors.map((ref) => {
+    const given = seed.get(mirrorKey(ref));
     const img = new Uint8Array(bytes);
     if (given && given.length === bytes) img.set(given);
     else {
       img.fill(0xff);
       if (clusters & 7) img[bytes - 1] = (1 << (clusters & 7)) - 1;
     }
-    const set: number[] = [];
-    for (let c = 0; c < clusters; c++) if (img[c >>> 3]! & (1 << (c & 7))) set.push(c);
-    await markRuns(store, m, set);
-    out.push(img);
-  }
-  return out;
+    return img;
+  });
 }

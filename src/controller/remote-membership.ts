@@ -39,7 +39,7 @@ export function planRemoteMembership(ss: StorageSystem, cur: StorageSystemSpec, 
       if (fixedLayout(a) !== fixedLayout(b)) refuse(`pair ${name} spans storage systems: its mode, master and autoResync cannot change at run time; ${RESTART}`);
       if (mirrorsOf(a) === mirrorsOf(b)) continue;
       if (a.master.ss === self) steps.push(reshape(ss, a, b, next, refuse));
-      else steps.push({ line: '', apply: async () => ss.setRemoteCopies(name, b), undo: async () => ss.setRemoteCopies(name, a) });
+      else steps.push({ line: '', apply: async () => ss.peers.setCopies(name, b), undo: async () => ss.peers.setCopies(name, a) });
     } else if (b) {
       if (b.master.ss === self) {
         const local = cur.pairs.some((p) => p.name === name);
@@ -72,8 +72,9 @@ function reshape(ss: StorageSystem, a: RemotePairSpec, b: RemotePairSpec, next: 
   }
   if (added.length > 0 && rp.status().state === 'PSUS') refuse(`pair ${a.name} is split (PSUS): resync it before adding a mirror`);
   for (const m of added) {
-    if (ss.peerUp(m.ss) === false) refuse(`pair ${a.name}: storage system ${m.ss} is not connected over the peer channel: start it (blockmirror up -c FILE --only ${m.ss}), then apply`);
+    if (ss.peers.peerUp(m.ss) === false) refuse(`pair ${a.name}: storage system ${m.ss} is not connected over the peer channel: start it (blockmirror up -c FILE --only ${m.ss}), then apply`);
   }
+  let linked: number[] = [];
   const what = [
     ...added.map((m) => `add mirror ${ref(m)} (full copy${a.syncRate !== undefined || b.syncRate !== undefined ? ` at ${fmtRate(b.syncRate)}` : ''}, then PAIR)`),
     ...removed.map((m) => `remove mirror ${ref(m)} (replication to it stops; it becomes a simplex volume)`),
@@ -82,10 +83,13 @@ function reshape(ss: StorageSystem, a: RemotePairSpec, b: RemotePairSpec, next: 
     line: `ss${self}: ${a.name}: ${what.join(', ')}`,
     phase: PHASE.reshape,
     apply: async () => {
-      await ss.linkPeers(next, true);
-      await ss.reshapeRemotePair(a.name, b, a);
+      linked = await ss.peers.linkPeers(next, true);
+      await forgetOnFailure(ss, linked, () => ss.peers.reshape(a.name, b, a));
     },
-    undo: () => ss.reshapeRemotePair(a.name, a, b),
+    undo: async () => {
+      await ss.peers.reshape(a.name, a, b);
+      await ss.peers.unlink(linked);
+    },
   };
 }
 
@@ -95,14 +99,18 @@ function join(ss: StorageSystem, b: RemotePairSpec, next: StorageSystemSpec, ref
   if (inPair) refuse(`volume ${mine.vol} is in pair ${inPair.name}: it cannot also become a mirror of ${b.name}; remove it from ${inPair.name} first`);
   const hosts = ss.spec.volumes.some((v) => v.id === mine.vol) ? ss.hostsOn(mine.vol) : 0;
   if (hosts > 0) refuse(`volume ${mine.vol} is in use (${hosts} host connection${hosts > 1 ? 's' : ''}): it would become a mirror of ${b.name}, read-only to hosts; detach them first`);
+  let linked: number[] = [];
   return {
     line: `ss${mine.ss}: ${b.name}: vol${mine.vol} joins as a mirror of ${ref(b.master)} (copied in full from the master, then PAIR)`,
     phase: PHASE.join,
     apply: async () => {
-      await ss.linkPeers(next, false);
-      await ss.joinRemotePair(b);
+      linked = await ss.peers.linkPeers(next, false);
+      await forgetOnFailure(ss, linked, () => ss.peers.join(b));
     },
-    undo: () => ss.leaveRemotePair(b.name),
+    undo: async () => {
+      await ss.peers.leave(b.name);
+      await ss.peers.unlink(linked);
+    },
   };
 }
 
@@ -111,9 +119,19 @@ function leave(ss: StorageSystem, a: RemotePairSpec): Step {
   return {
     line: `ss${mine.ss}: ${a.name}: vol${mine.vol} leaves the pair (it becomes a simplex volume with its data)`,
     phase: PHASE.leave,
-    apply: () => ss.leaveRemotePair(a.name),
-    undo: () => ss.joinRemotePair(a),
+    apply: () => ss.peers.leave(a.name),
+    undo: () => ss.peers.join(a),
   };
+}
+
+/** A step that failed leaves no link it made behind: a down storage system is not redialled until a restart. */
+async function forgetOnFailure(ss: StorageSystem, linked: number[], step: () => Promise<void>): Promise<void> {
+  try {
+    await step();
+  } catch (e) {
+    await ss.peers.unlink(linked);
+    throw e;
+  }
 }
 
 const fmtRate = (r: number | undefined) => (r === undefined ? 'unlimited' : `${formatSize(r)}/s`);

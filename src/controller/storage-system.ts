@@ -8,31 +8,21 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
-import { describeFault, type VolumeFault } from '../blockdev/fault.js';
 import { startSystemIscsi, type PairMembership, type SystemIscsiSpec } from '../iscsi/wiring.js';
 import type { IscsiServer } from '../iscsi/server.js';
 import { ExportTable } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
 import type { ServerTls } from '../nbd/tls.js';
 import { AllowList } from '../util/allow-list.js';
+import { crashPoint } from '../util/crash-point.js';
 import { CacheMemory } from './cache.js';
-import {
-  FaultSpecError,
-  formatFaultTarget,
-  linkFaultStatus,
-  parseFaultTarget,
-  resolveFault,
-  volumeFaultStatus,
-  type FaultRequest,
-  type FaultStatus,
-  type FaultTarget,
-  type LinkFault,
-} from './fault-table.js';
+import type { FaultRequest, FaultStatus } from './fault-table.js';
+import { SystemFaults } from './system-faults.js';
 import { CurrentCopyDevice, currentExportName } from './current-copy.js';
 import { LocalPair, type LocalPairContext } from './local-pair.js';
 import type { PairSpec } from './pair.js';
 import type { PairController } from './pair-controller.js';
-import type { PeerLink, PeerTls } from './peer/link.js';
+import type { PeerTls } from './peer/link.js';
 import { Peers } from './remote/peers.js';
 import { RemotePair, type RemotePairSpec } from './remote/remote-pair.js';
 import { PairCommandError, type AdminTarget, type IscsiSessionStatus, type PairBitmap, type PairStatus, type TargetMetrics, type SSReport, type VolRef } from './status.js';
@@ -117,8 +107,8 @@ export class StorageSystem implements AdminTarget {
   readonly daemon: SyncDaemon;
   /** Every pair whose volumes this storage system holds, whatever its kind. */
   readonly pairs = new Map<string, PairController>();
-  /** The peer channel: links, listener, peer exports, our parts of pairs across storage systems. */
-  private readonly peers: Peers;
+  /** The peer channel: links, listener, peer exports, our parts of pairs across storage systems (their run-time joins, reshapes and leaves). */
+  readonly peers: Peers;
   private readonly volumes = new Map<number, VolumeStack>();
   /** Volume id -> the pair holding it. */
   private readonly pairOf = new Map<number, PairController>();
@@ -134,6 +124,7 @@ export class StorageSystem implements AdminTarget {
   /** Each pair's recent throughput, for the dashboard's sparklines (throughput.ts). */
   private readonly throughput = new ThroughputHistory();
   private throughputTimer: NodeJS.Timeout | undefined;
+  private readonly faultTable: SystemFaults;
 
   private constructor(
     /** As started, then as last reconfigured (reconfigure.ts). */
@@ -142,7 +133,25 @@ export class StorageSystem implements AdminTarget {
   ) {
     this.nbd = new NbdServer({ exports: new ExportTable(), log, ...(spec.tls ? { tls: spec.tls } : {}) });
     this.daemon = new SyncDaemon({ log });
-    this.peers = new Peers({ spec: () => this.spec, log, daemon: this.daemon, volumes: this.volumes, nbd: this.nbd, onSuspend: () => this.onSuspend });
+    this.peers = new Peers({
+      spec: () => this.spec,
+      log,
+      daemon: this.daemon,
+      volumes: this.volumes,
+      nbd: this.nbd,
+      onSuspend: () => this.onSuspend,
+      addPair: (p) => this.addPair(p),
+      removePair: (p) => {
+        this.pairs.delete(p.name);
+        for (const vol of p.volumes) this.pairOf.delete(vol);
+      },
+      reexport: (v) => {
+        this.nbd.exports.remove(`vol${v.id}`);
+        this.nbd.exports.remove(currentExportName(v.id));
+        this.exportVolume(v);
+      },
+    });
+    this.faultTable = new SystemFaults(spec.id, this.volumes, this.peers.links, this.log);
   }
 
   /** Open volumes, build pairs and exports, and start serving. A host guard (the cluster layer's fencing) applies from the first request. */
@@ -300,6 +309,7 @@ export class StorageSystem implements AdminTarget {
     try {
       if (before) {
         await before.close();
+        crashPoint('rebuild:old-closed');
         this.pairs.delete(before.name);
         for (const vol of before.volumes) this.pairOf.delete(vol);
         if (spec === null || spec.name !== before.name) before.removeFiles();
@@ -319,88 +329,6 @@ export class StorageSystem implements AdminTarget {
       }
     }
     return bits;
-  }
-
-  // ---- a pair across storage systems gains or loses a mirror (reconfigure.ts; remote-pair.ts reshape) ----
-
-  /** Is the peer channel to storage system `ss` up? Undefined: no link to it yet. */
-  peerUp(ss: number): boolean | undefined {
-    return this.peers.links.get(ss)?.up;
-  }
-
-  /** Links to the peers `next` names that have none yet (remote/peers.ts). */
-  linkPeers(next: StorageSystemSpec, wait: boolean): Promise<void> {
-    return this.peers.linkPeers(next, wait);
-  }
-
-  /** The master's part: add and remove mirrors of pair `name`, with host I/O held; on a failure, back to `prev`. */
-  async reshapeRemotePair(name: string, next: RemotePairSpec, prev: RemotePairSpec): Promise<void> {
-    const rp = this.peers.remotes.get(name)!;
-    const stacks = rp.volumes.map((id) => this.volumes.get(id)!);
-    await Promise.all(stacks.map((v) => v.slot!.hold()));
-    try {
-      await rp.reshape(next);
-    } catch (e) {
-      await rp.reshape(prev).catch((u: Error) => this.log.error({ pair: name, err: u.message }, `pair ${name}: could not go back to its mirrors before the failed change`));
-      throw e;
-    } finally {
-      for (const v of stacks) {
-        v.slot!.release();
-        this.peers.exportVolume(v, rp);
-      }
-    }
-  }
-
-  /** On a mirror of pair `name`: the other copies as the YAML now says. */
-  setRemoteCopies(name: string, next: RemotePairSpec): void {
-    this.peers.remotes.get(name)!.setCopies(next);
-  }
-
-  /**
-   * A simplex volume of ours becomes a mirror of a pair across storage systems: our part of it
-   * starts as at start-up, in a first generation (any file of an older membership dropped), and
-   * the master's attach brings the epoch and a full copy.
-   */
-  async joinRemotePair(spec: RemotePairSpec): Promise<void> {
-    const mine = [spec.master, ...spec.mirrors].find((r) => r.ss === this.spec.id)!;
-    const v = this.volumes.get(mine.vol)!;
-    this.peers.removeFiles(spec.name);
-    await v.slot!.hold();
-    let rp: RemotePair | undefined;
-    try {
-      rp = this.peers.remotePair(spec);
-      await rp.open();
-      this.peers.remotes.set(spec.name, rp);
-      this.addPair(rp);
-    } finally {
-      v.slot!.release(rp ? rp.hostDevice(v.id) : v.device);
-      this.nbd.exports.remove(`vol${v.id}`);
-      this.nbd.exports.remove(currentExportName(v.id));
-      if (rp) this.peers.exportVolume(v, rp);
-      this.exportVolume(v);
-    }
-  }
-
-  /** Our mirror leaves pair `name` (its master stopped replicating to it first): a simplex volume with its data. */
-  async leaveRemotePair(name: string): Promise<void> {
-    const rp = this.peers.remotes.get(name)!;
-    const stacks = rp.volumes.map((id) => this.volumes.get(id)!);
-    await Promise.all(stacks.map((v) => v.slot!.hold()));
-    try {
-      await rp.close();
-      this.peers.remotes.delete(name);
-      this.pairs.delete(name);
-      for (const vol of rp.volumes) this.pairOf.delete(vol);
-      this.peers.removeFiles(name);
-    } finally {
-      for (const v of stacks) {
-        v.slot!.release(v.device);
-        this.peers.exports.remove(`vol${v.id}`);
-        this.nbd.exports.remove(`vol${v.id}`);
-        this.nbd.exports.remove(currentExportName(v.id));
-        this.exportVolume(v);
-      }
-    }
   }
 
   private get pairDir(): string | undefined {
@@ -609,75 +537,20 @@ export class StorageSystem implements AdminTarget {
       .map((s) => ({ initiator: s.initiator, address: s.address, target: s.target, connections: s.connections, luns: s.luns, commands: s.commands, readBytes: s.readBytes, writeBytes: s.writeBytes }));
   }
 
-  // ---- fault injection (fault-table.ts) ----
+  // ---- fault injection (system-faults.ts) ----
 
   /** Set a fault on one of our volumes, or on our end of a link; refused with a clear line otherwise. */
   setFault(req: FaultRequest): FaultStatus[] {
-    let resolved;
-    try {
-      resolved = resolveFault(req);
-    } catch (e) {
-      if (e instanceof FaultSpecError) throw new PairCommandError('refused', e.message, { cause: e });
-      throw e;
-    }
-    const { target } = resolved;
-    if ('volume' in resolved) {
-      const v = target.type === 'volume' && target.ss === this.spec.id ? this.volumes.get(target.vol) : undefined;
-      if (!v) throw new PairCommandError('not-found', `storage system ${this.spec.id} has no volume ${req.target} (its volumes: ${[...this.volumes.keys()].map((id) => `${this.spec.id}:${id}`).join(', ')})`);
-      v.faults.set(resolved.volume);
-      this.log.warn({ target: req.target, fault: describeFault(resolved.volume) }, `fault injected on ${req.target}`);
-    } else {
-      const link = this.linkFor(resolved.target);
-      this.applyLinkFault(link, resolved.link);
-      this.linkFaults.set(link.peer, resolved.link);
-      this.log.warn({ target: req.target, fault: resolved.link.kind }, `fault injected on ${req.target}`);
-    }
-    return this.faults();
+    return this.faultTable.set(req);
   }
 
   /** Clear the faults of a target (every kind, or one). */
   clearFault(targetText: string, kind?: string): FaultStatus[] {
-    let target: FaultTarget;
-    try {
-      target = parseFaultTarget(targetText);
-    } catch (e) {
-      if (e instanceof FaultSpecError) throw new PairCommandError('refused', e.message, { cause: e });
-      throw e;
-    }
-    if (target.type === 'volume') {
-      const v = target.ss === this.spec.id ? this.volumes.get(target.vol) : undefined;
-      if (!v) throw new PairCommandError('not-found', `storage system ${this.spec.id} has no volume ${targetText}`);
-      v.faults.clear(kind as VolumeFault['kind'] | undefined);
-    } else {
-      const link = this.linkFor(target);
-      this.applyLinkFault(link, null);
-      this.linkFaults.delete(link.peer);
-    }
-    this.log.warn({ target: targetText }, `faults cleared on ${targetText}`);
-    return this.faults();
+    return this.faultTable.clear(targetText, kind);
   }
 
   faults(): FaultStatus[] {
-    const out: FaultStatus[] = [];
-    for (const v of this.volumes.values()) for (const f of v.faults.list()) out.push(volumeFaultStatus(`${this.spec.id}:${v.id}`, f));
-    for (const [peer, f] of this.linkFaults) out.push(linkFaultStatus(formatFaultTarget({ type: 'link', a: Math.min(peer, this.spec.id), b: Math.max(peer, this.spec.id) }), f));
-    return out;
-  }
-
-  private readonly linkFaults = new Map<number, LinkFault>();
-
-  private linkFor(t: FaultTarget): PeerLink {
-    const peer = t.type === 'link' ? (t.a === this.spec.id ? t.b : t.b === this.spec.id ? t.a : undefined) : undefined;
-    const link = peer === undefined ? undefined : this.peers.links.get(peer);
-    if (!link) {
-      const ends = t.type === 'link' ? `${t.a}-${t.b}` : '';
-      throw new PairCommandError('not-found', `storage system ${this.spec.id} has no link ${ends}: it links to ${this.peers.links.size > 0 ? [...this.peers.links.keys()].join(', ') : 'no other storage system'}`);
-    }
-    return link;
-  }
-
-  private applyLinkFault(link: PeerLink, fault: LinkFault | null): void {
-    link.setFault(fault);
+    return this.faultTable.list();
   }
 
   /** Graceful stop: finish NBD requests, stop the daemon, destage the cache, persist bitmaps. */

@@ -82,6 +82,8 @@ export async function loopbackAddrs(): Promise<[SSAddr, SSAddr]> {
 
 export class SSProcess {
   proc: ChildProcess | null = null;
+  /** Added to the environment of the next start (a crash point: src/util/crash-point.ts). */
+  env: Record<string, string> = {};
   private err = '';
   constructor(
     readonly id: number,
@@ -104,7 +106,7 @@ export class SSProcess {
   protected spawnWith(argv: string[]): ChildProcess {
     const [cmd, ...rest] = argv;
     this.err = '';
-    const proc = spawn(cmd!, rest, { stdio: ['ignore', 'ignore', 'pipe'] });
+    const proc = spawn(cmd!, rest, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...this.env } });
     proc.stderr!.setEncoding('utf8');
     proc.stderr!.on('data', (d: string) => (this.err += d));
     this.proc = proc;
@@ -174,6 +176,7 @@ export interface PairView {
   stale?: boolean;
   error?: string;
   master: { ss: number; vol: number };
+  clusters?: number;
   mirrors: { ss: number; vol: number; invalidClusters: number; connected?: boolean }[];
   verify?: { running: boolean; differences: number; differing: number[] };
 }

@@ -2,7 +2,7 @@
 import type { Logger } from 'pino';
 import type { BlockDevice } from '../../blockdev/types.js';
 import type { ExportTable } from '../../nbd/exports.js';
-import type { BitmapStore } from '../bitmap-store.js';
+import type { BitmapStore, SlotTable } from '../bitmap-store.js';
 import type { FenceLevel, PairSpec } from '../pair.js';
 import type { PeerLink } from '../peer/link.js';
 import type { VolRef } from '../status.js';
@@ -27,8 +27,12 @@ export interface RemotePairContext {
    */
   peerExports: ExportTable;
   daemon: SyncDaemon;
-  /** One slot per mirror in master role (slot 0 only for the mirror role); `fresh`: drop what was kept (a reshape seeds it). */
-  openStore(slots: number, opts?: { fresh?: boolean }): Promise<{ store: BitmapStore; loaded: Uint8Array[] | null }>;
+  /**
+   * One slot per mirror in master role (slot 0 only for the mirror role). `copies`: who the slots
+   * are for (master role), kept in the file so a restart remaps bits by copy (bitmap-store.ts).
+   * `seed`: a new store with these bits, replacing the file whole (a reshape).
+   */
+  openStore(slots: number, opts?: { copies?: SlotTable; seed?: Uint8Array[] }): Promise<{ store: BitmapStore; loaded: Uint8Array[] | null }>;
   generationFile?: string;
   statePath?: string;
   /** The cluster layer (etcd): record the mirrors outdated before writes go on without them. */

@@ -2,7 +2,8 @@
 // it shares pairs with, its listener, the exports peers reach over data connections, and its
 // parts of pairs across storage systems, by name (where peer requests are routed). Links and
 // parts are made at start, and at run time when a pair gains a mirror in a storage system this
-// one shared nothing with (remote-membership.ts).
+// one shared nothing with. The run-time steps of remote-membership.ts act here: a part joins,
+// is reshaped (the master's) or leaves, with host I/O held at the volumes' switch layer.
 import fs from 'node:fs';
 import type { Socket } from 'node:net';
 import path from 'node:path';
@@ -10,13 +11,15 @@ import type { Logger } from 'pino';
 import { ExportTable } from '../../nbd/exports.js';
 import type { NbdServer } from '../../nbd/server.js';
 import { AllowList } from '../../util/allow-list.js';
-import { FileBitmapStore, MemoryBitmapStore } from '../bitmap-store.js';
+import { FileBitmapStore, MemoryBitmapStore, markRuns } from '../bitmap-store.js';
 import { PeerLink, PeerServer } from '../peer/link.js';
 import { OPS, type Op, type RequestOf } from '../peer/messages.js';
+import type { PairController } from '../pair-controller.js';
 import type { StorageSystemSpec } from '../storage-system.js';
 import type { VolRef } from '../status.js';
 import type { SyncDaemon } from '../sync-daemon.js';
 import type { VolumeStack } from '../volume-stack.js';
+import { setBits } from './bits.js';
 import type { RemotePairSpec } from './context.js';
 import { RemotePair } from './remote-pair.js';
 
@@ -28,6 +31,11 @@ export interface PeersHost {
   volumes: Map<number, VolumeStack>;
   nbd: NbdServer;
   onSuspend: () => ((pair: string, mirrors: VolRef[], reason: string) => Promise<void>) | undefined;
+  /** The storage system's table of pairs: a part that joins or leaves enters or leaves it. */
+  addPair: (p: PairController) => void;
+  removePair: (p: PairController) => void;
+  /** Export a volume to hosts again, as its pair (or none) now says. */
+  reexport: (v: VolumeStack) => void;
 }
 
 export class Peers {
@@ -80,10 +88,15 @@ export class Peers {
       peerExports: this.exports,
       daemon: this.host.daemon,
       openStore: async (slots, opts) => {
-        if (!dir) return { store: new MemoryBitmapStore(clusters(size), slots), loaded: null };
+        const geometry = { clusterSize: spec.clusterSize, clusters: clusters(size), mirrors: slots };
+        if (!dir) {
+          const store = new MemoryBitmapStore(geometry.clusters, slots);
+          for (const [m, bits] of (opts?.seed ?? []).entries()) await markRuns(store, m, setBits(bits, geometry.clusters));
+          return { store, loaded: opts?.seed ?? null };
+        }
         const file = path.join(dir, `${p.name}.bitmap`);
-        if (opts?.fresh) fs.rmSync(file, { force: true });
-        return FileBitmapStore.open(file, { clusterSize: spec.clusterSize, clusters: clusters(size), mirrors: slots }, this.host.log);
+        if (opts?.seed) return { store: await FileBitmapStore.replace(file, geometry, opts.copies, opts.seed), loaded: opts.seed };
+        return FileBitmapStore.open(file, geometry, this.host.log, opts?.copies);
       },
       ...(dir ? { generationFile: path.join(dir, `${p.name}.generation.json`), statePath: path.join(dir, `${p.name}.state.json`) } : {}),
       ...(onSuspend ? { onSuspend } : {}),
@@ -106,25 +119,118 @@ export class Peers {
    * Links to the peers `next` names that have none yet (a mirror in a storage system this one
    * shared no pair with), and our listener if it had none; they dial as at start. With `wait`
    * (the master, before it attaches a new mirror), waits for the new links to come up, at most
-   * the peer timeout and two redials.
+   * the peer timeout and two redials. Returns the storage systems linked anew, for `unlink`.
    */
-  async linkPeers(next: StorageSystemSpec, wait: boolean): Promise<void> {
+  async linkPeers(next: StorageSystemSpec, wait: boolean): Promise<number[]> {
     const fresh = (next.peers ?? []).filter((p) => !this.links.has(p.id)).map((p) => this.linkTo(p));
-    if (fresh.length === 0) return;
-    await this.listen();
+    if (fresh.length === 0) return [];
+    await this.listen().catch(async (e: unknown) => {
+      await this.unlink(fresh.map((l) => l.peer));
+      throw e;
+    });
     for (const l of fresh) l.start();
-    if (!wait) return;
-    const ms = (next.peerTimeout ?? 5000) + 2000;
-    await Promise.all(
-      fresh.map((l) =>
-        l.up
-          ? undefined
-          : new Promise<void>((r) => {
-              const t = setTimeout(r, ms);
-              l.once('up', () => (clearTimeout(t), r()));
-            }),
-      ),
-    );
+    if (wait) {
+      const ms = (next.peerTimeout ?? 5000) + 2000;
+      await Promise.all(
+        fresh.map((l) =>
+          l.up
+            ? undefined
+            : new Promise<void>((r) => {
+                const t = setTimeout(r, ms);
+                l.once('up', () => (clearTimeout(t), r()));
+              }),
+        ),
+      );
+    }
+    return fresh.map((l) => l.peer);
+  }
+
+  /**
+   * Forget links `linkPeers` made, when the change that needed them failed or was undone: they
+   * stop dialling, and our listener closes if no link is left (as a storage system that shares
+   * no pair starts without one).
+   */
+  async unlink(ids: number[]): Promise<void> {
+    for (const id of ids) {
+      this.links.get(id)?.close();
+      this.links.delete(id);
+    }
+    if (ids.length > 0 && this.links.size === 0) {
+      await this.server?.close();
+      this.server = null;
+    }
+  }
+
+  /** Is the peer channel to storage system `ss` up? Undefined: no link to it yet. */
+  peerUp(ss: number): boolean | undefined {
+    return this.links.get(ss)?.up;
+  }
+
+  /** The master's part: add and remove mirrors of pair `name`, with host I/O held; on a failure, back to `prev`. */
+  async reshape(name: string, next: RemotePairSpec, prev: RemotePairSpec): Promise<void> {
+    const rp = this.remotes.get(name)!;
+    rp.checkReshape(next); // a new mirror's storage system is down: nothing to go back from
+    const stacks = rp.volumes.map((id) => this.host.volumes.get(id)!);
+    await Promise.all(stacks.map((v) => v.slot!.hold()));
+    try {
+      await rp.reshape(next);
+    } catch (e) {
+      await rp.reshape(prev).catch((u: Error) => this.host.log.error({ pair: name, err: u.message }, `pair ${name}: could not go back to its mirrors before the failed change`));
+      throw e;
+    } finally {
+      for (const v of stacks) {
+        v.slot!.release();
+        this.exportVolume(v, rp);
+      }
+    }
+  }
+
+  /** On a mirror of pair `name`: the other copies as the YAML now says. */
+  setCopies(name: string, next: RemotePairSpec): void {
+    this.remotes.get(name)!.setCopies(next);
+  }
+
+  /**
+   * A simplex volume of ours becomes a mirror of a pair across storage systems: our part of it
+   * starts as at start-up, in a first generation (any file of an older membership dropped), and
+   * the master's attach brings the epoch and a full copy.
+   */
+  async join(spec: RemotePairSpec): Promise<void> {
+    const self = this.host.spec().id;
+    const mine = [spec.master, ...spec.mirrors].find((r) => r.ss === self)!;
+    const v = this.host.volumes.get(mine.vol)!;
+    this.removeFiles(spec.name);
+    await v.slot!.hold();
+    let rp: RemotePair | undefined;
+    try {
+      rp = this.remotePair(spec);
+      await rp.open();
+      this.remotes.set(spec.name, rp);
+      this.host.addPair(rp);
+    } finally {
+      v.slot!.release(rp ? rp.hostDevice(v.id) : v.device);
+      if (rp) this.exportVolume(v, rp);
+      this.host.reexport(v);
+    }
+  }
+
+  /** Our mirror leaves pair `name` (its master stopped replicating to it first): a simplex volume with its data. */
+  async leave(name: string): Promise<void> {
+    const rp = this.remotes.get(name)!;
+    const stacks = rp.volumes.map((id) => this.host.volumes.get(id)!);
+    await Promise.all(stacks.map((v) => v.slot!.hold()));
+    try {
+      await rp.close();
+      this.remotes.delete(name);
+      this.host.removePair(rp);
+      this.removeFiles(name);
+    } finally {
+      for (const v of stacks) {
+        v.slot!.release(v.device);
+        this.exports.remove(`vol${v.id}`);
+        this.host.reexport(v);
+      }
+    }
   }
 
   /** vol<ID> on the peer channel, for the other copies of its pair (a mirror reads its Invalid clusters here). */

@@ -13,12 +13,13 @@
 // host writes of its own (split, takeover). When a role changes, the bits carry over unchanged,
 // and the next handshake ORs both sides' bits into the resync set, as DRBD does.
 import type { BlockDevice } from '../../blockdev/types.js';
-import { FilterDevice } from '../../blockdev/filter.js';
-import { markRuns, type BitmapStore } from '../bitmap-store.js';
+import { markRuns, type BitmapStore, type SlotTable } from '../bitmap-store.js';
+import { crashPoint } from '../../util/crash-point.js';
 import { bitmapOf } from '../pair-bitmap.js';
 import type { PairController, TakeoverOptions } from '../pair-controller.js';
 import { readGeneration, readPairState, saveGeneration, savePairState, type Generation } from '../pair-files.js';
 import { Pair, PairStateError, type FenceLevel } from '../pair.js';
+import type { PeerLink } from '../peer/link.js';
 import type { Op, RequestOf, ResponseOf } from '../peer/messages.js';
 import { PairCommandError, type PairBitmap, type PairStatus, type VolRef } from '../status.js';
 import { mirrorKey as refKey } from '../local-pair.js';
@@ -27,6 +28,7 @@ import type { RemotePairContext, RemotePairSpec } from './context.js';
 import { judgeAttach } from './generation.js';
 import { MirrorPort } from './mirror-port.js';
 import { MirrorSide } from './mirror-side.js';
+import { RoleFollower } from './role-follower.js';
 
 export type { RemotePairContext, RemotePairSpec } from './context.js';
 
@@ -50,8 +52,8 @@ export class RemotePair implements PairController {
   private starting = false;
   private closed = false;
   private readonly followers = new Map<number, BlockDevice>();
-  /** The storage systems whose link events this pair follows. */
-  private readonly followed = new Set<number>();
+  /** The links whose events this pair follows, by storage system. */
+  private readonly followed = new Map<number, PeerLink>();
   readonly volumeSize: number;
 
   constructor(
@@ -109,18 +111,24 @@ export class RemotePair implements PairController {
       this.saveGeneration();
     }
     // One slot per mirror for the master; one for a mirror. Roles change only in two-copy pairs, where both are one.
-    const { store, loaded } = await this.ctx.openStore(this.role === 'master' ? this.copies.length - 1 : 1);
+    const { store, loaded } = this.role === 'master' ? await this.ctx.openStore(this.copies.length - 1, { copies: this.slotTable() }) : await this.ctx.openStore(1);
     this.store = store;
     if (this.role === 'master') await this.becomeMasterNow(loaded);
     else this.becomeMirrorNow();
     for (const ss of this.peerIds()) this.follow(ss);
   }
 
-  /** Sessions follow the link to storage system `ss` (once per link: a reshape may add peers). */
+  /** Which copy each slot of the master's bitmap is for, kept in its file (a restart after a crash in a reshape remaps by it). */
+  private slotTable(): SlotTable {
+    const { master, mirrors } = this.layout();
+    return { master: refKey(master), mirrors: mirrors.map(refKey) };
+  }
+
+  /** Sessions follow the link to storage system `ss` (once per link: a reshape may add peers, and an undone one drop a link that a later one makes anew). */
   private follow(ss: number): void {
-    if (this.followed.has(ss)) return;
-    this.followed.add(ss);
     const link = this.ctx.links.get(ss)!;
+    if (this.followed.get(ss) === link) return;
+    this.followed.set(ss, link);
     link.on('up', () => this.onLinkUp(ss));
     link.on('down', (reason: string) => this.onLinkDown(ss, reason));
     if (link.up) this.onLinkUp(ss);
@@ -507,12 +515,13 @@ export class RemotePair implements PairController {
 
   /**
    * Mirrors added and removed at run time (`blockmirror apply`, controller/reconfigure.ts), on
-   * the master, with host I/O held above the pair (StorageSystem.reshapeRemotePair):
+   * the master, with host I/O held above the pair (Peers.reshape, peers.ts):
    *
    *   1  the daemon forgets the pair; the pair closes (its bits persisted, then read here)
    *   2  a removed mirror is told it is split (PSUS: a simplex volume with what it has, never a
    *      copy that claims PAIR while nothing reaches it any more), then its port closes
-   *   3  a new store of one slot per mirror: kept mirrors keep their bits, a new one is all Invalid
+   *   3  a new store of one slot per mirror: kept mirrors keep their bits, a new one is all Invalid,
+   *      renamed in whole with its slot table, so a restart after a kill -9 runs either YAML (bitmap-store.ts)
    *   4  the Pair of the new layout, the kept ports with their sessions (becomeMasterNow)
    *   5  a new mirror's session (attachPort, the start-up handshake): its mirror side exists
    *      already (its storage system applied first), so the pair writes to it only once it is up
@@ -522,12 +531,8 @@ export class RemotePair implements PairController {
   reshape(next: RemotePairSpec): Promise<void> {
     return this.serial(async () => {
       const old = this.masterPair('reshape');
+      this.checkReshape(next);
       const had = new Set(this.spec.mirrors.map(refKey));
-      for (const m of next.mirrors) {
-        const link = this.ctx.links.get(m.ss);
-        if (had.has(refKey(m)) || link?.up) continue;
-        throw new Error(`storage system ${m.ss} is not connected over the peer channel${link?.lastError ? ` (${link.lastError})` : ''}: start it (blockmirror up --only ${m.ss}), then apply again`);
-      }
       const bits = new Map(old.mirrors.map((m) => [refKey(m.ref), m.bitmap.bits.slice()]));
       const oldPorts = new Map([...this.ports.values()].map((p) => [refKey(p.ref), p]));
       const keep = new Set(next.mirrors.map(refKey));
@@ -543,13 +548,16 @@ export class RemotePair implements PairController {
         oldPorts.delete(key);
       }
       await old.close();
+      crashPoint('reshape:old-closed');
       this.spec.mirrors = next.mirrors.map((m) => ({ ...m }));
       const { mirrors } = this.layout();
-      const { store } = await this.ctx.openStore(mirrors.length, { fresh: true });
-      this.store = store;
       const all = new Uint8Array(Math.ceil(this.clusters / 8)).fill(0xff);
+      if (this.clusters & 7) all[all.length - 1] = (1 << (this.clusters & 7)) - 1;
       const loaded = mirrors.map((ref) => bits.get(refKey(ref)) ?? all.slice());
-      for (let i = 0; i < loaded.length; i++) await markRuns(store, i, setBits(loaded[i]!, this.clusters));
+      // The new membership and its bits in one file, renamed over the old one: a crash leaves one or the other, whole.
+      const { store } = await this.ctx.openStore(mirrors.length, { copies: this.slotTable(), seed: loaded });
+      this.store = store;
+      crashPoint('reshape:bitmap-replaced');
       await this.becomeMasterNow(loaded, suspended, { ports: oldPorts, split });
       for (const port of this.ports.values()) {
         if (!port.connected && had.has(refKey(port.ref))) continue; // a kept mirror that is away: its next session attaches it
@@ -558,6 +566,16 @@ export class RemotePair implements PairController {
       for (const ss of this.peerIds()) this.follow(ss);
       this.ctx.daemon.wake();
     });
+  }
+
+  /** Can `reshape(next)` attach every new mirror now? Throws, with what to do, if one's storage system is not connected; changes nothing. */
+  checkReshape(next: RemotePairSpec): void {
+    const had = new Set(this.spec.mirrors.map(refKey));
+    for (const m of next.mirrors) {
+      const link = this.ctx.links.get(m.ss);
+      if (had.has(refKey(m)) || link?.up) continue;
+      throw new Error(`storage system ${m.ss} is not connected over the peer channel${link?.lastError ? ` (${link.lastError})` : ''}: start it (blockmirror up --only ${m.ss}), then apply again`);
+    }
   }
 
   /** On a mirror, the other copies of the pair as the YAML now says (they matter once this copy is the master). */
@@ -586,15 +604,5 @@ export class RemotePair implements PairController {
       this.ctx.daemon.remove(this.pair);
       await this.pair.close();
     } else await this.store.close();
-  }
-}
-
-/** A volume whose behaviour follows its current role in the pair: one map lookup per request. */
-class RoleFollower extends FilterDevice {
-  constructor(private readonly current: () => BlockDevice) {
-    super(current());
-  }
-  protected override get next(): BlockDevice {
-    return this.current();
   }
 }
