@@ -24,7 +24,7 @@ import { build } from 'rolldown';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const OUT = path.join(ROOT, 'dist', 'bundle');
-const BUNDLED = ['commander', 'zod', 'yaml'];
+const BUNDLED = ['commander', 'zod', 'yaml', 'buffer-layout'];
 
 const bundled = (id) => BUNDLED.some((p) => id === p || id.startsWith(`${p}/`));
 fs.rmSync(OUT, { recursive: true, force: true });
