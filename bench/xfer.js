@@ -11,7 +11,7 @@
 //
 //   node bench/xfer.js                                  # 1 GiB, 3 repetitions; section xfer-1g of bench/RESULTS.md
 //   BENCH_MIB=128 BENCH_REPS=1 node bench/xfer.js       # a short run on a busy machine
-//   BENCH_SEG=4MiB BENCH_PATHS=1,2,4 BENCH_POLLS=1,10 BENCH_MSGS=300
+//   BENCH_SEG=1MiB BENCH_PATHS=1,2,4 BENCH_POLLS=1,10 BENCH_MSGS=300
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -29,7 +29,7 @@ const BIN = path.join(ROOT, 'bin', 'blockmirror.js');
 const OUT = process.env.BENCH_OUT ?? path.join(HERE, 'RESULTS.md');
 const MIB = Number(process.env.BENCH_MIB ?? 1024);
 const REPS = Number(process.env.BENCH_REPS ?? 3);
-const SEG = process.env.BENCH_SEG ?? '1MiB';
+const SEG = process.env.BENCH_SEG ?? '4MiB'; // the CLI's default
 const PATHS = (process.env.BENCH_PATHS ?? '2,3,4').split(',').map(Number);
 const POLLS = (process.env.BENCH_POLLS ?? '1,5,10').split(',').map(Number);
 const MSGS = Number(process.env.BENCH_MSGS ?? 200);

@@ -38,7 +38,7 @@ export function registerXferCommand(program: Command): void {
   xfer
     .command('format <dev...>')
     .description('write the master control block on the first device and SEC blocks on the others (one path per device)')
-    .option('--seg-size <size>', 'bytes per segment, a multiple of 4 KiB (e.g. 1MiB)', '1MiB')
+    .option('--seg-size <size>', 'bytes per segment, a multiple of 4 KiB (e.g. 1MiB)', '4MiB')
     .option('--segments <n>', 'segments on each device', '64')
     .option('--max-conn <n>', 'connection slots in the process ID table; each owns an equal share of the segments', '4')
     .allowExcessArguments(false)

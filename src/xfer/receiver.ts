@@ -164,7 +164,7 @@ async function consume(vol: XferVolume, own: OwnHalf, ack: AckTable, deliver: De
   const E = vol.mcb.entries;
   const segs = vol.segments(slot);
   const watch = new PeerWatch(`sender ${from}`, t.timeoutMs);
-  const ahead = Math.max(1, Math.min(E, 8 * vol.devices.reduce((n, d) => n + d.paths.length, 0)));
+  const ahead = Math.max(1, Math.min(E, vol.inFlight));
   const pool = vol.segmentPool(ahead + 2);
   const backoff = new Backoff(t.pollMs);
   const queue: Ready[] = [];

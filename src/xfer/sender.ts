@@ -183,7 +183,7 @@ async function transfer(
   const segs = vol.segments(slot);
   const watch = new PeerWatch(`receiver ${to}`, t.timeoutMs);
   // Enough segment writes in flight to keep every path busy; the window (E) bounds them too.
-  const maxInFlight = Math.max(2, Math.min(E, 8 * vol.devices.reduce((n, d) => n + d.paths.length, 0)));
+  const maxInFlight = Math.max(2, Math.min(E, vol.inFlight));
   const pool = vol.segmentPool(maxInFlight + 2);
   const backoff = new Backoff(t.pollMs);
   let ack: AckTable = freeAck(slot);
