@@ -7,7 +7,9 @@ import path from 'node:path';
 import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
-import { BLOCK, Command, MCB, PTR, PtrFlag, Role, SEC, SEG_HEADER, Status } from '../src/xfer/layout.js';
+import { BLOCK, Command, MCB, PTR, PtrFlag, Role, SEC, SEG, SEG_HEADER, Status } from '../src/xfer/layout.js';
+import { xxh64 } from '@node-rs/xxhash';
+import { crc32c } from '@node-rs/crc32';
 import { XferCorruptError, XferFormatError, XferPathError, XferPeerError, XferTableFullError, XferUsageError } from '../src/xfer/errors.js';
 import { XferVolume, formatVolume, perPathInFlight } from '../src/xfer/volume.js';
 import { send, sendMessages, pieces } from '../src/xfer/sender.js';
@@ -240,6 +242,26 @@ describe('xfer refuses what does not check out', () => {
     );
     return { a, b, reads: () => times - left };
   }
+
+  it("sums each segment's data with xxHash64 (version 3): the header holds its low 32 bits", async () => {
+    const files = await formattedFiles(SMALL);
+    const a = await volumeOf(files);
+    const b = await volumeOf(files);
+    const data = randomBytes(a.capacity + 100);
+    const { out } = await exchange(a, b, data);
+    expect(out.equals(data)).toBe(true);
+    // The segments stay on the volume after the transfer: part 0, then part 1 of the message.
+    for (const [i, part] of [data.subarray(0, a.capacity), data.subarray(a.capacity)].entries()) {
+      const seg = await a.readSegment(a.segments(0)[i]!, part.length);
+      const h = SEG.decode('segment', seg);
+      expect(h.dataLength).toBe(part.length);
+      expect(seg.readUInt16LE(8)).toBe(3);
+      expect(h.dataSum).toBe(Number(xxh64(part) & 0xffffffffn));
+      expect(h.dataSum).not.toBe(crc32c(part) >>> 0);
+    }
+    await a.close();
+    await b.close();
+  });
 
   it('reads a torn segment again later and delivers it intact', async () => {
     const { a, b, reads } = await damagedFirstSegment(5, (c) => (c[SEG_HEADER + 3]! ^= 1));
