@@ -1,5 +1,5 @@
 // xxHash64 (@node-rs/xxhash) for checksums of bulk data, where CRC32C's cost shows: over 4 MiB
-// buffers it took ~270 ms of CPU per GiB here, xxHash64 ~85 (bench/RESULTS.md, xfer, issue 17).
+// buffers it took ~270 ms of CPU per GiB here, xxHash64 ~85 (bench/RESULTS.md, "xfer, issue 17 third part").
 // Loaded with require() for the start-up reason given in crc32c.ts.
 import { createRequire } from 'node:module';
 

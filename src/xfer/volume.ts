@@ -39,7 +39,7 @@ export const roundUp = (n: number, to = BLOCK) => Math.ceil(n / to) * to;
 
 /**
  * Segment reads or writes one side keeps in flight per path: 16 MiB of them, from 1 to 8 segments.
- * Measured on 1 GiB over one path (bench/RESULTS.md, "xfer ... issue 17, third part"): 4 MiB
+ * Measured on 1 GiB over one path (bench/RESULTS.md, "xfer, issue 17 third part"): 4 MiB
  * segments 8 deep cost 4.6-4.9 s of CPU across send, recv and serve, 4 deep 4.2-4.3; every byte
  * more in flight is a buffer more out of the caches, and the server's buffer pool (64 MiB, both
  * sides' requests) stops recycling once they pass it.
