@@ -143,7 +143,7 @@ describe('xfer flows', () => {
     const a = await volumeOf(files, counting);
     const b = await volumeOf(files, counting);
     expect([a.inFlight, b.inFlight]).toEqual([4, 4]);
-    const data = randomBytes(12 * a.capacity + 1);
+    const data = randomBytes(8 * a.capacity + 1);
     const { out } = await exchange(a, b, data);
     expect(out.equals(data)).toBe(true);
     expect(peaks.write).toBeGreaterThan(1);
