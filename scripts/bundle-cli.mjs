@@ -9,7 +9,8 @@
 // so a command still loads only what it runs.
 //
 // What is bundled: our dist/ code and the pure-JS packages the client commands need (commander,
-// zod, yaml). Every other package stays an ordinary import from node_modules: pino starts its
+// zod, yaml), and buffer-layout: a CommonJS package that an ES import makes Node 20 lex at every
+// start (~0.08 s of CPU; bench/RESULTS.md, "xfer, issue 17 third part"). Every other package stays an ordinary import from node_modules: pino starts its
 // transports from files of its own, etcd3 reads .proto files, fuse-native and @node-rs/crc32 are
 // native, and fastify is only for `up`.
 //
