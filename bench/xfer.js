@@ -11,30 +11,46 @@
 //
 //   node bench/xfer.js                                  # 1 GiB, 3 repetitions; section xfer-1g of bench/RESULTS.md
 //   BENCH_MIB=128 BENCH_REPS=1 node bench/xfer.js       # a short run on a busy machine
-//   BENCH_SEG=4MiB BENCH_PATHS=1,2,4 BENCH_POLLS=1,10 BENCH_MSGS=300
+//   BENCH_SEG=1MiB BENCH_PATHS=1,2,4 BENCH_POLLS=1,10 BENCH_MSGS=300
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Readable } from 'node:stream';
-import { fileURLToPath } from 'node:url';
-import { codeInfo, loadAvg } from './lib/machine.js';
-import { freePort, installCleanup, onExit, run, startServer } from './lib/proc.js';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { clockTicks, codeInfo, loadAvg } from './lib/machine.js';
+import { freePort, installCleanup, onExit, readCpuSeconds, run, startServer } from './lib/proc.js';
 import { median } from './lib/stats.js';
 import { replaceSection } from './lib/report.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ROOT = path.resolve(HERE, '..');
-const BIN = path.join(ROOT, 'bin', 'blockmirror.js');
+// BENCH_BIN: another build's bin/blockmirror.js (a before/after comparison with this script).
+const BIN = process.env.BENCH_BIN ?? path.join(ROOT, 'bin', 'blockmirror.js');
 const OUT = process.env.BENCH_OUT ?? path.join(HERE, 'RESULTS.md');
 const MIB = Number(process.env.BENCH_MIB ?? 1024);
 const REPS = Number(process.env.BENCH_REPS ?? 3);
-const SEG = process.env.BENCH_SEG ?? '1MiB';
+const SEG = process.env.BENCH_SEG ?? '4MiB'; // the CLI's default
 const PATHS = (process.env.BENCH_PATHS ?? '2,3,4').split(',').map(Number);
 const POLLS = (process.env.BENCH_POLLS ?? '1,5,10').split(',').map(Number);
 const MSGS = Number(process.env.BENCH_MSGS ?? 200);
 
 installCleanup();
+
+const TICK = clockTicks();
+/** CPU seconds of our reaped children (cutime + cstime): around a run, its commands' CPU together. */
+function childCpu() {
+  const f = fs.readFileSync('/proc/self/stat', 'utf8').split(') ')[1].split(' ');
+  return (Number(f[13]) + Number(f[14])) / TICK;
+}
+/** Runs `fn` and notes the CPU of the commands it ran and of the server meanwhile into `into`. */
+async function withCpu(into, serverPid, fn) {
+  const c0 = childCpu();
+  const s0 = readCpuSeconds(serverPid, TICK);
+  const r = await fn();
+  into.push({ cmd: childCpu() - c0, server: readCpuSeconds(serverPid, TICK) - s0 });
+  return r;
+}
 
 async function must(cmd, args) {
   const t0 = performance.now();
@@ -50,9 +66,11 @@ const pct = (xs, p) => {
 
 /** 4 KiB messages one at a time: each is sent once the one before it was delivered, after a random pause of up to twice the poll interval. */
 async function latency(uri, pollMs) {
-  const { XferVolume } = await import('../dist/xfer/volume.js');
-  const { sendMessages } = await import('../dist/xfer/sender.js');
-  const { recv } = await import('../dist/xfer/receiver.js');
+  // The library of the build that runs (BENCH_BIN's when given).
+  const lib = (f) => import(pathToFileURL(path.join(path.dirname(BIN), '..', 'dist', 'xfer', f)).href);
+  const { XferVolume } = await lib('volume.js');
+  const { sendMessages } = await lib('sender.js');
+  const { recv } = await lib('receiver.js');
   const a = await XferVolume.open([uri]);
   const b = await XferVolume.open([uri]);
   const opts = { pollMs, heartbeatMs: 500, timeoutMs: 30_000 };
@@ -96,26 +114,29 @@ async function main() {
   const uri = `nbd://127.0.0.1:${port}/disk`;
   const format = () => must(process.execPath, [BIN, 'xfer', 'format', uri, '--seg-size', SEG, '--segments', '64', '--max-conn', '1']);
 
-  const xfer = async (paths) => {
-    // nbdcopy overwrote the volume: format it again (not timed).
+  const xfer = async (paths, cpuInto = []) => {
+    // nbdcopy overwrote the volume: format it again (neither timed nor counted).
     await format();
     const devs = Array.from({ length: paths }, () => ['--dev', uri]).flat();
-    const t0 = performance.now();
-    await Promise.all([
-      must(process.execPath, [BIN, 'xfer', 'recv', ...devs, '--as', '2', '--out', '/dev/null']),
-      must(process.execPath, [BIN, 'xfer', 'send', ...devs, '--from', '1', '--to', '2', input]),
-    ]);
-    return MIB / ((performance.now() - t0) / 1000);
+    return withCpu(cpuInto, server.pid, async () => {
+      const t0 = performance.now();
+      await Promise.all([
+        must(process.execPath, [BIN, 'xfer', 'recv', ...devs, '--as', '2', '--out', '/dev/null']),
+        must(process.execPath, [BIN, 'xfer', 'send', ...devs, '--from', '1', '--to', '2', input]),
+      ]);
+      return MIB / ((performance.now() - t0) / 1000);
+    });
   };
   const nbdcopy = async () => MIB / (await must('nbdcopy', [input, uri]));
 
   const rows = { xfer: [], nbdcopy: [], ...Object.fromEntries(PATHS.map((p) => [`paths${p}`, []])) };
+  const cpu = { xfer: [], nbdcopy: [] };
   for (let rep = 0; rep < REPS; rep++) {
     // A B B A within a repetition, so drift in the machine's load hits both alike.
-    rows.xfer.push(await xfer(1));
-    rows.nbdcopy.push(await nbdcopy());
-    rows.nbdcopy.push(await nbdcopy());
-    rows.xfer.push(await xfer(1));
+    rows.xfer.push(await xfer(1, cpu.xfer));
+    rows.nbdcopy.push(await withCpu(cpu.nbdcopy, server.pid, nbdcopy));
+    rows.nbdcopy.push(await withCpu(cpu.nbdcopy, server.pid, nbdcopy));
+    rows.xfer.push(await xfer(1, cpu.xfer));
     for (const p of PATHS) rows[`paths${p}`].push(await xfer(p));
     process.stderr.write(
       `rep ${rep + 1}/${REPS}: xfer ${rows.xfer.slice(-2).map((x) => x.toFixed(0)).join(', ')} MiB/s, nbdcopy ${rows.nbdcopy.slice(-2).map((x) => x.toFixed(0)).join(', ')} MiB/s, ` +
@@ -131,13 +152,14 @@ async function main() {
   }
   await server.stop();
   const x1 = median(rows.xfer);
+  const cpuCell = (k, f) => median(cpu[k].map((c) => c[f])).toFixed(2);
   const nc = median(rows.nbdcopy);
   const code = codeInfo(ROOT);
   const ncVersion = (await run('nbdcopy', ['--version'])).stdout.toString().split('\n')[0];
   const short = MIB < 1024 || REPS < 3 ? ` **A short run (${MIB} MiB, ${REPS} repetition${REPS === 1 ? '' : 's'}), not the 1 GiB of the goal: rerun \`node bench/xfer.js\` on a quiet machine.**` : '';
   const text = `## Transfer through a shared volume (xfer): ${MIB} MiB, paths, latency (bench/xfer.js)
 
-Run ${new Date().toISOString()} on ${os.cpus()[0]?.model.trim()}, nproc ${os.cpus().length}; node ${process.version}, ${ncVersion}; code ${code.head} (${code.subject.slice(0, 60)}).
+Run ${new Date().toISOString()} on ${os.cpus()[0]?.model.trim()}, nproc ${os.cpus().length}; node ${process.version}, ${ncVersion}; code ${code.head} (${code.subject.slice(0, 60)})${process.env.BENCH_BIN ? `; the CLI and serve from BENCH_BIN=${BIN}` : ''}.
 Load average ${loadStart} at start, ${loadAvg()} at end. ${MIB} MiB of random data, segments of ${SEG}, 64 segments, 1 connection;
 median of ${2 * REPS} interleaved A B B A for xfer over 1 path and nbdcopy, of ${REPS} for the other path counts.${short}
 
@@ -147,6 +169,14 @@ median of ${2 * REPS} interleaved A B B A for xfer over 1 path and nbdcopy, of $
 ${PATHS.map((p) => `| xfer send+recv, ${p} paths each | ${median(rows[`paths${p}`]).toFixed(1)} | ${(median(rows[`paths${p}`]) / nc).toFixed(2)}x | — | |`).join('\n')}
 | nbdcopy FILE to the export | ${nc.toFixed(1)} | 1.00x | — | |
 
+CPU seconds per run (median; user + system, all threads), the commands and the serving process meanwhile
+(xfer: \`send\` and \`recv\` together, their start-up included):
+
+| run | commands | serve |
+|---|---:|---:|
+| xfer send+recv, 1 path each | ${cpuCell('xfer', 'cmd')} | ${cpuCell('xfer', 'server')} |
+| nbdcopy FILE to the export | ${cpuCell('nbdcopy', 'cmd')} | ${cpuCell('nbdcopy', 'server')} |
+
 Latency of a 4 KiB message (${MSGS} per poll interval, one at a time on one connection, after a random pause of up to
 twice the interval; from handing it to the sender to its delivery; polls back off from 1 ms to the interval):
 
@@ -154,7 +184,7 @@ twice the interval; from handing it to the sender to its delivery; polls back of
 |---:|---:|---:|
 ${lat.map((l) => `| ${l.pollMs} ms | ${l.p50.toFixed(2)} ms | ${l.p99.toFixed(2)} ms |`).join('\n')}
 
-xfer is timed from starting \`recv\` and \`send\` to both exiting, Node start-up (about 0.6 s of CPU each) included; its
+xfer is timed from starting \`recv\` and \`send\` to both exiting, Node start-up (about 0.3 s of CPU each) included; its
 bytes cross the export twice (written, then read), nbdcopy's once. \`node bench/xfer.js\` (BENCH_MIB, BENCH_REPS,
 BENCH_SEG, BENCH_PATHS, BENCH_POLLS, BENCH_MSGS).
 `;

@@ -9,9 +9,11 @@
 // so a command still loads only what it runs.
 //
 // What is bundled: our dist/ code and the pure-JS packages the client commands need (commander,
-// zod, yaml). Every other package stays an ordinary import from node_modules: pino starts its
-// transports from files of its own, etcd3 reads .proto files, fuse-native and @node-rs/crc32 are
-// native, and fastify is only for `up`.
+// zod, yaml), and buffer-layout: a CommonJS package that an ES import makes Node 20 lex at every
+// start (~0.08 s of CPU; bench/RESULTS.md, "xfer, issue 17 third part"). Every other package stays
+// an ordinary import from node_modules: pino starts its transports from files of its own, etcd3
+// reads .proto files, fuse-native and the @node-rs packages are native (loaded with require(),
+// src/util/crc32c.ts, xxh64.ts), and fastify is only for `up`.
 //
 // Paths: dist/bundle/ is as deep as dist/cli/, so the `new URL('../../…', import.meta.url)` of the
 // native addon (blockdev/native.ts) and of the dashboard's page (admin/dashboard.ts) still land
@@ -24,7 +26,7 @@ import { build } from 'rolldown';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const OUT = path.join(ROOT, 'dist', 'bundle');
-const BUNDLED = ['commander', 'zod', 'yaml'];
+const BUNDLED = ['commander', 'zod', 'yaml', 'buffer-layout'];
 
 const bundled = (id) => BUNDLED.some((p) => id === p || id.startsWith(`${p}/`));
 fs.rmSync(OUT, { recursive: true, force: true });

@@ -125,6 +125,20 @@ describe('the bundled CLI (dist/bundle/, scripts/bundle-cli.mjs)', () => {
       expect(bundled.stdout + bundled.stderr, args.join(' ')).not.toBe('');
     }
   });
+
+  it('imports buffer-layout, @node-rs/crc32 and @node-rs/xxhash without an ES import of CommonJS, which Node 20 lexes at every start', () => {
+    // An ES import of a CommonJS package makes Node lex its source for export names, in code not
+    // yet compiled: 80-100 ms of CPU each for buffer-layout and @node-rs/crc32 in every CLI process. buffer-layout is
+    // bundled, the native @node-rs packages are loaded with require() (src/util/crc32c.ts, xxh64.ts).
+    const dir = path.join(ROOT, 'dist/bundle');
+    const files = fs.readdirSync(dir).filter((f) => f.endsWith('.js'));
+    const esImport = /^import\b[^;]*?from\s*["'](buffer-layout|@node-rs\/crc32|@node-rs\/xxhash)["']/m;
+    const offenders = files.filter((f) => esImport.test(fs.readFileSync(path.join(dir, f), 'utf8')));
+    expect(offenders).toEqual([]);
+    expect(files.some((f) => /createRequire\(import\.meta\.url\)\("@node-rs\/crc32"\)/.test(fs.readFileSync(path.join(dir, f), 'utf8')))).toBe(true);
+    const sources = (fs.readdirSync(path.join(ROOT, 'src'), { recursive: true }) as string[]).filter((f) => f.endsWith('.ts'));
+    expect(sources.filter((f) => /^import [^;]*from '@node-rs\/(crc32|xxhash)'/m.test(fs.readFileSync(path.join(ROOT, 'src', f), 'utf8')))).toEqual([]);
+  });
 });
 
 describe('blockmirror completion bash', () => {

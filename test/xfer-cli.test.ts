@@ -294,6 +294,8 @@ describe('xfer bad input', () => {
       [['format', s.uri, '--seg-size', '1000'], 2, /--seg-size 1000: a multiple of 4096 bytes/],
       [['format', s.uri, '--segments', 'many'], 2, /--segments "many": expected an integer/],
       [['format', s.uri, '--seg-size', '1MiB', '--segments', '64'], 2, /is 8388608 bytes; this geometry needs/],
+      // The defaults: 64 segments of 4 MiB, 4 connections (72 KiB of tables).
+      [['format', s.uri], 2, /is 8388608 bytes; this geometry needs 268509184 \(tables and 64 segments of 4194304\)/],
       [['ls', '--dev', s.uri], 1, /is not a transfer device \(it starts with zeroes, neither "MAS_EMC" nor "SEC_EMC"\): format it with blockmirror xfer format/],
       [['send', '--from', '1', '--to', '2', '-'], 2, /give the volume with --dev/],
       [['send', '--dev', s.uri, '--from', '0', '--to', '2'], 2, /--from "0": a process ID is an integer from 1 to 4294967295/],

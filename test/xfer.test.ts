@@ -7,14 +7,16 @@ import path from 'node:path';
 import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
-import { BLOCK, Command, MCB, PTR, PtrFlag, Role, SEC, SEG_HEADER, Status } from '../src/xfer/layout.js';
+import { BLOCK, Command, MCB, PTR, PtrFlag, Role, SEC, SEG, SEG_HEADER, Status } from '../src/xfer/layout.js';
+import { xxh64 } from '@node-rs/xxhash';
+import { crc32c } from '@node-rs/crc32';
 import { XferCorruptError, XferFormatError, XferPathError, XferPeerError, XferTableFullError, XferUsageError } from '../src/xfer/errors.js';
-import { XferVolume, formatVolume } from '../src/xfer/volume.js';
+import { XferVolume, formatVolume, perPathInFlight } from '../src/xfer/volume.js';
 import { send, sendMessages, pieces } from '../src/xfer/sender.js';
 import { recv } from '../src/xfer/receiver.js';
 import { gc } from '../src/xfer/gc.js';
 import { describe as describeVolume } from '../src/xfer/inspect.js';
-import { PathSet, openPath } from '../src/xfer/paths.js';
+import { PathSet, openPath, type XferPath } from '../src/xfer/paths.js';
 import { FAST, HookedPath, exchange, formattedFiles, volumeOf } from './helpers/xfer.js';
 
 const SMALL = { segSize: 8192, segments: 8, maxConn: 2 };
@@ -116,6 +118,41 @@ describe('xfer flows', () => {
     await Promise.all(vols.map((v) => v.close()));
   });
 
+  it('keeps 16 MiB of segment I/O in flight per path on each side: 4 segments of 4 MiB, 8 of 1 MiB, 1 of 64 MiB', async () => {
+    expect([4 << 20, 1 << 20, 64 << 20, 8192].map(perPathInFlight)).toEqual([4, 8, 1, 8]);
+    const SEG = 4 << 20;
+    const files = await formattedFiles({ segSize: SEG, segments: 16, maxConn: 1 }, 1, 80 << 20);
+    // Segment I/Os (header and data, whole) at once on the one path of each side, at their peak.
+    const peaks = { write: 0, read: 0 };
+    const counting = (p: XferPath): XferPath => {
+      const now = { write: 0, read: 0 };
+      const track = async <T>(op: 'write' | 'read', length: number, io: () => Promise<T>): Promise<T> => {
+        if (length < SEG / 2) return io();
+        peaks[op] = Math.max(peaks[op], ++now[op]);
+        try {
+          return await io();
+        } finally {
+          now[op]--;
+        }
+      };
+      return Object.assign(Object.create(p) as XferPath, {
+        read: (offset: number, length: number, dest?: Buffer) => track('read', length, () => p.read(offset, length, dest)),
+        write: (offset: number, data: Buffer) => track('write', data.length, () => p.write(offset, data)),
+      });
+    };
+    const a = await volumeOf(files, counting);
+    const b = await volumeOf(files, counting);
+    expect([a.inFlight, b.inFlight]).toEqual([4, 4]);
+    const data = randomBytes(8 * a.capacity + 1);
+    const { out } = await exchange(a, b, data);
+    expect(out.equals(data)).toBe(true);
+    expect(peaks.write).toBeGreaterThan(1);
+    expect(peaks.write).toBeLessThanOrEqual(4);
+    expect(peaks.read).toBeLessThanOrEqual(4);
+    await a.close();
+    await b.close();
+  });
+
   it('makes a sender wait for a full segment pool: it reuses a segment only after its acknowledgement', async () => {
     const files = await formattedFiles({ segSize: 4096, segments: 2, maxConn: 1 });
     const a = await volumeOf(files);
@@ -205,6 +242,26 @@ describe('xfer refuses what does not check out', () => {
     );
     return { a, b, reads: () => times - left };
   }
+
+  it("sums each segment's data with xxHash64 (version 3): the header holds its low 32 bits", async () => {
+    const files = await formattedFiles(SMALL);
+    const a = await volumeOf(files);
+    const b = await volumeOf(files);
+    const data = randomBytes(a.capacity + 100);
+    const { out } = await exchange(a, b, data);
+    expect(out.equals(data)).toBe(true);
+    // The segments stay on the volume after the transfer: part 0, then part 1 of the message.
+    for (const [i, part] of [data.subarray(0, a.capacity), data.subarray(a.capacity)].entries()) {
+      const seg = await a.readSegment(a.segments(0)[i]!, part.length);
+      const h = SEG.decode('segment', seg);
+      expect(h.dataLength).toBe(part.length);
+      expect(seg.readUInt16LE(8)).toBe(3);
+      expect(h.dataSum).toBe(Number(xxh64(part) & 0xffffffffn));
+      expect(h.dataSum).not.toBe(crc32c(part) >>> 0);
+    }
+    await a.close();
+    await b.close();
+  });
 
   it('reads a torn segment again later and delivers it intact', async () => {
     const { a, b, reads } = await damagedFirstSegment(5, (c) => (c[SEG_HEADER + 3]! ^= 1));

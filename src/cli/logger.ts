@@ -7,3 +7,9 @@ export async function cliLogger(cmd: Command): Promise<Logger> {
   const { createLogger } = await import('../util/log.js');
   return createLogger(cmd.optsWithGlobals().logLevel as string);
 }
+
+/** The same, made only when something is logged at or above the level (util/log.ts, lazyLogger). */
+export async function lazyCliLogger(cmd: Command): Promise<Logger> {
+  const { lazyLogger } = await import('../util/log.js');
+  return lazyLogger(cmd.optsWithGlobals().logLevel as string);
+}

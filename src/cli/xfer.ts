@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Command } from 'commander';
 import type { Logger } from 'pino';
-import { cliLogger } from './logger.js';
+import { lazyCliLogger } from './logger.js';
 import { SizeError, formatSize, parseSize } from '../util/size.js';
 import { UsageError } from './errors.js';
 
@@ -38,7 +38,7 @@ export function registerXferCommand(program: Command): void {
   xfer
     .command('format <dev...>')
     .description('write the master control block on the first device and SEC blocks on the others (one path per device)')
-    .option('--seg-size <size>', 'bytes per segment, a multiple of 4 KiB (e.g. 1MiB)', '1MiB')
+    .option('--seg-size <size>', 'bytes per segment, a multiple of 4 KiB (e.g. 1MiB)', '4MiB')
     .option('--segments <n>', 'segments on each device', '64')
     .option('--max-conn <n>', 'connection slots in the process ID table; each owns an equal share of the segments', '4')
     .allowExcessArguments(false)
@@ -81,7 +81,7 @@ export function registerXferCommand(program: Command): void {
       // Files are read straight into the segment buffers (no copy); messages are numbered from 1.
       const open = (msg: number, offset: number) =>
         stdin ? [process.stdin as AsyncIterable<Uint8Array>] : handles.slice(msg - 1).map((fh, k) => fileReader(fh, k === 0 ? offset : 0));
-      const log = await cliLogger(cmd);
+      const log = await lazyCliLogger(cmd);
       await withVolume(opts.dev, log, { direct: opts.direct === true, graceMs: int('--failover-ms', opts.failoverMs, 0) }, async (vol, signal) => {
         const { sendMessages, resumeSend } = await import('../xfer/sender.js');
         const o = { ...tuning, log, signal };
@@ -113,7 +113,7 @@ export function registerXferCommand(program: Command): void {
     if (opts.outDir !== undefined && !fs.statSync(opts.outDir, { throwIfNoEntry: false })?.isDirectory()) throw new UsageError(`recv: --out-dir ${opts.outDir} is not a directory`);
     const out = new Output(opts.out, opts.outDir, opts.resume === true);
     await out.open();
-    const log = await cliLogger(cmd);
+    const log = await lazyCliLogger(cmd);
     try {
       await withVolume(opts.dev, log, { direct: opts.direct === true, graceMs: int('--failover-ms', opts.failoverMs, 0) }, async (vol, signal) => {
         const { recv } = await import('../xfer/receiver.js');
@@ -138,7 +138,7 @@ export function registerXferCommand(program: Command): void {
     .option('--dev <dev>', DEV_HELP, collect, [])
     .option('--json', 'print JSON')
     .action(async (opts: { dev: string[]; json?: boolean }, cmd: Command) => {
-      await withVolume(opts.dev, await cliLogger(cmd), {}, async (vol) => {
+      await withVolume(opts.dev, await lazyCliLogger(cmd), {}, async (vol) => {
         const { describe } = await import('../xfer/inspect.js');
         const r = await describe(vol);
         if (opts.json) return void process.stdout.write(JSON.stringify(r, null, 2) + '\n');
@@ -164,7 +164,7 @@ export function registerXferCommand(program: Command): void {
     .option('--timeout <ms>', 'how long a heartbeat must stand still', '30000')
     .action(async (opts: { dev: string[]; timeout: string }, cmd: Command) => {
       const timeoutMs = int('--timeout', opts.timeout, 0);
-      await withVolume(opts.dev, await cliLogger(cmd), {}, async (vol, signal) => {
+      await withVolume(opts.dev, await lazyCliLogger(cmd), {}, async (vol, signal) => {
         const { gc } = await import('../xfer/gc.js');
         const done = await gc(vol, timeoutMs, signal);
         if (done.length === 0) process.stdout.write('nothing to reclaim\n');

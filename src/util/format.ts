@@ -12,7 +12,7 @@
 // A file that is not ours, is from a newer blockmirror, or fails its checksum is refused with a
 // FormatError at start: never reused silently, never reset silently.
 import * as BL from 'buffer-layout';
-import { crc32c } from '@node-rs/crc32';
+import { crc32c } from './crc32c.js';
 
 export class FormatError extends Error {
   override readonly name = 'FormatError';

@@ -4,13 +4,13 @@
 //   fresh acknowledgement table then ACCEPTED in our requestee half, with the connection's token
 //   poll the pointer table      entries in sequence order; each segment's header is checked
 //                               against its pointer entry (slot, token, writer, seq, length, last)
-//                               and its data against the header's CRC32C
+//                               and its data against the header's checksum (xxHash64)
 //   deliver, then acknowledge   flag READ and the sequence number, in our own table, written in
 //                               the background (one write at a time, each carrying all so far);
 //                               a mismatch (torn or stale read) is read again later, never
 //                               delivered nor acknowledged, and refused after `retries` reads
 //   after the LAST piece        wait for the sender to free its half, then free ours
-import { crc } from '../util/format.js';
+import { xxh64Low } from '../util/xxh64.js';
 import { AckFlag, Command, Piece, PtrFlag, Role, SEG, SEG_HEADER, Status, freeAck, freePid, type AckEntry, type AckTable, type PtrEntry, type PtrTable } from './layout.js';
 import { XferCorruptError, XferFormatError, XferPeerError } from './errors.js';
 import { Backoff, OwnHalf, PeerWatch, sleep, standingStill, tunables, type SessionOptions, type Tunables } from './session.js';
@@ -157,14 +157,14 @@ interface Ready {
 // table is written in the background, one write at a time carrying every piece delivered so far.
 //
 //   poll the pointer table ── issue reads of new entries, in sequence order (≤ ahead in flight)
-//   the oldest read ──────── check header and CRC ── deliver ── mark READ ── ack write (coalesced)
+//   the oldest read ──────── check header and sum ── deliver ── mark READ ── ack write (coalesced)
 //   nothing new ─────────── heartbeat checks, back off from 1 ms to the poll interval
 async function consume(vol: XferVolume, own: OwnHalf, ack: AckTable, deliver: Deliver, t: Tunables, first = 1): Promise<RecvResult> {
   const { slot, token, requestor: from } = own.entry;
   const E = vol.mcb.entries;
   const segs = vol.segments(slot);
   const watch = new PeerWatch(`sender ${from}`, t.timeoutMs);
-  const ahead = Math.max(1, Math.min(E, 8 * vol.devices.reduce((n, d) => n + d.paths.length, 0)));
+  const ahead = Math.max(1, Math.min(E, vol.inFlight));
   const pool = vol.segmentPool(ahead + 2);
   const backoff = new Backoff(t.pollMs);
   const queue: Ready[] = [];
@@ -350,8 +350,7 @@ function checkSegment(slot: number, token: number, from: number, r: Pick<Ready, 
     const got = h[k as keyof typeof want];
     if (got !== v) return `${what}: its header says ${k} ${got}, its pointer entry ${v}`;
   }
-  const dataCrc = crc(seg.subarray(SEG_HEADER, SEG_HEADER + r.entry.length));
-  if (dataCrc !== h.dataCrc) return `${what}: its data fails the header's checksum (torn or stale)`;
+  if (xxh64Low(seg.subarray(SEG_HEADER, SEG_HEADER + r.entry.length)) !== h.dataSum) return `${what}: its data fails the header's checksum (torn or stale)`;
   return undefined;
 }
 

@@ -11,7 +11,7 @@
 //                          pointers, whatever paths carry them. Messages follow each other on the
 //                          connection; the last piece of each is END, the connection's last LAST
 //   after the last ack     free the pointer table, then our half of the process ID table
-import { crc } from '../util/format.js';
+import { xxh64Low } from '../util/xxh64.js';
 import { AckFlag, Command, PTR, Piece, PtrFlag, Role, SEG, SEG_HEADER, Status, freeAck, freePid, freePtr, type AckTable, type PtrEntry, type PtrTable } from './layout.js';
 import { BufferPool } from './pool.js';
 import { XferPeerError, XferTableFullError } from './errors.js';
@@ -183,7 +183,7 @@ async function transfer(
   const segs = vol.segments(slot);
   const watch = new PeerWatch(`receiver ${to}`, t.timeoutMs);
   // Enough segment writes in flight to keep every path busy; the window (E) bounds them too.
-  const maxInFlight = Math.max(2, Math.min(E, 8 * vol.devices.reduce((n, d) => n + d.paths.length, 0)));
+  const maxInFlight = Math.max(2, Math.min(E, vol.inFlight));
   const pool = vol.segmentPool(maxInFlight + 2);
   const backoff = new Backoff(t.pollMs);
   let ack: AckTable = freeAck(slot);
@@ -250,7 +250,7 @@ async function transfer(
     // A reused buffer: nothing of an earlier segment goes out with this one.
     seg.fill(0, SEG.size, SEG_HEADER);
     seg.fill(0, SEG_HEADER + length, whole);
-    SEG.encode({ slot, last, msg, part, token, writer: from, seq, dataLength: length, dataCrc: crc(data) }, seg);
+    SEG.encode({ slot, last, msg, part, token, writer: from, seq, dataLength: length, dataSum: xxh64Low(data) }, seg);
     const s = seq;
     assigned[i] = s;
     const w = vol.writeSegment(segs[i], seg.subarray(0, whole)).then(

@@ -38,6 +38,16 @@ export interface Geometry {
 export const roundUp = (n: number, to = BLOCK) => Math.ceil(n / to) * to;
 
 /**
+ * Segment reads or writes one side keeps in flight per path: 16 MiB of them, from 1 to 8 segments.
+ * Measured on 1 GiB over one path (bench/RESULTS.md, "xfer, issue 17 third part"): 4 MiB
+ * segments 8 deep cost 4.6-4.9 s of CPU across send, recv and serve, 4 deep 4.2-4.3; every byte
+ * more in flight is a buffer more out of the caches, and the server's buffer pool (64 MiB, both
+ * sides' requests) stops recycling once they pass it.
+ */
+export const IN_FLIGHT_BYTES = 16 * 1024 * 1024;
+export const perPathInFlight = (segSize: number): number => Math.max(1, Math.min(8, Math.floor(IN_FLIGHT_BYTES / segSize)));
+
+/**
  * The tables are rewritten by the other side while we poll them, and a read that races a write
  * can come back torn (a page copied half old, half new: its checksum fails). Reading again gets
  * it whole, so a table is damaged only when this many reads in a row fail; the waits between
@@ -289,6 +299,11 @@ export class XferVolume {
   /** Header plus `length` data bytes, rounded up to whole blocks; into `dest` (a pool buffer) when given. */
   readSegment(at: SegmentAddress, length: number, dest?: Buffer): Promise<Buffer> {
     return this.devices[at.dev].read(at.offset, roundUp(SEG_HEADER + length), dest);
+  }
+
+  /** Segment I/Os to keep in flight on all paths together (see perPathInFlight). */
+  get inFlight(): number {
+    return perPathInFlight(this.mcb.segSize) * this.devices.reduce((n, d) => n + d.paths.length, 0);
   }
 
   /** Buffers of a whole segment, aligned when a path needs it. */

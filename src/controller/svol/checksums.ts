@@ -22,7 +22,7 @@
 // stale is dropped, which only means fewer blocks checked until they are written again.
 import fs from 'node:fs';
 import * as BL from 'buffer-layout';
-import { crc32c } from '@node-rs/crc32';
+import { crc32c } from '../../util/crc32c.js';
 import type { Logger } from 'pino';
 import type { Payload } from '../../blockdev/types.js';
 import { crc, FileFormat, FormatError } from '../../util/format.js';

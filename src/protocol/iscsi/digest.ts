@@ -1,5 +1,5 @@
 // CRC32C header and data digests (RFC 7143 13.1). The digest of a data segment covers its padding.
-import { crc32c } from '@node-rs/crc32';
+import { crc32c } from '../../util/crc32c.js';
 
 export function digest(parts: Buffer | readonly Buffer[]): number {
   if (Buffer.isBuffer(parts)) return crc32c(parts) >>> 0;
