@@ -28,6 +28,8 @@ export class SvolRig {
     readonly spec: SvolGroupSpec,
     readonly clusterSize: number,
     readonly size: number,
+    /** Bytes between a restore's checkpoints (the group's default unless given). */
+    readonly restoreCheckpoint?: number,
   ) {}
 
   async open(): Promise<void> {
@@ -40,7 +42,7 @@ export class SvolRig {
       this.faults.set(v, set);
       this.volumes.set(v, { device: new FaultDevice(file, set, `vol${v}`) });
     }
-    this.group = new SvolGroup(this.spec, { clusterSize: this.clusterSize, volumes: this.volumes, dir: path.join(this.dir, 'svol'), log: pino({ level: 'silent' }) });
+    this.group = new SvolGroup(this.spec, { clusterSize: this.clusterSize, volumes: this.volumes, dir: path.join(this.dir, 'svol'), log: pino({ level: 'silent' }), ...(this.restoreCheckpoint ? { restoreCheckpoint: this.restoreCheckpoint } : {}) });
     await this.group.open();
     this.pvol = new PvolVolume(this.volumes.get(this.spec.pvol)!.device, this.group);
     this.logical.clear();

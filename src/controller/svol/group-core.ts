@@ -58,6 +58,8 @@ export interface SvolGroupContext {
   /** dataDir/svol, or undefined in memory. */
   dir: string | undefined;
   log: Logger;
+  /** Bytes between a restore's recorded checkpoints (recovery.ts RESTORE_CHECKPOINT); tests make it small. */
+  restoreCheckpoint?: number;
 }
 
 export const COPY_RUN = 1024 * 1024;
@@ -83,6 +85,8 @@ export abstract class SvolGroupCore {
   protected drained: (() => void) | null = null;
   protected copying: Promise<void> | null = null;
   protected restoring: Promise<void> | null = null;
+  /** Clusters below this are copied by the restore running (its record's `next` is the durable part). */
+  protected restoreFrontier = 0;
   /** A remap's bitmap write, before its copy starts. */
   protected pending: Promise<void> | null = null;
   protected closed = false;
@@ -121,7 +125,7 @@ export abstract class SvolGroupCore {
         return l.attr === 'RW' && l.state === 'split' ? l.vol : undefined;
       },
       lock: (i) => this.logicalLocks[i]!,
-      readSlot: (i, c, dest) => this.incr.get(i)!.read(c, 0, dest),
+      readSlot: (i, c, within, dest) => this.incr.get(i)!.read(c, within, dest),
       writeMember: (vol, offset, data) => {
         this.count(vol, 'writes');
         return this.io.write(vol, offset, data.length, data, () => this.dev(vol).write(offset, data));
@@ -435,7 +439,7 @@ export abstract class SvolGroupCore {
       // Acknowledged once in the increments (the truth for changed clusters); the member's
       // volume follows behind the host (destage.ts), or a restore applies the increments.
       await incr.log(offset, data, this.size, (c, buf) => this.baseOf(i, c, buf));
-      if (l.state === 'split') this.destage.add(i, first, last);
+      if (l.state === 'split') this.destage.add(i, offset, payloadLength(data));
     } finally {
       release();
     }
