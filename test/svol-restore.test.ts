@@ -7,13 +7,14 @@ import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { FilterDevice } from '../src/blockdev/filter.js';
 import { openFileDevice } from '../src/blockdev/file.js';
-import { payloadLength, type BlockDevice, type Payload } from '../src/blockdev/types.js';
+import { payloadLength } from '../src/blockdev/types.js';
 import { ChecksumTables, SUM_BLOCK } from '../src/controller/svol/checksums.js';
 import type { SvolGroupSpec } from '../src/controller/svol/group.js';
 import { decodeGroupRecord } from '../src/controller/svol/group-file.js';
 import { MemberIo } from '../src/controller/svol/member-io.js';
 import { pino } from 'pino';
 import { tmpDir } from './helpers/servers.js';
+import { VolatileCache } from './helpers/volatile-cache.js';
 import { SvolRig as Rig } from './helpers/svol-rig.js';
 
 const KiB = 1024;
@@ -39,43 +40,6 @@ function pattern(len: number, seed: number): Buffer {
   const b = Buffer.alloc(len);
   for (let i = 0; i < len; i++) b[i] = (i * 131 + seed + (i >>> 12)) & 0xff;
   return b;
-}
-
-/**
- * A disk with a volatile write cache: what it holds after a power loss is `durable`, its bytes
- * at the start plus every write that completed before a flush that then completed.
- */
-class VolatileCache extends FilterDevice {
-  durable: Buffer;
-  private unflushed: { at: number; data: Buffer }[] = [];
-  constructor(
-    next: BlockDevice,
-    initial: Buffer,
-    /** Called as each write or flush starts: a moment for a power loss. */
-    private readonly onWrite: () => void,
-  ) {
-    super(next);
-    this.durable = Buffer.from(initial);
-  }
-  override async write(offset: number, data: Payload): Promise<void> {
-    this.onWrite();
-    await this.next.write(offset, data);
-    this.unflushed.push({ at: offset, data: Buffer.concat(Buffer.isBuffer(data) ? [data] : data) });
-  }
-  override async zero(offset: number, length: number): Promise<void> {
-    this.onWrite();
-    await this.next.zero(offset, length);
-    this.unflushed.push({ at: offset, data: Buffer.alloc(length) });
-  }
-  override async trim(offset: number, length: number): Promise<void> {
-    return this.zero(offset, length);
-  }
-  override async flush(): Promise<void> {
-    this.onWrite();
-    const covered = this.unflushed.splice(0);
-    await this.next.flush();
-    for (const w of covered) w.data.copy(this.durable, w.at);
-  }
 }
 
 /** Reads of a volume, by range. */

@@ -49,6 +49,8 @@ export interface DestageHost {
   /** Write the member's volume (checksums recorded, hang timeout). */
   writeMember(vol: number, offset: number, data: Buffer): Promise<void>;
   flushMember(vol: number): Promise<void>;
+  /** Member i's increments map is durable up to its last entry (before any member write of its clusters). */
+  mapDurable(i: number): Promise<void>;
   /** The member's volume failed: the RW recovery. */
   fail(i: number, op: string, err: Error, vol: number): void;
   /** The group is closing: stop. */
@@ -156,6 +158,8 @@ export class Destager {
           while (end + 1 < this.host.clusters && end - c + 1 < maxRun && bm.isInvalid(end + 1)) end++;
           const off = c * cs;
           const len = Math.min((end + 1) * cs, this.host.size) - off;
+          // The run's clusters are in the map (logged before add()): durable before the member changes.
+          await this.host.mapDurable(i);
           const release = await this.host.lock(i).acquire(off, len);
           let failed = false;
           try {

@@ -142,6 +142,8 @@ export abstract class SvolGroupRecovery extends SvolGroupCore {
         }
         const incr = this.incr.get(r.logical);
         if (l.attr === 'RW' && incr) {
+          // The map is the write intent of these clusters: durable before `home` takes them.
+          await incr.mapDurable();
           const one = Buffer.allocUnsafe(cs);
           for (const c of incr.changed()) {
             const part = one.subarray(0, Math.min(cs, this.size - c * cs));
