@@ -229,5 +229,3 @@ export class Destager {
     await Promise.all(reads);
   }
 }
-
-

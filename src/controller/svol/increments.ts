@@ -33,7 +33,7 @@ export class IncrementsVolume {
   private map: Uint32Array;
   private used = 0;
   private fullSaid = false;
-  /** Map writes completed, and how many of them a completed flush covers. */
+  /** Map writes completed, and how many of them a completed flush covers (both only grow, across resets too). */
   private mapped = 0;
   private mappedDurable = 0;
   generation = 0;
@@ -80,7 +80,6 @@ export class IncrementsVolume {
     await this.device.flush();
     this.map = new Uint32Array(this.clusters);
     this.used = 0;
-    this.mapped = this.mappedDurable = 0;
     this.generation = generation;
     this.fullSaid = false;
   }
