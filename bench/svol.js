@@ -250,6 +250,13 @@ A short first run on a shared 2-core machine: rerun on a quiet one for figures t
 | restore of a ${sizeMiB} MiB RO member onto a spare (fault to remapped) vs nbdcopy of ${sizeMiB} MiB between two exports | ${restoreMed.toFixed(2)} s | ${copyMed.toFixed(2)} s | ${(copyMed / restoreMed).toFixed(2)} | ≥ 0.8 | ${copyMed / restoreMed >= 0.8 ? 'yes' : '**no**'} |
 ${rows.map((r) => `| RW member ${r.label} vs a plain volume | ${fmt(r.rwm, r.unit)} | ${fmt(r.plain, r.unit)} | ${(r.rwm / r.plain).toFixed(2)} | ≥ 0.7 | ${r.rwm / r.plain >= 0.7 ? 'yes' : '**no**'} |`).join('\n')}
 
+Each run, in the order run (A B B A): restore ${restoreS.map((x) => x.toFixed(2)).join(' / ')} s, nbdcopy ${copyS.map((x) => x.toFixed(2)).join(' / ')} s;
+${rows.map((r) => `${r.label}: RW member ${r.runs.rwm.map((x) => x.toFixed(0)).join(' / ')}, plain ${r.runs.plain.map((x) => x.toFixed(0)).join(' / ')} ${r.unit}`).join('; ')}.
+The restore copies 4 runs of 1 MiB at once, flushes every 16 MiB beside the copy and once before the remap (nbdcopy
+does not flush). The RW member's first write to each cluster after the split copies the cluster's base into its
+increments slot (64 KiB read and written for a 4 KiB write), so its first 4k run is the slow one until every cluster
+was written once.
+
 Time from fault to the host's I/O flowing again: the section "fault to host I/O flowing again" below.
 `;
   replaceSection(path.join(ROOT, 'bench/RESULTS.md'), 'svol', text);
