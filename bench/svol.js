@@ -6,9 +6,9 @@
 //   - time from a fault on an RO member to the host's reads of its logical ID flowing again, p50 and
 //     p99 over --faults runs each of an EIO fault and a hang (offline, mode hang: ioTimeout decides).
 //
-//   node bench/svol.js [--size 256MiB] [--runtime 3] [--reps 1] [--faults 20] [--only failover|rw] [--profile DIR]
+//   node bench/svol.js [--size 256MiB] [--runtime 3] [--reps 1] [--faults 20] [--only failover|rw|restore] [--profile DIR]
 //
-// --only rw prints the write figures without touching RESULTS.md; --profile DIR runs the storage
+// --only rw (restore) prints the write (restore) figures without touching RESULTS.md; --profile DIR runs the storage
 // system under node --cpu-prof (its .cpuprofile lands in DIR when it stops).
 // Writes its sections of bench/RESULTS.md. Needs a built tree (npm run build), fio, nbdcopy, qemu-io.
 import fs from 'node:fs';
@@ -153,7 +153,7 @@ try {
 
   // Fault to I/O flowing again: EIO and hang runs interleaved.
   const flow = { eio: [], hang: [] };
-  if (only !== 'rw') {
+  if (only === '' || only === 'failover') {
   for (let r = 0; r < faultRuns; r++) for (const kind of r % 2 ? ['hang', 'eio'] : ['eio', 'hang']) flow[kind].push(await failover(kind));
   const fm = machineInfo();
   const fcode = codeInfo(ROOT);
@@ -199,7 +199,12 @@ ${frow(`offline, mode hang (failed after ioTimeout ${IO_TIMEOUT_MS} ms)`, flow.h
     await cli('fault', 'clear', `1:${phys}`);
     await cli('svol', 'attr', 'bench', String(phys), 'spare');
   };
-  if (only === '') for (let r = 0; r < reps; r++) for (const step of [nbdcopy, restore, restore, nbdcopy]) await step();
+  if (only === '' || only === 'restore') for (let r = 0; r < reps; r++) for (const step of [nbdcopy, restore, restore, nbdcopy]) await step();
+  if (only === 'restore') {
+    const c = median(copyS);
+    const rs = median(restoreS);
+    process.stdout.write(`restore ${rs.toFixed(2)} s (${restoreS.map((x) => x.toFixed(2)).join(' ')}), nbdcopy ${c.toFixed(2)} s (${copyS.map((x) => x.toFixed(2)).join(' ')}), ratio ${(c / rs).toFixed(2)}; load ${loadAvg()}\n`);
+  }
 
   // RW member vs plain volume, A B B A per job.
   const jobs = [
@@ -207,7 +212,7 @@ ${frow(`offline, mode hang (failed after ioTimeout ${IO_TIMEOUT_MS} ms)`, flow.h
     { label: '1M seq write QD8', rw: 'write', bs: '1M', iodepth: 8, unit: 'MiB/s', pick: (x) => x.bwMiB },
   ];
   const rows = [];
-  for (const j of only === 'failover' ? [] : jobs) {
+  for (const j of only === '' || only === 'rw' ? jobs : []) {
     const plain = [];
     const rwm = [];
     const drains = [];
@@ -222,11 +227,11 @@ ${frow(`offline, mode hang (failed after ioTimeout ${IO_TIMEOUT_MS} ms)`, flow.h
       drains.push((performance.now() - t) / 1000);
     };
     for (let r = 0; r < reps; r++) for (const [vol, into] of [[7, plain], [3, rwm], [3, rwm], [7, plain]]) await one(vol, into);
-    rows.push({ ...j, plain: median(plain), rwm: median(rwm), drain: median(drains) });
+    rows.push({ ...j, plain: median(plain), rwm: median(rwm), drain: median(drains), runs: { plain, rwm } });
   }
 
   if (only === 'rw') {
-    for (const r of rows) process.stdout.write(`${r.label}: RW member ${r.rwm.toFixed(0)} ${r.unit}, plain ${r.plain.toFixed(0)} ${r.unit}, ratio ${(r.rwm / r.plain).toFixed(2)}; destage after the run ${r.drain.toFixed(2)} s; load ${loadAvg()}\n`);
+    for (const r of rows) process.stdout.write(`${r.label}: RW member ${r.rwm.toFixed(0)} ${r.unit}, plain ${r.plain.toFixed(0)} ${r.unit}, ratio ${(r.rwm / r.plain).toFixed(2)} (runs: RW ${r.runs.rwm.map((x) => x.toFixed(0)).join(' ')}, plain ${r.runs.plain.map((x) => x.toFixed(0)).join(' ')}); destage after the run ${r.drain.toFixed(2)} s; load ${loadAvg()}\n`);
   }
   if (only === '') {
   const m = machineInfo();
@@ -244,6 +249,13 @@ A short first run on a shared 2-core machine: rerun on a quiet one for figures t
 |---|---:|---:|---:|---:|:---:|
 | restore of a ${sizeMiB} MiB RO member onto a spare (fault to remapped) vs nbdcopy of ${sizeMiB} MiB between two exports | ${restoreMed.toFixed(2)} s | ${copyMed.toFixed(2)} s | ${(copyMed / restoreMed).toFixed(2)} | ≥ 0.8 | ${copyMed / restoreMed >= 0.8 ? 'yes' : '**no**'} |
 ${rows.map((r) => `| RW member ${r.label} vs a plain volume | ${fmt(r.rwm, r.unit)} | ${fmt(r.plain, r.unit)} | ${(r.rwm / r.plain).toFixed(2)} | ≥ 0.7 | ${r.rwm / r.plain >= 0.7 ? 'yes' : '**no**'} |`).join('\n')}
+
+Each run, in the order run (A B B A): restore ${restoreS.map((x) => x.toFixed(2)).join(' / ')} s, nbdcopy ${copyS.map((x) => x.toFixed(2)).join(' / ')} s;
+${rows.map((r) => `${r.label}: RW member ${r.runs.rwm.map((x) => x.toFixed(0)).join(' / ')}, plain ${r.runs.plain.map((x) => x.toFixed(0)).join(' / ')} ${r.unit}`).join('; ')}.
+The restore copies 4 runs of 1 MiB at once, flushes every 16 MiB beside the copy and once before the remap (nbdcopy
+does not flush). The RW member's first write to each cluster after the split copies the cluster's base into its
+increments slot (64 KiB read and written for a 4 KiB write), so its first 4k run is the slow one until every cluster
+was written once.
 
 Time from fault to the host's I/O flowing again: the section "fault to host I/O flowing again" below.
 `;

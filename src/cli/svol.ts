@@ -151,7 +151,7 @@ export function formatGroup(s: SvolGroupStatus): string {
   const checks = `reads ${s.spreadReads ? 'spread over RO siblings of a generation' : 'from each member\'s own volume'}; ioTimeout ${s.ioTimeoutMs ? `${s.ioTimeoutMs} ms` : 'off'}; ${s.checksumMismatches} checksum mismatches, ${s.ioTimeouts} timeouts since start\n`;
   const r = s.restore;
   const restore = r
-    ? `restore: vol${r.logicalId} onto volume ${r.target} from volume ${r.donor} (replacing ${r.failed}): ${r.copiedClusters}/${r.totalClusters} clusters (${Math.floor((100 * r.copiedClusters) / Math.max(1, r.totalClusters))}%), ${r.reason}\n`
+    ? `restore: vol${r.logicalId} onto volume ${r.target} from volume ${r.donor} (replacing ${r.failed}): ${r.copiedClusters}/${r.totalClusters} clusters (${Math.floor((100 * r.copiedClusters) / Math.max(1, r.totalClusters))}%; a restart resumes at ${r.checkpointClusters}), ${r.reason}\n`
     : '';
   const v = s.verify;
   const verify = v

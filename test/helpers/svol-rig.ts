@@ -21,6 +21,8 @@ export class SvolRig {
   /** The host's device for each logical ID. */
   logical = new Map<number, LogicalVolume>();
   private files: BlockDevice[] = [];
+  /** Put a device of the test's over a volume at the next open() (an increments volume's device is held from then on). */
+  wrap: ((vol: number, dev: BlockDevice) => BlockDevice) | undefined;
 
   /** `size` of the P-VOL and each member; an increments volume gets two clusters more (its header). */
   constructor(
@@ -28,6 +30,8 @@ export class SvolRig {
     readonly spec: SvolGroupSpec,
     readonly clusterSize: number,
     readonly size: number,
+    /** Bytes between a restore's checkpoints (the group's default unless given). */
+    readonly restoreCheckpoint?: number,
   ) {}
 
   async open(): Promise<void> {
@@ -38,9 +42,10 @@ export class SvolRig {
       this.files.push(file);
       const set = this.faults.get(v) ?? new FaultSet();
       this.faults.set(v, set);
-      this.volumes.set(v, { device: new FaultDevice(file, set, `vol${v}`) });
+      const dev = new FaultDevice(file, set, `vol${v}`);
+      this.volumes.set(v, { device: this.wrap ? this.wrap(v, dev) : dev });
     }
-    this.group = new SvolGroup(this.spec, { clusterSize: this.clusterSize, volumes: this.volumes, dir: path.join(this.dir, 'svol'), log: pino({ level: 'silent' }) });
+    this.group = new SvolGroup(this.spec, { clusterSize: this.clusterSize, volumes: this.volumes, dir: path.join(this.dir, 'svol'), log: pino({ level: 'silent' }), ...(this.restoreCheckpoint ? { restoreCheckpoint: this.restoreCheckpoint } : {}) });
     await this.group.open();
     this.pvol = new PvolVolume(this.volumes.get(this.spec.pvol)!.device, this.group);
     this.logical.clear();

@@ -29,7 +29,7 @@ import type { Logger } from 'pino';
 import { RangeLock } from '../../blockdev/range-lock.js';
 import { BlockDeviceError, payloadLength, type BlockDevice, type Payload } from '../../blockdev/types.js';
 import { ClusterBitmap, clusterRange } from '../bitmap.js';
-import { FileBitmapStore, MemoryBitmapStore, type BitmapStore } from '../bitmap-store.js';
+import { FileBitmapStore, markRuns, MemoryBitmapStore, type BitmapStore } from '../bitmap-store.js';
 import { ChecksumTables, SUM_BLOCK } from './checksums.js';
 import { Destager } from './destage.js';
 import { MemberIo } from './member-io.js';
@@ -58,6 +58,8 @@ export interface SvolGroupContext {
   /** dataDir/svol, or undefined in memory. */
   dir: string | undefined;
   log: Logger;
+  /** Bytes between a restore's recorded checkpoints (recovery.ts RESTORE_CHECKPOINT); tests make it small. */
+  restoreCheckpoint?: number;
 }
 
 export const COPY_RUN = 1024 * 1024;
@@ -83,6 +85,8 @@ export abstract class SvolGroupCore {
   protected drained: (() => void) | null = null;
   protected copying: Promise<void> | null = null;
   protected restoring: Promise<void> | null = null;
+  /** Clusters below this are copied by the restore running (its record's `next` is the durable part). */
+  protected restoreFrontier = 0;
   /** A remap's bitmap write, before its copy starts. */
   protected pending: Promise<void> | null = null;
   protected closed = false;
@@ -121,12 +125,13 @@ export abstract class SvolGroupCore {
         return l.attr === 'RW' && l.state === 'split' ? l.vol : undefined;
       },
       lock: (i) => this.logicalLocks[i]!,
-      readSlot: (i, c, dest) => this.incr.get(i)!.read(c, 0, dest),
+      readSlot: (i, c, within, dest) => this.incr.get(i)!.read(c, within, dest),
       writeMember: (vol, offset, data) => {
         this.count(vol, 'writes');
         return this.io.write(vol, offset, data.length, data, () => this.dev(vol).write(offset, data));
       },
       flushMember: (vol) => this.io.flush(vol),
+      mapDurable: (i) => this.incr.get(i)!.mapDurable(),
       fail: (i, op, err, vol) => this.fail(i, op, err, vol),
     });
   }
@@ -173,6 +178,11 @@ export abstract class SvolGroupCore {
         this.incr.set(i, v);
         // What was destaged before the restart is not known: every changed cluster again.
         if (l.attr === 'RW' && l.state === 'split') this.destage.addAll(i, v.changed());
+        // The map is the RW member's write intent (logicalWrite): its clusters are changed since the split.
+        if (l.attr === 'RW' && l.state !== 'simplex' && l.state !== 'paired') {
+          const changed = [...v.changed()].filter((c) => this.bitmaps[i]!.setInvalid(c));
+          await markRuns(this.store, i, changed);
+        }
       }
     }
     this.save();
@@ -430,12 +440,16 @@ export abstract class SvolGroupCore {
     // Whole clusters: two writes into one cluster must not both give it a new increments slot.
     const release = await this.logicalLocks[i]!.acquire(first * cs, (last + 1 - first) * cs);
     try {
+      // The increments map is this write's intent on disk: after a crash the group takes its
+      // clusters as changed (open), and no member write of them starts before the map entry
+      // is durable (destage, restore). The bitmap's own bits follow in the background, so a
+      // first write to a cluster waits for no bitmap flush.
       this.bitmaps[i]!.setRangeInvalid(first, last);
-      await this.store.mark([i], first, last);
+      void this.store.mark([i], first, last).catch((e: Error) => this.log.warn({ err: e.message }, `S-VOL group ${this.name}: bitmap: ${e.message}`));
       // Acknowledged once in the increments (the truth for changed clusters); the member's
       // volume follows behind the host (destage.ts), or a restore applies the increments.
       await incr.log(offset, data, this.size, (c, buf) => this.baseOf(i, c, buf));
-      if (l.state === 'split') this.destage.add(i, first, last);
+      if (l.state === 'split') this.destage.add(i, offset, payloadLength(data));
     } finally {
       release();
     }

@@ -280,7 +280,7 @@ export class SvolGroup extends SvolGroupRecovery {
       ioTimeouts: this.io.timeouts,
       members,
       ...(this.lastVerify ? { verify: this.lastVerify } : {}),
-      ...(r ? { restore: { logicalId: this.rec.logical[r.logical]!.id, target: r.target, donor: r.donor, failed: r.failed, copiedClusters: r.next, totalClusters: this.clusters, reason: r.reason } } : {}),
+      ...(r ? { restore: { logicalId: this.rec.logical[r.logical]!.id, target: r.target, donor: r.donor, failed: r.failed, copiedClusters: Math.max(r.next, this.restoreFrontier), checkpointClusters: r.next, totalClusters: this.clusters, reason: r.reason } } : {}),
     };
   }
 }

@@ -33,6 +33,9 @@ export class IncrementsVolume {
   private map: Uint32Array;
   private used = 0;
   private fullSaid = false;
+  /** Map writes completed, and how many of them a completed flush covers (both only grow, across resets too). */
+  private mapped = 0;
+  private mappedDurable = 0;
   generation = 0;
   readonly slots: number;
   private readonly dataStart: number;
@@ -176,14 +179,26 @@ export class IncrementsVolume {
       }
       await Promise.all(coalesce(entries).map((w) => this.device.write(w.at, w.bufs)));
       for (const { c, slot } of mapped) this.map[c] = slot;
+      if (mapped.length) this.mapped++;
     })();
     const [a, b] = await Promise.allSettled([logged, member]);
     if (a.status === 'rejected') throw a.reason;
     if (b?.status === 'rejected') throw b.reason;
   }
 
-  flush(): Promise<void> {
-    return this.device.flush();
+  async flush(): Promise<void> {
+    const upto = this.mapped;
+    await this.device.flush();
+    if (upto > this.mappedDurable) this.mappedDurable = upto;
+  }
+
+  /**
+   * Every map entry written so far is durable: the member's volume may take the clusters' new
+   * bytes (destage, a restore's apply) without a crash leaving a change there that neither this
+   * map nor the group's bitmap knows. One flush covers every entry written before it.
+   */
+  mapDurable(): Promise<void> {
+    return this.mappedDurable < this.mapped ? this.flush() : Promise.resolve();
   }
 }
 

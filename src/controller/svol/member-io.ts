@@ -38,6 +38,8 @@ export class MemberTimeoutError extends BlockDeviceError {
   }
 }
 
+/** Extent flag: the range reads as zeroes (NBD_STATE_ZERO). */
+const EXTENT_ZERO = 2;
 /** A read that raced writes to its volume this many times in a row is returned unchecked. */
 const RACED_RETRIES = 3;
 /** Writes remembered per volume for telling a raced read from a bad block; older ones count as racing every read. */
@@ -80,10 +82,12 @@ export class MemberIo {
 
   /**
    * Read `dest.length` bytes of `vol` at `offset`, checked against the checksums. Counted in
-   * flight unless `uncounted` (the reads of the member being rebuilt itself).
+   * flight unless `uncounted` (the reads of the member being rebuilt itself). `own`: `dest` is
+   * the caller's, who drops it if the read fails (a restore's copy buffer), so a block-aligned
+   * read may land in it straight, without a buffer of its own and a copy.
    */
-  read(vol: number, offset: number, dest: Buffer, uncounted = false): Promise<void> {
-    const p = this.checkedRead(vol, offset, dest);
+  read(vol: number, offset: number, dest: Buffer, uncounted = false, own = false): Promise<void> {
+    const p = this.checkedRead(vol, offset, dest, own);
     if (uncounted) return p;
     // Counted before the first await: a caller that picked `vol` and a role change never interleave.
     let set = this.readsIn.get(vol);
@@ -92,14 +96,15 @@ export class MemberIo {
     return p.finally(() => set.delete(p));
   }
 
-  private async checkedRead(vol: number, offset: number, dest: Buffer): Promise<void> {
+  private async checkedRead(vol: number, offset: number, dest: Buffer, own: boolean): Promise<void> {
     // Whole blocks, so each can be checked; into a buffer of our own, which a read that
     // outlives its timeout may still fill without touching the host's.
     const start = Math.floor(offset / SUM_BLOCK) * SUM_BLOCK;
     const end = Math.min(this.size, Math.ceil((offset + dest.length) / SUM_BLOCK) * SUM_BLOCK);
+    const straight = own && start === offset && end === offset + dest.length;
     for (let attempt = 0; ; attempt++) {
       const seq = this.writeSeq.get(vol) ?? 0;
-      const buf = Buffer.allocUnsafeSlow(end - start);
+      const buf = straight ? dest : Buffer.allocUnsafeSlow(end - start);
       await this.timed(this.dev(vol).read(start, buf), vol, `read at ${start}`);
       const bad = this.sums.check(vol, start, buf);
       if (bad) {
@@ -114,16 +119,17 @@ export class MemberIo {
           );
         }
       }
-      buf.copy(dest, 0, offset - start, offset - start + dest.length);
+      if (!straight) buf.copy(dest, 0, offset - start, offset - start + dest.length);
       return;
     }
   }
 
   /**
    * Run `op`, a write of `length` bytes at `offset` to `vol` whose bytes are `data` (null: zeroes;
-   * undefined: not known, the blocks stay unchecked until written again).
+   * undefined: not known, the blocks stay unchecked until written again). `copyOf`: `data` was
+   * read (checked) from that volume at the same offset, whose known checksums it takes over.
    */
-  async write(vol: number, offset: number, length: number, data: Payload | null | undefined, op: () => Promise<void>): Promise<void> {
+  async write(vol: number, offset: number, length: number, data: Payload | null | undefined, op: () => Promise<void>, copyOf?: number): Promise<void> {
     this.sums.forget(vol, offset, length);
     const w: RecentWrite = { offset, end: offset + length, started: this.bump(vol), ended: undefined };
     let list = this.recent.get(vol);
@@ -141,7 +147,23 @@ export class MemberIo {
       }
     });
     await this.timed(done, vol, `write at ${offset}`);
-    if (data !== undefined) this.sums.record(vol, offset, length, data);
+    if (data !== undefined) this.sums.record(vol, offset, length, data, copyOf);
+  }
+
+  /**
+   * Does `vol` say it reads as zeroes over [offset, offset+length) (its extents), with no
+   * checksum there that knows other bytes? Then a copy of the range may zero its target
+   * instead of reading it. Timed like a read: a volume that hangs fails it.
+   */
+  async readsAsZeroes(vol: number, offset: number, length: number): Promise<boolean> {
+    if (this.sums.knownNonZero(vol, offset, length)) return false;
+    const extents = await this.timed(this.dev(vol).extents(offset, length), vol, `block status at ${offset}`);
+    let covered = 0;
+    for (const e of extents) {
+      if (!(e.flags & EXTENT_ZERO)) return false;
+      covered += e.length;
+    }
+    return covered >= length;
   }
 
   private bump(vol: number): number {

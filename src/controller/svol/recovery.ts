@@ -14,9 +14,12 @@
 import { BlockDeviceError } from '../../blockdev/types.js';
 import { PairCommandError } from '../status.js';
 import { COPY_RUN, SvolGroupCore } from './group-core.js';
+import type { RestoreRecord } from './group-file.js';
 
 /** A restore records its progress this often (bytes), so a restart resumes near where it stopped. */
-const RESTORE_SAVE_EVERY = 16 * 1024 * 1024;
+export const RESTORE_CHECKPOINT = 16 * 1024 * 1024;
+/** Copy runs of a restore in flight at once. */
+const RESTORE_DEPTH = 4;
 
 export abstract class SvolGroupRecovery extends SvolGroupCore {
   /** A member's volume failed under host I/O: mark it, and start its recovery in the background. */
@@ -77,6 +80,7 @@ export abstract class SvolGroupRecovery extends SvolGroupCore {
     const promote = l.attr === 'RW' && target !== l.vol ? donor.index : undefined;
     this.rec.restore = { logical: i, target, donor: donor.vol, failed: l.vol, next: 0, reason, ...(promote !== undefined ? { promote } : {}) };
     l.state = 'restoring';
+    this.restoreFrontier = 0;
     this.save();
     this.log.warn(
       { logical: l.id, donor: donor.vol, target },
@@ -115,34 +119,12 @@ export abstract class SvolGroupRecovery extends SvolGroupCore {
     const r = this.rec.restore!;
     const l = this.rec.logical[r.logical]!;
     const cs = this.ctx.clusterSize;
-    const runClusters = Math.max(1, Math.floor(COPY_RUN / cs));
-    const buf = Buffer.allocUnsafe(runClusters * cs);
-    let sinceSave = 0;
-    let donorError: unknown;
+    const donorErrors = new Set<unknown>();
     try {
-      while (r.next < this.clusters) {
-        if (this.closed) return;
-        const off = r.next * cs;
-        const len = Math.min(runClusters * cs, this.size - off);
-        const piece = buf.subarray(0, len);
-        this.count(r.donor, 'reads');
-        try {
-          await this.io.read(r.donor, off, piece, true);
-        } catch (e) {
-          donorError = e;
-          throw e;
-        }
-        // The controller writes the target whatever its attribute: RO refuses hosts, not restores.
-        await this.io.write(r.target, off, len, piece, () => this.dev(r.target).write(off, piece));
-        r.next += Math.ceil(len / cs);
-        sinceSave += len;
-        if (sinceSave >= RESTORE_SAVE_EVERY) {
-          await this.io.flush(r.target);
-          this.save();
-          sinceSave = 0;
-        }
-      }
+      if (!(await this.copyForRestore(r, donorErrors))) return;
       await this.io.flush(r.target);
+      // All of it durable: a restart after this point (the RW promotion below saves) copies nothing again.
+      r.next = this.clusters;
       const release = await this.logicalLocks[r.logical]!.acquire(0, this.size);
       try {
         let home = r.target;
@@ -160,6 +142,8 @@ export abstract class SvolGroupRecovery extends SvolGroupCore {
         }
         const incr = this.incr.get(r.logical);
         if (l.attr === 'RW' && incr) {
+          // The map is the write intent of these clusters: durable before `home` takes them.
+          await incr.mapDurable();
           const one = Buffer.allocUnsafe(cs);
           for (const c of incr.changed()) {
             const part = one.subarray(0, Math.min(cs, this.size - c * cs));
@@ -186,7 +170,7 @@ export abstract class SvolGroupRecovery extends SvolGroupCore {
       this.log.info({ logical: l.id, vol: l.vol }, `S-VOL group ${this.name}: vol${l.id} restored onto volume ${l.vol}`);
     } catch (e) {
       if (this.closed) return;
-      if (e === donorError && e instanceof BlockDeviceError && e.errno === 'EIO') {
+      if (donorErrors.has(e) && e instanceof BlockDeviceError && e.errno === 'EIO') {
         // The donor failed (a bad copy, a dead disk), not the target: the target goes back to the pool as a spare,
         // the donor's member is failed in turn, and this member waits for a sound donor.
         if (r.target !== r.failed) this.rec.pool.unshift({ vol: r.target, state: 'spare' });
@@ -206,5 +190,92 @@ export abstract class SvolGroupRecovery extends SvolGroupCore {
       this.save();
       throw e;
     }
+  }
+
+  /**
+   * The copy of a restore, donor -> target, from the recorded cluster on: RESTORE_DEPTH runs of
+   * COPY_RUN bytes in flight (reads from the page cache and writes on the pool overlap), each
+   * its own buffer. A run the donor says reads as zeroes is zeroed on the target, not copied.
+   * Every RESTORE_CHECKPOINT bytes a flush of the target starts beside the copy, and once it
+   * is done the record's `next` moves to where the copy had come when the flush started: the
+   * record never names a cluster whose copy is not durable, so a restart re-copies at most the
+   * runs since the last checkpoint and skips none. Resolves false if the group closed.
+   * Errors of the donor are put in `donorErrors` before they are thrown.
+   */
+  private async copyForRestore(r: RestoreRecord, donorErrors: Set<unknown>): Promise<boolean> {
+    const cs = this.ctx.clusterSize;
+    const runClusters = Math.max(1, Math.floor(COPY_RUN / cs));
+    const every = Math.max(1, Math.floor((this.ctx.restoreCheckpoint ?? RESTORE_CHECKPOINT) / cs));
+    // Runs done out of order: the frontier moves over those that follow it.
+    const done = new Set<number>();
+    let frontier = r.next;
+    this.restoreFrontier = frontier;
+    let issue = r.next;
+    let failure: { e: unknown } | undefined;
+    let checkpoint: Promise<void> | null = null;
+    let recorded = r.next;
+    const free: Buffer[] = [];
+    const inFlight = new Set<Promise<void>>();
+    const copyRun = async (c: number, buf: Buffer): Promise<void> => {
+      const off = c * cs;
+      const len = Math.min(runClusters * cs, this.size - off);
+      const piece = buf.subarray(0, len);
+      this.count(r.donor, 'reads');
+      let zeroes: boolean;
+      try {
+        zeroes = await this.io.readsAsZeroes(r.donor, off, len);
+        if (!zeroes) await this.io.read(r.donor, off, piece, true, true);
+      } catch (e) {
+        donorErrors.add(e);
+        throw e;
+      }
+      // The controller writes the target whatever its attribute: RO refuses hosts, not restores.
+      if (zeroes) await this.io.write(r.target, off, len, null, () => this.dev(r.target).zero(off, len));
+      else await this.io.write(r.target, off, len, piece, () => this.dev(r.target).write(off, piece), r.donor);
+    };
+    for (;;) {
+      while (!failure && !this.closed && issue < this.clusters && inFlight.size < RESTORE_DEPTH) {
+        const c = issue;
+        issue = Math.min(this.clusters, c + runClusters);
+        const buf = free.pop() ?? Buffer.allocUnsafe(runClusters * cs);
+        const p: Promise<void> = copyRun(c, buf)
+          .then(
+            () => {
+              // A failed run's buffer is not reused: a read past its timeout may still land in it.
+              free.push(buf);
+              done.add(c);
+              while (done.delete(frontier)) frontier = Math.min(this.clusters, frontier + runClusters);
+              this.restoreFrontier = frontier;
+            },
+            (e: unknown) => {
+              failure ??= { e };
+            },
+          )
+          .finally(() => inFlight.delete(p));
+        inFlight.add(p);
+      }
+      if (inFlight.size === 0) break;
+      await Promise.race(inFlight);
+      if (!checkpoint && !failure && frontier - recorded >= every) {
+        const at = frontier;
+        checkpoint = this.io
+          .flush(r.target)
+          .then(
+            () => {
+              recorded = at;
+              if (this.rec.restore !== r || this.closed) return;
+              r.next = at;
+              this.save();
+            },
+            (e: unknown) => {
+              failure ??= { e };
+            },
+          )
+          .finally(() => (checkpoint = null));
+      }
+    }
+    await checkpoint;
+    if (failure) throw failure.e;
+    return !this.closed;
   }
 }

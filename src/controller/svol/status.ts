@@ -35,6 +35,8 @@ export interface SvolRestoreStatus {
   donor: number;
   failed: number;
   copiedClusters: number;
+  /** Copied and flushed, and so recorded: a restart resumes the restore here. */
+  checkpointClusters: number;
   totalClusters: number;
   reason: string;
 }
