@@ -31,15 +31,21 @@ afterEach(async () => {
   for (const r of rigs.splice(0)) await r.close().catch(() => {});
 });
 
-/** A split group whose P-VOL holds 0x11; the RW member (vol3, volume 3) then gets `writes` clusters, every other one, written 0x33 while its destage is held back. */
-async function pendingRig(writes: number): Promise<{ rig: Rig; image: Buffer; rw: Buffer }> {
-  const rig = new Rig(tmpDir('bm-svol-destage-'), SPEC, CLUSTER, SIZE);
+/** A group whose P-VOL holds 0x11 everywhere, copied to its members and split. */
+async function splitRig(prefix: string, cluster = CLUSTER, size = SIZE): Promise<Rig> {
+  const rig = new Rig(tmpDir(prefix), SPEC, cluster, size);
   rigs.push(rig);
   await rig.open();
-  await rig.pvol.write(0, Buffer.alloc(SIZE, 0x11));
+  await rig.pvol.write(0, Buffer.alloc(size, 0x11));
   await rig.group.init();
   await rig.group.idle();
   await rig.group.split();
+  return rig;
+}
+
+/** A split group whose P-VOL holds 0x11; the RW member (vol3, volume 3) then gets `writes` clusters, every other one, written 0x33 while its destage is held back. */
+async function pendingRig(writes: number): Promise<{ rig: Rig; image: Buffer; rw: Buffer }> {
+  const rig = await splitRig('bm-svol-destage-');
   const image = Buffer.alloc(SIZE, 0x11);
   const rw = Buffer.from(image);
   // Each destage run (one per gap-separated cluster) waits 50 ms on the member's volume.
@@ -128,13 +134,7 @@ describe('S-VOL destage of RW members', () => {
   it('destages only the 4 KiB blocks host writes touched in a 64 KiB cluster, and a changed cluster whole after a restart', async () => {
     const big = 64 * 1024;
     const size = 16 * big;
-    const rig = new Rig(tmpDir('bm-svol-destage-blocks-'), SPEC, big, size);
-    rigs.push(rig);
-    await rig.open();
-    await rig.pvol.write(0, Buffer.alloc(size, 0x11));
-    await rig.group.init();
-    await rig.group.idle();
-    await rig.group.split();
+    const rig = await splitRig('bm-svol-destage-blocks-', big, size);
     const writes: [number, number][] = [];
     class WriteLog extends FilterDevice {
       override write(offset: number, data: Payload): Promise<void> {
@@ -174,13 +174,7 @@ describe('S-VOL destage of RW members', () => {
     expect(rig.volume(3).equals(rw)).toBe(true);
   });
   it('takes an RW member\'s increments map as its write intent: a restart whose bitmap lost the bits still counts the clusters changed, and no destage write starts before their map entries are durable', async () => {
-    const rig = new Rig(tmpDir('bm-svol-intent-'), SPEC, CLUSTER, SIZE);
-    rigs.push(rig);
-    await rig.open();
-    await rig.pvol.write(0, Buffer.alloc(SIZE, 0x11));
-    await rig.group.init();
-    await rig.group.idle();
-    await rig.group.split();
+    const rig = await splitRig('bm-svol-intent-');
     const bitmapFile = path.join(rig.dir, 'svol', 'g.bitmap');
     const atSplit = fs.readFileSync(bitmapFile);
     // The increments volume keeps only what a flush covered; each member write checks the map on that disk.
