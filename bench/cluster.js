@@ -118,13 +118,15 @@ async function settled(endpoints, addrs, ms = 120_000) {
 async function startWriter(port) {
   const { connect } = await import('../dist/nbd/client.js');
   const client = await connect(`nbd://127.0.0.1:${port}/pair1`);
-  const w = { completions: [], errors: 0, stopped: false, done: null };
+  // completions: when the latest writes completed (trimmed); count: how many ever did (never goes down).
+  const w = { completions: [], count: 0, errors: 0, stopped: false, done: null };
   const block = Buffer.alloc(4096, 0x5a);
   w.done = (async () => {
     for (let i = 0; !w.stopped; i++) {
       try {
         await client.pwrite(block, (i % 4096) * 4096);
         w.completions.push(performance.now());
+        w.count++;
         if (w.completions.length > 10_000) w.completions.splice(0, 5_000);
       } catch (e) {
         w.errors++;
@@ -188,8 +190,8 @@ async function main() {
     try {
       for (let k = 0; k < KILLS; k++) {
         const lv = await settled(endpoints, addrs);
-        const before = writer.completions.length;
-        while (writer.completions.length < before + 50) await sleep(20); // writes are flowing
+        const before = writer.count;
+        while (writer.count < before + 50) await sleep(20); // writes are flowing
         const victim = ss[lv.master.ss - 1];
         const killedAt = performance.now();
         process.kill(victim.pid, 'SIGKILL');
