@@ -29,7 +29,7 @@ export interface Frame {
   /**
    * The same bytes as views into the received chunks, no copy: a 256 KiB Data-Out segment spans
    * several 64 KiB socket reads, and joining it only to copy it again into the task's buffer
-   * cost a fresh allocation and a copy per PDU (a fifth of the target's CPU on 1 MiB writes).
+   * cost a fresh allocation and a copy per PDU.
    */
   readonly pieces: readonly Buffer[];
   /** DataSegmentLength as the header said. */
