@@ -28,7 +28,7 @@ const SPEC: SvolGroupSpec = {
 
 const rigs: Rig[] = [];
 afterEach(async () => {
-  for (const r of rigs.splice(0)) await r.close().catch(() => {});
+  for (const r of rigs.splice(0)) await r.close();
 });
 
 /** A group whose P-VOL holds 0x11 everywhere, copied to its members and split. */

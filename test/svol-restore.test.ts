@@ -32,7 +32,7 @@ const SPEC: SvolGroupSpec = {
 
 const rigs: Rig[] = [];
 afterEach(async () => {
-  for (const r of rigs.splice(0)) await r.close().catch(() => {});
+  for (const r of rigs.splice(0)) await r.close();
 });
 
 function pattern(len: number, seed: number): Buffer {
