@@ -16,6 +16,13 @@ export function payloadLength(p: Payload): number {
   return n;
 }
 
+/** Copy a payload's bytes into `into` from byte `at`; returns where they end. */
+export function copyPayload(p: Payload, into: Buffer, at: number): number {
+  if (Buffer.isBuffer(p)) return at + p.copy(into, at);
+  for (const b of p) at += b.copy(into, at);
+  return at;
+}
+
 /** One run of equal allocation state, as base:allocation reports it. */
 export interface Extent {
   length: number;

@@ -26,6 +26,7 @@ import type { Nexus, ScsiResult } from './scsi/types.js';
 import type { TargetSpec } from './target.js';
 import { AllowList, initiatorPortName } from './target.js';
 import { anyReportLuns, lunField, lunOf } from './luns.js';
+import { copyPayload } from '../blockdev/types.js';
 import { ioBuffers } from '../util/buffer-pool.js';
 import { adopt } from '../util/read-into.js';
 import { Coverage } from './coverage.js';
@@ -539,7 +540,7 @@ export class IscsiConnection {
       else if (task.edtl <= MAX_WRITE_BUFFER) {
         task.buf = ioBuffers.get(task.edtl);
         task.pooled = true;
-        copyPieces(f.pieces, task.buf, 0);
+        copyPayload(f.pieces, task.buf, 0);
       }
       task.filled.add(0, n);
       task.received = task.filled.bytes;
@@ -567,7 +568,7 @@ export class IscsiConnection {
     // Data past the point where the command started running is a protocol error; it must not
     // change a buffer the volume may be reading.
     if (task.running) return;
-    if (task.buf && !landed) copyPieces(pieces, task.buf, bhs.bufferOffset);
+    if (task.buf && !landed) copyPayload(pieces, task.buf, bhs.bufferOffset);
     task.filled.add(bhs.bufferOffset, bhs.bufferOffset + length);
     task.received = task.filled.bytes;
     if (bhs.ttt === RESERVED_TAG) {
@@ -716,8 +717,4 @@ export class IscsiConnection {
       true,
     );
   }
-}
-
-function copyPieces(pieces: readonly Buffer[], into: Buffer, at: number): void {
-  for (const p of pieces) at += p.copy(into, at);
 }

@@ -13,7 +13,7 @@
 // cluster go into its slot. No slot left: ENOSPC, said once in the log.
 import * as BL from 'buffer-layout';
 import type { Logger } from 'pino';
-import { BlockDeviceError, payloadLength, type BlockDevice, type Payload } from '../../blockdev/types.js';
+import { BlockDeviceError, copyPayload, payloadLength, type BlockDevice, type Payload } from '../../blockdev/types.js';
 import { FileFormat, FormatError } from '../../util/format.js';
 
 const FORMAT = new FileFormat<{ clusterSize: number; clusters: number; generation: number }>('increments volume', 'BMSVINC1', 1, [
@@ -161,8 +161,7 @@ export class IncrementsVolume {
       if (from !== cStart || to !== cEnd) {
         const buf = Buffer.allocUnsafe(cEnd - cStart);
         await base(c, buf);
-        let at = from - cStart;
-        for (const p of piece) at += p.copy(buf, at);
+        copyPayload(piece, buf, from - cStart);
         bufs = [buf];
       }
       writes.push({ at: slotAt, bufs });
