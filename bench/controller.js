@@ -10,6 +10,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import './lib/admin.js'; // sets the admin token the servers inherit
 import { fioArgs, runFio } from './lib/fio.js';
 import { loadAvg, machineInfo } from './lib/machine.js';
 import { freePort, installCleanup, run, startServer } from './lib/proc.js';
@@ -49,7 +50,8 @@ pairs:
 }
 
 async function status(admin) {
-  const r = await fetch(`http://127.0.0.1:${admin}/api/status`);
+  const r = await fetch(`http://127.0.0.1:${admin}/api/status`, { headers: { authorization: `Bearer ${process.env.BLOCKMIRROR_ADMIN_TOKEN}` } });
+  if (!r.ok) throw new Error(`admin status: HTTP ${r.status}`);
   return r.json();
 }
 

@@ -1,8 +1,12 @@
 // The benchmarks' view of a running storage system, through its admin API.
 
+// The admin API wants a bearer token. A benchmark that imports this module before it starts its
+// servers gives them (they inherit the environment) and itself the same one.
+process.env.BLOCKMIRROR_ADMIN_TOKEN ??= `bench-${process.pid}-${Date.now()}`;
+
 /**
  * Resolves once every pair the storage system at 127.0.0.1:admin runs is in PAIR. The admin API
- * wants a bearer token: set BLOCKMIRROR_ADMIN_TOKEN before starting the server (it inherits it).
+ * wants the bearer token set above.
  */
 export async function waitPairs(admin, ms = 180_000) {
   const deadline = Date.now() + ms;

@@ -175,7 +175,6 @@ export function readMemory(pid) {
   return { rss: kb('VmRSS'), hwm: kb('VmHWM') };
 }
 
-/** user+system CPU seconds used so far by a whole process (all threads). */
 /** Minor page faults of a process so far (a fresh page the kernel had to zero and map costs one). */
 export function readMinorFaults(pid) {
   try {
@@ -186,6 +185,7 @@ export function readMinorFaults(pid) {
   }
 }
 
+/** user+system CPU seconds used so far by a whole process (all threads). */
 export function readCpuSeconds(pid, clkTck) {
   try {
     const text = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
