@@ -21,7 +21,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { clockTicks, loadAvg, machineInfo, codeInfo } from './lib/machine.js';
 import { waitPairs } from './lib/admin.js';
-import { freePort, installCleanup, onExit, readCpuSeconds, readMinorFaults, run, startServer } from './lib/proc.js';
+import { freePort, installCleanup, NODE_FLAGS, onExit, readCpuSeconds, readMinorFaults, run, startServer } from './lib/proc.js';
 import { median } from './lib/stats.js';
 import { replaceSection } from './lib/report.js';
 import { summarise, formatSummary } from './lib/cpuprofile.js';
@@ -111,7 +111,7 @@ async function main() {
   const started = new Date();
   const bin = (root) => path.join(path.resolve(root), 'bin', 'blockmirror.js');
   const builds = [{ id: 'after', bin: bin(ROOT) }, ...(BASE ? [{ id: 'before', bin: bin(BASE) }] : [])];
-  const server = await startServer('blockmirror up', process.execPath, [bin(SERVER ?? ROOT), 'up', '-c', config, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: p.nbd });
+  const server = await startServer('blockmirror up', process.execPath, [...NODE_FLAGS, bin(SERVER ?? ROOT), 'up', '-c', config, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: p.nbd });
   serverPid = server.pid;
   const raw = `nbd://127.0.0.1:${p.nbd}/vol5`;
   const cfs = (b, ...args) => [b.bin, 'cfs', ...args, '-c', config];
@@ -170,7 +170,7 @@ async function main() {
     for (const op of OPS) {
       const dir = path.join(PROFILE_SERVER, `up-${op}`);
       fs.rmSync(dir, { recursive: true, force: true });
-      const up = await startServer('blockmirror up (profiled)', process.execPath, ['--cpu-prof', '--cpu-prof-dir', dir, bin(ROOT), 'up', '-c', config, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: p.nbd });
+      const up = await startServer('blockmirror up (profiled)', process.execPath, [...NODE_FLAGS, '--cpu-prof', '--cpu-prof-dir', dir, bin(ROOT), 'up', '-c', config, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: p.nbd });
       try {
         await timed(process.execPath, cfs(builds[0], 'put', src, '/file.bin'));
         for (let i = 0; i < PROFILE_RUNS; i++) {

@@ -19,7 +19,7 @@ import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { loadAvg, machineInfo, codeInfo } from './lib/machine.js';
 import { waitPairs } from './lib/admin.js';
-import { freePort, installCleanup, onExit, run, startServer } from './lib/proc.js';
+import { freePort, installCleanup, NODE_FLAGS, onExit, run, startServer } from './lib/proc.js';
 import { median, min, max } from './lib/stats.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
@@ -61,7 +61,7 @@ async function timed(cmd, args) {
 }
 
 async function mountCfs(config, dir) {
-  const child = spawn(process.execPath, [BIN, 'cfs', 'mount', '-c', config, dir, '--log-level', 'warn'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawn(process.execPath, [...NODE_FLAGS, BIN, 'cfs', 'mount', '-c', config, dir, '--log-level', 'warn'], { stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
   child.stderr.on('data', (d) => (err += d));
   const deadline = Date.now() + 20_000;
@@ -107,7 +107,7 @@ async function main() {
 
   const loadStart = loadAvg();
   const started = new Date();
-  const server = await startServer('blockmirror up', process.execPath, [BIN, 'up', '-c', config, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: p.nbd });
+  const server = await startServer('blockmirror up', process.execPath, [...NODE_FLAGS, BIN, 'up', '-c', config, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: p.nbd });
   const raw = `nbd://127.0.0.1:${p.nbd}/vol5`;
   const cli = (...args) => [BIN, 'cfs', ...args, '-c', config];
   const mnt = path.join(work, 'mnt');

@@ -22,7 +22,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { fioArgs, runFio } from './lib/fio.js';
 import { codeInfo, loadAvg, machineInfo } from './lib/machine.js';
-import { freePort, installCleanup, run, startServer } from './lib/proc.js';
+import { freePort, installCleanup, NODE_FLAGS, run, startServer } from './lib/proc.js';
 import { replaceSection } from './lib/report.js';
 import { median } from './lib/stats.js';
 
@@ -153,13 +153,13 @@ async function main() {
   fs.writeFileSync(file, yaml(addrs, endpoints, dir));
   const ss = [];
   const startSS = async (id) => {
-    ss[id - 1] = await startServer(`ss${id}`, process.execPath, [BIN, 'up', '-c', file, '--only', String(id), '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: addrs[id - 1].nbd }, { readyTimeoutMs: 60_000 });
+    ss[id - 1] = await startServer(`ss${id}`, process.execPath, [...NODE_FLAGS, BIN, 'up', '-c', file, '--only', String(id), '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: addrs[id - 1].nbd }, { readyTimeoutMs: 60_000 });
   };
   await startSS(1);
   await startSS(2);
   const gwPort = await freePort();
   const prof = PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${outDir}`] : [];
-  const gw = await startServer('gateway', process.execPath, [...prof, BIN, 'gateway', '-c', file, '--listen', `127.0.0.1:${gwPort}`, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: gwPort }, { readyTimeoutMs: 60_000 });
+  const gw = await startServer('gateway', process.execPath, [...NODE_FLAGS, ...prof, BIN, 'gateway', '-c', file, '--listen', `127.0.0.1:${gwPort}`, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: gwPort }, { readyTimeoutMs: 60_000 });
   const overhead = [];
   const failovers = [];
   let writerErrors = 0;

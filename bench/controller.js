@@ -13,7 +13,7 @@ import { fileURLToPath } from 'node:url';
 import './lib/admin.js'; // sets the admin token the servers inherit
 import { fioArgs, runFio } from './lib/fio.js';
 import { loadAvg, machineInfo } from './lib/machine.js';
-import { freePort, installCleanup, run, startServer } from './lib/proc.js';
+import { freePort, installCleanup, NODE_FLAGS, run, startServer } from './lib/proc.js';
 import { median } from './lib/stats.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
@@ -70,7 +70,7 @@ async function section(cache, dir) {
   const admin = await freePort();
   const file = path.join(dir, `cluster-${cache ? 'cache' : 'nocache'}.yaml`);
   fs.writeFileSync(file, yaml(nbd, admin, cache));
-  const server = await startServer('blockmirror up', process.execPath, [BIN, 'up', '-c', file, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: nbd });
+  const server = await startServer('blockmirror up', process.execPath, [...NODE_FLAGS, BIN, 'up', '-c', file, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: nbd });
   const uri = (vol) => `nbd://127.0.0.1:${nbd}/vol${vol}`;
   try {
     // Same state everywhere: the region written once, mirrors in sync.
@@ -94,10 +94,10 @@ async function section(cache, dir) {
     // are written in full first, so the copy measures the daemon, not the kernel zero-filling fresh pages.
     await runFio(fioArgs({ name: 'warm', uri: uri(8), rw: 'write', bs: '1M', iodepth: 8, size: '1G' }));
     await waitPair(admin, 'apair');
-    await run(process.execPath, [BIN, 'pair', 'split', 'apair', '-c', file]);
+    await run(process.execPath, [...NODE_FLAGS, BIN, 'pair', 'split', 'apair', '-c', file]);
     await runFio(fioArgs({ name: 'dirty', uri: uri(8), rw: 'write', bs: '1M', iodepth: 8, size: '1G' }));
     const t0 = performance.now();
-    await run(process.execPath, [BIN, 'pair', 'resync', 'apair', '-c', file]);
+    await run(process.execPath, [...NODE_FLAGS, BIN, 'pair', 'resync', 'apair', '-c', file]);
     await waitPair(admin, 'apair');
     const copyGBs = 2 ** 30 / 1e9 / ((performance.now() - t0) / 1000);
     console.error(`${cache ? 'cache' : 'no cache'} sync daemon: ${copyGBs.toFixed(2)} GB/s`);

@@ -13,6 +13,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { replaceSection } from './lib/report.js';
+import { NODE_FLAGS } from './lib/proc.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const args = process.argv.slice(2);
@@ -42,7 +43,7 @@ async function ours() {
   const port = await freePort();
   const iport = await freePort();
   const prof = cpuProf ? ['--cpu-prof', '--cpu-prof-dir', path.join(os.tmpdir(), 'bm-iscsi-prof')] : [];
-  const p = spawn(process.execPath, [...prof, path.join(ROOT, 'bin/blockmirror.js'), 'serve', '--size', String(SIZE), '--listen', `127.0.0.1:${port}`, '--iscsi', `127.0.0.1:${iport}`, '--log-level', 'warn'], { stdio: 'ignore' });
+  const p = spawn(process.execPath, [...NODE_FLAGS, ...prof, path.join(ROOT, 'bin/blockmirror.js'), 'serve', '--size', String(SIZE), '--listen', `127.0.0.1:${port}`, '--iscsi', `127.0.0.1:${iport}`, '--log-level', 'warn'], { stdio: 'ignore' });
   await waitPort(iport);
   // SIGTERM when profiling: the profile is written at a clean exit.
   const exited = new Promise((r) => p.once('exit', r));

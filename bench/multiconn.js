@@ -14,7 +14,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { freePort, installCleanup, run, startServer } from './lib/proc.js';
+import { freePort, installCleanup, NODE_FLAGS, run, startServer } from './lib/proc.js';
 import { replaceSection } from './lib/report.js';
 import { median } from './lib/stats.js';
 
@@ -41,7 +41,7 @@ const src = path.join(dir, 'src.img');
 
 const [p1, p2] = [await freePort(), await freePort()];
 const servers = {
-  ours: await startServer('ours', process.execPath, [BIN, 'serve', '--size', '1GiB', '--listen', `127.0.0.1:${p1}`, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: p1 }),
+  ours: await startServer('ours', process.execPath, [...NODE_FLAGS, BIN, 'serve', '--size', '1GiB', '--listen', `127.0.0.1:${p1}`, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: p1 }),
   nbdkit: await startServer('nbdkit', 'nbdkit', ['-f', '--exit-with-parent', '-i', '127.0.0.1', '-p', String(p2), 'memory', '1G'], { kind: 'tcp', host: '127.0.0.1', port: p2 }),
 };
 const uri = { ours: `nbd://127.0.0.1:${p1}/`, nbdkit: `nbd://127.0.0.1:${p2}/` };

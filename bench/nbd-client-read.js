@@ -10,7 +10,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { loadAvg } from './lib/machine.js';
-import { freePort, installCleanup, startServer } from './lib/proc.js';
+import { freePort, installCleanup, NODE_FLAGS, startServer } from './lib/proc.js';
 import { median } from './lib/stats.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
@@ -56,7 +56,7 @@ async function main() {
   installCleanup();
   const port = await freePort();
   const load0 = loadAvg();
-  const server = await startServer('blockmirror serve', process.execPath, [path.join(ROOT, 'bin/blockmirror.js'), 'serve', '--size', String(SIZE), '--listen', `127.0.0.1:${port}`, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port });
+  const server = await startServer('blockmirror serve', process.execPath, [...NODE_FLAGS, path.join(ROOT, 'bin/blockmirror.js'), 'serve', '--size', String(SIZE), '--listen', `127.0.0.1:${port}`, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port });
   const modes = {
     direct: () => connect({ host: '127.0.0.1', port }),
     data: () => {

@@ -15,7 +15,7 @@ import { fileURLToPath } from 'node:url';
 import { fioArgs, runFio } from './lib/fio.js';
 import { loadAvg, machineInfo } from './lib/machine.js';
 import { waitPairs } from './lib/admin.js';
-import { freePort, installCleanup, startServer } from './lib/proc.js';
+import { freePort, installCleanup, NODE_FLAGS, startServer } from './lib/proc.js';
 import { startQsdMirror } from './lib/qsd.js';
 import { replaceSection } from './lib/report.js';
 import { median } from './lib/stats.js';
@@ -77,7 +77,7 @@ async function main() {
   const servers = [];
   for (const id of [2, 1]) {
     const a = addrs[id - 1];
-    servers.push(await startServer(`ss${id}`, process.execPath, [BIN, 'up', '-c', file, '--only', String(id), '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: a.nbd }));
+    servers.push(await startServer(`ss${id}`, process.execPath, [...NODE_FLAGS, BIN, 'up', '-c', file, '--only', String(id), '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: a.nbd }));
   }
   const uri = (vol) => `nbd://127.0.0.1:${addrs[0].nbd}/vol${vol}`;
   const rows = [];

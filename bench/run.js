@@ -11,7 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { JOBS, fioArgs, runFio, uriFor } from './lib/fio.js';
 import { clockTicks, codeInfo, loadAvg, machineInfo, newestMtime } from './lib/machine.js';
-import { freePort, installCleanup, onExit, readCpuSeconds, readMemory, run, startServer } from './lib/proc.js';
+import { freePort, installCleanup, NODE_FLAGS, onExit, readCpuSeconds, readMemory, run, startServer } from './lib/proc.js';
 import { readNotes, renderConsole, renderResults } from './lib/report.js';
 import { max, median, min } from './lib/stats.js';
 
@@ -108,7 +108,7 @@ function oursCommand(opts, section, endpoint, file) {
   if (opts.cpuProf) {
     nodeArgs.push('--cpu-prof', `--cpu-prof-dir=${opts.cpuProf}`, `--cpu-prof-name=ours-${section}-${++profSeq}-${process.pid}.cpuprofile`);
   }
-  const args = [...nodeArgs, BIN, 'serve', '--size', EXPORT_SIZE.ours, '--log-level', 'warn'];
+  const args = [...NODE_FLAGS, ...nodeArgs, BIN, 'serve', '--size', EXPORT_SIZE.ours, '--log-level', 'warn'];
   if (endpoint.kind === 'tcp') args.push('--listen', `${endpoint.host}:${endpoint.port}`);
   else args.push('--socket', endpoint.path);
   if (file) args.push('--file', file);

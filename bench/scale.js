@@ -21,7 +21,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { freePort, installCleanup } from './lib/proc.js';
+import { freePort, installCleanup, NODE_FLAGS } from './lib/proc.js';
 import { replaceSection } from './lib/report.js';
 import { median } from './lib/stats.js';
 
@@ -80,7 +80,7 @@ async function waitState(sys, state, ms = 600_000) {
 /** Start `up` for one size; resolves with the time until the pair is in PAIR. */
 async function start(sys) {
   const t0 = performance.now();
-  sys.child = spawn(process.execPath, [BIN, 'up', '-c', sys.config, '--log-level', 'warn'], { env, stdio: ['ignore', 'ignore', 'inherit'] });
+  sys.child = spawn(process.execPath, [...NODE_FLAGS, BIN, 'up', '-c', sys.config, '--log-level', 'warn'], { env, stdio: ['ignore', 'ignore', 'inherit'] });
   process.on('exit', () => sys.child.kill('SIGKILL'));
   for (let i = 0; ; i++) {
     const r = await fetch(`http://127.0.0.1:${sys.admin}/healthz`).catch(() => undefined);

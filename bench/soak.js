@@ -13,7 +13,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { freePort, installCleanup } from './lib/proc.js';
+import { freePort, installCleanup, NODE_FLAGS } from './lib/proc.js';
 import { replaceSection } from './lib/report.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -48,7 +48,7 @@ pairs:
   - { name: s, mode: sync, master: { ss: 1, vol: 3 }, mirrors: [ { ss: 1, vol: 4 } ] }
 `,
 );
-const up = spawn(process.execPath, [BIN, 'up', '-c', config, '--log-level', 'warn'], { env: { ...process.env, BLOCKMIRROR_ADMIN_TOKEN: TOKEN }, stdio: ['ignore', 'ignore', 'inherit'] });
+const up = spawn(process.execPath, [...NODE_FLAGS, BIN, 'up', '-c', config, '--log-level', 'warn'], { env: { ...process.env, BLOCKMIRROR_ADMIN_TOKEN: TOKEN }, stdio: ['ignore', 'ignore', 'inherit'] });
 process.on('exit', () => up.kill('SIGKILL'));
 for (let i = 0; ; i++) {
   const r = await fetch(`http://127.0.0.1:${admin}/healthz`).catch(() => undefined);

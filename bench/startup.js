@@ -14,7 +14,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { freePort, installCleanup, run } from './lib/proc.js';
+import { freePort, installCleanup, NODE_FLAGS, run } from './lib/proc.js';
 import { replaceSection } from './lib/report.js';
 import { median } from './lib/stats.js';
 
@@ -49,7 +49,7 @@ cfs:
   listen: 127.0.0.1:${cfsPort}
 `,
 );
-const up = spawn(process.execPath, [BIN, 'up', '-c', config, '--log-level', 'warn'], { env, stdio: ['ignore', 'inherit', 'inherit'] });
+const up = spawn(process.execPath, [...NODE_FLAGS, BIN, 'up', '-c', config, '--log-level', 'warn'], { env, stdio: ['ignore', 'inherit', 'inherit'] });
 process.on('exit', () => up.kill('SIGKILL'));
 for (let i = 0; ; i++) {
   const r = await fetch(`http://127.0.0.1:${admin}/healthz`).catch(() => undefined);
@@ -60,7 +60,7 @@ for (let i = 0; ; i++) {
 const local = path.join(dir, 'small.bin');
 fs.writeFileSync(local, Buffer.alloc(65536, 7));
 for (let i = 0; ; i++) {
-  const r = await run(process.execPath, [BIN, 'cfs', 'put', local, '/small.bin', '-c', config], { timeoutMs: 30000 });
+  const r = await run(process.execPath, [...NODE_FLAGS, BIN, 'cfs', 'put', local, '/small.bin', '-c', config], { timeoutMs: 30000 });
   if (r.code === 0) break;
   if (i > 50) throw new Error(`cfs put: ${r.stderr}`);
   await new Promise((r) => setTimeout(r, 200));
@@ -80,7 +80,7 @@ const CLI = [
 ];
 const COMMANDS = [
   { id: 'node -e 0', argv: () => [process.execPath, '-e', '0'] },
-  ...CLI.map((c) => ({ id: c.id, argv: () => [process.execPath, BIN, ...c.args()] })),
+  ...CLI.map((c) => ({ id: c.id, argv: () => [process.execPath, ...NODE_FLAGS, BIN, ...c.args()] })),
   ...(BASE ? CLI.map((c) => ({ id: `${c.id} (baseline)`, argv: () => [process.execPath, path.join(path.resolve(BASE), 'bin', 'blockmirror.js'), ...c.args()] })) : []),
 ];
 

@@ -17,7 +17,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { fioArgs, runFio } from './lib/fio.js';
 import { codeInfo, loadAvg, machineInfo } from './lib/machine.js';
-import { freePort, installCleanup, run, startServer } from './lib/proc.js';
+import { freePort, installCleanup, NODE_FLAGS, run, startServer } from './lib/proc.js';
 import { replaceSection } from './lib/report.js';
 import { median } from './lib/stats.js';
 import { connect } from '../dist/nbd/client/client.js';
@@ -70,10 +70,10 @@ ${[1, 2, 3, 4, 5, 6, 7, 8].map((v) => `      - { id: ${v}, size: ${size} }`).joi
 );
 const started = new Date();
 const loadStart = loadAvg();
-const up = await startServer('blockmirror up', process.execPath, [...(profile ? ['--cpu-prof', '--cpu-prof-dir', path.resolve(profile)] : []), CLI, 'up', '-c', file, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: nbd });
+const up = await startServer('blockmirror up', process.execPath, [...NODE_FLAGS, ...(profile ? ['--cpu-prof', '--cpu-prof-dir', path.resolve(profile)] : []), CLI, 'up', '-c', file, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: nbd });
 const uri = (v) => `nbd://127.0.0.1:${nbd}/vol${v}`;
 const cli = async (...a) => {
-  const r = await run(process.execPath, [CLI, ...a, '-c', file], { timeoutMs: 600_000 });
+  const r = await run(process.execPath, [...NODE_FLAGS, CLI, ...a, '-c', file], { timeoutMs: 600_000 });
   if (r.code !== 0) throw new Error(`blockmirror ${a.join(' ')}: ${r.stderr}`);
   return r.stdout;
 };

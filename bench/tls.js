@@ -13,7 +13,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { fioArgs, runFio } from './lib/fio.js';
-import { freePort } from './lib/proc.js';
+import { freePort, NODE_FLAGS } from './lib/proc.js';
 import { replaceSection } from './lib/report.js';
 import { median } from './lib/stats.js';
 
@@ -63,8 +63,8 @@ async function start(cmd, args, port) {
 }
 
 const servers = {
-  'blockmirror plain': async (port) => ({ ...(await start(process.execPath, [BIN, 'serve', '--size', '1GiB', '--listen', `127.0.0.1:${port}`, '--log-level', 'warn'], port)), uri: `nbd://127.0.0.1:${port}/` }),
-  'blockmirror TLS': async (port) => ({ ...(await start(process.execPath, [BIN, 'serve', '--size', '1GiB', '--listen', `127.0.0.1:${port}`, '--tls', 'require', '--tls-certificates', certs, '--log-level', 'warn'], port)), uri: `nbds://127.0.0.1:${port}/` }),
+  'blockmirror plain': async (port) => ({ ...(await start(process.execPath, [...NODE_FLAGS, BIN, 'serve', '--size', '1GiB', '--listen', `127.0.0.1:${port}`, '--log-level', 'warn'], port)), uri: `nbd://127.0.0.1:${port}/` }),
+  'blockmirror TLS': async (port) => ({ ...(await start(process.execPath, [...NODE_FLAGS, BIN, 'serve', '--size', '1GiB', '--listen', `127.0.0.1:${port}`, '--tls', 'require', '--tls-certificates', certs, '--log-level', 'warn'], port)), uri: `nbds://127.0.0.1:${port}/` }),
   'nbdkit TLS': async (port) => ({ ...(await start('nbdkit', ['-f', '--exit-with-parent', '-i', '127.0.0.1', '-p', String(port), '--tls=require', `--tls-certificates=${certs}`, 'memory', '1G'], port)), uri: `nbds://127.0.0.1:${port}/` }),
 };
 
@@ -104,7 +104,7 @@ pairs:
   void tlsLine;
   const file = path.join(dir, `pair-${tls ? 'tls' : 'plain'}.yaml`);
   fs.writeFileSync(file, yaml);
-  const s = await start(process.execPath, [BIN, 'up', '-c', file, '--log-level', 'warn'], p.admin2);
+  const s = await start(process.execPath, [...NODE_FLAGS, BIN, 'up', '-c', file, '--log-level', 'warn'], p.admin2);
   try {
     await waitPort(p.nbd1);
     // Wait for the pair to be in PAIR (the initial copy of a blank mirror is nothing).

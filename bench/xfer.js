@@ -19,7 +19,7 @@ import { randomBytes } from 'node:crypto';
 import { Readable } from 'node:stream';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { clockTicks, codeInfo, loadAvg } from './lib/machine.js';
-import { freePort, installCleanup, onExit, readCpuSeconds, run, startServer } from './lib/proc.js';
+import { freePort, installCleanup, NODE_FLAGS, onExit, readCpuSeconds, run, startServer } from './lib/proc.js';
 import { median } from './lib/stats.js';
 import { replaceSection } from './lib/report.js';
 
@@ -110,9 +110,9 @@ async function main() {
   const input = path.join(dir, 'in.bin');
   fs.writeFileSync(input, randomBytes(MIB << 20));
   const port = await freePort();
-  const server = await startServer('serve', process.execPath, [BIN, 'serve', '--size', `${MIB + 512}MiB`, '--listen', `127.0.0.1:${port}`, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port });
+  const server = await startServer('serve', process.execPath, [...NODE_FLAGS, BIN, 'serve', '--size', `${MIB + 512}MiB`, '--listen', `127.0.0.1:${port}`, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port });
   const uri = `nbd://127.0.0.1:${port}/disk`;
-  const format = () => must(process.execPath, [BIN, 'xfer', 'format', uri, '--seg-size', SEG, '--segments', '64', '--max-conn', '1']);
+  const format = () => must(process.execPath, [...NODE_FLAGS, BIN, 'xfer', 'format', uri, '--seg-size', SEG, '--segments', '64', '--max-conn', '1']);
 
   const xfer = async (paths, cpuInto = []) => {
     // nbdcopy overwrote the volume: format it again (neither timed nor counted).
@@ -121,8 +121,8 @@ async function main() {
     return withCpu(cpuInto, server.pid, async () => {
       const t0 = performance.now();
       await Promise.all([
-        must(process.execPath, [BIN, 'xfer', 'recv', ...devs, '--as', '2', '--out', '/dev/null']),
-        must(process.execPath, [BIN, 'xfer', 'send', ...devs, '--from', '1', '--to', '2', input]),
+        must(process.execPath, [...NODE_FLAGS, BIN, 'xfer', 'recv', ...devs, '--as', '2', '--out', '/dev/null']),
+        must(process.execPath, [...NODE_FLAGS, BIN, 'xfer', 'send', ...devs, '--from', '1', '--to', '2', input]),
       ]);
       return MIB / ((performance.now() - t0) / 1000);
     });

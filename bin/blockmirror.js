@@ -1,4 +1,9 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --max-semi-space-size=4
+// --max-semi-space-size=4 (MiB): V8's young generation otherwise grows to 16 MiB per semi-space,
+// and a server's RSS with it (a 10-minute soak peaked at 149 MiB with the default, 128 with 4, the
+// issue's limit being 150); 1 MiB and 4 KiB jobs against nbdkit were not slower (bench/RESULTS.md,
+// "Soak"). Whoever starts this file with `node` directly (systemd units, npm start, the benchmarks
+// through bench/lib/proc.js NODE_FLAGS) passes the same flags.
 import fs from 'node:fs';
 // File volumes do their I/O on libuv's thread pool; its default of 4 threads
 // caps a file export at 4 requests in flight. Set before anything uses the pool.

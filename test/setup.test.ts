@@ -202,7 +202,7 @@ describe('the README and .ci/run', () => {
   it('give exactly two commands: one starts the demo, one runs the whole suite, each after scripts/setup', () => {
     expect(readmeCommands()).toEqual(['scripts/setup && npm start', 'scripts/setup --test && npm test']);
     const pkg = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { scripts: Record<string, string> };
-    expect(pkg.scripts.start).toBe('node bin/blockmirror.js up -c config/demo.yaml');
+    expect(pkg.scripts.start).toBe('node --max-semi-space-size=4 bin/blockmirror.js up -c config/demo.yaml');
     expect(pkg.scripts.test).toMatch(/vitest run$/);
   });
 

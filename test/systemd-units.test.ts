@@ -12,6 +12,8 @@ import { SSProcess, loopbackAddrs, twoSSYaml, writeConfig } from './helpers/remo
 import { freePort, ROOT, run, tmpDir } from './helpers/servers.js';
 
 const TARGETS = path.join(ROOT, 'targets');
+/** The node flags on bin/blockmirror.js's `#!/usr/bin/env -S node FLAGS` line. */
+const SHEBANG_FLAGS = fs.readFileSync(path.join(ROOT, 'bin/blockmirror.js'), 'utf8').split('\n', 1)[0]!.replace('#!/usr/bin/env -S node', '').trim().split(/\s+/).filter(Boolean);
 const UNITS = fs.readdirSync(TARGETS).filter((f) => /\.(service|socket)$/.test(f));
 /** Templates get an instance, as systemctl would start them. */
 const INSTANCE: Record<string, string> = { 'blockmirror@.service': 'demo', 'blockmirror-attach@.service': 'demo', 'blockmirror-cfs@.service': 'mnt-cfs' };
@@ -119,10 +121,13 @@ describe('the systemd units in targets/', () => {
     let checked = 0;
     for (const unit of UNITS) {
       for (const { key, argv } of execLines(unit)) {
-        if (!argv[1]?.endsWith('/bin/blockmirror.js')) continue;
+        const script = argv.findIndex((a) => a.endsWith('/bin/blockmirror.js'));
+        if (script < 0) continue;
         expect(argv[0], `${unit} ${key}`).toBe('/usr/bin/node');
-        expect(argv[1]).toBe('/opt/blockmirror/bin/blockmirror.js');
-        const args = argv.slice(2);
+        // node runs it as the `blockmirror` command does: with the flags of its shebang.
+        expect(argv.slice(1, script), `${unit} ${key}`).toEqual(SHEBANG_FLAGS);
+        expect(argv[script]).toBe('/opt/blockmirror/bin/blockmirror.js');
+        const args = argv.slice(script + 1);
         expect(await cliProblem(args), `${unit} ${key}: blockmirror ${args.join(' ')}`).toBeUndefined();
         const help = await run(process.execPath, [path.join(ROOT, 'bin/blockmirror.js'), ...args, '--help']);
         expect(help.code, help.stderr).toBe(0);
@@ -165,7 +170,7 @@ describe('the gateway under socket activation', () => {
   /** systemd-socket-activate listening on `address`, running the unit's ExecStart on the first connection. */
   async function activate(address: string): Promise<{ proc: ChildProcess; stderr: () => string; exited: Promise<number | null> }> {
     const [{ argv }] = execLines('blockmirror-gateway.service', { GATEWAY_CONFIG: config });
-    const cmd = [process.execPath, argv[1]!.replace('/opt/blockmirror', ROOT), ...argv.slice(2), '--log-level', 'info'];
+    const cmd = [process.execPath, ...argv.slice(1).map((a) => a.replace('/opt/blockmirror', ROOT)), '--log-level', 'info'];
     const proc = spawn('systemd-socket-activate', ['-l', address, ...cmd], { stdio: ['ignore', 'ignore', 'pipe'] });
     activators.push(proc);
     let err = '';

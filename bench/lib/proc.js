@@ -4,6 +4,17 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 
+/**
+ * The node flags on bin/blockmirror.js's shebang (`#!/usr/bin/env -S node FLAGS`), for spawning it
+ * with `process.execPath` as users' `blockmirror` command runs it.
+ */
+export const NODE_FLAGS = (() => {
+  const first = fs.readFileSync(new URL('../../bin/blockmirror.js', import.meta.url), 'utf8').split('\n', 1)[0];
+  const m = /^#!\/usr\/bin\/env -S node(.*)$/.exec(first);
+  if (!m) throw new Error(`bin/blockmirror.js: unexpected first line ${first}`);
+  return m[1].trim().split(/\s+/).filter(Boolean);
+})();
+
 const live = new Set();
 const exitHooks = [];
 
