@@ -53,7 +53,7 @@ async function sameExports(uris: string[], dir: string): Promise<void> {
 }
 
 describe('a mirror in another storage system joins and leaves a running pair', () => {
-  it('apply adds a third copy under fio --verify (COPY, then PAIR, all copies equal), then removes it while fio writes on; fio sees no error', { timeout: 300_000 }, async () => {
+  it('apply adds a third copy under fio --verify (COPY, then PAIR, all copies equal), then removes it while fio writes on; fio sees no error, and no link to the removed one stays', { timeout: 300_000 }, async () => {
     const a = await addrs(3);
     const { file, dir } = writeConfig(yaml(a, [2]));
     const [ss1, ss2, ss3] = await start(file, a, [1, 2, 3]);
@@ -110,6 +110,11 @@ describe('a mirror in another storage system joins and leaves a running pair', (
     const after = await ss1!.waitPair('pair1', inSync, 'PAIR');
     expect(after.mirrors.map((m) => `${m.ss}:${m.vol}`)).toEqual(['2:1']);
     expect((await ss3!.status())!.pairs).toEqual([]);
+    // No pair is shared with ss3 any more: its link to ss1 and ss2 and theirs to it are closed.
+    const links = async (p: SSProcess) => ((await p.status())!.storageSystems[0]!.peers ?? []).map((l) => l.ss);
+    expect(await links(ss1!)).toEqual([2]);
+    expect(await links(ss2!)).toEqual([1]);
+    expect(await links(ss3!)).toEqual([]);
     // ss3's volume is a plain volume now: hosts may write it.
     const w = await run('nbdcopy', ['--', '[', 'nbdkit', 'pattern', '64k', ']', ss3!.uri(1)]);
     expect(w.code, w.stderr).toBe(0);

@@ -13,6 +13,8 @@
 //   6      change a pair (mirrors, master, mode)  the old pair, its bits    -
 //   7      create a pair (full copy)              delete it                 -
 //   8      remove a volume (unexported, open)     export it again           close it
+//   last   run the new spec                       the old spec              close links to storage
+//                                                                           systems no pair shares now
 //
 // and, for pairs across storage systems (remote-membership.ts), in phases across all the storage
 // systems of the process: a mirror joins, then its master adds it (or drops one), then a removed
@@ -217,6 +219,8 @@ export async function planChanges(ss: StorageSystem, next: StorageSystemSpec): P
       phase: PHASE.last,
       apply: async () => void (ss.spec = next),
       undo: async () => void (ss.spec = cur),
+      // A storage system that no longer shares a pair with this one is not dialled any more.
+      commit: () => ss.peers.unlinkUnshared(next),
     });
   }
   return steps;

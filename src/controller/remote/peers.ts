@@ -161,6 +161,16 @@ export class Peers {
     }
   }
 
+  /**
+   * Close the links to storage systems `next` shares no pair with any more (a removed mirror's,
+   * once the change is applied everywhere in this process), as a start with `next` would not
+   * make them: they stop dialling, and a storage system left with no peer closes its listener.
+   */
+  async unlinkUnshared(next: StorageSystemSpec): Promise<void> {
+    const shared = new Set((next.peers ?? []).map((p) => p.id));
+    await this.unlink([...this.links.keys()].filter((id) => !shared.has(id)));
+  }
+
   /** Is the peer channel to storage system `ss` up? Undefined: no link to it yet. */
   peerUp(ss: number): boolean | undefined {
     return this.links.get(ss)?.up;
