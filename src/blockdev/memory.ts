@@ -60,6 +60,11 @@ export class MemoryDevice implements BlockDevice {
     return this.table.size * PAGE;
   }
 
+  /** Page holds of views not yet released, in bytes (tests). */
+  get heldBytes(): number {
+    return this.holding * PAGE;
+  }
+
   /** Pages out of the table that views still hold (tests). */
   get retiredBytes(): number {
     return this.retired.size * PAGE;
