@@ -4,7 +4,7 @@
 // a read racing a write may see either, as on any disk.
 import { FilterDevice } from './filter.js';
 import { RangeLock } from './range-lock.js';
-import { payloadLength, type BlockDevice, type Payload, type ZeroOptions } from './types.js';
+import { payloadLength, type BlockDevice, type Payload, type ReadViews, type ZeroOptions } from './types.js';
 
 /** The compare step of compareAndWrite found different bytes; nothing was written. */
 export class MiscompareError extends Error {
@@ -28,6 +28,11 @@ export class AtomicDevice extends FilterDevice {
     readonly locks = new RangeLock(),
   ) {
     super(next);
+  }
+
+  /** Reads take no lock here, so views from below are what read() would return. */
+  readViews(offset: number, length: number): ReadViews | null {
+    return this.next.readViews?.(offset, length) ?? null;
   }
 
   override async write(offset: number, data: Payload, fua?: boolean): Promise<void> {

@@ -12,7 +12,19 @@
 //
 // 4 KiB pages keep memory proportional to what was written even for random
 // 4k writes across a large export.
-import { BlockDeviceError, type BlockDevice, type Extent, type Payload, type ZeroOptions } from './types.js';
+//
+// Zero-copy reads (readViews) hand out views of the slabs themselves, which
+// sit in the socket's write queue until the kernel has them. So a page a view
+// covers is *held* until the view is released, and a held page never changes:
+//
+//   write / partial zero to a held page  -> copy on write: a new slot takes the
+//                                           page's place, the old one is retired
+//   trim / zero of a whole held page     -> dropped from the table, retired
+//   retired slot, last hold released     -> free, reusable
+//
+// Free slots are only ever unheld ones, so a view never shows another
+// offset's data, nor a mix of two instants.
+import { BlockDeviceError, type BlockDevice, type Extent, type Payload, type ReadViews, type ZeroOptions } from './types.js';
 import { State } from '../protocol/constants.js';
 
 const PAGE_SHIFT = 12;
@@ -21,6 +33,8 @@ const SLAB_SHIFT = 8; // 256 pages = 1 MiB per slab
 const PAGES_PER_SLAB = 1 << SLAB_SHIFT;
 const MAX_EXTENTS = 1 << 16;
 const HOLE = State.HOLE | State.ZERO;
+/** What holes read as in views: never written. */
+const ZEROES = Buffer.alloc(PAGES_PER_SLAB * PAGE);
 
 export class MemoryDevice implements BlockDevice {
   readonly multiConnSafe = true; // one store shared by every connection, no cache
@@ -29,6 +43,12 @@ export class MemoryDevice implements BlockDevice {
   private readonly slabs: Buffer[] = [];
   private readonly freeSlots: number[] = [];
   private nextSlot = 0;
+  /** Per slab, the views holding each of its slots. */
+  private holds: Int32Array[] = [];
+  /** Sum of all holds: 0 keeps writes on their fast path. */
+  private holding = 0;
+  /** Slots out of the table that wait for their holds to drop before they are free. */
+  private readonly retired = new Set<number>();
 
   constructor(
     readonly size: number,
@@ -38,6 +58,16 @@ export class MemoryDevice implements BlockDevice {
   /** Bytes of page storage in use (for tests and stats). */
   get allocatedBytes(): number {
     return this.table.size * PAGE;
+  }
+
+  /** Page holds of views not yet released, in bytes (tests). */
+  get heldBytes(): number {
+    return this.holding * PAGE;
+  }
+
+  /** Pages out of the table that views still hold (tests). */
+  get retiredBytes(): number {
+    return this.retired.size * PAGE;
   }
 
   async read(offset: number, dest: Buffer): Promise<void> {
@@ -83,6 +113,85 @@ export class MemoryDevice implements BlockDevice {
     return len;
   }
 
+  /** Views of the slabs themselves (no copy); the pages they cover stay unchanged until release(). */
+  readViews(offset: number, length: number): ReadViews {
+    const pieces: Buffer[] = [];
+    /** Held runs of slots: first slot, count, first slot, count... */
+    const runs: number[] = [];
+    let done = 0;
+    while (done < length) {
+      const pos = offset + done;
+      const pi = Math.floor(pos / PAGE);
+      const inPage = pos - pi * PAGE;
+      const slot = this.table.get(pi);
+      if (slot === undefined) {
+        let end = (pi + 1) * PAGE;
+        while (end < offset + length && !this.table.has(end / PAGE)) end += PAGE;
+        const k = Math.min(end - pos, length - done, ZEROES.length);
+        pieces.push(ZEROES.subarray(0, k));
+        done += k;
+        continue;
+      }
+      const k = Math.min(this.runBytes(pi, slot, offset + length) - inPage, length - done);
+      const at = ((slot & (PAGES_PER_SLAB - 1)) << PAGE_SHIFT) + inPage;
+      pieces.push(this.slabs[slot >>> SLAB_SHIFT]!.subarray(at, at + k));
+      const count = ((inPage + k - 1) >>> PAGE_SHIFT) + 1;
+      const holds = this.holds[slot >>> SLAB_SHIFT]!;
+      for (let i = 0; i < count; i++) holds[(slot + i) & (PAGES_PER_SLAB - 1)]!++;
+      this.holding += count;
+      runs.push(slot, count);
+      done += k;
+    }
+    let released = false;
+    return {
+      pieces,
+      release: () => {
+        if (released) return;
+        released = true;
+        for (let r = 0; r < runs.length; r += 2) this.unhold(runs[r]!, runs[r + 1]!);
+      },
+    };
+  }
+
+  private unhold(first: number, count: number): void {
+    const holds = this.holds[first >>> SLAB_SHIFT];
+    if (!holds) return; // closed meanwhile
+    this.holding -= count;
+    for (let s = first; s < first + count; s++) {
+      if (--holds[s & (PAGES_PER_SLAB - 1)]! === 0 && this.retired.delete(s)) this.freeSlots.push(s);
+    }
+  }
+
+  /** Does a view hold any of `count` consecutive slots from `first` (one slab's)? */
+  private anyHeld(first: number, count: number): boolean {
+    const holds = this.holds[first >>> SLAB_SHIFT]!;
+    for (let i = 0; i < count; i++) if (holds[(first + i) & (PAGES_PER_SLAB - 1)]! > 0) return true;
+    return false;
+  }
+
+  private held(slot: number): boolean {
+    return this.holds[slot >>> SLAB_SHIFT]![slot & (PAGES_PER_SLAB - 1)]! > 0;
+  }
+
+  /**
+   * Page pi is about to change: if a view holds its slot, give the page a new slot (with the old
+   * bytes when `keep`, i.e. the change covers part of the page) and retire the old one.
+   */
+  private unshare(pi: number, slot: number, keep: boolean): number {
+    if (this.holding === 0 || !this.held(slot)) return slot;
+    const fresh = this.allocate(pi, false);
+    if (keep) this.slotBytes(slot).copy(this.slotBytes(fresh));
+    this.retired.add(slot);
+    return fresh;
+  }
+
+  /** Take page pi out of the table: its slot is free now, or once no view holds it. */
+  private drop(pi: number, slot: number): void {
+    this.table.delete(pi);
+    if (this.holding > 0 && this.held(slot)) this.retired.add(slot);
+    else this.freeSlots.push(slot);
+  }
+
   async write(offset: number, data: Payload): Promise<void> {
     this.writeSync(offset, data);
   }
@@ -110,7 +219,12 @@ export class MemoryDevice implements BlockDevice {
       let slot = this.table.get(pi);
       // A whole-page write needs no zero fill; a partial one into a new page does.
       if (slot === undefined) slot = this.allocate(pi, inPage !== 0 || n - done < PAGE);
-      const k = Math.min(this.runBytes(pi, slot, offset + n) - inPage, n - done);
+      let k = Math.min(this.runBytes(pi, slot, offset + n) - inPage, n - done);
+      if (this.holding > 0 && this.anyHeld(slot, ((inPage + k - 1) >>> PAGE_SHIFT) + 1)) {
+        // A view holds a page of this run: one page at a time, each held one copied on write.
+        k = Math.min(PAGE - inPage, n - done);
+        slot = this.unshare(pi, slot, k < PAGE);
+      }
       const slab = this.slabs[slot >>> SLAB_SHIFT]!;
       data.copy(slab, ((slot & (PAGES_PER_SLAB - 1)) << PAGE_SHIFT) + inPage, done, done + k);
       done += k;
@@ -121,7 +235,10 @@ export class MemoryDevice implements BlockDevice {
     let slot = this.freeSlots.pop();
     if (slot === undefined) {
       slot = this.nextSlot++;
-      if ((slot & (PAGES_PER_SLAB - 1)) === 0) this.slabs.push(Buffer.allocUnsafeSlow(PAGES_PER_SLAB * PAGE));
+      if ((slot & (PAGES_PER_SLAB - 1)) === 0) {
+        this.slabs.push(Buffer.allocUnsafeSlow(PAGES_PER_SLAB * PAGE));
+        this.holds.push(new Int32Array(PAGES_PER_SLAB));
+      }
     }
     if (zeroFill) this.slotBytes(slot).fill(0);
     this.table.set(pi, slot);
@@ -152,10 +269,8 @@ export class MemoryDevice implements BlockDevice {
       const inPage = pos - pi * PAGE;
       const k = Math.min(PAGE - inPage, end - pos);
       const slot = this.table.get(pi);
-      if (slot !== undefined && k === PAGE && !keepAllocated) {
-        this.table.delete(pi);
-        this.freeSlots.push(slot);
-      } else if (slot !== undefined) this.slotBytes(slot).fill(0, inPage, inPage + k);
+      if (slot !== undefined && k === PAGE && !keepAllocated) this.drop(pi, slot);
+      else if (slot !== undefined) this.slotBytes(this.unshare(pi, slot, k < PAGE)).fill(0, inPage, inPage + k);
       else if (keepAllocated) this.allocate(pi, true);
       pos += k;
     }
@@ -181,5 +296,9 @@ export class MemoryDevice implements BlockDevice {
     this.table.clear();
     this.slabs.length = 0;
     this.freeSlots.length = 0;
+    // Views still out keep their slabs alive (they are plain Buffers) and release into nothing.
+    this.holds = [];
+    this.holding = 0;
+    this.retired.clear();
   }
 }

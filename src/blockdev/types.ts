@@ -23,6 +23,17 @@ export function copyPayload(p: Payload, into: Buffer, at: number): number {
   return at;
 }
 
+/**
+ * Views of a device's own memory holding one instant's bytes of a range (readViews). They stay
+ * those bytes, whatever is written, trimmed or zeroed meanwhile, until release(): the NBD server
+ * sends them with writev and releases them when the socket's write completes.
+ */
+export interface ReadViews {
+  readonly pieces: readonly Buffer[];
+  /** The views are no longer used: the device may change or reuse that memory. Idempotent. */
+  release(): void;
+}
+
 /** One run of equal allocation state, as base:allocation reports it. */
 export interface Extent {
   length: number;
@@ -67,6 +78,13 @@ export interface BlockDevice {
   zero(offset: number, length: number, opts?: ZeroOptions): Promise<void>;
   /** Allocation map of [offset, offset+length): contiguous extents, each length > 0, covering at least one byte. */
   extents(offset: number, length: number): Promise<Extent[]>;
+  /**
+   * Zero-copy read, optional: stable views of [offset, offset+length) (see ReadViews), or null
+   * when the device cannot give them now (the caller then read()s a copy). Only a device that
+   * can keep such views stable offers it, and a filter forwards it only where its read() would
+   * return the same bytes at the same instant: FilterDevice does not forward it, a layer opts in.
+   */
+  readViews?(offset: number, length: number): ReadViews | null;
   /** Prefetch hint; may do nothing. */
   cache?(offset: number, length: number): Promise<void>;
   close(): Promise<void>;

@@ -262,22 +262,23 @@ export class Connection {
 
   private read(req: Request): void {
     const { length } = req;
+    // Zero-copy when the device can lend its own memory: the views stay stable until the socket's
+    // write of the last one completes (libuv calls back once the kernel has the bytes).
+    const views = this.dev.readViews?.(req.offset, length);
+    if (views) {
+      this.send(this.readHead(req));
+      const { pieces } = views;
+      for (let i = 0; i < pieces.length - 1; i++) this.send(pieces[i]!);
+      this.send(pieces[pieces.length - 1]!, false, views.release);
+      return;
+    }
     // The header apart from the data: a power-of-two read then takes a buffer of its own size
     // from the pool, not one of twice its size (RSS); both leave in the same writev (send corks).
     const buf = replyBuffers.get(length);
     this.begin(length);
     this.dev.read(req.offset, buf).then(
       () => {
-        let head: Buffer;
-        if (this.sr) {
-          head = Buffer.allocUnsafe(CHUNK_HEADER_SIZE + 8);
-          writeChunkHeader(head, 0, ReplyFlag.DONE, ReplyType.OFFSET_DATA, req.cookie, 8 + length);
-          head.writeUInt32BE(Math.floor(req.offset / 2 ** 32), CHUNK_HEADER_SIZE);
-          head.writeUInt32BE(req.offset >>> 0, CHUNK_HEADER_SIZE + 4);
-        } else {
-          head = encodeSimpleReply(0, req.cookie);
-        }
-        this.send(head);
+        this.send(this.readHead(req));
         this.send(buf, true);
         this.end(length);
       },
@@ -287,6 +288,16 @@ export class Connection {
         this.end(length);
       },
     );
+  }
+
+  /** The header of a successful READ's reply; its data follows. */
+  private readHead(req: Request): Buffer {
+    if (!this.sr) return encodeSimpleReply(0, req.cookie);
+    const head = Buffer.allocUnsafe(CHUNK_HEADER_SIZE + 8);
+    writeChunkHeader(head, 0, ReplyFlag.DONE, ReplyType.OFFSET_DATA, req.cookie, 8 + req.length);
+    head.writeUInt32BE(Math.floor(req.offset / 2 ** 32), CHUNK_HEADER_SIZE);
+    head.writeUInt32BE(req.offset >>> 0, CHUNK_HEADER_SIZE + 4);
+    return head;
   }
 
   private blockStatus(req: Request): void {
@@ -345,11 +356,13 @@ export class Connection {
   /**
    * Queue a reply. Replies finished in the same tick (all the requests of one
    * received chunk, for a memory device) leave in one writev. A pooled READ
-   * buffer goes back to the pool once the kernel has it.
+   * buffer goes back to the pool once the kernel has it, and `sent` runs then
+   * (or at once when the socket is gone; an errored write calls back too).
    */
-  private send(buf: Buffer, pooled = false): void {
+  private send(buf: Buffer, pooled = false, sent?: () => void): void {
     if (this.closed || this.socket.destroyed) {
       if (pooled) replyBuffers.put(buf);
+      sent?.();
       return;
     }
     if (!this.corked) {
@@ -358,6 +371,7 @@ export class Connection {
       process.nextTick(this.uncork);
     }
     if (pooled) this.socket.write(buf, () => replyBuffers.put(buf));
+    else if (sent) this.socket.write(buf, sent);
     else this.socket.write(buf);
   }
 
