@@ -13,7 +13,8 @@
 // One restore at a time; its progress is in the group record, so a restart resumes it.
 import { BlockDeviceError } from '../../blockdev/types.js';
 import { PairCommandError } from '../status.js';
-import { COPY_RUN, SvolGroupCore } from './group-core.js';
+import { COPY_RUN } from './group-core.js';
+import { SvolGroupHostIo } from './host-io.js';
 import type { RestoreRecord } from './group-file.js';
 
 /** A restore records its progress this often (bytes), so a restart resumes near where it stopped. */
@@ -21,7 +22,7 @@ export const RESTORE_CHECKPOINT = 16 * 1024 * 1024;
 /** Copy runs of a restore in flight at once. */
 const RESTORE_DEPTH = 4;
 
-export abstract class SvolGroupRecovery extends SvolGroupCore {
+export abstract class SvolGroupRecovery extends SvolGroupHostIo {
   /** A member's volume failed under host I/O: mark it, and start its recovery in the background. */
   protected override fail(i: number, op: string, err: Error, vol?: number): void {
     const l = this.rec.logical[i]!;
