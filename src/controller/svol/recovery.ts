@@ -203,15 +203,23 @@ export abstract class SvolGroupRecovery extends SvolGroupHostIo {
       else runs.push({ first: c, count: 1 });
     }
     let next = 0;
+    let failure: { e: unknown } | undefined;
+    // After a failure no run starts, and the error is thrown once none is in flight (the caller's
+    // cleanup then sees no write of this restore still landing).
     const worker = async (): Promise<void> => {
-      for (let run = runs[next++]; run; run = runs[next++]) {
+      for (let run = runs[next++]; run && !failure; run = runs[next++]) {
         const off = run.first * cs;
         const buf = Buffer.allocUnsafe(Math.min(run.count * cs, this.size - off));
-        await Promise.all(Array.from({ length: run.count }, (_, k) => incr.read(run.first + k, 0, buf.subarray(k * cs, Math.min((k + 1) * cs, buf.length)))));
-        await this.io.write(home, off, buf.length, buf, () => this.dev(home).write(off, buf));
+        try {
+          await Promise.all(Array.from({ length: run.count }, (_, k) => incr.read(run.first + k, 0, buf.subarray(k * cs, Math.min((k + 1) * cs, buf.length)))));
+          await this.io.write(home, off, buf.length, buf, () => this.dev(home).write(off, buf));
+        } catch (e) {
+          failure ??= { e };
+        }
       }
     };
     await Promise.all(Array.from({ length: Math.min(RESTORE_DEPTH, runs.length) }, worker));
+    if (failure) throw failure.e;
   }
 
   /**
