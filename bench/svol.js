@@ -6,8 +6,12 @@
 //   - time from a fault on an RO member to the host's reads of its logical ID flowing again, p50 and
 //     p99 over --faults runs each of an EIO fault and a hang (offline, mode hang: ioTimeout decides).
 //
-//   node bench/svol.js [--size 256MiB] [--runtime 3] [--reps 1] [--faults 20] [--only failover|rw|restore] [--profile DIR]
+//   node bench/svol.js [--size 256MiB] [--runtime 3] [--reps 1] [--faults 20] [--only failover|rw|restore] [--fresh] [--peer-flush] [--profile DIR]
 //
+// --size takes MiB ("1GiB" reads as 1). --fresh makes every restore's spare and nbdcopy's target a never-written
+// file again before each run (truncated to 0 and back): a real spare often was never written, and a file
+// system allocates blocks on the first write, so this is the case that counts. --peer-flush runs nbdcopy --flush
+// (its copy durable at the end, as a restore's is before the remap).
 // --only rw (restore) prints the write (restore) figures without touching RESULTS.md; --profile DIR runs the storage
 // system under node --cpu-prof (its .cpuprofile lands in DIR when it stops).
 // Writes its sections of bench/RESULTS.md. Needs a built tree (npm run build), fio, nbdcopy, qemu-io.
@@ -36,6 +40,9 @@ const reps = Number(arg('reps', '1'));
 const faultRuns = Number(arg('faults', '20'));
 const only = arg('only', '');
 const profile = arg('profile', '');
+const fresh = process.argv.includes('--fresh');
+/** nbdcopy --flush: the peer's copy durable at its end, as a restore's must be before the remap. */
+const peerFlush = process.argv.includes('--peer-flush');
 /** The group's ioTimeout: a hang costs at least this much before the host's I/O flows again. */
 const IO_TIMEOUT_MS = 1000;
 
@@ -179,15 +186,29 @@ ${frow(`offline, mode hang (failed after ioTimeout ${IO_TIMEOUT_MS} ms)`, flow.h
   // Restore vs nbdcopy, A B B A.
   const copyS = [];
   const restoreS = [];
+  const volFile = (v) => path.join(dir, 'data', `vol${v}.img`);
+  /** Frees every block of a volume's file: the next write to it is a first write, as on a new spare. */
+  const unwrite = (v) => {
+    fs.truncateSync(volFile(v), 0);
+    fs.truncateSync(volFile(v), sizeMiB * MiB);
+  };
+  // Every step starts with nothing dirty in the page cache: on ext4 (data=ordered) the journal commit that a
+  // flush of a newly allocated file forces writes out every file's newly allocated dirty data, so without
+  // this a restore's first flush pays for the nbdcopy before it, which never flushes.
+  const settle = () => sh('sync', []);
   const nbdcopy = async () => {
+    if (fresh) unwrite(8);
+    await settle();
     const t = performance.now();
-    await sh('nbdcopy', [uri(7), uri(8)]);
+    await sh('nbdcopy', [...(peerFlush ? ['--flush'] : []), uri(7), uri(8)]);
     copyS.push((performance.now() - t) / 1000);
   };
   const restore = async () => {
     const g = await query();
     const phys = g.members.find((m) => m.logicalId === 40).vol;
+    if (fresh) for (const m of g.members) if (m.attr === 'spare') unwrite(m.vol);
     await cli('fault', 'set', `1:${phys}`, 'error', '--op', 'read');
+    await settle();
     const t = performance.now();
     await sh('qemu-io', ['-f', 'raw', '-r', '-c', 'read 0 4k', uri(40)]);
     for (;;) {
@@ -203,7 +224,7 @@ ${frow(`offline, mode hang (failed after ioTimeout ${IO_TIMEOUT_MS} ms)`, flow.h
   if (only === 'restore') {
     const c = median(copyS);
     const rs = median(restoreS);
-    process.stdout.write(`restore ${rs.toFixed(2)} s (${restoreS.map((x) => x.toFixed(2)).join(' ')}), nbdcopy ${c.toFixed(2)} s (${copyS.map((x) => x.toFixed(2)).join(' ')}), ratio ${(c / rs).toFixed(2)}; load ${loadAvg()}\n`);
+    process.stdout.write(`restore ${rs.toFixed(2)} s (${restoreS.map((x) => x.toFixed(2)).join(' ')}), nbdcopy ${c.toFixed(2)} s (${copyS.map((x) => x.toFixed(2)).join(' ')}), ratio ${(c / rs).toFixed(2)}${fresh ? ', every target never written' : ''}${peerFlush ? ', nbdcopy --flush' : ''}; load ${loadAvg()}\n`);
   }
 
   // RW member vs plain volume, A B B A per job.

@@ -1,7 +1,8 @@
 // The copy of an S-VOL restore (recovery.ts copyForRestore, issue 15): runs in flight at once,
 // checkpoints recorded only once a flush made the copy below them durable, and ranges the donor
 // reads as zeroes (its allocation, and no checksum that knows other bytes) zeroed on the target
-// instead of copied. In process (test/helpers/svol-rig.ts), over file volumes.
+// instead of copied; an RW member's increments applied in runs of contiguous clusters. In process
+// (test/helpers/svol-rig.ts), over file volumes.
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -47,6 +48,15 @@ class ReadLog extends FilterDevice {
   override read(offset: number, dest: Buffer): Promise<void> {
     this.reads.push([offset, offset + dest.length]);
     return this.next.read(offset, dest);
+  }
+}
+
+/** Writes to a volume, by range. */
+class WriteLog extends FilterDevice {
+  writes: [number, number][] = [];
+  override write(offset: number, data: Buffer): Promise<void> {
+    this.writes.push([offset, offset + data.length]);
+    return this.next.write(offset, data);
   }
 }
 
@@ -160,5 +170,47 @@ describe('S-VOL restore copy', () => {
     } finally {
       await dev.close();
     }
+  });
+
+  it('applies an RW member\'s increments to its new volume in runs of contiguous clusters, one write per run, and the member reads as its host wrote it', async () => {
+    const spec: SvolGroupSpec = {
+      name: 'g',
+      pvol: 1,
+      members: [
+        { vol: 2, attr: 'RO' },
+        { vol: 3, attr: 'RW', increments: 9 },
+        { vol: 5, attr: 'spare' },
+      ],
+    };
+    const dir = tmpDir('bm-svol-restore-rw-');
+    const rig = new Rig(dir, spec, CLUSTER, SIZE);
+    rigs.push(rig);
+    await rig.open();
+    const image = pattern(SIZE, 11);
+    await rig.pvol.write(0, image);
+    await rig.group.init();
+    await rig.group.idle();
+    await rig.group.split();
+    // 64 contiguous clusters, then one on its own.
+    const run = pattern(256 * KiB, 5);
+    const lone = pattern(4 * KiB, 6);
+    await rig.lv(3).write(1 * MiB, run);
+    await rig.lv(3).write(5 * MiB, lone);
+    const expected = Buffer.from(image);
+    run.copy(expected, 1 * MiB);
+    lone.copy(expected, 5 * MiB);
+    // The RO sibling's volume (2) takes the RW role and the increments; the spare becomes the RO copy.
+    const home = new WriteLog(rig.volumes.get(2)!.device);
+    rig.volumes.set(2, { device: home });
+    rig.faults.get(3)!.set({ kind: 'error', ops: ['read'] });
+    await rig.lv(3).read(3 * MiB, Buffer.alloc(4 * KiB));
+    await rig.group.idle();
+    expect(rig.member(3)).toMatchObject({ vol: 2, state: 'split' });
+    expect(rig.member(2)).toMatchObject({ vol: 5, state: 'split' });
+    expect(home.writes.filter(([from, to]) => from < 2 * MiB && 1 * MiB < to)).toEqual([[1 * MiB, 1 * MiB + 256 * KiB]]);
+    expect(home.writes.filter(([from, to]) => from < 6 * MiB && 5 * MiB < to)).toEqual([[5 * MiB, 5 * MiB + 4 * KiB]]);
+    expect(rig.volume(2).equals(expected)).toBe(true);
+    expect((await rig.read(rig.lv(3))).equals(expected)).toBe(true);
+    expect((await rig.read(rig.lv(2))).equals(image)).toBe(true);
   });
 });

@@ -1,5 +1,5 @@
 // An S-VOL group's commands (docs/svol.md): init, split, resync, restore, attr, verify, and its
-// status. The state machine, the data paths, the copy and the recovery are in group-core.ts.
+// status. The state machine and the copy are in group-core.ts, host I/O in host-io.ts, recovery in recovery.ts.
 import { PairCommandError } from '../status.js';
 import { COPY_RUN } from './group-core.js';
 import { SvolGroupRecovery } from './recovery.js';

@@ -13,15 +13,17 @@
 // One restore at a time; its progress is in the group record, so a restart resumes it.
 import { BlockDeviceError } from '../../blockdev/types.js';
 import { PairCommandError } from '../status.js';
-import { COPY_RUN, SvolGroupCore } from './group-core.js';
+import { COPY_RUN } from './group-core.js';
+import { SvolGroupHostIo } from './host-io.js';
 import type { RestoreRecord } from './group-file.js';
+import type { IncrementsVolume } from './increments.js';
 
 /** A restore records its progress this often (bytes), so a restart resumes near where it stopped. */
 export const RESTORE_CHECKPOINT = 16 * 1024 * 1024;
 /** Copy runs of a restore in flight at once. */
 const RESTORE_DEPTH = 4;
 
-export abstract class SvolGroupRecovery extends SvolGroupCore {
+export abstract class SvolGroupRecovery extends SvolGroupHostIo {
   /** A member's volume failed under host I/O: mark it, and start its recovery in the background. */
   protected override fail(i: number, op: string, err: Error, vol?: number): void {
     const l = this.rec.logical[i]!;
@@ -118,7 +120,6 @@ export abstract class SvolGroupRecovery extends SvolGroupCore {
   protected async runRestore(): Promise<void> {
     const r = this.rec.restore!;
     const l = this.rec.logical[r.logical]!;
-    const cs = this.ctx.clusterSize;
     const donorErrors = new Set<unknown>();
     try {
       if (!(await this.copyForRestore(r, donorErrors))) return;
@@ -144,12 +145,7 @@ export abstract class SvolGroupRecovery extends SvolGroupCore {
         if (l.attr === 'RW' && incr) {
           // The map is the write intent of these clusters: durable before `home` takes them.
           await incr.mapDurable();
-          const one = Buffer.allocUnsafe(cs);
-          for (const c of incr.changed()) {
-            const part = one.subarray(0, Math.min(cs, this.size - c * cs));
-            await incr.read(c, 0, part);
-            await this.io.write(home, c * cs, part.length, part, () => this.dev(home).write(c * cs, part));
-          }
+          await this.applyIncrements(incr, home);
           await this.io.flush(home);
         }
         if (r.failed !== home) {
@@ -190,6 +186,40 @@ export abstract class SvolGroupRecovery extends SvolGroupCore {
       this.save();
       throw e;
     }
+  }
+
+  /**
+   * Write every changed cluster of `incr` to `home`: contiguous clusters as one write of up to
+   * COPY_RUN bytes (their slots need not be contiguous: each is read on its own, at once), and
+   * RESTORE_DEPTH such runs in flight. The group's RW member is locked whole meanwhile.
+   */
+  private async applyIncrements(incr: IncrementsVolume, home: number): Promise<void> {
+    const cs = this.ctx.clusterSize;
+    const runMax = Math.max(1, Math.floor(COPY_RUN / cs));
+    const runs: { first: number; count: number }[] = [];
+    for (const c of incr.changed()) {
+      const last = runs[runs.length - 1];
+      if (last && last.first + last.count === c && last.count < runMax) last.count++;
+      else runs.push({ first: c, count: 1 });
+    }
+    let next = 0;
+    let failure: { e: unknown } | undefined;
+    // After a failure no run starts, and the error is thrown once none is in flight (the caller's
+    // cleanup then sees no write of this restore still landing).
+    const worker = async (): Promise<void> => {
+      for (let run = runs[next++]; run && !failure; run = runs[next++]) {
+        const off = run.first * cs;
+        const buf = Buffer.allocUnsafe(Math.min(run.count * cs, this.size - off));
+        try {
+          await Promise.all(Array.from({ length: run.count }, (_, k) => incr.read(run.first + k, 0, buf.subarray(k * cs, Math.min((k + 1) * cs, buf.length)))));
+          await this.io.write(home, off, buf.length, buf, () => this.dev(home).write(off, buf));
+        } catch (e) {
+          failure ??= { e };
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(RESTORE_DEPTH, runs.length) }, worker));
+    if (failure) throw failure.e;
   }
 
   /**
