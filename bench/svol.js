@@ -8,7 +8,7 @@
 //
 //   node bench/svol.js [--size 256MiB] [--runtime 3] [--reps 1] [--faults 20] [--only failover|rw|restore] [--fresh] [--peer-flush] [--profile DIR]
 //
-// --size takes MiB ("1GiB" reads as 1). --fresh makes every restore's spare and nbdcopy's target a never-written
+// --size takes MiB or GiB (256MiB, 1GiB; a bare number is MiB). --fresh makes every restore's spare and nbdcopy's target a never-written
 // file again before each run (truncated to 0 and back): a real spare often was never written, and a file
 // system allocates blocks on the first write, so this is the case that counts. --peer-flush runs nbdcopy --flush
 // (its copy durable at the end, as a restore's is before the remap).
@@ -34,7 +34,29 @@ function arg(name, dflt) {
   const i = process.argv.indexOf(`--${name}`);
   return i > 0 ? process.argv[i + 1] : dflt;
 }
-const sizeMiB = parseInt(arg('size', '256MiB'), 10);
+if (process.argv.includes('--help') || process.argv.includes('-h')) {
+  // The usage is the comment at the top of this file.
+  const text = fs.readFileSync(fileURLToPath(import.meta.url), 'utf8').split('\n');
+  console.log(text.slice(1, text.findIndex((l) => l.startsWith('import'))).map((l) => l.replace(/^\/\/ ?/, '')).join('\n'));
+  process.exit(0);
+}
+const KNOWN = new Set(['--size', '--runtime', '--reps', '--faults', '--only', '--profile', '--fresh', '--peer-flush']);
+for (const a of process.argv.slice(2)) {
+  if (a.startsWith('--') && !KNOWN.has(a)) {
+    console.error(`bench/svol.js: unknown option ${a} (see --help)`);
+    process.exit(2);
+  }
+}
+/** --size in MiB: a bare number, or with MiB or GiB. */
+const sizeMiB = (() => {
+  const text = arg('size', '256MiB');
+  const m = /^(\d+)(MiB|GiB)?$/.exec(text);
+  if (!m) {
+    console.error(`bench/svol.js: --size ${text}: give MiB or GiB, e.g. 256MiB or 1GiB`);
+    process.exit(2);
+  }
+  return Number(m[1]) * (m[2] === 'GiB' ? 1024 : 1);
+})();
 const runtime = Number(arg('runtime', '3'));
 const reps = Number(arg('reps', '1'));
 const faultRuns = Number(arg('faults', '20'));
