@@ -140,7 +140,10 @@ async function main() {
   lines.push('', '| cache | unthrottled sync daemon copy (1 GiB resync after a split) | goal |', '|---|---:|---:|');
   for (const s of sections) lines.push(`| ${s.cache ? '256 MiB' : 'none'} | ${s.copyGBs.toFixed(2)} GB/s | ≥ 1 GB/s |`);
   lines.push('', 'Ratio = median of the per-repetition master/standalone ratios.', '');
-  fs.writeFileSync(OUT, lines.join('\n'));
+  // Hand-written notes (from "## Notes" on) survive a rerun.
+  const prev = fs.existsSync(OUT) ? fs.readFileSync(OUT, 'utf8') : '';
+  const notes = prev.indexOf('\n## Notes');
+  fs.writeFileSync(OUT, lines.join('\n') + (notes >= 0 ? `\n${prev.slice(notes)}` : ''));
   console.log(lines.join('\n'));
   fs.rmSync(dir, { recursive: true, force: true });
 }
