@@ -3,6 +3,7 @@
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { MemoryDevice } from '../src/blockdev/memory.js';
+import { pseudoRandom } from './helpers/clients.js';
 
 const SIZE = 3 * 1024 * 1024 + 5000; // not a whole number of pages or slabs
 
@@ -23,17 +24,6 @@ const op: fc.Arbitrary<Op> = fc.oneof(
   span.map((s) => ({ kind: 'read' as const, ...s })),
 );
 
-function pattern(len: number, seed: number): Buffer {
-  const b = Buffer.allocUnsafe(len);
-  let x = seed | 1;
-  for (let i = 0; i < len; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    b[i] = x & 0xff;
-  }
-  return b;
-}
 
 describe('MemoryDevice', () => {
   it('reads back exactly what a plain buffer would hold after any sequence of writes, trims and zeroes', async () => {
@@ -43,7 +33,7 @@ describe('MemoryDevice', () => {
         const model = Buffer.alloc(SIZE);
         for (const o of ops) {
           if (o.kind === 'write') {
-            const data = pattern(o.len, o.seed);
+            const data = pseudoRandom(o.len, o.seed);
             const cut = Math.floor(o.len / o.pieces);
             const pieces = o.pieces === 1 ? data : Array.from({ length: o.pieces }, (_, i) => data.subarray(i * cut, i === o.pieces - 1 ? o.len : (i + 1) * cut));
             await dev.write(o.off, pieces);

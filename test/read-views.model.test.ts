@@ -6,6 +6,7 @@ import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { MemoryDevice } from '../src/blockdev/memory.js';
 import type { ReadViews } from '../src/blockdev/types.js';
+import { pseudoRandom } from './helpers/clients.js';
 
 const PAGE = 4096;
 const SIZE = 2 * 1024 * 1024 + 3 * PAGE + 100; // two slabs and a ragged tail
@@ -34,17 +35,6 @@ const op: fc.Arbitrary<Op> = fc.oneof(
   { arbitrary: fc.nat().map((pick) => ({ kind: 'release' as const, pick })), weight: 2 },
 );
 
-function pattern(len: number, seed: number): Buffer {
-  const b = Buffer.allocUnsafe(len);
-  let x = seed | 1;
-  for (let i = 0; i < len; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    b[i] = x & 0xff;
-  }
-  return b;
-}
 
 interface Out {
   views: ReadViews;
@@ -67,7 +57,7 @@ function checkViews(out: Out[]): void {
 async function apply(dev: MemoryDevice, model: Buffer, out: Out[], o: Op): Promise<void> {
   switch (o.kind) {
     case 'write': {
-      const data = pattern(o.len, o.seed);
+      const data = pseudoRandom(o.len, o.seed);
       await dev.write(o.off, data);
       data.copy(model, o.off);
       return;
@@ -114,7 +104,7 @@ describe('MemoryDevice.readViews', () => {
 
   it('gives a view of written pages as slices of the store, with no copy', async () => {
     const dev = new MemoryDevice(SIZE);
-    const data = pattern(256 * PAGE, 7);
+    const data = pseudoRandom(256 * PAGE, 7);
     await dev.write(0, data);
     const v = dev.readViews(PAGE, 8 * PAGE);
     expect(v.pieces.length).toBe(1);

@@ -268,17 +268,18 @@ export async function fio(uri: string, dir: string, args: string[], timeoutMs = 
   return json.jobs;
 }
 
-/** Deterministic pseudo-random bytes (xorshift32), so failures are reproducible. */
+/** Deterministic pseudo-random bytes (xorshift32), so failures are reproducible; every byte, the tail of a length not a multiple of 4 included. */
 export function pseudoRandom(length: number, seed: number): Buffer {
   const b = Buffer.alloc(length);
   let x = seed >>> 0 || 1;
-  for (let i = 0; i + 4 <= length; i += 4) {
+  for (let i = 0; i < length; i += 4) {
     x ^= x << 13;
     x >>>= 0;
     x ^= x >>> 17;
     x ^= x << 5;
     x >>>= 0;
-    b.writeUInt32LE(x, i);
+    if (i + 4 <= length) b.writeUInt32LE(x, i);
+    else for (let k = 0; i + k < length; k++) b[i + k] = (x >>> (8 * k)) & 0xff;
   }
   return b;
 }
