@@ -110,7 +110,8 @@ describe('tls: require', () => {
     fs.copyFileSync(pki.ca, path.join(foreign, 'ca-cert.pem'));
     const f = await run('nbdinfo', [`nbds://127.0.0.1:${port}/vol1?tls-certificates=${foreign}`]);
     expect(f.code).not.toBe(0);
-    expect(up.stderr()).toContain('the client presented neither a certificate signed by the configured CA nor a known PSK');
+    // The server's log line may reach us after nbdinfo has exited (a stress run under load saw that): wait for it.
+    await expect.poll(() => up.stderr(), { timeout: 15_000 }).toContain('the client presented neither a certificate signed by the configured CA nor a known PSK');
   });
 
   it('carries data written by qemu-io with an X.509 client certificate to nbdcopy with a PSK, byte for byte', async () => {
