@@ -12,3 +12,26 @@ process.env.BLOCKMIRROR_ADMIN_TOKEN ??= `test-${randomBytes(16).toString('hex')}
 // stack): the file has stopped its servers by then. A file's directories go when it ends, not
 // when the whole run does, so a run never holds more than its running files' data on disk.
 afterAll(removeTmpDirs);
+
+// BLOCKMIRROR_CPU_LOG=FILE: each test file appends the CPU it used (its worker, and every process it
+// started and reaped: servers, clients, VMs), to find what makes the suite slow on a loaded machine
+// (scripts/suite-cpu sums it up). From /proc/self/stat: utime, stime, cutime, cstime in clock ticks.
+const cpuLog = process.env.BLOCKMIRROR_CPU_LOG;
+if (cpuLog) {
+  const { readFileSync, appendFileSync } = await import('node:fs');
+  const { beforeAll, expect } = await import('vitest');
+  const ticks = (): [number, number] => {
+    const f = readFileSync('/proc/self/stat', 'utf8').split(') ')[1]!.split(' ');
+    return [Number(f[11]) + Number(f[12]), Number(f[13]) + Number(f[14])];
+  };
+  let start: [number, number] = [0, 0];
+  const wall = Date.now();
+  beforeAll(() => {
+    start = ticks();
+  });
+  afterAll(() => {
+    const [self, children] = ticks();
+    const file = (expect.getState().testPath ?? 'unknown').replace(/^.*\/test\//, 'test/');
+    appendFileSync(cpuLog, `${file}\t${(self - start[0]) / 100}\t${(children - start[1]) / 100}\t${(Date.now() - wall) / 1000}\n`);
+  });
+}
