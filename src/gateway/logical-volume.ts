@@ -18,8 +18,13 @@
 // write that reached the old master and is sent again to the new one leaves the same bytes), and
 // a FLUSH sent to the new master covers every write it acknowledged. The host sees a pause,
 // never an error, unless no master appears within `retryMs`.
+//
+// A large WRITE is forwarded cut-through (writeStream): its header goes to the master as soon
+// as the host's header is parsed, and each piece of its payload as it lands, so the master
+// starts on it before the gateway has it all. The pieces stay referenced until the reply: if
+// that try fails, the write is sent again in full, as above, once its payload is complete.
 import type { Logger } from 'pino';
-import { BlockDeviceError, type BlockDevice, type Extent, type Payload, type ZeroOptions } from '../blockdev/types.js';
+import { BlockDeviceError, type BlockDevice, type Extent, type Payload, type WriteStream, type ZeroOptions } from '../blockdev/types.js';
 import { NbdConnectionError, NbdError, NbdTimeoutError, connect, type NbdClient } from '../nbd/client.js';
 import type { ClusterStore } from '../cluster/etcd/store.js';
 import type { ClientTls } from '../nbd/tls.js';
@@ -179,6 +184,31 @@ export class LogicalVolumeDevice implements BlockDevice {
     return this.run('write', (c) => c.pwrite(data, offset, { fua }));
   }
 
+  writeStream(offset: number, length: number, fua: boolean): WriteStream {
+    const payload = new ArrivingPayload(length);
+    return { push: (piece) => payload.push(piece), abort: (reason) => payload.abort(reason), done: this.forward(offset, payload, fua) };
+  }
+
+  /** The first try streams the payload to the master; a failed one waits for all of it and goes the usual way. */
+  private async forward(offset: number, payload: ArrivingPayload, fua: boolean): Promise<void> {
+    const m = this.master();
+    if (m) {
+      try {
+        const c = await this.pool.get(m.addr, m.exportName);
+        await payload.pipe(c.pwriteStream(offset, payload.length, { fua }));
+        return;
+      } catch (e) {
+        if (payload.abandoned) throw toDeviceError(payload.abandoned, `${this.name}: write`);
+        if (classify(e) === 'fail') throw toDeviceError(e, `${this.name}: write`);
+        payload.unpipe();
+        this.pool.drop(m.addr, m.exportName);
+        this.log.warn({ lv: this.name, master: `ss${m.copy.ss}/vol${m.copy.vol}`, err: (e as Error).message }, `${this.name}: the master failed a streamed write; it goes again in full once it has arrived`);
+      }
+    }
+    await payload.whole;
+    return this.write(offset, payload.pieces, fua);
+  }
+
   flush(): Promise<void> {
     return this.run('flush', (c) => c.flush());
   }
@@ -197,6 +227,53 @@ export class LogicalVolumeDevice implements BlockDevice {
   }
 
   async close(): Promise<void> {}
+}
+
+/** A WRITE's payload as it arrives from the host: kept whole until the write is done, and fed to the stream that forwards it. */
+class ArrivingPayload {
+  readonly pieces: Buffer[] = [];
+  private received = 0;
+  private sink: WriteStream | undefined;
+  abandoned: Error | undefined;
+  readonly whole: Promise<void>;
+  private resolveWhole!: () => void;
+  private rejectWhole!: (e: Error) => void;
+
+  constructor(readonly length: number) {
+    this.whole = new Promise((resolve, reject) => {
+      this.resolveWhole = resolve;
+      this.rejectWhole = reject;
+    });
+    // Awaited only when a try fails: an abandoned payload is not an unhandled rejection.
+    this.whole.catch(() => undefined);
+  }
+
+  push(piece: Buffer): void {
+    this.pieces.push(piece);
+    this.received += piece.length;
+    this.sink?.push(piece);
+    if (this.received === this.length) this.resolveWhole();
+  }
+
+  abort(reason: Error): void {
+    if (this.abandoned || this.received === this.length) return;
+    this.abandoned = reason;
+    this.rejectWhole(reason);
+    this.sink?.abort(reason);
+  }
+
+  /** Send what has arrived, then each piece as it comes; settles with the stream. */
+  pipe(sink: { push(piece: Uint8Array): void; abort(reason: Error): void; readonly done: Promise<void> }): Promise<void> {
+    for (const piece of this.pieces) sink.push(piece);
+    this.sink = sink;
+    if (this.abandoned) sink.abort(this.abandoned);
+    return sink.done;
+  }
+
+  /** That stream failed: the pieces still to come are only kept. */
+  unpipe(): void {
+    this.sink = undefined;
+  }
 }
 
 function toDeviceError(e: unknown, what: string): BlockDeviceError {

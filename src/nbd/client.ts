@@ -14,5 +14,6 @@ export {
   type ReadOptions,
   type WriteOptions,
   type WritePayload,
+  type WriteStream,
   type ZeroOptions,
 } from './client/client.js';
