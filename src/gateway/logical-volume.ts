@@ -90,6 +90,8 @@ export class LogicalVolumeDevice implements BlockDevice {
   /** Every connection of every host lands on the one master, whose cache is shared. */
   readonly multiConnSafe = true;
   readonly fastZero = false;
+  /** Cut-through forwarding of large WRITEs; absent when the gateway stores and forwards them. */
+  readonly writeStream?: (offset: number, length: number, fua: boolean) => WriteStream;
 
   constructor(
     readonly name: string,
@@ -98,7 +100,10 @@ export class LogicalVolumeDevice implements BlockDevice {
     private readonly pool: ConnectionPool,
     private readonly log: Logger,
     private readonly retryMs = 60_000,
-  ) {}
+    cutThrough = true,
+  ) {
+    if (cutThrough) this.writeStream = (offset, length, fua) => this.stream(offset, length, fua);
+  }
 
   /** The current master's NBD address and export, if the tables know a live one. */
   private master(): { addr: string; exportName: string; copy: Copy } | undefined {
@@ -184,7 +189,7 @@ export class LogicalVolumeDevice implements BlockDevice {
     return this.run('write', (c) => c.pwrite(data, offset, { fua }));
   }
 
-  writeStream(offset: number, length: number, fua: boolean): WriteStream {
+  private stream(offset: number, length: number, fua: boolean): WriteStream {
     const payload = new ArrivingPayload(length);
     return { push: (piece) => payload.push(piece), abort: (reason) => payload.abort(reason), done: this.forward(offset, payload, fua) };
   }
@@ -229,10 +234,20 @@ export class LogicalVolumeDevice implements BlockDevice {
   async close(): Promise<void> {}
 }
 
+/**
+ * Pieces go on to the master in batches of at least this much (or the payload's last bytes): a
+ * socket read of the host's connection brings 64 KiB or so, and a send per read cost more
+ * system time on both ends than it saved in latency (bench/RESULTS.md, gateway-forward).
+ */
+const FORWARD_BATCH = 256 * 1024;
+
 /** A WRITE's payload as it arrives from the host: kept whole until the write is done, and fed to the stream that forwards it. */
 class ArrivingPayload {
   readonly pieces: Buffer[] = [];
   private received = 0;
+  /** Of `pieces`, how many went to the sink, and their bytes. */
+  private given = 0;
+  private givenBytes = 0;
   private sink: WriteStream | undefined;
   abandoned: Error | undefined;
   readonly whole: Promise<void>;
@@ -251,8 +266,14 @@ class ArrivingPayload {
   push(piece: Buffer): void {
     this.pieces.push(piece);
     this.received += piece.length;
-    this.sink?.push(piece);
+    if (this.sink && (this.received - this.givenBytes >= FORWARD_BATCH || this.received === this.length)) this.give(this.sink);
     if (this.received === this.length) this.resolveWhole();
+  }
+
+  /** The pieces the sink has not had yet, in one tick (the client sends them in one writev). */
+  private give(sink: { push(piece: Uint8Array): void }): void {
+    for (; this.given < this.pieces.length; this.given++) sink.push(this.pieces[this.given]!);
+    this.givenBytes = this.received;
   }
 
   abort(reason: Error): void {
@@ -264,7 +285,7 @@ class ArrivingPayload {
 
   /** Send what has arrived, then each piece as it comes; settles with the stream. */
   pipe(sink: { push(piece: Uint8Array): void; abort(reason: Error): void; readonly done: Promise<void> }): Promise<void> {
-    for (const piece of this.pieces) sink.push(piece);
+    this.give(sink);
     this.sink = sink;
     if (this.abandoned) sink.abort(this.abandoned);
     return sink.done;

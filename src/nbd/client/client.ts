@@ -315,7 +315,10 @@ export class NbdClient implements DirectReceiver {
     this.writer.sendStream(s);
     return {
       push: (piece) => {
-        if (!this.ended) this.writer.push(s, piece);
+        if (this.ended) return;
+        this.writer.push(s, piece);
+        // A host slow to send the payload is not a server slow to answer.
+        if (s.complete) this.table.restart(c);
       },
       abort: (reason) => {
         if (this.ended || s.complete) return;

@@ -42,7 +42,8 @@ export class Command {
     readonly type: number,
     readonly offset: number,
     readonly length: number,
-    readonly issued: number,
+    /** When it was sent (a streamed WRITE: when its last byte was); its timeout counts from then. */
+    public issued: number,
     /** READ destination. */
     readonly buf: Buffer | undefined,
     /** BLOCK_STATUS: the meta context asked for, and its negotiated id. */
@@ -100,6 +101,13 @@ export class InFlight {
 
   get(cookie: bigint): Command | undefined {
     return this.map.get(cookie);
+  }
+
+  /** Count `c`'s timeout from now: it moves to the end, so the first entry is still the oldest. */
+  restart(c: Command): void {
+    if (!this.map.delete(c.cookie)) return;
+    c.issued = performance.now();
+    this.map.set(c.cookie, c);
   }
 
   delete(cookie: bigint): void {

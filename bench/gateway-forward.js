@@ -1,0 +1,104 @@
+#!/usr/bin/env node
+// What a gateway's forward path costs, and what cut-through forwarding changes (docs/cluster.md,
+// "Gateways"). One master (`blockmirror serve`, memory, no mirror, no etcd) and two gateways in
+// front of it (bench/lib/gateway-proc.js: the real NBD server and logical volume, the table fixed
+// in memory): one forwards large WRITEs cut-through, the other only once the payload is complete
+// (--no-cut-through). Per job, each rep runs fio straight to the master, through one gateway, and
+// through the other, the order turning each rep (D C S, S C D, ...); figures are medians.
+//
+//   measure                 how
+//   gateway / direct        fio's throughput through a gateway over fio's straight to the master
+//   gateway CPU per GiB     user + system seconds of the gateway process over the run, per GiB fio
+//                           wrote (/proc/PID/stat): what forwarding costs, less swayed by load
+//
+//   node bench/gateway-forward.js                     # 3 reps of 5 s runs; replaces its section of bench/RESULTS.md
+//   BENCH_REPS=1 BENCH_RUNTIME=2 node bench/gateway-forward.js   # a short run
+//   BENCH_NO_REPORT=1 ...                             # print only
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { fioArgs, runFio } from './lib/fio.js';
+import { clockTicks, codeInfo, loadAvg, machineInfo } from './lib/machine.js';
+import { freePort, installCleanup, NODE_FLAGS, readCpuSeconds, startServer } from './lib/proc.js';
+import { replaceSection } from './lib/report.js';
+import { median } from './lib/stats.js';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const ROOT = path.join(HERE, '..');
+const BIN = path.join(ROOT, 'bin', 'blockmirror.js');
+const OUT = process.env.BENCH_OUT ?? path.join(HERE, 'RESULTS.md');
+const REPS = Number(process.env.BENCH_REPS ?? 3);
+const RUNTIME = Number(process.env.BENCH_RUNTIME ?? 5);
+const RAMP = 1;
+const SIZE = 256 * 1024 * 1024;
+const JOBS = [
+  { id: 'seqwrite-1m-qd8', label: '1 MiB sequential write QD8', rw: 'write', bs: '1M', iodepth: 8, unit: 'MiB/s' },
+  { id: 'seqwrite-1m-qd1', label: '1 MiB sequential write QD1', rw: 'write', bs: '1M', iodepth: 1, unit: 'MiB/s' },
+  { id: 'randwrite-4k-qd16', label: '4 KiB random write QD16', rw: 'randwrite', bs: '4k', iodepth: 16, unit: 'IOPS' },
+];
+const KINDS = ['direct', 'cut-through', 'store-and-forward'];
+
+async function main() {
+  installCleanup();
+  const clk = clockTicks();
+  const loadStart = loadAvg();
+  const started = new Date();
+  const masterPort = await freePort();
+  const master = await startServer('master', process.execPath, [...NODE_FLAGS, BIN, 'serve', '--size', String(SIZE), '--name', 'vol1', '--listen', `127.0.0.1:${masterPort}`], { kind: 'tcp', host: '127.0.0.1', port: masterPort });
+  const gateways = {};
+  for (const kind of KINDS.slice(1)) {
+    const port = await freePort();
+    const args = [...NODE_FLAGS, path.join(HERE, 'lib', 'gateway-proc.js'), String(port), `127.0.0.1:${masterPort}`, 'vol1', String(SIZE), ...(kind === 'store-and-forward' ? ['--no-cut-through'] : [])];
+    gateways[kind] = await startServer(kind, process.execPath, args, { kind: 'tcp', host: '127.0.0.1', port });
+  }
+  const uri = (kind) => (kind === 'direct' ? `nbd://127.0.0.1:${masterPort}/vol1` : `nbd://127.0.0.1:${gateways[kind].endpoint.port}/lv`);
+  const results = [];
+  try {
+    // Every page of the memory export exists before the first measured run.
+    await runFio(fioArgs({ name: 'fill', uri: uri('direct'), rw: 'write', bs: '1M', iodepth: 8, size: SIZE }));
+    for (const job of JOBS) {
+      const samples = Object.fromEntries(KINDS.map((k) => [k, []]));
+      const cpu = { 'cut-through': [], 'store-and-forward': [] };
+      for (let rep = 0; rep < REPS; rep++) {
+        const order = rep % 2 === 0 ? KINDS : [...KINDS].reverse();
+        for (const kind of order) {
+          const gw = gateways[kind];
+          const before = gw ? readCpuSeconds(gw.pid, clk) : 0;
+          const r = await runFio(fioArgs({ name: job.id, uri: uri(kind), rw: job.rw, bs: job.bs, iodepth: job.iodepth, size: SIZE, runtime: RUNTIME, ramp: RAMP }));
+          samples[kind].push(job.unit === 'IOPS' ? r.iops : r.bwMiB);
+          // The ramp's bytes are not in ioBytes but its CPU is: the figure errs high, the same for both.
+          if (gw) cpu[kind].push((readCpuSeconds(gw.pid, clk) - before) / (r.ioBytes / 2 ** 30));
+        }
+      }
+      const ratio = (kind) => median(samples[kind].map((g, i) => g / samples.direct[i]));
+      results.push({ job, samples, cpu, ratios: { 'cut-through': ratio('cut-through'), 'store-and-forward': ratio('store-and-forward') } });
+      console.error(`${job.label}: cut-through ${ratio('cut-through').toFixed(2)}, store-and-forward ${ratio('store-and-forward').toFixed(2)} of direct`);
+    }
+  } finally {
+    for (const gw of Object.values(gateways)) await gw.stop();
+    await master.stop();
+  }
+
+  const m = machineInfo();
+  const code = codeInfo(ROOT);
+  const fmt = (v, unit) => (unit === 'IOPS' ? `${Math.round(v).toLocaleString('en-US')} IOPS` : `${Math.round(v)} MiB/s`);
+  const lines = [
+    `## A gateway's forward path: cut-through against store-and-forward (bench/gateway-forward.js, ${started.toISOString().slice(0, 10)})`,
+    '',
+    `Run ${started.toISOString().replace(/\.\d+Z$/, 'Z')} on ${m.cpuModel}, nproc ${m.nproc}; ${m.kernel}; Node ${m.node}; ${m.fio}; commit ${code.head}.`,
+    `Load average at start ${loadStart}, at end ${loadAvg()}. One \`blockmirror serve\` master (memory, ${SIZE / 2 ** 20} MiB, no mirror), two gateway processes in front of it (bench/lib/gateway-proc.js, no etcd), all on loopback; ${REPS} reps of ${RUNTIME} s fio runs after a ${RAMP} s ramp, the order turning each rep; medians.`,
+    '',
+    '| job | direct | cut-through | store-and-forward | cut-through / direct | store-and-forward / direct | gateway CPU s per GiB, cut-through / store-and-forward |',
+    '|---|---:|---:|---:|---:|---:|---:|',
+    ...results.map((r) => `| ${r.job.label} | ${fmt(median(r.samples.direct), r.job.unit)} | ${fmt(median(r.samples['cut-through']), r.job.unit)} | ${fmt(median(r.samples['store-and-forward']), r.job.unit)} | ${r.ratios['cut-through'].toFixed(2)} | ${r.ratios['store-and-forward'].toFixed(2)} | ${median(r.cpu['cut-through']).toFixed(2)} / ${median(r.cpu['store-and-forward']).toFixed(2)} |`),
+  ];
+  if (process.env.BENCH_NO_REPORT !== '1') replaceSection(OUT, 'gateway-forward', lines.join('\n'));
+  console.log(lines.join('\n'));
+  fs.mkdirSync(path.join(HERE, 'out'), { recursive: true });
+  fs.writeFileSync(path.join(HERE, 'out', 'gateway-forward-last-run.json'), JSON.stringify(results, null, 2));
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});
