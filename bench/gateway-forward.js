@@ -14,6 +14,7 @@
 //   node bench/gateway-forward.js                     # 3 reps of 5 s runs; replaces its section of bench/RESULTS.md
 //   BENCH_REPS=1 BENCH_RUNTIME=2 node bench/gateway-forward.js   # a short run
 //   BENCH_NO_REPORT=1 ...                             # print only
+//   BENCH_JOBS=seqwrite-1m-qd8,seqwrite-1m-qd1 ...      # only these jobs
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -36,6 +37,7 @@ const JOBS = [
   { id: 'seqwrite-1m-qd1', label: '1 MiB sequential write QD1', rw: 'write', bs: '1M', iodepth: 1, unit: 'MiB/s' },
   { id: 'randwrite-4k-qd16', label: '4 KiB random write QD16', rw: 'randwrite', bs: '4k', iodepth: 16, unit: 'IOPS' },
 ];
+const ONLY = process.env.BENCH_JOBS ? process.env.BENCH_JOBS.split(',') : undefined;
 const KINDS = ['direct', 'cut-through', 'store-and-forward'];
 
 async function main() {
@@ -56,7 +58,7 @@ async function main() {
   try {
     // Every page of the memory export exists before the first measured run.
     await runFio(fioArgs({ name: 'fill', uri: uri('direct'), rw: 'write', bs: '1M', iodepth: 8, size: SIZE }));
-    for (const job of JOBS) {
+    for (const job of JOBS.filter((j) => !ONLY || ONLY.includes(j.id))) {
       const samples = Object.fromEntries(KINDS.map((k) => [k, []]));
       const cpu = { 'cut-through': [], 'store-and-forward': [] };
       for (let rep = 0; rep < REPS; rep++) {
