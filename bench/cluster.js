@@ -15,7 +15,6 @@
 //   node bench/cluster.js                              # 20 kills, 3 pairs of 4 s runs; appends to bench/RESULTS.md
 //   BENCH_KILLS=5 BENCH_RUNTIME=2 node bench/cluster.js  # a short run
 //   BENCH_PROFILE=1 ...                                # the gateway runs under node --cpu-prof (bench/out/)
-//   BENCH_GATEWAY_FLAGS=--no-cut-through ...           # more `blockmirror gateway` flags (here: store and forward)
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -35,7 +34,6 @@ const KILLS = Number(process.env.BENCH_KILLS ?? 20);
 const REPS = Number(process.env.BENCH_REPS ?? 3);
 const RUNTIME = Number(process.env.BENCH_RUNTIME ?? 4);
 const PROFILE = process.env.BENCH_PROFILE === '1';
-const GATEWAY_FLAGS = (process.env.BENCH_GATEWAY_FLAGS ?? '').split(/\s+/).filter(Boolean);
 const RAMP = 1;
 const SIZE = '128M';
 const LEASE = '2s';
@@ -161,7 +159,7 @@ async function main() {
   await startSS(2);
   const gwPort = await freePort();
   const prof = PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${outDir}`] : [];
-  const gw = await startServer('gateway', process.execPath, [...NODE_FLAGS, ...prof, BIN, 'gateway', '-c', file, '--listen', `127.0.0.1:${gwPort}`, '--log-level', 'warn', ...GATEWAY_FLAGS], { kind: 'tcp', host: '127.0.0.1', port: gwPort }, { readyTimeoutMs: 60_000 });
+  const gw = await startServer('gateway', process.execPath, [...NODE_FLAGS, ...prof, BIN, 'gateway', '-c', file, '--listen', `127.0.0.1:${gwPort}`, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: gwPort }, { readyTimeoutMs: 60_000 });
   const overhead = [];
   const failovers = [];
   let writerErrors = 0;
@@ -233,7 +231,7 @@ async function main() {
     `## The symmetric cluster on etcd: failover time and gateway overhead (bench/cluster.js, ${started.toISOString().slice(0, 10)})`,
     '',
     `Run ${started.toISOString().replace(/\.\d+Z$/, 'Z')} on ${m.cpuModel}, nproc ${m.nproc}; ${m.kernel}; Node ${m.node}; ${m.fio}; ${etcdVersion}; commit ${code.head}.`,
-    `Load average at start ${loadStart}, at end ${loadAvg()}. A 3-member etcd, two \`up --only\` processes (pair1, sync, 256 MiB files), one gateway${GATEWAY_FLAGS.length ? ` (${GATEWAY_FLAGS.join(' ')})` : ''}, all on loopback; lease TTL ${LEASE} (the default).`,
+    `Load average at start ${loadStart}, at end ${loadAvg()}. A 3-member etcd, two \`up --only\` processes (pair1, sync, 256 MiB files), one gateway, all on loopback; lease TTL ${LEASE} (the default).`,
     '',
     '| measure | figure | goal | met? |',
     '|---|---:|---:|:---:|',

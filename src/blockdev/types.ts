@@ -34,20 +34,6 @@ export interface ReadViews {
   release(): void;
 }
 
-/**
- * A WRITE handed to the device while its payload is still arriving (writeStream): cut-through
- * forwarding in a gateway. The caller pushes every byte of the payload, in order, unless it
- * aborts; each piece stays unchanged until `done` settles (a device may send it again).
- */
-export interface WriteStream {
-  /** The next bytes of the payload. */
-  push(piece: Buffer): void;
-  /** The rest of the payload will never come (the host's connection closed): give up. */
-  abort(reason: Error): void;
-  /** Settles like write()'s promise. It may reject before the last byte is pushed; never resolves before. */
-  readonly done: Promise<void>;
-}
-
 /** One run of equal allocation state, as base:allocation reports it. */
 export interface Extent {
   length: number;
@@ -99,12 +85,6 @@ export interface BlockDevice {
    * return the same bytes at the same instant: FilterDevice does not forward it, a layer opts in.
    */
   readViews?(offset: number, length: number): ReadViews | null;
-  /**
-   * A WRITE of `length` bytes at `offset` whose payload is still arriving, optional: the device
-   * may start on it before the last byte (a gateway forwards each piece as it comes). The NBD
-   * server uses it for large WRITEs only; a filter does not forward it.
-   */
-  writeStream?(offset: number, length: number, fua: boolean): WriteStream;
   /** Prefetch hint; may do nothing. */
   cache?(offset: number, length: number): Promise<void>;
   close(): Promise<void>;

@@ -16,7 +16,6 @@ interface GatewayCliOptions extends TlsCliOptions {
   config: string;
   listen: string;
   retry: string;
-  cutThrough: boolean;
 }
 
 export function registerGatewayCommand(program: Command): void {
@@ -25,8 +24,7 @@ export function registerGatewayCommand(program: Command): void {
     .description('serve every logical volume of an etcd-backed cluster over NBD, following each one\'s master')
     .requiredOption('-c, --config <file>', 'cluster YAML with an etcd: section')
     .option('--listen <host:port>', 'TCP address to listen on (under systemd socket activation, the socket systemd passes instead)', '127.0.0.1:10810')
-    .option('--retry <ms>', 'how long a request waits for a master before it fails', '60000')
-    .option('--no-cut-through', 'forward a large WRITE only once its whole payload has arrived (by default it goes on to the master as it arrives)');
+    .option('--retry <ms>', 'how long a request waits for a master before it fails', '60000');
   addTlsOptions(command).action(async (opts: GatewayCliOptions, cmd: Command) => {
       const log = await cliLogger(cmd);
       await gateway(opts, log);
@@ -79,7 +77,7 @@ async function gateway(opts: GatewayCliOptions, log: Logger): Promise<void> {
   const [{ Gateway }, { EtcdUnreachableError }] = await Promise.all([import('../gateway/gateway.js'), import('../cluster/etcd/store.js')]);
   let gw;
   try {
-    gw = await Gateway.start(config, { listen, retryMs, cutThrough: opts.cutThrough, ...(tls ? { tls } : {}), ...(opts.allow?.length ? { allow: opts.allow } : {}) }, log);
+    gw = await Gateway.start(config, { listen, retryMs, ...(tls ? { tls } : {}), ...(opts.allow?.length ? { allow: opts.allow } : {}) }, log);
   } catch (e) {
     if (e instanceof EtcdUnreachableError) throw new UsageError(e.message);
     const inUse = addressInUse(e);

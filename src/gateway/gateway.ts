@@ -21,8 +21,6 @@ export interface GatewayOptions {
   tls?: ServerTls;
   /** Who may attach the logical volumes (util/allow-list.ts). */
   allow?: string[];
-  /** Forward large WRITEs while their payload arrives (default); false: once all of it has. */
-  cutThrough?: boolean;
 }
 
 export class Gateway {
@@ -50,7 +48,7 @@ export class Gateway {
         exports.add({
           name: lv.name,
           description: `logical volume ${lv.name} (${lv.mode}), through a gateway`,
-          device: new LogicalVolumeDevice(lv.name, lv.size, store, pool, log, opts.retryMs, opts.cutThrough ?? true),
+          device: new LogicalVolumeDevice(lv.name, lv.size, store, pool, log, opts.retryMs),
           readOnly: false,
           ...allow,
         });

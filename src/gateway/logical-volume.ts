@@ -18,13 +18,8 @@
 // write that reached the old master and is sent again to the new one leaves the same bytes), and
 // a FLUSH sent to the new master covers every write it acknowledged. The host sees a pause,
 // never an error, unless no master appears within `retryMs`.
-//
-// A large WRITE is forwarded cut-through (writeStream): its header goes to the master as soon
-// as the host's header is parsed, and each piece of its payload as it lands, so the master
-// starts on it before the gateway has it all. The pieces stay referenced until the reply: if
-// that try fails, the write is sent again in full, as above, once its payload is complete.
 import type { Logger } from 'pino';
-import { BlockDeviceError, type BlockDevice, type Extent, type Payload, type WriteStream, type ZeroOptions } from '../blockdev/types.js';
+import { BlockDeviceError, type BlockDevice, type Extent, type Payload, type ZeroOptions } from '../blockdev/types.js';
 import { NbdConnectionError, NbdError, NbdTimeoutError, connect, type NbdClient } from '../nbd/client.js';
 import type { ClusterStore } from '../cluster/etcd/store.js';
 import type { ClientTls } from '../nbd/tls.js';
@@ -90,8 +85,6 @@ export class LogicalVolumeDevice implements BlockDevice {
   /** Every connection of every host lands on the one master, whose cache is shared. */
   readonly multiConnSafe = true;
   readonly fastZero = false;
-  /** Cut-through forwarding of large WRITEs; absent when the gateway stores and forwards them. */
-  readonly writeStream?: (offset: number, length: number, fua: boolean) => WriteStream;
 
   constructor(
     readonly name: string,
@@ -100,10 +93,7 @@ export class LogicalVolumeDevice implements BlockDevice {
     private readonly pool: ConnectionPool,
     private readonly log: Logger,
     private readonly retryMs = 60_000,
-    cutThrough = true,
-  ) {
-    if (cutThrough) this.writeStream = (offset, length, fua) => this.stream(offset, length, fua);
-  }
+  ) {}
 
   /** The current master's NBD address and export, if the tables know a live one. */
   private master(): { addr: string; exportName: string; copy: Copy } | undefined {
@@ -189,31 +179,6 @@ export class LogicalVolumeDevice implements BlockDevice {
     return this.run('write', (c) => c.pwrite(data, offset, { fua }));
   }
 
-  private stream(offset: number, length: number, fua: boolean): WriteStream {
-    const payload = new ArrivingPayload(length);
-    return { push: (piece) => payload.push(piece), abort: (reason) => payload.abort(reason), done: this.forward(offset, payload, fua) };
-  }
-
-  /** The first try streams the payload to the master; a failed one waits for all of it and goes the usual way. */
-  private async forward(offset: number, payload: ArrivingPayload, fua: boolean): Promise<void> {
-    const m = this.master();
-    if (m) {
-      try {
-        const c = await this.pool.get(m.addr, m.exportName);
-        await payload.pipe(c.pwriteStream(offset, payload.length, { fua }));
-        return;
-      } catch (e) {
-        if (payload.abandoned) throw toDeviceError(payload.abandoned, `${this.name}: write`);
-        if (classify(e) === 'fail') throw toDeviceError(e, `${this.name}: write`);
-        payload.unpipe();
-        this.pool.drop(m.addr, m.exportName);
-        this.log.warn({ lv: this.name, master: `ss${m.copy.ss}/vol${m.copy.vol}`, err: (e as Error).message }, `${this.name}: the master failed a streamed write; it goes again in full once it has arrived`);
-      }
-    }
-    await payload.whole;
-    return this.write(offset, payload.pieces, fua);
-  }
-
   flush(): Promise<void> {
     return this.run('flush', (c) => c.flush());
   }
@@ -232,69 +197,6 @@ export class LogicalVolumeDevice implements BlockDevice {
   }
 
   async close(): Promise<void> {}
-}
-
-/**
- * Pieces go on to the master in batches of at least this much (or the payload's last bytes): a
- * socket read of the host's connection brings 64 KiB or so, and a send per read cost more
- * system time on both ends than it saved in latency (bench/RESULTS.md, gateway-forward).
- */
-const FORWARD_BATCH = 256 * 1024;
-
-/** A WRITE's payload as it arrives from the host: kept whole until the write is done, and fed to the stream that forwards it. */
-class ArrivingPayload {
-  readonly pieces: Buffer[] = [];
-  private received = 0;
-  /** Of `pieces`, how many went to the sink, and their bytes. */
-  private given = 0;
-  private givenBytes = 0;
-  private sink: WriteStream | undefined;
-  abandoned: Error | undefined;
-  readonly whole: Promise<void>;
-  private resolveWhole!: () => void;
-  private rejectWhole!: (e: Error) => void;
-
-  constructor(readonly length: number) {
-    this.whole = new Promise((resolve, reject) => {
-      this.resolveWhole = resolve;
-      this.rejectWhole = reject;
-    });
-    // Awaited only when a try fails: an abandoned payload is not an unhandled rejection.
-    this.whole.catch(() => undefined);
-  }
-
-  push(piece: Buffer): void {
-    this.pieces.push(piece);
-    this.received += piece.length;
-    if (this.sink && (this.received - this.givenBytes >= FORWARD_BATCH || this.received === this.length)) this.give(this.sink);
-    if (this.received === this.length) this.resolveWhole();
-  }
-
-  /** The pieces the sink has not had yet, in one tick (the client sends them in one writev). */
-  private give(sink: { push(piece: Uint8Array): void }): void {
-    for (; this.given < this.pieces.length; this.given++) sink.push(this.pieces[this.given]!);
-    this.givenBytes = this.received;
-  }
-
-  abort(reason: Error): void {
-    if (this.abandoned || this.received === this.length) return;
-    this.abandoned = reason;
-    this.rejectWhole(reason);
-    this.sink?.abort(reason);
-  }
-
-  /** Send what has arrived, then each piece as it comes; settles with the stream. */
-  pipe(sink: { push(piece: Uint8Array): void; abort(reason: Error): void; readonly done: Promise<void> }): Promise<void> {
-    this.give(sink);
-    this.sink = sink;
-    if (this.abandoned) sink.abort(this.abandoned);
-    return sink.done;
-  }
-
-  /** That stream failed: the pieces still to come are only kept. */
-  unpipe(): void {
-    this.sink = undefined;
-  }
 }
 
 function toDeviceError(e: unknown, what: string): BlockDeviceError {

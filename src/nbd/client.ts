@@ -14,6 +14,5 @@ export {
   type ReadOptions,
   type WriteOptions,
   type WritePayload,
-  type WriteStream,
   type ZeroOptions,
 } from './client/client.js';

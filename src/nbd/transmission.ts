@@ -26,7 +26,7 @@ import {
   encodeSimpleReply,
   writeChunkHeader,
 } from '../protocol/server-codec.js';
-import type { BlockDevice, Extent, WriteStream } from '../blockdev/types.js';
+import type { BlockDevice, Extent } from '../blockdev/types.js';
 import { nbdErrorFor } from './errors.js';
 import { ioBuffers as replyBuffers } from '../util/buffer-pool.js';
 import { adopt } from '../util/read-into.js';
@@ -48,14 +48,6 @@ const MAX_IN_FLIGHT = 512;
 const SCRATCH = 128 * 1024;
 const COPY_MAX = 16 * 1024;
 
-/** A large WRITE handed to the device while its payload arrives (BlockDevice.writeStream). */
-interface Streaming {
-  req: Request;
-  sink: WriteStream;
-  /** The payload is all here (true), or will never be (false): its buffers may go back then. */
-  whole: (complete: boolean) => void;
-}
-
 export class Connection {
   private readonly parser: RequestParser;
   private readonly socket: Socket;
@@ -73,7 +65,6 @@ export class Connection {
   private closed = false;
   private draining = false; // DISC received or server shutting down: accept no more work
   private idle: (() => void) | null = null;
-  private streaming: Streaming | null = null;
   readonly done: Promise<void>;
   private resolveDone!: () => void;
 
@@ -91,8 +82,7 @@ export class Connection {
     this.done = new Promise((r) => (this.resolveDone = r));
 
     // Reads straight into payload buffers when the socket can be adopted (read-into.ts), else 'data' events.
-    // A device that takes WRITEs while they arrive (a gateway) hears of each large one at its header.
-    this.parser = new RequestParser(MAX_PAYLOAD, true, (n) => replyBuffers.get(n), this.dev.writeStream !== undefined);
+    this.parser = new RequestParser(MAX_PAYLOAD, true, (n) => replyBuffers.get(n));
     this.scratch = new ScratchBuffers(SCRATCH, this.parser);
     const adopted = adopt(accepted, { buffer: this.readTarget, callback: this.onRead });
     if (!adopted) {
@@ -108,7 +98,6 @@ export class Connection {
     });
     socket.on('close', () => {
       this.closed = true;
-      this.abandonStream('the client closed the connection');
       this.resolveDone();
     });
     socket.on('end', () => this.finish());
@@ -155,14 +144,8 @@ export class Connection {
    * buffer pushes back on the client through TCP.
    */
   private pump(): void {
-    if (this.streaming) {
-      const piece = this.parser.fresh();
-      if (piece) this.streaming.sink.push(piece);
-    }
     while (!this.closed && !this.draining) {
-      // Never stop in the middle of a streamed WRITE's payload: the device may hold other
-      // requests behind it (a gateway's upstream connection is the stream's until its last byte).
-      if (this.overLimit() && !this.streaming) {
+      if (this.overLimit()) {
         if (!this.paused) {
           this.paused = true;
           this.socket.pause();
@@ -176,8 +159,7 @@ export class Connection {
         this.socket.destroy();
         return;
       }
-      if (ev.kind === 'write-start') this.startStream(ev.request, ev.arrived);
-      else this.handle(ev.request);
+      this.handle(ev.request);
     }
   }
 
@@ -195,7 +177,6 @@ export class Connection {
   };
 
   private handle(req: Request): void {
-    if (this.streaming?.req === req) return this.streamArrived(this.streaming);
     if (req.type === Cmd.DISC) {
       this.draining = true;
       this.finish();
@@ -237,61 +218,6 @@ export class Connection {
       case Cmd.BLOCK_STATUS:
         return this.blockStatus(req);
     }
-  }
-
-  /**
-   * Cut-through: a large WRITE goes to the device at its header, and each piece of its payload
-   * as it lands (pump), so a gateway forwards it before the last byte is in. A WRITE the choke
-   * point refuses is not started: it comes again complete, and handle() refuses it then.
-   *
-   *   the payload's buffers are lent to      until
-   *   the device                              `done` settles (it may send them again)
-   *   the parser                              the last byte has arrived (streamArrived)
-   * so they go back to their pools when both are over; never, if the payload never completes.
-   */
-  private startStream(req: Request, arrived: Buffer[]): void {
-    if (this.draining || this.validate(req)) return;
-    const sink = this.dev.writeStream!(req.offset, req.length, (req.flags & CmdFlag.FUA) !== 0);
-    let whole!: (complete: boolean) => void;
-    const payload = new Promise<boolean>((r) => (whole = r));
-    this.streaming = { req, sink, whole };
-    this.begin(req.length);
-    const settled = () =>
-      void payload.then((complete) => {
-        if (complete) {
-          if (req.ownedPayload) replyBuffers.put(req.ownedPayload);
-          this.scratch?.release(req.payload!);
-        }
-        this.end(req.length);
-      });
-    sink.done.then(
-      () => {
-        this.send(encodeSimpleReply(0, req.cookie));
-        settled();
-      },
-      (err) => {
-        this.log.debug({ cmd: 'WRITE', err: errMessage(err) }, 'device error');
-        this.replyError(req, nbdErrorFor(err, req.flags), errMessage(err));
-        settled();
-      },
-    );
-    for (const piece of arrived) sink.push(piece);
-  }
-
-  /** The streamed WRITE's last byte is in (pump pushed it before the parser handed it out). */
-  private streamArrived(s: Streaming): void {
-    this.streaming = null;
-    this.scratch?.hold(s.req.payload!);
-    s.whole(true);
-  }
-
-  /** The connection ends with a streamed WRITE's payload incomplete: the device gives it up. */
-  private abandonStream(why: string): void {
-    const s = this.streaming;
-    if (!s) return;
-    this.streaming = null;
-    s.sink.abort(new Error(`the WRITE of ${s.req.length} bytes at ${s.req.offset} was abandoned mid-payload: ${why}`));
-    s.whole(false);
   }
 
   /** The choke point: [errno, message] for a request that must not reach the device. Order follows nbdkit. */
@@ -458,8 +384,6 @@ export class Connection {
   private finish(): void {
     if (this.idle) return;
     this.socket.pause();
-    // No more bytes will be read: a payload still arriving never completes.
-    this.abandonStream('the connection is closing');
     const close = () => {
       if (this.corked) this.uncork();
       // Ending our side is not enough: a paused reader never sees EOF, so close outright once the replies are out.

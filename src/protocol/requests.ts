@@ -34,12 +34,6 @@ export interface Request {
 
 export type ParseEvent =
   | { kind: 'request'; request: Request }
-  /**
-   * A large WRITE's header, before its payload has all arrived (only with `announce`): `arrived`
-   * is what came with it; fresh() gives the rest as it lands. The same Request object comes
-   * again, complete, as a 'request' event.
-   */
-  | { kind: 'write-start'; request: Request; arrived: Buffer[] }
   | { kind: 'bad-magic'; magic: number };
 
 const TWO32 = 2 ** 32;
@@ -59,21 +53,17 @@ export class RequestParser {
   private head: Buffer[] = [];
   private direct: Buffer | null = null;
   private filled = 0;
-  /** Of `filled`, the bytes fresh() has given out. */
-  private announced = 0;
   /** Bytes queued by push() so far (see consumed, and src/nbd/scratch.ts). */
   queued = 0;
 
   /**
    * @param maxPayload larger WRITEs are drained, not buffered
    * @param inPlace offer directTarget() for large payloads (the caller reads into it)
-   * @param announce with inPlace: a 'write-start' event for each WRITE filled in place
    */
   constructor(
     private readonly maxPayload: number,
     private readonly inPlace = false,
     private readonly alloc: (n: number) => Buffer = Buffer.allocUnsafe,
-    private readonly announce = false,
   ) {}
 
   /**
@@ -88,17 +78,6 @@ export class RequestParser {
   /** n bytes were read into directTarget(). */
   directFilled(n: number): void {
     this.filled += n;
-  }
-
-  /**
-   * The payload bytes of the announced WRITE that landed since the last call (a view of its
-   * in-place buffer), or null. Call it before next(), which hands the completed WRITE out.
-   */
-  fresh(): Buffer | null {
-    if (!this.direct || this.announced === this.filled) return null;
-    const piece = this.direct.subarray(this.announced, this.filled);
-    this.announced = this.filled;
-    return piece;
   }
 
   /** Queue received bytes (the parser keeps references: the caller must not reuse the chunk); take framed requests with next(). */
@@ -160,8 +139,6 @@ export class RequestParser {
             this.head = this.q.takeVec(this.q.length);
             this.direct = this.alloc(this.pending.length - this.head.reduce((n, b) => n + b.length, 0));
             this.filled = 0;
-            this.announced = 0;
-            if (this.announce) return { kind: 'write-start', request: this.pending, arrived: [...this.head] };
           }
           return null;
         }

@@ -47,7 +47,7 @@ import {
   type ReplyEvent,
 } from '../../protocol/replies.js';
 import { Inbox, NbdTransport, Negotiated, greet, handshake, negotiate, openSocket, startTls, unexpected } from './handshake.js';
-import { Command, InFlight, OutgoingPayload, RequestPolicy, RequestWriter } from './requests.js';
+import { Command, InFlight, RequestPolicy, RequestWriter } from './requests.js';
 import { DirectReads, DIRECT_MIN, type DirectReceiver } from './receive.js';
 import { ConnectOptions, ResolvedOptions, resolveOptions } from './options.js';
 import { NbdConnectionError, NbdOptionError, NbdTimeoutError, refused, serverError } from './errors.js';
@@ -116,20 +116,6 @@ export async function listExports(target: string | ConnectOptions, options: Conn
 
 /** A WRITE's data: one buffer, or pieces sent back to back. */
 export type WritePayload = Uint8Array | readonly Uint8Array[];
-
-/** A WRITE sent while its payload arrives (NbdClient.pwriteStream). */
-export interface WriteStream {
-  /** The next bytes of the payload; sent at once if the connection is the stream's, else queued. */
-  push(piece: Uint8Array): void;
-  /**
-   * The rest of the payload will never come. A stream whose header is not out yet is dropped
-   * (done rejects with `reason`); once it is, the server waits for bytes we cannot make up, so
-   * the connection is closed and everything in flight on it fails (ECONNABORTED).
-   */
-  abort(reason: Error): void;
-  /** Settles with the server's reply (or the connection's end). */
-  readonly done: Promise<void>;
-}
 
 export interface ReadOptions {
   /** DF: ask for the data in one chunk (needs SEND_DF). */
@@ -294,45 +280,6 @@ export class NbdClient implements DirectReceiver {
     return this.submit<void>('pwrite', Cmd.WRITE, flags, offset, length, undefined, data);
   }
 
-  /**
-   * Write `length` bytes at `offset`, the payload given piece by piece with push() as it
-   * arrives (cut-through forwarding: a gateway sends a WRITE on before the host has sent all of
-   * it). Until the last piece is pushed, the connection is this WRITE's: requests made meanwhile
-   * are sent after it. Pieces must stay unchanged until `done` settles.
-   */
-  pwriteStream(offset: number, length: number, opts: WriteOptions = {}): WriteStream {
-    const flags = opts.fua ? CmdFlag.FUA : 0;
-    const refusal =
-      this.policy.check('pwrite', Cmd.WRITE, flags, offset, length) ??
-      (length === 0 ? refused('pwrite', 'EINVAL', 'a streamed WRITE needs a payload') : undefined) ??
-      this.gone('pwrite');
-    if (refusal) return { push: () => undefined, abort: () => undefined, done: Promise.reject(refusal) };
-    const cookie = this.nextCookie++;
-    const c = new Command('pwrite', cookie, Cmd.WRITE, offset, length, performance.now(), undefined);
-    const done = c.start() as Promise<void>;
-    this.table.add(c);
-    const s = new OutgoingPayload(encodeRequest({ flags, type: Cmd.WRITE, cookie, offset, length }), length);
-    this.writer.sendStream(s);
-    return {
-      push: (piece) => {
-        if (this.ended) return;
-        this.writer.push(s, piece);
-        // A host slow to send the payload is not a server slow to answer.
-        if (s.complete) this.table.restart(c);
-      },
-      abort: (reason) => {
-        if (this.ended || s.complete) return;
-        if (this.writer.cancel(s)) {
-          this.table.delete(cookie);
-          c.settle(reason);
-          return;
-        }
-        this.die(new NbdConnectionError('ECONNABORTED', `connection to ${this.peer} closed: a WRITE of ${length} bytes was abandoned after ${s.pushed}`, { cause: reason }));
-      },
-      done,
-    };
-  }
-
   flush(): Promise<void> {
     const refusal = this.policy.check('flush', Cmd.FLUSH, 0, 0, 0);
     if (refusal) return Promise.reject(refusal);
@@ -412,21 +359,14 @@ export class NbdClient implements DirectReceiver {
     context?: string,
     contextId?: number,
   ): Promise<T> {
-    const gone = this.gone(op);
-    if (gone) return Promise.reject(gone);
+    if (this.ended) return Promise.reject(new NbdConnectionError('ENOTCONN', `${op}: connection to ${this.peer} is closed`, { cause: this.death }));
+    if (this.closing) return Promise.reject(new NbdConnectionError('ESHUTDOWN', `${op}: disconnect in progress`));
     const cookie = this.nextCookie++;
     const c = new Command(op, cookie, type, offset, length, performance.now(), buf, context, contextId);
     const promise = c.start() as Promise<T>;
     this.table.add(c);
     this.writer.send(encodeRequest({ flags, type, cookie, offset, length }), payload);
     return promise;
-  }
-
-  /** Why no command can start now, if one cannot. */
-  private gone(op: string): NbdConnectionError | undefined {
-    if (this.ended) return new NbdConnectionError('ENOTCONN', `${op}: connection to ${this.peer} is closed`, { cause: this.death });
-    if (this.closing) return new NbdConnectionError('ESHUTDOWN', `${op}: disconnect in progress`);
-    return undefined;
   }
 
   // -- receiving

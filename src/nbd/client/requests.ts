@@ -42,8 +42,7 @@ export class Command {
     readonly type: number,
     readonly offset: number,
     readonly length: number,
-    /** When it was sent (a streamed WRITE: when its last byte was); its timeout counts from then. */
-    public issued: number,
+    readonly issued: number,
     /** READ destination. */
     readonly buf: Buffer | undefined,
     /** BLOCK_STATUS: the meta context asked for, and its negotiated id. */
@@ -103,13 +102,6 @@ export class InFlight {
     return this.map.get(cookie);
   }
 
-  /** Count `c`'s timeout from now: it moves to the end, so the first entry is still the oldest. */
-  restart(c: Command): void {
-    if (!this.map.delete(c.cookie)) return;
-    c.issued = performance.now();
-    this.map.set(c.cookie, c);
-  }
-
   delete(cookie: bigint): void {
     this.map.delete(cookie);
     if (this.map.size === 0) this.becameIdle();
@@ -151,98 +143,35 @@ export class InFlight {
 }
 
 /**
- * A WRITE whose payload is sent as it arrives (NbdClient.pwriteStream). Once its header is out,
- * the connection is its until the last byte: the requests made meanwhile wait behind it.
- */
-export class OutgoingPayload {
-  /** Pieces pushed before the writer reached it. */
-  pending: Uint8Array[] = [];
-  pushed = 0;
-  begun = false;
-  cancelled = false;
-
-  constructor(
-    readonly header: Buffer,
-    readonly length: number,
-  ) {}
-
-  get complete(): boolean {
-    return this.pushed === this.length;
-  }
-}
-
-/**
  * Writes requests in issue order. All requests made in one tick go out under
  * one cork (one writev), header and payload together. When the socket says
  * its buffer is full, later requests wait here for 'drain' instead of piling
- * up inside the socket; so do the requests made while a streamed WRITE's
- * payload is still arriving (its pieces go out as they come, whatever the
- * socket's buffer says: they are bounded by the payload's size).
+ * up inside the socket.
  */
 export class RequestWriter {
   private corked = false;
   private blocked = false;
-  private active: OutgoingPayload | null = null;
-  private queue: Array<[Buffer, WritePayload | undefined] | OutgoingPayload | undefined> = [];
+  private queue: Array<[Buffer, WritePayload | undefined] | undefined> = [];
   private head = 0;
 
   constructor(private readonly t: NbdTransport) {}
 
-  /** Requests waiting for 'drain' or for a streamed payload. */
+  /** Requests waiting for 'drain'. */
   get backlog(): number {
     return this.queue.length - this.head;
   }
 
   send(header: Buffer, payload?: WritePayload): void {
-    if (this.blocked || this.active) this.queue.push([header, payload]);
+    if (this.blocked) this.queue.push([header, payload]);
     else this.write(header, payload);
-  }
-
-  sendStream(s: OutgoingPayload): void {
-    if (this.blocked || this.active) this.queue.push(s);
-    else this.begin(s);
-  }
-
-  /** The next piece of a streamed payload. */
-  push(s: OutgoingPayload, piece: Uint8Array): void {
-    if (s.pushed + piece.length > s.length) throw new RangeError(`a streamed WRITE of ${s.length} bytes was given ${s.pushed + piece.length}`);
-    s.pushed += piece.length;
-    if (s !== this.active) {
-      s.pending.push(piece);
-      return;
-    }
-    this.out(piece);
-    if (s.complete) {
-      this.active = null;
-      this.flushQueue();
-    }
-  }
-
-  /** Take back a streamed WRITE not yet begun; false once its header is out (the stream cannot drop it then). */
-  cancel(s: OutgoingPayload): boolean {
-    if (s.begun) return false;
-    s.cancelled = true;
-    return true;
   }
 
   drained(): void {
     this.blocked = false;
-    this.flushQueue();
-  }
-
-  discard(): void {
-    this.queue = [];
-    this.head = 0;
-    this.active = null;
-  }
-
-  private flushQueue(): void {
-    while (!this.blocked && !this.active && this.head < this.queue.length) {
-      const e = this.queue[this.head]!;
+    while (!this.blocked && this.head < this.queue.length) {
+      const [h, p] = this.queue[this.head]!;
       this.queue[this.head++] = undefined;
-      if (e instanceof OutgoingPayload) {
-        if (!e.cancelled) this.begin(e);
-      } else this.write(e[0], e[1]);
+      this.write(h, p);
     }
     if (this.head === this.queue.length) {
       this.queue = [];
@@ -250,27 +179,21 @@ export class RequestWriter {
     }
   }
 
-  private begin(s: OutgoingPayload): void {
-    s.begun = true;
-    this.out(s.header);
-    for (const piece of s.pending) this.out(piece);
-    s.pending = [];
-    if (!s.complete) this.active = s;
+  discard(): void {
+    this.queue = [];
+    this.head = 0;
   }
 
   private write(header: Buffer, payload: WritePayload | undefined): void {
-    this.out(header);
-    if (payload instanceof Uint8Array) this.out(payload);
-    else if (payload) for (const piece of payload) this.out(piece);
-  }
-
-  private out(b: Uint8Array): void {
     if (!this.corked) {
       this.corked = true;
       this.t.cork();
       process.nextTick(this.uncork);
     }
-    if (!this.t.write(b)) this.blocked = true;
+    let ok = this.t.write(header);
+    if (payload instanceof Uint8Array) ok = this.t.write(payload);
+    else if (payload) for (const piece of payload) ok = this.t.write(piece);
+    if (!ok) this.blocked = true;
   }
 
   private readonly uncork = (): void => {
