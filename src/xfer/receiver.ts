@@ -368,6 +368,8 @@ function checkSegment(slot: number, token: number, from: number, r: Pick<Ready, 
 /** The sender frees its half once it has seen the last acknowledgement; we wait for that. */
 async function waitSenderGone(vol: XferVolume, own: OwnHalf, t: Tunables): Promise<void> {
   const watch = new PeerWatch(`sender ${own.entry.requestor}`, t.timeoutMs);
+  // The sender frees its half a few requests after it reads our last acknowledgement: look soon.
+  const backoff = new Backoff(t.pollMs);
   for (;;) {
     const { req } = await vol.readPid(own.entry.slot);
     if (req.token !== own.entry.token || req.command.code === Command.NONE) return;
@@ -378,7 +380,7 @@ async function waitSenderGone(vol: XferVolume, own: OwnHalf, t: Tunables): Promi
       return;
     }
     await own.beat();
-    await sleep(t.pollMs, t.signal);
+    await backoff.sleep(t.signal);
   }
 }
 

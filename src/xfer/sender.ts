@@ -157,6 +157,8 @@ async function claim(vol: XferVolume, from: number, to: number, t: Tunables): Pr
 /** True once accepted; false when another sender's claim has replaced ours. */
 async function waitAccepted(vol: XferVolume, own: OwnHalf, to: number, t: Tunables): Promise<boolean> {
   const started = Date.now();
+  // A waiting receiver accepts within a poll interval or two of PENDING: look soon, then less often.
+  const backoff = new Backoff(t.pollMs);
   for (;;) {
     const { req, rsp } = await vol.readPid(own.entry.slot);
     if (req.token !== own.entry.token) return false;
@@ -164,7 +166,7 @@ async function waitAccepted(vol: XferVolume, own: OwnHalf, to: number, t: Tunabl
     if (Date.now() - started > t.timeoutMs)
       throw new XferPeerError(`no receiver ${to} accepted connection ${own.entry.slot} within ${t.timeoutMs} ms: start blockmirror xfer recv --as ${to} on the other host`);
     await own.beat();
-    await sleep(t.pollMs, t.signal);
+    await backoff.sleep(t.signal);
   }
 }
 
