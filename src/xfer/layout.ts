@@ -133,9 +133,10 @@ export type Head<T> = Omit<T, 'entries'>;
  * tables), whose users touch a few entries at a time: a writer keeps its table encoded and
  * `patch`es the entries it changes, a poller checks the whole block (magic, version, length, crc)
  * and decodes the head and only the entries it reads (`view`). buffer-layout's encode or decode of
- * all 128 entries took 0.4-0.7 ms of CPU in a CLI process, whose few hundred calls per transfer
- * never get the code optimized: 0.1-0.2 s of a 1 GiB transfer, on each side (bench/RESULTS.md,
- * "xfer, issue 17 fourth part"). encode and decode of the whole table stay for everyone else.
+ * all 128 entries took 0.3-0.4 ms of CPU per call in a CLI process, whose ~400 table reads and
+ * writes per GiB never get that code optimized: ~0.13 s of a 1 GiB transfer, both sides together;
+ * patch and view take 0.07-0.1 ms (bench/RESULTS.md, "xfer, issue 17 fourth part"). encode and
+ * decode of the whole table stay for everyone else (resume, ls, gc, tests).
  */
 export class EntryTable<T extends { entries: E[] }, E extends object> extends Structure<T> {
   private readonly entriesAt: number;
