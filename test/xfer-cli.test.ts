@@ -16,6 +16,8 @@ import { XferVolume } from '../src/xfer/volume.js';
 import { recv } from '../src/xfer/receiver.js';
 import { CLI, freePort, run, startServe, tmpDir, type CmdResult, type RunningServer } from './helpers/servers.js';
 import { FAST, HookedPath } from './helpers/xfer.js';
+import { fileReader } from '../src/cli/xfer.js';
+import { preadNoWait } from '../src/blockdev/native.js';
 
 // Tests that start a dozen CLI processes: each takes seconds to start on a loaded machine.
 const CLI_HEAVY = 120_000;
@@ -320,4 +322,48 @@ describe('xfer bad input', () => {
     const help = await xfer(['send', '--help']);
     expect(help.stdout).toMatch(/Example:\n {2}blockmirror xfer send --dev nbd:/);
   }, CLI_HEAVY);
+});
+
+describe('xfer send reading its FILE', () => {
+  it('reads a file whole from any start, from the page cache when it can and through the pool when it cannot, short reads included', async () => {
+    const dir = tmpDir('bm-xfer-read-');
+    const file = path.join(dir, 'in.bin');
+    const data = randomBytes(3 * 1024 * 1024 + 12345);
+    fs.writeFileSync(file, data);
+    const fh = await fs.promises.open(file, 'r');
+    cleanups.push(() => fh.close());
+    let cached = 0;
+    let pooled = 0;
+    const real = (fd: number, buf: Buffer, pos: number) => {
+      const n = preadNoWait(fd, buf, pos);
+      if (n >= 0) cached++;
+      return n;
+    };
+    const never = () => {
+      pooled++;
+      return -1;
+    };
+    // Half of the calls say the cache does not have it, the others read at most 1000 bytes from it.
+    let k = 0;
+    const mixed = (fd: number, buf: Buffer, pos: number) => (k++ % 2 ? -1 : preadNoWait(fd, buf.subarray(0, Math.min(buf.length, 1000)), pos));
+    for (const [nowait, start] of [
+      [real, 0],
+      [never, 0],
+      [mixed, 0],
+      [real, 1_000_003],
+      [mixed, data.length],
+    ] as const) {
+      const reader = fileReader(fh, start, nowait);
+      const got: Buffer[] = [];
+      const buf = Buffer.alloc(256 * 1024 + 64);
+      for (let n = -1; n !== 0; ) {
+        n = await reader.read(buf, 64, 256 * 1024);
+        got.push(Buffer.from(buf.subarray(64, 64 + n)));
+      }
+      expect(Buffer.concat(got).equals(data.subarray(start))).toBe(true);
+    }
+    // The file was just written: the page cache had it, and the fallback was taken when told to.
+    expect(cached).toBeGreaterThan(0);
+    expect(pooled).toBeGreaterThan(0);
+  });
 });

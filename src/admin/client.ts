@@ -10,6 +10,9 @@ import net from 'node:net';
 import type { FaultStatus } from '../controller/fault-table.js';
 import type { PairStatus, SSReport } from '../controller/status.js';
 import type { SvolGroupStatus } from '../controller/svol/status.js';
+import { AdminReplyError, AdminUnreachableError } from './errors.js';
+
+export { AdminClientError, AdminReplyError, AdminUnreachableError } from './errors.js';
 
 /** Where an admin API listens, and optionally which storage system it is (for messages). */
 export interface AdminEndpoint {
@@ -24,38 +27,6 @@ export interface AdminEndpoint {
 }
 
 export type PairCommand = 'split' | 'resync' | 'verify' | 'swap' | 'takeover';
-
-export class AdminClientError extends Error {
-  override readonly name: string = 'AdminClientError';
-}
-
-export class AdminUnreachableError extends AdminClientError {
-  override readonly name = 'AdminUnreachableError';
-  /** The storage system that did not answer, when the endpoint named it. */
-  readonly ss: number | undefined;
-  constructor(
-    message: string,
-    /** errno-style code: ECONNREFUSED, ENOTFOUND, ETIMEDOUT, ... */
-    readonly code: string,
-    options?: { cause?: unknown; ss?: number },
-  ) {
-    super(message, options);
-    this.ss = options?.ss;
-  }
-}
-
-export class AdminReplyError extends AdminClientError {
-  override readonly name = 'AdminReplyError';
-  constructor(
-    message: string,
-    /** HTTP status of the reply. */
-    readonly status: number,
-    /** The server's `error` text, when it sent one. */
-    readonly serverMessage?: string,
-  ) {
-    super(message);
-  }
-}
 
 /** GET /api/status. */
 export async function getStatus(addr: AdminEndpoint | string, timeoutMs: number): Promise<SSReport> {

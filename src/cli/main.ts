@@ -1,7 +1,7 @@
 // The composition root: parse the command line, wire the layers, run.
 import { Command, CommanderError, Option } from 'commander';
 import { UsageError } from './errors.js';
-import { AdminUnreachableError } from '../admin/client.js';
+import { AdminUnreachableError } from '../admin/errors.js';
 import { addExamples } from './examples.js';
 
 type Register = (program: Command) => void;

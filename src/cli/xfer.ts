@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Command } from 'commander';
 import type { Logger } from 'pino';
+import { preadNoWait } from '../blockdev/native.js';
 import { lazyCliLogger } from './logger.js';
 import { SizeError, formatSize, parseSize } from '../util/size.js';
 import { UsageError } from './errors.js';
@@ -67,6 +68,7 @@ export function registerXferCommand(program: Command): void {
     const stdin = files.length === 0 || (files.length === 1 && files[0] === '-');
     if (!stdin && files.includes('-')) throw new UsageError('send: stdin (-) is the only message when given; name files otherwise');
     if (stdin && opts.resume) throw new UsageError('send --resume needs the FILEs again (stdin cannot be rewound)');
+    const lib = early(import('../xfer/sender.js'));
     const handles: fs.promises.FileHandle[] = [];
     try {
       for (const file of stdin ? [] : files) {
@@ -82,8 +84,7 @@ export function registerXferCommand(program: Command): void {
       const open = (msg: number, offset: number) =>
         stdin ? [process.stdin as AsyncIterable<Uint8Array>] : handles.slice(msg - 1).map((fh, k) => fileReader(fh, k === 0 ? offset : 0));
       const log = await lazyCliLogger(cmd);
-      await withVolume(opts.dev, log, { direct: opts.direct === true, graceMs: int('--failover-ms', opts.failoverMs, 0) }, async (vol, signal) => {
-        const { sendMessages, resumeSend } = await import('../xfer/sender.js');
+      await withVolume(opts.dev, log, { direct: opts.direct === true, graceMs: int('--failover-ms', opts.failoverMs, 0) }, lib, async (vol, signal, { sendMessages, resumeSend }) => {
         const o = { ...tuning, log, signal };
         const r = opts.resume ? await resumeSend(vol, from, to, open, o) : await sendMessages(vol, from, to, open(1, 0), o);
         process.stderr.write(`sent ${r.bytes} bytes in ${r.segments} segments over connection ${r.slot}\n`);
@@ -111,12 +112,12 @@ export function registerXferCommand(program: Command): void {
     if (opts.out !== undefined && opts.outDir !== undefined) throw new UsageError('recv: give --out or --out-dir, not both');
     if (opts.resume && opts.out === undefined && opts.outDir === undefined) throw new UsageError('recv --resume needs --out FILE or --out-dir DIR (stdout cannot be cut back)');
     if (opts.outDir !== undefined && !fs.statSync(opts.outDir, { throwIfNoEntry: false })?.isDirectory()) throw new UsageError(`recv: --out-dir ${opts.outDir} is not a directory`);
+    const lib = early(import('../xfer/receiver.js'));
     const out = new Output(opts.out, opts.outDir, opts.resume === true);
     await out.open();
     const log = await lazyCliLogger(cmd);
     try {
-      await withVolume(opts.dev, log, { direct: opts.direct === true, graceMs: int('--failover-ms', opts.failoverMs, 0) }, async (vol, signal) => {
-        const { recv } = await import('../xfer/receiver.js');
+      await withVolume(opts.dev, log, { direct: opts.direct === true, graceMs: int('--failover-ms', opts.failoverMs, 0) }, lib, async (vol, signal, { recv }) => {
         const r = await recv(vol, as, (data, piece) => out.deliver(data, piece.msg), {
           ...tuning,
           log,
@@ -138,8 +139,7 @@ export function registerXferCommand(program: Command): void {
     .option('--dev <dev>', DEV_HELP, collect, [])
     .option('--json', 'print JSON')
     .action(async (opts: { dev: string[]; json?: boolean }, cmd: Command) => {
-      await withVolume(opts.dev, await lazyCliLogger(cmd), {}, async (vol) => {
-        const { describe } = await import('../xfer/inspect.js');
+      await withVolume(opts.dev, await lazyCliLogger(cmd), {}, early(import('../xfer/inspect.js')), async (vol, _signal, { describe }) => {
         const r = await describe(vol);
         if (opts.json) return void process.stdout.write(JSON.stringify(r, null, 2) + '\n');
         const lines = [
@@ -164,8 +164,7 @@ export function registerXferCommand(program: Command): void {
     .option('--timeout <ms>', 'how long a heartbeat must stand still', '30000')
     .action(async (opts: { dev: string[]; timeout: string }, cmd: Command) => {
       const timeoutMs = int('--timeout', opts.timeout, 0);
-      await withVolume(opts.dev, await lazyCliLogger(cmd), {}, async (vol, signal) => {
-        const { gc } = await import('../xfer/gc.js');
+      await withVolume(opts.dev, await lazyCliLogger(cmd), {}, early(import('../xfer/gc.js')), async (vol, signal, { gc }) => {
         const done = await gc(vol, timeoutMs, signal);
         if (done.length === 0) process.stdout.write('nothing to reclaim\n');
         for (const r of done) process.stdout.write(`reclaimed connection ${r.slot}: the ${r.side} half of process ${r.id}${r.side === 'sender' ? `, ${r.segments} segments` : ''}\n`);
@@ -173,14 +172,22 @@ export function registerXferCommand(program: Command): void {
     });
 }
 
-/** Reads a file from `start` on, into the buffers it is given. */
-function fileReader(fh: fs.promises.FileHandle, start: number) {
+/**
+ * Reads a file from `start` on, into the buffers it is given. What the page cache holds is read
+ * right here (preadv2 with RWF_NOWAIT, through the native addon), the rest through libuv's pool:
+ * 4 MiB reads of a cached file through the pool took 155 ms of CPU per GiB, here 110 (two thread
+ * hand-offs per read; bench/RESULTS.md, "xfer, issue 17 fourth part"), and nothing else in a
+ * sender's event loop waits on a segment's copy. `nowait` is for tests.
+ */
+export function fileReader(fh: fs.promises.FileHandle, start: number, nowait: (fd: number, buf: Buffer, position: number) => number = preadNoWait) {
   let position = start;
   return {
     async read(buf: Buffer, offset: number, length: number): Promise<number> {
-      const { bytesRead } = await fh.read(buf, offset, length, position);
-      position += bytesRead;
-      return bytesRead;
+      // Bytes read (0 at the end of the file), or -1 when the cache does not have the first of them.
+      let n = nowait(fh.fd, buf.subarray(offset, offset + length), position);
+      if (n < 0) n = (await fh.read(buf, offset, length, position)).bytesRead;
+      position += n;
+      return n;
     },
   };
 }
@@ -291,12 +298,24 @@ function session(o: Tuning) {
   };
 }
 
-/** Open the volume, run, close; SIGINT/SIGTERM stop the run so it frees what it holds. */
-async function withVolume(
+/**
+ * A module import started early, to load while other things wait (files opening, the NBD
+ * handshake): each command asks for its library first and awaits it once the volume is open.
+ * Marked handled so that an error before that await (a usage error) does not also report it;
+ * awaiting it still throws.
+ */
+function early<T>(p: Promise<T>): Promise<T> {
+  p.catch(() => undefined);
+  return p;
+}
+
+/** Open the volume, run `fn` with the library `lib` once both are ready, close; SIGINT/SIGTERM stop the run so it frees what it holds. */
+async function withVolume<L>(
   devs: string[],
   log: Logger,
   paths: { direct?: boolean; graceMs?: number },
-  fn: (vol: import('../xfer/volume.js').XferVolume, signal: AbortSignal) => Promise<void>,
+  lib: Promise<L>,
+  fn: (vol: import('../xfer/volume.js').XferVolume, signal: AbortSignal, lib: L) => Promise<void>,
 ): Promise<void> {
   const { XferVolume } = await import('../xfer/volume.js');
   const vol = await usage(XferVolume.open(devs, { log, ...paths }));
@@ -305,7 +324,7 @@ async function withVolume(
   process.once('SIGINT', stop);
   process.once('SIGTERM', stop);
   try {
-    await fn(vol, ac.signal);
+    await fn(vol, ac.signal, await lib);
   } finally {
     process.off('SIGINT', stop);
     process.off('SIGTERM', stop);

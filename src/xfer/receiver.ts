@@ -11,7 +11,7 @@
 //                               delivered nor acknowledged, and refused after `retries` reads
 //   after the LAST piece        wait for the sender to free its half, then free ours
 import { xxh64Low } from '../util/xxh64.js';
-import { AckFlag, Command, Piece, PtrFlag, Role, SEG, SEG_HEADER, Status, freeAck, freePid, type AckEntry, type AckTable, type PtrEntry, type PtrTable } from './layout.js';
+import { ACK, AckFlag, Command, Piece, PtrFlag, Role, SEG, SEG_HEADER, Status, freeAck, freePid, type AckEntry, type AckTable, type PtrEntry, type PtrTable, type TableView } from './layout.js';
 import { XferCorruptError, XferFormatError, XferPeerError } from './errors.js';
 import { Backoff, OwnHalf, PeerWatch, sleep, standingStill, tunables, type SessionOptions, type Tunables } from './session.js';
 import type { XferVolume } from './volume.js';
@@ -175,12 +175,15 @@ async function consume(vol: XferVolume, own: OwnHalf, ack: AckTable, deliver: De
   let failures = 0;
   let sawLast = false;
   let failure: unknown;
+  // Our acknowledgement table, kept encoded: each delivered piece patches its entry, and each
+  // write sends a copy, as the block changes meanwhile.
+  const ackBlock = ACK.encode(ack);
   let ackWrite: Promise<void> | undefined;
   let ackStale = false;
   const acknowledge = () => {
     if (ackWrite) return void (ackStale = true);
     ackStale = false;
-    ackWrite = vol.writeAck(ack).then(
+    ackWrite = vol.writeAckBlock(slot, Buffer.from(ackBlock)).then(
       () => {
         ackWrite = undefined;
         if (ackStale) acknowledge();
@@ -216,11 +219,11 @@ async function consume(vol: XferVolume, own: OwnHalf, ack: AckTable, deliver: De
   // segment: 1058 ms of waiting in a 256 MiB transfer of 1 MiB segments, 22 ms since (measured
   // with timers, load 10). A snapshot is used only when the loop gets to it, so `issued` moves in
   // order whatever the timing.
-  let table: Promise<PtrTable | Error> | undefined;
+  let table: Promise<TableView<PtrTable, PtrEntry> | Error> | undefined;
   let tableDone = false;
   const readTable = () => {
     tableDone = false;
-    table = vol.readPtr(slot).then(
+    table = vol.readPtrView(slot).then(
       (ptr) => ptr,
       (e: unknown) => (e instanceof Error ? e : new Error(String(e))),
     );
@@ -236,15 +239,15 @@ async function consume(vol: XferVolume, own: OwnHalf, ack: AckTable, deliver: De
       if (table && (tableDone || queue.length === 0)) {
         const got = await table;
         table = undefined;
-        let entries: PtrEntry[];
+        let ptr: TableView<PtrTable, PtrEntry>;
         try {
-          if (!(got instanceof Error) && (got.token !== token || got.writer !== from)) {
+          if (!(got instanceof Error) && (got.head.token !== token || got.head.writer !== from)) {
             await dropQueue();
-            await retryLater(`pointer table of connection ${slot} belongs to token ${got.token} of writer ${got.writer}, not token ${token} of writer ${from}`);
+            await retryLater(`pointer table of connection ${slot} belongs to token ${got.head.token} of writer ${got.head.writer}, not token ${token} of writer ${from}`);
             continue;
           }
           if (got instanceof Error) throw got;
-          entries = got.entries;
+          ptr = got;
         } catch (e) {
           if (!(e instanceof XferFormatError)) throw e;
           await dropQueue();
@@ -254,7 +257,15 @@ async function consume(vol: XferVolume, own: OwnHalf, ack: AckTable, deliver: De
         let problem: string | undefined;
         for (; queue.length < ahead && !sawLast; issued = (issued + 1) >>> 0) {
           const i = (issued - 1) % E;
-          const entry = { ...entries[i] };
+          let entry: PtrEntry;
+          try {
+            entry = { ...ptr.entry(i) };
+          } catch (e) {
+            // A damaged entry in a table whose checksum holds: like an entry aimed elsewhere.
+            if (!(e instanceof XferFormatError)) throw e;
+            problem = e.message;
+            break;
+          }
           if (entry.flag !== PtrFlag.WRITTEN || entry.seq !== issued) break;
           problem = checkEntry(vol, slot, { seq: issued, i, entry }, segs[i]);
           if (problem) break;
@@ -308,7 +319,7 @@ async function consume(vol: XferVolume, own: OwnHalf, ack: AckTable, deliver: De
       // The closing piece of a stream of messages carries no message: nothing to deliver.
       if (e.length > 0 || e.last & Piece.END) await deliver(seg.subarray(SEG_HEADER, SEG_HEADER + e.length), { msg: e.msg, part: e.part, end: (e.last & Piece.END) !== 0 });
       pool.give(head.buf);
-      ack.entries[head.i] = { flag: AckFlag.READ, last: e.last, seq: head.seq, msg: e.msg, part: e.part };
+      ACK.patch(ackBlock, head.i, { flag: AckFlag.READ, last: e.last, seq: head.seq, msg: e.msg, part: e.part });
       bytes += e.length;
       if (e.last & Piece.END) messages++;
       next = (head.seq + 1) >>> 0;
@@ -357,6 +368,8 @@ function checkSegment(slot: number, token: number, from: number, r: Pick<Ready, 
 /** The sender frees its half once it has seen the last acknowledgement; we wait for that. */
 async function waitSenderGone(vol: XferVolume, own: OwnHalf, t: Tunables): Promise<void> {
   const watch = new PeerWatch(`sender ${own.entry.requestor}`, t.timeoutMs);
+  // The sender frees its half a few requests after it reads our last acknowledgement: look soon.
+  const backoff = new Backoff(t.pollMs);
   for (;;) {
     const { req } = await vol.readPid(own.entry.slot);
     if (req.token !== own.entry.token || req.command.code === Command.NONE) return;
@@ -367,7 +380,7 @@ async function waitSenderGone(vol: XferVolume, own: OwnHalf, t: Tunables): Promi
       return;
     }
     await own.beat();
-    await sleep(t.pollMs, t.signal);
+    await backoff.sleep(t.signal);
   }
 }
 

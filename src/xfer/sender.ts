@@ -12,7 +12,7 @@
 //                          connection; the last piece of each is END, the connection's last LAST
 //   after the last ack     free the pointer table, then our half of the process ID table
 import { xxh64Low } from '../util/xxh64.js';
-import { AckFlag, Command, PTR, Piece, PtrFlag, Role, SEG, SEG_HEADER, Status, freeAck, freePid, freePtr, type AckTable, type PtrEntry, type PtrTable } from './layout.js';
+import { AckFlag, Command, PTR, Piece, PtrFlag, Role, SEG, SEG_HEADER, Status, freePid, freePtr, type AckEntry, type AckTable, type PtrEntry, type PtrTable, type TableView } from './layout.js';
 import { BufferPool } from './pool.js';
 import { XferPeerError, XferTableFullError } from './errors.js';
 import { Backoff, OwnHalf, PeerWatch, newToken, sleep, standingStill, tunables, type SessionOptions, type Tunables } from './session.js';
@@ -157,6 +157,8 @@ async function claim(vol: XferVolume, from: number, to: number, t: Tunables): Pr
 /** True once accepted; false when another sender's claim has replaced ours. */
 async function waitAccepted(vol: XferVolume, own: OwnHalf, to: number, t: Tunables): Promise<boolean> {
   const started = Date.now();
+  // A waiting receiver accepts within a poll interval or two of PENDING: look soon, then less often.
+  const backoff = new Backoff(t.pollMs);
   for (;;) {
     const { req, rsp } = await vol.readPid(own.entry.slot);
     if (req.token !== own.entry.token) return false;
@@ -164,7 +166,7 @@ async function waitAccepted(vol: XferVolume, own: OwnHalf, to: number, t: Tunabl
     if (Date.now() - started > t.timeoutMs)
       throw new XferPeerError(`no receiver ${to} accepted connection ${own.entry.slot} within ${t.timeoutMs} ms: start blockmirror xfer recv --as ${to} on the other host`);
     await own.beat();
-    await sleep(t.pollMs, t.signal);
+    await backoff.sleep(t.signal);
   }
 }
 
@@ -186,7 +188,8 @@ async function transfer(
   const maxInFlight = Math.max(2, Math.min(E, vol.inFlight));
   const pool = vol.segmentPool(maxInFlight + 2);
   const backoff = new Backoff(t.pollMs);
-  let ack: AckTable = freeAck(slot);
+  // The receiver's acknowledgements as last read, once it wrote them under our token.
+  let ack: TableView<AckTable, AckEntry> | undefined;
   let seq = start.seq;
   let bytes = 0;
   // The sequence each entry carries, written or on its way: the entry is reused only once that one is acknowledged.
@@ -196,16 +199,17 @@ async function transfer(
   const landed = new Map<number, PtrEntry>();
   let tableSeq = start.seq;
   let failure: unknown;
-  // The pointer table on the volume, as `ptr` says: an entry is set there only once its segment's
-  // write completed (and every earlier one's), and one table write at a time carries all of them:
-  // data before pointers, on whatever paths, and the reader sees each segment one table write
-  // after its data landed.
+  // The pointer table on the volume, kept encoded here: an entry is set in it only once its
+  // segment's write completed (and every earlier one's), and one table write at a time carries
+  // all of them: data before pointers, on whatever paths, and the reader sees each segment one
+  // table write after its data landed. Each write sends a copy, as the block changes meanwhile.
+  const ptrBlock = PTR.encode(ptr);
   let tableWrite: Promise<void> | undefined;
   let tableStale = false;
   const publish = () => {
     if (tableWrite) return void (tableStale = true);
     tableStale = false;
-    tableWrite = vol.writePtrBlock(slot, PTR.encode(ptr)).then(
+    tableWrite = vol.writePtrBlock(slot, Buffer.from(ptrBlock)).then(
       () => {
         tableWrite = undefined;
         if (tableStale) publish();
@@ -221,14 +225,17 @@ async function transfer(
     if (failure) throw failure;
   };
 
-  const acked = (i: number, s: number) => ack.entries[i].flag === AckFlag.READ && ack.entries[i].seq === s;
+  const acked = (i: number, s: number) => {
+    const e = ack?.entry(i);
+    return e !== undefined && e.flag === AckFlag.READ && e.seq === s;
+  };
   const isFree = (i: number) => assigned[i] === 0 || acked(i, assigned[i]);
   const poll = async () => {
     const { rsp } = await vol.readPid(slot);
     if (rsp.token !== token || rsp.command.status !== Status.ACCEPTED) throw new XferPeerError(`receiver ${to} left connection ${slot} before the last message`);
     watch.observe(rsp.heartbeat);
-    const a = await vol.readAck(slot);
-    if (a.token === token) ack = a;
+    const a = await vol.readAckView(slot);
+    if (a.head.token === token) ack = a;
     await own.beat();
   };
 
@@ -262,7 +269,7 @@ async function transfer(
         let moved = false;
         for (let e = landed.get(tableSeq + 1); e; e = landed.get(tableSeq + 1)) {
           landed.delete(e.seq);
-          ptr.entries[(e.seq - 1) % E] = e;
+          PTR.patch(ptrBlock, (e.seq - 1) % E, e);
           tableSeq = e.seq;
           moved = true;
         }

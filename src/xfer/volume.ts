@@ -17,12 +17,15 @@ import {
   freeAck,
   freePid,
   freePtr,
+  type AckEntry,
   type AckTable,
   type Mcb,
   type PidEntry,
+  type PtrEntry,
   type PtrTable,
   type Sdt,
   type Sec,
+  type TableView,
 } from './layout.js';
 import { XferFormatError, XferUsageError } from './errors.js';
 import { BufferPool } from './pool.js';
@@ -275,6 +278,16 @@ export class XferVolume {
     });
   }
 
+  /** The pointer table checked whole, its entries decoded as they are read: the receiver's poll. */
+  readPtrView(slot: number): Promise<TableView<PtrTable, PtrEntry>> {
+    return rereadTorn(async () => {
+      const what = `pointer table of connection ${slot}`;
+      const t = PTR.view(what, await this.master.read(this.mcb.ptrTables + slot * BLOCK, BLOCK));
+      if (t.head.slot !== slot) throw new XferFormatError(what, `names connection ${t.head.slot}: damaged`);
+      return t;
+    });
+  }
+
   writePtr(t: PtrTable): Promise<void> {
     return this.writePtrBlock(t.slot, PTR.encode(t));
   }
@@ -292,8 +305,23 @@ export class XferVolume {
     });
   }
 
+  /** The acknowledgement table checked whole, its entries decoded as they are read: the sender's poll. */
+  readAckView(slot: number): Promise<TableView<AckTable, AckEntry>> {
+    return rereadTorn(async () => {
+      const what = `acknowledgement table of connection ${slot}`;
+      const t = ACK.view(what, await this.master.read(this.mcb.ackTables + slot * BLOCK, BLOCK));
+      if (t.head.slot !== slot) throw new XferFormatError(what, `names connection ${t.head.slot}: damaged`);
+      return t;
+    });
+  }
+
   writeAck(t: AckTable): Promise<void> {
-    return this.master.write(this.mcb.ackTables + t.slot * BLOCK, ACK.encode(t));
+    return this.writeAckBlock(t.slot, ACK.encode(t));
+  }
+
+  /** An acknowledgement table encoded earlier (and patched since): not to be changed until written. */
+  writeAckBlock(slot: number, block: Buffer): Promise<void> {
+    return this.master.write(this.mcb.ackTables + slot * BLOCK, block);
   }
 
   /** Header plus `length` data bytes, rounded up to whole blocks; into `dest` (a pool buffer) when given. */
