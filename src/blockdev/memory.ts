@@ -101,6 +101,13 @@ export class MemoryDevice implements BlockDevice {
     return this.freeSlots.length * PAGE;
   }
 
+  /** Free slots that a view still holds, in bytes: always 0, or a view could show another offset's data (tests). */
+  get heldFreeBytes(): number {
+    let n = 0;
+    for (const slot of this.freeSlots) if (this.held(slot)) n++;
+    return n * PAGE;
+  }
+
   /** Every slot the slabs hold, in bytes (tests). */
   get storeBytes(): number {
     return this.nextSlot * PAGE;
