@@ -256,6 +256,18 @@ describe('MemoryDevice.writeTarget', () => {
     expect(dev.retiredBytes).toBe(0);
   });
 
+  it('refuses a target past 64 MiB of open targets, so payloads that never finish cannot grow the store without bound', () => {
+    const dev = new MemoryDevice(256 * 1024 * 1024);
+    const MiB32 = 32 * 1024 * 1024;
+    const a = dev.writeTarget(0, MiB32, 0)!;
+    const b = dev.writeTarget(MiB32, MiB32, 0)!;
+    expect(dev.reservedBytes).toBe(2 * MiB32);
+    expect(dev.writeTarget(2 * MiB32, PAGE, 0)).toBeNull();
+    a.abort();
+    expect(dev.writeTarget(2 * MiB32, MiB32, 0)).not.toBeNull();
+    b.abort();
+  });
+
   it('refuses a target on a read-only device and after close, and a commit of a target opened before close', async () => {
     expect(new MemoryDevice(SIZE, true).writeTarget(0, PAGE, 0)).toBeNull();
     const dev = new MemoryDevice(SIZE);

@@ -50,6 +50,12 @@ const HOLE = State.HOLE | State.ZERO;
  * run is a socket read of its own, and reads of a page or two cost more than the copy they save.
  */
 const PAGES_PER_RUN = 16;
+/**
+ * Reserved slots of all open write targets, at most: a slab once made is never given back, so
+ * clients that start large WRITEs and never finish them (or many at once) must not grow the store
+ * past this. Beyond it the payload goes to a pooled buffer, which the garbage collector can take.
+ */
+const MAX_RESERVED_PAGES = (64 * 1024 * 1024) >>> PAGE_SHIFT;
 /** What holes read as in views: never written. */
 const ZEROES = Buffer.alloc(PAGES_PER_SLAB * PAGE);
 
@@ -292,8 +298,8 @@ export class MemoryDevice implements BlockDevice {
 
   /**
    * Reserved slots for the pages of [offset+from, offset+length), for the socket to read the
-   * payload's rest into (WriteTarget); null when read-only or when the free slots are too
-   * scattered to make few runs.
+   * payload's rest into (WriteTarget); null when read-only, when open targets already hold
+   * MAX_RESERVED_PAGES, or when the free slots are too scattered to make few runs.
    */
   writeTarget(offset: number, length: number, from: number): WriteTarget | null {
     if (this.readOnly || from >= length) return null;
@@ -301,6 +307,7 @@ export class MemoryDevice implements BlockDevice {
     const end = offset + length;
     const p0 = Math.floor(start / PAGE);
     const n = Math.ceil(end / PAGE) - p0;
+    if (this.reserved + n > MAX_RESERVED_PAGES) return null;
     const slots = new Int32Array(n);
     let k = 0;
     while (k < n && this.freeSlots.length > 0) slots[k++] = this.freeSlots.pop()!;
