@@ -22,11 +22,15 @@ const MiB = 1024 * 1024;
 /** A memory store that counts the write targets it handed out and how they ended. */
 class CountedStore extends MemoryDevice {
   opened = 0;
+  refused = 0;
   committed = 0;
   aborted = 0;
   override writeTarget(offset: number, length: number, from: number): WriteTarget | null {
     const t = super.writeTarget(offset, length, from);
-    if (!t) return null;
+    if (!t) {
+      this.refused++;
+      return null;
+    }
     this.opened++;
     return {
       pieces: t.pieces,
@@ -92,8 +96,11 @@ describe('large WRITEs read into the store\'s pages while other commands change 
       // The replies carried written data, not only zeroes: the check had something to check.
       expect(race.tagged_words).toBeGreaterThan(race.words_checked / 10);
     }
-    // Every WRITE of the race is 64 KiB or more: the device's own pages took their payloads.
-    expect(dev.committed).toBeGreaterThan(20);
+    // Every WRITE of the race misses 64 KiB or more after its header's read, so each asked for a
+    // target: the first ones, into an empty store, got one; later ones are refused while trims and
+    // retired pages leave the free slots scattered (the copying path then takes them).
+    expect(dev.committed + dev.refused).toBeGreaterThanOrEqual(40);
+    expect(dev.committed).toBeGreaterThanOrEqual(5);
     expect(dev.aborted).toBe(0);
     await expectAllSlotsBack(dev);
   });

@@ -5,8 +5,9 @@ usage: writes_race.py URI ROUNDS SEED
 Every 16-byte word a WRITE puts down is (MAGIC, write id, the word's own index on the volume), so
 a word in any READ reply is either zero or a tag naming its own index and a write that covered it;
 anything else is a leak (a page of another offset, or bytes of a payload that never committed).
-The WRITEs are 64 KiB to 1 MiB at offsets and lengths that are multiples of 16 but not of the
-page, so their first and last pages are shared with what was there before. Each round queues
+The WRITEs are 192 KiB to 1 MiB (each misses 64 KiB or more after the 128 KiB read that brings
+its header, so it asks the store for a write target), at offsets and lengths that are multiples of
+16 but not of the page, so their first and last pages are shared with what was there before. Each round queues
 whole-region READs first (their replies wait in the server, holding pages), then the random
 commands, then more READs, and reads no reply until all are sent. After each round the region
 must equal a model that applies the commands in the order they were sent: the server applies
@@ -83,7 +84,7 @@ for r in range(rounds):
         kind = rng.choice(['write', 'write', 'write', 'trim', 'zero', 'read'])
         if kind == 'write':
             wid += 1
-            offset, length = span(64 * 1024, 1024 * 1024)
+            offset, length = span(192 * 1024, 1024 * 1024)
             data = content(wid, offset, length)
             writes[wid] = (offset // WORD, (offset + length) // WORD)
             buf = nbd.Buffer.from_bytearray(bytearray(data))
