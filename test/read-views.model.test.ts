@@ -256,6 +256,16 @@ describe('MemoryDevice.writeTarget', () => {
     expect(dev.retiredBytes).toBe(0);
   });
 
+  it('sorts scattered free slots by address to give a target few runs, instead of refusing it', async () => {
+    const dev = new MemoryDevice(SIZE);
+    await dev.write(0, pseudoRandom(128 * PAGE, 4)); // slots 0..127
+    for (let i = 0; i < 128; i++) await dev.trim(((i * 37) % 128) * PAGE, PAGE); // freed in a scrambled order
+    const t = dev.writeTarget(0, 64 * PAGE, 0)!;
+    expect(t).not.toBeNull();
+    expect(t.pieces).toHaveLength(1);
+    t.abort();
+  });
+
   it('refuses a target past 64 MiB of open targets, so payloads that never finish cannot grow the store without bound', () => {
     const dev = new MemoryDevice(256 * 1024 * 1024);
     const MiB32 = 32 * 1024 * 1024;

@@ -30,7 +30,8 @@
 // and on no free list, so nothing can see them. Its commit, in the order
 // writes apply, swaps them into the table:
 //
-//   reserve  n slots (free ones first), sorted into runs of consecutive slots
+//   reserve  n slots (free ones first), sorted into runs of consecutive slots;
+//            too many runs: sort the free list by address once, try again
 //   commit   the pages' bytes outside the write come from the current pages,
 //            the reserved slots replace the old ones, which go like a trim's
 //            (free, or retired while a view holds them), then the bytes that
@@ -56,6 +57,8 @@ const PAGES_PER_RUN = 16;
  * past this. Beyond it the payload goes to a pooled buffer, which the garbage collector can take.
  */
 const MAX_RESERVED_PAGES = (64 * 1024 * 1024) >>> PAGE_SHIFT;
+/** A free list longer than this (64 MiB of slots) is not sorted for a write target: the sort would cost more than the copy. */
+const MAX_SORTED_FREE = 16384;
 /** What holes read as in views: never written. */
 const ZEROES = Buffer.alloc(PAGES_PER_SLAB * PAGE);
 
@@ -74,6 +77,8 @@ export class MemoryDevice implements BlockDevice {
   private readonly retired = new Set<number>();
   /** Slots of write targets not yet committed or aborted. */
   private reserved = 0;
+  /** The free list's length when it was last sorted into address order (writeTarget). */
+  private sortedFree = -1;
   /** Bumped by close(): a target from before cannot commit into the emptied store. */
   private generation = 0;
 
@@ -309,20 +314,16 @@ export class MemoryDevice implements BlockDevice {
     const n = Math.ceil(end / PAGE) - p0;
     if (this.reserved + n > MAX_RESERVED_PAGES) return null;
     const slots = new Int32Array(n);
-    let k = 0;
-    while (k < n && this.freeSlots.length > 0) slots[k++] = this.freeSlots.pop()!;
-    while (k < n) slots[k++] = this.newSlot();
-    slots.sort();
-    // Runs of consecutive slots in one slab: [first index in slots, count]...
-    const runs: number[] = [0, 1];
-    for (let i = 1; i < n; i++) {
-      if (slots[i] === slots[i - 1]! + 1 && (slots[i]! & (PAGES_PER_SLAB - 1)) !== 0) runs[runs.length - 1]!++;
-      else runs.push(i, 1);
+    let runs = this.reserveRuns(slots);
+    if (!runs && this.freeSlots.length <= MAX_SORTED_FREE && this.freeSlots.length !== this.sortedFree) {
+      // Scattered free slots (trims, pages retired under views): in address order, from the
+      // top of the stack, the next pops come in runs wherever the free slots have them.
+      const sorted = Int32Array.from(this.freeSlots).sort();
+      for (let i = 0; i < sorted.length; i++) this.freeSlots[i] = sorted[sorted.length - 1 - i]!;
+      this.sortedFree = this.freeSlots.length;
+      runs = this.reserveRuns(slots);
     }
-    if (runs.length / 2 > 1 + Math.floor(n / PAGES_PER_RUN)) {
-      for (let i = n - 1; i >= 0; i--) this.freeSlots.push(slots[i]!);
-      return null;
-    }
+    if (!runs) return null;
     this.reserved += n;
     const pieces: Buffer[] = [];
     for (let r = 0; r < runs.length; r += 2) {
@@ -354,6 +355,27 @@ export class MemoryDevice implements BlockDevice {
         for (let i = n - 1; i >= 0; i--) this.freeSlots.push(slots[i]!);
       },
     };
+  }
+
+  /**
+   * Fill `slots` with slots taken off the free list (new ones when it runs out), in address
+   * order, and return their runs of consecutive slots in one slab ([first index, count]...); or
+   * put them back and return null when there would be more runs than one per PAGES_PER_RUN pages.
+   */
+  private reserveRuns(slots: Int32Array): number[] | null {
+    const n = slots.length;
+    let k = 0;
+    while (k < n && this.freeSlots.length > 0) slots[k++] = this.freeSlots.pop()!;
+    while (k < n) slots[k++] = this.newSlot();
+    slots.sort();
+    const runs: number[] = [0, 1];
+    for (let i = 1; i < n; i++) {
+      if (slots[i] === slots[i - 1]! + 1 && (slots[i]! & (PAGES_PER_SLAB - 1)) !== 0) runs[runs.length - 1]!++;
+      else runs.push(i, 1);
+    }
+    if (runs.length / 2 <= 1 + Math.floor(n / PAGES_PER_RUN)) return runs;
+    for (let i = n - 1; i >= 0; i--) this.freeSlots.push(slots[i]!);
+    return null;
   }
 
   /**
