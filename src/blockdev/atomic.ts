@@ -4,7 +4,7 @@
 // a read racing a write may see either, as on any disk.
 import { FilterDevice } from './filter.js';
 import { RangeLock } from './range-lock.js';
-import { payloadLength, type BlockDevice, type Payload, type ReadViews, type ZeroOptions } from './types.js';
+import { payloadLength, type BlockDevice, type Payload, type ReadViews, type WriteTarget, type ZeroOptions } from './types.js';
 
 /** The compare step of compareAndWrite found different bytes; nothing was written. */
 export class MiscompareError extends Error {
@@ -33,6 +33,27 @@ export class AtomicDevice extends FilterDevice {
   /** Reads take no lock here, so views from below are what read() would return. */
   readViews(offset: number, length: number): ReadViews | null {
     return this.next.readViews?.(offset, length) ?? null;
+  }
+
+  /**
+   * The target below, committed under the same lock as write(): taken when commit() is called,
+   * so overlapping writes still apply in the order they are committed or written.
+   */
+  writeTarget(offset: number, length: number, from: number): WriteTarget | null {
+    const below = this.next.writeTarget?.(offset, length, from);
+    if (!below) return null;
+    return {
+      pieces: below.pieces,
+      commit: async (head: Payload, fua?: boolean): Promise<void> => {
+        const release = await this.locks.acquire(offset, length);
+        try {
+          await below.commit(head, fua);
+        } finally {
+          release();
+        }
+      },
+      abort: () => below.abort(),
+    };
   }
 
   override async write(offset: number, data: Payload, fua?: boolean): Promise<void> {

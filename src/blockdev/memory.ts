@@ -24,7 +24,20 @@
 //
 // Free slots are only ever unheld ones, so a view never shows another
 // offset's data, nor a mix of two instants.
-import { BlockDeviceError, type BlockDevice, type Extent, type Payload, type ReadViews, type ZeroOptions } from './types.js';
+//
+// Zero-copy writes (writeTarget) go the other way: a large WRITE's payload is
+// read from the socket straight into *reserved* slots, which are in no table
+// and on no free list, so nothing can see them. Its commit, in the order
+// writes apply, swaps them into the table:
+//
+//   reserve  n slots (free ones first), sorted into runs of consecutive slots;
+//            too many runs: sort the free list by address once, try again
+//   commit   the pages' bytes outside the write come from the current pages,
+//            the reserved slots replace the old ones, which go like a trim's
+//            (free, or retired while a view holds them), then the bytes that
+//            came with the header are written the usual way
+//   abort    the reserved slots are free again; the volume never changed
+import { BlockDeviceError, type BlockDevice, type Extent, type Payload, type ReadViews, type WriteTarget, type ZeroOptions } from './types.js';
 import { State } from '../protocol/constants.js';
 
 const PAGE_SHIFT = 12;
@@ -33,6 +46,19 @@ const SLAB_SHIFT = 8; // 256 pages = 1 MiB per slab
 const PAGES_PER_SLAB = 1 << SLAB_SHIFT;
 const MAX_EXTENTS = 1 << 16;
 const HOLE = State.HOLE | State.ZERO;
+/**
+ * A write target in more runs than one per this many pages is refused (the caller copies): each
+ * run is a socket read of its own, and reads of a page or two cost more than the copy they save.
+ */
+const PAGES_PER_RUN = 16;
+/**
+ * Reserved slots of all open write targets, at most: a slab once made is never given back, so
+ * clients that start large WRITEs and never finish them (or many at once) must not grow the store
+ * past this. Beyond it the payload goes to a pooled buffer, which the garbage collector can take.
+ */
+const MAX_RESERVED_PAGES = (64 * 1024 * 1024) >>> PAGE_SHIFT;
+/** A free list longer than this (64 MiB of slots) is not sorted for a write target: the sort would cost more than the copy. */
+const MAX_SORTED_FREE = 16384;
 /** What holes read as in views: never written. */
 const ZEROES = Buffer.alloc(PAGES_PER_SLAB * PAGE);
 
@@ -49,6 +75,12 @@ export class MemoryDevice implements BlockDevice {
   private holding = 0;
   /** Slots out of the table that wait for their holds to drop before they are free. */
   private readonly retired = new Set<number>();
+  /** Slots of write targets not yet committed or aborted. */
+  private reserved = 0;
+  /** The free list's length when it was last sorted into address order (writeTarget). */
+  private sortedFree = -1;
+  /** Bumped by close(): a target from before cannot commit into the emptied store. */
+  private generation = 0;
 
   constructor(
     readonly size: number,
@@ -68,6 +100,28 @@ export class MemoryDevice implements BlockDevice {
   /** Pages out of the table that views still hold (tests). */
   get retiredBytes(): number {
     return this.retired.size * PAGE;
+  }
+
+  /** Slots of write targets not yet committed or aborted, in bytes (tests). */
+  get reservedBytes(): number {
+    return this.reserved * PAGE;
+  }
+
+  /** Free slots, in bytes: with the table's, the retired and the reserved ones, storeBytes (tests). */
+  get freeBytes(): number {
+    return this.freeSlots.length * PAGE;
+  }
+
+  /** Free slots that a view still holds, in bytes: always 0, or a view could show another offset's data (tests). */
+  get heldFreeBytes(): number {
+    let n = 0;
+    for (const slot of this.freeSlots) if (this.held(slot)) n++;
+    return n * PAGE;
+  }
+
+  /** Every slot the slabs hold, in bytes (tests). */
+  get storeBytes(): number {
+    return this.nextSlot * PAGE;
   }
 
   async read(offset: number, dest: Buffer): Promise<void> {
@@ -232,17 +286,118 @@ export class MemoryDevice implements BlockDevice {
   }
 
   private allocate(pi: number, zeroFill: boolean): number {
-    let slot = this.freeSlots.pop();
-    if (slot === undefined) {
-      slot = this.nextSlot++;
-      if ((slot & (PAGES_PER_SLAB - 1)) === 0) {
-        this.slabs.push(Buffer.allocUnsafeSlow(PAGES_PER_SLAB * PAGE));
-        this.holds.push(new Int32Array(PAGES_PER_SLAB));
-      }
-    }
+    const slot = this.freeSlots.pop() ?? this.newSlot();
     if (zeroFill) this.slotBytes(slot).fill(0);
     this.table.set(pi, slot);
     return slot;
+  }
+
+  private newSlot(): number {
+    const slot = this.nextSlot++;
+    if ((slot & (PAGES_PER_SLAB - 1)) === 0) {
+      this.slabs.push(Buffer.allocUnsafeSlow(PAGES_PER_SLAB * PAGE));
+      this.holds.push(new Int32Array(PAGES_PER_SLAB));
+    }
+    return slot;
+  }
+
+  /**
+   * Reserved slots for the pages of [offset+from, offset+length), for the socket to read the
+   * payload's rest into (WriteTarget); null when read-only, when open targets already hold
+   * MAX_RESERVED_PAGES, or when the free slots are too scattered to make few runs.
+   */
+  writeTarget(offset: number, length: number, from: number): WriteTarget | null {
+    if (this.readOnly || from >= length) return null;
+    const start = offset + from;
+    const end = offset + length;
+    const p0 = Math.floor(start / PAGE);
+    const n = Math.ceil(end / PAGE) - p0;
+    if (this.reserved + n > MAX_RESERVED_PAGES) return null;
+    const slots = new Int32Array(n);
+    let runs = this.reserveRuns(slots);
+    if (!runs && this.freeSlots.length <= MAX_SORTED_FREE && this.freeSlots.length !== this.sortedFree) {
+      // Scattered free slots (trims, pages retired under views): in address order, from the
+      // top of the stack, the next pops come in runs wherever the free slots have them.
+      const sorted = Int32Array.from(this.freeSlots).sort();
+      for (let i = 0; i < sorted.length; i++) this.freeSlots[i] = sorted[sorted.length - 1 - i]!;
+      this.sortedFree = this.freeSlots.length;
+      runs = this.reserveRuns(slots);
+    }
+    if (!runs) return null;
+    this.reserved += n;
+    const pieces: Buffer[] = [];
+    for (let r = 0; r < runs.length; r += 2) {
+      const first = slots[runs[r]!]!;
+      const at = (first & (PAGES_PER_SLAB - 1)) << PAGE_SHIFT;
+      const slab = this.slabs[first >>> SLAB_SHIFT]!;
+      // The first run starts at the write's byte in its page, the last ends at the write's end.
+      const skip = r === 0 ? start - p0 * PAGE : 0;
+      const bytes = runs[r + 1]! * PAGE - skip - (r === runs.length - 2 ? (p0 + n) * PAGE - end : 0);
+      pieces.push(slab.subarray(at + skip, at + skip + bytes));
+    }
+    const generation = this.generation;
+    let used = false;
+    return {
+      pieces,
+      commit: async (head: Payload): Promise<void> => {
+        if (used) throw new BlockDeviceError('EINVAL', 'write: this write target was already used');
+        used = true;
+        if (generation !== this.generation) throw new BlockDeviceError('EIO', 'write: the device was closed');
+        this.reserved -= n;
+        this.commitPages(offset, start, end, slots);
+        this.writeSync(offset, head);
+      },
+      abort: (): void => {
+        if (used) return;
+        used = true;
+        if (generation !== this.generation) return;
+        this.reserved -= n;
+        for (let i = n - 1; i >= 0; i--) this.freeSlots.push(slots[i]!);
+      },
+    };
+  }
+
+  /**
+   * Fill `slots` with slots taken off the free list (new ones when it runs out), in address
+   * order, and return their runs of consecutive slots in one slab ([first index, count]...); or
+   * put them back and return null when there would be more runs than one per PAGES_PER_RUN pages.
+   */
+  private reserveRuns(slots: Int32Array): number[] | null {
+    const n = slots.length;
+    let k = 0;
+    while (k < n && this.freeSlots.length > 0) slots[k++] = this.freeSlots.pop()!;
+    while (k < n) slots[k++] = this.newSlot();
+    slots.sort();
+    const runs: number[] = [0, 1];
+    for (let i = 1; i < n; i++) {
+      if (slots[i] === slots[i - 1]! + 1 && (slots[i]! & (PAGES_PER_SLAB - 1)) !== 0) runs[runs.length - 1]!++;
+      else runs.push(i, 1);
+    }
+    if (runs.length / 2 <= 1 + Math.floor(n / PAGES_PER_RUN)) return runs;
+    for (let i = n - 1; i >= 0; i--) this.freeSlots.push(slots[i]!);
+    return null;
+  }
+
+  /**
+   * The reserved `slots`, whose bytes [start, end) hold the payload, become pages
+   * floor(start/PAGE)... The rest of the first and last pages comes from the current pages,
+   * except what the payload's head (from `offset`) is about to overwrite anyway.
+   */
+  private commitPages(offset: number, start: number, end: number, slots: Int32Array): void {
+    const p0 = Math.floor(start / PAGE);
+    const n = slots.length;
+    const keepFrom = p0 * PAGE;
+    const keepTo = Math.min(Math.max(offset, keepFrom), start);
+    if (keepTo > keepFrom) this.readSync(keepFrom, this.slotBytes(slots[0]!).subarray(0, keepTo - keepFrom));
+    const tail = end - (p0 + n - 1) * PAGE;
+    if (tail < PAGE) this.readSync(end, this.slotBytes(slots[n - 1]!).subarray(tail));
+    for (let i = 0; i < n; i++) {
+      const old = this.table.get(p0 + i);
+      this.table.set(p0 + i, slots[i]!);
+      if (old === undefined) continue;
+      if (this.holding > 0 && this.held(old)) this.retired.add(old);
+      else this.freeSlots.push(old);
+    }
   }
 
   private slotBytes(slot: number): Buffer {
@@ -300,5 +455,8 @@ export class MemoryDevice implements BlockDevice {
     this.holds = [];
     this.holding = 0;
     this.retired.clear();
+    this.reserved = 0;
+    this.nextSlot = 0;
+    this.generation++;
   }
 }

@@ -34,6 +34,24 @@ export interface ReadViews {
   release(): void;
 }
 
+/**
+ * Fresh memory of a device that a WRITE's payload is read into straight from the socket
+ * (writeTarget), then committed as the write, or aborted without touching the volume. Until
+ * commit nothing can see it: no read, no other write, no view.
+ */
+export interface WriteTarget {
+  /** To be filled, in order, with the payload's bytes from `from` (writeTarget's) to its end. */
+  readonly pieces: readonly Buffer[];
+  /**
+   * Apply the write, `head` being the payload's bytes before `from`: the same effect and the
+   * same ordering as write(offset, head + pieces) called at this moment (a filter's locks
+   * included). The target is used up, whatever the outcome.
+   */
+  commit(head: Payload, fua?: boolean): Promise<void>;
+  /** The payload will never be complete (a client gone mid-payload, a refused request): give the memory back. Idempotent; nothing after commit. */
+  abort(): void;
+}
+
 /** One run of equal allocation state, as base:allocation reports it. */
 export interface Extent {
   length: number;
@@ -85,6 +103,13 @@ export interface BlockDevice {
    * return the same bytes at the same instant: FilterDevice does not forward it, a layer opts in.
    */
   readViews?(offset: number, length: number): ReadViews | null;
+  /**
+   * Zero-copy write, optional: memory to read bytes [from, length) of a WRITE to
+   * [offset, offset+length) into (see WriteTarget), or null when the device cannot give it now
+   * (the caller then write()s a buffer). Like readViews, FilterDevice does not forward it: a
+   * layer opts in only if its write() would do nothing but pass the bytes down.
+   */
+  writeTarget?(offset: number, length: number, from: number): WriteTarget | null;
   /** Prefetch hint; may do nothing. */
   cache?(offset: number, length: number): Promise<void>;
   close(): Promise<void>;

@@ -26,7 +26,7 @@ import {
   encodeSimpleReply,
   writeChunkHeader,
 } from '../protocol/server-codec.js';
-import type { BlockDevice, Extent } from '../blockdev/types.js';
+import type { BlockDevice, Extent, WriteTarget } from '../blockdev/types.js';
 import { nbdErrorFor } from './errors.js';
 import { ioBuffers as replyBuffers } from '../util/buffer-pool.js';
 import { adopt } from '../util/read-into.js';
@@ -65,6 +65,8 @@ export class Connection {
   private closed = false;
   private draining = false; // DISC received or server shutting down: accept no more work
   private idle: (() => void) | null = null;
+  /** The device memory the payload of the WRITE now arriving is read into (land), until handle() takes it. */
+  private landing: { req: Request; target: WriteTarget } | null = null;
   readonly done: Promise<void>;
   private resolveDone!: () => void;
 
@@ -82,7 +84,7 @@ export class Connection {
     this.done = new Promise((r) => (this.resolveDone = r));
 
     // Reads straight into payload buffers when the socket can be adopted (read-into.ts), else 'data' events.
-    this.parser = new RequestParser(MAX_PAYLOAD, true, (n) => replyBuffers.get(n));
+    this.parser = new RequestParser(MAX_PAYLOAD, true, this.land);
     this.scratch = new ScratchBuffers(SCRATCH, this.parser);
     const adopted = adopt(accepted, { buffer: this.readTarget, callback: this.onRead });
     if (!adopted) {
@@ -98,6 +100,9 @@ export class Connection {
     });
     socket.on('close', () => {
       this.closed = true;
+      // A payload cut off mid-way: the device's memory goes back, the volume never saw it.
+      this.landing?.target.abort();
+      this.landing = null;
       this.resolveDone();
     });
     socket.on('end', () => this.finish());
@@ -117,6 +122,23 @@ export class Connection {
     if (this.closed) return;
     this.parser.push(chunk);
     this.pump();
+  };
+
+  /**
+   * Where the rest of a large WRITE's payload is read in place: straight into the device's own
+   * memory when it offers a write target (a memory volume: no copy at all), else a pooled buffer
+   * that write() then copies. Only for a request that will reach the device: a refused one
+   * would have to give the target back unused.
+   */
+  private readonly land = (req: Request, n: number): readonly Buffer[] => {
+    if (this.dev.writeTarget && !this.draining && this.validate(req) === null) {
+      const target = this.dev.writeTarget(req.offset, req.length, req.length - n);
+      if (target) {
+        this.landing = { req, target };
+        return target.pieces;
+      }
+    }
+    return [replyBuffers.get(n)];
   };
 
   /** Where the next read lands: the rest of a large WRITE payload, or the scratch buffer. */
@@ -177,17 +199,24 @@ export class Connection {
   };
 
   private handle(req: Request): void {
+    let target: WriteTarget | undefined;
+    if (this.landing?.req === req) {
+      target = this.landing.target;
+      this.landing = null;
+    }
     if (req.type === Cmd.DISC) {
       this.draining = true;
       this.finish();
       return;
     }
     if (this.draining) {
+      target?.abort();
       this.replyError(req, NbdErr.ESHUTDOWN, 'server is shutting down');
       return;
     }
     const bad = this.validate(req);
     if (bad) {
+      target?.abort();
       this.log.debug({ cmd: nameOf('cmd', req.type), offset: req.offset, length: req.length, err: bad[1] }, 'refused request');
       this.replyError(req, bad[0], bad[1]);
       return;
@@ -196,9 +225,16 @@ export class Connection {
     switch (req.type) {
       case Cmd.READ:
         return this.read(req);
-      case Cmd.WRITE:
-        this.scratch?.hold(req.payload!);
-        return this.track(req, req.length, this.dev.write(req.offset, req.payload!, fua), req.ownedPayload, req.payload);
+      case Cmd.WRITE: {
+        const payload = req.payload!;
+        this.scratch?.hold(payload);
+        if (target) {
+          // The landed pieces are the device's already; only the bytes that came with the header are copied.
+          const head = payload.slice(0, payload.length - req.landed!.length);
+          return this.track(req, req.length, target.commit(head, fua), undefined, payload);
+        }
+        return this.track(req, req.length, this.dev.write(req.offset, payload, fua), req.landed?.[0], payload);
+      }
       case Cmd.FLUSH:
         return this.track(req, 0, this.dev.flush());
       case Cmd.TRIM:

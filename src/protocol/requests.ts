@@ -28,9 +28,18 @@ export interface Request {
   payload?: Buffer[];
   /** A WRITE over the payload limit: its bytes were discarded. */
   oversize?: boolean;
-  /** The payload was filled in place, in a buffer from the parser's allocator: give it back when done. */
-  ownedPayload?: Buffer;
+  /**
+   * The last pieces of `payload` were filled in place, in the buffers the parser's allocator gave
+   * for this request (a pooled buffer, or the device's own memory): its owner takes them back.
+   */
+  landed?: readonly Buffer[];
 }
+
+/**
+ * Buffers for the `n` missing bytes of a large WRITE's payload, to be filled in order (their
+ * lengths add up to n): where the caller reads those bytes in place.
+ */
+export type LandingAlloc = (req: Request, n: number) => readonly Buffer[];
 
 export type ParseEvent =
   | { kind: 'request'; request: Request }
@@ -48,10 +57,12 @@ export class RequestParser {
   private broken = false;
   /**
    * A large pending WRITE: the payload bytes that had arrived (views into the received chunks,
-   * never copied) and the buffer the rest is read into in place, with how much of it is filled.
+   * never copied) and the buffers the rest is read into in place: the one being filled, and how
+   * much of it is.
    */
   private head: Buffer[] = [];
-  private direct: Buffer | null = null;
+  private direct: readonly Buffer[] | null = null;
+  private piece = 0;
   private filled = 0;
   /** Bytes queued by push() so far (see consumed, and src/nbd/scratch.ts). */
   queued = 0;
@@ -63,7 +74,7 @@ export class RequestParser {
   constructor(
     private readonly maxPayload: number,
     private readonly inPlace = false,
-    private readonly alloc: (n: number) => Buffer = Buffer.allocUnsafe,
+    private readonly alloc: LandingAlloc = (_req, n) => [Buffer.allocUnsafe(n)],
   ) {}
 
   /**
@@ -72,23 +83,35 @@ export class RequestParser {
    * directFilled(), so they are never copied in user space.
    */
   directTarget(): Buffer | null {
-    return this.direct ? this.direct.subarray(this.filled) : null;
+    const d = this.direct;
+    return d && this.piece < d.length ? d[this.piece]!.subarray(this.filled) : null;
   }
 
   /** n bytes were read into directTarget(). */
   directFilled(n: number): void {
     this.filled += n;
+    this.settle();
+  }
+
+  /** Past the pieces that are full. */
+  private settle(): void {
+    const d = this.direct!;
+    while (this.piece < d.length && this.filled === d[this.piece]!.length) {
+      this.piece++;
+      this.filled = 0;
+    }
   }
 
   /** Queue received bytes (the parser keeps references: the caller must not reuse the chunk); take framed requests with next(). */
   push(chunk: Buffer): void {
     if (this.broken) return;
-    if (this.direct) {
-      // Bytes of a payload being filled in place go there first.
-      const k = Math.min(chunk.length, this.direct.length - this.filled);
-      chunk.copy(this.direct, this.filled, 0, k);
+    const d = this.direct;
+    // Bytes of a payload being filled in place go there first.
+    while (d && this.piece < d.length && chunk.length > 0) {
+      const k = chunk.copy(d[this.piece]!, this.filled);
       this.filled += k;
       chunk = chunk.subarray(k);
+      this.settle();
     }
     this.queued += chunk.length;
     this.q.push(chunk);
@@ -121,11 +144,11 @@ export class RequestParser {
         return { kind: 'request', request: req };
       }
       if (this.pending && this.direct) {
-        if (this.filled < this.direct.length) return null;
+        if (this.piece < this.direct.length) return null;
         const req = this.pending;
-        this.head.push(this.direct);
+        for (const b of this.direct) this.head.push(b);
         req.payload = this.head;
-        req.ownedPayload = this.direct;
+        req.landed = this.direct;
         this.pending = null;
         this.direct = null;
         this.head = [];
@@ -137,8 +160,10 @@ export class RequestParser {
             // What has arrived stays where it is, as the payload's first pieces; only the rest
             // gets a buffer, which the caller reads into directly (no byte is copied).
             this.head = this.q.takeVec(this.q.length);
-            this.direct = this.alloc(this.pending.length - this.head.reduce((n, b) => n + b.length, 0));
+            this.direct = this.alloc(this.pending, this.pending.length - this.head.reduce((n, b) => n + b.length, 0));
+            this.piece = 0;
             this.filled = 0;
+            this.settle(); // an allocator may give empty pieces
           }
           return null;
         }
