@@ -48,7 +48,7 @@ export type ParseEvent =
 const TWO32 = 2 ** 32;
 
 /** A WRITE missing at least this much is filled in place (see directTarget). */
-const DIRECT_MIN = 64 * 1024;
+export const DIRECT_MIN = 64 * 1024;
 
 export class RequestParser {
   private readonly q = new ByteQueue();
@@ -85,6 +85,11 @@ export class RequestParser {
   directTarget(): Buffer | null {
     const d = this.direct;
     return d && this.piece < d.length ? d[this.piece]!.subarray(this.filled) : null;
+  }
+
+  /** Between two requests: nothing of the next one has arrived yet. */
+  atBoundary(): boolean {
+    return this.pending === null && this.q.length === 0;
   }
 
   /** n bytes were read into directTarget(). */
