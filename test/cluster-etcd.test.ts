@@ -72,6 +72,30 @@ async function startPair(opts: Parameters<typeof clusterYaml>[2] = {}) {
   return { a, b, cfg, ss1, ss2 };
 }
 
+/** fio writing through the gateway to pair1 with crc32c verification, running; done() once it has ended. */
+function fioThroughGateway(port: number, name: string, bs: string, ioSize: string) {
+  const fio = run(
+    'fio',
+    [
+      `--name=${name}`, '--ioengine=nbd', `--uri=nbd://127.0.0.1:${port}/pair1`, '--rw=randwrite', `--bs=${bs}`, '--iodepth=8',
+      '--size=32M', `--io_size=${ioSize}`, '--verify=crc32c', '--verify_fatal=1', '--do_verify=1', '--output-format=json', `--directory=${tmpDir('bm-fio-')}`,
+    ],
+    { timeoutMs: 180_000 },
+  );
+  let ended = false;
+  void fio.then(() => (ended = true));
+  return { fio, done: () => ended };
+}
+
+/** Until volume 1 of the storage system has taken more than `bytes` of writes (at most ~10 s). */
+async function writtenOnMaster(ss: { status(): Promise<unknown> }, bytes: number): Promise<void> {
+  for (let i = 0; i < 400; i++) {
+    const st = (await ss.status()) as { storageSystems: { volumes: { id: number; writeBytes: number }[] }[] } | undefined;
+    if ((st?.storageSystems[0]?.volumes.find((x) => x.id === 1)?.writeBytes ?? 0) > bytes) return;
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
 describe('a cluster on etcd', () => {
   it('registers each storage system, seeds the tables from the YAML and prints them with etcd dump', async () => {
     const { cfg } = await startPair();
@@ -91,27 +115,13 @@ describe('a cluster on etcd', () => {
   it('keeps fio --verify=crc32c through a gateway free of errors while the master storage system is killed and its sync mirror takes over by itself', async () => {
     const { cfg, ss1, ss2 } = await startPair();
     const gw = await startGateway(cfg.file);
-    const fioDir = tmpDir('bm-fio-');
-    const fio = run(
-      'fio',
-      [
-        '--name=failover', '--ioengine=nbd', `--uri=nbd://127.0.0.1:${gw.port}/pair1`, '--rw=randwrite', '--bs=4k', '--iodepth=8',
-        '--size=32M', '--io_size=160M', '--verify=crc32c', '--verify_fatal=1', '--do_verify=1', '--output-format=json', `--directory=${fioDir}`,
-      ],
-      { timeoutMs: 180_000 },
-    );
-    let fioDone = false;
-    void fio.then(() => (fioDone = true));
+    const { fio, done } = fioThroughGateway(gw.port, 'failover', '4k', '160M');
     // Kill the master once fio is well under way: wait for its writes to reach the master.
-    for (let i = 0; i < 400; i++) {
-      const st = (await ss1.status()) as unknown as { storageSystems: { volumes: { id: number; writeBytes: number }[] }[] } | undefined;
-      if ((st?.storageSystems[0]?.volumes.find((x) => x.id === 1)?.writeBytes ?? 0) > 4 * 1024 * 1024) break;
-      await new Promise((r) => setTimeout(r, 25));
-    }
+    await writtenOnMaster(ss1, 4 * 1024 * 1024);
     const killedAt = performance.now();
     await ss1.kill();
     // The kill lands in the middle of the workload, not after it.
-    expect(fioDone).toBe(false);
+    expect(done()).toBe(false);
     const promoted = await ss2.waitPair('pair1', (p) => p.role === 'master', 'the master role', 30_000);
     const failoverMs = performance.now() - killedAt;
     expect(promoted.epoch).toBe(2);
@@ -141,24 +151,10 @@ describe('a cluster on etcd', () => {
   it('keeps fio --verify=crc32c with 1 MiB writes through a gateway free of errors while the master is killed, sending the writes in flight again to the new master', async () => {
     const { cfg, ss1, ss2 } = await startPair();
     const gw = await startGateway(cfg.file);
-    const fioDir = tmpDir('bm-fio-');
-    const fio = run(
-      'fio',
-      [
-        '--name=failover-1m', '--ioengine=nbd', `--uri=nbd://127.0.0.1:${gw.port}/pair1`, '--rw=randwrite', '--bs=1m', '--iodepth=8',
-        '--size=32M', '--io_size=1G', '--verify=crc32c', '--verify_fatal=1', '--do_verify=1', '--output-format=json', `--directory=${fioDir}`,
-      ],
-      { timeoutMs: 180_000 },
-    );
-    let fioDone = false;
-    void fio.then(() => (fioDone = true));
-    for (let i = 0; i < 400; i++) {
-      const st = (await ss1.status()) as unknown as { storageSystems: { volumes: { id: number; writeBytes: number }[] }[] } | undefined;
-      if ((st?.storageSystems[0]?.volumes.find((x) => x.id === 1)?.writeBytes ?? 0) > 16 * 1024 * 1024) break;
-      await new Promise((r) => setTimeout(r, 25));
-    }
+    const { fio, done } = fioThroughGateway(gw.port, 'failover-1m', '1m', '1G');
+    await writtenOnMaster(ss1, 16 * 1024 * 1024);
     await ss1.kill();
-    expect(fioDone).toBe(false);
+    expect(done()).toBe(false);
     await ss2.waitPair('pair1', (p) => p.role === 'master', 'the master role', 30_000);
     const r = await fio;
     expect(r.code, r.stderr + r.stdout.slice(0, 2000)).toBe(0);

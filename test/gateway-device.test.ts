@@ -1,28 +1,14 @@
 // A gateway's logical volume (src/gateway/logical-volume.ts) against real NBD servers, with the
 // etcd tables faked: what it does when the table names a copy that cannot take writes.
-import { EventEmitter } from 'node:events';
 import { randomBytes } from 'node:crypto';
 import pino from 'pino';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ConnectionPool, LogicalVolumeDevice } from '../src/gateway/logical-volume.js';
-import type { ClusterStore } from '../src/cluster/etcd/store.js';
 import { connect } from '../src/nbd/client.js';
+import { FakeStore } from './helpers/fake-cluster-store.js';
 import { startServe, type RunningServer } from './helpers/servers.js';
 
 const SIZE = 1 << 20;
-
-/** The two tables a logical volume reads, and their 'change' event. */
-class FakeStore extends EventEmitter {
-  readonly tables = {
-    logicalVolumes: new Map<string, { name: string; master: { ss: number; vol: number } }>(),
-    storageSystems: new Map<number, { nbd: string }>(),
-    mirrors: new Map<string, { mirrors: { ss: number; vol: number; state: string }[] }>(),
-  };
-  point(ss: number): void {
-    this.tables.logicalVolumes.set('lv', { name: 'lv', master: { ss, vol: 1 } });
-    this.emit('change');
-  }
-}
 
 const servers: RunningServer[] = [];
 afterEach(async () => {
@@ -42,7 +28,7 @@ describe('a gateway logical volume', () => {
     const pool = new ConnectionPool(5000);
     const logged: string[] = [];
     const log = pino({ level: 'warn' }, { write: (line: string) => void logged.push(line) });
-    const lv = new LogicalVolumeDevice('lv', SIZE, store as unknown as ClusterStore, pool, log, 30_000);
+    const lv = new LogicalVolumeDevice('lv', SIZE, store.asStore, pool, log, 30_000);
     const data = randomBytes(4096);
     const write = lv.write(8192, data);
     let settled = false;

@@ -3,35 +3,21 @@
 // master gets every byte; a host that leaves mid-payload lands nothing. The gateway here is the real
 // NBD server and logical volume in this process, with the etcd tables faked (as in
 // gateway-device.test.ts); the hosts are fio and a raw socket that stops mid-payload on purpose.
-import { EventEmitter } from 'node:events';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import pino from 'pino';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { ConnectionPool, LogicalVolumeDevice } from '../src/gateway/logical-volume.js';
-import type { ClusterStore } from '../src/cluster/etcd/store.js';
 import { ExportTable } from '../src/nbd/exports.js';
 import { NbdServer } from '../src/nbd/server.js';
 import { connect } from '../src/nbd/client.js';
 import { Cmd } from '../src/protocol/constants.js';
 import { RawClient, encodeRequest } from './helpers/raw.js';
+import { FakeStore } from './helpers/fake-cluster-store.js';
 import { run, startServe, tmpDir, type RunningServer } from './helpers/servers.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 64 * MiB;
-
-/** The tables a logical volume reads, and their 'change' event. */
-class FakeStore extends EventEmitter {
-  readonly tables = {
-    logicalVolumes: new Map<string, { name: string; master: { ss: number; vol: number } }>(),
-    storageSystems: new Map<number, { nbd: string }>(),
-    mirrors: new Map<string, { mirrors: { ss: number; vol: number; state: string }[] }>(),
-  };
-  point(ss: number): void {
-    this.tables.logicalVolumes.set('lv', { name: 'lv', master: { ss, vol: 1 } });
-    this.emit('change');
-  }
-}
 
 interface Gateway {
   port: number;
@@ -55,7 +41,7 @@ async function startGateway(masters: number[]): Promise<Gateway> {
   const logged: string[] = [];
   const log = pino({ level: 'warn' }, { write: (line: string) => void logged.push(line) });
   const exports = new ExportTable();
-  exports.add({ name: 'lv', description: 'through a gateway', device: new LogicalVolumeDevice('lv', SIZE, store as unknown as ClusterStore, pool, log, 30_000), readOnly: false });
+  exports.add({ name: 'lv', description: 'through a gateway', device: new LogicalVolumeDevice('lv', SIZE, store.asStore, pool, log, 30_000), readOnly: false });
   const server = new NbdServer({ exports, log });
   const addr = await server.listen({ kind: 'tcp', host: '127.0.0.1', port: 0 });
   const stop = async () => {
