@@ -127,7 +127,9 @@ describe('dashboard', () => {
     await nbd.pwrite(Buffer.alloc(MiB, 0x11), 8 * MiB);
     await nbd.pwrite(Buffer.alloc(2 * MiB, 0x22), 40 * MiB);
     await expect.poll(() => invalidPixels('pair1'), { timeout: 5000 }).toBeGreaterThan(0);
-    expect(await page.textContent(`${card('pair1')} .state`)).toBe('COPY');
+    // The frame that first shows the Invalid cells may still carry the state from before the copy
+    // began (a CI run under load read PAIR there): wait for the state, as for the label below.
+    await expect.poll(() => page.textContent(`${card('pair1')} .state`), { timeout: 5000 }).toBe('COPY');
     await expect.poll(() => page.textContent(`${card('pair1')} .mirror-label`), { timeout: 5000 }).toMatch(/% in sync, \d+ invalid clusters .*ETA \d/);
   });
 
