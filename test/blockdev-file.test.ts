@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { openFileDevice, type FileDevice } from '../src/blockdev/file.js';
+import { SYNC_WRITE_MAX, openFileDevice, type FileDevice } from '../src/blockdev/file.js';
 import { punchHole, seekData, seekHole } from '../src/blockdev/native.js';
 import { BlockDeviceError } from '../src/blockdev/types.js';
 
@@ -73,6 +73,41 @@ describe('FileDevice', () => {
     expect(around.subarray(97, 97 + a.length).equals(a)).toBe(true);
     expect(around.subarray(97 + a.length).every((x) => x === 0)).toBe(true);
     await dev.flush();
+  });
+
+  it('does buffered writes of up to 1 MiB on the event loop, and larger or FUA ones on the pool, all landing', async () => {
+    const dev = await device({ size: 8 * MiB });
+    const small = pattern(4 * KiB, 1);
+    const whole = pattern(SYNC_WRITE_MAX, 2);
+    const pieces = [pattern(100 * KiB, 3), pattern(SYNC_WRITE_MAX - 100 * KiB, 4)];
+    const large = pattern(SYNC_WRITE_MAX + 1, 5);
+    const fua = pattern(8 * KiB, 6);
+    await dev.write(0, small);
+    await dev.write(1 * MiB, whole);
+    await dev.write(2 * MiB + 1, pieces);
+    expect(dev.writesDone).toEqual({ sync: 3, pool: 0 });
+    await dev.write(4 * MiB, large);
+    await dev.write(6 * MiB, fua, true);
+    expect(dev.writesDone).toEqual({ sync: 3, pool: 2 });
+    expect((await readBack(dev, 0, small.length)).equals(small)).toBe(true);
+    expect((await readBack(dev, 1 * MiB, whole.length)).equals(whole)).toBe(true);
+    expect((await readBack(dev, 2 * MiB + 1, SYNC_WRITE_MAX)).equals(Buffer.concat(pieces))).toBe(true);
+    expect((await readBack(dev, 4 * MiB, large.length)).equals(large)).toBe(true);
+    expect(fs.readFileSync(file).subarray(6 * MiB, 6 * MiB + fua.length).equals(fua)).toBe(true);
+  });
+
+  it('sends writes to the pool for a while after a synchronous write that was slow', async () => {
+    // syncSlowMs 0: every synchronous write counts as slow (as one stalled by writeback throttling would).
+    const dev = await device({ size: 4 * MiB, syncSlowMs: 0 });
+    const a = pattern(64 * KiB, 7);
+    const b = pattern(64 * KiB, 8);
+    const c = pattern(1 * MiB, 9);
+    await dev.write(0, a);
+    await dev.write(64 * KiB, b);
+    await dev.write(1 * MiB, c);
+    expect(dev.writesDone).toEqual({ sync: 1, pool: 2 });
+    expect((await readBack(dev, 0, 128 * KiB)).equals(Buffer.concat([a, b]))).toBe(true);
+    expect((await readBack(dev, 1 * MiB, c.length)).equals(c)).toBe(true);
   });
 
   it('reads into the caller buffer, including a slice of a larger buffer', async () => {

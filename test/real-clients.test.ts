@@ -369,6 +369,23 @@ each(WITH_REFERENCE)('%s under fio', (_label, target) => {
       ['seqwrite', 0, 32 * MiB, 32 * MiB],
     ]);
   });
+
+  it('verifies 64 MiB of random writes of 4 KiB to 4 MiB at queue depth 8 with crc32c', async () => {
+    // Both sides of the file volume's 1 MiB line between writes done on the event loop and on the pool.
+    const s = await target.start({ size: 64 * MiB });
+    const jobs = await fio(s.uri, cleanup.dir(), [
+      '--name=mixed',
+      '--rw=randwrite',
+      '--bsrange=4k-4m',
+      '--iodepth=8',
+      '--size=64M',
+      '--verify=crc32c',
+      '--do_verify=1',
+    ]);
+    expect(jobs.map((j) => [j.jobname, j.error, j.write.io_bytes, j.read.io_bytes])).toEqual([
+      ['mixed', 0, 64 * MiB, 64 * MiB],
+    ]);
+  });
 });
 
 each(SERVE)('%s with --read-only', (_label, target) => {

@@ -23,8 +23,21 @@ export const MAX_EXTENTS = 65536;
 const ZERO_CHUNK = 1 << 20;
 /** Largest read tried synchronously from the page cache (a bigger copy would hold the event loop too long). */
 const NOWAIT_MAX = 1024 * 1024;
-/** Largest write done synchronously into the page cache. */
-const SYNC_WRITE_MAX = 64 * 1024;
+/**
+ * Largest write done synchronously into the page cache. Through libuv's pool a write costs two
+ * thread hand-offs, and at 1 MiB QD8 the context switches were a sixth of the server's CPU; done
+ * here, 1 MiB writes went from 0.8x to 1.0-1.1x nbdkit's file plugin (bench/RESULTS.md, "File
+ * volumes: writes on the event loop").
+ */
+export const SYNC_WRITE_MAX = 1024 * 1024;
+/**
+ * A synchronous write slower than this met what the page cache cannot absorb at once (writeback
+ * throttling, block allocation on a full disk): the event loop, which serves every connection and
+ * renews the leases, must not wait on it again, so the pool takes every write for SYNC_BACKOFF_MS.
+ * A 1 MiB copy into cached pages takes ~0.1-0.3 ms here.
+ */
+const SYNC_SLOW_MS = 2;
+const SYNC_BACKOFF_MS = 1000;
 
 let zeroChunk: Buffer | undefined;
 
@@ -34,6 +47,8 @@ export interface FileDeviceOptions {
   readOnly?: boolean;
   /** Cap on extents per extents() answer (default MAX_EXTENTS); lower it to test truncated answers. */
   maxExtents?: number;
+  /** A synchronous write slower than this (ms) sends writes to the pool for a while (default SYNC_SLOW_MS); 0 makes every one count as slow, for tests. */
+  syncSlowMs?: number;
 }
 
 /**
@@ -42,7 +57,7 @@ export interface FileDeviceOptions {
  * silently truncated.
  */
 export async function openFileDevice(path: string, opts: FileDeviceOptions = {}): Promise<FileDevice> {
-  const { size, readOnly = false, maxExtents = MAX_EXTENTS } = opts;
+  const { size, readOnly = false, maxExtents = MAX_EXTENTS, syncSlowMs = SYNC_SLOW_MS } = opts;
   if (size !== undefined && !(Number.isSafeInteger(size) && size >= 0)) {
     throw new Error(`invalid size ${size} for file ${path}: expected a non-negative integer number of bytes`);
   }
@@ -81,7 +96,7 @@ export async function openFileDevice(path: string, opts: FileDeviceOptions = {})
       await promisify(fs.ftruncate)(fd, size);
       devSize = size;
     }
-    return new FileDevice(path, fd, devSize, readOnly, maxExtents);
+    return new FileDevice(path, fd, devSize, readOnly, maxExtents, syncSlowMs);
   } catch (err) {
     await closeFd(fd).catch(() => undefined);
     throw err;
@@ -100,6 +115,10 @@ export class FileDevice implements BlockDevice {
   private canPunch = true;
   private canZeroRange = true;
   private canSeek = true;
+  /** Until when (performance.now()) writes go to the pool after a slow synchronous one. */
+  private poolUntil = 0;
+  /** How writes were done, for tests and the curious: synchronously, or on libuv's pool. */
+  readonly writesDone = { sync: 0, pool: 0 };
 
   constructor(
     readonly path: string,
@@ -107,6 +126,7 @@ export class FileDevice implements BlockDevice {
     readonly size: number,
     readonly readOnly: boolean,
     private readonly maxExtents = MAX_EXTENTS,
+    private readonly syncSlowMs = SYNC_SLOW_MS,
   ) {}
 
   read(offset: number, dest: Buffer): Promise<void> {
@@ -140,13 +160,17 @@ export class FileDevice implements BlockDevice {
   write(offset: number, data: Payload, fua = false): Promise<void> {
     const refused = this.refuseWrite('write');
     if (refused) return refused;
-    if (!fua && payloadLength(data) <= SYNC_WRITE_MAX) {
-      // A small buffered write only copies into the page cache: doing it here
-      // costs one syscall, where the pool costs two thread hand-offs.
+    const total = payloadLength(data);
+    if (!fua && total <= SYNC_WRITE_MAX && (this.poolUntil === 0 || this.poolUntil < performance.now())) {
+      // A buffered write only copies into the page cache: doing it here costs one syscall, where
+      // the pool costs two thread hand-offs. Timed, so that one that had to wait is the last.
       try {
         const pieces = Buffer.isBuffer(data) ? [data] : (data as Buffer[]);
-        const total = payloadLength(data);
-        let n = fs.writevSync(this.fd, pieces, offset);
+        const start = performance.now();
+        const n = fs.writevSync(this.fd, pieces, offset);
+        const end = performance.now();
+        this.poolUntil = end - start >= this.syncSlowMs ? end + SYNC_BACKOFF_MS : 0;
+        this.writesDone.sync++;
         if (n < total) {
           // Short write (rare): finish the rest on the pool.
           const rest = Buffer.concat(pieces).subarray(n);
@@ -160,6 +184,7 @@ export class FileDevice implements BlockDevice {
         return Promise.reject(toBlockDeviceError(err, 'pwritev'));
       }
     }
+    this.writesDone.pool++;
     this.inFlight++;
     return new Promise<void>((resolve, reject) => {
       const done = (err: BlockDeviceError | null): void => {
