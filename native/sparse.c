@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -303,6 +304,68 @@ static napi_value nowait_io(napi_env env, napi_callback_info info, int write) {
 static napi_value pread_nowait(napi_env env, napi_callback_info info) { return nowait_io(env, info, 0); }
 static napi_value pwrite_nowait(napi_env env, napi_callback_info info) { return nowait_io(env, info, 1); }
 
+// A buffered write done on the event loop, which says whether the thread slept in it. Copying
+// into cached pages never sleeps; writeback throttling (balance_dirty_pages), waiting for a page
+// or for block allocation does, and the caller then sends its next writes to the pool. Being
+// preempted by another process is an involuntary switch and does not count: on a loaded machine
+// a wall-clock threshold mistook that for a slow disk.
+//
+// JS: pwritevSync(fd, buffers, position) -> bytes written, or -(bytes written) - 1 when the
+// thread made a voluntary context switch during the call. Throws an Error whose .code is the
+// errno name when pwritev fails.
+#define PWRITEV_MAX_PIECES 64
+static napi_value pwritev_sync(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3], out;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int32_t fd;
+  int64_t pos;
+  bool is_array = false;
+  uint32_t count = 0;
+  if (argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array ||
+      napi_get_array_length(env, argv[1], &count) != napi_ok || count < 1 || count > PWRITEV_MAX_PIECES ||
+      napi_get_value_int64(env, argv[2], &pos) != napi_ok || pos < 0) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "expected (fd, buffers (1 to 64 Buffers), position >= 0)");
+    return NULL;
+  }
+  struct iovec iov[PWRITEV_MAX_PIECES];
+  for (uint32_t i = 0; i < count; i++) {
+    napi_value piece;
+    bool is_buffer = false;
+    if (napi_get_element(env, argv[1], i, &piece) != napi_ok || napi_is_buffer(env, piece, &is_buffer) != napi_ok ||
+        !is_buffer || napi_get_buffer_info(env, piece, &iov[i].iov_base, &iov[i].iov_len) != napi_ok) {
+      napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "expected (fd, buffers (1 to 64 Buffers), position >= 0)");
+      return NULL;
+    }
+  }
+  struct rusage before, after;
+  getrusage(RUSAGE_THREAD, &before);
+  ssize_t n;
+  do {
+    n = pwritev(fd, iov, (int)count, pos);
+  } while (n < 0 && errno == EINTR);
+  int e = errno;
+  getrusage(RUSAGE_THREAD, &after);
+  if (n < 0) {
+    napi_value code, message, error, value;
+    char msg[160];
+    snprintf(msg, sizeof msg, "%s: %s, pwritev", errno_name(e), strerror(e));
+    napi_create_string_utf8(env, errno_name(e), NAPI_AUTO_LENGTH, &code);
+    napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &message);
+    napi_create_error(env, code, message, &error);
+    napi_create_int32(env, -e, &value);
+    napi_set_named_property(env, error, "errno", value);
+    napi_create_string_utf8(env, "pwritev", NAPI_AUTO_LENGTH, &value);
+    napi_set_named_property(env, error, "syscall", value);
+    napi_throw(env, error);
+    return NULL;
+  }
+  int slept = after.ru_nvcsw != before.ru_nvcsw;
+  napi_create_int64(env, slept ? -(int64_t)n - 1 : (int64_t)n, &out);
+  return out;
+}
+
 // pidfdGetfd(pid, fd): a duplicate of another process's fd (pidfd_open +
 // pidfd_getfd, Linux 5.6+), or -errno. Socket activation through a wrapper
 // (`npx blockmirror`, which spawns us without passing fd 3 on) uses it to
@@ -362,6 +425,7 @@ NAPI_MODULE_INIT() {
       {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_enumerable, NULL},
       {"preadNoWait", NULL, pread_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pwriteNoWait", NULL, pwrite_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pwritevSync", NULL, pwritev_sync, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pidfdGetfd", NULL, pidfd_getfd_js, NULL, NULL, NULL, napi_enumerable, NULL},
       {"alignGap", NULL, align_gap, NULL, NULL, NULL, napi_enumerable, NULL},
   };

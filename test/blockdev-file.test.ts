@@ -3,7 +3,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { SYNC_WRITE_MAX, openFileDevice, type FileDevice } from '../src/blockdev/file.js';
-import { punchHole, seekData, seekHole } from '../src/blockdev/native.js';
+import { punchHole, pwritevSync, seekData, seekHole, type SyncWrite } from '../src/blockdev/native.js';
 import { BlockDeviceError } from '../src/blockdev/types.js';
 
 const KiB = 1024;
@@ -96,18 +96,28 @@ describe('FileDevice', () => {
     expect(fs.readFileSync(file).subarray(6 * MiB, 6 * MiB + fua.length).equals(fua)).toBe(true);
   });
 
-  it('sends writes to the pool for a while after a synchronous write that was slow', async () => {
-    // syncSlowMs 0: every synchronous write counts as slow (as one stalled by writeback throttling would).
-    const dev = await device({ size: 4 * MiB, syncSlowMs: 0 });
+  it('sends writes to the pool for a while after a synchronous write that slept for 2 ms or more, not after a short sleep', async () => {
+    // Stands in a disk that throttles: the write sleeps (as balance_dirty_pages would) and says so.
+    const nap = new Int32Array(new SharedArrayBuffer(4));
+    let napMs = 0;
+    const syncWrite = (fd: number, pieces: readonly Buffer[], position: number): SyncWrite => {
+      if (napMs > 0) Atomics.wait(nap, 0, 0, napMs);
+      return { written: pwritevSync(fd, pieces, position).written, slept: true };
+    };
+    const dev = await device({ size: 4 * MiB, syncWrite });
     const a = pattern(64 * KiB, 7);
     const b = pattern(64 * KiB, 8);
     const c = pattern(1 * MiB, 9);
-    await dev.write(0, a);
+    await dev.write(0, a); // slept, but briefly: stays on the event loop
+    expect(dev.writesDone).toEqual({ sync: 1, pool: 0 });
+    napMs = 5;
     await dev.write(64 * KiB, b);
     await dev.write(1 * MiB, c);
-    expect(dev.writesDone).toEqual({ sync: 1, pool: 2 });
+    await dev.write(3 * MiB, a);
+    expect(dev.writesDone).toEqual({ sync: 2, pool: 2 });
     expect((await readBack(dev, 0, 128 * KiB)).equals(Buffer.concat([a, b]))).toBe(true);
     expect((await readBack(dev, 1 * MiB, c.length)).equals(c)).toBe(true);
+    expect((await readBack(dev, 3 * MiB, a.length)).equals(a)).toBe(true);
   });
 
   it('reads into the caller buffer, including a slice of a larger buffer', async () => {
@@ -315,6 +325,47 @@ describe('FileDevice', () => {
 });
 
 describe('sparse native addon', () => {
+  it('writes pieces at a position with pwritevSync, and says the thread slept when an O_DSYNC write waited for the disk', () => {
+    const dev = fs.openSync(file, 'w+');
+    try {
+      const r = pwritevSync(dev, [pattern(1000, 1), pattern(3000, 2)], 5000);
+      expect(r.written).toBe(4000);
+      expect(fs.readFileSync(file).subarray(5000).equals(Buffer.concat([pattern(1000, 1), pattern(3000, 2)]))).toBe(true);
+    } finally {
+      fs.closeSync(dev);
+    }
+    // /var/tmp is on a disk on every Linux we run on (never tmpfs): a synchronous write there sleeps.
+    expect(onTmpfs('/var/tmp'), '/var/tmp must be on a disk filesystem for this test').toBe(false);
+    const disk = fs.mkdtempSync('/var/tmp/blockmirror-file-');
+    try {
+      const fd = fs.openSync(path.join(disk, 'sync.img'), fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_DSYNC);
+      try {
+        expect(pwritevSync(fd, [pattern(64 * KiB, 3)], 0)).toEqual({ written: 64 * KiB, slept: true });
+      } finally {
+        fs.closeSync(fd);
+      }
+    } finally {
+      fs.rmSync(disk, { recursive: true, force: true });
+    }
+  });
+
+  it('refuses bad arguments to pwritevSync with a type error and reports a failed write by its errno name', () => {
+    const fd = fs.openSync(file, 'w+');
+    try {
+      for (const args of [[fd, [], 0], [fd, Buffer.alloc(1), 0], [fd, ['x'], 0], [fd, [Buffer.alloc(1)], -1], [fd, Array(65).fill(Buffer.alloc(1)), 0]]) {
+        expect(() => pwritevSync(...(args as [number, Buffer[], number]))).toThrow(/expected \(fd, buffers/);
+      }
+    } finally {
+      fs.closeSync(fd);
+    }
+    const ro = fs.openSync(file, 'r');
+    try {
+      expect(() => pwritevSync(ro, [Buffer.alloc(16)], 0)).toThrow(expect.objectContaining({ code: 'EBADF', syscall: 'pwritev' }));
+    } finally {
+      fs.closeSync(ro);
+    }
+  });
+
   it('finds data and holes and treats the end of file as the last hole', async () => {
     const fd = fs.openSync(file, 'w+');
     try {

@@ -11,7 +11,7 @@
 import fs from 'node:fs';
 import { promisify } from 'node:util';
 import { BlockDeviceError, payloadLength, toBlockDeviceError, type BlockDevice, type Extent, type Payload, type ZeroOptions } from './types.js';
-import { loadSparseAddon, preadNoWait, punchHole, seekData, seekHole, zeroRange } from './native.js';
+import { loadSparseAddon, preadNoWait, punchHole, pwritevSync, seekData, seekHole, zeroRange, type SyncWrite } from './native.js';
 
 const fdatasync = promisify(fs.fdatasync);
 const closeFd = promisify(fs.close);
@@ -31,13 +31,17 @@ const NOWAIT_MAX = 1024 * 1024;
  */
 export const SYNC_WRITE_MAX = 1024 * 1024;
 /**
- * A synchronous write slower than this met what the page cache cannot absorb at once (writeback
- * throttling, block allocation on a full disk): the event loop, which serves every connection and
- * renews the leases, must not wait on it again, so the pool takes every write for SYNC_BACKOFF_MS.
- * A 1 MiB copy into cached pages takes ~0.1-0.3 ms here.
+ * A synchronous write in which the thread slept (writeback throttling, waiting for a page or for
+ * block allocation: the native call tells) and that took this long met what the page cache cannot
+ * absorb at once. The event loop, which serves every connection and renews the leases, must not
+ * wait on it again, so the pool takes every write for SYNC_BACKOFF_MS. Being preempted does not
+ * count: on a loaded machine a clock alone mistook that for a slow disk. A 1 MiB copy into cached
+ * pages takes ~0.1-0.3 ms here.
  */
 const SYNC_SLOW_MS = 2;
 const SYNC_BACKOFF_MS = 1000;
+/** At most this many pieces go to one synchronous pwritev (the addon's limit). */
+const SYNC_MAX_PIECES = 64;
 
 let zeroChunk: Buffer | undefined;
 
@@ -47,8 +51,8 @@ export interface FileDeviceOptions {
   readOnly?: boolean;
   /** Cap on extents per extents() answer (default MAX_EXTENTS); lower it to test truncated answers. */
   maxExtents?: number;
-  /** A synchronous write slower than this (ms) sends writes to the pool for a while (default SYNC_SLOW_MS); 0 makes every one count as slow, for tests. */
-  syncSlowMs?: number;
+  /** The synchronous write, for tests to stand in a slow disk: pwritevSync by default. */
+  syncWrite?: (fd: number, pieces: readonly Buffer[], position: number) => SyncWrite;
 }
 
 /**
@@ -57,7 +61,7 @@ export interface FileDeviceOptions {
  * silently truncated.
  */
 export async function openFileDevice(path: string, opts: FileDeviceOptions = {}): Promise<FileDevice> {
-  const { size, readOnly = false, maxExtents = MAX_EXTENTS, syncSlowMs = SYNC_SLOW_MS } = opts;
+  const { size, readOnly = false, maxExtents = MAX_EXTENTS, syncWrite = pwritevSync } = opts;
   if (size !== undefined && !(Number.isSafeInteger(size) && size >= 0)) {
     throw new Error(`invalid size ${size} for file ${path}: expected a non-negative integer number of bytes`);
   }
@@ -96,7 +100,7 @@ export async function openFileDevice(path: string, opts: FileDeviceOptions = {})
       await promisify(fs.ftruncate)(fd, size);
       devSize = size;
     }
-    return new FileDevice(path, fd, devSize, readOnly, maxExtents, syncSlowMs);
+    return new FileDevice(path, fd, devSize, readOnly, maxExtents, syncWrite);
   } catch (err) {
     await closeFd(fd).catch(() => undefined);
     throw err;
@@ -126,7 +130,7 @@ export class FileDevice implements BlockDevice {
     readonly size: number,
     readonly readOnly: boolean,
     private readonly maxExtents = MAX_EXTENTS,
-    private readonly syncSlowMs = SYNC_SLOW_MS,
+    private readonly syncWrite = pwritevSync,
   ) {}
 
   read(offset: number, dest: Buffer): Promise<void> {
@@ -161,15 +165,18 @@ export class FileDevice implements BlockDevice {
     const refused = this.refuseWrite('write');
     if (refused) return refused;
     const total = payloadLength(data);
-    if (!fua && total <= SYNC_WRITE_MAX && (this.poolUntil === 0 || this.poolUntil < performance.now())) {
+    if (total === 0 && !fua) return Promise.resolve();
+    const pieces = Buffer.isBuffer(data) ? [data] : (data as Buffer[]);
+    if (!fua && total <= SYNC_WRITE_MAX && pieces.length <= SYNC_MAX_PIECES && (this.poolUntil === 0 || this.poolUntil < performance.now())) {
       // A buffered write only copies into the page cache: doing it here costs one syscall, where
-      // the pool costs two thread hand-offs. Timed, so that one that had to wait is the last.
+      // the pool costs two thread hand-offs. Watched, so that one that had to wait is the last.
       try {
-        const pieces = Buffer.isBuffer(data) ? [data] : (data as Buffer[]);
         const start = performance.now();
-        const n = fs.writevSync(this.fd, pieces, offset);
-        const end = performance.now();
-        this.poolUntil = end - start >= this.syncSlowMs ? end + SYNC_BACKOFF_MS : 0;
+        const { written: n, slept } = this.syncWrite(this.fd, pieces, offset);
+        if (slept) {
+          const end = performance.now();
+          if (end - start >= SYNC_SLOW_MS) this.poolUntil = end + SYNC_BACKOFF_MS;
+        } else this.poolUntil = 0;
         this.writesDone.sync++;
         if (n < total) {
           // Short write (rare): finish the rest on the pool.

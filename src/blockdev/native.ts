@@ -17,6 +17,7 @@ interface SparseAddon {
   seekHole(fd: number, offset: number, cb: Callback): void;
   preadNoWait(fd: number, buffer: Buffer, position: number): number;
   pwriteNoWait(fd: number, buffer: Buffer, position: number): number;
+  pwritevSync(fd: number, buffers: readonly Buffer[], position: number): number;
   pidfdGetfd(pid: number, fd: number): number;
   alignGap(buffer: Buffer, align: number): number;
 }
@@ -88,6 +89,22 @@ export function seekHole(fd: number, offset: number): Promise<number> {
  */
 export function preadNoWait(fd: number, buffer: Buffer, position: number): number {
   return loadSparseAddon().preadNoWait(fd, buffer, position);
+}
+
+/** What pwritevSync did: bytes written, and whether the thread slept in the call (a voluntary context switch). */
+export interface SyncWrite {
+  written: number;
+  slept: boolean;
+}
+
+/**
+ * pwritev on the calling thread (up to 64 pieces), telling whether it slept: copying into cached
+ * pages does not, waiting for writeback throttling, a page or a block does. Throws the errno as
+ * .code on failure.
+ */
+export function pwritevSync(fd: number, pieces: readonly Buffer[], position: number): SyncWrite {
+  const r = loadSparseAddon().pwritevSync(fd, pieces, position);
+  return r >= 0 ? { written: r, slept: false } : { written: -r - 1, slept: true };
 }
 
 /** A duplicate, in this process, of fd `fd` of process `pid` (pidfd_getfd); -errno on failure. */
