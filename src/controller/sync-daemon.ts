@@ -28,7 +28,12 @@ export interface SyncDaemonOptions {
 /**
  * While hosts are writing, the daemon copies one cluster per BUSY_GAP_MS:
  * a guaranteed minimum rate (64 KiB clusters: about 12 MiB/s), like md's
- * speed_limit_min, and the rest of the time for host I/O.
+ * speed_limit_min, and the rest of the time for host I/O. The gap is kept from the end of one
+ * copy to the start of the next, whatever wakes the daemon: a write that makes a cluster Invalid
+ * wakes it, and under a steady host load that came every few microseconds, so without the gap the
+ * daemon copied back to back. Each cluster it copied then became Valid, and the next host write to it
+ * paid an invalidation again, to a remote mirror a round trip on the control channel (async 4k
+ * through a cross-SS pair, issue 18).
  */
 const BUSY_RUN = 64 * 1024;
 const BUSY_GAP_MS = 5;
@@ -58,6 +63,8 @@ export class SyncDaemon {
   private retryTimer: NodeJS.Timeout | null = null;
   private rr = 0;
   private lastHostIo = -Infinity;
+  /** When the last copy ended: under host load the next starts BUSY_GAP_MS later. */
+  private lastCopyEnd = -Infinity;
   private readonly fgWindow: number;
 
   constructor(private readonly opts: SyncDaemonOptions) {
@@ -145,6 +152,13 @@ export class SyncDaemon {
   private fill(): void {
     if (this.stopped || this.paused) return;
     const busy = this.foregroundBusy;
+    if (busy) {
+      const wait = this.lastCopyEnd + BUSY_GAP_MS - performance.now();
+      if (wait > 0) {
+        this.retryLater(Math.ceil(wait));
+        return;
+      }
+    }
     const limit = busy ? 1 : this.parallel;
     while (this.running < limit) {
       const job = this.nextJob(false);
@@ -152,6 +166,7 @@ export class SyncDaemon {
       this.running++;
       void this.copy(job).finally(() => {
         this.running--;
+        this.lastCopyEnd = performance.now();
         // Under host load, leave the event loop to host requests between runs.
         if (this.foregroundBusy) this.retryLater(BUSY_GAP_MS);
         else this.fill();
