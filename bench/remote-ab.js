@@ -72,16 +72,7 @@ async function startBuild(name, root, dir) {
     const args = [...NODE_FLAGS, ...prof, bin, 'up', '-c', file, '--only', String(id), '--log-level', 'warn'];
     servers.push(await startServer(`${name}/ss${id}`, process.execPath, args, { kind: 'tcp', host: '127.0.0.1', port: addrs[id - 1].nbd }));
   }
-  // The NBD port answers before the admin API listens: retry a refused connection for a while.
-  for (let i = 0; ; i++) {
-    try {
-      await waitPairs(addrs[0].admin);
-      break;
-    } catch (e) {
-      if (i > 100 || e.cause?.code !== 'ECONNREFUSED') throw e;
-      await new Promise((r) => setTimeout(r, 100));
-    }
-  }
+  await waitPairs(addrs[0].admin);
   const uri = (vol) => `nbd://127.0.0.1:${addrs[0].nbd}/vol${vol}`;
   for (const vol of Object.values(VOLUMES)) await runFio(fioArgs({ name: 'fill', uri: uri(vol), rw: 'write', bs: '1M', iodepth: 8, size: SIZE }));
   return { name, root, admin: addrs[0].admin, uri, servers };
