@@ -18,7 +18,7 @@ import { parseArgs } from 'node:util';
 import { fioArgs, runFio } from './lib/fio.js';
 import { loadAvg } from './lib/machine.js';
 import { waitPairs } from './lib/admin.js';
-import { freePort, installCleanup, NODE_FLAGS, startServer } from './lib/proc.js';
+import { freePort, installCleanup, startServer } from './lib/proc.js';
 import { median } from './lib/stats.js';
 
 const JOBS = {
@@ -62,6 +62,9 @@ pairs:
 async function startBuild(name, root, dir) {
   const bin = path.join(path.resolve(root), 'bin', 'blockmirror.js');
   if (!fs.existsSync(bin)) throw new Error(`${root}: no bin/blockmirror.js (give a checkout with a built dist/)`);
+  // Each build runs with the node flags of its own bin's shebang, as its `blockmirror` command would.
+  const shebang = /^#!\/usr\/bin\/env -S node(.*)$/.exec(fs.readFileSync(bin, 'utf8').split('\n', 1)[0]);
+  const flags = shebang ? shebang[1].trim().split(/\s+/).filter(Boolean) : [];
   const addrs = [];
   for (let i = 0; i < 2; i++) addrs.push({ nbd: await freePort(), admin: await freePort(), peer: await freePort() });
   const file = path.join(dir, `${name}.yaml`);
@@ -69,7 +72,7 @@ async function startBuild(name, root, dir) {
   const servers = [];
   for (const id of [2, 1]) {
     const prof = opt.prof ? ['--cpu-prof', `--cpu-prof-dir=${path.resolve(opt.prof)}`, `--cpu-prof-name=ss${id}-${name}-${process.pid}.cpuprofile`] : [];
-    const args = [...NODE_FLAGS, ...prof, bin, 'up', '-c', file, '--only', String(id), '--log-level', 'warn'];
+    const args = [...flags, ...prof, bin, 'up', '-c', file, '--only', String(id), '--log-level', 'warn'];
     servers.push(await startServer(`${name}/ss${id}`, process.execPath, args, { kind: 'tcp', host: '127.0.0.1', port: addrs[id - 1].nbd }));
   }
   await waitPairs(addrs[0].admin);
