@@ -3,7 +3,7 @@
 // profiled. Each build runs its own two `blockmirror up --only` processes (the same layout as
 // bench/remote.js); every repetition runs the chosen kinds on build A, then B, then B, then A
 // (A B B A), so a pair of builds shares the machine's drift. Reports, per build, the median of the
-// per-repetition master ÷ standalone ratios, and B's ÷ A's.
+// per-repetition master ÷ standalone ratios, and how that ratio moved from A to B.
 //
 //   node bench/remote-ab.js --a /path/to/checkout-before --b . [--jobs 4k,1m] [--kinds async,sync]
 //                           [--reps 3] [--runtime 3]
@@ -114,6 +114,11 @@ async function main() {
           return k === 'standalone' ? v : `${v} (${median(s[k].map((x, i) => x / s.standalone[i])).toFixed(2)}x)`;
         });
         console.log(`${job.label} ${b.name} [${b.root}]: ${parts.join(', ')} ${job.unit}; raw ${JSON.stringify(s)}`);
+      }
+      if (builds.length === 2) {
+        const ratio = (b, k) => median(samples.get(b)[k].map((x, i) => x / samples.get(b).standalone[i]));
+        const moved = kinds.filter((k) => k !== 'standalone').map((k) => `${k} ${ratio('A', k).toFixed(2)} -> ${ratio('B', k).toFixed(2)} (${(ratio('B', k) / ratio('A', k)).toFixed(2)}x)`);
+        console.log(`${job.label} A -> B, master ÷ standalone: ${moved.join(', ')}`);
       }
     }
   } finally {
