@@ -98,6 +98,42 @@ describe('FaultDevice', () => {
     await expect(dev.write(0, [Buffer.alloc(1024, 1), Buffer.alloc(1024, 2)])).rejects.toMatchObject({ errno: 'EIO', message: expect.stringContaining('1024 of 2048') });
     expect(await readAll(mem, 0, 2048)).toEqual(Buffer.concat([Buffer.alloc(1024, 1), Buffer.alloc(1024)]));
   });
+
+  it('hands out the memory store\'s write target only while no fault is set, and its commit writes the landed bytes', async () => {
+    const { dev, faults, mem } = rig();
+    faults.set({ kind: 'delay', ms: 1 });
+    expect(dev.writeTarget(0, 65536, 0)).toBeNull();
+    faults.clear();
+    const t = dev.writeTarget(0, 65536, 512)!;
+    expect(t).not.toBeNull();
+    expect(mem.reservedBytes).toBeGreaterThan(0);
+    for (const p of t.pieces) p.fill(7);
+    await t.commit(Buffer.alloc(512, 6));
+    expect(await readAll(mem, 0, 65536)).toEqual(Buffer.concat([Buffer.alloc(512, 6), Buffer.alloc(65536 - 512, 7)]));
+    expect(mem.reservedBytes).toBe(0);
+  });
+
+  it('applies a fault set while a payload lands in a write target: an error fails the commit, leaves the volume as it was and gives the memory back', async () => {
+    const { dev, faults, mem } = rig();
+    await mem.write(0, Buffer.alloc(65536, 1));
+    const t = dev.writeTarget(0, 65536, 0)!;
+    for (const p of t.pieces) p.fill(2);
+    faults.set({ kind: 'error', ops: ['write'] });
+    await expect(t.commit([])).rejects.toMatchObject({ errno: 'EIO', message: expect.stringContaining('ss1/vol8') });
+    expect(await readAll(mem, 0, 65536)).toEqual(Buffer.alloc(65536, 1));
+    expect(mem.reservedBytes).toBe(0);
+  });
+
+  it('applies a torn-write fault set while a payload lands in a write target to the whole payload, the bytes that came with the header first', async () => {
+    const { dev, faults, mem } = rig();
+    const t = dev.writeTarget(0, 65536, 1024)!;
+    for (const p of t.pieces) p.fill(4);
+    faults.set({ kind: 'torn' });
+    await expect(t.commit(Buffer.alloc(1024, 3))).rejects.toMatchObject({ errno: 'EIO', message: expect.stringContaining('32768 of 65536') });
+    const want = Buffer.concat([Buffer.alloc(1024, 3), Buffer.alloc(32768 - 1024, 4), Buffer.alloc(32768)]);
+    expect(await readAll(mem, 0, 65536)).toEqual(want);
+    expect(mem.reservedBytes).toBe(0);
+  });
 });
 
 describe('fault requests', () => {

@@ -13,7 +13,15 @@ export async function waitPairs(admin, ms = 180_000) {
   const token = process.env.BLOCKMIRROR_ADMIN_TOKEN;
   const headers = token ? { authorization: `Bearer ${token}` } : {};
   while (Date.now() < deadline) {
-    const res = await fetch(`http://127.0.0.1:${admin}/api/status`, { headers });
+    let res;
+    try {
+      res = await fetch(`http://127.0.0.1:${admin}/api/status`, { headers });
+    } catch (e) {
+      // `up` answers on its NBD port (what startServer waits for) a moment before its admin API listens.
+      if (e.cause?.code !== 'ECONNREFUSED') throw e;
+      await new Promise((r) => setTimeout(r, 50));
+      continue;
+    }
     if (!res.ok) throw new Error(`admin status: HTTP ${res.status}${token ? '' : ' (is BLOCKMIRROR_ADMIN_TOKEN set?)'}`);
     const s = await res.json();
     if (s.pairs.every((p) => p.state === 'PAIR')) return;

@@ -15,13 +15,22 @@ function keyOf(cf) {
  * Per-function self and total milliseconds. A sample's duration is the gap
  * to the next sample (timeDeltas[i + 1]), as DevTools counts it.
  */
-export function summarise(profile) {
+/**
+ * `window` ({ fromEndMs, toEndMs }) keeps only the samples taken between that long before the
+ * profile's end and that long before it: the measured run of a benchmark that profiled its setup too.
+ */
+export function summarise(profile, window) {
   const byId = new Map(profile.nodes.map((n) => [n.id, n]));
   const parent = new Map();
   for (const n of profile.nodes) for (const c of n.children ?? []) parent.set(c, n.id);
   const selfUs = new Map();
   const { samples, timeDeltas } = profile;
+  let t = profile.startTime;
+  const lo = window ? profile.endTime - window.fromEndMs * 1000 : -Infinity;
+  const hi = window ? profile.endTime - (window.toEndMs ?? 0) * 1000 : Infinity;
   for (let i = 0; i < samples.length; i++) {
+    t += timeDeltas[i];
+    if (t < lo || t > hi) continue;
     const dt = i + 1 < timeDeltas.length ? timeDeltas[i + 1] : 0;
     selfUs.set(samples[i], (selfUs.get(samples[i]) ?? 0) + dt);
   }
@@ -66,11 +75,12 @@ export function formatSummary(sum, top = 25) {
 }
 
 if (process.argv[1] && fileURLToPath(import.meta.url) === path.resolve(process.argv[1])) {
-  const [file, top] = process.argv.slice(2);
+  const [file, top, win] = process.argv.slice(2);
   if (!file) {
-    process.stderr.write('usage: node bench/lib/cpuprofile.js FILE.cpuprofile [TOP]\n');
+    process.stderr.write('usage: node bench/lib/cpuprofile.js FILE.cpuprofile [TOP] [FROM_END_S:TO_END_S]\n');
     process.exit(2);
   }
-  const sum = summarise(JSON.parse(fs.readFileSync(file, 'utf8')));
+  const [from, to] = (win ?? '').split(':').map(Number);
+  const sum = summarise(JSON.parse(fs.readFileSync(file, 'utf8')), win ? { fromEndMs: from * 1000, toEndMs: (to || 0) * 1000 } : undefined);
   process.stdout.write(formatSummary(sum, Number(top) || 25) + '\n');
 }

@@ -17,7 +17,7 @@
 // the dice say so. Faults are kept in a FaultSet, which the storage system's fault table
 // changes at run time; the layer reads it on every request, so a change applies at once.
 import { FilterDevice } from './filter.js';
-import { BlockDeviceError, payloadLength, type BlockDevice, type Extent, type Payload, type ZeroOptions } from './types.js';
+import { BlockDeviceError, payloadLength, type BlockDevice, type Extent, type Payload, type WriteTarget, type ZeroOptions } from './types.js';
 
 export type FaultOp = 'read' | 'write' | 'flush';
 export const FAULT_OPS: readonly FaultOp[] = ['read', 'write', 'flush'];
@@ -147,6 +147,27 @@ export class FaultDevice extends FilterDevice {
 
   override write(offset: number, data: Payload, fua?: boolean): Promise<void> {
     return this.faults.active ? this.faultyWrite(offset, data, fua) : this.next.write(offset, data, fua);
+  }
+
+  /**
+   * Without a fault set, the target below, as write() would pass the bytes straight down. A fault
+   * set between the target and its commit still applies: the commit then copies the landed bytes
+   * out, gives the target back and takes write()'s faulty path, as a write at that moment would.
+   */
+  writeTarget(offset: number, length: number, from: number): WriteTarget | null {
+    if (this.faults.active) return null;
+    const below = this.next.writeTarget?.(offset, length, from);
+    if (!below) return null;
+    return {
+      pieces: below.pieces,
+      commit: (head: Payload, fua?: boolean): Promise<void> => {
+        if (!this.faults.active) return below.commit(head, fua);
+        const landed = Buffer.concat(below.pieces);
+        below.abort();
+        return this.faultyWrite(offset, [...(Buffer.isBuffer(head) ? [head] : head), landed], fua);
+      },
+      abort: () => below.abort(),
+    };
   }
 
   override flush(): Promise<void> {

@@ -7,7 +7,7 @@
 //   - the host-facing device: Check Invalid against the replica, fall back to the master.
 import { randomBytes } from 'node:crypto';
 import { FilterDevice } from '../../blockdev/filter.js';
-import { BlockDeviceError, payloadLength, toBlockDeviceError, type BlockDevice, type Extent, type Payload, type ZeroOptions } from '../../blockdev/types.js';
+import { BlockDeviceError, payloadLength, toBlockDeviceError, type BlockDevice, type Extent, type Payload, type WriteTarget, type ZeroOptions } from '../../blockdev/types.js';
 import { connectTransport, type NbdClient } from '../../nbd/client.js';
 import { AllowList } from '../../util/allow-list.js';
 import { ClusterBitmap, clusterRange, maskStale } from '../bitmap.js';
@@ -297,6 +297,28 @@ class ReplicationTarget extends FilterDevice {
   }
   override async write(offset: number, data: Payload, fua = false): Promise<void> {
     return this.next.write(offset, data, fua);
+  }
+  /**
+   * A replicated WRITE's payload read from the data connection straight into the mirror volume's
+   * memory (a memory volume without faults): SS2 copied every byte of a sync 1 MiB write once
+   * more before (issue 18). The session is checked again at commit, as write() would check it then.
+   */
+  writeTarget(offset: number, length: number, from: number): WriteTarget | null {
+    if (!this.side.isCurrent(this.token)) return null; // write() refuses it with EPERM
+    const below = this.side.device.writeTarget?.(offset, length, from);
+    if (!below) return null;
+    return {
+      pieces: below.pieces,
+      commit: (head: Payload, fua?: boolean): Promise<void> => {
+        if (!this.side.isCurrent(this.token)) {
+          below.abort();
+          return Promise.reject(new BlockDeviceError('EPERM', 'this replication session has ended'));
+        }
+        this.side.blank = false;
+        return below.commit(head, fua);
+      },
+      abort: () => below.abort(),
+    };
   }
   override async flush(): Promise<void> {
     return this.next.flush();
