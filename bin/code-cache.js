@@ -5,7 +5,7 @@
 //
 // | concern | answer |
 // |---|---|
-// | stale cache (a rebuilt bundle) | the cache file's name carries a hash of the chunk's source, Node's version and V8 flags: a changed chunk never finds an old entry |
+// | stale cache (a rebuilt bundle) | the cache file's name carries a hash of the chunk's source, Node's version and V8 flags: a changed chunk never finds an old entry. V8's own check is not enough: it compares the source's length, and runs the OLD code of a same-length edit (test/cli-code-cache.test.ts) |
 // | corrupt or foreign cache | V8 checks it and sets cachedDataRejected; the chunk is compiled from source and the entry rewritten |
 // | read-only install | the cache goes to BLOCKMIRROR_CODE_CACHE, else dist/bundle-cjs/.code-cache/, else the OS temp directory; any write failure only costs the next start its cache |
 // | old entries | writing a chunk's entry removes the entries of its earlier builds |
