@@ -7,7 +7,7 @@
 // |---|---|
 // | stale cache (a rebuilt bundle) | the cache file's name carries a hash of the chunk's source, Node's version and V8 flags: a changed chunk never finds an old entry. V8's own check is not enough: it compares the source's length, and runs the OLD code of a same-length edit (test/cli-code-cache.test.ts) |
 // | corrupt or foreign cache | V8 checks it and sets cachedDataRejected; the chunk is compiled from source and the entry rewritten |
-// | read-only install | the cache goes to BLOCKMIRROR_CODE_CACHE, else dist/bundle-cjs/.code-cache/, else the OS temp directory; any write failure only costs the next start its cache |
+// | read-only install | the cache goes to BLOCKMIRROR_CODE_CACHE (only there, if set), else dist/bundle-cjs/.code-cache/, else the OS temp directory; any write failure only costs the next start its cache |
 // | old entries | writing a chunk's entry removes the entries of its earlier builds |
 // | what gets cached | written at exit, after the command ran, so it holds the functions the command compiled lazily, not just the top level |
 //
@@ -19,13 +19,10 @@ import os from 'node:os';
 import path from 'node:path';
 import vm from 'node:vm';
 
-/** Where cache entries go: the first directory of these that can be created and written. */
+/** Where cache entries go: the first directory of these that can be created and written; BLOCKMIRROR_CODE_CACHE alone if set. */
 function cacheDirs(bundleDir) {
-  const dirs = [];
-  if (process.env.BLOCKMIRROR_CODE_CACHE) dirs.push(process.env.BLOCKMIRROR_CODE_CACHE);
-  dirs.push(path.join(bundleDir, '.code-cache'));
-  dirs.push(path.join(os.tmpdir(), `blockmirror-code-cache-${process.getuid?.() ?? 'u'}`));
-  return dirs;
+  if (process.env.BLOCKMIRROR_CODE_CACHE) return [process.env.BLOCKMIRROR_CODE_CACHE];
+  return [path.join(bundleDir, '.code-cache'), path.join(os.tmpdir(), `blockmirror-code-cache-${process.getuid?.() ?? 'u'}`)];
 }
 
 /** What the last loadCachedBundle did, per chunk (for tests and for BLOCKMIRROR_CODE_CACHE_DEBUG=1). */
