@@ -28,11 +28,13 @@ console.log(JSON.stringify({ value, ...codeCacheStats }));
   return { dir, cache, runner };
 }
 
-async function load(runner: string, dirs: string[]): Promise<{ value: string; used: number; missing: number; rejected: number }> {
+interface Loaded { value: string; used: number; missing: number; stale: number; rejected: number }
+
+async function load(runner: string, dirs: string[]): Promise<Loaded> {
   const r = await run(process.execPath, [runner, JSON.stringify(dirs)]);
   expect(r.stderr).toBe('');
   expect(r.code).toBe(0);
-  return JSON.parse(r.stdout) as { value: string; used: number; missing: number; rejected: number };
+  return JSON.parse(r.stdout) as Loaded;
 }
 
 const entries = (dir: string): string[] => (fs.existsSync(dir) ? fs.readdirSync(dir).sort() : []);
@@ -40,37 +42,48 @@ const entries = (dir: string): string[] => (fs.existsSync(dir) ? fs.readdirSync(
 describe('the code cache of the CommonJS bundle (bin/code-cache.js)', () => {
   it('writes an entry per chunk at exit and uses them at the next start', async () => {
     const b = makeBundle('one');
-    expect(await load(b.runner, [b.cache])).toEqual({ value: 'one:cli.cjs', used: 0, missing: 2, rejected: 0 });
-    expect(entries(b.cache)).toEqual([expect.stringMatching(/^b\.cjs\.[0-9a-f]{32}\.v8$/), expect.stringMatching(/^cli\.cjs\.[0-9a-f]{32}\.v8$/)]);
-    expect(await load(b.runner, [b.cache])).toEqual({ value: 'one:cli.cjs', used: 2, missing: 0, rejected: 0 });
+    expect(await load(b.runner, [b.cache])).toEqual({ value: 'one:cli.cjs', used: 0, missing: 2, stale: 0, rejected: 0 });
+    expect(entries(b.cache)).toEqual(['b.cjs.v8', 'cli.cjs.v8']);
+    expect(await load(b.runner, [b.cache])).toEqual({ value: 'one:cli.cjs', used: 2, missing: 0, stale: 0, rejected: 0 });
   });
 
-  it('never runs the cache of an earlier build of a chunk, even one of the same length, and removes it', async () => {
+  it('never runs the cache of an earlier build of a chunk, even one of the same length, and replaces it', async () => {
     const b = makeBundle('one');
     await load(b.runner, [b.cache]);
-    const before = entries(b.cache);
+    const before = fs.readFileSync(path.join(b.cache, 'b.cjs.v8'));
     // Same length: V8's own check of an entry compares the source's length, not its text.
     fs.writeFileSync(path.join(b.dir, 'b.cjs'), "exports.value = 'two';\n");
-    expect(await load(b.runner, [b.cache])).toEqual({ value: 'two:cli.cjs', used: 1, missing: 1, rejected: 0 });
-    const after = entries(b.cache);
-    expect(after).toHaveLength(2);
-    expect(after.find((f) => f.startsWith('b.cjs.'))).not.toBe(before.find((f) => f.startsWith('b.cjs.')));
-    expect(await load(b.runner, [b.cache])).toEqual({ value: 'two:cli.cjs', used: 2, missing: 0, rejected: 0 });
+    expect(await load(b.runner, [b.cache])).toEqual({ value: 'two:cli.cjs', used: 1, missing: 0, stale: 1, rejected: 0 });
+    expect(entries(b.cache)).toEqual(['b.cjs.v8', 'cli.cjs.v8']);
+    expect(fs.readFileSync(path.join(b.cache, 'b.cjs.v8')).equals(before)).toBe(false);
+    expect(await load(b.runner, [b.cache])).toEqual({ value: 'two:cli.cjs', used: 2, missing: 0, stale: 0, rejected: 0 });
+  });
+
+  it('takes an entry made under other Node flags as stale', async () => {
+    const b = makeBundle('one');
+    await load(b.runner, [b.cache]);
+    const r = await run(process.execPath, ['--stack-size=2000', b.runner, JSON.stringify([b.cache])]);
+    expect(r.code).toBe(0);
+    expect(JSON.parse(r.stdout)).toEqual({ value: 'one:cli.cjs', used: 0, missing: 0, stale: 2, rejected: 0 });
   });
 
   it('ignores a corrupt entry, compiles from source and rewrites the entry', async () => {
     const b = makeBundle('one');
     await load(b.runner, [b.cache]);
-    const entry = path.join(b.cache, entries(b.cache).find((f) => f.startsWith('b.cjs.'))!);
+    const entry = path.join(b.cache, 'b.cjs.v8');
     const good = fs.readFileSync(entry);
-    const garbage = Buffer.alloc(good.length, 0xa5);
+    // The framing intact, V8's part damaged: V8 rejects it.
+    const garbage = Buffer.from(good);
+    garbage.fill(0xa5, garbage.length - 64);
     fs.writeFileSync(entry, garbage);
-    expect(await load(b.runner, [b.cache])).toEqual({ value: 'one:cli.cjs', used: 1, missing: 0, rejected: 1 });
+    expect(await load(b.runner, [b.cache])).toEqual({ value: 'one:cli.cjs', used: 1, missing: 0, stale: 0, rejected: 1 });
     expect(fs.readFileSync(entry).equals(garbage)).toBe(false);
-    expect(await load(b.runner, [b.cache])).toEqual({ value: 'one:cli.cjs', used: 2, missing: 0, rejected: 0 });
-    // A truncated entry too.
-    fs.writeFileSync(entry, good.subarray(0, 16));
-    expect(await load(b.runner, [b.cache])).toEqual({ value: 'one:cli.cjs', used: 1, missing: 0, rejected: 1 });
+    expect(await load(b.runner, [b.cache])).toEqual({ value: 'one:cli.cjs', used: 2, missing: 0, stale: 0, rejected: 0 });
+    // Truncated, and bytes of no framing at all.
+    for (const bad of [good.subarray(0, 16), Buffer.alloc(good.length, 0xa5), Buffer.alloc(0)]) {
+      fs.writeFileSync(entry, bad);
+      expect(await load(b.runner, [b.cache])).toEqual({ value: 'one:cli.cjs', used: 1, missing: 0, stale: 0, rejected: 1 });
+    }
   });
 
   it('runs the chunks from source when no cache directory can be written, and writes to the next that can', async () => {
@@ -78,10 +91,10 @@ describe('the code cache of the CommonJS bundle (bin/code-cache.js)', () => {
     const notADir = path.join(b.dir, 'file');
     fs.writeFileSync(notADir, '');
     const unwritable = path.join(notADir, 'cache');
-    expect(await load(b.runner, [unwritable])).toEqual({ value: 'one:cli.cjs', used: 0, missing: 2, rejected: 0 });
-    expect(await load(b.runner, [unwritable])).toEqual({ value: 'one:cli.cjs', used: 0, missing: 2, rejected: 0 });
-    expect(await load(b.runner, [unwritable, b.cache])).toEqual({ value: 'one:cli.cjs', used: 0, missing: 2, rejected: 0 });
-    expect(await load(b.runner, [unwritable, b.cache])).toEqual({ value: 'one:cli.cjs', used: 2, missing: 0, rejected: 0 });
+    expect(await load(b.runner, [unwritable])).toEqual({ value: 'one:cli.cjs', used: 0, missing: 2, stale: 0, rejected: 0 });
+    expect(await load(b.runner, [unwritable])).toEqual({ value: 'one:cli.cjs', used: 0, missing: 2, stale: 0, rejected: 0 });
+    expect(await load(b.runner, [unwritable, b.cache])).toEqual({ value: 'one:cli.cjs', used: 0, missing: 2, stale: 0, rejected: 0 });
+    expect(await load(b.runner, [unwritable, b.cache])).toEqual({ value: 'one:cli.cjs', used: 2, missing: 0, stale: 0, rejected: 0 });
   });
 
   it('gives the same answers through a cold, a warm and a corrupted cache as dist/ module by module', async () => {
@@ -89,7 +102,7 @@ describe('the code cache of the CommonJS bundle (bin/code-cache.js)', () => {
     const bad = path.join(top, 'bad.yaml');
     fs.writeFileSync(bad, 'storageSystems:\n  - id: 1\n    nbd: 127.0.0.1:10809\n    admin: nowhere\n    volumes: []\n');
     const env = { BLOCKMIRROR_CODE_CACHE: cache, BLOCKMIRROR_CODE_CACHE_DEBUG: '1' };
-    const stats = (stderr: string) => JSON.parse(/code cache: (.*)\n/.exec(stderr)![1]!) as { used: number; missing: number; rejected: number };
+    const stats = (stderr: string) => JSON.parse(/code cache: (.*)\n/.exec(stderr)![1]!) as Omit<Loaded, 'value'>;
     const strip = (r: { code: number | null; stdout: string; stderr: string }) => ({ ...r, stderr: r.stderr.replace(/code cache: .*\n/, '') });
     for (const args of [['status', '-c', bad], ['pair', 'split', '--help'], ['cfs', 'ls', '-c', bad]]) {
       const plain = await run(process.execPath, [CLI, ...args], { env: { BLOCKMIRROR_NO_BUNDLE: '1' } });
