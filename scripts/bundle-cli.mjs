@@ -55,7 +55,14 @@ await build({
   platform: 'node',
   external: (id) => !id.startsWith('.') && !path.isAbsolute(id) && !bundled(id),
   logLevel: 'warn',
-  output: { dir: OUT_CJS, format: 'cjs', entryFileNames: '[name].cjs', chunkFileNames: '[name]-[hash].cjs' },
+  // dynamicImportInCjs: false turns `import('pino')` and the like into require(): an import() in a
+  // vm.Script compiled from a code cache fails in Node 20 ("A dynamic import callback was not
+  // specified"), and every package and built-in the CLI imports that way is CommonJS or built in.
+  output: { dir: OUT_CJS, format: 'cjs', dynamicImportInCjs: false, entryFileNames: '[name].cjs', chunkFileNames: '[name]-[hash].cjs' },
 });
 fs.writeFileSync(path.join(OUT_CJS, 'read-worker.js'), "import '../bundle/read-worker.js';\n");
 if (!fs.existsSync(path.join(OUT_CJS, 'cli.cjs'))) throw new Error('bundle-cli: bundle-cjs/cli.cjs was not written');
+for (const f of fs.readdirSync(OUT_CJS).filter((n) => n.endsWith('.cjs'))) {
+  const code = fs.readFileSync(path.join(OUT_CJS, f), 'utf8').replace(/\/\*[\s\S]*?\*\//g, '');
+  if (/\bimport\s*\(/.test(code)) throw new Error(`bundle-cli: bundle-cjs/${f} has an import(), which fails from V8's code cache in Node 20; make it a require()`);
+}
