@@ -68,7 +68,8 @@ function frame(source, data) {
  */
 export function loadCachedBundle(entry, dirsForTest) {
   const bundleDir = path.dirname(entry);
-  const useCache = !process.env.BLOCKMIRROR_NO_CODE_CACHE;
+  // zlib.crc32 is Node 20.15 and later; before it, no cache rather than an unchecked one.
+  const useCache = !process.env.BLOCKMIRROR_NO_CODE_CACHE && typeof zlib.crc32 === 'function';
   const dirs = useCache ? (dirsForTest ?? cacheDirs(bundleDir)) : [];
   const nodeRequire = createRequire(entry);
   const modules = new Map();
@@ -122,8 +123,13 @@ function writeEntries(dirs, entries) {
       fs.mkdirSync(d, { recursive: true, mode: 0o700 });
       for (const { name, bytes, script } of entries) {
         const tmp = path.join(d, `${name}.${process.pid}.tmp`);
-        fs.writeFileSync(tmp, frame(bytes, script.createCachedData()));
-        fs.renameSync(tmp, path.join(d, name));
+        try {
+          fs.writeFileSync(tmp, frame(bytes, script.createCachedData()));
+          fs.renameSync(tmp, path.join(d, name));
+        } catch (e) {
+          fs.rmSync(tmp, { force: true });
+          throw e;
+        }
       }
       return;
     } catch {

@@ -6,11 +6,12 @@ import { createRequire } from 'node:module';
 /**
  * node:crypto, loaded at the first call: only servers make or compare tokens, and a client
  * command that only reads one would otherwise load crypto's ~15 internal modules at start
- * (issue 18). A require() of a built-in is synchronous and cached.
+ * (issue 18). sameSecret runs per admin request, so the module is kept.
  */
 export function nodeCrypto(): typeof import('node:crypto') {
-  return createRequire(import.meta.url)('node:crypto') as typeof import('node:crypto');
+  return (crypto ??= createRequire(import.meta.url)('node:crypto') as typeof import('node:crypto'));
 }
+let crypto: typeof import('node:crypto') | undefined;
 
 export class SecretFileError extends Error {
   override readonly name = 'SecretFileError';
