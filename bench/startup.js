@@ -81,7 +81,7 @@ const CLI = [
 const COMMANDS = [
   { id: 'node -e 0', argv: () => [process.execPath, '-e', '0'] },
   ...CLI.map((c) => ({ id: c.id, argv: () => [process.execPath, ...NODE_FLAGS, BIN, ...c.args()] })),
-  ...(BASE ? CLI.map((c) => ({ id: `${c.id} (baseline)`, argv: () => [process.execPath, path.join(path.resolve(BASE), 'bin', 'blockmirror.js'), ...c.args()] })) : []),
+  ...(BASE ? CLI.map((c) => ({ id: `${c.id} (baseline)`, argv: () => [process.execPath, ...NODE_FLAGS, path.join(path.resolve(BASE), 'bin', 'blockmirror.js'), ...c.args()] })) : []),
 ];
 
 function childTicks() {

@@ -5,15 +5,27 @@
 // "Soak"). Whoever starts this file with `node` directly (systemd units, npm start, the benchmarks
 // through bench/lib/proc.js NODE_FLAGS) passes the same flags.
 import fs from 'node:fs';
+import { fileURLToPath } from 'node:url';
 // File volumes do their I/O on libuv's thread pool; its default of 4 threads
 // caps a file export at 4 requests in flight. Set before anything uses the pool.
 process.env.UV_THREADPOOL_SIZE ??= '16';
-// dist/bundle/ (scripts/bundle-cli.mjs) starts faster than dist/ module by module; it is used
-// only when at least as new as dist/cli/main.js, so a `tsc` without the bundle step never runs
-// stale code. BLOCKMIRROR_NO_BUNDLE=1 runs dist/ (for stack traces with the original files).
-const bundle = new URL('../dist/bundle/cli.js', import.meta.url);
+// What runs, first that applies (scripts/bundle-cli.mjs builds both bundles after tsc):
+// | BLOCKMIRROR_NO_BUNDLE=1 | dist/ module by module (stack traces with the original files) |
+// | dist/bundle-cjs/cli.cjs | one CommonJS chunk per command, through V8's code cache (bin/code-cache.js) |
+// | dist/bundle/cli.js      | one ES chunk per command |
+// | otherwise               | dist/ module by module |
+// A bundle is used only when at least as new as dist/cli/main.js, so a `tsc` without the bundle
+// step never runs stale code.
 const plain = new URL('../dist/cli/main.js', import.meta.url);
+const cjs = new URL('../dist/bundle-cjs/cli.cjs', import.meta.url);
+const esm = new URL('../dist/bundle/cli.js', import.meta.url);
 const mtime = (u) => fs.statSync(u, { throwIfNoEntry: false })?.mtimeMs ?? -1;
-const useBundle = !process.env.BLOCKMIRROR_NO_BUNDLE && mtime(bundle) >= mtime(plain) && mtime(plain) >= 0;
-const { main } = await import(useBundle ? bundle.href : plain.href);
+const fresh = (u) => !process.env.BLOCKMIRROR_NO_BUNDLE && mtime(u) >= mtime(plain) && mtime(plain) >= 0;
+let main;
+if (fresh(cjs)) {
+  const { loadCachedBundle } = await import('./code-cache.js');
+  ({ main } = loadCachedBundle(fileURLToPath(cjs)));
+} else {
+  ({ main } = await import(fresh(esm) ? esm.href : plain.href));
+}
 await main(process.argv);

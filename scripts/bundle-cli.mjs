@@ -41,3 +41,28 @@ await build({
 for (const f of ['cli.js', 'read-worker.js']) {
   if (!fs.existsSync(path.join(OUT, f))) throw new Error(`bundle-cli: ${f} was not written`);
 }
+
+// The same CLI once more as CommonJS in dist/bundle-cjs/, which bin/blockmirror.js runs through
+// bin/code-cache.js: a vm.Script takes V8's code cache, an ES module does not in Node 20 (issue 18:
+// `status` 312 -> 238 ms; bench/RESULTS.md, "CLI start-up"). The ES bundle above stays the fallback
+// and holds the CFS read worker, which the CommonJS chunk starts through a one-line ES shim
+// (`new URL('./read-worker.js', …)` resolves in dist/bundle-cjs/). Chunks end in .cjs because
+// package.json says "type": "module".
+const OUT_CJS = path.join(ROOT, 'dist', 'bundle-cjs');
+fs.rmSync(OUT_CJS, { recursive: true, force: true });
+await build({
+  input: { cli: path.join(ROOT, 'dist/cli/main.js') },
+  platform: 'node',
+  external: (id) => !id.startsWith('.') && !path.isAbsolute(id) && !bundled(id),
+  logLevel: 'warn',
+  // dynamicImportInCjs: false turns `import('pino')` and the like into require(): an import() in a
+  // vm.Script compiled from a code cache fails in Node 20 ("A dynamic import callback was not
+  // specified"), and every package and built-in the CLI imports that way is CommonJS or built in.
+  output: { dir: OUT_CJS, format: 'cjs', dynamicImportInCjs: false, entryFileNames: '[name].cjs', chunkFileNames: '[name]-[hash].cjs' },
+});
+fs.writeFileSync(path.join(OUT_CJS, 'read-worker.js'), "import '../bundle/read-worker.js';\n");
+if (!fs.existsSync(path.join(OUT_CJS, 'cli.cjs'))) throw new Error('bundle-cli: bundle-cjs/cli.cjs was not written');
+for (const f of fs.readdirSync(OUT_CJS).filter((n) => n.endsWith('.cjs'))) {
+  const code = fs.readFileSync(path.join(OUT_CJS, f), 'utf8').replace(/\/\*[\s\S]*?\*\//g, '');
+  if (/\bimport\s*\(/.test(code)) throw new Error(`bundle-cli: bundle-cjs/${f} has an import(), which fails from V8's code cache in Node 20; make it a require()`);
+}

@@ -7,7 +7,7 @@ import path from 'node:path';
 import type { Command } from 'commander';
 import { isMap, isSeq, parseDocument, type YAMLMap } from 'yaml';
 import { ConfigError, parseConfig } from '../cluster/config.js';
-import { atomicWrite } from '../controller/pair-files.js';
+import { atomicWrite } from '../util/atomic-write.js';
 import { applyToCluster } from './apply.js';
 import { UsageError } from './errors.js';
 import { parseTimeout } from './status.js';

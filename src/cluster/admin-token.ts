@@ -6,11 +6,10 @@
 //   3. DATADIR/admin.token of the storage system
 //   4. $XDG_RUNTIME_DIR (or the temp dir)/blockmirror-UID/ for storage systems in memory, one file
 //      per YAML file and storage system
-import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { ensureTokenFile, looseWarning, readSecretFile, SecretFileError } from '../util/secrets.js';
+import { ensureTokenFile, looseWarning, nodeCrypto, readSecretFile, SecretFileError } from '../util/secrets.js';
 import type { ClusterConfig } from './config.js';
 
 export const TOKEN_ENV = 'BLOCKMIRROR_ADMIN_TOKEN';
@@ -27,7 +26,7 @@ export function adminTokenFile(config: ClusterConfig, ssId: number): string | un
   const ss = config.storageSystems.find((s) => s.id === ssId);
   if (ss?.dataDir) return path.join(ss.dataDir, 'admin.token');
   const source = path.resolve(config.source);
-  const tag = createHash('sha256').update(source).digest('hex').slice(0, 12);
+  const tag = nodeCrypto().createHash('sha256').update(source).digest('hex').slice(0, 12);
   const uid = typeof process.getuid === 'function' ? process.getuid() : 0;
   const base = process.env.XDG_RUNTIME_DIR || os.tmpdir();
   return path.join(base, `blockmirror-${uid}`, `${tag}-ss${ssId}.token`);

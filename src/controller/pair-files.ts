@@ -10,21 +10,13 @@
 import fs from 'node:fs';
 import * as z from 'zod';
 import { FormatError } from '../util/format.js';
+import { atomicWrite } from '../util/atomic-write.js';
 import type { PairState } from './status.js';
 
-const VERSION = 1;
+// Re-exported for the callers that knew it here.
+export { atomicWrite };
 
-export function atomicWrite(file: string, text: string): void {
-  const tmp = `${file}.tmp`;
-  const fd = fs.openSync(tmp, 'w');
-  try {
-    fs.writeSync(fd, text + '\n');
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-  fs.renameSync(tmp, file);
-}
+const VERSION = 1;
 
 const StateRecord = z.strictObject({ version: z.literal(VERSION).optional(), state: z.enum(['PSUS', 'ACTIVE']) });
 const GenerationRecord = z.strictObject({

@@ -1,7 +1,17 @@
 // Secrets on disk: PSK files, tokens and private keys. They are read here and nowhere else, and
 // never logged: messages name the file, never its contents.
-import { randomBytes, timingSafeEqual } from 'node:crypto';
 import fs from 'node:fs';
+import { createRequire } from 'node:module';
+
+/**
+ * node:crypto, loaded at the first call: only servers make or compare tokens, and a client
+ * command that only reads one would otherwise load crypto's ~15 internal modules at start
+ * (issue 18). sameSecret runs per admin request, so the module is kept.
+ */
+export function nodeCrypto(): typeof import('node:crypto') {
+  return (crypto ??= createRequire(import.meta.url)('node:crypto') as typeof import('node:crypto'));
+}
+let crypto: typeof import('node:crypto') | undefined;
 
 export class SecretFileError extends Error {
   override readonly name = 'SecretFileError';
@@ -53,14 +63,14 @@ export function parsePskFile(text: string, file: string): Map<string, Buffer> {
 
 /** A new random bearer token: 256 bits, URL-safe. */
 export function newToken(): string {
-  return randomBytes(32).toString('base64url');
+  return nodeCrypto().randomBytes(32).toString('base64url');
 }
 
 /** Compares in time independent of where the strings differ. */
 export function sameSecret(a: string, b: string): boolean {
   const x = Buffer.from(a);
   const y = Buffer.from(b);
-  return x.length === y.length && timingSafeEqual(x, y);
+  return x.length === y.length && nodeCrypto().timingSafeEqual(x, y);
 }
 
 /**

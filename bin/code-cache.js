@@ -1,0 +1,139 @@
+// Loads the CommonJS bundle (dist/bundle-cjs/, scripts/bundle-cli.mjs) through vm.Script with V8's
+// code cache (issue 18: CLI start-up). Node 20 compiles every ES module from source at every start
+// and has no module.enableCompileCache (22.1+); a vm.Script can be handed the code V8 compiled last
+// time (cachedData), which skips parsing and compiling the functions the command ran then.
+//
+// One entry per chunk, CHUNK.v8 (u32 little-endian; header: Node's version, arch and flags, as JSON):
+//   u32 header length | header | u32 source length | source | u32 CRC-32 of the code | V8 cachedData
+//
+// | concern | answer |
+// |---|---|
+// | stale cache (a rebuilt or edited bundle) | the entry holds the chunk's whole source and is used only if it is byte for byte the file's (Buffer.equals, a memcmp). V8's own check is not enough: it compares the source's length, and runs the OLD code of a same-length edit (test/cli-code-cache.test.ts). A hash would need node:crypto, which a client command otherwise does not load |
+// | another Node or other flags | the header must match, else the entry is stale |
+// | corrupt or truncated entry | the framing does not parse or the CRC-32 of V8's part does not match: compiled from source, the entry rewritten. The CRC is ours because V8 does not checksum a code cache: a damaged one aborts the process ("Fatal error") |
+// | read-only install | the cache goes to BLOCKMIRROR_CODE_CACHE (only there, if set), else dist/bundle-cjs/.code-cache/, else the OS temp directory; any write failure only costs the next start its cache |
+// | concurrent starts | an entry is written to a temp file and renamed: a reader sees an old entry or a new one, never half |
+// | what gets cached | written at exit, after the command ran, so it holds the functions the command compiled lazily, not just the top level |
+//
+// BLOCKMIRROR_NO_CODE_CACHE=1 compiles from source and writes nothing; BLOCKMIRROR_CODE_CACHE_DEBUG=1
+// prints what the cache did (used, missing, stale, rejected: chunks) on stderr at exit.
+import fs from 'node:fs';
+import { createRequire } from 'node:module';
+import os from 'node:os';
+import path from 'node:path';
+import vm from 'node:vm';
+import zlib from 'node:zlib';
+
+/** Where cache entries go: the first directory of these that can be created and written; BLOCKMIRROR_CODE_CACHE alone if set. */
+function cacheDirs(bundleDir) {
+  if (process.env.BLOCKMIRROR_CODE_CACHE) return [process.env.BLOCKMIRROR_CODE_CACHE];
+  return [path.join(bundleDir, '.code-cache'), path.join(os.tmpdir(), `blockmirror-code-cache-${process.getuid?.() ?? 'u'}`)];
+}
+
+/** What the last loadCachedBundle did, per chunk (for tests and BLOCKMIRROR_CODE_CACHE_DEBUG=1). */
+export const codeCacheStats = { used: 0, missing: 0, stale: 0, rejected: 0 };
+
+const HEADER = Buffer.from(JSON.stringify({ node: process.version, arch: process.arch, flags: process.execArgv }));
+
+/** The cachedData of an entry made from exactly `source` under this Node, or why not. */
+function parseEntry(entry, source) {
+  let at = 0;
+  const field = () => {
+    if (at + 4 > entry.length) return undefined;
+    const len = entry.readUInt32LE(at);
+    if (at + 4 + len > entry.length) return undefined;
+    at += 4 + len;
+    return entry.subarray(at - len, at);
+  };
+  const header = field();
+  const src = field();
+  if (header === undefined || src === undefined || at + 4 > entry.length) return 'rejected';
+  if (!header.equals(HEADER) || !src.equals(source)) return 'stale';
+  const data = entry.subarray(at + 4);
+  return zlib.crc32(data) === entry.readUInt32LE(at) && data.length > 0 ? data : 'rejected';
+}
+
+function frame(source, data) {
+  const u32 = (n) => {
+    const b = Buffer.alloc(4);
+    b.writeUInt32LE(n);
+    return b;
+  };
+  return Buffer.concat([u32(HEADER.length), HEADER, u32(source.length), source, u32(zlib.crc32(data)), data]);
+}
+
+/**
+ * Load `entry` (an absolute path to a .cjs file of the bundle) and return its exports. Relative
+ * requires of .cjs chunks go through the same cached loader; everything else through Node's require.
+ */
+export function loadCachedBundle(entry, dirsForTest) {
+  const bundleDir = path.dirname(entry);
+  // zlib.crc32 is Node 20.15 and later; before it, no cache rather than an unchecked one.
+  const useCache = !process.env.BLOCKMIRROR_NO_CODE_CACHE && typeof zlib.crc32 === 'function';
+  const dirs = useCache ? (dirsForTest ?? cacheDirs(bundleDir)) : [];
+  const nodeRequire = createRequire(entry);
+  const modules = new Map();
+  const toWrite = [];
+
+  const readEntry = (name) => {
+    for (const d of dirs) {
+      try {
+        return fs.readFileSync(path.join(d, name));
+      } catch {
+        // Not in this directory (or unreadable): try the next one, else compile from source.
+      }
+    }
+    return undefined;
+  };
+
+  const load = (file) => {
+    const known = modules.get(file);
+    if (known) return known.exports;
+    const bytes = fs.readFileSync(file);
+    const name = `${path.basename(file)}.v8`;
+    const stored = useCache ? readEntry(name) : undefined;
+    const found = stored === undefined ? 'missing' : parseEntry(stored, bytes);
+    const cachedData = typeof found === 'string' ? undefined : found;
+    const script = new vm.Script(`(function (exports, require, module, __filename, __dirname) {${bytes.toString('utf8')}\n})`, {
+      filename: file,
+      cachedData,
+      importModuleDynamically: vm.constants.USE_MAIN_CONTEXT_DEFAULT_LOADER,
+    });
+    const outcome = typeof found === 'string' ? found : script.cachedDataRejected ? 'rejected' : 'used';
+    codeCacheStats[outcome]++;
+    if (useCache && outcome !== 'used') toWrite.push({ name, bytes, script });
+    const module = { exports: {}, filename: file, id: file, loaded: false };
+    modules.set(file, module);
+    const req = (id) => (id.startsWith('./') && id.endsWith('.cjs') ? load(path.join(bundleDir, id)) : nodeRequire(id));
+    script.runInThisContext().call(module.exports, module.exports, req, module, file, bundleDir);
+    module.loaded = true;
+    return module.exports;
+  };
+
+  if (useCache) process.once('exit', () => writeEntries(dirs, toWrite));
+  if (process.env.BLOCKMIRROR_CODE_CACHE_DEBUG) process.once('exit', () => process.stderr.write(`code cache: ${JSON.stringify(codeCacheStats)}\n`));
+  return load(entry);
+}
+
+/** Write each new entry to the first directory that takes it, through a temp file and a rename. */
+function writeEntries(dirs, entries) {
+  if (entries.length === 0) return;
+  for (const d of dirs) {
+    try {
+      fs.mkdirSync(d, { recursive: true, mode: 0o700 });
+      for (const { name, bytes, script } of entries) {
+        const tmp = path.join(d, `${name}.${process.pid}.tmp`);
+        try {
+          fs.writeFileSync(tmp, frame(bytes, script.createCachedData()));
+          fs.renameSync(tmp, path.join(d, name));
+        } catch (e) {
+          fs.rmSync(tmp, { force: true });
+          throw e;
+        }
+      }
+      return;
+    } catch {
+      // Read-only or full: try the next directory; with none, the next start compiles from source again.
+    }
+  }
+}
