@@ -11,6 +11,7 @@
 // | stale cache (a rebuilt or edited bundle) | the entry holds the chunk's whole source and is used only if it is byte for byte the file's (Buffer.equals, a memcmp). V8's own check is not enough: it compares the source's length, and runs the OLD code of a same-length edit (test/cli-code-cache.test.ts). A hash would need node:crypto, which a client command otherwise does not load |
 // | another Node or other flags | the header must match, else the entry is stale |
 // | corrupt or truncated entry | the framing does not parse or the CRC-32 of V8's part does not match: compiled from source, the entry rewritten. The CRC is ours because V8 does not checksum a code cache: a damaged one aborts the process ("Fatal error") |
+// | a directory others can write | never read nor written (ours(): an entry is code run as us) |
 // | read-only install | the cache goes to BLOCKMIRROR_CODE_CACHE (only there, if set), else dist/bundle-cjs/.code-cache/, else the OS temp directory; any write failure only costs the next start its cache |
 // | concurrent starts | an entry is written to a temp file and renamed: a reader sees an old entry or a new one, never half |
 // | what gets cached | written at exit, after the command ran, so it holds the functions the command compiled lazily, not just the top level |
@@ -28,6 +29,21 @@ import zlib from 'node:zlib';
 function cacheDirs(bundleDir) {
   if (process.env.BLOCKMIRROR_CODE_CACHE) return [process.env.BLOCKMIRROR_CODE_CACHE];
   return [path.join(bundleDir, '.code-cache'), path.join(os.tmpdir(), `blockmirror-code-cache-${process.getuid?.() ?? 'u'}`)];
+}
+
+/**
+ * Whether entries in `d` may be run: a directory, not a symlink, ours, and writable by nobody else.
+ * An entry is code run as us, so one that another user could have planted (the temp-directory
+ * fallback lives in a world-writable /tmp, where anyone can make that directory first) is never
+ * read, and nothing is written there.
+ */
+function ours(d) {
+  try {
+    const st = fs.lstatSync(d);
+    return st.isDirectory() && (process.getuid === undefined || st.uid === process.getuid()) && (st.mode & 0o022) === 0;
+  } catch {
+    return false;
+  }
 }
 
 /** What the last loadCachedBundle did, per chunk (for tests and BLOCKMIRROR_CODE_CACHE_DEBUG=1). */
@@ -75,8 +91,10 @@ export function loadCachedBundle(entry, dirsForTest) {
   const modules = new Map();
   const toWrite = [];
 
+  let readable;
   const readEntry = (name) => {
-    for (const d of dirs) {
+    readable ??= dirs.filter(ours);
+    for (const d of readable) {
       try {
         return fs.readFileSync(path.join(d, name));
       } catch {
@@ -121,6 +139,7 @@ function writeEntries(dirs, entries) {
   for (const d of dirs) {
     try {
       fs.mkdirSync(d, { recursive: true, mode: 0o700 });
+      if (!ours(d)) continue;
       for (const { name, bytes, script } of entries) {
         const tmp = path.join(d, `${name}.${process.pid}.tmp`);
         try {

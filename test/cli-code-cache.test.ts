@@ -86,6 +86,22 @@ describe('the code cache of the CommonJS bundle (bin/code-cache.js)', () => {
     }
   });
 
+  it('never reads or writes entries in a cache directory that others can write, or that is a symlink', async () => {
+    const b = makeBundle('one');
+    await load(b.runner, [b.cache]);
+    const written = entries(b.cache);
+    expect(written).toEqual(['b.cjs.v8', 'cli.cjs.v8']);
+    // Group- and world-writable: anyone could have planted these entries.
+    fs.chmodSync(b.cache, 0o777);
+    expect(await load(b.runner, [b.cache])).toEqual({ value: 'one:cli.cjs', used: 0, missing: 2, stale: 0, rejected: 0 });
+    fs.chmodSync(b.cache, 0o700);
+    const link = path.join(b.dir, 'link');
+    fs.symlinkSync(b.cache, link);
+    expect(await load(b.runner, [link])).toEqual({ value: 'one:cli.cjs', used: 0, missing: 2, stale: 0, rejected: 0 });
+    // The directory itself, ours and private again: its entries were kept, and are used.
+    expect(await load(b.runner, [b.cache])).toEqual({ value: 'one:cli.cjs', used: 2, missing: 0, stale: 0, rejected: 0 });
+  });
+
   it('runs the chunks from source when no cache directory can be written, and writes to the next that can', async () => {
     const b = makeBundle('one');
     const notADir = path.join(b.dir, 'file');
