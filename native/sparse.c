@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -417,6 +418,35 @@ static napi_value align_gap(napi_env env, napi_callback_info info) {
   return out;
 }
 
+// adviseHuge(buffer): madvise(MADV_HUGEPAGE) on the 2 MiB-aligned part of a buffer whose pages
+// were never touched (Buffer.allocUnsafeSlow of a few MiB is a fresh mapping). With transparent
+// huge pages in "madvise" mode (Debian's default) its first touch then faults in 2 MiB pages,
+// not 4 KiB ones: one fault instead of 512, and fewer TLB misses in every copy of it. Returns the
+// bytes advised (0 when the buffer holds no whole 2 MiB page, or where THP is off: nothing to do),
+// or -errno.
+static napi_value advise_huge(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  void *data;
+  size_t len;
+  napi_value out;
+  if (argc < 1 || napi_get_buffer_info(env, argv[0], &data, &len) != napi_ok) {
+    napi_throw_type_error(env, NULL, "expected (buffer)");
+    return NULL;
+  }
+  int64_t r = 0;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = (uintptr_t)2 << 20;
+  uintptr_t start = ((uintptr_t)data + huge - 1) & ~(huge - 1);
+  uintptr_t end = ((uintptr_t)data + len) & ~(huge - 1);
+  if (end > start) r = madvise((void *)start, end - start, MADV_HUGEPAGE) == 0 ? (int64_t)(end - start) : -errno;
+  if (r == -EINVAL) r = 0;  // a kernel without THP
+#endif
+  napi_create_int64(env, r, &out);
+  return out;
+}
+
 NAPI_MODULE_INIT() {
   napi_property_descriptor props[] = {
       {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -428,6 +458,7 @@ NAPI_MODULE_INIT() {
       {"pwritevSync", NULL, pwritev_sync, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pidfdGetfd", NULL, pidfd_getfd_js, NULL, NULL, NULL, napi_enumerable, NULL},
       {"alignGap", NULL, align_gap, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"adviseHuge", NULL, advise_huge, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

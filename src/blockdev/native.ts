@@ -20,6 +20,7 @@ interface SparseAddon {
   pwritevSync(fd: number, buffers: readonly Buffer[], position: number): number;
   pidfdGetfd(pid: number, fd: number): number;
   alignGap(buffer: Buffer, align: number): number;
+  adviseHuge(buffer: Buffer): number;
 }
 
 // Same relative path from src/blockdev/ (vitest runs the TS sources) and from
@@ -117,6 +118,28 @@ export function alignedBuffer(length: number, align = 4096): Buffer {
   const raw = Buffer.alloc(length + align);
   const gap = loadSparseAddon().alignGap(raw, align);
   return raw.subarray(gap, gap + length);
+}
+
+/** A transparent huge page: the unit adviseHuge works in. */
+export const HUGE_PAGE = 2 << 20;
+
+/**
+ * `length` bytes of memory (not zeroed) that start at a 2 MiB boundary and are advised for
+ * transparent huge pages (madvise MADV_HUGEPAGE) before anything touches them, so that their first
+ * touch faults in 2 MiB pages rather than 4 KiB ones. For the buffers of a few MiB that a process
+ * fills and reuses (xfer's segments): a fresh 4 MiB buffer cost 13-17 ms of page faults here,
+ * 3-5 ms advised (this VM's faults are slow), and a sender or receiver touches six of them before
+ * its first byte moves. Where THP is off the advice does nothing and the buffer is an ordinary one.
+ * Aligned to 2 MiB, it is aligned for O_DIRECT too.
+ */
+export function hugeBuffer(length: number): Buffer {
+  // Fresh memory: a Buffer this large is a new mapping or untouched heap, so the advice comes first.
+  const raw = Buffer.allocUnsafeSlow(length + HUGE_PAGE);
+  const a = loadSparseAddon();
+  const gap = a.alignGap(raw, HUGE_PAGE);
+  const buf = raw.subarray(gap, gap + length);
+  a.adviseHuge(buf);
+  return buf;
 }
 
 /** True when `buf` starts at a multiple of `align` and its length is one. */

@@ -3,8 +3,11 @@
 // (profile of a 128 MiB send: a third of its CPU). The sender fills a buffer from the input,
 // writes it and gives it back once the write completed; the receiver reads a segment into one and
 // gives it back once the piece was delivered. Aligned buffers (O_DIRECT paths) come from
-// blockdev/native's alignedBuffer.
-import { alignedBuffer } from '../blockdev/native.js';
+// blockdev/native's alignedBuffer; segments of 2 MiB and more from its hugeBuffer (2 MiB pages,
+// aligned for O_DIRECT as well), and `warm` touches them while the side waits anyway (the
+// claim's settle, the wait for a sender), so that their page faults are not paid when the first
+// piece is read.
+import { HUGE_PAGE, alignedBuffer, hugeBuffer } from '../blockdev/native.js';
 import { BLOCK } from './layout.js';
 
 export class BufferPool {
@@ -20,7 +23,22 @@ export class BufferPool {
   ) {}
 
   take(): Buffer {
-    return this.free.pop() ?? (this.aligned ? alignedBuffer(this.size, BLOCK) : Buffer.allocUnsafeSlow(this.size));
+    return this.free.pop() ?? this.make();
+  }
+
+  private make(): Buffer {
+    if (this.size >= HUGE_PAGE) return hugeBuffer(this.size);
+    return this.aligned ? alignedBuffer(this.size, BLOCK) : Buffer.allocUnsafeSlow(this.size);
+  }
+
+  /** Have `n` buffers ready for reuse (at most `keep`), their pages touched. */
+  warm(n: number): void {
+    for (let i = this.free.length; i < Math.min(n, this.keep); i++) this.free.push(this.make().fill(0));
+  }
+
+  /** Buffers ready for reuse (tests). */
+  get ready(): number {
+    return this.free.length;
   }
 
   /** Only buffers of this pool, whole, and no longer used by anyone. */

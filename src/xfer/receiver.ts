@@ -14,6 +14,7 @@ import { xxh64Low } from '../util/xxh64.js';
 import { ACK, AckFlag, Command, Piece, PtrFlag, Role, SEG, SEG_HEADER, Status, freeAck, freePid, type AckEntry, type AckTable, type PtrEntry, type PtrTable, type TableView } from './layout.js';
 import { XferCorruptError, XferFormatError, XferPeerError } from './errors.js';
 import { Backoff, OwnHalf, PeerWatch, sleep, standingStill, tunables, type SessionOptions, type Tunables } from './session.js';
+import type { BufferPool } from './pool.js';
 import type { XferVolume } from './volume.js';
 
 export interface RecvOptions extends SessionOptions {
@@ -54,6 +55,10 @@ export async function recv(vol: XferVolume, as: number, deliver: Deliver, opts: 
   if (opts.resume) return resumeRecv(vol, as, deliver, opts.resume, opts, t);
   // Connections whose sender went before its first piece: never accepted again.
   const abandoned = new Set<number>();
+  // The segment buffers' pages are touched before the first look for a sender, while it is
+  // likely still claiming its slot (the claim alone waits 50 ms).
+  const pool = vol.segmentPool(window(vol) + 2);
+  pool.warm(window(vol) + 2);
   for (;;) {
     const { slot, token, from } = await findConnect(vol, as, opts, t, abandoned);
     const ack: AckTable = { ...freeAck(slot), token, reader: as };
@@ -62,7 +67,7 @@ export async function recv(vol: XferVolume, as: number, deliver: Deliver, opts: 
     await own.write();
     t.log?.debug({ slot, token, from }, 'accepted connection');
     try {
-      const result = await consume(vol, own, ack, deliver, t);
+      const result = await consume(vol, own, ack, deliver, t, pool);
       await waitSenderGone(vol, own, t);
       await cleanup(vol, own);
       return result;
@@ -108,7 +113,7 @@ async function resumeRecv(vol: XferVolume, as: number, deliver: Deliver, resume:
     if (!top) await resume(1, 0);
     else if (top.last & Piece.END) await resume(top.msg + 1, 0);
     else await resume(top.msg, (top.part + 1) * vol.capacity);
-    const result = await consume(vol, own, ack, deliver, t, acked + 1);
+    const result = await consume(vol, own, ack, deliver, t, vol.segmentPool(window(vol) + 2), acked + 1);
     await waitSenderGone(vol, own, t);
     await cleanup(vol, own);
     return result;
@@ -159,13 +164,16 @@ interface Ready {
 //   poll the pointer table ── issue reads of new entries, in sequence order (≤ ahead in flight)
 //   the oldest read ──────── check header and sum ── deliver ── mark READ ── ack write (coalesced)
 //   nothing new ─────────── heartbeat checks, back off from 1 ms to the poll interval
-async function consume(vol: XferVolume, own: OwnHalf, ack: AckTable, deliver: Deliver, t: Tunables, first = 1): Promise<RecvResult> {
+/** Segment reads ahead of delivery: enough to keep every path busy; the window of E entries bounds them too. */
+const window = (vol: XferVolume): number => Math.max(1, Math.min(vol.mcb.entries, vol.inFlight));
+
+/** `pool` holds window(vol) + 2 segment buffers. */
+async function consume(vol: XferVolume, own: OwnHalf, ack: AckTable, deliver: Deliver, t: Tunables, pool: BufferPool, first = 1): Promise<RecvResult> {
   const { slot, token, requestor: from } = own.entry;
-  const E = vol.mcb.entries;
   const segs = vol.segments(slot);
   const watch = new PeerWatch(`sender ${from}`, t.timeoutMs);
-  const ahead = Math.max(1, Math.min(E, vol.inFlight));
-  const pool = vol.segmentPool(ahead + 2);
+  const E = vol.mcb.entries;
+  const ahead = window(vol);
   const backoff = new Backoff(t.pollMs);
   const queue: Ready[] = [];
   let next = first; // the next sequence to deliver

@@ -54,8 +54,10 @@ export function send(vol: XferVolume, from: number, to: number, input: Input, op
 /** Send several messages, in order, on one connection; the receiver gets each whole, with its number. */
 export async function sendMessages(vol: XferVolume, from: number, to: number, messages: Messages, opts: SessionOptions = {}): Promise<SendResult> {
   const t = tunables(opts);
+  const pool = vol.segmentPool(window(vol) + 2);
   for (;;) {
-    const own = await claim(vol, from, to, t);
+    // The segment buffers' pages are touched while the claim settles, when we wait anyway.
+    const own = await claim(vol, from, to, t, () => pool.warm(window(vol) + 2));
     const { slot, token } = own.entry;
     t.log?.debug({ slot, token }, 'claimed connection slot');
     const ptr: PtrTable = { ...freePtr(slot), token, writer: from };
@@ -69,7 +71,7 @@ export async function sendMessages(vol: XferVolume, from: number, to: number, me
         t.log?.debug({ slot }, 'lost the slot to another sender; claiming again');
         continue;
       }
-      const result = await transfer(vol, own, ptr, to, messages, t, { seq: 0, msg: 1, part: 0 });
+      const result = await transfer(vol, own, ptr, to, messages, t, { seq: 0, msg: 1, part: 0 }, pool);
       await cleanup(vol, own);
       return result;
     } catch (e) {
@@ -120,7 +122,7 @@ export async function resumeSend(vol: XferVolume, from: number, to: number, open
         : { seq: top.seq, msg: top.msg, part: top.part + 1 };
   t.log?.info({ slot, ...at }, 'resuming connection');
   try {
-    const result = await transfer(vol, own, ptr, to, at.done ? [] : open(at.msg, at.part * vol.capacity), t, at);
+    const result = await transfer(vol, own, ptr, to, at.done ? [] : open(at.msg, at.part * vol.capacity), t, at, vol.segmentPool(window(vol) + 2));
     await cleanup(vol, own);
     return result;
   } catch (e) {
@@ -129,7 +131,11 @@ export async function resumeSend(vol: XferVolume, from: number, to: number, open
   }
 }
 
-async function claim(vol: XferVolume, from: number, to: number, t: Tunables): Promise<OwnHalf> {
+/** Segment writes in flight: enough to keep every path busy; the window of E entries bounds them too. */
+const window = (vol: XferVolume): number => Math.max(2, Math.min(vol.mcb.entries, vol.inFlight));
+
+/** `whileSettling` runs once our claim is written, and counts towards the settle time. */
+async function claim(vol: XferVolume, from: number, to: number, t: Tunables, whileSettling?: () => void): Promise<OwnHalf> {
   const started = Date.now();
   // Long enough for a rival that read the same free slot to have written its claim too.
   const settleMs = Math.max(5 * t.pollMs, 50);
@@ -143,7 +149,9 @@ async function claim(vol: XferVolume, from: number, to: number, t: Tunables): Pr
         t.heartbeatMs,
       );
       await own.write();
-      await sleep(settleMs, t.signal);
+      const wrote = performance.now();
+      whileSettling?.();
+      await sleep(Math.max(0, settleMs - (performance.now() - wrote)), t.signal);
       const { req } = await vol.readPid(slot);
       if (req.token === own.entry.token) return own;
       continue;
@@ -179,14 +187,14 @@ async function transfer(
   t: Tunables,
   /** Where to go on: the last sequence written, and the message and part of the first piece to write. */
   start: Position,
+  /** Segment buffers, window(vol) + 2 of them. */
+  pool: BufferPool,
 ): Promise<SendResult> {
   const { slot, token, requestor: from } = own.entry;
   const E = vol.mcb.entries;
   const segs = vol.segments(slot);
   const watch = new PeerWatch(`receiver ${to}`, t.timeoutMs);
-  // Enough segment writes in flight to keep every path busy; the window (E) bounds them too.
-  const maxInFlight = Math.max(2, Math.min(E, vol.inFlight));
-  const pool = vol.segmentPool(maxInFlight + 2);
+  const maxInFlight = window(vol);
   const backoff = new Backoff(t.pollMs);
   // The receiver's acknowledgements as last read, once it wrote them under our token.
   let ack: TableView<AckTable, AckEntry> | undefined;
@@ -281,6 +289,11 @@ async function transfer(
     void w.finally(() => inFlight.delete(w));
     bytes += length;
     await own.beat();
+    // Let the write go out now. A file is read on this thread without waiting (what the page
+    // cache holds), so filling the next buffers is a chain of promise jobs; the NBD client sends
+    // what was queued at the end of the tick, and without this the first writes waited until
+    // every pool buffer was full (six 4 MiB reads, 130 ms while their pages were first touched).
+    await new Promise<void>((resolve) => setImmediate(resolve));
   };
 
   try {
