@@ -14,6 +14,7 @@ import { XferCorruptError } from '../src/xfer/errors.js';
 import { openPath } from '../src/xfer/paths.js';
 import { XferVolume } from '../src/xfer/volume.js';
 import { recv } from '../src/xfer/receiver.js';
+import { sendMessages, type Reader } from '../src/xfer/sender.js';
 import { CLI, freePort, run, startServe, tmpDir, type CmdResult, type RunningServer } from './helpers/servers.js';
 import { FAST, HookedPath } from './helpers/xfer.js';
 import { fileReader } from '../src/cli/xfer.js';
@@ -284,6 +285,48 @@ describe('xfer between processes through blockmirror serve', () => {
     );
     expect(corrupted).toBe(true);
     expect(got).toEqual([]);
+  });
+});
+
+describe('xfer send pacing', () => {
+  it('puts each segment on the wire before it reads further into its input, not once every buffer is full', async () => {
+    // The sender reads a cached file on its own thread without waiting, so filling the next
+    // buffers is a chain of promise jobs, and the NBD client sends at the end of the tick: the
+    // first writes used to leave only once four 4 MiB segments were in flight and a fifth and
+    // sixth were read. Here the sender's only path goes through a relay that counts the bytes, and
+    // the input notes, at each read, how much had gone through.
+    const s = await serve('96MiB');
+    const f = await xfer(['format', s.uri, '--seg-size', '4MiB', '--segments', '16', '--max-conn', '1']);
+    expect(f.code).toBe(0);
+    const cable = await relay(s.port);
+    const a = await XferVolume.open([`nbd://127.0.0.1:${cable.port}/disk`]);
+    const b = await XferVolume.open([s.uri]);
+    cleanups.push(() => a.close(), () => b.close());
+    expect(a.inFlight).toBe(4);
+    const data = randomBytes(8 * a.capacity);
+    const seenAtRead: number[] = [];
+    let at = 0;
+    const input: Reader = {
+      read: (buf, offset, length) => {
+        seenAtRead.push(cable.relayed());
+        const n = Math.min(length, data.length - at);
+        data.copy(buf, offset, at, at + n);
+        at += n;
+        return Promise.resolve(n);
+      },
+    };
+    const got: Buffer[] = [];
+    await Promise.all([
+      sendMessages(a, 1, 2, [input], FAST),
+      recv(b, 2, async (piece) => void got.push(Buffer.from(piece)), FAST),
+    ]);
+    expect(Buffer.concat(got).equals(data)).toBe(true);
+    // One read per piece. Before the fifth (what four in flight and one held back need), the
+    // first segment's payload was going through (the relay runs on this thread too, so it moves
+    // a socket read's worth per turn: 0.3 MB by then); with the old pacing nothing but the
+    // tables' 12 KiB had, until the sixth.
+    expect(seenAtRead.length).toBeGreaterThanOrEqual(8);
+    expect(seenAtRead[4]! - seenAtRead[0]!).toBeGreaterThan(64 << 10);
   });
 });
 

@@ -17,6 +17,8 @@ import { recv } from '../src/xfer/receiver.js';
 import { gc } from '../src/xfer/gc.js';
 import { describe as describeVolume } from '../src/xfer/inspect.js';
 import { PathSet, openPath, type XferPath } from '../src/xfer/paths.js';
+import { BufferPool } from '../src/xfer/pool.js';
+import { HUGE_PAGE, isAligned } from '../src/blockdev/native.js';
 import { FAST, HookedPath, exchange, formattedFiles, volumeOf } from './helpers/xfer.js';
 
 const SMALL = { segSize: 8192, segments: 8, maxConn: 2 };
@@ -77,6 +79,42 @@ describe('xfer layout', () => {
     expect(await sizes([10], 10)).toEqual([[10, true]]);
     expect(await sizes([3, 7, 1], 10)).toEqual([[10, false], [1, true]]);
     expect(await sizes([25], 10)).toEqual([[10, false], [10, false], [5, true]]);
+  });
+});
+
+describe('xfer segment buffers', () => {
+  /** Bytes of this process's mappings that carry madvise(MADV_HUGEPAGE) ("hg" in smaps' VmFlags). */
+  const advisedBytes = () => {
+    let total = 0;
+    let size = 0;
+    for (const line of fs.readFileSync('/proc/self/smaps', 'utf8').split('\n')) {
+      if (line.startsWith('Size:')) size = Number(line.split(/\s+/)[1]) * 1024;
+      else if (line.startsWith('VmFlags:') && line.split(/\s+/).includes('hg')) total += size;
+    }
+    return total;
+  };
+
+  it('gives segments of 2 MiB and more on 2 MiB boundaries, advised for huge pages, and warms them ready for reuse', () => {
+    const before = advisedBytes();
+    const pool = new BufferPool(4 << 20, false, 3);
+    pool.warm(5); // at most what the pool keeps
+    expect(pool.ready).toBe(3);
+    const bufs = [pool.take(), pool.take(), pool.take()];
+    expect(pool.ready).toBe(0);
+    for (const b of bufs) {
+      expect(b.length).toBe(4 << 20);
+      expect(isAligned(b, HUGE_PAGE)).toBe(true);
+      // Touched when warmed: the pages are there, zero-filled.
+      expect(b[0]! | b[b.length - 1]!).toBe(0);
+    }
+    expect(advisedBytes() - before).toBeGreaterThanOrEqual(3 * (4 << 20));
+    for (const b of bufs) pool.give(b);
+    expect(pool.ready).toBe(3);
+    expect(pool.take()).toBe(bufs[2]);
+    // Smaller segments stay ordinary buffers (block-aligned for O_DIRECT paths).
+    const small = new BufferPool(1 << 20, true, 2);
+    const s = small.take();
+    expect([s.length, isAligned(s, BLOCK), isAligned(s, HUGE_PAGE) && isAligned(small.take(), HUGE_PAGE)]).toEqual([1 << 20, true, false]);
   });
 });
 
