@@ -77,6 +77,32 @@ describe('MemoryDevice', () => {
     expect(dev.allocatedBytes).toBe(0);
   });
 
+  it('keeps pages apart on a sparse device of 20 TiB, past page 2^32, at the cost of the pages written', async () => {
+    const dev = new MemoryDevice(20 * 2 ** 40);
+    const low = 1023 * 4096; // the last page of the page table's first chunk (1024 pages)
+    const high = low + 2 ** 32 * 4096; // the same page number modulo 2^32
+    await dev.write(low, Buffer.alloc(4096, 0xaa));
+    await dev.write(high, Buffer.alloc(8192, 0xbb)); // two pages, in two chunks
+    const at = async (offset: number, n: number) => {
+      const b = Buffer.alloc(n);
+      await dev.read(offset, b);
+      return b;
+    };
+    expect((await at(low, 4096)).equals(Buffer.alloc(4096, 0xaa))).toBe(true);
+    expect((await at(high - 4096, 4 * 4096)).equals(Buffer.concat([Buffer.alloc(4096), Buffer.alloc(8192, 0xbb), Buffer.alloc(4096)]))).toBe(true);
+    expect((await at(low + 4096, 4096)).equals(Buffer.alloc(4096))).toBe(true);
+    expect(dev.allocatedBytes).toBe(3 * 4096);
+    expect(await dev.extents(high - 4096, 4 * 4096)).toEqual([
+      { length: 4096, flags: 3 },
+      { length: 2 * 4096, flags: 0 },
+      { length: 4096, flags: 3 },
+    ]);
+    await dev.trim(high, 2 * 4096);
+    expect((await at(high, 8192)).equals(Buffer.alloc(8192))).toBe(true);
+    expect((await at(low, 4096)).equals(Buffer.alloc(4096, 0xaa))).toBe(true);
+    expect(dev.allocatedBytes).toBe(4096);
+  });
+
   it('refuses writes, trims and zeroes when read-only', async () => {
     const dev = new MemoryDevice(8192, true);
     await expect(dev.write(0, Buffer.alloc(1))).rejects.toMatchObject({ errno: 'EPERM' });

@@ -62,10 +62,76 @@ const MAX_SORTED_FREE = 16384;
 /** What holes read as in views: never written. */
 const ZEROES = Buffer.alloc(PAGES_PER_SLAB * PAGE);
 
+const CHUNK = 1024; // pages per chunk of the page table: 4 MiB of the device
+
+/**
+ * Page index -> slot, in two levels: chunks of 1024 entries (an Int32Array of slot + 1, 0 for
+ * none), made when a page of theirs is first set, found through a Map of chunk numbers with the
+ * last one used at hand (I/O goes through a chunk's pages in order). A Map of pages did this
+ * before, and its hash lookups were most of the store's own time on large I/O (a 4 MiB write
+ * commits 1024 pages, a 4 MiB read looks up as many): 17 % of a serving process under xfer's
+ * 4 MiB segments, and about 50 bytes of heap per page stored. Memory stays proportional to what
+ * is written, whatever the device's size: 4 KiB per 4 MiB chunk touched.
+ */
+class PageTable {
+  private readonly chunks = new Map<number, Int32Array>();
+  private lastIndex = -1;
+  private last: Int32Array | undefined;
+  size = 0;
+
+  private chunk(ci: number): Int32Array | undefined {
+    if (ci !== this.lastIndex) {
+      this.lastIndex = ci;
+      this.last = this.chunks.get(ci);
+    }
+    return this.last;
+  }
+
+  get(pi: number): number | undefined {
+    const ci = Math.floor(pi / CHUNK);
+    const v = this.chunk(ci)?.[pi - ci * CHUNK] ?? 0;
+    return v === 0 ? undefined : v - 1;
+  }
+
+  has(pi: number): boolean {
+    const ci = Math.floor(pi / CHUNK);
+    return (this.chunk(ci)?.[pi - ci * CHUNK] ?? 0) !== 0;
+  }
+
+  set(pi: number, slot: number): void {
+    const ci = Math.floor(pi / CHUNK);
+    let c = this.chunk(ci);
+    if (c === undefined) {
+      c = new Int32Array(CHUNK);
+      this.chunks.set(ci, c);
+      this.last = c;
+    }
+    const i = pi - ci * CHUNK;
+    if (c[i] === 0) this.size++;
+    c[i] = slot + 1;
+  }
+
+  delete(pi: number): void {
+    const ci = Math.floor(pi / CHUNK);
+    const c = this.chunk(ci);
+    const i = pi - ci * CHUNK;
+    if (c === undefined || c[i] === 0) return;
+    c[i] = 0;
+    this.size--;
+  }
+
+  clear(): void {
+    this.chunks.clear();
+    this.lastIndex = -1;
+    this.last = undefined;
+    this.size = 0;
+  }
+}
+
 export class MemoryDevice implements BlockDevice {
   readonly multiConnSafe = true; // one store shared by every connection, no cache
   readonly fastZero = true;
-  private readonly table = new Map<number, number>();
+  private readonly table = new PageTable();
   private readonly slabs: Buffer[] = [];
   private readonly freeSlots: number[] = [];
   private nextSlot = 0;
