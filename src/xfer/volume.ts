@@ -47,8 +47,8 @@ export const roundUp = (n: number, to = BLOCK) => Math.ceil(n / to) * to;
  * more in flight is a buffer more out of the caches, and the server's buffer pool (64 MiB, both
  * sides' requests) stops recycling once they pass it.
  */
-export const IN_FLIGHT_BYTES = Number(process.env.XF_BYTES ?? 16) * 1024 * 1024;
-export const perPathInFlight = (segSize: number): number => Math.max(1, Math.min(Number(process.env.XF_MAX ?? 8), Math.floor(IN_FLIGHT_BYTES / segSize)));
+export const IN_FLIGHT_BYTES = 16 * 1024 * 1024;
+export const perPathInFlight = (segSize: number): number => Math.max(1, Math.min(8, Math.floor(IN_FLIGHT_BYTES / segSize)));
 
 /**
  * The tables are rewritten by the other side while we poll them, and a read that races a write
