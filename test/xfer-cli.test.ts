@@ -17,8 +17,8 @@ import { recv } from '../src/xfer/receiver.js';
 import { sendMessages, type Reader } from '../src/xfer/sender.js';
 import { CLI, freePort, run, startServe, tmpDir, type CmdResult, type RunningServer } from './helpers/servers.js';
 import { FAST, HookedPath } from './helpers/xfer.js';
-import { fileReader } from '../src/cli/xfer.js';
-import { preadNoWait } from '../src/blockdev/native.js';
+import { Output, fileReader } from '../src/cli/xfer.js';
+import { preadNoWait, pwritevSync } from '../src/blockdev/native.js';
 
 // Tests that start a dozen CLI processes: each takes seconds to start on a loaded machine.
 const CLI_HEAVY = 120_000;
@@ -408,5 +408,56 @@ describe('xfer send reading its FILE', () => {
     // The file was just written: the page cache had it, and the fallback was taken when told to.
     expect(cached).toBeGreaterThan(0);
     expect(pooled).toBeGreaterThan(0);
+  });
+});
+
+describe('xfer recv writing its output', () => {
+  const pieces = Array.from({ length: 6 }, (_, i) => randomBytes(100_000 + i));
+  const deliverAll = async (out: Output) => {
+    await out.open();
+    for (const p of pieces) await out.deliver(p, 1);
+    await out.close();
+  };
+
+  it('writes pieces into a file on its own thread, and through the pool once a write had to wait for the disk', async () => {
+    const dir = tmpDir('bm-xfer-out-');
+    const plain = new Output(path.join(dir, 'a'), undefined, false);
+    await deliverAll(plain);
+    expect(fs.readFileSync(path.join(dir, 'a')).equals(Buffer.concat(pieces))).toBe(true);
+    expect(plain.writes).toEqual({ sync: 6, pool: 0 });
+    // A disk that makes the second write sleep 5 ms: the rest go to the pool (for a second).
+    let calls = 0;
+    const slow = (fd: number, bufs: readonly Buffer[], pos: number) => {
+      const r = pwritevSync(fd, bufs, pos);
+      if (++calls !== 2) return r;
+      const until = performance.now() + 5;
+      while (performance.now() < until);
+      return { ...r, slept: true };
+    };
+    const throttled = new Output(path.join(dir, 'b'), undefined, false, slow);
+    await deliverAll(throttled);
+    expect(fs.readFileSync(path.join(dir, 'b')).equals(Buffer.concat(pieces))).toBe(true);
+    expect(throttled.writes).toEqual({ sync: 2, pool: 4 });
+    // A short synchronous write is finished by the pool, at the right place.
+    const short = new Output(path.join(dir, 'c'), undefined, false, (fd, bufs, pos) => pwritevSync(fd, [bufs[0]!.subarray(0, 1000)], pos));
+    await deliverAll(short);
+    expect(fs.readFileSync(path.join(dir, 'c')).equals(Buffer.concat(pieces))).toBe(true);
+    expect(short.writes).toEqual({ sync: 6, pool: 6 });
+  });
+
+  it('sends a FIFO its pieces in order through the pool, and /dev/null takes them on its own thread', async () => {
+    const dir = tmpDir('bm-xfer-out-');
+    const fifo = path.join(dir, 'fifo');
+    expect((await run('mkfifo', [fifo])).code).toBe(0);
+    const copy = path.join(dir, 'copy');
+    const reader = run('sh', ['-c', 'cat "$0" > "$1"', fifo, copy]);
+    const out = new Output(fifo, undefined, false);
+    await deliverAll(out);
+    expect((await reader).code).toBe(0);
+    expect(fs.readFileSync(copy).equals(Buffer.concat(pieces))).toBe(true);
+    expect(out.writes).toEqual({ sync: 0, pool: 6 });
+    const devNull = new Output('/dev/null', undefined, false);
+    await deliverAll(devNull);
+    expect(devNull.writes).toEqual({ sync: 6, pool: 0 });
   });
 });

@@ -38,8 +38,8 @@ export const SYNC_WRITE_MAX = 1024 * 1024;
  * count: on a loaded machine a clock alone mistook that for a slow disk. A 1 MiB copy into cached
  * pages takes ~0.1-0.3 ms here.
  */
-const SYNC_SLOW_MS = 2;
-const SYNC_BACKOFF_MS = 1000;
+export const SYNC_SLOW_MS = 2;
+export const SYNC_BACKOFF_MS = 1000;
 /** At most this many pieces go to one synchronous pwritev (the addon's limit). */
 const SYNC_MAX_PIECES = 64;
 
