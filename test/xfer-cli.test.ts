@@ -110,6 +110,27 @@ describe('xfer between processes through blockmirror serve', () => {
     expect(JSON.parse(ls.stdout).connections.map((c: { state: string; segmentsInUse: number }) => [c.state, c.segmentsInUse])).toEqual([['free', 0], ['free', 0]]);
   });
 
+  it('writes what it receives to stdout whole before it exits, through a pipe that is read slowly', async () => {
+    // recv exits the moment its work is done (process.exit, no teardown): nothing it wrote may be
+    // cut off, even when the reader of its pipe lags.
+    const s = await serve();
+    const dir = tmpDir('bm-xfer-cli-');
+    const input = randomFile(dir, 5 << 20);
+    expect((await xfer(['format', s.uri, '--seg-size', '256KiB', '--segments', '32', '--max-conn', '1'])).code).toBe(0);
+    const proc = spawn(process.execPath, [CLI, 'xfer', 'recv', '--dev', s.uri, '--as', '2'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    cleanups.push(async () => void proc.kill('SIGKILL'));
+    const chunks: Buffer[] = [];
+    proc.stdout!.on('data', (d: Buffer) => {
+      chunks.push(d);
+      proc.stdout!.pause();
+      setTimeout(() => proc.stdout!.resume(), 2);
+    });
+    const exited = new Promise<number | null>((resolve) => proc.once('close', resolve));
+    const sent = await xfer(['send', '--dev', s.uri, '--from', '1', '--to', '2', input]);
+    expect([sent.code, await exited]).toEqual([0, 0]);
+    expect(Buffer.concat(chunks).equals(fs.readFileSync(input))).toBe(true);
+  });
+
   it('carries several files as the messages of one connection, each into its own file', async () => {
     const s = await serve();
     const dir = tmpDir('bm-xfer-cli-');

@@ -7,6 +7,7 @@ import type { Command } from 'commander';
 import type { CfsClient, DirEntry, UsageReport } from '../cfs/client.js';
 import type { ClusterConfig, HostPort } from '../cluster/config.js';
 import { UsageError } from './errors.js';
+import { exitDone } from './exit.js';
 import { cliLogger } from './logger.js';
 import { runUntilSignal } from './signals.js';
 import { humanBytes, humanSeconds, progressBar } from './progress.js';
@@ -237,6 +238,7 @@ async function withClient(opts: Common, fn: (client: CfsClient) => Promise<unkno
   } finally {
     await client.close();
   }
+  exitDone();
 }
 
 function normalize(p: string): string {

@@ -11,6 +11,7 @@ import { preadNoWait, pwritevSync, type SyncWrite } from '../blockdev/native.js'
 import { lazyCliLogger } from './logger.js';
 import { SizeError, formatSize, parseSize } from '../util/size.js';
 import { UsageError } from './errors.js';
+import { exitDone } from './exit.js';
 
 interface Tuning {
   dev: string[];
@@ -93,6 +94,7 @@ export function registerXferCommand(program: Command): void {
     } finally {
       await Promise.all(handles.map((h) => h.close()));
     }
+    exitDone();
   });
 
   tuned(
@@ -132,6 +134,7 @@ export function registerXferCommand(program: Command): void {
     } finally {
       await out.close();
     }
+    exitDone();
   });
 
   xfer
