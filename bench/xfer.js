@@ -159,6 +159,10 @@ async function main() {
   const x1 = median(rows.xfer);
   const cpuCell = (k, f) => median(cpu[k].map((c) => c[f])).toFixed(2);
   const nc = median(rows.nbdcopy);
+  // The second nbdcopy of each A B B A pair runs right after another nbdcopy. The first one, right
+  // after an xfer, was up to 3x slower on this machine (the export's store and the machine's memory
+  // as the transfer left them), which flatters xfer's ratio: the goal is judged on these alone.
+  const ncWarm = median(rows.nbdcopy.filter((_, i) => i % 2 === 1));
   const code = codeInfo(ROOT);
   const ncVersion = (await run('nbdcopy', ['--version'])).stdout.toString().split('\n')[0];
   const short = MIB < 1024 || REPS < 3 ? ` **A short run (${MIB} MiB, ${REPS} repetition${REPS === 1 ? '' : 's'}), not the 1 GiB of the goal: rerun \`node bench/xfer.js\` on a quiet machine.**` : '';
@@ -170,9 +174,11 @@ after one untimed nbdcopy and one untimed xfer (the export's memory touched once
 
 | run | MiB/s | vs nbdcopy | goal | met? |
 |---|---:|---:|---:|:---:|
-| xfer send+recv, 1 path each | ${x1.toFixed(1)} | ${(x1 / nc).toFixed(2)}x | ≥ 0.5x | ${x1 / nc >= 0.5 ? 'yes' : '**no**'} |
-${PATHS.map((p) => `| xfer send+recv, ${p} paths each | ${median(rows[`paths${p}`]).toFixed(1)} | ${(median(rows[`paths${p}`]) / nc).toFixed(2)}x | — | |`).join('\n')}
-| nbdcopy FILE to the export | ${nc.toFixed(1)} | 1.00x | — | |
+| xfer send+recv, 1 path each, vs the nbdcopy runs after an nbdcopy | ${x1.toFixed(1)} | ${(x1 / ncWarm).toFixed(2)}x | ≥ 0.5x | ${x1 / ncWarm >= 0.5 ? 'yes' : '**no**'} |
+| the same, vs every nbdcopy run | ${x1.toFixed(1)} | ${(x1 / nc).toFixed(2)}x | | |
+${PATHS.map((p) => `| xfer send+recv, ${p} paths each | ${median(rows[`paths${p}`]).toFixed(1)} | ${(median(rows[`paths${p}`]) / ncWarm).toFixed(2)}x | — | |`).join('\n')}
+| nbdcopy FILE to the export (every run) | ${nc.toFixed(1)} | 1.00x | — | |
+| nbdcopy FILE to the export, the runs right after another nbdcopy | ${ncWarm.toFixed(1)} | — | — | |
 
 CPU seconds per run (median; user + system, all threads), the commands and the serving process meanwhile
 (xfer: \`send\` and \`recv\` together, their start-up included):
