@@ -103,6 +103,33 @@ describe('MemoryDevice', () => {
     expect(dev.allocatedBytes).toBe(4096);
   });
 
+  it('finds a write target a run of free slots below scattered ones, rather than refusing it', async () => {
+    const dev = new MemoryDevice(16 << 20);
+    await dev.write(0, Buffer.alloc(2 << 20, 7)); // pages 0-511 in slots 0-511
+    await dev.trim(1 << 20, 1 << 20); // slots 256-511 free, in one run
+    for (let p = 0; p < 256; p += 2) await dev.trim(p * 4096, 4096); // then every other slot of 0-255
+    const payload = Buffer.from(Array.from({ length: 256 << 10 }, (_, i) => (i * 31) & 0xff));
+    // The lowest free slots, and the last ones freed, are the scattered ones: 64 pages from them
+    // would be 64 socket reads. Refused before, for as long as the free list stayed as it was.
+    const t = dev.writeTarget(4 << 20, payload.length, 0);
+    expect(t).not.toBeNull();
+    // At most one run per 16 pages (each run is a socket read): here the 4 highest scattered
+    // slots and 60 of the run above them.
+    expect(t!.pieces.length).toBeLessThanOrEqual(5);
+    let at = 0;
+    for (const piece of t!.pieces) at += payload.copy(piece, 0, at);
+    expect(at).toBe(payload.length);
+    await t!.commit(Buffer.alloc(0));
+    const back = Buffer.alloc(payload.length);
+    await dev.read(4 << 20, back);
+    expect(back.equals(payload)).toBe(true);
+    const kept = Buffer.alloc(4096);
+    await dev.read(4096, kept);
+    expect(kept.equals(Buffer.alloc(4096, 7))).toBe(true);
+    expect(dev.allocatedBytes + dev.freeBytes).toBe(dev.storeBytes);
+    expect(dev.storeBytes).toBe(2 << 20); // no new slot was needed
+  });
+
   it('refuses writes, trims and zeroes when read-only', async () => {
     const dev = new MemoryDevice(8192, true);
     await expect(dev.write(0, Buffer.alloc(1))).rejects.toMatchObject({ errno: 'EPERM' });

@@ -31,7 +31,9 @@
 // writes apply, swaps them into the table:
 //
 //   reserve  n slots (free ones first), sorted into runs of consecutive slots;
-//            too many runs: sort the free list by address once, try again
+//            too many runs: sort the free list by address (if anything was freed since it
+//            last was), try again; still too many: the lowest window of the sorted list
+//            that makes few runs
 //   commit   the pages' bytes outside the write come from the current pages,
 //            the reserved slots replace the old ones, which go like a trim's
 //            (free, or retired while a view holds them), then the bytes that
@@ -128,6 +130,21 @@ class PageTable {
   }
 }
 
+/**
+ * The runs of consecutive slots in one slab of `slots` (in address order), as [first index,
+ * count]...; null when there are more than one per PAGES_PER_RUN pages: each run is a socket read
+ * of its own.
+ */
+function runsOf(slots: Int32Array): number[] | null {
+  const n = slots.length;
+  const runs: number[] = [0, 1];
+  for (let i = 1; i < n; i++) {
+    if (slots[i] === slots[i - 1]! + 1 && (slots[i]! & (PAGES_PER_SLAB - 1)) !== 0) runs[runs.length - 1]!++;
+    else runs.push(i, 1);
+  }
+  return runs.length / 2 <= 1 + Math.floor(n / PAGES_PER_RUN) ? runs : null;
+}
+
 export class MemoryDevice implements BlockDevice {
   readonly multiConnSafe = true; // one store shared by every connection, no cache
   readonly fastZero = true;
@@ -143,8 +160,11 @@ export class MemoryDevice implements BlockDevice {
   private readonly retired = new Set<number>();
   /** Slots of write targets not yet committed or aborted. */
   private reserved = 0;
-  /** The free list's length when it was last sorted into address order (writeTarget). */
-  private sortedFree = -1;
+  /**
+   * Whether the free list is in address order (lowest on top) since writeTarget last sorted it: a
+   * slot freed since then may be anywhere. Putting back what reserveRuns popped keeps the order.
+   */
+  private freeSorted = true;
   /** Bumped by close(): a target from before cannot commit into the emptied store. */
   private generation = 0;
 
@@ -278,7 +298,7 @@ export class MemoryDevice implements BlockDevice {
     if (!holds) return; // closed meanwhile
     this.holding -= count;
     for (let s = first; s < first + count; s++) {
-      if (--holds[s & (PAGES_PER_SLAB - 1)]! === 0 && this.retired.delete(s)) this.freeSlots.push(s);
+      if (--holds[s & (PAGES_PER_SLAB - 1)]! === 0 && this.retired.delete(s)) this.freeSlot(s);
     }
   }
 
@@ -309,7 +329,7 @@ export class MemoryDevice implements BlockDevice {
   private drop(pi: number, slot: number): void {
     this.table.delete(pi);
     if (this.holding > 0 && this.held(slot)) this.retired.add(slot);
-    else this.freeSlots.push(slot);
+    else this.freeSlot(slot);
   }
 
   async write(offset: number, data: Payload): Promise<void> {
@@ -381,13 +401,17 @@ export class MemoryDevice implements BlockDevice {
     if (this.reserved + n > MAX_RESERVED_PAGES) return null;
     const slots = new Int32Array(n);
     let runs = this.reserveRuns(slots);
-    if (!runs && this.freeSlots.length <= MAX_SORTED_FREE && this.freeSlots.length !== this.sortedFree) {
-      // Scattered free slots (trims, pages retired under views): in address order, from the
-      // top of the stack, the next pops come in runs wherever the free slots have them.
-      const sorted = Int32Array.from(this.freeSlots).sort();
-      for (let i = 0; i < sorted.length; i++) this.freeSlots[i] = sorted[sorted.length - 1 - i]!;
-      this.sortedFree = this.freeSlots.length;
-      runs = this.reserveRuns(slots);
+    if (!runs && this.freeSlots.length <= MAX_SORTED_FREE) {
+      if (!this.freeSorted) {
+        // Scattered free slots (trims, pages retired under views): in address order, from the
+        // top of the stack, the next pops come in runs wherever the free slots have them.
+        const sorted = Int32Array.from(this.freeSlots).sort();
+        for (let i = 0; i < sorted.length; i++) this.freeSlots[i] = sorted[sorted.length - 1 - i]!;
+        this.freeSorted = true;
+        runs = this.reserveRuns(slots);
+      }
+      // The lowest free slots are the scattered ones: slots in runs from further down the list.
+      runs ??= this.reserveWindow(slots);
     }
     if (!runs) return null;
     this.reserved += n;
@@ -418,7 +442,7 @@ export class MemoryDevice implements BlockDevice {
         used = true;
         if (generation !== this.generation) return;
         this.reserved -= n;
-        for (let i = n - 1; i >= 0; i--) this.freeSlots.push(slots[i]!);
+        for (let i = n - 1; i >= 0; i--) this.freeSlot(slots[i]!);
       },
     };
   }
@@ -434,14 +458,51 @@ export class MemoryDevice implements BlockDevice {
     while (k < n && this.freeSlots.length > 0) slots[k++] = this.freeSlots.pop()!;
     while (k < n) slots[k++] = this.newSlot();
     slots.sort();
-    const runs: number[] = [0, 1];
-    for (let i = 1; i < n; i++) {
-      if (slots[i] === slots[i - 1]! + 1 && (slots[i]! & (PAGES_PER_SLAB - 1)) !== 0) runs[runs.length - 1]!++;
-      else runs.push(i, 1);
-    }
-    if (runs.length / 2 <= 1 + Math.floor(n / PAGES_PER_RUN)) return runs;
+    const runs = runsOf(slots);
+    if (runs) return runs;
     for (let i = n - 1; i >= 0; i--) this.freeSlots.push(slots[i]!);
     return null;
+  }
+
+  /**
+   * With the free list in address order and its lowest slots too scattered: the lowest `slots.length`
+   * consecutive entries of the list that make few enough runs, taken out of it; or, when the list
+   * is shorter than that, new slots (one run per slab). Without this, a few scattered slots on top
+   * refused every write target until something else changed the list, which a store taking only
+   * copied writes never does: after an xfer transfer, 3957 and then all 4096 of an nbdcopy's
+   * targets were refused, for good.
+   */
+  private reserveWindow(slots: Int32Array): number[] | null {
+    const n = slots.length;
+    const free = this.freeSlots;
+    if (free.length < n) {
+      for (let i = 0; i < n; i++) slots[i] = this.newSlot();
+      return runsOf(slots);
+    }
+    const limit = 1 + Math.floor(n / PAGES_PER_RUN);
+    // free[k] and free[k - 1] are apart (not consecutive slots of one slab): a new run starts.
+    const apart = (k: number) => free[k - 1] !== free[k]! + 1 || (free[k - 1]! & (PAGES_PER_SLAB - 1)) === 0;
+    // The window is free[j - n + 1 .. j], lowest slot at j; its runs are 1 + the breaks inside.
+    let j = free.length - 1;
+    let breaks = 0;
+    for (let k = j; k > j - n + 1; k--) if (apart(k)) breaks++;
+    for (;;) {
+      if (1 + breaks <= limit) break;
+      if (j - n < 0) return null;
+      // Slide one entry up the addresses: drop the pair at the bottom, add the one at the top.
+      if (apart(j)) breaks--;
+      j--;
+      if (apart(j - n + 2)) breaks++;
+    }
+    const taken = free.splice(j - n + 1, n);
+    for (let i = 0; i < n; i++) slots[i] = taken[n - 1 - i]!;
+    return runsOf(slots);
+  }
+
+  /** A slot back on the free list: the list may be out of address order now. */
+  private freeSlot(slot: number): void {
+    this.freeSlots.push(slot);
+    this.freeSorted = false;
   }
 
   /**
@@ -462,7 +523,7 @@ export class MemoryDevice implements BlockDevice {
       this.table.set(p0 + i, slots[i]!);
       if (old === undefined) continue;
       if (this.holding > 0 && this.held(old)) this.retired.add(old);
-      else this.freeSlots.push(old);
+      else this.freeSlot(old);
     }
   }
 
