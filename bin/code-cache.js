@@ -122,7 +122,7 @@ export function loadCachedBundle(entry, dirsForTest) {
     if (useCache && outcome !== 'used') toWrite.push({ name, bytes, script });
     const module = { exports: {}, filename: file, id: file, loaded: false };
     modules.set(file, module);
-    const req = (id) => (id.startsWith('./') && id.endsWith('.cjs') ? load(path.join(bundleDir, id)) : nodeRequire(id));
+    const req = (id) => (id.startsWith('./') && id.endsWith('.cjs') ? load(path.join(bundleDir, id)) : LAZY_BUILTINS.has(id) ? lazyBuiltin(id, nodeRequire) : nodeRequire(id));
     script.runInThisContext().call(module.exports, module.exports, req, module, file, bundleDir);
     module.loaded = true;
     return module.exports;
@@ -131,6 +131,36 @@ export function loadCachedBundle(entry, dirsForTest) {
   if (useCache) process.once('exit', () => writeEntries(dirs, toWrite));
   if (process.env.BLOCKMIRROR_CODE_CACHE_DEBUG) process.once('exit', () => process.stderr.write(`code cache: ${JSON.stringify(codeCacheStats)}\n`));
   return load(entry);
+}
+
+/**
+ * Built-in modules that a chunk requires when it loads but uses only on paths our commands never
+ * take: commander requires node:child_process (and with it dgram and net's socket list) for
+ * executable subcommands, which blockmirror has none of. Each gets a stand-in that requires the
+ * real module on first use, so a command that never spawns anything never loads it.
+ */
+const LAZY_BUILTINS = new Set(['node:child_process']);
+const lazyBuiltins = new Map();
+function lazyBuiltin(id, nodeRequire) {
+  let stand = lazyBuiltins.get(id);
+  if (stand) return stand;
+  let real;
+  const mod = () => (real ??= nodeRequire(id));
+  stand = new Proxy(
+    {},
+    {
+      get: (_, key) => mod()[key],
+      has: (_, key) => key in mod(),
+      ownKeys: () => Reflect.ownKeys(mod()),
+      getOwnPropertyDescriptor: (_, key) => {
+        const d = Reflect.getOwnPropertyDescriptor(mod(), key);
+        // The stand-in's target has no such property: a proxy may only report it configurable.
+        return d && { ...d, configurable: true };
+      },
+    },
+  );
+  lazyBuiltins.set(id, stand);
+  return stand;
 }
 
 /** Write each new entry to the first directory that takes it, through a temp file and a rename. */

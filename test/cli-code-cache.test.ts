@@ -143,7 +143,7 @@ describe('what status, pair and cfs load', () => {
     await cluster?.stop();
   });
 
-  it('run status, pair split/resync and cfs put/get/ls without fastify, pino, etcd3, TLS, node:crypto, worker threads or the crc32c addon, and cfs without node:http', async () => {
+  it('run status, pair split/resync and cfs put/get/ls without fastify, pino, etcd3, TLS, node:crypto, node:child_process, worker threads or the crc32c addon, and cfs without node:http', async () => {
     const [nbd, admin, cfs] = [await freePort(), await freePort(), await freePort()];
     const config = path.join(top, 'cluster.yaml');
     fs.writeFileSync(
@@ -170,7 +170,7 @@ cfs:
 const require = createRequire(import.meta.url);
 process.on('exit', () => {
   const pk = Object.keys(require('module')._cache).filter((f) => f.includes('/node_modules/')).map((f) => f.replace(/.*\\/node_modules\\/((@[^/]+\\/)?[^/]+).*/, '$1'));
-  const nat = process.moduleLoadList.filter((m) => /^NativeModule (http|https|tls|_http_server|_http_client|crypto|worker_threads)$/.test(m)).map((m) => m.slice('NativeModule '.length));
+  const nat = process.moduleLoadList.filter((m) => /^NativeModule (http|https|tls|_http_server|_http_client|crypto|worker_threads|child_process)$/.test(m)).map((m) => m.slice('NativeModule '.length));
   process.stderr.write('loaded: ' + JSON.stringify([...new Set([...pk, ...nat])].sort()) + '\\n');
 });
 `,
@@ -182,7 +182,7 @@ process.on('exit', () => {
       expect(r.code, `${args.join(' ')}: ${r.stderr}`).toBe(0);
       return JSON.parse(/loaded: (.*)\n/.exec(r.stderr)![1]!) as string[];
     };
-    const forbidden = ['fastify', 'pino', 'etcd3', 'tls', 'https', 'crypto', 'worker_threads', '@node-rs/crc32', '@node-rs/xxhash', 'fuse-native', 'prom-client'];
+    const forbidden = ['fastify', 'pino', 'etcd3', 'tls', 'https', 'crypto', 'worker_threads', 'child_process', '@node-rs/crc32', '@node-rs/xxhash', 'fuse-native', 'prom-client'];
     const status = await loaded(['status']);
     expect(status).toContain('http'); // the probe sees what is loaded: the admin client's node:http
     for (const args of [['status'], ['pair', 'split', 'p1'], ['pair', 'resync', 'p1']]) {

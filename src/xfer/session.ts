@@ -1,6 +1,5 @@
 // What the sender and the receiver share: their tunables, the heartbeat each writes into its own
 // half of the process ID table, and the watch each keeps on the other's.
-import { randomInt } from 'node:crypto';
 import type { Logger } from 'pino';
 import type { PidEntry } from './layout.js';
 import { XferPeerError } from './errors.js';
@@ -56,8 +55,13 @@ export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   });
 }
 
-/** A non-zero token naming one connection. */
-export const newToken = (): number => randomInt(1, 0xffffffff);
+/**
+ * A non-zero token naming one connection. It only has to differ from other connections' tokens
+ * (two senders racing for a slot, a slot's earlier connection), not to be unguessable: anyone who
+ * can write the volume can write any table. V8 seeds Math.random per process from the OS's
+ * entropy, and node:crypto cost a send or recv a dozen built-in modules at start-up.
+ */
+export const newToken = (): number => 1 + Math.floor(Math.random() * 0xfffffffe);
 
 /** Our half of a slot: rewritten whole on every beat, so only we ever write it. */
 export class OwnHalf {

@@ -1,6 +1,6 @@
 // A transfer volume: the master device and its secondaries, each reached over one or more paths,
 // and the table and segment I/O of the layout in layout.ts. Every write here is whole blocks.
-import { randomBytes } from 'node:crypto';
+import { createRequire } from 'node:module';
 import type { Logger } from 'pino';
 import {
   ACK,
@@ -98,6 +98,8 @@ export async function formatVolume(specs: string[], g: Geometry, opts: PathOptio
   const paths = await openAll(specs, opts);
   try {
     const m = masterLayout(g);
+    // node:crypto only here, in format: every other command would load it for nothing (start-up).
+    const { randomBytes } = createRequire(import.meta.url)('node:crypto') as typeof import('node:crypto');
     const volume = randomBytes(16);
     const secEnd = BLOCK + g.segments * g.segSize;
     paths.forEach((p, i) => {
