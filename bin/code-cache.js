@@ -3,7 +3,10 @@
 // and has no module.enableCompileCache (22.1+); a vm.Script can be handed the code V8 compiled last
 // time (cachedData), which skips parsing and compiling the functions the command ran then.
 //
-// One entry per chunk, CHUNK.v8 (u32 little-endian; header: Node's version, arch and flags, as JSON):
+// One entry per chunk and set of Node flags, CHUNK.FLAGS.v8, FLAGS being the CRC-32 of the flags in hex
+// (V8 rejects a code cache made under other flags, and `node bin/blockmirror.js` and the shebang's
+// flags would otherwise overwrite each other's entries at every other start). The entry, u32s
+// little-endian; header: Node's version, arch and flags, as JSON:
 //   u32 header length | header | u32 source length | source | u32 CRC-32 of the code | V8 cachedData
 //
 // | concern | answer |
@@ -50,6 +53,8 @@ function ours(d) {
 export const codeCacheStats = { used: 0, missing: 0, stale: 0, rejected: 0 };
 
 const HEADER = Buffer.from(JSON.stringify({ node: process.version, arch: process.arch, flags: process.execArgv }));
+/** The entries' suffix: the flags alone, so that a new Node replaces the entries of the old one. */
+const SUFFIX = typeof zlib.crc32 === 'function' ? `.${zlib.crc32(JSON.stringify(process.execArgv)).toString(16).padStart(8, '0')}.v8` : '.v8';
 
 /** The cachedData of an entry made from exactly `source` under this Node, or why not. */
 function parseEntry(entry, source) {
@@ -108,7 +113,7 @@ export function loadCachedBundle(entry, dirsForTest) {
     const known = modules.get(file);
     if (known) return known.exports;
     const bytes = fs.readFileSync(file);
-    const name = `${path.basename(file)}.v8`;
+    const name = `${path.basename(file)}${SUFFIX}`;
     const stored = useCache ? readEntry(name) : undefined;
     const found = stored === undefined ? 'missing' : parseEntry(stored, bytes);
     const cachedData = typeof found === 'string' ? undefined : found;
