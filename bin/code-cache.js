@@ -21,17 +21,17 @@
 //
 // BLOCKMIRROR_NO_CODE_CACHE=1 compiles from source and writes nothing; BLOCKMIRROR_CODE_CACHE_DEBUG=1
 // prints what the cache did (used, missing, stale, rejected: chunks) on stderr at exit.
-import fs from 'node:fs';
-import { createRequire } from 'node:module';
-import os from 'node:os';
-import path from 'node:path';
-import vm from 'node:vm';
-import zlib from 'node:zlib';
+'use strict';
+const fs = require('node:fs');
+const { createRequire } = require('node:module');
+const path = require('node:path');
+const vm = require('node:vm');
+const zlib = require('node:zlib');
 
 /** Where cache entries go: the first directory of these that can be created and written; BLOCKMIRROR_CODE_CACHE alone if set. */
 function cacheDirs(bundleDir) {
   if (process.env.BLOCKMIRROR_CODE_CACHE) return [process.env.BLOCKMIRROR_CODE_CACHE];
-  return [path.join(bundleDir, '.code-cache'), path.join(os.tmpdir(), `blockmirror-code-cache-${process.getuid?.() ?? 'u'}`)];
+  return [path.join(bundleDir, '.code-cache'), path.join(require('node:os').tmpdir(), `blockmirror-code-cache-${process.getuid?.() ?? 'u'}`)];
 }
 
 /**
@@ -50,7 +50,7 @@ function ours(d) {
 }
 
 /** What the last loadCachedBundle did, per chunk (for tests and BLOCKMIRROR_CODE_CACHE_DEBUG=1). */
-export const codeCacheStats = { used: 0, missing: 0, stale: 0, rejected: 0 };
+const codeCacheStats = { used: 0, missing: 0, stale: 0, rejected: 0 };
 
 const HEADER = Buffer.from(JSON.stringify({ node: process.version, arch: process.arch, flags: process.execArgv }));
 /** The entries' suffix: the flags alone, so that a new Node replaces the entries of the old one. */
@@ -87,7 +87,7 @@ function frame(source, data) {
  * Load `entry` (an absolute path to a .cjs file of the bundle) and return its exports. Relative
  * requires of .cjs chunks go through the same cached loader; everything else through Node's require.
  */
-export function loadCachedBundle(entry, dirsForTest) {
+function loadCachedBundle(entry, dirsForTest) {
   const bundleDir = path.dirname(entry);
   // zlib.crc32 is Node 20.15 and later; before it, no cache rather than an unchecked one.
   const useCache = !process.env.BLOCKMIRROR_NO_CODE_CACHE && typeof zlib.crc32 === 'function';
@@ -191,3 +191,5 @@ function writeEntries(dirs, entries) {
     }
   }
 }
+
+module.exports = { loadCachedBundle, codeCacheStats };
