@@ -127,6 +127,24 @@ describe('the code cache of the CommonJS bundle (bin/code-cache.js)', () => {
     expect(await load(b.runner, [unwritable, b.cache])).toEqual({ value: 'one:cli.cjs', used: 2, missing: 0, stale: 0, rejected: 0 });
   });
 
+  it('falls back to the temp directory when the bundle\'s own cache directory cannot be used, and finds its entries there', async () => {
+    const b = makeBundle('one');
+    // The bundle's .code-cache is a file: not a directory, so never ours.
+    fs.writeFileSync(path.join(b.dir, '.code-cache'), '');
+    const tmp = fs.mkdtempSync(path.join(top, 'tmp-'));
+    const viaDefaults = async () => {
+      // argv[2] 'null': the loader's own list of directories (cacheDirs), with TMPDIR for os.tmpdir().
+      const r = await run(process.execPath, [b.runner, 'null'], { env: { TMPDIR: tmp, BLOCKMIRROR_CODE_CACHE: '' } });
+      expect(r.stderr).toBe('');
+      expect(r.code).toBe(0);
+      return JSON.parse(r.stdout) as Loaded;
+    };
+    expect(await viaDefaults()).toEqual({ value: 'one:cli.cjs', used: 0, missing: 2, stale: 0, rejected: 0 });
+    const fallback = path.join(tmp, `blockmirror-code-cache-${process.getuid!()}`);
+    expect(entries(fallback)).toEqual([entryOf('b.cjs'), entryOf('cli.cjs')]);
+    expect(await viaDefaults()).toEqual({ value: 'one:cli.cjs', used: 2, missing: 0, stale: 0, rejected: 0 });
+  });
+
   it('gives the same answers through a cold, a warm and a corrupted cache as dist/ module by module', async () => {
     const cache = path.join(top, 'cli-cache');
     const bad = path.join(top, 'bad.yaml');
