@@ -3,7 +3,10 @@
 // and has no module.enableCompileCache (22.1+); a vm.Script can be handed the code V8 compiled last
 // time (cachedData), which skips parsing and compiling the functions the command ran then.
 //
-// One entry per chunk, CHUNK.v8 (u32 little-endian; header: Node's version, arch and flags, as JSON):
+// One entry per chunk and set of Node flags, CHUNK.FLAGS.v8, FLAGS being the CRC-32 of the flags in hex
+// (V8 rejects a code cache made under other flags, and `node bin/blockmirror.js` and the shebang's
+// flags would otherwise overwrite each other's entries at every other start). The entry, u32s
+// little-endian; header: Node's version, arch and flags, as JSON:
 //   u32 header length | header | u32 source length | source | u32 CRC-32 of the code | V8 cachedData
 //
 // | concern | answer |
@@ -18,17 +21,21 @@
 //
 // BLOCKMIRROR_NO_CODE_CACHE=1 compiles from source and writes nothing; BLOCKMIRROR_CODE_CACHE_DEBUG=1
 // prints what the cache did (used, missing, stale, rejected: chunks) on stderr at exit.
-import fs from 'node:fs';
-import { createRequire } from 'node:module';
-import os from 'node:os';
-import path from 'node:path';
-import vm from 'node:vm';
-import zlib from 'node:zlib';
+'use strict';
+const fs = require('node:fs');
+const { createRequire } = require('node:module');
+const path = require('node:path');
+const vm = require('node:vm');
+const zlib = require('node:zlib');
 
-/** Where cache entries go: the first directory of these that can be created and written; BLOCKMIRROR_CODE_CACHE alone if set. */
+/**
+ * Where cache entries go: the first directory of these that can be created and written; BLOCKMIRROR_CODE_CACHE
+ * alone if set. The temp directory's is a function, called only when the first has no entry: node:os
+ * is ~6 M instructions of a start-up (issue 18) that finds its entries next to the bundle.
+ */
 function cacheDirs(bundleDir) {
   if (process.env.BLOCKMIRROR_CODE_CACHE) return [process.env.BLOCKMIRROR_CODE_CACHE];
-  return [path.join(bundleDir, '.code-cache'), path.join(os.tmpdir(), `blockmirror-code-cache-${process.getuid?.() ?? 'u'}`)];
+  return [path.join(bundleDir, '.code-cache'), () => path.join(require('node:os').tmpdir(), `blockmirror-code-cache-${process.getuid?.() ?? 'u'}`)];
 }
 
 /**
@@ -47,9 +54,11 @@ function ours(d) {
 }
 
 /** What the last loadCachedBundle did, per chunk (for tests and BLOCKMIRROR_CODE_CACHE_DEBUG=1). */
-export const codeCacheStats = { used: 0, missing: 0, stale: 0, rejected: 0 };
+const codeCacheStats = { used: 0, missing: 0, stale: 0, rejected: 0 };
 
 const HEADER = Buffer.from(JSON.stringify({ node: process.version, arch: process.arch, flags: process.execArgv }));
+/** The entries' suffix: the flags alone, so that a new Node replaces the entries of the old one. */
+const SUFFIX = typeof zlib.crc32 === 'function' ? `.${zlib.crc32(JSON.stringify(process.execArgv)).toString(16).padStart(8, '0')}.v8` : '.v8';
 
 /** The cachedData of an entry made from exactly `source` under this Node, or why not. */
 function parseEntry(entry, source) {
@@ -82,19 +91,23 @@ function frame(source, data) {
  * Load `entry` (an absolute path to a .cjs file of the bundle) and return its exports. Relative
  * requires of .cjs chunks go through the same cached loader; everything else through Node's require.
  */
-export function loadCachedBundle(entry, dirsForTest) {
+function loadCachedBundle(entry, dirsForTest) {
   const bundleDir = path.dirname(entry);
   // zlib.crc32 is Node 20.15 and later; before it, no cache rather than an unchecked one.
   const useCache = !process.env.BLOCKMIRROR_NO_CODE_CACHE && typeof zlib.crc32 === 'function';
-  const dirs = useCache ? (dirsForTest ?? cacheDirs(bundleDir)) : [];
+  const listed = useCache ? (dirsForTest ?? cacheDirs(bundleDir)) : [];
+  const dirs = () => listed.map((d, i) => (typeof d === 'function' ? (listed[i] = d()) : d));
   const nodeRequire = createRequire(entry);
   const modules = new Map();
   const toWrite = [];
 
-  let readable;
+  const isOurs = new Map();
   const readEntry = (name) => {
-    readable ??= dirs.filter(ours);
-    for (const d of readable) {
+    for (let i = 0; i < listed.length; i++) {
+      if (typeof listed[i] === 'function') listed[i] = listed[i]();
+      const d = listed[i];
+      if (!isOurs.has(d)) isOurs.set(d, ours(d));
+      if (!isOurs.get(d)) continue;
       try {
         return fs.readFileSync(path.join(d, name));
       } catch {
@@ -108,7 +121,7 @@ export function loadCachedBundle(entry, dirsForTest) {
     const known = modules.get(file);
     if (known) return known.exports;
     const bytes = fs.readFileSync(file);
-    const name = `${path.basename(file)}.v8`;
+    const name = `${path.basename(file)}${SUFFIX}`;
     const stored = useCache ? readEntry(name) : undefined;
     const found = stored === undefined ? 'missing' : parseEntry(stored, bytes);
     const cachedData = typeof found === 'string' ? undefined : found;
@@ -128,7 +141,7 @@ export function loadCachedBundle(entry, dirsForTest) {
     return module.exports;
   };
 
-  if (useCache) process.once('exit', () => writeEntries(dirs, toWrite));
+  if (useCache) process.once('exit', () => toWrite.length > 0 && writeEntries(dirs(), toWrite));
   if (process.env.BLOCKMIRROR_CODE_CACHE_DEBUG) process.once('exit', () => process.stderr.write(`code cache: ${JSON.stringify(codeCacheStats)}\n`));
   return load(entry);
 }
@@ -186,3 +199,5 @@ function writeEntries(dirs, entries) {
     }
   }
 }
+
+module.exports = { loadCachedBundle, codeCacheStats };

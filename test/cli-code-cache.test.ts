@@ -4,6 +4,7 @@
 // cost nothing but time. And the client commands load only what they run.
 import fs from 'node:fs';
 import path from 'node:path';
+import zlib from 'node:zlib';
 import { afterAll, describe, expect, it } from 'vitest';
 import { CLI, ROOT, freePort, run, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
 
@@ -38,39 +39,52 @@ async function load(runner: string, dirs: string[]): Promise<Loaded> {
 }
 
 const entries = (dir: string): string[] => (fs.existsSync(dir) ? fs.readdirSync(dir).sort() : []);
+/** The entry of `chunk` made under no Node flags (CHUNK.CRC32-OF-FLAGS.v8). */
+const entryOf = (chunk: string): string => `${chunk}.${zlib.crc32(JSON.stringify([])).toString(16).padStart(8, '0')}.v8`;
 
 describe('the code cache of the CommonJS bundle (bin/code-cache.js)', () => {
   it('writes an entry per chunk at exit and uses them at the next start', async () => {
     const b = makeBundle('one');
     expect(await load(b.runner, [b.cache])).toEqual({ value: 'one:cli.cjs', used: 0, missing: 2, stale: 0, rejected: 0 });
-    expect(entries(b.cache)).toEqual(['b.cjs.v8', 'cli.cjs.v8']);
+    expect(entries(b.cache)).toEqual([entryOf('b.cjs'), entryOf('cli.cjs')]);
     expect(await load(b.runner, [b.cache])).toEqual({ value: 'one:cli.cjs', used: 2, missing: 0, stale: 0, rejected: 0 });
   });
 
   it('never runs the cache of an earlier build of a chunk, even one of the same length, and replaces it', async () => {
     const b = makeBundle('one');
     await load(b.runner, [b.cache]);
-    const before = fs.readFileSync(path.join(b.cache, 'b.cjs.v8'));
+    const before = fs.readFileSync(path.join(b.cache, entryOf('b.cjs')));
     // Same length: V8's own check of an entry compares the source's length, not its text.
     fs.writeFileSync(path.join(b.dir, 'b.cjs'), "exports.value = 'two';\n");
     expect(await load(b.runner, [b.cache])).toEqual({ value: 'two:cli.cjs', used: 1, missing: 0, stale: 1, rejected: 0 });
-    expect(entries(b.cache)).toEqual(['b.cjs.v8', 'cli.cjs.v8']);
-    expect(fs.readFileSync(path.join(b.cache, 'b.cjs.v8')).equals(before)).toBe(false);
+    expect(entries(b.cache)).toEqual([entryOf('b.cjs'), entryOf('cli.cjs')]);
+    expect(fs.readFileSync(path.join(b.cache, entryOf('b.cjs'))).equals(before)).toBe(false);
     expect(await load(b.runner, [b.cache])).toEqual({ value: 'two:cli.cjs', used: 2, missing: 0, stale: 0, rejected: 0 });
   });
 
-  it('takes an entry made under other Node flags as stale', async () => {
+  it('keeps the entries of each set of Node flags apart (V8 rejects a cache made under other flags), and takes one made under other flags as stale', async () => {
     const b = makeBundle('one');
     await load(b.runner, [b.cache]);
-    const r = await run(process.execPath, ['--stack-size=2000', b.runner, JSON.stringify([b.cache])]);
-    expect(r.code).toBe(0);
-    expect(JSON.parse(r.stdout)).toEqual({ value: 'one:cli.cjs', used: 0, missing: 0, stale: 2, rejected: 0 });
+    const flagged = async () => {
+      const r = await run(process.execPath, ['--stack-size=2000', b.runner, JSON.stringify([b.cache])]);
+      expect(r.code).toBe(0);
+      return JSON.parse(r.stdout) as Loaded;
+    };
+    expect(await flagged()).toEqual({ value: 'one:cli.cjs', used: 0, missing: 2, stale: 0, rejected: 0 });
+    // Both sets of entries stay: starts with and without the flags, in turn, each use their own.
+    expect(await load(b.runner, [b.cache])).toEqual({ value: 'one:cli.cjs', used: 2, missing: 0, stale: 0, rejected: 0 });
+    expect(await flagged()).toEqual({ value: 'one:cli.cjs', used: 2, missing: 0, stale: 0, rejected: 0 });
+    expect(entries(b.cache)).toHaveLength(4);
+    // An entry of other flags under this one's name (a CRC-32 collision): the header tells, stale.
+    const theirs = entries(b.cache).filter((f) => !f.endsWith(entryOf('').slice(1)));
+    for (const f of theirs) fs.copyFileSync(path.join(b.cache, f), path.join(b.cache, f.replace(/\.[0-9a-f]{8}\.v8$/, entryOf(''))));
+    expect(await load(b.runner, [b.cache])).toEqual({ value: 'one:cli.cjs', used: 0, missing: 0, stale: 2, rejected: 0 });
   });
 
   it('ignores a corrupt entry, compiles from source and rewrites the entry', async () => {
     const b = makeBundle('one');
     await load(b.runner, [b.cache]);
-    const entry = path.join(b.cache, 'b.cjs.v8');
+    const entry = path.join(b.cache, entryOf('b.cjs'));
     const good = fs.readFileSync(entry);
     // The framing intact, V8's part damaged: V8 rejects it.
     const garbage = Buffer.from(good);
@@ -90,7 +104,7 @@ describe('the code cache of the CommonJS bundle (bin/code-cache.js)', () => {
     const b = makeBundle('one');
     await load(b.runner, [b.cache]);
     const written = entries(b.cache);
-    expect(written).toEqual(['b.cjs.v8', 'cli.cjs.v8']);
+    expect(written).toEqual([entryOf('b.cjs'), entryOf('cli.cjs')]);
     // Group- and world-writable: anyone could have planted these entries.
     fs.chmodSync(b.cache, 0o777);
     expect(await load(b.runner, [b.cache])).toEqual({ value: 'one:cli.cjs', used: 0, missing: 2, stale: 0, rejected: 0 });
@@ -111,6 +125,24 @@ describe('the code cache of the CommonJS bundle (bin/code-cache.js)', () => {
     expect(await load(b.runner, [unwritable])).toEqual({ value: 'one:cli.cjs', used: 0, missing: 2, stale: 0, rejected: 0 });
     expect(await load(b.runner, [unwritable, b.cache])).toEqual({ value: 'one:cli.cjs', used: 0, missing: 2, stale: 0, rejected: 0 });
     expect(await load(b.runner, [unwritable, b.cache])).toEqual({ value: 'one:cli.cjs', used: 2, missing: 0, stale: 0, rejected: 0 });
+  });
+
+  it('falls back to the temp directory when the bundle\'s own cache directory cannot be used, and finds its entries there', async () => {
+    const b = makeBundle('one');
+    // The bundle's .code-cache is a file: not a directory, so never ours.
+    fs.writeFileSync(path.join(b.dir, '.code-cache'), '');
+    const tmp = fs.mkdtempSync(path.join(top, 'tmp-'));
+    const viaDefaults = async () => {
+      // argv[2] 'null': the loader's own list of directories (cacheDirs), with TMPDIR for os.tmpdir().
+      const r = await run(process.execPath, [b.runner, 'null'], { env: { TMPDIR: tmp, BLOCKMIRROR_CODE_CACHE: '' } });
+      expect(r.stderr).toBe('');
+      expect(r.code).toBe(0);
+      return JSON.parse(r.stdout) as Loaded;
+    };
+    expect(await viaDefaults()).toEqual({ value: 'one:cli.cjs', used: 0, missing: 2, stale: 0, rejected: 0 });
+    const fallback = path.join(tmp, `blockmirror-code-cache-${process.getuid!()}`);
+    expect(entries(fallback)).toEqual([entryOf('b.cjs'), entryOf('cli.cjs')]);
+    expect(await viaDefaults()).toEqual({ value: 'one:cli.cjs', used: 2, missing: 0, stale: 0, rejected: 0 });
   });
 
   it('gives the same answers through a cold, a warm and a corrupted cache as dist/ module by module', async () => {

@@ -169,6 +169,33 @@ describe('what a CLI process loads at start', () => {
   });
 });
 
+describe('what --version and a mistyped command load', () => {
+  it('run without Node\'s ES module loader (bin/ is CommonJS) and without the stream classes of process.stdout and stderr (the answer goes out with write(2))', async () => {
+    // Both cost --version a third of its start-up under the shebang's V8 flag, which makes Node
+    // compile its own modules from source. -r, not --import: --import would start the ES loader;
+    // and the probe writes with write(2) too. (node:stream itself comes with node:zlib, whose
+    // CRC-32 checks the code cache.)
+    const probe = path.join(top, 'loaded.cjs');
+    fs.writeFileSync(probe, "process.on('exit', () => require('fs').writeSync(2, `loaded: ${process.moduleLoadList.filter((m) => /^NativeModule (internal\\/modules\\/esm\\/translators|internal\\/fs\\/sync_write_stream|net|tty)$/.test(m)).map((m) => m.slice('NativeModule '.length)).join(',') || 'none'}\\n`));\n");
+    const version = await run(process.execPath, ['-r', probe, CLI, '--version']);
+    expect(version.stdout).toBe('0.1.0\n');
+    expect(version.stderr).toBe('loaded: none\n');
+    expect(version.code).toBe(0);
+    const bad = await run(process.execPath, ['-r', probe, CLI, '--log-level', 'warn', 'nosuch']);
+    // A mistyped command loads every command module (for the whole tree in view), some with
+    // node:net; still no ES loader.
+    expect(bad.stderr).toMatch(/^blockmirror: unknown command 'nosuch'\nloaded: .*\n$/);
+    expect(bad.stderr).not.toContain('translators');
+    expect(bad.code).toBe(2);
+    // The probe does see them where they are loaded: help goes through process.stdout (commander
+    // asks it for the terminal's width), a pipe here.
+    const help = await run(process.execPath, ['-r', probe, CLI, 'pair', 'split', '--help']);
+    expect(help.code).toBe(0);
+    expect(help.stdout).toContain('Usage: blockmirror pair split');
+    expect(help.stderr).toMatch(/loaded: (\S*,)?net\b/);
+  });
+});
+
 describe('blockmirror completion bash', () => {
   it('completes commands, subcommands, options and option values in bash', async () => {
     expect(await complete('blockmirror s')).toEqual(['serve', 'status', 'svol']);

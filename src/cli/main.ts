@@ -1,4 +1,5 @@
 // The composition root: parse the command line, wire the layers, run.
+import fs from 'node:fs';
 import { Command, CommanderError, Option } from 'commander';
 import { UsageError } from './errors.js';
 import { AdminUnreachableError } from '../admin/errors.js';
@@ -49,6 +50,23 @@ export function modulesFor(args: string[]): typeof MODULES {
   return one && name !== 'completion' ? [one] : MODULES;
 }
 
+/**
+ * Write `text` to standard output (1) or error (2) with write(2), not through process.stdout or
+ * stderr: their first use loads node:stream and a stream class (~30 M instructions, a sixth of
+ * `--version`, issue 18), which --version, --help and the usage errors need for nothing else. If the
+ * descriptor will not take it all at once (EAGAIN: a non-blocking one shared with another process)
+ * or fails, the rest goes through the stream, which handles all of that as it always did.
+ */
+export function say(fd: 1 | 2, text: string): void {
+  const buf = Buffer.from(text);
+  let done = 0;
+  try {
+    while (done < buf.length) done += fs.writeSync(fd, buf, done);
+  } catch {
+    (fd === 1 ? process.stdout : process.stderr).write(buf.subarray(done));
+  }
+}
+
 /** The program with the commands `args` (the command line after `node script`) needs; all without. */
 export async function buildProgram(args?: string[]): Promise<Command> {
   const program = new Command('blockmirror')
@@ -57,7 +75,7 @@ export async function buildProgram(args?: string[]): Promise<Command> {
     .addOption(new Option('--log-level <level>', 'fatal, error, warn, info, debug, trace or silent').default('info'))
     .showHelpAfterError(false)
     .exitOverride()
-    .configureOutput({ outputError: () => {} });
+    .configureOutput({ outputError: () => {}, writeOut: (s) => say(1, s), writeErr: (s) => say(2, s) });
   const registers = await Promise.all((args === undefined ? MODULES : modulesFor(args)).map((m) => m.load()));
   for (const register of registers) register(program);
   addExamples(program);
@@ -83,14 +101,14 @@ export async function main(argv: string[]): Promise<void> {
       // --help and --version land here too, with exit code 0; a bare command group prints its help.
       if (err.exitCode === 0) process.exit(0);
       if (err.code === 'commander.help') process.exit(2);
-      process.stderr.write(`blockmirror: ${err.message.replace(/^error: /, '')}\n`);
+      say(2, `blockmirror: ${err.message.replace(/^error: /, '')}\n`);
       process.exit(2);
     }
     if (err instanceof UsageError) {
-      process.stderr.write(`blockmirror: ${err.message}\n`);
+      say(2, `blockmirror: ${err.message}\n`);
       process.exit(2);
     }
-    process.stderr.write(`blockmirror: ${err instanceof Error ? err.message : String(err)}${nextStep(err, argv)}\n`);
+    say(2, `blockmirror: ${err instanceof Error ? err.message : String(err)}${nextStep(err, argv)}\n`);
     process.exit(1);
   }
 }
