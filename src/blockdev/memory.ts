@@ -39,6 +39,9 @@
 //            (free, or retired while a view holds them), then the bytes that
 //            came with the header are written the usual way
 //   abort    the reserved slots are free again; the volume never changed
+//   hold     the reserved slots get a view's holds: after the commit they are pages like any
+//            held one (a write copies on write, a trim retires), an abort retires them, and the
+//            release frees what is retired (a sync pair writes its mirrors from them meanwhile)
 import { BlockDeviceError, type BlockDevice, type Extent, type Payload, type ReadViews, type WriteTarget, type ZeroOptions } from './types.js';
 import { State } from '../protocol/constants.js';
 
