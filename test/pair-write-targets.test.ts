@@ -196,6 +196,30 @@ describe('a pair master\'s write target', () => {
     expectSlotsBack(r.mem);
   });
 
+  it('async: marks the mirror\'s clusters Invalid, in memory and in the store, before the master\'s pages change', async () => {
+    const r = await rig('async');
+    const seen: boolean[] = [];
+    const real = r.mem.writeTarget.bind(r.mem);
+    r.mem.writeTarget = (o: number, l: number, f: number): WriteTarget | null => {
+      const t = real(o, l, f)!;
+      return {
+        pieces: t.pieces,
+        commit: (head, fua) => {
+          for (let c = Math.floor(OFF / CLUSTER); c <= Math.floor((OFF + LEN - 1) / CLUSTER); c++) {
+            seen.push(r.pair.mirrors[0]!.bitmap.isInvalid(c), (r.store.image(0)[c >>> 3]! & (1 << (c & 7))) !== 0);
+          }
+          return t.commit(head, fua);
+        },
+        abort: t.abort,
+      };
+    };
+    const t = r.host.writeTarget!(OFF, LEN, 0)!;
+    await t.commit([]);
+    expect(seen.length).toBe(8); // four clusters, two bits each
+    expect(seen.every(Boolean)).toBe(true);
+    expectSlotsBack(r.mem);
+  });
+
   it('writes a slow mirror from the payload\'s pages even when a later write replaces them on the master meanwhile', async () => {
     const r = await rig('sync');
     r.mirrorFaults[0]!.set({ kind: 'delay', ms: 30 });
