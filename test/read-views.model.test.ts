@@ -7,8 +7,10 @@
 // when it opens (as a socket would, byte by byte, at any time) and with the payload just before
 // it commits; until then the volume must not change, several targets over the same bytes may be
 // open at once and commit in any order (the model applies each at its commit), and an aborted
-// one leaves no trace. After every step each slot is exactly one of: in the table, free,
-// retired or reserved (no page leaked, none in two places).
+// one leaves no trace. A target may be held once its payload has landed (WriteTarget.hold, what a
+// sync pair writes its mirrors from): the held bytes must stay the payload's through its commit or
+// abort and any later write, trim or zero, until released. After every step each slot is exactly
+// one of: in the table, free, retired or reserved (no page leaked, none in two places).
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { MemoryDevice } from '../src/blockdev/memory.js';
@@ -26,7 +28,7 @@ type Op =
   | { kind: 'view'; off: number; len: number }
   | { kind: 'release'; pick: number }
   | { kind: 'target'; off: number; len: number; seed: number; from: number }
-  | { kind: 'commit' | 'abort'; pick: number };
+  | { kind: 'commit' | 'abort' | 'hold'; pick: number };
 
 // Spans biased to page edges, so whole-page trims (which free slots) and partial writes both come up,
 // and half of them to the first pages, so operations overlap often.
@@ -53,6 +55,7 @@ const op: fc.Arbitrary<Op> = fc.oneof(
   },
   { arbitrary: fc.nat().map((pick) => ({ kind: 'commit' as const, pick })), weight: 3 },
   { arbitrary: fc.nat().map((pick) => ({ kind: 'abort' as const, pick })), weight: 1 },
+  { arbitrary: fc.nat().map((pick) => ({ kind: 'hold' as const, pick })), weight: 4 },
 );
 
 interface Open {
@@ -130,11 +133,20 @@ async function apply(dev: MemoryDevice, model: Buffer, out: Out[], o: Op, open: 
     case 'abort':
       if (open.length > 0) open.splice(o.pick % open.length, 1)[0]!.target.abort();
       return;
+    case 'hold': {
+      // The payload has landed (the socket is done with the pieces); the target stays open.
+      if (open.length === 0) return;
+      const t = open[o.pick % open.length]!;
+      let at = t.from;
+      for (const p of t.target.pieces) at += t.data.copy(p, 0, at);
+      out.push({ views: t.target.hold!(), off: t.off + t.from, expected: Buffer.from(t.data.subarray(t.from)) });
+      return;
+    }
   }
 }
 
 describe('MemoryDevice.readViews', () => {
-  it('keeps every view at the bytes of the moment it was taken until released, whatever is written (copied or through write targets), trimmed or zeroed meanwhile', async () => {
+  it('keeps every view (and every held write target) at the bytes of the moment it was taken until released, whatever is written (copied or through write targets), trimmed or zeroed meanwhile', async () => {
     await fc.assert(
       fc.asyncProperty(fc.array(op, { maxLength: 40 }), async (ops) => {
         const dev = new MemoryDevice(SIZE);
@@ -156,7 +168,7 @@ describe('MemoryDevice.readViews', () => {
         expect(dev.reservedBytes).toBe(0);
         checkSlots(dev);
       }),
-      { numRuns: 200 },
+      { numRuns: 300 },
     );
   });
 
@@ -254,6 +266,44 @@ describe('MemoryDevice.writeTarget', () => {
     again.abort();
     v.release();
     expect(dev.retiredBytes).toBe(0);
+  });
+
+  it('keeps a held target\'s bytes after its commit while a later write replaces its pages, and frees them at the release', async () => {
+    const dev = new MemoryDevice(SIZE);
+    const data = pseudoRandom(16 * PAGE, 12);
+    const t = dev.writeTarget(0, 16 * PAGE, 0)!;
+    data.copy(t.pieces[0]!);
+    const h = t.hold!();
+    await t.commit([]);
+    await dev.write(0, Buffer.alloc(16 * PAGE, 0x5a)); // copy on write: the held pages are retired
+    expect(dev.retiredBytes).toBe(16 * PAGE);
+    const next = dev.writeTarget(32 * PAGE, 16 * PAGE, 0)!; // never the held pages
+    next.pieces[0]!.fill(0x6b);
+    await next.commit([]);
+    expect(Buffer.concat(h.pieces).equals(data)).toBe(true);
+    h.release();
+    h.release(); // twice is harmless
+    expect(dev.retiredBytes).toBe(0);
+    expect(dev.heldBytes).toBe(0);
+    checkSlots(dev);
+  });
+
+  it('retires an aborted target\'s held pages until the release, then frees them', async () => {
+    const dev = new MemoryDevice(SIZE);
+    const t = dev.writeTarget(0, 8 * PAGE, 0)!;
+    t.pieces[0]!.fill(0x77);
+    const h = t.hold!();
+    t.abort();
+    expect(dev.reservedBytes).toBe(0);
+    expect(dev.retiredBytes).toBe(8 * PAGE);
+    const other = dev.writeTarget(64 * PAGE, 8 * PAGE, 0)!;
+    other.pieces[0]!.fill(0x11);
+    expect(Buffer.concat(h.pieces).equals(Buffer.alloc(8 * PAGE, 0x77))).toBe(true);
+    other.abort();
+    h.release();
+    expect(dev.retiredBytes).toBe(0);
+    checkSlots(dev);
+    expect(dev.heldFreeBytes).toBe(0);
   });
 
   it('sorts scattered free slots by address to give a target few runs, instead of refusing it', async () => {

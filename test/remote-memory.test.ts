@@ -1,20 +1,25 @@
-// Cross-SS pairs of memory volumes, both storage systems in this process (issue 18):
-//   - sync: the replicated WRITEs of 1 MiB land in the mirror volume's memory straight from the
-//     data connection (its replication export offers the memory store's write target); a fault set
-//     on the mirror volume turns the target off and still fails the replicated writes;
-//   - async: a steady random write load with the sync daemon at its busy pace, then the catch-up.
-// fio verifies every block through the master, and each scenario ends comparing the mirror's own
-// bytes with the master's.
+// Pairs of memory volumes, all storage systems in this process (issue 18):
+//   - cross-SS sync: a host WRITE of 1 MiB lands in the master volume's memory straight from the
+//     host's socket (the pair's master forwards the store's write target), and the replicated
+//     WRITE is sent from those pages and lands in the mirror volume's memory straight from the
+//     data connection; a fault set on the mirror volume turns the target off there and still fails
+//     the replicated writes;
+//   - cross-SS async, and same-SS sync and async pairs: fio's verified 1 MiB writes into the
+//     master's memory, a steady random write load with the sync daemon at its busy pace.
+// fio verifies every block through the master, and each scenario ends comparing every copy's own
+// bytes with the master's, and with every slot of the master's store accounted for.
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import pino from 'pino';
 import { MemoryDevice } from '../src/blockdev/memory.js';
-import type { WriteTarget } from '../src/blockdev/types.js';
+import type { BlockDevice, WriteTarget } from '../src/blockdev/types.js';
 import { parseConfig } from '../src/cluster/config.js';
 import { startStorageSystems } from '../src/cluster/cluster.js';
 import type { StorageSystem } from '../src/controller/storage-system.js';
 import { connect } from '../src/nbd/client.js';
 import { freePort, run } from './helpers/servers.js';
 import { requireTools } from './helpers/clients.js';
+import { openSession } from './helpers/raw.js';
+import { Cmd, REQUEST_MAGIC } from '../src/protocol/constants.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
@@ -27,15 +32,28 @@ afterEach(async () => {
   systems = [];
 });
 
-/** Counts the write targets memory volumes hand out and how they end, and which volumes gave them. */
+interface Counts {
+  opened: number;
+  committed: number;
+  aborted: number;
+  /** Targets held for mirrors to be written from (a sync pair's master). */
+  held: number;
+}
+
+/** Counts the write targets memory volumes hand out and how they end, per volume. */
 function countTargets() {
-  const n = { opened: 0, committed: 0, aborted: 0, devices: new Set<MemoryDevice>() };
+  const by = new Map<MemoryDevice, Counts>();
+  const of = (d: MemoryDevice): Counts => {
+    let c = by.get(d);
+    if (!c) by.set(d, (c = { opened: 0, committed: 0, aborted: 0, held: 0 }));
+    return c;
+  };
   const real = MemoryDevice.prototype.writeTarget;
   vi.spyOn(MemoryDevice.prototype, 'writeTarget').mockImplementation(function (this: MemoryDevice, offset: number, length: number, from: number): WriteTarget | null {
     const t = real.call(this, offset, length, from);
     if (!t) return null;
+    const n = of(this);
     n.opened++;
-    n.devices.add(this);
     return {
       pieces: t.pieces,
       commit: (head, fua) => {
@@ -46,9 +64,37 @@ function countTargets() {
         n.aborted++;
         t.abort();
       },
+      hold: () => {
+        n.held++;
+        return t.hold!();
+      },
     };
   });
-  return n;
+  return { of, devices: by };
+}
+
+/** The memory store under volume `vol`'s stack (the bottom of openVolumeStack's layers). */
+function store(ss: StorageSystem, vol: number): MemoryDevice {
+  const stack = (ss as unknown as { volumes: Map<number, { backing: BlockDevice }> }).volumes.get(vol)!;
+  expect(stack.backing).toBeInstanceOf(MemoryDevice);
+  return stack.backing as MemoryDevice;
+}
+
+/** No slot reserved, held or retired, each slot in one place. */
+function expectSlotsBack(mem: MemoryDevice): void {
+  expect(mem.reservedBytes).toBe(0);
+  expect(mem.heldBytes).toBe(0);
+  expect(mem.retiredBytes).toBe(0);
+  expect(mem.heldFreeBytes).toBe(0);
+  expect(mem.allocatedBytes + mem.freeBytes).toBe(mem.storeBytes);
+}
+
+async function fioVerify(uri: string, rw = 'write', bs = '1M', extra: string[] = []): Promise<void> {
+  const f = await run('fio', [
+    '--name=v', '--ioengine=nbd', `--uri=${uri}`, `--rw=${rw}`, `--bs=${bs}`, '--iodepth=8', `--size=${SIZE}`, ...extra,
+    '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0', '--output-format=terse',
+  ], { timeoutMs: 60_000 });
+  expect(f.code, f.stderr).toBe(0);
 }
 
 async function twoSystems(mode: 'sync' | 'async' = 'sync'): Promise<{ ss1: StorageSystem; ss2: StorageSystem; uri: string }> {
@@ -98,28 +144,31 @@ async function readVolume(uri: string): Promise<Buffer> {
 }
 
 describe('replicated writes into a memory mirror', () => {
-  it('land in the mirror volume\'s memory without a copy, fio verifies through the master, and the mirror\'s own bytes equal the master\'s', async () => {
+  it('land in the master\'s and in the mirror\'s memory without a copy, fio verifies through the master, and the mirror\'s own bytes equal the master\'s', async () => {
     requireTools('fio');
     const n = countTargets();
-    const { ss1, uri } = await twoSystems();
-    const f = await run('fio', [
-      '--name=v', '--ioengine=nbd', `--uri=${uri}`, '--rw=write', '--bs=1M', '--iodepth=8', `--size=${SIZE}`,
-      '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0', '--output-format=terse',
-    ], { timeoutMs: 60_000 });
-    expect(f.code, f.stderr).toBe(0);
+    const { ss1, ss2, uri } = await twoSystems();
+    await fioVerify(uri);
     const p = pairOf(ss1)!;
     expect(p).toMatchObject({ state: 'PAIR', role: 'master' });
     expect(p.mirrors[0]).toMatchObject({ invalidClusters: 0, connected: true });
-    // Only the mirror volume hands out targets (the master's stack offers none), one per replicated 1 MiB write.
-    expect(n.devices.size).toBe(1);
-    expect(n.opened).toBeGreaterThanOrEqual(SIZE / MiB);
-    expect(n.committed + n.aborted).toBe(n.opened);
-    expect(n.aborted).toBe(0);
-    const [mirror] = [...n.devices];
+    // Both volumes hand out targets, one per 1 MiB write: the host's on the master, held while the
+    // replicated write is sent from its pages, and the replicated one on the mirror.
+    const master = n.of(store(ss1, 5));
+    const mirror = n.of(store(ss2, 5));
+    expect(n.devices.size).toBe(2);
+    for (const c of [master, mirror]) {
+      expect(c.opened).toBeGreaterThanOrEqual(SIZE / MiB);
+      expect(c.committed).toBe(c.opened);
+      expect(c.aborted).toBe(0);
+    }
+    expect(master.held).toBe(master.committed);
+    expect(mirror.held).toBe(0);
     const own = Buffer.alloc(SIZE);
-    await mirror!.read(0, own);
+    await store(ss2, 5).read(0, own);
     expect(own.equals(await readVolume(uri))).toBe(true);
-    expect(mirror!.reservedBytes).toBe(0);
+    expectSlotsBack(store(ss1, 5));
+    expect(store(ss2, 5).reservedBytes).toBe(0);
   });
 
   it('with an error fault set on the mirror volume, take no target there and suspend the pair; after the automatic resync the copies are equal', async () => {
@@ -131,19 +180,36 @@ describe('replicated writes into a memory mirror', () => {
     const f = await run('fio', ['--name=w', '--ioengine=nbd', `--uri=${uri}`, '--rw=write', '--bs=1M', '--iodepth=8', '--size=8M', '--output-format=terse'], { timeoutMs: 60_000 });
     expect(f.code, f.stderr).toBe(0); // fence: never, the master goes on
     await waitFor(() => pairOf(ss1)?.state === 'PSUE', 'the pair suspended');
-    expect(n.opened).toBe(0);
+    expect(n.of(store(ss2, 5)).opened).toBe(0);
+    // The master still took its payloads into its memory, and gave back every page it held for the failed mirror writes.
+    expect(n.of(store(ss1, 5)).committed).toBeGreaterThan(0);
+    expectSlotsBack(store(ss1, 5));
     ss2.clearFault('2:5');
     // The failed replicated write dropped the link; once it is back, autoResync copies what the mirror missed.
     await waitFor(() => pairOf(ss1)?.state === 'PAIR' && pairOf(ss1)?.mirrors[0]?.invalidClusters === 0, 'the resync done', 40_000);
-    const [mirror] = [...n.devices];
-    expect(mirror).toBeDefined(); // the resync's 4 MiB copies landed in the mirror's memory
+    expect(n.of(store(ss2, 5)).opened).toBeGreaterThan(0); // the resync's 4 MiB copies landed in the mirror's memory
     const own = Buffer.alloc(SIZE);
-    await mirror!.read(0, own);
+    await store(ss2, 5).read(0, own);
     expect(own.equals(await readVolume(uri))).toBe(true);
   });
 });
 
-describe('an async cross-SS pair of memory volumes under a steady random write load', () => {
+describe('an async cross-SS pair of memory volumes', () => {
+  it('takes fio\'s verified 1 MiB writes into the master\'s memory, marks them for the daemon, and the mirror\'s own bytes end equal to the master\'s', async () => {
+    requireTools('fio');
+    const n = countTargets();
+    const { ss1, ss2, uri } = await twoSystems('async');
+    await fioVerify(uri);
+    const master = n.of(store(ss1, 5));
+    expect(master.committed).toBeGreaterThanOrEqual(SIZE / MiB);
+    expect(master.held).toBe(0); // async: no mirror is written from the host's pages
+    await waitFor(() => pairOf(ss1)?.state === 'PAIR' && pairOf(ss1)?.mirrors[0]?.invalidClusters === 0, 'the daemon done', 40_000);
+    const own = Buffer.alloc(SIZE);
+    await store(ss2, 5).read(0, own);
+    expect(own.equals(await readVolume(uri))).toBe(true);
+    expectSlotsBack(store(ss1, 5));
+  });
+
   it('takes fio\'s verified 4k writes while the daemon keeps its pace, then copies the rest: the mirror\'s own bytes equal the master\'s', async () => {
     requireTools('fio');
     const { ss1, ss2, uri } = await twoSystems('async');
@@ -156,5 +222,88 @@ describe('an async cross-SS pair of memory volumes under a steady random write l
     const own = Buffer.alloc(SIZE);
     await ss2.volumeDevice(5)!.read(0, own); // below the pair layer: the mirror's own copy, never the master's
     expect(own.equals(await readVolume(uri))).toBe(true);
+  });
+});
+
+async function oneSystem(): Promise<StorageSystem> {
+  const admin = await freePort(); // required by the config; nothing listens here
+  const yaml = `clusterSize: 64KiB
+storageSystems:
+  - id: 1
+    nbd: 127.0.0.1:0
+    admin: 127.0.0.1:${admin}
+    volumes:
+      - { id: 5, size: 32MiB }
+      - { id: 6, size: 32MiB }
+      - { id: 7, size: 32MiB }
+      - { id: 8, size: 32MiB }
+pairs:
+  - { name: spair, mode: sync, master: { ss: 1, vol: 5 }, mirrors: [ { ss: 1, vol: 6 } ] }
+  - { name: apair, mode: async, master: { ss: 1, vol: 8 }, mirrors: [ { ss: 1, vol: 7 } ] }
+`;
+  systems = await startStorageSystems(parseConfig(yaml, 'local-memory.yaml', '/tmp'), [1], log);
+  const ss = systems[0]!;
+  const state = (name: string) => ss.report().pairs.find((p) => p.name === name);
+  await waitFor(() => state('spair')?.state === 'PAIR' && state('apair')?.state === 'PAIR', 'both pairs in PAIR');
+  return ss;
+}
+
+describe('pairs of memory volumes in one storage system', () => {
+  it('take fio\'s verified 1 MiB writes into the masters\' memory; the sync mirror is written from the master\'s pages, the async one by the daemon, and every copy ends equal to its master', async () => {
+    requireTools('fio');
+    const n = countTargets();
+    const ss = await oneSystem();
+    const uri = (vol: number) => `nbd://${ss.nbdAddr}/vol${vol}`;
+    await Promise.all([fioVerify(uri(5)), fioVerify(uri(8))]);
+    const sync = n.of(store(ss, 5));
+    const async = n.of(store(ss, 8));
+    for (const c of [sync, async]) {
+      expect(c.committed).toBeGreaterThanOrEqual(SIZE / MiB);
+      expect(c.aborted).toBe(0);
+    }
+    expect(sync.held).toBe(sync.committed);
+    expect(async.held).toBe(0);
+    const state = (name: string) => ss.report().pairs.find((p) => p.name === name)!;
+    expect(state('spair')).toMatchObject({ state: 'PAIR' });
+    expect(state('spair').mirrors[0]!.invalidClusters).toBe(0); // a sync mirror misses nothing
+    await waitFor(() => state('apair').state === 'PAIR' && state('apair').mirrors[0]!.invalidClusters === 0, 'the daemon done', 40_000);
+    for (const [master, mirror] of [[5, 6], [8, 7]] as const) {
+      const want = Buffer.alloc(SIZE);
+      await store(ss, master).read(0, want);
+      expect(want.equals(await readVolume(uri(master)))).toBe(true);
+      const own = Buffer.alloc(SIZE);
+      await store(ss, mirror).read(0, own);
+      expect(own.equals(want), `vol${mirror}`).toBe(true);
+      expectSlotsBack(store(ss, master));
+    }
+  });
+
+  it('leave a sync pair\'s copies, its bitmap and the master\'s pages as they were when a host goes away mid-payload', async () => {
+    const n = countTargets();
+    const ss = await oneSystem();
+    const [host, port] = ss.nbdAddr.split(':') as [string, string];
+    const before = Buffer.alloc(SIZE);
+    await store(ss, 5).read(0, before);
+    const s = await openSession({ host, port: Number(port) }, { name: 'vol5' });
+    const head = Buffer.alloc(28);
+    head.writeUInt32BE(REQUEST_MAGIC, 0);
+    head.writeUInt16BE(Cmd.WRITE, 6);
+    head.writeBigUInt64BE(7n, 8);
+    head.writeBigUInt64BE(65536n + 100n, 16);
+    head.writeUInt32BE(2 * MiB, 24);
+    await s.client.writeAndDrain(Buffer.concat([head, Buffer.alloc(700 * 1024, 0xee)]));
+    await waitFor(() => store(ss, 5).reservedBytes > 0, 'the payload landing in the master\'s pages');
+    s.client.destroy();
+    await waitFor(() => n.of(store(ss, 5)).aborted === 1, 'the target given back');
+    expect(n.of(store(ss, 5)).committed).toBe(0);
+    expectSlotsBack(store(ss, 5));
+    const spair = ss.report().pairs.find((p) => p.name === 'spair')!;
+    expect(spair).toMatchObject({ state: 'PAIR' });
+    expect(spair.mirrors[0]!.invalidClusters).toBe(0);
+    for (const vol of [5, 6]) {
+      const now = Buffer.alloc(SIZE);
+      await store(ss, vol).read(0, now);
+      expect(now.equals(before), `vol${vol}`).toBe(true);
+    }
   });
 });

@@ -17,7 +17,7 @@
 // the dice say so. Faults are kept in a FaultSet, which the storage system's fault table
 // changes at run time; the layer reads it on every request, so a change applies at once.
 import { FilterDevice } from './filter.js';
-import { BlockDeviceError, payloadLength, type BlockDevice, type Extent, type Payload, type WriteTarget, type ZeroOptions } from './types.js';
+import { BlockDeviceError, landedPayload, payloadLength, type BlockDevice, type Extent, type Payload, type WriteTarget, type ZeroOptions } from './types.js';
 
 export type FaultOp = 'read' | 'write' | 'flush';
 export const FAULT_OPS: readonly FaultOp[] = ['read', 'write', 'flush'];
@@ -162,11 +162,12 @@ export class FaultDevice extends FilterDevice {
       pieces: below.pieces,
       commit: (head: Payload, fua?: boolean): Promise<void> => {
         if (!this.faults.active) return below.commit(head, fua);
-        const landed = Buffer.concat(below.pieces);
+        const landed = landedPayload(head, below);
         below.abort();
-        return this.faultyWrite(offset, [...(Buffer.isBuffer(head) ? [head] : head), landed], fua);
+        return this.faultyWrite(offset, landed, fua);
       },
       abort: () => below.abort(),
+      ...(below.hold ? { hold: () => below.hold!() } : {}),
     };
   }
 

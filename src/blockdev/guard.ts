@@ -3,7 +3,7 @@
 // master) puts in front of its master volumes. The refusal is ESHUTDOWN, which a gateway reads
 // as "go to the new master" and a directly attached host sees as an I/O error.
 import { FilterDevice } from './filter.js';
-import { BlockDeviceError, type BlockDevice, type Extent, type Payload, type ZeroOptions } from './types.js';
+import { BlockDeviceError, type BlockDevice, type Extent, type Payload, type WriteTarget, type ZeroOptions } from './types.js';
 
 /** Returns why requests are refused now, or null to let them through. */
 export type Guard = () => string | null;
@@ -32,6 +32,26 @@ export class GuardDevice extends FilterDevice {
     await this.next.write(offset, data, fua);
     // A write acknowledged after the fence closed must not be acknowledged: check again.
     this.check();
+  }
+  /** The target below, committed with write()'s checks: refused before (the target given back) and after. */
+  writeTarget(offset: number, length: number, from: number): WriteTarget | null {
+    if (this.guard() !== null) return null; // write() refuses it
+    const below = this.next.writeTarget?.(offset, length, from);
+    if (!below) return null;
+    return {
+      pieces: below.pieces,
+      commit: async (head: Payload, fua?: boolean): Promise<void> => {
+        try {
+          this.check();
+        } catch (e) {
+          below.abort();
+          throw e;
+        }
+        await below.commit(head, fua);
+        this.check();
+      },
+      abort: () => below.abort(),
+    };
   }
   override async flush(): Promise<void> {
     this.check();

@@ -39,6 +39,9 @@
 //            (free, or retired while a view holds them), then the bytes that
 //            came with the header are written the usual way
 //   abort    the reserved slots are free again; the volume never changed
+//   hold     the reserved slots get a view's holds: after the commit they are pages like any
+//            held one (a write copies on write, a trim retires), an abort retires them, and the
+//            release frees what is retired (a sync pair writes its mirrors from them meanwhile)
 import { BlockDeviceError, type BlockDevice, type Extent, type Payload, type ReadViews, type WriteTarget, type ZeroOptions } from './types.js';
 import { State } from '../protocol/constants.js';
 
@@ -442,7 +445,29 @@ export class MemoryDevice implements BlockDevice {
         used = true;
         if (generation !== this.generation) return;
         this.reserved -= n;
-        for (let i = n - 1; i >= 0; i--) this.freeSlot(slots[i]!);
+        for (let i = n - 1; i >= 0; i--) {
+          const slot = slots[i]!;
+          if (this.holding > 0 && this.held(slot)) this.retired.add(slot);
+          else this.freeSlot(slot);
+        }
+      },
+      hold: (): ReadViews => {
+        // The reserved slots held like a view's pages: once committed, a write or trim over them
+        // retires them rather than reuses them; aborted, they wait in `retired` for the release.
+        if (generation !== this.generation) return { pieces, release: () => {} };
+        for (let i = 0; i < n; i++) this.holds[slots[i]! >>> SLAB_SHIFT]![slots[i]! & (PAGES_PER_SLAB - 1)]!++;
+        this.holding += n;
+        let released = false;
+        return {
+          pieces,
+          release: () => {
+            if (released) return;
+            released = true;
+            // A store closed meanwhile has new slabs under the same numbers: nothing of ours to release there.
+            if (generation !== this.generation) return;
+            for (let i = 0; i < n; i++) this.unhold(slots[i]!, 1);
+          },
+        };
       },
     };
   }

@@ -11,7 +11,7 @@
 // Holding is a pause the host sees as latency, never as an error: the point where no request
 // is half way through the old pair and none has reached the new one yet.
 import { FilterDevice } from './filter.js';
-import type { BlockDevice, Extent, Payload, ZeroOptions } from './types.js';
+import { landedPayload, type BlockDevice, type Extent, type Payload, type WriteTarget, type ZeroOptions } from './types.js';
 
 export class SwitchDevice extends FilterDevice {
   private current: BlockDevice;
@@ -85,6 +85,28 @@ export class SwitchDevice extends FilterDevice {
   }
   override write(offset: number, data: Payload, fua?: boolean): Promise<void> {
     return this.pass((d) => d.write(offset, data, fua));
+  }
+  /**
+   * The target of the layer below now. Its commit passes like a write, so a hold waits for it; if
+   * the layer was swapped meanwhile, the landed bytes are copied out and written to the new one,
+   * where write() would send them at that moment.
+   */
+  writeTarget(offset: number, length: number, from: number): WriteTarget | null {
+    if (this.gate) return null; // held: a write() waits at the gate with a copy
+    const dev = this.current;
+    const below = dev.writeTarget?.(offset, length, from);
+    if (!below) return null;
+    return {
+      pieces: below.pieces,
+      commit: (head: Payload, fua?: boolean): Promise<void> =>
+        this.pass((d) => {
+          if (d === dev) return below.commit(head, fua);
+          const data = landedPayload(head, below);
+          below.abort();
+          return d.write(offset, data, fua);
+        }),
+      abort: () => below.abort(),
+    };
   }
   override flush(): Promise<void> {
     return this.pass((d) => d.flush());

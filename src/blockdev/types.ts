@@ -50,6 +50,22 @@ export interface WriteTarget {
   commit(head: Payload, fua?: boolean): Promise<void>;
   /** The payload will never be complete (a client gone mid-payload, a refused request): give the memory back. Idempotent; nothing after commit. */
   abort(): void;
+  /**
+   * Optional: views of `pieces` that keep the payload's bytes, whatever happens to the target
+   * (commit, abort) or to the volume afterwards, until release(), as readViews' views do. Taken
+   * before commit, it lets a sync pair write its mirrors from the very memory the master's write
+   * committed, with no copy of its own, while later writes to those pages copy on write.
+   */
+  hold?(): ReadViews;
+}
+
+/**
+ * A target's bytes copied out, after `head`: what a layer writes with write() when the target
+ * cannot be committed where it was taken (the layer below changed since, a fault set appeared).
+ * The caller aborts the target afterwards.
+ */
+export function landedPayload(head: Payload, target: WriteTarget): Buffer[] {
+  return [...(Buffer.isBuffer(head) ? [head] : head), Buffer.concat(target.pieces)];
 }
 
 /** One run of equal allocation state, as base:allocation reports it. */

@@ -18,7 +18,7 @@
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { FilterDevice } from '../blockdev/filter.js';
-import { BlockDeviceError, payloadLength, type BlockDevice, type Extent, type Payload, type ZeroOptions } from '../blockdev/types.js';
+import { BlockDeviceError, payloadLength, type BlockDevice, type Extent, type Payload, type ReadViews, type WriteTarget, type ZeroOptions } from '../blockdev/types.js';
 import { CopyRateMeter, syncEta } from './copy-rate.js';
 import { ClusterBitmap, clusterRange } from './bitmap.js';
 import type { BitmapStore } from './bitmap-store.js';
@@ -197,8 +197,13 @@ export class Pair {
 
   // ---- Data Write module ----
 
-  /** Run a modifying operation on the master (write, trim, zero) under the pair's rules. */
-  async hostWrite(offset: number, length: number, fua: boolean, apply: (dev: BlockDevice) => Promise<void>): Promise<void> {
+  /**
+   * Run a modifying operation on the master (write, trim, zero) under the pair's rules. `apply`
+   * does it to a copy's device; `toMirrors`, if given, is called once, just before a sync write
+   * reaches the master, for what to do to the mirrors instead (a write target's: write them from
+   * the master's held pages).
+   */
+  async hostWrite(offset: number, length: number, fua: boolean, apply: (dev: BlockDevice) => Promise<void>, toMirrors?: () => (dev: BlockDevice) => Promise<void>): Promise<void> {
     if (this.gate) await this.gate;
     if (this.suspending) await this.suspending;
     if (this.retired) throw new BlockDeviceError('EPERM', `${this.name}: this volume is no longer the master of the pair`);
@@ -230,7 +235,8 @@ export class Pair {
       }
       // Sync: write-intent bits on disk first, so a crash mid-write resyncs just these clusters.
       await this.store.mark(this.all, first, last);
-      const results = await Promise.allSettled([apply(this.master.device), ...this.mirrors.map((m) => apply(m.device))]);
+      const mirrorApply = toMirrors ? toMirrors() : apply;
+      const results = await Promise.allSettled([apply(this.master.device), ...this.mirrors.map((m) => mirrorApply(m.device))]);
       if (results[0]!.status === 'rejected') {
         // The mirrors may now hold what the master refused: recopy these clusters from the master.
         for (const m of this.mirrors) m.bitmap.setRangeInvalid(first, last);
@@ -615,6 +621,51 @@ class MasterVolume extends FilterDevice {
 
   override write(offset: number, data: Payload, fua = false): Promise<void> {
     return this.pair.hostWrite(offset, payloadLength(data), fua, (d) => d.write(offset, data, fua));
+  }
+
+  /**
+   * The master volume's own target: the payload lands in the master's memory, and the commit is a
+   * host write under the pair's rules, exactly as write() (bitmap marks, gate, fence, ordering).
+   * A sync pair's mirrors are written from those pages (a local mirror copies them once, a remote
+   * one's NBD client sends them), held from before the commit until every mirror write has
+   * settled: a later write to the master copies on write instead of changing them, and an aborted
+   * or faulted commit leaves them retired, not reused. So a sync pair needs a target that can hold.
+   */
+  writeTarget(offset: number, length: number, from: number): WriteTarget | null {
+    const below = this.pair.master.device.writeTarget?.(offset, length, from);
+    if (!below) return null;
+    if (this.pair.mode === 'sync' && !below.hold) {
+      below.abort();
+      return null;
+    }
+    return {
+      pieces: below.pieces,
+      commit: async (head: Payload, fua = false): Promise<void> => {
+        let committed = false;
+        let held: ReadViews | undefined;
+        try {
+          await this.pair.hostWrite(
+            offset,
+            length,
+            fua,
+            () => {
+              committed = true;
+              return below.commit(head, fua);
+            },
+            () => {
+              held = below.hold!();
+              const bytes = Buffer.isBuffer(head) ? (head.length > 0 ? [head, ...held.pieces] : held.pieces) : [...head, ...held.pieces];
+              return (d) => d.write(offset, bytes, fua);
+            },
+          );
+        } finally {
+          // Refused before reaching the master (gate, retired, fence): the target goes back unused.
+          if (!committed) below.abort();
+          held?.release();
+        }
+      },
+      abort: () => below.abort(),
+    };
   }
 
   override flush(): Promise<void> {

@@ -1,7 +1,7 @@
 // Host I/O counters of one volume: a thin BlockDevice wrapper at the top of
 // the stack, so they count what hosts asked for, not what mirroring did.
 import { FilterDevice } from '../blockdev/filter.js';
-import { payloadLength, type Payload } from '../blockdev/types.js';
+import { payloadLength, type Payload, type WriteTarget } from '../blockdev/types.js';
 
 /** The front ends hosts reach a volume through: the `protocol` label of the I/O metrics. */
 export type Protocol = 'nbd' | 'iscsi';
@@ -62,6 +62,23 @@ export class CountingDevice extends FilterDevice {
     this.latency.write.observe(performance.now() - t0);
     this.counters.writeOps++;
     this.counters.writeBytes += payloadLength(data);
+  }
+
+  /** The target below, counted and timed at commit, as write() would be called then. */
+  writeTarget(offset: number, length: number, from: number): WriteTarget | null {
+    const below = this.next.writeTarget?.(offset, length, from);
+    if (!below) return null;
+    return {
+      pieces: below.pieces,
+      commit: async (head: Payload, fua?: boolean): Promise<void> => {
+        const t0 = performance.now();
+        await below.commit(head, fua);
+        this.latency.write.observe(performance.now() - t0);
+        this.counters.writeOps++;
+        this.counters.writeBytes += length;
+      },
+      abort: () => below.abort(),
+    };
   }
 }
 
