@@ -38,7 +38,7 @@ export class Command {
 
   constructor(
     readonly op: string,
-    readonly cookie: bigint,
+    readonly cookie: number,
     readonly type: number,
     readonly offset: number,
     readonly length: number,
@@ -80,7 +80,7 @@ export class Command {
  * at it replaces a timer per request.
  */
 export class InFlight {
-  private readonly map = new Map<bigint, Command>();
+  private readonly map = new Map<number, Command>();
   private timer: NodeJS.Timeout | undefined;
   private idleWaiters: Array<() => void> = [];
 
@@ -98,11 +98,11 @@ export class InFlight {
     if (this.timeoutMs !== undefined && !this.timer) this.arm(this.timeoutMs);
   }
 
-  get(cookie: bigint): Command | undefined {
+  get(cookie: number): Command | undefined {
     return this.map.get(cookie);
   }
 
-  delete(cookie: bigint): void {
+  delete(cookie: number): void {
     this.map.delete(cookie);
     if (this.map.size === 0) this.becameIdle();
   }
