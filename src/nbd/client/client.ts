@@ -534,6 +534,7 @@ export class NbdClient implements DirectReceiver {
     if (this.ended) return;
     if (this.closing && this.table.size === 0) {
       this.ended = true;
+      this.table.drain(); // empty already: this stops its sweep timer
       this.writer.discard();
       this.resolveClosed(undefined);
       return;

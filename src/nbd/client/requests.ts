@@ -111,6 +111,8 @@ export class InFlight {
   drain(): Command[] {
     const all = [...this.map.values()];
     this.map.clear();
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = undefined;
     this.becameIdle();
     return all;
   }
@@ -119,9 +121,10 @@ export class InFlight {
     return this.map.size === 0 ? Promise.resolve() : new Promise((r) => this.idleWaiters.push(r));
   }
 
+  // The sweep timer stays armed when the table empties: a pipeline that empties between bursts
+  // (a sync pair's replication at low queue depth) would otherwise make and cancel a timer per
+  // burst. A sweep that finds the table empty just ends; the next add() arms it again.
   private becameIdle(): void {
-    if (this.timer) clearTimeout(this.timer);
-    this.timer = undefined;
     const w = this.idleWaiters;
     this.idleWaiters = [];
     for (const r of w) r();
