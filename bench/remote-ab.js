@@ -81,6 +81,14 @@ async function startBuild(name, root, dir) {
   return { name, root, admin: addrs[0].admin, uri, servers };
 }
 
+// utime + stime of a process, in clock ticks (USER_HZ, 100 on Linux).
+const TICK_US = 10_000;
+function cpuTicks(pid) {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return Number(f[11]) + Number(f[12]);
+}
+
 async function main() {
   installCleanup();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bm-bench-remote-ab-'));
@@ -97,13 +105,19 @@ async function main() {
       const job = JOBS[jobId];
       if (!job) throw new Error(`--jobs: unknown job ${jobId} (4k, 1m)`);
       const samples = new Map(builds.map((b) => [b.name, Object.fromEntries(kinds.map((k) => [k, []]))]));
+      // µs of CPU per I/O, per kind, per server (servers[0] is ss2, servers[1] ss1: the order they start).
+      const cpu = new Map(builds.map((b) => [b.name, Object.fromEntries(kinds.map((k) => [k, [[], []]]))]));
       for (let rep = 0; rep < reps; rep++) {
         const order = builds.length === 1 ? builds : rep % 2 === 0 ? builds : [...builds].reverse();
         for (const b of order) {
           for (const kind of kinds) {
             await waitPairs(b.admin);
+            const before = b.servers.map((s) => cpuTicks(s.pid));
             const r = await runFio(fioArgs({ name: jobId, uri: b.uri(VOLUMES[kind]), rw: job.rw, bs: job.bs, iodepth: job.iodepth, size: SIZE, runtime, ramp: 1 }));
             samples.get(b.name)[kind].push(job.unit === 'IOPS' ? r.iops : r.bwMiB);
+            // CPU per I/O of each `up` over the whole fio run; the ramp's I/Os are estimated at the measured rate.
+            const ios = r.iops * (r.seconds + 1);
+            b.servers.forEach((s, i) => cpu.get(b.name)[kind][i].push(((cpuTicks(s.pid) - before[i]) * TICK_US) / ios));
           }
         }
       }
@@ -114,6 +128,8 @@ async function main() {
           return k === 'standalone' ? v : `${v} (${median(s[k].map((x, i) => x / s.standalone[i])).toFixed(2)}x)`;
         });
         console.log(`${job.label} ${b.name} [${b.root}]: ${parts.join(', ')} ${job.unit}; raw ${JSON.stringify(s)}`);
+        const c = cpu.get(b.name);
+        console.log(`${job.label} ${b.name} CPU µs per I/O (median; ss1 / ss2): ${kinds.map((k) => `${k} ${median(c[k][1]).toFixed(1)} / ${median(c[k][0]).toFixed(1)}`).join(', ')}`);
       }
       if (builds.length === 2) {
         const ratio = (b, k) => median(samples.get(b)[k].map((x, i) => x / samples.get(b).standalone[i]));

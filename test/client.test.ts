@@ -15,6 +15,7 @@ import {
   NbdOptionError,
   type BlockStatusExtent,
 } from '../src/nbd/client.js';
+import { COOKIE_MAX } from '../src/nbd/client/client.js';
 import {
   NBDMAGIC,
   IHAVEOPT,
@@ -656,6 +657,51 @@ describe('NbdClient failure handling', () => {
     }
     expect(await c.closed).toBeInstanceOf(NbdProtocolError);
     await (await peers[0]).whenClosed();
+  });
+
+  it('refuses a reply whose 64-bit cookie matches an issued one only in its low 32 bits, or only once rounded to a double', async () => {
+    for (const bad of [(1n << 32n) | 1n, (1n << 60n) | 1n]) {
+      const { port, peers } = await fakeServer(async (p) => {
+        await serveHandshake(p);
+        const r = await readRequest(p);
+        expect(r.cookie).toBe(1n);
+        p.write(simpleReply(bad));
+      });
+      const c = await open({ host: '127.0.0.1', port });
+      const err = await rejection(c.flush());
+      expect(err).toBeInstanceOf(NbdProtocolError);
+      expect(err.message).toMatch(/unknown cookie/);
+      expect(await c.closed).toBeInstanceOf(NbdProtocolError);
+      await (await peers[0]).whenClosed();
+    }
+  });
+
+  it('starts cookies again from 1 after COOKIE_MAX, skipping one still in flight, and routes every reply to its own request', async () => {
+    const seen: bigint[] = [];
+    let heldRead!: () => void;
+    const gotHeld = new Promise<void>((r) => (heldRead = r));
+    const { port } = await fakeServer(async (p) => {
+      await serveHandshake(p, { size: 3 * MiB });
+      const held = await readRequest(p); // cookie 1: answered last
+      seen.push(held.cookie);
+      heldRead();
+      for (let i = 0; i < 3; i++) {
+        const r = await readRequest(p);
+        seen.push(r.cookie);
+        p.write(simpleReply(r.cookie), pattern(r.offset, r.length));
+      }
+      p.write(simpleReply(held.cookie), pattern(held.offset, held.length));
+    });
+    const c = await open({ host: '127.0.0.1', port });
+    const first = c.pread(16, 4096);
+    await gotHeld;
+    (c as unknown as { nextCookie: number }).nextCookie = COOKIE_MAX - 1;
+    const later = [c.pread(16, 0), c.pread(16, 512), c.pread(16, 1024)];
+    const data = await Promise.all(later);
+    expect(seen).toEqual([1n, BigInt(COOKIE_MAX - 1), BigInt(COOKIE_MAX), 2n]);
+    expect(data.map((d, i) => d.equals(pattern(i * 512, 16)))).toEqual([true, true, true]);
+    expect((await first).equals(pattern(4096, 16))).toBe(true);
+    expect(c.inFlight).toBe(0);
   });
 
   it('reports a peer that is not an NBD server as a protocol error', async () => {

@@ -45,18 +45,18 @@ const RECORDED_SR = Buffer.from(
   '67446698000000000000000000000001668e33ef0001000100000000000000020000004800000000000010083b424950575e656c737a81888f969da4abb2b9c0c7ced5dce3eaf1f8ff060d141b222930373e454c535a61686f767d848b9299a0a7aeb5bcc3cad1d8dfe6edf4668e33ef000100050000000000000003000000140000000100008000000000000000800000000003668e33ef00018001000000000000000400000006000000160000674466980000000000000000000000056744669800000000000000000000000667446698000000000000000000000007674466980000001c0000000000000008',
   'hex',
 );
-const RECORDED_SR_READS = new Map<bigint, ReadTarget>([
-  [2n, { offset: 4104, length: 64 }],
-  [4n, { offset: 1048576, length: 16 }],
+const RECORDED_SR_READS = new Map<number, ReadTarget>([
+  [2, { offset: 4104, length: 64 }],
+  [4, { offset: 1048576, length: 16 }],
 ]);
 // The same requests (minus blockStatus) against `nbdkit --no-sr`: simple replies, READ data inline.
 const RECORDED_SIMPLE = Buffer.from(
   '67446698000000000000000000000001674466980000000000000000000000023b424950575e656c737a81888f969da4abb2b9c0c7ced5dce3eaf1f8ff060d141b222930373e454c535a61686f767d848b9299a0a7aeb5bcc3cad1d8dfe6edf467446698000000160000000000000003674466980000000000000000000000046744669800000000000000000000000567446698000000000000000000000006674466980000001c0000000000000007',
   'hex',
 );
-const RECORDED_SIMPLE_READS = new Map<bigint, ReadTarget>([
-  [2n, { offset: 4104, length: 64 }],
-  [3n, { offset: 1048576, length: 16 }],
+const RECORDED_SIMPLE_READS = new Map<number, ReadTarget>([
+  [2, { offset: 4104, length: 64 }],
+  [3, { offset: 1048576, length: 16 }],
 ]);
 const PATTERN = Buffer.from(Array.from({ length: 512 }, (_, i) => (i * 7 + 3) & 255));
 
@@ -141,7 +141,7 @@ interface ParseResult {
   idle: boolean;
 }
 
-function parse(pieces: Buffer[], reads = new Map<bigint, ReadTarget>(), structuredReplies = true): ParseResult {
+function parse(pieces: Buffer[], reads = new Map<number, ReadTarget>(), structuredReplies = true): ParseResult {
   const events: ReplyEvent[] = [];
   const p = new ReplyParser({ structuredReplies, readTarget: (c) => reads.get(c), onEvent: (e) => events.push(e) });
   try {
@@ -173,20 +173,20 @@ describe('ReplyParser on recorded nbdkit streams', () => {
     expect(error).toBeUndefined();
     expect(idle).toBe(true);
     expect(normalise(events)).toEqual([
-      { type: 'simple', cookie: 1n, error: 0 },
-      { type: 'done', cookie: 1n },
-      { type: 'chunk', cookie: 2n, flags: ReplyFlag.DONE, replyType: ReplyType.OFFSET_DATA, length: 72 },
-      { type: 'data', cookie: 2n, offset: 4104, hex: PATTERN.subarray(8, 72).toString('hex') },
-      { type: 'done', cookie: 2n },
-      { type: 'chunk', cookie: 3n, flags: ReplyFlag.DONE, replyType: ReplyType.BLOCK_STATUS, length: 20 },
-      { type: 'blockStatus', cookie: 3n, contextId: 1, extents: [{ length: 32768, flags: 0 }, { length: 32768, flags: State.HOLE | State.ZERO }] },
-      { type: 'done', cookie: 3n },
-      { type: 'chunk', cookie: 4n, flags: ReplyFlag.DONE, replyType: ReplyType.ERROR, length: 6 },
-      { type: 'error', cookie: 4n, replyType: ReplyType.ERROR, error: NbdErr.EINVAL, message: '' },
-      { type: 'done', cookie: 4n },
-      ...[5n, 6n, 7n].flatMap((cookie) => [{ type: 'simple', cookie, error: 0 }, { type: 'done', cookie }]),
-      { type: 'simple', cookie: 8n, error: NbdErr.ENOSPC },
-      { type: 'done', cookie: 8n },
+      { type: 'simple', cookie: 1, error: 0 },
+      { type: 'done', cookie: 1 },
+      { type: 'chunk', cookie: 2, flags: ReplyFlag.DONE, replyType: ReplyType.OFFSET_DATA, length: 72 },
+      { type: 'data', cookie: 2, offset: 4104, hex: PATTERN.subarray(8, 72).toString('hex') },
+      { type: 'done', cookie: 2 },
+      { type: 'chunk', cookie: 3, flags: ReplyFlag.DONE, replyType: ReplyType.BLOCK_STATUS, length: 20 },
+      { type: 'blockStatus', cookie: 3, contextId: 1, extents: [{ length: 32768, flags: 0 }, { length: 32768, flags: State.HOLE | State.ZERO }] },
+      { type: 'done', cookie: 3 },
+      { type: 'chunk', cookie: 4, flags: ReplyFlag.DONE, replyType: ReplyType.ERROR, length: 6 },
+      { type: 'error', cookie: 4, replyType: ReplyType.ERROR, error: NbdErr.EINVAL, message: '' },
+      { type: 'done', cookie: 4 },
+      ...[5, 6, 7].flatMap((cookie) => [{ type: 'simple', cookie, error: 0 }, { type: 'done', cookie }]),
+      { type: 'simple', cookie: 8, error: NbdErr.ENOSPC },
+      { type: 'done', cookie: 8 },
     ]);
   });
 
@@ -194,16 +194,16 @@ describe('ReplyParser on recorded nbdkit streams', () => {
     const { events, error } = parse([RECORDED_SIMPLE], RECORDED_SIMPLE_READS, false);
     expect(error).toBeUndefined();
     expect(normalise(events)).toEqual([
-      { type: 'simple', cookie: 1n, error: 0 },
-      { type: 'done', cookie: 1n },
-      { type: 'simple', cookie: 2n, error: 0 },
-      { type: 'data', cookie: 2n, offset: 4104, hex: PATTERN.subarray(8, 72).toString('hex') },
-      { type: 'done', cookie: 2n },
-      { type: 'simple', cookie: 3n, error: NbdErr.EINVAL },
-      { type: 'done', cookie: 3n },
-      ...[4n, 5n, 6n].flatMap((cookie) => [{ type: 'simple', cookie, error: 0 }, { type: 'done', cookie }]),
-      { type: 'simple', cookie: 7n, error: NbdErr.ENOSPC },
-      { type: 'done', cookie: 7n },
+      { type: 'simple', cookie: 1, error: 0 },
+      { type: 'done', cookie: 1 },
+      { type: 'simple', cookie: 2, error: 0 },
+      { type: 'data', cookie: 2, offset: 4104, hex: PATTERN.subarray(8, 72).toString('hex') },
+      { type: 'done', cookie: 2 },
+      { type: 'simple', cookie: 3, error: NbdErr.EINVAL },
+      { type: 'done', cookie: 3 },
+      ...[4, 5, 6].flatMap((cookie) => [{ type: 'simple', cookie, error: 0 }, { type: 'done', cookie }]),
+      { type: 'simple', cookie: 7, error: NbdErr.ENOSPC },
+      { type: 'done', cookie: 7 },
     ]);
   });
 
@@ -273,7 +273,8 @@ function encode(r: Reply): Buffer {
 }
 
 function expected(r: Reply): Plain[] {
-  const { cookie } = r;
+  // The parser reports cookies as numbers: exact below 2^53, rounded above (replies.ts readCookie).
+  const cookie = Number(r.cookie);
   const done = [{ type: 'done', cookie }];
   const header = (replyType: number, length: number, isDone: boolean) => ({ type: 'chunk', cookie, flags: isDone ? ReplyFlag.DONE : 0, replyType, length });
   switch (r.kind) {
@@ -306,15 +307,15 @@ describe('ReplyParser on generated streams', () => {
     fc.assert(
       fc.property(fc.array(replyArb, { minLength: 1, maxLength: 25 }), fc.array(fc.nat(), { maxLength: 30 }), (replies, cuts) => {
         // Cookies of simple READ replies must be unique for the read-target lookup.
-        const reads = new Map<bigint, ReadTarget>();
+        const reads = new Map<number, ReadTarget>();
         const kept = replies.filter((r) => {
           if (r.kind !== 'simple' || !r.read) return true;
-          if (reads.has(r.cookie)) return false;
-          reads.set(r.cookie, { offset: r.read.offset, length: r.read.data.length });
+          if (reads.has(Number(r.cookie))) return false;
+          reads.set(Number(r.cookie), { offset: r.read.offset, length: r.read.data.length });
           return true;
         });
         // Non-read simple replies must not share a cookie with a simple READ (the lookup would expect data).
-        const model = kept.filter((r) => !(r.kind === 'simple' && !r.read && reads.has(r.cookie)));
+        const model = kept.filter((r) => !(r.kind === 'simple' && !r.read && reads.has(Number(r.cookie))));
         const stream = Buffer.concat(model.map(encode));
         const r = parse(splitAt(stream, cuts), reads);
         expect(r.error).toBeUndefined();
@@ -388,11 +389,11 @@ describe('ReplyParser on broken streams', () => {
       chunk(1n, unknownError, Buffer.concat([u32(NbdErr.EIO), u16(2), Buffer.from('no')]), true),
     ]);
     expect(normalise(parse(bytewise(stream)).events)).toEqual([
-      { type: 'chunk', cookie: 1n, flags: 0, replyType: unknownType, length: 5 },
-      { type: 'unknown', cookie: 1n, replyType: unknownType, payload: Buffer.from('hello').toString('hex') },
-      { type: 'chunk', cookie: 1n, flags: ReplyFlag.DONE, replyType: unknownError, length: 8 },
-      { type: 'error', cookie: 1n, replyType: unknownError, error: NbdErr.EIO, message: 'no' },
-      { type: 'done', cookie: 1n },
+      { type: 'chunk', cookie: 1, flags: 0, replyType: unknownType, length: 5 },
+      { type: 'unknown', cookie: 1, replyType: unknownType, payload: Buffer.from('hello').toString('hex') },
+      { type: 'chunk', cookie: 1, flags: ReplyFlag.DONE, replyType: unknownError, length: 8 },
+      { type: 'error', cookie: 1, replyType: unknownError, error: NbdErr.EIO, message: 'no' },
+      { type: 'done', cookie: 1 },
     ]);
   });
 
@@ -509,7 +510,7 @@ describe('ReplyParser with a reader that places data itself (skipData)', () => {
 
   it('ends a simple READ reply whose data the reader placed entirely', () => {
     const events: ReplyEvent[] = [];
-    const p = new ReplyParser({ structuredReplies: false, readTarget: (c) => (c === 4n ? { offset: 4096, length: 65536 } : undefined), onEvent: (e) => events.push(e) });
+    const p = new ReplyParser({ structuredReplies: false, readTarget: (c) => (c === 4 ? { offset: 4096, length: 65536 } : undefined), onEvent: (e) => events.push(e) });
     p.feed(simple(4n));
     expect(p.dataRemaining).toBe(65536);
     p.skipData(65536);

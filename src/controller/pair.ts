@@ -21,7 +21,7 @@ import { FilterDevice } from '../blockdev/filter.js';
 import { BlockDeviceError, payloadLength, type BlockDevice, type Extent, type Payload, type ReadViews, type WriteTarget, type ZeroOptions } from '../blockdev/types.js';
 import { CopyRateMeter, syncEta } from './copy-rate.js';
 import { ClusterBitmap, clusterRange } from './bitmap.js';
-import type { BitmapStore } from './bitmap-store.js';
+import { MARKED, type BitmapStore } from './bitmap-store.js';
 import type { MirrorStatus, PairMode, PairState, PairStatus, VerifyStatus, VolRef } from './status.js';
 
 /**
@@ -234,7 +234,8 @@ export class Pair {
         return;
       }
       // Sync: write-intent bits on disk first, so a crash mid-write resyncs just these clusters.
-      await this.store.mark(this.all, first, last);
+      const marked = this.store.mark(this.all, first, last);
+      if (marked !== MARKED) await marked;
       const mirrorApply = toMirrors ? toMirrors() : apply;
       const results = await Promise.allSettled([apply(this.master.device), ...this.mirrors.map((m) => mirrorApply(m.device))]);
       if (results[0]!.status === 'rejected') {

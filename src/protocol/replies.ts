@@ -52,6 +52,15 @@ function readU64(buf: Buffer, at: number, what: string): number {
   return hi * TWO_32 + lo;
 }
 
+/**
+ * A reply's u64 cookie as a number, with no allocation (a bigint is a heap object per reply). It
+ * is exact below 2^53; above, it is rounded, which cannot make it equal any cookie a client of
+ * ours issued (they stay far below 2^53), so such a reply is still refused as an unknown cookie.
+ */
+function readCookie(buf: Buffer, at: number): number {
+  return buf.readUInt32BE(at) * TWO_32 + buf.readUInt32BE(at + 4);
+}
+
 function writeU64(buf: Buffer, at: number, value: number): void {
   buf.writeUInt32BE(Math.floor(value / TWO_32), at);
   buf.writeUInt32BE(value >>> 0, at + 4);
@@ -214,7 +223,11 @@ export function decodeExportNameReply(b: Buffer): ExportInfo {
 export interface RequestHeader {
   flags: number;
   type: number;
-  cookie: bigint;
+  /**
+   * The u64 cookie. A client may use numbers (below 2^53): they cost no allocation, where a
+   * bigint is a heap object per request and per reply.
+   */
+  cookie: number | bigint;
   offset: number;
   length: number;
 }
@@ -224,7 +237,8 @@ export function writeRequest(dst: Buffer, at: number, r: RequestHeader): void {
   dst.writeUInt32BE(REQUEST_MAGIC, at);
   dst.writeUInt16BE(r.flags, at + 4);
   dst.writeUInt16BE(r.type, at + 6);
-  dst.writeBigUInt64BE(r.cookie, at + 8);
+  if (typeof r.cookie === 'bigint') dst.writeBigUInt64BE(r.cookie, at + 8);
+  else writeU64(dst, at + 8, r.cookie);
   writeU64(dst, at + 16, r.offset);
   dst.writeUInt32BE(r.length, at + 24);
 }
@@ -258,14 +272,14 @@ export interface BlockStatusExtent {
  * they must outlive it. Offsets are absolute disk offsets.
  */
 export type ReplyEvent =
-  | { type: 'simple'; cookie: bigint; error: number }
-  | { type: 'chunk'; cookie: bigint; flags: number; replyType: number; length: number }
-  | { type: 'data'; cookie: bigint; offset: number; data: Buffer }
-  | { type: 'hole'; cookie: bigint; offset: number; length: number }
-  | { type: 'blockStatus'; cookie: bigint; contextId: number; extents: BlockStatusExtent[] }
-  | { type: 'error'; cookie: bigint; replyType: number; error: number; message: string; offset?: number }
-  | { type: 'unknown'; cookie: bigint; replyType: number; payload: Buffer }
-  | { type: 'done'; cookie: bigint };
+  | { type: 'simple'; cookie: number; error: number }
+  | { type: 'chunk'; cookie: number; flags: number; replyType: number; length: number }
+  | { type: 'data'; cookie: number; offset: number; data: Buffer }
+  | { type: 'hole'; cookie: number; offset: number; length: number }
+  | { type: 'blockStatus'; cookie: number; contextId: number; extents: BlockStatusExtent[] }
+  | { type: 'error'; cookie: number; replyType: number; error: number; message: string; offset?: number }
+  | { type: 'unknown'; cookie: number; replyType: number; payload: Buffer }
+  | { type: 'done'; cookie: number };
 
 /** Where a successful simple READ reply's data goes: only the client knows the request's length. */
 export interface ReadTarget {
@@ -277,7 +291,7 @@ export interface ReplyParserOptions {
   /** Structured replies were negotiated: without them a structured chunk is a protocol error. */
   structuredReplies: boolean;
   /** The READ request behind a cookie, or undefined for any other command. */
-  readTarget(cookie: bigint): ReadTarget | undefined;
+  readTarget(cookie: number): ReadTarget | undefined;
   onEvent(event: ReplyEvent): void;
   /** Largest non-data chunk payload to buffer (default MAX_PAYLOAD). */
   maxChunkPayload?: number;
@@ -295,7 +309,7 @@ export class ReplyParser {
   private readonly scratch = Buffer.allocUnsafe(CHUNK_HEADER_SIZE); // straddling headers only
   private have = 0; // bytes of scratch filled
   private headerSize = 0; // 0 until the magic is known
-  private cookie = 0n;
+  private cookie = 0;
   private flags = 0; // chunk flags; a simple reply behaves as one chunk with DONE
   private replyType = 0;
   private length = 0; // whole chunk payload length
@@ -470,7 +484,7 @@ export class ReplyParser {
 
   private simpleHeader(b: Buffer, at: number): void {
     const error = b.readUInt32BE(at + 4);
-    const cookie = b.readBigUInt64BE(at + 8);
+    const cookie = readCookie(b, at + 8);
     this.cookie = cookie;
     this.flags = ReplyFlag.DONE;
     this.opts.onEvent({ type: 'simple', cookie, error });
@@ -487,7 +501,7 @@ export class ReplyParser {
   private chunkHeader(b: Buffer, at: number): void {
     const flags = b.readUInt16BE(at + 4);
     const replyType = b.readUInt16BE(at + 6);
-    const cookie = b.readBigUInt64BE(at + 8);
+    const cookie = readCookie(b, at + 8);
     const length = b.readUInt32BE(at + 16);
     this.cookie = cookie;
     this.flags = flags;

@@ -23,18 +23,24 @@ export async function linkFaultGate(link: PeerLink, what: string): Promise<void>
   throw new BlockDeviceError('EIO', `${what}: the link to storage system ${link.peer} is cut (injected fault: ${f.kind})`);
 }
 
+const FUA = { fua: true } as const;
+const PLAIN = { fua: false } as const;
+
 export class ReplicationSender implements BlockDevice {
   readonly readOnly = false;
   readonly multiConnSafe = true;
   readonly fastZero = false;
   private client: NbdClient | null = null;
+  private readonly what: string;
 
   constructor(
     private readonly ref: VolRef,
     private readonly ctx: RemotePairContext,
     private readonly link: PeerLink,
     readonly size: number,
-  ) {}
+  ) {
+    this.what = `mirror ss${ref.ss}/vol${ref.vol}`;
+  }
 
   async open(token: string): Promise<void> {
     this.disconnect();
@@ -57,17 +63,21 @@ export class ReplicationSender implements BlockDevice {
 
   private async run<T>(op: (c: NbdClient) => Promise<T>): Promise<T> {
     const c = this.client;
-    const what = `mirror ss${this.ref.ss}/vol${this.ref.vol}`;
-    if (!c) throw new BlockDeviceError('EIO', `${what}: no replication session`);
+    if (!c) throw new BlockDeviceError('EIO', `${this.what}: no replication session`);
     try {
-      if (this.link.fault) await linkFaultGate(this.link, what);
+      if (this.link.fault) await linkFaultGate(this.link, this.what);
       return await op(c);
     } catch (e) {
-      const err = toBlockDeviceError(e, what);
-      this.link.drop(`replication to ss${this.ref.ss}/vol${this.ref.vol} failed: ${err.message}`);
-      throw err;
+      return this.failed(e);
     }
   }
+
+  /** A request failed: the link goes down (the next session starts clean) and the caller gets the error. */
+  private readonly failed = (e: unknown): never => {
+    const err = toBlockDeviceError(e, this.what);
+    this.link.drop(`replication to ss${this.ref.ss}/vol${this.ref.vol} failed: ${err.message}`);
+    throw err;
+  };
 
   read(offset: number, dest: Buffer): Promise<void> {
     return this.run(async (c) => {
@@ -75,8 +85,14 @@ export class ReplicationSender implements BlockDevice {
     });
   }
 
+  /**
+   * Every write of a sync pair comes here: with a session and no injected fault it is the client's
+   * own promise with one handler, not an async wrapper, a closure and an options object per write.
+   */
   write(offset: number, data: Payload, fua = false): Promise<void> {
-    return this.run((c) => c.pwrite(data, offset, { fua }));
+    const c = this.client;
+    if (!c || this.link.fault) return this.run((c) => c.pwrite(data, offset, { fua }));
+    return c.pwrite(data, offset, fua ? FUA : PLAIN).catch(this.failed);
   }
 
   flush(): Promise<void> {

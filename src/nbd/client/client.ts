@@ -52,6 +52,9 @@ import { DirectReads, DIRECT_MIN, type DirectReceiver } from './receive.js';
 import { ConnectOptions, ResolvedOptions, resolveOptions } from './options.js';
 import { NbdConnectionError, NbdOptionError, NbdTimeoutError, refused, serverError } from './errors.js';
 
+/** Largest cookie before they start again from 1: a V8 small integer on every platform. */
+export const COOKIE_MAX = 2 ** 30 - 1;
+
 // ---------------------------------------------------------------------------
 // Public entry points
 
@@ -155,7 +158,7 @@ export class NbdClient implements DirectReceiver {
   private readonly writer: RequestWriter;
   private readonly parser: ReplyParser;
   private readonly policy: RequestPolicy;
-  private nextCookie = 1n;
+  private nextCookie = 1;
   private current: Command | undefined; // the command whose reply (chunk) the parser is inside
   private closing = false;
   private ended = false;
@@ -329,7 +332,7 @@ export class NbdClient implements DirectReceiver {
       this.closing = true;
       await this.table.whenIdle();
       if (!this.ended) {
-        this.writer.send(encodeRequest({ flags: 0, type: Cmd.DISC, cookie: this.nextCookie++, offset: 0, length: 0 }));
+        this.writer.send(encodeRequest({ flags: 0, type: Cmd.DISC, cookie: this.newCookie(), offset: 0, length: 0 }));
         this.transport.end();
         // The server MUST close after DISC; don't let one that doesn't keep us open.
         this.disconnectTimer = setTimeout(() => this.transport.destroy(), this.o.handshakeTimeoutMs);
@@ -361,12 +364,24 @@ export class NbdClient implements DirectReceiver {
   ): Promise<T> {
     if (this.ended) return Promise.reject(new NbdConnectionError('ENOTCONN', `${op}: connection to ${this.peer} is closed`, { cause: this.death }));
     if (this.closing) return Promise.reject(new NbdConnectionError('ESHUTDOWN', `${op}: disconnect in progress`));
-    const cookie = this.nextCookie++;
+    const cookie = this.newCookie();
     const c = new Command(op, cookie, type, offset, length, performance.now(), buf, context, contextId);
     const promise = c.start() as Promise<T>;
     this.table.add(c);
     this.writer.send(encodeRequest({ flags, type, cookie, offset, length }), payload);
     return promise;
+  }
+
+  /**
+   * Cookies are small integers, 1 to COOKIE_MAX, so they and the table's keys are never heap
+   * objects. After COOKIE_MAX they start again from 1, skipping any still in flight (a command
+   * that old has long timed out in practice, but a reply must never reach the wrong command).
+   */
+  private newCookie(): number {
+    let cookie = this.nextCookie;
+    while (this.table.get(cookie)) cookie = cookie >= COOKIE_MAX ? 1 : cookie + 1;
+    this.nextCookie = cookie >= COOKIE_MAX ? 1 : cookie + 1;
+    return cookie;
   }
 
   // -- receiving
@@ -417,7 +432,7 @@ export class NbdClient implements DirectReceiver {
     this.die(err instanceof NbdProtocolError ? err : new NbdProtocolError(`reply handling failed: ${String(err)}`, { cause: err }));
   }
 
-  private expect(cookie: bigint): Command {
+  private expect(cookie: number): Command {
     const c = this.table.get(cookie);
     if (!c) throw new NbdProtocolError(`reply for unknown cookie ${cookie}`);
     return c;
@@ -519,6 +534,7 @@ export class NbdClient implements DirectReceiver {
     if (this.ended) return;
     if (this.closing && this.table.size === 0) {
       this.ended = true;
+      this.table.drain(); // empty already: this stops its sweep timer
       this.writer.discard();
       this.resolveClosed(undefined);
       return;

@@ -38,7 +38,7 @@ export class Command {
 
   constructor(
     readonly op: string,
-    readonly cookie: bigint,
+    readonly cookie: number,
     readonly type: number,
     readonly offset: number,
     readonly length: number,
@@ -80,7 +80,7 @@ export class Command {
  * at it replaces a timer per request.
  */
 export class InFlight {
-  private readonly map = new Map<bigint, Command>();
+  private readonly map = new Map<number, Command>();
   private timer: NodeJS.Timeout | undefined;
   private idleWaiters: Array<() => void> = [];
 
@@ -98,11 +98,11 @@ export class InFlight {
     if (this.timeoutMs !== undefined && !this.timer) this.arm(this.timeoutMs);
   }
 
-  get(cookie: bigint): Command | undefined {
+  get(cookie: number): Command | undefined {
     return this.map.get(cookie);
   }
 
-  delete(cookie: bigint): void {
+  delete(cookie: number): void {
     this.map.delete(cookie);
     if (this.map.size === 0) this.becameIdle();
   }
@@ -111,6 +111,8 @@ export class InFlight {
   drain(): Command[] {
     const all = [...this.map.values()];
     this.map.clear();
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = undefined;
     this.becameIdle();
     return all;
   }
@@ -119,9 +121,10 @@ export class InFlight {
     return this.map.size === 0 ? Promise.resolve() : new Promise((r) => this.idleWaiters.push(r));
   }
 
+  // The sweep timer stays armed when the table empties: a pipeline that empties between bursts
+  // (a sync pair's replication at low queue depth) would otherwise make and cancel a timer per
+  // burst. A sweep that finds the table empty just ends; the next add() arms it again.
   private becameIdle(): void {
-    if (this.timer) clearTimeout(this.timer);
-    this.timer = undefined;
     const w = this.idleWaiters;
     this.idleWaiters = [];
     for (const r of w) r();
