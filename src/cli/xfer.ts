@@ -358,6 +358,7 @@ async function withVolume<L>(
 ): Promise<void> {
   const { XferVolume } = await import('../xfer/volume.js');
   const vol = await usage(XferVolume.open(devs, { log, ...paths }));
+  log.debug({ paths: vol.devices.reduce((n, d) => n + d.paths.length, 0) }, 'volume open');
   const ac = new AbortController();
   const stop = () => ac.abort(new Error('interrupted'));
   process.once('SIGINT', stop);

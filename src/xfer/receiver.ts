@@ -68,8 +68,10 @@ export async function recv(vol: XferVolume, as: number, deliver: Deliver, opts: 
     t.log?.debug({ slot, token, from }, 'accepted connection');
     try {
       const result = await consume(vol, own, ack, deliver, t, pool);
+      t.log?.debug({ slot }, 'last piece delivered and acknowledged');
       await waitSenderGone(vol, own, t);
       await cleanup(vol, own);
+      t.log?.debug({ slot }, 'connection freed');
       return result;
     } catch (e) {
       await cleanup(vol, own).catch((ce: Error) => t.log?.warn({ err: ce.message }, `could not free connection ${slot}; blockmirror xfer gc will`));

@@ -66,13 +66,16 @@ export async function sendMessages(vol: XferVolume, from: number, to: number, me
       await vol.writePtr(ptr);
       own.entry.command.status = Status.PENDING;
       await own.write();
+      t.log?.debug({ slot }, 'connection pending');
       if (!(await waitAccepted(vol, own, to, t))) {
         // A rival's claim landed after our read-back: the slot is its now, so we write nothing more.
         t.log?.debug({ slot }, 'lost the slot to another sender; claiming again');
         continue;
       }
+      t.log?.debug({ slot }, 'accepted');
       const result = await transfer(vol, own, ptr, to, messages, t, { seq: 0, msg: 1, part: 0 }, pool);
       await cleanup(vol, own);
+      t.log?.debug({ slot }, 'connection freed');
       return result;
     } catch (e) {
       // We are alive and own these blocks, so we free them ourselves; the receiver sees our token go.
@@ -318,6 +321,7 @@ async function transfer(
       if (!closed) await place(pool.take(), 0, Piece.LAST, msg, 0);
     }
     await settled();
+    t.log?.debug({ slot, seq }, 'every segment written, waiting for the last acknowledgement');
     const last = (seq - 1) % E;
     while (!acked(last, seq)) {
       await poll();
