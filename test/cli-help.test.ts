@@ -135,9 +135,35 @@ describe('the bundled CLI (dist/bundle/, scripts/bundle-cli.mjs)', () => {
     const esImport = /^import\b[^;]*?from\s*["'](buffer-layout|@node-rs\/crc32|@node-rs\/xxhash)["']/m;
     const offenders = files.filter((f) => esImport.test(fs.readFileSync(path.join(dir, f), 'utf8')));
     expect(offenders).toEqual([]);
-    expect(files.some((f) => /createRequire\(import\.meta\.url\)\("@node-rs\/crc32"\)/.test(fs.readFileSync(path.join(dir, f), 'utf8')))).toBe(true);
+    expect(files.some((f) => /requireNapi\w*\("@node-rs\/crc32"\)/.test(fs.readFileSync(path.join(dir, f), 'utf8')))).toBe(true);
     const sources = (fs.readdirSync(path.join(ROOT, 'src'), { recursive: true }) as string[]).filter((f) => f.endsWith('.ts'));
     expect(sources.filter((f) => /^import [^;]*from '@node-rs\/(crc32|xxhash)'/m.test(fs.readFileSync(path.join(ROOT, 'src', f), 'utf8')))).toEqual([]);
+  });
+});
+
+describe('the napi-rs packages', () => {
+  it('load their glibc x64 binary directly, without the package loader (its platform probe), and give the same checksums; a package without one loads as usual', async () => {
+    const probe = `
+      import { createRequire } from 'node:module';
+      const { crc32c } = await import(${JSON.stringify(path.join(ROOT, 'dist/util/crc32c.js'))});
+      const { xxh64Low } = await import(${JSON.stringify(path.join(ROOT, 'dist/util/xxh64.js'))});
+      const { requireNapi } = await import(${JSON.stringify(path.join(ROOT, 'dist/util/napi.js'))});
+      const req = createRequire(${JSON.stringify(path.join(ROOT, 'dist/util/napi.js'))});
+      const commander = requireNapi('commander');
+      console.log(JSON.stringify({
+        crc: crc32c(Buffer.from('123456789')),
+        xxh: xxh64Low(Buffer.from('')),
+        loaded: Object.keys(req.cache).filter((k) => k.includes('@node-rs')).map((k) => k.slice(k.indexOf('@node-rs'))),
+        commander: typeof commander.Command,
+      }));`;
+    const r = await run(process.execPath, ['--input-type=module', '-e', probe]);
+    expect(r.stderr).toBe('');
+    const out = JSON.parse(r.stdout);
+    // The check values of CRC-32C ("123456789") and of XXH64 (empty input, seed 0: 0xef46db3751d8e999).
+    expect(out.crc).toBe(0xe3069283);
+    expect(out.xxh).toBe(0x51d8e999);
+    expect(out.loaded.sort()).toEqual(['@node-rs/crc32-linux-x64-gnu/crc32.linux-x64-gnu.node', '@node-rs/xxhash-linux-x64-gnu/xxhash.linux-x64-gnu.node']);
+    expect(out.commander).toBe('function');
   });
 });
 
