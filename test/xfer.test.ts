@@ -253,6 +253,26 @@ describe('xfer flows', () => {
     await Promise.all([a.close(), b.close(), rivalVol.close()]);
   });
 
+  it('has a waiting receiver that sees a claim for it settling look again within a millisecond, not a poll interval later', async () => {
+    const files = await formattedFiles(SMALL);
+    const a = await volumeOf(files);
+    const b = await volumeOf(files);
+    const data = randomBytes(30_000);
+    // The sender's claim settles for 5 poll intervals of 100 ms; the receiver polls once a minute.
+    const sending = send(a, 1, 2, Readable.from([data]), { ...FAST, pollMs: 100 });
+    await waitFor(async () => (await b.readPidTable()).some((e) => e.req.command.code === Command.CONNECT && e.req.command.status === Status.NONE));
+    const parts: Buffer[] = [];
+    // It sees the claim on its first look, before PENDING; a minute's sleep after that would
+    // outlast this test's time limit.
+    const got = await recv(b, 2, async (d) => void parts.push(Buffer.from(d)), { ...FAST, pollMs: 60_000 });
+    await sending;
+    expect(Buffer.concat(parts).equals(data)).toBe(true);
+    expect(got.from).toBe(1);
+    await allFree(a);
+    await a.close();
+    await b.close();
+  }, 20_000);
+
   it('tells a sender whose receiver never comes to start one, and frees its slot', async () => {
     const files = await formattedFiles(SMALL);
     const a = await volumeOf(files);

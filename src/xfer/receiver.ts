@@ -146,7 +146,10 @@ async function findConnect(vol: XferVolume, as: number, opts: RecvOptions, t: Tu
     if (slot >= 0) return { slot, token: table[slot].req.token, from: table[slot].req.requestor };
     if (opts.waitMs !== undefined && Date.now() - started > opts.waitMs)
       throw new XferPeerError(`no sender connected to ${as} within ${opts.waitMs} ms: start blockmirror xfer send --to ${as} on the other host`);
-    await sleep(t.pollMs, t.signal);
+    // A claim for us that is still settling turns PENDING within the sender's settle time (50 ms
+    // or more): look every millisecond until then, not a whole poll interval after it.
+    const settling = table.some(({ req }) => req.command.code === Command.CONNECT && req.command.status === Status.NONE && req.requestee === as && (opts.from === undefined || req.requestor === opts.from));
+    await sleep(settling ? Math.min(1, t.pollMs) : t.pollMs, t.signal);
   }
 }
 
