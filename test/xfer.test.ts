@@ -273,6 +273,53 @@ describe('xfer flows', () => {
     await b.close();
   }, 20_000);
 
+  it('has a waiting receiver touch its segment buffers one per look at the table, and accept a sender found at its first look before touching any', async () => {
+    const files = await formattedFiles(SMALL);
+    const spyOn = (v: XferVolume) => {
+      const seen = { pool: undefined as BufferPool | undefined, readyAtLooks: [] as number[], readyAtAccept: -1 };
+      const segmentPool = v.segmentPool.bind(v);
+      v.segmentPool = (keep) => (seen.pool ??= segmentPool(keep));
+      const readPidTable = v.readPidTable.bind(v);
+      v.readPidTable = async () => {
+        seen.readyAtLooks.push(seen.pool?.ready ?? 0);
+        return readPidTable();
+      };
+      const writeAck = v.writeAck.bind(v);
+      v.writeAck = async (ack) => {
+        if (seen.readyAtAccept < 0) seen.readyAtAccept = seen.pool?.ready ?? 0;
+        return writeAck(ack);
+      };
+      return seen;
+    };
+    // A sender already PENDING: accepted at the first look, nothing touched before.
+    const a = await volumeOf(files);
+    const b = await volumeOf(files);
+    const data = randomBytes(20_000);
+    const first = spyOn(b);
+    const sending = send(a, 1, 2, Readable.from([data]), FAST);
+    await waitFor(async () => (await a.readPidTable()).some((e) => e.req.command.status === Status.PENDING));
+    const parts: Buffer[] = [];
+    await recv(b, 2, async (d) => void parts.push(Buffer.from(d)), FAST);
+    await sending;
+    expect(Buffer.concat(parts).equals(data)).toBe(true);
+    expect(first.readyAtAccept).toBe(0);
+    // No sender yet: a buffer more per look, up to the pool's size, then the sender is served.
+    const c = await volumeOf(files);
+    const waiting = spyOn(c);
+    const parts2: Buffer[] = [];
+    const receiving = recv(c, 2, async (d) => void parts2.push(Buffer.from(d)), FAST);
+    // The receiver's pool: a segment read ahead per entry of the window, and two more.
+    const full = Math.max(1, Math.min(c.mcb.entries, c.inFlight)) + 2;
+    await waitFor(async () => waiting.pool?.ready === full);
+    await send(a, 1, 2, Readable.from([data]), FAST);
+    await receiving;
+    expect(Buffer.concat(parts2).equals(data)).toBe(true);
+    const looks = waiting.readyAtLooks;
+    expect(looks.slice(0, full + 1)).toEqual(Array.from({ length: full + 1 }, (_, i) => i));
+    await allFree(a);
+    await Promise.all([a.close(), b.close(), c.close()]);
+  });
+
   it('tells a sender whose receiver never comes to start one, and frees its slot', async () => {
     const files = await formattedFiles(SMALL);
     const a = await volumeOf(files);
