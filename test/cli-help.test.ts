@@ -141,6 +141,58 @@ describe('the bundled CLI (dist/bundle/, scripts/bundle-cli.mjs)', () => {
   });
 });
 
+describe('output into a full pipe', () => {
+  it('prints --version and --help whole into a non-blocking pipe that is full when it writes, once the reader drains it', async () => {
+    // O_NONBLOCK on the pipe's description (as another process sharing it may set), the pipe
+    // filled to the last byte: the first write(2) gets EAGAIN. The command must wait for the
+    // reader, not exit having written nothing. The reader drains only once the command has
+    // exited or 3 s have passed; the old code exited at once, output lost.
+    const harness = `
+import fcntl, json, os, subprocess, sys
+r, w = os.pipe()
+fcntl.fcntl(w, fcntl.F_SETFL, fcntl.fcntl(w, fcntl.F_GETFL) | os.O_NONBLOCK)
+filler = 0
+try:
+    while True:
+        filler += os.write(w, b'x' * 4096)
+except BlockingIOError:
+    pass
+try:
+    while True:
+        filler += os.write(w, b'x')
+except BlockingIOError:
+    pass
+p = subprocess.Popen(sys.argv[1:], stdout=w)
+os.close(w)
+try:
+    code = p.wait(timeout=3)
+    exited_before_drain = True
+except subprocess.TimeoutExpired:
+    exited_before_drain = False
+data = b''
+while True:
+    chunk = os.read(r, 65536)
+    if not chunk:
+        break
+    data += chunk
+code = p.wait()
+print(json.dumps({'code': code, 'filler': filler, 'out': data[filler:].decode(), 'exitedBeforeDrain': exited_before_drain}))
+`;
+    const version = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')).version as string;
+    const help = await run(process.execPath, [CLI, '--help']);
+    for (const [args, want] of [[['--version'], `${version}\n`], [['--help'], help.stdout]] as const) {
+      const r = await run('python3', ['-c', harness, process.execPath, CLI, ...args], { timeoutMs: 60_000 });
+      expect(r.stderr).toBe('');
+      const got = JSON.parse(r.stdout);
+      expect(got.filler, 'the pipe was filled').toBeGreaterThan(0);
+      expect(got.code).toBe(0);
+      expect(got.out, args.join(' ')).toBe(want);
+      // It waited for the reader rather than exiting.
+      expect(got.exitedBeforeDrain).toBe(false);
+    }
+  }, 60_000);
+});
+
 describe('the napi-rs packages', () => {
   it('load their glibc x64 binary directly, without the package loader (its platform probe), and give the same checksums; a package without one loads as usual', async () => {
     const probe = `

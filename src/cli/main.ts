@@ -53,19 +53,27 @@ export function modulesFor(args: string[]): typeof MODULES {
 /**
  * Write `text` to standard output (1) or error (2) with write(2), not through process.stdout or
  * stderr: their first use loads node:stream and a stream class (~30 M instructions, a sixth of
- * `--version`, issue 18), which --version, --help and the usage errors need for nothing else. If the
- * descriptor will not take it all at once (EAGAIN: a non-blocking one shared with another process)
- * or fails, the rest goes through the stream, which handles all of that as it always did.
+ * `--version`, issue 18), which --version, --help and the usage errors need for nothing else.
+ * Everything is written before this returns, because its callers exit right after (process.exit).
+ * A descriptor set non-blocking (O_NONBLOCK on a description shared with another process) may
+ * refuse with EAGAIN while its pipe is full; then it is tried again every millisecond, as a
+ * blocking write would wait for the reader. Before, the rest went to process.stdout's queue and
+ * process.exit dropped it: `--version` into a full pipe printed nothing. With no reader left
+ * (EPIPE) or no descriptor, there is nowhere to write, and nothing is.
  */
 export function say(fd: 1 | 2, text: string): void {
   const buf = Buffer.from(text);
   let done = 0;
-  try {
-    while (done < buf.length) done += fs.writeSync(fd, buf, done);
-  } catch {
-    (fd === 1 ? process.stdout : process.stderr).write(buf.subarray(done));
+  while (done < buf.length) {
+    try {
+      done += fs.writeSync(fd, buf, done);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EAGAIN') return;
+      Atomics.wait((pause ??= new Int32Array(new SharedArrayBuffer(4))), 0, 0, 1);
+    }
   }
 }
+let pause: Int32Array | undefined;
 
 /** The program with the commands `args` (the command line after `node script`) needs; all without. */
 export async function buildProgram(args?: string[]): Promise<Command> {
