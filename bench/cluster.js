@@ -15,7 +15,7 @@
 //   node bench/cluster.js                              # 20 kills, 3 pairs of 4 s runs; appends to bench/RESULTS.md
 //   BENCH_KILLS=5 BENCH_RUNTIME=2 node bench/cluster.js  # a short run
 //   BENCH_PROFILE=1 ...                                # the gateway runs under node --cpu-prof (bench/out/)
-import { execFileSync, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -255,7 +255,7 @@ async function main() {
       `| gateway / nbdkit's nbd plugin, ${o.job.label} | ${o.vsPeer.toFixed(2)} | | |`,
     ]),
     '',
-    `Failover: a host writes 4 KiB at QD1 through the gateway without pause; each kill waits for PAIR (and etcd's record of it), kills the master's process with -9, and takes the first write that completes after the process is gone; the old master is restarted (it rejoins as the mirror) before the next kill. With a ${LEASE} lease, etcd drops the registration 2 to 3 s after the last renewal, then the mirror's one transaction and takeover follow. Overhead: ${REPS} rounds of direct, gateway and nbdkit's nbd plugin (${nbdkitVersion()}, a proxy in C, as the peer), reversed every other round, ${RUNTIME} s fio runs after a ${RAMP} s ramp over ${SIZE}; ratios are medians of the per-round ratios; the direct runs go to the master's own export, so all three include the sync mirror's round trip.`,
+    `Failover: a host writes 4 KiB at QD1 through the gateway without pause; each kill waits for PAIR (and etcd's record of it), kills the master's process with -9, and takes the first write that completes after the process is gone; the old master is restarted (it rejoins as the mirror) before the next kill. With a ${LEASE} lease, etcd drops the registration 2 to 3 s after the last renewal, then the mirror's one transaction and takeover follow. Overhead: ${REPS} rounds of direct, gateway and nbdkit's nbd plugin (${m.nbdkit}, a proxy in C, as the peer), reversed every other round, ${RUNTIME} s fio runs after a ${RAMP} s ramp over ${SIZE}; ratios are medians of the per-round ratios; the direct runs go to the master's own export, so all three include the sync mirror's round trip.`,
     '',
     'The anchors, as their documentation gives them: **Pacemaker with DRBD** notices a dead node when Corosync\'s totem token is lost (3 s by default since Corosync 3 / RHEL 8.4, 1 s before; consensus 1.2 × token), then must fence it (STONITH) before it promotes the DRBD secondary and starts the resource: seconds to tens of seconds, dominated by the fencing agent. **Ceph** marks an OSD down after `osd_heartbeat_grace` = 20 s without heartbeats (peers ping every `osd_heartbeat_interval` = 6 s), then re-peers its placement groups; client I/O to the affected PGs waits that long.',
   ];
@@ -263,14 +263,6 @@ async function main() {
   console.log(lines.join('\n'));
   fs.writeFileSync(path.join(outDir, 'cluster-last-run.json'), JSON.stringify({ failovers, overhead, writerErrors }, null, 2));
   fs.rmSync(dir, { recursive: true, force: true });
-}
-
-function nbdkitVersion() {
-  try {
-    return execFileSync('nbdkit', ['--version'], { encoding: 'utf8' }).trim();
-  } catch {
-    return 'nbdkit';
-  }
 }
 
 main().catch((e) => {

@@ -18,7 +18,6 @@
 //   BENCH_REPS=1 BENCH_RUNTIME=2 node bench/gateway-forward.js  # a short run
 //   BENCH_JOBS=seqwrite-1m-qd8 ...                            # only these jobs (comma-separated ids)
 //   BENCH_NO_REPORT=1 ...                                     # print only
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -91,7 +90,7 @@ async function main() {
     `## A gateway's forward path alone (bench/gateway-forward.js, ${started.toISOString().slice(0, 10)})`,
     '',
     `Run ${started.toISOString().replace(/\.\d+Z$/, 'Z')} on ${m.cpuModel}, nproc ${m.nproc}; ${m.kernel}; Node ${m.node}; ${m.fio}; commit ${code.head}.`,
-    `Load average at start ${loadStart}, at end ${loadAvg()}. One \`blockmirror serve\` master (memory, ${SIZE / 2 ** 20} MiB, no mirror); in front of it one gateway process (bench/lib/gateway-proc.js, no etcd) and, as the peer, nbdkit's nbd plugin (${nbdkitVersion()}), all on loopback; ${REPS} rounds of direct, gateway and nbdkit (reversed every other round), ${RUNTIME} s fio runs after a ${RAMP} s ramp. Ratios are medians of the per-round ratios; CPU is user + system seconds of the proxy's process per GiB written.`,
+    `Load average at start ${loadStart}, at end ${loadAvg()}. One \`blockmirror serve\` master (memory, ${SIZE / 2 ** 20} MiB, no mirror); in front of it one gateway process (bench/lib/gateway-proc.js, no etcd) and, as the peer, nbdkit's nbd plugin (${m.nbdkit}), all on loopback; ${REPS} rounds of direct, gateway and nbdkit (reversed every other round), ${RUNTIME} s fio runs after a ${RAMP} s ramp. Ratios are medians of the per-round ratios; CPU is user + system seconds of the proxy's process per GiB written.`,
     '',
     '| job | direct | gateway | nbdkit nbd plugin | gateway / direct | nbdkit / direct | gateway / nbdkit | CPU s per GiB: gateway | nbdkit |',
     '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
@@ -104,14 +103,6 @@ async function main() {
   console.log(lines.join('\n'));
   fs.mkdirSync(path.join(HERE, 'out'), { recursive: true });
   fs.writeFileSync(path.join(HERE, 'out', 'gateway-forward-last-run.json'), JSON.stringify(results, null, 2));
-}
-
-function nbdkitVersion() {
-  try {
-    return execFileSync('nbdkit', ['--version'], { encoding: 'utf8' }).trim();
-  } catch {
-    return 'nbdkit';
-  }
 }
 
 main().catch((e) => {
