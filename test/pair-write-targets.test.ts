@@ -20,6 +20,7 @@ import { MemoryBitmapStore } from '../src/controller/bitmap-store.js';
 import { Pair, type FenceLevel } from '../src/controller/pair.js';
 import { CountingDevice } from '../src/controller/volume-stats.js';
 import { pseudoRandom } from './helpers/clients.js';
+import { expectSlotsBack } from './helpers/memory.js';
 
 const PAGE = 4096;
 const CLUSTER = 64 * 1024;
@@ -90,13 +91,6 @@ async function outcome(r: Rig, error: unknown): Promise<Outcome> {
   };
 }
 
-function expectSlotsBack(mem: MemoryDevice): void {
-  expect(mem.reservedBytes).toBe(0);
-  expect(mem.heldBytes).toBe(0);
-  expect(mem.retiredBytes).toBe(0);
-  expect(mem.heldFreeBytes).toBe(0);
-  expect(mem.allocatedBytes + mem.freeBytes).toBe(mem.storeBytes);
-}
 
 interface Scenario {
   name: string;

@@ -18,8 +18,9 @@ import type { StorageSystem } from '../src/controller/storage-system.js';
 import { connect } from '../src/nbd/client.js';
 import { freePort, run } from './helpers/servers.js';
 import { requireTools } from './helpers/clients.js';
-import { openSession } from './helpers/raw.js';
-import { Cmd, REQUEST_MAGIC } from '../src/protocol/constants.js';
+import { encodeRequest, openSession } from './helpers/raw.js';
+import { expectSlotsBack } from './helpers/memory.js';
+import { Cmd } from '../src/protocol/constants.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
@@ -80,14 +81,6 @@ function store(ss: StorageSystem, vol: number): MemoryDevice {
   return stack.backing as MemoryDevice;
 }
 
-/** No slot reserved, held or retired, each slot in one place. */
-function expectSlotsBack(mem: MemoryDevice): void {
-  expect(mem.reservedBytes).toBe(0);
-  expect(mem.heldBytes).toBe(0);
-  expect(mem.retiredBytes).toBe(0);
-  expect(mem.heldFreeBytes).toBe(0);
-  expect(mem.allocatedBytes + mem.freeBytes).toBe(mem.storeBytes);
-}
 
 async function fioVerify(uri: string, rw = 'write', bs = '1M', extra: string[] = []): Promise<void> {
   const f = await run('fio', [
@@ -285,13 +278,8 @@ describe('pairs of memory volumes in one storage system', () => {
     const before = Buffer.alloc(SIZE);
     await store(ss, 5).read(0, before);
     const s = await openSession({ host, port: Number(port) }, { name: 'vol5' });
-    const head = Buffer.alloc(28);
-    head.writeUInt32BE(REQUEST_MAGIC, 0);
-    head.writeUInt16BE(Cmd.WRITE, 6);
-    head.writeBigUInt64BE(7n, 8);
-    head.writeBigUInt64BE(65536n + 100n, 16);
-    head.writeUInt32BE(2 * MiB, 24);
-    await s.client.writeAndDrain(Buffer.concat([head, Buffer.alloc(700 * 1024, 0xee)]));
+    // A 2 MiB WRITE whose payload stops after 700 KiB.
+    await s.client.writeAndDrain(encodeRequest({ type: Cmd.WRITE, cookie: 7n, offset: 65536n + 100n, length: 2 * MiB, payload: Buffer.alloc(700 * 1024, 0xee) }));
     await waitFor(() => store(ss, 5).reservedBytes > 0, 'the payload landing in the master\'s pages');
     s.client.destroy();
     await waitFor(() => n.of(store(ss, 5)).aborted === 1, 'the target given back');

@@ -12,8 +12,9 @@ import { MemoryDevice } from '../src/blockdev/memory.js';
 import type { WriteTarget } from '../src/blockdev/types.js';
 import { ExportTable } from '../src/nbd/exports.js';
 import { NbdServer } from '../src/nbd/server.js';
-import { Cmd, CmdFlag, NbdErr, REQUEST_MAGIC } from '../src/protocol/constants.js';
-import { PY_DIR, openSession, readAt, requireLibnbdPython, writeAt } from './helpers/raw.js';
+import { Cmd, CmdFlag, NbdErr } from '../src/protocol/constants.js';
+import { PY_DIR, encodeRequest, openSession, readAt, requireLibnbdPython, writeAt } from './helpers/raw.js';
+import { expectSlotsBack } from './helpers/memory.js';
 import { PYTHON, run, tmpDir } from './helpers/servers.js';
 import { pseudoRandom, requireTools } from './helpers/clients.js';
 
@@ -66,11 +67,7 @@ async function serveStore(size: number): Promise<{ dev: CountedStore; uri: strin
 /** Once every connection is gone: no slot reserved, held or retired, each slot in one place. */
 async function expectAllSlotsBack(dev: MemoryDevice): Promise<void> {
   await vi.waitFor(() => expect(server!.connectionsTo('disk')).toBe(0), { timeout: 10_000 });
-  expect(dev.reservedBytes).toBe(0);
-  expect(dev.heldBytes).toBe(0);
-  expect(dev.retiredBytes).toBe(0);
-  expect(dev.heldFreeBytes).toBe(0);
-  expect(dev.allocatedBytes + dev.freeBytes).toBe(dev.storeBytes);
+  expectSlotsBack(dev);
 }
 
 afterEach(async () => {
@@ -152,13 +149,8 @@ describe('a WRITE whose payload never arrives whole', () => {
     const before = pseudoRandom(4 * MiB, 5);
     await dev.write(0, before);
     const s = await openSession({ host, port }, { name: 'disk' });
-    const head = Buffer.alloc(28);
-    head.writeUInt32BE(REQUEST_MAGIC, 0);
-    head.writeUInt16BE(Cmd.WRITE, 6);
-    head.writeBigUInt64BE(7n, 8);
-    head.writeBigUInt64BE(4096n + 100n, 16);
-    head.writeUInt32BE(2 * MiB, 24);
-    await s.client.writeAndDrain(Buffer.concat([head, Buffer.alloc(700 * 1024, 0xee)]));
+    // A 2 MiB WRITE whose payload stops after 700 KiB.
+    await s.client.writeAndDrain(encodeRequest({ type: Cmd.WRITE, cookie: 7n, offset: 4096n + 100n, length: 2 * MiB, payload: Buffer.alloc(700 * 1024, 0xee) }));
     // The payload's rest is being read into the store's pages by now.
     await vi.waitFor(() => expect(dev.reservedBytes).toBeGreaterThan(0), { timeout: 10_000 });
     s.client.destroy();
