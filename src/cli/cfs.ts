@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import type { Command } from 'commander';
 import type { CfsClient, DirEntry, UsageReport } from '../cfs/client.js';
 import type { ClusterConfig, HostPort } from '../cluster/config.js';
+import { loadConfigOrUsage } from './config-cache.js';
 import { UsageError } from './errors.js';
 import { exitDone } from './exit.js';
 import { cliLogger } from './logger.js';
@@ -176,14 +177,7 @@ class CfsCliError extends Error {
 }
 
 async function loadCfsConfig(file: string): Promise<ClusterConfig> {
-  const { ConfigError, loadConfig } = await import('../cluster/config.js');
-  let config: ClusterConfig;
-  try {
-    config = loadConfig(file);
-  } catch (e) {
-    if (e instanceof ConfigError) throw new UsageError(e.message);
-    throw new UsageError(`${file}: ${(e as Error).message}`);
-  }
+  const config = await loadConfigOrUsage(file);
   if (!config.cfs) throw new UsageError(`${file} has no cfs: section (see config/cfs.yaml)`);
   return config;
 }

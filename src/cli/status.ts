@@ -8,6 +8,7 @@ import { adminClientCa } from '../cluster/credentials.js';
 import type { ClusterConfig, StorageSystemConfig } from '../cluster/config.js';
 import { mergeReports as mergeClusterReports, type PairRow, type ReportAnswer, type SSView, type StorageSystemStatus } from '../controller/status.js';
 import type { EtcdView } from '../cluster/etcd/view.js';
+import { loadConfigOrUsage } from './config-cache.js';
 import { UsageError } from './errors.js';
 import { humanBytes } from './progress.js';
 
@@ -63,16 +64,8 @@ export function registerStatusCommand(program: Command): void {
     });
 }
 
-/** loadConfig, with every failure turned into a one-line usage error (exit 2). Loaded here, when a command runs: YAML and zod are most of a client command's start-up. */
-export async function loadConfigOrUsage(path: string): Promise<ClusterConfig> {
-  const { ConfigError, loadConfig } = await import('../cluster/config.js');
-  try {
-    return loadConfig(path);
-  } catch (e) {
-    if (e instanceof ConfigError) throw new UsageError(e.message);
-    throw new UsageError(`${path}: ${(e as Error).message}`);
-  }
-}
+/** loadConfig, with every failure a one-line usage error; cached per version of the file (config-cache.ts). */
+export { loadConfigOrUsage };
 
 /** Where to reach a storage system's admin API; throws when the file leaves the port to the kernel. */
 export function adminEndpoint(config: ClusterConfig, ss: StorageSystemConfig): AdminEndpoint {
