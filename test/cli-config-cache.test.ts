@@ -78,6 +78,10 @@ describe('the parsed-configuration cache of client commands', () => {
     const [entry] = fs.readdirSync(dir);
     fs.writeFileSync(path.join(dir, entry!), '{"format":1,');
     expect(cachedConfig(file, text, { dir, build: BUILD })).toBeUndefined();
+    for (const damaged of ['null', JSON.stringify({ format: 1, build: BUILD, file: path.resolve(file), text, config: null })]) {
+      fs.writeFileSync(path.join(dir, entry!), damaged);
+      expect(cachedConfig(file, text, { dir, build: BUILD })).toBeUndefined();
+    }
   });
 
   it('neither reads nor writes a directory that others may read or write, or that is a symlink', async () => {

@@ -1,6 +1,6 @@
 // A client command's configuration, parsed once per version of the file. Parsing the YAML and
 // checking it with zod is most of a client command's start-up: loading the two modules and
-// running them cold took `status` ~70 ms of its ~225 (bench/RESULTS.md, "cfgc18"). So the CLI
+// running them cold took `status` ~70 ms of its ~225 (bench/RESULTS.md, "pm18"). So the CLI
 // keeps what parseConfig returned, as JSON, in the per-user directory that also holds the admin
 // tokens of storage systems in memory: $XDG_RUNTIME_DIR (or the temp dir)/blockmirror-UID/.
 //
@@ -17,9 +17,9 @@
 // Servers (`up`) always parse. Run from the TypeScript sources (the tests), the cache is off: no
 // build to name.
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { userRuntimeDir } from '../cluster/admin-token.js';
 import type { ClusterConfig } from '../cluster/config.js';
 import { UsageError } from './errors.js';
 
@@ -62,7 +62,7 @@ function thisBuild(): string | null {
 /** The per-user runtime directory, made if missing; undefined unless it is ours and private. */
 function privateDir(dir?: string): string | undefined {
   const uid = typeof process.getuid === 'function' ? process.getuid() : 0;
-  const d = dir ?? path.join(process.env.XDG_RUNTIME_DIR || os.tmpdir(), `blockmirror-${uid}`);
+  const d = dir ?? userRuntimeDir();
   try {
     fs.mkdirSync(d, { mode: 0o700 });
   } catch (e) {
@@ -106,7 +106,7 @@ export function cachedConfig(file: string, text: string, opts: CacheOptions = {}
   } catch {
     return undefined;
   }
-  if (entry?.format !== FORMAT || entry.build !== at.build || entry.file !== resolved || entry.text !== text || typeof entry.config !== 'object') return undefined;
+  if (entry?.format !== FORMAT || entry.build !== at.build || entry.file !== resolved || entry.text !== text || !entry.config || typeof entry.config !== 'object') return undefined;
   // Named as this command was given it: the admin token's file is found from it, relative to the working directory.
   entry.config.source = file;
   return entry.config;

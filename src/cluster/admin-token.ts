@@ -19,6 +19,12 @@ export class AdminTokenError extends Error {
   readonly code = 'ENOTOKEN';
 }
 
+/** The per-user directory of files that live as long as the user's session: $XDG_RUNTIME_DIR (else the temp directory)/blockmirror-UID. */
+export function userRuntimeDir(): string {
+  const uid = typeof process.getuid === 'function' ? process.getuid() : 0;
+  return path.join(process.env.XDG_RUNTIME_DIR || os.tmpdir(), `blockmirror-${uid}`);
+}
+
 /** The file that holds storage system `ssId`'s token, or undefined when the environment gives it. */
 export function adminTokenFile(config: ClusterConfig, ssId: number): string | undefined {
   if (process.env[TOKEN_ENV]) return undefined;
@@ -27,9 +33,7 @@ export function adminTokenFile(config: ClusterConfig, ssId: number): string | un
   if (ss?.dataDir) return path.join(ss.dataDir, 'admin.token');
   const source = path.resolve(config.source);
   const tag = nodeCrypto().createHash('sha256').update(source).digest('hex').slice(0, 12);
-  const uid = typeof process.getuid === 'function' ? process.getuid() : 0;
-  const base = process.env.XDG_RUNTIME_DIR || os.tmpdir();
-  return path.join(base, `blockmirror-${uid}`, `${tag}-ss${ssId}.token`);
+  return path.join(userRuntimeDir(), `${tag}-ss${ssId}.token`);
 }
 
 /** For `up`: the token, made when absent. `note` says where a new one was put, or warns about loose permissions. */
