@@ -1,14 +1,14 @@
 // `blockmirror pair create|delete NAME -c FILE`: add a pair to the YAML or take one out, apply
 // that to the running storage systems (apply.ts: plan, all or nothing), then write FILE. The YAML
 // is the record: a restart of `up` keeps the pair (and each `up` writes its own file as well).
-// The file is edited as a document, so its comments and layout stay.
+// The file is edited as a document, so its comments and layout stay. YAML, the configuration's
+// checks and apply.ts are loaded when one of these runs: `pair split` and the like, whose module
+// registers these, must not pay for them at start-up.
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Command } from 'commander';
-import { isMap, isSeq, parseDocument, type YAMLMap } from 'yaml';
-import { ConfigError, parseConfig } from '../cluster/config.js';
+import type { Document, YAMLMap } from 'yaml';
 import { atomicWrite } from '../util/atomic-write.js';
-import { applyToCluster } from './apply.js';
 import { UsageError } from './errors.js';
 import { parseTimeout } from './status.js';
 
@@ -52,7 +52,7 @@ export function registerPairEditCommands(pair: Command): void {
       const master = parseVolRef(opts.master, '--master');
       if (opts.mirror.length === 0) throw new UsageError('pair create: give at least one --mirror SS:VOL');
       const mirrors = opts.mirror.map((m) => parseVolRef(m, '--mirror'));
-      await edit(opts, (doc) => {
+      await edit(opts, (doc, { isMap, isSeq }) => {
         const pairs = doc.get('pairs');
         if (isSeq(pairs) && pairs.items.some((p) => isMap(p) && p.get('name') === name)) throw new UsageError(`pair create: ${opts.config} already has a pair named ${name}`);
         const entry: Record<string, unknown> = { name, mode: opts.mode, master, mirrors };
@@ -76,7 +76,7 @@ export function registerPairEditCommands(pair: Command): void {
     .option('--timeout <ms>', 'how long to wait for each storage system', '60000')
     .allowExcessArguments(false)
     .action(async (name: string, opts: EditOptions) => {
-      await edit(opts, (doc) => {
+      await edit(opts, (doc, { isMap, isSeq }) => {
         const pairs = doc.get('pairs');
         const i = isSeq(pairs) ? pairs.items.findIndex((p) => isMap(p) && p.get('name') === name) : -1;
         if (i < 0) throw new UsageError(`pair delete: ${opts.config} has no pair named ${name}`);
@@ -86,17 +86,18 @@ export function registerPairEditCommands(pair: Command): void {
     });
 }
 
-async function edit(opts: EditOptions, change: (doc: ReturnType<typeof parseDocument>) => void): Promise<void> {
+async function edit(opts: EditOptions, change: (doc: Document, yaml: typeof import('yaml')) => void): Promise<void> {
   const timeoutMs = parseTimeout(opts.timeout);
+  const [yaml, { ConfigError, parseConfig }, { applyToCluster }] = await Promise.all([import('yaml'), import('../cluster/config.js'), import('./apply.js')]);
   let text: string;
   try {
     text = fs.readFileSync(opts.config, 'utf8');
   } catch (e) {
     throw new UsageError(`${opts.config}: cannot read the file: ${(e as Error).message}`);
   }
-  const doc = parseDocument(text);
+  const doc = yaml.parseDocument(text);
   if (doc.errors.length > 0) throw new UsageError(`${opts.config}: YAML syntax error: ${doc.errors[0]!.message}; correct it first`);
-  change(doc);
+  change(doc, yaml);
   const next = doc.toString();
   let config;
   try {
