@@ -130,6 +130,24 @@ describe('MemoryDevice', () => {
     expect(dev.storeBytes).toBe(2 << 20); // no new slot was needed
   });
 
+  it('lets a view or a held target taken before close() release into nothing, not into the pages written since', async () => {
+    const dev = new MemoryDevice(1 << 20);
+    await dev.write(0, Buffer.alloc(8192, 1));
+    const view = dev.readViews(0, 8192)!;
+    const t = dev.writeTarget(0, 65536, 0)!;
+    const held = t.hold!();
+    await dev.close();
+    await dev.write(0, Buffer.alloc(8192, 2)); // slab 0 again, under the same slot numbers
+    const fresh = dev.readViews(0, 4096)!;
+    view.release();
+    held.release();
+    expect(dev.heldBytes).toBe(4096); // only the fresh view's page
+    await dev.write(0, Buffer.alloc(4096, 3)); // copy on write: the fresh view keeps its bytes
+    expect(fresh.pieces[0]!.equals(Buffer.alloc(4096, 2))).toBe(true);
+    fresh.release();
+    expect(dev.heldBytes).toBe(0);
+  });
+
   it('refuses writes, trims and zeroes when read-only', async () => {
     const dev = new MemoryDevice(8192, true);
     await expect(dev.write(0, Buffer.alloc(1))).rejects.toMatchObject({ errno: 'EPERM' });

@@ -285,12 +285,23 @@ export class MemoryDevice implements BlockDevice {
       runs.push(slot, count);
       done += k;
     }
+    return this.viewsOf(pieces, runs);
+  }
+
+  /**
+   * `pieces` as views whose release (once; later calls do nothing) drops the holds on `runs`
+   * (first slot, count, first slot, count...). After a close() it drops nothing: the store has new
+   * slabs under the same numbers.
+   */
+  private viewsOf(pieces: Buffer[], runs: number[]): ReadViews {
+    const generation = this.generation;
     let released = false;
     return {
       pieces,
       release: () => {
         if (released) return;
         released = true;
+        if (generation !== this.generation) return;
         for (let r = 0; r < runs.length; r += 2) this.unhold(runs[r]!, runs[r + 1]!);
       },
     };
@@ -455,19 +466,13 @@ export class MemoryDevice implements BlockDevice {
         // The reserved slots held like a view's pages: once committed, a write or trim over them
         // retires them rather than reuses them; aborted, they wait in `retired` for the release.
         if (generation !== this.generation) return { pieces, release: () => {} };
-        for (let i = 0; i < n; i++) this.holds[slots[i]! >>> SLAB_SHIFT]![slots[i]! & (PAGES_PER_SLAB - 1)]!++;
+        const runs: number[] = [];
+        for (let i = 0; i < n; i++) {
+          this.holds[slots[i]! >>> SLAB_SHIFT]![slots[i]! & (PAGES_PER_SLAB - 1)]!++;
+          runs.push(slots[i]!, 1);
+        }
         this.holding += n;
-        let released = false;
-        return {
-          pieces,
-          release: () => {
-            if (released) return;
-            released = true;
-            // A store closed meanwhile has new slabs under the same numbers: nothing of ours to release there.
-            if (generation !== this.generation) return;
-            for (let i = 0; i < n; i++) this.unhold(slots[i]!, 1);
-          },
-        };
+        return this.viewsOf(pieces, runs);
       },
     };
   }
