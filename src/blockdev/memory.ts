@@ -42,6 +42,27 @@
 //   hold     the reserved slots get a view's holds: after the commit they are pages like any
 //            held one (a write copies on write, a trim retires), an abort retires them, and the
 //            release frees what is retired (a sync pair writes its mirrors from them meanwhile)
+//
+// The memory volumes of one storage system share one SlabPool, and a page one of them hands to
+// another is shared, not copied: a sync pair's master writes its mirror in the same storage system
+// from its held pages, and the mirror's table takes those very slots (*adopted*), each adoption
+// counted as a hold. Only whole pages of a slab that something holds, and that nothing adopted yet,
+// are adopted (their bytes cannot change under the mirror); anything else is copied.
+//
+// Each volume takes its slots from its own *arena*, the slabs it made, and a freed slot goes back
+// to its slab's arena whoever held it last. So a volume's slots stay together whatever the others
+// do, and the runs its large writes need come back (on one free list for all, the two tables of a
+// pair took their slots alternately, and after small writes 249 of 256 later 1 MiB targets were
+// refused).
+//
+//   adopt    the page's old slot is released (freed, retired, or unheld if it was adopted),
+//            the source slot gets a hold and its adopter's mark (volume and page), the table
+//            marks the page adopted
+//   change   of an adopted page: copy on write from the volume's own arena (the owner keeps its
+//            page); of an owned page that only an adoption holds: *evict*, the adopter gets a
+//            copy from its own arena and the owner writes in place, so the master's runs survive
+//            a sync pair's small writes; of an owned page a view holds: copy on write, as ever
+//   release  of an adopted page: unhold; of an owned one: retired while held, else free
 import { BlockDeviceError, type BlockDevice, type Extent, type Payload, type ReadViews, type WriteTarget, type ZeroOptions } from './types.js';
 import { State } from '../protocol/constants.js';
 
@@ -95,7 +116,26 @@ class PageTable {
   get(pi: number): number | undefined {
     const ci = Math.floor(pi / CHUNK);
     const v = this.chunk(ci)?.[pi - ci * CHUNK] ?? 0;
-    return v === 0 ? undefined : v - 1;
+    return v === 0 ? undefined : (v >>> 1) - 1;
+  }
+
+  /** Page pi's entry as stored: 0 for none, else (slot + 1) << 1 | adopted. */
+  raw(pi: number): number {
+    const ci = Math.floor(pi / CHUNK);
+    return this.chunk(ci)?.[pi - ci * CHUNK] ?? 0;
+  }
+
+  /** Is page pi's slot adopted from another table (held on its behalf), not owned? */
+  adopted(pi: number): boolean {
+    const ci = Math.floor(pi / CHUNK);
+    return ((this.chunk(ci)?.[pi - ci * CHUNK] ?? 0) & 1) === 1;
+  }
+
+  /** Every page, its slot and whether it is adopted (close, audit). */
+  *entries(): Generator<[page: number, slot: number, adopted: boolean]> {
+    for (const [ci, c] of this.chunks) {
+      for (let i = 0; i < CHUNK; i++) if (c[i] !== 0) yield [ci * CHUNK + i, (c[i]! >>> 1) - 1, (c[i]! & 1) === 1];
+    }
   }
 
   has(pi: number): boolean {
@@ -103,7 +143,7 @@ class PageTable {
     return (this.chunk(ci)?.[pi - ci * CHUNK] ?? 0) !== 0;
   }
 
-  set(pi: number, slot: number): void {
+  set(pi: number, slot: number, adopted = false): void {
     const ci = Math.floor(pi / CHUNK);
     let c = this.chunk(ci);
     if (c === undefined) {
@@ -113,7 +153,7 @@ class PageTable {
     }
     const i = pi - ci * CHUNK;
     if (c[i] === 0) this.size++;
-    c[i] = slot + 1;
+    c[i] = ((slot + 1) << 1) | (adopted ? 1 : 0);
   }
 
   delete(pi: number): void {
@@ -148,42 +188,330 @@ function runsOf(slots: Int32Array): number[] | null {
   return runs.length / 2 <= 1 + Math.floor(n / PAGES_PER_RUN) ? runs : null;
 }
 
-export class MemoryDevice implements BlockDevice {
-  readonly multiConnSafe = true; // one store shared by every connection, no cache
-  readonly fastZero = true;
-  private readonly table = new PageTable();
-  private readonly slabs: Buffer[] = [];
-  private readonly freeSlots: number[] = [];
-  private nextSlot = 0;
-  /** Per slab, the views holding each of its slots. */
-  private holds: Int32Array[] = [];
-  /** Sum of all holds: 0 keeps writes on their fast path. */
-  private holding = 0;
-  /** Slots out of the table that wait for their holds to drop before they are free. */
-  private readonly retired = new Set<number>();
-  /** Slots of write targets not yet committed or aborted. */
-  private reserved = 0;
+/** Slots out of every table that wait for their holds to drop: a flag per slot, no hashing (a 1 MiB commit retires 256). */
+class RetiredSlots {
+  private flags: Uint8Array[] = [];
+  size = 0;
+
+  add(slot: number): void {
+    const si = slot >>> SLAB_SHIFT;
+    const f = (this.flags[si] ??= new Uint8Array(PAGES_PER_SLAB));
+    const i = slot & (PAGES_PER_SLAB - 1);
+    if (f[i] === 0) {
+      f[i] = 1;
+      this.size++;
+    }
+  }
+
+  has(slot: number): boolean {
+    return this.flags[slot >>> SLAB_SHIFT]?.[slot & (PAGES_PER_SLAB - 1)] === 1;
+  }
+
+  /** Was `slot` retired? It is not any more. */
+  delete(slot: number): boolean {
+    const f = this.flags[slot >>> SLAB_SHIFT];
+    const i = slot & (PAGES_PER_SLAB - 1);
+    if (f === undefined || f[i] === 0) return false;
+    f[i] = 0;
+    this.size--;
+    return true;
+  }
+
+  clear(): void {
+    this.flags = [];
+    this.size = 0;
+  }
+}
+
+/**
+ * One volume's part of a pool: the slabs it made, whose slots it takes, and whose freed slots come
+ * back to it, whoever held them last. So each volume's slots stay together in its own slabs,
+ * whatever the others do, and its freed slots make runs again.
+ */
+class Arena {
+  readonly freeSlots: number[] = [];
   /**
    * Whether the free list is in address order (lowest on top) since writeTarget last sorted it: a
    * slot freed since then may be anywhere. Putting back what reserveRuns popped keeps the order.
    */
-  private freeSorted = true;
+  freeSorted = true;
+  /** The next slot of its last slab never handed out; -1, or the first slot after that slab, when it needs a new one. */
+  next = -1;
+  /** Slots handed out by newSlot, ever. */
+  made = 0;
+  /** Its volume; null once that closed (the next volume made on the pool takes the arena). */
+  device: MemoryDevice | null = null;
+}
+
+/**
+ * Slabs and slots, shared by the memory volumes of one storage system (or one volume's own): the
+ * slot numbers of every table on it mean the same pages, so one can adopt another's. Each slab
+ * belongs to one volume's arena.
+ */
+export class SlabPool {
+  readonly slabs: Buffer[] = [];
+  /** Per slab, the arena it belongs to. */
+  private readonly arenaOf: Arena[] = [];
+  /** Per slab, how many of its slots were handed out. */
+  private readonly made: number[] = [];
+  private readonly arenas: Arena[] = [];
+  /** Per slab, the holds on each of its slots: views, held write targets, and adoptions. */
+  holds: Int32Array[] = [];
+  /**
+   * Per slab, the volume that adopted each slot (its id + 1; 0: none) and the page it did so at:
+   * a slot is adopted once at most, so its owner can give the adopter a copy of its own and
+   * write in place instead of copying on write (MemoryDevice.unshare).
+   */
+  adopter: Int32Array[] = [];
+  adopterPage: Float64Array[] = [];
+  /** Sum of all holds: 0 keeps writes on their fast path. */
+  holding = 0;
+  /** Slots in no table that wait for their holds to drop before they are free. */
+  readonly retired = new RetiredSlots();
+  /** Holds that are adoptions (a table's page on another's slot), not views or targets. */
+  adoptions = 0;
+  /** Adopted pages given their own copy so that their owner could write in place (stats, tests). */
+  evictions = 0;
+  /** The volumes whose tables use these slots, by id (adoption, audit). */
+  readonly devices: (MemoryDevice | undefined)[] = [];
+  private readonly slabIndex = new Map<ArrayBufferLike, number>();
+
+  /** A volume joins: its id, and an arena (one whose volume closed, or a new one). */
+  join(device: MemoryDevice): { id: number; arena: Arena } {
+    let id = this.devices.indexOf(undefined);
+    if (id < 0) id = this.devices.length;
+    this.devices[id] = device;
+    let arena = this.arenas.find((a) => a.device === null);
+    if (!arena) this.arenas.push((arena = new Arena()));
+    arena.device = device;
+    return { id, arena };
+  }
+
+  /** A volume leaves (closed, its pages given back): its arena waits for the next one. */
+  leave(id: number, arena: Arena): void {
+    this.devices[id] = undefined;
+    arena.device = null;
+  }
+
+  /** A slot never used before, from `arena`'s last slab, or a new slab's first. */
+  newSlot(arena: Arena): number {
+    if (arena.next < 0 || (arena.next & (PAGES_PER_SLAB - 1)) === 0) {
+      const si = this.slabs.length;
+      const slab = Buffer.allocUnsafeSlow(PAGES_PER_SLAB * PAGE);
+      this.slabIndex.set(slab.buffer, si);
+      this.slabs.push(slab);
+      this.holds.push(new Int32Array(PAGES_PER_SLAB));
+      this.adopter.push(new Int32Array(PAGES_PER_SLAB));
+      this.adopterPage.push(new Float64Array(PAGES_PER_SLAB));
+      this.arenaOf.push(arena);
+      this.made.push(0);
+      arena.next = si << SLAB_SHIFT;
+    }
+    this.made[arena.next >>> SLAB_SHIFT]!++;
+    arena.made++;
+    return arena.next++;
+  }
+
+  /** A slot back on its arena's free list, whoever had it last: the list may be out of address order now. */
+  free(slot: number): void {
+    const arena = this.arenaOf[slot >>> SLAB_SHIFT]!;
+    arena.freeSlots.push(slot);
+    arena.freeSorted = false;
+  }
+
+  /**
+   * The slot whose page is bytes [at, at + PAGE) of `data`, if those are a whole page of one of
+   * this pool's slabs that something holds (so they cannot change) and nothing adopted yet; else -1.
+   */
+  heldSlotAt(data: Buffer, at: number, si = this.slabIndex.get(data.buffer)): number {
+    if (si === undefined) return -1;
+    const byte = data.byteOffset + at;
+    if ((byte & (PAGE - 1)) !== 0) return -1;
+    const i = byte >>> PAGE_SHIFT;
+    return this.holds[si]![i]! > 0 && this.adopter[si]![i] === 0 ? (si << SLAB_SHIFT) | i : -1;
+  }
+
+  /** The slab `data` is a view of, if one of this pool's. */
+  slabOf(data: Buffer): number | undefined {
+    return this.slabIndex.get(data.buffer);
+  }
+
+  /**
+   * Every slot in exactly one place (one table that owns it, its arena's free list, retired, or
+   * reserved by an open target), owned only by its arena's volume, adopted at most once and as
+   * its adopter says, holds that cover the adoptions, no free slot held or adopted, no retired
+   * one unheld: the problems found, none when the accounting is right (tests).
+   */
+  audit(): string[] {
+    const problems: string[] = [];
+    const owned = new Map<number, MemoryDevice>();
+    const adopted = new Map<number, number>();
+    let reserved = 0;
+    for (const d of this.devices) {
+      if (!d) continue;
+      reserved += d.reservedBytes / PAGE;
+      for (const [pi, slot, a] of d.pageSlots()) {
+        if (a) {
+          adopted.set(slot, (adopted.get(slot) ?? 0) + 1);
+          const si = slot >>> SLAB_SHIFT;
+          const i = slot & (PAGES_PER_SLAB - 1);
+          if (this.devices[this.adopter[si]![i]! - 1] !== d || this.adopterPage[si]![i] !== pi) problems.push(`slot ${slot}: adopted at page ${pi}, but its adopter says ${this.adopter[si]![i]! - 1}:${this.adopterPage[si]![i]}`);
+        } else {
+          if (owned.has(slot)) problems.push(`slot ${slot}: owned twice`);
+          owned.set(slot, d);
+          if (this.arenaOf[slot >>> SLAB_SHIFT]!.device !== d) problems.push(`slot ${slot}: owned by a volume not its arena's`);
+        }
+      }
+    }
+    const free = new Map<number, number>();
+    for (const arena of this.arenas) {
+      for (const slot of arena.freeSlots) {
+        free.set(slot, (free.get(slot) ?? 0) + 1);
+        if (this.arenaOf[slot >>> SLAB_SHIFT] !== arena) problems.push(`slot ${slot}: free in another arena`);
+      }
+    }
+    let placeless = 0;
+    let holdSum = 0;
+    let adoptSum = 0;
+    for (let si = 0; si < this.slabs.length; si++) {
+      for (let i = 0; i < PAGES_PER_SLAB; i++) {
+        const slot = (si << SLAB_SHIFT) | i;
+        const h = this.holds[si]![i]!;
+        const a = adopted.get(slot) ?? 0;
+        const marked = this.adopter[si]![i]! !== 0 ? 1 : 0;
+        if (i >= this.made[si]!) {
+          if (h !== 0 || a !== 0 || marked !== 0 || owned.has(slot) || free.has(slot)) problems.push(`slot ${slot}: never made, but in use`);
+          continue;
+        }
+        const o = owned.has(slot) ? 1 : 0;
+        const f = free.get(slot) ?? 0;
+        const r = this.retired.has(slot);
+        holdSum += h;
+        adoptSum += a;
+        const places = o + (f > 0 ? 1 : 0) + (r ? 1 : 0);
+        if (f > 1 || places > 1) problems.push(`slot ${slot}: owned ${o}, free ${f}, retired ${r}`);
+        if (places === 0) placeless++;
+        if (f > 0 && (h > 0 || a > 0)) problems.push(`slot ${slot}: free but held ${h}, adopted ${a}`);
+        if (r && h === 0) problems.push(`slot ${slot}: retired but unheld`);
+        if (h < a) problems.push(`slot ${slot}: ${a} adoptions but ${h} holds`);
+        if (a !== marked) problems.push(`slot ${slot}: adopted ${a} times, marked ${marked}`);
+      }
+    }
+    if (placeless !== reserved) problems.push(`${placeless} slots in no place, ${reserved} reserved`);
+    if (holdSum !== this.holding) problems.push(`holds sum to ${holdSum}, holding says ${this.holding}`);
+    if (adoptSum !== this.adoptions) problems.push(`${adoptSum} adopted pages, adoptions says ${this.adoptions}`);
+    return problems;
+  }
+
+  /** Forget everything (a private pool's volume closed): views still out release into nothing. */
+  reset(): void {
+    this.adoptions = 0;
+    this.slabs.length = 0;
+    this.arenaOf.length = 0;
+    this.made.length = 0;
+    for (const a of this.arenas) {
+      a.freeSlots.length = 0;
+      a.freeSorted = true;
+      a.next = -1;
+      a.made = 0;
+    }
+    this.slabIndex.clear();
+    this.holds = [];
+    this.adopter = [];
+    this.adopterPage = [];
+    this.holding = 0;
+    this.retired.clear();
+  }
+}
+
+export class MemoryDevice implements BlockDevice {
+  readonly multiConnSafe = true; // one store shared by every connection, no cache
+  readonly fastZero = true;
+  private readonly table = new PageTable();
+  private readonly pool: SlabPool;
+  /** On a pool of other volumes too: pages are adopted, and close() gives back only this table's. */
+  private readonly shared: boolean;
+  /** Its number on the pool (adopter marks) and the arena its slots come from and go back to. */
+  private id: number;
+  private arena: Arena;
+  /** Closed while on a shared pool: it left the pool, and joins again if used. */
+  private left = false;
+  /** Slots of write targets not yet committed or aborted. */
+  private reserved = 0;
   /** Bumped by close(): a target from before cannot commit into the emptied store. */
   private generation = 0;
 
   constructor(
     readonly size: number,
     readonly readOnly = false,
-  ) {}
+    pool?: SlabPool,
+  ) {
+    this.pool = pool ?? new SlabPool();
+    this.shared = pool !== undefined;
+    ({ id: this.id, arena: this.arena } = this.pool.join(this));
+  }
+
+  /** Used again after close() on a shared pool: a place on it again. */
+  private rejoin(): void {
+    ({ id: this.id, arena: this.arena } = this.pool.join(this));
+    this.left = false;
+  }
+
+  /** Does this volume share its pool (and adopt pages)? (tests) */
+  get sharesPool(): boolean {
+    return this.shared;
+  }
+
+  /** The pool's accounting problems, none when right (tests: SlabPool.audit). */
+  auditPool(): string[] {
+    return this.pool.audit();
+  }
+
+  /** Every page, its slot and whether it is adopted (SlabPool.audit). */
+  pageSlots(): Iterable<[page: number, slot: number, adopted: boolean]> {
+    return this.table.entries();
+  }
+
+  private get slabs(): Buffer[] {
+    return this.pool.slabs;
+  }
+
+  private get holds(): Int32Array[] {
+    return this.pool.holds;
+  }
+
+  private get freeSlots(): number[] {
+    return this.arena.freeSlots;
+  }
+
+  private get retired(): RetiredSlots {
+    return this.pool.retired;
+  }
+
+  private get holding(): number {
+    return this.pool.holding;
+  }
+
+  private set holding(n: number) {
+    this.pool.holding = n;
+  }
+
+  private get freeSorted(): boolean {
+    return this.arena.freeSorted;
+  }
+
+  private set freeSorted(v: boolean) {
+    this.arena.freeSorted = v;
+  }
 
   /** Bytes of page storage in use (for tests and stats). */
   get allocatedBytes(): number {
     return this.table.size * PAGE;
   }
 
-  /** Page holds of views not yet released, in bytes (tests). */
+  /** Page holds of views and held write targets not yet released, in bytes, the pool's (tests). */
   get heldBytes(): number {
-    return this.holding * PAGE;
+    return (this.holding - this.pool.adoptions) * PAGE;
   }
 
   /** Pages out of the table that views still hold (tests). */
@@ -208,9 +536,16 @@ export class MemoryDevice implements BlockDevice {
     return n * PAGE;
   }
 
-  /** Every slot the slabs hold, in bytes (tests). */
+  /** Every slot of this volume's arena, in bytes (tests). */
   get storeBytes(): number {
-    return this.nextSlot * PAGE;
+    return this.arena.made * PAGE;
+  }
+
+  /** Pages of this volume that are another table's slots, adopted, in bytes (tests). */
+  get adoptedBytes(): number {
+    let n = 0;
+    for (const [, , adopted] of this.table.entries()) if (adopted) n++;
+    return n * PAGE;
   }
 
   async read(offset: number, dest: Buffer): Promise<void> {
@@ -290,8 +625,8 @@ export class MemoryDevice implements BlockDevice {
 
   /**
    * `pieces` as views whose release (once; later calls do nothing) drops the holds on `runs`
-   * (first slot, count, first slot, count...). After a close() it drops nothing: the store has new
-   * slabs under the same numbers.
+   * (first slot, count, first slot, count...). After a close() of a volume on its own pool it drops
+   * nothing: the store has new slabs under the same numbers (a shared pool keeps its slabs).
    */
   private viewsOf(pieces: Buffer[], runs: number[]): ReadViews {
     const generation = this.generation;
@@ -301,7 +636,8 @@ export class MemoryDevice implements BlockDevice {
       release: () => {
         if (released) return;
         released = true;
-        if (generation !== this.generation) return;
+        // A private pool emptied by close() has new slabs under the same numbers: nothing of ours there.
+        if (generation !== this.generation && !this.shared) return;
         for (let r = 0; r < runs.length; r += 2) this.unhold(runs[r]!, runs[r + 1]!);
       },
     };
@@ -312,7 +648,7 @@ export class MemoryDevice implements BlockDevice {
     if (!holds) return; // closed meanwhile
     this.holding -= count;
     for (let s = first; s < first + count; s++) {
-      if (--holds[s & (PAGES_PER_SLAB - 1)]! === 0 && this.retired.delete(s)) this.freeSlot(s);
+      if (--holds[s & (PAGES_PER_SLAB - 1)]! === 0 && this.retired.delete(s)) this.pool.free(s);
     }
   }
 
@@ -333,17 +669,54 @@ export class MemoryDevice implements BlockDevice {
    */
   private unshare(pi: number, slot: number, keep: boolean): number {
     if (this.holding === 0 || !this.held(slot)) return slot;
+    // An adopted page is held (by this table's own adoption): always copied on write. An owned
+    // one that only an adoption holds stays: the adopter gets its own copy instead.
+    const adopted = this.table.adopted(pi);
+    if (!adopted && this.evict(slot)) return slot;
     const fresh = this.allocate(pi, false);
     if (keep) this.slotBytes(slot).copy(this.slotBytes(fresh));
-    this.retired.add(slot);
+    this.release(slot, adopted);
     return fresh;
   }
 
   /** Take page pi out of the table: its slot is free now, or once no view holds it. */
   private drop(pi: number, slot: number): void {
+    const adopted = this.table.adopted(pi);
     this.table.delete(pi);
-    if (this.holding > 0 && this.held(slot)) this.retired.add(slot);
-    else this.freeSlot(slot);
+    this.release(slot, adopted);
+  }
+
+  /**
+   * `slot`, this table's own, is about to change: if the one thing holding it is another table's
+   * adoption, that table takes a copy of the page from its own arena, and this one keeps the slot
+   * (where its neighbours are, so its runs survive). True when nothing holds the slot now.
+   */
+  private evict(slot: number): boolean {
+    const si = slot >>> SLAB_SHIFT;
+    const i = slot & (PAGES_PER_SLAB - 1);
+    const by = this.pool.adopter[si]![i]!;
+    if (by === 0 || this.holds[si]![i] !== 1) return false;
+    const other = this.pool.devices[by - 1]!;
+    const fresh = other.freeSlots.pop() ?? other.newSlot();
+    this.slotBytes(slot).copy(this.slotBytes(fresh));
+    other.table.set(this.pool.adopterPage[si]![i]!, fresh);
+    this.pool.adopter[si]![i] = 0;
+    this.holds[si]![i] = 0;
+    this.holding--;
+    this.pool.adoptions--;
+    this.pool.evictions++;
+    return true;
+  }
+
+  /** A table no longer has `slot`: an adopted one loses this table's hold; an owned one is retired while held, else free. */
+  private release(slot: number, adopted: boolean): void {
+    if (adopted) {
+      this.pool.adoptions--;
+      this.pool.adopter[slot >>> SLAB_SHIFT]![slot & (PAGES_PER_SLAB - 1)] = 0;
+      this.unhold(slot, 1);
+    }
+    else if (this.holding > 0 && this.held(slot)) this.retired.add(slot);
+    else this.pool.free(slot);
   }
 
   async write(offset: number, data: Payload): Promise<void> {
@@ -352,6 +725,7 @@ export class MemoryDevice implements BlockDevice {
 
   writeSync(offset: number, data: Payload): void {
     if (this.readOnly) throw new BlockDeviceError('EPERM', 'write: read-only device');
+    if (this.left) this.rejoin();
     if (Buffer.isBuffer(data)) {
       this.writePiece(offset, data);
       return;
@@ -366,14 +740,26 @@ export class MemoryDevice implements BlockDevice {
   private writePiece(offset: number, data: Buffer): void {
     let done = 0;
     const n = data.length;
+    // A view of the pool's own slab (a held page of another volume): adopted page by page.
+    const si = this.shared && this.holding > 0 && n >= PAGE ? this.pool.slabOf(data) : undefined;
     while (done < n) {
       const pos = offset + done;
       const pi = Math.floor(pos / PAGE);
       const inPage = pos - pi * PAGE;
+      if (si !== undefined && inPage === 0 && n - done >= PAGE) {
+        const src = this.pool.heldSlotAt(data, done, si);
+        if (src >= 0) {
+          this.adopt(pi, src);
+          done += PAGE;
+          continue;
+        }
+      }
       let slot = this.table.get(pi);
       // A whole-page write needs no zero fill; a partial one into a new page does.
       if (slot === undefined) slot = this.allocate(pi, inPage !== 0 || n - done < PAGE);
       let k = Math.min(this.runBytes(pi, slot, offset + n) - inPage, n - done);
+      // From the pool's slabs: a page at a time, so the next whole held page is adopted, not copied.
+      if (si !== undefined) k = Math.min(k, PAGE - inPage);
       if (this.holding > 0 && this.anyHeld(slot, ((inPage + k - 1) >>> PAGE_SHIFT) + 1)) {
         // A view holds a page of this run: one page at a time, each held one copied on write.
         k = Math.min(PAGE - inPage, n - done);
@@ -385,6 +771,22 @@ export class MemoryDevice implements BlockDevice {
     }
   }
 
+  /** Page pi becomes `src`, a held slot of the pool (another table's page, or a held write target's), without a copy. */
+  private adopt(pi: number, src: number): void {
+    const v = this.table.raw(pi);
+    const old = (v >>> 1) - 1;
+    if (old === src) return; // the page's own bytes, written onto it
+    const si = src >>> SLAB_SHIFT;
+    const i = src & (PAGES_PER_SLAB - 1);
+    this.holds[si]![i]!++;
+    this.holding++;
+    this.pool.adoptions++;
+    this.pool.adopter[si]![i] = this.id + 1;
+    this.pool.adopterPage[si]![i] = pi;
+    this.table.set(pi, src, true);
+    if (v !== 0) this.release(old, (v & 1) === 1);
+  }
+
   private allocate(pi: number, zeroFill: boolean): number {
     const slot = this.freeSlots.pop() ?? this.newSlot();
     if (zeroFill) this.slotBytes(slot).fill(0);
@@ -393,12 +795,7 @@ export class MemoryDevice implements BlockDevice {
   }
 
   private newSlot(): number {
-    const slot = this.nextSlot++;
-    if ((slot & (PAGES_PER_SLAB - 1)) === 0) {
-      this.slabs.push(Buffer.allocUnsafeSlow(PAGES_PER_SLAB * PAGE));
-      this.holds.push(new Int32Array(PAGES_PER_SLAB));
-    }
-    return slot;
+    return this.pool.newSlot(this.arena);
   }
 
   /**
@@ -408,6 +805,7 @@ export class MemoryDevice implements BlockDevice {
    */
   writeTarget(offset: number, length: number, from: number): WriteTarget | null {
     if (this.readOnly || from >= length) return null;
+    if (this.left) this.rejoin();
     const start = offset + from;
     const end = offset + length;
     const p0 = Math.floor(start / PAGE);
@@ -446,7 +844,11 @@ export class MemoryDevice implements BlockDevice {
       commit: async (head: Payload): Promise<void> => {
         if (used) throw new BlockDeviceError('EINVAL', 'write: this write target was already used');
         used = true;
-        if (generation !== this.generation) throw new BlockDeviceError('EIO', 'write: the device was closed');
+        if (generation !== this.generation) {
+          // A shared pool lives on: the slots go back to it.
+          if (this.shared) this.unreserve(slots);
+          throw new BlockDeviceError('EIO', 'write: the device was closed');
+        }
         this.reserved -= n;
         this.commitPages(offset, start, end, slots);
         this.writeSync(offset, head);
@@ -454,13 +856,12 @@ export class MemoryDevice implements BlockDevice {
       abort: (): void => {
         if (used) return;
         used = true;
-        if (generation !== this.generation) return;
-        this.reserved -= n;
-        for (let i = n - 1; i >= 0; i--) {
-          const slot = slots[i]!;
-          if (this.holding > 0 && this.held(slot)) this.retired.add(slot);
-          else this.freeSlot(slot);
+        if (generation !== this.generation) {
+          if (this.shared) this.unreserve(slots);
+          return;
         }
+        this.reserved -= n;
+        this.unreserve(slots);
       },
       hold: (): ReadViews => {
         // The reserved slots held like a view's pages: once committed, a write or trim over them
@@ -529,10 +930,9 @@ export class MemoryDevice implements BlockDevice {
     return runsOf(slots);
   }
 
-  /** A slot back on the free list: the list may be out of address order now. */
-  private freeSlot(slot: number): void {
-    this.freeSlots.push(slot);
-    this.freeSorted = false;
+  /** Reserved slots of a target that never became pages: retired while held, else free. */
+  private unreserve(slots: Int32Array): void {
+    for (let i = slots.length - 1; i >= 0; i--) this.release(slots[i]!, false);
   }
 
   /**
@@ -549,11 +949,9 @@ export class MemoryDevice implements BlockDevice {
     const tail = end - (p0 + n - 1) * PAGE;
     if (tail < PAGE) this.readSync(end, this.slotBytes(slots[n - 1]!).subarray(tail));
     for (let i = 0; i < n; i++) {
-      const old = this.table.get(p0 + i);
+      const v = this.table.raw(p0 + i);
       this.table.set(p0 + i, slots[i]!);
-      if (old === undefined) continue;
-      if (this.holding > 0 && this.held(old)) this.retired.add(old);
-      else this.freeSlot(old);
+      if (v !== 0) this.release((v >>> 1) - 1, (v & 1) === 1);
     }
   }
 
@@ -574,6 +972,7 @@ export class MemoryDevice implements BlockDevice {
 
   private zeroSync(offset: number, length: number, keepAllocated: boolean): void {
     if (this.readOnly) throw new BlockDeviceError('EPERM', 'zero: read-only device');
+    if (this.left) this.rejoin();
     const end = offset + length;
     let pos = offset;
     while (pos < end) {
@@ -605,15 +1004,18 @@ export class MemoryDevice implements BlockDevice {
   }
 
   async close(): Promise<void> {
+    if (this.left) return;
+    if (this.shared) {
+      // The pool stays with the other volumes: give back this table's slots (and adoptions) only.
+      for (const [, slot, adopted] of [...this.table.entries()]) this.release(slot, adopted);
+      this.pool.leave(this.id, this.arena);
+      this.left = true;
+    } else {
+      // Views still out keep their slabs alive (they are plain Buffers) and release into nothing.
+      this.pool.reset();
+    }
     this.table.clear();
-    this.slabs.length = 0;
-    this.freeSlots.length = 0;
-    // Views still out keep their slabs alive (they are plain Buffers) and release into nothing.
-    this.holds = [];
-    this.holding = 0;
-    this.retired.clear();
     this.reserved = 0;
-    this.nextSlot = 0;
     this.generation++;
   }
 }

@@ -34,6 +34,7 @@ import type { SvolGroupStatus } from './svol/status.js';
 import { PROTOCOLS, totalCounters } from './volume-stats.js';
 import { buildHostStack, closeVolumeStack, frontDevices, openVolumeStack, type FrontDevices, type VolumeStack } from './volume-stack.js';
 import type { BlockDevice } from '../blockdev/types.js';
+import { SlabPool } from '../blockdev/memory.js';
 import type { ChapSecrets } from '../iscsi/chap.js';
 
 /** A volume of a storage system, as the YAML's `volumes:` gives it (cluster/config.ts). */
@@ -117,6 +118,8 @@ export class StorageSystem implements AdminTarget {
   /** Logical ID -> what hosts reach it through (NBD and iSCSI). */
   private readonly logicalHosts = new Map<number, FrontDevices>();
   private cache: CacheMemory | undefined;
+  /** The memory of its memory volumes, one pool: pages pass between them without a copy (memory.ts). */
+  private readonly pool = new SlabPool();
   private nbdAddress = '';
   /** Set by the cluster layer (etcd): why a master volume must refuse I/O now, or null. */
   private hostGuard: ((pair: PairController, vol: number) => string | null) | null = null;
@@ -179,7 +182,7 @@ export class StorageSystem implements AdminTarget {
     if (this.cache) this.cache.writeThrough = spec.cache?.policy === 'write-through';
 
     // The volume stacks (volume-stack.ts): bottom halves first, as the pairs write through them.
-    for (const v of spec.volumes) this.volumes.set(v.id, await openVolumeStack(spec.id, v, { ...(spec.dataDir ? { dataDir: spec.dataDir } : {}), ...(this.cache ? { cache: this.cache } : {}) }));
+    for (const v of spec.volumes) this.volumes.set(v.id, await openVolumeStack(spec.id, v, { ...(spec.dataDir ? { dataDir: spec.dataDir } : {}), ...(this.cache ? { cache: this.cache } : {}), pool: this.pool }));
     const views = new Map([...this.volumes.values()].map((v) => [v.id, { device: v.device, createdEmpty: v.createdEmpty }]));
 
     for (const p of spec.pairs) this.addPair(new LocalPair(p, this.localPairContext(views, dir)));
@@ -258,7 +261,7 @@ export class StorageSystem implements AdminTarget {
   /** A new simplex volume, exported at once. In memory, or dataDir/vol<ID>.img (kept, with its data, if it exists). */
   async addVolume(entry: VolumeEntry): Promise<void> {
     const { spec } = this;
-    const v = await openVolumeStack(spec.id, entry, { ...(spec.dataDir ? { dataDir: spec.dataDir } : {}), ...(this.cache ? { cache: this.cache } : {}) });
+    const v = await openVolumeStack(spec.id, entry, { ...(spec.dataDir ? { dataDir: spec.dataDir } : {}), ...(this.cache ? { cache: this.cache } : {}), pool: this.pool });
     this.volumes.set(v.id, v);
     buildHostStack(v, undefined, this.guardOf(v.id));
     this.exportVolume(v);

@@ -29,7 +29,7 @@ import { openFileDevice } from '../blockdev/file.js';
 import { AtomicDevice } from '../blockdev/atomic.js';
 import { GuardDevice, type Guard } from '../blockdev/guard.js';
 import { SwitchDevice } from '../blockdev/switch.js';
-import { MemoryDevice } from '../blockdev/memory.js';
+import { MemoryDevice, SlabPool } from '../blockdev/memory.js';
 import { RangeLock } from '../blockdev/range-lock.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import type { CacheMemory } from './cache.js';
@@ -63,14 +63,18 @@ export interface VolumeStack {
 }
 
 /** The bottom half: backend, cache memory, fault layer. `dataDir` absent means memory. */
-export async function openVolumeStack(ssId: number, v: VolumeSpec, opts: { dataDir?: string; cache?: CacheMemory }): Promise<VolumeStack> {
+/**
+ * `pool`: the storage system's memory, shared by its memory volumes, so a sync pair's mirror in
+ * the same storage system takes the master's pages instead of copying them (memory.ts).
+ */
+export async function openVolumeStack(ssId: number, v: VolumeSpec, opts: { dataDir?: string; cache?: CacheMemory; pool?: SlabPool }): Promise<VolumeStack> {
   let backing: BlockDevice;
   let createdEmpty = true;
   if (opts.dataDir) {
     const file = path.join(opts.dataDir, `vol${v.id}.img`);
     createdEmpty = !fs.existsSync(file);
     backing = await openFileDevice(file, { size: v.size });
-  } else backing = new MemoryDevice(v.size);
+  } else backing = new MemoryDevice(v.size, false, opts.pool);
   const cached = opts.cache ? opts.cache.wrap(backing, `vol${v.id}`) : backing;
   const faults = new FaultSet();
   const device = new FaultDevice(cached, faults, `ss${ssId}/vol${v.id}`);
