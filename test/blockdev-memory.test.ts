@@ -4,6 +4,8 @@ import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { MemoryDevice } from '../src/blockdev/memory.js';
 import { pseudoRandom } from './helpers/clients.js';
+import { expectSlotsBack } from './helpers/memory.js';
+import type { ReadViews } from '../src/blockdev/types.js';
 
 const SIZE = 3 * 1024 * 1024 + 5000; // not a whole number of pages or slabs
 
@@ -128,6 +130,123 @@ describe('MemoryDevice', () => {
     expect(kept.equals(Buffer.alloc(4096, 7))).toBe(true);
     expect(dev.allocatedBytes + dev.freeBytes).toBe(dev.storeBytes);
     expect(dev.storeBytes).toBe(2 << 20); // no new slot was needed
+  });
+
+  it('empties whole slabs for large writes over pages first written in random order, instead of refusing them for good', async () => {
+    const MiB = 1 << 20;
+    const dev = new MemoryDevice(64 * MiB);
+    const model = Buffer.alloc(16 * MiB);
+    // Every page of 16 MiB first written in a shuffled order: page p sits in a random slot.
+    const order = Array.from({ length: 4096 }, (_, i) => i);
+    let x = 12345;
+    for (let i = order.length - 1; i > 0; i--) {
+      x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+      const j = (x >>> 8) % (i + 1);
+      [order[i], order[j]] = [order[j]!, order[i]!];
+    }
+    for (const p of order) {
+      const b = Buffer.alloc(4096, p & 0xff);
+      await dev.write(p * 4096, b);
+      b.copy(model, p * 4096);
+    }
+    const store = dev.storeBytes;
+    // Rewritten a MiB at a time, twice: each rewrite frees 256 scattered slots, which never make runs.
+    let refused = 0;
+    for (let pass = 0; pass < 2; pass++) {
+      for (let m = 0; m < 16; m++) {
+        const payload = pseudoRandom(MiB, 100 * pass + m + 1);
+        const t = dev.writeTarget(m * MiB, MiB, 0);
+        if (t === null) {
+          refused++;
+          await dev.write(m * MiB, payload);
+        } else {
+          expect(t.pieces.length).toBeLessThanOrEqual(1 + 256 / 16); // few socket reads
+          let at = 0;
+          for (const piece of t.pieces) at += payload.copy(piece, 0, at);
+          await t.commit(Buffer.alloc(0));
+        }
+        payload.copy(model, m * MiB);
+        // Pages moved out of the emptied slabs keep their bytes (most are rewritten only later).
+        const now = Buffer.alloc(16 * MiB);
+        await dev.read(0, now);
+        expect(now.equals(model), `after the MiB at ${m}, pass ${pass}`).toBe(true);
+      }
+      if (pass === 0) expect(dev.compactions).toBeGreaterThan(0);
+    }
+    // The first rewrite finds no run until the free list holds a MiB (4 writes), and none after.
+    expect(refused).toBeLessThanOrEqual(4);
+    const back = Buffer.alloc(16 * MiB);
+    await dev.read(0, back);
+    expect(back.equals(model)).toBe(true);
+    expect(dev.storeBytes).toBeLessThanOrEqual(store + MiB); // emptied slabs, not new ones
+    expectSlotsBack(dev);
+  });
+
+  it('moves only pages nothing holds: a view and a held target see their bytes throughout compaction, and every volume matches a byte model', async () => {
+    const MiB = 1 << 20;
+    const SIZE = 4 * MiB; // 1024 pages: four slabs once full
+    const op = fc.oneof(
+      { arbitrary: fc.record({ kind: fc.constant('page' as const), page: fc.nat(1023), fill: fc.integer({ min: 1, max: 255 }) }), weight: 6 },
+      { arbitrary: fc.record({ kind: fc.constant('big' as const), first: fc.nat(767), pages: fc.integer({ min: 32, max: 256 }), fill: fc.integer({ min: 1, max: 255 }), hold: fc.boolean() }), weight: 3 },
+      { arbitrary: fc.record({ kind: fc.constant('view' as const), page: fc.nat(1023), pages: fc.integer({ min: 1, max: 64 }) }), weight: 1 },
+      { arbitrary: fc.record({ kind: fc.constant('release' as const), which: fc.nat() }), weight: 1 },
+      { arbitrary: fc.record({ kind: fc.constant('trim' as const), page: fc.nat(1023), pages: fc.integer({ min: 1, max: 8 }) }), weight: 1 },
+    );
+    let compactions = 0;
+    await fc.assert(
+      fc.asyncProperty(fc.array(op, { minLength: 50, maxLength: 400, size: 'max' }), fc.integer({ min: 1, max: 1 << 30 }), async (ops, seed) => {
+        const dev = new MemoryDevice(SIZE);
+        const model = Buffer.alloc(SIZE);
+        // Scrambled from the start: every page written once in a shuffled order.
+        let x = seed;
+        const order = Array.from({ length: 1024 }, (_, i) => i);
+        for (let i = order.length - 1; i > 0; i--) {
+          x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+          const j = (x >>> 8) % (i + 1);
+          [order[i], order[j]] = [order[j]!, order[i]!];
+        }
+        for (const p of order) await dev.write(p * 4096, Buffer.alloc(4096, 1 + (p % 250)));
+        for (const p of order) model.fill(1 + (p % 250), p * 4096, (p + 1) * 4096);
+        const out: { views: ReadViews; want: Buffer[] }[] = [];
+        for (const o of ops) {
+          if (o.kind === 'page') {
+            await dev.write(o.page * 4096, Buffer.alloc(4096, o.fill));
+            model.fill(o.fill, o.page * 4096, (o.page + 1) * 4096);
+          } else if (o.kind === 'big') {
+            const t = dev.writeTarget(o.first * 4096, o.pages * 4096, 0);
+            if (t === null) continue;
+            for (const piece of t.pieces) piece.fill(o.fill);
+            if (o.hold) {
+              const held = t.hold!();
+              out.push({ views: held, want: held.pieces.map((q) => Buffer.from(q)) });
+            }
+            await t.commit(Buffer.alloc(0));
+            model.fill(o.fill, o.first * 4096, (o.first + o.pages) * 4096);
+          } else if (o.kind === 'view') {
+            const len = Math.min(o.pages, 1024 - o.page) * 4096;
+            const views = dev.readViews(o.page * 4096, len);
+            out.push({ views, want: views.pieces.map((q) => Buffer.from(q)) });
+          } else if (o.kind === 'release') {
+            if (out.length === 0) continue;
+            out.splice(o.which % out.length, 1)[0]!.views.release();
+          } else {
+            const len = Math.min(o.pages, 1024 - o.page) * 4096;
+            await dev.trim(o.page * 4096, len);
+            model.fill(0, o.page * 4096, o.page * 4096 + len);
+          }
+          for (const h of out) h.views.pieces.forEach((q, i) => expect(q.equals(h.want[i]!), 'a held page changed').toBe(true));
+          expect(dev.auditPool(), JSON.stringify(o)).toEqual([]);
+        }
+        const back = Buffer.alloc(SIZE);
+        await dev.read(0, back);
+        expect(back.equals(model)).toBe(true);
+        for (const h of out) h.views.release();
+        compactions += dev.compactions;
+        expectSlotsBack(dev);
+      }),
+      { numRuns: 25 },
+    );
+    expect(compactions).toBeGreaterThan(0); // the runs did empty slabs, not only refuse or find runs
   });
 
   it('lets a view or a held target taken before close() release into nothing, not into the pages written since', async () => {

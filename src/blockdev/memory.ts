@@ -33,7 +33,9 @@
 //   reserve  n slots (free ones first), sorted into runs of consecutive slots;
 //            too many runs: sort the free list by address (if anything was freed since it
 //            last was), try again; still too many: the lowest window of the sorted list
-//            that makes few runs
+//            that makes few runs; no such window (pages first written in random order, then
+//            rewritten): *compact*, i.e. empty the slabs with the most free slots by moving
+//            their unheld pages to free slots elsewhere, and take those slabs whole
 //   commit   the pages' bytes outside the write come from the current pages,
 //            the reserved slots replace the old ones, which go like a trim's
 //            (free, or retired while a view holds them), then the bytes that
@@ -83,6 +85,8 @@ const PAGES_PER_RUN = 16;
  * past this. Beyond it the payload goes to a pooled buffer, which the garbage collector can take.
  */
 const MAX_RESERVED_PAGES = (64 * 1024 * 1024) >>> PAGE_SHIFT;
+/** Slabs beyond those a write target needs that reserveCompacted looks at before it gives up. */
+const MAX_COMPACT_TRIES = 8;
 /** A free list longer than this (64 MiB of slots) is not sorted for a write target: the sort would cost more than the copy. */
 const MAX_SORTED_FREE = 16384;
 /** What holes read as in views: never written. */
@@ -264,6 +268,11 @@ export class SlabPool {
    */
   adopter: Int32Array[] = [];
   adopterPage: Float64Array[] = [];
+  /**
+   * Per slab, the page each slot was last placed at by the table that owns it (MemoryDevice.place):
+   * right while that table maps the page to the slot, which is how compaction finds a slot's page.
+   */
+  pageOf: Float64Array[] = [];
   /** Sum of all holds: 0 keeps writes on their fast path. */
   holding = 0;
   /** Slots in no table that wait for their holds to drop before they are free. */
@@ -303,6 +312,7 @@ export class SlabPool {
       this.holds.push(new Int32Array(PAGES_PER_SLAB));
       this.adopter.push(new Int32Array(PAGES_PER_SLAB));
       this.adopterPage.push(new Float64Array(PAGES_PER_SLAB));
+      this.pageOf.push(new Float64Array(PAGES_PER_SLAB));
       this.arenaOf.push(arena);
       this.made.push(0);
       arena.next = si << SLAB_SHIFT;
@@ -310,6 +320,11 @@ export class SlabPool {
     this.made[arena.next >>> SLAB_SHIFT]!++;
     arena.made++;
     return arena.next++;
+  }
+
+  /** Were all of slab si's slots handed out (none still waiting in its arena's last slab)? */
+  complete(si: number): boolean {
+    return this.made[si] === PAGES_PER_SLAB;
   }
 
   /** A slot back on its arena's free list, whoever had it last: the list may be out of address order now. */
@@ -358,6 +373,7 @@ export class SlabPool {
           if (this.devices[this.adopter[si]![i]! - 1] !== d || this.adopterPage[si]![i] !== pi) problems.push(`slot ${slot}: adopted at page ${pi}, but its adopter says ${this.adopter[si]![i]! - 1}:${this.adopterPage[si]![i]}`);
         } else {
           if (owned.has(slot)) problems.push(`slot ${slot}: owned twice`);
+          if (this.pageOf[slot >>> SLAB_SHIFT]![slot & (PAGES_PER_SLAB - 1)] !== pi) problems.push(`slot ${slot}: owned at page ${pi}, but placed at ${this.pageOf[slot >>> SLAB_SHIFT]![slot & (PAGES_PER_SLAB - 1)]}`);
           owned.set(slot, d);
           if (this.arenaOf[slot >>> SLAB_SHIFT]!.device !== d) problems.push(`slot ${slot}: owned by a volume not its arena's`);
         }
@@ -419,6 +435,7 @@ export class SlabPool {
     this.holds = [];
     this.adopter = [];
     this.adopterPage = [];
+    this.pageOf = [];
     this.holding = 0;
     this.retired.clear();
   }
@@ -438,6 +455,8 @@ export class MemoryDevice implements BlockDevice {
   private left = false;
   /** Slots of write targets not yet committed or aborted. */
   private reserved = 0;
+  /** Write targets made of slabs emptied by moving their pages (reserveCompacted; tests, stats). */
+  compactions = 0;
   /** Bumped by close(): a target from before cannot commit into the emptied store. */
   private generation = 0;
 
@@ -699,7 +718,7 @@ export class MemoryDevice implements BlockDevice {
     const other = this.pool.devices[by - 1]!;
     const fresh = other.freeSlots.pop() ?? other.newSlot();
     this.slotBytes(slot).copy(this.slotBytes(fresh));
-    other.table.set(this.pool.adopterPage[si]![i]!, fresh);
+    other.place(this.pool.adopterPage[si]![i]!, fresh);
     this.pool.adopter[si]![i] = 0;
     this.holds[si]![i] = 0;
     this.holding--;
@@ -790,8 +809,14 @@ export class MemoryDevice implements BlockDevice {
   private allocate(pi: number, zeroFill: boolean): number {
     const slot = this.freeSlots.pop() ?? this.newSlot();
     if (zeroFill) this.slotBytes(slot).fill(0);
-    this.table.set(pi, slot);
+    this.place(pi, slot);
     return slot;
+  }
+
+  /** Page pi is `slot`, this table's own. */
+  private place(pi: number, slot: number): void {
+    this.table.set(pi, slot);
+    this.pool.pageOf[slot >>> SLAB_SHIFT]![slot & (PAGES_PER_SLAB - 1)] = pi;
   }
 
   private newSlot(): number {
@@ -824,6 +849,8 @@ export class MemoryDevice implements BlockDevice {
       }
       // The lowest free slots are the scattered ones: slots in runs from further down the list.
       runs ??= this.reserveWindow(slots);
+      // No runs anywhere (pages first written in random order, then rewritten): empty whole slabs.
+      runs ??= this.reserveCompacted(slots);
     }
     if (!runs) return null;
     this.reserved += n;
@@ -930,6 +957,76 @@ export class MemoryDevice implements BlockDevice {
     return runsOf(slots);
   }
 
+  /**
+   * With the free list in address order and too scattered for any window: the slabs of this arena
+   * with the most free slots, emptied by moving their pages to free slots elsewhere (a copy each),
+   * become the target's slots. A volume whose pages were first written in random order and are
+   * then rewritten in large writes has its freed slots scattered for good otherwise: every target
+   * was refused and each write copied. A moved page costs what the copy would have, once: the
+   * rewritten pages then sit in runs, and so do their slots when freed. Only slabs whose every
+   * slot in use is a page of this table that nothing holds qualify; null when too few do, or when
+   * the other free slots cannot take their pages.
+   */
+  private reserveCompacted(slots: Int32Array): number[] | null {
+    const n = slots.length;
+    const need = Math.ceil(n / PAGES_PER_SLAB);
+    const free = this.freeSlots;
+    const perSlab = new Map<number, number>();
+    for (const s of free) perSlab.set(s >>> SLAB_SHIFT, (perSlab.get(s >>> SLAB_SHIFT) ?? 0) + 1);
+    const chosen: number[] = [];
+    const isFree = new Uint8Array(PAGES_PER_SLAB);
+    let moves = 0;
+    let freeInChosen = 0;
+    let tried = 0;
+    for (const [si, count] of [...perSlab].sort((a, b) => b[1] - a[1])) {
+      // Each look is a pass over the free list: a few, not one per slab.
+      if (chosen.length === need || tried++ === need + MAX_COMPACT_TRIES) break;
+      if (!this.pool.complete(si)) continue;
+      isFree.fill(0);
+      for (const s of free) if (s >>> SLAB_SHIFT === si) isFree[s & (PAGES_PER_SLAB - 1)] = 1;
+      if (!this.movable(si, isFree)) continue;
+      chosen.push(si);
+      moves += PAGES_PER_SLAB - count;
+      freeInChosen += count;
+    }
+    if (chosen.length < need || free.length - freeInChosen < moves) return null;
+    // The rest of the free list keeps its order (lowest on top): the moved pages take its lowest slots.
+    let w = 0;
+    for (let r = 0; r < free.length; r++) if (!chosen.includes(free[r]! >>> SLAB_SHIFT)) free[w++] = free[r]!;
+    free.length = w;
+    const pageOf = this.pool.pageOf;
+    for (const si of chosen) {
+      for (let i = 0; i < PAGES_PER_SLAB; i++) {
+        const slot = (si << SLAB_SHIFT) | i;
+        const pi = pageOf[si]![i]!;
+        if (this.table.raw(pi) !== (slot + 1) << 1) continue; // free: not this table's page
+        const dest = free.pop()!;
+        this.slotBytes(slot).copy(this.slotBytes(dest));
+        this.place(pi, dest);
+      }
+    }
+    let k = 0;
+    for (const si of chosen) for (let i = 0; i < PAGES_PER_SLAB && k < n; i++) slots[k++] = (si << SLAB_SHIFT) | i;
+    // What the target does not need of the last slab is free (in address order, lowest on top).
+    const last = chosen[chosen.length - 1]!;
+    const used = n - (chosen.length - 1) * PAGES_PER_SLAB;
+    for (let i = PAGES_PER_SLAB - 1; i >= used; i--) free.push((last << SLAB_SHIFT) | i);
+    this.freeSorted = false;
+    this.compactions++;
+    return runsOf(slots);
+  }
+
+  /** Is every slot of slab si that `isFree` does not mark a page of this table (not adopted) that nothing holds? */
+  private movable(si: number, isFree: Uint8Array): boolean {
+    const holds = this.holds[si]!;
+    const pageOf = this.pool.pageOf[si]!;
+    for (let i = 0; i < PAGES_PER_SLAB; i++) {
+      if (isFree[i] === 1) continue;
+      if (holds[i] !== 0 || this.table.raw(pageOf[i]!) !== (((si << SLAB_SHIFT) | i) + 1) << 1) return false;
+    }
+    return true;
+  }
+
   /** Reserved slots of a target that never became pages: retired while held, else free. */
   private unreserve(slots: Int32Array): void {
     for (let i = slots.length - 1; i >= 0; i--) this.release(slots[i]!, false);
@@ -950,7 +1047,7 @@ export class MemoryDevice implements BlockDevice {
     if (tail < PAGE) this.readSync(end, this.slotBytes(slots[n - 1]!).subarray(tail));
     for (let i = 0; i < n; i++) {
       const v = this.table.raw(p0 + i);
-      this.table.set(p0 + i, slots[i]!);
+      this.place(p0 + i, slots[i]!);
       if (v !== 0) this.release((v >>> 1) - 1, (v & 1) === 1);
     }
   }
