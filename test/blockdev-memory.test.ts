@@ -194,7 +194,7 @@ describe('MemoryDevice', () => {
     );
     let compactions = 0;
     await fc.assert(
-      fc.asyncProperty(fc.array(op, { minLength: 50, maxLength: 400, size: 'max' }), fc.integer({ min: 1, max: 1 << 30 }), async (ops, seed) => {
+      fc.asyncProperty(fc.array(op, { minLength: 50, maxLength: 250, size: 'max' }), fc.integer({ min: 1, max: 1 << 30 }), async (ops, seed) => {
         const dev = new MemoryDevice(SIZE);
         const model = Buffer.alloc(SIZE);
         // Scrambled from the start: every page written once in a shuffled order.
@@ -244,7 +244,7 @@ describe('MemoryDevice', () => {
         compactions += dev.compactions;
         expectSlotsBack(dev);
       }),
-      { numRuns: 25 },
+      { numRuns: 20 },
     );
     expect(compactions).toBeGreaterThan(0); // the runs did empty slabs, not only refuse or find runs
   });

@@ -115,6 +115,35 @@ describe('memory volumes on one pool', () => {
     expect(a.auditPool()).toEqual([]);
   });
 
+  it('gives a removed volume\'s memory back once no other volume uses its pages, and reuses the slab numbers', async () => {
+    const pool = new SlabPool();
+    const master = new MemoryDevice(16 * MiB, false, pool);
+    const mirror = new MemoryDevice(16 * MiB, false, pool);
+    const other = new MemoryDevice(16 * MiB, false, pool);
+    await other.write(0, Buffer.alloc(MiB, 3));
+    const held = await heldWrite(master, 0, 4 * MiB, 0x5a);
+    await mirror.write(0, held.pieces);
+    held.release();
+    await master.write(4 * MiB, Buffer.alloc(2 * MiB, 1)); // pages only the master has
+    expect(pool.slabBytes).toBe(7 * MiB);
+    // The master goes: its own pages are free at once, but the mirror still has 4 MiB of its slabs.
+    await master.close();
+    expect(pool.slabBytes).toBe(7 * MiB);
+    expect((await bytes(mirror, 0, 4 * MiB)).equals(Buffer.alloc(4 * MiB, 0x5a))).toBe(true);
+    // The mirror lets go of them a MiB at a time: the master's slabs go with the last page.
+    for (let m = 0; m < 4; m++) await mirror.trim(m * MiB, MiB);
+    expect(pool.slabBytes).toBe(MiB); // the other volume's only
+    expect(pool.audit()).toEqual([]);
+    // A new volume makes new slabs under the freed numbers, and the other volume is untouched.
+    const next = new MemoryDevice(16 * MiB, false, pool);
+    await next.write(0, Buffer.alloc(3 * MiB, 9));
+    expect(pool.slabBytes).toBe(4 * MiB);
+    expect(pool.slabs.length).toBeLessThanOrEqual(7);
+    expect((await bytes(next, 0, 3 * MiB)).equals(Buffer.alloc(3 * MiB, 9))).toBe(true);
+    expect((await bytes(other, 0, MiB)).equals(Buffer.alloc(MiB, 3))).toBe(true);
+    expect(pool.audit()).toEqual([]);
+  });
+
   it('keeps each volume\'s slots together through a sync pair\'s small random writes over shared pages, so its large writes still land in runs', async () => {
     const pool = new SlabPool();
     const master = new MemoryDevice(64 * MiB, false, pool);
@@ -243,6 +272,7 @@ describe('memory volumes on one pool', () => {
         evictions += pool.evictions;
         for (const d of devs) await d.close();
         expect(pool.audit()).toEqual([]);
+        expect(pool.slabBytes).toBe(0); // every volume gone: every slab given back
         expect(devs[0]!.freeBytes).toBe(devs[0]!.storeBytes);
       }),
       { numRuns: 150 },

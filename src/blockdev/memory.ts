@@ -55,7 +55,8 @@
 // to its slab's arena whoever held it last. So a volume's slots stay together whatever the others
 // do, and the runs its large writes need come back (on one free list for all, the two tables of a
 // pair took their slots alternately, and after small writes 249 of 256 later 1 MiB targets were
-// refused).
+// refused). A closed volume's arena waits for the next volume, and once none of its slots is used
+// any more (another volume may have adopted some), its slabs go and their numbers are reused.
 //
 //   adopt    the page's old slot is released (freed, retired, or unheld if it was adopted),
 //            the source slot gets a hold and its adopter's mark (volume and page), the table
@@ -245,7 +246,12 @@ class Arena {
   made = 0;
   /** Its volume; null once that closed (the next volume made on the pool takes the arena). */
   device: MemoryDevice | null = null;
+  /** The slabs it made. */
+  readonly slabs: number[] = [];
 }
+
+/** Where a slab given back was (its number waits for a new slab). */
+const NO_SLAB = Buffer.alloc(0);
 
 /**
  * Slabs and slots, shared by the memory volumes of one storage system (or one volume's own): the
@@ -284,6 +290,13 @@ export class SlabPool {
   /** The volumes whose tables use these slots, by id (adoption, audit). */
   readonly devices: (MemoryDevice | undefined)[] = [];
   private readonly slabIndex = new Map<ArrayBufferLike, number>();
+  /** Numbers of slabs given back, for new ones. */
+  private readonly deadSlabs: number[] = [];
+
+  /** Bytes of the slabs alive (tests, stats): the pool's memory. */
+  get slabBytes(): number {
+    return (this.slabs.length - this.deadSlabs.length) * PAGES_PER_SLAB * PAGE;
+  }
 
   /** A volume joins: its id, and an arena (one whose volume closed, or a new one). */
   join(device: MemoryDevice): { id: number; arena: Arena } {
@@ -296,25 +309,58 @@ export class SlabPool {
     return { id, arena };
   }
 
-  /** A volume leaves (closed, its pages given back): its arena waits for the next one. */
+  /**
+   * A volume leaves (closed, its pages given back): its arena waits for the next one, and its
+   * slabs go once none of their slots is used any more (another volume may still have adopted
+   * some, or a view hold them).
+   */
   leave(id: number, arena: Arena): void {
     this.devices[id] = undefined;
     arena.device = null;
+    this.dropIfIdle(arena);
+  }
+
+  /**
+   * An arena without a volume whose every slot is free: its slabs go (the garbage collector takes
+   * them), and their numbers wait for new slabs. Nothing holds or adopts a free slot, so nothing
+   * can still read them. Without this, a removed memory volume's memory stayed with the pool.
+   */
+  private dropIfIdle(arena: Arena): void {
+    if (arena.device !== null || arena.freeSlots.length !== arena.made) return;
+    for (const si of arena.slabs) {
+      this.slabIndex.delete(this.slabs[si]!.buffer);
+      this.slabs[si] = NO_SLAB;
+      this.made[si] = 0;
+      this.deadSlabs.push(si);
+    }
+    arena.slabs.length = 0;
+    arena.freeSlots.length = 0;
+    arena.freeSorted = true;
+    arena.made = 0;
+    arena.next = -1;
   }
 
   /** A slot never used before, from `arena`'s last slab, or a new slab's first. */
   newSlot(arena: Arena): number {
     if (arena.next < 0 || (arena.next & (PAGES_PER_SLAB - 1)) === 0) {
-      const si = this.slabs.length;
       const slab = Buffer.allocUnsafeSlow(PAGES_PER_SLAB * PAGE);
+      // A dead slab's number: its holds and adoption marks are all 0 (its slots were free).
+      let si = this.deadSlabs.pop();
+      if (si === undefined) {
+        si = this.slabs.length;
+        this.slabs.push(slab);
+        this.holds.push(new Int32Array(PAGES_PER_SLAB));
+        this.adopter.push(new Int32Array(PAGES_PER_SLAB));
+        this.adopterPage.push(new Float64Array(PAGES_PER_SLAB));
+        this.pageOf.push(new Float64Array(PAGES_PER_SLAB));
+        this.arenaOf.push(arena);
+        this.made.push(0);
+      } else {
+        this.slabs[si] = slab;
+        this.arenaOf[si] = arena;
+      }
       this.slabIndex.set(slab.buffer, si);
-      this.slabs.push(slab);
-      this.holds.push(new Int32Array(PAGES_PER_SLAB));
-      this.adopter.push(new Int32Array(PAGES_PER_SLAB));
-      this.adopterPage.push(new Float64Array(PAGES_PER_SLAB));
-      this.pageOf.push(new Float64Array(PAGES_PER_SLAB));
-      this.arenaOf.push(arena);
-      this.made.push(0);
+      arena.slabs.push(si);
       arena.next = si << SLAB_SHIFT;
     }
     this.made[arena.next >>> SLAB_SHIFT]!++;
@@ -332,6 +378,7 @@ export class SlabPool {
     const arena = this.arenaOf[slot >>> SLAB_SHIFT]!;
     arena.freeSlots.push(slot);
     arena.freeSorted = false;
+    if (arena.device === null) this.dropIfIdle(arena);
   }
 
   /**
@@ -430,7 +477,9 @@ export class SlabPool {
       a.freeSorted = true;
       a.next = -1;
       a.made = 0;
+      a.slabs.length = 0;
     }
+    this.deadSlabs.length = 0;
     this.slabIndex.clear();
     this.holds = [];
     this.adopter = [];
