@@ -62,10 +62,10 @@ export interface VolumeStack {
   slot?: SwitchDevice;
 }
 
-/** The bottom half: backend, cache memory, fault layer. `dataDir` absent means memory. */
 /**
- * `pool`: the storage system's memory, shared by its memory volumes, so a sync pair's mirror in
- * the same storage system takes the master's pages instead of copying them (memory.ts).
+ * The bottom half: backend, cache memory, fault layer. `dataDir` absent means memory, on `pool`,
+ * the storage system's memory shared by its memory volumes, so that a sync pair's mirror in the
+ * same storage system takes the master's pages instead of copying them (memory.ts).
  */
 export async function openVolumeStack(ssId: number, v: VolumeSpec, opts: { dataDir?: string; cache?: CacheMemory; pool?: SlabPool }): Promise<VolumeStack> {
   let backing: BlockDevice;
