@@ -20,7 +20,7 @@ const MiB = 1024 * KiB;
 
 // SS 1 runs an async pair whose sync daemon is slow (64 KiB/s: one cluster a
 // second), so that Invalid clusters stay visible, and a sync pair. SS 2 runs
-// one pair. SS 3 is in the file but never started.
+// two pairs, the sync one for the memory volumes' shared pages. SS 3 is in the file but never started.
 function yaml(admin: number[]): string {
   return `
 clusterSize: 64KiB
@@ -40,6 +40,8 @@ storageSystems:
     volumes:
       - { id: 1, size: 16MiB }
       - { id: 2, size: 16MiB }
+      - { id: 3, size: 16MiB }
+      - { id: 4, size: 16MiB }
   - id: 3
     nbd: 127.0.0.1:0
     admin: 127.0.0.1:${admin[2]}
@@ -49,6 +51,7 @@ pairs:
   - { name: pair1, mode: async, master: { ss: 1, vol: 8 }, mirrors: [ { ss: 1, vol: 7 } ], syncRate: 64KiB }
   - { name: pair2, mode: sync, master: { ss: 1, vol: 5 }, mirrors: [ { ss: 1, vol: 6 } ] }
   - { name: pair3, mode: async, master: { ss: 2, vol: 1 }, mirrors: [ { ss: 2, vol: 2 } ] }
+  - { name: pair4, mode: sync, master: { ss: 2, vol: 3 }, mirrors: [ { ss: 2, vol: 4 } ] }
 `;
 }
 
@@ -162,6 +165,42 @@ describe('/metrics', () => {
     });
   });
 
+  it('shows the memory a same-SS sync mirror shares with its master instead of copying, and the pages it unshares', async () => {
+    // SS 2 has no cache memory: a sync mirror there takes the master's pages of a 1 MiB WRITE.
+    const ss2 = `http://${admins[1]!.address}/metrics`;
+    const text = async () => (await fetch(ss2)).text();
+    const before = await text();
+    expect(value(before, 'blockmirror_memory_shared_bytes{ss="2"}')).toBe(0);
+    const c = await connect(`nbd://${systems[1]!.nbdAddr}/vol3`);
+    try {
+      for (let m = 0; m < 8; m++) await c.pwrite(Buffer.alloc(MiB, 0x40 + m), m * MiB);
+      const after = await text();
+      // 16 MiB if the mirror copied; the pages that came with each request's header are copied.
+      expect(value(after, 'blockmirror_memory_shared_bytes{ss="2"}')).toBeGreaterThanOrEqual(7 * MiB);
+      expect(value(after, 'blockmirror_memory_bytes{ss="2"}')).toBeLessThanOrEqual(10 * MiB);
+      // A small write to a shared page: the mirror gets a copy of its own, the master writes in place.
+      await c.pwrite(Buffer.alloc(4 * KiB, 0x99), 4 * MiB + 8 * KiB);
+      const later = await text();
+      expect(value(later, 'blockmirror_memory_unshared_pages_total{ss="2"}') - value(after, 'blockmirror_memory_unshared_pages_total{ss="2"}')).toBe(1);
+      expect(value(later, 'blockmirror_memory_shared_bytes{ss="2"}')).toBe(value(after, 'blockmirror_memory_shared_bytes{ss="2"}') - 4 * KiB);
+      expect(value(later, 'blockmirror_memory_compactions_total{ss="2"}')).toBe(0);
+    } finally {
+      await c.close();
+    }
+    // Both copies hold every byte written.
+    const m = await connect(`nbd://${systems[1]!.nbdAddr}/vol3`);
+    const r = await connect(`nbd://${systems[1]!.nbdAddr}/vol4`);
+    try {
+      const want = Buffer.concat(Array.from({ length: 8 }, (_, i) => Buffer.alloc(MiB, 0x40 + i)));
+      want.fill(0x99, 4 * MiB + 8 * KiB, 4 * MiB + 12 * KiB);
+      expect((await m.pread(8 * MiB, 0)).equals(want)).toBe(true);
+      expect((await r.pread(8 * MiB, 0)).equals(want)).toBe(true);
+    } finally {
+      await m.close();
+      await r.close();
+    }
+  });
+
   it('counts NBD connections as they come and go', async () => {
     const extra = await connect(`nbd://${systems[0]!.nbdAddr}/vol5`);
     expect(value(await metrics(), 'blockmirror_nbd_connections{ss="1"}')).toBe(2);
@@ -269,11 +308,12 @@ describe('GET /api/cluster', () => {
       ['pair1', 1],
       ['pair2', 1],
       ['pair3', 2],
+      ['pair4', 2],
     ]);
     // Any storage system's view is the same cluster.
     const fromTwo = (await (await fetch(`http://${admins[1]!.address}/api/cluster`)).json()) as ClusterView;
     expect(fromTwo.self).toBe(2);
-    expect(fromTwo.pairs.map((p) => p.name)).toEqual(['pair1', 'pair2', 'pair3']);
+    expect(fromTwo.pairs.map((p) => p.name)).toEqual(['pair1', 'pair2', 'pair3', 'pair4']);
   });
 });
 
@@ -297,8 +337,8 @@ describe('GET /api/events', () => {
   it('streams the cluster with each pair\'s heatmap, including the pairs of peers', async () => {
     const { frame, res } = await firstFrame(`${base}/api/events`);
     expect(res.headers['content-type']).toBe('text/event-stream; charset=utf-8');
-    expect(frame.pairs.map((p) => p.name)).toEqual(['pair1', 'pair2', 'pair3']);
-    expect(Object.keys(frame.bitmaps).sort()).toEqual(['pair1', 'pair2', 'pair3']);
+    expect(frame.pairs.map((p) => p.name)).toEqual(['pair1', 'pair2', 'pair3', 'pair4']);
+    expect(Object.keys(frame.bitmaps).sort()).toEqual(['pair1', 'pair2', 'pair3', 'pair4']);
     expect(frame.bitmaps.pair1!.mirrors[0]!.invalid).toHaveLength(1024);
     expect(frame.bitmaps.pair3!.mirrors[0]).toMatchObject({ ss: 2, vol: 2 });
     expect(frame.storageSystems.find((s) => s.id === 3)?.reachable).toBe(false);

@@ -26,6 +26,10 @@
 //   blockmirror_nbd_connections                gauge      ss
 //   blockmirror_nbd_connections_total          counter    ss
 //   blockmirror_frontend_sessions              gauge      ss, protocol (nbd, iscsi)
+//   blockmirror_memory_bytes                   gauge      ss         (memory volumes only)
+//   blockmirror_memory_shared_bytes            gauge      ss
+//   blockmirror_memory_unshared_pages_total    counter    ss
+//   blockmirror_memory_compactions_total       counter    ss
 import type { FastifyInstance } from 'fastify';
 import { Counter, Gauge, Registry, type Metric } from 'prom-client';
 import type { AdminTarget, PairState, SSReport, TargetMetrics } from '../controller/status.js';
@@ -84,6 +88,7 @@ export function registerMetrics(app: FastifyInstance, target: AdminTarget, route
   const mirrors = () => pairs().flatMap(([labels, p]) => p.mirrors.map((m): Row<typeof m> => [{ ...labels, mirror: `ss${m.ss}/vol${m.vol}` }, m]));
   const caches = () => snap.report.storageSystems.flatMap((ss) => (ss.cache ? [[{ ss: String(ss.id) }, ss.cache] as Row<typeof ss.cache>] : []));
   const nbd = () => (snap.metrics ? [[{ ss: self() }, snap.metrics.nbd] as Row<TargetMetrics['nbd']>] : []);
+  const memory = () => (snap.metrics?.memory ? [[{ ss: self() }, snap.metrics.memory] as Row<NonNullable<TargetMetrics['memory']>>] : []);
 
   gauge('blockmirror_volume_size_bytes', 'Volume size in bytes.', () => volumes().map(([l, v]) => [l, v.size]));
   counter('blockmirror_volume_read_bytes_total', 'Bytes read by hosts, by protocol (nbd, iscsi).', () => io().map(([l, v]) => [l, v.counters.readBytes]));
@@ -116,6 +121,11 @@ export function registerMetrics(app: FastifyInstance, target: AdminTarget, route
     if (m.iscsi) rows.push([{ ss: self(), protocol: 'iscsi' }, m.iscsi.sessions]);
     return rows;
   });
+
+  gauge('blockmirror_memory_bytes', 'Memory of the memory volumes: slabs of 1 MiB.', () => memory().map(([l, m]) => [l, m.bytes]));
+  gauge('blockmirror_memory_shared_bytes', 'Pages a volume shares with another instead of a copy (a same-SS sync mirror\'s).', () => memory().map(([l, m]) => [l, m.sharedBytes]));
+  counter('blockmirror_memory_unshared_pages_total', 'Shared pages copied for the volume that had them, so that their owner could write in place.', () => memory().map(([l, m]) => [l, m.evictions]));
+  counter('blockmirror_memory_compactions_total', 'Large writes that moved pages to make room for themselves in runs.', () => memory().map(([l, m]) => [l, m.compactions]));
 
   route(app, 'GET', '/metrics', async (_req, reply) => {
     snap = { report: target.report(), metrics: target.metrics?.() };

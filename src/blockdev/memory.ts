@@ -287,6 +287,8 @@ export class SlabPool {
   adoptions = 0;
   /** Adopted pages given their own copy so that their owner could write in place (stats, tests). */
   evictions = 0;
+  /** Write targets made of slabs emptied by moving their pages, on every volume of the pool (stats). */
+  compactions = 0;
   /** The volumes whose tables use these slots, by id (adoption, audit). */
   readonly devices: (MemoryDevice | undefined)[] = [];
   private readonly slabIndex = new Map<ArrayBufferLike, number>();
@@ -296,6 +298,11 @@ export class SlabPool {
   /** Bytes of the slabs alive (tests, stats): the pool's memory. */
   get slabBytes(): number {
     return (this.slabs.length - this.deadSlabs.length) * PAGES_PER_SLAB * PAGE;
+  }
+
+  /** Bytes of pages one volume has adopted from another: memory shared instead of copied (stats). */
+  get sharedBytes(): number {
+    return this.adoptions * PAGE;
   }
 
   /** A volume joins: its id, and an arena (one whose volume closed, or a new one). */
@@ -1062,6 +1069,7 @@ export class MemoryDevice implements BlockDevice {
     for (let i = PAGES_PER_SLAB - 1; i >= used; i--) free.push((last << SLAB_SHIFT) | i);
     this.freeSorted = false;
     this.compactions++;
+    this.pool.compactions++;
     return runsOf(slots);
   }
 

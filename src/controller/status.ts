@@ -199,6 +199,13 @@ export interface TargetMetrics {
   nbd: { connections: number; totalConnections: number };
   /** iSCSI sessions logged in now (normal sessions; discovery ones are left out). */
   iscsi?: { sessions: number };
+  /**
+   * The memory of the memory volumes (blockdev/memory.ts), absent when the volumes are files:
+   * bytes of slabs, bytes of pages shared between volumes instead of copied (a same-SS sync
+   * mirror's), shared pages copied so that their owner could write in place, and large writes
+   * that moved pages to find room in runs.
+   */
+  memory?: { bytes: number; sharedBytes: number; evictions: number; compactions: number };
 }
 
 /** What the admin API needs from a storage system. */

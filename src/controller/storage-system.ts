@@ -531,6 +531,7 @@ export class StorageSystem implements AdminTarget {
       ),
       nbd: { connections: this.nbd.stats.connections, totalConnections: this.nbd.stats.totalConnections },
       ...(this.iscsi ? { iscsi: { sessions: this.iscsiSessions().length } } : {}),
+      ...(this.spec.dataDir ? {} : { memory: { bytes: this.pool.slabBytes, sharedBytes: this.pool.sharedBytes, evictions: this.pool.evictions, compactions: this.pool.compactions } }),
     };
   }
 
