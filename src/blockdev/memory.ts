@@ -81,7 +81,7 @@ const HOLE = State.HOLE | State.ZERO;
  */
 const PAGES_PER_RUN = 16;
 /**
- * Reserved slots of all open write targets, at most: a slab once made is never given back, so
+ * Reserved slots of all open write targets, at most: a slab once made stays while its volume lives, so
  * clients that start large WRITEs and never finish them (or many at once) must not grow the store
  * past this. Beyond it the payload goes to a pooled buffer, which the garbage collector can take.
  */
