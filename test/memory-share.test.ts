@@ -1,7 +1,8 @@
 // The memory volumes of one storage system share a SlabPool, and a write of another volume's held
 // whole pages adopts them instead of copying (memory.ts). Each side must then see only its own
-// writes: the other's changes go to new pages by copy on write. And every slot must stay in
-// exactly one place, and come back (SlabPool.audit).
+// writes: the adopter's changes go to new pages by copy on write, and the owner's stay in place
+// once the adopter has a copy of its own (eviction). And every slot must stay in exactly one
+// place, in its own volume's arena, and come back (SlabPool.audit).
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { MemoryDevice, SlabPool } from '../src/blockdev/memory.js';
@@ -35,7 +36,8 @@ describe('memory volumes on one pool', () => {
     await mirror.write(0, held.pieces);
     held.release();
     expect(mirror.adoptedBytes).toBe(2 * MiB);
-    expect(master.storeBytes).toBe(2 * MiB); // the mirror made no page of its own
+    expect(master.storeBytes).toBe(2 * MiB);
+    expect(mirror.storeBytes).toBe(0); // the mirror made no page of its own
     expect(master.auditPool()).toEqual([]);
     expect((await bytes(mirror, 0, 2 * MiB)).equals(Buffer.alloc(2 * MiB, 0xaa))).toBe(true);
 
