@@ -132,8 +132,7 @@ class PageTable {
 
   /** Is page pi's slot adopted from another table (held on its behalf), not owned? */
   adopted(pi: number): boolean {
-    const ci = Math.floor(pi / CHUNK);
-    return ((this.chunk(ci)?.[pi - ci * CHUNK] ?? 0) & 1) === 1;
+    return (this.raw(pi) & 1) === 1;
   }
 
   /** Every page, its slot and whether it is adopted (close, audit). */
@@ -771,14 +770,9 @@ export class MemoryDevice implements BlockDevice {
     const i = slot & (PAGES_PER_SLAB - 1);
     const by = this.pool.adopter[si]![i]!;
     if (by === 0 || this.holds[si]![i] !== 1) return false;
-    const other = this.pool.devices[by - 1]!;
-    const fresh = other.freeSlots.pop() ?? other.newSlot();
+    const fresh = this.pool.devices[by - 1]!.allocate(this.pool.adopterPage[si]![i]!, false);
     this.slotBytes(slot).copy(this.slotBytes(fresh));
-    other.place(this.pool.adopterPage[si]![i]!, fresh);
-    this.pool.adopter[si]![i] = 0;
-    this.holds[si]![i] = 0;
-    this.holding--;
-    this.pool.adoptions--;
+    this.release(slot, true); // the adoption's hold: the adopter's page is `fresh` now
     this.pool.evictions++;
     return true;
   }
@@ -1161,7 +1155,7 @@ export class MemoryDevice implements BlockDevice {
     if (this.left) return;
     if (this.shared) {
       // The pool stays with the other volumes: give back this table's slots (and adoptions) only.
-      for (const [, slot, adopted] of [...this.table.entries()]) this.release(slot, adopted);
+      for (const [, slot, adopted] of this.table.entries()) this.release(slot, adopted);
       this.pool.leave(this.id, this.arena);
       this.left = true;
     } else {
