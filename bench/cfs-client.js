@@ -21,7 +21,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { clockTicks, loadAvg, machineInfo, codeInfo } from './lib/machine.js';
 import { waitPairs } from './lib/admin.js';
-import { freePort, installCleanup, NODE_FLAGS, onExit, readCpuSeconds, readMinorFaults, run, startServer } from './lib/proc.js';
+import { freePort, installCleanup, NODE_FLAGS, nodeFlagsOf, onExit, readCpuSeconds, readMinorFaults, run, startServer } from './lib/proc.js';
 import { median } from './lib/stats.js';
 import { replaceSection } from './lib/report.js';
 import { summarise, formatSummary } from './lib/cpuprofile.js';
@@ -114,7 +114,8 @@ async function main() {
   const server = await startServer('blockmirror up', process.execPath, [...NODE_FLAGS, bin(SERVER ?? ROOT), 'up', '-c', config, '--log-level', 'warn'], { kind: 'tcp', host: '127.0.0.1', port: p.nbd });
   serverPid = server.pid;
   const raw = `nbd://127.0.0.1:${p.nbd}/vol5`;
-  const cfs = (b, ...args) => [b.bin, 'cfs', ...args, '-c', config];
+  // Each build's CLI with the node flags of its own first line, as its users' `blockmirror` runs it.
+  const cfs = (b, ...args) => [...nodeFlagsOf(path.dirname(path.dirname(b.bin))), b.bin, 'cfs', ...args, '-c', config];
   const jobs = {
     get: { peer: () => timed('nbdcopy', [raw, dst]), ours: (b) => timed(process.execPath, cfs(b, 'get', '/file.bin', dst)), label: '`cfs get` ÷ `nbdcopy nbd://…/raw FILE`' },
     put: { peer: () => timed('nbdcopy', ['--flush', src, raw]), ours: (b) => timed(process.execPath, cfs(b, 'put', src, '/file.bin')), label: '`cfs put` ÷ `nbdcopy --flush FILE nbd://…/raw`' },

@@ -14,7 +14,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { freePort, installCleanup, NODE_FLAGS, run } from './lib/proc.js';
+import { freePort, installCleanup, NODE_FLAGS, nodeFlagsOf, run } from './lib/proc.js';
 import { replaceSection } from './lib/report.js';
 import { median } from './lib/stats.js';
 
@@ -81,7 +81,7 @@ const CLI = [
 const COMMANDS = [
   { id: 'node -e 0', argv: () => [process.execPath, '-e', '0'] },
   ...CLI.map((c) => ({ id: c.id, argv: () => [process.execPath, ...NODE_FLAGS, BIN, ...c.args()] })),
-  ...(BASE ? CLI.map((c) => ({ id: `${c.id} (baseline)`, argv: () => [process.execPath, ...NODE_FLAGS, path.join(path.resolve(BASE), 'bin', 'blockmirror.js'), ...c.args()] })) : []),
+  ...(BASE ? CLI.map((c) => ({ id: `${c.id} (baseline)`, argv: () => [process.execPath, ...nodeFlagsOf(path.resolve(BASE)), path.join(path.resolve(BASE), 'bin', 'blockmirror.js'), ...c.args()] })) : []),
 ];
 
 function childTicks() {

@@ -1,15 +1,14 @@
-#!/usr/bin/env -S node --max-semi-space-size=4
-// --max-semi-space-size=4 (MiB): V8's young generation otherwise grows to 16 MiB per semi-space,
-// and a server's RSS with it (a 10-minute soak peaked at 149 MiB with the default, 128 with 4, the
-// issue's limit being 150); 1 MiB and 4 KiB jobs against nbdkit were not slower (bench/RESULTS.md,
-// "Soak"). Whoever starts this file with `node` directly (systemd units, npm start, the benchmarks
-// through bench/lib/proc.js NODE_FLAGS) passes the same flags.
+#!/usr/bin/env node
+// No V8 flags on this line: any non-default V8 flag makes V8 reject the code cache of Node's own
+// modules, and every command would compile them from source (15 ms of `status`). The server
+// commands need --max-semi-space-size=4 for their RSS and restart themselves with it, in place,
+// before anything else loads (bin/server-flags.js); the systemd units and `npm start` pass it.
 // CommonJS (bin/package.json), not an ES module: Node 20 then runs it without starting its ES module
 // loader, and without the ES facade of node:fs, which reads every export of fs and so loads
 // fs.ReadStream and all of node:stream (issue 18: `--version` 199 -> 152 M instructions, counted with
-// valgrind, with the flag above; the flag makes Node compile its own modules from source, as V8
-// rejects their built-in code cache under a non-default V8 flag, so every one of them counts).
+// valgrind, when this line still had the flag and Node compiled its own modules from source).
 'use strict';
+require('./server-flags.js').restartWithServerFlags();
 const fs = require('node:fs');
 const path = require('node:path');
 // File volumes do their I/O on libuv's thread pool; its default of 4 threads

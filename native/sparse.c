@@ -447,6 +447,70 @@ static napi_value advise_huge(napi_env env, napi_callback_info info) {
   return out;
 }
 
+// Reads a JS string argument into a malloc'd C string (NULL if it is not a string or has a NUL).
+static char *dup_string(napi_env env, napi_value v) {
+  size_t len;
+  if (napi_get_value_string_utf8(env, v, NULL, 0, &len) != napi_ok) return NULL;
+  char *s = malloc(len + 1);
+  if (s == NULL) return NULL;
+  if (napi_get_value_string_utf8(env, v, s, len + 1, &len) != napi_ok || strlen(s) != len) {
+    free(s);
+    return NULL;
+  }
+  return s;
+}
+
+// execSelf(path, argv, keepFds): execv(path, argv). The process keeps its pid and environment and
+// runs the new image from its start; a server command uses it to restart itself with the V8 flags
+// it needs (src/cli/server-flags.ts). Node marks fds 0-2 close-on-exec when it starts, so they, and
+// the fds of keepFds (socket activation's), are cleared of FD_CLOEXEC first: else the new image
+// would start with /dev/null for stdio. Returns only on failure, with -errno.
+static napi_value exec_self(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  bool is_array = false, keep_is_array = false;
+  uint32_t n = 0, keep = 0;
+  if (argc < 3 || napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array || napi_get_array_length(env, argv[1], &n) != napi_ok || n < 1 || n > 4096 ||
+      napi_is_array(env, argv[2], &keep_is_array) != napi_ok || !keep_is_array || napi_get_array_length(env, argv[2], &keep) != napi_ok) {
+    napi_throw_type_error(env, NULL, "expected (path, argv, keepFds), argv a non-empty array of strings, keepFds an array of fds");
+    return NULL;
+  }
+  for (int fd = 0; fd <= 2; fd++) {
+    int flags = fcntl(fd, F_GETFD);
+    if (flags >= 0 && (flags & FD_CLOEXEC)) fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC);
+  }
+  for (uint32_t i = 0; i < keep; i++) {
+    napi_value el;
+    int32_t fd;
+    if (napi_get_element(env, argv[2], i, &el) != napi_ok || napi_get_value_int32(env, el, &fd) != napi_ok || fd < 0) continue;
+    int flags = fcntl(fd, F_GETFD);
+    if (flags >= 0 && (flags & FD_CLOEXEC)) fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC);
+  }
+  char *path = dup_string(env, argv[0]);
+  char **args = calloc((size_t)n + 1, sizeof(char *));
+  int64_t r = -EINVAL;
+  if (path != NULL && args != NULL) {
+    uint32_t i = 0;
+    for (; i < n; i++) {
+      napi_value el;
+      if (napi_get_element(env, argv[1], i, &el) != napi_ok || (args[i] = dup_string(env, el)) == NULL) break;
+    }
+    if (i == n) {
+      execv(path, args);
+      r = -errno;
+    }
+  }
+  if (args != NULL) {
+    for (uint32_t i = 0; i < n; i++) free(args[i]);
+    free(args);
+  }
+  free(path);
+  napi_value out;
+  napi_create_int64(env, r, &out);
+  return out;
+}
+
 NAPI_MODULE_INIT() {
   napi_property_descriptor props[] = {
       {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -459,6 +523,7 @@ NAPI_MODULE_INIT() {
       {"pidfdGetfd", NULL, pidfd_getfd_js, NULL, NULL, NULL, napi_enumerable, NULL},
       {"alignGap", NULL, align_gap, NULL, NULL, NULL, napi_enumerable, NULL},
       {"adviseHuge", NULL, advise_huge, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"execSelf", NULL, exec_self, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

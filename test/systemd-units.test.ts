@@ -3,6 +3,7 @@
 // systemd hands it (socket activation), with systemd-socket-activate standing in for systemd.
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import { createRequire } from 'node:module';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Command, Option } from 'commander';
@@ -12,8 +13,8 @@ import { SSProcess, loopbackAddrs, twoSSYaml, writeConfig } from './helpers/remo
 import { freePort, ROOT, run, tmpDir } from './helpers/servers.js';
 
 const TARGETS = path.join(ROOT, 'targets');
-/** The node flags on bin/blockmirror.js's `#!/usr/bin/env -S node FLAGS` line. */
-const SHEBANG_FLAGS = fs.readFileSync(path.join(ROOT, 'bin/blockmirror.js'), 'utf8').split('\n', 1)[0]!.replace('#!/usr/bin/env -S node', '').trim().split(/\s+/).filter(Boolean);
+/** The node flags of the server commands (bin/server-flags.js): a unit passes them, so its server starts once. */
+const SERVER_NODE_FLAGS = (createRequire(import.meta.url)(path.join(ROOT, 'bin/server-flags.js')) as { SERVER_NODE_FLAGS: string[] }).SERVER_NODE_FLAGS;
 const UNITS = fs.readdirSync(TARGETS).filter((f) => /\.(service|socket)$/.test(f));
 /** Templates get an instance, as systemctl would start them. */
 const INSTANCE: Record<string, string> = { 'blockmirror@.service': 'demo', 'blockmirror-attach@.service': 'demo', 'blockmirror-cfs@.service': 'mnt-cfs' };
@@ -124,8 +125,8 @@ describe('the systemd units in targets/', () => {
         const script = argv.findIndex((a) => a.endsWith('/bin/blockmirror.js'));
         if (script < 0) continue;
         expect(argv[0], `${unit} ${key}`).toBe('/usr/bin/node');
-        // node runs it as the `blockmirror` command does: with the flags of its shebang.
-        expect(argv.slice(1, script), `${unit} ${key}`).toEqual(SHEBANG_FLAGS);
+        // With the server commands' flags, which they would otherwise restart themselves to get.
+        expect(argv.slice(1, script), `${unit} ${key}`).toEqual(SERVER_NODE_FLAGS);
         expect(argv[script]).toBe('/opt/blockmirror/bin/blockmirror.js');
         const args = argv.slice(script + 1);
         expect(await cliProblem(args), `${unit} ${key}: blockmirror ${args.join(' ')}`).toBeUndefined();

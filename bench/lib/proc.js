@@ -3,17 +3,25 @@
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 
 /**
- * The node flags on bin/blockmirror.js's shebang (`#!/usr/bin/env -S node FLAGS`), for spawning it
- * with `process.execPath` as users' `blockmirror` command runs it.
+ * The node flags on a checkout's bin/blockmirror.js shebang (`#!/usr/bin/env node`, or
+ * `#!/usr/bin/env -S node FLAGS` before the server commands set their own flag, bin/server-flags.js),
+ * for spawning it with `process.execPath` as users' `blockmirror` command runs it. A baseline
+ * checkout (--baseline DIR) runs with its own.
  */
-export const NODE_FLAGS = (() => {
-  const first = fs.readFileSync(new URL('../../bin/blockmirror.js', import.meta.url), 'utf8').split('\n', 1)[0];
-  const m = /^#!\/usr\/bin\/env -S node(.*)$/.exec(first);
-  if (!m) throw new Error(`bin/blockmirror.js: unexpected first line ${first}`);
+export function nodeFlagsOf(root) {
+  const file = path.join(root, 'bin', 'blockmirror.js');
+  const first = fs.readFileSync(file, 'utf8').split('\n', 1)[0];
+  const m = /^#!\/usr\/bin\/env (?:-S )?node(.*)$/.exec(first);
+  if (!m) throw new Error(`${file}: unexpected first line ${first}`);
   return m[1].trim().split(/\s+/).filter(Boolean);
-})();
+}
+
+/** This checkout's (none now: a server command restarts itself with its flags). */
+export const NODE_FLAGS = nodeFlagsOf(fileURLToPath(new URL('../..', import.meta.url)));
 
 const live = new Set();
 const exitHooks = [];
