@@ -460,9 +460,15 @@ static char *dup_string(napi_env env, napi_value v) {
   return s;
 }
 
+// Clears FD_CLOEXEC on fd, if it is open and has it.
+static void keep_open(int fd) {
+  int flags = fcntl(fd, F_GETFD);
+  if (flags >= 0 && (flags & FD_CLOEXEC)) fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC);
+}
+
 // execSelf(path, argv, keepFds): execv(path, argv). The process keeps its pid and environment and
 // runs the new image from its start; a server command uses it to restart itself with the V8 flags
-// it needs (src/cli/server-flags.ts). Node marks fds 0-2 close-on-exec when it starts, so they, and
+// it needs (bin/server-flags.js). Node marks fds 0-2 close-on-exec when it starts, so they, and
 // the fds of keepFds (socket activation's), are cleared of FD_CLOEXEC first: else the new image
 // would start with /dev/null for stdio. Returns only on failure, with -errno.
 static napi_value exec_self(napi_env env, napi_callback_info info) {
@@ -476,17 +482,6 @@ static napi_value exec_self(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, NULL, "expected (path, argv, keepFds), argv a non-empty array of strings, keepFds an array of fds");
     return NULL;
   }
-  for (int fd = 0; fd <= 2; fd++) {
-    int flags = fcntl(fd, F_GETFD);
-    if (flags >= 0 && (flags & FD_CLOEXEC)) fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC);
-  }
-  for (uint32_t i = 0; i < keep; i++) {
-    napi_value el;
-    int32_t fd;
-    if (napi_get_element(env, argv[2], i, &el) != napi_ok || napi_get_value_int32(env, el, &fd) != napi_ok || fd < 0) continue;
-    int flags = fcntl(fd, F_GETFD);
-    if (flags >= 0 && (flags & FD_CLOEXEC)) fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC);
-  }
   char *path = dup_string(env, argv[0]);
   char **args = calloc((size_t)n + 1, sizeof(char *));
   int64_t r = -EINVAL;
@@ -497,6 +492,12 @@ static napi_value exec_self(napi_env env, napi_callback_info info) {
       if (napi_get_element(env, argv[1], i, &el) != napi_ok || (args[i] = dup_string(env, el)) == NULL) break;
     }
     if (i == n) {
+      for (int fd = 0; fd <= 2; fd++) keep_open(fd);
+      for (uint32_t k = 0; k < keep; k++) {
+        napi_value el;
+        int32_t fd;
+        if (napi_get_element(env, argv[2], k, &el) == napi_ok && napi_get_value_int32(env, el, &fd) == napi_ok && fd >= 0) keep_open(fd);
+      }
       execv(path, args);
       r = -errno;
     }

@@ -62,6 +62,16 @@ describe('the flags of the server commands', () => {
     }
   });
 
+  it('go unset, and the process runs on, when execv fails (execSelf returns -errno) or is called wrongly', () => {
+    const addon = createRequire(import.meta.url)(path.join(ROOT, 'native/build/Release/sparse.node')) as { execSelf(p: unknown, argv: unknown, keep: unknown): number };
+    expect(addon.execSelf('/nonexistent/node', ['node', '-e', '0'], [])).toBe(-2); // ENOENT
+    expect(addon.execSelf(path.join(ROOT, 'README.md'), ['x'], [])).toBe(-13); // EACCES: not executable
+    expect(() => addon.execSelf('/bin/true', [], [])).toThrow(TypeError);
+    expect(() => addon.execSelf('/bin/true', ['true', 7], [])).not.toThrow(); // a non-string argument: -EINVAL, no exec
+    expect(addon.execSelf('/bin/true', ['true', 7], [])).toBe(-22);
+    expect(() => addon.execSelf('/bin/true', ['true'], 'fd')).toThrow(TypeError);
+  });
+
   it('never replace a process that is not bin/blockmirror.js (this test runner)', () => {
     const argv = process.argv;
     process.argv = [argv[0]!, argv[1]!, 'serve'];
