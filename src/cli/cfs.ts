@@ -10,7 +10,7 @@ import { loadConfigOrUsage } from './config-cache.js';
 import { UsageError } from './errors.js';
 import { exitDone } from './exit.js';
 import { cliLogger } from './logger.js';
-import { runUntilSignal } from './signals.js';
+import { catchStopSignals } from './signals.js';
 import { humanBytes, humanSeconds, progressBar } from './progress.js';
 
 interface Common {
@@ -48,10 +48,11 @@ export function registerCfsCommand(program: Command): void {
     const { livePairs } = await import('./status.js');
     const { cfsServerTls } = await import('../cluster/credentials.js');
     const tls = cfsServerTls(config);
+    const stop = catchStopSignals(log);
     const server = await CfsServer.start(config, log, { pairView: () => livePairs(config, 1000), ...(tls ? { tls } : {}) }).catch((e: Error) => {
       throw new Error(e.message);
     });
-    await runUntilSignal(log, () => server.close());
+    await stop.until(() => server.close());
   });
 
   command('put <local> <path>', 'copy a local file (- for stdin) into the CFS; the file appears whole when the copy is done')
@@ -156,6 +157,7 @@ export function registerCfsCommand(program: Command): void {
     const config = await loadCfsConfig(opts.config);
     const client = await connectClient(config, opts, { reconnect: true, name: `mount ${path.resolve(dir)}` });
     const { mountCfs } = await import('../cfs/fuse.js');
+    const stop = catchStopSignals(log);
     let mount;
     try {
       mount = await mountCfs(client, dir, log);
@@ -164,7 +166,7 @@ export function registerCfsCommand(program: Command): void {
       throw e;
     }
     log.info({ dir: mount.dir }, 'cfs mounted');
-    await runUntilSignal(log, async () => {
+    await stop.until(async () => {
       await mount.unmount();
       await client.close();
     });

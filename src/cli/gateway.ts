@@ -7,7 +7,7 @@ import { UsageError } from './errors.js';
 import { addressInUse, addressInUseError } from './listen-error.js';
 import { parseListen } from './serve.js';
 import { cliLogger } from './logger.js';
-import { runUntilSignal } from './signals.js';
+import { catchStopSignals } from './signals.js';
 import { socketActivationFds } from './socket-activation.js';
 import { addTlsOptions, serverTlsOptions, type TlsCliOptions } from './tls-options.js';
 import { loadConfigOrUsage } from './status.js';
@@ -75,6 +75,7 @@ async function gateway(opts: GatewayCliOptions, log: Logger): Promise<void> {
   const retryMs = Number(opts.retry);
   if (!Number.isInteger(retryMs) || retryMs < 100) throw new UsageError(`--retry: expected milliseconds (at least 100), got "${opts.retry}"`);
   const [{ Gateway }, { EtcdUnreachableError }] = await Promise.all([import('../gateway/gateway.js'), import('../cluster/etcd/store.js')]);
+  const stop = catchStopSignals(log);
   let gw;
   try {
     gw = await Gateway.start(config, { listen, retryMs, ...(tls ? { tls } : {}), ...(opts.allow?.length ? { allow: opts.allow } : {}) }, log);
@@ -93,7 +94,7 @@ async function gateway(opts: GatewayCliOptions, log: Logger): Promise<void> {
       throw new UsageError(`the socket systemd passed, ${(e as Error).message.replace(/^--listen /, '')}`);
     }
   }
-  await runUntilSignal(log, () => gw.close());
+  await stop.until(() => gw.close());
 }
 
 interface Dump {

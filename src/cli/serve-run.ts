@@ -17,7 +17,7 @@ import { UsageError } from './errors.js';
 import { addressInUse, addressInUseError } from './listen-error.js';
 import { parseListen, type ServeOptions } from './serve.js';
 import { socketActivationFds } from './socket-activation.js';
-import { runUntilSignal } from './signals.js';
+import { catchStopSignals } from './signals.js';
 import { serverTlsOptions } from './tls-options.js';
 
 export async function serve(opts: ServeOptions, log: Logger): Promise<void> {
@@ -58,6 +58,7 @@ export async function serve(opts: ServeOptions, log: Logger): Promise<void> {
   exports.defaultName = opts.name;
   const server = new NbdServer({ exports, log, ...(tls ? { tls } : {}) });
 
+  const stop = catchStopSignals(log);
   for (const spec of specs) {
     let addr: string;
     try {
@@ -98,7 +99,7 @@ export async function serve(opts: ServeOptions, log: Logger): Promise<void> {
   }
   if (iscsi) log.info({ uri: `iscsi://${iscsi.address}/${opts.iscsiTarget}/0` }, `listening: iscsi://${iscsi.address}/${opts.iscsiTarget}/0`);
 
-  await runUntilSignal(log, async () => {
+  await stop.until(async () => {
     await iscsi?.server.close();
     await server.close();
     await device.close();

@@ -11,7 +11,7 @@ import type { StorageSystem } from '../controller/storage-system.js';
 import { UsageError } from './errors.js';
 import { addressInUse, addressInUseError, yamlKeyOf } from './listen-error.js';
 import { cliLogger } from './logger.js';
-import { runUntilSignal } from './signals.js';
+import { catchStopSignals } from './signals.js';
 
 export function registerUpCommand(program: Command): void {
   program
@@ -41,6 +41,8 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
     if (onHup) onHup();
     else hupWaiting = true;
   });
+  // And a SIGTERM or SIGINT stops it gracefully once it is up (a second one exits at once).
+  const stop = catchStopSignals(log);
   // Loaded here, not at the top: `serve` and `--help` need none of the controller, fastify or the YAML stack.
   const [{ startAdminServer }, { ConfigError, loadConfig }, { ClusterError, selectIds, startStorageSystems }, { clientAdminToken, serverAdminToken }] = await Promise.all([
     import('../admin/server.js'),
@@ -130,7 +132,7 @@ async function up(opts: { config: string; only?: string; cfs?: boolean }, log: L
     );
   };
   if (hupWaiting) onHup();
-  await runUntilSignal(log, async () => {
+  await stop.until(async () => {
     await agent?.close();
     await cfsServer?.close();
     await Promise.all(admins.map((a) => a.close()));
