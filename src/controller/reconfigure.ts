@@ -179,8 +179,9 @@ export async function planChanges(ss: StorageSystem, next: StorageSystemSpec): P
       undo: async () => void (await ss.replaceLocalPair(null, a, bits)),
     });
   }
-  // 6. Change pairs.
-  for (const [a, b] of changed) {
+  // 6. Change pairs, each after every other changed pair whose old layout holds a volume it takes:
+  // a volume leaves its old pair (which makes it simplex) before it joins its new one.
+  for (const [a, b] of orderChanges(changed, refuse)) {
     const newMaster = a.master.vol !== b.master.vol;
     let bits: Map<string, Uint8Array> | undefined;
     steps.push({
@@ -250,6 +251,32 @@ export async function runSteps(steps: Step[], log: Logger): Promise<void> {
     }
   }
   for (const step of steps) await step.commit?.();
+}
+
+/**
+ * The changed pairs in an order where a volume that moves from one pair to another is let go by its
+ * old pair first. Each change replaces its pair whole, and the old pair's volumes that the new one
+ * leaves become simplex then: a pair changed after another that took one of them would undo that
+ * (the volume would come back simplex, and its new pair's mirrors would no longer get its writes).
+ * Two pairs that exchange volumes have no such order: refused, with how to apply it in two steps.
+ */
+export function orderChanges(changed: readonly (readonly [PairSpec, PairSpec])[], refuse: (why: string) => never): [PairSpec, PairSpec][] {
+  const vols = (p: PairSpec) => [p.master, ...p.mirrors].map(ref);
+  const out: [PairSpec, PairSpec][] = [];
+  const left = [...changed] as [PairSpec, PairSpec][];
+  while (left.length > 0) {
+    // Ready: takes no volume that another change still to run holds in its old layout.
+    const i = left.findIndex(([, b]) => {
+      const takes = new Set(vols(b));
+      return !left.some(([a2]) => a2.name !== b.name && vols(a2).some((v) => takes.has(v)));
+    });
+    if (i < 0) {
+      const names = left.map(([a]) => a.name).join(', ');
+      refuse(`pairs ${names} would exchange volumes in one change, and each pair is replaced whole: apply it in two steps (first release the volumes, then pair them again)`);
+    }
+    out.push(left.splice(i, 1)[0]!);
+  }
+  return out;
 }
 
 /** What a pair is made of, beyond its rate and fence: a difference means a new pair object. */
