@@ -63,8 +63,14 @@ export interface TransferOptions {
   exclusive?: boolean;
 }
 
-/** Bytes per request of put and get, and how many are in flight. */
-const CHUNK = 8 * 1024 * 1024;
+/**
+ * Bytes per request of put and get, and how many are in flight. What is in flight should fit in the
+ * CPU's caches: each chunk is copied in by the kernel and out again (to the local file or the
+ * socket) right after. 256 MiB in-process, 5 runs each, A B alternated: get 2 MiB x 4 150-180 ms
+ * against 210-230 ms with 8 MiB x 4; put 160-190 ms against 200-215 ms (1 MiB x 8 and 4 MiB x 4
+ * fell between the two).
+ */
+const CHUNK = 2 * 1024 * 1024;
 const DEPTH = 4;
 const DEFAULT_TIMEOUT_MS = 30_000;
 /** The server drops a connection silent for 30 s; ping well within that. */
