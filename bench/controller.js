@@ -14,7 +14,7 @@ import './lib/admin.js'; // sets the admin token the servers inherit
 import { fioArgs, runFio } from './lib/fio.js';
 import { loadAvg, machineInfo } from './lib/machine.js';
 import { freePort, installCleanup, NODE_FLAGS, run, startServer } from './lib/proc.js';
-import { median } from './lib/stats.js';
+import { fmtRatio, median } from './lib/stats.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ROOT = path.resolve(HERE, '..');
@@ -133,7 +133,7 @@ async function main() {
   for (const s of sections) {
     for (const r of s.rows) {
       const med = (k) => fmt(median(r.samples[k]), r.job.unit);
-      const met = (v, g) => `${v.toFixed(2)}${v >= g ? '' : ' **(no)**'}`;
+      const met = (v, g) => `${fmtRatio(v, g)}${v >= g ? '' : ' **(no)**'}`; // 0.899 shows as 0.899, not 0.90
       lines.push(`| ${s.cache ? '256 MiB' : 'none'} | ${r.job.label} | ${med('standalone')} | ${med('async')} | ${med('sync')} | ${met(r.async, r.job.goal.async)} | ≥ ${r.job.goal.async} | ${met(r.sync, r.job.goal.sync)} | ≥ ${r.job.goal.sync} |`);
     }
   }

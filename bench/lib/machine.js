@@ -49,7 +49,10 @@ export function newestMtime(dir) {
   const walk = (d) => {
     for (const e of fs.readdirSync(d, { withFileTypes: true })) {
       const p = `${d}/${e.name}`;
-      if (e.isDirectory()) walk(p);
+      // The CLI's code cache (bin/code-cache.js) writes its entries there as commands run: not a rebuild.
+      if (e.isDirectory()) {
+        if (e.name !== '.code-cache') walk(p);
+      }
       else newest = Math.max(newest, fs.statSync(p).mtimeMs);
     }
   };
