@@ -1,11 +1,11 @@
 // bin/server-flags.js: bin/blockmirror.js's first line has no V8 flag (client commands keep Node's
 // own code cache), and a server command started without --max-semi-space-size restarts itself
 // with it through execv: same pid, same stdio, same socket-activation fds, and it serves.
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it } from 'vitest';
 import { CLI, ROOT, freePort, run } from './helpers/servers.js';
 
 interface ServerFlags {
@@ -18,26 +18,29 @@ const flags = createRequire(import.meta.url)(path.join(ROOT, 'bin/server-flags.j
 
 const cmdline = (pid: number) => fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').filter(Boolean);
 
-/** Starts `argv` (the script itself, or node with flags), waits for `listening` on stderr, returns it running. */
+/** Servers a test started: killed after it, whether it passed or not. */
+const live = new Set<ChildProcess>();
+afterEach(() => {
+  for (const c of live) c.kill('SIGKILL');
+  live.clear();
+});
+
+/**
+ * Starts `argv` (the script itself, or node with flags) and resolves once it says `listening` on
+ * stderr, or rejects if it exits first. One whose stderr was lost never says it: the test times out.
+ */
 async function startListening(argv: string[], env: NodeJS.ProcessEnv = {}) {
   const child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+  live.add(child);
   let stderr = '';
-  child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
   child.stdout.resume();
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-  // Not a timing: a server whose stderr went elsewhere would never say it, and the test should say why.
-  const deadline = Date.now() + 20_000;
   await new Promise<void>((resolve, reject) => {
-    const check = () => {
-      if (/listening: nbd:/.test(stderr)) return resolve();
-      if (child.exitCode !== null) return reject(new Error(`exited ${child.exitCode}: ${stderr}`));
-      if (Date.now() > deadline) {
-        child.kill('SIGKILL');
-        return reject(new Error(`no "listening" on its stderr (lost across the restart?): ${stderr}`));
-      }
-      setTimeout(check, 10);
-    };
-    check();
+    child.stderr.setEncoding('utf8').on('data', (d: string) => {
+      stderr += d;
+      if (/listening: nbd:/.test(stderr)) resolve();
+    });
+    void exited.then((code) => reject(new Error(`exited ${code} before saying "listening": ${stderr}`)));
   });
   return { child, stderr: () => stderr, exited };
 }
