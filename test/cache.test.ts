@@ -541,3 +541,129 @@ describe('CacheMemory', () => {
     await expect(readBack(dev, 0, 512)).rejects.toMatchObject({ errno: 'ESHUTDOWN' });
   });
 });
+
+describe('CacheMemory: large writes go past the cache (rule 5)', () => {
+  it('writes a 1 MiB write straight to the volume, and what the cache held of its range, dirty or clean, is not written or read again', async () => {
+    const { cache, dev, probe, mem } = setup({ device: 4 * MiB, cache: 512 * KiB });
+    await dev.write(0, filled(4 * KiB, 1)); // dirty in block 0
+    mem.writeSync(1 * MiB - 64 * KiB, filled(64 * KiB, 2));
+    await readBack(dev, 1 * MiB - 64 * KiB, 64 * KiB); // clean in the last block of the range
+    await dev.write(1 * MiB, filled(4 * KiB, 3)); // dirty just past it: stays
+    const data = pattern(1 * MiB, 4);
+    await dev.write(0, [data.subarray(0, 100), data.subarray(100)]);
+    expect(probe.writes).toEqual([{ offset: 0, length: 1 * MiB, fua: false }]);
+    expect(cache.stats).toMatchObject({ bypassedBytes: 1 * MiB, dirtyBytes: 64 * KiB, usedBytes: 64 * KiB });
+    expectBytes(backing(mem, 0, 1 * MiB), data);
+    const reads = probe.reads;
+    expectBytes(await readBack(dev, 0, 1 * MiB + 4 * KiB), Buffer.concat([data, filled(4 * KiB, 3)]));
+    expect(probe.reads).toBeGreaterThan(reads); // from the volume: the cache let the range go
+    await dev.flush();
+    expect(probe.writes.slice(1)).toEqual([{ offset: 1 * MiB, length: 4 * KiB, fua: false }]);
+    expectBytes(backing(mem, 0, 1 * MiB + 4 * KiB), Buffer.concat([data, filled(4 * KiB, 3)]));
+  });
+
+  it('stages a large write when the bypass is 0, and one whose ends are not on a unit\'s boundary', async () => {
+    const { cache, dev } = setup({ device: 4 * MiB, cache: 8 * MiB });
+    await dev.write(512, filled(1 * MiB, 1)); // units of 2 KiB
+    expect(cache.stats.bypassedBytes).toBe(0);
+    expect(cache.stats.dirtyBytes).toBeGreaterThan(1 * MiB);
+    cache.bypassBytes = 0;
+    await dev.write(2 * MiB, filled(1 * MiB, 2));
+    expect(cache.stats.bypassedBytes).toBe(0);
+    expect(cache.stats.dirtyBytes).toBeGreaterThan(2 * MiB);
+    cache.bypassBytes = 1 * MiB;
+    await dev.write(2 * MiB, filled(1 * MiB - 2 * KiB, 3)); // aligned, one unit short of the size
+    expect(cache.stats.bypassedBytes).toBe(0);
+    await dev.write(2 * MiB + 2 * KiB, filled(1 * MiB, 4)); // aligned and large enough
+    expect(cache.stats.bypassedBytes).toBe(1 * MiB);
+    expectBytes(await readBack(dev, 2 * MiB, 2 * KiB), filled(2 * KiB, 3));
+    expectBytes(await readBack(dev, 2 * MiB + 2 * KiB, 1 * MiB), filled(1 * MiB, 4));
+    await dev.flush();
+    expectBytes(await readBack(dev, 2 * MiB, 1 * MiB + 2 * KiB), Buffer.concat([filled(2 * KiB, 3), filled(1 * MiB, 4)]));
+  });
+
+  it('lets a destage of its range already in flight land first, and starts none until it has landed', async () => {
+    const { cache, dev, probe, mem } = setup({ device: 4 * MiB, cache: 512 * KiB });
+    await dev.write(64 * KiB, filled(4 * KiB, 1));
+    const release = probe.holdWrites();
+    const flushing = dev.flush(); // the destage of block 1 waits in the backing
+    await until(() => probe.writes.length === 1);
+    await dev.write(64 * KiB, filled(4 * KiB, 2)); // dirty again, behind the destage
+    const big = dev.write(0, filled(1 * MiB, 3));
+    for (let i = 0; i < 5; i++) await new Promise((r) => setImmediate(r));
+    expect(probe.writes).toHaveLength(1); // the large write waits for the destage
+    release();
+    await Promise.all([flushing, big]);
+    expect(probe.writes.map((w) => w.length)).toEqual([4 * KiB, 1 * MiB]);
+    await dev.flush(); // nothing older left to land over it
+    expectBytes(backing(mem, 0, 1 * MiB), filled(1 * MiB, 3));
+    expectBytes(await readBack(dev, 0, 1 * MiB), filled(1 * MiB, 3));
+    expect(cache.stats.dirtyBytes).toBe(0);
+  });
+
+  it('drops a read\'s fill that read the volume before the large write landed', async () => {
+    const { dev, probe, mem } = setup({ device: 4 * MiB, cache: 512 * KiB });
+    mem.writeSync(0, filled(1 * MiB + 64 * KiB, 1));
+    const release = probe.holdReads();
+    const racing = readBack(dev, 0, 64 * KiB); // a miss: the block is allocated, the backing read held
+    await until(() => probe.reads === 1);
+    await dev.write(2 * KiB, filled(1 * MiB, 2)); // starts mid-block, on a unit's boundary
+    // Let the held read return what it would have seen had it run before the write.
+    mem.writeSync(0, filled(1 * MiB + 64 * KiB, 1));
+    release();
+    expectBytes(await racing, filled(64 * KiB, 1)); // concurrent with the write: old data is a fine answer
+    mem.writeSync(2 * KiB, filled(1 * MiB, 2));
+    // ...but it must not have been kept in cache.
+    expectBytes(await readBack(dev, 2 * KiB, 1 * MiB), filled(1 * MiB, 2));
+    expectBytes(await readBack(dev, 0, 2 * KiB), filled(2 * KiB, 1));
+  });
+
+  it('keeps the acknowledged dirty data of its range when the large write fails, and writes it at the next flush', async () => {
+    const { cache, dev, probe, mem } = setup({ device: 4 * MiB, cache: 512 * KiB });
+    await dev.write(0, filled(4 * KiB, 1));
+    probe.failWrites = 1;
+    await expect(dev.write(0, filled(1 * MiB, 2))).rejects.toMatchObject({ errno: 'EIO' });
+    expect(cache.stats.bypassedBytes).toBe(0);
+    expectBytes(await readBack(dev, 0, 4 * KiB), filled(4 * KiB, 1));
+    await dev.flush();
+    expectBytes(backing(mem, 0, 8 * KiB), Buffer.concat([filled(4 * KiB, 1), filled(4 * KiB, 0)]));
+  });
+
+  it('has a FUA write, or any write under write-through, on the volume with FUA before it answers', async () => {
+    const { cache, dev, probe } = setup({ device: 4 * MiB, cache: 512 * KiB });
+    await dev.write(0, filled(1 * MiB, 1), true);
+    cache.writeThrough = true;
+    await dev.write(1 * MiB, filled(1 * MiB, 2));
+    expect(probe.writes).toEqual([
+      { offset: 0, length: 1 * MiB, fua: true },
+      { offset: 1 * MiB, length: 1 * MiB, fua: true },
+    ]);
+  });
+
+  it('lands a WRITE\'s payload in the memory store\'s pages through its write target, and gives them back if the volume closed first', async () => {
+    const cache = new CacheMemory({ size: 512 * KiB, destageDelayMs: 60_000 });
+    caches.push(cache);
+    const mem = new MemoryDevice(4 * MiB);
+    const dev = cache.wrap(mem, 'vol0');
+    await dev.write(0, filled(4 * KiB, 1)); // dirty, in the range: replaced
+    expect(dev.writeTarget(0, 64 * KiB, 0)).toBeNull(); // too small: staged
+    expect(dev.writeTarget(512, 1 * MiB, 0)).toBeNull(); // not on a unit's boundary
+    const t = dev.writeTarget(0, 1 * MiB, 4 * KiB)!;
+    expect(t).not.toBeNull();
+    const data = pattern(1 * MiB, 7);
+    let at = 4 * KiB;
+    for (const p of t.pieces) at += data.copy(p, 0, at);
+    expect(at).toBe(1 * MiB);
+    await t.commit(data.subarray(0, 4 * KiB));
+    expect(cache.stats).toMatchObject({ bypassedBytes: 1 * MiB, dirtyBytes: 0 });
+    expectBytes(await readBack(dev, 0, 1 * MiB), data);
+    await dev.flush();
+    expectBytes(backing(mem, 0, 1 * MiB), data);
+
+    const late = dev.writeTarget(1 * MiB, 1 * MiB, 0)!;
+    expect(mem.reservedBytes).toBe(1 * MiB);
+    await dev.close();
+    await expect(late.commit(Buffer.alloc(0))).rejects.toMatchObject({ errno: 'ESHUTDOWN' });
+    expect(mem.reservedBytes).toBe(0);
+  });
+});

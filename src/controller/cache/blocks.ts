@@ -9,6 +9,8 @@ export const MAX_BLOCK = 16 * 1024 * 1024;
 export const UNITS = 32;
 /** A destage run writes up to this much (contiguous blocks coalesced into one backing write). */
 export const MAX_RUN_BYTES = 1024 * 1024;
+/** Writes this large go past the cache by default (memory.ts, rule 5): no larger than a destage run. */
+export const DEFAULT_BYPASS = MAX_RUN_BYTES;
 
 /** Bits lo..hi-1 of a unit mask (int32, as every mask here is). */
 export function unitMask(lo: number, hi: number): number {

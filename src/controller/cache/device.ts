@@ -6,6 +6,7 @@ import {
   type BlockDevice,
   type Extent,
   type Payload,
+  type WriteTarget,
   type ZeroOptions,
 } from '../../blockdev/types.js';
 import { CacheMemory } from './memory.js';
@@ -154,7 +155,118 @@ export class CachedDevice implements BlockDevice {
     if (err) throw toBlockDeviceError(err, 'read');
   }
 
-  async write(offset: number, data: Payload, fua = false): Promise<void> {
+  write(offset: number, data: Payload, fua = false): Promise<void> {
+    const length = payloadLength(data);
+    if (this.bypasses(offset, length)) return this.writeAround(offset, length, fua, (f) => this.backing.write(offset, data, f));
+    return this.writeCached(offset, data, fua);
+  }
+
+  /**
+   * A large write goes past the cache (memory.ts, "Large writes"): a write of at least the
+   * cache's bypass size whose ends fall on unit boundaries, so it replaces whole units.
+   */
+  private bypasses(offset: number, length: number): boolean {
+    const min = this.mem.bypassBytes;
+    if (min === 0 || length < min) return false;
+    const mask = this.mem.unitSize - 1;
+    const end = offset + length;
+    // Offsets beyond 2^32 keep their low bits under `&`.
+    return (offset & mask) === 0 && ((end & mask) === 0 || end === this.size);
+  }
+
+  /**
+   * A bypassing write may land in the backing's own memory (the memory store's pages): its
+   * target, committed as writeAround commits a write. A sync pair's mirror, written from the held
+   * pages, bypasses its cache too and adopts them.
+   */
+  writeTarget(offset: number, length: number, from: number): WriteTarget | null {
+    if (this.closed || this.readOnly || !this.bypasses(offset, length)) return null;
+    const below = this.backing.writeTarget?.(offset, length, from);
+    if (!below) return null;
+    return {
+      pieces: below.pieces,
+      commit: (head: Payload, fua = false): Promise<void> => {
+        let used = false;
+        const commit = (f: boolean): Promise<void> => {
+          used = true;
+          return below.commit(head, f);
+        };
+        // Refused before reaching the volume (closed, shutting down): the target goes back unused.
+        return this.writeAround(offset, length, fua, commit).finally(() => {
+          if (!used) below.abort();
+        });
+      },
+      abort: () => below.abort(),
+      ...(below.hold ? { hold: () => below.hold!() } : {}),
+    };
+  }
+
+  /**
+   * Write [offset, offset + length) straight to the backing with `op`, under a barrier like a
+   * trim's (rule 4): destages of the range in flight land first, none starts until the write is
+   * done, and then the cache lets go of the range (rule 5).
+   */
+  private async writeAround(offset: number, length: number, fua: boolean, op: (fua: boolean) => Promise<void>): Promise<void> {
+    this.enter('write');
+    try {
+      if (this.readOnly) throw new BlockDeviceError('EPERM', `write: ${this.name} is read-only`);
+      const end = offset + length;
+      let release!: () => void;
+      const barrier: Barrier = { start: offset, end, done: new Promise<void>((r) => (release = r)) };
+      this.barriers.push(barrier);
+      try {
+        for (;;) {
+          const busy = this.blocksIn(offset, end).find((b) => b.destaging !== null);
+          if (!busy) break;
+          await busy.destaging;
+        }
+        let err: unknown;
+        try {
+          // Write-through: on the volume before the answer, as a write through the cache would be.
+          await op(fua || this.mem.writeThrough);
+        } catch (e) {
+          err = e;
+        }
+        this.applyWritten(offset, end, err === undefined);
+        if (err) throw toBlockDeviceError(err, 'write');
+        this.mem.stats.bypassedBytes += length;
+      } finally {
+        this.barriers.splice(this.barriers.indexOf(barrier), 1);
+        release();
+        this.mem.queuePump();
+      }
+    } finally {
+      this.leave();
+    }
+  }
+
+  /**
+   * The backing now holds a bypassing write of [start, end) (whole units), or, if it failed, an
+   * unknown mix there. Units cached in the range drop out, and a fill begun meanwhile is dropped
+   * (the epoch): what the cache held there is older than the backing. Dirty units go too once
+   * the write landed (it replaced them, or raced them and won), but stay after a failure: they
+   * hold acknowledged data, which their destage puts back.
+   */
+  private applyWritten(start: number, end: number, landed: boolean): void {
+    const cache = this.mem;
+    const shift = cache.unitShift;
+    for (const b of this.blocksIn(start, end)) {
+      const a = Math.max(start, b.start) - b.start;
+      const e = Math.min(end, b.start + b.len) - b.start;
+      if (landed && a === 0 && e === b.len) {
+        cache.dropBlock(b);
+        continue;
+      }
+      const covered = fullUnits(a, e, b.len, shift);
+      if (landed) {
+        b.valid &= ~covered;
+        cache.clearDirty(b, covered);
+      } else b.valid &= ~covered | b.dirty;
+      b.epoch++;
+    }
+  }
+
+  private async writeCached(offset: number, data: Payload, fua: boolean): Promise<void> {
     this.enter('write');
     let pinned: CacheBlock | null = null;
     try {

@@ -33,8 +33,9 @@
 //
 // Rules that keep reads from going back in time, and trims from being undone:
 // 1. Every data write to the backing device is a destage of dirty units of a
-//    present block, and a block is never destaged twice at once (two writes
-//    of one range in flight could land in either order).
+//    present block, or a large write going past the cache (rule 5), and a
+//    block is never destaged twice at once (two writes of one range in
+//    flight could land in either order).
 // 2. A destage takes the dirty mask and zeroes it; a write landing during
 //    the destage sets bits again, so the block stays dirty and is destaged
 //    again. The mask is the block's version, per unit: nothing is marked
@@ -51,6 +52,22 @@
 //    waits for destages already in flight, no new one starts until it is
 //    done, and it changes the cache after the backing op. Destages never
 //    overtake it in either direction.
+// 5. Large writes go past the cache: a write of at least `bypassBytes`
+//    (1 MiB by default, the destager's largest run) whose ends fall on unit
+//    boundaries is written straight to the backing device under a barrier,
+//    as a trim is (rule 4). Once it has landed, the units it covers are
+//    neither valid nor dirty any more (it replaced them) and the epoch is
+//    bumped, so a fill that read the backing meanwhile is dropped (rule 3).
+//    After a failure, dirty units stay: they hold acknowledged data.
+//    Why: staging such a write buys nothing the destager would not also
+//    do, and costs a copy and the cache's space. Under a steady stream of
+//    them the cache fills with dirty blocks and every write waits for the
+//    destager anyway; going past it, a 1 MiB write costs what it costs
+//    without a cache, and lands in the memory store's own pages (its
+//    write target), which a sync mirror in the same storage system adopts
+//    instead of copying. Linux's bcache skips its cache for sequential
+//    I/O past a cutoff for the same reasons. bypassBytes 0 stages every
+//    write.
 //
 // Other choices:
 // - Eviction takes the least recently used *clean* block. Dirty blocks are
@@ -75,13 +92,15 @@ import {
   type BlockDevice,
 } from '../../blockdev/types.js';
 import { CachedDevice, callWrite } from './device.js';
-import { BlockList, CacheBlock, DEFAULT_BLOCK, DestageResult, MAX_BLOCK, MAX_RUN_BYTES, MIN_BLOCK, UNITS, ctz, shutdown, unitMask } from './blocks.js';
+import { BlockList, CacheBlock, DEFAULT_BLOCK, DEFAULT_BYPASS, DestageResult, MAX_BLOCK, MAX_RUN_BYTES, MIN_BLOCK, UNITS, ctz, shutdown, unitMask } from './blocks.js';
 
 export interface CacheMemoryOptions {
   /** Budget in bytes. The cache never holds more than this. */
   size: number;
   /** Cache block size, a power of two of at least 512 (default 64 KiB, smaller for tiny caches). */
   blockSize?: number;
+  /** Writes of at least this many bytes, on unit boundaries, go past the cache (rule 5); 0: none. Default 1 MiB. */
+  bypass?: number;
   /** How long a block may stay dirty before the destager writes it (default 50 ms). */
   destageDelayMs?: number;
   /** Fraction of the budget that may be dirty before destaging starts at once (default 0.5). */
@@ -102,6 +121,8 @@ export interface CacheStats {
   usedBytes: number;
   /** Bytes written to the backing devices by destages. */
   destagedBytes: number;
+  /** Bytes of large writes that went past the cache, straight to the backing devices (rule 5). */
+  bypassedBytes: number;
 }
 
 export class CacheMemory {
@@ -113,9 +134,11 @@ export class CacheMemory {
    * Changed at run time by `blockmirror apply`.
    */
   writeThrough = false;
+  /** Writes this large (on unit boundaries) go past the cache (rule 5); 0: none. Changed at run time by `blockmirror apply`. */
+  bypassBytes: number;
   /** Bytes per validity unit (blockSize / 32). */
   readonly unitSize: number;
-  readonly stats: CacheStats = { hits: 0, misses: 0, dirtyBytes: 0, usedBytes: 0, destagedBytes: 0 };
+  readonly stats: CacheStats = { hits: 0, misses: 0, dirtyBytes: 0, usedBytes: 0, destagedBytes: 0, bypassedBytes: 0 };
 
   /** @internal */ readonly unitShift: number;
   private readonly capacity: number;
@@ -151,7 +174,7 @@ export class CacheMemory {
   private stopped = false;
 
   constructor(opts: CacheMemoryOptions) {
-    const { size, destageDelayMs = 50, highWater = 0.5, parallelDestages = 4, log } = opts;
+    const { size, bypass = DEFAULT_BYPASS, destageDelayMs = 50, highWater = 0.5, parallelDestages = 4, log } = opts;
     if (!(Number.isSafeInteger(size) && size > 0)) throw new Error(`invalid cache size ${size}`);
     let bs = opts.blockSize;
     if (bs === undefined) {
@@ -164,6 +187,8 @@ export class CacheMemory {
     }
     if (size < bs) throw new Error(`cache size ${size} is smaller than one cache block (${bs} bytes)`);
     if (!(destageDelayMs >= 0)) throw new Error(`invalid destage delay ${destageDelayMs}`);
+    if (!(Number.isSafeInteger(bypass) && bypass >= 0)) throw new Error(`invalid cache bypass size ${bypass}: expected a number of bytes, or 0 for none`);
+    this.bypassBytes = bypass;
     this.size = size;
     this.blockSize = bs;
     this.unitSize = bs / UNITS;
