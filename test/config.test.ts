@@ -2,7 +2,8 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, it, expect } from 'vitest';
 import { stringify } from 'yaml';
-import { ConfigError, loadConfig, parseConfig, type ClusterConfig } from '../src/cluster/config.js';
+import { ConfigError, DEFAULT_CACHE_BYPASS, loadConfig, parseConfig, type ClusterConfig } from '../src/cluster/config.js';
+import { DEFAULT_BYPASS } from '../src/controller/cache/blocks.js';
 
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const fixtures = path.join(repo, 'test', 'fixtures', 'config');
@@ -172,6 +173,8 @@ describe('sizes', () => {
   it('refuses a zero cache, a cache policy it does not know and a bad syncRate', () => {
     refuse((c) => (c.storageSystems[0].cache = { size: 0 }), 'storageSystems[0].cache.size', 'a cache size must be greater than 0');
     refuse((c) => (c.storageSystems[0].cache = { size: '1MiB', policy: 'lru' }), 'storageSystems[0].cache.policy', 'expected write-back or write-through, got "lru"');
+    refuse((c) => (c.storageSystems[0].cache = { size: '1MiB', bypass: 'big' }), 'storageSystems[0].cache.bypass', 'invalid size "big"');
+    refuse((c) => (c.storageSystems[0].cache = { size: '1MiB', bypass: -1 }), 'storageSystems[0].cache.bypass', 'invalid size -1');
     refuse((c) => (c.pairs[0].syncRate = 'fast'), 'pairs[0].syncRate', 'invalid size "fast"');
     refuse((c) => (c.pairs[0].syncRate = 0), 'pairs[0].syncRate', 'syncRate must be greater than 0');
   });
@@ -185,7 +188,11 @@ describe('sizes', () => {
     });
     expect(cfg.clusterSize).toBe(4096);
     expect(cfg.storageSystems[0]!.volumes[2]).toEqual({ id: 9, size: 512 });
-    expect(cfg.storageSystems[0]!.cache).toEqual({ size: MiB, policy: 'write-back' });
+    expect(cfg.storageSystems[0]!.cache).toEqual({ size: MiB, policy: 'write-back', bypass: DEFAULT_CACHE_BYPASS });
+    const none = accept((c) => (c.storageSystems[0].cache = { size: '1MiB', bypass: 0 }));
+    expect(none.storageSystems[0]!.cache).toEqual({ size: MiB, policy: 'write-back', bypass: 0 });
+    // The CLI's default is the cache's own (two constants, so the CLI does not load the cache to parse a file).
+    expect(DEFAULT_CACHE_BYPASS).toBe(DEFAULT_BYPASS);
     expect(cfg.pairs[0]!.syncRate).toBe(100 * MiB);
   });
 });

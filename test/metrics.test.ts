@@ -124,6 +124,7 @@ describe('/metrics', () => {
         'blockmirror_cache_hits_total counter',
         'blockmirror_cache_misses_total counter',
         'blockmirror_cache_dirty_bytes gauge',
+        'blockmirror_cache_bypassed_bytes_total counter',
         'blockmirror_nbd_connections gauge',
       ]),
     );
@@ -159,6 +160,9 @@ describe('/metrics', () => {
     expect(value(after, 'blockmirror_mirror_invalid_clusters{ss="1",pair="pair1",mirror="ss1/vol7"}')).toBeGreaterThanOrEqual(15);
     expect(value(after, 'blockmirror_pair_state{ss="1",pair="pair1",state="COPY"}')).toBe(1);
     expect(value(after, 'blockmirror_cache_hits_total{ss="1"}') + value(after, 'blockmirror_cache_misses_total{ss="1"}')).toBeGreaterThan(0);
+    // The 1 MiB write went past the cache, straight to the volume (cache/memory.ts, rule 5).
+    const bypassed = 'blockmirror_cache_bypassed_bytes_total{ss="1"}';
+    expect(value(after, bypassed) - value(before, bypassed)).toBeGreaterThanOrEqual(MiB);
     await until('the sync daemon to copy a cluster', async () => {
       const v = value(await metrics(), 'blockmirror_sync_copied_bytes_total{ss="1",pair="pair1",mirror="ss1/vol7"}');
       return v > 0 ? v : undefined;

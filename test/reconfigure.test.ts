@@ -25,6 +25,8 @@ interface Shape {
   volumes: [number, string][];
   pairs: string;
   cache?: string;
+  /** The cache's bypass size, as written in the YAML. */
+  bypass?: string;
   peerTimeout?: string;
 }
 
@@ -36,7 +38,7 @@ ${s.peerTimeout ? `peerTimeout: ${s.peerTimeout}\n` : ''}storageSystems:
     nbd: 127.0.0.1:${p.nbd}
     admin: 127.0.0.1:${p.admin}
     dataDir: data
-    cache: { size: 8MiB${s.cache ? `, policy: ${s.cache}` : ''} }
+    cache: { size: 8MiB${s.cache ? `, policy: ${s.cache}` : ''}${s.bypass ? `, bypass: ${s.bypass}` : ''} }
     volumes:
 ${s.volumes.map(([id, size]) => `      - { id: ${id}, size: ${size} }`).join('\n')}
 pairs:
@@ -64,7 +66,7 @@ function apply(file: string, ...args: string[]) {
 }
 
 interface Report {
-  storageSystems: { peerTimeout?: number; cache?: { policy?: string; dirtyBytes: number }; volumes: { id: number; size: number; role: string; pair?: string }[] }[];
+  storageSystems: { peerTimeout?: number; cache?: { policy?: string; dirtyBytes: number; bypass?: number; bypassedBytes?: number }; volumes: { id: number; size: number; role: string; pair?: string }[] }[];
   pairs: { name: string; state: string; syncRate?: number; fence: string; master: { vol: number }; mirrors: { vol: number; invalidClusters: number }[] }[];
 }
 
@@ -147,16 +149,21 @@ describe('blockmirror apply', () => {
       expect(r.stdout).toBe(expected);
       expect(r.code).toBe(0);
     };
-    // Settings: sync rate, fence level, peerTimeout, cache policy.
+    // Settings: sync rate, fence level, peerTimeout, cache policy and bypass.
     const pair2 = PAIR2.replace('    mirrors', '    syncRate: 32MiB\n    fence: data\n    mirrors');
-    await step({ volumes: [[5, '16MiB'], [6, '16MiB'], [7, '8MiB']], pairs: pair2, peerTimeout: '2s', cache: 'write-through' }, 'plan (3 changes):\n  ss1: peerTimeout 5000 ms -> 2000 ms\n  ss1: cache policy write-back -> write-through\n  ss1: pair2: syncRate unlimited -> 32MiB/s, fence never -> data\napplied 3 changes\n');
+    await step({ volumes: [[5, '16MiB'], [6, '16MiB'], [7, '8MiB']], pairs: pair2, peerTimeout: '2s', cache: 'write-through', bypass: '0' }, 'plan (4 changes):\n  ss1: peerTimeout 5000 ms -> 2000 ms\n  ss1: cache policy write-back -> write-through\n  ss1: cache bypass 1MiB -> none\n  ss1: pair2: syncRate unlimited -> 32MiB/s, fence never -> data\napplied 4 changes\n');
     let s = await status(p);
     expect(s.pairs[0]).toMatchObject({ name: 'pair2', syncRate: 32 * MiB, fence: 'data' });
-    expect(s.storageSystems[0]).toMatchObject({ peerTimeout: 2000, cache: { policy: 'write-through' } });
+    expect(s.storageSystems[0]).toMatchObject({ peerTimeout: 2000, cache: { policy: 'write-through', bypass: 0 } });
     // Write-through: a write is on the volume file when it is acknowledged, so nothing is dirty.
+    // With no bypass, this 1 MiB write went through the cache, not past it.
+    // The 3 MiB written to volume 5 above, with the default bypass, went past it.
+    const bypassed = s.storageSystems[0]!.cache!.bypassedBytes;
+    expect(bypassed).toBeGreaterThanOrEqual(3 * MiB);
     await write(p, 7, 0x78, '3M', '1M');
-    expect((await status(p)).storageSystems[0]!.cache!.dirtyBytes).toBe(0);
-    const base: Shape = { volumes: [[5, '16MiB'], [6, '16MiB'], [7, '8MiB']], pairs: pair2, peerTimeout: '2s', cache: 'write-through' };
+    s = await status(p);
+    expect(s.storageSystems[0]!.cache).toMatchObject({ dirtyBytes: 0, bypassedBytes: bypassed });
+    const base: Shape = { volumes: [[5, '16MiB'], [6, '16MiB'], [7, '8MiB']], pairs: pair2, peerTimeout: '2s', cache: 'write-through', bypass: '0' };
     // A new volume, and a simplex volume holding data grown.
     await step({ ...base, volumes: [[5, '16MiB'], [6, '16MiB'], [7, '12MiB'], [9, '8MiB']] }, 'plan (2 changes):\n  ss1: add volume 9 (8MiB)\n  ss1: resize volume 7: 8MiB -> 12MiB\napplied 2 changes\n');
     expect(await exportSize(p, 9)).toBe(8 * MiB);

@@ -97,10 +97,12 @@ export interface StorageSystemConfig {
   svolGroups?: SvolGroupConfig[];
 }
 
-/** A storage system's cache memory; `policy` may change at run time (`blockmirror apply`). */
+/** A storage system's cache memory; `policy` and `bypass` may change at run time (`blockmirror apply`). */
 export interface CacheConfig {
   size: number;
   policy: CachePolicy;
+  /** Writes of at least this many bytes go past the cache, straight to the volume; 0: none (cache/memory.ts, rule 5). */
+  bypass: number;
 }
 
 export type CachePolicy = 'write-back' | 'write-through';
@@ -192,6 +194,8 @@ export class ConfigError extends Error {
 
 export const DEFAULT_CLUSTER_SIZE = 64 * 1024;
 export const DEFAULT_PEER_TIMEOUT_MS = 5000;
+/** Writes this large go past the cache memory by default: controller/cache/blocks.ts's DEFAULT_BYPASS (a test holds them equal; importing it would load the cache at every CLI start). */
+export const DEFAULT_CACHE_BYPASS = 1024 * 1024;
 export const MIN_PEER_TIMEOUT_MS = 100;
 export const MAX_PEER_TIMEOUT_MS = 10 * 60 * 1000;
 export const MIN_CLUSTER_SIZE = 4 * 1024;
@@ -442,7 +446,8 @@ export const SecuritySchema = mapping({
   client: mapping({ cert: filePath, key: filePath }).optional(),
 });
 export const cachePolicy = leaf((v): CachePolicy => (v === 'write-back' || v === 'write-through' ? v : fail(`expected write-back or write-through, got ${show(v)}`)));
-export const CacheSchema = mapping({ size: cacheSize, policy: cachePolicy.optional() });
+export const cacheBypass = size(() => undefined);
+export const CacheSchema = mapping({ size: cacheSize, policy: cachePolicy.optional(), bypass: cacheBypass.optional() });
 // `svolGroups:` (docs/svol.md); the cross-checks are in config-svol.ts.
 export const svolAttr = leaf((v): SvolAttr => (v === 'RO' || v === 'RW' || v === 'spare' ? v : fail(`expected RO, RW or spare, got ${show(v)}`)));
 export const SvolMemberSchema = mapping({ vol: id, attr: svolAttr, logicalId: id.optional(), increments: id.optional() });
@@ -610,7 +615,7 @@ export function build(p: Parsed, source: string, baseDir: string, problems: RawP
     }
     if (ss.dataDir !== undefined) out.dataDir = path.resolve(baseDir, ss.dataDir);
     if (iscsi.iscsi) out.iscsi = iscsi.iscsi;
-    if (ss.cache !== undefined) out.cache = { size: ss.cache.size, policy: ss.cache.policy ?? 'write-back' };
+    if (ss.cache !== undefined) out.cache = { size: ss.cache.size, policy: ss.cache.policy ?? 'write-back', bypass: ss.cache.bypass ?? DEFAULT_CACHE_BYPASS };
     if (ss.allow !== undefined) out.allow = ss.allow;
     if (ss.svolGroups !== undefined) {
       out.svolGroups = ss.svolGroups.map((g) => ({

@@ -29,6 +29,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { formatSize } from '../util/size.js';
+import { DEFAULT_BYPASS } from './cache/blocks.js';
 import { mirrorKey } from './local-pair.js';
 import type { PairSpec } from './pair.js';
 import type { RemotePairSpec } from './remote/context.js';
@@ -80,6 +81,11 @@ export async function planChanges(ss: StorageSystem, next: StorageSystemSpec): P
   const [wasPolicy, nowPolicy] = [cur.cache?.policy ?? 'write-back', next.cache?.policy ?? 'write-back'];
   if (cur.cache && wasPolicy !== nowPolicy) {
     steps.push({ line: `${at}: cache policy ${wasPolicy} -> ${nowPolicy}`, apply: () => ss.setCachePolicy(nowPolicy), undo: () => ss.setCachePolicy(wasPolicy) });
+  }
+  const [wasBypass, nowBypass] = [cur.cache?.bypass ?? DEFAULT_BYPASS, next.cache?.bypass ?? DEFAULT_BYPASS];
+  if (cur.cache && next.cache && wasBypass !== nowBypass) {
+    const show = (n: number): string => (n > 0 ? formatSize(n) : 'none');
+    steps.push({ line: `${at}: cache bypass ${show(wasBypass)} -> ${show(nowBypass)}`, apply: async () => ss.setCacheBypass(nowBypass), undo: async () => ss.setCacheBypass(wasBypass) });
   }
 
   // Pairs across storage systems: their rate and fence, and which mirrors they have (remote-membership.ts).

@@ -34,7 +34,18 @@ export interface StorageSystemStatus {
   nbd: string;
   nbdSocket?: string;
   admin: string;
-  cache?: { size: number; dirtyBytes: number; usedBytes: number; hits: number; misses: number; policy?: 'write-back' | 'write-through' };
+  cache?: {
+    size: number;
+    dirtyBytes: number;
+    usedBytes: number;
+    hits: number;
+    misses: number;
+    policy?: 'write-back' | 'write-through';
+    /** Writes of at least this many bytes go past the cache (0: none). */
+    bypass?: number;
+    /** Bytes those writes took straight to the volumes since start. */
+    bypassedBytes?: number;
+  };
   /** How long a silent peer storage system is given, ms (changes at run time with `blockmirror apply`). */
   peerTimeout?: number;
   /** Replication links to the storage systems this one shares pairs with. */

@@ -60,7 +60,7 @@ export interface StorageSystemSpec {
   admin?: string;
   /** Absolute; omitted -> volumes in memory. */
   dataDir?: string;
-  cache?: { size: number; policy?: 'write-back' | 'write-through' };
+  cache?: { size: number; policy?: 'write-back' | 'write-through'; bypass?: number };
   volumes: VolumeEntry[];
   /** NBD STARTTLS on the host-facing listener (credentials already read). */
   tls?: ServerTls;
@@ -178,7 +178,7 @@ export class StorageSystem implements AdminTarget {
     const { spec } = this;
     const dir = spec.dataDir ? path.join(spec.dataDir, 'pairs') : undefined;
     if (dir) fs.mkdirSync(dir, { recursive: true });
-    if (spec.cache) this.cache = new CacheMemory({ size: spec.cache.size, log: this.log });
+    if (spec.cache) this.cache = new CacheMemory({ size: spec.cache.size, bypass: spec.cache.bypass, log: this.log });
     if (this.cache) this.cache.writeThrough = spec.cache?.policy === 'write-through';
 
     // The volume stacks (volume-stack.ts): bottom halves first, as the pairs write through them.
@@ -344,6 +344,11 @@ export class StorageSystem implements AdminTarget {
     for (const p of this.pairs.values()) if (p instanceof RemotePair) p.setPeerTimeout(ms);
   }
 
+  /** The cache's bypass size at run time (cache/memory.ts, rule 5): later writes follow it. */
+  setCacheBypass(bytes: number): void {
+    if (this.cache) this.cache.bypassBytes = bytes;
+  }
+
   /** The cache policy at run time; going write-through first destages what is dirty. */
   async setCachePolicy(policy: 'write-back' | 'write-through'): Promise<void> {
     if (!this.cache) return;
@@ -413,7 +418,7 @@ export class StorageSystem implements AdminTarget {
           nbd: this.nbdAddress,
           ...(this.spec.nbdSocket ? { nbdSocket: this.spec.nbdSocket } : {}),
           admin: this.spec.admin ?? '',
-          ...(c && this.spec.cache ? { cache: { size: this.spec.cache.size, dirtyBytes: c.dirtyBytes, usedBytes: c.usedBytes, hits: c.hits, misses: c.misses, policy: this.cache!.writeThrough ? 'write-through' : 'write-back' } } : {}),
+          ...(c && this.spec.cache ? { cache: { size: this.spec.cache.size, dirtyBytes: c.dirtyBytes, usedBytes: c.usedBytes, hits: c.hits, misses: c.misses, policy: this.cache!.writeThrough ? 'write-through' : 'write-back', bypass: this.cache!.bypassBytes, bypassedBytes: c.bypassedBytes } } : {}),
           peerTimeout: this.spec.peerTimeout ?? 5000,
           ...(this.peers.links.size > 0
             ? { peers: [...this.peers.links.values()].map((l) => ({ ss: l.peer, connected: l.up, ...(l.up || !l.lastError ? {} : { error: l.lastError }) })) }
