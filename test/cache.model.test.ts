@@ -77,6 +77,8 @@ class SlowDevice implements BlockDevice {
 type Range = { off: number; len: number };
 type Op =
   | ({ t: 'write'; seed: number; split: number; fua: boolean } & Range)
+  // A write where the batch's last write ended: sequential streams, which go past the cache once long enough.
+  | { t: 'next'; len: number; seed: number }
   | ({ t: 'read' } & Range)
   | ({ t: 'trim' | 'zero'; fua: boolean } & Range)
   | { t: 'flush' }
@@ -111,6 +113,12 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
       .map(([r, seed, split, f]) => ({ t: 'write' as const, ...r, seed, split, fua: f === 0 })),
   },
   { weight: 5, arbitrary: rangeArb.map((r) => ({ t: 'read' as const, ...r })) },
+  {
+    weight: 3,
+    arbitrary: fc
+      .tuple(fc.oneof(fc.integer({ min: 1, max: 3 }).map((n) => n * BS), fc.integer({ min: 1, max: (2 * BS) / UNIT }).map((u) => u * UNIT)), fc.integer())
+      .map(([len, seed]) => ({ t: 'next' as const, len, seed })),
+  },
   { weight: 1, arbitrary: fc.tuple(fc.constantFrom('trim' as const, 'zero' as const), fc.boolean(), rangeArb).map(([t, fua, r]) => ({ t, fua, ...r })) },
   { weight: 1, arbitrary: fc.constant({ t: 'flush' as const }) },
   // Mostly one turn of the event loop; now and then long enough for the destage timer.
@@ -171,6 +179,7 @@ async function run(steps: Step[], delayMs: number, bypass: number, seed: number)
   let cache = new CacheMemory({ size: CACHE, blockSize: BS, destageDelayMs: delayMs, bypass });
   let dev: CachedDevice = cache.wrap(slow, 'vol');
   const model = Buffer.alloc(DEV); // what a read must return
+  let lastEnd = 0; // where the last write ended: a 'next' write starts there
   let durable = Buffer.alloc(DEV); // what the backing must hold after a crash, but for...
   let since: Mutation[] = []; // ...bytes changed since the last completed flush
 
@@ -199,10 +208,20 @@ async function run(steps: Step[], delayMs: number, bypass: number, seed: number)
     let flushed = false;
     for (const op of step.ops) {
       switch (op.t) {
+        case 'next': {
+          const off = lastEnd >= DEV ? 0 : lastEnd;
+          const len = Math.min(op.len, DEV - off);
+          const data = bytes(op.seed, len);
+          muts.push({ off, data, fua: false });
+          pending.push(dev.write(off, data));
+          lastEnd = off + len;
+          break;
+        }
         case 'write':
         case 'trim':
         case 'zero': {
           if (op.len === 0) break;
+          if (op.t === 'write') lastEnd = op.off + op.len;
           if (op.t === 'write') {
             const data = bytes(op.seed, op.len);
             const cut = Math.floor(op.len / op.split);

@@ -562,6 +562,34 @@ describe('CacheMemory: large writes go past the cache (rule 5)', () => {
     expectBytes(backing(mem, 0, 1 * MiB + 4 * KiB), Buffer.concat([data, filled(4 * KiB, 3)]));
   });
 
+  it('sends a sequential stream of 128 KiB writes past the cache once it has written the bypass size, but not random ones, nor a stream of writes smaller than a cache block', async () => {
+    const { cache, dev, mem } = setup({ device: 16 * MiB, cache: 8 * MiB });
+    const model = Buffer.alloc(16 * MiB);
+    const put = async (off: number, len: number, seed: number): Promise<void> => {
+      const d = pattern(len, seed);
+      d.copy(model, off);
+      await dev.write(off, d);
+    };
+    // Two streams at once, interleaved, as two writers would send them.
+    for (let i = 0; i < 12; i++) {
+      await put(i * 128 * KiB, 128 * KiB, i);
+      await put(8 * MiB + i * 128 * KiB, 128 * KiB, 100 + i);
+    }
+    // Each stream's first MiB (8 writes) was staged, the next 4 writes went past.
+    expect(cache.stats.bypassedBytes).toBe(2 * 4 * 128 * KiB);
+    const staged = cache.stats.dirtyBytes;
+    expect(staged).toBe(2 * MiB);
+    // 128 KiB writes that do not follow one another stay in the cache.
+    for (let i = 0; i < 12; i++) await put(4 * MiB + ((i * 5) % 12) * 256 * KiB, 128 * KiB, 200 + i);
+    expect(cache.stats.bypassedBytes).toBe(1 * MiB);
+    // Nor does a stream of 32 KiB writes, smaller than a cache block, however long.
+    for (let i = 0; i < 64; i++) await put(12 * MiB + i * 32 * KiB, 32 * KiB, 300 + i);
+    expect(cache.stats.bypassedBytes).toBe(1 * MiB);
+    expectBytes(await readBack(dev, 0, 16 * MiB), model);
+    await dev.flush();
+    expectBytes(backing(mem, 0, 16 * MiB), model);
+  });
+
   it('stages a large write when the bypass is 0, and one whose ends are not on a unit\'s boundary', async () => {
     const { cache, dev } = setup({ device: 4 * MiB, cache: 8 * MiB });
     await dev.write(512, filled(1 * MiB, 1)); // units of 2 KiB

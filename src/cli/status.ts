@@ -233,7 +233,7 @@ function cacheText(cache: StorageSystemStatus['cache']): string {
   if (cache === undefined) return 'none';
   const lookups = cache.hits + cache.misses;
   const hitRate = lookups === 0 ? '-' : percent(cache.hits / lookups);
-  const bypass = cache.bypass === undefined ? '' : cache.bypass === 0 ? ', every write cached' : `, writes ≥ ${humanBytes(cache.bypass)} bypass it (${humanBytes(cache.bypassedBytes ?? 0)} so far)`;
+  const bypass = cache.bypass === undefined ? '' : cache.bypass === 0 ? ', every write cached' : `, writes ≥ ${humanBytes(cache.bypass)} and sequential streams past ${humanBytes(cache.bypass)} bypass it (${humanBytes(cache.bypassedBytes ?? 0)} so far)`;
   return `${humanBytes(cache.size)} (used ${humanBytes(cache.usedBytes)}, dirty ${humanBytes(cache.dirtyBytes)}, hits ${hitRate}${bypass})`;
 }
 

@@ -101,7 +101,7 @@ export interface StorageSystemConfig {
 export interface CacheConfig {
   size: number;
   policy: CachePolicy;
-  /** Writes of at least this many bytes go past the cache, straight to the volume; 0: none (cache/memory.ts, rule 5). */
+  /** Writes of at least this many bytes, and sequential streams once they have written this much, go past the cache, straight to the volume; 0: none (cache/memory.ts, rule 5). */
   bypass: number;
 }
 

@@ -12,6 +12,9 @@ import {
 import { CacheMemory } from './memory.js';
 import { Barrier, CacheBlock, MAX_RUN_BYTES, ctz, shutdown, unitMask } from './blocks.js';
 
+/** Sequential streams of writes followed per volume (rule 5): a few writers at once, as bcache follows its last ones. */
+const STREAMS = 8;
+
 export function callWrite(dev: BlockDevice, offset: number, data: Payload): Promise<void> {
   try {
     return dev.write(offset, data);
@@ -30,6 +33,14 @@ export class CachedDevice implements BlockDevice {
   readonly readOnly: boolean;
   readonly multiConnSafe: boolean;
   readonly fastZero: boolean;
+
+  /**
+   * The last STREAMS sequential streams of writes (rule 5): where each ended and how many bytes
+   * it has written in a row; a write that starts where none ended replaces the oldest.
+   */
+  private readonly streamEnd = new Float64Array(STREAMS).fill(-1);
+  private readonly streamRun = new Float64Array(STREAMS);
+  private streamNext = 0;
 
   /** @internal This volume's cache blocks by index. */
   readonly blocks = new Map<number, CacheBlock>();
@@ -157,17 +168,21 @@ export class CachedDevice implements BlockDevice {
 
   write(offset: number, data: Payload, fua = false): Promise<void> {
     const length = payloadLength(data);
-    if (this.bypasses(offset, length)) return this.writeAround(offset, length, fua, (f) => this.backing.write(offset, data, f));
+    const bypass = this.bypasses(offset, length);
+    this.noteWrite(offset, length);
+    if (bypass) return this.writeAround(offset, length, fua, (f) => this.backing.write(offset, data, f));
     return this.writeCached(offset, data, fua);
   }
 
   /**
-   * A large write goes past the cache (memory.ts, "Large writes"): a write of at least the
-   * cache's bypass size whose ends fall on unit boundaries, so it replaces whole units.
+   * Does this write go past the cache (memory.ts, rule 5)? A write of at least the cache's bypass
+   * size, or of a cache block or more that continues a sequential stream which has already
+   * written that much; either way with its ends on unit boundaries, so it replaces whole units.
    */
   private bypasses(offset: number, length: number): boolean {
     const min = this.mem.bypassBytes;
-    if (min === 0 || length < min) return false;
+    if (min === 0) return false;
+    if (length < min && (length < this.B || this.streamBefore(offset) < min)) return false;
     const mask = this.mem.unitSize - 1;
     const end = offset + length;
     // Offsets beyond 2^32 keep their low bits under `&`.
@@ -182,7 +197,9 @@ export class CachedDevice implements BlockDevice {
   writeTarget(offset: number, length: number, from: number): WriteTarget | null {
     if (this.closed || this.readOnly || !this.bypasses(offset, length)) return null;
     const below = this.backing.writeTarget?.(offset, length, from);
+    // No target: the caller write()s the payload instead, and write() notes it in its stream.
     if (!below) return null;
+    this.noteWrite(offset, length);
     return {
       pieces: below.pieces,
       commit: (head: Payload, fua = false): Promise<void> => {
@@ -199,6 +216,28 @@ export class CachedDevice implements BlockDevice {
       abort: () => below.abort(),
       ...(below.hold ? { hold: () => below.hold!() } : {}),
     };
+  }
+
+  /** Bytes the stream that ended at `offset` wrote in a row (0: none ended there). */
+  private streamBefore(offset: number): number {
+    for (let i = 0; i < STREAMS; i++) if (this.streamEnd[i] === offset) return this.streamRun[i]!;
+    return 0;
+  }
+
+  /** A write of [offset, offset + length) continues the stream that ended at offset, or starts one. */
+  private noteWrite(offset: number, length: number): void {
+    const end = offset + length;
+    for (let i = 0; i < STREAMS; i++) {
+      if (this.streamEnd[i] === offset) {
+        this.streamEnd[i] = end;
+        this.streamRun[i]! += length;
+        return;
+      }
+    }
+    const i = this.streamNext;
+    this.streamNext = (i + 1) % STREAMS;
+    this.streamEnd[i] = end;
+    this.streamRun[i] = length;
   }
 
   /**

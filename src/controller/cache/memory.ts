@@ -53,9 +53,11 @@
 //    done, and it changes the cache after the backing op. Destages never
 //    overtake it in either direction.
 // 5. Large writes go past the cache: a write of at least `bypassBytes`
-//    (1 MiB by default, the destager's largest run) whose ends fall on unit
-//    boundaries is written straight to the backing device under a barrier,
-//    as a trim is (rule 4). Once it has landed, the units it covers are
+//    (1 MiB by default, the destager's largest run), or of a cache block or
+//    more that continues a sequential stream which has already written
+//    `bypassBytes` (a volume follows its last 8 streams), whose ends fall on
+//    unit boundaries, is written straight to the backing device under a
+//    barrier, as a trim is (rule 4). Once it has landed, the units it covers are
 //    neither valid nor dirty any more (it replaced them) and the epoch is
 //    bumped, so a fill that read the backing meanwhile is dropped (rule 3).
 //    After a failure, dirty units stay: they hold acknowledged data.
@@ -66,8 +68,9 @@
 //    without a cache, and lands in the memory store's own pages (its
 //    write target), which a sync mirror in the same storage system adopts
 //    instead of copying. Linux's bcache skips its cache for sequential
-//    I/O past a cutoff for the same reasons. bypassBytes 0 stages every
-//    write.
+//    I/O past a cutoff for the same reasons; a kernel client writes a file
+//    in requests of 128-512 KiB, which get there as a stream. bypassBytes 0
+//    stages every write.
 //
 // Other choices:
 // - Eviction takes the least recently used *clean* block. Dirty blocks are
