@@ -2,8 +2,9 @@
 // of them concurrent, against a plain Buffer that says what every read must
 // return, with power losses ("crash": the cache is dropped, the backing
 // kept) checked against what the last completed flush promised. Some runs
-// send writes of 4 or 8 KiB and more past the cache (rule 5), among
-// cached writes, reads, trims and destages of the same ranges.
+// send writes of 4 or 8 KiB and more, and sequential streams once that
+// long, past the cache (rule 5), among cached writes, reads, trims and
+// destages of the same ranges.
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { MemoryDevice } from '../src/blockdev/memory.js';

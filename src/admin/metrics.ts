@@ -111,7 +111,7 @@ export function registerMetrics(app: FastifyInstance, target: AdminTarget, route
   gauge('blockmirror_cache_dirty_bytes', 'Cached bytes not yet written to the volumes.', () => caches().map(([l, c]) => [l, c.dirtyBytes]));
   counter('blockmirror_cache_hits_total', 'Cache blocks found in the cache by a read.', () => caches().map(([l, c]) => [l, c.hits]));
   counter('blockmirror_cache_misses_total', 'Cache blocks a read had to fetch from the volume.', () => caches().map(([l, c]) => [l, c.misses]));
-  counter('blockmirror_cache_bypassed_bytes_total', 'Bytes of large writes that went past the cache, straight to the volumes.', () => caches().map(([l, c]) => [l, c.bypassedBytes ?? 0]));
+  counter('blockmirror_cache_bypassed_bytes_total', 'Bytes of large writes and sequential streams that went past the cache, straight to the volumes.', () => caches().map(([l, c]) => [l, c.bypassedBytes ?? 0]));
 
   gauge('blockmirror_nbd_connections', 'NBD connections open now (handshake done).', () => nbd().map(([l, n]) => [l, n.connections]));
   counter('blockmirror_nbd_connections_total', 'NBD connections accepted since start.', () => nbd().map(([l, n]) => [l, n.totalConnections]));

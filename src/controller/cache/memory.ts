@@ -57,9 +57,10 @@
 //    more that continues a sequential stream which has already written
 //    `bypassBytes` (a volume follows its last 8 streams), whose ends fall on
 //    unit boundaries, is written straight to the backing device under a
-//    barrier, as a trim is (rule 4). Once it has landed, the units it covers are
-//    neither valid nor dirty any more (it replaced them) and the epoch is
-//    bumped, so a fill that read the backing meanwhile is dropped (rule 3).
+//    barrier, as a trim is (rule 4). Once it has landed, the units it
+//    covers are neither valid nor dirty any more (it replaced them) and the
+//    epoch is bumped, so a fill that read the backing meanwhile is dropped
+//    (rule 3).
 //    After a failure, dirty units stay: they hold acknowledged data.
 //    Why: staging such a write buys nothing the destager would not also
 //    do, and costs a copy and the cache's space. Under a steady stream of
@@ -102,7 +103,7 @@ export interface CacheMemoryOptions {
   size: number;
   /** Cache block size, a power of two of at least 512 (default 64 KiB, smaller for tiny caches). */
   blockSize?: number;
-  /** Writes of at least this many bytes, on unit boundaries, go past the cache (rule 5); 0: none. Default 1 MiB. */
+  /** Writes of at least this many bytes, and sequential streams once they have written this many, go past the cache (rule 5); 0: none. Default 1 MiB. */
   bypass?: number;
   /** How long a block may stay dirty before the destager writes it (default 50 ms). */
   destageDelayMs?: number;
@@ -124,7 +125,7 @@ export interface CacheStats {
   usedBytes: number;
   /** Bytes written to the backing devices by destages. */
   destagedBytes: number;
-  /** Bytes of large writes that went past the cache, straight to the backing devices (rule 5). */
+  /** Bytes of writes that went past the cache, straight to the backing devices (rule 5). */
   bypassedBytes: number;
 }
 
@@ -137,7 +138,7 @@ export class CacheMemory {
    * Changed at run time by `blockmirror apply`.
    */
   writeThrough = false;
-  /** Writes this large (on unit boundaries) go past the cache (rule 5); 0: none. Changed at run time by `blockmirror apply`. */
+  /** Writes this large, and streams once this long, go past the cache (rule 5); 0: none. Changed at run time by `blockmirror apply`. */
   bypassBytes: number;
   /** Bytes per validity unit (blockSize / 32). */
   readonly unitSize: number;
