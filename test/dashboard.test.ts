@@ -127,6 +127,12 @@ describe('dashboard', () => {
     await nbd.pwrite(Buffer.alloc(MiB, 0x11), 8 * MiB);
     await nbd.pwrite(Buffer.alloc(2 * MiB, 0x22), 40 * MiB);
     await expect.poll(() => invalidPixels('pair1'), { timeout: 5000 }).toBeGreaterThan(0);
+    // Both writes went past SS 1's cache memory, straight to the volume (its bypass is 1 MiB).
+    const pastCache = async () => {
+      const m = /^([\d.]+) MiB$/.exec((await page.textContent('#systems tr[data-ss="1"] td.bypassed')) ?? '');
+      return m ? Number(m[1]) : 0;
+    };
+    await expect.poll(pastCache, { timeout: 5000 }).toBeGreaterThanOrEqual(3);
     // The frame that first shows the Invalid cells may still carry the state from before the copy
     // began (a CI run under load read PAIR there): wait for the state, as for the label below.
     await expect.poll(() => page.textContent(`${card('pair1')} .state`), { timeout: 5000 }).toBe('COPY');

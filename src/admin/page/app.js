@@ -124,7 +124,7 @@ function renderSvol(frame) {
 function renderSystems(frame) {
   const rows = frame.storageSystems.map((s) => {
     if (!s.reachable) {
-      return el('tr', { class: 'down', 'data-ss': s.id }, el('td', {}, `SS ${s.id}`), el('td', {}, 'unreachable'), el('td', { colspan: 5 }, s.error));
+      return el('tr', { class: 'down', 'data-ss': s.id }, el('td', {}, `SS ${s.id}`), el('td', {}, 'unreachable'), el('td', { colspan: 6 }, s.error));
     }
     const c = s.cache;
     const lookups = c ? c.hits + c.misses : 0;
@@ -139,6 +139,7 @@ function renderSystems(frame) {
       el('td', {}, c ? `${bytes(c.usedBytes)} / ${bytes(c.size)}` : 'no cache'),
       el('td', {}, c ? bytes(c.dirtyBytes) : ''),
       el('td', {}, lookups ? `${((100 * c.hits) / lookups).toFixed(1)} %` : ''),
+      el('td', { class: 'bypassed' }, c && c.bypass ? bytes(c.bypassedBytes ?? 0) : c ? 'off' : ''),
     );
   });
   $('systems').tBodies[0].replaceChildren(...rows);
