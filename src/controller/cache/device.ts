@@ -241,42 +241,14 @@ export class CachedDevice implements BlockDevice {
   }
 
   /**
-   * Write [offset, offset + length) straight to the backing with `op`, under a barrier like a
-   * trim's (rule 4): destages of the range in flight land first, none starts until the write is
-   * done, and then the cache lets go of the range (rule 5).
+   * Write [offset, offset + length) straight to the backing with `op`, under a barrier as a trim
+   * is (rule 4); then the cache lets go of the range (rule 5).
    */
   private async writeAround(offset: number, length: number, fua: boolean, op: (fua: boolean) => Promise<void>): Promise<void> {
-    this.enter('write');
-    try {
-      if (this.readOnly) throw new BlockDeviceError('EPERM', `write: ${this.name} is read-only`);
-      const end = offset + length;
-      let release!: () => void;
-      const barrier: Barrier = { start: offset, end, done: new Promise<void>((r) => (release = r)) };
-      this.barriers.push(barrier);
-      try {
-        for (;;) {
-          const busy = this.blocksIn(offset, end).find((b) => b.destaging !== null);
-          if (!busy) break;
-          await busy.destaging;
-        }
-        let err: unknown;
-        try {
-          // Write-through: on the volume before the answer, as a write through the cache would be.
-          await op(fua || this.mem.writeThrough);
-        } catch (e) {
-          err = e;
-        }
-        this.applyWritten(offset, end, err === undefined);
-        if (err) throw toBlockDeviceError(err, 'write');
-        this.mem.stats.bypassedBytes += length;
-      } finally {
-        this.barriers.splice(this.barriers.indexOf(barrier), 1);
-        release();
-        this.mem.queuePump();
-      }
-    } finally {
-      this.leave();
-    }
+    const end = offset + length;
+    // Write-through: on the volume before the answer, as a write through the cache would be.
+    await this.underBarrier('write', offset, length, () => op(fua || this.mem.writeThrough), (failed) => this.applyWritten(offset, end, !failed));
+    this.mem.stats.bypassedBytes += length;
   }
 
   /**
@@ -431,7 +403,19 @@ export class CachedDevice implements BlockDevice {
   }
 
   /** Trim and zero: the backing op under a barrier, then the cache (rule 4). */
-  private async invalidate(op: string, offset: number, length: number, backingOp: () => Promise<void>): Promise<void> {
+  private invalidate(op: string, offset: number, length: number, backingOp: () => Promise<void>): Promise<void> {
+    // Even after a failure the range is in an unknown state on the backing; drop our copy of it
+    // rather than keep claiming clean data that may be gone.
+    return this.underBarrier(op, offset, length, backingOp, () => this.applyInvalidate(offset, offset + length));
+  }
+
+  /**
+   * The backing op on [offset, offset + length) under a barrier (rule 4): destages of the range
+   * issued before it land first (or they would undo it), none starts until it is done, and
+   * `after` brings the cache in line, told whether the op failed, before the barrier lifts. An
+   * ENOTSUP means the backing did nothing (fast zero refused), so neither does the cache.
+   */
+  private async underBarrier(op: string, offset: number, length: number, backingOp: () => Promise<void>, after: (failed: boolean) => void): Promise<void> {
     this.enter(op);
     try {
       if (this.readOnly) throw new BlockDeviceError('EPERM', `${op}: ${this.name} is read-only`);
@@ -441,7 +425,6 @@ export class CachedDevice implements BlockDevice {
       const barrier: Barrier = { start: offset, end, done: new Promise<void>((r) => (release = r)) };
       this.barriers.push(barrier);
       try {
-        // Destages issued before the barrier must land before the backing op, or they would undo it.
         for (;;) {
           const busy = this.blocksIn(offset, end).find((b) => b.destaging !== null);
           if (!busy) break;
@@ -451,13 +434,10 @@ export class CachedDevice implements BlockDevice {
         try {
           await backingOp();
         } catch (e) {
-          // ENOTSUP: the backing did nothing (fast zero refused), so neither do we.
           if (e instanceof BlockDeviceError && e.errno === 'ENOTSUP') throw e;
           err = e;
         }
-        // Even after a failure the range is in an unknown state on the backing; drop
-        // our copy of it rather than keep claiming clean data that may be gone.
-        this.applyInvalidate(offset, end);
+        after(err !== undefined);
         if (err) throw toBlockDeviceError(err, op);
       } finally {
         this.barriers.splice(this.barriers.indexOf(barrier), 1);
