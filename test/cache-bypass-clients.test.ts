@@ -7,7 +7,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { adminFetch } from './helpers/admin.js';
+import { adminFetch, cacheStatus } from './helpers/admin.js';
 import { fio, requireTools } from './helpers/clients.js';
 import { CLI, freePort, run, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
 
@@ -16,12 +16,6 @@ const running: RunningCluster[] = [];
 afterEach(async () => {
   for (const c of running.splice(0)) await c.stop();
 });
-
-interface Cache {
-  dirtyBytes: number;
-  bypass: number;
-  bypassedBytes: number;
-}
 
 describe('large writes past the cache memory, with real clients', () => {
   it('keeps a sync pair\'s copies equal while fio verifies 1 MiB writes past the cache over 4 KiB writes in it, on memory and file volumes', { timeout: 240_000 }, async () => {
@@ -55,16 +49,12 @@ pairs:
     );
     const c = await startUp(file, [nbd1, admin1, nbd2, admin2]);
     running.push(c);
-    const cacheOf = async (admin: number): Promise<Cache> => {
-      const s = (await (await adminFetch(`http://127.0.0.1:${admin}/api/status`)).json()) as { storageSystems: { cache: Cache }[] };
-      return s.storageSystems[0]!.cache;
-    };
     for (const [nbd, admin] of [
       [nbd1, admin1],
       [nbd2, admin2],
     ] as const) {
       const uri = `nbd://127.0.0.1:${nbd}/vol5`;
-      const before = await cacheOf(admin);
+      const before = await cacheStatus(admin);
       expect(before.bypass).toBe(MiB);
       // Small writes first (dirty in the cache), then 1 MiB writes over them and past them, then
       // small ones again over what went past: each phase verifies what it wrote.
@@ -79,7 +69,7 @@ pairs:
         expect(jobs[0]!.error, `phase ${i}`).toBe(0);
         expect(jobs[0]!.write.io_bytes, `phase ${i}`).toBeGreaterThan(0);
       }
-      const after = await cacheOf(admin);
+      const after = await cacheStatus(admin);
       // 40 MiB on the master and 40 on the mirror went past the cache, and of the 8 MiB stream of
       // 256 KiB writes all but its first MiB, on the master and, if they reached it in that
       // order, on the mirror; the small writes went in it.

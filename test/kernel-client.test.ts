@@ -8,12 +8,12 @@
 // The kernel speaks only simple replies and needs FLUSH/FUA/TRIM; it is the
 // client most unlike the libnbd and qemu ones (nbd.md §2). Slow: the VM runs
 // under software emulation, 1-2 minutes on a busy 2-core machine.
-import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ROOT, run, startServe, type CmdResult, type RunningServer } from './helpers/servers.js';
 import { Cleanup, describeRun, requireTools, runOk } from './helpers/clients.js';
+import { guestSha256 as guestSha256Of, hostCheck, vmLines } from './helpers/vm.js';
 
 const HARNESS = path.join(ROOT, 'test/vm/nbd-client-vm.sh');
 const MiB = 1024 * 1024;
@@ -27,30 +27,8 @@ let file: RunningServer;
 let backing: string;
 let vm: CmdResult;
 
-/** The guest's "VMTEST: LABEL: ..." lines for one target, without the prefix. */
-function linesFor(label: string): string[] {
-  const prefix = `VMTEST: ${label}: `;
-  return vm.stdout
-    .split('\n')
-    .filter((l) => l.startsWith(prefix))
-    .map((l) => l.slice(prefix.length));
-}
-
-function guestSha256(label: string): string {
-  const line = linesFor(label).find((l) => l.startsWith('sha256 '));
-  if (!line) throw new Error(`the guest printed no sha256 for ${label}:\n${vm.stdout}`);
-  return line.slice('sha256 '.length).trim();
-}
-
-/** e2fsck and the sha256 of /f, read on the host from a raw ext4 image. */
-async function hostCheck(image: string, dir: string): Promise<{ fsck: CmdResult; sha256: string }> {
-  const fsck = await run('e2fsck', ['-fn', image]);
-  const dumped = path.join(dir, `f-${path.basename(image)}`);
-  await runOk('debugfs', ['-R', `dump /f ${dumped}`, image]);
-  if (!fs.existsSync(dumped)) throw new Error(`debugfs could not dump /f from ${image}`);
-  const sha256 = createHash('sha256').update(fs.readFileSync(dumped)).digest('hex');
-  return { fsck, sha256 };
-}
+const linesFor = (label: string): string[] => vmLines(vm.stdout, label);
+const guestSha256 = (label: string): string => guestSha256Of(vm.stdout, label);
 
 beforeAll(async () => {
   requireTools('qemu-system-x86_64', 'busybox', 'nbd-client', 'mkfs.ext4', 'e2fsck', 'debugfs', 'nbdcopy');
