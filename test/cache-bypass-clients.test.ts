@@ -7,7 +7,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { adminFetch, cacheStatus } from './helpers/admin.js';
+import { adminFetch, cacheStatus, cachedSyncPairsYaml } from './helpers/admin.js';
 import { fio, requireTools } from './helpers/clients.js';
 import { CLI, freePort, run, startUp, tmpDir, type RunningCluster } from './helpers/servers.js';
 
@@ -23,30 +23,7 @@ describe('large writes past the cache memory, with real clients', () => {
     const dir = tmpDir('bm-bypass-');
     const [nbd1, admin1, nbd2, admin2] = [await freePort(), await freePort(), await freePort(), await freePort()];
     const file = path.join(dir, 'cluster.yaml');
-    fs.writeFileSync(
-      file,
-      `clusterSize: 64KiB
-storageSystems:
-  - id: 1
-    nbd: 127.0.0.1:${nbd1}
-    admin: 127.0.0.1:${admin1}
-    cache: { size: 16MiB }
-    volumes:
-      - { id: 5, size: 48MiB }
-      - { id: 6, size: 48MiB }
-  - id: 2
-    nbd: 127.0.0.1:${nbd2}
-    admin: 127.0.0.1:${admin2}
-    dataDir: data2
-    cache: { size: 16MiB }
-    volumes:
-      - { id: 5, size: 48MiB }
-      - { id: 6, size: 48MiB }
-pairs:
-  - { name: mem, mode: sync, master: { ss: 1, vol: 5 }, mirrors: [ { ss: 1, vol: 6 } ] }
-  - { name: files, mode: sync, master: { ss: 2, vol: 5 }, mirrors: [ { ss: 2, vol: 6 } ] }
-`,
-    );
+    fs.writeFileSync(file, cachedSyncPairsYaml({ nbd1, admin1, nbd2, admin2 }, '{ size: 16MiB }', '48MiB'));
     const c = await startUp(file, [nbd1, admin1, nbd2, admin2]);
     running.push(c);
     for (const [nbd, admin] of [

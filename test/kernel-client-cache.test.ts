@@ -9,7 +9,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cacheStatus } from './helpers/admin.js';
+import { cacheStatus, cachedSyncPairsYaml } from './helpers/admin.js';
 import { Cleanup, describeRun, requireTools, runOk } from './helpers/clients.js';
 import { ROOT, freePort, run, startUp, type CmdResult, type RunningCluster } from './helpers/servers.js';
 import { guestSha256, hostCheck, vmLines } from './helpers/vm.js';
@@ -33,30 +33,7 @@ beforeAll(async () => {
   ports = { nbd1: await freePort(), admin1: await freePort(), nbd2: await freePort(), admin2: await freePort() };
   const file = path.join(dir, 'cluster.yaml');
   // The guest reaches the host's loopback as 10.0.2.2, so the storage systems listen on 127.0.0.1.
-  fs.writeFileSync(
-    file,
-    `clusterSize: 64KiB
-storageSystems:
-  - id: 1
-    nbd: 127.0.0.1:${ports.nbd1}
-    admin: 127.0.0.1:${ports.admin1}
-    cache: { size: 16MiB, bypass: 4MiB }
-    volumes:
-      - { id: 5, size: 128MiB }
-      - { id: 6, size: 128MiB }
-  - id: 2
-    nbd: 127.0.0.1:${ports.nbd2}
-    admin: 127.0.0.1:${ports.admin2}
-    dataDir: data2
-    cache: { size: 16MiB, bypass: 4MiB }
-    volumes:
-      - { id: 5, size: 128MiB }
-      - { id: 6, size: 128MiB }
-pairs:
-  - { name: mem, mode: sync, master: { ss: 1, vol: 5 }, mirrors: [ { ss: 1, vol: 6 } ] }
-  - { name: files, mode: sync, master: { ss: 2, vol: 5 }, mirrors: [ { ss: 2, vol: 6 } ] }
-`,
-  );
+  fs.writeFileSync(file, cachedSyncPairsYaml(ports, '{ size: 16MiB, bypass: 4MiB }', '128MiB'));
   up = await startUp(file, [ports.nbd1, ports.admin1, ports.nbd2, ports.admin2]);
   for (const admin of [ports.admin1, ports.admin2]) bypassedBefore.push((await cacheStatus(admin)).bypassedBytes);
   vm = await run('bash', [HARNESS, '--timeout', String(VM_TIMEOUT_S), `memory:${ports.nbd1}:vol5`, `file:${ports.nbd2}:vol5:2`], {
